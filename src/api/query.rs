@@ -1,0 +1,292 @@
+//! `QueryService`: read ratings back, page through them, count them.
+
+use std::sync::Arc;
+
+use prost::Message;
+use sha2::{Digest, Sha256};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use super::{HubState, bad_request, violation};
+use crate::domain::{CreditCode, Violation};
+use crate::pb::v1 as pb;
+use crate::pb::v1::query_service_server::QueryService;
+use crate::store::{RatingQuery, StatsDimension, StatsRow};
+use crate::time::micros_from_timestamp;
+
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+pub struct QueryApi {
+    state: Arc<HubState>,
+}
+
+impl QueryApi {
+    pub fn new(state: Arc<HubState>) -> Self {
+        Self { state }
+    }
+}
+
+fn optional(v: &str) -> Option<String> {
+    let v = v.trim();
+    (!v.is_empty()).then(|| v.to_owned())
+}
+
+/// Turns the contract's filter into a store query, naming every bad field.
+pub fn parse_filter(filter: Option<&pb::RatingFilter>) -> Result<RatingQuery, Vec<Violation>> {
+    let Some(f) = filter else {
+        return Ok(RatingQuery::default());
+    };
+    let mut v = Vec::new();
+    let mut q = RatingQuery {
+        item_code: optional(&f.item_code),
+        staff_id: optional(&f.staff_id),
+        case_number: optional(&f.case_number),
+        source_system: optional(&f.source_system),
+        ..Default::default()
+    };
+    if let Some(code) = optional(&f.org_credit_code) {
+        match CreditCode::parse(&code) {
+            Ok(c) => q.org_credit_code = Some(c.as_str().to_owned()),
+            Err(e) => v.push(violation("filter.org_credit_code", e.0)),
+        }
+    }
+    if let Some(p) = optional(&f.region_code_prefix) {
+        if p.len() > 12 || !p.bytes().all(|b| b.is_ascii_digit()) {
+            v.push(violation(
+                "filter.region_code_prefix",
+                "must be 1 to 12 digits",
+            ));
+        } else {
+            q.region_prefix = Some(p);
+        }
+    }
+    for (i, c) in f.channels.iter().enumerate() {
+        match pb::Channel::try_from(*c) {
+            Ok(pb::Channel::Unspecified) | Err(_) => v.push(violation(
+                format!("filter.channels[{i}]"),
+                format!("{c} is not a channel"),
+            )),
+            Ok(_) => q.channels.push(*c),
+        }
+    }
+    for (i, l) in f.levels.iter().enumerate() {
+        match pb::Level::try_from(*l) {
+            Ok(pb::Level::Unspecified) | Err(_) => v.push(violation(
+                format!("filter.levels[{i}]"),
+                format!("{l} is not a level"),
+            )),
+            Ok(_) => q.levels.push(*l),
+        }
+    }
+    for (name, ts, slot) in [
+        ("filter.rated_from", &f.rated_from, &mut q.rated_from_micros),
+        (
+            "filter.rated_until",
+            &f.rated_until,
+            &mut q.rated_until_micros,
+        ),
+    ] {
+        if let Some(ts) = ts {
+            match micros_from_timestamp(ts) {
+                Some(m) => *slot = Some(m),
+                None => v.push(violation(name, "is not a valid timestamp")),
+            }
+        }
+    }
+    if let (Some(a), Some(b)) = (q.rated_from_micros, q.rated_until_micros)
+        && a >= b
+    {
+        v.push(violation(
+            "filter.rated_until",
+            "must be later than filter.rated_from",
+        ));
+    }
+    if v.is_empty() { Ok(q) } else { Err(v) }
+}
+
+/// A page token binds the last feed sequence to the filter it was issued for.
+fn filter_fingerprint(filter: Option<&pb::RatingFilter>) -> String {
+    let bytes = filter.map(Message::encode_to_vec).unwrap_or_default();
+    hex::encode(&Sha256::digest(bytes)[..8])
+}
+
+fn page_token(after_seq: u64, fingerprint: &str) -> String {
+    format!("{after_seq}.{fingerprint}")
+}
+
+fn parse_page_token(token: &str, fingerprint: &str) -> Result<u64, Violation> {
+    if token.is_empty() {
+        return Ok(0);
+    }
+    let (seq, fp) = token
+        .split_once('.')
+        .ok_or_else(|| violation("page_token", "is not a token this hub issued"))?;
+    let seq: u64 = seq
+        .parse()
+        .map_err(|_| violation("page_token", "is not a token this hub issued"))?;
+    if fp != fingerprint {
+        return Err(violation(
+            "page_token",
+            "was issued for a different filter; start again without a token",
+        ));
+    }
+    Ok(seq)
+}
+
+fn dimension(raw: i32) -> Option<StatsDimension> {
+    Some(match pb::StatsDimension::try_from(raw).ok()? {
+        pb::StatsDimension::Region => StatsDimension::Region,
+        pb::StatsDimension::Organization => StatsDimension::Organization,
+        pb::StatsDimension::Item => StatsDimension::Item,
+        pb::StatsDimension::Staff => StatsDimension::Staff,
+        pb::StatsDimension::Channel => StatsDimension::Channel,
+        pb::StatsDimension::Day => StatsDimension::Day,
+        pb::StatsDimension::Month => StatsDimension::Month,
+        pb::StatsDimension::Unspecified => return None,
+    })
+}
+
+fn stats_group(row: StatsRow, dims: &[StatsDimension]) -> pb::StatsGroup {
+    let key = row
+        .key
+        .into_iter()
+        .zip(dims)
+        .map(|(k, d)| match d {
+            // Channels are stored as numbers; show the contract's enum name.
+            StatsDimension::Channel => k
+                .parse::<i32>()
+                .ok()
+                .and_then(|n| pb::Channel::try_from(n).ok())
+                .map(|c| c.as_str_name().to_owned())
+                .unwrap_or(k),
+            _ => k,
+        })
+        .collect();
+    let [
+        very_satisfied,
+        satisfied,
+        basically_satisfied,
+        dissatisfied,
+        very_dissatisfied,
+    ] = row.per_level;
+    pb::StatsGroup {
+        key,
+        total: row.total,
+        very_satisfied,
+        satisfied,
+        basically_satisfied,
+        dissatisfied,
+        very_dissatisfied,
+        good: very_satisfied + satisfied,
+        medium: basically_satisfied,
+        bad: dissatisfied + very_dissatisfied,
+        default_ratings: row.default_ratings,
+    }
+}
+
+#[tonic::async_trait]
+impl QueryService for QueryApi {
+    async fn get_rating(
+        &self,
+        request: Request<pb::GetRatingRequest>,
+    ) -> Result<Response<pb::GetRatingResponse>, Status> {
+        let raw = request.into_inner().hub_id;
+        let hub_id = Uuid::parse_str(raw.trim())
+            .map_err(|_| bad_request(&[violation("hub_id", "is not a UUID")]))?;
+        let stored = self
+            .state
+            .store
+            .get_rating(hub_id)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("no rating with hub_id {hub_id}")))?;
+        Ok(Response::new(pb::GetRatingResponse {
+            rating: Some(stored.rating),
+        }))
+    }
+
+    async fn list_ratings(
+        &self,
+        request: Request<pb::ListRatingsRequest>,
+    ) -> Result<Response<pb::ListRatingsResponse>, Status> {
+        let req = request.into_inner();
+        let query = parse_filter(req.filter.as_ref()).map_err(|v| bad_request(&v))?;
+        let page_size = match req.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n > MAX_PAGE_SIZE => {
+                return Err(bad_request(&[violation(
+                    "page_size",
+                    format!("must be at most {MAX_PAGE_SIZE}"),
+                )]));
+            }
+            n => n,
+        };
+        let fingerprint = filter_fingerprint(req.filter.as_ref());
+        let after =
+            parse_page_token(&req.page_token, &fingerprint).map_err(|v| bad_request(&[v]))?;
+        let mut rows = self
+            .state
+            .store
+            .list_ratings(&query, after, page_size + 1)
+            .await?;
+        let more = rows.len() > page_size as usize;
+        rows.truncate(page_size as usize);
+        let next_page_token = match (more, rows.last()) {
+            (true, Some(last)) => page_token(last.feed_seq, &fingerprint),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListRatingsResponse {
+            ratings: rows.into_iter().map(|r| r.rating).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn get_stats(
+        &self,
+        request: Request<pb::GetStatsRequest>,
+    ) -> Result<Response<pb::GetStatsResponse>, Status> {
+        let req = request.into_inner();
+        let query = parse_filter(req.filter.as_ref());
+        let mut violations = query.clone().err().unwrap_or_default();
+        let mut dims = Vec::with_capacity(req.group_by.len());
+        for (i, raw) in req.group_by.iter().enumerate() {
+            match dimension(*raw) {
+                Some(d) if dims.contains(&d) => {
+                    violations.push(violation(format!("group_by[{i}]"), "repeats a dimension"))
+                }
+                Some(d) => dims.push(d),
+                None => violations.push(violation(
+                    format!("group_by[{i}]"),
+                    format!("{raw} is not a statistics dimension"),
+                )),
+            }
+        }
+        if !violations.is_empty() {
+            return Err(bad_request(&violations));
+        }
+        let query = query.map_err(|v| bad_request(&v))?;
+        let rows = self.state.store.stats(&query, &dims).await?;
+        Ok(Response::new(pb::GetStatsResponse {
+            groups: rows.into_iter().map(|r| stats_group(r, &dims)).collect(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_token_is_bound_to_its_filter() {
+        let a = filter_fingerprint(None);
+        let b = filter_fingerprint(Some(&pb::RatingFilter {
+            item_code: "X".into(),
+            ..Default::default()
+        }));
+        assert_ne!(a, b);
+        let t = page_token(42, &a);
+        assert_eq!(parse_page_token(&t, &a).unwrap(), 42);
+        assert_eq!(parse_page_token(&t, &b).unwrap_err().field, "page_token");
+        assert!(parse_page_token("garbage", &a).is_err());
+    }
+}

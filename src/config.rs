@@ -1,0 +1,283 @@
+//! The hub's one configuration loader: defaults (the same as `config.default.toml`), an
+//! optional TOML file, then `RATING_HUB__SECTION__KEY` environment overrides. Unknown keys
+//! are errors, so a typo never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::domain::IngestRules;
+use crate::store::SqliteOptions;
+
+/// The documented default configuration, embedded so `rating-hub config` can print it.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config.default.toml");
+
+const ENV_PREFIX: &str = "RATING_HUB__";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub validation: ValidationConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub max_batch: usize,
+    pub max_message_bytes: usize,
+    pub stream_window: usize,
+    pub shutdown_grace_secs: u64,
+    pub plaintext_source_system: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    Full,
+    Normal,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    pub url: String,
+    pub synchronous: Synchronous,
+    pub max_group_commit: usize,
+    pub write_queue: usize,
+    pub read_connections: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationConfig {
+    pub clock_skew_secs: i64,
+    pub require_reason_for_bad: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub filter: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Parse { path: String, message: String },
+    #[error("environment variable {var}: {reason}")]
+    Env { var: String, reason: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::from_layers(None, std::iter::empty()).expect("the embedded default config is valid")
+    }
+}
+
+impl Config {
+    /// Defaults, then the file (if any), then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let text = match file {
+            Some(p) => Some((
+                p.display().to_string(),
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?,
+            )),
+            None => None,
+        };
+        Self::from_layers(
+            text.as_ref().map(|(p, t)| (p.as_str(), t.as_str())),
+            std::env::vars(),
+        )
+    }
+
+    /// Builds a config from an optional (name, TOML text) file layer and environment pairs.
+    pub fn from_layers(
+        file: Option<(&str, &str)>,
+        env: impl Iterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut merged: toml::Table =
+            toml::from_str(DEFAULT_CONFIG_TOML).map_err(|e| ConfigError::Parse {
+                path: "<embedded defaults>".into(),
+                message: e.to_string(),
+            })?;
+        if let Some((path, text)) = file {
+            let layer: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+                path: path.into(),
+                message: e.to_string(),
+            })?;
+            merge(&mut merged, layer);
+        }
+        for (var, value) in env {
+            let Some(path) = var.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let keys: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+            set_path(&mut merged, &keys, parse_env_value(&value)).map_err(|reason| {
+                ConfigError::Env {
+                    var: var.clone(),
+                    reason,
+                }
+            })?;
+        }
+        let config: Config = toml::Value::Table(merged)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_owned()))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let fail = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.server.max_batch == 0 {
+            return fail("server.max_batch must be at least 1");
+        }
+        if self.server.stream_window == 0 {
+            return fail("server.stream_window must be at least 1");
+        }
+        if self.storage.max_group_commit == 0 {
+            return fail("storage.max_group_commit must be at least 1");
+        }
+        if self.validation.clock_skew_secs < 0 {
+            return fail("validation.clock_skew_secs must not be negative");
+        }
+        if self.server.plaintext_source_system.trim().is_empty() {
+            return fail("server.plaintext_source_system must not be empty");
+        }
+        Ok(())
+    }
+
+    pub fn ingest_rules(&self) -> IngestRules {
+        IngestRules {
+            clock_skew_secs: self.validation.clock_skew_secs,
+            require_reason_for_bad: self.validation.require_reason_for_bad,
+        }
+    }
+
+    pub fn sqlite_options(&self) -> SqliteOptions {
+        SqliteOptions {
+            path: self.storage.url.clone(),
+            synchronous_full: self.storage.synchronous == Synchronous::Full,
+            max_group_commit: self.storage.max_group_commit,
+            write_queue: self.storage.write_queue,
+            read_connections: self.storage.read_connections,
+        }
+    }
+}
+
+fn merge(base: &mut toml::Table, layer: toml::Table) {
+    for (k, v) in layer {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(l)) => merge(b, l),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn set_path(table: &mut toml::Table, keys: &[String], value: toml::Value) -> Result<(), String> {
+    match keys {
+        [] => Err("names no setting".into()),
+        [last] => {
+            table.insert(last.clone(), value);
+            Ok(())
+        }
+        [first, rest @ ..] => match table
+            .entry(first.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        {
+            toml::Value::Table(t) => set_path(t, rest, value),
+            _ => Err(format!("{first} is a value, not a section")),
+        },
+    }
+}
+
+/// A TOML scalar or array when the text is one (`5`, `true`, `["a"]`), else the plain string.
+fn parse_env_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn defaults_bind_loopback_and_are_durable() {
+        let c = Config::default();
+        assert!(c.server.listen.ip().is_loopback());
+        assert_eq!(c.storage.synchronous, Synchronous::Full);
+        assert!(c.validation.require_reason_for_bad);
+    }
+
+    #[test]
+    fn file_then_environment_override() {
+        let c = Config::from_layers(
+            Some((
+                "t.toml",
+                "[storage]\nurl = \"/tmp/x.db\"\n[server]\nmax_batch = 10\n",
+            )),
+            env(&[
+                ("RATING_HUB__SERVER__MAX_BATCH", "20"),
+                ("RATING_HUB__STORAGE__SYNCHRONOUS", "normal"),
+                ("UNRELATED", "1"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.storage.url, "/tmp/x.db");
+        assert_eq!(c.server.max_batch, 20);
+        assert_eq!(c.storage.synchronous, Synchronous::Normal);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = Config::from_layers(
+            Some(("t.toml", "[server]\nlisten_addr = \"x\"\n")),
+            env(&[]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+        let err = Config::from_layers(None, env(&[("RATING_HUB__SERVER__NOPE", "1")])).unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_setting() {
+        let err =
+            Config::from_layers(None, env(&[("RATING_HUB__SERVER__MAX_BATCH", "0")])).unwrap_err();
+        assert!(err.to_string().contains("server.max_batch"), "{err}");
+    }
+}

@@ -1,0 +1,87 @@
+//! 办件 events (accepted, completed) as reported by sources.
+
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+use super::codes::{CreditCode, RegionCode};
+use super::rating::{Checker, IngestRules, Violation, limits};
+use crate::pb::v1 as pb;
+use pb::{CaseEvent, Channel};
+
+/// A case event that passed every rule.
+#[derive(Debug, Clone)]
+pub struct ValidCase {
+    pub case_number: String,
+    pub event: CaseEvent,
+    pub occurred_at_micros: i64,
+    pub item_code: String,
+    pub region_code: RegionCode,
+    pub org_credit_code: CreditCode,
+    pub content_hash: [u8; 32],
+    pub body: pb::ServiceCase,
+}
+
+pub fn parse_case(
+    raw: &pb::ServiceCase,
+    now_micros: i64,
+    rules: &IngestRules,
+) -> Result<ValidCase, Vec<Violation>> {
+    use limits::*;
+    let mut c = Checker::new(now_micros, rules);
+    let case_number = c.line("case_number", &raw.case_number, CODE, true);
+    let event: Option<CaseEvent> = c.enum_value("event", raw.event, true);
+    let occurred = c.time("occurred_at", raw.occurred_at.as_ref(), true);
+    let item_code = c.line("item_code", &raw.item_code, CODE, true);
+    let item_name = c.line("item_name", &raw.item_name, NAME, false);
+    let region = c.region("region_code", &raw.region_code);
+    let org = c.credit_code("org_credit_code", &raw.org_credit_code, true);
+    let org_name = c.line("org_name", &raw.org_name, NAME, false);
+    let channel: Channel = c
+        .enum_value("channel", raw.channel, false)
+        .unwrap_or_default();
+    let hall_id = c.line("hall_id", &raw.hall_id, CODE, false);
+    let window_id = c.line("window_id", &raw.window_id, CODE, false);
+    let staff_id = c.line("staff_id", &raw.staff_id, CODE, false);
+    let applicant = raw.applicant.as_ref().map(|a| c.rater("applicant", a));
+    let batch_id = c.line("batch_id", &raw.batch_id, CODE, false);
+    let theme_id = c.line("theme_id", &raw.theme_id, CODE, false);
+    let attributes = c.attributes("attributes", &raw.attributes);
+
+    let (Some(event), Some(occurred_at_micros), Some(region_code), Some(org_credit_code)) =
+        (event, occurred, region, org)
+    else {
+        return Err(c.violations);
+    };
+    if !c.violations.is_empty() {
+        return Err(c.violations);
+    }
+    let body = pb::ServiceCase {
+        case_number: case_number.clone(),
+        event: event as i32,
+        occurred_at: raw.occurred_at,
+        item_code: item_code.clone(),
+        item_name,
+        region_code: region_code.as_str().to_owned(),
+        org_credit_code: org_credit_code.as_str().to_owned(),
+        org_name,
+        channel: channel as i32,
+        hall_id,
+        window_id,
+        staff_id,
+        applicant,
+        batch_id,
+        theme_id,
+        attributes,
+    };
+    let content_hash: [u8; 32] = Sha256::digest(body.encode_to_vec()).into();
+    Ok(ValidCase {
+        case_number,
+        event,
+        occurred_at_micros,
+        item_code,
+        region_code,
+        org_credit_code,
+        content_hash,
+        body,
+    })
+}

@@ -1,0 +1,358 @@
+//! Identifiers that arrive as strings and must be checked before anything trusts them:
+//! 统一社会信用代码 (GB 32100), 居民身份证号码 (GB 11643), 行政区划代码 (GB/T 2260) and phone
+//! numbers. Each type can only be built by `parse`, so holding one means it is valid.
+//!
+//! Error texts never echo the value: an ID number or phone must not reach a log or a client
+//! error message.
+
+use std::fmt;
+
+/// Why a code was refused. The text is safe to show to a client (it never contains the value).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct CodeError(pub &'static str);
+
+const CREDIT_CHARSET: &[u8; 31] = b"0123456789ABCDEFGHJKLMNPQRTUWXY";
+const CREDIT_WEIGHTS: [u32; 17] = [
+    1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28,
+];
+
+/// 统一社会信用代码: 18 characters from GB 32100's 31-character set, the last a check
+/// character (weighted sum modulo 31).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct CreditCode(String);
+
+impl CreditCode {
+    pub fn parse(raw: &str) -> Result<Self, CodeError> {
+        let s = raw.trim().to_ascii_uppercase();
+        if s.len() != 18 || !s.is_ascii() {
+            return Err(CodeError("must be 18 characters (GB 32100)"));
+        }
+        let mut values = [0u32; 18];
+        for (i, b) in s.bytes().enumerate() {
+            match CREDIT_CHARSET.iter().position(|&c| c == b) {
+                Some(v) => values[i] = v as u32,
+                None => {
+                    return Err(CodeError(
+                        "contains a character outside the GB 32100 set (digits and A-Y without I, O, S, V, Z)",
+                    ));
+                }
+            }
+        }
+        if values[17] != credit_check_value(&values[..17]) {
+            return Err(CodeError("check character does not match (GB 32100)"));
+        }
+        Ok(Self(s))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn credit_check_value(first17: &[u32]) -> u32 {
+    let sum: u32 = first17.iter().zip(CREDIT_WEIGHTS).map(|(v, w)| v * w).sum();
+    (31 - sum % 31) % 31
+}
+
+/// Completes 17 characters with their GB 32100 check character. For tests and tools.
+pub fn credit_code_with_check(first17: &str) -> Option<String> {
+    let bytes = first17.as_bytes();
+    if bytes.len() != 17 {
+        return None;
+    }
+    let mut values = [0u32; 17];
+    for (i, b) in bytes.iter().enumerate() {
+        values[i] = CREDIT_CHARSET.iter().position(|c| c == b)? as u32;
+    }
+    let check = CREDIT_CHARSET[credit_check_value(&values) as usize] as char;
+    Some(format!("{first17}{check}"))
+}
+
+impl fmt::Debug for CreditCode {
+    // Organisation codes are public registry data, not personal information.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("CreditCode").field(&self.0).finish()
+    }
+}
+
+const ID_WEIGHTS: [u32; 17] = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2];
+const ID_CHECK: &[u8; 11] = b"10X98765432";
+
+/// 居民身份证号码: 18 characters, a region prefix, a valid birth date and an ISO 7064
+/// MOD 11-2 check digit (GB 11643). Personal information: Debug prints it masked.
+#[derive(Clone, PartialEq, Eq)]
+pub struct IdNumber(String);
+
+impl IdNumber {
+    pub fn parse(raw: &str) -> Result<Self, CodeError> {
+        let s = raw.trim().to_ascii_uppercase();
+        let b = s.as_bytes();
+        if b.len() != 18 {
+            return Err(CodeError("must be 18 characters (GB 11643)"));
+        }
+        if !b[..17].iter().all(u8::is_ascii_digit) || !(b[17].is_ascii_digit() || b[17] == b'X') {
+            return Err(CodeError(
+                "must be 17 digits followed by a digit or X (GB 11643)",
+            ));
+        }
+        let digit = |i: usize| u32::from(b[i] - b'0');
+        let year = (6..10).fold(0, |acc, i| acc * 10 + digit(i));
+        let month = digit(10) * 10 + digit(11);
+        let day = digit(12) * 10 + digit(13);
+        if !(1900..=2100).contains(&year) || !valid_date(year, month, day) {
+            return Err(CodeError("birth date is not a valid date (GB 11643)"));
+        }
+        if !province_prefix_valid(&s[..2]) {
+            return Err(CodeError("region prefix is not a province code (GB 11643)"));
+        }
+        let sum: u32 = (0..17).map(|i| digit(i) * ID_WEIGHTS[i]).sum();
+        if b[17] != ID_CHECK[(sum % 11) as usize] {
+            return Err(CodeError("check digit does not match (GB 11643)"));
+        }
+        Ok(Self(s))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// 110105********1234: region prefix and last four kept.
+    pub fn masked(&self) -> String {
+        mask_middle(&self.0, 6, 4)
+    }
+}
+
+/// Completes 17 digits with their GB 11643 check digit. For tests and tools.
+pub fn id_number_with_check(first17: &str) -> Option<String> {
+    let b = first17.as_bytes();
+    if b.len() != 17 || !b.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let sum: u32 = (0..17)
+        .map(|i| u32::from(b[i] - b'0') * ID_WEIGHTS[i])
+        .sum();
+    Some(format!(
+        "{first17}{}",
+        ID_CHECK[(sum % 11) as usize] as char
+    ))
+}
+
+impl fmt::Debug for IdNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("IdNumber").field(&self.masked()).finish()
+    }
+}
+
+fn valid_date(year: u32, month: u32, day: u32) -> bool {
+    let leap = (year.is_multiple_of(4) && !year.is_multiple_of(100)) || year.is_multiple_of(400);
+    let days = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return false,
+    };
+    (1..=days).contains(&day)
+}
+
+/// GB/T 2260 province-level codes (including 71 Taiwan, 81 Hong Kong, 82 Macao).
+fn province_prefix_valid(two: &str) -> bool {
+    matches!(
+        two,
+        "11" | "12"
+            | "13"
+            | "14"
+            | "15"
+            | "21"
+            | "22"
+            | "23"
+            | "31"
+            | "32"
+            | "33"
+            | "34"
+            | "35"
+            | "36"
+            | "37"
+            | "41"
+            | "42"
+            | "43"
+            | "44"
+            | "45"
+            | "46"
+            | "50"
+            | "51"
+            | "52"
+            | "53"
+            | "54"
+            | "61"
+            | "62"
+            | "63"
+            | "64"
+            | "65"
+            | "71"
+            | "81"
+            | "82"
+    )
+}
+
+/// 行政区划代码: 6 digits (GB/T 2260), or 9/12 digits for township and village, with a valid
+/// province prefix.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct RegionCode(String);
+
+impl RegionCode {
+    pub fn parse(raw: &str) -> Result<Self, CodeError> {
+        let s = raw.trim();
+        if !matches!(s.len(), 6 | 9 | 12) || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(CodeError("must be 6, 9 or 12 digits (GB/T 2260)"));
+        }
+        if !province_prefix_valid(&s[..2]) {
+            return Err(CodeError("does not start with a province code (GB/T 2260)"));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A contact phone: an 11-digit mainland mobile number (1[3-9]…), optionally written with
+/// +86, or a landline with its area code (0871-63123456). Stored without separators.
+/// Personal information: Debug prints it masked.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Phone(String);
+
+impl Phone {
+    pub fn parse(raw: &str) -> Result<Self, CodeError> {
+        let compact: String = raw
+            .trim()
+            .chars()
+            .filter(|c| !matches!(c, ' ' | '-'))
+            .collect();
+        let digits = compact
+            .strip_prefix("+86")
+            .or_else(|| compact.strip_prefix("0086"))
+            .unwrap_or(&compact);
+        if !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(CodeError(
+                "must be a mobile number (11 digits starting with 1) or a landline with area code",
+            ));
+        }
+        let mobile = digits.len() == 11 && digits.starts_with('1') && digits.as_bytes()[1] >= b'3';
+        let landline = digits.starts_with('0') && (10..=12).contains(&digits.len());
+        if !(mobile || landline) {
+            return Err(CodeError(
+                "must be a mobile number (11 digits starting with 1) or a landline with area code",
+            ));
+        }
+        Ok(Self(digits.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// 138****5678 for mobiles; landlines keep area code and last four.
+    pub fn masked(&self) -> String {
+        if self.0.len() == 11 && self.0.starts_with('1') {
+            mask_middle(&self.0, 3, 4)
+        } else {
+            mask_middle(&self.0, 4, 4)
+        }
+    }
+}
+
+impl fmt::Debug for Phone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Phone").field(&self.masked()).finish()
+    }
+}
+
+/// Keeps `head` leading and `tail` trailing characters, stars in between.
+pub fn mask_middle(s: &str, head: usize, tail: usize) -> String {
+    let chars: Vec<char> = s.chars().collect();
+    if chars.len() <= head + tail {
+        return "*".repeat(chars.len());
+    }
+    let mut out = String::with_capacity(s.len());
+    out.extend(&chars[..head]);
+    out.extend(std::iter::repeat_n('*', chars.len() - head - tail));
+    out.extend(&chars[chars.len() - tail..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credit_code_known_valid_and_corrupted() {
+        // A published example code.
+        assert!(CreditCode::parse("91350100M000100Y43").is_ok());
+        assert!(CreditCode::parse("91350100m000100y43").is_ok());
+        assert_eq!(
+            CreditCode::parse("91350100M000100Y44").unwrap_err().0,
+            "check character does not match (GB 32100)"
+        );
+        assert!(CreditCode::parse("91350100M000100I43").is_err());
+        assert!(CreditCode::parse("9135010").is_err());
+    }
+
+    #[test]
+    fn credit_code_generator_round_trips() {
+        let code = credit_code_with_check("11530100MB0000000").unwrap();
+        assert!(CreditCode::parse(&code).is_ok());
+    }
+
+    #[test]
+    fn id_number_check_digit_date_and_prefix() {
+        let good = id_number_with_check("11010519491231002").unwrap();
+        assert_eq!(good, "11010519491231002X");
+        assert!(IdNumber::parse(&good).is_ok());
+        assert!(IdNumber::parse(&good.to_lowercase()).is_ok());
+        assert!(IdNumber::parse("110105194912310021").is_err());
+        let bad_date = id_number_with_check("11010519490231002").unwrap();
+        assert!(IdNumber::parse(&bad_date).is_err());
+        let bad_prefix = id_number_with_check("99010519491231002").unwrap();
+        assert!(IdNumber::parse(&bad_prefix).is_err());
+    }
+
+    #[test]
+    fn id_number_debug_and_mask_hide_the_middle() {
+        let id = IdNumber::parse(&id_number_with_check("11010519491231002").unwrap()).unwrap();
+        assert_eq!(id.masked(), "110105********002X");
+        assert!(!format!("{id:?}").contains("19491231"));
+    }
+
+    #[test]
+    fn region_codes() {
+        assert!(RegionCode::parse("530102").is_ok());
+        assert!(RegionCode::parse("530102001").is_ok());
+        assert!(RegionCode::parse("530102001001").is_ok());
+        assert!(RegionCode::parse("5301020").is_err());
+        assert!(RegionCode::parse("990102").is_err());
+        assert!(RegionCode::parse("53010a").is_err());
+    }
+
+    #[test]
+    fn phones() {
+        assert_eq!(
+            Phone::parse("138 0013 8000").unwrap().as_str(),
+            "13800138000"
+        );
+        assert_eq!(
+            Phone::parse("+8613800138000").unwrap().as_str(),
+            "13800138000"
+        );
+        assert_eq!(
+            Phone::parse("0871-63123456").unwrap().as_str(),
+            "087163123456"
+        );
+        assert!(Phone::parse("12800138000").is_err());
+        assert!(Phone::parse("1380013800").is_err());
+        assert!(Phone::parse("abc").is_err());
+        assert_eq!(Phone::parse("13800138000").unwrap().masked(), "138****8000");
+    }
+}

@@ -1,0 +1,16 @@
+//! rating-hub: a gRPC interoperability hub for 政务服务“好差评” ratings.
+//!
+//! Data flows one way: `api` (the gRPC edge) → `domain` (parsing and rules, no I/O) →
+//! `store` (durable commit) → feed. See DESIGN.md in the shared docs and docs/ in this repo.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod clock;
+pub mod config;
+pub mod domain;
+pub mod pb;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+pub mod time;

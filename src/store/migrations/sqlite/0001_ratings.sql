@@ -1,0 +1,64 @@
+-- Ratings: append-only. feed_seq is the gapless feed position, assigned by the single writer.
+CREATE TABLE ratings (
+    feed_seq        INTEGER PRIMARY KEY,
+    hub_id          BLOB    NOT NULL UNIQUE,
+    source_system   TEXT    NOT NULL,
+    source_key      TEXT    NOT NULL,
+    content_hash    BLOB    NOT NULL,
+    level           INTEGER NOT NULL,
+    channel         INTEGER NOT NULL,
+    target_kind     INTEGER NOT NULL,
+    org_credit_code TEXT    NOT NULL,
+    region_code     TEXT    NOT NULL,
+    item_code       TEXT    NOT NULL,
+    staff_id        TEXT    NOT NULL,
+    case_number     TEXT    NOT NULL,
+    rated_at        INTEGER NOT NULL, -- microseconds since the Unix epoch
+    received_at     INTEGER NOT NULL, -- commit time, microseconds since the Unix epoch
+    is_default      INTEGER NOT NULL,
+    quality_flags   INTEGER NOT NULL, -- bit set of QualityFlag numbers
+    body            BLOB    NOT NULL, -- the canonical ratinghub.v1.Rating, protobuf-encoded
+    UNIQUE (source_system, source_key)
+);
+
+CREATE INDEX ratings_org ON ratings (org_credit_code, feed_seq);
+CREATE INDEX ratings_region ON ratings (region_code, feed_seq);
+CREATE INDEX ratings_case ON ratings (case_number);
+
+CREATE TRIGGER ratings_append_only_update BEFORE UPDATE ON ratings
+BEGIN
+    SELECT RAISE(ABORT, 'ratings are append-only');
+END;
+
+CREATE TRIGGER ratings_append_only_delete BEFORE DELETE ON ratings
+BEGIN
+    SELECT RAISE(ABORT, 'ratings are append-only');
+END;
+
+-- 办件 events: append-only, one row per (source, case, event).
+CREATE TABLE service_case_events (
+    id              INTEGER PRIMARY KEY,
+    source_system   TEXT    NOT NULL,
+    case_number     TEXT    NOT NULL,
+    event           INTEGER NOT NULL,
+    occurred_at     INTEGER NOT NULL,
+    item_code       TEXT    NOT NULL,
+    region_code     TEXT    NOT NULL,
+    org_credit_code TEXT    NOT NULL,
+    content_hash    BLOB    NOT NULL,
+    received_at     INTEGER NOT NULL,
+    body            BLOB    NOT NULL, -- the canonical ratinghub.v1.ServiceCase
+    UNIQUE (source_system, case_number, event)
+);
+
+CREATE INDEX service_case_events_org ON service_case_events (org_credit_code, occurred_at);
+
+CREATE TRIGGER service_case_events_append_only_update BEFORE UPDATE ON service_case_events
+BEGIN
+    SELECT RAISE(ABORT, 'service case events are append-only');
+END;
+
+CREATE TRIGGER service_case_events_append_only_delete BEFORE DELETE ON service_case_events
+BEGIN
+    SELECT RAISE(ABORT, 'service case events are append-only');
+END;

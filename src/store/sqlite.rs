@@ -1,0 +1,554 @@
+//! The embedded default backend: one SQLite file in WAL mode.
+//!
+//! Writes go through one writer task that owns the only write connection. It drains every
+//! queued insert into one transaction (group commit), assigns feed sequences as it inserts
+//! (so they are gapless: a rolled-back transaction gives its numbers back), and answers the
+//! callers only after COMMIT returned — with `synchronous=FULL`, after the WAL was fsynced.
+//! Reads use a separate pool; WAL lets them run beside the writer.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use prost::Message;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Connection, QueryBuilder, Row, Sqlite};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use super::{
+    CaseOutcome, InsertOutcome, NewCaseEvent, NewRating, RatingQuery, StatsDimension, StatsRow,
+    Store, StoreError, StoredRating,
+};
+use crate::clock::Clock;
+use crate::pb::v1 as pb;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/store/migrations/sqlite");
+
+/// How to open the SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// A file path or a `sqlite:` URL.
+    pub path: String,
+    /// `FULL` (default) fsyncs the WAL on every commit: an acknowledged rating survives a
+    /// power cut. `NORMAL` survives a process crash but not a power cut.
+    pub synchronous_full: bool,
+    /// Most items one group commit may hold.
+    pub max_group_commit: usize,
+    /// Queued write requests before callers wait (backpressure).
+    pub write_queue: usize,
+    /// Connections in the read pool.
+    pub read_connections: u32,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            path: "rating-hub.db".into(),
+            synchronous_full: true,
+            max_group_commit: 2048,
+            write_queue: 1024,
+            read_connections: 4,
+        }
+    }
+}
+
+enum Job {
+    Ratings {
+        items: Vec<NewRating>,
+        reply: oneshot::Sender<Result<Vec<InsertOutcome>, StoreError>>,
+    },
+    Cases {
+        items: Vec<NewCaseEvent>,
+        reply: oneshot::Sender<Result<Vec<CaseOutcome>, StoreError>>,
+    },
+    Close {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+impl Job {
+    fn len(&self) -> usize {
+        match self {
+            Job::Ratings { items, .. } => items.len(),
+            Job::Cases { items, .. } => items.len(),
+            Job::Close { .. } => 0,
+        }
+    }
+}
+
+pub struct SqliteStore {
+    jobs: mpsc::Sender<Job>,
+    reader: SqlitePool,
+    head: watch::Receiver<u64>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database, runs the embedded migrations and starts the
+    /// writer.
+    pub async fn open(opts: &SqliteOptions, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        let url = if opts.path.starts_with("sqlite:") {
+            opts.path.clone()
+        } else {
+            format!("sqlite://{}", opts.path)
+        };
+        let connect = SqliteConnectOptions::from_str(&url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(if opts.synchronous_full {
+                SqliteSynchronous::Full
+            } else {
+                SqliteSynchronous::Normal
+            })
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+
+        let mut writer_conn = SqliteConnection::connect_with(&connect).await?;
+        MIGRATOR.run(&mut writer_conn).await?;
+        let last_seq: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(feed_seq), 0) FROM ratings")
+            .fetch_one(&mut writer_conn)
+            .await?;
+        let last_seq = last_seq as u64;
+
+        let reader = SqlitePoolOptions::new()
+            .max_connections(opts.read_connections.max(1))
+            .connect_with(connect)
+            .await?;
+
+        let (head_tx, head_rx) = watch::channel(last_seq);
+        let (jobs_tx, jobs_rx) = mpsc::channel(opts.write_queue.max(1));
+        let writer = Writer {
+            conn: writer_conn,
+            next_seq: last_seq + 1,
+            head: head_tx,
+            clock,
+            max_group: opts.max_group_commit.max(1),
+        };
+        let handle = tokio::spawn(writer.run(jobs_rx));
+        Ok(Self {
+            jobs: jobs_tx,
+            reader,
+            head: head_rx,
+            writer: Mutex::new(Some(handle)),
+        })
+    }
+
+    async fn submit<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Job,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(make(reply))
+            .await
+            .map_err(|_| StoreError::ShuttingDown)?;
+        rx.await.map_err(|_| StoreError::ShuttingDown)?
+    }
+}
+
+struct Writer {
+    conn: SqliteConnection,
+    next_seq: u64,
+    head: watch::Sender<u64>,
+    clock: Arc<dyn Clock>,
+    max_group: usize,
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        let mut closing: Option<oneshot::Sender<()>> = None;
+        loop {
+            let Some(first) = rx.recv().await else { break };
+            let mut group = Vec::new();
+            let mut size = 0;
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
+                match job {
+                    Job::Close { reply } => {
+                        // Refuse new work; what is already queued still commits.
+                        rx.close();
+                        closing = Some(reply);
+                    }
+                    job => {
+                        size += job.len();
+                        group.push(job);
+                    }
+                }
+                if size < self.max_group {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !group.is_empty() {
+                self.commit_group(group).await;
+            }
+        }
+        let _ = self.conn.close().await;
+        if let Some(reply) = closing {
+            let _ = reply.send(());
+        }
+    }
+
+    async fn commit_group(&mut self, group: Vec<Job>) {
+        let start_seq = self.next_seq;
+        match self.write_group(&group).await {
+            Ok(results) => {
+                if self.next_seq != start_seq {
+                    self.head.send_replace(self.next_seq - 1);
+                }
+                for (job, result) in group.into_iter().zip(results) {
+                    match (job, result) {
+                        (Job::Ratings { reply, .. }, GroupResult::Ratings(r)) => {
+                            let _ = reply.send(Ok(r));
+                        }
+                        (Job::Cases { reply, .. }, GroupResult::Cases(r)) => {
+                            let _ = reply.send(Ok(r));
+                        }
+                        _ => unreachable!("results are built in job order"),
+                    }
+                }
+            }
+            Err(e) => {
+                // Rolled back: give the sequence numbers back, acknowledge nothing.
+                self.next_seq = start_seq;
+                let items: usize = group.iter().map(Job::len).sum();
+                tracing::error!(error = %e, items, "Group commit failed; nothing acknowledged.");
+                let text = e.to_string();
+                for job in group {
+                    let err = || StoreError::Corrupt(format!("commit failed: {text}"));
+                    match job {
+                        Job::Ratings { reply, .. } => {
+                            let _ = reply.send(Err(err()));
+                        }
+                        Job::Cases { reply, .. } => {
+                            let _ = reply.send(Err(err()));
+                        }
+                        Job::Close { .. } => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn write_group(&mut self, group: &[Job]) -> Result<Vec<GroupResult>, sqlx::Error> {
+        let received_at = self.clock.now_micros();
+        let mut tx = self.conn.begin().await?;
+        let mut results = Vec::with_capacity(group.len());
+        for job in group {
+            match job {
+                Job::Ratings { items, .. } => {
+                    let mut out = Vec::with_capacity(items.len());
+                    for item in items {
+                        out.push(insert_rating(&mut tx, item, self.next_seq, received_at).await?);
+                        if matches!(out.last(), Some(InsertOutcome::Accepted { .. })) {
+                            self.next_seq += 1;
+                        }
+                    }
+                    results.push(GroupResult::Ratings(out));
+                }
+                Job::Cases { items, .. } => {
+                    let mut out = Vec::with_capacity(items.len());
+                    for item in items {
+                        out.push(insert_case(&mut tx, item, received_at).await?);
+                    }
+                    results.push(GroupResult::Cases(out));
+                }
+                Job::Close { .. } => {}
+            }
+        }
+        tx.commit().await?;
+        Ok(results)
+    }
+}
+
+enum GroupResult {
+    Ratings(Vec<InsertOutcome>),
+    Cases(Vec<CaseOutcome>),
+}
+
+async fn insert_rating(
+    conn: &mut SqliteConnection,
+    item: &NewRating,
+    seq: u64,
+    received_at: i64,
+) -> Result<InsertOutcome, sqlx::Error> {
+    let r = &item.rating;
+    let flags = r
+        .quality_flags
+        .iter()
+        .fold(0i64, |acc, f| acc | (1 << (*f as i32)));
+    let inserted = sqlx::query(
+        "INSERT INTO ratings (feed_seq, hub_id, source_system, source_key, content_hash, level, \
+         channel, target_kind, org_credit_code, region_code, item_code, staff_id, case_number, \
+         rated_at, received_at, is_default, quality_flags, body) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         ON CONFLICT (source_system, source_key) DO NOTHING",
+    )
+    .bind(seq as i64)
+    .bind(item.hub_id.as_bytes().as_slice())
+    .bind(&item.source_system)
+    .bind(&r.source_key)
+    .bind(r.content_hash.as_slice())
+    .bind(r.level as i32)
+    .bind(r.channel as i32)
+    .bind(r.target_kind as i32)
+    .bind(r.org_credit_code.as_str())
+    .bind(r.region_code.as_str())
+    .bind(&r.item_code)
+    .bind(&r.staff_id)
+    .bind(&r.case_number)
+    .bind(r.rated_at_micros)
+    .bind(received_at)
+    .bind(r.is_default)
+    .bind(flags)
+    .bind(item.body_bytes.as_slice())
+    .execute(&mut *conn)
+    .await?;
+    if inserted.rows_affected() == 1 {
+        return Ok(InsertOutcome::Accepted {
+            hub_id: item.hub_id,
+            feed_seq: seq,
+        });
+    }
+    let row = sqlx::query(
+        "SELECT hub_id, feed_seq, content_hash FROM ratings \
+         WHERE source_system = ? AND source_key = ?",
+    )
+    .bind(&item.source_system)
+    .bind(&r.source_key)
+    .fetch_one(&mut *conn)
+    .await?;
+    let hub_id = uuid_from_row(&row, "hub_id")?;
+    let feed_seq = row.try_get::<i64, _>("feed_seq")? as u64;
+    let hash: Vec<u8> = row.try_get("content_hash")?;
+    Ok(if hash == r.content_hash {
+        InsertOutcome::Duplicate { hub_id, feed_seq }
+    } else {
+        InsertOutcome::Conflict { hub_id, feed_seq }
+    })
+}
+
+async fn insert_case(
+    conn: &mut SqliteConnection,
+    item: &NewCaseEvent,
+    received_at: i64,
+) -> Result<CaseOutcome, sqlx::Error> {
+    let c = &item.case;
+    let inserted = sqlx::query(
+        "INSERT INTO service_case_events (source_system, case_number, event, occurred_at, \
+         item_code, region_code, org_credit_code, content_hash, received_at, body) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         ON CONFLICT (source_system, case_number, event) DO NOTHING",
+    )
+    .bind(&item.source_system)
+    .bind(&c.case_number)
+    .bind(c.event as i32)
+    .bind(c.occurred_at_micros)
+    .bind(&c.item_code)
+    .bind(c.region_code.as_str())
+    .bind(c.org_credit_code.as_str())
+    .bind(c.content_hash.as_slice())
+    .bind(received_at)
+    .bind(c.body.encode_to_vec())
+    .execute(&mut *conn)
+    .await?;
+    if inserted.rows_affected() == 1 {
+        return Ok(CaseOutcome::Accepted);
+    }
+    let hash: Vec<u8> = sqlx::query_scalar(
+        "SELECT content_hash FROM service_case_events \
+         WHERE source_system = ? AND case_number = ? AND event = ?",
+    )
+    .bind(&item.source_system)
+    .bind(&c.case_number)
+    .bind(c.event as i32)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(if hash == c.content_hash {
+        CaseOutcome::Duplicate
+    } else {
+        CaseOutcome::Conflict
+    })
+}
+
+fn uuid_from_row(row: &SqliteRow, col: &str) -> Result<Uuid, sqlx::Error> {
+    let bytes: Vec<u8> = row.try_get(col)?;
+    Uuid::from_slice(&bytes).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+const RATING_COLUMNS: &str =
+    "SELECT feed_seq, hub_id, source_system, received_at, body FROM ratings";
+
+fn stored_from_row(row: &SqliteRow) -> Result<StoredRating, StoreError> {
+    let feed_seq = row.try_get::<i64, _>("feed_seq")? as u64;
+    let body: Vec<u8> = row.try_get("body")?;
+    let mut rating = pb::Rating::decode(body.as_slice())
+        .map_err(|e| StoreError::Corrupt(format!("rating {feed_seq}: {e}")))?;
+    rating.hub_id = uuid_from_row(row, "hub_id")?.to_string();
+    rating.source_system = row.try_get("source_system")?;
+    rating.feed_sequence = feed_seq;
+    rating.received_at = Some(crate::time::timestamp_from_micros(
+        row.try_get("received_at")?,
+    ));
+    Ok(StoredRating { feed_seq, rating })
+}
+
+fn push_filter(qb: &mut QueryBuilder<'_, Sqlite>, q: &RatingQuery) {
+    let mut eq = |col: &str, v: &Option<String>| {
+        if let Some(v) = v {
+            qb.push(format!(" AND {col} = ")).push_bind(v.clone());
+        }
+    };
+    eq("org_credit_code", &q.org_credit_code);
+    eq("item_code", &q.item_code);
+    eq("staff_id", &q.staff_id);
+    eq("case_number", &q.case_number);
+    eq("source_system", &q.source_system);
+    if let Some(p) = &q.region_prefix {
+        // Region codes are digits; ':' sorts right after '9', so this is the prefix range.
+        qb.push(" AND region_code >= ")
+            .push_bind(p.clone())
+            .push(" AND region_code < ")
+            .push_bind(format!("{p}:"));
+    }
+    for (col, values) in [("channel", &q.channels), ("level", &q.levels)] {
+        if !values.is_empty() {
+            qb.push(format!(" AND {col} IN ("));
+            let mut sep = qb.separated(", ");
+            for v in values {
+                sep.push_bind(*v);
+            }
+            qb.push(")");
+        }
+    }
+    if let Some(t) = q.rated_from_micros {
+        qb.push(" AND rated_at >= ").push_bind(t);
+    }
+    if let Some(t) = q.rated_until_micros {
+        qb.push(" AND rated_at < ").push_bind(t);
+    }
+}
+
+fn dimension_sql(d: StatsDimension) -> &'static str {
+    // Days and months are China Standard Time (UTC+8), as the policy texts count them.
+    match d {
+        StatsDimension::Region => "region_code",
+        StatsDimension::Organization => "org_credit_code",
+        StatsDimension::Item => "item_code",
+        StatsDimension::Staff => "staff_id",
+        StatsDimension::Channel => "CAST(channel AS TEXT)",
+        StatsDimension::Day => "strftime('%Y-%m-%d', rated_at / 1000000 + 28800, 'unixepoch')",
+        StatsDimension::Month => "strftime('%Y-%m', rated_at / 1000000 + 28800, 'unixepoch')",
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert_ratings(
+        &self,
+        items: Vec<NewRating>,
+    ) -> Result<Vec<InsertOutcome>, StoreError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.submit(|reply| Job::Ratings { items, reply }).await
+    }
+
+    async fn insert_cases(&self, items: Vec<NewCaseEvent>) -> Result<Vec<CaseOutcome>, StoreError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.submit(|reply| Job::Cases { items, reply }).await
+    }
+
+    async fn get_rating(&self, hub_id: Uuid) -> Result<Option<StoredRating>, StoreError> {
+        let row = sqlx::query(&format!("{RATING_COLUMNS} WHERE hub_id = ?"))
+            .bind(hub_id.as_bytes().as_slice())
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(stored_from_row).transpose()
+    }
+
+    async fn list_ratings(
+        &self,
+        query: &RatingQuery,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredRating>, StoreError> {
+        let mut qb = QueryBuilder::<Sqlite>::new(RATING_COLUMNS);
+        qb.push(" WHERE feed_seq > ").push_bind(after_seq as i64);
+        push_filter(&mut qb, query);
+        qb.push(" ORDER BY feed_seq LIMIT ")
+            .push_bind(i64::from(limit));
+        let rows = qb.build().fetch_all(&self.reader).await?;
+        rows.iter().map(stored_from_row).collect()
+    }
+
+    async fn stats(
+        &self,
+        query: &RatingQuery,
+        group_by: &[StatsDimension],
+    ) -> Result<Vec<StatsRow>, StoreError> {
+        let mut qb = QueryBuilder::<Sqlite>::new("SELECT ");
+        for (i, d) in group_by.iter().enumerate() {
+            qb.push(format!("{} AS k{i}, ", dimension_sql(*d)));
+        }
+        qb.push(
+            "COUNT(*) AS total, \
+             COALESCE(SUM(level = 1), 0) AS l1, COALESCE(SUM(level = 2), 0) AS l2, \
+             COALESCE(SUM(level = 3), 0) AS l3, COALESCE(SUM(level = 4), 0) AS l4, \
+             COALESCE(SUM(level = 5), 0) AS l5, COALESCE(SUM(is_default), 0) AS defaults \
+             FROM ratings WHERE 1 = 1",
+        );
+        push_filter(&mut qb, query);
+        if !group_by.is_empty() {
+            let keys: Vec<String> = (0..group_by.len()).map(|i| format!("k{i}")).collect();
+            let keys = keys.join(", ");
+            qb.push(format!(" GROUP BY {keys} ORDER BY {keys}"));
+        }
+        let rows = qb.build().fetch_all(&self.reader).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let total = row.try_get::<i64, _>("total")? as u64;
+            if total == 0 {
+                continue;
+            }
+            let mut key = Vec::with_capacity(group_by.len());
+            for i in 0..group_by.len() {
+                key.push(row.try_get::<String, _>(i)?);
+            }
+            let mut per_level = [0u64; 5];
+            for (i, slot) in per_level.iter_mut().enumerate() {
+                *slot = row.try_get::<i64, _>(format!("l{}", i + 1).as_str())? as u64;
+            }
+            out.push(StatsRow {
+                key,
+                total,
+                per_level,
+                default_ratings: row.try_get::<i64, _>("defaults")? as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    fn feed_head(&self) -> watch::Receiver<u64> {
+        self.head.clone()
+    }
+
+    async fn close(&self) {
+        let Some(handle) = self.writer.lock().await.take() else {
+            return;
+        };
+        let (reply, done) = oneshot::channel();
+        if self.jobs.send(Job::Close { reply }).await.is_ok() {
+            let _ = done.await;
+        }
+        let _ = handle.await;
+        self.reader.close().await;
+    }
+}

@@ -4,7 +4,8 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures_util::stream::{FuturesOrdered, Stream, StreamExt};
+use futures_util::future::BoxFuture;
+use futures_util::stream::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -86,16 +87,21 @@ fn stored_result(
 }
 
 /// Validates a batch; returns per-item results with the invalid ones filled in, and the
-/// valid ones ready for the store with their positions.
-fn prepare(
+/// valid ones ready for the store with their positions. A missing rating (possible on the
+/// stream) is invalid.
+fn prepare<'a>(
     state: &HubState,
     source: &str,
-    ratings: &[pb::Rating],
+    ratings: impl ExactSizeIterator<Item = Option<&'a pb::Rating>>,
 ) -> (Vec<Option<pb::ItemResult>>, Vec<(usize, NewRating)>) {
     let now = state.clock.now_micros();
     let mut results = vec![None; ratings.len()];
     let mut valid = Vec::with_capacity(ratings.len());
-    for (i, raw) in ratings.iter().enumerate() {
+    for (i, raw) in ratings.enumerate() {
+        let Some(raw) = raw else {
+            results[i] = Some(invalid(i, "", vec![violation("rating", "is required")]));
+            continue;
+        };
         match parse_rating(raw, now, &state.rules) {
             Ok(r) => valid.push((i, NewRating::new(Uuid::now_v7(), source.to_owned(), r))),
             Err(v) => results[i] = Some(invalid(i, &raw.source_key, v)),
@@ -153,7 +159,7 @@ impl IngestService for IngestApi {
         let source = self.state.source_system(&request)?;
         let ratings = request.into_inner().ratings;
         check_batch_size("ratings", ratings.len(), self.state.max_batch)?;
-        let (results, valid) = prepare(&self.state, &source, &ratings);
+        let (results, valid) = prepare(&self.state, &source, ratings.iter().map(Some));
         let results = commit(&self.state, results, valid).await?;
         log_results("SubmitRatings", &source, &results);
         Ok(Response::new(pb::SubmitRatingsResponse { results }))
@@ -171,37 +177,58 @@ impl IngestService for IngestApi {
         let window = state.stream_window;
         let (tx, rx) = mpsc::channel(window);
         tokio::spawn(async move {
-            let mut pending = FuturesOrdered::new();
-            let mut index = 0usize;
+            // One commit in flight per stream; everything that arrives meanwhile (up to
+            // `window`) goes into the next one. Acks therefore follow the stream's order and
+            // so does the feed.
+            let mut buffer: Vec<Option<pb::Rating>> = Vec::new();
+            let mut buffered_from = 0usize;
+            let mut received = 0usize;
+            let mut inflight: Option<BoxFuture<'static, Result<Vec<pb::ItemResult>, Status>>> =
+                None;
             let mut inbound_open = true;
             loop {
+                if inflight.is_none() && !buffer.is_empty() {
+                    let batch = std::mem::take(&mut buffer);
+                    let first = buffered_from;
+                    buffered_from = received;
+                    let state = state.clone();
+                    let source = source.clone();
+                    inflight = Some(Box::pin(async move {
+                        let (results, valid) =
+                            prepare(&state, &source, batch.iter().map(Option::as_ref));
+                        let mut results = commit(&state, results, valid).await?;
+                        for r in &mut results {
+                            r.index += first as u32;
+                        }
+                        Ok(results)
+                    }));
+                }
                 tokio::select! {
-                    // Acknowledge in order as commits complete.
-                    Some(done) = pending.next(), if !pending.is_empty() => {
-                        let done: Result<pb::ItemResult, Status> = done;
-                        let failed = done.is_err();
-                        let ack = done.map(|result| pb::StreamRatingsResponse { result: Some(result) });
-                        if tx.send(ack).await.is_err() || failed {
-                            return;
+                    done = async { inflight.as_mut().expect("guarded").await }, if inflight.is_some() => {
+                        inflight = None;
+                        match done {
+                            Ok(results) => {
+                                for result in results {
+                                    let ack = pb::StreamRatingsResponse { result: Some(result) };
+                                    if tx.send(Ok(ack)).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                            Err(status) => {
+                                // Not committed, not acknowledged: the client resends from
+                                // its first unacknowledged rating.
+                                let _ = tx.send(Err(status)).await;
+                                return;
+                            }
                         }
                     }
-                    // Read more only while fewer than `window` await commit (backpressure).
-                    msg = inbound.next(), if inbound_open && pending.len() < window => {
+                    // Backpressure: stop reading while `window` ratings wait for a commit.
+                    msg = inbound.next(), if inbound_open && buffer.len() < window => {
                         match msg {
                             Some(Ok(m)) => {
-                                let i = index;
-                                index += 1;
-                                let state = state.clone();
-                                let source = source.clone();
-                                pending.push_back(async move {
-                                    let Some(rating) = m.rating else {
-                                        return Ok(invalid(i, "", vec![violation("rating", "is required")]));
-                                    };
-                                    let (results, valid) = prepare(&state, &source, std::slice::from_ref(&rating));
-                                    let mut r = commit(&state, results, valid).await?.pop().unwrap_or_default();
-                                    r.index = i as u32;
-                                    Ok(r)
-                                });
+                                buffer.push(m.rating);
+                                received += 1;
                             }
                             Some(Err(status)) => {
                                 tracing::debug!(source, code = ?status.code(), "Rating stream broken by the client.");
@@ -213,7 +240,7 @@ impl IngestService for IngestApi {
                     else => break,
                 }
             }
-            tracing::debug!(source, items = index, "Rating stream finished.");
+            tracing::debug!(source, items = received, "Rating stream finished.");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -1,0 +1,150 @@
+//! The `rating-hub` binary as an operator runs it: config from the environment, health and
+//! reflection answering, SIGTERM stopping it cleanly.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+/// Starts the binary on a free port; returns the child, its address and its log lines.
+pub fn spawn_hub(dir: &std::path::Path) -> (Child, String, mpsc::Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rating-hub"))
+        .arg("serve")
+        .env("RATING_HUB__SERVER__LISTEN", "127.0.0.1:0")
+        .env("RATING_HUB__STORAGE__URL", dir.join("bin.db"))
+        .env("RATING_HUB__LOG__FILTER", "info")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn rating-hub");
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut addr = None;
+    while addr.is_none() {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the hub logs its address within 60 s");
+        addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .map(str::to_owned);
+    }
+    (child, format!("http://{}", addr.unwrap()), rx)
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    for _ in 0..600 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    panic!("the hub did not exit within 30 s of SIGTERM");
+}
+
+#[tokio::test]
+async fn binary_serves_health_and_reflection_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, url, logs) = spawn_hub(dir.path());
+
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    for service in [
+        "",
+        "ratinghub.v1.IngestService",
+        "ratinghub.v1.QueryService",
+    ] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            ServingStatus::Serving as i32,
+            "health of {service:?}"
+        );
+    }
+
+    let mut reflection = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected reflection answer");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for want in [
+        "ratinghub.v1.IngestService",
+        "ratinghub.v1.QueryService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.contains(&want), "{names:?}");
+    }
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = tokio::task::spawn_blocking(move || wait_exit(&mut child))
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    let rest: Vec<String> = logs.try_iter().collect();
+    assert!(rest.iter().any(|l| l.contains("Stopped")), "{rest:?}");
+}
+
+#[test]
+fn binary_refuses_an_unknown_setting_and_names_it() {
+    let out = Command::new(env!("CARGO_BIN_EXE_rating-hub"))
+        .arg("serve")
+        .env("RATING_HUB__SERVER__LISTN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("listn"), "{err}");
+}
+
+#[test]
+fn config_command_prints_the_documented_defaults() {
+    let out = Command::new(env!("CARGO_BIN_EXE_rating-hub"))
+        .arg("config")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text, rating_hub::config::DEFAULT_CONFIG_TOML);
+}

@@ -1,0 +1,10 @@
+//! Integration tests: the real hub on loopback (port 0) with a real SQLite file in a temp
+//! directory, driven through the generated tonic clients.
+
+mod binary;
+mod ingest;
+mod python;
+mod query;
+mod restart;
+mod utils;
+mod validation;

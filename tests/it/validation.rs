@@ -1,0 +1,353 @@
+//! One test per validation rule: each asserts the violation names the field, that the
+//! description does not echo personal data, and that nothing was stored.
+
+use rating_hub::pb::v1 as pb;
+
+use crate::ingest::count;
+use crate::utils::*;
+
+/// Submits `r` to a fresh hub and returns the violations, asserting it was refused and
+/// nothing was stored.
+async fn refused(r: pb::Rating) -> Vec<pb::FieldViolation> {
+    refused_with(&[], r).await
+}
+
+async fn refused_with(overrides: &[(&str, &str, &str)], r: pb::Rating) -> Vec<pb::FieldViolation> {
+    let hub = TestHub::start_with(overrides).await;
+    let mut ingest = hub.ingest().await;
+    let result = submit_one(&mut ingest, r).await;
+    assert_eq!(outcome(&result), pb::Outcome::Invalid, "{result:?}");
+    assert_eq!(count(&hub).await, 0, "nothing rejected is stored");
+    hub.stop().await;
+    result.violations
+}
+
+fn assert_names(violations: &[pb::FieldViolation], field: &str) {
+    assert!(
+        violations.iter().any(|v| v.field == field),
+        "expected a violation of {field}, got {violations:?}"
+    );
+}
+
+#[tokio::test]
+async fn source_key_is_required() {
+    let mut r = rating("x");
+    r.source_key = "  ".into();
+    assert_names(&refused(r).await, "source_key");
+}
+
+#[tokio::test]
+async fn source_key_is_bounded() {
+    let r = rating(&"k".repeat(129));
+    assert_names(&refused(r).await, "source_key");
+}
+
+#[tokio::test]
+async fn level_is_required() {
+    let mut r = rating("x");
+    r.level = pb::Level::Unspecified as i32;
+    assert_names(&refused(r).await, "level");
+}
+
+#[tokio::test]
+async fn level_must_be_a_known_value() {
+    let mut r = rating("x");
+    r.level = 9;
+    assert_names(&refused(r).await, "level");
+}
+
+#[tokio::test]
+async fn channel_is_required() {
+    let mut r = rating("x");
+    r.channel = 0;
+    assert_names(&refused(r).await, "channel");
+}
+
+#[tokio::test]
+async fn target_kind_is_required() {
+    let mut r = rating("x");
+    r.target_kind = 0;
+    assert_names(&refused(r).await, "target_kind");
+}
+
+#[tokio::test]
+async fn item_rating_needs_a_case_number() {
+    let mut r = rating("x");
+    r.case_number.clear();
+    assert_names(&refused(r).await, "case_number");
+}
+
+#[tokio::test]
+async fn item_rating_needs_an_item_code() {
+    let mut r = rating("x");
+    r.item_code.clear();
+    assert_names(&refused(r).await, "item_code");
+}
+
+#[tokio::test]
+async fn staff_rating_needs_a_staff_id() {
+    let mut r = rating("x");
+    r.target_kind = pb::TargetKind::Staff as i32;
+    r.staff_id.clear();
+    assert_names(&refused(r).await, "staff_id");
+}
+
+#[tokio::test]
+async fn org_credit_code_check_character_is_verified() {
+    let mut r = rating("x");
+    let mut code = org(1).into_bytes();
+    code[17] = if code[17] == b'0' { b'1' } else { b'0' };
+    r.org_credit_code = String::from_utf8(code).unwrap();
+    let v = refused(r).await;
+    assert_names(&v, "org_credit_code");
+    assert!(v[0].description.contains("GB 32100"), "{v:?}");
+}
+
+#[tokio::test]
+async fn org_credit_code_is_required() {
+    let mut r = rating("x");
+    r.org_credit_code.clear();
+    assert_names(&refused(r).await, "org_credit_code");
+}
+
+#[tokio::test]
+async fn region_code_must_be_6_9_or_12_digits_of_a_province() {
+    let mut r = rating("x");
+    r.region_code = "5301".into();
+    assert_names(&refused(r).await, "region_code");
+    let mut r = rating("y");
+    r.region_code = "990102".into();
+    assert_names(&refused(r).await, "region_code");
+}
+
+#[tokio::test]
+async fn rater_id_number_check_digit_is_verified_and_never_echoed() {
+    let mut r = rating("x");
+    let mut id = id_number().into_bytes();
+    id[17] = if id[17] == b'0' { b'1' } else { b'0' };
+    let id = String::from_utf8(id).unwrap();
+    r.rater.as_mut().unwrap().id_number = id.clone();
+    let v = refused(r).await;
+    assert_names(&v, "rater.id_number");
+    assert!(
+        v.iter().all(|x| !x.description.contains(&id[6..14])),
+        "{v:?}"
+    );
+}
+
+#[tokio::test]
+async fn rater_phone_must_be_a_mobile_or_landline_number() {
+    let mut r = rating("x");
+    r.rater.as_mut().unwrap().phone = "12345".into();
+    let v = refused(r).await;
+    assert_names(&v, "rater.phone");
+    assert!(v.iter().all(|x| !x.description.contains("12345")));
+}
+
+#[tokio::test]
+async fn organisation_raters_use_credit_code_not_id_number() {
+    let mut r = rating("x");
+    r.rater.as_mut().unwrap().kind = pb::RaterKind::EnterpriseLegalPerson as i32;
+    assert_names(&refused(r).await, "rater.id_number");
+}
+
+#[tokio::test]
+async fn rated_at_is_required() {
+    let mut r = rating("x");
+    r.rated_at = None;
+    assert_names(&refused(r).await, "rated_at");
+}
+
+#[tokio::test]
+async fn rated_at_may_not_be_in_the_future_beyond_the_skew() {
+    let mut r = rating("x");
+    r.rated_at = Some(ts(now().seconds + 3600));
+    let v = refused(r).await;
+    assert_names(&v, "rated_at");
+    assert!(v[0].description.contains("future"));
+}
+
+#[tokio::test]
+async fn rated_at_within_the_skew_is_accepted() {
+    let hub = TestHub::start().await;
+    let mut r = rating("x");
+    r.rated_at = Some(ts(now().seconds + 60));
+    let result = submit_one(&mut hub.ingest().await, r).await;
+    assert_eq!(outcome(&result), pb::Outcome::Accepted);
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn rated_at_before_2000_is_refused() {
+    let mut r = rating("x");
+    r.rated_at = Some(ts(900_000_000));
+    assert_names(&refused(r).await, "rated_at");
+}
+
+#[tokio::test]
+async fn service_completed_at_may_not_be_in_the_future() {
+    let mut r = rating("x");
+    r.service_completed_at = Some(ts(now().seconds + 3600));
+    assert_names(&refused(r).await, "service_completed_at");
+}
+
+#[tokio::test]
+async fn rating_before_case_completion_is_accepted_and_flagged() {
+    let hub = TestHub::start().await;
+    let mut r = rating("early");
+    let t = now().seconds;
+    r.rated_at = Some(ts(t - 3600));
+    r.service_completed_at = Some(ts(t - 60));
+    let result = submit_one(&mut hub.ingest().await, r).await;
+    assert_eq!(outcome(&result), pb::Outcome::Accepted);
+    let flag = pb::QualityFlag::RatedBeforeCompletion as i32;
+    assert_eq!(result.quality_flags, [flag]);
+    let stored = hub
+        .query()
+        .await
+        .get_rating(pb::GetRatingRequest {
+            hub_id: result.hub_id,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rating
+        .unwrap();
+    assert_eq!(
+        stored.quality_flags,
+        [flag],
+        "the flag is visible in queries"
+    );
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn bad_rating_without_detail_codes_or_text_is_refused() {
+    let mut r = rating("x");
+    r.level = pb::Level::Dissatisfied as i32;
+    assert_names(&refused(r).await, "detail_codes");
+}
+
+#[tokio::test]
+async fn bad_rating_with_text_or_codes_is_accepted() {
+    let hub = TestHub::start().await;
+    let mut ingest = hub.ingest().await;
+    let mut with_text = rating("t");
+    with_text.level = pb::Level::VeryDissatisfied as i32;
+    with_text.text = "排队太久".into();
+    let mut with_codes = rating("c");
+    with_codes.level = pb::Level::Dissatisfied as i32;
+    with_codes.detail_codes = vec!["501".into(), "502".into()];
+    for r in submit(&mut ingest, vec![with_text, with_codes]).await {
+        assert_eq!(outcome(&r), pb::Outcome::Accepted);
+    }
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn bad_rating_reason_rule_can_be_switched_off() {
+    let hub = TestHub::start_with(&[("validation", "require_reason_for_bad", "false")]).await;
+    let mut r = rating("x");
+    r.level = pb::Level::Dissatisfied as i32;
+    let result = submit_one(&mut hub.ingest().await, r).await;
+    assert_eq!(outcome(&result), pb::Outcome::Accepted);
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn text_is_bounded() {
+    let mut r = rating("x");
+    r.text = "好".repeat(2001);
+    assert_names(&refused(r).await, "text");
+}
+
+#[tokio::test]
+async fn detail_codes_are_bounded_in_number() {
+    let mut r = rating("x");
+    r.detail_codes = (0..33).map(|i| i.to_string()).collect();
+    assert_names(&refused(r).await, "detail_codes");
+}
+
+#[tokio::test]
+async fn detail_codes_may_not_be_empty_strings() {
+    let mut r = rating("x");
+    r.detail_codes = vec!["501".into(), "".into()];
+    assert_names(&refused(r).await, "detail_codes[1]");
+}
+
+#[tokio::test]
+async fn attributes_are_bounded() {
+    let mut r = rating("x");
+    r.attributes = (0..33).map(|i| (format!("k{i}"), "v".into())).collect();
+    assert_names(&refused(r).await, "attributes");
+}
+
+#[tokio::test]
+async fn names_are_bounded() {
+    let mut r = rating("x");
+    r.org_name = "局".repeat(201);
+    assert_names(&refused(r).await, "org_name");
+}
+
+#[tokio::test]
+async fn control_characters_are_refused_in_codes() {
+    let mut r = rating("x");
+    r.item_code = "A\u{0}B".into();
+    assert_names(&refused(r).await, "item_code");
+}
+
+#[tokio::test]
+async fn indicator_answers_need_a_code() {
+    let mut r = rating("x");
+    r.indicator_answers = vec![pb::IndicatorAnswer {
+        name: "办事效率".into(),
+        level: pb::Level::Satisfied as i32,
+        ..Default::default()
+    }];
+    assert_names(&refused(r).await, "indicator_answers[0].code");
+}
+
+#[tokio::test]
+async fn follow_up_cannot_name_itself() {
+    let mut r = rating("x");
+    r.follow_up_of = "x".into();
+    assert_names(&refused(r).await, "follow_up_of");
+}
+
+#[tokio::test]
+async fn every_violation_of_an_item_is_reported_at_once() {
+    let mut r = rating("x");
+    r.level = 0;
+    r.channel = 0;
+    r.region_code = "1".into();
+    let v = refused(r).await;
+    for field in ["level", "channel", "region_code"] {
+        assert_names(&v, field);
+    }
+}
+
+#[tokio::test]
+async fn stream_item_without_a_rating_is_answered_invalid() {
+    use tokio_stream::StreamExt;
+    let hub = TestHub::start().await;
+    let mut ingest = hub.ingest().await;
+    let outbound = tokio_stream::iter(vec![
+        pb::StreamRatingsRequest { rating: None },
+        pb::StreamRatingsRequest {
+            rating: Some(rating("ok")),
+        },
+    ]);
+    let acks: Vec<_> = ingest
+        .stream_ratings(outbound)
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|a| a.unwrap().result.unwrap())
+        .collect()
+        .await;
+    assert_eq!(outcome(&acks[0]), pb::Outcome::Invalid);
+    assert_eq!(acks[0].violations[0].field, "rating");
+    assert_eq!(outcome(&acks[1]), pb::Outcome::Accepted);
+    assert_eq!(acks[1].index, 1);
+    hub.stop().await;
+}

@@ -9,10 +9,13 @@ const PROTOS: &[&str] = &[
     "ratinghub/v1/rating.proto",
     "ratinghub/v1/ingest.proto",
     "ratinghub/v1/query.proto",
+    "ratinghub/v1/admin.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
+    // sqlx::migrate! embeds the migrations at compile time.
+    println!("cargo:rerun-if-changed=src/store/migrations");
     let fds = protox::compile(PROTOS, ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("ratinghub_descriptor.bin"), fds.encode_to_vec())?;

@@ -7,6 +7,10 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::auth::{DefaultQuotas, PrincipalConfig};
 use crate::domain::IngestRules;
 use crate::store::SqliteOptions;
 
@@ -15,13 +19,95 @@ pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config.default.toml");
 
 const ENV_PREFIX: &str = "RATING_HUB__";
 
+/// The id of the development privacy key that `tls.dev_pki` provides.
+pub const DEV_PII_KEY_ID: &str = "dev";
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
+    pub tls: TlsConfig,
+    pub limits: LimitsConfig,
+    pub privacy: PrivacyConfig,
+    pub principals: BTreeMap<String, PrincipalConfig>,
     pub storage: StorageConfig,
     pub validation: ValidationConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub dev_pki: bool,
+    pub dev_pki_dir: PathBuf,
+    pub cert: String,
+    pub key: String,
+    pub client_ca: String,
+    pub crl_files: Vec<PathBuf>,
+    pub handshake_timeout_secs: u64,
+    pub insecure_plaintext: bool,
+}
+
+impl TlsConfig {
+    fn or_dev(&self, value: &str, file: &str) -> Option<PathBuf> {
+        if !value.is_empty() {
+            Some(PathBuf::from(value))
+        } else if self.dev_pki {
+            Some(self.dev_pki_dir.join(file))
+        } else {
+            None
+        }
+    }
+
+    /// The files the listener uses, or which setting is missing.
+    pub fn files(&self) -> Result<crate::tls::TlsFiles, ConfigError> {
+        let need = |v: Option<PathBuf>, name: &str| {
+            v.ok_or_else(|| {
+                ConfigError::Invalid(format!("tls.{name} must be set when tls.dev_pki is false"))
+            })
+        };
+        let mut crls = self.crl_files.clone();
+        if self.dev_pki {
+            crls.push(self.dev_pki_dir.join(crate::pki::CRL));
+        }
+        Ok(crate::tls::TlsFiles {
+            cert: need(self.or_dev(&self.cert, crate::pki::SERVER_CERT), "cert")?,
+            key: need(self.or_dev(&self.key, crate::pki::SERVER_KEY), "key")?,
+            client_ca: need(
+                self.or_dev(&self.client_ca, crate::pki::CA_CERT),
+                "client_ca",
+            )?,
+            crls,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_in_flight: usize,
+    pub requests_per_sec: u32,
+    pub requests_burst: u32,
+    pub ratings_per_sec: u32,
+    pub ratings_burst: u32,
+}
+
+impl LimitsConfig {
+    pub fn quotas(&self) -> DefaultQuotas {
+        DefaultQuotas {
+            requests_per_sec: self.requests_per_sec,
+            requests_burst: self.requests_burst,
+            ratings_per_sec: self.ratings_per_sec,
+            ratings_burst: self.ratings_burst,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyConfig {
+    pub active_key: String,
+    pub keys: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -163,10 +249,38 @@ impl Config {
         if self.validation.clock_skew_secs < 0 {
             return fail("validation.clock_skew_secs must not be negative");
         }
+        if self.limits.max_in_flight == 0 {
+            return fail("limits.max_in_flight must be at least 1");
+        }
+        for (name, v) in [
+            ("limits.requests_per_sec", self.limits.requests_per_sec),
+            ("limits.requests_burst", self.limits.requests_burst),
+            ("limits.ratings_per_sec", self.limits.ratings_per_sec),
+            ("limits.ratings_burst", self.limits.ratings_burst),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+        }
         if self.server.plaintext_source_system.trim().is_empty() {
             return fail("server.plaintext_source_system must not be empty");
         }
         Ok(())
+    }
+
+    /// The privacy keys, with the development key added under `tls.dev_pki`.
+    pub fn privacy_keys(&self) -> BTreeMap<String, String> {
+        let mut keys = self.privacy.keys.clone();
+        if self.tls.dev_pki {
+            keys.entry(DEV_PII_KEY_ID.to_owned()).or_insert_with(|| {
+                self.tls
+                    .dev_pki_dir
+                    .join("pii-dev.key")
+                    .display()
+                    .to_string()
+            });
+        }
+        keys
     }
 
     pub fn ingest_rules(&self) -> IngestRules {

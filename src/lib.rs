@@ -6,11 +6,15 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod pb;
+pub mod pki;
+pub mod privacy;
 pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod time;
+pub mod tls;

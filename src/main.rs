@@ -28,6 +28,88 @@ enum Command {
     },
     /// Print the default configuration, every setting commented.
     Config,
+    /// Development PKI: CA, server and client certificates, revocation.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create the CA, the localhost server certificate and the dev-admin client where missing.
+    Init {
+        #[arg(long, default_value = "certs/dev")]
+        dir: PathBuf,
+    },
+    /// Issue a client certificate whose CN is the principal name: <dir>/<name>.pem and .key.
+    Client {
+        /// The principal name, as registered in [principals.<name>].
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "certs/dev")]
+        dir: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: i64,
+    },
+    /// Re-issue the server certificate for these DNS names / IP addresses.
+    Server {
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        #[arg(long, default_value = "certs/dev")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 825)]
+        days: i64,
+    },
+    /// Revoke <dir>/<name>.pem: rewrites <dir>/crl.pem, which a running hub re-reads.
+    Revoke {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "certs/dev")]
+        dir: PathBuf,
+    },
+}
+
+fn certs(command: CertsCommand) -> anyhow::Result<()> {
+    use rating_hub::pki;
+    match command {
+        CertsCommand::Init { dir } => {
+            let created = pki::init_dev(&dir)?;
+            println!(
+                "{} development PKI in {}",
+                if created {
+                    "created"
+                } else {
+                    "kept the existing"
+                },
+                dir.display()
+            );
+        }
+        CertsCommand::Client { name, dir, days } => {
+            let pair = pki::issue_client(&dir, &name, pki::Validity::days(days))?;
+            println!(
+                "certificate {}\nkey         {}",
+                pair.cert.display(),
+                pair.key.display()
+            );
+            println!("register it: [principals.{name}] in the hub's config (roles and scope)");
+        }
+        CertsCommand::Server { names, dir, days } => {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let pair = pki::issue_server(&dir, &names, pki::Validity::days(days))?;
+            println!(
+                "certificate {}\nkey         {}",
+                pair.cert.display(),
+                pair.key.display()
+            );
+        }
+        CertsCommand::Revoke { name, dir } => {
+            let crl = pki::revoke_client(&dir, &name)?;
+            println!("revoked {name}; CRL written to {}", crl.display());
+        }
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,6 +119,7 @@ fn main() -> anyhow::Result<()> {
             print!("{DEFAULT_CONFIG_TOML}");
             Ok(())
         }
+        Command::Certs { command } => certs(command),
         Command::Serve { config } => {
             let config = Config::load(config.as_deref())?;
             rating_hub::telemetry::init(&config.log);

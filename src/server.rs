@@ -12,14 +12,75 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
-use crate::api::HubState;
+use crate::api::admin::AdminApi;
 use crate::api::ingest::IngestApi;
 use crate::api::query::QueryApi;
+use crate::api::{HubState, Identity};
+use crate::auth::{Principal, Registry, Role, Scope};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+use crate::pb::v1::admin_service_server::AdminServiceServer;
 use crate::pb::v1::ingest_service_server::IngestServiceServer;
 use crate::pb::v1::query_service_server::QueryServiceServer;
+use crate::privacy::PiiKeys;
 use crate::store::{SqliteStore, Store};
+
+/// Sets up the development PKI and privacy key when configured, and says so loudly.
+fn prepare_dev_material(config: &Config) -> anyhow::Result<()> {
+    if !config.tls.dev_pki {
+        return Ok(());
+    }
+    let dir = &config.tls.dev_pki_dir;
+    if !config.tls.insecure_plaintext {
+        let created = crate::pki::init_dev(dir)
+            .with_context(|| format!("creating the development PKI in {}", dir.display()))?;
+        tracing::warn!(
+            dir = %dir.display(),
+            created,
+            client = %dir.join(format!("{}.pem", crate::pki::DEV_ADMIN)).display(),
+            "Using the DEVELOPMENT PKI (tls.dev_pki = true); not for production."
+        );
+    }
+    if let Some(path) = config.privacy_keys().get(crate::config::DEV_PII_KEY_ID)
+        && !path.starts_with("env:")
+        && PiiKeys::create_key_file(std::path::Path::new(path))
+            .with_context(|| format!("creating the development privacy key {path}"))?
+    {
+        tracing::warn!(
+            path,
+            "Created a DEVELOPMENT privacy key; production keys come from your key management."
+        );
+    }
+    Ok(())
+}
+
+fn identity(config: &Config) -> anyhow::Result<Identity> {
+    let quotas = config.limits.quotas();
+    if config.tls.insecure_plaintext {
+        tracing::error!(
+            principal = %config.server.plaintext_source_system,
+            "INSECURE: tls.insecure_plaintext is set. No TLS, no authentication: every caller \
+             is this principal with every role. Development only."
+        );
+        return Ok(Identity::Plaintext(Arc::new(Principal::new(
+            config.server.plaintext_source_system.clone(),
+            Role::ALL.into_iter().collect(),
+            Scope::national(),
+            quotas,
+        ))));
+    }
+    let mut registry = Registry::from_config(&config.principals, quotas)?;
+    if config.tls.dev_pki && registry.get(crate::pki::DEV_ADMIN).is_none() {
+        registry.insert(Principal::new(
+            crate::pki::DEV_ADMIN.into(),
+            Role::ALL.into_iter().collect(),
+            Scope::national(),
+            quotas,
+        ));
+    }
+    tracing::info!(principals = registry.len(), "Principals registered.");
+    Ok(Identity::Mtls(registry))
+}
 
 /// A hub that is serving. Drop does not stop it: call [`RunningHub::shutdown`].
 pub struct RunningHub {
@@ -39,6 +100,17 @@ pub async fn start_with_clock(
     config: &Config,
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<RunningHub> {
+    prepare_dev_material(config)?;
+    let pii = Arc::new(PiiKeys::load(
+        &config.privacy.active_key,
+        &config.privacy_keys(),
+    )?);
+    let identity = identity(config)?;
+    let tls = if config.tls.insecure_plaintext {
+        None
+    } else {
+        Some(crate::tls::server_config(&config.tls.files()?)?)
+    };
     let store: Arc<dyn Store> = Arc::new(
         SqliteStore::open(&config.sqlite_options(), clock.clone())
             .await
@@ -55,7 +127,10 @@ pub async fn start_with_clock(
         clock,
         max_batch: config.server.max_batch,
         stream_window: config.server.stream_window,
-        plaintext_source_system: config.server.plaintext_source_system.clone(),
+        identity,
+        pii,
+        in_flight: Arc::new(tokio::sync::Semaphore::new(config.limits.max_in_flight)),
+        max_in_flight: config.limits.max_in_flight,
     });
     let max_msg = config.server.max_message_bytes;
     let ingest = IngestServiceServer::new(IngestApi::new(state.clone()))
@@ -64,6 +139,7 @@ pub async fn start_with_clock(
     let query = QueryServiceServer::new(QueryApi::new(state.clone()))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
+    let admin = AdminServiceServer::new(AdminApi::new(state.clone()));
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -71,6 +147,9 @@ pub async fn start_with_clock(
         .await;
     health_reporter
         .set_serving::<QueryServiceServer<QueryApi>>()
+        .await;
+    health_reporter
+        .set_serving::<AdminServiceServer<AdminApi>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
@@ -88,18 +167,27 @@ pub async fn start_with_clock(
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(ingest)
-        .add_service(query);
-    let serving = tokio::spawn(router.serve_with_incoming_shutdown(
-        TcpListenerStream::new(listener),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+        .add_service(query)
+        .add_service(admin);
+    let signal = async move {
+        let _ = stopped.await;
+    };
+    let serving = match tls {
+        Some(tls) => {
+            let timeout = Duration::from_secs(config.tls.handshake_timeout_secs);
+            let incoming = crate::tls::incoming(listener, tls, timeout);
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal))
+        }
+        None => tokio::spawn(
+            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal),
+        ),
+    };
     tracing::info!(
         addr = %local_addr,
+        mtls = !config.tls.insecure_plaintext,
         database = %config.storage.url,
         synchronous = ?config.storage.synchronous,
-        "Listening (plaintext gRPC)."
+        "Listening."
     );
     Ok(RunningHub {
         local_addr,

@@ -1,5 +1,6 @@
-//! `IngestService`: ratings and 办件 events in. Every item is validated on the caller's task,
-//! then committed by the store's group-commit writer; results come back only after commit.
+//! `IngestService`: ratings and 办件 events in. Every item is validated and scope-checked on
+//! the caller's task, then committed by the store's group-commit writer; results come back
+//! only after commit.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,8 +12,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::{HubState, bad_request, field_violations, violation};
-use crate::domain::{parse_case, parse_rating};
+use super::{Caller, HubState, bad_request, field_violations, over_quota, violation};
+use crate::auth::{Principal, Role};
+use crate::domain::{Violation, parse_case, parse_rating};
 use crate::pb::v1 as pb;
 use crate::pb::v1::ingest_service_server::IngestService;
 use crate::store::{CaseOutcome, InsertOutcome, NewCaseEvent, NewRating};
@@ -44,18 +46,34 @@ fn check_batch_size(field: &str, len: usize, max: usize) -> Result<(), Status> {
     Ok(())
 }
 
-fn invalid(
+fn refused(
     index: usize,
-    source_key: &str,
-    violations: Vec<crate::domain::Violation>,
+    key: &str,
+    outcome: Outcome,
+    violations: Vec<Violation>,
 ) -> pb::ItemResult {
     pb::ItemResult {
         index: index as u32,
-        source_key: source_key.to_owned(),
-        outcome: Outcome::Invalid as i32,
+        source_key: key.to_owned(),
+        outcome: outcome as i32,
         violations: field_violations(violations),
         ..Default::default()
     }
+}
+
+/// The scope check of one item; the violation names the organisation field.
+fn out_of_scope(principal: &Principal, org: &str, region: &str) -> Option<Vec<Violation>> {
+    if principal.scope.covers(org, region) {
+        return None;
+    }
+    tracing::warn!(principal = %principal.name, org, region, "Denied: item outside the principal's scope.");
+    Some(vec![violation(
+        "org_credit_code",
+        format!(
+            "organisation {org} in region {region} is outside the scope of principal {}",
+            principal.name
+        ),
+    )])
 }
 
 fn stored_result(
@@ -86,12 +104,12 @@ fn stored_result(
     }
 }
 
-/// Validates a batch; returns per-item results with the invalid ones filled in, and the
-/// valid ones ready for the store with their positions. A missing rating (possible on the
-/// stream) is invalid.
+/// Validates and scope-checks a batch; returns per-item results with the refused ones filled
+/// in, and the valid ones (PII sealed) ready for the store with their positions. A missing
+/// rating (possible on the stream) is invalid.
 fn prepare<'a>(
     state: &HubState,
-    source: &str,
+    principal: &Principal,
     ratings: impl ExactSizeIterator<Item = Option<&'a pb::Rating>>,
 ) -> (Vec<Option<pb::ItemResult>>, Vec<(usize, NewRating)>) {
     let now = state.clock.now_micros();
@@ -99,12 +117,28 @@ fn prepare<'a>(
     let mut valid = Vec::with_capacity(ratings.len());
     for (i, raw) in ratings.enumerate() {
         let Some(raw) = raw else {
-            results[i] = Some(invalid(i, "", vec![violation("rating", "is required")]));
+            results[i] = Some(refused(
+                i,
+                "",
+                Outcome::Invalid,
+                vec![violation("rating", "is required")],
+            ));
             continue;
         };
         match parse_rating(raw, now, &state.rules) {
-            Ok(r) => valid.push((i, NewRating::new(Uuid::now_v7(), source.to_owned(), r))),
-            Err(v) => results[i] = Some(invalid(i, &raw.source_key, v)),
+            Ok(r) => {
+                if let Some(v) = out_of_scope(
+                    principal,
+                    r.org_credit_code.as_str(),
+                    r.region_code.as_str(),
+                ) {
+                    results[i] = Some(refused(i, &r.source_key, Outcome::PermissionDenied, v));
+                } else {
+                    let name = principal.name.clone();
+                    valid.push((i, NewRating::new(Uuid::now_v7(), name, r, &state.pii)));
+                }
+            }
+            Err(v) => results[i] = Some(refused(i, &raw.source_key, Outcome::Invalid, v)),
         }
     }
     (results, valid)
@@ -144,6 +178,7 @@ fn log_results(rpc: &'static str, source: &str, results: &[pb::ItemResult]) {
         duplicate = count(Outcome::Duplicate),
         conflict = count(Outcome::Conflict),
         invalid = count(Outcome::Invalid),
+        denied = count(Outcome::PermissionDenied),
         "Ingested."
     );
 }
@@ -156,12 +191,26 @@ impl IngestService for IngestApi {
         &self,
         request: Request<pb::SubmitRatingsRequest>,
     ) -> Result<Response<pb::SubmitRatingsResponse>, Status> {
-        let source = self.state.source_system(&request)?;
+        let caller = self.state.admit(&request, "SubmitRatings", Role::Submit)?;
         let ratings = request.into_inner().ratings;
         check_batch_size("ratings", ratings.len(), self.state.max_batch)?;
-        let (results, valid) = prepare(&self.state, &source, ratings.iter().map(Some));
+        let (results, valid) = prepare(&self.state, &caller.principal, ratings.iter().map(Some));
+        match caller.principal.check_ratings(valid.len() as u32) {
+            Ok(()) => {}
+            Err(Some(wait)) => return Err(over_quota(caller.name(), "rating", wait)),
+            Err(None) => {
+                return Err(bad_request(&[violation(
+                    "ratings",
+                    format!(
+                        "{} ratings exceed principal {}'s rating burst; send smaller batches",
+                        valid.len(),
+                        caller.name()
+                    ),
+                )]));
+            }
+        }
         let results = commit(&self.state, results, valid).await?;
-        log_results("SubmitRatings", &source, &results);
+        log_results("SubmitRatings", caller.name(), &results);
         Ok(Response::new(pb::SubmitRatingsResponse { results }))
     }
 
@@ -171,12 +220,13 @@ impl IngestService for IngestApi {
         &self,
         request: Request<tonic::Streaming<pb::StreamRatingsRequest>>,
     ) -> Result<Response<Self::StreamRatingsStream>, Status> {
-        let source = self.state.source_system(&request)?;
+        let caller: Caller = self.state.admit(&request, "StreamRatings", Role::Submit)?;
         let mut inbound = request.into_inner();
         let state = self.state.clone();
         let window = state.stream_window;
         let (tx, rx) = mpsc::channel(window);
         tokio::spawn(async move {
+            let principal = caller.principal.clone();
             // One commit in flight per stream; everything that arrives meanwhile (up to
             // `window`) goes into the next one. Acks therefore follow the stream's order and
             // so does the feed.
@@ -192,10 +242,10 @@ impl IngestService for IngestApi {
                     let first = buffered_from;
                     buffered_from = received;
                     let state = state.clone();
-                    let source = source.clone();
+                    let principal = principal.clone();
                     inflight = Some(Box::pin(async move {
                         let (results, valid) =
-                            prepare(&state, &source, batch.iter().map(Option::as_ref));
+                            prepare(&state, &principal, batch.iter().map(Option::as_ref));
                         let mut results = commit(&state, results, valid).await?;
                         for r in &mut results {
                             r.index += first as u32;
@@ -227,11 +277,13 @@ impl IngestService for IngestApi {
                     msg = inbound.next(), if inbound_open && buffer.len() < window => {
                         match msg {
                             Some(Ok(m)) => {
+                                // Over the rating quota a stream is slowed, not refused.
+                                principal.wait_for_rating().await;
                                 buffer.push(m.rating);
                                 received += 1;
                             }
                             Some(Err(status)) => {
-                                tracing::debug!(source, code = ?status.code(), "Rating stream broken by the client.");
+                                tracing::debug!(source = %principal.name, code = ?status.code(), "Rating stream broken by the client.");
                                 inbound_open = false;
                             }
                             None => inbound_open = false,
@@ -240,7 +292,8 @@ impl IngestService for IngestApi {
                     else => break,
                 }
             }
-            tracing::debug!(source, items = received, "Rating stream finished.");
+            tracing::debug!(source = %principal.name, items = received, "Rating stream finished.");
+            drop(caller);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -249,7 +302,9 @@ impl IngestService for IngestApi {
         &self,
         request: Request<pb::ReportServiceCasesRequest>,
     ) -> Result<Response<pb::ReportServiceCasesResponse>, Status> {
-        let source = self.state.source_system(&request)?;
+        let caller = self
+            .state
+            .admit(&request, "ReportServiceCases", Role::Submit)?;
         let cases = request.into_inner().cases;
         check_batch_size("cases", cases.len(), self.state.max_batch)?;
         let now = self.state.clock.now_micros();
@@ -259,13 +314,20 @@ impl IngestService for IngestApi {
         for (i, raw) in cases.iter().enumerate() {
             match parse_case(raw, now, &self.state.rules) {
                 Ok(case) => {
+                    let (org, region) = (case.org_credit_code.as_str(), case.region_code.as_str());
+                    if let Some(v) = out_of_scope(&caller.principal, org, region) {
+                        results[i] =
+                            Some(refused(i, &case.case_number, Outcome::PermissionDenied, v));
+                        continue;
+                    }
                     positions.push((i, case.case_number.clone()));
-                    valid.push(NewCaseEvent {
-                        source_system: source.clone(),
+                    valid.push(NewCaseEvent::new(
+                        caller.name().to_owned(),
                         case,
-                    });
+                        &self.state.pii,
+                    ));
                 }
-                Err(v) => results[i] = Some(invalid(i, &raw.case_number, v)),
+                Err(v) => results[i] = Some(refused(i, &raw.case_number, Outcome::Invalid, v)),
             }
         }
         let outcomes = self.state.store.insert_cases(valid).await?;
@@ -283,7 +345,7 @@ impl IngestService for IngestApi {
             });
         }
         let results: Vec<_> = results.into_iter().flatten().collect();
-        log_results("ReportServiceCases", &source, &results);
+        log_results("ReportServiceCases", caller.name(), &results);
         Ok(Response::new(pb::ReportServiceCasesResponse { results }))
     }
 }

@@ -1,34 +1,134 @@
-//! The gRPC edge: one file per service, plus the pieces every service shares — the caller's
-//! identity, and the one mapping from errors to `tonic::Status`.
+//! The gRPC edge: one file per service, plus what every service shares — admitting a call
+//! (identity, role, quota, load), and the one mapping from errors to `tonic::Status`.
 
+pub mod admin;
 pub mod ingest;
 pub mod query;
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Code, Request, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::auth::{Principal, Registry, RetryAfter, Role};
 use crate::clock::Clock;
 use crate::domain::{IngestRules, Violation};
 use crate::pb::v1 as pb;
+use crate::privacy::PiiKeys;
 use crate::store::{Store, StoreError};
 
-/// What every service needs: the store, the rules and limits, the clock.
+/// How callers are identified.
+pub enum Identity {
+    /// The certificate's CN names a registered principal.
+    Mtls(Registry),
+    /// Development only: everyone is this principal.
+    Plaintext(Arc<Principal>),
+}
+
+/// What every service needs: the store, the rules and limits, the clock, who is who.
 pub struct HubState {
     pub store: Arc<dyn Store>,
     pub rules: IngestRules,
     pub clock: Arc<dyn Clock>,
     pub max_batch: usize,
     pub stream_window: usize,
-    /// Source system of callers on a plaintext listener (no certificate to read).
-    pub plaintext_source_system: String,
+    pub identity: Identity,
+    pub pii: Arc<PiiKeys>,
+    pub in_flight: Arc<Semaphore>,
+    pub max_in_flight: usize,
+}
+
+/// An admitted call: who is calling, and its slot among the calls in flight.
+pub struct Caller {
+    pub principal: Arc<Principal>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Caller {
+    pub fn name(&self) -> &str {
+        &self.principal.name
+    }
+}
+
+fn retry_status(code: Code, message: String, wait: Duration) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_retry_info(Some(wait));
+    Status::with_error_details(code, message, details)
+}
+
+pub fn over_quota(principal: &str, what: &str, RetryAfter(wait): RetryAfter) -> Status {
+    retry_status(
+        Code::ResourceExhausted,
+        format!(
+            "principal {principal} is over its {what} quota; retry after {} ms",
+            wait.as_millis().max(1)
+        ),
+        wait,
+    )
 }
 
 impl HubState {
-    /// The caller's source system. It comes from the connection, never from the message.
-    pub fn source_system<T>(&self, _req: &Request<T>) -> Result<String, Status> {
-        Ok(self.plaintext_source_system.clone())
+    fn identify<T>(&self, req: &Request<T>) -> Result<Arc<Principal>, Status> {
+        match &self.identity {
+            Identity::Plaintext(p) => Ok(p.clone()),
+            Identity::Mtls(registry) => {
+                let certs = req
+                    .peer_certs()
+                    .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+                let name = crate::tls::principal_name(&certs).ok_or_else(|| {
+                    Status::unauthenticated("the client certificate has no subject common name")
+                })?;
+                registry.get(&name).ok_or_else(|| {
+                    tracing::warn!(principal = %name, "Denied: certificate names no registered principal.");
+                    Status::permission_denied(format!(
+                        "certificate CN {name:?} is not a registered principal"
+                    ))
+                })
+            }
+        }
+    }
+
+    /// Admits a call: identifies the caller, checks the role, takes one call from its quota
+    /// and a slot among the calls in flight (shedding load when there is none).
+    pub fn admit<T>(
+        &self,
+        req: &Request<T>,
+        rpc: &'static str,
+        role: Role,
+    ) -> Result<Caller, Status> {
+        let principal = self.identify(req)?;
+        if !principal.has(role) {
+            tracing::warn!(principal = %principal.name, rpc, %role, "Denied: role missing.");
+            return Err(Status::permission_denied(format!(
+                "principal {} lacks the {role} role that {rpc} needs",
+                principal.name
+            )));
+        }
+        if let Err(wait) = principal.check_request() {
+            tracing::info!(principal = %principal.name, rpc, "Over request quota.");
+            return Err(over_quota(&principal.name, "request", wait));
+        }
+        let slot = self.in_flight.clone().try_acquire_owned().map_err(|_| {
+            tracing::warn!(
+                rpc,
+                max = self.max_in_flight,
+                "Shedding load: too many calls in flight."
+            );
+            retry_status(
+                Code::Unavailable,
+                format!(
+                    "the hub is overloaded ({} calls in flight); retry with backoff",
+                    self.max_in_flight
+                ),
+                Duration::from_millis(100),
+            )
+        })?;
+        Ok(Caller {
+            principal,
+            _slot: slot,
+        })
     }
 }
 
@@ -63,6 +163,18 @@ pub fn field_violations(violations: Vec<Violation>) -> Vec<pb::FieldViolation> {
         .collect()
 }
 
+/// Parses a page size: 0 means `default`, above `max` is refused.
+pub fn page_size(raw: u32, default: u32, max: u32) -> Result<u32, Status> {
+    match raw {
+        0 => Ok(default),
+        n if n > max => Err(bad_request(&[violation(
+            "page_size",
+            format!("must be at most {max}"),
+        )])),
+        n => Ok(n),
+    }
+}
+
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {
         match e {
@@ -74,5 +186,12 @@ impl From<StoreError> for Status {
                 Status::internal("storage failure; nothing was acknowledged, retry later")
             }
         }
+    }
+}
+
+impl From<crate::privacy::PrivacyError> for Status {
+    fn from(e: crate::privacy::PrivacyError) -> Self {
+        tracing::error!(error = %e, "Cannot open sealed personal data.");
+        Status::internal("cannot open stored personal data (privacy key configuration)")
     }
 }

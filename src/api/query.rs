@@ -7,11 +7,12 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::{HubState, bad_request, violation};
+use super::{Caller, HubState, bad_request, page_size, violation};
+use crate::auth::{Principal, Role};
 use crate::domain::{CreditCode, Violation};
 use crate::pb::v1 as pb;
 use crate::pb::v1::query_service_server::QueryService;
-use crate::store::{RatingQuery, StatsDimension, StatsRow};
+use crate::store::{RatingQuery, ScopeFilter, StatsDimension, StatsRow, StoredRating, rating_aad};
 use crate::time::micros_from_timestamp;
 
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
@@ -111,11 +112,11 @@ fn filter_fingerprint(filter: Option<&pb::RatingFilter>) -> String {
     hex::encode(&Sha256::digest(bytes)[..8])
 }
 
-fn page_token(after_seq: u64, fingerprint: &str) -> String {
+pub fn page_token(after_seq: u64, fingerprint: &str) -> String {
     format!("{after_seq}.{fingerprint}")
 }
 
-fn parse_page_token(token: &str, fingerprint: &str) -> Result<u64, Violation> {
+pub fn parse_page_token(token: &str, fingerprint: &str) -> Result<u64, Violation> {
     if token.is_empty() {
         return Ok(0);
     }
@@ -185,12 +186,84 @@ fn stats_group(row: StatsRow, dims: &[StatsDimension]) -> pb::StatsGroup {
     }
 }
 
+/// Restricts `query` to the principal's scope. A filter that names an organisation or region
+/// the scope cannot contain is refused rather than silently answered with nothing.
+fn restrict_to_scope(principal: &Principal, query: &mut RatingQuery) -> Result<(), Status> {
+    let scope = &principal.scope;
+    if scope.all_regions {
+        return Ok(());
+    }
+    if let Some(org) = &query.org_credit_code
+        && scope.region_prefixes.is_empty()
+        && !scope.orgs.contains(org)
+    {
+        tracing::warn!(principal = %principal.name, org, "Denied: organisation outside scope.");
+        return Err(Status::permission_denied(format!(
+            "organisation {org} is outside the scope of principal {}",
+            principal.name
+        )));
+    }
+    if let Some(prefix) = &query.region_prefix
+        && scope.orgs.is_empty()
+        && !scope
+            .region_prefixes
+            .iter()
+            .any(|p| p.starts_with(prefix.as_str()) || prefix.starts_with(p.as_str()))
+    {
+        tracing::warn!(principal = %principal.name, prefix, "Denied: region outside scope.");
+        return Err(Status::permission_denied(format!(
+            "region {prefix} is outside the scope of principal {}",
+            principal.name
+        )));
+    }
+    query.scope = Some(ScopeFilter {
+        orgs: scope.orgs.iter().cloned().collect(),
+        region_prefixes: scope.region_prefixes.clone(),
+    });
+    Ok(())
+}
+
+impl QueryApi {
+    /// Puts the rater's personal data back: masked, or in full for read-pii callers — after
+    /// the audit records of those reads committed.
+    async fn reveal(
+        &self,
+        caller: &Caller,
+        rpc: &str,
+        rows: Vec<StoredRating>,
+    ) -> Result<Vec<pb::Rating>, Status> {
+        let unmasked = caller.principal.has(Role::ReadPii);
+        let mut audited = Vec::new();
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let mut rating = row.rating;
+            if let (Some(sealed), Some(rater)) = (&row.pii, rating.rater.as_mut()) {
+                let hub_id = Uuid::parse_str(&rating.hub_id)
+                    .map_err(|_| Status::internal("stored hub id is not a UUID"))?;
+                self.state
+                    .pii
+                    .reveal_rater(rater, sealed, &rating_aad(&hub_id), unmasked)?;
+                if unmasked {
+                    audited.push(hub_id);
+                }
+            }
+            out.push(rating);
+        }
+        self.state
+            .store
+            .record_pii_access(caller.name(), rpc, &audited)
+            .await?;
+        Ok(out)
+    }
+}
+
 #[tonic::async_trait]
 impl QueryService for QueryApi {
     async fn get_rating(
         &self,
         request: Request<pb::GetRatingRequest>,
     ) -> Result<Response<pb::GetRatingResponse>, Status> {
+        let caller = self.state.admit(&request, "GetRating", Role::Read)?;
         let raw = request.into_inner().hub_id;
         let hub_id = Uuid::parse_str(raw.trim())
             .map_err(|_| bad_request(&[violation("hub_id", "is not a UUID")]))?;
@@ -200,27 +273,27 @@ impl QueryService for QueryApi {
             .get_rating(hub_id)
             .await?
             .ok_or_else(|| Status::not_found(format!("no rating with hub_id {hub_id}")))?;
-        Ok(Response::new(pb::GetRatingResponse {
-            rating: Some(stored.rating),
-        }))
+        let (org, region) = (&stored.rating.org_credit_code, &stored.rating.region_code);
+        if !caller.principal.scope.covers(org, region) {
+            tracing::warn!(principal = caller.name(), %hub_id, "Denied: rating outside scope.");
+            return Err(Status::permission_denied(format!(
+                "rating {hub_id} (organisation {org}, region {region}) is outside the scope of principal {}",
+                caller.name()
+            )));
+        }
+        let rating = self.reveal(&caller, "GetRating", vec![stored]).await?.pop();
+        Ok(Response::new(pb::GetRatingResponse { rating }))
     }
 
     async fn list_ratings(
         &self,
         request: Request<pb::ListRatingsRequest>,
     ) -> Result<Response<pb::ListRatingsResponse>, Status> {
+        let caller = self.state.admit(&request, "ListRatings", Role::Read)?;
         let req = request.into_inner();
-        let query = parse_filter(req.filter.as_ref()).map_err(|v| bad_request(&v))?;
-        let page_size = match req.page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n if n > MAX_PAGE_SIZE => {
-                return Err(bad_request(&[violation(
-                    "page_size",
-                    format!("must be at most {MAX_PAGE_SIZE}"),
-                )]));
-            }
-            n => n,
-        };
+        let mut query = parse_filter(req.filter.as_ref()).map_err(|v| bad_request(&v))?;
+        let page_size = page_size(req.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
+        restrict_to_scope(&caller.principal, &mut query)?;
         let fingerprint = filter_fingerprint(req.filter.as_ref());
         let after =
             parse_page_token(&req.page_token, &fingerprint).map_err(|v| bad_request(&[v]))?;
@@ -235,8 +308,9 @@ impl QueryService for QueryApi {
             (true, Some(last)) => page_token(last.feed_seq, &fingerprint),
             _ => String::new(),
         };
+        let ratings = self.reveal(&caller, "ListRatings", rows).await?;
         Ok(Response::new(pb::ListRatingsResponse {
-            ratings: rows.into_iter().map(|r| r.rating).collect(),
+            ratings,
             next_page_token,
         }))
     }
@@ -245,6 +319,7 @@ impl QueryService for QueryApi {
         &self,
         request: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::GetStatsResponse>, Status> {
+        let caller = self.state.admit(&request, "GetStats", Role::Read)?;
         let req = request.into_inner();
         let query = parse_filter(req.filter.as_ref());
         let mut violations = query.clone().err().unwrap_or_default();
@@ -264,7 +339,8 @@ impl QueryService for QueryApi {
         if !violations.is_empty() {
             return Err(bad_request(&violations));
         }
-        let query = query.map_err(|v| bad_request(&v))?;
+        let mut query = query.map_err(|v| bad_request(&v))?;
+        restrict_to_scope(&caller.principal, &mut query)?;
         let rows = self.state.store.stats(&query, &dims).await?;
         Ok(Response::new(pb::GetStatsResponse {
             groups: rows.into_iter().map(|r| stats_group(r, &dims)).collect(),

@@ -119,7 +119,7 @@ impl IdNumber {
 
     /// 110105********1234: region prefix and last four kept.
     pub fn masked(&self) -> String {
-        mask_middle(&self.0, 6, 4)
+        mask_id_number(&self.0)
     }
 }
 
@@ -256,17 +256,41 @@ impl Phone {
 
     /// 138****5678 for mobiles; landlines keep area code and last four.
     pub fn masked(&self) -> String {
-        if self.0.len() == 11 && self.0.starts_with('1') {
-            mask_middle(&self.0, 3, 4)
-        } else {
-            mask_middle(&self.0, 4, 4)
-        }
+        mask_phone(&self.0)
     }
 }
 
 impl fmt::Debug for Phone {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("Phone").field(&self.masked()).finish()
+    }
+}
+
+/// 张三 → 张*, 欧阳娜娜 → 欧***.
+pub fn mask_name(name: &str) -> String {
+    match name.chars().next() {
+        None => String::new(),
+        Some(first) => std::iter::once(first)
+            .chain(std::iter::repeat_n('*', name.chars().count() - 1))
+            .collect(),
+    }
+}
+
+/// 110105********1234: region prefix and last four kept.
+pub fn mask_id_number(id: &str) -> String {
+    if id.is_empty() {
+        String::new()
+    } else {
+        mask_middle(id, 6, 4)
+    }
+}
+
+/// 138****5678 for mobiles; landlines keep the area code and the last four.
+pub fn mask_phone(phone: &str) -> String {
+    match phone.len() {
+        0 => String::new(),
+        11 if phone.starts_with('1') => mask_middle(phone, 3, 4),
+        _ => mask_middle(phone, 4, 4),
     }
 }
 

@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use crate::domain::{ValidCase, ValidRating};
 use crate::pb::v1 as pb;
+use crate::privacy::{PiiKeys, Sealed};
 
 pub use sqlite::{SqliteOptions, SqliteStore};
 
@@ -36,8 +37,10 @@ pub struct NewRating {
     pub hub_id: Uuid,
     pub source_system: String,
     pub rating: ValidRating,
-    /// `rating.body`, protobuf-encoded.
+    /// `rating.body` without rater PII, protobuf-encoded.
     pub body_bytes: Vec<u8>,
+    /// The rater's name, ID number and phone, sealed.
+    pub pii: Option<Sealed>,
 }
 
 /// A case event ready to be written.
@@ -45,6 +48,10 @@ pub struct NewRating {
 pub struct NewCaseEvent {
     pub source_system: String,
     pub case: ValidCase,
+    /// `case.body` without applicant PII, protobuf-encoded.
+    pub body_bytes: Vec<u8>,
+    /// The applicant's name, ID number and phone, sealed.
+    pub pii: Option<Sealed>,
 }
 
 /// What the store did with one rating.
@@ -67,7 +74,26 @@ pub enum CaseOutcome {
 #[derive(Debug, Clone)]
 pub struct StoredRating {
     pub feed_seq: u64,
+    /// As stored: rater name, ID number and phone are empty; they are in `pii`.
     pub rating: pb::Rating,
+    pub pii: Option<Sealed>,
+}
+
+/// One read of unmasked personal data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PiiAccess {
+    pub id: u64,
+    pub at_micros: i64,
+    pub principal: String,
+    pub rpc: String,
+    pub hub_id: Uuid,
+}
+
+/// Restricts a query to a principal's scope: organisations or region prefixes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScopeFilter {
+    pub orgs: Vec<String>,
+    pub region_prefixes: Vec<String>,
 }
 
 /// Which ratings to read; empty fields do not filter. Built from the API's `RatingFilter`
@@ -84,6 +110,8 @@ pub struct RatingQuery {
     pub levels: Vec<i32>,
     pub rated_from_micros: Option<i64>,
     pub rated_until_micros: Option<i64>,
+    /// `None`: no scope restriction (national scope).
+    pub scope: Option<ScopeFilter>,
 }
 
 /// Dimensions statistics can be grouped by.
@@ -134,6 +162,22 @@ pub trait Store: Send + Sync + 'static {
         group_by: &[StatsDimension],
     ) -> Result<Vec<StatsRow>, StoreError>;
 
+    /// Records reads of unmasked personal data; returns after the records committed.
+    async fn record_pii_access(
+        &self,
+        principal: &str,
+        rpc: &str,
+        hub_ids: &[Uuid],
+    ) -> Result<(), StoreError>;
+
+    /// Audit records with id > `after_id`, oldest first, optionally for one principal.
+    async fn list_pii_access(
+        &self,
+        principal: Option<&str>,
+        after_id: u64,
+        limit: u32,
+    ) -> Result<Vec<PiiAccess>, StoreError>;
+
     /// The highest committed feed sequence, updated after every commit (relay and sync wake on it).
     fn feed_head(&self) -> watch::Receiver<u64>;
 
@@ -141,16 +185,50 @@ pub trait Store: Send + Sync + 'static {
     async fn close(&self);
 }
 
+/// The associated data binding a rating's sealed PII to the rating.
+pub fn rating_aad(hub_id: &Uuid) -> Vec<u8> {
+    hub_id.as_bytes().to_vec()
+}
+
+/// The associated data binding a case event's sealed PII to the event.
+pub fn case_aad(source_system: &str, case_number: &str, event: i32) -> Vec<u8> {
+    format!("{source_system}\u{0}{case_number}\u{0}{event}").into_bytes()
+}
+
 impl NewRating {
-    /// Encodes the body here, on the caller's task, so the single writer only writes bytes.
-    pub fn new(hub_id: Uuid, source_system: String, rating: ValidRating) -> Self {
+    /// Seals the rater's PII and encodes the body here, on the caller's task, so the single
+    /// writer only writes bytes and no plaintext PII reaches the database.
+    pub fn new(hub_id: Uuid, source_system: String, rating: ValidRating, keys: &PiiKeys) -> Self {
         use prost::Message;
-        let body_bytes = rating.body.encode_to_vec();
+        let mut body = rating.body.clone();
+        let pii = body
+            .rater
+            .as_mut()
+            .and_then(|r| keys.seal_rater(r, &rating_aad(&hub_id)));
         Self {
             hub_id,
             source_system,
             rating,
-            body_bytes,
+            body_bytes: body.encode_to_vec(),
+            pii,
+        }
+    }
+}
+
+impl NewCaseEvent {
+    pub fn new(source_system: String, case: ValidCase, keys: &PiiKeys) -> Self {
+        use prost::Message;
+        let mut body = case.body.clone();
+        let aad = case_aad(&source_system, &case.case_number, case.event as i32);
+        let pii = body
+            .applicant
+            .as_mut()
+            .and_then(|a| keys.seal_rater(a, &aad));
+        Self {
+            source_system,
+            case,
+            body_bytes: body.encode_to_vec(),
+            pii,
         }
     }
 }

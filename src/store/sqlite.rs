@@ -22,11 +22,12 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::{
-    CaseOutcome, InsertOutcome, NewCaseEvent, NewRating, RatingQuery, StatsDimension, StatsRow,
-    Store, StoreError, StoredRating,
+    CaseOutcome, InsertOutcome, NewCaseEvent, NewRating, PiiAccess, RatingQuery, StatsDimension,
+    StatsRow, Store, StoreError, StoredRating,
 };
 use crate::clock::Clock;
 use crate::pb::v1 as pb;
+use crate::privacy::Sealed;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/store/migrations/sqlite");
 
@@ -67,6 +68,12 @@ enum Job {
         items: Vec<NewCaseEvent>,
         reply: oneshot::Sender<Result<Vec<CaseOutcome>, StoreError>>,
     },
+    Audit {
+        principal: String,
+        rpc: String,
+        hub_ids: Vec<Uuid>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
     Close {
         reply: oneshot::Sender<()>,
     },
@@ -77,6 +84,7 @@ impl Job {
         match self {
             Job::Ratings { items, .. } => items.len(),
             Job::Cases { items, .. } => items.len(),
+            Job::Audit { hub_ids, .. } => hub_ids.len(),
             Job::Close { .. } => 0,
         }
     }
@@ -209,6 +217,9 @@ impl Writer {
                         (Job::Cases { reply, .. }, GroupResult::Cases(r)) => {
                             let _ = reply.send(Ok(r));
                         }
+                        (Job::Audit { reply, .. }, GroupResult::Audit) => {
+                            let _ = reply.send(Ok(()));
+                        }
                         _ => unreachable!("results are built in job order"),
                     }
                 }
@@ -226,6 +237,9 @@ impl Writer {
                             let _ = reply.send(Err(err()));
                         }
                         Job::Cases { reply, .. } => {
+                            let _ = reply.send(Err(err()));
+                        }
+                        Job::Audit { reply, .. } => {
                             let _ = reply.send(Err(err()));
                         }
                         Job::Close { .. } => {}
@@ -258,6 +272,25 @@ impl Writer {
                     }
                     results.push(GroupResult::Cases(out));
                 }
+                Job::Audit {
+                    principal,
+                    rpc,
+                    hub_ids,
+                    ..
+                } => {
+                    for hub_id in hub_ids {
+                        sqlx::query(
+                            "INSERT INTO pii_access (at, principal, rpc, hub_id) VALUES (?, ?, ?, ?)",
+                        )
+                        .bind(received_at)
+                        .bind(principal)
+                        .bind(rpc)
+                        .bind(hub_id.as_bytes().as_slice())
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    results.push(GroupResult::Audit);
+                }
                 Job::Close { .. } => {}
             }
         }
@@ -269,6 +302,7 @@ impl Writer {
 enum GroupResult {
     Ratings(Vec<InsertOutcome>),
     Cases(Vec<CaseOutcome>),
+    Audit,
 }
 
 async fn insert_rating(
@@ -285,8 +319,8 @@ async fn insert_rating(
     let inserted = sqlx::query(
         "INSERT INTO ratings (feed_seq, hub_id, source_system, source_key, content_hash, level, \
          channel, target_kind, org_credit_code, region_code, item_code, staff_id, case_number, \
-         rated_at, received_at, is_default, quality_flags, body) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         rated_at, received_at, is_default, quality_flags, body, pii, pii_key_id) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
          ON CONFLICT (source_system, source_key) DO NOTHING",
     )
     .bind(seq as i64)
@@ -307,6 +341,8 @@ async fn insert_rating(
     .bind(r.is_default)
     .bind(flags)
     .bind(item.body_bytes.as_slice())
+    .bind(item.pii.as_ref().map(|p| p.blob.as_slice()))
+    .bind(item.pii.as_ref().map(|p| p.key_id.as_str()))
     .execute(&mut *conn)
     .await?;
     if inserted.rows_affected() == 1 {
@@ -341,8 +377,8 @@ async fn insert_case(
     let c = &item.case;
     let inserted = sqlx::query(
         "INSERT INTO service_case_events (source_system, case_number, event, occurred_at, \
-         item_code, region_code, org_credit_code, content_hash, received_at, body) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         item_code, region_code, org_credit_code, content_hash, received_at, body, pii, \
+         pii_key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
          ON CONFLICT (source_system, case_number, event) DO NOTHING",
     )
     .bind(&item.source_system)
@@ -354,7 +390,9 @@ async fn insert_case(
     .bind(c.org_credit_code.as_str())
     .bind(c.content_hash.as_slice())
     .bind(received_at)
-    .bind(c.body.encode_to_vec())
+    .bind(item.body_bytes.as_slice())
+    .bind(item.pii.as_ref().map(|p| p.blob.as_slice()))
+    .bind(item.pii.as_ref().map(|p| p.key_id.as_str()))
     .execute(&mut *conn)
     .await?;
     if inserted.rows_affected() == 1 {
@@ -382,7 +420,7 @@ fn uuid_from_row(row: &SqliteRow, col: &str) -> Result<Uuid, sqlx::Error> {
 }
 
 const RATING_COLUMNS: &str =
-    "SELECT feed_seq, hub_id, source_system, received_at, body FROM ratings";
+    "SELECT feed_seq, hub_id, source_system, received_at, body, pii, pii_key_id FROM ratings";
 
 fn stored_from_row(row: &SqliteRow) -> Result<StoredRating, StoreError> {
     let feed_seq = row.try_get::<i64, _>("feed_seq")? as u64;
@@ -395,7 +433,18 @@ fn stored_from_row(row: &SqliteRow) -> Result<StoredRating, StoreError> {
     rating.received_at = Some(crate::time::timestamp_from_micros(
         row.try_get("received_at")?,
     ));
-    Ok(StoredRating { feed_seq, rating })
+    let pii = match (
+        row.try_get::<Option<Vec<u8>>, _>("pii")?,
+        row.try_get::<Option<String>, _>("pii_key_id")?,
+    ) {
+        (Some(blob), Some(key_id)) => Some(Sealed { key_id, blob }),
+        _ => None,
+    };
+    Ok(StoredRating {
+        feed_seq,
+        rating,
+        pii,
+    })
 }
 
 fn push_filter(qb: &mut QueryBuilder<'_, Sqlite>, q: &RatingQuery) {
@@ -425,6 +474,20 @@ fn push_filter(qb: &mut QueryBuilder<'_, Sqlite>, q: &RatingQuery) {
             }
             qb.push(")");
         }
+    }
+    if let Some(scope) = &q.scope {
+        qb.push(" AND (0");
+        for org in &scope.orgs {
+            qb.push(" OR org_credit_code = ").push_bind(org.clone());
+        }
+        for p in &scope.region_prefixes {
+            qb.push(" OR (region_code >= ")
+                .push_bind(p.clone())
+                .push(" AND region_code < ")
+                .push_bind(format!("{p}:"))
+                .push(")");
+        }
+        qb.push(")");
     }
     if let Some(t) = q.rated_from_micros {
         qb.push(" AND rated_at >= ").push_bind(t);
@@ -534,6 +597,53 @@ impl Store for SqliteStore {
             });
         }
         Ok(out)
+    }
+
+    async fn record_pii_access(
+        &self,
+        principal: &str,
+        rpc: &str,
+        hub_ids: &[Uuid],
+    ) -> Result<(), StoreError> {
+        if hub_ids.is_empty() {
+            return Ok(());
+        }
+        let (principal, rpc, hub_ids) = (principal.to_owned(), rpc.to_owned(), hub_ids.to_vec());
+        self.submit(|reply| Job::Audit {
+            principal,
+            rpc,
+            hub_ids,
+            reply,
+        })
+        .await
+    }
+
+    async fn list_pii_access(
+        &self,
+        principal: Option<&str>,
+        after_id: u64,
+        limit: u32,
+    ) -> Result<Vec<PiiAccess>, StoreError> {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "SELECT id, at, principal, rpc, hub_id FROM pii_access WHERE id > ",
+        );
+        qb.push_bind(after_id as i64);
+        if let Some(p) = principal {
+            qb.push(" AND principal = ").push_bind(p.to_owned());
+        }
+        qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit));
+        let rows = qb.build().fetch_all(&self.reader).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(PiiAccess {
+                    id: row.try_get::<i64, _>("id")? as u64,
+                    at_micros: row.try_get("at")?,
+                    principal: row.try_get("principal")?,
+                    rpc: row.try_get("rpc")?,
+                    hub_id: uuid_from_row(row, "hub_id")?,
+                })
+            })
+            .collect()
     }
 
     fn feed_head(&self) -> watch::Receiver<u64> {

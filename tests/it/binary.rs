@@ -14,13 +14,24 @@ use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
-/// Starts the binary on a free port; returns the child, its address and its log lines.
-pub fn spawn_hub(dir: &std::path::Path) -> (Child, String, mpsc::Receiver<String>) {
+/// Starts the binary as a new user would — default config, working directory `dir` (so the
+/// development PKI lands in dir/certs/dev) — on a free port; returns the child, its address
+/// and its log lines.
+pub struct SpawnedHub {
+    pub child: Child,
+    pub url: String,
+    /// Log lines up to and including the one announcing the address.
+    pub early: Vec<String>,
+    /// Later log lines.
+    pub logs: mpsc::Receiver<String>,
+}
+
+pub fn spawn_hub(dir: &std::path::Path, log_filter: &str) -> SpawnedHub {
     let mut child = Command::new(env!("CARGO_BIN_EXE_rating-hub"))
         .arg("serve")
+        .current_dir(dir)
         .env("RATING_HUB__SERVER__LISTEN", "127.0.0.1:0")
-        .env("RATING_HUB__STORAGE__URL", dir.join("bin.db"))
-        .env("RATING_HUB__LOG__FILTER", "info")
+        .env("RATING_HUB__LOG__FILTER", log_filter)
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -36,6 +47,7 @@ pub fn spawn_hub(dir: &std::path::Path) -> (Child, String, mpsc::Receiver<String
         }
     });
     let mut addr = None;
+    let mut early = Vec::new();
     while addr.is_none() {
         let line = rx
             .recv_timeout(Duration::from_secs(60))
@@ -44,11 +56,46 @@ pub fn spawn_hub(dir: &std::path::Path) -> (Child, String, mpsc::Receiver<String
             .split_whitespace()
             .find_map(|w| w.strip_prefix("addr="))
             .map(str::to_owned);
+        early.push(line);
     }
-    (child, format!("http://{}", addr.unwrap()), rx)
+    SpawnedHub {
+        child,
+        url: format!("https://{}", addr.unwrap()),
+        early,
+        logs: rx,
+    }
 }
 
-fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+/// An mTLS channel to a binary hub using its development PKI, as `dev-admin`.
+pub async fn dev_admin_channel(dir: &std::path::Path, url: &str) -> tonic::transport::Channel {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let pki = dir.join("certs/dev");
+    let read = |f: &str| std::fs::read(pki.join(f)).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")))
+        .identity(Identity::from_pem(
+            read("dev-admin.pem"),
+            read("dev-admin.key"),
+        ))
+        .domain_name("localhost");
+    Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+pub fn sigterm(child: &Child) {
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+}
+
+pub fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
     for _ in 0..600 {
         if let Some(status) = child.try_wait().unwrap() {
             return status;
@@ -60,15 +107,23 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
 }
 
 #[tokio::test]
-async fn binary_serves_health_and_reflection_and_stops_on_sigterm() {
+async fn binary_on_defaults_serves_mtls_health_and_reflection_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, url, logs) = spawn_hub(dir.path());
-
-    let channel = tonic::transport::Endpoint::from_shared(url.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let SpawnedHub {
+        mut child,
+        url,
+        early,
+        logs,
+    } = spawn_hub(dir.path(), "info");
+    assert!(
+        dir.path().join("certs/dev/ca.pem").exists(),
+        "the development PKI was created"
+    );
+    assert!(
+        dir.path().join("rating-hub.db").exists(),
+        "the default database file"
+    );
+    let channel = dev_admin_channel(dir.path(), &url).await;
     let mut health = HealthClient::new(channel.clone());
     for service in [
         "",
@@ -113,17 +168,17 @@ async fn binary_serves_health_and_reflection_and_stops_on_sigterm() {
         assert!(names.contains(&want), "{names:?}");
     }
 
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    sigterm(&child);
     let status = tokio::task::spawn_blocking(move || wait_exit(&mut child))
         .await
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
     let rest: Vec<String> = logs.try_iter().collect();
     assert!(rest.iter().any(|l| l.contains("Stopped")), "{rest:?}");
+    assert!(
+        early.iter().any(|l| l.contains("DEVELOPMENT PKI")),
+        "the development PKI is announced: {early:?}"
+    );
 }
 
 #[test]

@@ -33,7 +33,10 @@ async fn submit_one_rating_is_accepted_and_read_back_unchanged() {
         .rating
         .unwrap();
     assert_eq!(got.hub_id, result.hub_id);
-    assert_eq!(got.source_system, "dev");
+    assert_eq!(
+        got.source_system, "tester",
+        "the source is the caller's principal"
+    );
     assert_eq!(got.feed_sequence, 1);
     assert!(got.received_at.is_some());
     // Everything the source sent comes back as sent.

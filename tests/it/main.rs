@@ -3,8 +3,10 @@
 
 mod binary;
 mod ingest;
+mod privacy;
 mod python;
 mod query;
 mod restart;
+mod security;
 mod utils;
 mod validation;

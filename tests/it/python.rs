@@ -25,6 +25,8 @@ async fn generated_python_client_submits_and_reads_back() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let out_dir = tempfile::tempdir().unwrap();
     let addr = hub.hub.local_addr.to_string();
+    let client = hub.client_files("tester");
+    let ca = hub.pki_dir().join(rating_hub::pki::CA_CERT);
     let py = python();
     let output = tokio::task::spawn_blocking(move || {
         Command::new(&py)
@@ -35,6 +37,12 @@ async fn generated_python_client_submits_and_reads_back() {
             .arg(root.join("proto"))
             .arg("--out")
             .arg(out_dir.path())
+            .arg("--ca")
+            .arg(&ca)
+            .arg("--cert")
+            .arg(&client.cert)
+            .arg("--key")
+            .arg(&client.key)
             .output()
             .unwrap_or_else(|e| {
                 panic!(

@@ -13,9 +13,9 @@ async fn stop_and_restart_on_the_same_file_finds_everything() {
         (0..500).map(|i| rating(&format!("r{i}"))).collect(),
     )
     .await;
-    let dir = hub.stop().await;
+    let stopped = hub.stop().await;
 
-    let hub = TestHub::restart_in(dir).await;
+    let hub = stopped.restart().await;
     assert_eq!(count(&hub).await, 500);
     let mut query = hub.query().await;
     for r in first.iter().step_by(50) {
@@ -57,9 +57,8 @@ async fn stop_and_restart_on_the_same_file_finds_everything() {
 #[tokio::test]
 async fn graceful_shutdown_lets_an_open_stream_finish_and_keeps_every_ack() {
     let hub = TestHub::start().await;
-    let addr = hub.url();
     let (tx, rx) = tokio::sync::mpsc::channel(16);
-    let mut ingest = IngestServiceClient::connect(addr).await.unwrap();
+    let mut ingest = hub.ingest().await;
     let mut acks = ingest
         .stream_ratings(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
@@ -74,7 +73,7 @@ async fn graceful_shutdown_lets_an_open_stream_finish_and_keeps_every_ack() {
     assert_eq!(outcome(&first), pb::Outcome::Accepted);
 
     // Shutdown begins while the stream is open; the stream keeps working until it ends.
-    let TestHub { hub: running, dir } = hub;
+    let (running, restart) = hub.split_for_shutdown();
     let stopping = tokio::spawn(running.shutdown());
     for i in 1..200 {
         tx.send(pb::StreamRatingsRequest {
@@ -95,7 +94,7 @@ async fn graceful_shutdown_lets_an_open_stream_finish_and_keeps_every_ack() {
     assert_eq!(acked, 200);
     stopping.await.unwrap().unwrap();
 
-    let hub = TestHub::restart_in(dir).await;
+    let hub = restart.restart().await;
     assert_eq!(count(&hub).await, 200);
     hub.stop().await;
 }

@@ -1,92 +1,325 @@
 //! Boots a real hub and hands out typed clients and valid test data.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prost_types::Timestamp;
 use rating_hub::config::Config;
 use rating_hub::domain::codes::{credit_code_with_check, id_number_with_check};
 use rating_hub::pb::v1 as pb;
+use rating_hub::pki;
+use rating_hub::privacy::PiiKeys;
 use rating_hub::server::RunningHub;
 use tempfile::TempDir;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_types::StatusExt;
 
 pub use pb::ingest_service_client::IngestServiceClient;
 pub use pb::query_service_client::QueryServiceClient;
 
+/// What a test hub is started with: principals and config overrides, as TOML.
+#[derive(Clone)]
+pub struct HubBuilder {
+    table: toml::Table,
+}
+
+fn set(table: &mut toml::Table, path: &[&str], value: toml::Value) {
+    match path {
+        [last] => {
+            table.insert(last.to_string(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = table
+                .entry(first.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            set(entry.as_table_mut().expect("a table"), rest, value);
+        }
+        [] => unreachable!(),
+    }
+}
+
+/// A principal's scope in a test.
+pub enum TestScope<'a> {
+    National,
+    Orgs(&'a [String]),
+    Regions(&'a [&'a str]),
+}
+
+impl HubBuilder {
+    /// The default: principal "tester" with every role and the whole country.
+    pub fn new() -> Self {
+        Self {
+            table: toml::Table::new(),
+        }
+        .principal(
+            "tester",
+            &["submit", "read", "read-pii", "pull", "rectify", "admin"],
+            TestScope::National,
+        )
+    }
+
+    pub fn principal(mut self, name: &str, roles: &[&str], scope: TestScope<'_>) -> Self {
+        let mut p = toml::Table::new();
+        p.insert(
+            "roles".into(),
+            toml::Value::Array(
+                roles
+                    .iter()
+                    .map(|r| toml::Value::String(r.to_string()))
+                    .collect(),
+            ),
+        );
+        match scope {
+            TestScope::National => {
+                p.insert("all_regions".into(), toml::Value::Boolean(true));
+            }
+            TestScope::Orgs(orgs) => {
+                p.insert(
+                    "org_credit_codes".into(),
+                    toml::Value::Array(
+                        orgs.iter()
+                            .map(|o| toml::Value::String(o.clone()))
+                            .collect(),
+                    ),
+                );
+            }
+            TestScope::Regions(regions) => {
+                p.insert(
+                    "region_prefixes".into(),
+                    toml::Value::Array(
+                        regions
+                            .iter()
+                            .map(|r| toml::Value::String(r.to_string()))
+                            .collect(),
+                    ),
+                );
+            }
+        }
+        set(
+            &mut self.table,
+            &["principals", name],
+            toml::Value::Table(p),
+        );
+        self
+    }
+
+    /// Sets `section.key` (dotted path) to a TOML value written as text, e.g. ("limits.max_in_flight", "1").
+    pub fn set(mut self, path: &str, value: &str) -> Self {
+        let v: toml::Table = toml::from_str(&format!("v = {value}")).expect("a TOML value");
+        let parts: Vec<&str> = path.split('.').collect();
+        set(&mut self.table, &parts, v["v"].clone());
+        self
+    }
+
+    pub async fn start(self) -> TestHub {
+        let dir = tempfile::tempdir().expect("temp dir");
+        self.start_in(dir).await
+    }
+
+    async fn start_in(self, dir: TempDir) -> TestHub {
+        let hub = start_hub(dir.path(), &self.table).await;
+        TestHub {
+            hub,
+            dir,
+            builder: self,
+        }
+    }
+}
+
 pub struct TestHub {
     pub hub: RunningHub,
     pub dir: TempDir,
+    builder: HubBuilder,
+}
+
+/// A stopped hub whose directory (database, PKI, key) is kept for a restart.
+pub struct StoppedHub {
+    pub dir: TempDir,
+    builder: HubBuilder,
+}
+
+impl StoppedHub {
+    /// Starts a new hub on the same database file, PKI and key.
+    pub async fn restart(self) -> TestHub {
+        self.builder.start_in(self.dir).await
+    }
 }
 
 impl TestHub {
-    /// A fresh hub on a fresh database.
+    /// A fresh hub on a fresh database, principal "tester" with every role.
     pub async fn start() -> Self {
-        Self::start_with(&[]).await
+        HubBuilder::new().start().await
     }
 
-    /// A fresh hub with extra `RATING_HUB__…`-style overrides, e.g. ("validation", "require_reason_for_bad", "false").
+    /// A fresh hub with config overrides: (section, key, TOML value).
     pub async fn start_with(overrides: &[(&str, &str, &str)]) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let hub = start_hub(dir.path(), overrides).await;
-        Self { hub, dir }
+        let mut b = HubBuilder::new();
+        for (section, key, value) in overrides {
+            b = b.set(&format!("{section}.{key}"), value);
+        }
+        b.start().await
+    }
+
+    /// A hub that serves at most `n` calls at once.
+    pub async fn builder_max_in_flight(n: usize) -> Self {
+        HubBuilder::new()
+            .set("limits.max_in_flight", &n.to_string())
+            .start()
+            .await
+    }
+
+    pub fn pki_dir(&self) -> PathBuf {
+        self.dir.path().join("pki")
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.hub.local_addr)
+        format!("https://127.0.0.1:{}", self.hub.local_addr.port())
+    }
+
+    /// The PEM files of a client certificate for `name`, issued by the hub's CA on first use.
+    pub fn client_files(&self, name: &str) -> pki::IssuedPair {
+        let dir = self.pki_dir();
+        let cert = dir.join(format!("{name}.pem"));
+        if cert.exists() {
+            return pki::IssuedPair {
+                cert,
+                key: dir.join(format!("{name}.key")),
+            };
+        }
+        pki::issue_client(&dir, name, pki::Validity::days(30)).expect("issue client certificate")
+    }
+
+    /// An mTLS endpoint presenting `name`'s certificate (`None`: no client certificate).
+    pub fn endpoint(&self, identity: Option<&pki::IssuedPair>) -> Endpoint {
+        let ca = std::fs::read(self.pki_dir().join(pki::CA_CERT)).unwrap();
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .domain_name("localhost");
+        if let Some(pair) = identity {
+            tls = tls.identity(Identity::from_pem(
+                std::fs::read(&pair.cert).unwrap(),
+                std::fs::read(&pair.key).unwrap(),
+            ));
+        }
+        Endpoint::from_shared(self.url())
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+    }
+
+    pub async fn channel_as(&self, name: &str) -> Channel {
+        let pair = self.client_files(name);
+        self.endpoint(Some(&pair))
+            .connect()
+            .await
+            .expect("mTLS connect")
     }
 
     pub async fn ingest(&self) -> IngestServiceClient<Channel> {
-        IngestServiceClient::connect(self.url())
-            .await
-            .expect("connect ingest")
+        IngestServiceClient::new(self.channel_as("tester").await)
     }
 
     pub async fn query(&self) -> QueryServiceClient<Channel> {
-        QueryServiceClient::connect(self.url())
-            .await
-            .expect("connect query")
+        QueryServiceClient::new(self.channel_as("tester").await)
     }
 
-    /// Graceful stop; the directory (and database) stays for a restart.
-    pub async fn stop(self) -> TempDir {
+    /// The running hub, and what restarts it after it stopped (for shutting down while a
+    /// test still holds clients).
+    pub fn split_for_shutdown(self) -> (RunningHub, StoppedHub) {
+        (
+            self.hub,
+            StoppedHub {
+                dir: self.dir,
+                builder: self.builder,
+            },
+        )
+    }
+
+    /// Graceful stop; the directory (database, PKI, key) stays for a restart.
+    pub async fn stop(self) -> StoppedHub {
         self.hub.shutdown().await.expect("clean shutdown");
-        self.dir
-    }
-
-    /// Starts a new hub on the same database file.
-    pub async fn restart_in(dir: TempDir) -> Self {
-        let hub = start_hub(dir.path(), &[]).await;
-        Self { hub, dir }
+        StoppedHub {
+            dir: self.dir,
+            builder: self.builder,
+        }
     }
 }
 
-pub async fn start_hub(dir: &Path, overrides: &[(&str, &str, &str)]) -> RunningHub {
-    let mut env = vec![
-        (
-            "RATING_HUB__SERVER__LISTEN".to_owned(),
-            "\"127.0.0.1:0\"".to_owned(),
-        ),
-        (
-            "RATING_HUB__STORAGE__URL".to_owned(),
-            format!("\"{}\"", dir.join("hub.db").display()),
-        ),
-    ];
-    for (section, key, value) in overrides {
-        env.push((
-            format!(
-                "RATING_HUB__{}__{}",
-                section.to_uppercase(),
-                key.to_uppercase()
-            ),
-            value.to_string(),
-        ));
+/// Writes the test PKI and privacy key (once per directory) and starts a hub on them.
+pub async fn start_hub(dir: &Path, overrides: &toml::Table) -> RunningHub {
+    // Hub logs show with a failing test's output (RUST_LOG=debug for more).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+    let pki_dir = dir.join("pki");
+    if !pki_dir.join(pki::CA_CERT).exists() {
+        pki::create_ca(&pki_dir, "rating-hub test CA").unwrap();
+        pki::issue_server(
+            &pki_dir,
+            &["localhost", "127.0.0.1"],
+            pki::Validity::days(30),
+        )
+        .unwrap();
     }
-    let config = Config::from_layers(None, env.into_iter()).expect("test config");
+    let key = dir.join("pii.key");
+    PiiKeys::create_key_file(&key).unwrap();
+    let p = |path: PathBuf| toml::Value::String(path.display().to_string());
+    let mut table = toml::Table::new();
+    set(
+        &mut table,
+        &["server", "listen"],
+        toml::Value::String("127.0.0.1:0".into()),
+    );
+    set(&mut table, &["storage", "url"], p(dir.join("hub.db")));
+    set(&mut table, &["tls", "dev_pki"], toml::Value::Boolean(false));
+    set(
+        &mut table,
+        &["tls", "cert"],
+        p(pki_dir.join(pki::SERVER_CERT)),
+    );
+    set(
+        &mut table,
+        &["tls", "key"],
+        p(pki_dir.join(pki::SERVER_KEY)),
+    );
+    set(
+        &mut table,
+        &["tls", "client_ca"],
+        p(pki_dir.join(pki::CA_CERT)),
+    );
+    set(
+        &mut table,
+        &["tls", "crl_files"],
+        toml::Value::Array(vec![p(pki_dir.join(pki::CRL))]),
+    );
+    set(
+        &mut table,
+        &["privacy", "active_key"],
+        toml::Value::String("test".into()),
+    );
+    set(&mut table, &["privacy", "keys", "test"], p(key));
+    merge(&mut table, overrides.clone());
+    let text = toml::to_string(&table).unwrap();
+    let config =
+        Config::from_layers(Some(("test.toml", &text)), std::iter::empty()).expect("test config");
     rating_hub::server::start(&config)
         .await
         .expect("hub starts")
+}
+
+fn merge(base: &mut toml::Table, layer: toml::Table) {
+    for (k, v) in layer {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(l)) => merge(b, l),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
 }
 
 pub fn now() -> Timestamp {

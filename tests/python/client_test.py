@@ -2,7 +2,11 @@
 grpcio-tools, submit ratings, read one back, and see a validation error.
 
 Run by the Rust integration suite (tests/it/python.rs) against a real hub:
-    python tests/python/client_test.py --addr 127.0.0.1:50051 --proto proto --out /tmp/gen
+    python tests/python/client_test.py --addr 127.0.0.1:50051 --proto proto --out /tmp/gen \
+        --ca certs/dev/ca.pem --cert certs/dev/dev-admin.pem --key certs/dev/dev-admin.key
+
+The hub speaks mTLS: the client presents its certificate (whose CN is its registered
+principal) and checks the hub's against the CA.
 """
 
 import argparse
@@ -43,6 +47,9 @@ def main() -> int:
     ap.add_argument("--addr", required=True)
     ap.add_argument("--proto", required=True, type=pathlib.Path)
     ap.add_argument("--out", required=True, type=pathlib.Path)
+    ap.add_argument("--ca", required=True, type=pathlib.Path)
+    ap.add_argument("--cert", required=True, type=pathlib.Path)
+    ap.add_argument("--key", required=True, type=pathlib.Path)
     args = ap.parse_args()
 
     generate(args.proto, args.out)
@@ -52,7 +59,15 @@ def main() -> int:
     from google.protobuf.timestamp_pb2 import Timestamp
     from ratinghub.v1 import ingest_pb2, ingest_pb2_grpc, query_pb2, query_pb2_grpc, rating_pb2
 
-    channel = grpc.insecure_channel(args.addr)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=args.ca.read_bytes(),
+        private_key=args.key.read_bytes(),
+        certificate_chain=args.cert.read_bytes(),
+    )
+    # The development server certificate names localhost; the test dials 127.0.0.1.
+    channel = grpc.secure_channel(
+        args.addr, credentials, options=[("grpc.ssl_target_name_override", "localhost")]
+    )
     grpc.channel_ready_future(channel).result(timeout=30)
     ingest = ingest_pb2_grpc.IngestServiceStub(channel)
     query = query_pb2_grpc.QueryServiceStub(channel)
@@ -100,6 +115,9 @@ def main() -> int:
     assert list(got.detail_codes) == ["501", "502"]
     assert got.attributes["dataSource"] == "101"
     assert got.feed_sequence == first.feed_sequence
+    # Personal data comes back (this principal holds read-pii), and was never stored in clear.
+    assert got.rater.id_number == id_number("53010219900307001")
+    assert got.rater.phone == "13912345678"
 
     listed = query.ListRatings(
         query_pb2.ListRatingsRequest(filter=query_pb2.RatingFilter(region_code_prefix="5301")),

@@ -17,7 +17,9 @@ CREATE TABLE ratings (
     received_at     INTEGER NOT NULL, -- commit time, microseconds since the Unix epoch
     is_default      INTEGER NOT NULL,
     quality_flags   INTEGER NOT NULL, -- bit set of QualityFlag numbers
-    body            BLOB    NOT NULL, -- the canonical ratinghub.v1.Rating, protobuf-encoded
+    body            BLOB    NOT NULL, -- the canonical ratinghub.v1.Rating without rater PII
+    pii             BLOB,             -- rater name / ID number / phone, AEAD-sealed (privacy.rs)
+    pii_key_id      TEXT,             -- the key that sealed `pii`
     UNIQUE (source_system, source_key)
 );
 
@@ -47,7 +49,9 @@ CREATE TABLE service_case_events (
     org_credit_code TEXT    NOT NULL,
     content_hash    BLOB    NOT NULL,
     received_at     INTEGER NOT NULL,
-    body            BLOB    NOT NULL, -- the canonical ratinghub.v1.ServiceCase
+    body            BLOB    NOT NULL, -- the canonical ratinghub.v1.ServiceCase without applicant PII
+    pii             BLOB,
+    pii_key_id      TEXT,
     UNIQUE (source_system, case_number, event)
 );
 
@@ -61,4 +65,25 @@ END;
 CREATE TRIGGER service_case_events_append_only_delete BEFORE DELETE ON service_case_events
 BEGIN
     SELECT RAISE(ABORT, 'service case events are append-only');
+END;
+
+-- Every read of unmasked personal data: who, when, through which call, which rating.
+CREATE TABLE pii_access (
+    id          INTEGER PRIMARY KEY,
+    at          INTEGER NOT NULL, -- microseconds since the Unix epoch
+    principal   TEXT    NOT NULL,
+    rpc         TEXT    NOT NULL,
+    hub_id      BLOB    NOT NULL
+);
+
+CREATE INDEX pii_access_principal ON pii_access (principal, id);
+
+CREATE TRIGGER pii_access_append_only_update BEFORE UPDATE ON pii_access
+BEGIN
+    SELECT RAISE(ABORT, 'the audit trail is append-only');
+END;
+
+CREATE TRIGGER pii_access_append_only_delete BEFORE DELETE ON pii_access
+BEGIN
+    SELECT RAISE(ABORT, 'the audit trail is append-only');
 END;

@@ -1,0 +1,253 @@
+//! Rater privacy: name, ID number and phone are sealed with an AEAD (ChaCha20-Poly1305)
+//! before they reach the database, opened only to answer a query, and masked unless the
+//! caller holds the read-pii role. Each sealed record names its key, so keys can rotate:
+//! new records use the active key, old ones open with the key they name.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::Path;
+
+use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
+use prost::Message;
+
+use crate::domain::codes::{mask_id_number, mask_name, mask_phone};
+use crate::pb::v1 as pb;
+
+const NONCE_LEN: usize = 12;
+
+/// A sealed blob and the id of the key that sealed it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Sealed {
+    pub key_id: String,
+    /// nonce ‖ ciphertext ‖ tag
+    pub blob: Vec<u8>,
+}
+
+impl fmt::Debug for Sealed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Sealed({}, {} bytes)", self.key_id, self.blob.len())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrivacyError {
+    #[error("privacy key {id}: {reason}")]
+    Key { id: String, reason: String },
+    #[error("the active privacy key {0:?} is not among [privacy.keys]")]
+    NoActiveKey(String),
+    #[error("record sealed with key {0:?}, which is not configured")]
+    UnknownKey(String),
+    #[error("sealed personal data failed authentication (wrong key or tampered record)")]
+    Open,
+}
+
+pub struct PiiKeys {
+    active: String,
+    keys: HashMap<String, ChaCha20Poly1305>,
+}
+
+impl fmt::Debug for PiiKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut ids: Vec<_> = self.keys.keys().collect();
+        ids.sort();
+        f.debug_struct("PiiKeys")
+            .field("active", &self.active)
+            .field("ids", &ids)
+            .finish()
+    }
+}
+
+fn parse_hex_key(id: &str, text: &str) -> Result<ChaCha20Poly1305, PrivacyError> {
+    let bytes = hex::decode(text.trim()).map_err(|_| PrivacyError::Key {
+        id: id.into(),
+        reason: "must be 64 hexadecimal characters (32 bytes)".into(),
+    })?;
+    if bytes.len() != 32 {
+        return Err(PrivacyError::Key {
+            id: id.into(),
+            reason: format!("is {} bytes; 32 are needed", bytes.len()),
+        });
+    }
+    Ok(ChaCha20Poly1305::new(Key::from_slice(&bytes)))
+}
+
+impl PiiKeys {
+    /// `sources` maps key ids to a file path holding 64 hex characters, or to
+    /// `env:VARIABLE` naming an environment variable that holds them.
+    pub fn load(active: &str, sources: &BTreeMap<String, String>) -> Result<Self, PrivacyError> {
+        let mut keys = HashMap::new();
+        for (id, source) in sources {
+            let text = if let Some(var) = source.strip_prefix("env:") {
+                std::env::var(var).map_err(|_| PrivacyError::Key {
+                    id: id.clone(),
+                    reason: format!("environment variable {var} is not set"),
+                })?
+            } else {
+                std::fs::read_to_string(source).map_err(|e| PrivacyError::Key {
+                    id: id.clone(),
+                    reason: format!("cannot read {source}: {e}"),
+                })?
+            };
+            keys.insert(id.clone(), parse_hex_key(id, &text)?);
+        }
+        if !keys.contains_key(active) {
+            return Err(PrivacyError::NoActiveKey(active.into()));
+        }
+        Ok(Self {
+            active: active.into(),
+            keys,
+        })
+    }
+
+    /// Writes a fresh random key file (mode 0600) unless it exists.
+    pub fn create_key_file(path: &Path) -> std::io::Result<bool> {
+        if path.exists() {
+            return Ok(false);
+        }
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let key = ChaCha20Poly1305::generate_key(&mut OsRng);
+        std::fs::write(path, hex::encode(key) + "\n")?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        }
+        Ok(true)
+    }
+
+    /// Seals `plaintext`; `aad` binds the blob to its record (it cannot be moved to another).
+    pub fn seal(&self, plaintext: &[u8], aad: &[u8]) -> Sealed {
+        let cipher = &self.keys[&self.active];
+        let nonce = ChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let ct = cipher
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: plaintext,
+                    aad,
+                },
+            )
+            .expect("ChaCha20-Poly1305 encryption of a small message cannot fail");
+        let mut blob = Vec::with_capacity(NONCE_LEN + ct.len());
+        blob.extend_from_slice(&nonce);
+        blob.extend_from_slice(&ct);
+        Sealed {
+            key_id: self.active.clone(),
+            blob,
+        }
+    }
+
+    pub fn open(&self, sealed: &Sealed, aad: &[u8]) -> Result<Vec<u8>, PrivacyError> {
+        let cipher = self
+            .keys
+            .get(&sealed.key_id)
+            .ok_or_else(|| PrivacyError::UnknownKey(sealed.key_id.clone()))?;
+        if sealed.blob.len() < NONCE_LEN {
+            return Err(PrivacyError::Open);
+        }
+        let (nonce, ct) = sealed.blob.split_at(NONCE_LEN);
+        cipher
+            .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
+            .map_err(|_| PrivacyError::Open)
+    }
+
+    /// Moves name, ID number and phone out of `rater` into a sealed blob. `None` when the
+    /// rater carries none of them.
+    pub fn seal_rater(&self, rater: &mut pb::Rater, aad: &[u8]) -> Option<Sealed> {
+        if rater.name.is_empty() && rater.id_number.is_empty() && rater.phone.is_empty() {
+            return None;
+        }
+        let pii = pb::Rater {
+            name: std::mem::take(&mut rater.name),
+            id_number: std::mem::take(&mut rater.id_number),
+            phone: std::mem::take(&mut rater.phone),
+            ..Default::default()
+        };
+        Some(self.seal(&pii.encode_to_vec(), aad))
+    }
+
+    /// Puts sealed name, ID number and phone back into `rater`, masked unless `unmasked`.
+    pub fn reveal_rater(
+        &self,
+        rater: &mut pb::Rater,
+        sealed: &Sealed,
+        aad: &[u8],
+        unmasked: bool,
+    ) -> Result<(), PrivacyError> {
+        let pii = pb::Rater::decode(self.open(sealed, aad)?.as_slice())
+            .map_err(|_| PrivacyError::Open)?;
+        if unmasked {
+            rater.name = pii.name;
+            rater.id_number = pii.id_number;
+            rater.phone = pii.phone;
+        } else {
+            rater.name = mask_name(&pii.name);
+            rater.id_number = mask_id_number(&pii.id_number);
+            rater.phone = mask_phone(&pii.phone);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> PiiKeys {
+        let mut k = HashMap::new();
+        k.insert(
+            "a".to_string(),
+            parse_hex_key("a", &"11".repeat(32)).unwrap(),
+        );
+        k.insert(
+            "b".to_string(),
+            parse_hex_key("b", &"22".repeat(32)).unwrap(),
+        );
+        PiiKeys {
+            active: "b".into(),
+            keys: k,
+        }
+    }
+
+    #[test]
+    fn seal_open_and_bind_to_the_record() {
+        let k = keys();
+        let s = k.seal(b"13800138000", b"rec-1");
+        assert_eq!(s.key_id, "b");
+        assert!(!s.blob.windows(11).any(|w| w == b"13800138000"));
+        assert_eq!(k.open(&s, b"rec-1").unwrap(), b"13800138000");
+        assert!(matches!(k.open(&s, b"rec-2"), Err(PrivacyError::Open)));
+    }
+
+    #[test]
+    fn old_records_open_with_the_key_they_name() {
+        let mut k = keys();
+        k.active = "a".into();
+        let old = k.seal(b"x", b"");
+        k.active = "b".into();
+        assert_eq!(k.open(&old, b"").unwrap(), b"x");
+        k.keys.remove("a");
+        assert!(matches!(
+            k.open(&old, b""),
+            Err(PrivacyError::UnknownKey(_))
+        ));
+    }
+
+    #[test]
+    fn masks() {
+        assert_eq!(mask_name("张三"), "张*");
+        assert_eq!(mask_name("欧阳娜娜"), "欧***");
+        assert_eq!(mask_id_number("11010519491231002X"), "110105********002X");
+        assert_eq!(mask_phone("13812345678"), "138****5678");
+        assert_eq!(mask_phone("087163123456"), "0871****3456");
+    }
+
+    #[test]
+    fn bad_key_material_is_named() {
+        let e = parse_hex_key("k9", "abc").err().unwrap();
+        assert!(e.to_string().contains("k9"));
+    }
+}

@@ -1,0 +1,234 @@
+//! mTLS for the gRPC port (rustls): the server certificate, client verification against the
+//! configured CA with CRLs that are re-read when their files change (no restart), and the
+//! accept loop that hands finished handshakes to tonic.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, anyhow};
+use rustls::DistinguishedName;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Where the server's TLS material lives.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+    pub crls: Vec<PathBuf>,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_certs(path: &PathBuf) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("reading certificates from {}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing certificates in {}", path.display()))?;
+    if certs.is_empty() {
+        return Err(anyhow!("{} holds no certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+/// Builds the rustls server config: TLS 1.2/1.3, h2 only, client certificates mandatory.
+pub fn server_config(files: &TlsFiles) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let certs = read_certs(&files.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .with_context(|| format!("reading the private key {}", files.key.display()))?;
+    let mut roots = RootCertStore::empty();
+    for ca in read_certs(&files.client_ca)? {
+        roots
+            .add(ca)
+            .with_context(|| format!("adding CA from {}", files.client_ca.display()))?;
+    }
+    let verifier = ReloadingVerifier::new(Arc::new(roots), files.crls.clone())?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_single_cert(certs, key)
+        .context("server certificate and key do not match")?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Verifies client certificates with webpki against fixed roots and CRLs re-read whenever a
+/// CRL file's modification time changes (checked at each handshake: one `stat` per file).
+#[derive(Debug)]
+struct ReloadingVerifier {
+    roots: Arc<RootCertStore>,
+    subjects: Vec<DistinguishedName>,
+    crl_paths: Vec<PathBuf>,
+    current: Mutex<(CrlStamps, Arc<dyn ClientCertVerifier>)>,
+}
+
+/// Modification times of the CRL files (None: missing), to notice changes.
+type CrlStamps = Vec<Option<SystemTime>>;
+
+impl ReloadingVerifier {
+    fn new(roots: Arc<RootCertStore>, crl_paths: Vec<PathBuf>) -> anyhow::Result<Self> {
+        let stamps = Self::stamps(&crl_paths);
+        let inner = Self::build(&roots, &crl_paths)?;
+        Ok(Self {
+            subjects: roots.subjects(),
+            roots,
+            crl_paths,
+            current: Mutex::new((stamps, inner)),
+        })
+    }
+
+    fn stamps(paths: &[PathBuf]) -> CrlStamps {
+        paths
+            .iter()
+            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+            .collect()
+    }
+
+    fn build(
+        roots: &Arc<RootCertStore>,
+        crl_paths: &[PathBuf],
+    ) -> anyhow::Result<Arc<dyn ClientCertVerifier>> {
+        let mut crls = Vec::new();
+        for path in crl_paths {
+            if !path.exists() {
+                // A CRL file that does not exist yet revokes nothing (e.g. before the first
+                // `rating-hub certs revoke`); it is read as soon as it appears.
+                continue;
+            }
+            for crl in CertificateRevocationListDer::pem_file_iter(path)
+                .with_context(|| format!("reading CRL {}", path.display()))?
+            {
+                crls.push(crl.with_context(|| format!("parsing CRL {}", path.display()))?);
+            }
+        }
+        Ok(
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                .with_crls(crls)
+                .build()?,
+        )
+    }
+
+    fn verifier(&self) -> Arc<dyn ClientCertVerifier> {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let stamps = Self::stamps(&self.crl_paths);
+        if stamps != current.0 {
+            match Self::build(&self.roots, &self.crl_paths) {
+                Ok(v) => {
+                    tracing::info!(
+                        files = self.crl_paths.len(),
+                        "Reloaded certificate revocation lists."
+                    );
+                    *current = (stamps, v);
+                }
+                Err(e) => {
+                    // Keep the previous lists: an unreadable CRL must not un-revoke anyone.
+                    tracing::error!(error = %e, "Cannot reload CRLs; keeping the previous ones.");
+                    current.0 = stamps;
+                }
+            }
+        }
+        current.1.clone()
+    }
+}
+
+impl ClientCertVerifier for ReloadingVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.subjects
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verifier()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verifier().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verifier().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.verifier().supported_verify_schemes()
+    }
+}
+
+/// Accepts TCP connections and runs each TLS handshake on its own task (a slow or hostile
+/// client never blocks the accept loop); finished handshakes are handed to tonic. Stops when
+/// the server drops the stream.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    handshake_timeout: Duration,
+) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+    let acceptor = TlsAcceptor::from(config);
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = tx.closed() => return,
+                a = listener.accept() => a,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Accept failed.");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::info!(%peer, error = %e, "TLS handshake refused.");
+                    }
+                    Err(_) => tracing::info!(%peer, "TLS handshake timed out."),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// The subject common name of a client's leaf certificate: its principal name.
+pub fn principal_name(certs: &[CertificateDer<'_>]) -> Option<String> {
+    let leaf = certs.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}

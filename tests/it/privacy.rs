@@ -1,0 +1,276 @@
+//! Rater privacy: encrypted at rest, masked without read-pii, unmasked reads audited, and
+//! never in a log line.
+
+use std::path::Path;
+
+use rating_hub::domain::codes::id_number_with_check;
+use rating_hub::pb::v1 as pb;
+use tokio_stream::StreamExt;
+
+use crate::binary::{SpawnedHub, dev_admin_channel, sigterm, spawn_hub, wait_exit};
+use crate::security::AdminServiceClient;
+use crate::utils::*;
+
+const NAME: &str = "欧阳秘密";
+const PHONE: &str = "13987654321";
+const LANDLINE: &str = "0871-66012345";
+
+fn planted_id() -> String {
+    id_number_with_check("53011119770405667").unwrap()
+}
+
+fn planted(key: &str) -> pb::Rating {
+    let mut r = rating(key);
+    let rater = r.rater.as_mut().unwrap();
+    rater.name = NAME.into();
+    rater.id_number = planted_id();
+    rater.phone = PHONE.into();
+    r
+}
+
+/// Every occurrence of the planted values, as bytes, in every file under `dir`.
+fn files_containing_pii(dir: &Path) -> Vec<String> {
+    let needles = [
+        planted_id().into_bytes(),
+        PHONE.as_bytes().to_vec(),
+        NAME.as_bytes().to_vec(),
+        "087166012345".as_bytes().to_vec(),
+    ];
+    let mut hits = Vec::new();
+    for entry in walk(dir) {
+        let bytes = std::fs::read(&entry).unwrap();
+        for n in &needles {
+            if bytes.windows(n.len()).any(|w| w == n.as_slice()) {
+                hits.push(format!(
+                    "{} holds {:?}",
+                    entry.display(),
+                    String::from_utf8_lossy(n)
+                ));
+            }
+        }
+    }
+    hits
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn database_files_hold_no_plaintext_id_phone_or_name() {
+    let hub = TestHub::start().await;
+    let mut ingest = hub.ingest().await;
+    let results = submit(
+        &mut ingest,
+        (0..50).map(|i| planted(&format!("p{i}"))).collect(),
+    )
+    .await;
+    assert!(results.iter().all(|r| outcome(r) == pb::Outcome::Accepted));
+    let case = pb::ServiceCase {
+        case_number: "PII-CASE".into(),
+        event: pb::CaseEvent::Completed as i32,
+        occurred_at: Some(now()),
+        item_code: "I".into(),
+        region_code: "530102".into(),
+        org_credit_code: org(1),
+        applicant: Some(pb::Rater {
+            name: NAME.into(),
+            id_number: planted_id(),
+            phone: LANDLINE.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    ingest
+        .report_service_cases(pb::ReportServiceCasesRequest { cases: vec![case] })
+        .await
+        .unwrap();
+    // The data is stored (sealed): a read-pii principal gets it back in full.
+    let got = hub
+        .query()
+        .await
+        .get_rating(pb::GetRatingRequest {
+            hub_id: results[0].hub_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rating
+        .unwrap();
+    assert_eq!(got.rater.unwrap().id_number, planted_id());
+
+    // Scan the database while running (WAL) and after shutdown (checkpointed).
+    let db_dir = hub.dir.path().to_owned();
+    let only_db = |hits: Vec<String>| -> Vec<String> {
+        hits.into_iter().filter(|h| h.contains("hub.db")).collect()
+    };
+    assert_eq!(only_db(files_containing_pii(&db_dir)), Vec::<String>::new());
+    let stopped = hub.stop().await;
+    assert_eq!(
+        only_db(files_containing_pii(stopped.dir.path())),
+        Vec::<String>::new()
+    );
+    assert!(stopped.dir.path().join("hub.db").metadata().unwrap().len() > 0);
+}
+
+#[tokio::test]
+async fn readers_without_read_pii_see_masks_and_unmasked_reads_are_audited() {
+    let hub = HubBuilder::new()
+        .principal("reader", &["read"], TestScope::National)
+        .principal("investigator", &["read", "read-pii"], TestScope::National)
+        .principal("operator", &["admin"], TestScope::National)
+        .start()
+        .await;
+    let mut ingest = hub.ingest().await;
+    let id = submit_one(&mut ingest, planted("m1")).await.hub_id;
+
+    let get_as = |who: &'static str| {
+        let id = id.clone();
+        let hub = &hub;
+        async move {
+            QueryServiceClient::new(hub.channel_as(who).await)
+                .get_rating(pb::GetRatingRequest { hub_id: id })
+                .await
+                .unwrap()
+                .into_inner()
+                .rating
+                .unwrap()
+                .rater
+                .unwrap()
+        }
+    };
+    let masked = get_as("reader").await;
+    let pid = planted_id();
+    assert_eq!(
+        masked.id_number,
+        format!("{}********{}", &pid[..6], &pid[14..])
+    );
+    assert_eq!(masked.phone, "139****4321");
+    assert_eq!(masked.name, "欧***");
+    let full = get_as("investigator").await;
+    assert_eq!(
+        (
+            full.id_number.as_str(),
+            full.phone.as_str(),
+            full.name.as_str()
+        ),
+        (pid.as_str(), PHONE, NAME)
+    );
+    // A list counts too.
+    QueryServiceClient::new(hub.channel_as("investigator").await)
+        .list_ratings(pb::ListRatingsRequest::default())
+        .await
+        .unwrap();
+
+    let audit = AdminServiceClient::new(hub.channel_as("operator").await)
+        .list_pii_access(pb::ListPiiAccessRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let rows: Vec<_> = audit
+        .iter()
+        .map(|a| (a.principal.as_str(), a.rpc.as_str(), a.hub_id.as_str()))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("investigator", "GetRating", id.as_str()),
+            ("investigator", "ListRatings", id.as_str()),
+        ],
+        "only unmasked reads are audited, each with who, which call and which rating"
+    );
+    assert!(audit.iter().all(|a| a.at.is_some()));
+    let filtered = AdminServiceClient::new(hub.channel_as("operator").await)
+        .list_pii_access(pb::ListPiiAccessRequest {
+            principal: "reader".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(filtered.is_empty());
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_run_with_planted_pii_logs_none_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // Everything the hub and its libraries log, at the most verbose level.
+    let SpawnedHub {
+        mut child,
+        url,
+        early,
+        logs,
+    } = spawn_hub(dir.path(), "trace");
+    let channel = dev_admin_channel(dir.path(), &url).await;
+    let mut ingest = IngestServiceClient::new(channel.clone());
+    let mut bad_phone = planted("bad-phone");
+    bad_phone.rater.as_mut().unwrap().phone = "12987654321".into();
+    let mut bad_id = planted("bad-id");
+    let mut wrong = planted_id().into_bytes();
+    wrong[17] = if wrong[17] == b'0' { b'1' } else { b'0' };
+    bad_id.rater.as_mut().unwrap().id_number = String::from_utf8(wrong.clone()).unwrap();
+    let results = submit(&mut ingest, vec![planted("ok-1"), bad_phone, bad_id]).await;
+    assert_eq!(outcome(&results[0]), pb::Outcome::Accepted);
+    assert_eq!(outcome(&results[1]), pb::Outcome::Invalid);
+    assert_eq!(outcome(&results[2]), pb::Outcome::Invalid);
+    let stream: Vec<_> = ingest
+        .stream_ratings(tokio_stream::iter(vec![pb::StreamRatingsRequest {
+            rating: Some(planted("ok-2")),
+        }]))
+        .await
+        .unwrap()
+        .into_inner()
+        .collect()
+        .await;
+    assert_eq!(stream.len(), 1);
+    let mut query = QueryServiceClient::new(channel);
+    query
+        .get_rating(pb::GetRatingRequest {
+            hub_id: results[0].hub_id.clone(),
+        })
+        .await
+        .unwrap();
+    query
+        .list_ratings(pb::ListRatingsRequest::default())
+        .await
+        .unwrap();
+
+    sigterm(&child);
+    let status = tokio::task::spawn_blocking(move || wait_exit(&mut child))
+        .await
+        .unwrap();
+    assert!(status.success());
+    let mut all = early;
+    all.extend(logs.try_iter());
+    assert!(
+        all.len() > 20,
+        "trace logging produced output: {}",
+        all.len()
+    );
+    let text = all.join("\n");
+    let wrong = String::from_utf8(wrong).unwrap();
+    for needle in [
+        planted_id().as_str(),
+        wrong.as_str(),
+        PHONE,
+        "12987654321",
+        NAME,
+    ] {
+        assert!(
+            !text.contains(needle),
+            "a log line holds planted PII {needle:?}"
+        );
+    }
+}

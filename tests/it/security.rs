@@ -1,0 +1,464 @@
+//! mTLS identities, authorization, revocation, quotas and load shedding, over real TLS
+//! connections to a real hub.
+
+use std::time::Duration;
+
+use rating_hub::pb::v1 as pb;
+use rating_hub::pki;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use crate::ingest::count;
+use crate::utils::*;
+
+pub use pb::admin_service_client::AdminServiceClient;
+
+async fn submit_as(
+    hub: &TestHub,
+    name: &str,
+    r: pb::Rating,
+) -> Result<pb::ItemResult, tonic::Status> {
+    let mut client = IngestServiceClient::new(hub.channel_as(name).await);
+    client
+        .submit_ratings(pb::SubmitRatingsRequest { ratings: vec![r] })
+        .await
+        .map(|resp| resp.into_inner().results.remove(0))
+}
+
+/// A connection that presents `identity` (or none) and tries one SubmitRatings.
+async fn try_submit_with(hub: &TestHub, identity: Option<&pki::IssuedPair>) -> Result<(), String> {
+    let channel = hub
+        .endpoint(identity)
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    IngestServiceClient::new(channel)
+        .submit_ratings(pb::SubmitRatingsRequest {
+            ratings: vec![rating("tls-probe")],
+        })
+        .await
+        .map(|_| ())
+        .map_err(|s| format!("rpc: {s}"))
+}
+
+#[tokio::test]
+async fn no_client_certificate_is_refused() {
+    let hub = TestHub::start().await;
+    let result = try_submit_with(&hub, None).await;
+    assert!(
+        result.is_err(),
+        "a call without a client certificate must fail"
+    );
+    assert_eq!(count(&hub).await, 0);
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn certificate_from_another_ca_is_refused_even_with_a_registered_name() {
+    let hub = TestHub::start().await;
+    let other = tempfile::tempdir().unwrap();
+    pki::create_ca(other.path(), "some other CA").unwrap();
+    let impostor = pki::issue_client(other.path(), "tester", pki::Validity::days(5)).unwrap();
+    assert!(try_submit_with(&hub, Some(&impostor)).await.is_err());
+    assert_eq!(count(&hub).await, 0);
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn expired_certificate_is_refused() {
+    let hub = HubBuilder::new()
+        .principal("old-dept", &["submit"], TestScope::National)
+        .start()
+        .await;
+    let now = time::OffsetDateTime::now_utc();
+    let expired = pki::issue_client(
+        &hub.pki_dir(),
+        "old-dept",
+        pki::Validity {
+            not_before: now - time::Duration::days(30),
+            not_after: now - time::Duration::days(1),
+        },
+    )
+    .unwrap();
+    assert!(try_submit_with(&hub, Some(&expired)).await.is_err());
+    assert_eq!(count(&hub).await, 0);
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn revoked_certificate_is_refused_without_a_restart() {
+    let hub = HubBuilder::new()
+        .principal("dept", &["submit"], TestScope::National)
+        .start()
+        .await;
+    let dept = hub.client_files("dept");
+    try_submit_with(&hub, Some(&dept))
+        .await
+        .expect("accepted before revocation");
+    pki::revoke_client(&hub.pki_dir(), "dept").unwrap();
+    let refused = try_submit_with(&hub, Some(&dept)).await;
+    assert!(
+        refused.is_err(),
+        "a new connection with a revoked certificate is refused"
+    );
+    // Others are unaffected.
+    let tester = hub.client_files("tester");
+    try_submit_with(&hub, Some(&tester))
+        .await
+        .expect("tester still admitted");
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn unregistered_principal_is_denied_by_name() {
+    let hub = TestHub::start().await;
+    let err = submit_as(&hub, "stranger", rating("x")).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("stranger"), "{}", err.message());
+    assert_eq!(count(&hub).await, 0);
+    hub.stop().await;
+}
+
+/// The actions of the matrix, one per RPC family and scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    SubmitInScope,
+    SubmitOutOfScope,
+    ReportCaseInScope,
+    GetInScope,
+    GetOutOfScope,
+    ListInScope,
+    ListOutOfScope,
+    StatsInScope,
+    AdminAudit,
+}
+
+/// What happened: OK, or the status code (an item refused for scope counts as PermissionDenied).
+async fn attempt(hub: &TestHub, who: &str, action: Action, ids: &(String, String)) -> Code {
+    let channel = hub.channel_as(who).await;
+    let mut ingest = IngestServiceClient::new(channel.clone());
+    let mut query = QueryServiceClient::new(channel.clone());
+    let mut admin = AdminServiceClient::new(channel);
+    let in_scope = || {
+        let mut r = rating(&format!("{who}-{action:?}"));
+        r.org_credit_code = org(1);
+        r
+    };
+    let out_scope = || {
+        let mut r = rating(&format!("{who}-{action:?}"));
+        r.org_credit_code = org(2);
+        r.region_code = "440103".into();
+        r
+    };
+    let item_code = |r: Result<tonic::Response<pb::SubmitRatingsResponse>, tonic::Status>| match r {
+        Err(s) => s.code(),
+        Ok(resp) => match pb::Outcome::try_from(resp.into_inner().results[0].outcome).unwrap() {
+            pb::Outcome::Accepted => Code::Ok,
+            pb::Outcome::PermissionDenied => Code::PermissionDenied,
+            other => panic!("unexpected outcome {other:?}"),
+        },
+    };
+    let code = |r: Result<(), tonic::Status>| r.err().map_or(Code::Ok, |s| s.code());
+    match action {
+        Action::SubmitInScope => item_code(
+            ingest
+                .submit_ratings(pb::SubmitRatingsRequest {
+                    ratings: vec![in_scope()],
+                })
+                .await,
+        ),
+        Action::SubmitOutOfScope => item_code(
+            ingest
+                .submit_ratings(pb::SubmitRatingsRequest {
+                    ratings: vec![out_scope()],
+                })
+                .await,
+        ),
+        Action::ReportCaseInScope => code(
+            ingest
+                .report_service_cases(pb::ReportServiceCasesRequest {
+                    cases: vec![pb::ServiceCase {
+                        case_number: format!("C-{who}"),
+                        event: pb::CaseEvent::Completed as i32,
+                        occurred_at: Some(now()),
+                        item_code: "I".into(),
+                        region_code: "530102".into(),
+                        org_credit_code: org(1),
+                        ..Default::default()
+                    }],
+                })
+                .await
+                .map(|r| {
+                    assert_eq!(
+                        r.into_inner().results[0].outcome,
+                        pb::Outcome::Accepted as i32
+                    )
+                }),
+        ),
+        Action::GetInScope => code(
+            query
+                .get_rating(pb::GetRatingRequest {
+                    hub_id: ids.0.clone(),
+                })
+                .await
+                .map(drop),
+        ),
+        Action::GetOutOfScope => code(
+            query
+                .get_rating(pb::GetRatingRequest {
+                    hub_id: ids.1.clone(),
+                })
+                .await
+                .map(drop),
+        ),
+        Action::ListInScope => code(
+            query
+                .list_ratings(pb::ListRatingsRequest::default())
+                .await
+                .map(|r| {
+                    let ratings = r.into_inner().ratings;
+                    assert!(!ratings.is_empty());
+                    assert!(
+                        ratings.iter().all(|x| x.org_credit_code == org(1)),
+                        "{who} sees only its scope"
+                    );
+                }),
+        ),
+        Action::ListOutOfScope => code(
+            query
+                .list_ratings(pb::ListRatingsRequest {
+                    filter: Some(pb::RatingFilter {
+                        org_credit_code: org(2),
+                        region_code_prefix: "44".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        Action::StatsInScope => code(
+            query
+                .get_stats(pb::GetStatsRequest {
+                    filter: None,
+                    group_by: vec![pb::StatsDimension::Organization as i32],
+                })
+                .await
+                .map(|r| {
+                    let keys: Vec<_> = r.into_inner().groups.into_iter().map(|g| g.key).collect();
+                    assert_eq!(keys, [[org(1)]], "{who}: only its scope is counted");
+                }),
+        ),
+        Action::AdminAudit => code(
+            admin
+                .list_pii_access(pb::ListPiiAccessRequest::default())
+                .await
+                .map(drop),
+        ),
+    }
+}
+
+#[tokio::test]
+async fn role_and_scope_matrix_over_every_rpc_family() {
+    let orgs1 = [org(1)];
+    let hub = HubBuilder::new()
+        .principal("dept-submit", &["submit"], TestScope::Orgs(&orgs1))
+        .principal("dept-read", &["read"], TestScope::Orgs(&orgs1))
+        .principal("city-read", &["read"], TestScope::Regions(&["5301"]))
+        .principal("operator", &["admin"], TestScope::National)
+        .principal("no-roles", &[], TestScope::National)
+        .start()
+        .await;
+    // One rating in scope (org 1, Kunming) and one outside (org 2, Guangzhou).
+    let mut ingest = hub.ingest().await;
+    let a = submit_one(&mut ingest, {
+        let mut r = rating("seed-a");
+        r.org_credit_code = org(1);
+        r
+    })
+    .await;
+    let b = submit_one(&mut ingest, {
+        let mut r = rating("seed-b");
+        r.org_credit_code = org(2);
+        r.region_code = "440103".into();
+        r
+    })
+    .await;
+    let ids = (a.hub_id, b.hub_id);
+
+    use Action::*;
+    use Code::{Ok as OK, PermissionDenied as PD};
+    let expected: &[(&str, &[(Action, Code)])] = &[
+        (
+            "dept-submit",
+            &[
+                (SubmitInScope, OK),
+                (SubmitOutOfScope, PD),
+                (ReportCaseInScope, OK),
+                (GetInScope, PD),
+                (ListInScope, PD),
+                (StatsInScope, PD),
+                (AdminAudit, PD),
+            ],
+        ),
+        (
+            "dept-read",
+            &[
+                (SubmitInScope, PD),
+                (ReportCaseInScope, PD),
+                (GetInScope, OK),
+                (GetOutOfScope, PD),
+                (ListInScope, OK),
+                (ListOutOfScope, PD),
+                (StatsInScope, OK),
+                (AdminAudit, PD),
+            ],
+        ),
+        (
+            "city-read",
+            &[
+                (SubmitInScope, PD),
+                (GetInScope, OK),
+                (GetOutOfScope, PD),
+                (ListInScope, OK),
+                (ListOutOfScope, PD),
+                (StatsInScope, OK),
+                (AdminAudit, PD),
+            ],
+        ),
+        (
+            "operator",
+            &[
+                (SubmitInScope, PD),
+                (GetInScope, PD),
+                (ListInScope, PD),
+                (AdminAudit, OK),
+            ],
+        ),
+        (
+            "no-roles",
+            &[
+                (SubmitInScope, PD),
+                (ReportCaseInScope, PD),
+                (GetInScope, PD),
+                (ListInScope, PD),
+                (StatsInScope, PD),
+                (AdminAudit, PD),
+            ],
+        ),
+    ];
+    let mut mismatches = Vec::new();
+    for (who, cases) in expected {
+        for (action, want) in cases.iter() {
+            let got = attempt(&hub, who, *action, &ids).await;
+            if got != *want {
+                mismatches.push(format!("{who} {action:?}: want {want:?}, got {got:?}"));
+            }
+        }
+    }
+    assert!(mismatches.is_empty(), "{mismatches:#?}");
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn denial_names_the_missing_role() {
+    let hub = HubBuilder::new()
+        .principal("reader", &["read"], TestScope::National)
+        .start()
+        .await;
+    let err = submit_as(&hub, "reader", rating("x")).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("submit") && err.message().contains("reader"),
+        "{}",
+        err.message()
+    );
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn request_quota_exceeded_then_recovered_after_the_retry_delay() {
+    let hub = HubBuilder::new()
+        .principal("limited", &["submit"], TestScope::National)
+        .set("principals.limited.requests_per_sec", "2")
+        .set("principals.limited.requests_burst", "1")
+        .start()
+        .await;
+    let mut client = IngestServiceClient::new(hub.channel_as("limited").await);
+    let call = |key: &str| pb::SubmitRatingsRequest {
+        ratings: vec![rating(key)],
+    };
+    client
+        .submit_ratings(call("q1"))
+        .await
+        .expect("within quota");
+    let err = client.submit_ratings(call("q2")).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    let delay = err
+        .get_error_details()
+        .retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("google.rpc.RetryInfo with a delay");
+    assert!(
+        delay > Duration::ZERO && delay <= Duration::from_millis(500),
+        "{delay:?}"
+    );
+    // Waiting the advertised delay is what the client is told to do; then it is admitted.
+    tokio::time::sleep(delay).await;
+    client
+        .submit_ratings(call("q3"))
+        .await
+        .expect("recovered after the retry delay");
+    assert_eq!(count(&hub).await, 2);
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_larger_than_the_rating_burst_is_refused_and_named() {
+    let hub = HubBuilder::new()
+        .principal("small", &["submit"], TestScope::National)
+        .set("principals.small.ratings_burst", "5")
+        .start()
+        .await;
+    let mut client = IngestServiceClient::new(hub.channel_as("small").await);
+    let err = client
+        .submit_ratings(pb::SubmitRatingsRequest {
+            ratings: (0..6).map(|i| rating(&format!("b{i}"))).collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_request_fields(&err), ["ratings"]);
+    assert_eq!(count(&hub).await, 0);
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn overload_is_shed_with_unavailable_not_queued() {
+    use tokio_stream::StreamExt;
+    let hub = TestHub::builder_max_in_flight(1).await;
+    // An open stream holds the only slot.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut ingest = hub.ingest().await;
+    let mut acks = ingest
+        .stream_ratings(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(pb::StreamRatingsRequest {
+        rating: Some(rating("holder")),
+    })
+    .await
+    .unwrap();
+    acks.next().await.unwrap().unwrap();
+    let err = hub
+        .query()
+        .await
+        .get_stats(pb::GetStatsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("overloaded"), "{}", err.message());
+    drop(tx);
+    while acks.next().await.is_some() {}
+    hub.stop().await;
+}

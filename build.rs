@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "ratinghub/v1/ingest.proto",
     "ratinghub/v1/query.proto",
     "ratinghub/v1/admin.proto",
+    "ratinghub/v1/sync.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -30,9 +30,13 @@ pub enum Role {
     Rectify,
     /// Operate the hub (AdminService, the PII audit trail).
     Admin,
+    /// A downstream hub relaying its ratings (city → province): with submit, the hub id and
+    /// origin it sends are kept instead of assigned here.
+    Relay,
 }
 
 impl Role {
+    /// Every role except relay (which changes what a submission means).
     pub const ALL: [Role; 6] = [
         Role::Submit,
         Role::Read,
@@ -50,6 +54,7 @@ impl Role {
             Role::Pull => "pull",
             Role::Rectify => "rectify",
             Role::Admin => "admin",
+            Role::Relay => "relay",
         }
     }
 }

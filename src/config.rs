@@ -30,6 +30,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub privacy: PrivacyConfig,
     pub principals: BTreeMap<String, PrincipalConfig>,
+    pub upstreams: BTreeMap<String, crate::relay::UpstreamConfig>,
     pub storage: StorageConfig,
     pub validation: ValidationConfig,
     pub log: LogConfig,
@@ -261,6 +262,9 @@ impl Config {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
             }
+        }
+        for (name, u) in &self.upstreams {
+            u.check(name).map_err(ConfigError::Invalid)?;
         }
         if self.server.plaintext_source_system.trim().is_empty() {
             return fail("server.plaintext_source_system must not be empty");

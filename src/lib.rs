@@ -13,6 +13,7 @@ pub mod domain;
 pub mod pb;
 pub mod pki;
 pub mod privacy;
+pub mod relay;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -15,6 +15,7 @@ use tonic::transport::Server;
 use crate::api::admin::AdminApi;
 use crate::api::ingest::IngestApi;
 use crate::api::query::QueryApi;
+use crate::api::sync::SyncApi;
 use crate::api::{HubState, Identity};
 use crate::auth::{Principal, Registry, Role, Scope};
 use crate::clock::{Clock, SystemClock};
@@ -22,6 +23,7 @@ use crate::config::Config;
 use crate::pb::v1::admin_service_server::AdminServiceServer;
 use crate::pb::v1::ingest_service_server::IngestServiceServer;
 use crate::pb::v1::query_service_server::QueryServiceServer;
+use crate::pb::v1::sync_service_server::SyncServiceServer;
 use crate::privacy::PiiKeys;
 use crate::store::{SqliteStore, Store};
 
@@ -86,6 +88,8 @@ fn identity(config: &Config) -> anyhow::Result<Identity> {
 pub struct RunningHub {
     pub local_addr: SocketAddr,
     store: Arc<dyn Store>,
+    relay: Arc<crate::relay::Relay>,
+    stopping: tokio::sync::watch::Sender<bool>,
     stop: Option<oneshot::Sender<()>>,
     serving: JoinHandle<Result<(), tonic::transport::Error>>,
     grace: Duration,
@@ -121,6 +125,11 @@ pub async fn start_with_clock(
         .with_context(|| format!("binding {}", config.server.listen))?;
     let local_addr = listener.local_addr()?;
 
+    let relay =
+        crate::relay::Relay::start(&config.upstreams, store.clone(), pii.clone(), clock.clone())
+            .await
+            .context("starting upstream delivery")?;
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let state = Arc::new(HubState {
         store: store.clone(),
         rules: config.ingest_rules(),
@@ -131,6 +140,8 @@ pub async fn start_with_clock(
         pii,
         in_flight: Arc::new(tokio::sync::Semaphore::new(config.limits.max_in_flight)),
         max_in_flight: config.limits.max_in_flight,
+        relay: relay.clone(),
+        stopping,
     });
     let max_msg = config.server.max_message_bytes;
     let ingest = IngestServiceServer::new(IngestApi::new(state.clone()))
@@ -140,6 +151,8 @@ pub async fn start_with_clock(
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
     let admin = AdminServiceServer::new(AdminApi::new(state.clone()));
+    let sync =
+        SyncServiceServer::new(SyncApi::new(state.clone())).max_encoding_message_size(64 << 20);
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -150,6 +163,9 @@ pub async fn start_with_clock(
         .await;
     health_reporter
         .set_serving::<AdminServiceServer<AdminApi>>()
+        .await;
+    health_reporter
+        .set_serving::<SyncServiceServer<SyncApi>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
@@ -168,7 +184,8 @@ pub async fn start_with_clock(
         .add_service(reflection_alpha)
         .add_service(ingest)
         .add_service(query)
-        .add_service(admin);
+        .add_service(admin)
+        .add_service(sync);
     let signal = async move {
         let _ = stopped.await;
     };
@@ -192,6 +209,8 @@ pub async fn start_with_clock(
     Ok(RunningHub {
         local_addr,
         store,
+        relay,
+        stopping: stopping_tx,
         stop: Some(stop),
         serving,
         grace: Duration::from_secs(config.server.shutdown_grace_secs),
@@ -206,6 +225,8 @@ impl RunningHub {
     /// Stops accepting calls, lets in-flight calls finish (up to the grace period), commits
     /// everything already queued for the writer, and closes the database.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        // Endless streams (Subscribe) end themselves; finite calls run to completion.
+        let _ = self.stopping.send(true);
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -219,6 +240,7 @@ impl RunningHub {
                 self.serving.abort();
             }
         }
+        self.relay.shutdown(self.grace).await;
         self.store.close().await;
         tracing::info!("Stopped; every queued commit finished.");
         Ok(())

@@ -6,11 +6,53 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use super::query::{page_token, parse_page_token};
-use super::{HubState, bad_request, page_size};
+use super::{HubState, bad_request, page_size, violation};
 use crate::auth::Role;
 use crate::pb::v1 as pb;
 use crate::pb::v1::admin_service_server::AdminService;
+use crate::relay::{RelayError, UpstreamStatus};
 use crate::time::timestamp_from_micros;
+
+impl From<RelayError> for Status {
+    fn from(e: RelayError) -> Self {
+        match e {
+            RelayError::UnknownUpstream(name) => {
+                Status::not_found(format!("no upstream named {name:?} is configured"))
+            }
+            RelayError::Store(e) => e.into(),
+        }
+    }
+}
+
+fn status_pb(s: UpstreamStatus) -> pb::UpstreamStatus {
+    let (last_error, last_error_at) = match s.last_error {
+        Some((e, at)) => (e, Some(timestamp_from_micros(at))),
+        None => (String::new(), None),
+    };
+    pb::UpstreamStatus {
+        name: s.name,
+        kind: s.kind.as_str().to_owned(),
+        endpoint: s.endpoint,
+        cursor: s.cursor,
+        head_sequence: s.head,
+        lag_records: s.lag_records,
+        lag_seconds: s.lag_seconds,
+        open_dead_letters: s.open_dead_letters,
+        last_error,
+        last_error_at,
+        attempts: s.attempts,
+        failures: s.failures,
+        delivered: s.delivered,
+        paused: s.paused,
+    }
+}
+
+fn upstream_name(raw: &str) -> Result<&str, Status> {
+    if raw.trim().is_empty() {
+        return Err(bad_request(&[violation("upstream", "is required")]));
+    }
+    Ok(raw.trim())
+}
 
 pub struct AdminApi {
     state: Arc<HubState>,
@@ -58,5 +100,108 @@ impl AdminService for AdminApi {
                 .collect(),
             next_page_token,
         }))
+    }
+
+    async fn list_upstreams(
+        &self,
+        request: Request<pb::ListUpstreamsRequest>,
+    ) -> Result<Response<pb::ListUpstreamsResponse>, Status> {
+        self.state.admit(&request, "ListUpstreams", Role::Admin)?;
+        let relay = &self.state.relay;
+        let mut upstreams = Vec::new();
+        for name in relay.names() {
+            upstreams.push(status_pb(relay.status(name).await?));
+        }
+        Ok(Response::new(pb::ListUpstreamsResponse { upstreams }))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        request: Request<pb::ListDeadLettersRequest>,
+    ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        self.state.admit(&request, "ListDeadLetters", Role::Admin)?;
+        let req = request.into_inner();
+        let name = upstream_name(&req.upstream)?;
+        self.state.relay.status(name).await?;
+        let size = page_size(req.page_size, 100, 1000)?;
+        let fingerprint = hex::encode(
+            &Sha256::digest(format!("{name}/{}", req.include_resolved).as_bytes())[..8],
+        );
+        let after =
+            parse_page_token(&req.page_token, &fingerprint).map_err(|v| bad_request(&[v]))?;
+        let mut rows = self
+            .state
+            .store
+            .list_dead_letters(name, req.include_resolved, after, size + 1)
+            .await?;
+        let more = rows.len() > size as usize;
+        rows.truncate(size as usize);
+        let next_page_token = match (more, rows.last()) {
+            (true, Some(last)) => page_token(last.id, &fingerprint),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListDeadLettersResponse {
+            dead_letters: rows
+                .into_iter()
+                .map(|d| pb::DeadLetter {
+                    id: d.id,
+                    upstream: d.upstream,
+                    feed_sequence: d.feed_seq,
+                    hub_id: d.hub_id.map(|h| h.to_string()).unwrap_or_default(),
+                    error: d.error,
+                    attempts: d.attempts,
+                    created_at: Some(timestamp_from_micros(d.created_at_micros)),
+                    replay_requested: d.replay_requested,
+                    resolved_at: d.resolved_at_micros.map(timestamp_from_micros),
+                })
+                .collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn replay_dead_letters(
+        &self,
+        request: Request<pb::ReplayDeadLettersRequest>,
+    ) -> Result<Response<pb::ReplayDeadLettersResponse>, Status> {
+        self.state
+            .admit(&request, "ReplayDeadLetters", Role::Admin)?;
+        let req = request.into_inner();
+        let name = upstream_name(&req.upstream)?;
+        let ids = match (req.all, req.ids.is_empty()) {
+            (true, true) => None,
+            (false, false) => Some(req.ids),
+            _ => {
+                return Err(bad_request(&[violation(
+                    "ids",
+                    "give either ids or all = true",
+                )]));
+            }
+        };
+        let requested = self.state.relay.replay(name, ids).await?;
+        Ok(Response::new(pb::ReplayDeadLettersResponse { requested }))
+    }
+
+    async fn pause_upstream(
+        &self,
+        request: Request<pb::PauseUpstreamRequest>,
+    ) -> Result<Response<pb::PauseUpstreamResponse>, Status> {
+        self.state.admit(&request, "PauseUpstream", Role::Admin)?;
+        let req = request.into_inner();
+        let name = upstream_name(&req.upstream)?;
+        self.state.relay.set_paused(name, true).await?;
+        let status = Some(status_pb(self.state.relay.status(name).await?));
+        Ok(Response::new(pb::PauseUpstreamResponse { status }))
+    }
+
+    async fn resume_upstream(
+        &self,
+        request: Request<pb::ResumeUpstreamRequest>,
+    ) -> Result<Response<pb::ResumeUpstreamResponse>, Status> {
+        self.state.admit(&request, "ResumeUpstream", Role::Admin)?;
+        let req = request.into_inner();
+        let name = upstream_name(&req.upstream)?;
+        self.state.relay.set_paused(name, false).await?;
+        let status = Some(status_pb(self.state.relay.status(name).await?));
+        Ok(Response::new(pb::ResumeUpstreamResponse { status }))
     }
 }

@@ -125,7 +125,7 @@ fn prepare<'a>(
             ));
             continue;
         };
-        match parse_rating(raw, now, &state.rules) {
+        match parse_rating(raw, now, &state.rules, principal.has(Role::Relay)) {
             Ok(r) => {
                 if let Some(v) = out_of_scope(
                     principal,
@@ -135,7 +135,8 @@ fn prepare<'a>(
                     results[i] = Some(refused(i, &r.source_key, Outcome::PermissionDenied, v));
                 } else {
                     let name = principal.name.clone();
-                    valid.push((i, NewRating::new(Uuid::now_v7(), name, r, &state.pii)));
+                    let hub_id = r.relayed_hub_id.unwrap_or_else(Uuid::now_v7);
+                    valid.push((i, NewRating::new(hub_id, name, r, &state.pii)));
                 }
             }
             Err(v) => results[i] = Some(refused(i, &raw.source_key, Outcome::Invalid, v)),

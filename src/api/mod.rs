@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod ingest;
 pub mod query;
+pub mod sync;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +39,9 @@ pub struct HubState {
     pub pii: Arc<PiiKeys>,
     pub in_flight: Arc<Semaphore>,
     pub max_in_flight: usize,
+    pub relay: Arc<crate::relay::Relay>,
+    /// Becomes true when the hub starts shutting down: endless streams end themselves.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// An admitted call: who is calling, and its slot among the calls in flight.
@@ -129,6 +133,42 @@ impl HubState {
             principal,
             _slot: slot,
         })
+    }
+}
+
+impl HubState {
+    /// Puts the raters' personal data back into stored ratings: masked, or in full for
+    /// read-pii callers — after the audit records of those reads committed.
+    pub async fn reveal(
+        &self,
+        caller: &Caller,
+        rpc: &str,
+        rows: Vec<crate::store::StoredRating>,
+    ) -> Result<Vec<pb::Rating>, Status> {
+        let unmasked = caller.principal.has(Role::ReadPii);
+        let mut audited = Vec::new();
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let mut rating = row.rating;
+            if let (Some(sealed), Some(rater)) = (&row.pii, rating.rater.as_mut()) {
+                let hub_id = uuid::Uuid::parse_str(&rating.hub_id)
+                    .map_err(|_| Status::internal("stored hub id is not a UUID"))?;
+                self.pii.reveal_rater(
+                    rater,
+                    sealed,
+                    &crate::store::rating_aad(&hub_id),
+                    unmasked,
+                )?;
+                if unmasked {
+                    audited.push(hub_id);
+                }
+            }
+            out.push(rating);
+        }
+        self.store
+            .record_pii_access(caller.name(), rpc, &audited)
+            .await?;
+        Ok(out)
     }
 }
 

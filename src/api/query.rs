@@ -7,12 +7,12 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::{Caller, HubState, bad_request, page_size, violation};
+use super::{HubState, bad_request, page_size, violation};
 use crate::auth::{Principal, Role};
 use crate::domain::{CreditCode, Violation};
 use crate::pb::v1 as pb;
 use crate::pb::v1::query_service_server::QueryService;
-use crate::store::{RatingQuery, ScopeFilter, StatsDimension, StatsRow, StoredRating, rating_aad};
+use crate::store::{RatingQuery, ScopeFilter, StatsDimension, StatsRow};
 use crate::time::micros_from_timestamp;
 
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
@@ -188,7 +188,7 @@ fn stats_group(row: StatsRow, dims: &[StatsDimension]) -> pb::StatsGroup {
 
 /// Restricts `query` to the principal's scope. A filter that names an organisation or region
 /// the scope cannot contain is refused rather than silently answered with nothing.
-fn restrict_to_scope(principal: &Principal, query: &mut RatingQuery) -> Result<(), Status> {
+pub fn restrict_to_scope(principal: &Principal, query: &mut RatingQuery) -> Result<(), Status> {
     let scope = &principal.scope;
     if scope.all_regions {
         return Ok(());
@@ -223,40 +223,6 @@ fn restrict_to_scope(principal: &Principal, query: &mut RatingQuery) -> Result<(
     Ok(())
 }
 
-impl QueryApi {
-    /// Puts the rater's personal data back: masked, or in full for read-pii callers — after
-    /// the audit records of those reads committed.
-    async fn reveal(
-        &self,
-        caller: &Caller,
-        rpc: &str,
-        rows: Vec<StoredRating>,
-    ) -> Result<Vec<pb::Rating>, Status> {
-        let unmasked = caller.principal.has(Role::ReadPii);
-        let mut audited = Vec::new();
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let mut rating = row.rating;
-            if let (Some(sealed), Some(rater)) = (&row.pii, rating.rater.as_mut()) {
-                let hub_id = Uuid::parse_str(&rating.hub_id)
-                    .map_err(|_| Status::internal("stored hub id is not a UUID"))?;
-                self.state
-                    .pii
-                    .reveal_rater(rater, sealed, &rating_aad(&hub_id), unmasked)?;
-                if unmasked {
-                    audited.push(hub_id);
-                }
-            }
-            out.push(rating);
-        }
-        self.state
-            .store
-            .record_pii_access(caller.name(), rpc, &audited)
-            .await?;
-        Ok(out)
-    }
-}
-
 #[tonic::async_trait]
 impl QueryService for QueryApi {
     async fn get_rating(
@@ -281,7 +247,11 @@ impl QueryService for QueryApi {
                 caller.name()
             )));
         }
-        let rating = self.reveal(&caller, "GetRating", vec![stored]).await?.pop();
+        let rating = self
+            .state
+            .reveal(&caller, "GetRating", vec![stored])
+            .await?
+            .pop();
         Ok(Response::new(pb::GetRatingResponse { rating }))
     }
 
@@ -308,7 +278,7 @@ impl QueryService for QueryApi {
             (true, Some(last)) => page_token(last.feed_seq, &fingerprint),
             _ => String::new(),
         };
-        let ratings = self.reveal(&caller, "ListRatings", rows).await?;
+        let ratings = self.state.reveal(&caller, "ListRatings", rows).await?;
         Ok(Response::new(pb::ListRatingsResponse {
             ratings,
             next_page_token,

@@ -76,6 +76,8 @@ pub struct ValidRating {
     pub quality_flags: Vec<QualityFlag>,
     pub content_hash: [u8; 32],
     pub body: pb::Rating,
+    /// For a rating relayed by another hub: the hub id it already has, kept network-wide.
+    pub relayed_hub_id: Option<uuid::Uuid>,
 }
 
 /// Collects violations while normalising fields.
@@ -288,14 +290,37 @@ pub fn is_bad(level: Level) -> bool {
     matches!(level, Level::Dissatisfied | Level::VeryDissatisfied)
 }
 
-/// Validates and normalises one submitted rating. `now_micros` is the hub's clock.
+/// Validates and normalises one submitted rating. `now_micros` is the hub's clock. `relay`:
+/// the caller is a relaying hub, whose `hub_id` and origin fields are kept (for everyone else
+/// they are output only and ignored).
 pub fn parse_rating(
     raw: &pb::Rating,
     now_micros: i64,
     rules: &IngestRules,
+    relay: bool,
 ) -> Result<ValidRating, Vec<Violation>> {
     use limits::*;
     let mut c = Checker::new(now_micros, rules);
+    let mut relayed_hub_id = None;
+    let (mut origin_source_system, mut origin_source_key) = (String::new(), String::new());
+    if relay {
+        match uuid::Uuid::parse_str(raw.hub_id.trim()) {
+            Ok(id) => relayed_hub_id = Some(id),
+            Err(_) => c.fail("hub_id", "a relayed rating must carry its hub id (a UUID)"),
+        }
+        origin_source_system = c.line(
+            "origin_source_system",
+            &raw.origin_source_system,
+            CODE,
+            true,
+        );
+        origin_source_key = c.line(
+            "origin_source_key",
+            &raw.origin_source_key,
+            SOURCE_KEY,
+            true,
+        );
+    }
 
     let source_key = c.line("source_key", &raw.source_key, SOURCE_KEY, true);
     let channel: Option<Channel> = c.enum_value("channel", raw.channel, true);
@@ -448,6 +473,8 @@ pub fn parse_rating(
         quality_flags: Vec::new(),
         received_at: None,
         feed_sequence: 0,
+        origin_source_system,
+        origin_source_key,
     };
     let content_hash: [u8; 32] = Sha256::digest(body.encode_to_vec()).into();
     body.quality_flags = quality_flags.iter().map(|f| *f as i32).collect();
@@ -467,5 +494,6 @@ pub fn parse_rating(
         quality_flags,
         content_hash,
         body,
+        relayed_hub_id,
     })
 }

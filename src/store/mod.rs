@@ -112,6 +112,71 @@ pub struct RatingQuery {
     pub rated_until_micros: Option<i64>,
     /// `None`: no scope restriction (national scope).
     pub scope: Option<ScopeFilter>,
+    /// Only ratings with feed sequence at most this (a snapshot of the head).
+    pub max_feed_seq: Option<u64>,
+}
+
+/// Ratings of one day (UTC+8) and organisation, for reconciliation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DayOrgIds {
+    pub day: String,
+    pub org_credit_code: String,
+    pub hub_ids: Vec<Uuid>,
+}
+
+/// An upstream's durable delivery state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UpstreamState {
+    pub cursor: u64,
+    pub paused: bool,
+}
+
+/// A rating an upstream rejected permanently.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDeadLetter {
+    pub feed_seq: u64,
+    pub error: String,
+    pub attempts: u32,
+}
+
+/// A stored dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub id: u64,
+    pub upstream: String,
+    pub feed_seq: u64,
+    pub hub_id: Option<Uuid>,
+    pub error: String,
+    pub attempts: u32,
+    pub created_at_micros: i64,
+    pub replay_requested: bool,
+    pub resolved_at_micros: Option<i64>,
+}
+
+/// Writes the relay makes, committed by the group-commit writer like everything else.
+#[derive(Debug, Clone)]
+pub enum RelayWrite {
+    /// Every rating up to `cursor` was delivered, except `dead`, which were rejected.
+    Advance {
+        upstream: String,
+        cursor: u64,
+        dead: Vec<NewDeadLetter>,
+    },
+    /// A replay delivered `delivered`; `failed` were rejected again (with the new error).
+    ReplayDone {
+        upstream: String,
+        delivered: Vec<u64>,
+        failed: Vec<(u64, String)>,
+    },
+    SetPaused {
+        upstream: String,
+        paused: bool,
+    },
+    /// Marks dead letters for another delivery: these ids, or all open ones (`None`).
+    RequestReplay {
+        upstream: String,
+        ids: Option<Vec<u64>>,
+    },
 }
 
 /// Dimensions statistics can be grouped by.
@@ -177,6 +242,36 @@ pub trait Store: Send + Sync + 'static {
         after_id: u64,
         limit: u32,
     ) -> Result<Vec<PiiAccess>, StoreError>;
+
+    /// Hub ids per (day, organisation) of the matching ratings, ordered by day and organisation.
+    async fn hub_ids_by_day_org(&self, query: &RatingQuery) -> Result<Vec<DayOrgIds>, StoreError>;
+
+    /// When the rating with this feed sequence was committed.
+    async fn received_at(&self, feed_seq: u64) -> Result<Option<i64>, StoreError>;
+
+    /// An upstream's state, created (cursor 0, not paused) on first use.
+    async fn upstream_state(&self, upstream: &str) -> Result<UpstreamState, StoreError>;
+
+    /// Commits a relay write; returns how many rows it touched.
+    async fn relay_write(&self, write: RelayWrite) -> Result<u64, StoreError>;
+
+    async fn list_dead_letters(
+        &self,
+        upstream: &str,
+        include_resolved: bool,
+        after_id: u64,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, StoreError>;
+
+    /// Open dead letters of an upstream.
+    async fn count_open_dead_letters(&self, upstream: &str) -> Result<u64, StoreError>;
+
+    /// Dead letters waiting for a replay, with their ratings, oldest first.
+    async fn replay_batch(
+        &self,
+        upstream: &str,
+        limit: u32,
+    ) -> Result<Vec<(DeadLetter, StoredRating)>, StoreError>;
 
     /// The highest committed feed sequence, updated after every commit (relay and sync wake on it).
     fn feed_head(&self) -> watch::Receiver<u64>;

@@ -22,8 +22,9 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::{
-    CaseOutcome, InsertOutcome, NewCaseEvent, NewRating, PiiAccess, RatingQuery, StatsDimension,
-    StatsRow, Store, StoreError, StoredRating,
+    CaseOutcome, DayOrgIds, DeadLetter, InsertOutcome, NewCaseEvent, NewRating, PiiAccess,
+    RatingQuery, RelayWrite, StatsDimension, StatsRow, Store, StoreError, StoredRating,
+    UpstreamState,
 };
 use crate::clock::Clock;
 use crate::pb::v1 as pb;
@@ -74,6 +75,10 @@ enum Job {
         hub_ids: Vec<Uuid>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    Relay {
+        write: RelayWrite,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
     Close {
         reply: oneshot::Sender<()>,
     },
@@ -85,6 +90,7 @@ impl Job {
             Job::Ratings { items, .. } => items.len(),
             Job::Cases { items, .. } => items.len(),
             Job::Audit { hub_ids, .. } => hub_ids.len(),
+            Job::Relay { .. } => 1,
             Job::Close { .. } => 0,
         }
     }
@@ -220,6 +226,9 @@ impl Writer {
                         (Job::Audit { reply, .. }, GroupResult::Audit) => {
                             let _ = reply.send(Ok(()));
                         }
+                        (Job::Relay { reply, .. }, GroupResult::Relay(n)) => {
+                            let _ = reply.send(Ok(n));
+                        }
                         _ => unreachable!("results are built in job order"),
                     }
                 }
@@ -240,6 +249,9 @@ impl Writer {
                             let _ = reply.send(Err(err()));
                         }
                         Job::Audit { reply, .. } => {
+                            let _ = reply.send(Err(err()));
+                        }
+                        Job::Relay { reply, .. } => {
                             let _ = reply.send(Err(err()));
                         }
                         Job::Close { .. } => {}
@@ -291,6 +303,10 @@ impl Writer {
                     }
                     results.push(GroupResult::Audit);
                 }
+                Job::Relay { write, .. } => {
+                    let n = relay_write(&mut tx, write, received_at).await?;
+                    results.push(GroupResult::Relay(n));
+                }
                 Job::Close { .. } => {}
             }
         }
@@ -303,7 +319,135 @@ enum GroupResult {
     Ratings(Vec<InsertOutcome>),
     Cases(Vec<CaseOutcome>),
     Audit,
+    Relay(u64),
 }
+
+async fn relay_write(
+    conn: &mut SqliteConnection,
+    write: &RelayWrite,
+    now: i64,
+) -> Result<u64, sqlx::Error> {
+    match write {
+        RelayWrite::Advance {
+            upstream,
+            cursor,
+            dead,
+        } => {
+            for d in dead {
+                sqlx::query(
+                    "INSERT INTO dead_letters (upstream, feed_seq, error, attempts, created_at) \
+                     VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(upstream)
+                .bind(d.feed_seq as i64)
+                .bind(&d.error)
+                .bind(i64::from(d.attempts))
+                .bind(now)
+                .execute(&mut *conn)
+                .await?;
+            }
+            // The cursor only moves forward, whatever order writes arrive in.
+            let r = sqlx::query(
+                "INSERT INTO upstream_state (upstream, cursor, paused, updated_at) \
+                 VALUES (?, ?, 0, ?) ON CONFLICT (upstream) DO UPDATE SET \
+                 cursor = MAX(cursor, excluded.cursor), updated_at = excluded.updated_at",
+            )
+            .bind(upstream)
+            .bind(*cursor as i64)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+            Ok(r.rows_affected())
+        }
+        RelayWrite::ReplayDone {
+            upstream,
+            delivered,
+            failed,
+        } => {
+            let mut n = 0;
+            for id in delivered {
+                n += sqlx::query(
+                    "UPDATE dead_letters SET resolved_at = ?, replay_requested = 0, \
+                     attempts = attempts + 1 WHERE id = ? AND upstream = ?",
+                )
+                .bind(now)
+                .bind(*id as i64)
+                .bind(upstream)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            }
+            for (id, error) in failed {
+                n += sqlx::query(
+                    "UPDATE dead_letters SET error = ?, replay_requested = 0, \
+                     attempts = attempts + 1 WHERE id = ? AND upstream = ?",
+                )
+                .bind(error)
+                .bind(*id as i64)
+                .bind(upstream)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            }
+            Ok(n)
+        }
+        RelayWrite::SetPaused { upstream, paused } => {
+            let r = sqlx::query(
+                "INSERT INTO upstream_state (upstream, cursor, paused, updated_at) \
+                 VALUES (?, 0, ?, ?) ON CONFLICT (upstream) DO UPDATE SET \
+                 paused = excluded.paused, updated_at = excluded.updated_at",
+            )
+            .bind(upstream)
+            .bind(*paused)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+            Ok(r.rows_affected())
+        }
+        RelayWrite::RequestReplay { upstream, ids } => {
+            let open = "UPDATE dead_letters SET replay_requested = 1 \
+                        WHERE upstream = ? AND resolved_at IS NULL";
+            match ids {
+                None => Ok(sqlx::query(open)
+                    .bind(upstream)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected()),
+                Some(ids) => {
+                    let mut n = 0;
+                    for id in ids {
+                        n += sqlx::query(&format!("{open} AND id = ?"))
+                            .bind(upstream)
+                            .bind(*id as i64)
+                            .execute(&mut *conn)
+                            .await?
+                            .rows_affected();
+                    }
+                    Ok(n)
+                }
+            }
+        }
+    }
+}
+
+fn dead_letter_from_row(row: &SqliteRow) -> Result<DeadLetter, sqlx::Error> {
+    let hub_id: Option<Vec<u8>> = row.try_get("hub_id")?;
+    Ok(DeadLetter {
+        id: row.try_get::<i64, _>("id")? as u64,
+        upstream: row.try_get("upstream")?,
+        feed_seq: row.try_get::<i64, _>("feed_seq")? as u64,
+        hub_id: hub_id.and_then(|b| Uuid::from_slice(&b).ok()),
+        error: row.try_get("error")?,
+        attempts: row.try_get::<i64, _>("attempts")? as u32,
+        created_at_micros: row.try_get("created_at")?,
+        replay_requested: row.try_get("replay_requested")?,
+        resolved_at_micros: row.try_get("resolved_at")?,
+    })
+}
+
+const DEAD_LETTER_COLUMNS: &str = "SELECT d.id, d.upstream, d.feed_seq, r.hub_id, d.error, \
+     d.attempts, d.created_at, d.replay_requested, d.resolved_at \
+     FROM dead_letters d LEFT JOIN ratings r ON r.feed_seq = d.feed_seq";
 
 async fn insert_rating(
     conn: &mut SqliteConnection,
@@ -321,7 +465,7 @@ async fn insert_rating(
          channel, target_kind, org_credit_code, region_code, item_code, staff_id, case_number, \
          rated_at, received_at, is_default, quality_flags, body, pii, pii_key_id) \
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-         ON CONFLICT (source_system, source_key) DO NOTHING",
+         ON CONFLICT DO NOTHING",
     )
     .bind(seq as i64)
     .bind(item.hub_id.as_bytes().as_slice())
@@ -351,18 +495,24 @@ async fn insert_rating(
             feed_seq: seq,
         });
     }
+    // Either (source, key) exists, or — for a relayed rating — its hub id does.
     let row = sqlx::query(
-        "SELECT hub_id, feed_seq, content_hash FROM ratings \
-         WHERE source_system = ? AND source_key = ?",
+        "SELECT hub_id, feed_seq, content_hash, source_system = ? AND source_key = ? AS same_key \
+         FROM ratings WHERE (source_system = ? AND source_key = ?) OR hub_id = ? \
+         ORDER BY same_key DESC LIMIT 1",
     )
     .bind(&item.source_system)
     .bind(&r.source_key)
+    .bind(&item.source_system)
+    .bind(&r.source_key)
+    .bind(item.hub_id.as_bytes().as_slice())
     .fetch_one(&mut *conn)
     .await?;
+    let same_key: bool = row.try_get("same_key")?;
     let hub_id = uuid_from_row(&row, "hub_id")?;
     let feed_seq = row.try_get::<i64, _>("feed_seq")? as u64;
     let hash: Vec<u8> = row.try_get("content_hash")?;
-    Ok(if hash == r.content_hash {
+    Ok(if same_key && hash == r.content_hash {
         InsertOutcome::Duplicate { hub_id, feed_seq }
     } else {
         InsertOutcome::Conflict { hub_id, feed_seq }
@@ -488,6 +638,9 @@ fn push_filter(qb: &mut QueryBuilder<'_, Sqlite>, q: &RatingQuery) {
                 .push(")");
         }
         qb.push(")");
+    }
+    if let Some(max) = q.max_feed_seq {
+        qb.push(" AND feed_seq <= ").push_bind(max as i64);
     }
     if let Some(t) = q.rated_from_micros {
         qb.push(" AND rated_at >= ").push_bind(t);
@@ -644,6 +797,126 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn hub_ids_by_day_org(&self, query: &RatingQuery) -> Result<Vec<DayOrgIds>, StoreError> {
+        let mut qb = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {} AS day, org_credit_code, hub_id FROM ratings WHERE 1 = 1",
+            dimension_sql(StatsDimension::Day)
+        ));
+        push_filter(&mut qb, query);
+        qb.push(" ORDER BY day, org_credit_code");
+        let rows = qb.build().fetch_all(&self.reader).await?;
+        let mut out: Vec<DayOrgIds> = Vec::new();
+        for row in &rows {
+            let day: String = row.try_get("day")?;
+            let org: String = row.try_get("org_credit_code")?;
+            let id = uuid_from_row(row, "hub_id")?;
+            match out.last_mut() {
+                Some(last) if last.day == day && last.org_credit_code == org => {
+                    last.hub_ids.push(id)
+                }
+                _ => out.push(DayOrgIds {
+                    day,
+                    org_credit_code: org,
+                    hub_ids: vec![id],
+                }),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn received_at(&self, feed_seq: u64) -> Result<Option<i64>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT received_at FROM ratings WHERE feed_seq = ?")
+                .bind(feed_seq as i64)
+                .fetch_optional(&self.reader)
+                .await?,
+        )
+    }
+
+    async fn upstream_state(&self, upstream: &str) -> Result<UpstreamState, StoreError> {
+        let row = sqlx::query("SELECT cursor, paused FROM upstream_state WHERE upstream = ?")
+            .bind(upstream)
+            .fetch_optional(&self.reader)
+            .await?;
+        match row {
+            Some(row) => Ok(UpstreamState {
+                cursor: row.try_get::<i64, _>("cursor")? as u64,
+                paused: row.try_get("paused")?,
+            }),
+            None => {
+                self.relay_write(RelayWrite::Advance {
+                    upstream: upstream.to_owned(),
+                    cursor: 0,
+                    dead: Vec::new(),
+                })
+                .await?;
+                Ok(UpstreamState::default())
+            }
+        }
+    }
+
+    async fn relay_write(&self, write: RelayWrite) -> Result<u64, StoreError> {
+        self.submit(|reply| Job::Relay { write, reply }).await
+    }
+
+    async fn list_dead_letters(
+        &self,
+        upstream: &str,
+        include_resolved: bool,
+        after_id: u64,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut qb = QueryBuilder::<Sqlite>::new(DEAD_LETTER_COLUMNS);
+        qb.push(" WHERE d.upstream = ")
+            .push_bind(upstream.to_owned())
+            .push(" AND d.id > ")
+            .push_bind(after_id as i64);
+        if !include_resolved {
+            qb.push(" AND d.resolved_at IS NULL");
+        }
+        qb.push(" ORDER BY d.id LIMIT ").push_bind(i64::from(limit));
+        let rows = qb.build().fetch_all(&self.reader).await?;
+        Ok(rows
+            .iter()
+            .map(dead_letter_from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn count_open_dead_letters(&self, upstream: &str) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM dead_letters WHERE upstream = ? AND resolved_at IS NULL",
+        )
+        .bind(upstream)
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(n as u64)
+    }
+
+    async fn replay_batch(
+        &self,
+        upstream: &str,
+        limit: u32,
+    ) -> Result<Vec<(DeadLetter, StoredRating)>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "{DEAD_LETTER_COLUMNS} WHERE d.upstream = ? AND d.replay_requested = 1 \
+             AND d.resolved_at IS NULL ORDER BY d.id LIMIT ?"
+        ))
+        .bind(upstream)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let dead = dead_letter_from_row(row)?;
+            let rating = sqlx::query(&format!("{RATING_COLUMNS} WHERE feed_seq = ?"))
+                .bind(dead.feed_seq as i64)
+                .fetch_one(&self.reader)
+                .await?;
+            out.push((dead, stored_from_row(&rating)?));
+        }
+        Ok(out)
     }
 
     fn feed_head(&self) -> watch::Receiver<u64> {

@@ -1,0 +1,231 @@
+//! `SyncService`: upstream platforms pulling the feed. Every call needs the pull role and
+//! sees only the caller's scope.
+//!
+//! The feed sequence is assigned by the single writer in commit order and published (the
+//! feed head) only after the commit, so every rating at or below the head is visible: a
+//! reader that reads up to the head and resumes after it never skips a late-committing rating.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::Stream;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::query::{parse_filter, restrict_to_scope};
+use super::{HubState, bad_request, page_size, violation};
+use crate::auth::Role;
+use crate::pb::v1 as pb;
+use crate::pb::v1::sync_service_server::SyncService;
+use crate::store::RatingQuery;
+use crate::time::micros_from_timestamp;
+
+/// Ratings a Subscribe reads from the store per page.
+const SUBSCRIBE_PAGE: u32 = 500;
+/// Longest Reconcile range.
+const MAX_RECONCILE_DAYS: i64 = 400;
+
+pub struct SyncApi {
+    state: Arc<HubState>,
+}
+
+impl SyncApi {
+    pub fn new(state: Arc<HubState>) -> Self {
+        Self { state }
+    }
+}
+
+/// Order-independent digest: XOR of SHA-256 over each hub id's 16 bytes.
+pub fn digest(ids: &[uuid::Uuid]) -> String {
+    let mut acc = [0u8; 32];
+    for id in ids {
+        for (a, b) in acc.iter_mut().zip(Sha256::digest(id.as_bytes())) {
+            *a ^= b;
+        }
+    }
+    hex::encode(acc)
+}
+
+type RatingStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SyncService for SyncApi {
+    async fn pull(
+        &self,
+        request: Request<pb::PullRequest>,
+    ) -> Result<Response<pb::PullResponse>, Status> {
+        let caller = self.state.admit(&request, "Pull", Role::Pull)?;
+        let req = request.into_inner();
+        let limit = page_size(req.limit, 100, 1000)?;
+        let head = *self.state.store.feed_head().borrow();
+        let mut query = RatingQuery {
+            max_feed_seq: Some(head),
+            ..Default::default()
+        };
+        restrict_to_scope(&caller.principal, &mut query)?;
+        let rows = self
+            .state
+            .store
+            .list_ratings(&query, req.after_sequence, limit)
+            .await?;
+        // A short page means everything up to the head was scanned (the rest was out of scope).
+        let next = match rows.last() {
+            Some(last) if rows.len() == limit as usize => last.feed_seq,
+            _ => head.max(req.after_sequence),
+        };
+        let ratings = self.state.reveal(&caller, "Pull", rows).await?;
+        Ok(Response::new(pb::PullResponse {
+            ratings,
+            next_after_sequence: next,
+            head_sequence: head,
+        }))
+    }
+
+    type SubscribeStream = RatingStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let caller = self.state.admit(&request, "Subscribe", Role::Pull)?;
+        let mut cursor = request.into_inner().after_sequence;
+        let mut query = RatingQuery::default();
+        restrict_to_scope(&caller.principal, &mut query)?;
+        let state = self.state.clone();
+        // A small channel: the subscriber's reading pace is the stream's pace.
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut head = state.store.feed_head();
+            let mut stopping = state.stopping.clone();
+            loop {
+                let head_seq = *head.borrow_and_update();
+                if cursor < head_seq {
+                    query.max_feed_seq = Some(head_seq);
+                    let rows = match state
+                        .store
+                        .list_ratings(&query, cursor, SUBSCRIBE_PAGE)
+                        .await
+                    {
+                        Ok(rows) => rows,
+                        Err(e) => {
+                            let _ = tx.send(Err(e.into())).await;
+                            return;
+                        }
+                    };
+                    let full_page = rows.len() == SUBSCRIBE_PAGE as usize;
+                    let next = match rows.last() {
+                        Some(last) if full_page => last.feed_seq,
+                        _ => head_seq,
+                    };
+                    let ratings = match state.reveal(&caller, "Subscribe", rows).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                    };
+                    for rating in ratings {
+                        if tx
+                            .send(Ok(pb::SubscribeResponse {
+                                rating: Some(rating),
+                            }))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    cursor = next;
+                    continue;
+                }
+                tokio::select! {
+                    changed = head.changed() => if changed.is_err() { break },
+                    _ = stopping.changed() => break,
+                    _ = tx.closed() => return,
+                }
+            }
+            let _ = tx
+                .send(Err(Status::unavailable(format!(
+                    "the hub is shutting down; subscribe again after sequence {cursor}"
+                ))))
+                .await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn reconcile(
+        &self,
+        request: Request<pb::ReconcileRequest>,
+    ) -> Result<Response<pb::ReconcileResponse>, Status> {
+        let caller = self.state.admit(&request, "Reconcile", Role::Pull)?;
+        let req = request.into_inner();
+        let mut v = Vec::new();
+        let from = req.rated_from.as_ref().and_then(micros_from_timestamp);
+        let until = req.rated_until.as_ref().and_then(micros_from_timestamp);
+        if from.is_none() {
+            v.push(violation("rated_from", "is required"));
+        }
+        if until.is_none() {
+            v.push(violation("rated_until", "is required"));
+        }
+        if let (Some(f), Some(u)) = (from, until) {
+            if u <= f {
+                v.push(violation("rated_until", "must be later than rated_from"));
+            } else if u - f > MAX_RECONCILE_DAYS * 86_400 * 1_000_000 {
+                v.push(violation(
+                    "rated_until",
+                    format!("the range may span at most {MAX_RECONCILE_DAYS} days"),
+                ));
+            }
+        }
+        let filter = pb::RatingFilter {
+            org_credit_code: req.org_credit_code.clone(),
+            region_code_prefix: req.region_code_prefix.clone(),
+            ..Default::default()
+        };
+        let mut query = match parse_filter(Some(&filter)) {
+            Ok(q) => q,
+            Err(mut fv) => {
+                for x in &mut fv {
+                    x.field = x.field.trim_start_matches("filter.").to_owned();
+                }
+                v.extend(fv);
+                RatingQuery::default()
+            }
+        };
+        if !v.is_empty() {
+            return Err(bad_request(&v));
+        }
+        query.rated_from_micros = from;
+        query.rated_until_micros = until;
+        restrict_to_scope(&caller.principal, &mut query)?;
+        let groups = self.state.store.hub_ids_by_day_org(&query).await?;
+        Ok(Response::new(pb::ReconcileResponse {
+            entries: groups
+                .into_iter()
+                .map(|g| pb::ReconcileEntry {
+                    count: g.hub_ids.len() as u64,
+                    digest: digest(&g.hub_ids),
+                    day: g.day,
+                    org_credit_code: g.org_credit_code,
+                })
+                .collect(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_ignores_order_and_sees_every_id() {
+        let a = uuid::Uuid::now_v7();
+        let b = uuid::Uuid::now_v7();
+        assert_eq!(digest(&[a, b]), digest(&[b, a]));
+        assert_ne!(digest(&[a, b]), digest(&[a]));
+        assert_eq!(digest(&[]), "0".repeat(64));
+    }
+}

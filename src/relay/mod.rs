@@ -1,0 +1,471 @@
+//! Upstream delivery: every committed rating reaches every configured upstream.
+//!
+//! One worker per upstream, each with its own durable cursor over the feed, woken by commits
+//! (no poll timer). A worker reads up to `in_flight × batch_size` ratings after its cursor,
+//! sends them as `in_flight` concurrent batches through its rate limits, retries failed
+//! requests on its schedule with jitter, dead-letters ratings the upstream rejects for good,
+//! and only then advances its cursor — so delivery is at-least-once, and with the hub id as
+//! the idempotency key an idempotent upstream sees each rating exactly once. Workers share
+//! nothing but the store: a slow or dead upstream never delays ingest or another upstream.
+
+pub mod config;
+pub mod grpc;
+pub mod http_json;
+pub mod sink;
+
+use std::collections::BTreeMap;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+pub use config::{SinkKind, UpstreamConfig};
+use sink::{Delivery, SendError, Sink};
+
+use crate::clock::Clock;
+use crate::pb::v1 as pb;
+use crate::privacy::PiiKeys;
+use crate::store::{
+    NewDeadLetter, RatingQuery, RelayWrite, Store, StoreError, StoredRating, rating_aad,
+};
+
+/// Counters and the last error of one upstream, since the hub started.
+#[derive(Debug, Clone, Default)]
+struct Counters {
+    attempts: u64,
+    failures: u64,
+    delivered: u64,
+    last_error: Option<(String, i64)>,
+}
+
+/// What an operator sees of one upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamStatus {
+    pub name: String,
+    pub kind: SinkKind,
+    pub endpoint: String,
+    pub cursor: u64,
+    pub head: u64,
+    pub lag_records: u64,
+    pub lag_seconds: f64,
+    pub open_dead_letters: u64,
+    pub last_error: Option<(String, i64)>,
+    pub attempts: u64,
+    pub failures: u64,
+    pub delivered: u64,
+    pub paused: bool,
+}
+
+struct Worker {
+    name: String,
+    cfg: UpstreamConfig,
+    sink: Box<dyn Sink>,
+    store: Arc<dyn Store>,
+    keys: Arc<PiiKeys>,
+    clock: Arc<dyn Clock>,
+    cursor: AtomicU64,
+    paused: AtomicBool,
+    /// Bumped on pause, resume and replay requests: wakes the worker and interrupts retries.
+    control: watch::Sender<u64>,
+    counters: Mutex<Counters>,
+    records: DefaultDirectRateLimiter,
+    requests: DefaultDirectRateLimiter,
+    jitter_state: AtomicU64,
+}
+
+/// Why a delivery attempt stopped without an answer.
+enum Interrupted {
+    Stopping,
+    Paused,
+}
+
+fn quota(per_sec: u32, burst: u32) -> Quota {
+    Quota::per_second(NonZeroU32::new(per_sec.max(1)).expect("max(1)"))
+        .allow_burst(NonZeroU32::new(burst.max(1)).expect("max(1)"))
+}
+
+impl Worker {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counters> {
+        self.counters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The retry wait after `attempt` failures: the schedule's entry, ± jitter.
+    fn backoff(&self, attempt: usize) -> Duration {
+        let schedule = &self.cfg.retry_schedule_ms;
+        let base = schedule[attempt.min(schedule.len() - 1)] as f64;
+        // xorshift64: jitter needs spread, not cryptographic randomness.
+        let mut x = self.jitter_state.load(Ordering::Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.jitter_state.store(x, Ordering::Relaxed);
+        let unit = (x >> 11) as f64 / (1u64 << 53) as f64; // 0..1
+        let factor = 1.0 + self.cfg.retry_jitter * (2.0 * unit - 1.0);
+        Duration::from_millis((base * factor).max(1.0) as u64)
+    }
+
+    async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut head = self.store.feed_head();
+        let mut control = self.control.subscribe();
+        tracing::info!(upstream = %self.name, kind = self.cfg.kind.as_str(), cursor = self.cursor.load(Ordering::Relaxed), "Relay started.");
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            control.borrow_and_update();
+            let idle = if self.paused.load(Ordering::Acquire) {
+                true
+            } else {
+                match self.step(&mut head, &stop).await {
+                    Ok(did_work) => !did_work,
+                    Err(e) => {
+                        tracing::error!(upstream = %self.name, error = %e, "Relay cannot read or write the store.");
+                        self.lock().last_error = Some((e.to_string(), self.clock.now_micros()));
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = stop.changed() => {}
+                        }
+                        false
+                    }
+                }
+            };
+            if idle {
+                tokio::select! {
+                    _ = head.changed() => {}
+                    _ = control.changed() => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+        tracing::info!(upstream = %self.name, cursor = self.cursor.load(Ordering::Relaxed), "Relay stopped.");
+    }
+
+    /// One round: replays first, then new ratings. Ok(false) when there was nothing to do.
+    async fn step(
+        &self,
+        head: &mut watch::Receiver<u64>,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<bool, StoreError> {
+        let batch = self.cfg.batch_size;
+        let replays = self.store.replay_batch(&self.name, batch).await?;
+        if !replays.is_empty() {
+            let (ids, rows): (Vec<u64>, Vec<StoredRating>) =
+                replays.into_iter().map(|(d, r)| (d.id, r)).unzip();
+            let ratings = self.with_pii(rows)?;
+            let Ok(outcome) = self.deliver(&ratings, stop).await else {
+                return Ok(false);
+            };
+            let mut delivered = Vec::new();
+            let mut failed = Vec::new();
+            for (id, d) in ids.into_iter().zip(outcome) {
+                match d {
+                    Delivery::Delivered => delivered.push(id),
+                    Delivery::Rejected(e) => failed.push((id, e)),
+                }
+            }
+            tracing::info!(upstream = %self.name, delivered = delivered.len(), rejected = failed.len(), "Replayed dead letters.");
+            self.lock().delivered += delivered.len() as u64;
+            self.store
+                .relay_write(RelayWrite::ReplayDone {
+                    upstream: self.name.clone(),
+                    delivered,
+                    failed,
+                })
+                .await?;
+            return Ok(true);
+        }
+
+        let head_seq = *head.borrow_and_update();
+        let cursor = self.cursor.load(Ordering::Acquire);
+        if cursor >= head_seq {
+            return Ok(false);
+        }
+        let query = RatingQuery {
+            max_feed_seq: Some(head_seq),
+            ..Default::default()
+        };
+        let rows = self
+            .store
+            .list_ratings(&query, cursor, batch * self.cfg.in_flight)
+            .await?;
+        let Some(last) = rows.last().map(|r| r.feed_seq) else {
+            return Ok(false);
+        };
+        let seqs: Vec<u64> = rows.iter().map(|r| r.feed_seq).collect();
+        let ratings = self.with_pii(rows)?;
+        let sends = ratings
+            .chunks(batch as usize)
+            .map(|chunk| self.deliver(chunk, stop));
+        let mut dead = Vec::new();
+        let mut delivered = 0u64;
+        let mut offset = 0usize;
+        for (chunk_result, chunk) in futures_util::future::join_all(sends)
+            .await
+            .into_iter()
+            .zip(ratings.chunks(batch as usize))
+        {
+            let Ok(outcomes) = chunk_result else {
+                // Stopping or paused: the cursor stays; whatever was sent is sent again later
+                // (at-least-once; the upstream dedupes by hub id).
+                return Ok(false);
+            };
+            for (i, d) in outcomes.into_iter().enumerate() {
+                match d {
+                    Delivery::Delivered => delivered += 1,
+                    Delivery::Rejected(error) => {
+                        tracing::warn!(upstream = %self.name, hub_id = %chunk[i].hub_id, error, "Upstream rejected a rating; dead-lettered.");
+                        dead.push(NewDeadLetter {
+                            feed_seq: seqs[offset + i],
+                            error,
+                            attempts: 1,
+                        })
+                    }
+                }
+            }
+            offset += chunk.len();
+        }
+        self.store
+            .relay_write(RelayWrite::Advance {
+                upstream: self.name.clone(),
+                cursor: last,
+                dead,
+            })
+            .await?;
+        self.cursor.store(last, Ordering::Release);
+        self.lock().delivered += delivered;
+        tracing::debug!(upstream = %self.name, cursor = last, delivered, "Delivered.");
+        Ok(true)
+    }
+
+    /// Puts the rater's personal data back for the upstream (it is entitled to it).
+    fn with_pii(&self, rows: Vec<StoredRating>) -> Result<Vec<pb::Rating>, StoreError> {
+        rows.into_iter()
+            .map(|row| {
+                let mut rating = row.rating;
+                if let (Some(sealed), Some(rater)) = (&row.pii, rating.rater.as_mut()) {
+                    let hub_id = Uuid::parse_str(&rating.hub_id)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    self.keys
+                        .reveal_rater(rater, sealed, &rating_aad(&hub_id), true)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                }
+                Ok(rating)
+            })
+            .collect()
+    }
+
+    /// Sends one batch until the upstream answers (retrying on the schedule), or until the
+    /// hub stops or the upstream is paused.
+    async fn deliver(
+        &self,
+        ratings: &[pb::Rating],
+        stop: &watch::Receiver<bool>,
+    ) -> Result<Vec<Delivery>, Interrupted> {
+        let mut stop = stop.clone();
+        let mut control = self.control.subscribe();
+        let mut attempt = 0usize;
+        loop {
+            if *stop.borrow() {
+                return Err(Interrupted::Stopping);
+            }
+            if self.paused.load(Ordering::Acquire) {
+                return Err(Interrupted::Paused);
+            }
+            let n = NonZeroU32::new(ratings.len() as u32).expect("batches are not empty");
+            tokio::select! {
+                _ = async {
+                    // Config guarantees records_burst >= batch_size, so this always fits.
+                    let _ = self.records.until_n_ready(n).await;
+                    self.requests.until_ready().await;
+                } => {}
+                _ = stop.changed() => continue,
+            }
+            self.lock().attempts += 1;
+            match self.sink.send(ratings).await {
+                Ok(outcomes) => {
+                    self.lock().last_error = None;
+                    return Ok(outcomes);
+                }
+                Err(SendError::Permanent(e)) => {
+                    return Ok(vec![Delivery::Rejected(e); ratings.len()]);
+                }
+                Err(SendError::Retryable(e)) => {
+                    let wait = self.backoff(attempt);
+                    attempt += 1;
+                    tracing::warn!(upstream = %self.name, attempt, wait_ms = wait.as_millis() as u64, error = %e, "Delivery failed; will retry.");
+                    {
+                        let mut c = self.lock();
+                        c.failures += 1;
+                        c.last_error = Some((e, self.clock.now_micros()));
+                    }
+                    control.borrow_and_update();
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.changed() => {}
+                        _ = control.changed() => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("no upstream named {0:?}")]
+    UnknownUpstream(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Every upstream's worker.
+pub struct Relay {
+    workers: BTreeMap<String, Arc<Worker>>,
+    stop: watch::Sender<bool>,
+    tasks: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Relay {
+    /// Builds the sinks, loads each upstream's durable cursor and starts its worker.
+    pub async fn start(
+        upstreams: &BTreeMap<String, UpstreamConfig>,
+        store: Arc<dyn Store>,
+        keys: Arc<PiiKeys>,
+        clock: Arc<dyn Clock>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let (stop, stop_rx) = watch::channel(false);
+        let mut workers = BTreeMap::new();
+        for (name, cfg) in upstreams {
+            cfg.check(name).map_err(anyhow::Error::msg)?;
+            let sink: Box<dyn Sink> = match cfg.kind {
+                SinkKind::Grpc => Box::new(grpc::GrpcSink::new(cfg)?),
+                SinkKind::HttpJson => Box::new(http_json::HttpJsonSink::new(cfg)?),
+            };
+            let state = store.upstream_state(name).await?;
+            let (control, _) = watch::channel(0);
+            workers.insert(
+                name.clone(),
+                Arc::new(Worker {
+                    name: name.clone(),
+                    sink,
+                    store: store.clone(),
+                    keys: keys.clone(),
+                    clock: clock.clone(),
+                    cursor: AtomicU64::new(state.cursor),
+                    paused: AtomicBool::new(state.paused),
+                    control,
+                    counters: Mutex::new(Counters::default()),
+                    records: RateLimiter::direct(quota(cfg.records_per_sec, cfg.records_burst)),
+                    requests: RateLimiter::direct(quota(cfg.requests_per_sec, cfg.requests_burst)),
+                    jitter_state: AtomicU64::new(clock.now_micros() as u64 | 1),
+                    cfg: cfg.clone(),
+                }),
+            );
+        }
+        let tasks = workers
+            .values()
+            .map(|w| tokio::spawn(w.clone().run(stop_rx.clone())))
+            .collect();
+        Ok(Arc::new(Self {
+            workers,
+            stop,
+            tasks: tokio::sync::Mutex::new(tasks),
+        }))
+    }
+
+    fn worker(&self, name: &str) -> Result<&Arc<Worker>, RelayError> {
+        self.workers
+            .get(name)
+            .ok_or_else(|| RelayError::UnknownUpstream(name.to_owned()))
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.workers.keys().map(String::as_str)
+    }
+
+    pub async fn status(&self, name: &str) -> Result<UpstreamStatus, RelayError> {
+        let w = self.worker(name)?;
+        let head = *w.store.feed_head().borrow();
+        let cursor = w.cursor.load(Ordering::Acquire);
+        let lag_records = head.saturating_sub(cursor);
+        let lag_seconds = if lag_records > 0 {
+            match w.store.received_at(cursor + 1).await? {
+                Some(at) => ((w.clock.now_micros() - at).max(0) as f64) / 1e6,
+                None => 0.0,
+            }
+        } else {
+            0.0
+        };
+        let counters = w.lock().clone();
+        Ok(UpstreamStatus {
+            name: w.name.clone(),
+            kind: w.cfg.kind,
+            endpoint: w.cfg.endpoint.clone(),
+            cursor,
+            head,
+            lag_records,
+            lag_seconds,
+            open_dead_letters: w.store.count_open_dead_letters(name).await?,
+            last_error: counters.last_error,
+            attempts: counters.attempts,
+            failures: counters.failures,
+            delivered: counters.delivered,
+            paused: w.paused.load(Ordering::Acquire),
+        })
+    }
+
+    /// Pauses or resumes delivery; the state is stored and survives restarts.
+    pub async fn set_paused(&self, name: &str, paused: bool) -> Result<(), RelayError> {
+        let w = self.worker(name)?;
+        w.store
+            .relay_write(RelayWrite::SetPaused {
+                upstream: name.to_owned(),
+                paused,
+            })
+            .await?;
+        w.paused.store(paused, Ordering::Release);
+        w.control.send_modify(|v| *v += 1);
+        tracing::info!(
+            upstream = name,
+            paused,
+            "Upstream delivery paused/resumed by an operator."
+        );
+        Ok(())
+    }
+
+    /// Queues dead letters (these ids, or all open ones) for another delivery.
+    pub async fn replay(&self, name: &str, ids: Option<Vec<u64>>) -> Result<u64, RelayError> {
+        let w = self.worker(name)?;
+        let n = w
+            .store
+            .relay_write(RelayWrite::RequestReplay {
+                upstream: name.to_owned(),
+                ids,
+            })
+            .await?;
+        w.control.send_modify(|v| *v += 1);
+        tracing::info!(
+            upstream = name,
+            requested = n,
+            "Dead-letter replay requested."
+        );
+        Ok(n)
+    }
+
+    /// Stops every worker; a batch in flight is abandoned (its cursor is not advanced, so it
+    /// is sent again after the restart).
+    pub async fn shutdown(&self, grace: Duration) {
+        let _ = self.stop.send(true);
+        let tasks = std::mem::take(&mut *self.tasks.lock().await);
+        for mut t in tasks {
+            if tokio::time::timeout(grace, &mut t).await.is_err() {
+                t.abort();
+            }
+        }
+    }
+}

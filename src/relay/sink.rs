@@ -1,0 +1,33 @@
+//! What every sink kind implements: send a batch, say per rating whether it was delivered or
+//! rejected for good, or say the whole request failed and should be retried.
+
+use async_trait::async_trait;
+
+use crate::pb::v1 as pb;
+
+/// The upstream's answer for one rating.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// Stored upstream (including "already exists").
+    Delivered,
+    /// Rejected for good, with the upstream's error text: becomes a dead letter.
+    Rejected(String),
+}
+
+/// The request as a whole failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// Worth retrying (unreachable, unavailable, timeout, overloaded…).
+    #[error("{0}")]
+    Retryable(String),
+    /// Configured as permanent: every rating of the batch is rejected with this text.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+#[async_trait]
+pub trait Sink: Send + Sync + 'static {
+    /// Sends ratings (personal data included: upstreams are entitled to it) and returns one
+    /// `Delivery` per rating, in order.
+    async fn send(&self, ratings: &[pb::Rating]) -> Result<Vec<Delivery>, SendError>;
+}

@@ -27,8 +27,14 @@ pub struct SpawnedHub {
 }
 
 pub fn spawn_hub(dir: &std::path::Path, log_filter: &str) -> SpawnedHub {
+    spawn_hub_with(dir, log_filter, &[])
+}
+
+/// As `spawn_hub`, with extra `RATING_HUB__…` environment overrides.
+pub fn spawn_hub_with(dir: &std::path::Path, log_filter: &str, env: &[(&str, &str)]) -> SpawnedHub {
     let mut child = Command::new(env!("CARGO_BIN_EXE_rating-hub"))
         .arg("serve")
+        .envs(env.iter().copied())
         .current_dir(dir)
         .env("RATING_HUB__SERVER__LISTEN", "127.0.0.1:0")
         .env("RATING_HUB__LOG__FILTER", log_filter)

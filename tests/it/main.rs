@@ -2,10 +2,12 @@
 //! directory, driven through the generated tonic clients.
 
 mod binary;
+mod fake_upstream;
 mod ingest;
 mod privacy;
 mod python;
 mod query;
+mod relay;
 mod restart;
 mod security;
 mod utils;

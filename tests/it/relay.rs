@@ -1,0 +1,555 @@
+//! Upstream delivery and sync: chained hubs over mTLS, a fake upstream that fails in every
+//! way, a hard kill mid-delivery, isolation between upstreams, Subscribe and Reconcile.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use rating_hub::pb::v1 as pb;
+use tokio_stream::StreamExt;
+
+use crate::fake_upstream::{FakeUpstream, Mode, eventually};
+use crate::security::AdminServiceClient;
+use crate::utils::*;
+
+pub use pb::sync_service_client::SyncServiceClient;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Adds a grpc upstream with quick retries, for tests.
+pub fn upstream(b: HubBuilder, name: &str, endpoint: &str) -> HubBuilder {
+    let q = |s: &str| format!("\"{s}\"");
+    b.set(&format!("upstreams.{name}.kind"), &q("grpc"))
+        .set(&format!("upstreams.{name}.endpoint"), &q(endpoint))
+        .set(
+            &format!("upstreams.{name}.retry_schedule_ms"),
+            "[20, 40, 80]",
+        )
+        .set(&format!("upstreams.{name}.batch_size"), "50")
+        .set(&format!("upstreams.{name}.in_flight"), "2")
+        .set(&format!("upstreams.{name}.request_timeout_ms"), "3000")
+}
+
+async fn status(hub: &TestHub, name: &str) -> pb::UpstreamStatus {
+    AdminServiceClient::new(hub.channel_as("tester").await)
+        .list_upstreams(pb::ListUpstreamsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .upstreams
+        .into_iter()
+        .find(|u| u.name == name)
+        .expect("upstream listed")
+}
+
+async fn submit_many(hub: &TestHub, prefix: &str, n: usize) -> Vec<String> {
+    let mut ingest = hub.ingest().await;
+    let mut ids = Vec::new();
+    let all: Vec<_> = (0..n).map(|i| rating(&format!("{prefix}-{i}"))).collect();
+    for chunk in all.chunks(100) {
+        for r in submit(&mut ingest, chunk.to_vec()).await {
+            assert_eq!(outcome(&r), pb::Outcome::Accepted);
+            ids.push(r.hub_id);
+        }
+    }
+    ids
+}
+
+#[tokio::test]
+async fn chained_hubs_over_mtls_deliver_every_rating_once_and_reconcile() {
+    let province = HubBuilder::new()
+        .principal("city-hub", &["submit", "relay"], TestScope::National)
+        .start()
+        .await;
+    let cert = province.client_files("city-hub");
+    let ca = province.pki_dir().join(rating_hub::pki::CA_CERT);
+    let q = |p: &std::path::Path| format!("\"{}\"", p.display());
+    let city = upstream(HubBuilder::new(), "province", &province.url())
+        .set("upstreams.province.ca", &q(&ca))
+        .set("upstreams.province.cert", &q(&cert.cert))
+        .set("upstreams.province.key", &q(&cert.key))
+        .set("upstreams.province.tls_domain", "\"localhost\"")
+        .start()
+        .await;
+
+    // Batches and a stream into the city.
+    let mut sent = submit_many(&city, "c", 250).await;
+    let mut ingest = city.ingest().await;
+    let acks: Vec<_> = ingest
+        .stream_ratings(tokio_stream::iter((0..150).map(|i| {
+            pb::StreamRatingsRequest {
+                rating: Some(rating(&format!("s-{i}"))),
+            }
+        })))
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|a| a.unwrap().result.unwrap().hub_id)
+        .collect()
+        .await;
+    sent.extend(acks);
+
+    // Everything appears at the province: subscribe there from the start.
+    let mut sub = SyncServiceClient::new(province.channel_as("tester").await)
+        .subscribe(pb::SubscribeRequest { after_sequence: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut at_province = Vec::new();
+    while at_province.len() < sent.len() {
+        let r = tokio::time::timeout(LIMIT, sub.next())
+            .await
+            .expect("province receives within 30 s")
+            .unwrap()
+            .unwrap()
+            .rating
+            .unwrap();
+        assert_eq!(r.source_system, "city-hub");
+        assert_eq!(r.origin_source_system, "tester", "where it entered is kept");
+        assert_eq!(r.source_key, r.hub_id);
+        at_province.push(r);
+    }
+    let ids: HashSet<_> = at_province.iter().map(|r| r.hub_id.clone()).collect();
+    assert_eq!(ids.len(), sent.len(), "once each");
+    assert_eq!(
+        ids,
+        sent.iter().cloned().collect::<HashSet<_>>(),
+        "same hub ids network-wide"
+    );
+    // The rater's data travelled (sealed again at the province).
+    assert_eq!(
+        at_province[0].rater.as_ref().unwrap().id_number,
+        id_number()
+    );
+
+    eventually(LIMIT, "the city's cursor reaches its head", || async {
+        status(&city, "province").await.lag_records == 0
+    })
+    .await;
+    let st = status(&city, "province").await;
+    assert_eq!((st.cursor, st.open_dead_letters), (400, 0));
+
+    let window = pb::ReconcileRequest {
+        rated_from: Some(ts(now().seconds - 86_400)),
+        rated_until: Some(ts(now().seconds + 86_400)),
+        ..Default::default()
+    };
+    async fn rec(hub: &TestHub, window: pb::ReconcileRequest) -> Vec<pb::ReconcileEntry> {
+        SyncServiceClient::new(hub.channel_as("tester").await)
+            .reconcile(window)
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+    }
+    let (a, b) = (
+        rec(&city, window.clone()).await,
+        rec(&province, window).await,
+    );
+    assert!(!a.is_empty());
+    assert_eq!(a, b, "per-day, per-organisation counts and digests agree");
+    assert_eq!(a.iter().map(|e| e.count).sum::<u64>(), 400);
+    // Nothing extra: a second subscriber page finds no more than was sent.
+    let pulled = SyncServiceClient::new(province.channel_as("tester").await)
+        .pull(pb::PullRequest {
+            after_sequence: 400,
+            limit: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(pulled.ratings.is_empty());
+    city.stop().await;
+    province.stop().await;
+}
+
+#[tokio::test]
+async fn outage_errors_slowness_and_rejections_lose_nothing_and_replay_delivers() {
+    let fake = FakeUpstream::start().await;
+    fake.set_mode(Mode::Unavailable);
+    let hub = upstream(HubBuilder::new(), "fake", &fake.url())
+        .start()
+        .await;
+
+    // 1. The upstream answers UNAVAILABLE: the hub keeps retrying.
+    let mut sent = submit_many(&hub, "a", 100).await;
+    fake.wait_calls(3, LIMIT).await;
+    let st = status(&hub, "fake").await;
+    assert!(
+        st.failures >= 1 && st.last_error.contains("Unavailable"),
+        "{st:?}"
+    );
+    assert_eq!(st.cursor, 0, "nothing counts as delivered");
+
+    // 2. Slow, and rejecting some ratings for good.
+    let rejected_keys: Vec<String> = (0..5).map(|i| format!("b-{i}")).collect();
+    fake.reject_origin_keys(rejected_keys.clone());
+    fake.set_mode(Mode::Slow(Duration::from_millis(30)));
+    sent.extend(submit_many(&hub, "b", 100).await);
+
+    // 3. Stopped altogether for a while (connections refused), while ingest goes on.
+    let (addr, state) = fake.stop().await;
+    let failures_before = status(&hub, "fake").await.failures;
+    sent.extend(submit_many(&hub, "c", 100).await);
+    eventually(
+        LIMIT,
+        "delivery attempts against the stopped upstream fail",
+        || async { status(&hub, "fake").await.failures > failures_before },
+    )
+    .await;
+    let fake = FakeUpstream::restart(addr, state).await;
+    fake.set_mode(Mode::Accept);
+
+    let rejected_ids: HashSet<String> = {
+        let mut q = hub.query().await;
+        let mut ids = HashSet::new();
+        for key in &rejected_keys {
+            let found = q
+                .list_ratings(pb::ListRatingsRequest {
+                    filter: Some(pb::RatingFilter {
+                        case_number: format!("CASE-{key}"),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .ratings;
+            ids.insert(found[0].hub_id.clone());
+        }
+        ids
+    };
+    let expected: HashSet<String> = sent
+        .iter()
+        .filter(|id| !rejected_ids.contains(*id))
+        .cloned()
+        .collect();
+    fake.wait_until(LIMIT, "every accepted, non-rejected rating", |got| {
+        expected.iter().all(|id| got.contains_key(id))
+    })
+    .await;
+    eventually(LIMIT, "cursor at head", || async {
+        status(&hub, "fake").await.lag_records == 0
+    })
+    .await;
+    let st = status(&hub, "fake").await;
+    assert_eq!(st.open_dead_letters, 5);
+    assert!(
+        st.last_error.is_empty(),
+        "a success clears the last error: {st:?}"
+    );
+
+    let mut admin = AdminServiceClient::new(hub.channel_as("tester").await);
+    let dead = admin
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            upstream: "fake".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters;
+    assert_eq!(
+        dead.iter()
+            .map(|d| d.hub_id.clone())
+            .collect::<HashSet<_>>(),
+        rejected_ids
+    );
+    assert!(
+        dead.iter()
+            .all(|d| d.error.contains("fake upstream: unknown item")),
+        "{dead:?}"
+    );
+    // None of the rejected reached the upstream; every other rating did.
+    let got = fake.received();
+    assert!(rejected_ids.iter().all(|id| !got.contains_key(id)));
+    assert_eq!(got.len(), 295);
+
+    // The cause is fixed upstream; replaying delivers them.
+    fake.reject_origin_keys([]);
+    let replay = admin
+        .replay_dead_letters(pb::ReplayDeadLettersRequest {
+            upstream: "fake".into(),
+            all: true,
+            ids: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replay.requested, 5);
+    fake.wait_until(LIMIT, "the replayed ratings", |got| {
+        rejected_ids.iter().all(|id| got.contains_key(id))
+    })
+    .await;
+    eventually(LIMIT, "dead letters resolved", || async {
+        status(&hub, "fake").await.open_dead_letters == 0
+    })
+    .await;
+    assert_eq!(
+        fake.received().len(),
+        300,
+        "every accepted rating delivered"
+    );
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_upstream_does_not_delay_a_healthy_one_or_ingest() {
+    let healthy = FakeUpstream::start().await;
+    let dead = FakeUpstream::start().await;
+    dead.set_mode(Mode::Unavailable);
+    let b = upstream(HubBuilder::new(), "healthy", &healthy.url());
+    let hub = upstream(b, "dead", &dead.url()).start().await;
+    for round in 0..5 {
+        let ids = submit_many(&hub, &format!("r{round}"), 60).await;
+        // The healthy upstream keeps pace: each round arrives before the next is sent.
+        healthy
+            .wait_until(
+                Duration::from_secs(5),
+                "this round at the healthy upstream",
+                |got| ids.iter().all(|id| got.contains_key(id)),
+            )
+            .await;
+    }
+    let d = status(&hub, "dead").await;
+    assert_eq!((d.cursor, d.lag_records), (0, 300));
+    assert!(d.failures > 0);
+    eventually(LIMIT, "healthy cursor at head", || async {
+        status(&hub, "healthy").await.lag_records == 0
+    })
+    .await;
+    assert!(dead.received().is_empty());
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn pause_holds_delivery_and_resume_catches_up() {
+    let fake = FakeUpstream::start().await;
+    let hub = upstream(HubBuilder::new(), "fake", &fake.url())
+        .start()
+        .await;
+    let mut admin = AdminServiceClient::new(hub.channel_as("tester").await);
+    let paused = admin
+        .pause_upstream(pb::PauseUpstreamRequest {
+            upstream: "fake".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert!(paused.paused);
+    let ids = submit_many(&hub, "p", 50).await;
+    let st = status(&hub, "fake").await;
+    assert_eq!((st.paused, st.lag_records), (true, 50));
+    admin
+        .resume_upstream(pb::ResumeUpstreamRequest {
+            upstream: "fake".into(),
+        })
+        .await
+        .unwrap();
+    fake.wait_until(LIMIT, "all after resume", |got| {
+        ids.iter().all(|id| got.contains_key(id))
+    })
+    .await;
+    let err = admin
+        .pause_upstream(pb::PauseUpstreamRequest {
+            upstream: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn subscribe_from_zero_while_writers_are_busy_sees_every_rating_once_in_order() {
+    let hub = TestHub::start().await;
+    let mut sub = SyncServiceClient::new(hub.channel_as("tester").await)
+        .subscribe(pb::SubscribeRequest { after_sequence: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let mut client = hub.ingest().await;
+        writers.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for b in 0..10 {
+                let batch = (0..25).map(|i| rating(&format!("w{w}-{b}-{i}"))).collect();
+                ids.extend(
+                    submit(&mut client, batch)
+                        .await
+                        .into_iter()
+                        .map(|r| r.hub_id),
+                );
+            }
+            ids
+        }));
+    }
+    let mut got = Vec::new();
+    while got.len() < 2000 {
+        let r = tokio::time::timeout(LIMIT, sub.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .rating
+            .unwrap();
+        got.push((r.feed_sequence, r.hub_id));
+    }
+    let mut acked = HashSet::new();
+    for w in writers {
+        acked.extend(w.await.unwrap());
+    }
+    let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        seqs,
+        (1..=2000).collect::<Vec<_>>(),
+        "every sequence once, in order"
+    );
+    assert_eq!(
+        got.iter().map(|(_, id)| id.clone()).collect::<HashSet<_>>(),
+        acked
+    );
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn pull_pages_through_the_feed_within_the_pullers_scope() {
+    let orgs = [org(1)];
+    let hub = HubBuilder::new()
+        .principal("puller", &["pull"], TestScope::Orgs(&orgs))
+        .principal("reader", &["read"], TestScope::National)
+        .start()
+        .await;
+    let mut ingest = hub.ingest().await;
+    let batch: Vec<_> = (0..30)
+        .map(|i| {
+            let mut r = rating(&format!("pl{i}"));
+            r.org_credit_code = org(i % 3);
+            r
+        })
+        .collect();
+    submit(&mut ingest, batch).await;
+    let mut sync = SyncServiceClient::new(hub.channel_as("puller").await);
+    let mut cursor = 0;
+    let mut seen = Vec::new();
+    loop {
+        let page = sync
+            .pull(pb::PullRequest {
+                after_sequence: cursor,
+                limit: 4,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(page.head_sequence, 30);
+        assert!(page.ratings.iter().all(|r| r.org_credit_code == org(1)));
+        seen.extend(page.ratings.iter().map(|r| r.feed_sequence));
+        if page.next_after_sequence == cursor {
+            break;
+        }
+        cursor = page.next_after_sequence;
+    }
+    assert_eq!(
+        cursor, 30,
+        "the cursor reaches the head past out-of-scope ratings"
+    );
+    assert_eq!(
+        seen,
+        (1..=30).filter(|s| (s - 1) % 3 == 1).collect::<Vec<u64>>()
+    );
+    // Pulling needs the pull role.
+    let err = SyncServiceClient::new(hub.channel_as("reader").await)
+        .pull(pb::PullRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn reconcile_names_missing_fields() {
+    let hub = TestHub::start().await;
+    let err = SyncServiceClient::new(hub.channel_as("tester").await)
+        .reconcile(pb::ReconcileRequest::default())
+        .await
+        .unwrap_err();
+    let fields = bad_request_fields(&err);
+    assert_eq!(fields, ["rated_from", "rated_until"]);
+    hub.stop().await;
+}
+
+/// Receipts beyond the first, summed over hub ids.
+fn duplicates(got: &HashMap<String, u32>) -> u32 {
+    got.values().map(|n| n - 1).sum()
+}
+
+#[tokio::test]
+async fn hub_killed_hard_during_delivery_loses_nothing_and_resumes_from_its_cursor() {
+    use crate::binary::{SpawnedHub, dev_admin_channel, sigterm, spawn_hub_with, wait_exit};
+    let fake = FakeUpstream::start().await;
+    fake.set_mode(Mode::Slow(Duration::from_millis(15)));
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = fake.url();
+    let env = [
+        ("RATING_HUB__UPSTREAMS__FAKE__KIND", "grpc"),
+        ("RATING_HUB__UPSTREAMS__FAKE__ENDPOINT", endpoint.as_str()),
+        ("RATING_HUB__UPSTREAMS__FAKE__BATCH_SIZE", "10"),
+        ("RATING_HUB__UPSTREAMS__FAKE__IN_FLIGHT", "1"),
+        ("RATING_HUB__UPSTREAMS__FAKE__RETRY_SCHEDULE_MS", "[20, 50]"),
+    ];
+    let SpawnedHub { mut child, url, .. } = spawn_hub_with(dir.path(), "info", &env);
+    let mut ingest = IngestServiceClient::new(dev_admin_channel(dir.path(), &url).await);
+    let mut acked = HashSet::new();
+    let all: Vec<_> = (0..600).map(|i| rating(&format!("k-{i}"))).collect();
+    for chunk in all.chunks(200) {
+        for r in submit(&mut ingest, chunk.to_vec()).await {
+            assert_eq!(outcome(&r), pb::Outcome::Accepted);
+            acked.insert(r.hub_id);
+        }
+    }
+    // Mid-delivery: some have arrived, most have not.
+    fake.wait_until(LIMIT, "delivery under way", |got| got.len() >= 50)
+        .await;
+    let got_before = fake.received().len();
+    assert!(
+        got_before < 600,
+        "the kill lands mid-delivery ({got_before} delivered)"
+    );
+    std::process::Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let killed = tokio::task::spawn_blocking(move || wait_exit(&mut child))
+        .await
+        .unwrap();
+    assert!(!killed.success());
+
+    fake.set_mode(Mode::Accept);
+    let SpawnedHub { mut child, url, .. } = spawn_hub_with(dir.path(), "info", &env);
+    fake.wait_until(
+        LIMIT,
+        "every acknowledged rating after the restart",
+        |got| acked.iter().all(|id| got.contains_key(id)),
+    )
+    .await;
+    let got = fake.received();
+    assert_eq!(got.len(), 600, "nothing extra, nothing lost");
+    // At-least-once: at most the batch in flight at the kill is sent twice.
+    assert!(duplicates(&got) <= 10, "{} duplicates", duplicates(&got));
+    let stats = QueryServiceClient::new(dev_admin_channel(dir.path(), &url).await)
+        .get_stats(pb::GetStatsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        stats.groups[0].total, 600,
+        "every acknowledged rating survived the kill"
+    );
+    sigterm(&child);
+    tokio::task::spawn_blocking(move || wait_exit(&mut child))
+        .await
+        .unwrap();
+}

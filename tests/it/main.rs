@@ -3,6 +3,7 @@
 
 mod binary;
 mod fake_upstream;
+mod http_json;
 mod ingest;
 mod privacy;
 mod python;

@@ -116,6 +116,11 @@ impl HubBuilder {
         self.start_in(dir).await
     }
 
+    /// Starts in a directory the test prepared (e.g. with its PKI already in `pki/`).
+    pub async fn start_in_dir(self, dir: TempDir) -> TestHub {
+        self.start_in(dir).await
+    }
+
     async fn start_in(self, dir: TempDir) -> TestHub {
         let hub = start_hub(dir.path(), &self.table).await;
         TestHub {

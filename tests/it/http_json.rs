@@ -1,0 +1,241 @@
+//! The http-json sink against a local HTTPS server: field names and code tables as
+//! configured, checked on the wire; "already exists" is success; unmapped codes and
+//! business rejections become dead letters; a 503 is retried.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use rating_hub::pb::v1 as pb;
+use rating_hub::pki;
+use rating_hub::relay::http_json::format_cst;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::{Value, json};
+
+use crate::fake_upstream::eventually;
+use crate::security::AdminServiceClient;
+use crate::utils::*;
+
+#[derive(Default)]
+struct Platform {
+    bodies: Vec<Value>,
+    requests: usize,
+}
+
+/// A provincial-style push interface on HTTPS: answers 503 to the first request, then one
+/// result per record by case number.
+async fn start_platform(pki_dir: &std::path::Path) -> (String, Arc<Mutex<Platform>>) {
+    let certs = CertificateDer::pem_file_iter(pki_dir.join(pki::SERVER_CERT))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(pki_dir.join(pki::SERVER_KEY)).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "https://127.0.0.1:{}/api/evaluation/push",
+        listener.local_addr().unwrap().port()
+    );
+    let platform = Arc::new(Mutex::new(Platform::default()));
+    let state = platform.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let state = state.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let state = state.clone();
+                    async move {
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                        let mut p = state.lock().unwrap();
+                        p.requests += 1;
+                        if p.requests == 1 {
+                            return Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .status(503)
+                                    .body(Full::new(Bytes::from("busy")))
+                                    .unwrap(),
+                            );
+                        }
+                        let results: Vec<Value> = value["data"]
+                            .as_array()
+                            .map(|a| {
+                                a.iter()
+                                    .map(|r| match r["projectNo"].as_str() {
+                                        Some("CASE-exists") => {
+                                            json!({"code": "500", "msg": "已存在该条服务信息"})
+                                        }
+                                        Some("CASE-reject") => {
+                                            json!({"code": "400", "msg": "缺少必填项 taskName"})
+                                        }
+                                        _ => json!({"code": "0", "msg": "成功"}),
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        p.bodies.push(value);
+                        let answer = json!({"code": "0", "msg": "接收成功", "results": results});
+                        Ok(hyper::Response::new(Full::new(Bytes::from(
+                            answer.to_string(),
+                        ))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (url, platform)
+}
+
+#[tokio::test]
+async fn http_json_sink_speaks_the_configured_fields_and_codes_on_the_wire() {
+    // The hub's own test PKI also signs the platform's certificate.
+    let hub_dir = tempfile::tempdir().unwrap();
+    let pki_dir = hub_dir.path().join("pki");
+    pki::create_ca(&pki_dir, "platform CA").unwrap();
+    pki::issue_server(
+        &pki_dir,
+        &["localhost", "127.0.0.1"],
+        pki::Validity::days(5),
+    )
+    .unwrap();
+    let (url, platform) = start_platform(&pki_dir).await;
+    let q = |s: &str| format!("\"{s}\"");
+    let b = HubBuilder::new()
+        .set("upstreams.zj.kind", &q("http-json"))
+        .set("upstreams.zj.endpoint", &q(&url))
+        .set(
+            "upstreams.zj.ca",
+            &q(&pki_dir.join(pki::CA_CERT).display().to_string()),
+        )
+        .set("upstreams.zj.retry_schedule_ms", "[20]")
+        .set("upstreams.zj.batch_size", "10")
+        .set("upstreams.zj.http.body", &q("wrapped"))
+        .set("upstreams.zj.http.wrapper_key", &q("data"))
+        .set("upstreams.zj.http.results_field", &q("results"))
+        .set("upstreams.zj.http.constants", r#"{ dataSource = "101" }"#)
+        // Zhejiang's pf: 6 短信, 7 系统默认评价.
+        .set(
+            "upstreams.zj.http.channel_codes",
+            r#"{ CHANNEL_SMS = "6", CHANNEL_SYSTEM_DEFAULT = "7" }"#,
+        );
+    let hub = b.start_in_dir(hub_dir).await;
+
+    let mut sms = rating("sms");
+    sms.channel = pb::Channel::Sms as i32;
+    let mut bad = rating("bad");
+    bad.level = pb::Level::Dissatisfied as i32;
+    bad.detail_codes = vec!["501".into(), "502".into()];
+    bad.text = "材料反复提交".into();
+    bad.channel = pb::Channel::QrCode as i32;
+    bad.follow_up_of = "sms".into();
+    let mut paper = rating("paper");
+    paper.channel = pb::Channel::PaperForm as i32;
+    let exists = rating("exists");
+    let reject = rating("reject");
+    let mut ingest = hub.ingest().await;
+    let ids: Vec<String> = submit(&mut ingest, vec![sms.clone(), bad, paper, exists, reject])
+        .await
+        .into_iter()
+        .map(|r| r.hub_id)
+        .collect();
+
+    eventually(Duration::from_secs(30), "delivery finished", || async {
+        let st = AdminServiceClient::new(hub.channel_as("tester").await)
+            .list_upstreams(pb::ListUpstreamsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .upstreams
+            .remove(0);
+        st.lag_records == 0
+    })
+    .await;
+
+    let p = platform.lock().unwrap();
+    assert_eq!(p.requests, 2, "the 503 was retried once");
+    assert_eq!(p.bodies.len(), 1);
+    let records = p.bodies[0]["data"].as_array().unwrap().clone();
+    drop(p);
+    // PAPER_FORM has no code in this upstream's table: never sent as a bare number.
+    assert_eq!(records.len(), 4);
+    let by_case = |c: &str| {
+        records
+            .iter()
+            .find(|r| r["projectNo"] == c)
+            .unwrap()
+            .clone()
+    };
+    let r = by_case("CASE-sms");
+    assert_eq!(r["hubId"], ids[0].as_str());
+    assert_eq!(r["satisfaction"], "5", "national orientation: 5 = 非常满意");
+    assert_eq!(r["pf"], "6", "Zhejiang's SMS code from the mapping");
+    assert_eq!(
+        r["assessTime"],
+        format_cst(sms.rated_at.unwrap().seconds).as_str()
+    );
+    assert_eq!(r["assessNumber"], "1");
+    assert_eq!(r["deptCode"], org(1).as_str());
+    assert_eq!(r["areaCode"], "530102");
+    assert_eq!(r["taskCode"], "530100-ITEM-001");
+    assert_eq!(
+        r["certKey"],
+        id_number().as_str(),
+        "the platform receives the rater's data"
+    );
+    assert_eq!(r["mobile"], "13800138000");
+    assert_eq!(r["userProp"], "1");
+    assert_eq!(r["dataSource"], "101");
+    let r = by_case("CASE-bad");
+    assert_eq!(r["satisfaction"], "2");
+    assert_eq!(r["pf"], "3");
+    assert_eq!(r["evalDetail"], "501,502");
+    assert_eq!(r["writingEvaluation"], "材料反复提交");
+    assert_eq!(r["assessNumber"], "2", "a follow-up rating");
+    assert!(r["assessTime"].as_str().unwrap().len() == 19);
+
+    let dead = AdminServiceClient::new(hub.channel_as("tester").await)
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            upstream: "zj".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters;
+    let mut reasons: Vec<(String, String)> =
+        dead.into_iter().map(|d| (d.hub_id, d.error)).collect();
+    reasons.sort();
+    let mut want = vec![
+        (ids[2].clone(), "CHANNEL_PAPER_FORM"),
+        (ids[4].clone(), "缺少必填项 taskName"),
+    ];
+    want.sort();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    for ((id, err), (want_id, fragment)) in reasons.iter().zip(want) {
+        assert_eq!(id, &want_id);
+        assert!(err.contains(fragment), "{err}");
+    }
+    hub.stop().await;
+}

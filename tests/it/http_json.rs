@@ -173,11 +173,13 @@ async fn http_json_sink_speaks_the_configured_fields_and_codes_on_the_wire() {
     })
     .await;
 
-    let p = platform.lock().unwrap();
-    assert_eq!(p.requests, 2, "the 503 was retried once");
-    assert_eq!(p.bodies.len(), 1);
-    let records = p.bodies[0]["data"].as_array().unwrap().clone();
-    drop(p);
+    let (requests, bodies) = {
+        let p = platform.lock().unwrap();
+        (p.requests, p.bodies.clone())
+    };
+    assert_eq!(requests, 2, "the 503 was retried once");
+    assert_eq!(bodies.len(), 1);
+    let records = bodies[0]["data"].as_array().unwrap().clone();
     // PAPER_FORM has no code in this upstream's table: never sent as a bare number.
     assert_eq!(records.len(), 4);
     let by_case = |c: &str| {

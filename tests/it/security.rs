@@ -130,7 +130,10 @@ enum Action {
     ListInScope,
     ListOutOfScope,
     StatsInScope,
+    PullInScope,
+    ReconcileInScope,
     AdminAudit,
+    AdminUpstreams,
 }
 
 /// What happened: OK, or the status code (an item refused for scope counts as PermissionDenied).
@@ -138,7 +141,8 @@ async fn attempt(hub: &TestHub, who: &str, action: Action, ids: &(String, String
     let channel = hub.channel_as(who).await;
     let mut ingest = IngestServiceClient::new(channel.clone());
     let mut query = QueryServiceClient::new(channel.clone());
-    let mut admin = AdminServiceClient::new(channel);
+    let mut admin = AdminServiceClient::new(channel.clone());
+    let mut sync = crate::relay::SyncServiceClient::new(channel);
     let in_scope = || {
         let mut r = rating(&format!("{who}-{action:?}"));
         r.org_credit_code = org(1);
@@ -255,6 +259,37 @@ async fn attempt(hub: &TestHub, who: &str, action: Action, ids: &(String, String
                 .await
                 .map(drop),
         ),
+        Action::AdminUpstreams => code(
+            admin
+                .list_upstreams(pb::ListUpstreamsRequest {})
+                .await
+                .map(drop),
+        ),
+        Action::PullInScope => code(sync.pull(pb::PullRequest::default()).await.map(|r| {
+            let ratings = r.into_inner().ratings;
+            assert!(!ratings.is_empty());
+            assert!(
+                ratings.iter().all(|x| x.org_credit_code == org(1)),
+                "{who} pulls only its scope"
+            );
+        })),
+        Action::ReconcileInScope => code(
+            sync.reconcile(pb::ReconcileRequest {
+                rated_from: Some(ts(now().seconds - 86_400)),
+                rated_until: Some(ts(now().seconds + 86_400)),
+                ..Default::default()
+            })
+            .await
+            .map(|r| {
+                let orgs: Vec<_> = r
+                    .into_inner()
+                    .entries
+                    .into_iter()
+                    .map(|e| e.org_credit_code)
+                    .collect();
+                assert_eq!(orgs, [org(1)], "{who} reconciles only its scope");
+            }),
+        ),
     }
 }
 
@@ -265,6 +300,9 @@ async fn role_and_scope_matrix_over_every_rpc_family() {
         .principal("dept-submit", &["submit"], TestScope::Orgs(&orgs1))
         .principal("dept-read", &["read"], TestScope::Orgs(&orgs1))
         .principal("city-read", &["read"], TestScope::Regions(&["5301"]))
+        .principal("dept-pull", &["pull"], TestScope::Orgs(&orgs1))
+        .principal("dept-pii", &["read", "read-pii"], TestScope::Orgs(&orgs1))
+        .principal("dept-rectify", &["rectify"], TestScope::Orgs(&orgs1))
         .principal("operator", &["admin"], TestScope::National)
         .principal("no-roles", &[], TestScope::National)
         .start()
@@ -298,6 +336,7 @@ async fn role_and_scope_matrix_over_every_rpc_family() {
                 (GetInScope, PD),
                 (ListInScope, PD),
                 (StatsInScope, PD),
+                (PullInScope, PD),
                 (AdminAudit, PD),
             ],
         ),
@@ -311,6 +350,42 @@ async fn role_and_scope_matrix_over_every_rpc_family() {
                 (ListInScope, OK),
                 (ListOutOfScope, PD),
                 (StatsInScope, OK),
+                (PullInScope, PD),
+                (ReconcileInScope, PD),
+                (AdminAudit, PD),
+                (AdminUpstreams, PD),
+            ],
+        ),
+        (
+            "dept-pull",
+            &[
+                (SubmitInScope, PD),
+                (GetInScope, PD),
+                (ListInScope, PD),
+                (PullInScope, OK),
+                (ReconcileInScope, OK),
+                (AdminAudit, PD),
+            ],
+        ),
+        (
+            "dept-pii",
+            &[
+                (SubmitInScope, PD),
+                (GetInScope, OK),
+                (GetOutOfScope, PD),
+                (ListInScope, OK),
+                (ListOutOfScope, PD),
+                (PullInScope, PD),
+                (AdminAudit, PD),
+            ],
+        ),
+        (
+            "dept-rectify",
+            &[
+                (SubmitInScope, PD),
+                (GetInScope, PD),
+                (ListInScope, PD),
+                (PullInScope, PD),
                 (AdminAudit, PD),
             ],
         ),
@@ -332,7 +407,9 @@ async fn role_and_scope_matrix_over_every_rpc_family() {
                 (SubmitInScope, PD),
                 (GetInScope, PD),
                 (ListInScope, PD),
+                (PullInScope, PD),
                 (AdminAudit, OK),
+                (AdminUpstreams, OK),
             ],
         ),
         (
@@ -343,7 +420,10 @@ async fn role_and_scope_matrix_over_every_rpc_family() {
                 (GetInScope, PD),
                 (ListInScope, PD),
                 (StatsInScope, PD),
+                (PullInScope, PD),
+                (ReconcileInScope, PD),
                 (AdminAudit, PD),
+                (AdminUpstreams, PD),
             ],
         ),
     ];

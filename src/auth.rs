@@ -233,6 +233,11 @@ impl Registry {
                 reason,
             };
             crate::pki::check_principal_name(name).map_err(|e| err(e.to_string()))?;
+            if name == crate::rules::engine::HUB_SOURCE {
+                return Err(err(
+                    "is reserved for ratings the hub records itself (default ratings)".into(),
+                ));
+            }
             let mut orgs = BTreeSet::new();
             for code in &c.org_credit_codes {
                 let parsed = CreditCode::parse(code)

@@ -31,6 +31,7 @@ pub struct Config {
     pub privacy: PrivacyConfig,
     pub principals: BTreeMap<String, PrincipalConfig>,
     pub upstreams: BTreeMap<String, crate::relay::UpstreamConfig>,
+    pub rules: RulesConfig,
     pub storage: StorageConfig,
     pub validation: ValidationConfig,
     pub log: LogConfig,
@@ -80,6 +81,40 @@ impl TlsConfig {
             )?,
             crls,
         })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesConfig {
+    pub tick_secs: u64,
+    pub calendar_file: String,
+    pub calendar_overrides: crate::rules::CalendarOverrides,
+    pub profiles: BTreeMap<String, crate::rules::Profile>,
+    pub regions: BTreeMap<String, String>,
+}
+
+impl RulesConfig {
+    pub fn calendar(&self) -> Result<crate::rules::Calendar, ConfigError> {
+        let cal = if self.calendar_file.is_empty() {
+            crate::rules::Calendar::national()
+        } else {
+            let text = std::fs::read_to_string(&self.calendar_file).map_err(|source| {
+                ConfigError::Read {
+                    path: self.calendar_file.clone(),
+                    source,
+                }
+            })?;
+            crate::rules::Calendar::parse(&text)
+                .map_err(|e| ConfigError::Invalid(format!("rules.calendar_file: {e}")))?
+        };
+        cal.with_overrides(&self.calendar_overrides)
+            .map_err(|e| ConfigError::Invalid(format!("rules.calendar_overrides: {e}")))
+    }
+
+    pub fn profiles(&self) -> Result<crate::rules::Profiles, ConfigError> {
+        crate::rules::Profiles::load(&self.profiles, &self.regions)
+            .map_err(|e| ConfigError::Invalid(format!("rules: {e}")))
     }
 }
 
@@ -263,6 +298,10 @@ impl Config {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
             }
         }
+        if self.rules.tick_secs == 0 {
+            return fail("rules.tick_secs must be at least 1");
+        }
+        self.rules.profiles()?;
         for (name, u) in &self.upstreams {
             u.check(name).map_err(ConfigError::Invalid)?;
         }

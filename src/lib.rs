@@ -14,6 +14,7 @@ pub mod pb;
 pub mod pki;
 pub mod privacy;
 pub mod relay;
+pub mod rules;
 pub mod server;
 pub mod store;
 pub mod telemetry;

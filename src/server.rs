@@ -89,6 +89,8 @@ pub struct RunningHub {
     pub local_addr: SocketAddr,
     store: Arc<dyn Store>,
     relay: Arc<crate::relay::Relay>,
+    rules: Arc<crate::rules::engine::RulesEngine>,
+    rules_task: JoinHandle<()>,
     stopping: tokio::sync::watch::Sender<bool>,
     stop: Option<oneshot::Sender<()>>,
     serving: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -130,6 +132,18 @@ pub async fn start_with_clock(
             .await
             .context("starting upstream delivery")?;
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let rules = Arc::new(crate::rules::engine::RulesEngine::new(
+        store.clone(),
+        config.rules.profiles()?,
+        config.rules.calendar()?,
+        clock.clone(),
+        config.ingest_rules(),
+        pii.clone(),
+    ));
+    let rules_task = rules.clone().spawn(
+        Duration::from_secs(config.rules.tick_secs),
+        stopping.clone(),
+    );
     let state = Arc::new(HubState {
         store: store.clone(),
         rules: config.ingest_rules(),
@@ -141,6 +155,7 @@ pub async fn start_with_clock(
         in_flight: Arc::new(tokio::sync::Semaphore::new(config.limits.max_in_flight)),
         max_in_flight: config.limits.max_in_flight,
         relay: relay.clone(),
+        engine: rules.clone(),
         stopping,
     });
     let max_msg = config.server.max_message_bytes;
@@ -210,6 +225,8 @@ pub async fn start_with_clock(
         local_addr,
         store,
         relay,
+        rules,
+        rules_task,
         stopping: stopping_tx,
         stop: Some(stop),
         serving,
@@ -220,6 +237,11 @@ pub async fn start_with_clock(
 impl RunningHub {
     pub fn store(&self) -> Arc<dyn Store> {
         self.store.clone()
+    }
+
+    /// The rules engine (tests tick it by hand with a manual clock).
+    pub fn rules(&self) -> Arc<crate::rules::engine::RulesEngine> {
+        self.rules.clone()
     }
 
     /// Stops accepting calls, lets in-flight calls finish (up to the grace period), commits
@@ -240,6 +262,7 @@ impl RunningHub {
                 self.serving.abort();
             }
         }
+        let _ = (&mut self.rules_task).await;
         self.relay.shutdown(self.grace).await;
         self.store.close().await;
         tracing::info!("Stopped; every queued commit finished.");

@@ -40,6 +40,7 @@ pub struct HubState {
     pub in_flight: Arc<Semaphore>,
     pub max_in_flight: usize,
     pub relay: Arc<crate::relay::Relay>,
+    pub engine: Arc<crate::rules::engine::RulesEngine>,
     /// Becomes true when the hub starts shutting down: endless streams end themselves.
     pub stopping: tokio::sync::watch::Receiver<bool>,
 }

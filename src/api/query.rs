@@ -1,5 +1,6 @@
 //! `QueryService`: read ratings back, page through them, count them.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use prost::Message;
@@ -12,6 +13,7 @@ use crate::auth::{Principal, Role};
 use crate::domain::{CreditCode, Violation};
 use crate::pb::v1 as pb;
 use crate::pb::v1::query_service_server::QueryService;
+use crate::rules::{Class, Profile, kunming_final_score};
 use crate::store::{RatingQuery, ScopeFilter, StatsDimension, StatsRow};
 use crate::time::micros_from_timestamp;
 
@@ -148,22 +150,64 @@ fn dimension(raw: i32) -> Option<StatsDimension> {
     })
 }
 
-fn stats_group(row: StatsRow, dims: &[StatsDimension]) -> pb::StatsGroup {
+fn channel_key(k: String) -> String {
+    // Channels are stored as numbers; show the contract's enum name.
+    k.parse::<i32>()
+        .ok()
+        .and_then(|n| pb::Channel::try_from(n).ok())
+        .map(|c| c.as_str_name().to_owned())
+        .unwrap_or(k)
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 { 0.0 } else { a as f64 / b as f64 }
+}
+
+/// One group's counts, rates and scores under `profile`.
+fn stats_group(
+    row: StatsRow,
+    dims: &[StatsDimension],
+    name: &str,
+    profile: &Profile,
+) -> pb::StatsGroup {
+    const LEVELS: [pb::Level; 5] = [
+        pb::Level::VerySatisfied,
+        pb::Level::Satisfied,
+        pb::Level::BasicallySatisfied,
+        pb::Level::Dissatisfied,
+        pb::Level::VeryDissatisfied,
+    ];
     let key = row
         .key
         .into_iter()
         .zip(dims)
         .map(|(k, d)| match d {
-            // Channels are stored as numbers; show the contract's enum name.
-            StatsDimension::Channel => k
-                .parse::<i32>()
-                .ok()
-                .and_then(|n| pb::Channel::try_from(n).ok())
-                .map(|c| c.as_str_name().to_owned())
-                .unwrap_or(k),
+            StatsDimension::Channel => channel_key(k),
             _ => k,
         })
         .collect();
+    let mut class_counts = [0u64; 3];
+    for (i, n) in row.per_level.iter().enumerate() {
+        let slot = match profile.classes[i] {
+            Class::Good => 0,
+            Class::Medium => 1,
+            Class::Bad => 2,
+        };
+        class_counts[slot] += n;
+    }
+    let average_score = profile.scores.filter(|_| row.total > 0).map(|_| {
+        let sum: f64 = LEVELS
+            .iter()
+            .zip(row.per_level)
+            .map(|(l, n)| profile.score(*l).unwrap_or(0.0) * n as f64)
+            .sum();
+        sum / row.total as f64
+    });
+    let rating_rate = ratio(row.rated_cases, row.completed_cases).min(1.0);
+    let final_score = match (profile.final_score.as_deref(), average_score) {
+        (Some("kunming"), Some(avg)) => Some(kunming_final_score(rating_rate, avg)),
+        _ => None,
+    };
     let [
         very_satisfied,
         satisfied,
@@ -179,10 +223,25 @@ fn stats_group(row: StatsRow, dims: &[StatsDimension]) -> pb::StatsGroup {
         basically_satisfied,
         dissatisfied,
         very_dissatisfied,
-        good: very_satisfied + satisfied,
-        medium: basically_satisfied,
-        bad: dissatisfied + very_dissatisfied,
+        good: class_counts[0],
+        medium: class_counts[1],
+        bad: class_counts[2],
         default_ratings: row.default_ratings,
+        profile: name.to_owned(),
+        good_rate: ratio(class_counts[0], row.total),
+        bad_rate: ratio(class_counts[2], row.total),
+        average_score,
+        completed_cases: row.completed_cases,
+        rated_cases: row.rated_cases,
+        actively_rated_cases: row.actively_rated_cases,
+        rating_rate,
+        active_rating_rate: ratio(row.actively_rated_cases, row.completed_cases).min(1.0),
+        unrated_rate: if row.completed_cases == 0 {
+            0.0
+        } else {
+            1.0 - rating_rate
+        },
+        final_score,
     }
 }
 
@@ -310,10 +369,45 @@ impl QueryService for QueryApi {
             return Err(bad_request(&violations));
         }
         let mut query = query.map_err(|v| bad_request(&v))?;
+        let profiles = self.state.engine.profiles();
+        let name = if req.profile.is_empty() {
+            profiles.name_for_region(query.region_prefix.as_deref().unwrap_or(""))
+        } else {
+            req.profile.as_str()
+        };
+        let profile = profiles.get(name).ok_or_else(|| {
+            let known: Vec<&str> = profiles.names().collect();
+            bad_request(&[violation(
+                "profile",
+                format!("is not a known profile ({})", known.join(", ")),
+            )])
+        })?;
         restrict_to_scope(&caller.principal, &mut query)?;
-        let rows = self.state.store.stats(&query, &dims).await?;
+        let mut groups: BTreeMap<Vec<String>, StatsRow> = BTreeMap::new();
+        for row in self.state.store.stats(&query, &dims).await? {
+            groups.insert(row.key.clone(), row);
+        }
+        for (key, n) in self
+            .state
+            .store
+            .completed_case_counts(&query, &dims)
+            .await?
+        {
+            if n > 0 {
+                groups
+                    .entry(key.clone())
+                    .or_insert_with(|| StatsRow {
+                        key,
+                        ..Default::default()
+                    })
+                    .completed_cases = n;
+            }
+        }
         Ok(Response::new(pb::GetStatsResponse {
-            groups: rows.into_iter().map(|r| stats_group(r, &dims)).collect(),
+            groups: groups
+                .into_values()
+                .map(|r| stats_group(r, &dims, name, profile))
+                .collect(),
         }))
     }
 }

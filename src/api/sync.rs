@@ -155,6 +155,53 @@ impl SyncService for SyncApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    async fn list_invitations(
+        &self,
+        request: Request<pb::ListInvitationsRequest>,
+    ) -> Result<Response<pb::ListInvitationsResponse>, Status> {
+        let caller = self.state.admit(&request, "ListInvitations", Role::Pull)?;
+        let req = request.into_inner();
+        let limit = page_size(req.limit, 100, 1000)?;
+        let mut query = RatingQuery::default();
+        restrict_to_scope(&caller.principal, &mut query)?;
+        let rows = self
+            .state
+            .store
+            .list_invitations(query.scope.as_ref(), req.after_id, limit)
+            .await?;
+        let unmasked = caller.principal.has(Role::ReadPii);
+        let mut audited = Vec::new();
+        let mut invitations = Vec::with_capacity(rows.len());
+        for row in rows {
+            let mut case = row.case;
+            if let (Some(sealed), Some(applicant)) = (&row.pii, case.applicant.as_mut()) {
+                let aad = crate::store::case_aad(&row.source_system, &case.case_number, case.event);
+                self.state
+                    .pii
+                    .reveal_rater(applicant, sealed, &aad, unmasked)?;
+                if unmasked {
+                    audited.push(invitation_audit_id(row.id));
+                }
+            }
+            invitations.push(pb::Invitation {
+                id: row.id,
+                source_system: row.source_system,
+                service_case: Some(case),
+                due_at: Some(crate::time::timestamp_from_micros(row.due_at_micros)),
+                created_at: Some(crate::time::timestamp_from_micros(row.created_at_micros)),
+            });
+        }
+        self.state
+            .store
+            .record_pii_access(caller.name(), "ListInvitations", &audited)
+            .await?;
+        let next_after_id = invitations.last().map_or(req.after_id, |i| i.id);
+        Ok(Response::new(pb::ListInvitationsResponse {
+            invitations,
+            next_after_id,
+        }))
+    }
+
     async fn reconcile(
         &self,
         request: Request<pb::ReconcileRequest>,
@@ -214,6 +261,11 @@ impl SyncService for SyncApi {
                 .collect(),
         }))
     }
+}
+
+/// The audit trail names records by UUID; an invitation's is its id in the last 8 bytes.
+pub fn invitation_audit_id(id: u64) -> uuid::Uuid {
+    uuid::Uuid::from_u64_pair(0, id)
 }
 
 #[cfg(test)]

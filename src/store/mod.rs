@@ -114,6 +114,18 @@ pub struct RatingQuery {
     pub scope: Option<ScopeFilter>,
     /// Only ratings with feed sequence at most this (a snapshot of the head).
     pub max_feed_seq: Option<u64>,
+    /// Internal: the time range applies to case events' `occurred_at`.
+    pub time_is_occurred_at: bool,
+}
+
+impl RatingQuery {
+    /// The same filter applied to case events (time range on their occurrence).
+    pub fn with_time_column(&self) -> Self {
+        Self {
+            time_is_occurred_at: true,
+            ..self.clone()
+        }
+    }
 }
 
 /// Ratings of one day (UTC+8) and organisation, for reconciliation.
@@ -153,6 +165,29 @@ pub struct DeadLetter {
     pub resolved_at_micros: Option<i64>,
 }
 
+/// A completed case that has no rating yet.
+#[derive(Debug, Clone)]
+pub struct OpenCase {
+    pub event_id: u64,
+    pub source_system: String,
+    pub completed_at_micros: i64,
+    pub has_invitation: bool,
+    /// As stored: applicant PII is in `pii`.
+    pub case: pb::ServiceCase,
+    pub pii: Option<Sealed>,
+}
+
+/// An invitation to rate, with its case.
+#[derive(Debug, Clone)]
+pub struct StoredInvitation {
+    pub id: u64,
+    pub source_system: String,
+    pub due_at_micros: i64,
+    pub created_at_micros: i64,
+    pub case: pb::ServiceCase,
+    pub pii: Option<Sealed>,
+}
+
 /// Writes the relay makes, committed by the group-commit writer like everything else.
 #[derive(Debug, Clone)]
 pub enum RelayWrite {
@@ -171,6 +206,15 @@ pub enum RelayWrite {
     SetPaused {
         upstream: String,
         paused: bool,
+    },
+    /// Issues an invitation for a completed case (once per case; later calls do nothing).
+    Invite {
+        event_id: u64,
+        source_system: String,
+        case_number: String,
+        org_credit_code: String,
+        region_code: String,
+        due_at_micros: i64,
     },
     /// Marks dead letters for another delivery: these ids, or all open ones (`None`).
     RequestReplay {
@@ -199,6 +243,11 @@ pub struct StatsRow {
     /// Counts per level, index 0 = 非常满意 … 4 = 非常不满意.
     pub per_level: [u64; 5],
     pub default_ratings: u64,
+    /// Distinct cases with an item rating, and those rated by the rater (not by default).
+    pub rated_cases: u64,
+    pub actively_rated_cases: u64,
+    /// 办结 cases reported for the group (filled in by the caller from case events).
+    pub completed_cases: u64,
 }
 
 #[async_trait]
@@ -272,6 +321,29 @@ pub trait Store: Send + Sync + 'static {
         upstream: &str,
         limit: u32,
     ) -> Result<Vec<(DeadLetter, StoredRating)>, StoreError>;
+
+    /// Completed cases without any rating for their (organisation, case number), after
+    /// `after_event_id`, oldest first.
+    /// Completed (办结) case events per group, keyed like `stats`.
+    async fn completed_case_counts(
+        &self,
+        query: &RatingQuery,
+        group_by: &[StatsDimension],
+    ) -> Result<Vec<(Vec<String>, u64)>, StoreError>;
+
+    async fn open_completed_cases(
+        &self,
+        after_event_id: u64,
+        limit: u32,
+    ) -> Result<Vec<OpenCase>, StoreError>;
+
+    /// Invitations with id > `after_id` inside `scope`, oldest first.
+    async fn list_invitations(
+        &self,
+        scope: Option<&ScopeFilter>,
+        after_id: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredInvitation>, StoreError>;
 
     /// The highest committed feed sequence, updated after every commit (relay and sync wake on it).
     fn feed_head(&self) -> watch::Receiver<u64>;

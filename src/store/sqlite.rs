@@ -22,9 +22,9 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::{
-    CaseOutcome, DayOrgIds, DeadLetter, InsertOutcome, NewCaseEvent, NewRating, PiiAccess,
-    RatingQuery, RelayWrite, StatsDimension, StatsRow, Store, StoreError, StoredRating,
-    UpstreamState,
+    CaseOutcome, DayOrgIds, DeadLetter, InsertOutcome, NewCaseEvent, NewRating, OpenCase,
+    PiiAccess, RatingQuery, RelayWrite, ScopeFilter, StatsDimension, StatsRow, Store, StoreError,
+    StoredInvitation, StoredRating, UpstreamState,
 };
 use crate::clock::Clock;
 use crate::pb::v1 as pb;
@@ -404,6 +404,27 @@ async fn relay_write(
             .await?;
             Ok(r.rows_affected())
         }
+        RelayWrite::Invite {
+            event_id,
+            source_system,
+            case_number,
+            org_credit_code,
+            region_code,
+            due_at_micros,
+        } => Ok(sqlx::query(
+            "INSERT INTO invitations (source_system, case_number, event_id, org_credit_code, \
+             region_code, due_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(source_system)
+        .bind(case_number)
+        .bind(*event_id as i64)
+        .bind(org_credit_code)
+        .bind(region_code)
+        .bind(*due_at_micros)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected()),
         RelayWrite::RequestReplay { upstream, ids } => {
             let open = "UPDATE dead_letters SET replay_requested = 1 \
                         WHERE upstream = ? AND resolved_at IS NULL";
@@ -527,8 +548,8 @@ async fn insert_case(
     let c = &item.case;
     let inserted = sqlx::query(
         "INSERT INTO service_case_events (source_system, case_number, event, occurred_at, \
-         item_code, region_code, org_credit_code, content_hash, received_at, body, pii, \
-         pii_key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         item_code, region_code, org_credit_code, staff_id, channel, content_hash, received_at, \
+         body, pii, pii_key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
          ON CONFLICT (source_system, case_number, event) DO NOTHING",
     )
     .bind(&item.source_system)
@@ -538,6 +559,8 @@ async fn insert_case(
     .bind(&c.item_code)
     .bind(c.region_code.as_str())
     .bind(c.org_credit_code.as_str())
+    .bind(&c.body.staff_id)
+    .bind(c.body.channel)
     .bind(c.content_hash.as_slice())
     .bind(received_at)
     .bind(item.body_bytes.as_slice())
@@ -583,18 +606,24 @@ fn stored_from_row(row: &SqliteRow) -> Result<StoredRating, StoreError> {
     rating.received_at = Some(crate::time::timestamp_from_micros(
         row.try_get("received_at")?,
     ));
-    let pii = match (
-        row.try_get::<Option<Vec<u8>>, _>("pii")?,
-        row.try_get::<Option<String>, _>("pii_key_id")?,
-    ) {
-        (Some(blob), Some(key_id)) => Some(Sealed { key_id, blob }),
-        _ => None,
-    };
+    let pii = sealed_from_row(row)?;
     Ok(StoredRating {
         feed_seq,
         rating,
         pii,
     })
+}
+
+fn sealed_from_row(row: &SqliteRow) -> Result<Option<Sealed>, sqlx::Error> {
+    Ok(
+        match (
+            row.try_get::<Option<Vec<u8>>, _>("pii")?,
+            row.try_get::<Option<String>, _>("pii_key_id")?,
+        ) {
+            (Some(blob), Some(key_id)) => Some(Sealed { key_id, blob }),
+            _ => None,
+        },
+    )
 }
 
 fn push_filter(qb: &mut QueryBuilder<'_, Sqlite>, q: &RatingQuery) {
@@ -642,11 +671,16 @@ fn push_filter(qb: &mut QueryBuilder<'_, Sqlite>, q: &RatingQuery) {
     if let Some(max) = q.max_feed_seq {
         qb.push(" AND feed_seq <= ").push_bind(max as i64);
     }
+    let time_col = if q.time_is_occurred_at {
+        "occurred_at"
+    } else {
+        "rated_at"
+    };
     if let Some(t) = q.rated_from_micros {
-        qb.push(" AND rated_at >= ").push_bind(t);
+        qb.push(format!(" AND {time_col} >= ")).push_bind(t);
     }
     if let Some(t) = q.rated_until_micros {
-        qb.push(" AND rated_at < ").push_bind(t);
+        qb.push(format!(" AND {time_col} < ")).push_bind(t);
     }
 }
 
@@ -718,7 +752,11 @@ impl Store for SqliteStore {
             "COUNT(*) AS total, \
              COALESCE(SUM(level = 1), 0) AS l1, COALESCE(SUM(level = 2), 0) AS l2, \
              COALESCE(SUM(level = 3), 0) AS l3, COALESCE(SUM(level = 4), 0) AS l4, \
-             COALESCE(SUM(level = 5), 0) AS l5, COALESCE(SUM(is_default), 0) AS defaults \
+             COALESCE(SUM(level = 5), 0) AS l5, COALESCE(SUM(is_default), 0) AS defaults, \
+             COUNT(DISTINCT CASE WHEN target_kind = 1 AND case_number <> '' \
+                   THEN org_credit_code || '/' || case_number END) AS rated_cases, \
+             COUNT(DISTINCT CASE WHEN target_kind = 1 AND case_number <> '' AND is_default = 0 \
+                   THEN org_credit_code || '/' || case_number END) AS active_cases \
              FROM ratings WHERE 1 = 1",
         );
         push_filter(&mut qb, query);
@@ -747,6 +785,9 @@ impl Store for SqliteStore {
                 total,
                 per_level,
                 default_ratings: row.try_get::<i64, _>("defaults")? as u64,
+                rated_cases: row.try_get::<i64, _>("rated_cases")? as u64,
+                actively_rated_cases: row.try_get::<i64, _>("active_cases")? as u64,
+                completed_cases: 0,
             });
         }
         Ok(out)
@@ -917,6 +958,117 @@ impl Store for SqliteStore {
             out.push((dead, stored_from_row(&rating)?));
         }
         Ok(out)
+    }
+
+    async fn completed_case_counts(
+        &self,
+        query: &RatingQuery,
+        group_by: &[StatsDimension],
+    ) -> Result<Vec<(Vec<String>, u64)>, StoreError> {
+        // The same dimensions over 办结 events: periods by completion time.
+        let cases_query = RatingQuery {
+            levels: Vec::new(),
+            max_feed_seq: None,
+            ..query.clone()
+        };
+        let mut qb = QueryBuilder::<Sqlite>::new("SELECT ");
+        for (i, d) in group_by.iter().enumerate() {
+            let expr = dimension_sql(*d).replace("rated_at", "occurred_at");
+            qb.push(format!("{expr} AS k{i}, "));
+        }
+        qb.push("COUNT(*) AS n FROM service_case_events WHERE event = 2");
+        push_filter(&mut qb, &cases_query.with_time_column());
+        if !group_by.is_empty() {
+            let keys: Vec<String> = (0..group_by.len()).map(|i| format!("k{i}")).collect();
+            qb.push(format!(" GROUP BY {}", keys.join(", ")));
+        }
+        let rows = qb.build().fetch_all(&self.reader).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut key = Vec::with_capacity(group_by.len());
+            for i in 0..group_by.len() {
+                key.push(row.try_get::<String, _>(i)?);
+            }
+            out.push((key, row.try_get::<i64, _>("n")? as u64));
+        }
+        Ok(out)
+    }
+
+    async fn open_completed_cases(
+        &self,
+        after_event_id: u64,
+        limit: u32,
+    ) -> Result<Vec<OpenCase>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT e.id, e.source_system, e.occurred_at, e.body, e.pii, e.pii_key_id, \
+             EXISTS (SELECT 1 FROM invitations i WHERE i.source_system = e.source_system \
+                     AND i.case_number = e.case_number) AS invited \
+             FROM service_case_events e \
+             WHERE e.event = 2 AND e.id > ? AND NOT EXISTS (SELECT 1 FROM ratings r \
+               WHERE r.org_credit_code = e.org_credit_code AND r.case_number = e.case_number) \
+             ORDER BY e.id LIMIT ?",
+        )
+        .bind(after_event_id as i64)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let body: Vec<u8> = row.try_get("body")?;
+                Ok(OpenCase {
+                    event_id: row.try_get::<i64, _>("id")? as u64,
+                    source_system: row.try_get("source_system")?,
+                    completed_at_micros: row.try_get("occurred_at")?,
+                    has_invitation: row.try_get("invited")?,
+                    case: pb::ServiceCase::decode(body.as_slice())
+                        .map_err(|e| StoreError::Corrupt(format!("case event: {e}")))?,
+                    pii: sealed_from_row(row)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn list_invitations(
+        &self,
+        scope: Option<&ScopeFilter>,
+        after_id: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredInvitation>, StoreError> {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "SELECT i.id, i.source_system, i.due_at, i.created_at, e.body, e.pii, e.pii_key_id \
+             FROM invitations i JOIN service_case_events e ON e.id = i.event_id WHERE i.id > ",
+        );
+        qb.push_bind(after_id as i64);
+        if let Some(scope) = scope {
+            qb.push(" AND (0");
+            for org in &scope.orgs {
+                qb.push(" OR i.org_credit_code = ").push_bind(org.clone());
+            }
+            for p in &scope.region_prefixes {
+                qb.push(" OR (i.region_code >= ")
+                    .push_bind(p.clone())
+                    .push(" AND i.region_code < ")
+                    .push_bind(format!("{p}:"))
+                    .push(")");
+            }
+            qb.push(")");
+        }
+        qb.push(" ORDER BY i.id LIMIT ").push_bind(i64::from(limit));
+        let rows = qb.build().fetch_all(&self.reader).await?;
+        rows.iter()
+            .map(|row| {
+                let body: Vec<u8> = row.try_get("body")?;
+                Ok(StoredInvitation {
+                    id: row.try_get::<i64, _>("id")? as u64,
+                    source_system: row.try_get("source_system")?,
+                    due_at_micros: row.try_get("due_at")?,
+                    created_at_micros: row.try_get("created_at")?,
+                    case: pb::ServiceCase::decode(body.as_slice())
+                        .map_err(|e| StoreError::Corrupt(format!("case event: {e}")))?,
+                    pii: sealed_from_row(row)?,
+                })
+            })
+            .collect()
     }
 
     fn feed_head(&self) -> watch::Receiver<u64> {

@@ -220,6 +220,7 @@ async fn stats_count_levels_and_classes_per_group() {
                 pb::StatsDimension::Organization as i32,
                 pb::StatsDimension::Channel as i32,
             ],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -255,6 +256,7 @@ async fn stats_count_levels_and_classes_per_group() {
         .get_stats(pb::GetStatsRequest {
             filter: None,
             group_by: vec![0],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -278,6 +280,7 @@ async fn stats_by_day_use_china_standard_time() {
         .get_stats(pb::GetStatsRequest {
             filter: None,
             group_by: vec![pb::StatsDimension::Day as i32],
+            ..Default::default()
         })
         .await
         .unwrap()

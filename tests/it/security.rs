@@ -246,6 +246,7 @@ async fn attempt(hub: &TestHub, who: &str, action: Action, ids: &(String, String
                 .get_stats(pb::GetStatsRequest {
                     filter: None,
                     group_by: vec![pb::StatsDimension::Organization as i32],
+                    ..Default::default()
                 })
                 .await
                 .map(|r| {

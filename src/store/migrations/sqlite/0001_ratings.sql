@@ -47,6 +47,8 @@ CREATE TABLE service_case_events (
     item_code       TEXT    NOT NULL,
     region_code     TEXT    NOT NULL,
     org_credit_code TEXT    NOT NULL,
+    staff_id        TEXT    NOT NULL,
+    channel         INTEGER NOT NULL,
     content_hash    BLOB    NOT NULL,
     received_at     INTEGER NOT NULL,
     body            BLOB    NOT NULL, -- the canonical ratinghub.v1.ServiceCase without applicant PII

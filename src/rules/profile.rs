@@ -1,0 +1,333 @@
+//! Policy profiles (data/profiles.toml plus the deployment's own) and which region follows
+//! which profile.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::pb::v1::Level;
+
+pub const DEFAULT_PROFILES_TOML: &str = include_str!("data/profiles.toml");
+
+/// 好评 / 中评 / 差评.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Class {
+    Good,
+    Medium,
+    Bad,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DayUnit {
+    WorkingDays,
+    NaturalDays,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultRatingRule {
+    pub after: u32,
+    pub unit: DayUnit,
+    /// A LEVEL_* name.
+    pub level: String,
+}
+
+fn default_classes() -> [Class; 5] {
+    [
+        Class::Good,
+        Class::Good,
+        Class::Medium,
+        Class::Bad,
+        Class::Bad,
+    ]
+}
+fn one() -> u32 {
+    1
+}
+fn fifteen() -> u32 {
+    15
+}
+
+/// One jurisdiction's rules. See data/profiles.toml for what each field means.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    #[serde(default)]
+    pub title: String,
+    pub scores: Option<[f64; 5]>,
+    #[serde(default = "default_classes")]
+    pub classes: [Class; 5],
+    pub default_rating: Option<DefaultRatingRule>,
+    pub reminder_after_hours: Option<u32>,
+    pub contact_working_days: Option<u32>,
+    #[serde(default = "fifteen")]
+    pub rectify_working_days: u32,
+    pub appeal_window_working_days: Option<u32>,
+    pub appeal_review_working_days: Option<u32>,
+    #[serde(default = "one")]
+    pub follow_up_limit: u32,
+    #[serde(default = "fifteen")]
+    pub follow_up_window_days: u32,
+    #[serde(default)]
+    pub spot_check_share: f64,
+    pub final_score: Option<String>,
+}
+
+fn level_index(level: Level) -> Option<usize> {
+    match level {
+        Level::VerySatisfied => Some(0),
+        Level::Satisfied => Some(1),
+        Level::BasicallySatisfied => Some(2),
+        Level::Dissatisfied => Some(3),
+        Level::VeryDissatisfied => Some(4),
+        Level::Unspecified => None,
+    }
+}
+
+impl Profile {
+    pub fn score(&self, level: Level) -> Option<f64> {
+        Some(self.scores?[level_index(level)?])
+    }
+
+    pub fn class(&self, level: Level) -> Option<Class> {
+        Some(self.classes[level_index(level)?])
+    }
+
+    pub fn default_level(&self) -> Option<Level> {
+        self.default_rating
+            .as_ref()
+            .and_then(|d| Level::from_str_name(&d.level))
+    }
+
+    fn check(&self, name: &str) -> Result<(), String> {
+        if let Some(d) = &self.default_rating {
+            if Level::from_str_name(&d.level).is_none_or(|l| l == Level::Unspecified) {
+                return Err(format!(
+                    "profile {name}: default_rating.level {:?} is not a level",
+                    d.level
+                ));
+            }
+            if d.after == 0 {
+                return Err(format!(
+                    "profile {name}: default_rating.after must be at least 1"
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.spot_check_share) {
+            return Err(format!(
+                "profile {name}: spot_check_share must be within 0..1"
+            ));
+        }
+        if let Some(f) = &self.final_score
+            && f != "kunming"
+        {
+            return Err(format!(
+                "profile {name}: final_score {f:?} is not known (\"kunming\")"
+            ));
+        }
+        if self.final_score.is_some() && self.scores.is_none() {
+            return Err(format!("profile {name}: a final score needs scores"));
+        }
+        Ok(())
+    }
+}
+
+/// Kunming's 10-point final score: acceptance rate ≥ 95 % → 3, 80–95 % → 1, below → 0; plus
+/// average score ≥ 9.5 → 7, 8–9.5 → 5, 6–8 → 3, below → 0.
+pub fn kunming_final_score(acceptance_rate: f64, average_score: f64) -> f64 {
+    let acceptance = if acceptance_rate >= 0.95 {
+        3.0
+    } else if acceptance_rate >= 0.80 {
+        1.0
+    } else {
+        0.0
+    };
+    let average = if average_score >= 9.5 {
+        7.0
+    } else if average_score >= 8.0 {
+        5.0
+    } else if average_score >= 6.0 {
+        3.0
+    } else {
+        0.0
+    };
+    acceptance + average
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProfilesFile {
+    profiles: BTreeMap<String, Profile>,
+    #[serde(default)]
+    regions: BTreeMap<String, String>,
+}
+
+/// Every profile and the region map.
+#[derive(Debug, Clone)]
+pub struct Profiles {
+    profiles: BTreeMap<String, Profile>,
+    regions: BTreeMap<String, String>,
+}
+
+impl Profiles {
+    /// The shipped profiles, with the deployment's profiles and region map laid over them.
+    pub fn load(
+        extra_profiles: &BTreeMap<String, Profile>,
+        extra_regions: &BTreeMap<String, String>,
+    ) -> Result<Self, String> {
+        let file: ProfilesFile =
+            toml::from_str(DEFAULT_PROFILES_TOML).map_err(|e| format!("shipped profiles: {e}"))?;
+        let mut p = Self {
+            profiles: file.profiles,
+            regions: file.regions,
+        };
+        p.profiles.extend(extra_profiles.clone());
+        p.regions.extend(extra_regions.clone());
+        for (name, profile) in &p.profiles {
+            profile.check(name)?;
+        }
+        for (prefix, name) in &p.regions {
+            if !prefix.bytes().all(|b| b.is_ascii_digit()) || prefix.is_empty() {
+                return Err(format!(
+                    "rules.regions: {prefix:?} is not a region-code prefix"
+                ));
+            }
+            if !p.profiles.contains_key(name) {
+                return Err(format!(
+                    "rules.regions: {prefix} maps to unknown profile {name:?}"
+                ));
+            }
+        }
+        if !p.profiles.contains_key("default") {
+            return Err("a profile named \"default\" is required".into());
+        }
+        Ok(p)
+    }
+
+    pub fn shipped() -> Self {
+        Self::load(&BTreeMap::new(), &BTreeMap::new()).expect("shipped profiles are valid")
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Profile> {
+        self.profiles.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.profiles.keys().map(String::as_str)
+    }
+
+    /// The profile name that governs a region: the longest mapped prefix, else "default".
+    pub fn name_for_region(&self, region: &str) -> &str {
+        self.regions
+            .iter()
+            .filter(|(prefix, _)| region.starts_with(prefix.as_str()))
+            .max_by_key(|(prefix, _)| prefix.len())
+            .map_or("default", |(_, name)| name.as_str())
+    }
+
+    pub fn for_region(&self, region: &str) -> (&str, &Profile) {
+        let name = self.name_for_region(region);
+        (name, &self.profiles[name])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kunming_final_score_at_every_boundary() {
+        let cases = [
+            // (acceptance, average) → score
+            ((0.95, 9.5), 10.0),
+            ((0.9499, 9.5), 8.0),
+            ((0.80, 9.4999), 6.0),
+            ((0.7999, 8.0), 5.0),
+            ((1.0, 7.9999), 6.0),
+            ((1.0, 6.0), 6.0),
+            ((1.0, 5.9999), 3.0),
+            ((0.0, 0.0), 0.0),
+            ((0.80, 6.0), 4.0),
+        ];
+        for ((acc, avg), want) in cases {
+            assert_eq!(
+                kunming_final_score(acc, avg),
+                want,
+                "acceptance {acc}, average {avg}"
+            );
+        }
+    }
+
+    #[test]
+    fn guangdong_and_kunming_score_the_same_levels_as_their_tables_say() {
+        let p = Profiles::shipped();
+        let (km, gd) = (p.get("kunming").unwrap(), p.get("guangdong").unwrap());
+        let levels = [
+            Level::VerySatisfied,
+            Level::Satisfied,
+            Level::BasicallySatisfied,
+            Level::Dissatisfied,
+            Level::VeryDissatisfied,
+        ];
+        let km_scores: Vec<f64> = levels.iter().map(|l| km.score(*l).unwrap()).collect();
+        let gd_scores: Vec<f64> = levels.iter().map(|l| gd.score(*l).unwrap()).collect();
+        assert_eq!(km_scores, [10.0, 8.0, 6.0, 2.0, 0.0]);
+        assert_eq!(gd_scores, [10.0, 8.0, 6.0, 3.0, 0.0]);
+        // They differ only at 不满意: 2 against 3.
+        let diff: Vec<usize> = (0..5).filter(|i| km_scores[*i] != gd_scores[*i]).collect();
+        assert_eq!(diff, [3]);
+        assert!(p.get("yunnan").unwrap().score(Level::Satisfied).is_none());
+    }
+
+    #[test]
+    fn regions_follow_the_longest_prefix() {
+        let p = Profiles::shipped();
+        assert_eq!(p.name_for_region("530102"), "kunming");
+        assert_eq!(p.name_for_region("530302"), "yunnan");
+        assert_eq!(p.name_for_region("440103"), "guangdong");
+        assert_eq!(p.name_for_region("150602"), "ordos");
+        assert_eq!(p.name_for_region("110105"), "default");
+    }
+
+    #[test]
+    fn default_rating_rules_as_the_texts_say() {
+        let p = Profiles::shipped();
+        let km = p.get("kunming").unwrap().default_rating.clone().unwrap();
+        assert_eq!((km.after, km.unit), (5, DayUnit::WorkingDays));
+        assert_eq!(
+            p.get("kunming").unwrap().default_level(),
+            Some(Level::BasicallySatisfied)
+        );
+        let ordos = p.get("ordos").unwrap();
+        assert_eq!(
+            ordos.default_rating.as_ref().map(|d| (d.after, d.unit)),
+            Some((7, DayUnit::NaturalDays))
+        );
+        assert_eq!(ordos.default_level(), Some(Level::Satisfied));
+        assert!(p.get("guangdong").unwrap().default_rating.is_none());
+        assert_eq!(p.get("guangdong").unwrap().reminder_after_hours, Some(24));
+    }
+
+    #[test]
+    fn bad_custom_profiles_are_named() {
+        let mut extra = BTreeMap::new();
+        extra.insert(
+            "mine".to_string(),
+            Profile {
+                default_rating: Some(DefaultRatingRule {
+                    after: 3,
+                    unit: DayUnit::WorkingDays,
+                    level: "GREAT".into(),
+                }),
+                ..Profiles::shipped().get("default").unwrap().clone()
+            },
+        );
+        let e = Profiles::load(&extra, &BTreeMap::new()).unwrap_err();
+        assert!(e.contains("mine") && e.contains("GREAT"), "{e}");
+        let mut regions = BTreeMap::new();
+        regions.insert("53".to_string(), "nope".to_string());
+        assert!(Profiles::load(&BTreeMap::new(), &regions).is_err());
+    }
+}

@@ -10,6 +10,7 @@ mod python;
 mod query;
 mod relay;
 mod restart;
+mod rules;
 mod security;
 mod utils;
 mod validation;

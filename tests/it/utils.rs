@@ -1,6 +1,9 @@
 //! Boots a real hub and hands out typed clients and valid test data.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rating_hub::clock::Clock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prost_types::Timestamp;
@@ -21,6 +24,7 @@ pub use pb::query_service_client::QueryServiceClient;
 #[derive(Clone)]
 pub struct HubBuilder {
     table: toml::Table,
+    clock: Option<Arc<dyn Clock>>,
 }
 
 fn set(table: &mut toml::Table, path: &[&str], value: toml::Value) {
@@ -50,6 +54,7 @@ impl HubBuilder {
     pub fn new() -> Self {
         Self {
             table: toml::Table::new(),
+            clock: None,
         }
         .principal(
             "tester",
@@ -111,6 +116,12 @@ impl HubBuilder {
         self
     }
 
+    /// Runs the hub on this clock (e.g. a `ManualClock` for deadlines).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
     pub async fn start(self) -> TestHub {
         let dir = tempfile::tempdir().expect("temp dir");
         self.start_in(dir).await
@@ -122,7 +133,7 @@ impl HubBuilder {
     }
 
     async fn start_in(self, dir: TempDir) -> TestHub {
-        let hub = start_hub(dir.path(), &self.table).await;
+        let hub = start_hub(dir.path(), &self.table, self.clock.clone()).await;
         TestHub {
             hub,
             dir,
@@ -251,7 +262,11 @@ impl TestHub {
 }
 
 /// Writes the test PKI and privacy key (once per directory) and starts a hub on them.
-pub async fn start_hub(dir: &Path, overrides: &toml::Table) -> RunningHub {
+pub async fn start_hub(
+    dir: &Path,
+    overrides: &toml::Table,
+    clock: Option<Arc<dyn Clock>>,
+) -> RunningHub {
     // Hub logs show with a failing test's output (RUST_LOG=debug for more).
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -280,6 +295,12 @@ pub async fn start_hub(dir: &Path, overrides: &toml::Table) -> RunningHub {
         toml::Value::String("127.0.0.1:0".into()),
     );
     set(&mut table, &["storage", "url"], p(dir.join("hub.db")));
+    // Tests tick the rules engine by hand.
+    set(
+        &mut table,
+        &["rules", "tick_secs"],
+        toml::Value::Integer(86_400),
+    );
     set(&mut table, &["tls", "dev_pki"], toml::Value::Boolean(false));
     set(
         &mut table,
@@ -311,9 +332,11 @@ pub async fn start_hub(dir: &Path, overrides: &toml::Table) -> RunningHub {
     let text = toml::to_string(&table).unwrap();
     let config =
         Config::from_layers(Some(("test.toml", &text)), std::iter::empty()).expect("test config");
-    rating_hub::server::start(&config)
-        .await
-        .expect("hub starts")
+    match clock {
+        Some(clock) => rating_hub::server::start_with_clock(&config, clock).await,
+        None => rating_hub::server::start(&config).await,
+    }
+    .expect("hub starts")
 }
 
 fn merge(base: &mut toml::Table, layer: toml::Table) {

@@ -1,0 +1,267 @@
+//! The rules end to end with a controllable clock: cases completed → reminder → default
+//! rating after the deadline (once, across restarts); stats under Kunming's and Guangdong's
+//! profiles.
+
+use std::sync::Arc;
+
+use rating_hub::clock::{Clock, ManualClock};
+use rating_hub::pb::v1 as pb;
+use rating_hub::rules::Date;
+
+use crate::relay::SyncServiceClient;
+use crate::utils::*;
+
+fn cst(date: &str, hour: i64) -> i64 {
+    Date::parse(date).unwrap().start_micros() + hour * 3_600_000_000
+}
+
+fn completed(case: &str, region: &str, at_micros: i64) -> pb::ServiceCase {
+    pb::ServiceCase {
+        case_number: case.into(),
+        event: pb::CaseEvent::Completed as i32,
+        occurred_at: Some(rating_hub::time::timestamp_from_micros(at_micros)),
+        item_code: "530100-ITEM-001".into(),
+        item_name: "企业设立登记".into(),
+        region_code: region.into(),
+        org_credit_code: org(1),
+        channel: pb::Channel::HallDevice as i32,
+        applicant: Some(pb::Rater {
+            name: "王五".into(),
+            phone: "13700001111".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn report(hub: &TestHub, cases: Vec<pb::ServiceCase>) {
+    let results = hub
+        .ingest()
+        .await
+        .report_service_cases(pb::ReportServiceCasesRequest { cases })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert!(
+        results.iter().all(|r| outcome(r) == pb::Outcome::Accepted),
+        "{results:?}"
+    );
+}
+
+async fn defaults(hub: &TestHub) -> Vec<pb::Rating> {
+    hub.query()
+        .await
+        .list_ratings(pb::ListRatingsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .ratings
+        .into_iter()
+        .filter(|r| r.is_default)
+        .collect()
+}
+
+async fn invitations(hub: &TestHub) -> Vec<pb::Invitation> {
+    SyncServiceClient::new(hub.channel_as("tester").await)
+        .list_invitations(pb::ListInvitationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .invitations
+}
+
+#[tokio::test]
+async fn completed_cases_get_reminders_then_default_ratings_once() {
+    // Completed on Tuesday 2025-09-30, 10:00 CST, just before the National Day week.
+    let t0 = cst("2025-09-30", 10);
+    let clock = Arc::new(ManualClock::at(t0 + 60_000_000));
+    let hub = HubBuilder::new().clock(clock.clone()).start().await;
+    report(
+        &hub,
+        vec![
+            completed("KM-1", "530102", t0),
+            completed("KM-2", "530102", t0),
+            completed("GD-1", "440103", t0),
+        ],
+    )
+    .await;
+    // KM-2 is rated by its applicant in time: it never gets a default.
+    let mut r = rating("km-2-rating");
+    r.case_number = "KM-2".into();
+    r.rated_at = Some(rating_hub::time::timestamp_from_micros(clock.now_micros()));
+    assert_eq!(
+        outcome(&submit_one(&mut hub.ingest().await, r).await),
+        pb::Outcome::Accepted
+    );
+
+    let engine = hub.hub.rules();
+    let report0 = engine.tick().await.unwrap();
+    assert_eq!((report0.invitations, report0.default_ratings), (0, 0));
+
+    // Guangdong: an SMS invitation 24 hours after completion.
+    clock.set(t0 + 24 * 3_600_000_000 + 1);
+    assert_eq!(engine.tick().await.unwrap().invitations, 1);
+    let inv = invitations(&hub).await;
+    assert_eq!(inv.len(), 1);
+    let case = inv[0].service_case.as_ref().unwrap();
+    assert_eq!(case.case_number, "GD-1");
+    assert_eq!(
+        case.applicant.as_ref().unwrap().phone,
+        "13700001111",
+        "tester holds read-pii"
+    );
+    assert_eq!(
+        engine.tick().await.unwrap().invitations,
+        0,
+        "one invitation per case"
+    );
+
+    // Kunming: 基本满意 after 5 working days — the Golden Week does not count, the make-up
+    // Saturday 10-11 does: the deadline is the end of Tuesday 2025-10-14.
+    clock.set(cst("2025-10-14", 23));
+    assert_eq!(
+        engine.tick().await.unwrap().default_ratings,
+        0,
+        "not before the deadline"
+    );
+    assert!(defaults(&hub).await.is_empty());
+    clock.set(cst("2025-10-15", 0) + 1);
+    let tick = engine.tick().await.unwrap();
+    assert_eq!(tick.default_ratings, 1);
+    let d = defaults(&hub).await;
+    assert_eq!(d.len(), 1);
+    let d = &d[0];
+    assert_eq!(d.case_number, "KM-1");
+    assert_eq!(d.level, pb::Level::BasicallySatisfied as i32);
+    assert_eq!(d.channel, pb::Channel::SystemDefault as i32);
+    assert_eq!(d.source_system, "rating-hub");
+    assert_eq!(
+        d.rated_at.unwrap().seconds * 1_000_000,
+        cst("2025-10-15", 0),
+        "rated at the deadline"
+    );
+    // Guangdong has no default rating.
+    assert_eq!(
+        engine.tick().await.unwrap().default_ratings,
+        0,
+        "never twice"
+    );
+
+    // A restart on the same database records nothing new.
+    let stopped = hub.stop().await;
+    let hub = stopped.restart().await;
+    let again = hub.hub.rules().tick().await.unwrap();
+    assert_eq!(again.default_ratings, 0);
+    assert_eq!(defaults(&hub).await.len(), 1);
+
+    // Kunming stats: 2 completed cases, both rated (one by default), under Kunming's profile.
+    let g = hub
+        .query()
+        .await
+        .get_stats(pb::GetStatsRequest {
+            filter: Some(pb::RatingFilter {
+                region_code_prefix: "5301".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .groups
+        .remove(0);
+    assert_eq!(g.profile, "kunming");
+    assert_eq!(
+        (g.completed_cases, g.rated_cases, g.actively_rated_cases),
+        (2, 2, 1)
+    );
+    assert_eq!(
+        (g.rating_rate, g.active_rating_rate, g.unrated_rate),
+        (1.0, 0.5, 0.0)
+    );
+    assert_eq!(g.average_score, Some((10.0 + 6.0) / 2.0));
+    // Acceptance 100 % → 3; average 8.0 → 5.
+    assert_eq!(g.final_score, Some(8.0));
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_default_deadline_in_a_year_without_calendar_data_records_nothing() {
+    let t0 = cst("2026-12-28", 10);
+    let clock = Arc::new(ManualClock::at(t0 + 1));
+    let hub = HubBuilder::new().clock(clock.clone()).start().await;
+    report(&hub, vec![completed("KM-LATE", "530102", t0)]).await;
+    clock.set(cst("2027-01-20", 0));
+    let tick = hub.hub.rules().tick().await.unwrap();
+    assert_eq!((tick.calendar_gaps, tick.default_ratings), (1, 0));
+    assert!(defaults(&hub).await.is_empty(), "never a silent guess");
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn guangdong_and_kunming_score_the_same_ratings_as_their_tables_say() {
+    let hub = TestHub::start().await;
+    let mut ingest = hub.ingest().await;
+    // One rating per level, plus one more 不满意.
+    let levels = [1, 2, 3, 4, 5, 4];
+    let batch = levels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let mut r = rating(&format!("lv{i}"));
+            r.level = *l;
+            r.text = "原因".into();
+            r
+        })
+        .collect();
+    submit(&mut ingest, batch).await;
+    let stats = |profile: &'static str| {
+        let hub = &hub;
+        async move {
+            hub.query()
+                .await
+                .get_stats(pb::GetStatsRequest {
+                    profile: profile.into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .groups
+                .remove(0)
+        }
+    };
+    let km = stats("kunming").await;
+    let gd = stats("guangdong").await;
+    // Kunming 10/8/6/2/0, Guangdong 10/8/6/3/0: they differ by 1 point per 不满意 (two here).
+    assert_eq!(
+        km.average_score,
+        Some((10.0 + 8.0 + 6.0 + 2.0 + 0.0 + 2.0) / 6.0)
+    );
+    assert_eq!(
+        gd.average_score,
+        Some((10.0 + 8.0 + 6.0 + 3.0 + 0.0 + 3.0) / 6.0)
+    );
+    assert!((gd.average_score.unwrap() - km.average_score.unwrap() - 2.0 / 6.0).abs() < 1e-12);
+    assert_eq!((km.good, km.medium, km.bad), (2, 1, 3));
+    assert_eq!(km.good_rate, 2.0 / 6.0);
+    assert_eq!(km.bad_rate, 0.5);
+    assert!(
+        gd.final_score.is_none(),
+        "only Kunming defines a final score"
+    );
+    // Yunnan defines no score table: no average rather than an invented one.
+    assert_eq!(stats("yunnan").await.average_score, None);
+    let err = hub
+        .query()
+        .await
+        .get_stats(pb::GetStatsRequest {
+            profile: "atlantis".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_request_fields(&err), ["profile"]);
+    hub.stop().await;
+}

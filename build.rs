@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "ratinghub/v1/query.proto",
     "ratinghub/v1/admin.proto",
     "ratinghub/v1/sync.proto",
+    "ratinghub/v1/rectification.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

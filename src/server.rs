@@ -15,6 +15,7 @@ use tonic::transport::Server;
 use crate::api::admin::AdminApi;
 use crate::api::ingest::IngestApi;
 use crate::api::query::QueryApi;
+use crate::api::rectification::RectificationApi;
 use crate::api::sync::SyncApi;
 use crate::api::{HubState, Identity};
 use crate::auth::{Principal, Registry, Role, Scope};
@@ -23,6 +24,7 @@ use crate::config::Config;
 use crate::pb::v1::admin_service_server::AdminServiceServer;
 use crate::pb::v1::ingest_service_server::IngestServiceServer;
 use crate::pb::v1::query_service_server::QueryServiceServer;
+use crate::pb::v1::rectification_service_server::RectificationServiceServer;
 use crate::pb::v1::sync_service_server::SyncServiceServer;
 use crate::privacy::PiiKeys;
 use crate::store::{SqliteStore, Store};
@@ -166,6 +168,7 @@ pub async fn start_with_clock(
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);
     let admin = AdminServiceServer::new(AdminApi::new(state.clone()));
+    let rectification = RectificationServiceServer::new(RectificationApi::new(state.clone()));
     let sync =
         SyncServiceServer::new(SyncApi::new(state.clone())).max_encoding_message_size(64 << 20);
 
@@ -181,6 +184,9 @@ pub async fn start_with_clock(
         .await;
     health_reporter
         .set_serving::<SyncServiceServer<SyncApi>>()
+        .await;
+    health_reporter
+        .set_serving::<RectificationServiceServer<RectificationApi>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
@@ -200,7 +206,8 @@ pub async fn start_with_clock(
         .add_service(ingest)
         .add_service(query)
         .add_service(admin)
-        .add_service(sync);
+        .add_service(sync)
+        .add_service(rectification);
     let signal = async move {
         let _ = stopped.await;
     };

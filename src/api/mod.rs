@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod ingest;
 pub mod query;
+pub mod rectification;
 pub mod sync;
 
 use std::sync::Arc;

@@ -1,6 +1,7 @@
 //! The rules of 好差评: working-day calendar, per-jurisdiction policy profiles, and the
 //! engine that turns completed cases into reminders and default ratings.
 
+pub mod bad_case;
 pub mod calendar;
 pub mod date;
 pub mod engine;

@@ -188,6 +188,30 @@ pub struct StoredInvitation {
     pub pii: Option<Sealed>,
 }
 
+/// One step of a bad-rating case, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaseEntryRecord {
+    pub action: i32,
+    pub actor: String,
+    pub at_micros: i64,
+    pub note: String,
+    pub evidence_refs: Vec<String>,
+    pub new_deadline_micros: Option<i64>,
+    pub appeal_outcome: i32,
+}
+
+/// A bad-rating case with its history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBadCase {
+    pub id: u64,
+    pub hub_id: Uuid,
+    pub org_credit_code: String,
+    pub region_code: String,
+    pub opened_at_micros: i64,
+    pub real_name: bool,
+    pub entries: Vec<CaseEntryRecord>,
+}
+
 /// Writes the relay makes, committed by the group-commit writer like everything else.
 #[derive(Debug, Clone)]
 pub enum RelayWrite {
@@ -206,6 +230,15 @@ pub enum RelayWrite {
     SetPaused {
         upstream: String,
         paused: bool,
+    },
+    /// Appends a step to a bad-rating case if its history still has `expected_entries`
+    /// entries (optimistic concurrency: 0 rows touched means someone else got there first).
+    /// `exclude` leaves the rating out of scores (an appeal found it invalid or malicious).
+    CaseEntry {
+        case_id: u64,
+        expected_entries: u64,
+        entry: CaseEntryRecord,
+        exclude: Option<(Uuid, i32)>,
     },
     /// Issues an invitation for a completed case (once per case; later calls do nothing).
     Invite {
@@ -324,6 +357,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Completed cases without any rating for their (organisation, case number), after
     /// `after_event_id`, oldest first.
+    /// Bad-rating cases with id > `after_id` inside `scope`, oldest first, with histories.
+    async fn list_bad_cases(
+        &self,
+        scope: Option<&ScopeFilter>,
+        after_id: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredBadCase>, StoreError>;
+
+    async fn get_bad_case(&self, id: u64) -> Result<Option<StoredBadCase>, StoreError>;
+
     /// Completed (办结) case events per group, keyed like `stats`.
     async fn completed_case_counts(
         &self,

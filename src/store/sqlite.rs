@@ -22,9 +22,9 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::{
-    CaseOutcome, DayOrgIds, DeadLetter, InsertOutcome, NewCaseEvent, NewRating, OpenCase,
-    PiiAccess, RatingQuery, RelayWrite, ScopeFilter, StatsDimension, StatsRow, Store, StoreError,
-    StoredInvitation, StoredRating, UpstreamState,
+    CaseEntryRecord, CaseOutcome, DayOrgIds, DeadLetter, InsertOutcome, NewCaseEvent, NewRating,
+    OpenCase, PiiAccess, RatingQuery, RelayWrite, ScopeFilter, StatsDimension, StatsRow, Store,
+    StoreError, StoredBadCase, StoredInvitation, StoredRating, UpstreamState,
 };
 use crate::clock::Clock;
 use crate::pb::v1 as pb;
@@ -163,6 +163,46 @@ impl SqliteStore {
             .await
             .map_err(|_| StoreError::ShuttingDown)?;
         rx.await.map_err(|_| StoreError::ShuttingDown)?
+    }
+}
+
+impl SqliteStore {
+    async fn bad_case_from_row(&self, row: &SqliteRow) -> Result<StoredBadCase, StoreError> {
+        let id = row.try_get::<i64, _>("id")? as u64;
+        let entries = sqlx::query(
+            "SELECT action, actor, at, note, evidence_refs, new_deadline, appeal_outcome \
+             FROM bad_rating_case_entries WHERE case_id = ? ORDER BY id",
+        )
+        .bind(id as i64)
+        .fetch_all(&self.reader)
+        .await?
+        .iter()
+        .map(|e| {
+            let refs: String = e.try_get("evidence_refs")?;
+            Ok(CaseEntryRecord {
+                action: e.try_get("action")?,
+                actor: e.try_get("actor")?,
+                at_micros: e.try_get("at")?,
+                note: e.try_get("note")?,
+                evidence_refs: refs
+                    .lines()
+                    .map(str::to_owned)
+                    .filter(|l| !l.is_empty())
+                    .collect(),
+                new_deadline_micros: e.try_get("new_deadline")?,
+                appeal_outcome: e.try_get("appeal_outcome")?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(StoredBadCase {
+            id,
+            hub_id: uuid_from_row(row, "hub_id")?,
+            org_credit_code: row.try_get("org_credit_code")?,
+            region_code: row.try_get("region_code")?,
+            opened_at_micros: row.try_get("opened_at")?,
+            real_name: row.try_get("real_name")?,
+            entries,
+        })
     }
 }
 
@@ -404,6 +444,49 @@ async fn relay_write(
             .await?;
             Ok(r.rows_affected())
         }
+        RelayWrite::CaseEntry {
+            case_id,
+            expected_entries,
+            entry,
+            exclude,
+        } => {
+            let have: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM bad_rating_case_entries WHERE case_id = ?",
+            )
+            .bind(*case_id as i64)
+            .fetch_one(&mut *conn)
+            .await?;
+            if have as u64 != *expected_entries {
+                return Ok(0);
+            }
+            sqlx::query(
+                "INSERT INTO bad_rating_case_entries (case_id, action, actor, at, note, \
+                 evidence_refs, new_deadline, appeal_outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(*case_id as i64)
+            .bind(entry.action)
+            .bind(&entry.actor)
+            .bind(now)
+            .bind(&entry.note)
+            .bind(entry.evidence_refs.join("\n"))
+            .bind(entry.new_deadline_micros)
+            .bind(entry.appeal_outcome)
+            .execute(&mut *conn)
+            .await?;
+            if let Some((hub_id, reason)) = exclude {
+                sqlx::query(
+                    "INSERT INTO rating_exclusions (hub_id, reason, case_id, at) VALUES (?, ?, ?, ?) \
+                     ON CONFLICT DO NOTHING",
+                )
+                .bind(hub_id.as_bytes().as_slice())
+                .bind(*reason)
+                .bind(*case_id as i64)
+                .bind(now)
+                .execute(&mut *conn)
+                .await?;
+            }
+            Ok(1)
+        }
         RelayWrite::Invite {
             event_id,
             source_system,
@@ -511,6 +594,21 @@ async fn insert_rating(
     .execute(&mut *conn)
     .await?;
     if inserted.rows_affected() == 1 {
+        // Every 差评 a rater gave opens a case, in the same transaction as the rating.
+        if crate::domain::rating::is_bad(r.level) && !r.is_default {
+            let real_name = r.body.rater.as_ref().is_some_and(|x| x.real_name);
+            sqlx::query(
+                "INSERT INTO bad_rating_cases (hub_id, org_credit_code, region_code, opened_at, \
+                 real_name) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(item.hub_id.as_bytes().as_slice())
+            .bind(r.org_credit_code.as_str())
+            .bind(r.region_code.as_str())
+            .bind(received_at)
+            .bind(real_name)
+            .execute(&mut *conn)
+            .await?;
+        }
         return Ok(InsertOutcome::Accepted {
             hub_id: item.hub_id,
             feed_seq: seq,
@@ -626,6 +724,24 @@ fn sealed_from_row(row: &SqliteRow) -> Result<Option<Sealed>, sqlx::Error> {
     )
 }
 
+/// `AND (org in scope OR region under a scope prefix)`, on the table's `org_credit_code` and
+/// `region_code` columns. Region codes are digits; ':' sorts right after '9', so
+/// `[p, p + ":")` is the prefix range.
+fn push_scope(qb: &mut QueryBuilder<'_, Sqlite>, scope: &ScopeFilter) {
+    qb.push(" AND (0");
+    for org in &scope.orgs {
+        qb.push(" OR org_credit_code = ").push_bind(org.clone());
+    }
+    for p in &scope.region_prefixes {
+        qb.push(" OR (region_code >= ")
+            .push_bind(p.clone())
+            .push(" AND region_code < ")
+            .push_bind(format!("{p}:"))
+            .push(")");
+    }
+    qb.push(")");
+}
+
 fn push_filter(qb: &mut QueryBuilder<'_, Sqlite>, q: &RatingQuery) {
     let mut eq = |col: &str, v: &Option<String>| {
         if let Some(v) = v {
@@ -655,18 +771,7 @@ fn push_filter(qb: &mut QueryBuilder<'_, Sqlite>, q: &RatingQuery) {
         }
     }
     if let Some(scope) = &q.scope {
-        qb.push(" AND (0");
-        for org in &scope.orgs {
-            qb.push(" OR org_credit_code = ").push_bind(org.clone());
-        }
-        for p in &scope.region_prefixes {
-            qb.push(" OR (region_code >= ")
-                .push_bind(p.clone())
-                .push(" AND region_code < ")
-                .push_bind(format!("{p}:"))
-                .push(")");
-        }
-        qb.push(")");
+        push_scope(qb, scope);
     }
     if let Some(max) = q.max_feed_seq {
         qb.push(" AND feed_seq <= ").push_bind(max as i64);
@@ -757,7 +862,7 @@ impl Store for SqliteStore {
                    THEN org_credit_code || '/' || case_number END) AS rated_cases, \
              COUNT(DISTINCT CASE WHEN target_kind = 1 AND case_number <> '' AND is_default = 0 \
                    THEN org_credit_code || '/' || case_number END) AS active_cases \
-             FROM ratings WHERE 1 = 1",
+             FROM ratings WHERE hub_id NOT IN (SELECT hub_id FROM rating_exclusions)",
         );
         push_filter(&mut qb, query);
         if !group_by.is_empty() {
@@ -960,6 +1065,43 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
+    async fn list_bad_cases(
+        &self,
+        scope: Option<&ScopeFilter>,
+        after_id: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredBadCase>, StoreError> {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "SELECT id, hub_id, org_credit_code, region_code, opened_at, real_name \
+             FROM bad_rating_cases WHERE id > ",
+        );
+        qb.push_bind(after_id as i64);
+        if let Some(scope) = scope {
+            push_scope(&mut qb, scope);
+        }
+        qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit));
+        let rows = qb.build().fetch_all(&self.reader).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            out.push(self.bad_case_from_row(row).await?);
+        }
+        Ok(out)
+    }
+
+    async fn get_bad_case(&self, id: u64) -> Result<Option<StoredBadCase>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, hub_id, org_credit_code, region_code, opened_at, real_name \
+             FROM bad_rating_cases WHERE id = ?",
+        )
+        .bind(id as i64)
+        .fetch_optional(&self.reader)
+        .await?;
+        match row {
+            Some(row) => Ok(Some(self.bad_case_from_row(&row).await?)),
+            None => Ok(None),
+        }
+    }
+
     async fn completed_case_counts(
         &self,
         query: &RatingQuery,
@@ -1035,25 +1177,15 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> Result<Vec<StoredInvitation>, StoreError> {
         let mut qb = QueryBuilder::<Sqlite>::new(
-            "SELECT i.id, i.source_system, i.due_at, i.created_at, e.body, e.pii, e.pii_key_id \
-             FROM invitations i JOIN service_case_events e ON e.id = i.event_id WHERE i.id > ",
+            "SELECT * FROM (SELECT i.id, i.source_system, i.due_at, i.created_at, e.body, e.pii, \
+             e.pii_key_id, i.org_credit_code, i.region_code \
+             FROM invitations i JOIN service_case_events e ON e.id = i.event_id) WHERE id > ",
         );
         qb.push_bind(after_id as i64);
         if let Some(scope) = scope {
-            qb.push(" AND (0");
-            for org in &scope.orgs {
-                qb.push(" OR i.org_credit_code = ").push_bind(org.clone());
-            }
-            for p in &scope.region_prefixes {
-                qb.push(" OR (i.region_code >= ")
-                    .push_bind(p.clone())
-                    .push(" AND i.region_code < ")
-                    .push_bind(format!("{p}:"))
-                    .push(")");
-            }
-            qb.push(")");
+            push_scope(&mut qb, scope);
         }
-        qb.push(" ORDER BY i.id LIMIT ").push_bind(i64::from(limit));
+        qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit));
         let rows = qb.build().fetch_all(&self.reader).await?;
         rows.iter()
             .map(|row| {

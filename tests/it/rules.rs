@@ -265,3 +265,292 @@ async fn guangdong_and_kunming_score_the_same_ratings_as_their_tables_say() {
     assert_eq!(bad_request_fields(&err), ["profile"]);
     hub.stop().await;
 }
+
+mod bad_rating_cases {
+    use super::*;
+    use pb::rectification_service_client::RectificationServiceClient;
+    use tonic::Code;
+
+    fn bad(key: &str, level: pb::Level, clock: &ManualClock) -> pb::Rating {
+        let mut r = rating(key);
+        r.level = level as i32;
+        r.text = "窗口人员态度差".into();
+        r.rated_at = Some(rating_hub::time::timestamp_from_micros(clock.now_micros()));
+        r
+    }
+
+    async fn kunming_stats(hub: &TestHub) -> pb::StatsGroup {
+        hub.query()
+            .await
+            .get_stats(pb::GetStatsRequest {
+                filter: Some(pb::RatingFilter {
+                    region_code_prefix: "5301".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .groups
+            .remove(0)
+    }
+
+    #[tokio::test]
+    async fn a_bad_rating_walks_the_whole_case_life_and_a_malicious_appeal_leaves_the_scores() {
+        let orgs = [org(1)];
+        let others = [org(2)];
+        let clock = Arc::new(ManualClock::at(cst("2025-03-03", 9)));
+        let hub = HubBuilder::new()
+            .clock(clock.clone())
+            .principal("km-dept", &["rectify"], TestScope::Orgs(&orgs))
+            .principal("other-dept", &["rectify"], TestScope::Orgs(&others))
+            .principal("authority", &["admin"], TestScope::National)
+            .start()
+            .await;
+        let mut ingest = hub.ingest().await;
+        let mut good = rating("good");
+        good.rated_at = Some(rating_hub::time::timestamp_from_micros(clock.now_micros()));
+        let results = submit(
+            &mut ingest,
+            vec![
+                bad("a", pb::Level::VeryDissatisfied, &clock),
+                bad("b", pb::Level::Dissatisfied, &clock),
+                good,
+                bad("d", pb::Level::VeryDissatisfied, &clock),
+            ],
+        )
+        .await;
+        assert!(results.iter().all(|r| outcome(r) == pb::Outcome::Accepted));
+        let (a_id, b_id) = (results[0].hub_id.clone(), results[1].hub_id.clone());
+
+        let mut dept = RectificationServiceClient::new(hub.channel_as("km-dept").await);
+        let cases = dept
+            .list_cases(pb::ListCasesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .cases;
+        assert_eq!(
+            cases.len(),
+            3,
+            "one case per 差评, none for the good rating"
+        );
+        let case_of = |hub_id: &str| cases.iter().find(|c| c.hub_id == hub_id).unwrap().clone();
+        let a = case_of(&a_id);
+        assert_eq!(a.status, pb::CaseStatus::Open as i32);
+        assert_eq!(a.profile, "kunming");
+        assert!(a.real_name);
+        // 15 working days after Monday 2025-03-03: the end of Monday 2025-03-24.
+        assert_eq!(
+            a.rectify_deadline.unwrap().seconds * 1_000_000,
+            Date::parse("2025-03-24").unwrap().end_micros()
+        );
+
+        let step =
+            |id: u64, action: pb::CaseAction, note: &str, refs: &[&str]| pb::RecordActionRequest {
+                id,
+                action: action as i32,
+                note: note.into(),
+                evidence_refs: refs.iter().map(|s| s.to_string()).collect(),
+                new_deadline: None,
+            };
+        // Out of order: the error names what must come first.
+        let err = dept
+            .record_action(step(a.id, pb::CaseAction::Rectify, "", &["doc-1"]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition);
+        assert!(err.message().contains("CONTACT"), "{}", err.message());
+
+        dept.record_action(step(
+            a.id,
+            pb::CaseAction::Contact,
+            "电话回访，核实属实",
+            &[],
+        ))
+        .await
+        .unwrap();
+        let mut extend = step(a.id, pb::CaseAction::Extend, "需协调系统改造", &[]);
+        extend.new_deadline = Some(ts(
+            Date::parse("2025-04-30").unwrap().end_micros() / 1_000_000
+        ));
+        let extended = dept
+            .record_action(extend)
+            .await
+            .unwrap()
+            .into_inner()
+            .bad_rating_case
+            .unwrap();
+        assert_eq!(
+            extended.rectify_deadline.unwrap().seconds * 1_000_000,
+            Date::parse("2025-04-30").unwrap().end_micros()
+        );
+        let err = dept
+            .record_action(step(a.id, pb::CaseAction::Rectify, "改进", &[]))
+            .await
+            .unwrap_err();
+        assert_eq!(bad_request_fields(&err), ["evidence_refs"]);
+        dept.record_action(step(
+            a.id,
+            pb::CaseAction::Rectify,
+            "增设引导岗",
+            &["整改台账-2025-031"],
+        ))
+        .await
+        .unwrap();
+        dept.record_action(step(
+            a.id,
+            pb::CaseAction::FeedBack,
+            "短信反馈整改结果",
+            &[],
+        ))
+        .await
+        .unwrap();
+        let err = dept
+            .record_action(step(a.id, pb::CaseAction::Archive, "", &[]))
+            .await
+            .unwrap_err();
+        assert!(
+            err.message().contains("CALLBACK"),
+            "a real-name 差评 needs its callback: {}",
+            err.message()
+        );
+        dept.record_action(step(a.id, pb::CaseAction::Callback, "回访满意", &[]))
+            .await
+            .unwrap();
+        dept.record_action(step(a.id, pb::CaseAction::Archive, "归档", &["档案-88"]))
+            .await
+            .unwrap();
+        let full = dept
+            .get_case(pb::GetCaseRequest { id: a.id })
+            .await
+            .unwrap()
+            .into_inner();
+        let case = full.bad_rating_case.unwrap();
+        assert_eq!(case.status, pb::CaseStatus::Archived as i32);
+        let actions: Vec<i32> = case.history.iter().map(|e| e.action).collect();
+        use pb::CaseAction as A;
+        assert_eq!(
+            actions,
+            [
+                A::Contact,
+                A::Extend,
+                A::Rectify,
+                A::FeedBack,
+                A::Callback,
+                A::Archive
+            ]
+            .map(|a| a as i32)
+        );
+        assert!(
+            case.history
+                .iter()
+                .all(|e| e.actor == "km-dept" && e.at.is_some())
+        );
+        assert_eq!(case.history[2].evidence_refs, ["整改台账-2025-031"]);
+        assert_eq!(full.rating.unwrap().hub_id, a_id);
+        let err = dept
+            .record_action(step(a.id, pb::CaseAction::Contact, "", &[]))
+            .await
+            .unwrap_err();
+        assert!(err.message().contains("archived"));
+
+        // Another organisation's principal sees none of it.
+        let err = RectificationServiceClient::new(hub.channel_as("other-dept").await)
+            .get_case(pb::GetCaseRequest { id: a.id })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+
+        // Case B: appealed in time, found malicious: it leaves the scores.
+        let before = kunming_stats(&hub).await;
+        assert_eq!((before.total, before.bad), (4, 3));
+        let b = case_of(&b_id);
+        dept.file_appeal(pb::FileAppealRequest {
+            id: b.id,
+            reason: "评价人与办件无关，系恶意差评".into(),
+            evidence_refs: vec!["监控录像-0303".into()],
+        })
+        .await
+        .unwrap();
+        let err = dept
+            .decide_appeal(pb::DecideAppealRequest {
+                id: b.id,
+                outcome: 3,
+                note: "x".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::PermissionDenied,
+            "only the authority decides"
+        );
+        let decided = RectificationServiceClient::new(hub.channel_as("authority").await)
+            .decide_appeal(pb::DecideAppealRequest {
+                id: b.id,
+                outcome: pb::AppealOutcome::Malicious as i32,
+                note: "经核实属恶意差评".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .bad_rating_case
+            .unwrap();
+        assert_eq!(decided.appeal_outcome, pb::AppealOutcome::Malicious as i32);
+        let after = kunming_stats(&hub).await;
+        assert_eq!(
+            (after.total, after.bad),
+            (3, 2),
+            "the malicious rating left the counts"
+        );
+        // Kunming scores: before 0 + 2 + 10 + 0 over 4; after 0 + 10 + 0 over 3.
+        assert_eq!(before.average_score, Some(3.0));
+        assert!((after.average_score.unwrap() - 10.0 / 3.0).abs() < 1e-9);
+        // The rating itself stays stored.
+        let still = hub
+            .query()
+            .await
+            .get_rating(pb::GetRatingRequest { hub_id: b_id })
+            .await
+            .unwrap()
+            .into_inner()
+            .rating
+            .unwrap();
+        assert_eq!(still.level, pb::Level::Dissatisfied as i32);
+
+        // Case D: nobody acted; after the deadline it is overdue, and too late to appeal.
+        clock.set(cst("2025-03-25", 9));
+        let overdue = dept
+            .list_cases(pb::ListCasesRequest {
+                overdue_only: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .cases;
+        assert_eq!(overdue.len(), 1);
+        assert_eq!(overdue[0].hub_id, results[3].hub_id);
+        assert!(
+            overdue[0].overdue_reason.contains("rectif"),
+            "{}",
+            overdue[0].overdue_reason
+        );
+        let err = dept
+            .file_appeal(pb::FileAppealRequest {
+                id: overdue[0].id,
+                reason: "迟到的申诉".into(),
+                evidence_refs: vec![],
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            err.message().contains("appeal window closed"),
+            "{}",
+            err.message()
+        );
+        hub.stop().await;
+    }
+}

@@ -1,0 +1,369 @@
+//! `RectificationService`: the 差评工单 workflow and appeals, scoped by principal. The rules
+//! of the workflow live in `rules::bad_case`; this file checks callers and inputs.
+
+use std::sync::Arc;
+
+use tonic::{Code, Request, Response, Status};
+
+use super::query::restrict_to_scope;
+use super::{Caller, HubState, bad_request, page_size, violation};
+use crate::auth::Role;
+use crate::domain::Violation;
+use crate::pb::v1 as pb;
+use crate::pb::v1::rectification_service_server::RectificationService;
+use crate::rules::bad_case::{self, CaseView};
+use crate::store::{CaseEntryRecord, RatingQuery, RelayWrite, StoredBadCase};
+use crate::time::{micros_from_timestamp, timestamp_from_micros};
+use pb::{AppealOutcome, CaseAction};
+
+const NOTE_MAX: usize = 2000;
+const REFS_MAX: usize = 20;
+const REF_MAX: usize = 200;
+
+pub struct RectificationApi {
+    state: Arc<HubState>,
+}
+
+impl RectificationApi {
+    pub fn new(state: Arc<HubState>) -> Self {
+        Self { state }
+    }
+
+    fn view(&self, case: &StoredBadCase) -> (String, CaseView) {
+        let engine = &self.state.engine;
+        let (name, profile) = engine.profiles().for_region(&case.region_code);
+        let v = bad_case::view(
+            case,
+            profile,
+            engine.calendar(),
+            self.state.clock.now_micros(),
+        );
+        (name.to_owned(), v)
+    }
+
+    fn to_pb(&self, case: &StoredBadCase, with_history: bool) -> pb::BadRatingCase {
+        let (profile, v) = self.view(case);
+        pb::BadRatingCase {
+            id: case.id,
+            hub_id: case.hub_id.to_string(),
+            org_credit_code: case.org_credit_code.clone(),
+            region_code: case.region_code.clone(),
+            profile,
+            opened_at: Some(timestamp_from_micros(case.opened_at_micros)),
+            status: v.status as i32,
+            contact_deadline: v.contact_deadline.map(timestamp_from_micros),
+            rectify_deadline: v.rectify_deadline.map(timestamp_from_micros),
+            appeal_deadline: v.appeal_deadline.map(timestamp_from_micros),
+            overdue: v.overdue,
+            overdue_reason: v.overdue_reason,
+            appeal_outcome: v.appeal_outcome as i32,
+            appeal_pending: v.appeal_pending,
+            spot_check_selected: v.spot_check_selected,
+            real_name: case.real_name,
+            history: if with_history {
+                case.entries
+                    .iter()
+                    .map(|e| pb::CaseEntry {
+                        action: e.action,
+                        actor: e.actor.clone(),
+                        at: Some(timestamp_from_micros(e.at_micros)),
+                        note: e.note.clone(),
+                        evidence_refs: e.evidence_refs.clone(),
+                        new_deadline: e.new_deadline_micros.map(timestamp_from_micros),
+                        appeal_outcome: e.appeal_outcome,
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// The case, if it exists and is inside the caller's scope.
+    async fn case_for(&self, caller: &Caller, id: u64) -> Result<StoredBadCase, Status> {
+        let case = self
+            .state
+            .store
+            .get_bad_case(id)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("no bad-rating case {id}")))?;
+        if !caller
+            .principal
+            .scope
+            .covers(&case.org_credit_code, &case.region_code)
+        {
+            tracing::warn!(
+                principal = caller.name(),
+                case = id,
+                "Denied: case outside scope."
+            );
+            return Err(Status::permission_denied(format!(
+                "case {id} (organisation {}) is outside the scope of principal {}",
+                case.org_credit_code,
+                caller.name()
+            )));
+        }
+        Ok(case)
+    }
+
+    /// Checks the step against the case's history and appends it.
+    async fn append(
+        &self,
+        caller: &Caller,
+        id: u64,
+        entry: CaseEntryRecord,
+        exclude: bool,
+    ) -> Result<pb::BadRatingCase, Status> {
+        let case = self.case_for(caller, id).await?;
+        let (_, v) = self.view(&case);
+        let next = CaseAction::try_from(entry.action).unwrap_or_default();
+        let now = self.state.clock.now_micros();
+        if let Some(why) = bad_case::refuse(&case, &v, next, now) {
+            return Err(Status::failed_precondition(format!(
+                "case {id}: cannot record {}: {why}",
+                next.as_str_name()
+            )));
+        }
+        if next == CaseAction::Extend {
+            let new = entry.new_deadline_micros.unwrap_or_default();
+            if v.rectify_deadline.is_some_and(|d| new <= d) {
+                return Err(bad_request(&[violation(
+                    "new_deadline",
+                    "must be later than the current rectification deadline",
+                )]));
+            }
+        }
+        let exclude = exclude.then_some((case.hub_id, entry.appeal_outcome));
+        let written = self
+            .state
+            .store
+            .relay_write(RelayWrite::CaseEntry {
+                case_id: id,
+                expected_entries: case.entries.len() as u64,
+                entry,
+                exclude,
+            })
+            .await?;
+        if written == 0 {
+            return Err(Status::new(
+                Code::Aborted,
+                format!("case {id} changed while this step was recorded; read it again and retry"),
+            ));
+        }
+        tracing::info!(
+            principal = caller.name(),
+            case = id,
+            action = next.as_str_name(),
+            "Case step recorded."
+        );
+        let case = self.case_for(caller, id).await?;
+        Ok(self.to_pb(&case, true))
+    }
+}
+
+fn check_text(v: &mut Vec<Violation>, field: &str, text: &str, required: bool) -> String {
+    let t = text.trim();
+    if required && t.is_empty() {
+        v.push(violation(field, "is required"));
+    } else if t.chars().count() > NOTE_MAX {
+        v.push(violation(
+            field,
+            format!("is longer than {NOTE_MAX} characters"),
+        ));
+    }
+    t.to_owned()
+}
+
+fn check_refs(v: &mut Vec<Violation>, refs: &[String], required: bool) -> Vec<String> {
+    if required && refs.iter().all(|r| r.trim().is_empty()) {
+        v.push(violation(
+            "evidence_refs",
+            "at least one evidence reference is required",
+        ));
+    }
+    if refs.len() > REFS_MAX {
+        v.push(violation(
+            "evidence_refs",
+            format!("at most {REFS_MAX} references"),
+        ));
+    }
+    if refs
+        .iter()
+        .any(|r| r.chars().count() > REF_MAX || r.contains('\n'))
+    {
+        v.push(violation(
+            "evidence_refs",
+            format!("each reference is one line of at most {REF_MAX} characters"),
+        ));
+    }
+    refs.iter()
+        .map(|r| r.trim().to_owned())
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+#[tonic::async_trait]
+impl RectificationService for RectificationApi {
+    async fn list_cases(
+        &self,
+        request: Request<pb::ListCasesRequest>,
+    ) -> Result<Response<pb::ListCasesResponse>, Status> {
+        let caller = self.state.admit(&request, "ListCases", Role::Rectify)?;
+        let req = request.into_inner();
+        let limit = page_size(req.limit, 100, 1000)?;
+        let mut q = RatingQuery::default();
+        restrict_to_scope(&caller.principal, &mut q)?;
+        let rows = self
+            .state
+            .store
+            .list_bad_cases(q.scope.as_ref(), req.after_id, limit)
+            .await?;
+        let next_after_id = if rows.len() == limit as usize {
+            rows.last().map_or(0, |c| c.id)
+        } else {
+            0
+        };
+        let cases = rows
+            .iter()
+            .map(|c| self.to_pb(c, false))
+            .filter(|c| !req.open_only || c.status != pb::CaseStatus::Archived as i32)
+            .filter(|c| !req.overdue_only || c.overdue)
+            .collect();
+        Ok(Response::new(pb::ListCasesResponse {
+            cases,
+            next_after_id,
+        }))
+    }
+
+    async fn get_case(
+        &self,
+        request: Request<pb::GetCaseRequest>,
+    ) -> Result<Response<pb::GetCaseResponse>, Status> {
+        let caller = self.state.admit(&request, "GetCase", Role::Rectify)?;
+        let id = request.into_inner().id;
+        let case = self.case_for(&caller, id).await?;
+        let stored = self.state.store.get_rating(case.hub_id).await?;
+        let rating = match stored {
+            Some(s) => self.state.reveal(&caller, "GetCase", vec![s]).await?.pop(),
+            None => None,
+        };
+        Ok(Response::new(pb::GetCaseResponse {
+            bad_rating_case: Some(self.to_pb(&case, true)),
+            rating,
+        }))
+    }
+
+    async fn record_action(
+        &self,
+        request: Request<pb::RecordActionRequest>,
+    ) -> Result<Response<pb::RecordActionResponse>, Status> {
+        let action = CaseAction::try_from(request.get_ref().action).unwrap_or_default();
+        // Spot checks are the authority's; every other step is the rated organisation's.
+        let role = if action == CaseAction::SpotCheck {
+            Role::Admin
+        } else {
+            Role::Rectify
+        };
+        let caller = self.state.admit(&request, "RecordAction", role)?;
+        let req = request.into_inner();
+        let mut v = Vec::new();
+        if matches!(
+            action,
+            CaseAction::Unspecified | CaseAction::Appeal | CaseAction::AppealDecision
+        ) {
+            v.push(violation(
+                "action",
+                "must be CONTACT, RECTIFY, EXTEND, EXPLAIN, FEED_BACK, CALLBACK, ARCHIVE or SPOT_CHECK (appeals have their own calls)",
+            ));
+        }
+        let note = check_text(
+            &mut v,
+            "note",
+            &req.note,
+            matches!(action, CaseAction::Extend | CaseAction::Explain),
+        );
+        let refs = check_refs(&mut v, &req.evidence_refs, action == CaseAction::Rectify);
+        let new_deadline = req.new_deadline.as_ref().and_then(micros_from_timestamp);
+        if action == CaseAction::Extend && new_deadline.is_none() {
+            v.push(violation("new_deadline", "is required to extend"));
+        }
+        if !v.is_empty() {
+            return Err(bad_request(&v));
+        }
+        let entry = CaseEntryRecord {
+            action: action as i32,
+            actor: caller.name().to_owned(),
+            at_micros: 0,
+            note,
+            evidence_refs: refs,
+            new_deadline_micros: if action == CaseAction::Extend {
+                new_deadline
+            } else {
+                None
+            },
+            appeal_outcome: 0,
+        };
+        let case = self.append(&caller, req.id, entry, false).await?;
+        Ok(Response::new(pb::RecordActionResponse {
+            bad_rating_case: Some(case),
+        }))
+    }
+
+    async fn file_appeal(
+        &self,
+        request: Request<pb::FileAppealRequest>,
+    ) -> Result<Response<pb::FileAppealResponse>, Status> {
+        let caller = self.state.admit(&request, "FileAppeal", Role::Rectify)?;
+        let req = request.into_inner();
+        let mut v = Vec::new();
+        let note = check_text(&mut v, "reason", &req.reason, true);
+        let refs = check_refs(&mut v, &req.evidence_refs, false);
+        if !v.is_empty() {
+            return Err(bad_request(&v));
+        }
+        let entry = CaseEntryRecord {
+            action: CaseAction::Appeal as i32,
+            actor: caller.name().to_owned(),
+            at_micros: 0,
+            note,
+            evidence_refs: refs,
+            new_deadline_micros: None,
+            appeal_outcome: 0,
+        };
+        let case = self.append(&caller, req.id, entry, false).await?;
+        Ok(Response::new(pb::FileAppealResponse {
+            bad_rating_case: Some(case),
+        }))
+    }
+
+    async fn decide_appeal(
+        &self,
+        request: Request<pb::DecideAppealRequest>,
+    ) -> Result<Response<pb::DecideAppealResponse>, Status> {
+        let caller = self.state.admit(&request, "DecideAppeal", Role::Admin)?;
+        let req = request.into_inner();
+        let mut v = Vec::new();
+        let outcome = AppealOutcome::try_from(req.outcome).unwrap_or_default();
+        if outcome == AppealOutcome::Unspecified {
+            v.push(violation("outcome", "must be UPHELD, INVALID or MALICIOUS"));
+        }
+        let note = check_text(&mut v, "note", &req.note, true);
+        if !v.is_empty() {
+            return Err(bad_request(&v));
+        }
+        let exclude = matches!(outcome, AppealOutcome::Invalid | AppealOutcome::Malicious);
+        let entry = CaseEntryRecord {
+            action: CaseAction::AppealDecision as i32,
+            actor: caller.name().to_owned(),
+            at_micros: 0,
+            note,
+            evidence_refs: Vec::new(),
+            new_deadline_micros: None,
+            appeal_outcome: outcome as i32,
+        };
+        let case = self.append(&caller, req.id, entry, exclude).await?;
+        Ok(Response::new(pb::DecideAppealResponse {
+            bad_rating_case: Some(case),
+        }))
+    }
+}

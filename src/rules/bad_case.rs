@@ -1,0 +1,153 @@
+//! The 差评工单 life: where a case stands, its deadlines, and which step may come next —
+//! derived from its appended history, never stored as mutable state.
+
+use sha2::{Digest, Sha256};
+
+use super::calendar::Calendar;
+use super::profile::Profile;
+use crate::pb::v1::{AppealOutcome, CaseAction, CaseStatus};
+use crate::store::{CaseEntryRecord, StoredBadCase};
+
+/// A case as of now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaseView {
+    pub status: CaseStatus,
+    pub contact_deadline: Option<i64>,
+    pub rectify_deadline: Option<i64>,
+    pub appeal_deadline: Option<i64>,
+    pub overdue: bool,
+    pub overdue_reason: String,
+    pub appeal_outcome: AppealOutcome,
+    pub appeal_pending: bool,
+    pub spot_check_selected: bool,
+    pub spot_checked: bool,
+}
+
+fn action(e: &CaseEntryRecord) -> CaseAction {
+    CaseAction::try_from(e.action).unwrap_or_default()
+}
+
+/// Whether the authority must spot-check this case: a stable sample of `share` of all cases.
+pub fn spot_check_selected(hub_id: &uuid::Uuid, share: f64) -> bool {
+    let h = Sha256::digest(hub_id.as_bytes());
+    let x = u64::from_be_bytes(h[..8].try_into().expect("8 bytes"));
+    (x as f64) < share * (u64::MAX as f64)
+}
+
+/// Derives where a case stands at `now` under `profile`.
+pub fn view(case: &StoredBadCase, profile: &Profile, calendar: &Calendar, now: i64) -> CaseView {
+    let mut status = CaseStatus::Open;
+    let mut extended: Option<i64> = None;
+    let mut appeal_pending = false;
+    let mut appeal_outcome = AppealOutcome::Unspecified;
+    let mut spot_checked = false;
+    for e in &case.entries {
+        match action(e) {
+            CaseAction::Contact if status == CaseStatus::Open => status = CaseStatus::Contacted,
+            CaseAction::Rectify | CaseAction::Explain => status = CaseStatus::Resolved,
+            CaseAction::Extend => extended = e.new_deadline_micros.or(extended),
+            CaseAction::FeedBack => status = CaseStatus::FedBack,
+            CaseAction::Callback => status = CaseStatus::CalledBack,
+            CaseAction::Archive => status = CaseStatus::Archived,
+            CaseAction::SpotCheck => spot_checked = true,
+            CaseAction::Appeal => appeal_pending = true,
+            CaseAction::AppealDecision => {
+                appeal_pending = false;
+                appeal_outcome = AppealOutcome::try_from(e.appeal_outcome).unwrap_or_default();
+            }
+            _ => {}
+        }
+    }
+    let mut gaps = Vec::new();
+    let mut deadline = |days: Option<u32>| {
+        days.and_then(
+            |n| match calendar.working_days_deadline(case.opened_at_micros, n) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    gaps.push(e.to_string());
+                    None
+                }
+            },
+        )
+    };
+    let contact_deadline = deadline(profile.contact_working_days);
+    let rectify_deadline = extended.or_else(|| deadline(Some(profile.rectify_working_days)));
+    let appeal_deadline = deadline(profile.appeal_window_working_days);
+    // An appeal that found the rating invalid or malicious closes the case's obligations.
+    let void = matches!(
+        appeal_outcome,
+        AppealOutcome::Invalid | AppealOutcome::Malicious
+    );
+    let (overdue, overdue_reason) = match (contact_deadline, rectify_deadline) {
+        _ if void => (false, String::new()),
+        (Some(c), _) if status == CaseStatus::Open && now > c => {
+            (true, "not contacted within the contact deadline".to_owned())
+        }
+        (_, Some(r)) if matches!(status, CaseStatus::Open | CaseStatus::Contacted) && now > r => (
+            true,
+            "not rectified or explained within the rectification deadline".to_owned(),
+        ),
+        _ if !gaps.is_empty() => (false, format!("deadline unknown: {}", gaps.join("; "))),
+        _ => (false, String::new()),
+    };
+    CaseView {
+        status,
+        contact_deadline,
+        rectify_deadline,
+        appeal_deadline,
+        overdue,
+        overdue_reason,
+        appeal_outcome,
+        appeal_pending,
+        spot_check_selected: spot_check_selected(&case.hub_id, profile.spot_check_share),
+        spot_checked,
+    }
+}
+
+/// Why `next` may not be recorded now, if it may not.
+pub fn refuse(case: &StoredBadCase, v: &CaseView, next: CaseAction, now: i64) -> Option<String> {
+    use CaseStatus as S;
+    let s = v.status;
+    if s == S::Archived && next != CaseAction::SpotCheck {
+        return Some("the case is archived; only a spot check can follow".into());
+    }
+    match next {
+        CaseAction::Contact if s != S::Open => Some("the rater was already contacted".into()),
+        CaseAction::Rectify | CaseAction::Explain if s != S::Contacted => Some(match s {
+            S::Open => "contact and verify with the rater first (CONTACT)".into(),
+            _ => "the case is already rectified or explained".into(),
+        }),
+        CaseAction::Extend if !matches!(s, S::Open | S::Contacted) => {
+            Some("only an unresolved case can be extended".into())
+        }
+        CaseAction::FeedBack if s != S::Resolved => {
+            Some("rectify or explain first (RECTIFY or EXPLAIN), then feed back".into())
+        }
+        CaseAction::Callback if s != S::FedBack => {
+            Some("feed the result back to the rater first (FEED_BACK)".into())
+        }
+        CaseAction::Archive if !(s == S::CalledBack || (s == S::FedBack && !case.real_name)) => {
+            Some(if case.real_name {
+                "a real-name 差评 needs its callback (CALLBACK) before archiving".into()
+            } else {
+                "feed the result back first (FEED_BACK)".into()
+            })
+        }
+        CaseAction::SpotCheck if s != S::Archived => {
+            Some("only archived cases are spot-checked".into())
+        }
+        CaseAction::SpotCheck if v.spot_checked => Some("the case was already spot-checked".into()),
+        CaseAction::Appeal if v.appeal_pending => Some("an appeal is already pending".into()),
+        CaseAction::Appeal if v.appeal_outcome != AppealOutcome::Unspecified => {
+            Some("the appeal was already decided".into())
+        }
+        CaseAction::Appeal if v.appeal_deadline.is_some_and(|d| now > d) => Some(format!(
+            "the appeal window closed at {}",
+            crate::relay::http_json::format_cst(
+                v.appeal_deadline.unwrap_or_default().div_euclid(1_000_000)
+            )
+        )),
+        CaseAction::AppealDecision if !v.appeal_pending => Some("no appeal is pending".into()),
+        _ => None,
+    }
+}

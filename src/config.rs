@@ -32,6 +32,7 @@ pub struct Config {
     pub principals: BTreeMap<String, PrincipalConfig>,
     pub upstreams: BTreeMap<String, crate::relay::UpstreamConfig>,
     pub rules: RulesConfig,
+    pub quality: QualityConfig,
     pub storage: StorageConfig,
     pub validation: ValidationConfig,
     pub log: LogConfig,
@@ -81,6 +82,30 @@ impl TlsConfig {
             )?,
             crls,
         })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QualityConfig {
+    pub template_min: u32,
+    pub template_window_secs: i64,
+    pub device_burst: u32,
+    pub device_window_secs: i64,
+    pub phone_burst: u32,
+    pub phone_window_secs: i64,
+}
+
+impl QualityConfig {
+    pub fn thresholds(&self) -> crate::store::QualityThresholds {
+        crate::store::QualityThresholds {
+            template_min: self.template_min,
+            template_window_secs: self.template_window_secs,
+            device_burst: self.device_burst,
+            device_window_secs: self.device_window_secs,
+            phone_burst: self.phone_burst,
+            phone_window_secs: self.phone_window_secs,
+        }
     }
 }
 

@@ -45,6 +45,8 @@ pub enum PrivacyError {
 pub struct PiiKeys {
     active: String,
     keys: HashMap<String, ChaCha20Poly1305>,
+    /// Derived from the active key: pseudonymous tags for matching (e.g. phone bursts).
+    tag_key: [u8; 32],
 }
 
 impl fmt::Debug for PiiKeys {
@@ -58,7 +60,7 @@ impl fmt::Debug for PiiKeys {
     }
 }
 
-fn parse_hex_key(id: &str, text: &str) -> Result<ChaCha20Poly1305, PrivacyError> {
+fn key_bytes(id: &str, text: &str) -> Result<Vec<u8>, PrivacyError> {
     let bytes = hex::decode(text.trim()).map_err(|_| PrivacyError::Key {
         id: id.into(),
         reason: "must be 64 hexadecimal characters (32 bytes)".into(),
@@ -69,7 +71,21 @@ fn parse_hex_key(id: &str, text: &str) -> Result<ChaCha20Poly1305, PrivacyError>
             reason: format!("is {} bytes; 32 are needed", bytes.len()),
         });
     }
-    Ok(ChaCha20Poly1305::new(Key::from_slice(&bytes)))
+    Ok(bytes)
+}
+
+fn tag_key(key: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"rating-hub pseudonymous tag v1");
+    h.update(key);
+    h.finalize().into()
+}
+
+fn parse_hex_key(id: &str, text: &str) -> Result<ChaCha20Poly1305, PrivacyError> {
+    Ok(ChaCha20Poly1305::new(Key::from_slice(&key_bytes(
+        id, text,
+    )?)))
 }
 
 impl PiiKeys {
@@ -77,6 +93,7 @@ impl PiiKeys {
     /// `env:VARIABLE` naming an environment variable that holds them.
     pub fn load(active: &str, sources: &BTreeMap<String, String>) -> Result<Self, PrivacyError> {
         let mut keys = HashMap::new();
+        let mut tag = None;
         for (id, source) in sources {
             let text = if let Some(var) = source.strip_prefix("env:") {
                 std::env::var(var).map_err(|_| PrivacyError::Key {
@@ -90,13 +107,17 @@ impl PiiKeys {
                 })?
             };
             keys.insert(id.clone(), parse_hex_key(id, &text)?);
+            if id == active {
+                tag = Some(tag_key(&key_bytes(id, &text)?));
+            }
         }
-        if !keys.contains_key(active) {
+        let Some(tag_key) = tag else {
             return Err(PrivacyError::NoActiveKey(active.into()));
-        }
+        };
         Ok(Self {
             active: active.into(),
             keys,
+            tag_key,
         })
     }
 
@@ -116,6 +137,17 @@ impl PiiKeys {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         }
         Ok(true)
+    }
+
+    /// A keyed pseudonym of `value` (SHA-256 over key, value, key): equal values give equal
+    /// tags, and without the key a tag reveals nothing usable about the value.
+    pub fn tag(&self, value: &[u8]) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.tag_key);
+        h.update(value);
+        h.update(self.tag_key);
+        h.finalize().into()
     }
 
     /// Seals `plaintext`; `aad` binds the blob to its record (it cannot be moved to another).
@@ -209,6 +241,7 @@ mod tests {
         PiiKeys {
             active: "b".into(),
             keys: k,
+            tag_key: [7; 32],
         }
     }
 

@@ -158,6 +158,7 @@ pub async fn start_with_clock(
         max_in_flight: config.limits.max_in_flight,
         relay: relay.clone(),
         engine: rules.clone(),
+        quality: config.quality.thresholds(),
         stopping,
     });
     let max_msg = config.server.max_message_bytes;

@@ -17,7 +17,7 @@ use crate::auth::{Principal, Role};
 use crate::domain::{Violation, parse_case, parse_rating};
 use crate::pb::v1 as pb;
 use crate::pb::v1::ingest_service_server::IngestService;
-use crate::store::{CaseOutcome, InsertOutcome, NewCaseEvent, NewRating};
+use crate::store::{CaseOutcome, IngestChecks, InsertOutcome, NewCaseEvent, NewRating};
 use pb::Outcome;
 
 pub struct IngestApi {
@@ -83,14 +83,27 @@ fn stored_result(
     flags: &[pb::QualityFlag],
 ) -> pb::ItemResult {
     let (outcome, hub_id, feed_seq, flags) = match outcome {
-        InsertOutcome::Accepted { hub_id, feed_seq } => {
-            (Outcome::Accepted, hub_id, feed_seq, flags)
+        InsertOutcome::Accepted {
+            hub_id,
+            feed_seq,
+            flags: added,
+        } => {
+            let all: Vec<pb::QualityFlag> = flags.iter().chain(&added).copied().collect();
+            (Outcome::Accepted, hub_id, feed_seq, all)
         }
         InsertOutcome::Duplicate { hub_id, feed_seq } => {
-            (Outcome::Duplicate, hub_id, feed_seq, flags)
+            (Outcome::Duplicate, hub_id, feed_seq, flags.to_vec())
         }
         InsertOutcome::Conflict { hub_id, feed_seq } => {
-            (Outcome::Conflict, hub_id, feed_seq, &[][..])
+            (Outcome::Conflict, hub_id, feed_seq, Vec::new())
+        }
+        InsertOutcome::Refused { field, reason } => {
+            return refused(
+                index,
+                &source_key,
+                Outcome::Invalid,
+                vec![violation(field, reason)],
+            );
         }
     };
     pb::ItemResult {
@@ -101,6 +114,17 @@ fn stored_result(
         feed_sequence: feed_seq,
         violations: Vec::new(),
         quality_flags: flags.iter().map(|f| *f as i32).collect(),
+    }
+}
+
+/// The checks the store applies to a rating of this region from this caller.
+fn checks(state: &HubState, region: &str, relay: bool) -> IngestChecks {
+    let (_, profile) = state.engine.profiles().for_region(region);
+    IngestChecks {
+        counting: !relay,
+        follow_up_limit: profile.follow_up_limit,
+        follow_up_window_secs: i64::from(profile.follow_up_window_days) * 86_400,
+        quality: state.quality,
     }
 }
 
@@ -136,7 +160,8 @@ fn prepare<'a>(
                 } else {
                     let name = principal.name.clone();
                     let hub_id = r.relayed_hub_id.unwrap_or_else(Uuid::now_v7);
-                    valid.push((i, NewRating::new(hub_id, name, r, &state.pii)));
+                    let checks = checks(state, r.region_code.as_str(), r.relayed_hub_id.is_some());
+                    valid.push((i, NewRating::new(hub_id, name, r, &state.pii, checks)));
                 }
             }
             Err(v) => results[i] = Some(refused(i, &raw.source_key, Outcome::Invalid, v)),

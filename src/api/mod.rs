@@ -42,6 +42,7 @@ pub struct HubState {
     pub max_in_flight: usize,
     pub relay: Arc<crate::relay::Relay>,
     pub engine: Arc<crate::rules::engine::RulesEngine>,
+    pub quality: crate::store::QualityThresholds,
     /// Becomes true when the hub starts shutting down: endless streams end themselves.
     pub stopping: tokio::sync::watch::Receiver<bool>,
 }

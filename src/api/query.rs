@@ -387,20 +387,20 @@ impl QueryService for QueryApi {
         for row in self.state.store.stats(&query, &dims).await? {
             groups.insert(row.key.clone(), row);
         }
-        for (key, n) in self
+        for c in self
             .state
             .store
             .completed_case_counts(&query, &dims)
             .await?
         {
-            if n > 0 {
-                groups
-                    .entry(key.clone())
-                    .or_insert_with(|| StatsRow {
-                        key,
-                        ..Default::default()
-                    })
-                    .completed_cases = n;
+            if c.completed > 0 {
+                let row = groups.entry(c.key.clone()).or_insert_with(|| StatsRow {
+                    key: c.key,
+                    ..Default::default()
+                });
+                row.completed_cases = c.completed;
+                row.rated_cases = c.rated;
+                row.actively_rated_cases = c.actively_rated;
             }
         }
         Ok(Response::new(pb::GetStatsResponse {

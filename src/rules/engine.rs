@@ -17,7 +17,7 @@ use crate::clock::Clock;
 use crate::domain::{IngestRules, parse_rating};
 use crate::pb::v1 as pb;
 use crate::privacy::PiiKeys;
-use crate::store::{InsertOutcome, NewRating, RelayWrite, Store, StoreError};
+use crate::store::{IngestChecks, InsertOutcome, NewRating, RelayWrite, Store, StoreError};
 
 /// The source system of ratings the hub records itself (default ratings). Reserved: no
 /// principal may be called this.
@@ -193,11 +193,17 @@ impl RulesEngine {
                 .collect::<Vec<_>>()
                 .join("; ")
         })?;
+        // Counting rules do not apply: the engine only rates cases nobody has rated.
+        let checks = IngestChecks {
+            counting: false,
+            ..Default::default()
+        };
         Ok(NewRating::new(
             Uuid::now_v7(),
             HUB_SOURCE.into(),
             valid,
             &self.keys,
+            checks,
         ))
     }
 

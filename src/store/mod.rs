@@ -41,6 +41,11 @@ pub struct NewRating {
     pub body_bytes: Vec<u8>,
     /// The rater's name, ID number and phone, sealed.
     pub pii: Option<Sealed>,
+    /// Fingerprint of level + text + detail codes, when the rating has text or codes.
+    pub template_hash: Option<[u8; 32]>,
+    /// Keyed pseudonym of the rater's phone (burst detection), never the phone.
+    pub phone_tag: Option<[u8; 32]>,
+    pub checks: IngestChecks,
 }
 
 /// A case event ready to be written.
@@ -55,11 +60,74 @@ pub struct NewCaseEvent {
 }
 
 /// What the store did with one rating.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InsertOutcome {
-    Accepted { hub_id: Uuid, feed_seq: u64 },
-    Duplicate { hub_id: Uuid, feed_seq: u64 },
-    Conflict { hub_id: Uuid, feed_seq: u64 },
+    /// Committed; `flags` are the quality flags the store added (bursts, templates).
+    Accepted {
+        hub_id: Uuid,
+        feed_seq: u64,
+        flags: Vec<pb::QualityFlag>,
+    },
+    Duplicate {
+        hub_id: Uuid,
+        feed_seq: u64,
+    },
+    Conflict {
+        hub_id: Uuid,
+        feed_seq: u64,
+    },
+    /// A counting rule (一事一评, 一次一评, batch, theme, follow-up) refused it; nothing stored.
+    Refused {
+        field: &'static str,
+        reason: String,
+    },
+}
+
+/// Counting rules and quality checks the writer applies, race-free, inside the transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngestChecks {
+    /// Apply 一事一评 / 一次一评 / batch / theme / follow-up rules (not for relayed ratings,
+    /// which the lower hub already checked).
+    pub counting: bool,
+    /// Follow-ups allowed per rating, and within how many seconds of the original.
+    pub follow_up_limit: u32,
+    pub follow_up_window_secs: i64,
+    pub quality: QualityThresholds,
+}
+
+/// When the store flags a rating as templated or part of a burst.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QualityThresholds {
+    pub template_min: u32,
+    pub template_window_secs: i64,
+    pub device_burst: u32,
+    pub device_window_secs: i64,
+    pub phone_burst: u32,
+    pub phone_window_secs: i64,
+}
+
+impl Default for QualityThresholds {
+    fn default() -> Self {
+        Self {
+            template_min: 10,
+            template_window_secs: 86_400,
+            device_burst: 30,
+            device_window_secs: 60,
+            phone_burst: 5,
+            phone_window_secs: 600,
+        }
+    }
+}
+
+impl Default for IngestChecks {
+    fn default() -> Self {
+        Self {
+            counting: true,
+            follow_up_limit: 1,
+            follow_up_window_secs: 15 * 86_400,
+            quality: QualityThresholds::default(),
+        }
+    }
 }
 
 /// What the store did with one case event.
@@ -126,6 +194,17 @@ impl RatingQuery {
             ..self.clone()
         }
     }
+}
+
+/// Completed cases of one statistics group.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CaseCounts {
+    pub key: Vec<String>,
+    pub completed: u64,
+    /// Rated by an item rating of the case, its batch or its theme.
+    pub rated: u64,
+    /// … by the rater (not a default rating).
+    pub actively_rated: u64,
 }
 
 /// Ratings of one day (UTC+8) and organisation, for reconciliation.
@@ -276,10 +355,9 @@ pub struct StatsRow {
     /// Counts per level, index 0 = 非常满意 … 4 = 非常不满意.
     pub per_level: [u64; 5],
     pub default_ratings: u64,
-    /// Distinct cases with an item rating, and those rated by the rater (not by default).
+    /// Filled in by the caller from `completed_case_counts`.
     pub rated_cases: u64,
     pub actively_rated_cases: u64,
-    /// 办结 cases reported for the group (filled in by the caller from case events).
     pub completed_cases: u64,
 }
 
@@ -367,12 +445,12 @@ pub trait Store: Send + Sync + 'static {
 
     async fn get_bad_case(&self, id: u64) -> Result<Option<StoredBadCase>, StoreError>;
 
-    /// Completed (办结) case events per group, keyed like `stats`.
+    /// Completed (办结) cases per group, keyed like `stats`, with how many are rated.
     async fn completed_case_counts(
         &self,
         query: &RatingQuery,
         group_by: &[StatsDimension],
-    ) -> Result<Vec<(Vec<String>, u64)>, StoreError>;
+    ) -> Result<Vec<CaseCounts>, StoreError>;
 
     async fn open_completed_cases(
         &self,
@@ -408,19 +486,42 @@ pub fn case_aad(source_system: &str, case_number: &str, event: i32) -> Vec<u8> {
 impl NewRating {
     /// Seals the rater's PII and encodes the body here, on the caller's task, so the single
     /// writer only writes bytes and no plaintext PII reaches the database.
-    pub fn new(hub_id: Uuid, source_system: String, rating: ValidRating, keys: &PiiKeys) -> Self {
+    pub fn new(
+        hub_id: Uuid,
+        source_system: String,
+        rating: ValidRating,
+        keys: &PiiKeys,
+        checks: IngestChecks,
+    ) -> Self {
         use prost::Message;
+        use sha2::{Digest, Sha256};
         let mut body = rating.body.clone();
+        let phone_tag = body
+            .rater
+            .as_ref()
+            .filter(|r| !r.phone.is_empty())
+            .map(|r| keys.tag(r.phone.as_bytes()));
         let pii = body
             .rater
             .as_mut()
             .and_then(|r| keys.seal_rater(r, &rating_aad(&hub_id)));
+        let template_hash = (!body.text.is_empty() || !body.detail_codes.is_empty()).then(|| {
+            let mut h = Sha256::new();
+            h.update(body.level.to_be_bytes());
+            h.update(body.text.as_bytes());
+            h.update([0]);
+            h.update(body.detail_codes.join(",").as_bytes());
+            h.finalize().into()
+        });
         Self {
             hub_id,
             source_system,
             rating,
             body_bytes: body.encode_to_vec(),
             pii,
+            template_hash,
+            phone_tag,
+            checks,
         }
     }
 }

@@ -22,9 +22,9 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::{
-    CaseEntryRecord, CaseOutcome, DayOrgIds, DeadLetter, InsertOutcome, NewCaseEvent, NewRating,
-    OpenCase, PiiAccess, RatingQuery, RelayWrite, ScopeFilter, StatsDimension, StatsRow, Store,
-    StoreError, StoredBadCase, StoredInvitation, StoredRating, UpstreamState,
+    CaseCounts, CaseEntryRecord, CaseOutcome, DayOrgIds, DeadLetter, InsertOutcome, NewCaseEvent,
+    NewRating, OpenCase, PiiAccess, RatingQuery, RelayWrite, ScopeFilter, StatsDimension, StatsRow,
+    Store, StoreError, StoredBadCase, StoredInvitation, StoredRating, UpstreamState,
 };
 use crate::clock::Clock;
 use crate::pb::v1 as pb;
@@ -560,15 +560,28 @@ async fn insert_rating(
     received_at: i64,
 ) -> Result<InsertOutcome, sqlx::Error> {
     let r = &item.rating;
+    if item.checks.counting
+        && let Some((field, reason)) = counting_rule(conn, item).await?
+    {
+        // A re-send of a stored rating is a duplicate or a conflict, not a rule violation.
+        if let Some(existing) = existing(conn, item).await? {
+            return Ok(existing);
+        }
+        return Ok(InsertOutcome::Refused { field, reason });
+    }
+    let added = quality_checks(conn, item).await?;
     let flags = r
         .quality_flags
         .iter()
+        .chain(&added)
         .fold(0i64, |acc, f| acc | (1 << (*f as i32)));
+    let b = &r.body;
     let inserted = sqlx::query(
         "INSERT INTO ratings (feed_seq, hub_id, source_system, source_key, content_hash, level, \
          channel, target_kind, org_credit_code, region_code, item_code, staff_id, case_number, \
-         rated_at, received_at, is_default, quality_flags, body, pii, pii_key_id) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         rated_at, received_at, is_default, quality_flags, body, pii, pii_key_id, follow_up_of, \
+         batch_id, theme_id, device_id, template_hash, phone_tag) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
          ON CONFLICT DO NOTHING",
     )
     .bind(seq as i64)
@@ -591,12 +604,18 @@ async fn insert_rating(
     .bind(item.body_bytes.as_slice())
     .bind(item.pii.as_ref().map(|p| p.blob.as_slice()))
     .bind(item.pii.as_ref().map(|p| p.key_id.as_str()))
+    .bind(&b.follow_up_of)
+    .bind(&b.batch_id)
+    .bind(&b.theme_id)
+    .bind(&b.device_id)
+    .bind(item.template_hash.as_ref().map(|h| h.as_slice()))
+    .bind(item.phone_tag.as_ref().map(|h| h.as_slice()))
     .execute(&mut *conn)
     .await?;
     if inserted.rows_affected() == 1 {
         // Every 差评 a rater gave opens a case, in the same transaction as the rating.
         if crate::domain::rating::is_bad(r.level) && !r.is_default {
-            let real_name = r.body.rater.as_ref().is_some_and(|x| x.real_name);
+            let real_name = b.rater.as_ref().is_some_and(|x| x.real_name);
             sqlx::query(
                 "INSERT INTO bad_rating_cases (hub_id, org_credit_code, region_code, opened_at, \
                  real_name) VALUES (?, ?, ?, ?, ?)",
@@ -612,9 +631,21 @@ async fn insert_rating(
         return Ok(InsertOutcome::Accepted {
             hub_id: item.hub_id,
             feed_seq: seq,
+            flags: added,
         });
     }
-    // Either (source, key) exists, or — for a relayed rating — its hub id does.
+    Ok(existing(conn, item)
+        .await?
+        .expect("a row that conflicted on insert exists"))
+}
+
+/// The stored rating with this (source, key) — or, for a relayed rating, this hub id — as a
+/// duplicate (same content) or conflict.
+async fn existing(
+    conn: &mut SqliteConnection,
+    item: &NewRating,
+) -> Result<Option<InsertOutcome>, sqlx::Error> {
+    let r = &item.rating;
     let row = sqlx::query(
         "SELECT hub_id, feed_seq, content_hash, source_system = ? AND source_key = ? AS same_key \
          FROM ratings WHERE (source_system = ? AND source_key = ?) OR hub_id = ? \
@@ -625,17 +656,201 @@ async fn insert_rating(
     .bind(&item.source_system)
     .bind(&r.source_key)
     .bind(item.hub_id.as_bytes().as_slice())
-    .fetch_one(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await?;
+    let Some(row) = row else { return Ok(None) };
     let same_key: bool = row.try_get("same_key")?;
     let hub_id = uuid_from_row(&row, "hub_id")?;
     let feed_seq = row.try_get::<i64, _>("feed_seq")? as u64;
     let hash: Vec<u8> = row.try_get("content_hash")?;
-    Ok(if same_key && hash == r.content_hash {
+    Ok(Some(if same_key && hash == r.content_hash {
         InsertOutcome::Duplicate { hub_id, feed_seq }
     } else {
         InsertOutcome::Conflict { hub_id, feed_seq }
-    })
+    }))
+}
+
+/// 一事一评, 一次一评, one rating per batch, and the follow-up limits. `None` when allowed.
+async fn counting_rule(
+    conn: &mut SqliteConnection,
+    item: &NewRating,
+) -> Result<Option<(&'static str, String)>, sqlx::Error> {
+    let r = &item.rating;
+    let b = &r.body;
+    let other = |sql: &str| format!("{sql} AND NOT (source_system = ? AND source_key = ?) LIMIT 1");
+    if !b.follow_up_of.is_empty() {
+        let original =
+            sqlx::query("SELECT rated_at FROM ratings WHERE source_system = ? AND source_key = ?")
+                .bind(&item.source_system)
+                .bind(&b.follow_up_of)
+                .fetch_optional(&mut *conn)
+                .await?;
+        let Some(original) = original else {
+            return Ok(Some((
+                "follow_up_of",
+                format!(
+                    "no rating with source key {:?} from this source to follow up",
+                    b.follow_up_of
+                ),
+            )));
+        };
+        let earlier: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM ratings WHERE source_system = ? AND follow_up_of = ? \
+             AND source_key <> ?",
+        )
+        .bind(&item.source_system)
+        .bind(&b.follow_up_of)
+        .bind(&r.source_key)
+        .fetch_one(&mut *conn)
+        .await?;
+        let limit = item.checks.follow_up_limit;
+        if earlier as u64 >= u64::from(limit) {
+            return Ok(Some((
+                "follow_up_of",
+                format!(
+                    "the rating already has {earlier} follow-up(s); at most {limit} allowed (追加评价)"
+                ),
+            )));
+        }
+        let original_at: i64 = original.try_get("rated_at")?;
+        let window = item.checks.follow_up_window_secs;
+        if r.rated_at_micros - original_at > window * 1_000_000 {
+            return Ok(Some((
+                "follow_up_of",
+                format!(
+                    "a follow-up must come within {} days of the original rating",
+                    window / 86_400
+                ),
+            )));
+        }
+        return Ok(None);
+    }
+    match r.target_kind {
+        pb::TargetKind::Item => {
+            if !b.batch_id.is_empty() {
+                let hit: Option<Vec<u8>> = sqlx::query_scalar(&other(
+                    "SELECT hub_id FROM ratings WHERE org_credit_code = ? AND batch_id = ? \
+                     AND target_kind = 1 AND follow_up_of = ''",
+                ))
+                .bind(r.org_credit_code.as_str())
+                .bind(&b.batch_id)
+                .bind(&item.source_system)
+                .bind(&r.source_key)
+                .fetch_optional(&mut *conn)
+                .await?;
+                if hit.is_some() {
+                    return Ok(Some((
+                        "batch_id",
+                        format!(
+                            "batch {:?} already has its rating: one rating applies to every case of a batch (批量业务)",
+                            b.batch_id
+                        ),
+                    )));
+                }
+            }
+            let hit: Option<Vec<u8>> = sqlx::query_scalar(&other(
+                "SELECT hub_id FROM ratings WHERE org_credit_code = ? AND case_number = ? \
+                 AND target_kind = 1 AND follow_up_of = ''",
+            ))
+            .bind(r.org_credit_code.as_str())
+            .bind(&r.case_number)
+            .bind(&item.source_system)
+            .bind(&r.source_key)
+            .fetch_optional(&mut *conn)
+            .await?;
+            if hit.is_some() {
+                return Ok(Some((
+                    "case_number",
+                    format!(
+                        "case {:?} already has an item rating (一事一评); a second rating must be a follow-up (follow_up_of)",
+                        r.case_number
+                    ),
+                )));
+            }
+        }
+        pb::TargetKind::Staff if !r.case_number.is_empty() => {
+            let hit: Option<Vec<u8>> = sqlx::query_scalar(&other(
+                "SELECT hub_id FROM ratings WHERE org_credit_code = ? AND case_number = ? \
+                 AND staff_id = ? AND target_kind = 3 AND follow_up_of = ''",
+            ))
+            .bind(r.org_credit_code.as_str())
+            .bind(&r.case_number)
+            .bind(&r.staff_id)
+            .bind(&item.source_system)
+            .bind(&r.source_key)
+            .fetch_optional(&mut *conn)
+            .await?;
+            if hit.is_some() {
+                return Ok(Some((
+                    "staff_id",
+                    format!(
+                        "staff member {:?} was already rated for this visit (case {:?}): 一次一评",
+                        r.staff_id, r.case_number
+                    ),
+                )));
+            }
+        }
+        _ => {}
+    }
+    Ok(None)
+}
+
+/// Templated text from one source, bursts from one device or phone: flagged, never dropped.
+async fn quality_checks(
+    conn: &mut SqliteConnection,
+    item: &NewRating,
+) -> Result<Vec<pb::QualityFlag>, sqlx::Error> {
+    let r = &item.rating;
+    let q = item.checks.quality;
+    let at = r.rated_at_micros;
+    let mut flags = Vec::new();
+    if let Some(h) = &item.template_hash {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM ratings WHERE source_system = ? \
+             AND template_hash = ? AND rated_at > ? AND rated_at <= ? LIMIT ?)",
+        )
+        .bind(&item.source_system)
+        .bind(h.as_slice())
+        .bind(at - q.template_window_secs * 1_000_000)
+        .bind(at)
+        .bind(i64::from(q.template_min))
+        .fetch_one(&mut *conn)
+        .await?;
+        if n + 1 >= i64::from(q.template_min) {
+            flags.push(pb::QualityFlag::Templated);
+        }
+    }
+    if !r.body.device_id.is_empty() {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM ratings WHERE device_id = ? AND rated_at > ? \
+             AND rated_at <= ? LIMIT ?)",
+        )
+        .bind(&r.body.device_id)
+        .bind(at - q.device_window_secs * 1_000_000)
+        .bind(at)
+        .bind(i64::from(q.device_burst))
+        .fetch_one(&mut *conn)
+        .await?;
+        if n + 1 >= i64::from(q.device_burst) {
+            flags.push(pb::QualityFlag::DeviceBurst);
+        }
+    }
+    if let Some(tag) = &item.phone_tag {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM ratings WHERE phone_tag = ? AND rated_at > ? \
+             AND rated_at <= ? LIMIT ?)",
+        )
+        .bind(tag.as_slice())
+        .bind(at - q.phone_window_secs * 1_000_000)
+        .bind(at)
+        .bind(i64::from(q.phone_burst))
+        .fetch_one(&mut *conn)
+        .await?;
+        if n + 1 >= i64::from(q.phone_burst) {
+            flags.push(pb::QualityFlag::PhoneBurst);
+        }
+    }
+    Ok(flags)
 }
 
 async fn insert_case(
@@ -646,8 +861,9 @@ async fn insert_case(
     let c = &item.case;
     let inserted = sqlx::query(
         "INSERT INTO service_case_events (source_system, case_number, event, occurred_at, \
-         item_code, region_code, org_credit_code, staff_id, channel, content_hash, received_at, \
-         body, pii, pii_key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         item_code, region_code, org_credit_code, staff_id, channel, batch_id, theme_id, \
+         content_hash, received_at, body, pii, pii_key_id) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
          ON CONFLICT (source_system, case_number, event) DO NOTHING",
     )
     .bind(&item.source_system)
@@ -659,6 +875,8 @@ async fn insert_case(
     .bind(c.org_credit_code.as_str())
     .bind(&c.body.staff_id)
     .bind(c.body.channel)
+    .bind(&c.body.batch_id)
+    .bind(&c.body.theme_id)
     .bind(c.content_hash.as_slice())
     .bind(received_at)
     .bind(item.body_bytes.as_slice())
@@ -690,8 +908,8 @@ fn uuid_from_row(row: &SqliteRow, col: &str) -> Result<Uuid, sqlx::Error> {
     Uuid::from_slice(&bytes).map_err(|e| sqlx::Error::Decode(Box::new(e)))
 }
 
-const RATING_COLUMNS: &str =
-    "SELECT feed_seq, hub_id, source_system, received_at, body, pii, pii_key_id FROM ratings";
+const RATING_COLUMNS: &str = "SELECT feed_seq, hub_id, source_system, received_at, body, pii, pii_key_id, quality_flags \
+     FROM ratings";
 
 fn stored_from_row(row: &SqliteRow) -> Result<StoredRating, StoreError> {
     let feed_seq = row.try_get::<i64, _>("feed_seq")? as u64;
@@ -701,6 +919,9 @@ fn stored_from_row(row: &SqliteRow) -> Result<StoredRating, StoreError> {
     rating.hub_id = uuid_from_row(row, "hub_id")?.to_string();
     rating.source_system = row.try_get("source_system")?;
     rating.feed_sequence = feed_seq;
+    // The column is authoritative: the writer may add flags the body was encoded without.
+    let bits: i64 = row.try_get("quality_flags")?;
+    rating.quality_flags = (1..63).filter(|b| bits & (1 << b) != 0).collect();
     rating.received_at = Some(crate::time::timestamp_from_micros(
         row.try_get("received_at")?,
     ));
@@ -857,11 +1078,7 @@ impl Store for SqliteStore {
             "COUNT(*) AS total, \
              COALESCE(SUM(level = 1), 0) AS l1, COALESCE(SUM(level = 2), 0) AS l2, \
              COALESCE(SUM(level = 3), 0) AS l3, COALESCE(SUM(level = 4), 0) AS l4, \
-             COALESCE(SUM(level = 5), 0) AS l5, COALESCE(SUM(is_default), 0) AS defaults, \
-             COUNT(DISTINCT CASE WHEN target_kind = 1 AND case_number <> '' \
-                   THEN org_credit_code || '/' || case_number END) AS rated_cases, \
-             COUNT(DISTINCT CASE WHEN target_kind = 1 AND case_number <> '' AND is_default = 0 \
-                   THEN org_credit_code || '/' || case_number END) AS active_cases \
+             COALESCE(SUM(level = 5), 0) AS l5, COALESCE(SUM(is_default), 0) AS defaults \
              FROM ratings WHERE hub_id NOT IN (SELECT hub_id FROM rating_exclusions)",
         );
         push_filter(&mut qb, query);
@@ -890,9 +1107,7 @@ impl Store for SqliteStore {
                 total,
                 per_level,
                 default_ratings: row.try_get::<i64, _>("defaults")? as u64,
-                rated_cases: row.try_get::<i64, _>("rated_cases")? as u64,
-                actively_rated_cases: row.try_get::<i64, _>("active_cases")? as u64,
-                completed_cases: 0,
+                ..Default::default()
             });
         }
         Ok(out)
@@ -1106,7 +1321,7 @@ impl Store for SqliteStore {
         &self,
         query: &RatingQuery,
         group_by: &[StatsDimension],
-    ) -> Result<Vec<(Vec<String>, u64)>, StoreError> {
+    ) -> Result<Vec<CaseCounts>, StoreError> {
         // The same dimensions over 办结 events: periods by completion time.
         let cases_query = RatingQuery {
             levels: Vec::new(),
@@ -1118,7 +1333,18 @@ impl Store for SqliteStore {
             let expr = dimension_sql(*d).replace("rated_at", "occurred_at");
             qb.push(format!("{expr} AS k{i}, "));
         }
-        qb.push("COUNT(*) AS n FROM service_case_events WHERE event = 2");
+        // A case counts as rated by its own item rating, or by its batch's or theme's
+        // (批量业务 and “一件事”: one rating applies to every case linked to it).
+        const RATED: &str = "EXISTS (SELECT 1 FROM ratings r WHERE r.org_credit_code = \
+             e.org_credit_code AND r.target_kind = 1 AND (r.case_number = e.case_number \
+             OR (e.batch_id <> '' AND r.batch_id = e.batch_id) \
+             OR (e.theme_id <> '' AND r.theme_id = e.theme_id)) \
+             AND r.hub_id NOT IN (SELECT hub_id FROM rating_exclusions)";
+        qb.push(format!(
+            "COUNT(*) AS n, COALESCE(SUM({RATED})), 0) AS rated, \
+             COALESCE(SUM({RATED} AND r.is_default = 0)), 0) AS active \
+             FROM service_case_events e WHERE event = 2"
+        ));
         push_filter(&mut qb, &cases_query.with_time_column());
         if !group_by.is_empty() {
             let keys: Vec<String> = (0..group_by.len()).map(|i| format!("k{i}")).collect();
@@ -1131,7 +1357,12 @@ impl Store for SqliteStore {
             for i in 0..group_by.len() {
                 key.push(row.try_get::<String, _>(i)?);
             }
-            out.push((key, row.try_get::<i64, _>("n")? as u64));
+            out.push(CaseCounts {
+                key,
+                completed: row.try_get::<i64, _>("n")? as u64,
+                rated: row.try_get::<i64, _>("rated")? as u64,
+                actively_rated: row.try_get::<i64, _>("active")? as u64,
+            });
         }
         Ok(out)
     }

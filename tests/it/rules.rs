@@ -554,3 +554,197 @@ mod bad_rating_cases {
         hub.stop().await;
     }
 }
+
+mod counting_and_quality {
+    use super::*;
+
+    fn invalid_field(r: &pb::ItemResult) -> String {
+        assert_eq!(outcome(r), pb::Outcome::Invalid, "{r:?}");
+        r.violations[0].field.clone()
+    }
+
+    #[tokio::test]
+    async fn one_item_rating_per_case_and_one_follow_up() {
+        let hub = TestHub::start().await;
+        let mut ingest = hub.ingest().await;
+        let first = rating("first");
+        assert_eq!(
+            outcome(&submit_one(&mut ingest, first.clone()).await),
+            pb::Outcome::Accepted
+        );
+        // Another item rating for the same case: 一事一评.
+        let mut second = rating("second");
+        second.case_number = first.case_number.clone();
+        let r = submit_one(&mut ingest, second).await;
+        assert_eq!(invalid_field(&r), "case_number");
+        assert!(r.violations[0].description.contains("一事一评"));
+        // A follow-up (追加评价) is allowed once (Kunming: default profile limit 1).
+        let mut follow = rating("follow-1");
+        follow.case_number = first.case_number.clone();
+        follow.follow_up_of = "first".into();
+        assert_eq!(
+            outcome(&submit_one(&mut ingest, follow.clone()).await),
+            pb::Outcome::Accepted
+        );
+        // Re-sending it is a duplicate, not a rule violation.
+        assert_eq!(
+            outcome(&submit_one(&mut ingest, follow).await),
+            pb::Outcome::Duplicate
+        );
+        let mut again = rating("follow-2");
+        again.case_number = first.case_number.clone();
+        again.follow_up_of = "first".into();
+        assert_eq!(
+            invalid_field(&submit_one(&mut ingest, again).await),
+            "follow_up_of"
+        );
+        let mut orphan = rating("orphan");
+        orphan.follow_up_of = "nobody".into();
+        assert_eq!(
+            invalid_field(&submit_one(&mut ingest, orphan).await),
+            "follow_up_of"
+        );
+        hub.stop().await;
+    }
+
+    #[tokio::test]
+    async fn one_staff_rating_per_visit() {
+        let hub = TestHub::start().await;
+        let mut ingest = hub.ingest().await;
+        let staff = |key: &str| {
+            let mut r = rating(key);
+            r.target_kind = pb::TargetKind::Staff as i32;
+            r.case_number = "VISIT-1".into();
+            r.staff_id = "S007".into();
+            r
+        };
+        assert_eq!(
+            outcome(&submit_one(&mut ingest, staff("s1")).await),
+            pb::Outcome::Accepted
+        );
+        assert_eq!(
+            invalid_field(&submit_one(&mut ingest, staff("s2")).await),
+            "staff_id"
+        );
+        let mut other_staff = staff("s3");
+        other_staff.staff_id = "S008".into();
+        assert_eq!(
+            outcome(&submit_one(&mut ingest, other_staff).await),
+            pb::Outcome::Accepted
+        );
+        hub.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_batch_rating_covers_every_case_of_the_batch() {
+        let t0 = cst("2025-06-10", 9);
+        let clock = Arc::new(ManualClock::at(t0 + 3_600_000_000));
+        let hub = HubBuilder::new().clock(clock.clone()).start().await;
+        let mut cases: Vec<pb::ServiceCase> = (1..=3)
+            .map(|i| {
+                let mut c = completed(&format!("B-{i}"), "530102", t0);
+                c.batch_id = "VISIT-42".into();
+                c
+            })
+            .collect();
+        cases.push(completed("SOLO", "530102", t0));
+        report(&hub, cases).await;
+        let mut ingest = hub.ingest().await;
+        let at = Some(rating_hub::time::timestamp_from_micros(clock.now_micros()));
+        let mut batch_rating = rating("batch");
+        batch_rating.case_number = "B-1".into();
+        batch_rating.batch_id = "VISIT-42".into();
+        batch_rating.rated_at = at;
+        assert_eq!(
+            outcome(&submit_one(&mut ingest, batch_rating).await),
+            pb::Outcome::Accepted
+        );
+        let mut second = rating("batch-2");
+        second.case_number = "B-2".into();
+        second.batch_id = "VISIT-42".into();
+        second.rated_at = at;
+        assert_eq!(
+            invalid_field(&submit_one(&mut ingest, second).await),
+            "batch_id"
+        );
+        let g = hub
+            .query()
+            .await
+            .get_stats(pb::GetStatsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .groups
+            .remove(0);
+        assert_eq!(
+            (g.completed_cases, g.rated_cases),
+            (4, 3),
+            "one rating covers the three batch cases"
+        );
+        assert_eq!(g.rating_rate, 0.75);
+        assert_eq!(g.unrated_rate, 0.25);
+        hub.stop().await;
+    }
+
+    #[tokio::test]
+    async fn templated_ratings_and_device_bursts_are_flagged_not_dropped() {
+        let hub = HubBuilder::new()
+            .set("quality.template_min", "5")
+            .set("quality.device_burst", "4")
+            .start()
+            .await;
+        let mut ingest = hub.ingest().await;
+        let batch: Vec<_> = (0..6)
+            .map(|i| {
+                let mut r = rating(&format!("tpl{i}"));
+                r.text = "服务很好，非常满意！".into();
+                r.rater = None;
+                r
+            })
+            .collect();
+        let results = submit(&mut ingest, batch).await;
+        let templated = pb::QualityFlag::Templated as i32;
+        let flagged: Vec<bool> = results
+            .iter()
+            .map(|r| r.quality_flags.contains(&templated))
+            .collect();
+        assert_eq!(
+            flagged,
+            [false, false, false, false, true, true],
+            "from the fifth identical text on"
+        );
+        assert!(results.iter().all(|r| outcome(r) == pb::Outcome::Accepted));
+        let stored = hub
+            .query()
+            .await
+            .get_rating(pb::GetRatingRequest {
+                hub_id: results[5].hub_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .rating
+            .unwrap();
+        assert!(
+            stored.quality_flags.contains(&templated),
+            "visible in queries"
+        );
+
+        let burst: Vec<_> = (0..5)
+            .map(|i| {
+                let mut r = rating(&format!("dev{i}"));
+                r.device_id = "HALL-PAD-3".into();
+                r.rater = None;
+                r
+            })
+            .collect();
+        let results = submit(&mut ingest, burst).await;
+        let device = pb::QualityFlag::DeviceBurst as i32;
+        let flagged: Vec<bool> = results
+            .iter()
+            .map(|r| r.quality_flags.contains(&device))
+            .collect();
+        assert_eq!(flagged, [false, false, false, true, true]);
+        hub.stop().await;
+    }
+}

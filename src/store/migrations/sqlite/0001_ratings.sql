@@ -20,12 +20,25 @@ CREATE TABLE ratings (
     body            BLOB    NOT NULL, -- the canonical ratinghub.v1.Rating without rater PII
     pii             BLOB,             -- rater name / ID number / phone, AEAD-sealed (privacy.rs)
     pii_key_id      TEXT,             -- the key that sealed `pii`
+    follow_up_of    TEXT    NOT NULL, -- source key of the rating this one follows up ('' if none)
+    batch_id        TEXT    NOT NULL,
+    theme_id        TEXT    NOT NULL,
+    device_id       TEXT    NOT NULL,
+    template_hash   BLOB,             -- fingerprint of level + text + codes, when there is text
+    phone_tag       BLOB,             -- keyed pseudonym of the rater's phone (bursts), never the phone
     UNIQUE (source_system, source_key)
 );
 
 CREATE INDEX ratings_org ON ratings (org_credit_code, feed_seq);
 CREATE INDEX ratings_region ON ratings (region_code, feed_seq);
 CREATE INDEX ratings_case ON ratings (case_number);
+CREATE INDEX ratings_batch ON ratings (org_credit_code, batch_id) WHERE batch_id <> '';
+CREATE INDEX ratings_theme ON ratings (org_credit_code, theme_id) WHERE theme_id <> '';
+CREATE INDEX ratings_follow_up ON ratings (source_system, follow_up_of) WHERE follow_up_of <> '';
+CREATE INDEX ratings_template ON ratings (source_system, template_hash, rated_at)
+    WHERE template_hash IS NOT NULL;
+CREATE INDEX ratings_device ON ratings (device_id, rated_at) WHERE device_id <> '';
+CREATE INDEX ratings_phone ON ratings (phone_tag, rated_at) WHERE phone_tag IS NOT NULL;
 
 CREATE TRIGGER ratings_append_only_update BEFORE UPDATE ON ratings
 BEGIN
@@ -49,6 +62,8 @@ CREATE TABLE service_case_events (
     org_credit_code TEXT    NOT NULL,
     staff_id        TEXT    NOT NULL,
     channel         INTEGER NOT NULL,
+    batch_id        TEXT    NOT NULL,
+    theme_id        TEXT    NOT NULL,
     content_hash    BLOB    NOT NULL,
     received_at     INTEGER NOT NULL,
     body            BLOB    NOT NULL, -- the canonical ratinghub.v1.ServiceCase without applicant PII

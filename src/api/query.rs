@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::{HubState, bad_request, page_size, violation};
+use super::{Caller, HubState, bad_request, page_size, violation};
 use crate::auth::{Principal, Role};
 use crate::domain::{CreditCode, Violation};
 use crate::pb::v1 as pb;
@@ -242,6 +242,43 @@ fn stats_group(
             1.0 - rating_rate
         },
         final_score,
+        flagged: row.flagged,
+        bad_rating_cases: row.bad_cases.cases,
+        rectified_cases: row.bad_cases.rectified,
+        called_back_cases: row.bad_cases.called_back,
+        rectification_rate: ratio(row.bad_cases.rectified, row.bad_cases.cases),
+        callback_rate: ratio(row.bad_cases.called_back, row.bad_cases.cases),
+        rank: 0,
+    }
+}
+
+/// Orders groups by `rank_by` and numbers them; equal values share a rank (1, 2, 2, 4).
+fn rank(groups: &mut [pb::StatsGroup], rank_by: pb::RankBy) {
+    let metric = |g: &pb::StatsGroup| -> f64 {
+        match rank_by {
+            pb::RankBy::AverageScore => g.average_score.unwrap_or(f64::MIN),
+            pb::RankBy::GoodRate => g.good_rate,
+            pb::RankBy::BadRate => -g.bad_rate,
+            pb::RankBy::FinalScore => g.final_score.unwrap_or(f64::MIN),
+            pb::RankBy::Unspecified => 0.0,
+        }
+    };
+    if rank_by == pb::RankBy::Unspecified {
+        return;
+    }
+    groups.sort_by(|a, b| {
+        metric(b)
+            .total_cmp(&metric(a))
+            .then_with(|| a.key.cmp(&b.key))
+    });
+    let mut last: Option<(f64, u32)> = None;
+    for (i, g) in groups.iter_mut().enumerate() {
+        let m = metric(g);
+        g.rank = match last {
+            Some((v, r)) if v == m => r,
+            _ => i as u32 + 1,
+        };
+        last = Some((m, g.rank));
     }
 }
 
@@ -282,8 +319,291 @@ pub fn restrict_to_scope(principal: &Principal, query: &mut RatingQuery) -> Resu
     Ok(())
 }
 
+impl QueryApi {
+    /// Statistics of the ratings matching `query` (restricted to the caller's scope) under a
+    /// profile, with case-based rates, bad-rating case rates and an optional ranking.
+    async fn compute_stats(
+        &self,
+        caller: &Caller,
+        mut query: RatingQuery,
+        dims: &[StatsDimension],
+        profile: &str,
+        rank_by: pb::RankBy,
+    ) -> Result<(String, Vec<pb::StatsGroup>), Status> {
+        let profiles = self.state.engine.profiles();
+        let name = if profile.is_empty() {
+            profiles.name_for_region(query.region_prefix.as_deref().unwrap_or(""))
+        } else {
+            profile
+        };
+        let profile = profiles.get(name).ok_or_else(|| {
+            let known: Vec<&str> = profiles.names().collect();
+            bad_request(&[violation(
+                "profile",
+                format!("is not a known profile ({})", known.join(", ")),
+            )])
+        })?;
+        restrict_to_scope(&caller.principal, &mut query)?;
+        let store = &self.state.store;
+        let mut groups: BTreeMap<Vec<String>, StatsRow> = BTreeMap::new();
+        let entry = |key: Vec<String>| -> StatsRow {
+            StatsRow {
+                key,
+                ..Default::default()
+            }
+        };
+        for row in store.stats(&query, dims).await? {
+            groups.insert(row.key.clone(), row);
+        }
+        for c in store.completed_case_counts(&query, dims).await? {
+            if c.completed > 0 {
+                let row = groups
+                    .entry(c.key.clone())
+                    .or_insert_with(|| entry(c.key.clone()));
+                row.completed_cases = c.completed;
+                row.rated_cases = c.rated;
+                row.actively_rated_cases = c.actively_rated;
+            }
+        }
+        for c in store.bad_case_counts(&query, dims).await? {
+            if c.cases > 0 {
+                let row = groups
+                    .entry(c.key.clone())
+                    .or_insert_with(|| entry(c.key.clone()));
+                row.bad_cases = c;
+            }
+        }
+        let mut out: Vec<pb::StatsGroup> = groups
+            .into_values()
+            .map(|r| stats_group(r, dims, name, profile))
+            .collect();
+        rank(&mut out, rank_by);
+        Ok((name.to_owned(), out))
+    }
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.4}")).unwrap_or_default()
+}
+
+/// The report as CSV: a header, then one row per group in rank order.
+fn report_csv(dims: &[pb::StatsDimension], groups: &[pb::StatsGroup]) -> String {
+    let mut out = String::from("rank");
+    for d in dims {
+        out.push(',');
+        out.push_str(
+            &d.as_str_name()
+                .trim_start_matches("STATS_DIMENSION_")
+                .to_ascii_lowercase(),
+        );
+    }
+    out.push_str(
+        ",total,very_satisfied,satisfied,basically_satisfied,dissatisfied,very_dissatisfied,\
+         good_rate,bad_rate,average_score,completed_cases,rating_rate,active_rating_rate,\
+         unrated_rate,final_score,bad_rating_cases,rectification_rate,callback_rate,\
+         default_ratings,flagged\n",
+    );
+    for g in groups {
+        let mut cells = vec![g.rank.to_string()];
+        cells.extend(g.key.iter().map(|k| csv_field(k)));
+        cells.extend([
+            g.total.to_string(),
+            g.very_satisfied.to_string(),
+            g.satisfied.to_string(),
+            g.basically_satisfied.to_string(),
+            g.dissatisfied.to_string(),
+            g.very_dissatisfied.to_string(),
+            format!("{:.4}", g.good_rate),
+            format!("{:.4}", g.bad_rate),
+            opt(g.average_score),
+            g.completed_cases.to_string(),
+            format!("{:.4}", g.rating_rate),
+            format!("{:.4}", g.active_rating_rate),
+            format!("{:.4}", g.unrated_rate),
+            opt(g.final_score),
+            g.bad_rating_cases.to_string(),
+            format!("{:.4}", g.rectification_rate),
+            format!("{:.4}", g.callback_rate),
+            g.default_ratings.to_string(),
+            g.flagged.to_string(),
+        ]);
+        out.push_str(&cells.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+fn report_json(
+    period: &str,
+    profile: &str,
+    dims: &[pb::StatsDimension],
+    groups: &[pb::StatsGroup],
+) -> String {
+    let groups: Vec<serde_json::Value> = groups
+        .iter()
+        .map(|g| {
+            serde_json::json!({
+                "rank": g.rank,
+                "key": g.key,
+                "total": g.total,
+                "levels": {
+                    "very_satisfied": g.very_satisfied,
+                    "satisfied": g.satisfied,
+                    "basically_satisfied": g.basically_satisfied,
+                    "dissatisfied": g.dissatisfied,
+                    "very_dissatisfied": g.very_dissatisfied,
+                },
+                "good_rate": g.good_rate,
+                "bad_rate": g.bad_rate,
+                "average_score": g.average_score,
+                "completed_cases": g.completed_cases,
+                "rating_rate": g.rating_rate,
+                "active_rating_rate": g.active_rating_rate,
+                "unrated_rate": g.unrated_rate,
+                "final_score": g.final_score,
+                "bad_rating_cases": g.bad_rating_cases,
+                "rectification_rate": g.rectification_rate,
+                "callback_rate": g.callback_rate,
+                "default_ratings": g.default_ratings,
+                "flagged": g.flagged,
+            })
+        })
+        .collect();
+    let dims: Vec<&str> = dims.iter().map(|d| d.as_str_name()).collect();
+    serde_json::json!({
+        "period": period,
+        "profile": profile,
+        "group_by": dims,
+        "groups": groups,
+    })
+    .to_string()
+}
+
 #[tonic::async_trait]
 impl QueryService for QueryApi {
+    async fn export_report(
+        &self,
+        request: Request<pb::ExportReportRequest>,
+    ) -> Result<Response<pb::ExportReportResponse>, Status> {
+        let caller = self.state.admit(&request, "ExportReport", Role::Read)?;
+        let req = request.into_inner();
+        let mut v = Vec::new();
+        if !(2000..=2100).contains(&req.year) {
+            v.push(violation("year", "must be between 2000 and 2100"));
+        }
+        if req.quarter > 4 {
+            v.push(violation(
+                "quarter",
+                "must be 1 to 4, or 0 for the whole year",
+            ));
+        }
+        let format = pb::ReportFormat::try_from(req.format).unwrap_or_default();
+        if format == pb::ReportFormat::Unspecified {
+            v.push(violation(
+                "format",
+                "must be REPORT_FORMAT_CSV or REPORT_FORMAT_JSON",
+            ));
+        }
+        let filter = pb::RatingFilter {
+            region_code_prefix: req.region_code_prefix.clone(),
+            ..Default::default()
+        };
+        let mut query = match parse_filter(Some(&filter)) {
+            Ok(q) => q,
+            Err(fv) => {
+                v.extend(fv.into_iter().map(|mut x| {
+                    x.field = x.field.trim_start_matches("filter.").to_owned();
+                    x
+                }));
+                RatingQuery::default()
+            }
+        };
+        let mut dims = Vec::new();
+        let raw_dims = if req.group_by.is_empty() {
+            vec![pb::StatsDimension::Organization as i32]
+        } else {
+            req.group_by.clone()
+        };
+        for (i, raw) in raw_dims.iter().enumerate() {
+            match dimension(*raw) {
+                Some(d) if !dims.contains(&d) => dims.push(d),
+                _ => v.push(violation(
+                    format!("group_by[{i}]"),
+                    "is not a statistics dimension, or repeats one",
+                )),
+            }
+        }
+        if !v.is_empty() {
+            return Err(bad_request(&v));
+        }
+        let year = i64::from(req.year);
+        let (first_month, months) = match req.quarter {
+            0 => (1, 12),
+            q => (3 * q - 2, 3),
+        };
+        let start = crate::rules::Date::from_ymd(year, first_month, 1).expect("valid month");
+        let end_month = first_month + months;
+        let end = if end_month > 12 {
+            crate::rules::Date::from_ymd(year + 1, 1, 1)
+        } else {
+            crate::rules::Date::from_ymd(year, end_month, 1)
+        }
+        .expect("valid month");
+        query.rated_from_micros = Some(start.start_micros());
+        query.rated_until_micros = Some(end.start_micros());
+        let profile_has_scores = {
+            let profiles = self.state.engine.profiles();
+            let name = if req.profile.is_empty() {
+                profiles.name_for_region(&req.region_code_prefix)
+            } else {
+                &req.profile
+            };
+            profiles.get(name).is_some_and(|p| p.scores.is_some())
+        };
+        let rank_by = match pb::RankBy::try_from(req.rank_by).unwrap_or_default() {
+            pb::RankBy::Unspecified if profile_has_scores => pb::RankBy::AverageScore,
+            pb::RankBy::Unspecified => pb::RankBy::GoodRate,
+            r => r,
+        };
+        let (profile, groups) = self
+            .compute_stats(&caller, query, &dims, &req.profile, rank_by)
+            .await?;
+        let pb_dims: Vec<pb::StatsDimension> = raw_dims
+            .iter()
+            .filter_map(|d| pb::StatsDimension::try_from(*d).ok())
+            .collect();
+        let period = if req.quarter == 0 {
+            format!("{year}")
+        } else {
+            format!("{year}-Q{}", req.quarter)
+        };
+        let (ext, content_type, content) = match format {
+            pb::ReportFormat::Json => (
+                "json",
+                "application/json",
+                report_json(&period, &profile, &pb_dims, &groups),
+            ),
+            _ => (
+                "csv",
+                "text/csv; charset=utf-8",
+                report_csv(&pb_dims, &groups),
+            ),
+        };
+        Ok(Response::new(pb::ExportReportResponse {
+            filename: format!("rating-report-{period}-{profile}.{ext}"),
+            content_type: content_type.into(),
+            content: content.into_bytes(),
+        }))
+    }
+
     async fn get_rating(
         &self,
         request: Request<pb::GetRatingRequest>,
@@ -368,47 +688,12 @@ impl QueryService for QueryApi {
         if !violations.is_empty() {
             return Err(bad_request(&violations));
         }
-        let mut query = query.map_err(|v| bad_request(&v))?;
-        let profiles = self.state.engine.profiles();
-        let name = if req.profile.is_empty() {
-            profiles.name_for_region(query.region_prefix.as_deref().unwrap_or(""))
-        } else {
-            req.profile.as_str()
-        };
-        let profile = profiles.get(name).ok_or_else(|| {
-            let known: Vec<&str> = profiles.names().collect();
-            bad_request(&[violation(
-                "profile",
-                format!("is not a known profile ({})", known.join(", ")),
-            )])
-        })?;
-        restrict_to_scope(&caller.principal, &mut query)?;
-        let mut groups: BTreeMap<Vec<String>, StatsRow> = BTreeMap::new();
-        for row in self.state.store.stats(&query, &dims).await? {
-            groups.insert(row.key.clone(), row);
-        }
-        for c in self
-            .state
-            .store
-            .completed_case_counts(&query, &dims)
-            .await?
-        {
-            if c.completed > 0 {
-                let row = groups.entry(c.key.clone()).or_insert_with(|| StatsRow {
-                    key: c.key,
-                    ..Default::default()
-                });
-                row.completed_cases = c.completed;
-                row.rated_cases = c.rated;
-                row.actively_rated_cases = c.actively_rated;
-            }
-        }
-        Ok(Response::new(pb::GetStatsResponse {
-            groups: groups
-                .into_values()
-                .map(|r| stats_group(r, &dims, name, profile))
-                .collect(),
-        }))
+        let query = query.map_err(|v| bad_request(&v))?;
+        let rank_by = pb::RankBy::try_from(req.rank_by).unwrap_or_default();
+        let (_, groups) = self
+            .compute_stats(&caller, query, &dims, &req.profile, rank_by)
+            .await?;
+        Ok(Response::new(pb::GetStatsResponse { groups }))
     }
 }
 

@@ -207,6 +207,15 @@ pub struct CaseCounts {
     pub actively_rated: u64,
 }
 
+/// Bad-rating cases of one statistics group.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BadCaseCounts {
+    pub key: Vec<String>,
+    pub cases: u64,
+    pub rectified: u64,
+    pub called_back: u64,
+}
+
 /// Ratings of one day (UTC+8) and organisation, for reconciliation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DayOrgIds {
@@ -355,6 +364,10 @@ pub struct StatsRow {
     /// Counts per level, index 0 = 非常满意 … 4 = 非常不满意.
     pub per_level: [u64; 5],
     pub default_ratings: u64,
+    /// Ratings with any quality flag.
+    pub flagged: u64,
+    /// Filled in by the caller from `bad_case_counts`.
+    pub bad_cases: BadCaseCounts,
     /// Filled in by the caller from `completed_case_counts`.
     pub rated_cases: u64,
     pub actively_rated_cases: u64,
@@ -444,6 +457,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<StoredBadCase>, StoreError>;
 
     async fn get_bad_case(&self, id: u64) -> Result<Option<StoredBadCase>, StoreError>;
+
+    /// Bad-rating cases per group of their ratings, keyed like `stats`.
+    async fn bad_case_counts(
+        &self,
+        query: &RatingQuery,
+        group_by: &[StatsDimension],
+    ) -> Result<Vec<BadCaseCounts>, StoreError>;
 
     /// Completed (办结) cases per group, keyed like `stats`, with how many are rated.
     async fn completed_case_counts(

@@ -22,9 +22,10 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::{
-    CaseCounts, CaseEntryRecord, CaseOutcome, DayOrgIds, DeadLetter, InsertOutcome, NewCaseEvent,
-    NewRating, OpenCase, PiiAccess, RatingQuery, RelayWrite, ScopeFilter, StatsDimension, StatsRow,
-    Store, StoreError, StoredBadCase, StoredInvitation, StoredRating, UpstreamState,
+    BadCaseCounts, CaseCounts, CaseEntryRecord, CaseOutcome, DayOrgIds, DeadLetter, InsertOutcome,
+    NewCaseEvent, NewRating, OpenCase, PiiAccess, RatingQuery, RelayWrite, ScopeFilter,
+    StatsDimension, StatsRow, Store, StoreError, StoredBadCase, StoredInvitation, StoredRating,
+    UpstreamState,
 };
 use crate::clock::Clock;
 use crate::pb::v1 as pb;
@@ -1078,7 +1079,8 @@ impl Store for SqliteStore {
             "COUNT(*) AS total, \
              COALESCE(SUM(level = 1), 0) AS l1, COALESCE(SUM(level = 2), 0) AS l2, \
              COALESCE(SUM(level = 3), 0) AS l3, COALESCE(SUM(level = 4), 0) AS l4, \
-             COALESCE(SUM(level = 5), 0) AS l5, COALESCE(SUM(is_default), 0) AS defaults \
+             COALESCE(SUM(level = 5), 0) AS l5, COALESCE(SUM(is_default), 0) AS defaults, \
+             COALESCE(SUM(quality_flags <> 0), 0) AS flagged \
              FROM ratings WHERE hub_id NOT IN (SELECT hub_id FROM rating_exclusions)",
         );
         push_filter(&mut qb, query);
@@ -1107,6 +1109,7 @@ impl Store for SqliteStore {
                 total,
                 per_level,
                 default_ratings: row.try_get::<i64, _>("defaults")? as u64,
+                flagged: row.try_get::<i64, _>("flagged")? as u64,
                 ..Default::default()
             });
         }
@@ -1315,6 +1318,47 @@ impl Store for SqliteStore {
             Some(row) => Ok(Some(self.bad_case_from_row(&row).await?)),
             None => Ok(None),
         }
+    }
+
+    async fn bad_case_counts(
+        &self,
+        query: &RatingQuery,
+        group_by: &[StatsDimension],
+    ) -> Result<Vec<BadCaseCounts>, StoreError> {
+        let mut qb = QueryBuilder::<Sqlite>::new("SELECT ");
+        for (i, d) in group_by.iter().enumerate() {
+            qb.push(format!("{} AS k{i}, ", dimension_sql(*d)));
+        }
+        qb.push(
+            "COUNT(*) AS n, \
+             COALESCE(SUM(EXISTS (SELECT 1 FROM bad_rating_case_entries x \
+                 WHERE x.case_id = b.case_id AND x.action IN (2, 4))), 0) AS rectified, \
+             COALESCE(SUM(EXISTS (SELECT 1 FROM bad_rating_case_entries x \
+                 WHERE x.case_id = b.case_id AND x.action = 6)), 0) AS called_back \
+             FROM (SELECT r.*, c.id AS case_id FROM ratings r \
+                   JOIN bad_rating_cases c ON c.hub_id = r.hub_id) AS b \
+             WHERE hub_id NOT IN (SELECT hub_id FROM rating_exclusions)",
+        );
+        push_filter(&mut qb, query);
+        if !group_by.is_empty() {
+            let keys: Vec<String> = (0..group_by.len()).map(|i| format!("k{i}")).collect();
+            qb.push(format!(" GROUP BY {}", keys.join(", ")));
+        }
+        let rows = qb.build().fetch_all(&self.reader).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut key = Vec::with_capacity(group_by.len());
+            for i in 0..group_by.len() {
+                key.push(row.try_get::<String, _>(i)?);
+            }
+            out.push(BadCaseCounts {
+                key,
+                cases: row.try_get::<i64, _>("n")? as u64,
+                rectified: row.try_get::<i64, _>("rectified")? as u64,
+                called_back: row.try_get::<i64, _>("called_back")? as u64,
+            });
+        }
+        Ok(out)
     }
 
     async fn completed_case_counts(

@@ -748,3 +748,100 @@ mod counting_and_quality {
         hub.stop().await;
     }
 }
+
+#[tokio::test]
+async fn quarterly_report_ranks_organisations_and_exports_csv_and_json() {
+    let clock = Arc::new(ManualClock::at(cst("2025-08-15", 10)));
+    let hub = HubBuilder::new().clock(clock.clone()).start().await;
+    let mut ingest = hub.ingest().await;
+    let at = |micros: i64| Some(rating_hub::time::timestamp_from_micros(micros));
+    let mk = |key: &str, org_n: u32, level: pb::Level, when: i64| {
+        let mut r = rating(key);
+        r.org_credit_code = org(org_n);
+        r.level = level as i32;
+        r.text = "说明".into();
+        r.rated_at = at(when);
+        r
+    };
+    let q3 = clock.now_micros();
+    let q2 = cst("2025-05-06", 10);
+    let batch = vec![
+        mk("a1", 1, pb::Level::VerySatisfied, q3),
+        mk("a2", 1, pb::Level::VerySatisfied, q3),
+        mk("b1", 2, pb::Level::BasicallySatisfied, q3),
+        mk("b2", 2, pb::Level::Dissatisfied, q3),
+        mk("c1", 3, pb::Level::Satisfied, q3),
+        mk("c-q2", 3, pb::Level::VeryDissatisfied, q2),
+    ];
+    for r in submit(&mut ingest, batch).await {
+        assert_eq!(outcome(&r), pb::Outcome::Accepted);
+    }
+    let mut query = hub.query().await;
+    let csv = query
+        .export_report(pb::ExportReportRequest {
+            year: 2025,
+            quarter: 3,
+            region_code_prefix: "5301".into(),
+            format: pb::ReportFormat::Csv as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(csv.filename, "rating-report-2025-Q3-kunming.csv");
+    assert_eq!(csv.content_type, "text/csv; charset=utf-8");
+    let text = String::from_utf8(csv.content).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with("rank,organization,total,"),
+        "{}",
+        lines[0]
+    );
+    // Kunming averages: org 1 → 10, org 3 → 8 (its Q2 rating is outside the quarter), org 2 → 4.
+    let ranked: Vec<(String, String, String)> = lines[1..]
+        .iter()
+        .map(|l| {
+            let c: Vec<&str> = l.split(',').collect();
+            (c[0].to_owned(), c[1].to_owned(), c[10].to_owned())
+        })
+        .collect();
+    assert_eq!(
+        ranked,
+        [
+            ("1".into(), org(1), "10.0000".into()),
+            ("2".into(), org(3), "8.0000".into()),
+            ("3".into(), org(2), "4.0000".into()),
+        ]
+    );
+    let json = query
+        .export_report(pb::ExportReportRequest {
+            year: 2025,
+            quarter: 3,
+            region_code_prefix: "5301".into(),
+            format: pb::ReportFormat::Json as i32,
+            rank_by: pb::RankBy::BadRate as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let v: serde_json::Value = serde_json::from_slice(&json.content).unwrap();
+    assert_eq!(v["period"], "2025-Q3");
+    assert_eq!(v["profile"], "kunming");
+    let groups = v["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 3);
+    // Lowest 差评率 first: orgs 1 and 3 tie at 0 and share rank 1; org 2 (50 %) is third.
+    let ranks: Vec<u64> = groups.iter().map(|g| g["rank"].as_u64().unwrap()).collect();
+    assert_eq!(ranks, [1, 1, 3]);
+    assert_eq!(groups[2]["key"][0], org(2).as_str());
+    let err = query
+        .export_report(pb::ExportReportRequest {
+            year: 2025,
+            quarter: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_request_fields(&err), ["quarter", "format"]);
+    hub.stop().await;
+}

@@ -202,8 +202,77 @@ fn check_refs(v: &mut Vec<Violation>, refs: &[String], required: bool) -> Vec<St
         .collect()
 }
 
+type CaseStream = std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = Result<pb::WatchCasesResponse, Status>> + Send>,
+>;
+
 #[tonic::async_trait]
 impl RectificationService for RectificationApi {
+    type WatchCasesStream = CaseStream;
+
+    async fn watch_cases(
+        &self,
+        request: Request<pb::WatchCasesRequest>,
+    ) -> Result<Response<Self::WatchCasesStream>, Status> {
+        let caller = self.state.admit(&request, "WatchCases", Role::Rectify)?;
+        let mut after = request.into_inner().after_id;
+        let mut q = RatingQuery::default();
+        restrict_to_scope(&caller.principal, &mut q)?;
+        let scope = q.scope;
+        let api = Self {
+            state: self.state.clone(),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            // Cases open in the same transaction as their rating, so a new feed head is the
+            // moment to look for new cases.
+            let mut head = api.state.store.feed_head();
+            let mut stopping = api.state.stopping.clone();
+            loop {
+                head.borrow_and_update();
+                let page = match api
+                    .state
+                    .store
+                    .list_bad_cases(scope.as_ref(), after, 200)
+                    .await
+                {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                let full = page.len() == 200;
+                for case in &page {
+                    after = case.id;
+                    let msg = pb::WatchCasesResponse {
+                        bad_rating_case: Some(api.to_pb(case, false)),
+                    };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return;
+                    }
+                }
+                if full {
+                    continue;
+                }
+                tokio::select! {
+                    changed = head.changed() => if changed.is_err() { break },
+                    _ = stopping.changed() => break,
+                    _ = tx.closed() => return,
+                }
+            }
+            drop(caller);
+            let _ = tx
+                .send(Err(Status::unavailable(format!(
+                    "the hub is shutting down; watch again after case {after}"
+                ))))
+                .await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn list_cases(
         &self,
         request: Request<pb::ListCasesRequest>,

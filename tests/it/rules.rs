@@ -325,6 +325,43 @@ mod bad_rating_cases {
         let (a_id, b_id) = (results[0].hub_id.clone(), results[1].hub_id.clone());
 
         let mut dept = RectificationServiceClient::new(hub.channel_as("km-dept").await);
+        // Pushed: the organisation's watch receives its cases as they open.
+        let mut watch = dept
+            .watch_cases(pb::WatchCasesRequest { after_id: 0 })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut pushed = Vec::new();
+        while pushed.len() < 3 {
+            let c = watch
+                .message()
+                .await
+                .unwrap()
+                .unwrap()
+                .bad_rating_case
+                .unwrap();
+            pushed.push(c.hub_id);
+        }
+        assert_eq!(
+            pushed,
+            [
+                results[0].hub_id.clone(),
+                results[1].hub_id.clone(),
+                results[3].hub_id.clone()
+            ]
+        );
+        let mut late = bad("late", pb::Level::Dissatisfied, &clock);
+        late.org_credit_code = org(1);
+        let late_id = submit_one(&mut ingest, late).await.hub_id;
+        let next = tokio::time::timeout(std::time::Duration::from_secs(10), watch.message())
+            .await
+            .expect("a new case is pushed at once")
+            .unwrap()
+            .unwrap()
+            .bad_rating_case
+            .unwrap();
+        assert_eq!(next.hub_id, late_id);
+        drop(watch);
         let cases = dept
             .list_cases(pb::ListCasesRequest::default())
             .await
@@ -333,7 +370,7 @@ mod bad_rating_cases {
             .cases;
         assert_eq!(
             cases.len(),
-            3,
+            4,
             "one case per 差评, none for the good rating"
         );
         let case_of = |hub_id: &str| cases.iter().find(|c| c.hub_id == hub_id).unwrap().clone();
@@ -465,7 +502,7 @@ mod bad_rating_cases {
 
         // Case B: appealed in time, found malicious: it leaves the scores.
         let before = kunming_stats(&hub).await;
-        assert_eq!((before.total, before.bad), (4, 3));
+        assert_eq!((before.total, before.bad), (5, 4));
         let b = case_of(&b_id);
         dept.file_appeal(pb::FileAppealRequest {
             id: b.id,
@@ -502,12 +539,15 @@ mod bad_rating_cases {
         let after = kunming_stats(&hub).await;
         assert_eq!(
             (after.total, after.bad),
-            (3, 2),
+            (4, 3),
             "the malicious rating left the counts"
         );
-        // Kunming scores: before 0 + 2 + 10 + 0 over 4; after 0 + 10 + 0 over 3.
-        assert_eq!(before.average_score, Some(3.0));
-        assert!((after.average_score.unwrap() - 10.0 / 3.0).abs() < 1e-9);
+        // 整改率 and 回访率 over the remaining cases: A (rectified, called back), D and late.
+        assert_eq!(after.bad_rating_cases, 3);
+        assert_eq!((after.rectified_cases, after.called_back_cases), (1, 1));
+        // Kunming scores: before 0 + 2 + 10 + 0 + 2 over 5; after 0 + 10 + 0 + 2 over 4.
+        assert_eq!(before.average_score, Some(14.0 / 5.0));
+        assert_eq!(after.average_score, Some(3.0));
         // The rating itself stays stored.
         let still = hub
             .query()
@@ -531,7 +571,7 @@ mod bad_rating_cases {
             .unwrap()
             .into_inner()
             .cases;
-        assert_eq!(overdue.len(), 1);
+        assert_eq!(overdue.len(), 2, "D and the late one");
         assert_eq!(overdue[0].hub_id, results[3].hub_id);
         assert!(
             overdue[0].overdue_reason.contains("rectif"),

@@ -545,6 +545,10 @@ mod bad_rating_cases {
         // 整改率 and 回访率 over the remaining cases: A (rectified, called back), D and late.
         assert_eq!(after.bad_rating_cases, 3);
         assert_eq!((after.rectified_cases, after.called_back_cases), (1, 1));
+        assert_eq!(
+            (after.rectification_rate, after.callback_rate),
+            (1.0 / 3.0, 1.0 / 3.0)
+        );
         // Kunming scores: before 0 + 2 + 10 + 0 + 2 over 5; after 0 + 10 + 0 + 2 over 4.
         assert_eq!(before.average_score, Some(14.0 / 5.0));
         assert_eq!(after.average_score, Some(3.0));

@@ -134,6 +134,7 @@ enum Action {
     ReconcileInScope,
     AdminAudit,
     AdminUpstreams,
+    CasesInScope,
 }
 
 /// What happened: OK, or the status code (an item refused for scope counts as PermissionDenied).
@@ -142,7 +143,8 @@ async fn attempt(hub: &TestHub, who: &str, action: Action, ids: &(String, String
     let mut ingest = IngestServiceClient::new(channel.clone());
     let mut query = QueryServiceClient::new(channel.clone());
     let mut admin = AdminServiceClient::new(channel.clone());
-    let mut sync = crate::relay::SyncServiceClient::new(channel);
+    let mut sync = crate::relay::SyncServiceClient::new(channel.clone());
+    let mut cases = pb::rectification_service_client::RectificationServiceClient::new(channel);
     let in_scope = || {
         let mut r = rating(&format!("{who}-{action:?}"));
         r.org_credit_code = org(1);
@@ -260,6 +262,20 @@ async fn attempt(hub: &TestHub, who: &str, action: Action, ids: &(String, String
                 .await
                 .map(drop),
         ),
+        Action::CasesInScope => code(cases.list_cases(pb::ListCasesRequest::default()).await.map(
+            |r| {
+                let orgs: Vec<_> = r
+                    .into_inner()
+                    .cases
+                    .into_iter()
+                    .map(|c| c.org_credit_code)
+                    .collect();
+                assert!(
+                    orgs.iter().all(|o| *o == org(1)),
+                    "{who} sees only its scope"
+                );
+            },
+        )),
         Action::AdminUpstreams => code(
             admin
                 .list_upstreams(pb::ListUpstreamsRequest {})
@@ -339,6 +355,7 @@ async fn role_and_scope_matrix_over_every_rpc_family() {
                 (StatsInScope, PD),
                 (PullInScope, PD),
                 (AdminAudit, PD),
+                (CasesInScope, PD),
             ],
         ),
         (
@@ -355,6 +372,7 @@ async fn role_and_scope_matrix_over_every_rpc_family() {
                 (ReconcileInScope, PD),
                 (AdminAudit, PD),
                 (AdminUpstreams, PD),
+                (CasesInScope, PD),
             ],
         ),
         (
@@ -366,6 +384,7 @@ async fn role_and_scope_matrix_over_every_rpc_family() {
                 (PullInScope, OK),
                 (ReconcileInScope, OK),
                 (AdminAudit, PD),
+                (CasesInScope, PD),
             ],
         ),
         (
@@ -378,6 +397,7 @@ async fn role_and_scope_matrix_over_every_rpc_family() {
                 (ListOutOfScope, PD),
                 (PullInScope, PD),
                 (AdminAudit, PD),
+                (CasesInScope, PD),
             ],
         ),
         (
@@ -388,6 +408,7 @@ async fn role_and_scope_matrix_over_every_rpc_family() {
                 (ListInScope, PD),
                 (PullInScope, PD),
                 (AdminAudit, PD),
+                (CasesInScope, OK),
             ],
         ),
         (
@@ -400,6 +421,7 @@ async fn role_and_scope_matrix_over_every_rpc_family() {
                 (ListOutOfScope, PD),
                 (StatsInScope, OK),
                 (AdminAudit, PD),
+                (CasesInScope, PD),
             ],
         ),
         (
@@ -411,6 +433,7 @@ async fn role_and_scope_matrix_over_every_rpc_family() {
                 (PullInScope, PD),
                 (AdminAudit, OK),
                 (AdminUpstreams, OK),
+                (CasesInScope, PD),
             ],
         ),
         (
@@ -425,6 +448,7 @@ async fn role_and_scope_matrix_over_every_rpc_family() {
                 (ReconcileInScope, PD),
                 (AdminAudit, PD),
                 (AdminUpstreams, PD),
+                (CasesInScope, PD),
             ],
         ),
     ];

@@ -39,6 +39,7 @@ pub fn view(case: &StoredBadCase, profile: &Profile, calendar: &Calendar, now: i
     let mut status = CaseStatus::Open;
     let mut extended: Option<i64> = None;
     let mut appeal_pending = false;
+    let mut appeal_filed_at = None;
     let mut appeal_outcome = AppealOutcome::Unspecified;
     let mut spot_checked = false;
     for e in &case.entries {
@@ -50,7 +51,10 @@ pub fn view(case: &StoredBadCase, profile: &Profile, calendar: &Calendar, now: i
             CaseAction::Callback => status = CaseStatus::CalledBack,
             CaseAction::Archive => status = CaseStatus::Archived,
             CaseAction::SpotCheck => spot_checked = true,
-            CaseAction::Appeal => appeal_pending = true,
+            CaseAction::Appeal => {
+                appeal_pending = true;
+                appeal_filed_at = Some(e.at_micros);
+            }
             CaseAction::AppealDecision => {
                 appeal_pending = false;
                 appeal_outcome = AppealOutcome::try_from(e.appeal_outcome).unwrap_or_default();
@@ -78,8 +82,20 @@ pub fn view(case: &StoredBadCase, profile: &Profile, calendar: &Calendar, now: i
         appeal_outcome,
         AppealOutcome::Invalid | AppealOutcome::Malicious
     );
+    let review_deadline = match (
+        appeal_pending,
+        appeal_filed_at,
+        profile.appeal_review_working_days,
+    ) {
+        (true, Some(filed), Some(days)) => calendar.working_days_deadline(filed, days).ok(),
+        _ => None,
+    };
     let (overdue, overdue_reason) = match (contact_deadline, rectify_deadline) {
         _ if void => (false, String::new()),
+        _ if review_deadline.is_some_and(|d| now > d) => (
+            true,
+            "the appeal was not decided within the review deadline".to_owned(),
+        ),
         (Some(c), _) if status == CaseStatus::Open && now > c => {
             (true, "not contacted within the contact deadline".to_owned())
         }
@@ -149,5 +165,100 @@ pub fn refuse(case: &StoredBadCase, v: &CaseView, next: CaseAction, now: i64) ->
         )),
         CaseAction::AppealDecision if !v.appeal_pending => Some("no appeal is pending".into()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::{Date, Profiles};
+
+    fn entry(action: CaseAction, at: i64) -> CaseEntryRecord {
+        CaseEntryRecord {
+            action: action as i32,
+            actor: "dept".into(),
+            at_micros: at,
+            note: String::new(),
+            evidence_refs: Vec::new(),
+            new_deadline_micros: None,
+            appeal_outcome: 0,
+        }
+    }
+
+    fn case(entries: Vec<CaseEntryRecord>) -> StoredBadCase {
+        StoredBadCase {
+            id: 1,
+            hub_id: uuid::Uuid::from_u128(7),
+            org_credit_code: "ORG".into(),
+            region_code: "530102".into(),
+            opened_at_micros: Date::parse("2025-03-03").unwrap().start_micros() + 3_600_000_000,
+            real_name: true,
+            entries,
+        }
+    }
+
+    #[test]
+    fn an_appeal_left_undecided_past_the_review_deadline_is_overdue() {
+        let p = Profiles::shipped();
+        let km = p.get("kunming").unwrap();
+        let cal = Calendar::national();
+        let filed = Date::parse("2025-03-04").unwrap().start_micros();
+        let c = case(vec![
+            entry(CaseAction::Contact, filed),
+            entry(CaseAction::Appeal, filed),
+        ]);
+        // Ten working days after 2025-03-04 end with 2025-03-18.
+        let v = view(
+            &c,
+            km,
+            &cal,
+            Date::parse("2025-03-18").unwrap().start_micros(),
+        );
+        assert!(!v.overdue && v.appeal_pending);
+        let v = view(
+            &c,
+            km,
+            &cal,
+            Date::parse("2025-03-19").unwrap().start_micros() + 1,
+        );
+        assert!(v.overdue);
+        assert!(
+            v.overdue_reason.contains("review deadline"),
+            "{}",
+            v.overdue_reason
+        );
+    }
+
+    #[test]
+    fn anonymous_cases_archive_after_feedback_real_name_ones_need_a_callback() {
+        let cal = Calendar::national();
+        let p = Profiles::shipped();
+        let km = p.get("kunming").unwrap();
+        let t = Date::parse("2025-03-04").unwrap().start_micros();
+        let steps = vec![
+            entry(CaseAction::Contact, t),
+            entry(CaseAction::Rectify, t),
+            entry(CaseAction::FeedBack, t),
+        ];
+        let mut anonymous = case(steps.clone());
+        anonymous.real_name = false;
+        let v = view(&anonymous, km, &cal, t);
+        assert_eq!(refuse(&anonymous, &v, CaseAction::Archive, t), None);
+        let named = case(steps);
+        let v = view(&named, km, &cal, t);
+        assert!(
+            refuse(&named, &v, CaseAction::Archive, t)
+                .unwrap()
+                .contains("CALLBACK")
+        );
+    }
+
+    #[test]
+    fn spot_check_sampling_follows_the_share() {
+        let picked = (0..10_000u128)
+            .filter(|i| spot_check_selected(&uuid::Uuid::from_u128(*i), 0.5))
+            .count();
+        assert!((4_700..5_300).contains(&picked), "{picked}");
+        assert!(!spot_check_selected(&uuid::Uuid::from_u128(1), 0.0));
     }
 }

@@ -19,6 +19,7 @@ use serde_json::{Map, Value};
 use super::config::UpstreamConfig;
 use super::sink::{Delivery, SendError, Sink};
 use crate::pb::v1 as pb;
+use crate::rules::date::civil_from_days;
 
 /// `[upstreams.<name>.http]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -160,19 +161,6 @@ pub fn national_rater_kinds() -> BTreeMap<String, String> {
         ("RATER_KIND_OTHER_ORGANIZATION", "2"),
         ("RATER_KIND_LEGAL_PERSON", "2"),
     ])
-}
-
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 /// `yyyy-MM-dd HH:mm:ss` in China Standard Time (UTC+8).

@@ -1011,6 +1011,26 @@ fn push_filter(qb: &mut QueryBuilder<'_, Sqlite>, q: &RatingQuery) {
     }
 }
 
+/// `GROUP BY k0, k1, …` (and the same ORDER BY) over the first `n` selected columns.
+fn push_group_by(qb: &mut QueryBuilder<'_, Sqlite>, n: usize, ordered: bool) {
+    if n == 0 {
+        return;
+    }
+    let keys = (0..n)
+        .map(|i| format!("k{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    qb.push(format!(" GROUP BY {keys}"));
+    if ordered {
+        qb.push(format!(" ORDER BY {keys}"));
+    }
+}
+
+/// The group key of a grouped row: its first `n` columns as text.
+fn group_key(row: &SqliteRow, n: usize) -> Result<Vec<String>, sqlx::Error> {
+    (0..n).map(|i| row.try_get::<String, _>(i)).collect()
+}
+
 fn dimension_sql(d: StatsDimension) -> &'static str {
     // Days and months are China Standard Time (UTC+8), as the policy texts count them.
     match d {
@@ -1084,11 +1104,7 @@ impl Store for SqliteStore {
              FROM ratings WHERE hub_id NOT IN (SELECT hub_id FROM rating_exclusions)",
         );
         push_filter(&mut qb, query);
-        if !group_by.is_empty() {
-            let keys: Vec<String> = (0..group_by.len()).map(|i| format!("k{i}")).collect();
-            let keys = keys.join(", ");
-            qb.push(format!(" GROUP BY {keys} ORDER BY {keys}"));
-        }
+        push_group_by(&mut qb, group_by.len(), true);
         let rows = qb.build().fetch_all(&self.reader).await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -1096,10 +1112,7 @@ impl Store for SqliteStore {
             if total == 0 {
                 continue;
             }
-            let mut key = Vec::with_capacity(group_by.len());
-            for i in 0..group_by.len() {
-                key.push(row.try_get::<String, _>(i)?);
-            }
+            let key = group_key(row, group_by.len())?;
             let mut per_level = [0u64; 5];
             for (i, slot) in per_level.iter_mut().enumerate() {
                 *slot = row.try_get::<i64, _>(format!("l{}", i + 1).as_str())? as u64;
@@ -1340,17 +1353,11 @@ impl Store for SqliteStore {
              WHERE hub_id NOT IN (SELECT hub_id FROM rating_exclusions)",
         );
         push_filter(&mut qb, query);
-        if !group_by.is_empty() {
-            let keys: Vec<String> = (0..group_by.len()).map(|i| format!("k{i}")).collect();
-            qb.push(format!(" GROUP BY {}", keys.join(", ")));
-        }
+        push_group_by(&mut qb, group_by.len(), false);
         let rows = qb.build().fetch_all(&self.reader).await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
-            let mut key = Vec::with_capacity(group_by.len());
-            for i in 0..group_by.len() {
-                key.push(row.try_get::<String, _>(i)?);
-            }
+            let key = group_key(row, group_by.len())?;
             out.push(BadCaseCounts {
                 key,
                 cases: row.try_get::<i64, _>("n")? as u64,
@@ -1390,17 +1397,11 @@ impl Store for SqliteStore {
              FROM service_case_events e WHERE event = 2"
         ));
         push_filter(&mut qb, &cases_query.with_time_column());
-        if !group_by.is_empty() {
-            let keys: Vec<String> = (0..group_by.len()).map(|i| format!("k{i}")).collect();
-            qb.push(format!(" GROUP BY {}", keys.join(", ")));
-        }
+        push_group_by(&mut qb, group_by.len(), false);
         let rows = qb.build().fetch_all(&self.reader).await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
-            let mut key = Vec::with_capacity(group_by.len());
-            for i in 0..group_by.len() {
-                key.push(row.try_get::<String, _>(i)?);
-            }
+            let key = group_key(row, group_by.len())?;
             out.push(CaseCounts {
                 key,
                 completed: row.try_get::<i64, _>("n")? as u64,

@@ -1,0 +1,458 @@
+//! The adapter's HTTP side (gateway callbacks, IVR results, metrics), the invitation poller
+//! and the forwarder, wired together.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Form, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use rating_hub::pb::v1 as pb;
+use rating_hub::rules::Date;
+use rating_hub_adapter_kit::{Forwarder, Metrics, Spool, source_key};
+
+use crate::config::{GatewayConfig, HotlineConfig};
+use crate::reply::{Reply, Scale, parse_ivr, parse_sms};
+use crate::surveys::{Surveys, now_micros};
+
+struct Inner {
+    cfg: HotlineConfig,
+    sms_scale: Scale,
+    ivr_scale: Scale,
+    spool: Spool,
+    surveys: Surveys,
+    metrics: Arc<Metrics>,
+    http: reqwest::Client,
+}
+
+/// A running adapter.
+pub struct Hotline {
+    pub addr: SocketAddr,
+    pub spool: Spool,
+    pub surveys: Surveys,
+    pub metrics: Arc<Metrics>,
+    inner: Arc<Inner>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// One SMS the gateway received (its MO callback item).
+#[derive(Debug, Clone, Deserialize)]
+pub struct MoMessage {
+    pub phone_number: String,
+    #[serde(default)]
+    pub send_time: String,
+    #[serde(default)]
+    pub content: String,
+    #[serde(default)]
+    pub dest_code: String,
+    #[serde(default)]
+    pub sequence_id: String,
+}
+
+/// One IVR key result.
+#[derive(Debug, Clone, Deserialize)]
+pub struct IvrResult {
+    pub call_id: String,
+    pub phone: String,
+    #[serde(default)]
+    pub key: String,
+    /// The survey's reference (its reply code).
+    pub survey: String,
+}
+
+fn digits(s: &str) -> String {
+    s.chars().filter(char::is_ascii_digit).collect()
+}
+
+/// `yyyy-MM-dd HH:mm:ss` in China Standard Time → microseconds.
+fn parse_cst(s: &str) -> Option<i64> {
+    let (date, time) = s.trim().split_once(' ')?;
+    let d = Date::parse(date)?;
+    let mut hms = time.split(':').map(|x| x.parse::<i64>().ok());
+    let (h, m, sec) = (
+        hms.next()??,
+        hms.next()??,
+        hms.next().flatten().unwrap_or(0),
+    );
+    if !(0..24).contains(&h) || !(0..60).contains(&m) || !(0..60).contains(&sec) {
+        return None;
+    }
+    Some(d.start_micros() + ((h * 60 + m) * 60 + sec) * 1_000_000)
+}
+
+impl Inner {
+    /// Turns one reply into a spooled rating or a kept unmatched reply. Errors only when the
+    /// reply could not be stored durably (then the gateway is told to retry).
+    async fn take_reply(
+        &self,
+        channel: pb::Channel,
+        dest_code: &str,
+        phone: &str,
+        at: Option<i64>,
+        reply: Reply,
+        key: String,
+        content: &str,
+    ) -> anyhow::Result<&'static str> {
+        let ch = if channel == pb::Channel::Sms {
+            "sms"
+        } else {
+            "ivr"
+        };
+        let keep = |reason: String| async move {
+            self.surveys
+                .keep_unmatched(ch, dest_code, &reason, content)
+                .await?;
+            self.metrics.inc(&format!("{ch}_not_rated_total"));
+            tracing::info!(channel = ch, dest_code, reason, "Reply kept, not a rating.");
+            Ok::<_, anyhow::Error>("kept")
+        };
+        let level = match reply {
+            Reply::Rating(level) => level,
+            Reply::Replay => return keep("replay key: not a rating".into()).await,
+            Reply::NoKey => return keep("no key: not a rating".into()).await,
+            Reply::Unrecognized(why) => return keep(format!("not understood: {why}")).await,
+        };
+        let Some(survey) = self.surveys.by_code(dest_code).await? else {
+            return keep("unknown reply code: no such survey".into()).await;
+        };
+        let now = now_micros();
+        if now > survey.expires_at {
+            return keep("the survey expired".into()).await;
+        }
+        if survey.answered {
+            return keep("the survey was already answered".into()).await;
+        }
+        if digits(phone) != digits(&survey.phone) {
+            return keep("reply from another phone than the survey's".into()).await;
+        }
+        let case = &survey.case;
+        let mut attributes = BTreeMap::new();
+        attributes.insert("survey".to_owned(), survey.dest_code.clone());
+        let rating = pb::Rating {
+            source_key: key,
+            channel: channel as i32,
+            level: level as i32,
+            target_kind: pb::TargetKind::Item as i32,
+            case_number: case.case_number.clone(),
+            item_code: case.item_code.clone(),
+            item_name: case.item_name.clone(),
+            region_code: case.region_code.clone(),
+            org_credit_code: case.org_credit_code.clone(),
+            org_name: case.org_name.clone(),
+            hall_id: case.hall_id.clone(),
+            window_id: case.window_id.clone(),
+            staff_id: case.staff_id.clone(),
+            batch_id: case.batch_id.clone(),
+            theme_id: case.theme_id.clone(),
+            rated_at: Some(rating_hub::time::timestamp_from_micros(
+                at.unwrap_or(now).min(now),
+            )),
+            service_completed_at: case.occurred_at,
+            rater: Some(pb::Rater {
+                kind: pb::RaterKind::NaturalPerson as i32,
+                phone: digits(phone),
+                ..Default::default()
+            }),
+            attributes,
+            ..Default::default()
+        };
+        self.spool.put(&rating).await?;
+        self.surveys.mark_answered(survey.id).await?;
+        self.metrics.inc(&format!("{ch}_ratings_total"));
+        tracing::info!(
+            channel = ch,
+            dest_code,
+            level = level.as_str_name(),
+            "Rating spooled."
+        );
+        Ok("rated")
+    }
+
+    async fn take_mo(&self, m: &MoMessage) -> anyhow::Result<&'static str> {
+        let key = if m.sequence_id.trim().is_empty() {
+            source_key(
+                "sms",
+                &[&m.phone_number, &m.send_time, &m.dest_code, &m.content],
+            )
+        } else {
+            source_key("sms", &[m.sequence_id.trim()])
+        };
+        let reply = parse_sms(&m.content, self.sms_scale);
+        self.take_reply(
+            pb::Channel::Sms,
+            &m.dest_code,
+            &m.phone_number,
+            parse_cst(&m.send_time),
+            reply,
+            key,
+            &m.content,
+        )
+        .await
+    }
+
+    /// Pulls new invitations, opens their surveys and sends the invitation SMS.
+    async fn poll_invitations(&self) -> anyhow::Result<u64> {
+        let mut sync = self.cfg.hub.sync()?;
+        let mut after = self.surveys.cursor("invitations").await?;
+        let mut opened = 0;
+        loop {
+            let page = sync
+                .list_invitations(pb::ListInvitationsRequest {
+                    after_id: after,
+                    limit: 200,
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+                .into_inner();
+            if page.invitations.is_empty() {
+                return Ok(opened);
+            }
+            for inv in page.invitations {
+                let case = inv.service_case.unwrap_or_default();
+                let phone = case
+                    .applicant
+                    .as_ref()
+                    .map(|a| a.phone.clone())
+                    .unwrap_or_default();
+                if phone.is_empty() || phone.contains('*') {
+                    self.metrics.inc("invitations_without_phone_total");
+                    tracing::warn!(
+                        invitation = inv.id,
+                        "Invitation has no usable phone (the adapter needs read-pii); skipped."
+                    );
+                } else {
+                    let ttl = Duration::from_secs(self.cfg.survey_ttl_hours * 3600);
+                    let prefix = self
+                        .cfg
+                        .gateway
+                        .as_ref()
+                        .map(|g| g.extension_prefix.clone())
+                        .unwrap_or_default();
+                    let (survey, to_send) = self
+                        .surveys
+                        .open_survey(inv.id, &case, &phone, &prefix, ttl)
+                        .await?;
+                    opened += 1;
+                    if let (true, Some(gw)) = (to_send, &self.cfg.gateway) {
+                        self.send_sms(gw, &survey.phone, &case.item_name, &survey.dest_code)
+                            .await?;
+                        self.surveys.mark_sent(survey.id).await?;
+                        self.metrics.inc("invitations_sent_total");
+                    }
+                }
+                after = inv.id;
+                self.surveys.set_cursor("invitations", after).await?;
+            }
+        }
+    }
+
+    async fn send_sms(
+        &self,
+        gw: &GatewayConfig,
+        phone: &str,
+        item: &str,
+        code: &str,
+    ) -> anyhow::Result<()> {
+        let content = gw.template.replace("{item}", item);
+        let r = self
+            .http
+            .post(&gw.url)
+            .header("content-type", "application/json; charset=utf-8")
+            .body(
+                json!({ "phone_number": phone, "content": content, "extension": code }).to_string(),
+            )
+            .send()
+            .await?;
+        anyhow::ensure!(
+            r.status().is_success(),
+            "the SMS gateway answered HTTP {}",
+            r.status()
+        );
+        Ok(())
+    }
+}
+
+type Shared = State<Arc<Inner>>;
+
+fn gateway_answer(result: anyhow::Result<()>) -> impl IntoResponse {
+    match result {
+        // The gateway's contract: anything but this makes it retry.
+        Ok(()) => (StatusCode::OK, Json(json!({"code": 0, "msg": "接收成功"}))),
+        Err(e) => {
+            tracing::error!(error = %e, "Reply not stored; the gateway will retry.");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({"code": 1, "msg": "暂时无法接收，请重试"})),
+            )
+        }
+    }
+}
+
+async fn sms_json(State(inner): Shared, Json(messages): Json<Vec<MoMessage>>) -> impl IntoResponse {
+    let mut result = Ok(());
+    for m in &messages {
+        if let Err(e) = inner.take_mo(m).await {
+            result = Err(e);
+            break;
+        }
+    }
+    gateway_answer(result)
+}
+
+async fn sms_form(State(inner): Shared, Form(m): Form<MoMessage>) -> impl IntoResponse {
+    gateway_answer(inner.take_mo(&m).await.map(drop))
+}
+
+async fn ivr(State(inner): Shared, Json(r): Json<IvrResult>) -> impl IntoResponse {
+    let reply = parse_ivr(&r.key, inner.ivr_scale);
+    let key = source_key("ivr", &[r.call_id.trim()]);
+    let result = inner
+        .take_reply(
+            pb::Channel::HotlineVoice,
+            &r.survey,
+            &r.phone,
+            None,
+            reply,
+            key,
+            &r.key,
+        )
+        .await;
+    match result {
+        Ok(outcome) => (StatusCode::OK, Json(json!({"code": 0, "result": outcome}))),
+        Err(e) => {
+            tracing::error!(error = %e, "IVR result not stored.");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({"code": 1, "msg": "retry"})),
+            )
+        }
+    }
+}
+
+async fn metrics_text(State(inner): Shared) -> String {
+    let mut text = inner.metrics.render("rating_hotline");
+    if let Ok(c) = inner.spool.counts().await {
+        text.push_str(&format!(
+            "# TYPE rating_hotline_spool gauge\nrating_hotline_spool{{state=\"waiting\"}} {}\n\
+             rating_hotline_spool{{state=\"delivered\"}} {}\nrating_hotline_spool{{state=\"refused\"}} {}\n",
+            c.waiting, c.delivered, c.refused
+        ));
+    }
+    text
+}
+
+/// Opens the spool and state, binds, and starts the HTTP side, the forwarder and the poller.
+pub async fn start(cfg: HotlineConfig) -> anyhow::Result<Hotline> {
+    let (sms_scale, ivr_scale) = cfg.scales()?;
+    // reqwest's rustls needs a process-wide provider; the hub uses ring everywhere.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let spool = Spool::open(&cfg.spool).await?;
+    let surveys = Surveys::open(&cfg.state).await?;
+    let metrics = Arc::new(Metrics::default());
+    let mut http = reqwest::Client::builder().timeout(Duration::from_secs(10));
+    if let Some(gw) = &cfg.gateway
+        && !gw.ca.is_empty()
+    {
+        http = http.add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&gw.ca)?)?);
+    }
+    let inner = Arc::new(Inner {
+        sms_scale,
+        ivr_scale,
+        spool: spool.clone(),
+        surveys: surveys.clone(),
+        metrics: metrics.clone(),
+        http: http.build()?,
+        cfg: cfg.clone(),
+    });
+    let (stop, stop_rx) = watch::channel(false);
+    let forwarder = Forwarder {
+        spool: spool.clone(),
+        client: cfg.hub.ingest()?,
+        batch: 200,
+        metrics: metrics.clone(),
+    };
+    let mut tasks = vec![tokio::spawn(forwarder.run(stop_rx.clone()))];
+    if cfg.poll_invitations_secs > 0 {
+        let inner = inner.clone();
+        let mut stop = stop_rx.clone();
+        let every = Duration::from_secs(cfg.poll_invitations_secs);
+        tasks.push(tokio::spawn(async move {
+            loop {
+                if let Err(e) = inner.poll_invitations().await {
+                    tracing::warn!(error = %e, "Cannot pull invitations; will retry.");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }));
+    }
+    let app = Router::new()
+        .route("/sms/mo", post(sms_json))
+        .route("/sms/mo-form", post(sms_form))
+        .route("/ivr", post(ivr))
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(inner.clone());
+    let listener = tokio::net::TcpListener::bind(&cfg.listen).await?;
+    let addr = listener.local_addr()?;
+    let mut stop_http = stop_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_http.changed().await;
+            })
+            .await;
+    }));
+    tracing::info!(%addr, "Hotline adapter listening.");
+    Ok(Hotline {
+        addr,
+        spool,
+        surveys,
+        metrics,
+        inner,
+        stop,
+        tasks,
+    })
+}
+
+impl Hotline {
+    /// One pull of the hub's invitations (the poller does this every poll interval).
+    pub async fn poll_invitations_once(&self) -> anyhow::Result<u64> {
+        self.inner.poll_invitations().await
+    }
+
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_times_are_china_standard_time() {
+        let at = parse_cst("2025-10-09 08:30:00").unwrap();
+        assert_eq!(
+            at,
+            Date::parse("2025-10-09").unwrap().start_micros() + 8 * 3_600_000_000 + 30 * 60_000_000
+        );
+        assert!(parse_cst("2025-10-09").is_none());
+        assert!(parse_cst("2025-10-09 25:00:00").is_none());
+    }
+}

@@ -1,0 +1,19 @@
+//! What every rating-hub adapter shares:
+//! - [`HubConnection`]: the hub's generated client over mTLS;
+//! - [`Spool`]: a durable local queue — an adapter acknowledges its source only after the
+//!   rating is in the spool, and [`Forwarder`] drains it to the hub with retries, so the hub
+//!   being unreachable never loses or refuses a source's rating;
+//! - [`source_key`]: deterministic source keys, so re-reading the same input never duplicates;
+//! - [`Metrics`]: counters without personal data.
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod keys;
+pub mod metrics;
+pub mod spool;
+
+pub use client::HubConnection;
+pub use keys::source_key;
+pub use metrics::Metrics;
+pub use spool::{Forwarder, Spool, SpoolCounts, Spooled};

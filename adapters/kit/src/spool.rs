@@ -1,0 +1,245 @@
+//! The durable spool and the forwarder that drains it to the hub.
+//!
+//! `Spool::put` returns only after the rating is committed to the spool's SQLite file
+//! (WAL, synchronous=FULL): that is when an adapter may acknowledge its source. The
+//! [`Forwarder`] sends waiting ratings in spool order, marks each by the hub's answer —
+//! delivered (accepted or duplicate) or refused (kept with the hub's reasons, never silently
+//! dropped) — and retries with backoff while the hub is unreachable.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use tokio::sync::{Notify, watch};
+use tonic::transport::Channel;
+
+use rating_hub::pb::v1 as pb;
+use rating_hub::pb::v1::ingest_service_client::IngestServiceClient;
+
+use crate::Metrics;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or_default()
+}
+
+/// What `put` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spooled {
+    /// Newly stored.
+    Stored,
+    /// This source key was already spooled (a re-read of the same input).
+    AlreadyThere,
+}
+
+/// How many ratings are in each state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpoolCounts {
+    pub waiting: u64,
+    pub delivered: u64,
+    pub refused: u64,
+}
+
+#[derive(Clone)]
+pub struct Spool {
+    pool: SqlitePool,
+    wake: Arc<Notify>,
+}
+
+impl Spool {
+    pub async fn open(path: &str) -> anyhow::Result<Self> {
+        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Self {
+            pool,
+            wake: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Stores a rating durably under its `source_key` (which must be set). Returns after the
+    /// commit.
+    pub async fn put(&self, rating: &pb::Rating) -> anyhow::Result<Spooled> {
+        anyhow::ensure!(
+            !rating.source_key.is_empty(),
+            "a spooled rating needs a source key"
+        );
+        let now = now_micros();
+        let r = sqlx::query(
+            "INSERT INTO spool (source_key, rating, created_at, updated_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (source_key) DO NOTHING",
+        )
+        .bind(&rating.source_key)
+        .bind(rating.encode_to_vec())
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        self.wake.notify_one();
+        Ok(if r.rows_affected() == 1 {
+            Spooled::Stored
+        } else {
+            Spooled::AlreadyThere
+        })
+    }
+
+    pub async fn counts(&self) -> anyhow::Result<SpoolCounts> {
+        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM spool GROUP BY state")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut c = SpoolCounts::default();
+        for row in rows {
+            let n = row.try_get::<i64, _>("n")? as u64;
+            match row.try_get::<i64, _>("state")? {
+                0 => c.waiting = n,
+                1 => c.delivered = n,
+                _ => c.refused = n,
+            }
+        }
+        Ok(c)
+    }
+
+    /// Refused ratings with the hub's reasons: (source key, reason).
+    pub async fn refused(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let rows = sqlx::query("SELECT source_key, outcome FROM spool WHERE state = 2 ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get::<String, _>("source_key"),
+                    r.get::<String, _>("outcome"),
+                )
+            })
+            .collect())
+    }
+
+    async fn waiting(&self, limit: i64) -> anyhow::Result<Vec<(i64, pb::Rating)>> {
+        let rows = sqlx::query("SELECT id, rating FROM spool WHERE state = 0 ORDER BY id LIMIT ?")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let bytes: Vec<u8> = r.try_get("rating")?;
+                Ok((r.try_get("id")?, pb::Rating::decode(bytes.as_slice())?))
+            })
+            .collect()
+    }
+
+    async fn mark(&self, id: i64, state: i64, outcome: &str, hub_id: &str) -> anyhow::Result<()> {
+        sqlx::query(
+            "UPDATE spool SET state = ?, outcome = ?, hub_id = ?, attempts = attempts + 1, \
+             updated_at = ? WHERE id = ?",
+        )
+        .bind(state)
+        .bind(outcome)
+        .bind(hub_id)
+        .bind(now_micros())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Drains a spool to the hub.
+pub struct Forwarder {
+    pub spool: Spool,
+    pub client: IngestServiceClient<Channel>,
+    pub batch: i64,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Forwarder {
+    /// Runs until `stop` turns true. Transport failures are retried with backoff (0.2 s
+    /// doubling to 10 s); nothing waiting is ever dropped.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            match self.step().await {
+                Ok(true) => backoff = Duration::from_millis(200),
+                Ok(false) => {
+                    tokio::select! {
+                        _ = self.spool.wake.notified() => {}
+                        _ = stop.changed() => {}
+                    }
+                }
+                Err(e) => {
+                    self.metrics.inc("forward_failures_total");
+                    tracing::warn!(error = %e, wait_ms = backoff.as_millis() as u64, "Cannot forward to the hub; will retry.");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    /// Sends one batch; Ok(false) when nothing was waiting.
+    async fn step(&mut self) -> anyhow::Result<bool> {
+        let waiting = self.spool.waiting(self.batch).await?;
+        if waiting.is_empty() {
+            return Ok(false);
+        }
+        let ratings: Vec<pb::Rating> = waiting.iter().map(|(_, r)| r.clone()).collect();
+        let results = self
+            .client
+            .submit_ratings(pb::SubmitRatingsRequest { ratings })
+            .await
+            .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+            .into_inner()
+            .results;
+        anyhow::ensure!(
+            results.len() == waiting.len(),
+            "the hub answered {} results for {} ratings",
+            results.len(),
+            waiting.len()
+        );
+        for ((id, _), r) in waiting.iter().zip(results) {
+            match pb::Outcome::try_from(r.outcome).unwrap_or_default() {
+                pb::Outcome::Accepted | pb::Outcome::Duplicate => {
+                    self.metrics.inc("forwarded_total");
+                    self.spool.mark(*id, 1, "", &r.hub_id).await?;
+                }
+                other => {
+                    let why: Vec<String> = r
+                        .violations
+                        .iter()
+                        .map(|v| format!("{}: {}", v.field, v.description))
+                        .collect();
+                    let text = format!("{} {}", other.as_str_name(), why.join("; "));
+                    self.metrics.inc("refused_by_hub_total");
+                    tracing::warn!(
+                        outcome = other.as_str_name(),
+                        "The hub refused a spooled rating; kept with its reasons."
+                    );
+                    self.spool.mark(*id, 2, text.trim(), &r.hub_id).await?;
+                }
+            }
+        }
+        Ok(true)
+    }
+}

@@ -93,16 +93,16 @@ fn parse_cst(s: &str) -> Option<i64> {
 impl Inner {
     /// Turns one reply into a spooled rating or a kept unmatched reply. Errors only when the
     /// reply could not be stored durably (then the gateway is told to retry).
-    async fn take_reply(
-        &self,
-        channel: pb::Channel,
-        dest_code: &str,
-        phone: &str,
-        at: Option<i64>,
-        reply: Reply,
-        key: String,
-        content: &str,
-    ) -> anyhow::Result<&'static str> {
+    async fn take_reply(&self, incoming: Incoming<'_>) -> anyhow::Result<&'static str> {
+        let Incoming {
+            channel,
+            dest_code,
+            phone,
+            at,
+            reply,
+            key,
+            content,
+        } = incoming;
         let ch = if channel == pb::Channel::Sms {
             "sms"
         } else {
@@ -187,16 +187,15 @@ impl Inner {
         } else {
             source_key("sms", &[m.sequence_id.trim()])
         };
-        let reply = parse_sms(&m.content, self.sms_scale);
-        self.take_reply(
-            pb::Channel::Sms,
-            &m.dest_code,
-            &m.phone_number,
-            parse_cst(&m.send_time),
-            reply,
+        self.take_reply(Incoming {
+            channel: pb::Channel::Sms,
+            dest_code: &m.dest_code,
+            phone: &m.phone_number,
+            at: parse_cst(&m.send_time),
+            reply: parse_sms(&m.content, self.sms_scale),
             key,
-            &m.content,
-        )
+            content: &m.content,
+        })
         .await
     }
 
@@ -284,6 +283,19 @@ impl Inner {
 
 type Shared = State<Arc<Inner>>;
 
+/// One reply as it arrived, before it is matched to a survey.
+struct Incoming<'a> {
+    channel: pb::Channel,
+    dest_code: &'a str,
+    phone: &'a str,
+    /// When the rater answered, if the gateway said.
+    at: Option<i64>,
+    reply: Reply,
+    /// The deterministic source key of this reply.
+    key: String,
+    content: &'a str,
+}
+
 fn gateway_answer(result: anyhow::Result<()>) -> impl IntoResponse {
     match result {
         // The gateway's contract: anything but this makes it retry.
@@ -317,15 +329,15 @@ async fn ivr(State(inner): Shared, Json(r): Json<IvrResult>) -> impl IntoRespons
     let reply = parse_ivr(&r.key, inner.ivr_scale);
     let key = source_key("ivr", &[r.call_id.trim()]);
     let result = inner
-        .take_reply(
-            pb::Channel::HotlineVoice,
-            &r.survey,
-            &r.phone,
-            None,
+        .take_reply(Incoming {
+            channel: pb::Channel::HotlineVoice,
+            dest_code: &r.survey,
+            phone: &r.phone,
+            at: None,
             reply,
             key,
-            &r.key,
-        )
+            content: &r.key,
+        })
         .await;
     match result {
         Ok(outcome) => (StatusCode::OK, Json(json!({"code": 0, "result": outcome}))),

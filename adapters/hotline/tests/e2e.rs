@@ -1,0 +1,383 @@
+//! The hotline adapter end to end against a real hub (mTLS, real SQLite) and a fake SMS
+//! gateway: invitation → SMS → reply → rating at the hub; replies that are not ratings are
+//! kept with a reason; the hub being down does not stop the adapter from taking replies.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::routing::post;
+use axum::{Json, Router};
+use rating_hub::clock::{Clock, ManualClock};
+use rating_hub::config::Config;
+use rating_hub::pb::v1 as pb;
+use rating_hub::pki;
+use rating_hub::privacy::PiiKeys;
+use rating_hub::rules::Date;
+use rating_hub::server::RunningHub;
+use rating_hub_adapter_kit::HubConnection;
+use rating_hub_hotline::HotlineConfig;
+use rating_hub_hotline::config::GatewayConfig;
+use serde_json::{Value, json};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+fn cst(date: &str, hour: i64) -> i64 {
+    Date::parse(date).unwrap().start_micros() + hour * 3_600_000_000
+}
+
+fn org() -> String {
+    rating_hub::domain::codes::credit_code_with_check("11440100MA0000001").unwrap()
+}
+
+/// A hub on `port` (0: any) with the test PKI in dir/pki, principals "hotline" (submit, pull,
+/// read-pii) and "tester" (everything).
+async fn start_hub(dir: &Path, port: u16, clock: Arc<dyn Clock>) -> RunningHub {
+    let pki_dir = dir.join("pki");
+    if !pki_dir.join(pki::CA_CERT).exists() {
+        pki::create_ca(&pki_dir, "test CA").unwrap();
+        pki::issue_server(
+            &pki_dir,
+            &["localhost", "127.0.0.1"],
+            pki::Validity::days(5),
+        )
+        .unwrap();
+        pki::issue_client(&pki_dir, "hotline", pki::Validity::days(5)).unwrap();
+        pki::issue_client(&pki_dir, "tester", pki::Validity::days(5)).unwrap();
+    }
+    PiiKeys::create_key_file(&dir.join("pii.key")).unwrap();
+    let p = |f: &str| pki_dir.join(f).display().to_string();
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:{port}"
+[storage]
+url = "{db}"
+[tls]
+dev_pki = false
+cert = "{cert}"
+key = "{key}"
+client_ca = "{ca}"
+[privacy]
+active_key = "t"
+[privacy.keys]
+t = "{pii}"
+[rules]
+tick_secs = 86400
+[principals.hotline]
+roles = ["submit", "pull", "read-pii"]
+all_regions = true
+[principals.tester]
+roles = ["submit", "read", "read-pii", "pull"]
+all_regions = true
+"#,
+        db = dir.join("hub.db").display(),
+        cert = p(pki::SERVER_CERT),
+        key = p(pki::SERVER_KEY),
+        ca = p(pki::CA_CERT),
+        pii = dir.join("pii.key").display(),
+    );
+    let config = Config::from_layers(Some(("hub.toml", &text)), std::iter::empty()).unwrap();
+    rating_hub::server::start_with_clock(&config, clock)
+        .await
+        .unwrap()
+}
+
+fn hub_connection(dir: &Path, port: u16) -> HubConnection {
+    let p = |f: &str| dir.join("pki").join(f).display().to_string();
+    HubConnection {
+        endpoint: format!("https://127.0.0.1:{port}"),
+        ca: p(pki::CA_CERT),
+        cert: p("hotline.pem"),
+        key: p("hotline.key"),
+        domain: "localhost".into(),
+        timeout_ms: 3000,
+    }
+}
+
+async fn tester_channel(dir: &Path, port: u16) -> tonic::transport::Channel {
+    let read = |f: &str| std::fs::read(dir.join("pki").join(f)).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(pki::CA_CERT)))
+        .identity(Identity::from_pem(read("tester.pem"), read("tester.key")))
+        .domain_name("localhost");
+    Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// A fake SMS gateway that records what it is asked to send.
+async fn start_gateway() -> (String, Arc<Mutex<Vec<Value>>>) {
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let s = sent.clone();
+    let app = Router::new().route(
+        "/send",
+        post(move |Json(v): Json<Value>| {
+            let s = s.clone();
+            async move {
+                s.lock().unwrap().push(v);
+                Json(json!({"code": 0}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/send", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, sent)
+}
+
+fn adapter_config(dir: &Path, hub: HubConnection, gateway: Option<String>) -> HotlineConfig {
+    HotlineConfig {
+        listen: "127.0.0.1:0".into(),
+        spool: dir.join("spool.db").display().to_string(),
+        state: dir.join("state.db").display().to_string(),
+        sms_scale: 5,
+        ivr_scale: 5,
+        survey_ttl_hours: 72,
+        poll_invitations_secs: 0,
+        hub,
+        gateway: gateway.map(|url| GatewayConfig {
+            url,
+            extension_prefix: "9".into(),
+            template: "请回复1-5评价“{item}”".into(),
+            ca: String::new(),
+        }),
+    }
+}
+
+fn case(number: &str, completed: i64) -> pb::ServiceCase {
+    pb::ServiceCase {
+        case_number: number.into(),
+        event: pb::CaseEvent::Completed as i32,
+        occurred_at: Some(rating_hub::time::timestamp_from_micros(completed)),
+        item_code: "440100-ITEM-3".into(),
+        item_name: "社保卡补办".into(),
+        region_code: "440103".into(),
+        org_credit_code: org(),
+        applicant: Some(pb::Rater {
+            phone: "13912345678".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn post_json(url: String, body: Value) -> Value {
+    let client = reqwest::Client::new();
+    client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()
+}
+
+/// Waits (bounded) for the hub to hold a rating of `case_number`.
+async fn rating_at_hub(dir: &Path, port: u16, case_number: &str) -> pb::Rating {
+    let mut query =
+        pb::query_service_client::QueryServiceClient::new(tester_channel(dir, port).await);
+    for _ in 0..1500 {
+        let found = query
+            .list_ratings(pb::ListRatingsRequest {
+                filter: Some(pb::RatingFilter {
+                    case_number: case_number.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .ratings;
+        if let Some(r) = found.into_iter().next() {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no rating for {case_number} at the hub within 30 s");
+}
+
+#[tokio::test]
+async fn invitation_sms_reply_becomes_a_rating_at_the_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = cst("2025-06-03", 10);
+    let clock = Arc::new(ManualClock::at(t0 + 60_000_000));
+    let hub = start_hub(dir.path(), 0, clock.clone()).await;
+    let port = hub.local_addr.port();
+    let mut ingest =
+        pb::ingest_service_client::IngestServiceClient::new(tester_channel(dir.path(), port).await);
+    ingest
+        .report_service_cases(pb::ReportServiceCasesRequest {
+            cases: vec![case("GD-7", t0)],
+        })
+        .await
+        .unwrap();
+    // Guangdong: the reminder is due 24 hours after completion.
+    clock.set(t0 + 25 * 3_600_000_000);
+    assert_eq!(hub.rules().tick().await.unwrap().invitations, 1);
+
+    let (gateway, sent) = start_gateway().await;
+    let hotline = rating_hub_hotline::start(adapter_config(
+        dir.path(),
+        hub_connection(dir.path(), port),
+        Some(gateway),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(hotline.poll_invitations_once().await.unwrap(), 1);
+    assert_eq!(
+        hotline.poll_invitations_once().await.unwrap(),
+        0,
+        "the cursor moved on"
+    );
+    let sms = sent.lock().unwrap().clone();
+    assert_eq!(sms.len(), 1);
+    assert_eq!(sms[0]["phone_number"], "13912345678");
+    assert_eq!(sms[0]["content"], "请回复1-5评价“社保卡补办”");
+    let code = sms[0]["extension"].as_str().unwrap().to_owned();
+
+    let mo = format!("http://{}/sms/mo", hotline.addr);
+    let answer = post_json(
+        mo.clone(),
+        json!([{
+            "phone_number": "13912345678",
+            "send_time": "2025-06-04 11:00:00",
+            "content": "１满意",
+            "dest_code": code,
+            "sequence_id": "MO-1"
+        }]),
+    )
+    .await;
+    assert_eq!(answer, json!({"code": 0, "msg": "接收成功"}));
+
+    let r = rating_at_hub(dir.path(), port, "GD-7").await;
+    assert_eq!(r.level, pb::Level::VerySatisfied as i32);
+    assert_eq!(r.channel, pb::Channel::Sms as i32);
+    assert_eq!(r.source_system, "hotline");
+    assert_eq!(r.org_credit_code, org());
+    assert_eq!(r.rater.unwrap().phone, "13912345678");
+    assert_eq!(r.attributes["survey"], code);
+
+    // Not ratings, kept with a reason: an unknown code, a replay key, a second answer.
+    for (dest, content, seq) in [
+        ("000000", "1", "MO-2"),
+        (code.as_str(), "0", "MO-3"),
+        (code.as_str(), "2", "MO-4"),
+    ] {
+        let a = post_json(
+            mo.clone(),
+            json!([{"phone_number": "13912345678", "content": content, "dest_code": dest, "sequence_id": seq}]),
+        )
+        .await;
+        assert_eq!(a["code"], 0, "acknowledged to the gateway all the same");
+    }
+    let kept: Vec<String> = hotline
+        .surveys
+        .unmatched()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, _, r)| r)
+        .collect();
+    assert_eq!(
+        kept,
+        [
+            "unknown reply code: no such survey",
+            "replay key: not a rating",
+            "the survey was already answered"
+        ]
+    );
+    hotline.shutdown().await;
+    hub.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn replies_are_taken_while_the_hub_is_down_and_drained_when_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port for the hub that is not listening yet.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    // The PKI must exist before the adapter reads its certificates. IVR ratings are rated
+    // when the key is pressed, so this hub runs on the real clock.
+    let clock: Arc<dyn Clock> = Arc::new(rating_hub::clock::SystemClock);
+    let t0 = clock.now_micros() - 3_600_000_000;
+    let hub = start_hub(dir.path(), port, clock.clone()).await;
+    hub.shutdown().await.unwrap();
+
+    let hotline = rating_hub_hotline::start(adapter_config(
+        dir.path(),
+        hub_connection(dir.path(), port),
+        None,
+    ))
+    .await
+    .unwrap();
+    let (survey, _) = hotline
+        .surveys
+        .open_survey(
+            1,
+            &case("GD-9", t0),
+            "13912345678",
+            "7",
+            Duration::from_secs(3600 * 72),
+        )
+        .await
+        .unwrap();
+    // An IVR call: no key and replay are not ratings; key 2 is.
+    let ivr = format!("http://{}/ivr", hotline.addr);
+    for (call, key, want) in [
+        ("c1", "", "kept"),
+        ("c2", "0", "kept"),
+        ("c3", "2", "rated"),
+    ] {
+        let a = post_json(
+            ivr.clone(),
+            json!({"call_id": call, "phone": "139-1234-5678", "key": key, "survey": survey.dest_code}),
+        )
+        .await;
+        assert_eq!(a["result"], want, "key {key:?}");
+    }
+    let counts = hotline.spool.counts().await.unwrap();
+    assert_eq!(
+        (counts.waiting, counts.delivered),
+        (1, 0),
+        "spooled while the hub is down"
+    );
+
+    // The hub comes back on the same port: the spool drains by itself.
+    let hub = start_hub(dir.path(), port, clock.clone()).await;
+    let r = rating_at_hub(dir.path(), port, "GD-9").await;
+    assert_eq!(r.level, pb::Level::Satisfied as i32);
+    assert_eq!(r.channel, pb::Channel::HotlineVoice as i32);
+    for _ in 0..1500 {
+        if hotline.spool.counts().await.unwrap().delivered == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(hotline.spool.counts().await.unwrap().delivered, 1);
+    let metrics = reqwest::get(format!("http://{}/metrics", hotline.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("rating_hotline_ivr_ratings_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("13912345678"),
+        "metrics carry no phone numbers"
+    );
+    hotline.shutdown().await;
+    hub.shutdown().await.unwrap();
+}

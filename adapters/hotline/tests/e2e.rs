@@ -9,17 +9,13 @@ use std::time::Duration;
 use axum::routing::post;
 use axum::{Json, Router};
 use rating_hub::clock::{Clock, ManualClock};
-use rating_hub::config::Config;
 use rating_hub::pb::v1 as pb;
-use rating_hub::pki;
-use rating_hub::privacy::PiiKeys;
 use rating_hub::rules::Date;
-use rating_hub::server::RunningHub;
 use rating_hub_adapter_kit::HubConnection;
+use rating_hub_adapter_kit::testing::{hub_connection, start_hub, tester_channel};
 use rating_hub_hotline::HotlineConfig;
 use rating_hub_hotline::config::GatewayConfig;
 use serde_json::{Value, json};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 fn cst(date: &str, hour: i64) -> i64 {
     Date::parse(date).unwrap().start_micros() + hour * 3_600_000_000
@@ -27,86 +23,6 @@ fn cst(date: &str, hour: i64) -> i64 {
 
 fn org() -> String {
     rating_hub::domain::codes::credit_code_with_check("11440100MA0000001").unwrap()
-}
-
-/// A hub on `port` (0: any) with the test PKI in dir/pki, principals "hotline" (submit, pull,
-/// read-pii) and "tester" (everything).
-async fn start_hub(dir: &Path, port: u16, clock: Arc<dyn Clock>) -> RunningHub {
-    let pki_dir = dir.join("pki");
-    if !pki_dir.join(pki::CA_CERT).exists() {
-        pki::create_ca(&pki_dir, "test CA").unwrap();
-        pki::issue_server(
-            &pki_dir,
-            &["localhost", "127.0.0.1"],
-            pki::Validity::days(5),
-        )
-        .unwrap();
-        pki::issue_client(&pki_dir, "hotline", pki::Validity::days(5)).unwrap();
-        pki::issue_client(&pki_dir, "tester", pki::Validity::days(5)).unwrap();
-    }
-    PiiKeys::create_key_file(&dir.join("pii.key")).unwrap();
-    let p = |f: &str| pki_dir.join(f).display().to_string();
-    let text = format!(
-        r#"
-[server]
-listen = "127.0.0.1:{port}"
-[storage]
-url = "{db}"
-[tls]
-dev_pki = false
-cert = "{cert}"
-key = "{key}"
-client_ca = "{ca}"
-[privacy]
-active_key = "t"
-[privacy.keys]
-t = "{pii}"
-[rules]
-tick_secs = 86400
-[principals.hotline]
-roles = ["submit", "pull", "read-pii"]
-all_regions = true
-[principals.tester]
-roles = ["submit", "read", "read-pii", "pull"]
-all_regions = true
-"#,
-        db = dir.join("hub.db").display(),
-        cert = p(pki::SERVER_CERT),
-        key = p(pki::SERVER_KEY),
-        ca = p(pki::CA_CERT),
-        pii = dir.join("pii.key").display(),
-    );
-    let config = Config::from_layers(Some(("hub.toml", &text)), std::iter::empty()).unwrap();
-    rating_hub::server::start_with_clock(&config, clock)
-        .await
-        .unwrap()
-}
-
-fn hub_connection(dir: &Path, port: u16) -> HubConnection {
-    let p = |f: &str| dir.join("pki").join(f).display().to_string();
-    HubConnection {
-        endpoint: format!("https://127.0.0.1:{port}"),
-        ca: p(pki::CA_CERT),
-        cert: p("hotline.pem"),
-        key: p("hotline.key"),
-        domain: "localhost".into(),
-        timeout_ms: 3000,
-    }
-}
-
-async fn tester_channel(dir: &Path, port: u16) -> tonic::transport::Channel {
-    let read = |f: &str| std::fs::read(dir.join("pki").join(f)).unwrap();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(pki::CA_CERT)))
-        .identity(Identity::from_pem(read("tester.pem"), read("tester.key")))
-        .domain_name("localhost");
-    Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
 }
 
 /// A fake SMS gateway that records what it is asked to send.
@@ -260,7 +176,7 @@ async fn invitation_sms_reply_becomes_a_rating_at_the_hub() {
     let r = rating_at_hub(dir.path(), port, "GD-7").await;
     assert_eq!(r.level, pb::Level::VerySatisfied as i32);
     assert_eq!(r.channel, pb::Channel::Sms as i32);
-    assert_eq!(r.source_system, "hotline");
+    assert_eq!(r.source_system, "adapter");
     assert_eq!(r.org_credit_code, org());
     assert_eq!(r.rater.unwrap().phone, "13912345678");
     assert_eq!(r.attributes["survey"], code);

@@ -10,10 +10,14 @@
 
 pub mod client;
 pub mod keys;
+pub mod mapping;
 pub mod metrics;
 pub mod spool;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use client::HubConnection;
 pub use keys::source_key;
+pub use mapping::Mapping;
 pub use metrics::Metrics;
 pub use spool::{Forwarder, Spool, SpoolCounts, Spooled};

@@ -1,0 +1,141 @@
+//! For adapters' integration tests (feature `testing`): a real hub on loopback with a test
+//! PKI, and clients for it. Not for production use.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rating_hub::clock::Clock;
+use rating_hub::config::Config;
+use rating_hub::pb::v1 as pb;
+use rating_hub::pki;
+use rating_hub::privacy::PiiKeys;
+use rating_hub::server::RunningHub;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::HubConnection;
+
+/// A hub on `port` (0: any free port) with a test PKI in `dir/pki`, a privacy key, and two
+/// principals: `adapter` (submit, pull, read-pii) and `tester` (submit, read, read-pii, pull).
+pub async fn start_hub(dir: &Path, port: u16, clock: Arc<dyn Clock>) -> RunningHub {
+    // HTTP clients in the tests use rustls without a built-in provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let pki_dir = dir.join("pki");
+    if !pki_dir.join(pki::CA_CERT).exists() {
+        pki::create_ca(&pki_dir, "test CA").unwrap();
+        pki::issue_server(
+            &pki_dir,
+            &["localhost", "127.0.0.1"],
+            pki::Validity::days(5),
+        )
+        .unwrap();
+        pki::issue_client(&pki_dir, "adapter", pki::Validity::days(5)).unwrap();
+        pki::issue_client(&pki_dir, "tester", pki::Validity::days(5)).unwrap();
+    }
+    PiiKeys::create_key_file(&dir.join("pii.key")).unwrap();
+    let p = |f: &str| pki_dir.join(f).display().to_string();
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:{port}"
+[storage]
+url = "{db}"
+[tls]
+dev_pki = false
+cert = "{cert}"
+key = "{key}"
+client_ca = "{ca}"
+[privacy]
+active_key = "t"
+[privacy.keys]
+t = "{pii}"
+[rules]
+tick_secs = 86400
+[principals.adapter]
+roles = ["submit", "pull", "read-pii"]
+all_regions = true
+[principals.tester]
+roles = ["submit", "read", "read-pii", "pull"]
+all_regions = true
+"#,
+        db = dir.join("hub.db").display(),
+        cert = p(pki::SERVER_CERT),
+        key = p(pki::SERVER_KEY),
+        ca = p(pki::CA_CERT),
+        pii = dir.join("pii.key").display(),
+    );
+    let config = Config::from_layers(Some(("hub.toml", &text)), std::iter::empty()).unwrap();
+    rating_hub::server::start_with_clock(&config, clock)
+        .await
+        .unwrap()
+}
+
+/// The adapter's `[hub]` section for a hub started by `start_hub` in `dir`.
+pub fn hub_connection(dir: &Path, port: u16) -> HubConnection {
+    let p = |f: &str| dir.join("pki").join(f).display().to_string();
+    HubConnection {
+        endpoint: format!("https://127.0.0.1:{port}"),
+        ca: p(pki::CA_CERT),
+        cert: p("adapter.pem"),
+        key: p("adapter.key"),
+        domain: "localhost".into(),
+        timeout_ms: 3000,
+    }
+}
+
+/// An mTLS channel as `tester`.
+pub async fn tester_channel(dir: &Path, port: u16) -> Channel {
+    let read = |f: &str| std::fs::read(dir.join("pki").join(f)).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(pki::CA_CERT)))
+        .identity(Identity::from_pem(read("tester.pem"), read("tester.key")))
+        .domain_name("localhost");
+    Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// Every rating at the hub, in feed order.
+pub async fn all_ratings(dir: &Path, port: u16) -> Vec<pb::Rating> {
+    let mut query =
+        pb::query_service_client::QueryServiceClient::new(tester_channel(dir, port).await);
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = query
+            .list_ratings(pb::ListRatingsRequest {
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        out.extend(page.ratings);
+        if page.next_page_token.is_empty() {
+            return out;
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// Waits (at most `limit`, polling every 20 ms) until the hub holds at least `n` ratings.
+pub async fn wait_for_ratings(dir: &Path, port: u16, n: usize, limit: Duration) -> Vec<pb::Rating> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let all = all_ratings(dir, port).await;
+        if all.len() >= n {
+            return all;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the hub holds {} ratings after {limit:?}, expected {n}",
+            all.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

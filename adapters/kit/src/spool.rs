@@ -99,6 +99,37 @@ impl Spool {
         })
     }
 
+    /// Stores many ratings in one transaction (one fsync); one `Spooled` per rating.
+    pub async fn put_many(&self, ratings: &[pb::Rating]) -> anyhow::Result<Vec<Spooled>> {
+        let now = now_micros();
+        let mut tx = self.pool.begin().await?;
+        let mut out = Vec::with_capacity(ratings.len());
+        for rating in ratings {
+            anyhow::ensure!(
+                !rating.source_key.is_empty(),
+                "a spooled rating needs a source key"
+            );
+            let r = sqlx::query(
+                "INSERT INTO spool (source_key, rating, created_at, updated_at) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (source_key) DO NOTHING",
+            )
+            .bind(&rating.source_key)
+            .bind(rating.encode_to_vec())
+            .bind(now)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            out.push(if r.rows_affected() == 1 {
+                Spooled::Stored
+            } else {
+                Spooled::AlreadyThere
+            });
+        }
+        tx.commit().await?;
+        self.wake.notify_one();
+        Ok(out)
+    }
+
     pub async fn counts(&self) -> anyhow::Result<SpoolCounts> {
         let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM spool GROUP BY state")
             .fetch_all(&self.pool)

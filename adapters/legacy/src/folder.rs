@@ -1,0 +1,380 @@
+//! The drop folder: CSV (UTF-8 or GBK) and XML files. A file is worked through (spooling
+//! valid rows) and then moved to `done/` with a per-row report; rows that cannot be ratings go
+//! to a reject report in `rejects/`. A crash part-way through leaves the file where it is:
+//! the next pass reads it again, and its rows' keys (file content hash + row number, or the
+//! mapped source_key column) make the rows already spooled duplicates, never second ratings.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use quick_xml::events::Event;
+use sha2::{Digest, Sha256};
+
+use rating_hub::pb::v1 as pb;
+use rating_hub_adapter_kit::{Metrics, Spool, source_key};
+
+use crate::config::FolderConfig;
+use crate::state::State;
+
+type Record = BTreeMap<String, String>;
+
+/// Numbered records of a file (from 1), each parsed or with the reason it could not be.
+pub type Rows = Vec<(usize, Result<Record, String>)>;
+
+/// Decodes a file's bytes as configured.
+pub fn decode(bytes: &[u8], encoding: &str) -> Result<String, String> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let utf8 = || std::str::from_utf8(bytes).map(str::to_owned);
+    let gbk = || {
+        encoding_rs::GBK
+            .decode_without_bom_handling_and_without_replacement(bytes)
+            .map(|c| c.into_owned())
+    };
+    match encoding {
+        "utf-8" => {
+            utf8().map_err(|_| "the file is not valid UTF-8 (set encoding = \"gbk\"?)".into())
+        }
+        "gbk" => gbk().ok_or_else(|| "the file is not valid GBK".into()),
+        _ => utf8()
+            .ok()
+            .or_else(gbk)
+            .ok_or_else(|| "the file is neither UTF-8 nor GBK".into()),
+    }
+}
+
+/// CSV with a header row: one record per data row (numbered from 1), or why the row is bad.
+pub fn parse_csv(text: &str) -> Result<Rows, String> {
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_reader(text.as_bytes());
+    let headers = reader
+        .headers()
+        .map_err(|e| format!("cannot read the header row: {e}"))?
+        .clone();
+    let mut out = Vec::new();
+    for (i, row) in reader.records().enumerate() {
+        let n = i + 1;
+        out.push((
+            n,
+            match row {
+                Err(e) => Err(format!("unreadable row: {e}")),
+                Ok(r) if r.len() != headers.len() => Err(format!(
+                    "the row has {} fields, the header has {}",
+                    r.len(),
+                    headers.len()
+                )),
+                Ok(r) => Ok(headers
+                    .iter()
+                    .zip(r.iter())
+                    .map(|(h, v)| (h.to_owned(), v.to_owned()))
+                    .collect()),
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// XML: every `<record_tag>` element is a record; its child elements are the fields.
+pub fn parse_xml(text: &str, record_tag: &str) -> Result<Rows, String> {
+    let mut reader = quick_xml::Reader::from_str(text);
+    reader.config_mut().trim_text(true);
+    let mut out = Vec::new();
+    let mut current: Option<Record> = None;
+    let mut field: Option<String> = None;
+    let mut depth_in_record = 0usize;
+    loop {
+        match reader.read_event() {
+            Err(e) => {
+                return Err(format!(
+                    "malformed XML at byte {}: {e}",
+                    reader.buffer_position()
+                ));
+            }
+            Ok(Event::Eof) => break,
+            Ok(Event::Start(e)) => {
+                let name = String::from_utf8_lossy(e.name().as_ref()).into_owned();
+                if current.is_none() && name == record_tag {
+                    current = Some(Record::new());
+                    depth_in_record = 0;
+                } else if current.is_some() {
+                    depth_in_record += 1;
+                    if depth_in_record == 1 {
+                        field = Some(name);
+                    }
+                }
+            }
+            Ok(Event::Empty(e)) => {
+                if let Some(rec) = current.as_mut()
+                    && depth_in_record == 0
+                {
+                    rec.insert(
+                        String::from_utf8_lossy(e.name().as_ref()).into_owned(),
+                        String::new(),
+                    );
+                }
+            }
+            Ok(Event::Text(t)) => {
+                if let (Some(rec), Some(f)) = (current.as_mut(), field.as_ref()) {
+                    let v = t.decode().map_err(|e| format!("bad text in <{f}>: {e}"))?;
+                    let v = quick_xml::escape::unescape(&v)
+                        .map_err(|e| format!("bad entity in <{f}>: {e}"))?;
+                    rec.entry(f.clone()).or_default().push_str(&v);
+                }
+            }
+            Ok(Event::CData(t)) => {
+                if let (Some(rec), Some(f)) = (current.as_mut(), field.as_ref()) {
+                    rec.entry(f.clone())
+                        .or_default()
+                        .push_str(&String::from_utf8_lossy(&t));
+                }
+            }
+            Ok(Event::End(e)) => {
+                let name = String::from_utf8_lossy(e.name().as_ref()).into_owned();
+                if current.is_some() {
+                    if depth_in_record == 0 && name == record_tag {
+                        let rec = current.take().unwrap_or_default();
+                        out.push((out.len() + 1, Ok(rec)));
+                    } else {
+                        depth_in_record = depth_in_record.saturating_sub(1);
+                        if depth_in_record == 0 {
+                            field = None;
+                        }
+                    }
+                }
+            }
+            Ok(_) => {}
+        }
+    }
+    Ok(out)
+}
+
+fn files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| e.eq_ignore_ascii_case("csv") || e.eq_ignore_ascii_case("xml"))
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+fn csv_line(cells: &[String]) -> String {
+    cells
+        .iter()
+        .map(|c| {
+            if c.contains([',', '"', '\n']) {
+                format!("\"{}\"", c.replace('"', "\"\""))
+            } else {
+                c.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Moves `from` into `dir`, not overwriting an earlier file of the same name.
+fn move_into(from: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+    let name = from
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut to = dir.join(&name);
+    let mut n = 1;
+    while to.exists() {
+        to = dir.join(format!("{name}.{n}"));
+        n += 1;
+    }
+    std::fs::rename(from, &to)?;
+    Ok(to)
+}
+
+/// One pass over the folder.
+pub async fn pass(
+    cfg: &FolderConfig,
+    spool: &Spool,
+    state: &State,
+    metrics: &Metrics,
+) -> anyhow::Result<()> {
+    let dir = Path::new(&cfg.path);
+    let (done, rejects) = (dir.join("done"), dir.join("rejects"));
+    std::fs::create_dir_all(&done)?;
+    std::fs::create_dir_all(&rejects)?;
+    for path in files(dir)? {
+        file(cfg, &path, &done, &rejects, spool, state, metrics).await?;
+    }
+    Ok(())
+}
+
+async fn file(
+    cfg: &FolderConfig,
+    path: &Path,
+    done: &Path,
+    rejects: &Path,
+    spool: &Spool,
+    state: &State,
+    metrics: &Metrics,
+) -> anyhow::Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let bytes = tokio::fs::read(path).await?;
+    let file_id = hex::encode(&Sha256::digest(&bytes)[..12]);
+    let is_xml = name.to_ascii_lowercase().ends_with(".xml");
+    let parsed = decode(&bytes, &cfg.encoding).and_then(|text| {
+        if is_xml {
+            parse_xml(&text, &cfg.xml_record)
+        } else {
+            parse_csv(&text)
+        }
+    });
+    let records = match parsed {
+        Ok(r) => r,
+        Err(why) => {
+            // The whole file is unreadable: it goes to rejects with the reason.
+            let moved = move_into(path, rejects)?;
+            std::fs::write(
+                moved.with_extension("rejects.csv"),
+                format!("row,reason\n0,{}\n", csv_line(std::slice::from_ref(&why))),
+            )?;
+            metrics.inc("files_rejected_total");
+            tracing::warn!(file = %name, reason = %why, "File rejected whole.");
+            return Ok(());
+        }
+    };
+    let key_prefix = format!("file:{}", cfg.name);
+    let checkpoint = format!("file:{}:{file_id}", cfg.name);
+    let start: usize = state
+        .get(&checkpoint)
+        .await?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let end = (start + cfg.rows_per_pass).min(records.len());
+    let now = rating_hub::clock::Clock::now_micros(&rating_hub::clock::SystemClock);
+    // Every row's fate, worked out again on each pass (mapping is deterministic).
+    let mut outcomes: Vec<(usize, String, Result<pb::Rating, String>)> =
+        Vec::with_capacity(records.len());
+    for (row, rec) in &records {
+        let key = match (cfg.mapping.source_of("source_key"), rec) {
+            (Some(col), Ok(r)) if r.get(col).is_some_and(|v| !v.trim().is_empty()) => {
+                source_key(&key_prefix, &[r[col].trim()])
+            }
+            _ => source_key(&key_prefix, &[&file_id, &row.to_string()]),
+        };
+        let result = rec.clone().and_then(|r| {
+            cfg.mapping
+                .rating(key.clone(), &|col| r.get(col).cloned(), now)
+                .map_err(|v| {
+                    v.iter()
+                        .map(|x| format!("{}: {}", x.field, x.description))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                })
+        });
+        outcomes.push((*row, key, result));
+    }
+    let batch: Vec<pb::Rating> = outcomes[start..end]
+        .iter()
+        .filter_map(|(_, _, r)| r.as_ref().ok().cloned())
+        .collect();
+    for chunk in batch.chunks(500) {
+        spool.put_many(chunk).await?;
+    }
+    metrics.add("file_rows_spooled_total", batch.len() as u64);
+    state.set(&checkpoint, &end.to_string()).await?;
+    if end < records.len() {
+        tracing::info!(file = %name, rows = end, of = records.len(), "File partly processed; continuing next pass.");
+        return Ok(());
+    }
+    // Finished: the per-row report, the rejects report, and the file moves to done/.
+    let mut report = String::from("row,outcome,source_key,reason\n");
+    let mut rejected = String::from("row,reason,record\n");
+    let mut n_rejected = 0;
+    for ((row, key, result), (_, rec)) in outcomes.iter().zip(&records) {
+        match result {
+            Ok(_) => report.push_str(&format!(
+                "{}\n",
+                csv_line(&[
+                    row.to_string(),
+                    "spooled".into(),
+                    key.clone(),
+                    String::new()
+                ])
+            )),
+            Err(why) => {
+                n_rejected += 1;
+                report.push_str(&format!(
+                    "{}\n",
+                    csv_line(&[row.to_string(), "rejected".into(), key.clone(), why.clone()])
+                ));
+                let raw = match rec {
+                    Ok(r) => r
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    Err(_) => String::new(),
+                };
+                rejected.push_str(&format!(
+                    "{}\n",
+                    csv_line(&[row.to_string(), why.clone(), raw])
+                ));
+            }
+        }
+    }
+    let moved = move_into(path, done)?;
+    let moved_name = moved
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    std::fs::write(done.join(format!("{moved_name}.report.csv")), report)?;
+    if n_rejected > 0 {
+        std::fs::write(rejects.join(format!("{moved_name}.rejects.csv")), rejected)?;
+    }
+    metrics.inc("files_done_total");
+    metrics.add("file_rows_rejected_total", n_rejected as u64);
+    tracing::info!(file = %name, rows = records.len(), rejected = n_rejected, "File done.");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_rows_and_bad_rows() {
+        let rows = parse_csv("a,b\n1,2\n3\n\"x,y\",4\n").unwrap();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[0].1.as_ref().unwrap()["b"], "2");
+        assert_eq!(
+            rows[1].1.as_ref().unwrap_err(),
+            "the row has 1 fields, the header has 2"
+        );
+        assert_eq!(rows[2].1.as_ref().unwrap()["a"], "x,y");
+    }
+
+    #[test]
+    fn xml_records() {
+        let xml = "<?xml version=\"1.0\"?><records><record><bjbh>A1</bjbh><myd>5</myd><note/></record>\
+                   <record><bjbh>A2</bjbh><pj><![CDATA[很好 & 快]]></pj></record></records>";
+        let rows = parse_xml(xml, "record").unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].1.as_ref().unwrap()["myd"], "5");
+        assert_eq!(rows[1].1.as_ref().unwrap()["pj"], "很好 & 快");
+        assert!(parse_xml("<records><record><a>1</b></record>", "record").is_err());
+    }
+
+    #[test]
+    fn encodings() {
+        let (gbk, _, _) = encoding_rs::GBK.encode("办件编号,满意度\n");
+        assert_eq!(decode(&gbk, "gbk").unwrap(), "办件编号,满意度\n");
+        assert_eq!(decode(&gbk, "auto").unwrap(), "办件编号,满意度\n");
+        assert!(decode(&gbk, "utf-8").is_err());
+        assert_eq!(decode("\u{feff}a".as_bytes(), "utf-8").unwrap(), "a");
+    }
+}

@@ -1,0 +1,84 @@
+//! The adapter's own state: checkpoints (watermarks, file positions) and table rejects.
+
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Clone)]
+pub struct State {
+    pool: SqlitePool,
+}
+
+impl State {
+    pub async fn open(path: &str) -> anyhow::Result<Self> {
+        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(opts)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    pub async fn get(&self, name: &str) -> anyhow::Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT value FROM checkpoints WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    pub async fn set(&self, name: &str, value: &str) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO checkpoints (name, value) VALUES (?, ?) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        )
+        .bind(name)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn reject(&self, source: &str, key: &str, reason: &str) -> anyhow::Result<()> {
+        let at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0);
+        sqlx::query(
+            "INSERT INTO table_rejects (source, row_key, reason, at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (source, row_key) DO UPDATE SET reason = excluded.reason, at = excluded.at",
+        )
+        .bind(source)
+        .bind(key)
+        .bind(reason)
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// (row key, reason) of a table's rejected rows.
+    pub async fn rejects(&self, source: &str) -> anyhow::Result<Vec<(String, String)>> {
+        let rows =
+            sqlx::query("SELECT row_key, reason FROM table_rejects WHERE source = ? ORDER BY id")
+                .bind(source)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get("row_key"), r.get("reason")))
+            .collect())
+    }
+}

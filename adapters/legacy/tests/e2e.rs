@@ -1,0 +1,332 @@
+//! The legacy adapter against a real hub: drop-folder files (CSV UTF-8 and GBK, XML) and an
+//! intermediate database table arrive with the right fields; bad rows are reported; a hard
+//! kill mid-file loses and duplicates nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rating_hub::pb::v1 as pb;
+use rating_hub_adapter_kit::Mapping;
+use rating_hub_adapter_kit::testing::{all_ratings, hub_connection, start_hub, wait_for_ratings};
+use rating_hub_legacy::LegacyConfig;
+use rating_hub_legacy::config::{FolderConfig, TableConfig};
+
+fn org() -> String {
+    rating_hub::domain::codes::credit_code_with_check("11530100MA0000042").unwrap()
+}
+
+/// The department's columns, and its satisfaction codes in GB/T 39046 orientation
+/// (1 = 非常满意 … 5 = 非常不满意).
+fn mapping() -> Mapping {
+    let t = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    };
+    let mut values = BTreeMap::new();
+    values.insert(
+        "level".to_string(),
+        t(&[
+            ("1", "LEVEL_VERY_SATISFIED"),
+            ("2", "LEVEL_SATISFIED"),
+            ("3", "LEVEL_BASICALLY_SATISFIED"),
+            ("4", "LEVEL_DISSATISFIED"),
+            ("5", "LEVEL_VERY_DISSATISFIED"),
+        ]),
+    );
+    Mapping {
+        fields: t(&[
+            ("case_number", "bjbh"),
+            ("item_code", "sxbm"),
+            ("item_name", "sxmc"),
+            ("region_code", "xzqh"),
+            ("org_credit_code", "tyshxydm"),
+            ("level", "myd"),
+            ("rated_at", "pjsj"),
+            ("text", "pjnr"),
+            ("rater.phone", "sjhm"),
+        ]),
+        values,
+        constants: t(&[
+            ("channel", "CHANNEL_PAPER_FORM"),
+            ("target_kind", "TARGET_KIND_ITEM"),
+        ]),
+        time_format: "yyyy-MM-dd HH:mm:ss".into(),
+    }
+}
+
+const HEADER: &str = "bjbh,sxbm,sxmc,xzqh,tyshxydm,myd,pjsj,pjnr,sjhm";
+
+fn row(case: &str, level: &str, text: &str) -> String {
+    format!(
+        "{case},530100-ITEM-2,不动产登记,530102,{},{level},2025-06-04 09:30:00,{text},13700001234",
+        org()
+    )
+}
+
+fn config(dir: &Path, port: u16, drop: &Path, rows_per_pass: usize) -> LegacyConfig {
+    LegacyConfig {
+        spool: dir.join("spool.db").display().to_string(),
+        state: dir.join("state.db").display().to_string(),
+        poll_secs: 0,
+        hub: hub_connection(dir, port),
+        folders: vec![FolderConfig {
+            name: "km-paper".into(),
+            path: drop.display().to_string(),
+            encoding: "auto".into(),
+            xml_record: "record".into(),
+            rows_per_pass,
+            mapping: mapping(),
+        }],
+        tables: vec![],
+    }
+}
+
+#[tokio::test]
+async fn drop_folder_files_arrive_with_their_fields_and_bad_rows_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(dir.path(), 0, Arc::new(rating_hub::clock::SystemClock)).await;
+    let port = hub.local_addr.port();
+    let drop = dir.path().join("drop");
+    std::fs::create_dir_all(&drop).unwrap();
+    let utf8 = format!(
+        "{HEADER}\n{}\n{}\n{}\nshort,row\n",
+        row("U-1", "1", "很好"),
+        row("U-2", "4", "排队太久"),
+        row("U-3", "9", "?"),
+    );
+    std::fs::write(drop.join("a.csv"), utf8).unwrap();
+    let gbk_text = format!(
+        "{HEADER}\n{}\n{}\n",
+        row("G-1", "2", "满意"),
+        row("G-2", "3", "一般")
+    );
+    let (gbk, _, _) = encoding_rs::GBK.encode(&gbk_text);
+    std::fs::write(drop.join("b.csv"), gbk).unwrap();
+    let xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><records>\
+         <record><bjbh>X-1</bjbh><sxbm>530100-ITEM-2</sxbm><sxmc>不动产登记</sxmc><xzqh>530102</xzqh>\
+         <tyshxydm>{o}</tyshxydm><myd>5</myd><pjsj>2025-06-04 10:00:00</pjsj><pjnr>态度差</pjnr><sjhm>13700001234</sjhm></record>\
+         <record><bjbh>X-2</bjbh><sxbm>530100-ITEM-2</sxbm><sxmc>不动产登记</sxmc><xzqh>530102</xzqh>\
+         <tyshxydm>{o}</tyshxydm><myd>1</myd><pjsj>2025-06-04 10:05:00</pjsj><pjnr>好</pjnr><sjhm>13700001234</sjhm></record>\
+         </records>",
+        o = org()
+    );
+    std::fs::write(drop.join("c.xml"), xml).unwrap();
+    std::fs::write(drop.join("notes.txt"), "not a data file").unwrap();
+
+    let adapter = rating_hub_legacy::start(config(dir.path(), port, &drop, 100_000))
+        .await
+        .unwrap();
+    adapter.pass().await.unwrap();
+    let ratings = wait_for_ratings(dir.path(), port, 6, Duration::from_secs(30)).await;
+    let by_case: BTreeMap<String, pb::Rating> = ratings
+        .into_iter()
+        .map(|r| (r.case_number.clone(), r))
+        .collect();
+    assert_eq!(
+        by_case.keys().cloned().collect::<Vec<_>>(),
+        ["G-1", "G-2", "U-1", "U-2", "X-1", "X-2"]
+    );
+    assert_eq!(
+        by_case["U-1"].level,
+        pb::Level::VerySatisfied as i32,
+        "GB/T 39046: 1 = 非常满意"
+    );
+    assert_eq!(by_case["U-2"].level, pb::Level::Dissatisfied as i32);
+    assert_eq!(by_case["U-2"].text, "排队太久");
+    assert_eq!(by_case["G-2"].text, "一般", "GBK decoded");
+    assert_eq!(by_case["X-1"].level, pb::Level::VeryDissatisfied as i32);
+    assert_eq!(by_case["X-1"].channel, pb::Channel::PaperForm as i32);
+    assert_eq!(by_case["X-1"].item_name, "不动产登记");
+
+    // Files moved to done/ with per-row reports; bad rows in a reject report; other files untouched.
+    for f in ["a.csv", "b.csv", "c.xml"] {
+        assert!(drop.join("done").join(f).exists(), "{f} moved to done/");
+        assert!(!drop.join(f).exists());
+    }
+    assert!(drop.join("notes.txt").exists());
+    let report = std::fs::read_to_string(drop.join("done/a.csv.report.csv")).unwrap();
+    let outcomes: Vec<&str> = report
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(1).unwrap())
+        .collect();
+    assert_eq!(outcomes, ["spooled", "spooled", "rejected", "rejected"]);
+    let rejects = std::fs::read_to_string(drop.join("rejects/a.csv.rejects.csv")).unwrap();
+    assert!(rejects.contains("values.level"), "{rejects}");
+    assert!(
+        rejects.contains("the row has 2 fields, the header has 9"),
+        "{rejects}"
+    );
+
+    // The same file dropped again: duplicates, nothing new at the hub.
+    std::fs::copy(drop.join("done/b.csv"), drop.join("b.csv")).unwrap();
+    adapter.pass().await.unwrap();
+    assert!(drop.join("done/b.csv.1").exists());
+    adapter.shutdown().await;
+    assert_eq!(all_ratings(dir.path(), port).await.len(), 6);
+    hub.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_table_is_read_by_its_watermark() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(dir.path(), 0, Arc::new(rating_hub::clock::SystemClock)).await;
+    let port = hub.local_addr.port();
+    let dept_db = dir.path().join("dept.db");
+    let url = format!("sqlite://{}?mode=rwc", dept_db.display());
+    sqlx::any::install_default_drivers();
+    let dept = sqlx::AnyPool::connect(&url).await.unwrap();
+    sqlx::query(
+        "CREATE TABLE pj_evaluation (id INTEGER PRIMARY KEY, bjbh TEXT, sxbm TEXT, sxmc TEXT, \
+         xzqh TEXT, tyshxydm TEXT, myd INTEGER, pjsj TEXT, pjnr TEXT, sjhm TEXT)",
+    )
+    .execute(&dept)
+    .await
+    .unwrap();
+    let insert = |id: i64, case: &str, level: i64| {
+        let dept = dept.clone();
+        let case = case.to_owned();
+        async move {
+            sqlx::query(
+                "INSERT INTO pj_evaluation VALUES (?, ?, '530100-ITEM-2', '不动产登记', '530102', ?, ?, \
+                 '2025-06-04 09:30:00', '', '13700001234')",
+            )
+            .bind(id)
+            .bind(case)
+            .bind(org())
+            .bind(level)
+            .execute(&dept)
+            .await
+            .unwrap();
+        }
+    };
+    for (id, case, level) in [(1, "T-1", 1), (2, "T-2", 2), (3, "T-3", 3)] {
+        insert(id, case, level).await;
+    }
+    let mut cfg = config(dir.path(), port, &dir.path().join("unused"), 100_000);
+    cfg.folders.clear();
+    cfg.tables.push(TableConfig {
+        name: "km-db".into(),
+        url: url.clone(),
+        table: "pj_evaluation".into(),
+        watermark: "id".into(),
+        watermark_type: "integer".into(),
+        key_columns: vec!["id".into()],
+        batch: 2,
+        mapping: mapping(),
+    });
+    cfg.check().unwrap();
+    let adapter = rating_hub_legacy::start(cfg).await.unwrap();
+    adapter.pass().await.unwrap();
+    wait_for_ratings(dir.path(), port, 3, Duration::from_secs(30)).await;
+    insert(4, "T-4", 2).await;
+    insert(5, "T-5", 7).await;
+    adapter.pass().await.unwrap();
+    adapter.pass().await.unwrap();
+    let all = wait_for_ratings(dir.path(), port, 4, Duration::from_secs(30)).await;
+    let cases: BTreeSet<String> = all.iter().map(|r| r.case_number.clone()).collect();
+    assert_eq!(
+        cases,
+        ["T-1", "T-2", "T-3", "T-4"]
+            .map(String::from)
+            .into_iter()
+            .collect()
+    );
+    let rejects = adapter.state.rejects("km-db").await.unwrap();
+    assert_eq!(rejects.len(), 1);
+    assert_eq!(rejects[0].0, "5");
+    assert!(rejects[0].1.contains("level"), "{:?}", rejects[0]);
+    adapter.shutdown().await;
+    hub.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_hard_kill_mid_file_loses_and_duplicates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(dir.path(), 0, Arc::new(rating_hub::clock::SystemClock)).await;
+    let port = hub.local_addr.port();
+    let drop = dir.path().join("drop");
+    std::fs::create_dir_all(&drop).unwrap();
+    let mut csv = format!("{HEADER}\n");
+    for i in 0..3000 {
+        csv.push_str(&row(&format!("K-{i:04}"), &((i % 5) + 1).to_string(), "x"));
+        csv.push('\n');
+    }
+    std::fs::write(drop.join("big.csv"), csv).unwrap();
+    let write_config = |rows_per_pass: usize| {
+        let mut cfg = config(dir.path(), port, &drop, rows_per_pass);
+        cfg.poll_secs = 3600;
+        let h = &cfg.hub;
+        let text = format!(
+            "spool = {:?}\nstate = {:?}\npoll_secs = 3600\n\n[hub]\nendpoint = {:?}\nca = {:?}\ncert = {:?}\nkey = {:?}\ndomain = \"localhost\"\n\n\
+             [[folders]]\nname = \"km-paper\"\npath = {:?}\nrows_per_pass = {rows_per_pass}\n[folders.mapping]\n{}",
+            cfg.spool,
+            cfg.state,
+            h.endpoint,
+            h.ca,
+            h.cert,
+            h.key,
+            drop.display().to_string(),
+            toml_mapping(),
+        );
+        let path = dir.path().join("legacy.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let spawn = |config: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_rating-legacy"))
+            .arg("--config")
+            .arg(config)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // The first pass takes 1,000 rows; the next would come an hour later.
+    let mut child = spawn(&write_config(1000));
+    wait_for_ratings(dir.path(), port, 1000, Duration::from_secs(60)).await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        drop.join("big.csv").exists(),
+        "killed mid-file: the file is not done"
+    );
+
+    let mut child = spawn(&write_config(100_000));
+    let all = wait_for_ratings(dir.path(), port, 3000, Duration::from_secs(60)).await;
+    let cases: BTreeSet<String> = all.iter().map(|r| r.case_number.clone()).collect();
+    assert_eq!((all.len(), cases.len()), (3000, 3000), "every row once");
+    for _ in 0..500 {
+        if drop.join("done/big.csv").exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(drop.join("done/big.csv.report.csv").exists());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(all_ratings(dir.path(), port).await.len(), 3000);
+    hub.shutdown().await.unwrap();
+}
+
+fn toml_mapping() -> String {
+    let m = mapping();
+    let mut s = String::from("time_format = \"yyyy-MM-dd HH:mm:ss\"\n[folders.mapping.fields]\n");
+    for (k, v) in &m.fields {
+        s.push_str(&format!("{k:?} = {v:?}\n"));
+    }
+    s.push_str("[folders.mapping.constants]\n");
+    for (k, v) in &m.constants {
+        s.push_str(&format!("{k:?} = {v:?}\n"));
+    }
+    s.push_str("[folders.mapping.values.level]\n");
+    for (k, v) in &m.values["level"] {
+        s.push_str(&format!("{k:?} = {v:?}\n"));
+    }
+    s
+}

@@ -244,6 +244,15 @@ impl Mapping {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        #[test]
+        fn time_parsing_never_panics(s in "\\PC{0,40}") {
+            for f in ["yyyy-MM-dd HH:mm:ss", "rfc3339", "unix-seconds", "unix-millis"] {
+                let _ = parse_time(&s, f);
+            }
+        }
+    }
+
     #[test]
     fn times() {
         let cst = parse_time("2025-06-04 11:00:00", "yyyy-MM-dd HH:mm:ss").unwrap();

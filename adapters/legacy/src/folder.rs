@@ -369,6 +369,24 @@ mod tests {
         assert!(parse_xml("<records><record><a>1</b></record>", "record").is_err());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn file_parsers_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            for enc in ["utf-8", "gbk", "auto"] {
+                if let Ok(text) = decode(&bytes, enc) {
+                    let _ = parse_csv(&text);
+                    let _ = parse_xml(&text, "record");
+                }
+            }
+        }
+
+        #[test]
+        fn xml_like_text_never_panics(s in "(<record>|</record>|<a>|</a>|<b/>|<!\\[CDATA\\[|\\]\\]>|&amp;|&bad;|x|,|\"){0,40}") {
+            let _ = parse_xml(&s, "record");
+            let _ = parse_csv(&s);
+        }
+    }
+
     #[test]
     fn encodings() {
         let (gbk, _, _) = encoding_rs::GBK.encode("办件编号,满意度\n");

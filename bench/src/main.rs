@@ -1,0 +1,941 @@
+//! `rating-bench`: measures rating-hub against baselines in the same run, on the same machine.
+//!
+//! - the hub under test runs as its own process (the release binary), as in production;
+//! - baseline A: a bare tonic server with the same protos and mTLS settings that stores nothing
+//!   (`rating-bench echo`, also its own process);
+//! - baseline B: a raw batched insert of the same rows into SQLite with the same schema and
+//!   pragmas — the storage ceiling;
+//! - a fake upstream sink in this process that timestamps receipt.
+//!
+//! Writes a Markdown table and JSON (see docs/benchmarks.md). Run with `scripts/bench`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tonic::transport::{
+    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig,
+};
+use tonic::{Request, Response, Status};
+
+use rating_hub::pb::v1 as pb;
+use rating_hub::pb::v1::ingest_service_client::IngestServiceClient;
+use rating_hub::pb::v1::ingest_service_server::{IngestService, IngestServiceServer};
+
+#[derive(Parser)]
+#[command(about = "rating-hub benchmarks against same-run baselines")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run every scenario and write <out>.md and <out>.json.
+    Run {
+        /// The rating-hub release binary.
+        #[arg(long, default_value = "target/release/rating-hub")]
+        hub_bin: PathBuf,
+        #[arg(long, default_value = "docs/benchmarks")]
+        out: PathBuf,
+        /// Seconds per timed scenario.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        /// Closed-loop concurrency for unary calls.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Seconds the upstream is down in the drain scenario.
+        #[arg(long, default_value_t = 30)]
+        outage_secs: u64,
+        /// The command line to record in the report.
+        #[arg(long, default_value = "scripts/bench")]
+        command: String,
+    },
+    /// Baseline A: the same IngestService contract and mTLS, storing nothing.
+    Echo {
+        #[arg(long)]
+        pki: PathBuf,
+    },
+}
+
+// ---------------------------------------------------------------- baseline A (echo server)
+
+struct Echo {
+    seq: AtomicU64,
+}
+
+type Acks = std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = Result<pb::StreamRatingsResponse, Status>> + Send>,
+>;
+
+fn accepted(index: usize, r: &pb::Rating, seq: u64) -> pb::ItemResult {
+    pb::ItemResult {
+        index: index as u32,
+        source_key: r.source_key.clone(),
+        outcome: pb::Outcome::Accepted as i32,
+        hub_id: uuid::Uuid::now_v7().to_string(),
+        feed_sequence: seq,
+        ..Default::default()
+    }
+}
+
+#[tonic::async_trait]
+impl IngestService for Echo {
+    async fn submit_ratings(
+        &self,
+        req: Request<pb::SubmitRatingsRequest>,
+    ) -> Result<Response<pb::SubmitRatingsResponse>, Status> {
+        let ratings = req.into_inner().ratings;
+        let results = ratings
+            .iter()
+            .enumerate()
+            .map(|(i, r)| accepted(i, r, self.seq.fetch_add(1, Ordering::Relaxed) + 1))
+            .collect();
+        Ok(Response::new(pb::SubmitRatingsResponse { results }))
+    }
+
+    type StreamRatingsStream = Acks;
+
+    async fn stream_ratings(
+        &self,
+        req: Request<tonic::Streaming<pb::StreamRatingsRequest>>,
+    ) -> Result<Response<Acks>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(async move {
+            let mut i = 0usize;
+            while let Some(Ok(m)) = inbound.next().await {
+                let r = m.rating.unwrap_or_default();
+                i += 1;
+                if tx
+                    .send(Ok(pb::StreamRatingsResponse {
+                        result: Some(accepted(i - 1, &r, i as u64)),
+                    }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn report_service_cases(
+        &self,
+        _: Request<pb::ReportServiceCasesRequest>,
+    ) -> Result<Response<pb::ReportServiceCasesResponse>, Status> {
+        Err(Status::unimplemented("echo baseline"))
+    }
+}
+
+async fn echo(pki: &Path) -> anyhow::Result<()> {
+    let read = |f: &str| std::fs::read(pki.join(f));
+    let tls = ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(
+            read("server.pem")?,
+            read("server.key")?,
+        ))
+        .client_ca_root(Certificate::from_pem(read("ca.pem")?));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    eprintln!("addr={}", listener.local_addr()?);
+    Server::builder()
+        .tls_config(tls)?
+        .tcp_nodelay(true)
+        .add_service(IngestServiceServer::new(Echo {
+            seq: AtomicU64::new(0),
+        }))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- fake upstream sink
+
+struct Sink {
+    down: AtomicBool,
+    received: Mutex<HashMap<String, Instant>>,
+}
+
+struct SinkService(Arc<Sink>);
+
+#[tonic::async_trait]
+impl IngestService for SinkService {
+    async fn submit_ratings(
+        &self,
+        req: Request<pb::SubmitRatingsRequest>,
+    ) -> Result<Response<pb::SubmitRatingsResponse>, Status> {
+        if self.0.down.load(Ordering::Relaxed) {
+            return Err(Status::unavailable("sink down"));
+        }
+        let now = Instant::now();
+        let ratings = req.into_inner().ratings;
+        let mut got = self.0.received.lock().unwrap();
+        let results = ratings
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                got.entry(r.hub_id.clone()).or_insert(now);
+                accepted(i, r, 0)
+            })
+            .collect();
+        Ok(Response::new(pb::SubmitRatingsResponse { results }))
+    }
+
+    type StreamRatingsStream = Acks;
+
+    async fn stream_ratings(
+        &self,
+        _: Request<tonic::Streaming<pb::StreamRatingsRequest>>,
+    ) -> Result<Response<Acks>, Status> {
+        Err(Status::unimplemented("sink"))
+    }
+
+    async fn report_service_cases(
+        &self,
+        _: Request<pb::ReportServiceCasesRequest>,
+    ) -> Result<Response<pb::ReportServiceCasesResponse>, Status> {
+        Err(Status::unimplemented("sink"))
+    }
+}
+
+async fn start_sink() -> anyhow::Result<(String, Arc<Sink>)> {
+    let sink = Arc::new(Sink {
+        down: AtomicBool::new(false),
+        received: Mutex::new(HashMap::new()),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let svc =
+        IngestServiceServer::new(SinkService(sink.clone())).max_decoding_message_size(64 << 20);
+    tokio::spawn(async move {
+        let _ = Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await;
+    });
+    Ok((url, sink))
+}
+
+// ---------------------------------------------------------------- processes and clients
+
+struct Child {
+    child: tokio::process::Child,
+    url: String,
+}
+
+impl Child {
+    async fn spawn(mut cmd: tokio::process::Command) -> anyhow::Result<Self> {
+        cmd.stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn()?;
+        let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(a) = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("addr="))
+                {
+                    return Ok::<_, anyhow::Error>(a.to_owned());
+                }
+            }
+            anyhow::bail!("the process exited before announcing its address")
+        })
+        .await??;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self {
+            child,
+            url: format!("https://{addr}"),
+        })
+    }
+
+    /// Peak resident set size (VmHWM) in MiB.
+    fn peak_rss_mib(&self) -> f64 {
+        let Some(pid) = self.child.id() else {
+            return 0.0;
+        };
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = tokio::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+    }
+}
+
+async fn spawn_hub(bin: &Path, dir: &Path, env: &[(&str, String)]) -> anyhow::Result<Child> {
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.arg("serve").current_dir(dir);
+    for (k, v) in [
+        ("RATING_HUB__SERVER__LISTEN", "127.0.0.1:0"),
+        ("RATING_HUB__LOG__FILTER", "warn,rating_hub::server=info"),
+        ("RATING_HUB__LIMITS__MAX_IN_FLIGHT", "100000"),
+        ("RATING_HUB__LIMITS__REQUESTS_PER_SEC", "10000000"),
+        ("RATING_HUB__LIMITS__REQUESTS_BURST", "10000000"),
+        ("RATING_HUB__LIMITS__RATINGS_PER_SEC", "100000000"),
+        ("RATING_HUB__LIMITS__RATINGS_BURST", "100000000"),
+    ] {
+        cmd.env(k, v);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.env_remove("RUST_LOG");
+    Child::spawn(cmd).await
+}
+
+async fn channels(pki: &Path, url: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
+    let read = |f: &str| std::fs::read(pki.join(f));
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")?))
+        .identity(Identity::from_pem(
+            read("dev-admin.pem")?,
+            read("dev-admin.key")?,
+        ))
+        .domain_name("localhost");
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(
+            Endpoint::from_shared(url.to_owned())?
+                .tls_config(tls.clone())?
+                .tcp_nodelay(true)
+                .connect()
+                .await?,
+        );
+    }
+    Ok(out)
+}
+
+fn org() -> String {
+    rating_hub::domain::codes::credit_code_with_check("11530100MA0000001").expect("valid")
+}
+
+/// A unique, valid rating (levels 1–3, so no 差评 reason is needed).
+fn rating(tag: &str, n: u64, org: &str, now: i64) -> pb::Rating {
+    pb::Rating {
+        source_key: format!("{tag}-{n}"),
+        channel: pb::Channel::HallDevice as i32,
+        level: (n % 3 + 1) as i32,
+        target_kind: pb::TargetKind::Item as i32,
+        case_number: format!("{tag}-CASE-{n}"),
+        item_code: "530100-ITEM-001".into(),
+        item_name: "企业设立登记".into(),
+        region_code: "530102".into(),
+        org_credit_code: org.to_owned(),
+        staff_id: "S007".into(),
+        rated_at: Some(rating_hub::time::timestamp_from_micros(now)),
+        rater: Some(pb::Rater {
+            kind: pb::RaterKind::NaturalPerson as i32,
+            phone: format!("139{:08}", n % 100_000_000),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn now_micros() -> i64 {
+    rating_hub::clock::Clock::now_micros(&rating_hub::clock::SystemClock)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[derive(Debug, Clone, Default)]
+struct Measured {
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    count: u64,
+}
+
+/// Closed loop: `concurrency` callers, each sending `batch` ratings per call, for `secs`.
+async fn closed_loop(
+    chans: &[Channel],
+    tag: &str,
+    concurrency: usize,
+    batch: usize,
+    secs: u64,
+) -> anyhow::Result<Measured> {
+    let org = org();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let counter = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    for w in 0..concurrency {
+        let mut client = IngestServiceClient::new(chans[w % chans.len()].clone())
+            .max_decoding_message_size(64 << 20);
+        let (org, tag, counter) = (org.clone(), tag.to_owned(), counter.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while Instant::now() < deadline {
+                let now = now_micros();
+                let ratings: Vec<_> = (0..batch)
+                    .map(|_| rating(&tag, counter.fetch_add(1, Ordering::Relaxed), &org, now))
+                    .collect();
+                let t = Instant::now();
+                let r = client
+                    .submit_ratings(pb::SubmitRatingsRequest { ratings })
+                    .await?;
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                anyhow::ensure!(
+                    r.into_inner()
+                        .results
+                        .iter()
+                        .all(|x| x.outcome == pb::Outcome::Accepted as i32),
+                    "not accepted"
+                );
+            }
+            Ok::<_, anyhow::Error>(lat)
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await??);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    let count = lat.len() as u64 * batch as u64;
+    Ok(Measured {
+        rate: count as f64 / elapsed,
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+        count,
+    })
+}
+
+/// `streams` StreamRatings calls sending `per_stream` ratings each as fast as acks allow.
+async fn streamed(
+    chans: &[Channel],
+    tag: &str,
+    streams: usize,
+    per_stream: u64,
+) -> anyhow::Result<Measured> {
+    let org = org();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for s in 0..streams {
+        let mut client = IngestServiceClient::new(chans[s % chans.len()].clone());
+        let (org, tag) = (org.clone(), format!("{tag}{s}"));
+        tasks.push(tokio::spawn(async move {
+            let now = now_micros();
+            let out = tokio_stream::iter((0..per_stream).map(move |n| pb::StreamRatingsRequest {
+                rating: Some(rating(&tag, n, &org, now)),
+            }));
+            let mut acks = client.stream_ratings(out).await?.into_inner();
+            let mut n = 0u64;
+            while let Some(a) = acks.next().await {
+                anyhow::ensure!(
+                    a?.result.map(|r| r.outcome) == Some(pb::Outcome::Accepted as i32),
+                    "not accepted"
+                );
+                n += 1;
+            }
+            anyhow::ensure!(n == per_stream, "{n} acks for {per_stream}");
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let count = streams as u64 * per_stream;
+    Ok(Measured {
+        rate: count as f64 / start.elapsed().as_secs_f64(),
+        count,
+        ..Default::default()
+    })
+}
+
+/// Open loop at `rate` calls/s (one rating each) for `secs`; returns ack instants by hub id.
+async fn open_loop(
+    chans: &[Channel],
+    tag: &str,
+    rate: f64,
+    secs: u64,
+    stop: Option<Arc<AtomicBool>>,
+) -> anyhow::Result<(Measured, HashMap<String, Instant>)> {
+    let org = org();
+    let acks = Arc::new(Mutex::new(HashMap::new()));
+    let lat = Arc::new(Mutex::new(Vec::new()));
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let end = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let mut n = 0u64;
+    let mut tasks = Vec::new();
+    while Instant::now() < end && !stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
+        let scheduled = tick.tick().await;
+        let mut client = IngestServiceClient::new(chans[n as usize % chans.len()].clone());
+        let r = rating(tag, n, &org, now_micros());
+        n += 1;
+        let (acks, lat) = (acks.clone(), lat.clone());
+        tasks.push(tokio::spawn(async move {
+            let res = client
+                .submit_ratings(pb::SubmitRatingsRequest { ratings: vec![r] })
+                .await?;
+            let now = Instant::now();
+            let id = res.into_inner().results[0].hub_id.clone();
+            acks.lock().unwrap().insert(id, now);
+            lat.lock()
+                .unwrap()
+                .push((now - scheduled.into_std()).as_secs_f64() * 1000.0);
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let mut l = lat.lock().unwrap().clone();
+    l.sort_by(f64::total_cmp);
+    let acks = std::mem::take(&mut *acks.lock().unwrap());
+    Ok((
+        Measured {
+            rate: n as f64 / start.elapsed().as_secs_f64(),
+            p50_ms: percentile(&l, 0.5),
+            p99_ms: percentile(&l, 0.99),
+            count: n,
+        },
+        acks,
+    ))
+}
+
+/// Baseline B: the same rows, the same schema and pragmas, batched inserts, nothing else.
+async fn raw_sqlite(dir: &Path, rows: u64, batch: usize) -> anyhow::Result<Measured> {
+    use sqlx::Connection;
+    use sqlx::sqlite::{
+        SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous,
+    };
+    let path = dir.join("baseline.db");
+    let opts = rating_hub::store::SqliteOptions {
+        path: path.display().to_string(),
+        ..Default::default()
+    };
+    let store =
+        rating_hub::store::SqliteStore::open(&opts, Arc::new(rating_hub::clock::SystemClock))
+            .await?;
+    rating_hub::store::Store::close(&store).await;
+    let key = dir.join("baseline-pii.key");
+    rating_hub::privacy::PiiKeys::create_key_file(&key)?;
+    let mut keys = std::collections::BTreeMap::new();
+    keys.insert("b".to_string(), key.display().to_string());
+    let keys = rating_hub::privacy::PiiKeys::load("b", &keys)?;
+    let org = org();
+    let now = now_micros();
+    // Built (validated, sealed, encoded) outside the timed part: only inserts are measured.
+    let new: Vec<rating_hub::store::NewRating> = (0..rows)
+        .map(|n| {
+            let v = rating_hub::domain::parse_rating(
+                &rating("raw", n, &org, now),
+                now,
+                &Default::default(),
+                false,
+            )
+            .expect("valid");
+            rating_hub::store::NewRating::new(
+                uuid::Uuid::now_v7(),
+                "dev-admin".into(),
+                v,
+                &keys,
+                Default::default(),
+            )
+        })
+        .collect();
+    let mut conn = SqliteConnection::connect_with(
+        &SqliteConnectOptions::new()
+            .filename(&path)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full),
+    )
+    .await?;
+    let start = Instant::now();
+    let mut seq = 0i64;
+    for chunk in new.chunks(batch) {
+        let mut tx = conn.begin().await?;
+        for item in chunk {
+            seq += 1;
+            let r = &item.rating;
+            sqlx::query(
+                "INSERT INTO ratings (feed_seq, hub_id, source_system, source_key, content_hash, level, \
+                 channel, target_kind, org_credit_code, region_code, item_code, staff_id, case_number, \
+                 rated_at, received_at, is_default, quality_flags, body, pii, pii_key_id, follow_up_of, \
+                 batch_id, theme_id, device_id, template_hash, phone_tag) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(seq)
+            .bind(item.hub_id.as_bytes().as_slice())
+            .bind(&item.source_system)
+            .bind(&r.source_key)
+            .bind(r.content_hash.as_slice())
+            .bind(r.level as i32)
+            .bind(r.channel as i32)
+            .bind(r.target_kind as i32)
+            .bind(r.org_credit_code.as_str())
+            .bind(r.region_code.as_str())
+            .bind(&r.item_code)
+            .bind(&r.staff_id)
+            .bind(&r.case_number)
+            .bind(r.rated_at_micros)
+            .bind(now)
+            .bind(false)
+            .bind(0i64)
+            .bind(item.body_bytes.as_slice())
+            .bind(item.pii.as_ref().map(|p| p.blob.as_slice()))
+            .bind(item.pii.as_ref().map(|p| p.key_id.as_str()))
+            .bind("")
+            .bind("")
+            .bind("")
+            .bind("")
+            .bind(item.template_hash.as_ref().map(|h| h.as_slice()))
+            .bind(item.phone_tag.as_ref().map(|h| h.as_slice()))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+    }
+    Ok(Measured {
+        rate: rows as f64 / start.elapsed().as_secs_f64(),
+        count: rows,
+        ..Default::default()
+    })
+}
+
+async fn subscribe_all(chans: &[Channel], total: u64) -> anyhow::Result<Measured> {
+    let mut sync =
+        rating_hub::pb::v1::sync_service_client::SyncServiceClient::new(chans[0].clone())
+            .max_decoding_message_size(64 << 20);
+    let start = Instant::now();
+    let mut s = sync
+        .subscribe(pb::SubscribeRequest { after_sequence: 0 })
+        .await?
+        .into_inner();
+    let mut n = 0;
+    while n < total {
+        s.message()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("subscription ended"))?;
+        n += 1;
+    }
+    Ok(Measured {
+        rate: n as f64 / start.elapsed().as_secs_f64(),
+        count: n,
+        ..Default::default()
+    })
+}
+
+struct Row {
+    scenario: String,
+    value: String,
+    baseline: String,
+    ratio: String,
+    target: String,
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().to_owned()))
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    format!("{cores} cores ({cpu}), {mem} memory")
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    hub_bin: &Path,
+    out: &Path,
+    secs: u64,
+    concurrency: usize,
+    outage_secs: u64,
+    command: &str,
+) -> anyhow::Result<()> {
+    let work = std::env::temp_dir().join(format!("rating-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let pki = work.join("certs/dev");
+    rating_hub::pki::init_dev(&pki)?;
+    let mut rows: Vec<Row> = Vec::new();
+    let mut json = serde_json::Map::new();
+    let f = |x: f64| format!("{x:.0}");
+
+    // Baseline A and the hub at the same concurrency.
+    let echo_child = Child::spawn({
+        let mut c = tokio::process::Command::new(std::env::current_exe()?);
+        c.arg("echo").arg("--pki").arg(&pki);
+        c
+    })
+    .await?;
+    let echo_ch = channels(&pki, &echo_child.url, 4).await?;
+    let echo_unary = closed_loop(&echo_ch, "echo", concurrency, 1, secs).await?;
+    let echo_stream = streamed(&echo_ch, "echo-s", 4, 25_000).await?;
+    echo_child.stop().await;
+    eprintln!("baseline A: {:.0} calls/s", echo_unary.rate);
+
+    let hub_dir = work.join("hub-a");
+    std::fs::create_dir_all(hub_dir.join("certs"))?;
+    copy_dir(&pki, &hub_dir.join("certs/dev"))?;
+    let hub = spawn_hub(hub_bin, &hub_dir, &[]).await?;
+    let ch = channels(&pki, &hub.url, 4).await?;
+    let unary = closed_loop(&ch, "unary", concurrency, 1, secs).await?;
+    eprintln!("hub unary: {:.0} calls/s", unary.rate);
+    let batched = closed_loop(&ch, "batch", 8, 100, secs).await?;
+    eprintln!("hub batches: {:.0} ratings/s", batched.rate);
+    let stream = streamed(&ch, "stream", 4, 25_000).await?;
+    eprintln!("hub streams: {:.0} ratings/s", stream.rate);
+    hub.stop().await;
+
+    let raw = raw_sqlite(&work, 50_000, 100).await?;
+    eprintln!("baseline B: {:.0} rows/s", raw.rate);
+
+    rows.push(Row {
+        scenario: format!(
+            "Unary SubmitRatings, 1 rating/call, {concurrency} in flight (calls/s; p50/p99 ms)"
+        ),
+        value: format!(
+            "{} ({:.1}/{:.1})",
+            f(unary.rate),
+            unary.p50_ms,
+            unary.p99_ms
+        ),
+        baseline: format!(
+            "A: {} ({:.1}/{:.1})",
+            f(echo_unary.rate),
+            echo_unary.p50_ms,
+            echo_unary.p99_ms
+        ),
+        ratio: format!("{:.2}", unary.rate / echo_unary.rate),
+        target: "≥ 0.6".into(),
+    });
+    rows.push(Row {
+        scenario: "SubmitRatings, batches of 100, 8 in flight (ratings/s)".into(),
+        value: f(batched.rate),
+        baseline: format!("B: {} rows/s at batch 100", f(raw.rate)),
+        ratio: format!("{:.2}", batched.rate / raw.rate),
+        target: "≥ 0.8".into(),
+    });
+    rows.push(Row {
+        scenario: "StreamRatings, 4 streams × 25,000 (ratings/s)".into(),
+        value: f(stream.rate),
+        baseline: format!(
+            "B: {} rows/s; A (echo): {}",
+            f(raw.rate),
+            f(echo_stream.rate)
+        ),
+        ratio: format!("{:.2}", stream.rate / raw.rate),
+        target: "≥ 0.8".into(),
+    });
+
+    // Relay delay at half capacity, peak RSS, drain after an outage, Subscribe.
+    let (sink_url, sink) = start_sink().await?;
+    let hub_dir = work.join("hub-b");
+    std::fs::create_dir_all(hub_dir.join("certs"))?;
+    copy_dir(&pki, &hub_dir.join("certs/dev"))?;
+    let env = [
+        ("RATING_HUB__UPSTREAMS__SINK__KIND", "grpc".to_string()),
+        ("RATING_HUB__UPSTREAMS__SINK__ENDPOINT", sink_url.clone()),
+        (
+            "RATING_HUB__UPSTREAMS__SINK__RETRY_SCHEDULE_MS",
+            "[50, 100, 200, 500]".into(),
+        ),
+        (
+            "RATING_HUB__UPSTREAMS__SINK__RECORDS_PER_SEC",
+            "1000000".into(),
+        ),
+        (
+            "RATING_HUB__UPSTREAMS__SINK__RECORDS_BURST",
+            "1000000".into(),
+        ),
+        (
+            "RATING_HUB__UPSTREAMS__SINK__REQUESTS_PER_SEC",
+            "100000".into(),
+        ),
+        (
+            "RATING_HUB__UPSTREAMS__SINK__REQUESTS_BURST",
+            "100000".into(),
+        ),
+        ("RATING_HUB__UPSTREAMS__SINK__BATCH_SIZE", "500".into()),
+        ("RATING_HUB__UPSTREAMS__SINK__IN_FLIGHT", "4".into()),
+    ];
+    let hub = spawn_hub(hub_bin, &hub_dir, &env).await?;
+    let ch = channels(&pki, &hub.url, 4).await?;
+    let half = unary.rate / 2.0;
+    let (steady, acks) = open_loop(&ch, "relay", half, secs, None).await?;
+    wait_delivered(&sink, acks.len(), Duration::from_secs(60)).await?;
+    let mut delays: Vec<f64> = {
+        let got = sink.received.lock().unwrap();
+        acks.iter()
+            .filter_map(|(id, at)| {
+                got.get(id)
+                    .map(|r| r.saturating_duration_since(*at).as_secs_f64() * 1000.0)
+            })
+            .collect()
+    };
+    delays.sort_by(f64::total_cmp);
+    let rss = hub.peak_rss_mib();
+    eprintln!(
+        "relay delay p50 {:.1} ms p99 {:.1} ms; peak RSS {rss:.1} MiB",
+        percentile(&delays, 0.5),
+        percentile(&delays, 0.99)
+    );
+    rows.push(Row {
+        scenario: format!("Relay delay, commit → upstream receipt, open loop at half capacity ({} ratings/s) (p50/p99 ms)", f(steady.rate)),
+        value: format!("{:.1}/{:.1}", percentile(&delays, 0.5), percentile(&delays, 0.99)),
+        baseline: "—".into(),
+        ratio: "—".into(),
+        target: "p99 ≤ 25 ms".into(),
+    });
+    rows.push(Row {
+        scenario: "Peak RSS of the hub after the half-capacity run (MiB)".into(),
+        value: format!("{rss:.1}"),
+        baseline: "—".into(),
+        ratio: "—".into(),
+        target: "≤ 64 MiB".into(),
+    });
+
+    sink.down.store(true, Ordering::Relaxed);
+    let before = sink.received.lock().unwrap().len();
+    let (during, _) = open_loop(&ch, "outage", half, outage_secs, None).await?;
+    let backlog =
+        (before + during.count as usize).saturating_sub(sink.received.lock().unwrap().len());
+    sink.down.store(false, Ordering::Relaxed);
+    let t = Instant::now();
+    wait_delivered(
+        &sink,
+        before + during.count as usize,
+        Duration::from_secs(120),
+    )
+    .await?;
+    let drain_rate = backlog as f64 / t.elapsed().as_secs_f64();
+    eprintln!(
+        "drain: {backlog} in {:.2}s = {drain_rate:.0}/s",
+        t.elapsed().as_secs_f64()
+    );
+    rows.push(Row {
+        scenario: format!("Drain after a {outage_secs}-second upstream outage ({backlog} ratings backlog) (ratings/s)"),
+        value: f(drain_rate),
+        baseline: format!("steady ingest {} ratings/s", f(during.rate)),
+        ratio: format!("{:.1}", drain_rate / during.rate),
+        target: "≥ 3".into(),
+    });
+    let total = (acks.len() + during.count as usize) as u64;
+    let sub = subscribe_all(&ch, total).await?;
+    rows.push(Row {
+        scenario: format!("Subscribe from 0 over {total} ratings (ratings/s)"),
+        value: f(sub.rate),
+        baseline: "—".into(),
+        ratio: "—".into(),
+        target: "—".into(),
+    });
+    hub.stop().await;
+    let _ = std::fs::remove_dir_all(&work);
+
+    let date = String::from_utf8(
+        std::process::Command::new("date")
+            .arg("-u")
+            .arg("+%Y-%m-%d %H:%M UTC")
+            .output()?
+            .stdout,
+    )?;
+    let mut md = format!(
+        "# Benchmarks\n\nMachine: {}. Date: {}. Command: `{command}`.\n\nEach row is measured in the same run as its baseline: \
+         A is a bare tonic server with the same protos and mTLS that stores nothing; B is a raw batched insert of the same \
+         rows into SQLite with the same schema and pragmas (WAL, synchronous=FULL). The hub runs as its own release \
+         process; the load generator and the fake upstream share the machine's 2 cores with it.\n\n\
+         | scenario | rating-hub | baseline | ratio | target |\n|---|---|---|---|---|\n",
+        machine(),
+        date.trim()
+    );
+    for r in &rows {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            r.scenario, r.value, r.baseline, r.ratio, r.target
+        ));
+        json.insert(r.scenario.clone(), serde_json::json!({"value": r.value, "baseline": r.baseline, "ratio": r.ratio, "target": r.target}));
+    }
+    let md_path = out.with_extension("md");
+    let existing = std::fs::read_to_string(&md_path).unwrap_or_default();
+    // Keep the hand-written notes below the table.
+    if let Some(notes) = existing
+        .split_once("\n## ")
+        .map(|(_, rest)| format!("\n## {rest}"))
+    {
+        md.push_str(&notes);
+    }
+    std::fs::write(&md_path, md)?;
+    std::fs::write(
+        out.with_extension("json"),
+        serde_json::to_string_pretty(
+            &serde_json::json!({"machine": machine(), "date": date.trim(), "command": command, "rows": json}),
+        )?,
+    )?;
+    println!("{}", std::fs::read_to_string(&md_path)?);
+    Ok(())
+}
+
+async fn wait_delivered(sink: &Sink, n: usize, limit: Duration) -> anyhow::Result<()> {
+    let end = Instant::now() + limit;
+    while sink.received.lock().unwrap().len() < n {
+        anyhow::ensure!(
+            Instant::now() < end,
+            "the sink got {} of {n} within {limit:?}",
+            sink.received.lock().unwrap().len()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        std::fs::copy(e.path(), to.join(e.file_name()))?;
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Echo { pki } => echo(&pki).await,
+        Cmd::Run {
+            hub_bin,
+            out,
+            secs,
+            concurrency,
+            outage_secs,
+            command,
+        } => run(&hub_bin, &out, secs, concurrency, outage_secs, &command).await,
+    }
+}

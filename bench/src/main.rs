@@ -682,9 +682,12 @@ async fn run(
     command: &str,
 ) -> anyhow::Result<()> {
     // The hub runs in its own working directory: resolve its path first.
-    let hub_bin = &hub_bin
-        .canonicalize()
-        .map_err(|e| anyhow::anyhow!("{}: {e} (build it: cargo build --release)", hub_bin.display()))?;
+    let hub_bin = &hub_bin.canonicalize().map_err(|e| {
+        anyhow::anyhow!(
+            "{}: {e} (build it: cargo build --release)",
+            hub_bin.display()
+        )
+    })?;
     let work = std::env::temp_dir().join(format!("rating-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let pki = work.join("certs/dev");

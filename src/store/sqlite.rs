@@ -31,6 +31,8 @@ use crate::clock::Clock;
 use crate::pb::v1 as pb;
 use crate::privacy::Sealed;
 
+mod group;
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/store/migrations/sqlite");
 
 /// How to open the SQLite store.
@@ -305,18 +307,25 @@ impl Writer {
     async fn write_group(&mut self, group: &[Job]) -> Result<Vec<GroupResult>, sqlx::Error> {
         let received_at = self.clock.now_micros();
         let mut tx = self.conn.begin().await?;
+        // Every rating of the group first, in order, with a few statements per chunk.
+        let all: Vec<&NewRating> = group
+            .iter()
+            .filter_map(|j| match j {
+                Job::Ratings { items, .. } => Some(items.iter()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let mut outcomes = group::write_ratings(&mut tx, &all, &mut self.next_seq, received_at)
+            .await?
+            .into_iter();
         let mut results = Vec::with_capacity(group.len());
         for job in group {
             match job {
                 Job::Ratings { items, .. } => {
-                    let mut out = Vec::with_capacity(items.len());
-                    for item in items {
-                        out.push(insert_rating(&mut tx, item, self.next_seq, received_at).await?);
-                        if matches!(out.last(), Some(InsertOutcome::Accepted { .. })) {
-                            self.next_seq += 1;
-                        }
-                    }
-                    results.push(GroupResult::Ratings(out));
+                    results.push(GroupResult::Ratings(
+                        outcomes.by_ref().take(items.len()).collect(),
+                    ));
                 }
                 Job::Cases { items, .. } => {
                     let mut out = Vec::with_capacity(items.len());
@@ -554,123 +563,6 @@ const DEAD_LETTER_COLUMNS: &str = "SELECT d.id, d.upstream, d.feed_seq, r.hub_id
      d.attempts, d.created_at, d.replay_requested, d.resolved_at \
      FROM dead_letters d LEFT JOIN ratings r ON r.feed_seq = d.feed_seq";
 
-async fn insert_rating(
-    conn: &mut SqliteConnection,
-    item: &NewRating,
-    seq: u64,
-    received_at: i64,
-) -> Result<InsertOutcome, sqlx::Error> {
-    let r = &item.rating;
-    if item.checks.counting
-        && let Some((field, reason)) = counting_rule(conn, item).await?
-    {
-        // A re-send of a stored rating is a duplicate or a conflict, not a rule violation.
-        if let Some(existing) = existing(conn, item).await? {
-            return Ok(existing);
-        }
-        return Ok(InsertOutcome::Refused { field, reason });
-    }
-    let added = quality_checks(conn, item).await?;
-    let flags = r
-        .quality_flags
-        .iter()
-        .chain(&added)
-        .fold(0i64, |acc, f| acc | (1 << (*f as i32)));
-    let b = &r.body;
-    let inserted = sqlx::query(
-        "INSERT INTO ratings (feed_seq, hub_id, source_system, source_key, content_hash, level, \
-         channel, target_kind, org_credit_code, region_code, item_code, staff_id, case_number, \
-         rated_at, received_at, is_default, quality_flags, body, pii, pii_key_id, follow_up_of, \
-         batch_id, theme_id, device_id, template_hash, phone_tag) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(seq as i64)
-    .bind(item.hub_id.as_bytes().as_slice())
-    .bind(&item.source_system)
-    .bind(&r.source_key)
-    .bind(r.content_hash.as_slice())
-    .bind(r.level as i32)
-    .bind(r.channel as i32)
-    .bind(r.target_kind as i32)
-    .bind(r.org_credit_code.as_str())
-    .bind(r.region_code.as_str())
-    .bind(&r.item_code)
-    .bind(&r.staff_id)
-    .bind(&r.case_number)
-    .bind(r.rated_at_micros)
-    .bind(received_at)
-    .bind(r.is_default)
-    .bind(flags)
-    .bind(item.body_bytes.as_slice())
-    .bind(item.pii.as_ref().map(|p| p.blob.as_slice()))
-    .bind(item.pii.as_ref().map(|p| p.key_id.as_str()))
-    .bind(&b.follow_up_of)
-    .bind(&b.batch_id)
-    .bind(&b.theme_id)
-    .bind(&b.device_id)
-    .bind(item.template_hash.as_ref().map(|h| h.as_slice()))
-    .bind(item.phone_tag.as_ref().map(|h| h.as_slice()))
-    .execute(&mut *conn)
-    .await?;
-    if inserted.rows_affected() == 1 {
-        // Every 差评 a rater gave opens a case, in the same transaction as the rating.
-        if crate::domain::rating::is_bad(r.level) && !r.is_default {
-            let real_name = b.rater.as_ref().is_some_and(|x| x.real_name);
-            sqlx::query(
-                "INSERT INTO bad_rating_cases (hub_id, org_credit_code, region_code, opened_at, \
-                 real_name) VALUES (?, ?, ?, ?, ?)",
-            )
-            .bind(item.hub_id.as_bytes().as_slice())
-            .bind(r.org_credit_code.as_str())
-            .bind(r.region_code.as_str())
-            .bind(received_at)
-            .bind(real_name)
-            .execute(&mut *conn)
-            .await?;
-        }
-        return Ok(InsertOutcome::Accepted {
-            hub_id: item.hub_id,
-            feed_seq: seq,
-            flags: added,
-        });
-    }
-    Ok(existing(conn, item)
-        .await?
-        .expect("a row that conflicted on insert exists"))
-}
-
-/// The stored rating with this (source, key) — or, for a relayed rating, this hub id — as a
-/// duplicate (same content) or conflict.
-async fn existing(
-    conn: &mut SqliteConnection,
-    item: &NewRating,
-) -> Result<Option<InsertOutcome>, sqlx::Error> {
-    let r = &item.rating;
-    let row = sqlx::query(
-        "SELECT hub_id, feed_seq, content_hash, source_system = ? AND source_key = ? AS same_key \
-         FROM ratings WHERE (source_system = ? AND source_key = ?) OR hub_id = ? \
-         ORDER BY same_key DESC LIMIT 1",
-    )
-    .bind(&item.source_system)
-    .bind(&r.source_key)
-    .bind(&item.source_system)
-    .bind(&r.source_key)
-    .bind(item.hub_id.as_bytes().as_slice())
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(row) = row else { return Ok(None) };
-    let same_key: bool = row.try_get("same_key")?;
-    let hub_id = uuid_from_row(&row, "hub_id")?;
-    let feed_seq = row.try_get::<i64, _>("feed_seq")? as u64;
-    let hash: Vec<u8> = row.try_get("content_hash")?;
-    Ok(Some(if same_key && hash == r.content_hash {
-        InsertOutcome::Duplicate { hub_id, feed_seq }
-    } else {
-        InsertOutcome::Conflict { hub_id, feed_seq }
-    }))
-}
-
 /// 一事一评, 一次一评, one rating per batch, and the follow-up limits. `None` when allowed.
 async fn counting_rule(
     conn: &mut SqliteConnection,
@@ -794,64 +686,6 @@ async fn counting_rule(
         _ => {}
     }
     Ok(None)
-}
-
-/// Templated text from one source, bursts from one device or phone: flagged, never dropped.
-async fn quality_checks(
-    conn: &mut SqliteConnection,
-    item: &NewRating,
-) -> Result<Vec<pb::QualityFlag>, sqlx::Error> {
-    let r = &item.rating;
-    let q = item.checks.quality;
-    let at = r.rated_at_micros;
-    let mut flags = Vec::new();
-    if let Some(h) = &item.template_hash {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM (SELECT 1 FROM ratings WHERE source_system = ? \
-             AND template_hash = ? AND rated_at > ? AND rated_at <= ? LIMIT ?)",
-        )
-        .bind(&item.source_system)
-        .bind(h.as_slice())
-        .bind(at - q.template_window_secs * 1_000_000)
-        .bind(at)
-        .bind(i64::from(q.template_min))
-        .fetch_one(&mut *conn)
-        .await?;
-        if n + 1 >= i64::from(q.template_min) {
-            flags.push(pb::QualityFlag::Templated);
-        }
-    }
-    if !r.body.device_id.is_empty() {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM (SELECT 1 FROM ratings WHERE device_id = ? AND rated_at > ? \
-             AND rated_at <= ? LIMIT ?)",
-        )
-        .bind(&r.body.device_id)
-        .bind(at - q.device_window_secs * 1_000_000)
-        .bind(at)
-        .bind(i64::from(q.device_burst))
-        .fetch_one(&mut *conn)
-        .await?;
-        if n + 1 >= i64::from(q.device_burst) {
-            flags.push(pb::QualityFlag::DeviceBurst);
-        }
-    }
-    if let Some(tag) = &item.phone_tag {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM (SELECT 1 FROM ratings WHERE phone_tag = ? AND rated_at > ? \
-             AND rated_at <= ? LIMIT ?)",
-        )
-        .bind(tag.as_slice())
-        .bind(at - q.phone_window_secs * 1_000_000)
-        .bind(at)
-        .bind(i64::from(q.phone_burst))
-        .fetch_one(&mut *conn)
-        .await?;
-        if n + 1 >= i64::from(q.phone_burst) {
-            flags.push(pb::QualityFlag::PhoneBurst);
-        }
-    }
-    Ok(flags)
 }
 
 async fn insert_case(

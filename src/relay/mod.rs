@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -180,66 +181,85 @@ impl Worker {
             return Ok(true);
         }
 
-        let head_seq = *head.borrow_and_update();
-        let cursor = self.cursor.load(Ordering::Acquire);
-        if cursor >= head_seq {
-            return Ok(false);
-        }
-        let query = RatingQuery {
-            max_feed_seq: Some(head_seq),
-            ..Default::default()
-        };
-        let rows = self
-            .store
-            .list_ratings(&query, cursor, batch * self.cfg.in_flight)
-            .await?;
-        let Some(last) = rows.last().map(|r| r.feed_seq) else {
-            return Ok(false);
-        };
-        let seqs: Vec<u64> = rows.iter().map(|r| r.feed_seq).collect();
-        let ratings = self.with_pii(rows)?;
-        let sends = ratings
-            .chunks(batch as usize)
-            .map(|chunk| self.deliver(chunk, stop));
-        let mut dead = Vec::new();
-        let mut delivered = 0u64;
-        let mut offset = 0usize;
-        for (chunk_result, chunk) in futures_util::future::join_all(sends)
-            .await
-            .into_iter()
-            .zip(ratings.chunks(batch as usize))
-        {
-            let Ok(outcomes) = chunk_result else {
-                // Stopping or paused: the cursor stays; whatever was sent is sent again later
-                // (at-least-once; the upstream dedupes by hub id).
+        // A pipeline of up to `in_flight` batches: a new batch is read and sent as soon as a
+        // slot frees (and as soon as new ratings commit), and the cursor advances batch by
+        // batch as the earliest outstanding batch completes — so a rating waits for its own
+        // send, not for a whole round.
+        let mut read_to = self.cursor.load(Ordering::Acquire);
+        let mut inflight = FuturesOrdered::new();
+        let mut did_work = false;
+        loop {
+            while inflight.len() < self.cfg.in_flight as usize {
+                let head_seq = *head.borrow_and_update();
+                if read_to >= head_seq {
+                    break;
+                }
+                let query = RatingQuery {
+                    max_feed_seq: Some(head_seq),
+                    ..Default::default()
+                };
+                let rows = self.store.list_ratings(&query, read_to, batch).await?;
+                let Some(last) = rows.last().map(|r| r.feed_seq) else {
+                    break;
+                };
+                read_to = last;
+                let seqs: Vec<u64> = rows.iter().map(|r| r.feed_seq).collect();
+                let ratings = self.with_pii(rows)?;
+                inflight.push_back(async move {
+                    let result = self.deliver(&ratings, stop).await;
+                    (seqs, ratings, result)
+                });
+            }
+            // With a slot free, a new commit starts another send at once.
+            let next = if !inflight.is_empty() && inflight.len() < self.cfg.in_flight as usize {
+                tokio::select! {
+                    n = inflight.next() => n,
+                    changed = head.changed() => {
+                        if changed.is_err() {
+                            return Ok(did_work);
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                inflight.next().await
+            };
+            let Some((seqs, ratings, result)) = next else {
+                return Ok(did_work);
+            };
+            let Ok(outcomes) = result else {
+                // Stopping or paused: the cursor stays after the last completed batch; what
+                // was sent beyond it is sent again later (at-least-once; deduped upstream).
                 return Ok(false);
             };
-            for (i, d) in outcomes.into_iter().enumerate() {
+            let mut dead = Vec::new();
+            let mut delivered = 0u64;
+            for ((d, seq), rating) in outcomes.into_iter().zip(&seqs).zip(&ratings) {
                 match d {
                     Delivery::Delivered => delivered += 1,
                     Delivery::Rejected(error) => {
-                        tracing::warn!(upstream = %self.name, hub_id = %chunk[i].hub_id, error, "Upstream rejected a rating; dead-lettered.");
+                        tracing::warn!(upstream = %self.name, hub_id = %rating.hub_id, error, "Upstream rejected a rating; dead-lettered.");
                         dead.push(NewDeadLetter {
-                            feed_seq: seqs[offset + i],
+                            feed_seq: *seq,
                             error,
                             attempts: 1,
                         })
                     }
                 }
             }
-            offset += chunk.len();
+            let last = *seqs.last().expect("batches are not empty");
+            self.store
+                .relay_write(RelayWrite::Advance {
+                    upstream: self.name.clone(),
+                    cursor: last,
+                    dead,
+                })
+                .await?;
+            self.cursor.store(last, Ordering::Release);
+            self.lock().delivered += delivered;
+            tracing::debug!(upstream = %self.name, cursor = last, delivered, "Delivered.");
+            did_work = true;
         }
-        self.store
-            .relay_write(RelayWrite::Advance {
-                upstream: self.name.clone(),
-                cursor: last,
-                dead,
-            })
-            .await?;
-        self.cursor.store(last, Ordering::Release);
-        self.lock().delivered += delivered;
-        tracing::debug!(upstream = %self.name, cursor = last, delivered, "Delivered.");
-        Ok(true)
     }
 
     /// Puts the rater's personal data back for the upstream (it is entitled to it).

@@ -1,11 +1,11 @@
 //! Upstream delivery: every committed rating reaches every configured upstream.
 //!
 //! One worker per upstream, each with its own durable cursor over the feed, woken by commits
-//! (no poll timer). A worker reads up to `in_flight × batch_size` ratings after its cursor,
-//! sends them as `in_flight` concurrent batches through its rate limits, retries failed
-//! requests on its schedule with jitter, dead-letters ratings the upstream rejects for good,
-//! and only then advances its cursor — so delivery is at-least-once, and with the hub id as
-//! the idempotency key an idempotent upstream sees each rating exactly once. Workers share
+//! (no poll timer). A worker keeps up to `in_flight` batches outstanding, each sent through its
+//! rate limits and retried on its schedule with jitter; ratings the upstream rejects for good
+//! are dead-lettered; the cursor advances batch by batch as the earliest outstanding batch
+//! completes — so delivery is at-least-once, and with the hub id as the idempotency key an
+//! idempotent upstream sees each rating exactly once. Workers share
 //! nothing but the store: a slow or dead upstream never delays ingest or another upstream.
 
 pub mod config;

@@ -77,6 +77,8 @@ struct Worker {
     records: DefaultDirectRateLimiter,
     requests: DefaultDirectRateLimiter,
     jitter_state: AtomicU64,
+    /// Cursor advances (with their dead letters) on their way to the store, in order.
+    cursor_writes: tokio::sync::mpsc::Sender<RelayWrite>,
 }
 
 /// Why a delivery attempt stopped without an answer.
@@ -124,6 +126,7 @@ impl Worker {
             } else {
                 match self.step(&mut head, &stop).await {
                     Ok(did_work) => !did_work,
+                    Err(StoreError::ShuttingDown) => break,
                     Err(e) => {
                         tracing::error!(upstream = %self.name, error = %e, "Relay cannot read or write the store.");
                         self.lock().last_error = Some((e.to_string(), self.clock.now_micros()));
@@ -248,13 +251,16 @@ impl Worker {
                 }
             }
             let last = *seqs.last().expect("batches are not empty");
-            self.store
-                .relay_write(RelayWrite::Advance {
-                    upstream: self.name.clone(),
-                    cursor: last,
-                    dead,
-                })
-                .await?;
+            // Recorded by the cursor writer, in order, without holding up the next sends; a
+            // crash before it commits only means those batches are sent again.
+            let advance = RelayWrite::Advance {
+                upstream: self.name.clone(),
+                cursor: last,
+                dead,
+            };
+            if self.cursor_writes.send(advance).await.is_err() {
+                return Err(StoreError::ShuttingDown);
+            }
             self.cursor.store(last, Ordering::Release);
             self.lock().delivered += delivered;
             tracing::debug!(upstream = %self.name, cursor = last, delivered, "Delivered.");
@@ -348,6 +354,7 @@ pub struct Relay {
     workers: BTreeMap<String, Arc<Worker>>,
     stop: watch::Sender<bool>,
     tasks: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
+    cursor_tasks: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Relay {
@@ -360,6 +367,7 @@ impl Relay {
     ) -> anyhow::Result<Arc<Self>> {
         let (stop, stop_rx) = watch::channel(false);
         let mut workers = BTreeMap::new();
+        let mut cursor_tasks = Vec::new();
         for (name, cfg) in upstreams {
             cfg.check(name).map_err(anyhow::Error::msg)?;
             let sink: Box<dyn Sink> = match cfg.kind {
@@ -368,6 +376,28 @@ impl Relay {
             };
             let state = store.upstream_state(name).await?;
             let (control, _) = watch::channel(0);
+            // One writer per upstream keeps its cursor writes in order; its queue bounds how
+            // far the stored cursor may trail the sends (and so the re-sends after a crash).
+            let (cursor_writes, mut pending_writes) = tokio::sync::mpsc::channel::<RelayWrite>(2);
+            let cursor_store = store.clone();
+            let cursor_upstream = name.clone();
+            let mut cursor_stop = stop_rx.clone();
+            cursor_tasks.push(tokio::spawn(async move {
+                loop {
+                    let write = tokio::select! {
+                        w = pending_writes.recv() => w,
+                        _ = cursor_stop.changed() => {
+                            // Stopping: take no more, store what is queued.
+                            pending_writes.close();
+                            pending_writes.recv().await
+                        }
+                    };
+                    let Some(write) = write else { break };
+                    if let Err(e) = cursor_store.relay_write(write).await {
+                        tracing::error!(upstream = %cursor_upstream, error = %e, "Cannot store the delivery cursor; those ratings will be sent again.");
+                    }
+                }
+            }));
             workers.insert(
                 name.clone(),
                 Arc::new(Worker {
@@ -383,6 +413,7 @@ impl Relay {
                     records: RateLimiter::direct(quota(cfg.records_per_sec, cfg.records_burst)),
                     requests: RateLimiter::direct(quota(cfg.requests_per_sec, cfg.requests_burst)),
                     jitter_state: AtomicU64::new(clock.now_micros() as u64 | 1),
+                    cursor_writes,
                     cfg: cfg.clone(),
                 }),
             );
@@ -395,6 +426,7 @@ impl Relay {
             workers,
             stop,
             tasks: tokio::sync::Mutex::new(tasks),
+            cursor_tasks: tokio::sync::Mutex::new(cursor_tasks),
         }))
     }
 
@@ -483,6 +515,13 @@ impl Relay {
         let _ = self.stop.send(true);
         let tasks = std::mem::take(&mut *self.tasks.lock().await);
         for mut t in tasks {
+            if tokio::time::timeout(grace, &mut t).await.is_err() {
+                t.abort();
+            }
+        }
+        // The workers are gone, so their queues close: the queued cursor writes finish first.
+        let cursor_tasks = std::mem::take(&mut *self.cursor_tasks.lock().await);
+        for mut t in cursor_tasks {
             if tokio::time::timeout(grace, &mut t).await.is_err() {
                 t.abort();
             }

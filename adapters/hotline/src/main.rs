@@ -15,21 +15,11 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    rating_hub_adapter_kit::runtime::init_logging();
     let cli = Cli::parse();
     let cfg = rating_hub_hotline::HotlineConfig::load(&cli.config)?;
     let hotline = rating_hub_hotline::start(cfg).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    rating_hub_adapter_kit::runtime::until_signal().await?;
     hotline.shutdown().await;
     Ok(())
 }

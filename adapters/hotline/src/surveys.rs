@@ -1,13 +1,10 @@
 //! Surveys (one per invitation, each with its reply code) and the replies that matched none.
 
-use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
 use sqlx::Row;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::SqlitePool;
 
 use rating_hub::pb::v1 as pb;
 
@@ -37,16 +34,7 @@ pub struct Surveys {
 
 impl Surveys {
     pub async fn open(path: &str) -> anyhow::Result<Self> {
-        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(opts)
-            .await?;
-        MIGRATOR.run(&pool).await?;
+        let pool = rating_hub_adapter_kit::runtime::open_sqlite(path, &MIGRATOR).await?;
         Ok(Self { pool })
     }
 

@@ -12,6 +12,7 @@ pub mod client;
 pub mod keys;
 pub mod mapping;
 pub mod metrics;
+pub mod runtime;
 pub mod spool;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -6,15 +6,12 @@
 //! delivered (accepted or duplicate) or refused (kept with the hub's reasons, never silently
 //! dropped) — and retries with backoff while the hub is unreachable.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
 use sqlx::Row;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::SqlitePool;
 use tokio::sync::{Notify, watch};
 use tonic::transport::Channel;
 
@@ -57,16 +54,7 @@ pub struct Spool {
 
 impl Spool {
     pub async fn open(path: &str) -> anyhow::Result<Self> {
-        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(opts)
-            .await?;
-        MIGRATOR.run(&pool).await?;
+        let pool = crate::runtime::open_sqlite(path, &MIGRATOR).await?;
         Ok(Self {
             pool,
             wake: Arc::new(Notify::new()),

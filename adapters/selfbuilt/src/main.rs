@@ -15,20 +15,10 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    rating_hub_adapter_kit::runtime::init_logging();
     let cfg = rating_hub_selfbuilt::SelfbuiltConfig::load(&Cli::parse().config)?;
     let adapter = rating_hub_selfbuilt::start(cfg).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    rating_hub_adapter_kit::runtime::until_signal().await?;
     adapter.shutdown().await;
     Ok(())
 }

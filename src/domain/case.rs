@@ -85,3 +85,25 @@ pub fn parse_case(
         body,
     })
 }
+
+/// A rating of `case`'s item, with every field the case determines (item, organisation,
+/// region, hall, window, staff, batch, theme, completion time) filled in; the caller sets the
+/// rest (key, channel, level, time, rater).
+pub fn rating_for_case(case: &pb::ServiceCase) -> pb::Rating {
+    pb::Rating {
+        target_kind: pb::TargetKind::Item as i32,
+        case_number: case.case_number.clone(),
+        item_code: case.item_code.clone(),
+        item_name: case.item_name.clone(),
+        region_code: case.region_code.clone(),
+        org_credit_code: case.org_credit_code.clone(),
+        org_name: case.org_name.clone(),
+        hall_id: case.hall_id.clone(),
+        window_id: case.window_id.clone(),
+        staff_id: case.staff_id.clone(),
+        batch_id: case.batch_id.clone(),
+        theme_id: case.theme_id.clone(),
+        service_completed_at: case.occurred_at,
+        ..Default::default()
+    }
+}

@@ -294,6 +294,35 @@ pub fn mask_phone(phone: &str) -> String {
     }
 }
 
+/// Foreign text (an upstream's error message) may echo what it was sent: every run of 7 or
+/// more digits — phone and ID numbers, with an ID's trailing X — becomes `<number>` before
+/// such text is logged or stored.
+pub fn redact_numbers(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < chars.len() {
+        let mut j = i;
+        while j < chars.len() && chars[j].is_ascii_digit() {
+            j += 1;
+        }
+        if j - i >= 7 {
+            if j < chars.len() && matches!(chars[j], 'X' | 'x') {
+                j += 1;
+            }
+            out.push_str("<number>");
+            i = j;
+        } else if j > i {
+            out.extend(&chars[i..j]);
+            i = j;
+        } else {
+            out.push(chars[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
 /// Keeps `head` leading and `tail` trailing characters, stars in between.
 pub fn mask_middle(s: &str, head: usize, tail: usize) -> String {
     let chars: Vec<char> = s.chars().collect();
@@ -358,6 +387,15 @@ mod tests {
         assert!(RegionCode::parse("5301020").is_err());
         assert!(RegionCode::parse("990102").is_err());
         assert!(RegionCode::parse("53010a").is_err());
+    }
+
+    #[test]
+    fn numbers_in_foreign_text_are_redacted() {
+        assert_eq!(
+            redact_numbers("bad mobile 13812345678, certKey 11010519491231002X, code 400"),
+            "bad mobile <number>, certKey <number>, code 400"
+        );
+        assert_eq!(redact_numbers("已存在该条服务信息"), "已存在该条服务信息");
     }
 
     #[test]

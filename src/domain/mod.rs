@@ -5,6 +5,6 @@ pub mod case;
 pub mod codes;
 pub mod rating;
 
-pub use case::{ValidCase, parse_case};
+pub use case::{ValidCase, parse_case, rating_for_case};
 pub use codes::{CreditCode, IdNumber, Phone, RegionCode};
 pub use rating::{IngestRules, ValidRating, Violation, parse_rating};

@@ -18,8 +18,15 @@ use serde_json::{Map, Value};
 
 use super::config::UpstreamConfig;
 use super::sink::{Delivery, SendError, Sink};
+use crate::domain::codes::redact_numbers;
 use crate::pb::v1 as pb;
 use crate::rules::date::civil_from_days;
+
+/// The start of an upstream's answer, safe to log and store: numbers that may be a rater's
+/// phone or ID (if the upstream echoes what it was sent) are redacted.
+fn snippet(text: &str) -> String {
+    redact_numbers(&text.chars().take(300).collect::<String>())
+}
 
 /// `[upstreams.<name>.http]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -366,7 +373,7 @@ impl HttpJsonSink {
         {
             Delivery::Delivered
         } else {
-            Delivery::Rejected(format!("upstream code {code}: {msg}"))
+            Delivery::Rejected(redact_numbers(&format!("upstream code {code}: {msg}")))
         }
     }
 }
@@ -414,10 +421,7 @@ impl Sink for HttpJsonSink {
                 .await
                 .map_err(|e| SendError::Retryable(format!("reading the answer: {e}")))?;
             if !status.is_success() {
-                let msg = format!(
-                    "HTTP {status}: {}",
-                    text.chars().take(300).collect::<String>()
-                );
+                let msg = format!("HTTP {status}: {}", snippet(&text));
                 return Err(if self.permanent_statuses.contains(&status.as_u16()) {
                     SendError::Permanent(msg)
                 } else {
@@ -425,10 +429,7 @@ impl Sink for HttpJsonSink {
                 });
             }
             let answer: Value = serde_json::from_str(&text).map_err(|_| {
-                SendError::Retryable(format!(
-                    "answer is not JSON: {}",
-                    text.chars().take(300).collect::<String>()
-                ))
+                SendError::Retryable(format!("answer is not JSON: {}", snippet(&text)))
             })?;
             let per_record = (!self.cfg.results_field.is_empty())
                 .then(|| {

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::calendar::Calendar;
 use super::profile::{DayUnit, Profiles};
 use crate::clock::Clock;
-use crate::domain::{IngestRules, parse_rating};
+use crate::domain::{IngestRules, parse_rating, rating_for_case};
 use crate::pb::v1 as pb;
 use crate::privacy::PiiKeys;
 use crate::store::{IngestChecks, InsertOutcome, NewRating, RelayWrite, Store, StoreError};
@@ -170,22 +170,10 @@ impl RulesEngine {
             source_key: format!("default:{source}:{}", case.case_number),
             channel: pb::Channel::SystemDefault as i32,
             level: level as i32,
-            target_kind: pb::TargetKind::Item as i32,
-            case_number: case.case_number.clone(),
-            item_code: case.item_code.clone(),
-            item_name: case.item_name.clone(),
-            region_code: case.region_code.clone(),
-            org_credit_code: case.org_credit_code.clone(),
-            org_name: case.org_name.clone(),
-            hall_id: case.hall_id.clone(),
-            window_id: case.window_id.clone(),
-            staff_id: case.staff_id.clone(),
             rated_at: Some(crate::time::timestamp_from_micros(deadline)),
             service_completed_at: Some(crate::time::timestamp_from_micros(completed)),
             is_default: true,
-            batch_id: case.batch_id.clone(),
-            theme_id: case.theme_id.clone(),
-            ..Default::default()
+            ..rating_for_case(case)
         };
         let valid = parse_rating(&raw, now, &self.rules, false).map_err(|v| {
             v.iter()

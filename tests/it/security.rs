@@ -270,6 +270,7 @@ async fn attempt(hub: &TestHub, who: &str, action: Action, ids: &(String, String
                     .into_iter()
                     .map(|c| c.org_credit_code)
                     .collect();
+                assert!(!orgs.is_empty(), "{who} sees its organisation's case");
                 assert!(
                     orgs.iter().all(|o| *o == org(1)),
                     "{who} sees only its scope"
@@ -329,12 +330,17 @@ async fn role_and_scope_matrix_over_every_rpc_family() {
     let a = submit_one(&mut ingest, {
         let mut r = rating("seed-a");
         r.org_credit_code = org(1);
+        // 差评, so each organisation also has a bad-rating case.
+        r.level = pb::Level::Dissatisfied as i32;
+        r.text = "排队太久".into();
         r
     })
     .await;
     let b = submit_one(&mut ingest, {
         let mut r = rating("seed-b");
         r.org_credit_code = org(2);
+        r.level = pb::Level::Dissatisfied as i32;
+        r.text = "排队太久".into();
         r.region_code = "440103".into();
         r
     })

@@ -135,36 +135,22 @@ impl Inner {
         if digits(phone) != digits(&survey.phone) {
             return keep("reply from another phone than the survey's".into()).await;
         }
-        let case = &survey.case;
         let mut attributes = BTreeMap::new();
         attributes.insert("survey".to_owned(), survey.dest_code.clone());
         let rating = pb::Rating {
             source_key: key,
             channel: channel as i32,
             level: level as i32,
-            target_kind: pb::TargetKind::Item as i32,
-            case_number: case.case_number.clone(),
-            item_code: case.item_code.clone(),
-            item_name: case.item_name.clone(),
-            region_code: case.region_code.clone(),
-            org_credit_code: case.org_credit_code.clone(),
-            org_name: case.org_name.clone(),
-            hall_id: case.hall_id.clone(),
-            window_id: case.window_id.clone(),
-            staff_id: case.staff_id.clone(),
-            batch_id: case.batch_id.clone(),
-            theme_id: case.theme_id.clone(),
             rated_at: Some(rating_hub::time::timestamp_from_micros(
                 at.unwrap_or(now).min(now),
             )),
-            service_completed_at: case.occurred_at,
             rater: Some(pb::Rater {
                 kind: pb::RaterKind::NaturalPerson as i32,
                 phone: digits(phone),
                 ..Default::default()
             }),
             attributes,
-            ..Default::default()
+            ..rating_hub::domain::rating_for_case(&survey.case)
         };
         self.spool.put(&rating).await?;
         self.surveys.mark_answered(survey.id).await?;

@@ -17,7 +17,7 @@ use sqlx::sqlite::{
     SqliteRow, SqliteSynchronous,
 };
 use sqlx::{Connection, QueryBuilder, Row, Sqlite};
-use tokio::sync::{Mutex, mpsc, oneshot, watch};
+use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
@@ -25,8 +25,10 @@ use super::{
     BadCaseCounts, CaseCounts, CaseEntryRecord, CaseOutcome, DayOrgIds, DeadLetter, InsertOutcome,
     NewCaseEvent, NewRating, OpenCase, PiiAccess, RatingQuery, RelayWrite, ScopeFilter,
     StatsDimension, StatsRow, Store, StoreError, StoredBadCase, StoredInvitation, StoredRating,
-    UpstreamState,
+    UpstreamState, evidence_refs, sealed, stored_rating,
 };
+use super::chunk;
+use super::writer::{self, GroupResult, GroupWrite, Job, Queue};
 use crate::clock::Clock;
 use crate::pb::v1 as pb;
 use crate::privacy::Sealed;
@@ -63,44 +65,8 @@ impl Default for SqliteOptions {
     }
 }
 
-enum Job {
-    Ratings {
-        items: Vec<NewRating>,
-        reply: oneshot::Sender<Result<Vec<InsertOutcome>, StoreError>>,
-    },
-    Cases {
-        items: Vec<NewCaseEvent>,
-        reply: oneshot::Sender<Result<Vec<CaseOutcome>, StoreError>>,
-    },
-    Audit {
-        principal: String,
-        rpc: String,
-        hub_ids: Vec<Uuid>,
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
-    Relay {
-        write: RelayWrite,
-        reply: oneshot::Sender<Result<u64, StoreError>>,
-    },
-    Close {
-        reply: oneshot::Sender<()>,
-    },
-}
-
-impl Job {
-    fn len(&self) -> usize {
-        match self {
-            Job::Ratings { items, .. } => items.len(),
-            Job::Cases { items, .. } => items.len(),
-            Job::Audit { hub_ids, .. } => hub_ids.len(),
-            Job::Relay { .. } => 1,
-            Job::Close { .. } => 0,
-        }
-    }
-}
-
 pub struct SqliteStore {
-    jobs: mpsc::Sender<Job>,
+    jobs: Queue,
     reader: SqlitePool,
     head: watch::Receiver<u64>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -139,34 +105,21 @@ impl SqliteStore {
             .await?;
 
         let (head_tx, head_rx) = watch::channel(last_seq);
-        let (jobs_tx, jobs_rx) = mpsc::channel(opts.write_queue.max(1));
         let writer = Writer {
             conn: writer_conn,
             next_seq: last_seq + 1,
-            head: head_tx,
             clock,
-            max_group: opts.max_group_commit.max(1),
         };
-        let handle = tokio::spawn(writer.run(jobs_rx));
+        let (jobs, handle) =
+            Queue::start(writer, head_tx, opts.max_group_commit, opts.write_queue);
         Ok(Self {
-            jobs: jobs_tx,
+            jobs,
             reader,
             head: head_rx,
             writer: Mutex::new(Some(handle)),
         })
     }
 
-    async fn submit<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Job,
-    ) -> Result<T, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.jobs
-            .send(make(reply))
-            .await
-            .map_err(|_| StoreError::ShuttingDown)?;
-        rx.await.map_err(|_| StoreError::ShuttingDown)?
-    }
 }
 
 impl SqliteStore {
@@ -187,11 +140,7 @@ impl SqliteStore {
                 actor: e.try_get("actor")?,
                 at_micros: e.try_get("at")?,
                 note: e.try_get("note")?,
-                evidence_refs: refs
-                    .lines()
-                    .map(str::to_owned)
-                    .filter(|l| !l.is_empty())
-                    .collect(),
+                evidence_refs: evidence_refs(&refs),
                 new_deadline_micros: e.try_get("new_deadline")?,
                 appeal_outcome: e.try_get("appeal_outcome")?,
             })
@@ -212,113 +161,43 @@ impl SqliteStore {
 struct Writer {
     conn: SqliteConnection,
     next_seq: u64,
-    head: watch::Sender<u64>,
     clock: Arc<dyn Clock>,
-    max_group: usize,
+}
+
+impl GroupWrite for Writer {
+    async fn write_group(
+        &mut self,
+        group: &[Job],
+    ) -> Result<(Vec<GroupResult>, Option<u64>), sqlx::Error> {
+        let start_seq = self.next_seq;
+        let result = self.write_group_tx(group).await;
+        if result.is_err() {
+            // Rolled back: give the sequence numbers back.
+            self.next_seq = start_seq;
+        }
+        let moved = (self.next_seq != start_seq).then(|| self.next_seq - 1);
+        Ok((result?, moved))
+    }
+
+    async fn close(self) {
+        let _ = self.conn.close().await;
+    }
 }
 
 impl Writer {
-    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
-        let mut closing: Option<oneshot::Sender<()>> = None;
-        loop {
-            let Some(first) = rx.recv().await else { break };
-            let mut group = Vec::new();
-            let mut size = 0;
-            let mut next = Some(first);
-            while let Some(job) = next.take() {
-                match job {
-                    Job::Close { reply } => {
-                        // Refuse new work; what is already queued still commits.
-                        rx.close();
-                        closing = Some(reply);
-                    }
-                    job => {
-                        size += job.len();
-                        group.push(job);
-                    }
-                }
-                if size < self.max_group {
-                    next = rx.try_recv().ok();
-                }
-            }
-            if !group.is_empty() {
-                self.commit_group(group).await;
-            }
-        }
-        let _ = self.conn.close().await;
-        if let Some(reply) = closing {
-            let _ = reply.send(());
-        }
-    }
-
-    async fn commit_group(&mut self, group: Vec<Job>) {
-        let start_seq = self.next_seq;
-        match self.write_group(&group).await {
-            Ok(results) => {
-                if self.next_seq != start_seq {
-                    self.head.send_replace(self.next_seq - 1);
-                }
-                for (job, result) in group.into_iter().zip(results) {
-                    match (job, result) {
-                        (Job::Ratings { reply, .. }, GroupResult::Ratings(r)) => {
-                            let _ = reply.send(Ok(r));
-                        }
-                        (Job::Cases { reply, .. }, GroupResult::Cases(r)) => {
-                            let _ = reply.send(Ok(r));
-                        }
-                        (Job::Audit { reply, .. }, GroupResult::Audit) => {
-                            let _ = reply.send(Ok(()));
-                        }
-                        (Job::Relay { reply, .. }, GroupResult::Relay(n)) => {
-                            let _ = reply.send(Ok(n));
-                        }
-                        _ => unreachable!("results are built in job order"),
-                    }
-                }
-            }
-            Err(e) => {
-                // Rolled back: give the sequence numbers back, acknowledge nothing.
-                self.next_seq = start_seq;
-                let items: usize = group.iter().map(Job::len).sum();
-                tracing::error!(error = %e, items, "Group commit failed; nothing acknowledged.");
-                let text = e.to_string();
-                for job in group {
-                    let err = || StoreError::Corrupt(format!("commit failed: {text}"));
-                    match job {
-                        Job::Ratings { reply, .. } => {
-                            let _ = reply.send(Err(err()));
-                        }
-                        Job::Cases { reply, .. } => {
-                            let _ = reply.send(Err(err()));
-                        }
-                        Job::Audit { reply, .. } => {
-                            let _ = reply.send(Err(err()));
-                        }
-                        Job::Relay { reply, .. } => {
-                            let _ = reply.send(Err(err()));
-                        }
-                        Job::Close { .. } => {}
-                    }
-                }
-            }
-        }
-    }
-
-    async fn write_group(&mut self, group: &[Job]) -> Result<Vec<GroupResult>, sqlx::Error> {
+    async fn write_group_tx(&mut self, group: &[Job]) -> Result<Vec<GroupResult>, sqlx::Error> {
         let received_at = self.clock.now_micros();
         let mut tx = self.conn.begin().await?;
         // Every rating of the group first, in order, with a few statements per chunk.
-        let all: Vec<&NewRating> = group
-            .iter()
-            .filter_map(|j| match j {
-                Job::Ratings { items, .. } => Some(items.iter()),
-                _ => None,
-            })
-            .flatten()
-            .collect();
-        let mut outcomes = group::write_ratings(&mut tx, &all, &mut self.next_seq, received_at)
-            .await?
-            .into_iter();
+        let all = writer::all_ratings(group);
+        let mut outcomes = chunk::write_ratings(
+            &mut group::SqliteChunks(&mut tx),
+            &all,
+            &mut self.next_seq,
+            received_at,
+        )
+        .await?
+        .into_iter();
         let mut results = Vec::with_capacity(group.len());
         for job in group {
             match job {
@@ -363,13 +242,6 @@ impl Writer {
         tx.commit().await?;
         Ok(results)
     }
-}
-
-enum GroupResult {
-    Ratings(Vec<InsertOutcome>),
-    Cases(Vec<CaseOutcome>),
-    Audit,
-    Relay(u64),
 }
 
 async fn relay_write(
@@ -563,131 +435,6 @@ const DEAD_LETTER_COLUMNS: &str = "SELECT d.id, d.upstream, d.feed_seq, r.hub_id
      d.attempts, d.created_at, d.replay_requested, d.resolved_at \
      FROM dead_letters d LEFT JOIN ratings r ON r.feed_seq = d.feed_seq";
 
-/// 一事一评, 一次一评, one rating per batch, and the follow-up limits. `None` when allowed.
-async fn counting_rule(
-    conn: &mut SqliteConnection,
-    item: &NewRating,
-) -> Result<Option<(&'static str, String)>, sqlx::Error> {
-    let r = &item.rating;
-    let b = &r.body;
-    let other = |sql: &str| format!("{sql} AND NOT (source_system = ? AND source_key = ?) LIMIT 1");
-    if !b.follow_up_of.is_empty() {
-        let original =
-            sqlx::query("SELECT rated_at FROM ratings WHERE source_system = ? AND source_key = ?")
-                .bind(&item.source_system)
-                .bind(&b.follow_up_of)
-                .fetch_optional(&mut *conn)
-                .await?;
-        let Some(original) = original else {
-            return Ok(Some((
-                "follow_up_of",
-                format!(
-                    "no rating with source key {:?} from this source to follow up",
-                    b.follow_up_of
-                ),
-            )));
-        };
-        let earlier: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM ratings WHERE source_system = ? AND follow_up_of = ? \
-             AND source_key <> ?",
-        )
-        .bind(&item.source_system)
-        .bind(&b.follow_up_of)
-        .bind(&r.source_key)
-        .fetch_one(&mut *conn)
-        .await?;
-        let limit = item.checks.follow_up_limit;
-        if earlier as u64 >= u64::from(limit) {
-            return Ok(Some((
-                "follow_up_of",
-                format!(
-                    "the rating already has {earlier} follow-up(s); at most {limit} allowed (追加评价)"
-                ),
-            )));
-        }
-        let original_at: i64 = original.try_get("rated_at")?;
-        let window = item.checks.follow_up_window_secs;
-        if r.rated_at_micros - original_at > window * 1_000_000 {
-            return Ok(Some((
-                "follow_up_of",
-                format!(
-                    "a follow-up must come within {} days of the original rating",
-                    window / 86_400
-                ),
-            )));
-        }
-        return Ok(None);
-    }
-    match r.target_kind {
-        pb::TargetKind::Item => {
-            if !b.batch_id.is_empty() {
-                let hit: Option<Vec<u8>> = sqlx::query_scalar(&other(
-                    "SELECT hub_id FROM ratings WHERE org_credit_code = ? AND batch_id = ? \
-                     AND target_kind = 1 AND follow_up_of = ''",
-                ))
-                .bind(r.org_credit_code.as_str())
-                .bind(&b.batch_id)
-                .bind(&item.source_system)
-                .bind(&r.source_key)
-                .fetch_optional(&mut *conn)
-                .await?;
-                if hit.is_some() {
-                    return Ok(Some((
-                        "batch_id",
-                        format!(
-                            "batch {:?} already has its rating: one rating applies to every case of a batch (批量业务)",
-                            b.batch_id
-                        ),
-                    )));
-                }
-            }
-            let hit: Option<Vec<u8>> = sqlx::query_scalar(&other(
-                "SELECT hub_id FROM ratings WHERE org_credit_code = ? AND case_number = ? \
-                 AND target_kind = 1 AND follow_up_of = ''",
-            ))
-            .bind(r.org_credit_code.as_str())
-            .bind(&r.case_number)
-            .bind(&item.source_system)
-            .bind(&r.source_key)
-            .fetch_optional(&mut *conn)
-            .await?;
-            if hit.is_some() {
-                return Ok(Some((
-                    "case_number",
-                    format!(
-                        "case {:?} already has an item rating (一事一评); a second rating must be a follow-up (follow_up_of)",
-                        r.case_number
-                    ),
-                )));
-            }
-        }
-        pb::TargetKind::Staff if !r.case_number.is_empty() => {
-            let hit: Option<Vec<u8>> = sqlx::query_scalar(&other(
-                "SELECT hub_id FROM ratings WHERE org_credit_code = ? AND case_number = ? \
-                 AND staff_id = ? AND target_kind = 3 AND follow_up_of = ''",
-            ))
-            .bind(r.org_credit_code.as_str())
-            .bind(&r.case_number)
-            .bind(&r.staff_id)
-            .bind(&item.source_system)
-            .bind(&r.source_key)
-            .fetch_optional(&mut *conn)
-            .await?;
-            if hit.is_some() {
-                return Ok(Some((
-                    "staff_id",
-                    format!(
-                        "staff member {:?} was already rated for this visit (case {:?}): 一次一评",
-                        r.staff_id, r.case_number
-                    ),
-                )));
-            }
-        }
-        _ => {}
-    }
-    Ok(None)
-}
-
 async fn insert_case(
     conn: &mut SqliteConnection,
     item: &NewCaseEvent,
@@ -747,37 +494,19 @@ const RATING_COLUMNS: &str = "SELECT feed_seq, hub_id, source_system, received_a
      FROM ratings";
 
 fn stored_from_row(row: &SqliteRow) -> Result<StoredRating, StoreError> {
-    let feed_seq = row.try_get::<i64, _>("feed_seq")? as u64;
-    let body: Vec<u8> = row.try_get("body")?;
-    let mut rating = pb::Rating::decode(body.as_slice())
-        .map_err(|e| StoreError::Corrupt(format!("rating {feed_seq}: {e}")))?;
-    rating.hub_id = uuid_from_row(row, "hub_id")?.to_string();
-    rating.source_system = row.try_get("source_system")?;
-    rating.feed_sequence = feed_seq;
-    // The column is authoritative: the writer may add flags the body was encoded without.
-    let bits: i64 = row.try_get("quality_flags")?;
-    rating.quality_flags = (1..63).filter(|b| bits & (1 << b) != 0).collect();
-    rating.received_at = Some(crate::time::timestamp_from_micros(
+    stored_rating(
+        row.try_get::<i64, _>("feed_seq")? as u64,
+        &row.try_get::<Vec<u8>, _>("hub_id")?,
+        row.try_get("source_system")?,
         row.try_get("received_at")?,
-    ));
-    let pii = sealed_from_row(row)?;
-    Ok(StoredRating {
-        feed_seq,
-        rating,
-        pii,
-    })
+        &row.try_get::<Vec<u8>, _>("body")?,
+        row.try_get("quality_flags")?,
+        sealed_from_row(row)?,
+    )
 }
 
 fn sealed_from_row(row: &SqliteRow) -> Result<Option<Sealed>, sqlx::Error> {
-    Ok(
-        match (
-            row.try_get::<Option<Vec<u8>>, _>("pii")?,
-            row.try_get::<Option<String>, _>("pii_key_id")?,
-        ) {
-            (Some(blob), Some(key_id)) => Some(Sealed { key_id, blob }),
-            _ => None,
-        },
-    )
+    Ok(sealed(row.try_get("pii")?, row.try_get("pii_key_id")?))
 }
 
 /// `AND (org in scope OR region under a scope prefix)`, on the table's `org_credit_code` and
@@ -887,14 +616,14 @@ impl Store for SqliteStore {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        self.submit(|reply| Job::Ratings { items, reply }).await
+        self.jobs.submit(|reply| Job::Ratings { items, reply }).await
     }
 
     async fn insert_cases(&self, items: Vec<NewCaseEvent>) -> Result<Vec<CaseOutcome>, StoreError> {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        self.submit(|reply| Job::Cases { items, reply }).await
+        self.jobs.submit(|reply| Job::Cases { items, reply }).await
     }
 
     async fn get_rating(&self, hub_id: Uuid) -> Result<Option<StoredRating>, StoreError> {
@@ -973,7 +702,7 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let (principal, rpc, hub_ids) = (principal.to_owned(), rpc.to_owned(), hub_ids.to_vec());
-        self.submit(|reply| Job::Audit {
+        self.jobs.submit(|reply| Job::Audit {
             principal,
             rpc,
             hub_ids,
@@ -1069,7 +798,7 @@ impl Store for SqliteStore {
     }
 
     async fn relay_write(&self, write: RelayWrite) -> Result<u64, StoreError> {
-        self.submit(|reply| Job::Relay { write, reply }).await
+        self.jobs.submit(|reply| Job::Relay { write, reply }).await
     }
 
     async fn list_dead_letters(
@@ -1321,11 +1050,7 @@ impl Store for SqliteStore {
         let Some(handle) = self.writer.lock().await.take() else {
             return;
         };
-        let (reply, done) = oneshot::channel();
-        if self.jobs.send(Job::Close { reply }).await.is_ok() {
-            let _ = done.await;
-        }
-        let _ = handle.await;
+        self.jobs.close(handle).await;
         self.reader.close().await;
     }
 }

@@ -1,0 +1,328 @@
+//! Ratings of one group commit, decided a chunk at a time — the same on every backend.
+//!
+//! The profile of the single writer showed per-statement round trips dominating
+//! (docs/benchmarks.md), so the writer asks the database once per chunk: which keys exist,
+//! which cases / batches / visits already have a rating, how many recent ratings share a
+//! template, device or phone ([`Lookups`]). It then decides every rating in memory, in order
+//! (a rating also sees the ones before it in the same chunk), assigns feed sequences to the
+//! accepted ones and inserts them with one multi-row INSERT. Follow-ups (rare) flush what is
+//! pending and ask the database about their original, so they see everything before them.
+//!
+//! A backend supplies the queries ([`ChunkBackend`]); this module owns the rules and texts.
+
+use std::collections::{HashMap, HashSet};
+
+use uuid::Uuid;
+
+use crate::pb::v1 as pb;
+use crate::store::{InsertOutcome, NewRating};
+
+/// Ratings per chunk: 26 bound columns each stays far below every backend's parameter limit.
+pub(crate) const CHUNK: usize = 200;
+
+pub(crate) type Key = (String, String);
+
+/// (hub id, feed sequence, content hash) of a stored or pending rating.
+pub(crate) type Known = (Uuid, u64, Vec<u8>);
+
+/// What the database already holds that bears on one chunk.
+#[derive(Default)]
+pub(crate) struct Lookups {
+    /// Stored ratings with the chunk's (source system, source key) pairs.
+    pub by_key: HashMap<Key, Known>,
+    /// Stored ratings with the chunk's relayed hub ids.
+    pub by_id: HashMap<Uuid, Known>,
+    /// (organisation, case number) with an item rating.
+    pub cases: HashSet<(String, String)>,
+    /// (organisation, batch id) with an item rating.
+    pub batches: HashSet<(String, String)>,
+    /// (organisation, case number, staff id) with a staff rating.
+    pub visits: HashSet<(String, String, String)>,
+    /// Recent ratings per (source system, template hash), device and phone tag.
+    pub templates: HashMap<(String, Vec<u8>), i64>,
+    pub devices: HashMap<String, i64>,
+    pub phones: HashMap<Vec<u8>, i64>,
+}
+
+/// The time window a chunk's quality counts cover: [earliest − window, latest]. In live
+/// traffic the ratings of one chunk are moments apart (docs/decisions/0004).
+pub(crate) fn rated_at_range(chunk: &[&NewRating]) -> (i64, i64) {
+    let at = chunk.iter().map(|i| i.rating.rated_at_micros);
+    (at.clone().min().unwrap_or(0), at.max().unwrap_or(0))
+}
+
+/// Ratings subject to the counting rules of one target kind (not follow-ups).
+pub(crate) fn counted<'a>(
+    chunk: &'a [&'a NewRating],
+    kind: pb::TargetKind,
+) -> impl Iterator<Item = &'a NewRating> + Clone + 'a {
+    chunk
+        .iter()
+        .copied()
+        .filter(move |i| {
+            i.checks.counting && i.rating.body.follow_up_of.is_empty() && i.rating.target_kind == kind
+        })
+}
+
+/// A decided rating waiting for the chunk's INSERT.
+pub(crate) struct Pending<'a> {
+    pub item: &'a NewRating,
+    pub seq: u64,
+    pub flags: Vec<pb::QualityFlag>,
+}
+
+impl Pending<'_> {
+    /// The rating's quality flags (its own and the store's) as the stored bit set.
+    pub fn flag_bits(&self) -> i64 {
+        self.item
+            .rating
+            .quality_flags
+            .iter()
+            .chain(&self.flags)
+            .fold(0i64, |acc, f| acc | (1 << (*f as i32)))
+    }
+
+    /// Whether the rating opens a 差评 case (a rater's own 差评, not a default rating).
+    pub fn opens_case(&self) -> bool {
+        crate::domain::rating::is_bad(self.item.rating.level) && !self.item.rating.is_default
+    }
+}
+
+/// The stored original of a follow-up, as the follow-up rules need it.
+pub(crate) struct FollowUpFacts {
+    pub original_rated_at: i64,
+    /// Follow-ups of the original already stored (other than this one's key).
+    pub earlier: i64,
+}
+
+/// The queries a backend answers for the chunk writer, inside the group's transaction.
+pub(crate) trait ChunkBackend {
+    async fn lookups(&mut self, chunk: &[&NewRating]) -> Result<Lookups, sqlx::Error>;
+    /// `None` when the original is not stored.
+    async fn follow_up_facts(
+        &mut self,
+        item: &NewRating,
+    ) -> Result<Option<FollowUpFacts>, sqlx::Error>;
+    /// Inserts the ratings (one statement) and opens the 差评 cases among them. Must fail if
+    /// not every rating was inserted: nothing may be acknowledged around a feed gap.
+    async fn insert(&mut self, pending: &[Pending<'_>], received_at: i64)
+    -> Result<(), sqlx::Error>;
+}
+
+/// Writes `items` (in order) and returns one outcome each. `next_seq` advances by the number
+/// of accepted ratings.
+pub(crate) async fn write_ratings<B: ChunkBackend>(
+    backend: &mut B,
+    items: &[&NewRating],
+    next_seq: &mut u64,
+    received_at: i64,
+) -> Result<Vec<InsertOutcome>, sqlx::Error> {
+    let mut out = Vec::with_capacity(items.len());
+    for chunk in items.chunks(CHUNK) {
+        out.extend(write_chunk(backend, chunk, next_seq, received_at).await?);
+    }
+    Ok(out)
+}
+
+fn outcome_against(item: &NewRating, same_key: bool, known: &Known) -> InsertOutcome {
+    let (hub_id, feed_seq, hash) = (known.0, known.1, &known.2);
+    if same_key && *hash == item.rating.content_hash {
+        InsertOutcome::Duplicate { hub_id, feed_seq }
+    } else {
+        InsertOutcome::Conflict { hub_id, feed_seq }
+    }
+}
+
+/// 追加评价: the original must exist, the limit and the window hold. `None` when allowed.
+fn follow_up_rule(item: &NewRating, facts: Option<FollowUpFacts>) -> Option<(&'static str, String)> {
+    let r = &item.rating;
+    let of = &r.body.follow_up_of;
+    let Some(facts) = facts else {
+        return Some((
+            "follow_up_of",
+            format!("no rating with source key {of:?} from this source to follow up"),
+        ));
+    };
+    let limit = item.checks.follow_up_limit;
+    if facts.earlier as u64 >= u64::from(limit) {
+        return Some((
+            "follow_up_of",
+            format!(
+                "the rating already has {} follow-up(s); at most {limit} allowed (追加评价)",
+                facts.earlier
+            ),
+        ));
+    }
+    let window = item.checks.follow_up_window_secs;
+    if r.rated_at_micros - facts.original_rated_at > window * 1_000_000 {
+        return Some((
+            "follow_up_of",
+            format!(
+                "a follow-up must come within {} days of the original rating",
+                window / 86_400
+            ),
+        ));
+    }
+    None
+}
+
+/// 一事一评, 一次一评 and one rating per batch, against what is stored and decided so far.
+fn counting_rule(item: &NewRating, l: &Lookups) -> Option<(&'static str, String)> {
+    let r = &item.rating;
+    let org = r.org_credit_code.as_str().to_owned();
+    match r.target_kind {
+        pb::TargetKind::Item
+            if !r.body.batch_id.is_empty()
+                && l.batches.contains(&(org.clone(), r.body.batch_id.clone())) =>
+        {
+            Some((
+                "batch_id",
+                format!(
+                    "batch {:?} already has its rating: one rating applies to every case of a batch (批量业务)",
+                    r.body.batch_id
+                ),
+            ))
+        }
+        pb::TargetKind::Item if l.cases.contains(&(org.clone(), r.case_number.clone())) => Some((
+            "case_number",
+            format!(
+                "case {:?} already has an item rating (一事一评); a second rating must be a follow-up (follow_up_of)",
+                r.case_number
+            ),
+        )),
+        pb::TargetKind::Staff
+            if !r.case_number.is_empty()
+                && l.visits.contains(&(org, r.case_number.clone(), r.staff_id.clone())) =>
+        {
+            Some((
+                "staff_id",
+                format!(
+                    "staff member {:?} was already rated for this visit (case {:?}): 一次一评",
+                    r.staff_id, r.case_number
+                ),
+            ))
+        }
+        _ => None,
+    }
+}
+
+async fn write_chunk<B: ChunkBackend>(
+    backend: &mut B,
+    chunk: &[&NewRating],
+    next_seq: &mut u64,
+    received_at: i64,
+) -> Result<Vec<InsertOutcome>, sqlx::Error> {
+    let mut l = backend.lookups(chunk).await?;
+    let q = chunk[0].checks.quality;
+    let mut out: Vec<Option<InsertOutcome>> = vec![None; chunk.len()];
+    let mut pending = Batch::default();
+    for (pos, item) in chunk.iter().enumerate() {
+        let r = &item.rating;
+        let k = (item.source_system.clone(), r.source_key.clone());
+        if let Some(known) = l.by_key.get(&k) {
+            out[pos] = Some(outcome_against(item, true, known));
+            continue;
+        }
+        if r.relayed_hub_id.is_some()
+            && let Some(known) = l.by_id.get(&item.hub_id)
+        {
+            out[pos] = Some(outcome_against(item, false, known));
+            continue;
+        }
+        if item.checks.counting {
+            let refusal = if !r.body.follow_up_of.is_empty() {
+                // The original may be in this chunk: insert what is pending first.
+                flush(backend, &mut pending, &mut out, received_at).await?;
+                let facts = backend.follow_up_facts(item).await?;
+                follow_up_rule(item, facts)
+            } else {
+                counting_rule(item, &l)
+            };
+            if let Some((field, reason)) = refusal {
+                out[pos] = Some(InsertOutcome::Refused { field, reason });
+                continue;
+            }
+        }
+        // Accepted: flags against what is stored plus this chunk's earlier ratings.
+        let mut flags = Vec::new();
+        if let Some(h) = item.template_hash {
+            let n = l
+                .templates
+                .entry((item.source_system.clone(), h.to_vec()))
+                .or_default();
+            *n += 1;
+            if *n >= i64::from(q.template_min) {
+                flags.push(pb::QualityFlag::Templated);
+            }
+        }
+        if !r.body.device_id.is_empty() {
+            let n = l.devices.entry(r.body.device_id.clone()).or_default();
+            *n += 1;
+            if *n >= i64::from(q.device_burst) {
+                flags.push(pb::QualityFlag::DeviceBurst);
+            }
+        }
+        if let Some(tag) = item.phone_tag {
+            let n = l.phones.entry(tag.to_vec()).or_default();
+            *n += 1;
+            if *n >= i64::from(q.phone_burst) {
+                flags.push(pb::QualityFlag::PhoneBurst);
+            }
+        }
+        let seq = *next_seq;
+        *next_seq += 1;
+        let known = (item.hub_id, seq, r.content_hash.to_vec());
+        l.by_id.insert(item.hub_id, known.clone());
+        l.by_key.insert(k, known);
+        if item.checks.counting && r.body.follow_up_of.is_empty() {
+            let org = r.org_credit_code.as_str().to_owned();
+            match r.target_kind {
+                pb::TargetKind::Item => {
+                    l.cases.insert((org.clone(), r.case_number.clone()));
+                    if !r.body.batch_id.is_empty() {
+                        l.batches.insert((org, r.body.batch_id.clone()));
+                    }
+                }
+                pb::TargetKind::Staff => {
+                    l.visits
+                        .insert((org, r.case_number.clone(), r.staff_id.clone()));
+                }
+                _ => {}
+            }
+        }
+        pending.positions.push(pos);
+        pending.rows.push(Pending { item, seq, flags });
+    }
+    flush(backend, &mut pending, &mut out, received_at).await?;
+    Ok(out
+        .into_iter()
+        .map(|o| o.expect("every rating decided"))
+        .collect())
+}
+
+/// Decided ratings and their places in the chunk.
+#[derive(Default)]
+struct Batch<'a> {
+    positions: Vec<usize>,
+    rows: Vec<Pending<'a>>,
+}
+
+async fn flush<B: ChunkBackend>(
+    backend: &mut B,
+    pending: &mut Batch<'_>,
+    out: &mut [Option<InsertOutcome>],
+    received_at: i64,
+) -> Result<(), sqlx::Error> {
+    if pending.rows.is_empty() {
+        return Ok(());
+    }
+    backend.insert(&pending.rows, received_at).await?;
+    for (pos, p) in pending.positions.drain(..).zip(pending.rows.drain(..)) {
+        out[pos] = Some(InsertOutcome::Accepted {
+            hub_id: p.item.hub_id,
+            feed_seq: p.seq,
+            flags: p.flags,
+        });
+    }
+    Ok(())
+}

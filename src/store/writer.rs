@@ -1,0 +1,215 @@
+//! The group-commit writer every backend shares: callers queue jobs; one task drains whatever
+//! is queued into one transaction, commits it, and only then answers each caller. A failed
+//! commit acknowledges nothing. The backend writes the group ([`GroupWrite`]); this module
+//! owns the queue, the batching and the replies.
+
+use std::future::Future;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use uuid::Uuid;
+
+use super::{CaseOutcome, InsertOutcome, NewCaseEvent, NewRating, RelayWrite, StoreError};
+
+pub(crate) enum Job {
+    Ratings {
+        items: Vec<NewRating>,
+        reply: oneshot::Sender<Result<Vec<InsertOutcome>, StoreError>>,
+    },
+    Cases {
+        items: Vec<NewCaseEvent>,
+        reply: oneshot::Sender<Result<Vec<CaseOutcome>, StoreError>>,
+    },
+    Audit {
+        principal: String,
+        rpc: String,
+        hub_ids: Vec<Uuid>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Relay {
+        write: RelayWrite,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    Close {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+impl Job {
+    fn len(&self) -> usize {
+        match self {
+            Job::Ratings { items, .. } => items.len(),
+            Job::Cases { items, .. } => items.len(),
+            Job::Audit { hub_ids, .. } => hub_ids.len(),
+            Job::Relay { .. } => 1,
+            Job::Close { .. } => 0,
+        }
+    }
+}
+
+/// What one job of a committed group produced, in job order.
+pub(crate) enum GroupResult {
+    Ratings(Vec<InsertOutcome>),
+    Cases(Vec<CaseOutcome>),
+    Audit,
+    Relay(u64),
+}
+
+/// A backend's side of the writer.
+pub(crate) trait GroupWrite: Send + 'static {
+    /// Writes every job of `group` in one transaction and commits it. Returns one result per
+    /// job (none for `Close`), and the feed head after the commit when it moved. On an error
+    /// nothing was committed, and the backend has given back any sequence numbers it took.
+    fn write_group(
+        &mut self,
+        group: &[Job],
+    ) -> impl Future<Output = Result<(Vec<GroupResult>, Option<u64>), sqlx::Error>> + Send;
+
+    /// Closes the write connection.
+    fn close(self) -> impl Future<Output = ()> + Send;
+}
+
+/// The callers' end of the queue.
+pub(crate) struct Queue {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Queue {
+    /// Starts the writer task; `head` is told the feed head after every commit that moved it.
+    pub fn start<W: GroupWrite>(
+        backend: W,
+        head: watch::Sender<u64>,
+        max_group: usize,
+        queue: usize,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (jobs, rx) = mpsc::channel(queue.max(1));
+        let handle = tokio::spawn(run(backend, rx, head, max_group.max(1)));
+        (Self { jobs }, handle)
+    }
+
+    /// Queues a job and waits for its commit.
+    pub async fn submit<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Job,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(make(reply))
+            .await
+            .map_err(|_| StoreError::ShuttingDown)?;
+        rx.await.map_err(|_| StoreError::ShuttingDown)?
+    }
+
+    /// Lets the queued jobs commit, then stops the writer.
+    pub async fn close(&self, handle: tokio::task::JoinHandle<()>) {
+        let (reply, done) = oneshot::channel();
+        if self.jobs.send(Job::Close { reply }).await.is_ok() {
+            let _ = done.await;
+        }
+        let _ = handle.await;
+    }
+}
+
+async fn run<W: GroupWrite>(
+    mut backend: W,
+    mut rx: mpsc::Receiver<Job>,
+    head: watch::Sender<u64>,
+    max_group: usize,
+) {
+    let mut closing: Option<oneshot::Sender<()>> = None;
+    loop {
+        let Some(first) = rx.recv().await else { break };
+        let mut group = Vec::new();
+        let mut size = 0;
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            match job {
+                Job::Close { reply } => {
+                    // Refuse new work; what is already queued still commits.
+                    rx.close();
+                    closing = Some(reply);
+                }
+                job => {
+                    size += job.len();
+                    group.push(job);
+                }
+            }
+            if size < max_group {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !group.is_empty() {
+            commit_group(&mut backend, &head, group).await;
+        }
+    }
+    backend.close().await;
+    if let Some(reply) = closing {
+        let _ = reply.send(());
+    }
+}
+
+async fn commit_group<W: GroupWrite>(backend: &mut W, head: &watch::Sender<u64>, group: Vec<Job>) {
+    match backend.write_group(&group).await {
+        Ok((results, new_head)) => {
+            if let Some(h) = new_head {
+                // Another instance's notification may already have moved it further.
+                head.send_if_modified(|v| {
+                    let moved = h > *v;
+                    *v = (*v).max(h);
+                    moved
+                });
+            }
+            for (job, result) in group.into_iter().zip(results) {
+                match (job, result) {
+                    (Job::Ratings { reply, .. }, GroupResult::Ratings(r)) => {
+                        let _ = reply.send(Ok(r));
+                    }
+                    (Job::Cases { reply, .. }, GroupResult::Cases(r)) => {
+                        let _ = reply.send(Ok(r));
+                    }
+                    (Job::Audit { reply, .. }, GroupResult::Audit) => {
+                        let _ = reply.send(Ok(()));
+                    }
+                    (Job::Relay { reply, .. }, GroupResult::Relay(n)) => {
+                        let _ = reply.send(Ok(n));
+                    }
+                    _ => unreachable!("results are built in job order"),
+                }
+            }
+        }
+        Err(e) => {
+            let items: usize = group.iter().map(Job::len).sum();
+            tracing::error!(error = %e, items, "Group commit failed; nothing acknowledged.");
+            let text = e.to_string();
+            for job in group {
+                let err = || StoreError::Corrupt(format!("commit failed: {text}"));
+                match job {
+                    Job::Ratings { reply, .. } => {
+                        let _ = reply.send(Err(err()));
+                    }
+                    Job::Cases { reply, .. } => {
+                        let _ = reply.send(Err(err()));
+                    }
+                    Job::Audit { reply, .. } => {
+                        let _ = reply.send(Err(err()));
+                    }
+                    Job::Relay { reply, .. } => {
+                        let _ = reply.send(Err(err()));
+                    }
+                    Job::Close { .. } => {}
+                }
+            }
+        }
+    }
+}
+
+/// The ratings of a group, in job order.
+pub(crate) fn all_ratings(group: &[Job]) -> Vec<&NewRating> {
+    group
+        .iter()
+        .filter_map(|j| match j {
+            Job::Ratings { items, .. } => Some(items.iter()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use crate::auth::{DefaultQuotas, PrincipalConfig};
 use crate::domain::IngestRules;
-use crate::store::SqliteOptions;
+use crate::store::{PostgresOptions, SqliteOptions};
 
 /// The documented default configuration, embedded so `rating-hub config` can print it.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config.default.toml");
@@ -197,6 +197,39 @@ pub struct StorageConfig {
     pub max_group_commit: usize,
     pub write_queue: usize,
     pub read_connections: u32,
+    /// PostgreSQL only: how long an instance's lease on an upstream lasts without renewal.
+    pub lease_secs: u64,
+    /// PostgreSQL only: this instance's name in relay leases ("" = host name and process id).
+    pub instance: String,
+}
+
+impl StorageConfig {
+    /// The database URL without its password, for logs and errors.
+    pub fn display_url(&self) -> String {
+        match self.url.split_once("://") {
+            Some((scheme, rest)) => match rest.split_once('@') {
+                Some((userinfo, host)) => {
+                    let user = userinfo.split(':').next().unwrap_or_default();
+                    format!("{scheme}://{user}@{host}")
+                }
+                None => self.url.clone(),
+            },
+            None => self.url.clone(),
+        }
+    }
+
+    /// This instance's name in relay leases.
+    pub fn instance_name(&self) -> String {
+        if !self.instance.is_empty() {
+            return self.instance.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "hub".into());
+        // The tail of a v7 UUID is random: two processes reusing a pid still differ.
+        let tag = uuid::Uuid::now_v7().simple().to_string();
+        format!("{host}-{}-{}", std::process::id(), &tag[24..])
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -304,6 +337,9 @@ impl Config {
         if self.server.stream_window == 0 {
             return fail("server.stream_window must be at least 1");
         }
+        if self.storage.lease_secs < 2 {
+            return fail("storage.lease_secs must be at least 2");
+        }
         if self.storage.max_group_commit == 0 {
             return fail("storage.max_group_commit must be at least 1");
         }
@@ -355,6 +391,15 @@ impl Config {
         IngestRules {
             clock_skew_secs: self.validation.clock_skew_secs,
             require_reason_for_bad: self.validation.require_reason_for_bad,
+        }
+    }
+
+    pub fn postgres_options(&self) -> PostgresOptions {
+        PostgresOptions {
+            url: self.storage.url.clone(),
+            max_group_commit: self.storage.max_group_commit,
+            write_queue: self.storage.write_queue,
+            read_connections: self.storage.read_connections,
         }
     }
 

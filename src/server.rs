@@ -27,7 +27,7 @@ use crate::pb::v1::query_service_server::QueryServiceServer;
 use crate::pb::v1::rectification_service_server::RectificationServiceServer;
 use crate::pb::v1::sync_service_server::SyncServiceServer;
 use crate::privacy::PiiKeys;
-use crate::store::{SqliteStore, Store};
+use crate::store::{PostgresStore, SqliteStore, Store, is_postgres_url};
 
 /// Sets up the development PKI and privacy key when configured, and says so loudly.
 fn prepare_dev_material(config: &Config) -> anyhow::Result<()> {
@@ -119,18 +119,29 @@ pub async fn start_with_clock(
     } else {
         Some(crate::tls::server_config(&config.tls.files()?)?)
     };
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&config.sqlite_options(), clock.clone())
-            .await
-            .with_context(|| format!("opening the database {}", config.storage.url))?,
-    );
+    let store: Arc<dyn Store> = if is_postgres_url(&config.storage.url) {
+        Arc::new(
+            PostgresStore::open(&config.postgres_options(), clock.clone())
+                .await
+                .with_context(|| format!("opening the database {}", config.storage.display_url()))?,
+        )
+    } else {
+        Arc::new(
+            SqliteStore::open(&config.sqlite_options(), clock.clone())
+                .await
+                .with_context(|| format!("opening the database {}", config.storage.url))?,
+        )
+    };
     let listener = TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("binding {}", config.server.listen))?;
     let local_addr = listener.local_addr()?;
 
     let relay =
-        crate::relay::Relay::start(&config.upstreams, store.clone(), pii.clone(), clock.clone())
+        crate::relay::Relay::start(&config.upstreams, store.clone(), pii.clone(), clock.clone(), crate::relay::Lease {
+            holder: config.storage.instance_name(),
+            ttl: Duration::from_secs(config.storage.lease_secs),
+        })
             .await
             .context("starting upstream delivery")?;
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
@@ -225,7 +236,7 @@ pub async fn start_with_clock(
     tracing::info!(
         addr = %local_addr,
         mtls = !config.tls.insecure_plaintext,
-        database = %config.storage.url,
+        database = %config.storage.display_url(),
         synchronous = ?config.storage.synchronous,
         "Listening."
     );

@@ -79,12 +79,22 @@ struct Worker {
     jitter_state: AtomicU64,
     /// Cursor advances (with their dead letters) on their way to the store, in order.
     cursor_writes: tokio::sync::mpsc::Sender<RelayWrite>,
+    /// Whether this instance holds the upstream's lease (always, on a store of its own).
+    leased: watch::Sender<bool>,
+}
+
+/// Who this instance is in relay leases, and how long a lease lasts.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub holder: String,
+    pub ttl: Duration,
 }
 
 /// Why a delivery attempt stopped without an answer.
 enum Interrupted {
     Stopping,
     Paused,
+    LeaseLost,
 }
 
 fn quota(per_sec: u32, burst: u32) -> Quota {
@@ -115,10 +125,19 @@ impl Worker {
     async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut head = self.store.feed_head();
         let mut control = self.control.subscribe();
+        let mut leased = self.leased.subscribe();
         tracing::info!(upstream = %self.name, kind = self.cfg.kind.as_str(), cursor = self.cursor.load(Ordering::Relaxed), "Relay started.");
         loop {
             if *stop.borrow() {
                 break;
+            }
+            if !*leased.borrow_and_update() {
+                // Another instance delivers to this upstream; wait for its lease to come here.
+                tokio::select! {
+                    _ = leased.changed() => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
             }
             control.borrow_and_update();
             let idle = if self.paused.load(Ordering::Acquire) {
@@ -147,6 +166,53 @@ impl Worker {
             }
         }
         tracing::info!(upstream = %self.name, cursor = self.cursor.load(Ordering::Relaxed), "Relay stopped.");
+    }
+
+    /// Takes this upstream's lease when it is free and renews it every third of its life;
+    /// follows the stored pause state meanwhile. Gives it up when the hub stops.
+    async fn keep_lease(self: Arc<Self>, lease: Lease, mut stop: watch::Receiver<bool>) {
+        let mut renewed_at: Option<tokio::time::Instant> = None;
+        while !*stop.borrow() {
+            match self.store.hold_lease(&self.name, &lease.holder, lease.ttl).await {
+                Ok(Some(state)) => {
+                    if !*self.leased.borrow() {
+                        self.cursor.fetch_max(state.cursor, Ordering::AcqRel);
+                        tracing::info!(upstream = %self.name, instance = %lease.holder, cursor = state.cursor, "This instance now delivers to the upstream.");
+                    }
+                    if self.paused.swap(state.paused, Ordering::AcqRel) != state.paused {
+                        self.control.send_modify(|v| *v += 1);
+                    }
+                    renewed_at = Some(tokio::time::Instant::now());
+                    self.leased.send_if_modified(|held| !std::mem::replace(held, true));
+                }
+                Ok(None) => self.lose_lease(&lease, "another instance holds it"),
+                Err(e) => {
+                    // Delivery needs the store anyway; stop before the lease can run out.
+                    tracing::error!(upstream = %self.name, error = %e, "Cannot renew the relay lease.");
+                    if renewed_at.is_some_and(|at| at.elapsed() > lease.ttl * 2 / 3) {
+                        self.lose_lease(&lease, "it could not be renewed");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(lease.ttl / 3) => {}
+                _ = stop.changed() => {}
+            }
+        }
+        if *self.leased.borrow() {
+            self.leased.send_replace(false);
+            if let Err(e) = self.store.release_lease(&self.name, &lease.holder).await {
+                tracing::warn!(upstream = %self.name, error = %e, "Cannot release the relay lease; it will expire.");
+            }
+        }
+    }
+
+    fn lose_lease(&self, lease: &Lease, why: &str) {
+        if self.leased.send_if_modified(|held| std::mem::replace(held, false)) {
+            tracing::warn!(upstream = %self.name, instance = %lease.holder, why, "This instance no longer delivers to the upstream.");
+            // Interrupts a retry wait at once.
+            self.control.send_modify(|v| *v += 1);
+        }
     }
 
     /// One round: replays first, then new ratings. Ok(false) when there was nothing to do.
@@ -302,6 +368,9 @@ impl Worker {
             if self.paused.load(Ordering::Acquire) {
                 return Err(Interrupted::Paused);
             }
+            if !*self.leased.borrow() {
+                return Err(Interrupted::LeaseLost);
+            }
             let n = NonZeroU32::new(ratings.len() as u32).expect("batches are not empty");
             tokio::select! {
                 _ = async {
@@ -364,6 +433,7 @@ impl Relay {
         store: Arc<dyn Store>,
         keys: Arc<PiiKeys>,
         clock: Arc<dyn Clock>,
+        lease: Lease,
     ) -> anyhow::Result<Arc<Self>> {
         let (stop, stop_rx) = watch::channel(false);
         let mut workers = BTreeMap::new();
@@ -414,14 +484,20 @@ impl Relay {
                     requests: RateLimiter::direct(quota(cfg.requests_per_sec, cfg.requests_burst)),
                     jitter_state: AtomicU64::new(clock.now_micros() as u64 | 1),
                     cursor_writes,
+                    leased: watch::channel(!store.shared()).0,
                     cfg: cfg.clone(),
                 }),
             );
         }
-        let tasks = workers
+        let mut tasks: Vec<JoinHandle<()>> = workers
             .values()
             .map(|w| tokio::spawn(w.clone().run(stop_rx.clone())))
             .collect();
+        if store.shared() {
+            for w in workers.values() {
+                tasks.push(tokio::spawn(w.clone().keep_lease(lease.clone(), stop_rx.clone())));
+            }
+        }
         Ok(Arc::new(Self {
             workers,
             stop,

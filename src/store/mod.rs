@@ -7,7 +7,10 @@
 //!   content → `Conflict`, never an overwrite;
 //! - ratings are append-only, and each committed rating gets the next gapless feed sequence.
 
+pub(crate) mod chunk;
+pub mod postgres;
 pub mod sqlite;
+pub(crate) mod writer;
 
 use async_trait::async_trait;
 use tokio::sync::watch;
@@ -17,6 +20,7 @@ use crate::domain::{ValidCase, ValidRating};
 use crate::pb::v1 as pb;
 use crate::privacy::{PiiKeys, Sealed};
 
+pub use postgres::{PostgresOptions, PostgresStore, is_postgres_url};
 pub use sqlite::{SqliteOptions, SqliteStore};
 
 #[derive(Debug, thiserror::Error)]
@@ -486,6 +490,28 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<StoredInvitation>, StoreError>;
 
+    /// Whether several hub instances may share this store (and so must take relay leases).
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Takes or renews the lease to deliver to `upstream` for `ttl`; `None` while another
+    /// holder's lease runs. Returns the stored state, so a new holder starts at the stored
+    /// cursor. A store only one instance uses always grants it.
+    async fn hold_lease(
+        &self,
+        upstream: &str,
+        _holder: &str,
+        _ttl: std::time::Duration,
+    ) -> Result<Option<UpstreamState>, StoreError> {
+        self.upstream_state(upstream).await.map(Some)
+    }
+
+    /// Gives the lease up (on shutdown), so another instance need not wait for it to expire.
+    async fn release_lease(&self, _upstream: &str, _holder: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// The highest committed feed sequence, updated after every commit (relay and sync wake on it).
     fn feed_head(&self) -> watch::Receiver<u64>;
 
@@ -562,4 +588,51 @@ impl NewCaseEvent {
             pii,
         }
     }
+}
+
+/// A stored rating from its columns (every backend reads the same ones).
+pub(crate) fn stored_rating(
+    feed_seq: u64,
+    hub_id: &[u8],
+    source_system: String,
+    received_at: i64,
+    body: &[u8],
+    flag_bits: i64,
+    pii: Option<Sealed>,
+) -> Result<StoredRating, StoreError> {
+    use prost::Message;
+    let mut rating = pb::Rating::decode(body)
+        .map_err(|e| StoreError::Corrupt(format!("rating {feed_seq}: {e}")))?;
+    rating.hub_id = uuid_from_bytes(hub_id)?.to_string();
+    rating.source_system = source_system;
+    rating.feed_sequence = feed_seq;
+    // The column is authoritative: the writer may add flags the body was encoded without.
+    rating.quality_flags = (1..63).filter(|b| flag_bits & (1 << b) != 0).collect();
+    rating.received_at = Some(crate::time::timestamp_from_micros(received_at));
+    Ok(StoredRating {
+        feed_seq,
+        rating,
+        pii,
+    })
+}
+
+pub(crate) fn uuid_from_bytes(bytes: &[u8]) -> Result<Uuid, StoreError> {
+    Uuid::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("hub id: {e}")))
+}
+
+/// Sealed PII from its two columns (both or neither).
+pub(crate) fn sealed(blob: Option<Vec<u8>>, key_id: Option<String>) -> Option<Sealed> {
+    match (blob, key_id) {
+        (Some(blob), Some(key_id)) => Some(Sealed { key_id, blob }),
+        _ => None,
+    }
+}
+
+/// Evidence references as stored: newline-separated.
+pub(crate) fn evidence_refs(stored: &str) -> Vec<String> {
+    stored
+        .lines()
+        .map(str::to_owned)
+        .filter(|l| !l.is_empty())
+        .collect()
 }

@@ -32,7 +32,25 @@ pub fn spawn_hub(dir: &std::path::Path, log_filter: &str) -> SpawnedHub {
 
 /// As `spawn_hub`, with extra `RATING_HUB__…` environment overrides.
 pub fn spawn_hub_with(dir: &std::path::Path, log_filter: &str, env: &[(&str, &str)]) -> SpawnedHub {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rating-hub"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rating-hub"));
+    if crate::pg::enabled() {
+        cmd.env("RATING_HUB__STORAGE__URL", crate::pg::database_for(dir));
+    }
+    spawn(cmd, dir, log_filter, env)
+}
+
+/// Spawns the binary on its defaults whatever the backend under test (SQLite file).
+pub fn spawn_hub_on_defaults(dir: &std::path::Path, log_filter: &str) -> SpawnedHub {
+    spawn(
+        Command::new(env!("CARGO_BIN_EXE_rating-hub")),
+        dir,
+        log_filter,
+        &[],
+    )
+}
+
+fn spawn(mut cmd: Command, dir: &std::path::Path, log_filter: &str, env: &[(&str, &str)]) -> SpawnedHub {
+    let mut child = cmd
         .arg("serve")
         .envs(env.iter().copied())
         .current_dir(dir)
@@ -120,7 +138,7 @@ async fn binary_on_defaults_serves_mtls_health_and_reflection_and_stops_on_sigte
         url,
         early,
         logs,
-    } = spawn_hub(dir.path(), "info");
+    } = spawn_hub_on_defaults(dir.path(), "info");
     assert!(
         dir.path().join("certs/dev/ca.pem").exists(),
         "the development PKI was created"

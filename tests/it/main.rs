@@ -1,10 +1,12 @@
 //! Integration tests: the real hub on loopback (port 0) with a real SQLite file in a temp
-//! directory, driven through the generated tonic clients.
+//! directory — or, with `RATING_HUB_TEST_BACKEND=postgres`, a real PostgreSQL database
+//! (pg.rs) — driven through the generated tonic clients.
 
 mod binary;
 mod fake_upstream;
 mod http_json;
 mod ingest;
+mod pg;
 mod privacy;
 mod python;
 mod query;

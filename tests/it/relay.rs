@@ -499,6 +499,9 @@ async fn hub_killed_hard_during_delivery_loses_nothing_and_resumes_from_its_curs
         ("RATING_HUB__UPSTREAMS__FAKE__BATCH_SIZE", "10"),
         ("RATING_HUB__UPSTREAMS__FAKE__IN_FLIGHT", "1"),
         ("RATING_HUB__UPSTREAMS__FAKE__RETRY_SCHEDULE_MS", "[20, 50]"),
+        // On PostgreSQL the restarted process is a new instance: it takes the upstream over
+        // when the killed one's lease runs out.
+        ("RATING_HUB__STORAGE__LEASE_SECS", "2"),
     ];
     let SpawnedHub { mut child, url, .. } = spawn_hub_with(dir.path(), "info", &env);
     let mut ingest = IngestServiceClient::new(dev_admin_channel(dir.path(), &url).await);

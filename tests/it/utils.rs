@@ -294,7 +294,11 @@ pub async fn start_hub(
         &["server", "listen"],
         toml::Value::String("127.0.0.1:0".into()),
     );
-    set(&mut table, &["storage", "url"], p(dir.join("hub.db")));
+    set(
+        &mut table,
+        &["storage", "url"],
+        toml::Value::String(crate::pg::storage_url(dir)),
+    );
     // Tests tick the rules engine by hand.
     set(
         &mut table,

@@ -1,0 +1,1128 @@
+//! The PostgreSQL backend: several hub instances on one shared database behave as one hub.
+//!
+//! - **One sequencer.** Each instance has one group-commit writer (as on SQLite). Its
+//!   transaction first locks the single `feed_head` row, so the writers of all instances
+//!   commit one after another: feed sequences (and every other id) are assigned in commit
+//!   order with no gaps, and a `Pull`/`Subscribe` cursor can never pass a rating that is still
+//!   to commit. Idempotency and the counting rules are decided under the same lock, so the same
+//!   source key sent to two instances at once stores one rating.
+//! - **Wake-ups.** The commit also sends `NOTIFY rating_hub_feed, '<head>'`; every instance
+//!   listens and moves its feed head, which wakes its relay workers and subscribers. A lost
+//!   listener connection re-reads the head after reconnecting.
+//! - **Relay leases.** Each upstream is delivered by the instance holding its lease in
+//!   `upstream_state`, renewed well inside its time to live on the database's clock; when the
+//!   holder dies, another instance takes over at the stored cursor.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use prost::Message;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{ConnectOptions, Connection, Postgres, QueryBuilder, Row};
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use super::chunk;
+use super::writer::{self, GroupResult, GroupWrite, Job, Queue};
+use super::{
+    BadCaseCounts, CaseCounts, CaseEntryRecord, CaseOutcome, DayOrgIds, DeadLetter, NewCaseEvent,
+    OpenCase, PiiAccess, RatingQuery, RelayWrite, ScopeFilter, StatsDimension, StatsRow, Store,
+    StoreError, StoredBadCase, StoredInvitation, StoredRating, UpstreamState, evidence_refs,
+    sealed, stored_rating, uuid_from_bytes,
+};
+use crate::clock::Clock;
+use crate::pb::v1 as pb;
+use crate::privacy::Sealed;
+
+mod chunks;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/store/migrations/postgres");
+
+/// The channel commits are announced on.
+const FEED_CHANNEL: &str = "rating_hub_feed";
+
+/// How to open the PostgreSQL store.
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// A `postgres://` or `postgresql://` URL.
+    pub url: String,
+    /// Most items one group commit may hold.
+    pub max_group_commit: usize,
+    /// Queued write requests before callers wait (backpressure).
+    pub write_queue: usize,
+    /// Connections in the read pool.
+    pub read_connections: u32,
+}
+
+/// Whether a storage URL names a PostgreSQL database.
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+pub struct PostgresStore {
+    jobs: Queue,
+    reader: PgPool,
+    head: watch::Receiver<u64>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    listener: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl PostgresStore {
+    /// Connects, runs the embedded migrations (under PostgreSQL's advisory lock, so instances
+    /// starting together migrate once), starts the writer and the commit listener.
+    pub async fn open(opts: &PostgresOptions, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        let connect: PgConnectOptions = opts.url.parse()?;
+        let connect = connect
+            .application_name("rating-hub")
+            .log_statements(tracing::log::LevelFilter::Trace);
+        let mut writer_conn = PgConnection::connect_with(&connect).await?;
+        MIGRATOR.run(&mut writer_conn).await?;
+        let reader = PgPoolOptions::new()
+            .max_connections(opts.read_connections.max(1) + 1)
+            .connect_with(connect)
+            .await?;
+        let head: i64 = sqlx::query_scalar("SELECT head FROM feed_head WHERE id = 1")
+            .fetch_one(&reader)
+            .await?;
+        let (head_tx, head_rx) = watch::channel(head as u64);
+        // Listen before anyone writes, so no commit after `head` is missed.
+        let mut listen = PgListener::connect_with(&reader).await?;
+        listen.listen(FEED_CHANNEL).await?;
+        let listener = tokio::spawn(follow_feed(listen, reader.clone(), head_tx.clone()));
+        let (jobs, handle) = Queue::start(
+            Writer {
+                conn: writer_conn,
+                clock,
+            },
+            head_tx,
+            opts.max_group_commit,
+            opts.write_queue,
+        );
+        Ok(Self {
+            jobs,
+            reader,
+            head: head_rx,
+            writer: Mutex::new(Some(handle)),
+            listener: Mutex::new(Some(listener)),
+        })
+    }
+
+    async fn bad_case_from_row(&self, row: &PgRow) -> Result<StoredBadCase, StoreError> {
+        let id: i64 = row.try_get("id")?;
+        let entries = sqlx::query(
+            "SELECT action, actor, at, note, evidence_refs, new_deadline, appeal_outcome \
+             FROM bad_rating_case_entries WHERE case_id = $1 ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&self.reader)
+        .await?
+        .iter()
+        .map(|e| {
+            Ok(CaseEntryRecord {
+                action: e.try_get("action")?,
+                actor: e.try_get("actor")?,
+                at_micros: e.try_get("at")?,
+                note: e.try_get("note")?,
+                evidence_refs: evidence_refs(&e.try_get::<String, _>("evidence_refs")?),
+                new_deadline_micros: e.try_get("new_deadline")?,
+                appeal_outcome: e.try_get("appeal_outcome")?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(StoredBadCase {
+            id: id as u64,
+            hub_id: uuid_from_bytes(&row.try_get::<Vec<u8>, _>("hub_id")?)?,
+            org_credit_code: row.try_get("org_credit_code")?,
+            region_code: row.try_get("region_code")?,
+            opened_at_micros: row.try_get("opened_at")?,
+            real_name: row.try_get("real_name")?,
+            entries,
+        })
+    }
+}
+
+/// Moves the feed head on every instance's commit notification. After a lost connection
+/// (notifications in between are gone) it re-reads the head from the database.
+async fn follow_feed(mut listen: PgListener, pool: PgPool, head: watch::Sender<u64>) {
+    let advance = |h: u64| {
+        head.send_if_modified(|v| {
+            let moved = h > *v;
+            *v = (*v).max(h);
+            moved
+        });
+    };
+    loop {
+        match listen.try_recv().await {
+            Ok(Some(n)) => match n.payload().parse::<u64>() {
+                Ok(h) => advance(h),
+                Err(_) => tracing::warn!(payload = n.payload(), "Ignoring a malformed feed notification."),
+            },
+            Ok(None) => {
+                tracing::warn!("The commit listener lost its connection; re-reading the feed head.");
+                match sqlx::query_scalar::<_, i64>("SELECT head FROM feed_head WHERE id = 1")
+                    .fetch_one(&pool)
+                    .await
+                {
+                    Ok(h) => advance(h as u64),
+                    Err(e) => tracing::error!(error = %e, "Cannot read the feed head."),
+                }
+            }
+            Err(e) => {
+                if pool.is_closed() {
+                    return;
+                }
+                tracing::error!(error = %e, "The commit listener failed; retrying in a second.");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+struct Writer {
+    conn: PgConnection,
+    clock: Arc<dyn Clock>,
+}
+
+impl GroupWrite for Writer {
+    async fn write_group(
+        &mut self,
+        group: &[Job],
+    ) -> Result<(Vec<GroupResult>, Option<u64>), sqlx::Error> {
+        let received_at = self.clock.now_micros();
+        let mut tx = self.conn.begin().await?;
+        // The sequencer: every instance's writer waits here for the others' commits.
+        let head: i64 = sqlx::query_scalar("SELECT head FROM feed_head WHERE id = 1 FOR UPDATE")
+            .fetch_one(&mut *tx)
+            .await?;
+        let start = head as u64 + 1;
+        let mut next_seq = start;
+        let all = writer::all_ratings(group);
+        let mut outcomes = chunk::write_ratings(
+            &mut chunks::PgChunks(&mut tx),
+            &all,
+            &mut next_seq,
+            received_at,
+        )
+        .await?
+        .into_iter();
+        let mut results = Vec::with_capacity(group.len());
+        for job in group {
+            match job {
+                Job::Ratings { items, .. } => {
+                    results.push(GroupResult::Ratings(
+                        outcomes.by_ref().take(items.len()).collect(),
+                    ));
+                }
+                Job::Cases { items, .. } => {
+                    let mut out = Vec::with_capacity(items.len());
+                    for item in items {
+                        out.push(insert_case(&mut tx, item, received_at).await?);
+                    }
+                    results.push(GroupResult::Cases(out));
+                }
+                Job::Audit {
+                    principal,
+                    rpc,
+                    hub_ids,
+                    ..
+                } => {
+                    let ids: Vec<Vec<u8>> = hub_ids.iter().map(|h| h.as_bytes().to_vec()).collect();
+                    sqlx::query(
+                        "INSERT INTO pii_access (at, principal, rpc, hub_id) \
+                         SELECT $1, $2, $3, h FROM UNNEST($4::bytea[]) WITH ORDINALITY AS t(h, n) \
+                         ORDER BY n",
+                    )
+                    .bind(received_at)
+                    .bind(principal)
+                    .bind(rpc)
+                    .bind(ids)
+                    .execute(&mut *tx)
+                    .await?;
+                    results.push(GroupResult::Audit);
+                }
+                Job::Relay { write, .. } => {
+                    let n = relay_write(&mut tx, write, received_at).await?;
+                    results.push(GroupResult::Relay(n));
+                }
+                Job::Close { .. } => {}
+            }
+        }
+        let moved = if next_seq != start {
+            let new_head = (next_seq - 1) as i64;
+            sqlx::query("UPDATE feed_head SET head = $1 WHERE id = 1")
+                .bind(new_head)
+                .execute(&mut *tx)
+                .await?;
+            // Delivered to every listener when (and only if) this transaction commits.
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(FEED_CHANNEL)
+                .bind(new_head.to_string())
+                .execute(&mut *tx)
+                .await?;
+            Some(next_seq - 1)
+        } else {
+            None
+        };
+        tx.commit().await?;
+        Ok((results, moved))
+    }
+
+    async fn close(self) {
+        let _ = self.conn.close().await;
+    }
+}
+
+async fn relay_write(
+    conn: &mut PgConnection,
+    write: &RelayWrite,
+    now: i64,
+) -> Result<u64, sqlx::Error> {
+    match write {
+        RelayWrite::Advance {
+            upstream,
+            cursor,
+            dead,
+        } => {
+            if !dead.is_empty() {
+                let seqs: Vec<i64> = dead.iter().map(|d| d.feed_seq as i64).collect();
+                let errors: Vec<String> = dead.iter().map(|d| d.error.clone()).collect();
+                let attempts: Vec<i64> = dead.iter().map(|d| i64::from(d.attempts)).collect();
+                sqlx::query(
+                    "INSERT INTO dead_letters (upstream, feed_seq, error, attempts, created_at) \
+                     SELECT $1, s, e, a, $5 FROM UNNEST($2::bigint[], $3::text[], $4::bigint[]) \
+                     WITH ORDINALITY AS t(s, e, a, n) ORDER BY n",
+                )
+                .bind(upstream)
+                .bind(seqs)
+                .bind(errors)
+                .bind(attempts)
+                .bind(now)
+                .execute(&mut *conn)
+                .await?;
+            }
+            // The cursor only moves forward, whatever order writes (or instances) arrive in.
+            let r = sqlx::query(
+                "INSERT INTO upstream_state (upstream, cursor, paused, updated_at) \
+                 VALUES ($1, $2, FALSE, $3) ON CONFLICT (upstream) DO UPDATE SET \
+                 cursor = GREATEST(upstream_state.cursor, excluded.cursor), \
+                 updated_at = excluded.updated_at",
+            )
+            .bind(upstream)
+            .bind(*cursor as i64)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+            Ok(r.rows_affected())
+        }
+        RelayWrite::ReplayDone {
+            upstream,
+            delivered,
+            failed,
+        } => {
+            let mut n = 0;
+            if !delivered.is_empty() {
+                let ids: Vec<i64> = delivered.iter().map(|id| *id as i64).collect();
+                n += sqlx::query(
+                    "UPDATE dead_letters SET resolved_at = $1, replay_requested = FALSE, \
+                     attempts = attempts + 1 WHERE id = ANY($2) AND upstream = $3",
+                )
+                .bind(now)
+                .bind(ids)
+                .bind(upstream)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            }
+            for (id, error) in failed {
+                n += sqlx::query(
+                    "UPDATE dead_letters SET error = $1, replay_requested = FALSE, \
+                     attempts = attempts + 1 WHERE id = $2 AND upstream = $3",
+                )
+                .bind(error)
+                .bind(*id as i64)
+                .bind(upstream)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            }
+            Ok(n)
+        }
+        RelayWrite::SetPaused { upstream, paused } => {
+            let r = sqlx::query(
+                "INSERT INTO upstream_state (upstream, cursor, paused, updated_at) \
+                 VALUES ($1, 0, $2, $3) ON CONFLICT (upstream) DO UPDATE SET \
+                 paused = excluded.paused, updated_at = excluded.updated_at",
+            )
+            .bind(upstream)
+            .bind(*paused)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+            Ok(r.rows_affected())
+        }
+        RelayWrite::CaseEntry {
+            case_id,
+            expected_entries,
+            entry,
+            exclude,
+        } => {
+            // Instances racing on one case wait here; the loser sees the winner's entry.
+            sqlx::query("SELECT id FROM bad_rating_cases WHERE id = $1 FOR UPDATE")
+                .bind(*case_id as i64)
+                .fetch_optional(&mut *conn)
+                .await?;
+            let have: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM bad_rating_case_entries WHERE case_id = $1",
+            )
+            .bind(*case_id as i64)
+            .fetch_one(&mut *conn)
+            .await?;
+            if have as u64 != *expected_entries {
+                return Ok(0);
+            }
+            sqlx::query(
+                "INSERT INTO bad_rating_case_entries (case_id, action, actor, at, note, \
+                 evidence_refs, new_deadline, appeal_outcome) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(*case_id as i64)
+            .bind(entry.action)
+            .bind(&entry.actor)
+            .bind(now)
+            .bind(&entry.note)
+            .bind(entry.evidence_refs.join("\n"))
+            .bind(entry.new_deadline_micros)
+            .bind(entry.appeal_outcome)
+            .execute(&mut *conn)
+            .await?;
+            if let Some((hub_id, reason)) = exclude {
+                sqlx::query(
+                    "INSERT INTO rating_exclusions (hub_id, reason, case_id, at) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                )
+                .bind(hub_id.as_bytes().as_slice())
+                .bind(*reason)
+                .bind(*case_id as i64)
+                .bind(now)
+                .execute(&mut *conn)
+                .await?;
+            }
+            Ok(1)
+        }
+        RelayWrite::Invite {
+            event_id,
+            source_system,
+            case_number,
+            org_credit_code,
+            region_code,
+            due_at_micros,
+        } => Ok(sqlx::query(
+            "INSERT INTO invitations (source_system, case_number, event_id, org_credit_code, \
+             region_code, due_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(source_system)
+        .bind(case_number)
+        .bind(*event_id as i64)
+        .bind(org_credit_code)
+        .bind(region_code)
+        .bind(*due_at_micros)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected()),
+        RelayWrite::RequestReplay { upstream, ids } => {
+            let open = "UPDATE dead_letters SET replay_requested = TRUE \
+                        WHERE upstream = $1 AND resolved_at IS NULL";
+            let r = match ids {
+                None => sqlx::query(open).bind(upstream).execute(&mut *conn).await?,
+                Some(ids) => {
+                    let ids: Vec<i64> = ids.iter().map(|id| *id as i64).collect();
+                    sqlx::query(&format!("{open} AND id = ANY($2)"))
+                        .bind(upstream)
+                        .bind(ids)
+                        .execute(&mut *conn)
+                        .await?
+                }
+            };
+            Ok(r.rows_affected())
+        }
+    }
+}
+
+async fn insert_case(
+    conn: &mut PgConnection,
+    item: &NewCaseEvent,
+    received_at: i64,
+) -> Result<CaseOutcome, sqlx::Error> {
+    let c = &item.case;
+    let inserted = sqlx::query(
+        "INSERT INTO service_case_events (source_system, case_number, event, occurred_at, \
+         item_code, region_code, org_credit_code, staff_id, channel, batch_id, theme_id, \
+         content_hash, received_at, body, pii, pii_key_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+         ON CONFLICT (source_system, case_number, event) DO NOTHING",
+    )
+    .bind(&item.source_system)
+    .bind(&c.case_number)
+    .bind(c.event as i32)
+    .bind(c.occurred_at_micros)
+    .bind(&c.item_code)
+    .bind(c.region_code.as_str())
+    .bind(c.org_credit_code.as_str())
+    .bind(&c.body.staff_id)
+    .bind(c.body.channel)
+    .bind(&c.body.batch_id)
+    .bind(&c.body.theme_id)
+    .bind(c.content_hash.as_slice())
+    .bind(received_at)
+    .bind(item.body_bytes.as_slice())
+    .bind(item.pii.as_ref().map(|p| p.blob.as_slice()))
+    .bind(item.pii.as_ref().map(|p| p.key_id.as_str()))
+    .execute(&mut *conn)
+    .await?;
+    if inserted.rows_affected() == 1 {
+        return Ok(CaseOutcome::Accepted);
+    }
+    let hash: Vec<u8> = sqlx::query_scalar(
+        "SELECT content_hash FROM service_case_events \
+         WHERE source_system = $1 AND case_number = $2 AND event = $3",
+    )
+    .bind(&item.source_system)
+    .bind(&c.case_number)
+    .bind(c.event as i32)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(if hash == c.content_hash {
+        CaseOutcome::Duplicate
+    } else {
+        CaseOutcome::Conflict
+    })
+}
+
+const RATING_COLUMNS: &str = "SELECT feed_seq, hub_id, source_system, received_at, body, pii, \
+     pii_key_id, quality_flags FROM ratings";
+
+fn stored_from_row(row: &PgRow) -> Result<StoredRating, StoreError> {
+    stored_rating(
+        row.try_get::<i64, _>("feed_seq")? as u64,
+        &row.try_get::<Vec<u8>, _>("hub_id")?,
+        row.try_get("source_system")?,
+        row.try_get("received_at")?,
+        &row.try_get::<Vec<u8>, _>("body")?,
+        row.try_get("quality_flags")?,
+        sealed_from_row(row)?,
+    )
+}
+
+fn sealed_from_row(row: &PgRow) -> Result<Option<Sealed>, sqlx::Error> {
+    Ok(sealed(row.try_get("pii")?, row.try_get("pii_key_id")?))
+}
+
+fn dead_letter_from_row(row: &PgRow) -> Result<DeadLetter, sqlx::Error> {
+    let hub_id: Option<Vec<u8>> = row.try_get("hub_id")?;
+    Ok(DeadLetter {
+        id: row.try_get::<i64, _>("id")? as u64,
+        upstream: row.try_get("upstream")?,
+        feed_seq: row.try_get::<i64, _>("feed_seq")? as u64,
+        hub_id: hub_id.and_then(|b| Uuid::from_slice(&b).ok()),
+        error: row.try_get("error")?,
+        attempts: row.try_get::<i64, _>("attempts")? as u32,
+        created_at_micros: row.try_get("created_at")?,
+        replay_requested: row.try_get("replay_requested")?,
+        resolved_at_micros: row.try_get("resolved_at")?,
+    })
+}
+
+const DEAD_LETTER_COLUMNS: &str = "SELECT d.id, d.upstream, d.feed_seq, r.hub_id, d.error, \
+     d.attempts, d.created_at, d.replay_requested, d.resolved_at \
+     FROM dead_letters d LEFT JOIN ratings r ON r.feed_seq = d.feed_seq";
+
+/// `AND (org in scope OR region under a scope prefix)`. Codes compare bytewise ("C"
+/// collation): ':' sorts right after '9', so `[p, p + ":")` is the prefix range.
+fn push_scope(qb: &mut QueryBuilder<'_, Postgres>, scope: &ScopeFilter) {
+    qb.push(" AND (FALSE");
+    for org in &scope.orgs {
+        qb.push(" OR org_credit_code = ").push_bind(org.clone());
+    }
+    for p in &scope.region_prefixes {
+        qb.push(" OR (region_code >= ")
+            .push_bind(p.clone())
+            .push(" AND region_code < ")
+            .push_bind(format!("{p}:"))
+            .push(")");
+    }
+    qb.push(")");
+}
+
+fn push_filter(qb: &mut QueryBuilder<'_, Postgres>, q: &RatingQuery) {
+    let mut eq = |col: &str, v: &Option<String>| {
+        if let Some(v) = v {
+            qb.push(format!(" AND {col} = ")).push_bind(v.clone());
+        }
+    };
+    eq("org_credit_code", &q.org_credit_code);
+    eq("item_code", &q.item_code);
+    eq("staff_id", &q.staff_id);
+    eq("case_number", &q.case_number);
+    eq("source_system", &q.source_system);
+    if let Some(p) = &q.region_prefix {
+        qb.push(" AND region_code >= ")
+            .push_bind(p.clone())
+            .push(" AND region_code < ")
+            .push_bind(format!("{p}:"));
+    }
+    for (col, values) in [("channel", &q.channels), ("level", &q.levels)] {
+        if !values.is_empty() {
+            qb.push(format!(" AND {col} = ANY(")).push_bind(values.clone()).push(")");
+        }
+    }
+    if let Some(scope) = &q.scope {
+        push_scope(qb, scope);
+    }
+    if let Some(max) = q.max_feed_seq {
+        qb.push(" AND feed_seq <= ").push_bind(max as i64);
+    }
+    let time_col = if q.time_is_occurred_at {
+        "occurred_at"
+    } else {
+        "rated_at"
+    };
+    if let Some(t) = q.rated_from_micros {
+        qb.push(format!(" AND {time_col} >= ")).push_bind(t);
+    }
+    if let Some(t) = q.rated_until_micros {
+        qb.push(format!(" AND {time_col} < ")).push_bind(t);
+    }
+}
+
+fn push_group_by(qb: &mut QueryBuilder<'_, Postgres>, n: usize, ordered: bool) {
+    if n == 0 {
+        return;
+    }
+    let keys = (0..n)
+        .map(|i| format!("k{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    qb.push(format!(" GROUP BY {keys}"));
+    if ordered {
+        qb.push(format!(" ORDER BY {keys}"));
+    }
+}
+
+fn group_key(row: &PgRow, n: usize) -> Result<Vec<String>, sqlx::Error> {
+    (0..n).map(|i| row.try_get::<String, _>(i)).collect()
+}
+
+fn dimension_sql(d: StatsDimension) -> &'static str {
+    // Days and months are China Standard Time (UTC+8), as the policy texts count them.
+    match d {
+        StatsDimension::Region => "region_code",
+        StatsDimension::Organization => "org_credit_code",
+        StatsDimension::Item => "item_code",
+        StatsDimension::Staff => "staff_id",
+        StatsDimension::Channel => "CAST(channel AS TEXT)",
+        StatsDimension::Day => {
+            "to_char(to_timestamp(rated_at / 1000000 + 28800) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+        }
+        StatsDimension::Month => {
+            "to_char(to_timestamp(rated_at / 1000000 + 28800) AT TIME ZONE 'UTC', 'YYYY-MM')"
+        }
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn insert_ratings(
+        &self,
+        items: Vec<super::NewRating>,
+    ) -> Result<Vec<super::InsertOutcome>, StoreError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.jobs.submit(|reply| Job::Ratings { items, reply }).await
+    }
+
+    async fn insert_cases(&self, items: Vec<NewCaseEvent>) -> Result<Vec<CaseOutcome>, StoreError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.jobs.submit(|reply| Job::Cases { items, reply }).await
+    }
+
+    async fn get_rating(&self, hub_id: Uuid) -> Result<Option<StoredRating>, StoreError> {
+        let row = sqlx::query(&format!("{RATING_COLUMNS} WHERE hub_id = $1"))
+            .bind(hub_id.as_bytes().as_slice())
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(stored_from_row).transpose()
+    }
+
+    async fn list_ratings(
+        &self,
+        query: &RatingQuery,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredRating>, StoreError> {
+        let mut qb = QueryBuilder::<Postgres>::new(RATING_COLUMNS);
+        qb.push(" WHERE feed_seq > ").push_bind(after_seq as i64);
+        push_filter(&mut qb, query);
+        qb.push(" ORDER BY feed_seq LIMIT ")
+            .push_bind(i64::from(limit));
+        let rows = qb.build().fetch_all(&self.reader).await?;
+        rows.iter().map(stored_from_row).collect()
+    }
+
+    async fn stats(
+        &self,
+        query: &RatingQuery,
+        group_by: &[StatsDimension],
+    ) -> Result<Vec<StatsRow>, StoreError> {
+        let mut qb = QueryBuilder::<Postgres>::new("SELECT ");
+        for (i, d) in group_by.iter().enumerate() {
+            qb.push(format!("{} AS k{i}, ", dimension_sql(*d)));
+        }
+        qb.push(
+            "COUNT(*) AS total, \
+             COUNT(*) FILTER (WHERE level = 1) AS l1, COUNT(*) FILTER (WHERE level = 2) AS l2, \
+             COUNT(*) FILTER (WHERE level = 3) AS l3, COUNT(*) FILTER (WHERE level = 4) AS l4, \
+             COUNT(*) FILTER (WHERE level = 5) AS l5, \
+             COUNT(*) FILTER (WHERE is_default) AS defaults, \
+             COUNT(*) FILTER (WHERE quality_flags <> 0) AS flagged \
+             FROM ratings WHERE hub_id NOT IN (SELECT hub_id FROM rating_exclusions)",
+        );
+        push_filter(&mut qb, query);
+        push_group_by(&mut qb, group_by.len(), true);
+        let rows = qb.build().fetch_all(&self.reader).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let total = row.try_get::<i64, _>("total")? as u64;
+            if total == 0 {
+                continue;
+            }
+            let key = group_key(row, group_by.len())?;
+            let mut per_level = [0u64; 5];
+            for (i, slot) in per_level.iter_mut().enumerate() {
+                *slot = row.try_get::<i64, _>(format!("l{}", i + 1).as_str())? as u64;
+            }
+            out.push(StatsRow {
+                key,
+                total,
+                per_level,
+                default_ratings: row.try_get::<i64, _>("defaults")? as u64,
+                flagged: row.try_get::<i64, _>("flagged")? as u64,
+                ..Default::default()
+            });
+        }
+        Ok(out)
+    }
+
+    async fn record_pii_access(
+        &self,
+        principal: &str,
+        rpc: &str,
+        hub_ids: &[Uuid],
+    ) -> Result<(), StoreError> {
+        if hub_ids.is_empty() {
+            return Ok(());
+        }
+        let (principal, rpc, hub_ids) = (principal.to_owned(), rpc.to_owned(), hub_ids.to_vec());
+        self.jobs
+            .submit(|reply| Job::Audit {
+                principal,
+                rpc,
+                hub_ids,
+                reply,
+            })
+            .await
+    }
+
+    async fn list_pii_access(
+        &self,
+        principal: Option<&str>,
+        after_id: u64,
+        limit: u32,
+    ) -> Result<Vec<PiiAccess>, StoreError> {
+        let mut qb = QueryBuilder::<Postgres>::new(
+            "SELECT id, at, principal, rpc, hub_id FROM pii_access WHERE id > ",
+        );
+        qb.push_bind(after_id as i64);
+        if let Some(p) = principal {
+            qb.push(" AND principal = ").push_bind(p.to_owned());
+        }
+        qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit));
+        let rows = qb.build().fetch_all(&self.reader).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(PiiAccess {
+                    id: row.try_get::<i64, _>("id")? as u64,
+                    at_micros: row.try_get("at")?,
+                    principal: row.try_get("principal")?,
+                    rpc: row.try_get("rpc")?,
+                    hub_id: uuid_from_bytes(&row.try_get::<Vec<u8>, _>("hub_id")?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn hub_ids_by_day_org(&self, query: &RatingQuery) -> Result<Vec<DayOrgIds>, StoreError> {
+        let mut qb = QueryBuilder::<Postgres>::new(format!(
+            "SELECT {} AS day, org_credit_code, hub_id FROM ratings WHERE TRUE",
+            dimension_sql(StatsDimension::Day)
+        ));
+        push_filter(&mut qb, query);
+        qb.push(" ORDER BY day, org_credit_code");
+        let rows = qb.build().fetch_all(&self.reader).await?;
+        let mut out: Vec<DayOrgIds> = Vec::new();
+        for row in &rows {
+            let day: String = row.try_get("day")?;
+            let org: String = row.try_get("org_credit_code")?;
+            let id = uuid_from_bytes(&row.try_get::<Vec<u8>, _>("hub_id")?)?;
+            match out.last_mut() {
+                Some(last) if last.day == day && last.org_credit_code == org => {
+                    last.hub_ids.push(id)
+                }
+                _ => out.push(DayOrgIds {
+                    day,
+                    org_credit_code: org,
+                    hub_ids: vec![id],
+                }),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn received_at(&self, feed_seq: u64) -> Result<Option<i64>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT received_at FROM ratings WHERE feed_seq = $1")
+                .bind(feed_seq as i64)
+                .fetch_optional(&self.reader)
+                .await?,
+        )
+    }
+
+    async fn upstream_state(&self, upstream: &str) -> Result<UpstreamState, StoreError> {
+        let row = sqlx::query("SELECT cursor, paused FROM upstream_state WHERE upstream = $1")
+            .bind(upstream)
+            .fetch_optional(&self.reader)
+            .await?;
+        match row {
+            Some(row) => Ok(UpstreamState {
+                cursor: row.try_get::<i64, _>("cursor")? as u64,
+                paused: row.try_get("paused")?,
+            }),
+            None => {
+                self.relay_write(RelayWrite::Advance {
+                    upstream: upstream.to_owned(),
+                    cursor: 0,
+                    dead: Vec::new(),
+                })
+                .await?;
+                Ok(UpstreamState::default())
+            }
+        }
+    }
+
+    async fn relay_write(&self, write: RelayWrite) -> Result<u64, StoreError> {
+        self.jobs.submit(|reply| Job::Relay { write, reply }).await
+    }
+
+    async fn hold_lease(
+        &self,
+        upstream: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<UpstreamState>, StoreError> {
+        // Taken if free, expired or already ours; renewed if ours. The database's clock
+        // decides expiry, so instances' clocks need not agree.
+        let row = sqlx::query(
+            "UPDATE upstream_state SET lease_holder = $2, \
+             lease_until = clock_timestamp() + make_interval(secs => $3) \
+             WHERE upstream = $1 AND (lease_holder IS NULL OR lease_holder = $2 \
+                 OR lease_until < clock_timestamp()) \
+             RETURNING cursor, paused",
+        )
+        .bind(upstream)
+        .bind(holder)
+        .bind(ttl.as_secs_f64())
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(|row| {
+            Ok(UpstreamState {
+                cursor: row.try_get::<i64, _>("cursor")? as u64,
+                paused: row.try_get("paused")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn release_lease(&self, upstream: &str, holder: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE upstream_state SET lease_holder = NULL, lease_until = NULL \
+             WHERE upstream = $1 AND lease_holder = $2",
+        )
+        .bind(upstream)
+        .bind(holder)
+        .execute(&self.reader)
+        .await?;
+        Ok(())
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn list_dead_letters(
+        &self,
+        upstream: &str,
+        include_resolved: bool,
+        after_id: u64,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut qb = QueryBuilder::<Postgres>::new(DEAD_LETTER_COLUMNS);
+        qb.push(" WHERE d.upstream = ")
+            .push_bind(upstream.to_owned())
+            .push(" AND d.id > ")
+            .push_bind(after_id as i64);
+        if !include_resolved {
+            qb.push(" AND d.resolved_at IS NULL");
+        }
+        qb.push(" ORDER BY d.id LIMIT ").push_bind(i64::from(limit));
+        let rows = qb.build().fetch_all(&self.reader).await?;
+        Ok(rows
+            .iter()
+            .map(dead_letter_from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn count_open_dead_letters(&self, upstream: &str) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM dead_letters WHERE upstream = $1 AND resolved_at IS NULL",
+        )
+        .bind(upstream)
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(n as u64)
+    }
+
+    async fn replay_batch(
+        &self,
+        upstream: &str,
+        limit: u32,
+    ) -> Result<Vec<(DeadLetter, StoredRating)>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "{DEAD_LETTER_COLUMNS} WHERE d.upstream = $1 AND d.replay_requested \
+             AND d.resolved_at IS NULL ORDER BY d.id LIMIT $2"
+        ))
+        .bind(upstream)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let dead = dead_letter_from_row(row)?;
+            let rating = sqlx::query(&format!("{RATING_COLUMNS} WHERE feed_seq = $1"))
+                .bind(dead.feed_seq as i64)
+                .fetch_one(&self.reader)
+                .await?;
+            out.push((dead, stored_from_row(&rating)?));
+        }
+        Ok(out)
+    }
+
+    async fn list_bad_cases(
+        &self,
+        scope: Option<&ScopeFilter>,
+        after_id: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredBadCase>, StoreError> {
+        let mut qb = QueryBuilder::<Postgres>::new(
+            "SELECT id, hub_id, org_credit_code, region_code, opened_at, real_name \
+             FROM bad_rating_cases WHERE id > ",
+        );
+        qb.push_bind(after_id as i64);
+        if let Some(scope) = scope {
+            push_scope(&mut qb, scope);
+        }
+        qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit));
+        let rows = qb.build().fetch_all(&self.reader).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            out.push(self.bad_case_from_row(row).await?);
+        }
+        Ok(out)
+    }
+
+    async fn get_bad_case(&self, id: u64) -> Result<Option<StoredBadCase>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, hub_id, org_credit_code, region_code, opened_at, real_name \
+             FROM bad_rating_cases WHERE id = $1",
+        )
+        .bind(id as i64)
+        .fetch_optional(&self.reader)
+        .await?;
+        match row {
+            Some(row) => Ok(Some(self.bad_case_from_row(&row).await?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn bad_case_counts(
+        &self,
+        query: &RatingQuery,
+        group_by: &[StatsDimension],
+    ) -> Result<Vec<BadCaseCounts>, StoreError> {
+        let mut qb = QueryBuilder::<Postgres>::new("SELECT ");
+        for (i, d) in group_by.iter().enumerate() {
+            qb.push(format!("{} AS k{i}, ", dimension_sql(*d)));
+        }
+        qb.push(
+            "COUNT(*) AS n, \
+             COUNT(*) FILTER (WHERE EXISTS (SELECT 1 FROM bad_rating_case_entries x \
+                 WHERE x.case_id = b.case_id AND x.action IN (2, 4))) AS rectified, \
+             COUNT(*) FILTER (WHERE EXISTS (SELECT 1 FROM bad_rating_case_entries x \
+                 WHERE x.case_id = b.case_id AND x.action = 6)) AS called_back \
+             FROM (SELECT r.*, c.id AS case_id FROM ratings r \
+                   JOIN bad_rating_cases c ON c.hub_id = r.hub_id) AS b \
+             WHERE hub_id NOT IN (SELECT hub_id FROM rating_exclusions)",
+        );
+        push_filter(&mut qb, query);
+        push_group_by(&mut qb, group_by.len(), false);
+        let rows = qb.build().fetch_all(&self.reader).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            out.push(BadCaseCounts {
+                key: group_key(row, group_by.len())?,
+                cases: row.try_get::<i64, _>("n")? as u64,
+                rectified: row.try_get::<i64, _>("rectified")? as u64,
+                called_back: row.try_get::<i64, _>("called_back")? as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn completed_case_counts(
+        &self,
+        query: &RatingQuery,
+        group_by: &[StatsDimension],
+    ) -> Result<Vec<CaseCounts>, StoreError> {
+        let cases_query = RatingQuery {
+            levels: Vec::new(),
+            max_feed_seq: None,
+            ..query.clone()
+        };
+        let mut qb = QueryBuilder::<Postgres>::new("SELECT ");
+        for (i, d) in group_by.iter().enumerate() {
+            let expr = dimension_sql(*d).replace("rated_at", "occurred_at");
+            qb.push(format!("{expr} AS k{i}, "));
+        }
+        // A case counts as rated by its own item rating, or by its batch's or theme's.
+        const RATED: &str = "EXISTS (SELECT 1 FROM ratings r WHERE r.org_credit_code = \
+             e.org_credit_code AND r.target_kind = 1 AND (r.case_number = e.case_number \
+             OR (e.batch_id <> '' AND r.batch_id = e.batch_id) \
+             OR (e.theme_id <> '' AND r.theme_id = e.theme_id)) \
+             AND r.hub_id NOT IN (SELECT hub_id FROM rating_exclusions)";
+        qb.push(format!(
+            "COUNT(*) AS n, COUNT(*) FILTER (WHERE {RATED})) AS rated, \
+             COUNT(*) FILTER (WHERE {RATED} AND NOT r.is_default)) AS active \
+             FROM service_case_events e WHERE event = 2"
+        ));
+        push_filter(&mut qb, &cases_query.with_time_column());
+        push_group_by(&mut qb, group_by.len(), false);
+        let rows = qb.build().fetch_all(&self.reader).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            out.push(CaseCounts {
+                key: group_key(row, group_by.len())?,
+                completed: row.try_get::<i64, _>("n")? as u64,
+                rated: row.try_get::<i64, _>("rated")? as u64,
+                actively_rated: row.try_get::<i64, _>("active")? as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn open_completed_cases(
+        &self,
+        after_event_id: u64,
+        limit: u32,
+    ) -> Result<Vec<OpenCase>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT e.id, e.source_system, e.occurred_at, e.body, e.pii, e.pii_key_id, \
+             EXISTS (SELECT 1 FROM invitations i WHERE i.source_system = e.source_system \
+                     AND i.case_number = e.case_number) AS invited \
+             FROM service_case_events e \
+             WHERE e.event = 2 AND e.id > $1 AND NOT EXISTS (SELECT 1 FROM ratings r \
+               WHERE r.org_credit_code = e.org_credit_code AND r.case_number = e.case_number) \
+             ORDER BY e.id LIMIT $2",
+        )
+        .bind(after_event_id as i64)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let body: Vec<u8> = row.try_get("body")?;
+                Ok(OpenCase {
+                    event_id: row.try_get::<i64, _>("id")? as u64,
+                    source_system: row.try_get("source_system")?,
+                    completed_at_micros: row.try_get("occurred_at")?,
+                    has_invitation: row.try_get("invited")?,
+                    case: pb::ServiceCase::decode(body.as_slice())
+                        .map_err(|e| StoreError::Corrupt(format!("case event: {e}")))?,
+                    pii: sealed_from_row(row)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn list_invitations(
+        &self,
+        scope: Option<&ScopeFilter>,
+        after_id: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredInvitation>, StoreError> {
+        let mut qb = QueryBuilder::<Postgres>::new(
+            "SELECT * FROM (SELECT i.id, i.source_system, i.due_at, i.created_at, e.body, e.pii, \
+             e.pii_key_id, i.org_credit_code, i.region_code \
+             FROM invitations i JOIN service_case_events e ON e.id = i.event_id) AS x WHERE id > ",
+        );
+        qb.push_bind(after_id as i64);
+        if let Some(scope) = scope {
+            push_scope(&mut qb, scope);
+        }
+        qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit));
+        let rows = qb.build().fetch_all(&self.reader).await?;
+        rows.iter()
+            .map(|row| {
+                let body: Vec<u8> = row.try_get("body")?;
+                Ok(StoredInvitation {
+                    id: row.try_get::<i64, _>("id")? as u64,
+                    source_system: row.try_get("source_system")?,
+                    due_at_micros: row.try_get("due_at")?,
+                    created_at_micros: row.try_get("created_at")?,
+                    case: pb::ServiceCase::decode(body.as_slice())
+                        .map_err(|e| StoreError::Corrupt(format!("case event: {e}")))?,
+                    pii: sealed_from_row(row)?,
+                })
+            })
+            .collect()
+    }
+
+    fn feed_head(&self) -> watch::Receiver<u64> {
+        self.head.clone()
+    }
+
+    async fn close(&self) {
+        let Some(handle) = self.writer.lock().await.take() else {
+            return;
+        };
+        self.jobs.close(handle).await;
+        if let Some(listener) = self.listener.lock().await.take() {
+            listener.abort();
+        }
+        self.reader.close().await;
+    }
+}

@@ -1,0 +1,125 @@
+//! The PostgreSQL side of the test harness.
+//!
+//! The shared integration tests run on SQLite by default and on PostgreSQL when
+//! `RATING_HUB_TEST_BACKEND=postgres` (scripts/test runs both). The server is the one at
+//! `RATING_HUB_TEST_PG_URL` (a superuser URL; scripts/test starts a throwaway one), or else one
+//! this process starts with `scripts/pg` in a temp directory and that stops when it exits.
+//! Every hub directory gets its own database, created on first use and kept for restarts.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use sqlx::Connection;
+
+/// Whether the shared tests run on PostgreSQL.
+pub fn enabled() -> bool {
+    std::env::var("RATING_HUB_TEST_BACKEND").is_ok_and(|b| b == "postgres")
+}
+
+/// The superuser URL of the test server, starting one on first use if none was given.
+pub fn admin_url() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        if let Ok(url) = std::env::var("RATING_HUB_TEST_PG_URL") {
+            return url;
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("rating-hub-pg-")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
+        // The server runs as an unprivileged user, who must reach its directory.
+        std::fs::set_permissions(
+            &dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pg");
+        let out = Command::new(script)
+            .arg("start")
+            .arg(dir.join("server"))
+            .args(["--fast", "--watch", &std::process::id().to_string()])
+            .output()
+            .expect("run scripts/pg");
+        assert!(
+            out.status.success(),
+            "scripts/pg could not start a PostgreSQL server:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    })
+}
+
+/// A new, empty database on the test server; returns its URL.
+pub fn new_database() -> String {
+    let admin = admin_url();
+    let name = format!("hub_{}", uuid::Uuid::now_v7().simple());
+    admin_exec(&format!("CREATE DATABASE {name}"));
+    let base = admin.rsplit_once('/').expect("URL with a database").0;
+    format!("{base}/{name}")
+}
+
+/// The database URL of a hub directory: created on first use, the same after a restart.
+pub fn database_for(dir: &Path) -> String {
+    let file = dir.join("postgres-url");
+    if let Ok(url) = std::fs::read_to_string(&file) {
+        return url;
+    }
+    let url = new_database();
+    std::fs::write(&file, &url).unwrap();
+    url
+}
+
+/// The storage URL a hub in `dir` uses on the backend under test.
+pub fn storage_url(dir: &Path) -> String {
+    if enabled() {
+        database_for(dir)
+    } else {
+        dir.join("hub.db").display().to_string()
+    }
+}
+
+/// Runs SQL on the test server as its superuser (on the `postgres` database); returns the
+/// first column of each row as text. Its own runtime on its own thread: callable from sync
+/// and async tests alike.
+pub fn admin_exec(sql: &str) -> Vec<String> {
+    let admin = admin_url();
+    let sql = sql.to_owned();
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let mut conn = sqlx::PgConnection::connect(admin)
+                    .await
+                    .expect("connect to the test PostgreSQL server");
+                use sqlx::Row;
+                sqlx::query(&sql)
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.try_get::<String, _>(0).unwrap_or_default())
+                    .collect()
+            })
+    })
+    .join()
+    .unwrap()
+}
+
+/// Where the server keeps the database of a hub directory, when the server is on this
+/// machine and its files are readable: the database's own files and the write-ahead log.
+pub fn files_of(dir: &Path) -> Option<Vec<std::path::PathBuf>> {
+    admin_exec("CHECKPOINT");
+    let url = std::fs::read_to_string(dir.join("postgres-url")).ok()?;
+    let name = url.rsplit_once('/')?.1.to_owned();
+    let data = std::path::PathBuf::from(admin_exec("SHOW data_directory").pop()?);
+    let oid = admin_exec(&format!(
+        "SELECT oid::text FROM pg_database WHERE datname = '{name}'"
+    ))
+    .pop()?;
+    let files = vec![data.join("base").join(oid), data.join("pg_wal")];
+    files.iter().all(|f| std::fs::read_dir(f).is_ok()).then_some(files)
+}

@@ -123,7 +123,9 @@ pub async fn start_with_clock(
         Arc::new(
             PostgresStore::open(&config.postgres_options(), clock.clone())
                 .await
-                .with_context(|| format!("opening the database {}", config.storage.display_url()))?,
+                .with_context(|| {
+                    format!("opening the database {}", config.storage.display_url())
+                })?,
         )
     } else {
         Arc::new(
@@ -137,13 +139,18 @@ pub async fn start_with_clock(
         .with_context(|| format!("binding {}", config.server.listen))?;
     let local_addr = listener.local_addr()?;
 
-    let relay =
-        crate::relay::Relay::start(&config.upstreams, store.clone(), pii.clone(), clock.clone(), crate::relay::Lease {
+    let relay = crate::relay::Relay::start(
+        &config.upstreams,
+        store.clone(),
+        pii.clone(),
+        clock.clone(),
+        crate::relay::Lease {
             holder: config.storage.instance_name(),
             ttl: Duration::from_secs(config.storage.lease_secs),
-        })
-            .await
-            .context("starting upstream delivery")?;
+        },
+    )
+    .await
+    .context("starting upstream delivery")?;
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let rules = Arc::new(crate::rules::engine::RulesEngine::new(
         store.clone(),

@@ -173,7 +173,11 @@ impl Worker {
     async fn keep_lease(self: Arc<Self>, lease: Lease, mut stop: watch::Receiver<bool>) {
         let mut renewed_at: Option<tokio::time::Instant> = None;
         while !*stop.borrow() {
-            match self.store.hold_lease(&self.name, &lease.holder, lease.ttl).await {
+            match self
+                .store
+                .hold_lease(&self.name, &lease.holder, lease.ttl)
+                .await
+            {
                 Ok(Some(state)) => {
                     if !*self.leased.borrow() {
                         self.cursor.fetch_max(state.cursor, Ordering::AcqRel);
@@ -183,7 +187,8 @@ impl Worker {
                         self.control.send_modify(|v| *v += 1);
                     }
                     renewed_at = Some(tokio::time::Instant::now());
-                    self.leased.send_if_modified(|held| !std::mem::replace(held, true));
+                    self.leased
+                        .send_if_modified(|held| !std::mem::replace(held, true));
                 }
                 Ok(None) => self.lose_lease(&lease, "another instance holds it"),
                 Err(e) => {
@@ -208,7 +213,10 @@ impl Worker {
     }
 
     fn lose_lease(&self, lease: &Lease, why: &str) {
-        if self.leased.send_if_modified(|held| std::mem::replace(held, false)) {
+        if self
+            .leased
+            .send_if_modified(|held| std::mem::replace(held, false))
+        {
             tracing::warn!(upstream = %self.name, instance = %lease.holder, why, "This instance no longer delivers to the upstream.");
             // Interrupts a retry wait at once.
             self.control.send_modify(|v| *v += 1);
@@ -495,7 +503,9 @@ impl Relay {
             .collect();
         if store.shared() {
             for w in workers.values() {
-                tasks.push(tokio::spawn(w.clone().keep_lease(lease.clone(), stop_rx.clone())));
+                tasks.push(tokio::spawn(
+                    w.clone().keep_lease(lease.clone(), stop_rx.clone()),
+                ));
             }
         }
         Ok(Arc::new(Self {

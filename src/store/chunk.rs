@@ -56,12 +56,9 @@ pub(crate) fn counted<'a>(
     chunk: &'a [&'a NewRating],
     kind: pb::TargetKind,
 ) -> impl Iterator<Item = &'a NewRating> + Clone + 'a {
-    chunk
-        .iter()
-        .copied()
-        .filter(move |i| {
-            i.checks.counting && i.rating.body.follow_up_of.is_empty() && i.rating.target_kind == kind
-        })
+    chunk.iter().copied().filter(move |i| {
+        i.checks.counting && i.rating.body.follow_up_of.is_empty() && i.rating.target_kind == kind
+    })
 }
 
 /// A decided rating waiting for the chunk's INSERT.
@@ -105,8 +102,11 @@ pub(crate) trait ChunkBackend {
     ) -> Result<Option<FollowUpFacts>, sqlx::Error>;
     /// Inserts the ratings (one statement) and opens the 差评 cases among them. Must fail if
     /// not every rating was inserted: nothing may be acknowledged around a feed gap.
-    async fn insert(&mut self, pending: &[Pending<'_>], received_at: i64)
-    -> Result<(), sqlx::Error>;
+    async fn insert(
+        &mut self,
+        pending: &[Pending<'_>],
+        received_at: i64,
+    ) -> Result<(), sqlx::Error>;
 }
 
 /// Writes `items` (in order) and returns one outcome each. `next_seq` advances by the number
@@ -134,7 +134,10 @@ fn outcome_against(item: &NewRating, same_key: bool, known: &Known) -> InsertOut
 }
 
 /// 追加评价: the original must exist, the limit and the window hold. `None` when allowed.
-fn follow_up_rule(item: &NewRating, facts: Option<FollowUpFacts>) -> Option<(&'static str, String)> {
+fn follow_up_rule(
+    item: &NewRating,
+    facts: Option<FollowUpFacts>,
+) -> Option<(&'static str, String)> {
     let r = &item.rating;
     let of = &r.body.follow_up_of;
     let Some(facts) = facts else {
@@ -192,7 +195,8 @@ fn counting_rule(item: &NewRating, l: &Lookups) -> Option<(&'static str, String)
         )),
         pb::TargetKind::Staff
             if !r.case_number.is_empty()
-                && l.visits.contains(&(org, r.case_number.clone(), r.staff_id.clone())) =>
+                && l.visits
+                    .contains(&(org, r.case_number.clone(), r.staff_id.clone())) =>
         {
             Some((
                 "staff_id",

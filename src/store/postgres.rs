@@ -157,10 +157,15 @@ async fn follow_feed(mut listen: PgListener, pool: PgPool, head: watch::Sender<u
         match listen.try_recv().await {
             Ok(Some(n)) => match n.payload().parse::<u64>() {
                 Ok(h) => advance(h),
-                Err(_) => tracing::warn!(payload = n.payload(), "Ignoring a malformed feed notification."),
+                Err(_) => tracing::warn!(
+                    payload = n.payload(),
+                    "Ignoring a malformed feed notification."
+                ),
             },
             Ok(None) => {
-                tracing::warn!("The commit listener lost its connection; re-reading the feed head.");
+                tracing::warn!(
+                    "The commit listener lost its connection; re-reading the feed head."
+                );
                 match sqlx::query_scalar::<_, i64>("SELECT head FROM feed_head WHERE id = 1")
                     .fetch_one(&pool)
                     .await
@@ -576,7 +581,9 @@ fn push_filter(qb: &mut QueryBuilder<'_, Postgres>, q: &RatingQuery) {
     }
     for (col, values) in [("channel", &q.channels), ("level", &q.levels)] {
         if !values.is_empty() {
-            qb.push(format!(" AND {col} = ANY(")).push_bind(values.clone()).push(")");
+            qb.push(format!(" AND {col} = ANY("))
+                .push_bind(values.clone())
+                .push(")");
         }
     }
     if let Some(scope) = &q.scope {
@@ -642,7 +649,9 @@ impl Store for PostgresStore {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        self.jobs.submit(|reply| Job::Ratings { items, reply }).await
+        self.jobs
+            .submit(|reply| Job::Ratings { items, reply })
+            .await
     }
 
     async fn insert_cases(&self, items: Vec<NewCaseEvent>) -> Result<Vec<CaseOutcome>, StoreError> {

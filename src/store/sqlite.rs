@@ -21,14 +21,14 @@ use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use super::chunk;
+use super::writer::{self, GroupResult, GroupWrite, Job, Queue};
 use super::{
     BadCaseCounts, CaseCounts, CaseEntryRecord, CaseOutcome, DayOrgIds, DeadLetter, InsertOutcome,
     NewCaseEvent, NewRating, OpenCase, PiiAccess, RatingQuery, RelayWrite, ScopeFilter,
     StatsDimension, StatsRow, Store, StoreError, StoredBadCase, StoredInvitation, StoredRating,
     UpstreamState, evidence_refs, sealed, stored_rating,
 };
-use super::chunk;
-use super::writer::{self, GroupResult, GroupWrite, Job, Queue};
 use crate::clock::Clock;
 use crate::pb::v1 as pb;
 use crate::privacy::Sealed;
@@ -110,8 +110,7 @@ impl SqliteStore {
             next_seq: last_seq + 1,
             clock,
         };
-        let (jobs, handle) =
-            Queue::start(writer, head_tx, opts.max_group_commit, opts.write_queue);
+        let (jobs, handle) = Queue::start(writer, head_tx, opts.max_group_commit, opts.write_queue);
         Ok(Self {
             jobs,
             reader,
@@ -119,7 +118,6 @@ impl SqliteStore {
             writer: Mutex::new(Some(handle)),
         })
     }
-
 }
 
 impl SqliteStore {
@@ -616,7 +614,9 @@ impl Store for SqliteStore {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        self.jobs.submit(|reply| Job::Ratings { items, reply }).await
+        self.jobs
+            .submit(|reply| Job::Ratings { items, reply })
+            .await
     }
 
     async fn insert_cases(&self, items: Vec<NewCaseEvent>) -> Result<Vec<CaseOutcome>, StoreError> {
@@ -702,13 +702,14 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let (principal, rpc, hub_ids) = (principal.to_owned(), rpc.to_owned(), hub_ids.to_vec());
-        self.jobs.submit(|reply| Job::Audit {
-            principal,
-            rpc,
-            hub_ids,
-            reply,
-        })
-        .await
+        self.jobs
+            .submit(|reply| Job::Audit {
+                principal,
+                rpc,
+                hub_ids,
+                reply,
+            })
+            .await
     }
 
     async fn list_pii_access(

@@ -49,7 +49,12 @@ pub fn spawn_hub_on_defaults(dir: &std::path::Path, log_filter: &str) -> Spawned
     )
 }
 
-fn spawn(mut cmd: Command, dir: &std::path::Path, log_filter: &str, env: &[(&str, &str)]) -> SpawnedHub {
+fn spawn(
+    mut cmd: Command,
+    dir: &std::path::Path,
+    log_filter: &str,
+    env: &[(&str, &str)],
+) -> SpawnedHub {
     let mut child = cmd
         .arg("serve")
         .envs(env.iter().copied())

@@ -3,6 +3,7 @@
 //! (pg.rs) — driven through the generated tonic clients.
 
 mod binary;
+mod cluster;
 mod fake_upstream;
 mod http_json;
 mod ingest;

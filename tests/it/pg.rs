@@ -30,11 +30,8 @@ pub fn admin_url() -> &'static str {
             .expect("temp dir")
             .keep();
         // The server runs as an unprivileged user, who must reach its directory.
-        std::fs::set_permissions(
-            &dir,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pg");
         let out = Command::new(script)
             .arg("start")
@@ -80,19 +77,22 @@ pub fn storage_url(dir: &Path) -> String {
     }
 }
 
-/// Runs SQL on the test server as its superuser (on the `postgres` database); returns the
-/// first column of each row as text. Its own runtime on its own thread: callable from sync
-/// and async tests alike.
+/// Runs SQL on the test server as its superuser (on the `postgres` database).
 pub fn admin_exec(sql: &str) -> Vec<String> {
-    let admin = admin_url();
-    let sql = sql.to_owned();
+    exec(admin_url(), sql)
+}
+
+/// Runs SQL on the database at `url`; returns the first column of each row as text. Its own
+/// runtime on its own thread: callable from sync and async tests alike.
+pub fn exec(url: &str, sql: &str) -> Vec<String> {
+    let (url, sql) = (url.to_owned(), sql.to_owned());
     std::thread::spawn(move || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap()
             .block_on(async {
-                let mut conn = sqlx::PgConnection::connect(admin)
+                let mut conn = sqlx::PgConnection::connect(&url)
                     .await
                     .expect("connect to the test PostgreSQL server");
                 use sqlx::Row;
@@ -121,5 +121,8 @@ pub fn files_of(dir: &Path) -> Option<Vec<std::path::PathBuf>> {
     ))
     .pop()?;
     let files = vec![data.join("base").join(oid), data.join("pg_wal")];
-    files.iter().all(|f| std::fs::read_dir(f).is_ok()).then_some(files)
+    files
+        .iter()
+        .all(|f| std::fs::read_dir(f).is_ok())
+        .then_some(files)
 }

@@ -116,7 +116,10 @@ async fn database_files_hold_no_plaintext_id_phone_or_name() {
         // checkpointed, while the hub runs and after it stopped.
         let scan = |dir: &Path| -> Vec<String> {
             let files = crate::pg::files_of(dir).expect("the test server's files are readable");
-            assert!(walk(&files[0]).len() > 10, "the database's files were found");
+            assert!(
+                walk(&files[0]).len() > 10,
+                "the database's files were found"
+            );
             files.iter().flat_map(|f| files_containing_pii(f)).collect()
         };
         assert_eq!(scan(hub.dir.path()), Vec::<String>::new());

@@ -124,15 +124,15 @@ impl HubBuilder {
 
     pub async fn start(self) -> TestHub {
         let dir = tempfile::tempdir().expect("temp dir");
-        self.start_in(dir).await
+        self.start_in(Arc::new(dir)).await
     }
 
     /// Starts in a directory the test prepared (e.g. with its PKI already in `pki/`).
     pub async fn start_in_dir(self, dir: TempDir) -> TestHub {
-        self.start_in(dir).await
+        self.start_in(Arc::new(dir)).await
     }
 
-    async fn start_in(self, dir: TempDir) -> TestHub {
+    async fn start_in(self, dir: Arc<TempDir>) -> TestHub {
         let hub = start_hub(dir.path(), &self.table, self.clock.clone()).await;
         TestHub {
             hub,
@@ -144,13 +144,13 @@ impl HubBuilder {
 
 pub struct TestHub {
     pub hub: RunningHub,
-    pub dir: TempDir,
+    pub dir: Arc<TempDir>,
     builder: HubBuilder,
 }
 
 /// A stopped hub whose directory (database, PKI, key) is kept for a restart.
 pub struct StoppedHub {
-    pub dir: TempDir,
+    pub dir: Arc<TempDir>,
     builder: HubBuilder,
 }
 
@@ -182,6 +182,12 @@ impl TestHub {
             .set("limits.max_in_flight", &n.to_string())
             .start()
             .await
+    }
+
+    /// Another instance of the same hub: same configuration, database, PKI and keys, its
+    /// own port. (On PostgreSQL the two share the database; see tests/it/cluster.rs.)
+    pub async fn peer(&self) -> TestHub {
+        self.builder.clone().start_in(self.dir.clone()).await
     }
 
     pub fn pki_dir(&self) -> PathBuf {

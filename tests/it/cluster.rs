@@ -1,0 +1,332 @@
+//! Several hub instances on one PostgreSQL database behave as one hub: idempotency across
+//! instances, one gapless feed in commit order, wake-ups across instances, one deliverer per
+//! upstream (a lease that moves when its holder dies).
+//!
+//! These tests always use PostgreSQL (pg.rs starts a server when none is given); scripts/test
+//! runs them once, in the SQLite pass, and skips them in the PostgreSQL pass.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use rating_hub::pb::v1 as pb;
+use tokio_stream::StreamExt;
+
+use crate::binary::{SpawnedHub, dev_admin_channel, sigterm, spawn_hub_with, wait_exit};
+use crate::fake_upstream::{FakeUpstream, Mode};
+use crate::relay::SyncServiceClient;
+use crate::utils::*;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A builder for hubs on one new PostgreSQL database.
+fn on_new_database() -> HubBuilder {
+    let url = crate::pg::new_database();
+    HubBuilder::new().set("storage.url", &format!("{url:?}"))
+}
+
+/// Reads a subscription until it has `n` ratings: (feed sequence, hub id) in arrival order.
+async fn read_subscription(
+    sub: &mut tonic::Streaming<pb::SubscribeResponse>,
+    n: usize,
+) -> Vec<(u64, String)> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let r = tokio::time::timeout(LIMIT, sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("subscription stalled at {} of {n}", got.len()))
+            .expect("subscription open")
+            .expect("subscription healthy")
+            .rating
+            .unwrap();
+        got.push((r.feed_sequence, r.hub_id));
+    }
+    got
+}
+
+#[tokio::test]
+async fn same_source_key_sent_to_two_instances_at_once_stores_one_rating() {
+    let a = on_new_database().start().await;
+    let b = a.peer().await;
+    let (mut ia, mut ib) = (a.ingest().await, b.ingest().await);
+    let mut pairs = Vec::new();
+    for round in 0..20 {
+        let batch: Vec<_> = (0..10)
+            .map(|i| rating(&format!("same-{round}-{i}")))
+            .collect();
+        let (ra, rb) = tokio::join!(submit(&mut ia, batch.clone()), submit(&mut ib, batch));
+        pairs.extend(ra.into_iter().zip(rb));
+    }
+    for (ra, rb) in &pairs {
+        let mut outcomes = [outcome(ra), outcome(rb)];
+        outcomes.sort_by_key(|o| *o as i32);
+        assert_eq!(
+            outcomes,
+            [pb::Outcome::Accepted, pb::Outcome::Duplicate],
+            "one instance stores it, the other answers DUPLICATE"
+        );
+        assert_eq!(ra.hub_id, rb.hub_id, "both name the one stored rating");
+    }
+    for hub in [&a, &b] {
+        let stats = hub
+            .query()
+            .await
+            .get_stats(pb::GetStatsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(stats.groups[0].total, 200, "200 keys, 200 ratings");
+    }
+    b.stop().await;
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn feed_is_gapless_and_in_order_with_writers_on_three_instances() {
+    let a = on_new_database().start().await;
+    let b = a.peer().await;
+    let c = a.peer().await;
+    // Subscribed on C before anything is written: it learns of A's and B's commits from
+    // their notifications.
+    let mut sub = SyncServiceClient::new(c.channel_as("tester").await)
+        .subscribe(pb::SubscribeRequest { after_sequence: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut writers = Vec::new();
+    for (h, hub) in [&a, &b, &c].into_iter().enumerate() {
+        for w in 0..3 {
+            let mut client = hub.ingest().await;
+            writers.push(tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for n in 0..10 {
+                    let batch = (0..20)
+                        .map(|i| rating(&format!("h{h}-w{w}-{n}-{i}")))
+                        .collect();
+                    for r in submit(&mut client, batch).await {
+                        assert_eq!(outcome(&r), pb::Outcome::Accepted);
+                        ids.push(r.hub_id);
+                    }
+                }
+                ids
+            }));
+        }
+    }
+    let got = read_subscription(&mut sub, 1800).await;
+    let mut acked = HashSet::new();
+    for w in writers {
+        acked.extend(w.await.unwrap());
+    }
+    let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        seqs,
+        (1..=1800).collect::<Vec<_>>(),
+        "every sequence once, in order"
+    );
+    assert_eq!(
+        got.into_iter().map(|(_, id)| id).collect::<HashSet<_>>(),
+        acked
+    );
+    for hub in [c, b, a] {
+        hub.stop().await;
+    }
+}
+
+/// Runs SQL on the database at `url`; the first column of each row as text.
+fn sql(url: &str, query: &str) -> Vec<String> {
+    crate::pg::exec(url, query)
+}
+
+#[tokio::test]
+async fn three_instances_one_killed_hard_lose_nothing_and_deliver_everything() {
+    let fake = FakeUpstream::start().await;
+    // Slow enough that delivery is still under way when the lease holder is killed.
+    fake.set_mode(Mode::Slow(Duration::from_millis(10)));
+    let dir = tempfile::tempdir().unwrap();
+    let db = crate::pg::database_for(dir.path());
+    let endpoint = fake.url();
+    let names = ["hub-0", "hub-1", "hub-2"];
+    let mut hubs = Vec::new();
+    // One after another: the first creates the shared development PKI and privacy key.
+    for name in names {
+        let env = [
+            ("RATING_HUB__STORAGE__URL", db.as_str()),
+            ("RATING_HUB__STORAGE__INSTANCE", name),
+            ("RATING_HUB__STORAGE__LEASE_SECS", "2"),
+            ("RATING_HUB__UPSTREAMS__FAKE__KIND", "grpc"),
+            ("RATING_HUB__UPSTREAMS__FAKE__ENDPOINT", endpoint.as_str()),
+            ("RATING_HUB__UPSTREAMS__FAKE__BATCH_SIZE", "20"),
+            ("RATING_HUB__UPSTREAMS__FAKE__IN_FLIGHT", "2"),
+            ("RATING_HUB__UPSTREAMS__FAKE__RETRY_SCHEDULE_MS", "[20, 50]"),
+        ];
+        let SpawnedHub { child, url, .. } = spawn_hub_with(dir.path(), "info", &env);
+        hubs.push((name, Some(child), url));
+    }
+    let mut subs = Vec::new();
+    for (_, _, url) in &hubs {
+        subs.push(
+            SyncServiceClient::new(dev_admin_channel(dir.path(), url).await)
+                .subscribe(pb::SubscribeRequest { after_sequence: 0 })
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+
+    // Two writers per instance. Each batch repeats 10 keys every instance is sent at the
+    // same time, and has 15 keys of its own.
+    let batches_done = Arc::new(AtomicUsize::new(0));
+    let (progress, mut progress_rx) = tokio::sync::watch::channel(0usize);
+    let progress = Arc::new(progress);
+    let mut writers = Vec::new();
+    // The same key must carry the same content everywhere, or it is a CONFLICT.
+    let rated_at = now();
+    for (h, (_, _, url)) in hubs.iter().enumerate() {
+        for w in 0..2 {
+            let mut client = IngestServiceClient::new(dev_admin_channel(dir.path(), url).await);
+            let (done, progress) = (batches_done.clone(), progress.clone());
+            writers.push(tokio::spawn(async move {
+                let mut acked = Vec::new();
+                for n in 0..40 {
+                    let batch: Vec<_> = (0..10)
+                        .map(|i| pb::Rating {
+                            rated_at: Some(rated_at),
+                            ..rating(&format!("shared-{w}-{n}-{i}"))
+                        })
+                        .chain((0..15).map(|i| rating(&format!("own-{h}-{w}-{n}-{i}"))))
+                        .collect();
+                    let request = pb::SubmitRatingsRequest { ratings: batch };
+                    // The instance may be killed under us: what it acknowledged counts.
+                    let Ok(response) = client.submit_ratings(request).await else {
+                        break;
+                    };
+                    for r in response.into_inner().results {
+                        let o = outcome(&r);
+                        assert!(
+                            matches!(o, pb::Outcome::Accepted | pb::Outcome::Duplicate),
+                            "{o:?}"
+                        );
+                        acked.push(r.hub_id);
+                    }
+                    progress.send_replace(done.fetch_add(1, Ordering::AcqRel) + 1);
+                }
+                acked
+            }));
+        }
+    }
+
+    // Mid-run: a quarter of the batches in, delivery under way. Kill the lease holder.
+    progress_rx.wait_for(|n| *n >= 60).await.unwrap();
+    fake.wait_until(LIMIT, "delivery under way", |got| !got.is_empty())
+        .await;
+    let holder = sql(
+        &db,
+        "SELECT lease_holder FROM upstream_state WHERE upstream = 'fake'",
+    )
+    .pop()
+    .expect("an instance holds the lease while it delivers");
+    let victim = names.iter().position(|n| *n == holder).unwrap();
+    let mut victim_child = hubs[victim].1.take().unwrap();
+    std::process::Command::new("kill")
+        .args(["-KILL", &victim_child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(
+        !tokio::task::spawn_blocking(move || wait_exit(&mut victim_child))
+            .await
+            .unwrap()
+            .success()
+    );
+    assert!(
+        *progress_rx.borrow() < 240,
+        "the kill landed while writers were still writing"
+    );
+
+    let mut acked = HashSet::new();
+    for w in writers {
+        acked.extend(w.await.unwrap());
+    }
+    // What is stored: the feed, read from a survivor.
+    let survivor = &hubs[(victim + 1) % 3].2;
+    let mut sync = SyncServiceClient::new(dev_admin_channel(dir.path(), survivor).await);
+    let mut stored = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = sync
+            .pull(pb::PullRequest {
+                after_sequence: after,
+                limit: 1000,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if page.ratings.is_empty() {
+            break;
+        }
+        after = page.next_after_sequence;
+        stored.extend(page.ratings);
+    }
+    let n = stored.len();
+    let ids: HashSet<String> = stored.iter().map(|r| r.hub_id.clone()).collect();
+    let keys: HashSet<&str> = stored.iter().map(|r| r.source_key.as_str()).collect();
+    assert_eq!(ids.len(), n, "each rating stored once");
+    assert_eq!(keys.len(), n, "each source key stored once");
+    assert!(
+        acked.is_subset(&ids),
+        "{} acknowledged ratings are missing",
+        acked.difference(&ids).count()
+    );
+    assert_eq!(
+        stored.iter().map(|r| r.feed_sequence).collect::<Vec<_>>(),
+        (1..=n as u64).collect::<Vec<_>>(),
+        "a gapless feed"
+    );
+
+    // Every stored rating reaches the upstream, delivered by whoever holds the lease now.
+    fake.set_mode(Mode::Accept);
+    fake.wait_until(LIMIT, "every stored rating upstream", |got| {
+        ids.iter().all(|id| got.contains_key(id))
+    })
+    .await;
+    let got: HashMap<String, u32> = fake.received();
+    assert_eq!(got.len(), n, "nothing upstream that is not stored");
+    // One deliverer at a time: only what the dead holder had sent past its stored cursor
+    // may arrive twice — its 2 batches in flight and the 2 cursor writes it had queued, of
+    // 20 each. Three deliverers would send nearly everything three times.
+    let duplicates: u32 = got.values().map(|k| k - 1).sum();
+    assert!(duplicates <= 80, "{duplicates} ratings delivered twice");
+    let new_holder = sql(
+        &db,
+        "SELECT lease_holder FROM upstream_state WHERE upstream = 'fake'",
+    )
+    .pop()
+    .unwrap();
+    assert_ne!(new_holder, holder, "the lease moved to a live instance");
+
+    // A subscriber from cursor 0 on each survivor saw every rating once, in order.
+    for (h, sub) in subs.iter_mut().enumerate() {
+        if h == victim {
+            continue;
+        }
+        let seen = read_subscription(sub, n).await;
+        assert_eq!(
+            seen.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            (1..=n as u64).collect::<Vec<_>>(),
+            "subscriber on {} saw every sequence once, in order",
+            names[h]
+        );
+        assert_eq!(
+            seen.into_iter().map(|(_, id)| id).collect::<HashSet<_>>(),
+            ids
+        );
+    }
+    for (_, child, _) in &mut hubs {
+        if let Some(mut child) = child.take() {
+            sigterm(&child);
+            tokio::task::spawn_blocking(move || wait_exit(&mut child))
+                .await
+                .unwrap();
+        }
+    }
+}

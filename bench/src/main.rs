@@ -56,6 +56,10 @@ enum Cmd {
         /// The command line to record in the report.
         #[arg(long, default_value = "scripts/bench")]
         command: String,
+        /// A PostgreSQL superuser URL: adds the PostgreSQL rows (the bench creates its
+        /// databases there). scripts/bench starts a throwaway durable server for it.
+        #[arg(long)]
+        pg_url: Option<String>,
     },
     /// Baseline A: the same IngestService contract and mTLS, storing nothing.
     Echo {
@@ -536,32 +540,8 @@ async fn raw_sqlite(dir: &Path, rows: u64, batch: usize) -> anyhow::Result<Measu
         rating_hub::store::SqliteStore::open(&opts, Arc::new(rating_hub::clock::SystemClock))
             .await?;
     rating_hub::store::Store::close(&store).await;
-    let key = dir.join("baseline-pii.key");
-    rating_hub::privacy::PiiKeys::create_key_file(&key)?;
-    let mut keys = std::collections::BTreeMap::new();
-    keys.insert("b".to_string(), key.display().to_string());
-    let keys = rating_hub::privacy::PiiKeys::load("b", &keys)?;
-    let org = org();
+    let new = baseline_rows(dir, rows)?;
     let now = now_micros();
-    // Built (validated, sealed, encoded) outside the timed part: only inserts are measured.
-    let new: Vec<rating_hub::store::NewRating> = (0..rows)
-        .map(|n| {
-            let v = rating_hub::domain::parse_rating(
-                &rating("raw", n, &org, now),
-                now,
-                &Default::default(),
-                false,
-            )
-            .expect("valid");
-            rating_hub::store::NewRating::new(
-                uuid::Uuid::now_v7(),
-                "dev-admin".into(),
-                v,
-                &keys,
-                Default::default(),
-            )
-        })
-        .collect();
     let mut conn = SqliteConnection::connect_with(
         &SqliteConnectOptions::new()
             .filename(&path)
@@ -619,6 +599,125 @@ async fn raw_sqlite(dir: &Path, rows: u64, batch: usize) -> anyhow::Result<Measu
         count: rows,
         ..Default::default()
     })
+}
+
+/// The rows both raw baselines insert: validated, sealed and encoded like the hub's, built
+/// before the timed part so only inserts are measured.
+fn baseline_rows(dir: &Path, rows: u64) -> anyhow::Result<Vec<rating_hub::store::NewRating>> {
+    let key = dir.join("baseline-pii.key");
+    rating_hub::privacy::PiiKeys::create_key_file(&key)?;
+    let mut keys = std::collections::BTreeMap::new();
+    keys.insert("b".to_string(), key.display().to_string());
+    let keys = rating_hub::privacy::PiiKeys::load("b", &keys)?;
+    let org = org();
+    let now = now_micros();
+    // Built (validated, sealed, encoded) outside the timed part: only inserts are measured.
+    Ok((0..rows)
+        .map(|n| {
+            let v = rating_hub::domain::parse_rating(
+                &rating("raw", n, &org, now),
+                now,
+                &Default::default(),
+                false,
+            )
+            .expect("valid");
+            rating_hub::store::NewRating::new(
+                uuid::Uuid::now_v7(),
+                "dev-admin".into(),
+                v,
+                &keys,
+                Default::default(),
+            )
+        })
+        .collect())
+}
+
+/// Baseline B on PostgreSQL: the same rows into the hub's own schema, one transaction and
+/// one multi-row INSERT per batch, on a durable server (fsync, synchronous_commit on).
+async fn raw_postgres(
+    admin: &str,
+    dir: &Path,
+    rows: u64,
+    batch: usize,
+) -> anyhow::Result<Measured> {
+    use sqlx::{Connection, QueryBuilder};
+    let url = create_database(admin, "bench_raw").await?;
+    let opts = rating_hub::store::PostgresOptions {
+        url: url.clone(),
+        max_group_commit: 2048,
+        write_queue: 1024,
+        read_connections: 1,
+    };
+    let store =
+        rating_hub::store::PostgresStore::open(&opts, Arc::new(rating_hub::clock::SystemClock))
+            .await?;
+    rating_hub::store::Store::close(&store).await;
+    let new = baseline_rows(dir, rows)?;
+    let now = now_micros();
+    let mut conn = sqlx::PgConnection::connect(&url).await?;
+    let start = Instant::now();
+    let mut seq = 0i64;
+    for chunk in new.chunks(batch) {
+        let mut tx = conn.begin().await?;
+        let mut qb = QueryBuilder::<sqlx::Postgres>::new(
+            "INSERT INTO ratings (feed_seq, hub_id, source_system, source_key, content_hash, level, \
+             channel, target_kind, org_credit_code, region_code, item_code, staff_id, case_number, \
+             rated_at, received_at, is_default, quality_flags, body, pii, pii_key_id, follow_up_of, \
+             batch_id, theme_id, device_id, template_hash, phone_tag) ",
+        );
+        qb.push_values(chunk, |mut b, item| {
+            seq += 1;
+            let r = &item.rating;
+            b.push_bind(seq)
+                .push_bind(item.hub_id.as_bytes().to_vec())
+                .push_bind(item.source_system.clone())
+                .push_bind(r.source_key.clone())
+                .push_bind(r.content_hash.to_vec())
+                .push_bind(r.level as i32)
+                .push_bind(r.channel as i32)
+                .push_bind(r.target_kind as i32)
+                .push_bind(r.org_credit_code.as_str().to_owned())
+                .push_bind(r.region_code.as_str().to_owned())
+                .push_bind(r.item_code.clone())
+                .push_bind(r.staff_id.clone())
+                .push_bind(r.case_number.clone())
+                .push_bind(r.rated_at_micros)
+                .push_bind(now)
+                .push_bind(false)
+                .push_bind(0i64)
+                .push_bind(item.body_bytes.clone())
+                .push_bind(item.pii.as_ref().map(|p| p.blob.clone()))
+                .push_bind(item.pii.as_ref().map(|p| p.key_id.clone()))
+                .push_bind("")
+                .push_bind("")
+                .push_bind("")
+                .push_bind("")
+                .push_bind(item.template_hash.map(|h| h.to_vec()))
+                .push_bind(item.phone_tag.map(|h| h.to_vec()));
+        });
+        qb.build().execute(&mut *tx).await?;
+        tx.commit().await?;
+    }
+    Ok(Measured {
+        rate: rows as f64 / start.elapsed().as_secs_f64(),
+        count: rows,
+        ..Default::default()
+    })
+}
+
+/// A new database on the server at `admin`; returns its URL.
+async fn create_database(admin: &str, prefix: &str) -> anyhow::Result<String> {
+    use sqlx::Connection;
+    let name = format!("{prefix}_{}", uuid::Uuid::now_v7().simple());
+    let mut conn = sqlx::PgConnection::connect(admin).await?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await?;
+    let base = admin
+        .rsplit_once('/')
+        .ok_or_else(|| anyhow::anyhow!("--pg-url needs a database path"))?
+        .0;
+    Ok(format!("{base}/{name}"))
 }
 
 async fn subscribe_all(chans: &[Channel], total: u64) -> anyhow::Result<Measured> {
@@ -680,6 +779,7 @@ async fn run(
     concurrency: usize,
     outage_secs: u64,
     command: &str,
+    pg_url: Option<&str>,
 ) -> anyhow::Result<()> {
     // The hub runs in its own working directory: resolve its path first.
     let hub_bin = &hub_bin.canonicalize().map_err(|e| {
@@ -762,6 +862,60 @@ async fn run(
         ratio: format!("{:.2}", stream.rate / raw.rate),
         target: "≥ 0.8".into(),
     });
+
+    // The same ingest scenarios with PostgreSQL as the hub's database, against a raw batched
+    // insert into PostgreSQL (baseline B on PostgreSQL), on a durable server.
+    if let Some(admin) = pg_url {
+        let hub_dir = work.join("hub-pg");
+        std::fs::create_dir_all(hub_dir.join("certs"))?;
+        copy_dir(&pki, &hub_dir.join("certs/dev"))?;
+        let db = create_database(admin, "bench_hub").await?;
+        let hub = spawn_hub(hub_bin, &hub_dir, &[("RATING_HUB__STORAGE__URL", db)]).await?;
+        let ch = channels(&pki, &hub.url, 4).await?;
+        let pg_unary = closed_loop(&ch, "pg-unary", concurrency, 1, secs).await?;
+        eprintln!("hub on PostgreSQL, unary: {:.0} calls/s", pg_unary.rate);
+        let pg_batched = closed_loop(&ch, "pg-batch", 8, 100, secs).await?;
+        eprintln!(
+            "hub on PostgreSQL, batches: {:.0} ratings/s",
+            pg_batched.rate
+        );
+        let pg_stream = streamed(&ch, "pg-stream", 4, 25_000).await?;
+        eprintln!(
+            "hub on PostgreSQL, streams: {:.0} ratings/s",
+            pg_stream.rate
+        );
+        hub.stop().await;
+        let raw_pg = raw_postgres(admin, &work, 50_000, 100).await?;
+        eprintln!("baseline B on PostgreSQL: {:.0} rows/s", raw_pg.rate);
+        rows.push(Row {
+            scenario: format!(
+                "PostgreSQL: unary SubmitRatings, 1 rating/call, {concurrency} in flight (calls/s; p50/p99 ms)"
+            ),
+            value: format!(
+                "{} ({:.1}/{:.1})",
+                f(pg_unary.rate),
+                pg_unary.p50_ms,
+                pg_unary.p99_ms
+            ),
+            baseline: format!("A: {}", f(echo_unary.rate)),
+            ratio: format!("{:.2}", pg_unary.rate / echo_unary.rate),
+            target: "—".into(),
+        });
+        rows.push(Row {
+            scenario: "PostgreSQL: SubmitRatings, batches of 100, 8 in flight (ratings/s)".into(),
+            value: f(pg_batched.rate),
+            baseline: format!("B (PostgreSQL): {} rows/s at batch 100", f(raw_pg.rate)),
+            ratio: format!("{:.2}", pg_batched.rate / raw_pg.rate),
+            target: "≥ 0.8".into(),
+        });
+        rows.push(Row {
+            scenario: "PostgreSQL: StreamRatings, 4 streams × 25,000 (ratings/s)".into(),
+            value: f(pg_stream.rate),
+            baseline: format!("B (PostgreSQL): {} rows/s", f(raw_pg.rate)),
+            ratio: format!("{:.2}", pg_stream.rate / raw_pg.rate),
+            target: "≥ 0.8".into(),
+        });
+    }
 
     // Relay delay at half capacity, peak RSS, drain after an outage, Subscribe.
     let (sink_url, sink) = start_sink().await?;
@@ -877,7 +1031,9 @@ async fn run(
     let mut md = format!(
         "# Benchmarks\n\nMachine: {}. Date: {}. Command: `{command}`.\n\nEach row is measured in the same run as its baseline: \
          A is a bare tonic server with the same protos and mTLS that stores nothing; B is a raw batched insert of the same \
-         rows into SQLite with the same schema and pragmas (WAL, synchronous=FULL). The hub runs as its own release \
+         rows into SQLite with the same schema and pragmas (WAL, synchronous=FULL); B (PostgreSQL) is one multi-row INSERT \
+         per batch of the same rows into the hub's PostgreSQL schema on the same durable server (fsync and \
+         synchronous_commit on), which the PostgreSQL rows of the hub use too. The hub runs as its own release \
          process; the load generator and the fake upstream share the machine's 2 cores with it.\n\n\
          | scenario | rating-hub | baseline | ratio | target |\n|---|---|---|---|---|\n",
         machine(),
@@ -943,6 +1099,18 @@ async fn main() -> anyhow::Result<()> {
             concurrency,
             outage_secs,
             command,
-        } => run(&hub_bin, &out, secs, concurrency, outage_secs, &command).await,
+            pg_url,
+        } => {
+            run(
+                &hub_bin,
+                &out,
+                secs,
+                concurrency,
+                outage_secs,
+                &command,
+                pg_url.as_deref(),
+            )
+            .await
+        }
     }
 }

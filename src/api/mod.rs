@@ -224,6 +224,14 @@ impl From<StoreError> for Status {
             StoreError::ShuttingDown => Status::unavailable(
                 "the hub is shutting down; retry against another instance or later",
             ),
+            StoreError::Database(ref db) if StoreError::is_connection(db) => {
+                tracing::error!(error = %e, "The database is unreachable.");
+                Status::unavailable("the database is unreachable; nothing was acknowledged, retry")
+            }
+            StoreError::Unavailable(ref text) => {
+                tracing::error!(error = %text, "The database is unreachable.");
+                Status::unavailable("the database is unreachable; nothing was acknowledged, retry")
+            }
             other => {
                 tracing::error!(error = %other, "Store failure.");
                 Status::internal("storage failure; nothing was acknowledged, retry later")

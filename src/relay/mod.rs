@@ -81,6 +81,11 @@ struct Worker {
     cursor_writes: tokio::sync::mpsc::Sender<RelayWrite>,
     /// Whether this instance holds the upstream's lease (always, on a store of its own).
     leased: watch::Sender<bool>,
+    /// Bumped by every pause or resume through this instance (under `pause_lock`, with the
+    /// flag): a lease renewal that read the stored pause state before such a change must
+    /// not undo it.
+    pause_changes: AtomicU64,
+    pause_lock: Mutex<()>,
 }
 
 /// Who this instance is in relay leases, and how long a lease lasts.
@@ -173,6 +178,7 @@ impl Worker {
     async fn keep_lease(self: Arc<Self>, lease: Lease, mut stop: watch::Receiver<bool>) {
         let mut renewed_at: Option<tokio::time::Instant> = None;
         while !*stop.borrow() {
+            let pause_changes = self.pause_changes.load(Ordering::Acquire);
             match self
                 .store
                 .hold_lease(&self.name, &lease.holder, lease.ttl)
@@ -183,7 +189,14 @@ impl Worker {
                         self.cursor.fetch_max(state.cursor, Ordering::AcqRel);
                         tracing::info!(upstream = %self.name, instance = %lease.holder, cursor = state.cursor, "This instance now delivers to the upstream.");
                     }
-                    if self.paused.swap(state.paused, Ordering::AcqRel) != state.paused {
+                    // A pause or resume through another instance arrives here; one through
+                    // this instance while the renewal ran is newer than what it read.
+                    let changed = {
+                        let _guard = self.pause_lock.lock().unwrap_or_else(|p| p.into_inner());
+                        self.pause_changes.load(Ordering::Acquire) == pause_changes
+                            && self.paused.swap(state.paused, Ordering::AcqRel) != state.paused
+                    };
+                    if changed {
                         self.control.send_modify(|v| *v += 1);
                     }
                     renewed_at = Some(tokio::time::Instant::now());
@@ -493,6 +506,8 @@ impl Relay {
                     jitter_state: AtomicU64::new(clock.now_micros() as u64 | 1),
                     cursor_writes,
                     leased: watch::channel(!store.shared()).0,
+                    pause_changes: AtomicU64::new(0),
+                    pause_lock: Mutex::new(()),
                     cfg: cfg.clone(),
                 }),
             );
@@ -566,7 +581,11 @@ impl Relay {
                 paused,
             })
             .await?;
-        w.paused.store(paused, Ordering::Release);
+        {
+            let _guard = w.pause_lock.lock().unwrap_or_else(|p| p.into_inner());
+            w.pause_changes.fetch_add(1, Ordering::AcqRel);
+            w.paused.store(paused, Ordering::Release);
+        }
         w.control.send_modify(|v| *v += 1);
         tracing::info!(
             upstream = name,

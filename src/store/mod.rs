@@ -33,6 +33,28 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("the database is unreachable: {0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    /// Whether a database error means the database could not be reached (a retry may
+    /// succeed), rather than that it refused the work.
+    pub fn is_connection(e: &sqlx::Error) -> bool {
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            // PostgreSQL: connection exceptions (08…) and the server ending the session —
+            // shutdown, restart, an operator terminating it (57P…).
+            sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+            _ => false,
+        }
+    }
 }
 
 /// A rating ready to be written: parsed, with its hub id and source system.

@@ -81,7 +81,7 @@ impl PostgresStore {
         MIGRATOR.run(&mut writer_conn).await?;
         let reader = PgPoolOptions::new()
             .max_connections(opts.read_connections.max(1) + 1)
-            .connect_with(connect)
+            .connect_with(connect.clone())
             .await?;
         let head: i64 = sqlx::query_scalar("SELECT head FROM feed_head WHERE id = 1")
             .fetch_one(&reader)
@@ -93,7 +93,8 @@ impl PostgresStore {
         let listener = tokio::spawn(follow_feed(listen, reader.clone(), head_tx.clone()));
         let (jobs, handle) = Queue::start(
             Writer {
-                conn: writer_conn,
+                conn: Some(writer_conn),
+                connect: connect.clone(),
                 clock,
             },
             head_tx,
@@ -163,9 +164,14 @@ async fn follow_feed(mut listen: PgListener, pool: PgPool, head: watch::Sender<u
                 ),
             },
             Ok(None) => {
-                tracing::warn!(
-                    "The commit listener lost its connection; re-reading the feed head."
-                );
+                tracing::warn!("The commit listener lost its connection; reconnecting.");
+                // Listening again first, then reading the head: a commit in between is in
+                // the head or notified, never neither.
+                if let Err(e) = listen.listen(FEED_CHANNEL).await {
+                    tracing::error!(error = %e, "The commit listener cannot reconnect; retrying in a second.");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
                 match sqlx::query_scalar::<_, i64>("SELECT head FROM feed_head WHERE id = 1")
                     .fetch_one(&pool)
                     .await
@@ -186,7 +192,10 @@ async fn follow_feed(mut listen: PgListener, pool: PgPool, head: watch::Sender<u
 }
 
 struct Writer {
-    conn: PgConnection,
+    /// `None` after a failed group: the next group connects afresh (the server may have
+    /// restarted, or the connection died mid-transaction).
+    conn: Option<PgConnection>,
+    connect: PgConnectOptions,
     clock: Arc<dyn Clock>,
 }
 
@@ -195,8 +204,35 @@ impl GroupWrite for Writer {
         &mut self,
         group: &[Job],
     ) -> Result<(Vec<GroupResult>, Option<u64>), sqlx::Error> {
-        let received_at = self.clock.now_micros();
-        let mut tx = self.conn.begin().await?;
+        let conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => PgConnection::connect_with(&self.connect).await?,
+        };
+        let conn = self.conn.insert(conn);
+        let result = Self::write_group_tx(conn, group, self.clock.now_micros()).await;
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, "Group commit failed; the writer reconnects for the next one.");
+            if let Some(conn) = self.conn.take() {
+                let _ = conn.close().await;
+            }
+        }
+        result
+    }
+
+    async fn close(self) {
+        if let Some(conn) = self.conn {
+            let _ = conn.close().await;
+        }
+    }
+}
+
+impl Writer {
+    async fn write_group_tx(
+        conn: &mut PgConnection,
+        group: &[Job],
+        received_at: i64,
+    ) -> Result<(Vec<GroupResult>, Option<u64>), sqlx::Error> {
+        let mut tx = conn.begin().await?;
         // The sequencer: every instance's writer waits here for the others' commits.
         let head: i64 = sqlx::query_scalar("SELECT head FROM feed_head WHERE id = 1 FOR UPDATE")
             .fetch_one(&mut *tx)
@@ -272,10 +308,6 @@ impl GroupWrite for Writer {
         };
         tx.commit().await?;
         Ok((results, moved))
-    }
-
-    async fn close(self) {
-        let _ = self.conn.close().await;
     }
 }
 

@@ -180,8 +180,15 @@ async fn commit_group<W: GroupWrite>(backend: &mut W, head: &watch::Sender<u64>,
             let items: usize = group.iter().map(Job::len).sum();
             tracing::error!(error = %e, items, "Group commit failed; nothing acknowledged.");
             let text = e.to_string();
+            let unreachable = StoreError::is_connection(&e);
             for job in group {
-                let err = || StoreError::Corrupt(format!("commit failed: {text}"));
+                let err = || {
+                    if unreachable {
+                        StoreError::Unavailable(text.clone())
+                    } else {
+                        StoreError::Corrupt(format!("commit failed: {text}"))
+                    }
+                };
                 match job {
                     Job::Ratings { reply, .. } => {
                         let _ = reply.send(Err(err()));

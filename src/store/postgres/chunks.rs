@@ -20,25 +20,32 @@ impl ChunkBackend for PgChunks<'_> {
         let conn = &mut *self.0;
         let mut l = Lookups::default();
 
+        // Each look-up joins the chunk's values as arrays (UNNEST), so every value is one
+        // index probe: a row-value IN list would use only the index's first column.
         // 1. Stored ratings with these keys (or, for relayed ratings, these hub ids).
-        let mut qb = QueryBuilder::<Postgres>::new(
-            "SELECT source_system, source_key, hub_id, feed_seq, content_hash FROM ratings \
-             WHERE (source_system, source_key) IN (",
-        );
-        qb.push_values(chunk, |mut b, item| {
-            b.push_bind(item.source_system.clone())
-                .push_bind(item.rating.source_key.clone());
-        });
-        qb.push(")");
+        let (sources, keys): (Vec<String>, Vec<String>) = chunk
+            .iter()
+            .map(|i| (i.source_system.clone(), i.rating.source_key.clone()))
+            .unzip();
         let relayed: Vec<Vec<u8>> = chunk
             .iter()
             .filter(|i| i.rating.relayed_hub_id.is_some())
             .map(|i| i.hub_id.as_bytes().to_vec())
             .collect();
-        if !relayed.is_empty() {
-            qb.push(" OR hub_id = ANY(").push_bind(relayed).push(")");
-        }
-        for row in qb.build().fetch_all(&mut *conn).await? {
+        let rows = sqlx::query(
+            "SELECT r.source_system, r.source_key, r.hub_id, r.feed_seq, r.content_hash \
+             FROM ratings r JOIN UNNEST($1::text[], $2::text[]) AS k(s, key) \
+             ON r.source_system = k.s AND r.source_key = k.key \
+             UNION \
+             SELECT source_system, source_key, hub_id, feed_seq, content_hash FROM ratings \
+             WHERE hub_id = ANY($3)",
+        )
+        .bind(sources)
+        .bind(keys)
+        .bind(relayed)
+        .fetch_all(&mut *conn)
+        .await?;
+        for row in rows {
             let hub_id: Vec<u8> = row.try_get("hub_id")?;
             let known = (
                 uuid_from_bytes(&hub_id).map_err(decode_err)?,
@@ -53,50 +60,69 @@ impl ChunkBackend for PgChunks<'_> {
         }
 
         // 2. Counting rules: cases, batches and visits that already have a rating.
+        let org = |i: &NewRating| i.rating.org_credit_code.as_str().to_owned();
         let items = chunk::counted(chunk, pb::TargetKind::Item);
         if items.clone().next().is_some() {
-            let mut qb = QueryBuilder::<Postgres>::new(
-                "SELECT org_credit_code, case_number FROM ratings WHERE target_kind = 1 \
-                 AND follow_up_of = '' AND (org_credit_code, case_number) IN (",
-            );
-            qb.push_values(items.clone(), |mut b, i| {
-                b.push_bind(i.rating.org_credit_code.as_str().to_owned())
-                    .push_bind(i.rating.case_number.clone());
-            });
-            qb.push(")");
-            for row in qb.build().fetch_all(&mut *conn).await? {
+            let (orgs, cases): (Vec<String>, Vec<String>) = items
+                .clone()
+                .map(|i| (org(i), i.rating.case_number.clone()))
+                .unzip();
+            let rows = sqlx::query(
+                "SELECT r.org_credit_code, r.case_number FROM ratings r \
+                 JOIN UNNEST($1::text[], $2::text[]) AS k(o, c) \
+                 ON r.org_credit_code = k.o AND r.case_number = k.c \
+                 WHERE r.target_kind = 1 AND r.follow_up_of = ''",
+            )
+            .bind(orgs)
+            .bind(cases)
+            .fetch_all(&mut *conn)
+            .await?;
+            for row in rows {
                 l.cases.insert((row.try_get(0)?, row.try_get(1)?));
             }
         }
         let batched = items.filter(|i| !i.rating.body.batch_id.is_empty());
         if batched.clone().next().is_some() {
-            let mut qb = QueryBuilder::<Postgres>::new(
-                "SELECT org_credit_code, batch_id FROM ratings WHERE target_kind = 1 \
-                 AND follow_up_of = '' AND batch_id <> '' AND (org_credit_code, batch_id) IN (",
-            );
-            qb.push_values(batched, |mut b, i| {
-                b.push_bind(i.rating.org_credit_code.as_str().to_owned())
-                    .push_bind(i.rating.body.batch_id.clone());
-            });
-            qb.push(")");
-            for row in qb.build().fetch_all(&mut *conn).await? {
+            let (orgs, batches): (Vec<String>, Vec<String>) = batched
+                .map(|i| (org(i), i.rating.body.batch_id.clone()))
+                .unzip();
+            let rows = sqlx::query(
+                "SELECT r.org_credit_code, r.batch_id FROM ratings r \
+                 JOIN UNNEST($1::text[], $2::text[]) AS k(o, b) \
+                 ON r.org_credit_code = k.o AND r.batch_id = k.b \
+                 WHERE r.target_kind = 1 AND r.follow_up_of = '' AND r.batch_id <> ''",
+            )
+            .bind(orgs)
+            .bind(batches)
+            .fetch_all(&mut *conn)
+            .await?;
+            for row in rows {
                 l.batches.insert((row.try_get(0)?, row.try_get(1)?));
             }
         }
         let visits = chunk::counted(chunk, pb::TargetKind::Staff)
             .filter(|i| !i.rating.case_number.is_empty());
         if visits.clone().next().is_some() {
-            let mut qb = QueryBuilder::<Postgres>::new(
-                "SELECT org_credit_code, case_number, staff_id FROM ratings WHERE target_kind = 3 \
-                 AND follow_up_of = '' AND (org_credit_code, case_number, staff_id) IN (",
-            );
-            qb.push_values(visits, |mut b, i| {
-                b.push_bind(i.rating.org_credit_code.as_str().to_owned())
-                    .push_bind(i.rating.case_number.clone())
-                    .push_bind(i.rating.staff_id.clone());
-            });
-            qb.push(")");
-            for row in qb.build().fetch_all(&mut *conn).await? {
+            let mut orgs = Vec::new();
+            let mut cases = Vec::new();
+            let mut staff = Vec::new();
+            for i in visits {
+                orgs.push(org(i));
+                cases.push(i.rating.case_number.clone());
+                staff.push(i.rating.staff_id.clone());
+            }
+            let rows = sqlx::query(
+                "SELECT r.org_credit_code, r.case_number, r.staff_id FROM ratings r \
+                 JOIN UNNEST($1::text[], $2::text[], $3::text[]) AS k(o, c, s) \
+                 ON r.org_credit_code = k.o AND r.case_number = k.c AND r.staff_id = k.s \
+                 WHERE r.target_kind = 3 AND r.follow_up_of = ''",
+            )
+            .bind(orgs)
+            .bind(cases)
+            .bind(staff)
+            .fetch_all(&mut *conn)
+            .await?;
+            for row in rows {
                 l.visits
                     .insert((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?));
             }

@@ -2,8 +2,8 @@
 //! one multi-row INSERT per chunk, on the writer's connection inside its transaction (which
 //! holds the feed lock, so the lookups see every committed rating of every instance).
 
+use sqlx::Row;
 use sqlx::postgres::PgConnection;
-use sqlx::{Postgres, QueryBuilder, Row};
 
 use crate::pb::v1 as pb;
 use crate::store::chunk::{self, ChunkBackend, FollowUpFacts, Lookups, Pending};
@@ -231,63 +231,146 @@ impl ChunkBackend for PgChunks<'_> {
         received_at: i64,
     ) -> Result<(), sqlx::Error> {
         let conn = &mut *self.0;
-        let mut qb = QueryBuilder::<Postgres>::new(
+        // One statement text whatever the chunk size (arrays, not a VALUES list): prepared
+        // once per connection instead of once per distinct size.
+        let n = pending.len();
+        let mut seq = Vec::with_capacity(n);
+        let mut hub_id = Vec::with_capacity(n);
+        let mut source_system = Vec::with_capacity(n);
+        let mut source_key = Vec::with_capacity(n);
+        let mut content_hash = Vec::with_capacity(n);
+        let mut level = Vec::with_capacity(n);
+        let mut channel = Vec::with_capacity(n);
+        let mut target_kind = Vec::with_capacity(n);
+        let mut org = Vec::with_capacity(n);
+        let mut region = Vec::with_capacity(n);
+        let mut item_code = Vec::with_capacity(n);
+        let mut staff_id = Vec::with_capacity(n);
+        let mut case_number = Vec::with_capacity(n);
+        let mut rated_at = Vec::with_capacity(n);
+        let mut is_default = Vec::with_capacity(n);
+        let mut flags = Vec::with_capacity(n);
+        let mut body = Vec::with_capacity(n);
+        let mut pii = Vec::with_capacity(n);
+        let mut pii_key_id = Vec::with_capacity(n);
+        let mut follow_up_of = Vec::with_capacity(n);
+        let mut batch_id = Vec::with_capacity(n);
+        let mut theme_id = Vec::with_capacity(n);
+        let mut device_id = Vec::with_capacity(n);
+        let mut template_hash = Vec::with_capacity(n);
+        let mut phone_tag = Vec::with_capacity(n);
+        for p in pending {
+            let (item, r) = (p.item, &p.item.rating);
+            seq.push(p.seq as i64);
+            hub_id.push(item.hub_id.as_bytes().to_vec());
+            source_system.push(item.source_system.as_str());
+            source_key.push(r.source_key.as_str());
+            content_hash.push(r.content_hash.as_slice());
+            level.push(r.level as i32);
+            channel.push(r.channel as i32);
+            target_kind.push(r.target_kind as i32);
+            org.push(r.org_credit_code.as_str());
+            region.push(r.region_code.as_str());
+            item_code.push(r.item_code.as_str());
+            staff_id.push(r.staff_id.as_str());
+            case_number.push(r.case_number.as_str());
+            rated_at.push(r.rated_at_micros);
+            is_default.push(r.is_default);
+            flags.push(p.flag_bits());
+            body.push(item.body_bytes.as_slice());
+            pii.push(item.pii.as_ref().map(|s| s.blob.as_slice()));
+            pii_key_id.push(item.pii.as_ref().map(|s| s.key_id.as_str()));
+            follow_up_of.push(r.body.follow_up_of.as_str());
+            batch_id.push(r.body.batch_id.as_str());
+            theme_id.push(r.body.theme_id.as_str());
+            device_id.push(r.body.device_id.as_str());
+            template_hash.push(item.template_hash.map(|h| h.to_vec()));
+            phone_tag.push(item.phone_tag.map(|h| h.to_vec()));
+        }
+        let inserted = sqlx::query(
             "INSERT INTO ratings (feed_seq, hub_id, source_system, source_key, content_hash, \
              level, channel, target_kind, org_credit_code, region_code, item_code, staff_id, \
              case_number, rated_at, received_at, is_default, quality_flags, body, pii, \
-             pii_key_id, follow_up_of, batch_id, theme_id, device_id, template_hash, phone_tag) ",
-        );
-        qb.push_values(pending, |mut b, p| {
-            let (item, r) = (p.item, &p.item.rating);
-            b.push_bind(p.seq as i64)
-                .push_bind(item.hub_id.as_bytes().to_vec())
-                .push_bind(item.source_system.clone())
-                .push_bind(r.source_key.clone())
-                .push_bind(r.content_hash.to_vec())
-                .push_bind(r.level as i32)
-                .push_bind(r.channel as i32)
-                .push_bind(r.target_kind as i32)
-                .push_bind(r.org_credit_code.as_str().to_owned())
-                .push_bind(r.region_code.as_str().to_owned())
-                .push_bind(r.item_code.clone())
-                .push_bind(r.staff_id.clone())
-                .push_bind(r.case_number.clone())
-                .push_bind(r.rated_at_micros)
-                .push_bind(received_at)
-                .push_bind(r.is_default)
-                .push_bind(p.flag_bits())
-                .push_bind(item.body_bytes.clone())
-                .push_bind(item.pii.as_ref().map(|s| s.blob.clone()))
-                .push_bind(item.pii.as_ref().map(|s| s.key_id.clone()))
-                .push_bind(r.body.follow_up_of.clone())
-                .push_bind(r.body.batch_id.clone())
-                .push_bind(r.body.theme_id.clone())
-                .push_bind(r.body.device_id.clone())
-                .push_bind(item.template_hash.map(|h| h.to_vec()))
-                .push_bind(item.phone_tag.map(|h| h.to_vec()));
-        });
-        let inserted = qb.build().execute(&mut *conn).await?.rows_affected();
-        if inserted != pending.len() as u64 {
+             pii_key_id, follow_up_of, batch_id, theme_id, device_id, template_hash, phone_tag) \
+             SELECT s, h, ss, sk, ch, l, c, tk, o, rg, ic, st, cn, ra, $15, d, f, b, p, pk, fu, \
+             bi, ti, dv, th, pt FROM UNNEST($1::bigint[], $2::bytea[], $3::text[], $4::text[], \
+             $5::bytea[], $6::int[], $7::int[], $8::int[], $9::text[], $10::text[], $11::text[], \
+             $12::text[], $13::text[], $14::bigint[], $16::bool[], $17::bigint[], $18::bytea[], \
+             $19::bytea[], $20::text[], $21::text[], $22::text[], $23::text[], $24::text[], \
+             $25::bytea[], $26::bytea[]) AS t(s, h, ss, sk, ch, l, c, tk, o, rg, ic, st, cn, ra, \
+             d, f, b, p, pk, fu, bi, ti, dv, th, pt)",
+        )
+        .bind(seq)
+        .bind(hub_id)
+        .bind(source_system)
+        .bind(source_key)
+        .bind(content_hash)
+        .bind(level)
+        .bind(channel)
+        .bind(target_kind)
+        .bind(org)
+        .bind(region)
+        .bind(item_code)
+        .bind(staff_id)
+        .bind(case_number)
+        .bind(rated_at)
+        .bind(received_at)
+        .bind(is_default)
+        .bind(flags)
+        .bind(body)
+        .bind(pii)
+        .bind(pii_key_id)
+        .bind(follow_up_of)
+        .bind(batch_id)
+        .bind(theme_id)
+        .bind(device_id)
+        .bind(template_hash)
+        .bind(phone_tag)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        if inserted != n as u64 {
             return Err(sqlx::Error::Protocol(format!(
-                "inserted {inserted} of {} ratings",
-                pending.len()
+                "inserted {inserted} of {n} ratings"
             )));
         }
         let bad: Vec<&Pending<'_>> = pending.iter().filter(|p| p.opens_case()).collect();
         if !bad.is_empty() {
-            let mut qb = QueryBuilder::<Postgres>::new(
+            let hub_ids: Vec<Vec<u8>> = bad
+                .iter()
+                .map(|p| p.item.hub_id.as_bytes().to_vec())
+                .collect();
+            let orgs: Vec<&str> = bad
+                .iter()
+                .map(|p| p.item.rating.org_credit_code.as_str())
+                .collect();
+            let regions: Vec<&str> = bad
+                .iter()
+                .map(|p| p.item.rating.region_code.as_str())
+                .collect();
+            let real_name: Vec<bool> = bad
+                .iter()
+                .map(|p| {
+                    p.item
+                        .rating
+                        .body
+                        .rater
+                        .as_ref()
+                        .is_some_and(|x| x.real_name)
+                })
+                .collect();
+            sqlx::query(
                 "INSERT INTO bad_rating_cases (hub_id, org_credit_code, region_code, opened_at, \
-                 real_name) ",
-            );
-            qb.push_values(bad, |mut b, p| {
-                let r = &p.item.rating;
-                b.push_bind(p.item.hub_id.as_bytes().to_vec())
-                    .push_bind(r.org_credit_code.as_str().to_owned())
-                    .push_bind(r.region_code.as_str().to_owned())
-                    .push_bind(received_at)
-                    .push_bind(r.body.rater.as_ref().is_some_and(|x| x.real_name));
-            });
-            qb.build().execute(&mut *conn).await?;
+                 real_name) SELECT h, o, r, $4, n FROM UNNEST($1::bytea[], $2::text[], \
+                 $3::text[], $5::bool[]) WITH ORDINALITY AS t(h, o, r, n, i) ORDER BY i",
+            )
+            .bind(hub_ids)
+            .bind(orgs)
+            .bind(regions)
+            .bind(received_at)
+            .bind(real_name)
+            .execute(&mut *conn)
+            .await?;
         }
         Ok(())
     }

@@ -217,15 +217,28 @@ async fn http_json_sink_speaks_the_configured_fields_and_codes_on_the_wire() {
     assert_eq!(r["assessNumber"], "2", "a follow-up rating");
     assert!(r["assessTime"].as_str().unwrap().len() == 19);
 
-    let dead = AdminServiceClient::new(hub.channel_as("tester").await)
-        .list_dead_letters(pb::ListDeadLettersRequest {
-            upstream: "zj".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .dead_letters;
+    // Dead letters are committed with the cursor advance, by the upstream's cursor writer,
+    // just after the upstream answered: wait for them.
+    let admin = AdminServiceClient::new(hub.channel_as("tester").await);
+    let list = || {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .list_dead_letters(pb::ListDeadLettersRequest {
+                    upstream: "zj".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .dead_letters
+        }
+    };
+    eventually(Duration::from_secs(10), "two dead letters", || async {
+        list().await.len() >= 2
+    })
+    .await;
+    let dead = list().await;
     let mut reasons: Vec<(String, String)> =
         dead.into_iter().map(|d| (d.hub_id, d.error)).collect();
     reasons.sort();

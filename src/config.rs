@@ -206,15 +206,26 @@ pub struct StorageConfig {
 impl StorageConfig {
     /// The database URL without its password, for logs and errors.
     pub fn display_url(&self) -> String {
-        match self.url.split_once("://") {
-            Some((scheme, rest)) => match rest.split_once('@') {
+        // Credentials may sit in the user info (`user:password@`, the password possibly
+        // with an unescaped '@') or in the query (`?password=…`): keep neither.
+        let url = self
+            .url
+            .split_once('?')
+            .map_or(self.url.as_str(), |(u, _)| u);
+        let shown = match url.split_once("://") {
+            Some((scheme, rest)) => match rest.rsplit_once('@') {
                 Some((userinfo, host)) => {
                     let user = userinfo.split(':').next().unwrap_or_default();
                     format!("{scheme}://{user}@{host}")
                 }
-                None => self.url.clone(),
+                None => url.to_owned(),
             },
-            None => self.url.clone(),
+            None => url.to_owned(),
+        };
+        if url.len() < self.url.len() {
+            format!("{shown}?…")
+        } else {
+            shown
         }
     }
 
@@ -506,5 +517,27 @@ mod tests {
         let err =
             Config::from_layers(None, env(&[("RATING_HUB__SERVER__MAX_BATCH", "0")])).unwrap_err();
         assert!(err.to_string().contains("server.max_batch"), "{err}");
+    }
+
+    #[test]
+    fn display_url_shows_no_password() {
+        let shown = |url: &str| {
+            let mut c = Config::from_layers(None, std::iter::empty()).unwrap();
+            c.storage.url = url.into();
+            c.storage.display_url()
+        };
+        assert_eq!(shown("hub.db"), "hub.db");
+        assert_eq!(
+            shown("postgres://hub:s3cret@db.example:5432/ratings"),
+            "postgres://hub@db.example:5432/ratings"
+        );
+        assert_eq!(
+            shown("postgres://hub:p@ss@db.example/ratings"),
+            "postgres://hub@db.example/ratings"
+        );
+        assert_eq!(
+            shown("postgresql://db.example/ratings?user=hub&password=s3cret"),
+            "postgresql://db.example/ratings?…"
+        );
     }
 }

@@ -9,6 +9,7 @@
 
 pub(crate) mod chunk;
 pub mod postgres;
+pub(crate) mod rows;
 pub mod sqlite;
 pub(crate) mod writer;
 
@@ -610,51 +611,4 @@ impl NewCaseEvent {
             pii,
         }
     }
-}
-
-/// A stored rating from its columns (every backend reads the same ones).
-pub(crate) fn stored_rating(
-    feed_seq: u64,
-    hub_id: &[u8],
-    source_system: String,
-    received_at: i64,
-    body: &[u8],
-    flag_bits: i64,
-    pii: Option<Sealed>,
-) -> Result<StoredRating, StoreError> {
-    use prost::Message;
-    let mut rating = pb::Rating::decode(body)
-        .map_err(|e| StoreError::Corrupt(format!("rating {feed_seq}: {e}")))?;
-    rating.hub_id = uuid_from_bytes(hub_id)?.to_string();
-    rating.source_system = source_system;
-    rating.feed_sequence = feed_seq;
-    // The column is authoritative: the writer may add flags the body was encoded without.
-    rating.quality_flags = (1..63).filter(|b| flag_bits & (1 << b) != 0).collect();
-    rating.received_at = Some(crate::time::timestamp_from_micros(received_at));
-    Ok(StoredRating {
-        feed_seq,
-        rating,
-        pii,
-    })
-}
-
-pub(crate) fn uuid_from_bytes(bytes: &[u8]) -> Result<Uuid, StoreError> {
-    Uuid::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("hub id: {e}")))
-}
-
-/// Sealed PII from its two columns (both or neither).
-pub(crate) fn sealed(blob: Option<Vec<u8>>, key_id: Option<String>) -> Option<Sealed> {
-    match (blob, key_id) {
-        (Some(blob), Some(key_id)) => Some(Sealed { key_id, blob }),
-        _ => None,
-    }
-}
-
-/// Evidence references as stored: newline-separated.
-pub(crate) fn evidence_refs(stored: &str) -> Vec<String> {
-    stored
-        .lines()
-        .map(str::to_owned)
-        .filter(|l| !l.is_empty())
-        .collect()
 }

@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use prost::Message;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{ConnectOptions, Connection, Postgres, QueryBuilder, Row};
 use tokio::sync::{Mutex, watch};
@@ -25,16 +24,14 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::chunk;
+use super::rows::{self, Columns};
 use super::writer::{self, GroupResult, GroupWrite, Job, Queue};
 use super::{
-    BadCaseCounts, CaseCounts, CaseEntryRecord, CaseOutcome, DayOrgIds, DeadLetter, NewCaseEvent,
-    OpenCase, PiiAccess, RatingQuery, RelayWrite, ScopeFilter, StatsDimension, StatsRow, Store,
-    StoreError, StoredBadCase, StoredInvitation, StoredRating, UpstreamState, evidence_refs,
-    sealed, stored_rating, uuid_from_bytes,
+    BadCaseCounts, CaseCounts, CaseOutcome, DayOrgIds, DeadLetter, NewCaseEvent, OpenCase,
+    PiiAccess, RatingQuery, RelayWrite, ScopeFilter, StatsDimension, StatsRow, Store, StoreError,
+    StoredBadCase, StoredInvitation, StoredRating, UpstreamState,
 };
 use crate::clock::Clock;
-use crate::pb::v1 as pb;
-use crate::privacy::Sealed;
 
 mod chunks;
 
@@ -111,49 +108,24 @@ impl PostgresStore {
     }
 
     async fn bad_case_from_row(&self, row: &PgRow) -> Result<StoredBadCase, StoreError> {
-        let id: i64 = row.try_get("id")?;
         let entries = sqlx::query(
             "SELECT action, actor, at, note, evidence_refs, new_deadline, appeal_outcome \
              FROM bad_rating_case_entries WHERE case_id = $1 ORDER BY id",
         )
-        .bind(id)
+        .bind(row.int("id")?)
         .fetch_all(&self.reader)
         .await?
         .iter()
-        .map(|e| {
-            Ok(CaseEntryRecord {
-                action: e.try_get("action")?,
-                actor: e.try_get("actor")?,
-                at_micros: e.try_get("at")?,
-                note: e.try_get("note")?,
-                evidence_refs: evidence_refs(&e.try_get::<String, _>("evidence_refs")?),
-                new_deadline_micros: e.try_get("new_deadline")?,
-                appeal_outcome: e.try_get("appeal_outcome")?,
-            })
-        })
+        .map(rows::case_entry)
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        Ok(StoredBadCase {
-            id: id as u64,
-            hub_id: uuid_from_bytes(&row.try_get::<Vec<u8>, _>("hub_id")?)?,
-            org_credit_code: row.try_get("org_credit_code")?,
-            region_code: row.try_get("region_code")?,
-            opened_at_micros: row.try_get("opened_at")?,
-            real_name: row.try_get("real_name")?,
-            entries,
-        })
+        rows::bad_case(row, entries)
     }
 }
 
 /// Moves the feed head on every instance's commit notification. After a lost connection
 /// (notifications in between are gone) it re-reads the head from the database.
 async fn follow_feed(mut listen: PgListener, pool: PgPool, head: watch::Sender<u64>) {
-    let advance = |h: u64| {
-        head.send_if_modified(|v| {
-            let moved = h > *v;
-            *v = (*v).max(h);
-            moved
-        });
-    };
+    let advance = |h: u64| writer::advance_head(&head, h);
     loop {
         match listen.try_recv().await {
             Ok(Some(n)) => match n.payload().parse::<u64>() {
@@ -542,37 +514,6 @@ async fn insert_case(
 const RATING_COLUMNS: &str = "SELECT feed_seq, hub_id, source_system, received_at, body, pii, \
      pii_key_id, quality_flags FROM ratings";
 
-fn stored_from_row(row: &PgRow) -> Result<StoredRating, StoreError> {
-    stored_rating(
-        row.try_get::<i64, _>("feed_seq")? as u64,
-        &row.try_get::<Vec<u8>, _>("hub_id")?,
-        row.try_get("source_system")?,
-        row.try_get("received_at")?,
-        &row.try_get::<Vec<u8>, _>("body")?,
-        row.try_get("quality_flags")?,
-        sealed_from_row(row)?,
-    )
-}
-
-fn sealed_from_row(row: &PgRow) -> Result<Option<Sealed>, sqlx::Error> {
-    Ok(sealed(row.try_get("pii")?, row.try_get("pii_key_id")?))
-}
-
-fn dead_letter_from_row(row: &PgRow) -> Result<DeadLetter, sqlx::Error> {
-    let hub_id: Option<Vec<u8>> = row.try_get("hub_id")?;
-    Ok(DeadLetter {
-        id: row.try_get::<i64, _>("id")? as u64,
-        upstream: row.try_get("upstream")?,
-        feed_seq: row.try_get::<i64, _>("feed_seq")? as u64,
-        hub_id: hub_id.and_then(|b| Uuid::from_slice(&b).ok()),
-        error: row.try_get("error")?,
-        attempts: row.try_get::<i64, _>("attempts")? as u32,
-        created_at_micros: row.try_get("created_at")?,
-        replay_requested: row.try_get("replay_requested")?,
-        resolved_at_micros: row.try_get("resolved_at")?,
-    })
-}
-
 const DEAD_LETTER_COLUMNS: &str = "SELECT d.id, d.upstream, d.feed_seq, r.hub_id, d.error, \
      d.attempts, d.created_at, d.replay_requested, d.resolved_at \
      FROM dead_letters d LEFT JOIN ratings r ON r.feed_seq = d.feed_seq";
@@ -651,10 +592,6 @@ fn push_group_by(qb: &mut QueryBuilder<'_, Postgres>, n: usize, ordered: bool) {
     }
 }
 
-fn group_key(row: &PgRow, n: usize) -> Result<Vec<String>, sqlx::Error> {
-    (0..n).map(|i| row.try_get::<String, _>(i)).collect()
-}
-
 fn dimension_sql(d: StatsDimension) -> &'static str {
     // Days and months are China Standard Time (UTC+8), as the policy texts count them.
     match d {
@@ -698,7 +635,7 @@ impl Store for PostgresStore {
             .bind(hub_id.as_bytes().as_slice())
             .fetch_optional(&self.reader)
             .await?;
-        row.as_ref().map(stored_from_row).transpose()
+        row.as_ref().map(rows::stored_rating).transpose()
     }
 
     async fn list_ratings(
@@ -713,7 +650,7 @@ impl Store for PostgresStore {
         qb.push(" ORDER BY feed_seq LIMIT ")
             .push_bind(i64::from(limit));
         let rows = qb.build().fetch_all(&self.reader).await?;
-        rows.iter().map(stored_from_row).collect()
+        rows.iter().map(rows::stored_rating).collect()
     }
 
     async fn stats(
@@ -737,27 +674,10 @@ impl Store for PostgresStore {
         push_filter(&mut qb, query);
         push_group_by(&mut qb, group_by.len(), true);
         let rows = qb.build().fetch_all(&self.reader).await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let total = row.try_get::<i64, _>("total")? as u64;
-            if total == 0 {
-                continue;
-            }
-            let key = group_key(row, group_by.len())?;
-            let mut per_level = [0u64; 5];
-            for (i, slot) in per_level.iter_mut().enumerate() {
-                *slot = row.try_get::<i64, _>(format!("l{}", i + 1).as_str())? as u64;
-            }
-            out.push(StatsRow {
-                key,
-                total,
-                per_level,
-                default_ratings: row.try_get::<i64, _>("defaults")? as u64,
-                flagged: row.try_get::<i64, _>("flagged")? as u64,
-                ..Default::default()
-            });
-        }
-        Ok(out)
+        rows.iter()
+            .filter_map(|row| rows::stats_row(row, group_by.len()).transpose())
+            .collect::<Result<_, _>>()
+            .map_err(Into::into)
     }
 
     async fn record_pii_access(
@@ -795,17 +715,7 @@ impl Store for PostgresStore {
         }
         qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit));
         let rows = qb.build().fetch_all(&self.reader).await?;
-        rows.iter()
-            .map(|row| {
-                Ok(PiiAccess {
-                    id: row.try_get::<i64, _>("id")? as u64,
-                    at_micros: row.try_get("at")?,
-                    principal: row.try_get("principal")?,
-                    rpc: row.try_get("rpc")?,
-                    hub_id: uuid_from_bytes(&row.try_get::<Vec<u8>, _>("hub_id")?)?,
-                })
-            })
-            .collect()
+        rows.iter().map(rows::pii_access).collect()
     }
 
     async fn hub_ids_by_day_org(&self, query: &RatingQuery) -> Result<Vec<DayOrgIds>, StoreError> {
@@ -816,23 +726,7 @@ impl Store for PostgresStore {
         push_filter(&mut qb, query);
         qb.push(" ORDER BY day, org_credit_code");
         let rows = qb.build().fetch_all(&self.reader).await?;
-        let mut out: Vec<DayOrgIds> = Vec::new();
-        for row in &rows {
-            let day: String = row.try_get("day")?;
-            let org: String = row.try_get("org_credit_code")?;
-            let id = uuid_from_bytes(&row.try_get::<Vec<u8>, _>("hub_id")?)?;
-            match out.last_mut() {
-                Some(last) if last.day == day && last.org_credit_code == org => {
-                    last.hub_ids.push(id)
-                }
-                _ => out.push(DayOrgIds {
-                    day,
-                    org_credit_code: org,
-                    hub_ids: vec![id],
-                }),
-            }
-        }
-        Ok(out)
+        rows::day_org_ids(&rows)
     }
 
     async fn received_at(&self, feed_seq: u64) -> Result<Option<i64>, StoreError> {
@@ -934,7 +828,7 @@ impl Store for PostgresStore {
         let rows = qb.build().fetch_all(&self.reader).await?;
         Ok(rows
             .iter()
-            .map(dead_letter_from_row)
+            .map(rows::dead_letter)
             .collect::<Result<_, _>>()?)
     }
 
@@ -963,12 +857,12 @@ impl Store for PostgresStore {
         .await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
-            let dead = dead_letter_from_row(row)?;
+            let dead = rows::dead_letter(row)?;
             let rating = sqlx::query(&format!("{RATING_COLUMNS} WHERE feed_seq = $1"))
                 .bind(dead.feed_seq as i64)
                 .fetch_one(&self.reader)
                 .await?;
-            out.push((dead, stored_from_row(&rating)?));
+            out.push((dead, rows::stored_rating(&rating)?));
         }
         Ok(out)
     }
@@ -1032,16 +926,10 @@ impl Store for PostgresStore {
         push_filter(&mut qb, query);
         push_group_by(&mut qb, group_by.len(), false);
         let rows = qb.build().fetch_all(&self.reader).await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            out.push(BadCaseCounts {
-                key: group_key(row, group_by.len())?,
-                cases: row.try_get::<i64, _>("n")? as u64,
-                rectified: row.try_get::<i64, _>("rectified")? as u64,
-                called_back: row.try_get::<i64, _>("called_back")? as u64,
-            });
-        }
-        Ok(out)
+        rows.iter()
+            .map(|row| rows::bad_case_counts(row, group_by.len()))
+            .collect::<Result<_, _>>()
+            .map_err(Into::into)
     }
 
     async fn completed_case_counts(
@@ -1073,16 +961,10 @@ impl Store for PostgresStore {
         push_filter(&mut qb, &cases_query.with_time_column());
         push_group_by(&mut qb, group_by.len(), false);
         let rows = qb.build().fetch_all(&self.reader).await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            out.push(CaseCounts {
-                key: group_key(row, group_by.len())?,
-                completed: row.try_get::<i64, _>("n")? as u64,
-                rated: row.try_get::<i64, _>("rated")? as u64,
-                actively_rated: row.try_get::<i64, _>("active")? as u64,
-            });
-        }
-        Ok(out)
+        rows.iter()
+            .map(|row| rows::case_counts(row, group_by.len()))
+            .collect::<Result<_, _>>()
+            .map_err(Into::into)
     }
 
     async fn open_completed_cases(
@@ -1103,20 +985,7 @@ impl Store for PostgresStore {
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?;
-        rows.iter()
-            .map(|row| {
-                let body: Vec<u8> = row.try_get("body")?;
-                Ok(OpenCase {
-                    event_id: row.try_get::<i64, _>("id")? as u64,
-                    source_system: row.try_get("source_system")?,
-                    completed_at_micros: row.try_get("occurred_at")?,
-                    has_invitation: row.try_get("invited")?,
-                    case: pb::ServiceCase::decode(body.as_slice())
-                        .map_err(|e| StoreError::Corrupt(format!("case event: {e}")))?,
-                    pii: sealed_from_row(row)?,
-                })
-            })
-            .collect()
+        rows.iter().map(rows::open_case).collect()
     }
 
     async fn list_invitations(
@@ -1136,20 +1005,7 @@ impl Store for PostgresStore {
         }
         qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit));
         let rows = qb.build().fetch_all(&self.reader).await?;
-        rows.iter()
-            .map(|row| {
-                let body: Vec<u8> = row.try_get("body")?;
-                Ok(StoredInvitation {
-                    id: row.try_get::<i64, _>("id")? as u64,
-                    source_system: row.try_get("source_system")?,
-                    due_at_micros: row.try_get("due_at")?,
-                    created_at_micros: row.try_get("created_at")?,
-                    case: pb::ServiceCase::decode(body.as_slice())
-                        .map_err(|e| StoreError::Corrupt(format!("case event: {e}")))?,
-                    pii: sealed_from_row(row)?,
-                })
-            })
-            .collect()
+        rows.iter().map(rows::invitation).collect()
     }
 
     fn feed_head(&self) -> watch::Receiver<u64> {

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use prost::Message;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteRow, SqliteSynchronous,
@@ -22,16 +21,14 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::chunk;
+use super::rows::{self, Columns};
 use super::writer::{self, GroupResult, GroupWrite, Job, Queue};
 use super::{
-    BadCaseCounts, CaseCounts, CaseEntryRecord, CaseOutcome, DayOrgIds, DeadLetter, InsertOutcome,
-    NewCaseEvent, NewRating, OpenCase, PiiAccess, RatingQuery, RelayWrite, ScopeFilter,
-    StatsDimension, StatsRow, Store, StoreError, StoredBadCase, StoredInvitation, StoredRating,
-    UpstreamState, evidence_refs, sealed, stored_rating,
+    BadCaseCounts, CaseCounts, CaseOutcome, DayOrgIds, DeadLetter, InsertOutcome, NewCaseEvent,
+    NewRating, OpenCase, PiiAccess, RatingQuery, RelayWrite, ScopeFilter, StatsDimension, StatsRow,
+    Store, StoreError, StoredBadCase, StoredInvitation, StoredRating, UpstreamState,
 };
 use crate::clock::Clock;
-use crate::pb::v1 as pb;
-use crate::privacy::Sealed;
 
 mod group;
 
@@ -122,37 +119,17 @@ impl SqliteStore {
 
 impl SqliteStore {
     async fn bad_case_from_row(&self, row: &SqliteRow) -> Result<StoredBadCase, StoreError> {
-        let id = row.try_get::<i64, _>("id")? as u64;
         let entries = sqlx::query(
             "SELECT action, actor, at, note, evidence_refs, new_deadline, appeal_outcome \
              FROM bad_rating_case_entries WHERE case_id = ? ORDER BY id",
         )
-        .bind(id as i64)
+        .bind(row.int("id")?)
         .fetch_all(&self.reader)
         .await?
         .iter()
-        .map(|e| {
-            let refs: String = e.try_get("evidence_refs")?;
-            Ok(CaseEntryRecord {
-                action: e.try_get("action")?,
-                actor: e.try_get("actor")?,
-                at_micros: e.try_get("at")?,
-                note: e.try_get("note")?,
-                evidence_refs: evidence_refs(&refs),
-                new_deadline_micros: e.try_get("new_deadline")?,
-                appeal_outcome: e.try_get("appeal_outcome")?,
-            })
-        })
+        .map(rows::case_entry)
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        Ok(StoredBadCase {
-            id,
-            hub_id: uuid_from_row(row, "hub_id")?,
-            org_credit_code: row.try_get("org_credit_code")?,
-            region_code: row.try_get("region_code")?,
-            opened_at_micros: row.try_get("opened_at")?,
-            real_name: row.try_get("real_name")?,
-            entries,
-        })
+        rows::bad_case(row, entries)
     }
 }
 
@@ -414,21 +391,6 @@ async fn relay_write(
     }
 }
 
-fn dead_letter_from_row(row: &SqliteRow) -> Result<DeadLetter, sqlx::Error> {
-    let hub_id: Option<Vec<u8>> = row.try_get("hub_id")?;
-    Ok(DeadLetter {
-        id: row.try_get::<i64, _>("id")? as u64,
-        upstream: row.try_get("upstream")?,
-        feed_seq: row.try_get::<i64, _>("feed_seq")? as u64,
-        hub_id: hub_id.and_then(|b| Uuid::from_slice(&b).ok()),
-        error: row.try_get("error")?,
-        attempts: row.try_get::<i64, _>("attempts")? as u32,
-        created_at_micros: row.try_get("created_at")?,
-        replay_requested: row.try_get("replay_requested")?,
-        resolved_at_micros: row.try_get("resolved_at")?,
-    })
-}
-
 const DEAD_LETTER_COLUMNS: &str = "SELECT d.id, d.upstream, d.feed_seq, r.hub_id, d.error, \
      d.attempts, d.created_at, d.replay_requested, d.resolved_at \
      FROM dead_letters d LEFT JOIN ratings r ON r.feed_seq = d.feed_seq";
@@ -483,29 +445,8 @@ async fn insert_case(
     })
 }
 
-fn uuid_from_row(row: &SqliteRow, col: &str) -> Result<Uuid, sqlx::Error> {
-    let bytes: Vec<u8> = row.try_get(col)?;
-    Uuid::from_slice(&bytes).map_err(|e| sqlx::Error::Decode(Box::new(e)))
-}
-
 const RATING_COLUMNS: &str = "SELECT feed_seq, hub_id, source_system, received_at, body, pii, pii_key_id, quality_flags \
      FROM ratings";
-
-fn stored_from_row(row: &SqliteRow) -> Result<StoredRating, StoreError> {
-    stored_rating(
-        row.try_get::<i64, _>("feed_seq")? as u64,
-        &row.try_get::<Vec<u8>, _>("hub_id")?,
-        row.try_get("source_system")?,
-        row.try_get("received_at")?,
-        &row.try_get::<Vec<u8>, _>("body")?,
-        row.try_get("quality_flags")?,
-        sealed_from_row(row)?,
-    )
-}
-
-fn sealed_from_row(row: &SqliteRow) -> Result<Option<Sealed>, sqlx::Error> {
-    Ok(sealed(row.try_get("pii")?, row.try_get("pii_key_id")?))
-}
 
 /// `AND (org in scope OR region under a scope prefix)`, on the table's `org_credit_code` and
 /// `region_code` columns. Region codes are digits; ':' sorts right after '9', so
@@ -587,11 +528,6 @@ fn push_group_by(qb: &mut QueryBuilder<'_, Sqlite>, n: usize, ordered: bool) {
     }
 }
 
-/// The group key of a grouped row: its first `n` columns as text.
-fn group_key(row: &SqliteRow, n: usize) -> Result<Vec<String>, sqlx::Error> {
-    (0..n).map(|i| row.try_get::<String, _>(i)).collect()
-}
-
 fn dimension_sql(d: StatsDimension) -> &'static str {
     // Days and months are China Standard Time (UTC+8), as the policy texts count them.
     match d {
@@ -631,7 +567,7 @@ impl Store for SqliteStore {
             .bind(hub_id.as_bytes().as_slice())
             .fetch_optional(&self.reader)
             .await?;
-        row.as_ref().map(stored_from_row).transpose()
+        row.as_ref().map(rows::stored_rating).transpose()
     }
 
     async fn list_ratings(
@@ -646,7 +582,7 @@ impl Store for SqliteStore {
         qb.push(" ORDER BY feed_seq LIMIT ")
             .push_bind(i64::from(limit));
         let rows = qb.build().fetch_all(&self.reader).await?;
-        rows.iter().map(stored_from_row).collect()
+        rows.iter().map(rows::stored_rating).collect()
     }
 
     async fn stats(
@@ -669,27 +605,10 @@ impl Store for SqliteStore {
         push_filter(&mut qb, query);
         push_group_by(&mut qb, group_by.len(), true);
         let rows = qb.build().fetch_all(&self.reader).await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let total = row.try_get::<i64, _>("total")? as u64;
-            if total == 0 {
-                continue;
-            }
-            let key = group_key(row, group_by.len())?;
-            let mut per_level = [0u64; 5];
-            for (i, slot) in per_level.iter_mut().enumerate() {
-                *slot = row.try_get::<i64, _>(format!("l{}", i + 1).as_str())? as u64;
-            }
-            out.push(StatsRow {
-                key,
-                total,
-                per_level,
-                default_ratings: row.try_get::<i64, _>("defaults")? as u64,
-                flagged: row.try_get::<i64, _>("flagged")? as u64,
-                ..Default::default()
-            });
-        }
-        Ok(out)
+        rows.iter()
+            .filter_map(|row| rows::stats_row(row, group_by.len()).transpose())
+            .collect::<Result<_, _>>()
+            .map_err(Into::into)
     }
 
     async fn record_pii_access(
@@ -727,17 +646,7 @@ impl Store for SqliteStore {
         }
         qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit));
         let rows = qb.build().fetch_all(&self.reader).await?;
-        rows.iter()
-            .map(|row| {
-                Ok(PiiAccess {
-                    id: row.try_get::<i64, _>("id")? as u64,
-                    at_micros: row.try_get("at")?,
-                    principal: row.try_get("principal")?,
-                    rpc: row.try_get("rpc")?,
-                    hub_id: uuid_from_row(row, "hub_id")?,
-                })
-            })
-            .collect()
+        rows.iter().map(rows::pii_access).collect()
     }
 
     async fn hub_ids_by_day_org(&self, query: &RatingQuery) -> Result<Vec<DayOrgIds>, StoreError> {
@@ -748,23 +657,7 @@ impl Store for SqliteStore {
         push_filter(&mut qb, query);
         qb.push(" ORDER BY day, org_credit_code");
         let rows = qb.build().fetch_all(&self.reader).await?;
-        let mut out: Vec<DayOrgIds> = Vec::new();
-        for row in &rows {
-            let day: String = row.try_get("day")?;
-            let org: String = row.try_get("org_credit_code")?;
-            let id = uuid_from_row(row, "hub_id")?;
-            match out.last_mut() {
-                Some(last) if last.day == day && last.org_credit_code == org => {
-                    last.hub_ids.push(id)
-                }
-                _ => out.push(DayOrgIds {
-                    day,
-                    org_credit_code: org,
-                    hub_ids: vec![id],
-                }),
-            }
-        }
-        Ok(out)
+        rows::day_org_ids(&rows)
     }
 
     async fn received_at(&self, feed_seq: u64) -> Result<Option<i64>, StoreError> {
@@ -821,7 +714,7 @@ impl Store for SqliteStore {
         let rows = qb.build().fetch_all(&self.reader).await?;
         Ok(rows
             .iter()
-            .map(dead_letter_from_row)
+            .map(rows::dead_letter)
             .collect::<Result<_, _>>()?)
     }
 
@@ -850,12 +743,12 @@ impl Store for SqliteStore {
         .await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
-            let dead = dead_letter_from_row(row)?;
+            let dead = rows::dead_letter(row)?;
             let rating = sqlx::query(&format!("{RATING_COLUMNS} WHERE feed_seq = ?"))
                 .bind(dead.feed_seq as i64)
                 .fetch_one(&self.reader)
                 .await?;
-            out.push((dead, stored_from_row(&rating)?));
+            out.push((dead, rows::stored_rating(&rating)?));
         }
         Ok(out)
     }
@@ -919,17 +812,10 @@ impl Store for SqliteStore {
         push_filter(&mut qb, query);
         push_group_by(&mut qb, group_by.len(), false);
         let rows = qb.build().fetch_all(&self.reader).await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let key = group_key(row, group_by.len())?;
-            out.push(BadCaseCounts {
-                key,
-                cases: row.try_get::<i64, _>("n")? as u64,
-                rectified: row.try_get::<i64, _>("rectified")? as u64,
-                called_back: row.try_get::<i64, _>("called_back")? as u64,
-            });
-        }
-        Ok(out)
+        rows.iter()
+            .map(|row| rows::bad_case_counts(row, group_by.len()))
+            .collect::<Result<_, _>>()
+            .map_err(Into::into)
     }
 
     async fn completed_case_counts(
@@ -963,17 +849,10 @@ impl Store for SqliteStore {
         push_filter(&mut qb, &cases_query.with_time_column());
         push_group_by(&mut qb, group_by.len(), false);
         let rows = qb.build().fetch_all(&self.reader).await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let key = group_key(row, group_by.len())?;
-            out.push(CaseCounts {
-                key,
-                completed: row.try_get::<i64, _>("n")? as u64,
-                rated: row.try_get::<i64, _>("rated")? as u64,
-                actively_rated: row.try_get::<i64, _>("active")? as u64,
-            });
-        }
-        Ok(out)
+        rows.iter()
+            .map(|row| rows::case_counts(row, group_by.len()))
+            .collect::<Result<_, _>>()
+            .map_err(Into::into)
     }
 
     async fn open_completed_cases(
@@ -994,20 +873,7 @@ impl Store for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?;
-        rows.iter()
-            .map(|row| {
-                let body: Vec<u8> = row.try_get("body")?;
-                Ok(OpenCase {
-                    event_id: row.try_get::<i64, _>("id")? as u64,
-                    source_system: row.try_get("source_system")?,
-                    completed_at_micros: row.try_get("occurred_at")?,
-                    has_invitation: row.try_get("invited")?,
-                    case: pb::ServiceCase::decode(body.as_slice())
-                        .map_err(|e| StoreError::Corrupt(format!("case event: {e}")))?,
-                    pii: sealed_from_row(row)?,
-                })
-            })
-            .collect()
+        rows.iter().map(rows::open_case).collect()
     }
 
     async fn list_invitations(
@@ -1027,20 +893,7 @@ impl Store for SqliteStore {
         }
         qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit));
         let rows = qb.build().fetch_all(&self.reader).await?;
-        rows.iter()
-            .map(|row| {
-                let body: Vec<u8> = row.try_get("body")?;
-                Ok(StoredInvitation {
-                    id: row.try_get::<i64, _>("id")? as u64,
-                    source_system: row.try_get("source_system")?,
-                    due_at_micros: row.try_get("due_at")?,
-                    created_at_micros: row.try_get("created_at")?,
-                    case: pb::ServiceCase::decode(body.as_slice())
-                        .map_err(|e| StoreError::Corrupt(format!("case event: {e}")))?,
-                    pii: sealed_from_row(row)?,
-                })
-            })
-            .collect()
+        rows.iter().map(rows::invitation).collect()
     }
 
     fn feed_head(&self) -> watch::Receiver<u64> {

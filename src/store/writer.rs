@@ -151,12 +151,7 @@ async fn commit_group<W: GroupWrite>(backend: &mut W, head: &watch::Sender<u64>,
     match backend.write_group(&group).await {
         Ok((results, new_head)) => {
             if let Some(h) = new_head {
-                // Another instance's notification may already have moved it further.
-                head.send_if_modified(|v| {
-                    let moved = h > *v;
-                    *v = (*v).max(h);
-                    moved
-                });
+                advance_head(head, h);
             }
             for (job, result) in group.into_iter().zip(results) {
                 match (job, result) {
@@ -207,6 +202,16 @@ async fn commit_group<W: GroupWrite>(backend: &mut W, head: &watch::Sender<u64>,
             }
         }
     }
+}
+
+/// Moves the feed head forward to `h` (never back: another instance's notification may
+/// already have moved it further), waking its watchers only when it moved.
+pub(crate) fn advance_head(head: &watch::Sender<u64>, h: u64) {
+    head.send_if_modified(|v| {
+        let moved = h > *v;
+        *v = (*v).max(h);
+        moved
+    });
 }
 
 /// The ratings of a group, in job order.

@@ -387,17 +387,7 @@ async fn subscribe_from_zero_while_writers_are_busy_sees_every_rating_once_in_or
             ids
         }));
     }
-    let mut got = Vec::new();
-    while got.len() < 2000 {
-        let r = tokio::time::timeout(LIMIT, sub.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-            .rating
-            .unwrap();
-        got.push((r.feed_sequence, r.hub_id));
-    }
+    let got = read_subscription(&mut sub, 2000).await;
     let mut acked = HashSet::new();
     for w in writers {
         acked.extend(w.await.unwrap());

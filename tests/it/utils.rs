@@ -447,3 +447,25 @@ pub fn bad_request_fields(status: &tonic::Status) -> Vec<String> {
         .map(|v| v.field.clone())
         .collect()
 }
+
+/// Reads a subscription until it has `n` ratings: (feed sequence, hub id) in arrival order.
+pub async fn read_subscription(
+    sub: &mut tonic::Streaming<pb::SubscribeResponse>,
+    n: usize,
+) -> Vec<(u64, String)> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            tokio_stream::StreamExt::next(sub),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("subscription stalled at {} of {n}", got.len()))
+        .expect("subscription open")
+        .expect("subscription healthy")
+        .rating
+        .unwrap();
+        got.push((r.feed_sequence, r.hub_id));
+    }
+    got
+}

@@ -6,8 +6,9 @@ use sqlx::Row;
 use sqlx::postgres::PgConnection;
 
 use crate::pb::v1 as pb;
+use crate::store::NewRating;
 use crate::store::chunk::{self, ChunkBackend, FollowUpFacts, Lookups, Pending};
-use crate::store::{NewRating, uuid_from_bytes};
+use crate::store::rows::uuid_from_bytes;
 
 pub(super) struct PgChunks<'c>(pub &'c mut PgConnection);
 
@@ -23,9 +24,9 @@ impl ChunkBackend for PgChunks<'_> {
         // Each look-up joins the chunk's values as arrays (UNNEST), so every value is one
         // index probe: a row-value IN list would use only the index's first column.
         // 1. Stored ratings with these keys (or, for relayed ratings, these hub ids).
-        let (sources, keys): (Vec<String>, Vec<String>) = chunk
+        let (sources, keys): (Vec<&str>, Vec<&str>) = chunk
             .iter()
-            .map(|i| (i.source_system.clone(), i.rating.source_key.clone()))
+            .map(|i| (i.source_system.as_str(), i.rating.source_key.as_str()))
             .unzip();
         let relayed: Vec<Vec<u8>> = chunk
             .iter()
@@ -60,12 +61,14 @@ impl ChunkBackend for PgChunks<'_> {
         }
 
         // 2. Counting rules: cases, batches and visits that already have a rating.
-        let org = |i: &NewRating| i.rating.org_credit_code.as_str().to_owned();
+        fn org(i: &NewRating) -> &str {
+            i.rating.org_credit_code.as_str()
+        }
         let items = chunk::counted(chunk, pb::TargetKind::Item);
         if items.clone().next().is_some() {
-            let (orgs, cases): (Vec<String>, Vec<String>) = items
+            let (orgs, cases): (Vec<&str>, Vec<&str>) = items
                 .clone()
-                .map(|i| (org(i), i.rating.case_number.clone()))
+                .map(|i| (org(i), i.rating.case_number.as_str()))
                 .unzip();
             let rows = sqlx::query(
                 "SELECT r.org_credit_code, r.case_number FROM ratings r \
@@ -83,8 +86,8 @@ impl ChunkBackend for PgChunks<'_> {
         }
         let batched = items.filter(|i| !i.rating.body.batch_id.is_empty());
         if batched.clone().next().is_some() {
-            let (orgs, batches): (Vec<String>, Vec<String>) = batched
-                .map(|i| (org(i), i.rating.body.batch_id.clone()))
+            let (orgs, batches): (Vec<&str>, Vec<&str>) = batched
+                .map(|i| (org(i), i.rating.body.batch_id.as_str()))
                 .unzip();
             let rows = sqlx::query(
                 "SELECT r.org_credit_code, r.batch_id FROM ratings r \
@@ -108,8 +111,8 @@ impl ChunkBackend for PgChunks<'_> {
             let mut staff = Vec::new();
             for i in visits {
                 orgs.push(org(i));
-                cases.push(i.rating.case_number.clone());
-                staff.push(i.rating.staff_id.clone());
+                cases.push(i.rating.case_number.as_str());
+                staff.push(i.rating.staff_id.as_str());
             }
             let rows = sqlx::query(
                 "SELECT r.org_credit_code, r.case_number, r.staff_id FROM ratings r \

@@ -7,7 +7,6 @@ use sqlx::sqlite::SqliteConnection;
 use sqlx::{QueryBuilder, Row, Sqlite};
 use uuid::Uuid;
 
-use super::uuid_from_row;
 use crate::pb::v1 as pb;
 use crate::store::NewRating;
 use crate::store::chunk::{self, ChunkBackend, FollowUpFacts, Key, Known, Lookups, Pending};
@@ -45,7 +44,8 @@ impl ChunkBackend for SqliteChunks<'_> {
             }
             for row in qb.build().fetch_all(&mut *conn).await? {
                 let known = (
-                    uuid_from_row(&row, "hub_id")?,
+                    crate::store::rows::uuid_from_bytes(&row.try_get::<Vec<u8>, _>("hub_id")?)
+                        .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
                     row.try_get::<i64, _>("feed_seq")? as u64,
                     row.try_get::<Vec<u8>, _>("content_hash")?,
                 );

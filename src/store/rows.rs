@@ -1,0 +1,255 @@
+//! Reading the hub's rows, once for every backend. Both schemas hold the same columns (with
+//! each engine's types), so a row becomes a `StoredRating`, `DeadLetter`, case or count the
+//! same way whichever database it came from; only the SQL differs per backend.
+
+use prost::Message;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{
+    BadCaseCounts, CaseCounts, CaseEntryRecord, DayOrgIds, DeadLetter, OpenCase, PiiAccess,
+    StatsRow, StoreError, StoredBadCase, StoredInvitation, StoredRating,
+};
+use crate::pb::v1 as pb;
+use crate::privacy::Sealed;
+
+/// Typed column access shared by the backends' row types.
+pub(crate) trait Columns {
+    fn int(&self, col: &str) -> Result<i64, sqlx::Error>;
+    fn int32(&self, col: &str) -> Result<i32, sqlx::Error>;
+    fn text(&self, col: &str) -> Result<String, sqlx::Error>;
+    fn bytes(&self, col: &str) -> Result<Vec<u8>, sqlx::Error>;
+    fn flag(&self, col: &str) -> Result<bool, sqlx::Error>;
+    fn opt_int(&self, col: &str) -> Result<Option<i64>, sqlx::Error>;
+    fn opt_text(&self, col: &str) -> Result<Option<String>, sqlx::Error>;
+    fn opt_bytes(&self, col: &str) -> Result<Option<Vec<u8>>, sqlx::Error>;
+    /// The `i`-th column as text (statistics group keys).
+    fn text_at(&self, i: usize) -> Result<String, sqlx::Error>;
+}
+
+macro_rules! columns {
+    ($row:ty) => {
+        impl Columns for $row {
+            fn int(&self, col: &str) -> Result<i64, sqlx::Error> {
+                self.try_get(col)
+            }
+            fn int32(&self, col: &str) -> Result<i32, sqlx::Error> {
+                self.try_get(col)
+            }
+            fn text(&self, col: &str) -> Result<String, sqlx::Error> {
+                self.try_get(col)
+            }
+            fn bytes(&self, col: &str) -> Result<Vec<u8>, sqlx::Error> {
+                self.try_get(col)
+            }
+            fn flag(&self, col: &str) -> Result<bool, sqlx::Error> {
+                self.try_get(col)
+            }
+            fn opt_int(&self, col: &str) -> Result<Option<i64>, sqlx::Error> {
+                self.try_get(col)
+            }
+            fn opt_text(&self, col: &str) -> Result<Option<String>, sqlx::Error> {
+                self.try_get(col)
+            }
+            fn opt_bytes(&self, col: &str) -> Result<Option<Vec<u8>>, sqlx::Error> {
+                self.try_get(col)
+            }
+            fn text_at(&self, i: usize) -> Result<String, sqlx::Error> {
+                self.try_get(i)
+            }
+        }
+    };
+}
+
+columns!(sqlx::sqlite::SqliteRow);
+columns!(sqlx::postgres::PgRow);
+
+pub(crate) fn uuid_from_bytes(bytes: &[u8]) -> Result<Uuid, StoreError> {
+    Uuid::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("hub id: {e}")))
+}
+
+fn hub_id(row: &impl Columns, col: &str) -> Result<Uuid, StoreError> {
+    uuid_from_bytes(&row.bytes(col)?)
+}
+
+/// Sealed PII from its two columns `pii` and `pii_key_id` (both or neither).
+pub(crate) fn sealed(row: &impl Columns) -> Result<Option<Sealed>, sqlx::Error> {
+    Ok(match (row.opt_bytes("pii")?, row.opt_text("pii_key_id")?) {
+        (Some(blob), Some(key_id)) => Some(Sealed { key_id, blob }),
+        _ => None,
+    })
+}
+
+fn case_body(row: &impl Columns) -> Result<pb::ServiceCase, StoreError> {
+    pb::ServiceCase::decode(row.bytes("body")?.as_slice())
+        .map_err(|e| StoreError::Corrupt(format!("case event: {e}")))
+}
+
+/// A rating from the columns of `RATING_COLUMNS` (each backend's SELECT of them).
+pub(crate) fn stored_rating(row: &impl Columns) -> Result<StoredRating, StoreError> {
+    let feed_seq = row.int("feed_seq")? as u64;
+    let mut rating = pb::Rating::decode(row.bytes("body")?.as_slice())
+        .map_err(|e| StoreError::Corrupt(format!("rating {feed_seq}: {e}")))?;
+    rating.hub_id = hub_id(row, "hub_id")?.to_string();
+    rating.source_system = row.text("source_system")?;
+    rating.feed_sequence = feed_seq;
+    // The column is authoritative: the writer may add flags the body was encoded without.
+    let bits = row.int("quality_flags")?;
+    rating.quality_flags = (1..63).filter(|b| bits & (1 << b) != 0).collect();
+    rating.received_at = Some(crate::time::timestamp_from_micros(row.int("received_at")?));
+    Ok(StoredRating {
+        feed_seq,
+        rating,
+        pii: sealed(row)?,
+    })
+}
+
+pub(crate) fn dead_letter(row: &impl Columns) -> Result<DeadLetter, sqlx::Error> {
+    Ok(DeadLetter {
+        id: row.int("id")? as u64,
+        upstream: row.text("upstream")?,
+        feed_seq: row.int("feed_seq")? as u64,
+        hub_id: row
+            .opt_bytes("hub_id")?
+            .and_then(|b| Uuid::from_slice(&b).ok()),
+        error: row.text("error")?,
+        attempts: row.int("attempts")? as u32,
+        created_at_micros: row.int("created_at")?,
+        replay_requested: row.flag("replay_requested")?,
+        resolved_at_micros: row.opt_int("resolved_at")?,
+    })
+}
+
+pub(crate) fn case_entry(row: &impl Columns) -> Result<CaseEntryRecord, sqlx::Error> {
+    Ok(CaseEntryRecord {
+        action: row.int32("action")?,
+        actor: row.text("actor")?,
+        at_micros: row.int("at")?,
+        note: row.text("note")?,
+        // Stored newline-separated.
+        evidence_refs: row
+            .text("evidence_refs")?
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        new_deadline_micros: row.opt_int("new_deadline")?,
+        appeal_outcome: row.int32("appeal_outcome")?,
+    })
+}
+
+/// A bad-rating case from its `bad_rating_cases` row and its history.
+pub(crate) fn bad_case(
+    row: &impl Columns,
+    entries: Vec<CaseEntryRecord>,
+) -> Result<StoredBadCase, StoreError> {
+    Ok(StoredBadCase {
+        id: row.int("id")? as u64,
+        hub_id: hub_id(row, "hub_id")?,
+        org_credit_code: row.text("org_credit_code")?,
+        region_code: row.text("region_code")?,
+        opened_at_micros: row.int("opened_at")?,
+        real_name: row.flag("real_name")?,
+        entries,
+    })
+}
+
+pub(crate) fn pii_access(row: &impl Columns) -> Result<PiiAccess, StoreError> {
+    Ok(PiiAccess {
+        id: row.int("id")? as u64,
+        at_micros: row.int("at")?,
+        principal: row.text("principal")?,
+        rpc: row.text("rpc")?,
+        hub_id: hub_id(row, "hub_id")?,
+    })
+}
+
+pub(crate) fn open_case(row: &impl Columns) -> Result<OpenCase, StoreError> {
+    Ok(OpenCase {
+        event_id: row.int("id")? as u64,
+        source_system: row.text("source_system")?,
+        completed_at_micros: row.int("occurred_at")?,
+        has_invitation: row.flag("invited")?,
+        case: case_body(row)?,
+        pii: sealed(row)?,
+    })
+}
+
+pub(crate) fn invitation(row: &impl Columns) -> Result<StoredInvitation, StoreError> {
+    Ok(StoredInvitation {
+        id: row.int("id")? as u64,
+        source_system: row.text("source_system")?,
+        due_at_micros: row.int("due_at")?,
+        created_at_micros: row.int("created_at")?,
+        case: case_body(row)?,
+        pii: sealed(row)?,
+    })
+}
+
+/// The group key of a grouped row: its first `n` columns as text.
+fn group_key(row: &impl Columns, n: usize) -> Result<Vec<String>, sqlx::Error> {
+    (0..n).map(|i| row.text_at(i)).collect()
+}
+
+/// One group of `stats` (keys `k0…`, then total, l1…l5, defaults, flagged); `None` when
+/// the group is empty.
+pub(crate) fn stats_row(row: &impl Columns, n: usize) -> Result<Option<StatsRow>, sqlx::Error> {
+    let total = row.int("total")? as u64;
+    if total == 0 {
+        return Ok(None);
+    }
+    let mut per_level = [0u64; 5];
+    for (i, slot) in per_level.iter_mut().enumerate() {
+        *slot = row.int(&format!("l{}", i + 1))? as u64;
+    }
+    Ok(Some(StatsRow {
+        key: group_key(row, n)?,
+        total,
+        per_level,
+        default_ratings: row.int("defaults")? as u64,
+        flagged: row.int("flagged")? as u64,
+        ..Default::default()
+    }))
+}
+
+/// One group of `bad_case_counts` (keys, then n, rectified, called_back).
+pub(crate) fn bad_case_counts(row: &impl Columns, n: usize) -> Result<BadCaseCounts, sqlx::Error> {
+    Ok(BadCaseCounts {
+        key: group_key(row, n)?,
+        cases: row.int("n")? as u64,
+        rectified: row.int("rectified")? as u64,
+        called_back: row.int("called_back")? as u64,
+    })
+}
+
+/// One group of `completed_case_counts` (keys, then n, rated, active).
+pub(crate) fn case_counts(row: &impl Columns, n: usize) -> Result<CaseCounts, sqlx::Error> {
+    Ok(CaseCounts {
+        key: group_key(row, n)?,
+        completed: row.int("n")? as u64,
+        rated: row.int("rated")? as u64,
+        actively_rated: row.int("active")? as u64,
+    })
+}
+
+/// Folds rows of (day, org_credit_code, hub_id), ordered by day and organisation, into one
+/// entry per (day, organisation).
+pub(crate) fn day_org_ids<'r, R: Columns + 'r>(
+    rows: impl IntoIterator<Item = &'r R>,
+) -> Result<Vec<DayOrgIds>, StoreError> {
+    let mut out: Vec<DayOrgIds> = Vec::new();
+    for row in rows {
+        let day = row.text("day")?;
+        let org = row.text("org_credit_code")?;
+        let id = hub_id(row, "hub_id")?;
+        match out.last_mut() {
+            Some(last) if last.day == day && last.org_credit_code == org => last.hub_ids.push(id),
+            _ => out.push(DayOrgIds {
+                day,
+                org_credit_code: org,
+                hub_ids: vec![id],
+            }),
+        }
+    }
+    Ok(out)
+}

@@ -68,11 +68,12 @@ fn spawn(
         .expect("spawn rating-hub");
     let (tx, rx) = mpsc::channel();
     let stderr = child.stderr.take().unwrap();
+    let pid = child.id();
+    // The thread inherits the test's output capture: a failing test shows the hub's log.
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
+            eprintln!("hub[{pid}] {line}");
+            let _ = tx.send(line);
         }
     });
     let mut addr = None;

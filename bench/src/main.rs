@@ -61,6 +61,29 @@ enum Cmd {
         #[arg(long)]
         pg_url: Option<String>,
     },
+    /// Only closed-loop SubmitRatings against baseline A, printed, nothing written: a quick
+    /// probe while profiling (`perf record -p <hub pid>` meanwhile). `--env KEY=VALUE` sets
+    /// hub config, e.g. `--env RATING_HUB__STORAGE__SYNCHRONOUS=normal`.
+    Probe {
+        #[arg(long, default_value = "target/release/rating-hub")]
+        hub_bin: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Ratings per call.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long)]
+        env: Vec<String>,
+    },
+    /// Only baseline B (SQLite) at one batch size, printed: a quick probe.
+    Raw {
+        #[arg(long, default_value_t = 50_000)]
+        rows: u64,
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+    },
     /// Baseline A: the same IngestService contract and mTLS, storing nothing.
     Echo {
         #[arg(long)]
@@ -255,7 +278,19 @@ impl Child {
             anyhow::bail!("the process exited before announcing its address")
         })
         .await??;
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // RATING_BENCH_LOG=FILE keeps the process's later log lines (for profiling runs).
+        let mut keep = match std::env::var_os("RATING_BENCH_LOG") {
+            Some(path) => Some(tokio::fs::File::create(path).await?),
+            None => None,
+        };
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(f) = keep.as_mut() {
+                    let _ = f.write_all(format!("{line}\n").as_bytes()).await;
+                }
+            }
+        });
         Ok(Self {
             child,
             url: format!("https://{addr}"),
@@ -528,9 +563,7 @@ async fn open_loop(
 /// Baseline B: the same rows, the same schema and pragmas, batched inserts, nothing else.
 async fn raw_sqlite(dir: &Path, rows: u64, batch: usize) -> anyhow::Result<Measured> {
     use sqlx::Connection;
-    use sqlx::sqlite::{
-        SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous,
-    };
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
     let path = dir.join("baseline.db");
     let opts = rating_hub::store::SqliteOptions {
         path: path.display().to_string(),
@@ -542,55 +575,72 @@ async fn raw_sqlite(dir: &Path, rows: u64, batch: usize) -> anyhow::Result<Measu
     rating_hub::store::Store::close(&store).await;
     let new = baseline_rows(dir, rows)?;
     let now = now_micros();
-    let mut conn = SqliteConnection::connect_with(
-        &SqliteConnectOptions::new()
-            .filename(&path)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full),
-    )
+    // The hub's own connection settings (pragmas) for the same file.
+    let mut conn = SqliteConnection::connect_with(&rating_hub::store::SqliteStore::writer_options(
+        SqliteConnectOptions::new().filename(&path),
+        true,
+    ))
     .await?;
     let start = Instant::now();
     let mut seq = 0i64;
     for chunk in new.chunks(batch) {
         let mut tx = conn.begin().await?;
-        for item in chunk {
+        // One multi-row INSERT per batch, as the hub's writer does: one statement (one trip
+        // to sqlx's SQLite thread) per batch instead of one per row.
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO ratings (feed_seq, hub_id, source_system, source_key, content_hash, level, \
+             channel, target_kind, org_credit_code, region_code, item_code, staff_id, case_number, \
+             rated_at, received_at, is_default, quality_flags, body, pii, pii_key_id, follow_up_of, \
+             batch_id, theme_id, device_id, template_hash, phone_tag) ",
+        );
+        qb.push_values(chunk, |mut b, item| {
             seq += 1;
             let r = &item.rating;
-            sqlx::query(
-                "INSERT INTO ratings (feed_seq, hub_id, source_system, source_key, content_hash, level, \
-                 channel, target_kind, org_credit_code, region_code, item_code, staff_id, case_number, \
-                 rated_at, received_at, is_default, quality_flags, body, pii, pii_key_id, follow_up_of, \
-                 batch_id, theme_id, device_id, template_hash, phone_tag) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(seq)
-            .bind(item.hub_id.as_bytes().as_slice())
-            .bind(&item.source_system)
-            .bind(&r.source_key)
-            .bind(r.content_hash.as_slice())
-            .bind(r.level as i32)
-            .bind(r.channel as i32)
-            .bind(r.target_kind as i32)
-            .bind(r.org_credit_code.as_str())
-            .bind(r.region_code.as_str())
-            .bind(&r.item_code)
-            .bind(&r.staff_id)
-            .bind(&r.case_number)
-            .bind(r.rated_at_micros)
-            .bind(now)
-            .bind(false)
-            .bind(0i64)
-            .bind(item.body_bytes.as_slice())
-            .bind(item.pii.as_ref().map(|p| p.blob.as_slice()))
-            .bind(item.pii.as_ref().map(|p| p.key_id.as_str()))
-            .bind("")
-            .bind("")
-            .bind("")
-            .bind("")
-            .bind(item.template_hash.as_ref().map(|h| h.as_slice()))
-            .bind(item.phone_tag.as_ref().map(|h| h.as_slice()))
-            .execute(&mut *tx)
-            .await?;
+            b.push_bind(seq)
+                .push_bind(item.hub_id.as_bytes().as_slice())
+                .push_bind(item.source_system.as_str())
+                .push_bind(r.source_key.as_str())
+                .push_bind(r.content_hash.as_slice())
+                .push_bind(r.level as i32)
+                .push_bind(r.channel as i32)
+                .push_bind(r.target_kind as i32)
+                .push_bind(r.org_credit_code.as_str())
+                .push_bind(r.region_code.as_str())
+                .push_bind(r.item_code.as_str())
+                .push_bind(r.staff_id.as_str())
+                .push_bind(r.case_number.as_str())
+                .push_bind(r.rated_at_micros)
+                .push_bind(now)
+                .push_bind(false)
+                .push_bind(0i64)
+                .push_bind(item.body_bytes.as_slice())
+                .push_bind(item.pii.as_ref().map(|p| p.blob.as_slice()))
+                .push_bind(item.pii.as_ref().map(|p| p.key_id.as_str()))
+                .push_bind("")
+                .push_bind("")
+                .push_bind("")
+                .push_bind("")
+                .push_bind(item.template_hash.as_ref().map(|h| h.as_slice()))
+                .push_bind(item.phone_tag.as_ref().map(|h| h.as_slice()));
+        });
+        qb.build().execute(&mut *tx).await?;
+        // The case each bad rating opens (the same rule the hub applies; one row per case).
+        let bad: Vec<_> = chunk
+            .iter()
+            .filter(|i| rating_hub::domain::rating::is_bad(i.rating.level) && !i.rating.is_default)
+            .collect();
+        if !bad.is_empty() {
+            let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO bad_rating_cases (hub_id, org_credit_code, region_code, opened_at, real_name) ",
+            );
+            qb.push_values(bad, |mut b, item| {
+                b.push_bind(item.hub_id.as_bytes().as_slice())
+                    .push_bind(item.rating.org_credit_code.as_str())
+                    .push_bind(item.rating.region_code.as_str())
+                    .push_bind(now)
+                    .push_bind(false);
+            });
+            qb.build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
     }
@@ -696,6 +746,24 @@ async fn raw_postgres(
                 .push_bind(item.phone_tag.map(|h| h.to_vec()));
         });
         qb.build().execute(&mut *tx).await?;
+        // The case each bad rating opens (the same rule the hub applies; one row per case).
+        let bad: Vec<_> = chunk
+            .iter()
+            .filter(|i| rating_hub::domain::rating::is_bad(i.rating.level) && !i.rating.is_default)
+            .collect();
+        if !bad.is_empty() {
+            let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+                "INSERT INTO bad_rating_cases (hub_id, org_credit_code, region_code, opened_at, real_name) ",
+            );
+            qb.push_values(bad, |mut b, item| {
+                b.push_bind(item.hub_id.as_bytes().as_slice())
+                    .push_bind(item.rating.org_credit_code.as_str())
+                    .push_bind(item.rating.region_code.as_str())
+                    .push_bind(now)
+                    .push_bind(false);
+            });
+            qb.build().execute(&mut *tx).await?;
+        }
         tx.commit().await?;
     }
     Ok(Measured {
@@ -1066,6 +1134,56 @@ async fn run(
     Ok(())
 }
 
+async fn probe(
+    hub_bin: &Path,
+    secs: u64,
+    concurrency: usize,
+    batch: usize,
+    env: &[String],
+) -> anyhow::Result<()> {
+    let hub_bin = &hub_bin.canonicalize()?;
+    let env: Vec<(&str, String)> = env
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k, v.to_owned()))
+                .ok_or_else(|| anyhow::anyhow!("--env {kv:?}: expected KEY=VALUE"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let work = std::env::temp_dir().join(format!("rating-bench-probe-{}", std::process::id()));
+    let pki = work.join("certs/dev");
+    rating_hub::pki::init_dev(&pki)?;
+    let echo_child = Child::spawn({
+        let mut c = tokio::process::Command::new(std::env::current_exe()?);
+        c.arg("echo").arg("--pki").arg(&pki);
+        c
+    })
+    .await?;
+    let echo_ch = channels(&pki, &echo_child.url, 4).await?;
+    let a = closed_loop(&echo_ch, "echo", concurrency, batch, secs).await?;
+    echo_child.stop().await;
+    let hub_dir = work.join("hub");
+    std::fs::create_dir_all(hub_dir.join("certs"))?;
+    copy_dir(&pki, &hub_dir.join("certs/dev"))?;
+    let hub = spawn_hub(hub_bin, &hub_dir, &env).await?;
+    eprintln!("hub pid {}", hub.child.id().unwrap_or(0));
+    let ch = channels(&pki, &hub.url, 4).await?;
+    let u = closed_loop(&ch, "probe", concurrency, batch, secs).await?;
+    hub.stop().await;
+    let _ = std::fs::remove_dir_all(&work);
+    println!(
+        "A: {:.0} ratings/s ({:.1}/{:.1} ms per call); hub: {:.0} ratings/s ({:.1}/{:.1} ms); ratio {:.2}",
+        a.rate,
+        a.p50_ms,
+        a.p99_ms,
+        u.rate,
+        u.p50_ms,
+        u.p99_ms,
+        u.rate / a.rate
+    );
+    Ok(())
+}
+
 async fn wait_delivered(sink: &Sink, n: usize, limit: Duration) -> anyhow::Result<()> {
     let end = Instant::now() + limit;
     while sink.received.lock().unwrap().len() < n {
@@ -1092,6 +1210,22 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Echo { pki } => echo(&pki).await,
+        Cmd::Raw { rows, batch } => {
+            let work =
+                std::env::temp_dir().join(format!("rating-bench-raw-{}", std::process::id()));
+            std::fs::create_dir_all(&work)?;
+            let m = raw_sqlite(&work, rows, batch).await;
+            let _ = std::fs::remove_dir_all(&work);
+            println!("B: {:.0} rows/s at batch {batch}", m?.rate);
+            Ok(())
+        }
+        Cmd::Probe {
+            hub_bin,
+            secs,
+            concurrency,
+            batch,
+            env,
+        } => probe(&hub_bin, secs, concurrency, batch, &env).await,
         Cmd::Run {
             hub_bin,
             out,

@@ -148,8 +148,15 @@ async fn run<W: GroupWrite>(
 }
 
 async fn commit_group<W: GroupWrite>(backend: &mut W, head: &watch::Sender<u64>, group: Vec<Job>) {
+    let started = std::time::Instant::now();
     match backend.write_group(&group).await {
         Ok((results, new_head)) => {
+            tracing::debug!(
+                jobs = group.len(),
+                items = group.iter().map(Job::len).sum::<usize>(),
+                micros = started.elapsed().as_micros() as u64,
+                "Group committed."
+            );
             if let Some(h) = new_head {
                 advance_head(head, h);
             }

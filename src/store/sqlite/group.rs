@@ -234,31 +234,31 @@ impl ChunkBackend for SqliteChunks<'_> {
             let (item, r) = (p.item, &p.item.rating);
             let flags = p.flag_bits();
             b.push_bind(p.seq as i64)
-                .push_bind(item.hub_id.as_bytes().to_vec())
-                .push_bind(item.source_system.clone())
-                .push_bind(r.source_key.clone())
-                .push_bind(r.content_hash.to_vec())
+                .push_bind(item.hub_id.as_bytes().as_slice())
+                .push_bind(item.source_system.as_str())
+                .push_bind(r.source_key.as_str())
+                .push_bind(r.content_hash.as_slice())
                 .push_bind(r.level as i32)
                 .push_bind(r.channel as i32)
                 .push_bind(r.target_kind as i32)
-                .push_bind(r.org_credit_code.as_str().to_owned())
-                .push_bind(r.region_code.as_str().to_owned())
-                .push_bind(r.item_code.clone())
-                .push_bind(r.staff_id.clone())
-                .push_bind(r.case_number.clone())
+                .push_bind(r.org_credit_code.as_str())
+                .push_bind(r.region_code.as_str())
+                .push_bind(r.item_code.as_str())
+                .push_bind(r.staff_id.as_str())
+                .push_bind(r.case_number.as_str())
                 .push_bind(r.rated_at_micros)
                 .push_bind(received_at)
                 .push_bind(r.is_default)
                 .push_bind(flags)
-                .push_bind(item.body_bytes.clone())
-                .push_bind(item.pii.as_ref().map(|s| s.blob.clone()))
-                .push_bind(item.pii.as_ref().map(|s| s.key_id.clone()))
-                .push_bind(r.body.follow_up_of.clone())
-                .push_bind(r.body.batch_id.clone())
-                .push_bind(r.body.theme_id.clone())
-                .push_bind(r.body.device_id.clone())
-                .push_bind(item.template_hash.map(|h| h.to_vec()))
-                .push_bind(item.phone_tag.map(|h| h.to_vec()));
+                .push_bind(item.body_bytes.as_slice())
+                .push_bind(item.pii.as_ref().map(|s| s.blob.as_slice()))
+                .push_bind(item.pii.as_ref().map(|s| s.key_id.as_str()))
+                .push_bind(r.body.follow_up_of.as_str())
+                .push_bind(r.body.batch_id.as_str())
+                .push_bind(r.body.theme_id.as_str())
+                .push_bind(r.body.device_id.as_str())
+                .push_bind(item.template_hash.as_ref().map(|h| h.as_slice()))
+                .push_bind(item.phone_tag.as_ref().map(|h| h.as_slice()));
         });
         let inserted = qb.build().execute(&mut *conn).await?.rows_affected();
         if inserted != pending.len() as u64 {
@@ -276,9 +276,9 @@ impl ChunkBackend for SqliteChunks<'_> {
             );
             qb.push_values(bad, |mut b, p| {
                 let r = &p.item.rating;
-                b.push_bind(p.item.hub_id.as_bytes().to_vec())
-                    .push_bind(r.org_credit_code.as_str().to_owned())
-                    .push_bind(r.region_code.as_str().to_owned())
+                b.push_bind(p.item.hub_id.as_bytes().as_slice())
+                    .push_bind(r.org_credit_code.as_str())
+                    .push_bind(r.region_code.as_str())
                     .push_bind(received_at)
                     .push_bind(r.body.rater.as_ref().is_some_and(|x| x.real_name));
             });

@@ -1,197 +1,21 @@
 //! The SQLite side of the chunk writer ([`crate::store::chunk`]): one query per lookup and
 //! one multi-row INSERT per chunk, on the writer's connection inside its transaction.
 
-use std::collections::{HashMap, HashSet};
-
 use sqlx::sqlite::SqliteConnection;
 use sqlx::{QueryBuilder, Row, Sqlite};
-use uuid::Uuid;
 
 use crate::pb::v1 as pb;
 use crate::store::NewRating;
-use crate::store::chunk::{self, ChunkBackend, FollowUpFacts, Key, Known, Lookups, Pending};
+use crate::store::chunk::{self, ChunkBackend, FollowUpFacts, Lookups, Pending};
 
 pub(super) struct SqliteChunks<'c>(pub &'c mut SqliteConnection);
 
 impl ChunkBackend for SqliteChunks<'_> {
     async fn lookups(&mut self, chunk: &[&NewRating]) -> Result<Lookups, sqlx::Error> {
-        // Every look-up of the chunk in one compound statement (one trip to sqlx's SQLite
-        // thread instead of up to seven): each part tags its rows, and the columns are
-        // (tag, text a, text b, text c, blob x, blob y, integer n).
-        let mut qb = QueryBuilder::<Sqlite>::new("");
-        let mut parts = 0;
-        let mut part = |qb: &mut QueryBuilder<'_, Sqlite>, select: &str| {
-            if parts > 0 {
-                qb.push(" UNION ALL ");
-            }
-            parts += 1;
-            qb.push(select);
-        };
-
-        // 1. Stored ratings with these keys (or, for relayed ratings, these hub ids).
-        part(
-            &mut qb,
-            "SELECT 1, source_system, source_key, NULL, hub_id, content_hash, feed_seq \
-             FROM ratings WHERE (source_system, source_key) IN (",
-        );
-        qb.push_values(chunk, |mut b, item| {
-            b.push_bind(item.source_system.as_str())
-                .push_bind(item.rating.source_key.as_str());
-        });
-        qb.push(")");
-        let mut relayed = chunk
-            .iter()
-            .filter(|i| i.rating.relayed_hub_id.is_some())
-            .peekable();
-        if relayed.peek().is_some() {
-            qb.push(" OR hub_id IN (");
-            let mut sep = qb.separated(", ");
-            for item in relayed {
-                sep.push_bind(item.hub_id.as_bytes().as_slice());
-            }
-            qb.push(")");
-        }
-
-        // 2. Counting rules: cases, batches and visits that already have a rating.
-        let items = chunk::counted(chunk, pb::TargetKind::Item);
-        if items.clone().next().is_some() {
-            part(
-                &mut qb,
-                "SELECT 2, org_credit_code, case_number, NULL, NULL, NULL, NULL FROM ratings \
-                 WHERE target_kind = 1 AND follow_up_of = '' \
-                 AND (org_credit_code, case_number) IN (",
-            );
-            qb.push_values(items.clone(), |mut b, i| {
-                b.push_bind(i.rating.org_credit_code.as_str())
-                    .push_bind(i.rating.case_number.as_str());
-            });
-            qb.push(")");
-        }
-        let batched = items.filter(|i| !i.rating.body.batch_id.is_empty());
-        if batched.clone().next().is_some() {
-            part(
-                &mut qb,
-                "SELECT 3, org_credit_code, batch_id, NULL, NULL, NULL, NULL FROM ratings \
-                 WHERE target_kind = 1 AND follow_up_of = '' AND batch_id <> '' \
-                 AND (org_credit_code, batch_id) IN (",
-            );
-            qb.push_values(batched, |mut b, i| {
-                b.push_bind(i.rating.org_credit_code.as_str())
-                    .push_bind(i.rating.body.batch_id.as_str());
-            });
-            qb.push(")");
-        }
-        let visits = chunk::counted(chunk, pb::TargetKind::Staff)
-            .filter(|i| !i.rating.case_number.is_empty());
-        if visits.clone().next().is_some() {
-            part(
-                &mut qb,
-                "SELECT 4, org_credit_code, case_number, staff_id, NULL, NULL, NULL FROM ratings \
-                 WHERE target_kind = 3 AND follow_up_of = '' \
-                 AND (org_credit_code, case_number, staff_id) IN (",
-            );
-            qb.push_values(visits, |mut b, i| {
-                b.push_bind(i.rating.org_credit_code.as_str())
-                    .push_bind(i.rating.case_number.as_str())
-                    .push_bind(i.rating.staff_id.as_str());
-            });
-            qb.push(")");
-        }
-
-        // 3. Recent ratings per template, device and phone, over the chunk's window. (Each rating
-        //    is counted against [earliest in chunk − window, latest in chunk]: in live traffic the
-        //    ratings of one chunk are moments apart.)
-        let q = chunk[0].checks.quality;
-        let (min_at, max_at) = chunk::rated_at_range(chunk);
-        if chunk.iter().any(|i| i.template_hash.is_some()) {
-            part(
-                &mut qb,
-                "SELECT 5, source_system, NULL, NULL, template_hash, NULL, COUNT(*) FROM ratings \
-                 WHERE rated_at > ",
-            );
-            qb.push_bind(min_at - q.template_window_secs * 1_000_000)
-                .push(" AND rated_at <= ")
-                .push_bind(max_at)
-                .push(" AND (source_system, template_hash) IN (");
-            qb.push_values(
-                chunk.iter().filter_map(|i| Some((i, i.template_hash.as_ref()?))),
-                |mut b, (i, hash)| {
-                    b.push_bind(i.source_system.as_str())
-                        .push_bind(hash.as_slice());
-                },
-            );
-            qb.push(") GROUP BY 2, 5");
-        }
-        if chunk.iter().any(|i| !i.rating.body.device_id.is_empty()) {
-            part(
-                &mut qb,
-                "SELECT 6, device_id, NULL, NULL, NULL, NULL, COUNT(*) FROM ratings WHERE rated_at > ",
-            );
-            qb.push_bind(min_at - q.device_window_secs * 1_000_000)
-                .push(" AND rated_at <= ")
-                .push_bind(max_at)
-                .push(" AND device_id IN (");
-            let mut sep = qb.separated(", ");
-            for i in chunk.iter().filter(|i| !i.rating.body.device_id.is_empty()) {
-                sep.push_bind(i.rating.body.device_id.as_str());
-            }
-            qb.push(") GROUP BY 2");
-        }
-        if chunk.iter().any(|i| i.phone_tag.is_some()) {
-            part(
-                &mut qb,
-                "SELECT 7, NULL, NULL, NULL, phone_tag, NULL, COUNT(*) FROM ratings WHERE rated_at > ",
-            );
-            qb.push_bind(min_at - q.phone_window_secs * 1_000_000)
-                .push(" AND rated_at <= ")
-                .push_bind(max_at)
-                .push(" AND phone_tag IN (");
-            let mut sep = qb.separated(", ");
-            for tag in chunk.iter().filter_map(|i| i.phone_tag.as_ref()) {
-                sep.push_bind(tag.as_slice());
-            }
-            qb.push(") GROUP BY 5");
-        }
-
+        let mut qb = lookup_query(chunk);
         let mut l = Lookups::default();
         for row in qb.build().fetch_all(&mut *self.0).await? {
-            let text = |i: usize| row.try_get::<String, _>(i);
-            let blob = |i: usize| row.try_get::<Vec<u8>, _>(i);
-            match row.try_get::<i64, _>(0)? {
-                1 => {
-                    let known = (
-                        crate::store::rows::uuid_from_bytes(&blob(4)?)
-                            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-                        row.try_get::<i64, _>(6)? as u64,
-                        blob(5)?,
-                    );
-                    l.by_id.insert(known.0, known.clone());
-                    l.by_key.insert((text(1)?, text(2)?), known);
-                }
-                2 => {
-                    l.cases.insert((text(1)?, text(2)?));
-                }
-                3 => {
-                    l.batches.insert((text(1)?, text(2)?));
-                }
-                4 => {
-                    l.visits.insert((text(1)?, text(2)?, text(3)?));
-                }
-                5 => {
-                    l.templates.insert((text(1)?, blob(4)?), row.try_get(6)?);
-                }
-                6 => {
-                    l.devices.insert(text(1)?, row.try_get(6)?);
-                }
-                7 => {
-                    l.phones.insert(blob(4)?, row.try_get(6)?);
-                }
-                tag => {
-                    return Err(sqlx::Error::Protocol(format!(
-                        "look-up row with unknown tag {tag}"
-                    )));
-                }
-            }
+            read_lookup_row(&row, &mut l)?;
         }
         Ok(l)
     }
@@ -295,4 +119,189 @@ impl ChunkBackend for SqliteChunks<'_> {
         }
         Ok(())
     }
+}
+
+/// Every look-up of a chunk in one compound statement (one trip to sqlx's SQLite thread
+/// instead of up to seven): each part tags its rows, and the columns are
+/// (tag, text a, text b, text c, blob x, blob y, integer n).
+fn lookup_query<'a>(chunk: &'a [&'a NewRating]) -> QueryBuilder<'a, Sqlite> {
+    let mut qb = QueryBuilder::<Sqlite>::new("");
+    let mut parts = 0;
+    let mut part = |qb: &mut QueryBuilder<'_, Sqlite>, select: &str| {
+        if parts > 0 {
+            qb.push(" UNION ALL ");
+        }
+        parts += 1;
+        qb.push(select);
+    };
+
+    // 1. Stored ratings with these keys (or, for relayed ratings, these hub ids).
+    part(
+        &mut qb,
+        "SELECT 1, source_system, source_key, NULL, hub_id, content_hash, feed_seq \
+         FROM ratings WHERE (source_system, source_key) IN (",
+    );
+    qb.push_values(chunk, |mut b, item| {
+        b.push_bind(item.source_system.as_str())
+            .push_bind(item.rating.source_key.as_str());
+    });
+    qb.push(")");
+    let mut relayed = chunk
+        .iter()
+        .filter(|i| i.rating.relayed_hub_id.is_some())
+        .peekable();
+    if relayed.peek().is_some() {
+        qb.push(" OR hub_id IN (");
+        let mut sep = qb.separated(", ");
+        for item in relayed {
+            sep.push_bind(item.hub_id.as_bytes().as_slice());
+        }
+        qb.push(")");
+    }
+
+    // 2. Counting rules: cases, batches and visits that already have a rating.
+    let items = chunk::counted(chunk, pb::TargetKind::Item);
+    if items.clone().next().is_some() {
+        part(
+            &mut qb,
+            "SELECT 2, org_credit_code, case_number, NULL, NULL, NULL, NULL FROM ratings \
+             WHERE target_kind = 1 AND follow_up_of = '' \
+             AND (org_credit_code, case_number) IN (",
+        );
+        qb.push_values(items.clone(), |mut b, i| {
+            b.push_bind(i.rating.org_credit_code.as_str())
+                .push_bind(i.rating.case_number.as_str());
+        });
+        qb.push(")");
+    }
+    let batched = items.filter(|i| !i.rating.body.batch_id.is_empty());
+    if batched.clone().next().is_some() {
+        part(
+            &mut qb,
+            "SELECT 3, org_credit_code, batch_id, NULL, NULL, NULL, NULL FROM ratings \
+             WHERE target_kind = 1 AND follow_up_of = '' AND batch_id <> '' \
+             AND (org_credit_code, batch_id) IN (",
+        );
+        qb.push_values(batched, |mut b, i| {
+            b.push_bind(i.rating.org_credit_code.as_str())
+                .push_bind(i.rating.body.batch_id.as_str());
+        });
+        qb.push(")");
+    }
+    let visits =
+        chunk::counted(chunk, pb::TargetKind::Staff).filter(|i| !i.rating.case_number.is_empty());
+    if visits.clone().next().is_some() {
+        part(
+            &mut qb,
+            "SELECT 4, org_credit_code, case_number, staff_id, NULL, NULL, NULL FROM ratings \
+             WHERE target_kind = 3 AND follow_up_of = '' \
+             AND (org_credit_code, case_number, staff_id) IN (",
+        );
+        qb.push_values(visits, |mut b, i| {
+            b.push_bind(i.rating.org_credit_code.as_str())
+                .push_bind(i.rating.case_number.as_str())
+                .push_bind(i.rating.staff_id.as_str());
+        });
+        qb.push(")");
+    }
+
+    // 3. Recent ratings per template, device and phone, over the chunk's window. (Each rating
+    //    is counted against [earliest in chunk − window, latest in chunk]: in live traffic the
+    //    ratings of one chunk are moments apart.)
+    let q = chunk[0].checks.quality;
+    let (min_at, max_at) = chunk::rated_at_range(chunk);
+    if chunk.iter().any(|i| i.template_hash.is_some()) {
+        part(
+            &mut qb,
+            "SELECT 5, source_system, NULL, NULL, template_hash, NULL, COUNT(*) FROM ratings \
+             WHERE rated_at > ",
+        );
+        qb.push_bind(min_at - q.template_window_secs * 1_000_000)
+            .push(" AND rated_at <= ")
+            .push_bind(max_at)
+            .push(" AND (source_system, template_hash) IN (");
+        qb.push_values(
+            chunk
+                .iter()
+                .filter_map(|i| Some((i, i.template_hash.as_ref()?))),
+            |mut b, (i, hash)| {
+                b.push_bind(i.source_system.as_str())
+                    .push_bind(hash.as_slice());
+            },
+        );
+        qb.push(") GROUP BY 2, 5");
+    }
+    if chunk.iter().any(|i| !i.rating.body.device_id.is_empty()) {
+        part(
+            &mut qb,
+            "SELECT 6, device_id, NULL, NULL, NULL, NULL, COUNT(*) FROM ratings WHERE rated_at > ",
+        );
+        qb.push_bind(min_at - q.device_window_secs * 1_000_000)
+            .push(" AND rated_at <= ")
+            .push_bind(max_at)
+            .push(" AND device_id IN (");
+        let mut sep = qb.separated(", ");
+        for i in chunk.iter().filter(|i| !i.rating.body.device_id.is_empty()) {
+            sep.push_bind(i.rating.body.device_id.as_str());
+        }
+        qb.push(") GROUP BY 2");
+    }
+    if chunk.iter().any(|i| i.phone_tag.is_some()) {
+        part(
+            &mut qb,
+            "SELECT 7, NULL, NULL, NULL, phone_tag, NULL, COUNT(*) FROM ratings WHERE rated_at > ",
+        );
+        qb.push_bind(min_at - q.phone_window_secs * 1_000_000)
+            .push(" AND rated_at <= ")
+            .push_bind(max_at)
+            .push(" AND phone_tag IN (");
+        let mut sep = qb.separated(", ");
+        for tag in chunk.iter().filter_map(|i| i.phone_tag.as_ref()) {
+            sep.push_bind(tag.as_slice());
+        }
+        qb.push(") GROUP BY 5");
+    }
+
+    qb
+}
+
+fn read_lookup_row(row: &sqlx::sqlite::SqliteRow, l: &mut Lookups) -> Result<(), sqlx::Error> {
+    let text = |i: usize| row.try_get::<String, _>(i);
+    let blob = |i: usize| row.try_get::<Vec<u8>, _>(i);
+    match row.try_get::<i64, _>(0)? {
+        1 => {
+            let known = (
+                crate::store::rows::uuid_from_bytes(&blob(4)?)
+                    .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                row.try_get::<i64, _>(6)? as u64,
+                blob(5)?,
+            );
+            l.by_id.insert(known.0, known.clone());
+            l.by_key.insert((text(1)?, text(2)?), known);
+        }
+        2 => {
+            l.cases.insert((text(1)?, text(2)?));
+        }
+        3 => {
+            l.batches.insert((text(1)?, text(2)?));
+        }
+        4 => {
+            l.visits.insert((text(1)?, text(2)?, text(3)?));
+        }
+        5 => {
+            l.templates.insert((text(1)?, blob(4)?), row.try_get(6)?);
+        }
+        6 => {
+            l.devices.insert(text(1)?, row.try_get(6)?);
+        }
+        7 => {
+            l.phones.insert(blob(4)?, row.try_get(6)?);
+        }
+        tag => {
+            return Err(sqlx::Error::Protocol(format!(
+                "look-up row with unknown tag {tag}"
+            )));
+        }
+    }
+    Ok(())
 }

@@ -9,7 +9,6 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
 use crate::api::admin::AdminApi;
@@ -237,7 +236,11 @@ pub async fn start_with_clock(
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal))
         }
         None => tokio::spawn(
-            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal),
+            // TCP_NODELAY as on the TLS path (a listener passed in ignores the builder's).
+            router.serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                signal,
+            ),
         ),
     };
     tracing::info!(

@@ -77,6 +77,18 @@ enum Cmd {
         #[arg(long)]
         env: Vec<String>,
     },
+    /// Only the relay-delay scenario (open loop at `rate` ratings/s into a hub relaying to the
+    /// sink), printed: a quick probe. `--env KEY=VALUE` sets hub config.
+    RelayProbe {
+        #[arg(long, default_value = "target/release/rating-hub")]
+        hub_bin: PathBuf,
+        #[arg(long, default_value_t = 3000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        #[arg(long)]
+        env: Vec<String>,
+    },
     /// Only baseline B (SQLite) at one batch size, printed: a quick probe.
     Raw {
         #[arg(long, default_value_t = 50_000)]
@@ -176,13 +188,21 @@ async fn echo(pki: &Path) -> anyhow::Result<()> {
     eprintln!("addr={}", listener.local_addr()?);
     Server::builder()
         .tls_config(tls)?
-        .tcp_nodelay(true)
         .add_service(IngestServiceServer::new(Echo {
             seq: AtomicU64::new(0),
         }))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        // TCP_NODELAY like the hub's listener (`tcp_nodelay` on the builder does not apply
+        // to a listener passed in).
+        .serve_with_incoming(nodelay(listener))
         .await?;
     Ok(())
+}
+
+/// Accepted connections with TCP_NODELAY. With Nagle's algorithm on, a server's small HTTP/2
+/// answer can wait for the peer's delayed ACK (40 ms on Linux): that was the relay delay's
+/// p99 until the sink set it.
+fn nodelay(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 // ---------------------------------------------------------------- fake upstream sink
@@ -239,16 +259,28 @@ async fn start_sink() -> anyhow::Result<(String, Arc<Sink>)> {
         down: AtomicBool::new(false),
         received: Mutex::new(HashMap::new()),
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
     let url = format!("http://{}", listener.local_addr()?);
     let svc =
         IngestServiceServer::new(SinkService(sink.clone())).max_decoding_message_size(64 << 20);
-    tokio::spawn(async move {
-        let _ = Server::builder()
-            .add_service(svc)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await;
-    });
+    // Its own thread and runtime: receipt is timestamped when the upstream gets the batch,
+    // not when the load generator's busy runtime gets round to it.
+    std::thread::Builder::new()
+        .name("sink".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("sink runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("sink listener");
+                let _ = Server::builder()
+                    .add_service(svc)
+                    .serve_with_incoming(nodelay(listener))
+                    .await;
+            });
+        })?;
     Ok((url, sink))
 }
 
@@ -558,6 +590,88 @@ async fn open_loop(
         },
         acks,
     ))
+}
+
+/// The hub's config for relaying to the bench's sink: no rate limit in the way, batches of
+/// up to 500, four in flight.
+fn sink_env(sink_url: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("RATING_HUB__UPSTREAMS__SINK__KIND", "grpc".into()),
+        ("RATING_HUB__UPSTREAMS__SINK__ENDPOINT", sink_url.into()),
+        (
+            "RATING_HUB__UPSTREAMS__SINK__RETRY_SCHEDULE_MS",
+            "[50, 100, 200, 500]".into(),
+        ),
+        (
+            "RATING_HUB__UPSTREAMS__SINK__RECORDS_PER_SEC",
+            "1000000".into(),
+        ),
+        (
+            "RATING_HUB__UPSTREAMS__SINK__RECORDS_BURST",
+            "1000000".into(),
+        ),
+        (
+            "RATING_HUB__UPSTREAMS__SINK__REQUESTS_PER_SEC",
+            "100000".into(),
+        ),
+        (
+            "RATING_HUB__UPSTREAMS__SINK__REQUESTS_BURST",
+            "100000".into(),
+        ),
+        ("RATING_HUB__UPSTREAMS__SINK__BATCH_SIZE", "500".into()),
+        ("RATING_HUB__UPSTREAMS__SINK__IN_FLIGHT", "4".into()),
+    ]
+}
+
+/// Ack → sink receipt per rating (ms), sorted.
+fn relay_delays(sink: &Sink, acks: &HashMap<String, Instant>) -> Vec<f64> {
+    let got = sink.received.lock().unwrap();
+    let mut delays: Vec<f64> = acks
+        .iter()
+        .filter_map(|(id, at)| {
+            got.get(id)
+                .map(|r| r.saturating_duration_since(*at).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    delays.sort_by(f64::total_cmp);
+    delays
+}
+
+async fn relay_probe(hub_bin: &Path, rate: f64, secs: u64, env: &[String]) -> anyhow::Result<()> {
+    let hub_bin = &hub_bin.canonicalize()?;
+    let work = std::env::temp_dir().join(format!("rating-bench-relay-{}", std::process::id()));
+    let pki = work.join("certs/dev");
+    rating_hub::pki::init_dev(&pki)?;
+    let (sink_url, sink) = start_sink().await?;
+    let hub_dir = work.join("hub");
+    std::fs::create_dir_all(hub_dir.join("certs"))?;
+    copy_dir(&pki, &hub_dir.join("certs/dev"))?;
+    let mut all = sink_env(&sink_url);
+    for kv in env {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--env {kv:?}: expected KEY=VALUE"))?;
+        all.push((k.to_owned().leak(), v.to_owned()));
+    }
+    let hub = spawn_hub(hub_bin, &hub_dir, &all).await?;
+    eprintln!("hub pid {}", hub.child.id().unwrap_or(0));
+    let ch = channels(&pki, &hub.url, 4).await?;
+    let (steady, acks) = open_loop(&ch, "relay", rate, secs, None).await?;
+    wait_delivered(&sink, acks.len(), Duration::from_secs(60)).await?;
+    let d = relay_delays(&sink, &acks);
+    hub.stop().await;
+    let _ = std::fs::remove_dir_all(&work);
+    println!(
+        "{:.0} ratings/s (ack p50/p99 {:.1}/{:.1} ms); relay delay p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} ms",
+        steady.rate,
+        steady.p50_ms,
+        steady.p99_ms,
+        percentile(&d, 0.5),
+        percentile(&d, 0.9),
+        percentile(&d, 0.99),
+        d.last().copied().unwrap_or(0.0)
+    );
+    Ok(())
 }
 
 /// The mean group the hub's writer commits under the unary scenario (64 callers), measured
@@ -1011,47 +1125,13 @@ async fn run(
     let hub_dir = work.join("hub-b");
     std::fs::create_dir_all(hub_dir.join("certs"))?;
     copy_dir(&pki, &hub_dir.join("certs/dev"))?;
-    let env = [
-        ("RATING_HUB__UPSTREAMS__SINK__KIND", "grpc".to_string()),
-        ("RATING_HUB__UPSTREAMS__SINK__ENDPOINT", sink_url.clone()),
-        (
-            "RATING_HUB__UPSTREAMS__SINK__RETRY_SCHEDULE_MS",
-            "[50, 100, 200, 500]".into(),
-        ),
-        (
-            "RATING_HUB__UPSTREAMS__SINK__RECORDS_PER_SEC",
-            "1000000".into(),
-        ),
-        (
-            "RATING_HUB__UPSTREAMS__SINK__RECORDS_BURST",
-            "1000000".into(),
-        ),
-        (
-            "RATING_HUB__UPSTREAMS__SINK__REQUESTS_PER_SEC",
-            "100000".into(),
-        ),
-        (
-            "RATING_HUB__UPSTREAMS__SINK__REQUESTS_BURST",
-            "100000".into(),
-        ),
-        ("RATING_HUB__UPSTREAMS__SINK__BATCH_SIZE", "500".into()),
-        ("RATING_HUB__UPSTREAMS__SINK__IN_FLIGHT", "4".into()),
-    ];
+    let env = sink_env(&sink_url);
     let hub = spawn_hub(hub_bin, &hub_dir, &env).await?;
     let ch = channels(&pki, &hub.url, 4).await?;
     let half = unary.rate / 2.0;
     let (steady, acks) = open_loop(&ch, "relay", half, secs, None).await?;
     wait_delivered(&sink, acks.len(), Duration::from_secs(60)).await?;
-    let mut delays: Vec<f64> = {
-        let got = sink.received.lock().unwrap();
-        acks.iter()
-            .filter_map(|(id, at)| {
-                got.get(id)
-                    .map(|r| r.saturating_duration_since(*at).as_secs_f64() * 1000.0)
-            })
-            .collect()
-    };
-    delays.sort_by(f64::total_cmp);
+    let delays = relay_delays(&sink, &acks);
     let rss = hub.peak_rss_mib();
     eprintln!(
         "relay delay p50 {:.1} ms p99 {:.1} ms; peak RSS {rss:.1} MiB",
@@ -1232,6 +1312,12 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Echo { pki } => echo(&pki).await,
+        Cmd::RelayProbe {
+            hub_bin,
+            rate,
+            secs,
+            env,
+        } => relay_probe(&hub_bin, rate, secs, &env).await,
         Cmd::Raw { rows, batch } => {
             let work =
                 std::env::temp_dir().join(format!("rating-bench-raw-{}", std::process::id()));

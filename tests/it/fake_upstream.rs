@@ -143,7 +143,9 @@ impl FakeUpstream {
             let _ = tonic::transport::Server::builder()
                 .add_service(svc)
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    // TCP_NODELAY, as real servers set it: with Nagle on, a small answer
+                    // can wait for the hub's delayed ACK (40 ms).
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                     async {
                         let _ = stopped.await;
                     },

@@ -44,6 +44,8 @@ fn status_pb(s: UpstreamStatus) -> pb::UpstreamStatus {
         failures: s.failures,
         delivered: s.delivered,
         paused: s.paused,
+        delivering_instance: s.delivering_instance.unwrap_or_default(),
+        delivering_here: s.delivering_here,
     }
 }
 

@@ -60,6 +60,10 @@ pub struct UpstreamStatus {
     pub failures: u64,
     pub delivered: u64,
     pub paused: bool,
+    /// The instance delivering (this one on a store of its own); `None` while no lease is held.
+    pub delivering_instance: Option<String>,
+    /// Whether this instance delivers.
+    pub delivering_here: bool,
 }
 
 struct Worker {
@@ -442,6 +446,8 @@ pub enum RelayError {
 /// Every upstream's worker.
 pub struct Relay {
     workers: BTreeMap<String, Arc<Worker>>,
+    /// This instance's name in relay leases.
+    instance: String,
     stop: watch::Sender<bool>,
     tasks: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
     cursor_tasks: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -525,6 +531,7 @@ impl Relay {
         }
         Ok(Arc::new(Self {
             workers,
+            instance: lease.holder.clone(),
             stop,
             tasks: tokio::sync::Mutex::new(tasks),
             cursor_tasks: tokio::sync::Mutex::new(cursor_tasks),
@@ -555,6 +562,12 @@ impl Relay {
             0.0
         };
         let counters = w.lock().clone();
+        let delivering_here = *w.leased.borrow();
+        let delivering_instance = if !w.store.shared() || delivering_here {
+            Some(self.instance.clone())
+        } else {
+            w.store.lease_holder(name).await?
+        };
         Ok(UpstreamStatus {
             name: w.name.clone(),
             kind: w.cfg.kind,
@@ -569,6 +582,8 @@ impl Relay {
             failures: counters.failures,
             delivered: counters.delivered,
             paused: w.paused.load(Ordering::Acquire),
+            delivering_instance,
+            delivering_here,
         })
     }
 

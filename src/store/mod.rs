@@ -535,6 +535,11 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Who holds `upstream`'s unexpired lease. Only asked of a shared store.
+    async fn lease_holder(&self, _upstream: &str) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
+
     /// The highest committed feed sequence, updated after every commit (relay and sync wake on it).
     fn feed_head(&self) -> watch::Receiver<u64>;
 

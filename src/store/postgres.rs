@@ -818,6 +818,17 @@ impl Store for PostgresStore {
         true
     }
 
+    async fn lease_holder(&self, upstream: &str) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT lease_holder FROM upstream_state WHERE upstream = $1 \
+             AND lease_until > clock_timestamp()",
+        )
+        .bind(upstream)
+        .fetch_optional(&self.reader)
+        .await?
+        .flatten())
+    }
+
     async fn list_dead_letters(
         &self,
         upstream: &str,

@@ -283,6 +283,27 @@ async fn three_instances_one_killed_hard_lose_nothing_and_deliver_everything() {
     .pop()
     .unwrap();
     assert_ne!(new_holder, holder, "the lease moved to a live instance");
+    // Each survivor's ListUpstreams names the holder; only the holder says it delivers.
+    for (h, (_, _, url)) in hubs.iter().enumerate() {
+        if h == victim {
+            continue;
+        }
+        let status =
+            crate::security::AdminServiceClient::new(dev_admin_channel(dir.path(), url).await)
+                .list_upstreams(pb::ListUpstreamsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .upstreams
+                .remove(0);
+        assert_eq!(status.delivering_instance, new_holder, "as {}", names[h]);
+        assert_eq!(
+            status.delivering_here,
+            names[h] == new_holder,
+            "{}",
+            names[h]
+        );
+    }
 
     // A subscriber from cursor 0 on each survivor saw every rating once, in order.
     for (h, sub) in subs.iter_mut().enumerate() {

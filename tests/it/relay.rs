@@ -179,6 +179,10 @@ async fn outage_errors_slowness_and_rejections_lose_nothing_and_replay_delivers(
         "{st:?}"
     );
     assert_eq!(st.cursor, 0, "nothing counts as delivered");
+    assert!(
+        st.delivering_here && !st.delivering_instance.is_empty(),
+        "the only instance delivers: {st:?}"
+    );
 
     // 2. Slow, and rejecting some ratings for good.
     let rejected_keys: Vec<String> = (0..5).map(|i| format!("b-{i}")).collect();

@@ -89,12 +89,15 @@ enum Cmd {
         #[arg(long)]
         env: Vec<String>,
     },
-    /// Only baseline B (SQLite) at one batch size, printed: a quick probe.
+    /// Only baseline B at one batch size, printed: a quick probe. SQLite, or PostgreSQL with
+    /// `--pg-url` (a superuser URL; the bench creates its database there).
     Raw {
         #[arg(long, default_value_t = 50_000)]
         rows: u64,
         #[arg(long, default_value_t = 100)]
         batch: usize,
+        #[arg(long)]
+        pg_url: Option<String>,
     },
     /// Baseline A: the same IngestService contract and mTLS, storing nothing.
     Echo {
@@ -704,63 +707,10 @@ async fn raw_sqlite(dir: &Path, rows: u64, batch: usize) -> anyhow::Result<Measu
     let mut seq = 0i64;
     for chunk in new.chunks(batch) {
         let mut tx = conn.begin().await?;
-        // One multi-row INSERT per batch, as the hub's writer does: one statement (one trip
-        // to sqlx's SQLite thread) per batch instead of one per row.
-        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO ratings (feed_seq, hub_id, source_system, source_key, content_hash, level, \
-             channel, target_kind, org_credit_code, region_code, item_code, staff_id, case_number, \
-             rated_at, received_at, is_default, quality_flags, body, pii, pii_key_id, follow_up_of, \
-             batch_id, theme_id, device_id, template_hash, phone_tag) ",
-        );
-        qb.push_values(chunk, |mut b, item| {
-            seq += 1;
-            let r = &item.rating;
-            b.push_bind(seq)
-                .push_bind(item.hub_id.as_bytes().as_slice())
-                .push_bind(item.source_system.as_str())
-                .push_bind(r.source_key.as_str())
-                .push_bind(r.content_hash.as_slice())
-                .push_bind(r.level as i32)
-                .push_bind(r.channel as i32)
-                .push_bind(r.target_kind as i32)
-                .push_bind(r.org_credit_code.as_str())
-                .push_bind(r.region_code.as_str())
-                .push_bind(r.item_code.as_str())
-                .push_bind(r.staff_id.as_str())
-                .push_bind(r.case_number.as_str())
-                .push_bind(r.rated_at_micros)
-                .push_bind(now)
-                .push_bind(false)
-                .push_bind(0i64)
-                .push_bind(item.body_bytes.as_slice())
-                .push_bind(item.pii.as_ref().map(|p| p.blob.as_slice()))
-                .push_bind(item.pii.as_ref().map(|p| p.key_id.as_str()))
-                .push_bind("")
-                .push_bind("")
-                .push_bind("")
-                .push_bind("")
-                .push_bind(item.template_hash.as_ref().map(|h| h.as_slice()))
-                .push_bind(item.phone_tag.as_ref().map(|h| h.as_slice()));
-        });
-        qb.build().execute(&mut *tx).await?;
-        // The case each bad rating opens (the same rule the hub applies; one row per case).
-        let bad: Vec<_> = chunk
-            .iter()
-            .filter(|i| rating_hub::domain::rating::is_bad(i.rating.level) && !i.rating.is_default)
-            .collect();
-        if !bad.is_empty() {
-            let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                "INSERT INTO bad_rating_cases (hub_id, org_credit_code, region_code, opened_at, real_name) ",
-            );
-            qb.push_values(bad, |mut b, item| {
-                b.push_bind(item.hub_id.as_bytes().as_slice())
-                    .push_bind(item.rating.org_credit_code.as_str())
-                    .push_bind(item.rating.region_code.as_str())
-                    .push_bind(now)
-                    .push_bind(false);
-            });
+        for mut qb in batch_inserts::<sqlx::Sqlite>(chunk, seq, now) {
             qb.build().execute(&mut *tx).await?;
         }
+        seq += chunk.len() as i64;
         tx.commit().await?;
     }
     Ok(Measured {
@@ -768,6 +718,82 @@ async fn raw_sqlite(dir: &Path, rows: u64, batch: usize) -> anyhow::Result<Measu
         count: rows,
         ..Default::default()
     })
+}
+
+/// Baseline B's statements for one batch, on either database: one multi-row INSERT of the
+/// ratings (feed sequences after `seq`), and one of the cases its bad ratings open (the rule
+/// the hub applies).
+fn batch_inserts<'a, DB>(
+    chunk: &'a [rating_hub::store::NewRating],
+    seq: i64,
+    now: i64,
+) -> Vec<sqlx::QueryBuilder<'a, DB>>
+where
+    DB: sqlx::Database,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    i32: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    bool: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a [u8]: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Option<&'a str>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Option<&'a [u8]>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let mut ratings = sqlx::QueryBuilder::<DB>::new(
+        "INSERT INTO ratings (feed_seq, hub_id, source_system, source_key, content_hash, level, \
+         channel, target_kind, org_credit_code, region_code, item_code, staff_id, case_number, \
+         rated_at, received_at, is_default, quality_flags, body, pii, pii_key_id, follow_up_of, \
+         batch_id, theme_id, device_id, template_hash, phone_tag) ",
+    );
+    let mut seq = seq;
+    ratings.push_values(chunk, |mut b, item| {
+        seq += 1;
+        let r = &item.rating;
+        b.push_bind(seq)
+            .push_bind(item.hub_id.as_bytes().as_slice())
+            .push_bind(item.source_system.as_str())
+            .push_bind(r.source_key.as_str())
+            .push_bind(r.content_hash.as_slice())
+            .push_bind(r.level as i32)
+            .push_bind(r.channel as i32)
+            .push_bind(r.target_kind as i32)
+            .push_bind(r.org_credit_code.as_str())
+            .push_bind(r.region_code.as_str())
+            .push_bind(r.item_code.as_str())
+            .push_bind(r.staff_id.as_str())
+            .push_bind(r.case_number.as_str())
+            .push_bind(r.rated_at_micros)
+            .push_bind(now)
+            .push_bind(false)
+            .push_bind(0i64)
+            .push_bind(item.body_bytes.as_slice())
+            .push_bind(item.pii.as_ref().map(|p| p.blob.as_slice()))
+            .push_bind(item.pii.as_ref().map(|p| p.key_id.as_str()))
+            .push_bind("")
+            .push_bind("")
+            .push_bind("")
+            .push_bind("")
+            .push_bind(item.template_hash.as_ref().map(|h| h.as_slice()))
+            .push_bind(item.phone_tag.as_ref().map(|h| h.as_slice()));
+    });
+    let mut statements = vec![ratings];
+    let bad: Vec<_> = chunk
+        .iter()
+        .filter(|i| rating_hub::domain::rating::is_bad(i.rating.level) && !i.rating.is_default)
+        .collect();
+    if !bad.is_empty() {
+        let mut cases = sqlx::QueryBuilder::<DB>::new(
+            "INSERT INTO bad_rating_cases (hub_id, org_credit_code, region_code, opened_at, real_name) ",
+        );
+        cases.push_values(bad, |mut b, item| {
+            b.push_bind(item.hub_id.as_bytes().as_slice())
+                .push_bind(item.rating.org_credit_code.as_str())
+                .push_bind(item.rating.region_code.as_str())
+                .push_bind(now)
+                .push_bind(false);
+        });
+        statements.push(cases);
+    }
+    statements
 }
 
 /// The rows both raw baselines insert: validated, sealed and encoded like the hub's, built
@@ -809,7 +835,7 @@ async fn raw_postgres(
     rows: u64,
     batch: usize,
 ) -> anyhow::Result<Measured> {
-    use sqlx::{Connection, QueryBuilder};
+    use sqlx::Connection;
     let url = create_database(admin, "bench_raw").await?;
     let opts = rating_hub::store::PostgresOptions {
         url: url.clone(),
@@ -828,61 +854,10 @@ async fn raw_postgres(
     let mut seq = 0i64;
     for chunk in new.chunks(batch) {
         let mut tx = conn.begin().await?;
-        let mut qb = QueryBuilder::<sqlx::Postgres>::new(
-            "INSERT INTO ratings (feed_seq, hub_id, source_system, source_key, content_hash, level, \
-             channel, target_kind, org_credit_code, region_code, item_code, staff_id, case_number, \
-             rated_at, received_at, is_default, quality_flags, body, pii, pii_key_id, follow_up_of, \
-             batch_id, theme_id, device_id, template_hash, phone_tag) ",
-        );
-        qb.push_values(chunk, |mut b, item| {
-            seq += 1;
-            let r = &item.rating;
-            b.push_bind(seq)
-                .push_bind(item.hub_id.as_bytes().to_vec())
-                .push_bind(item.source_system.clone())
-                .push_bind(r.source_key.clone())
-                .push_bind(r.content_hash.to_vec())
-                .push_bind(r.level as i32)
-                .push_bind(r.channel as i32)
-                .push_bind(r.target_kind as i32)
-                .push_bind(r.org_credit_code.as_str().to_owned())
-                .push_bind(r.region_code.as_str().to_owned())
-                .push_bind(r.item_code.clone())
-                .push_bind(r.staff_id.clone())
-                .push_bind(r.case_number.clone())
-                .push_bind(r.rated_at_micros)
-                .push_bind(now)
-                .push_bind(false)
-                .push_bind(0i64)
-                .push_bind(item.body_bytes.clone())
-                .push_bind(item.pii.as_ref().map(|p| p.blob.clone()))
-                .push_bind(item.pii.as_ref().map(|p| p.key_id.clone()))
-                .push_bind("")
-                .push_bind("")
-                .push_bind("")
-                .push_bind("")
-                .push_bind(item.template_hash.map(|h| h.to_vec()))
-                .push_bind(item.phone_tag.map(|h| h.to_vec()));
-        });
-        qb.build().execute(&mut *tx).await?;
-        // The case each bad rating opens (the same rule the hub applies; one row per case).
-        let bad: Vec<_> = chunk
-            .iter()
-            .filter(|i| rating_hub::domain::rating::is_bad(i.rating.level) && !i.rating.is_default)
-            .collect();
-        if !bad.is_empty() {
-            let mut qb = sqlx::QueryBuilder::<sqlx::Postgres>::new(
-                "INSERT INTO bad_rating_cases (hub_id, org_credit_code, region_code, opened_at, real_name) ",
-            );
-            qb.push_values(bad, |mut b, item| {
-                b.push_bind(item.hub_id.as_bytes().as_slice())
-                    .push_bind(item.rating.org_credit_code.as_str())
-                    .push_bind(item.rating.region_code.as_str())
-                    .push_bind(now)
-                    .push_bind(false);
-            });
+        for mut qb in batch_inserts::<sqlx::Postgres>(chunk, seq, now) {
             qb.build().execute(&mut *tx).await?;
         }
+        seq += chunk.len() as i64;
         tx.commit().await?;
     }
     Ok(Measured {
@@ -1332,11 +1307,18 @@ async fn main() -> anyhow::Result<()> {
             secs,
             env,
         } => relay_probe(&hub_bin, rate, secs, &env).await,
-        Cmd::Raw { rows, batch } => {
+        Cmd::Raw {
+            rows,
+            batch,
+            pg_url,
+        } => {
             let work =
                 std::env::temp_dir().join(format!("rating-bench-raw-{}", std::process::id()));
             std::fs::create_dir_all(&work)?;
-            let m = raw_sqlite(&work, rows, batch).await;
+            let m = match pg_url {
+                Some(admin) => raw_postgres(&admin, &work, rows, batch).await,
+                None => raw_sqlite(&work, rows, batch).await,
+            };
             let _ = std::fs::remove_dir_all(&work);
             println!("B: {:.0} rows/s at batch {batch}", m?.rate);
             Ok(())

@@ -214,10 +214,20 @@ impl Writer {
         received_at: i64,
     ) -> Result<(Vec<GroupResult>, Option<u64>), sqlx::Error> {
         let mut tx = conn.begin().await?;
-        // The sequencer: every instance's writer waits here for the others' commits.
-        let head: i64 = sqlx::query_scalar("SELECT head FROM feed_head WHERE id = 1 FOR UPDATE")
-            .fetch_one(&mut *tx)
-            .await?;
+        // The sequencer: every instance's writer waits here for the others' commits. Only
+        // ratings take feed sequences, and case events are decided against what is stored;
+        // a group of relay bookkeeping and audit records alone (the relay's cursor writes)
+        // needs no turn in it.
+        let sequenced = group
+            .iter()
+            .any(|j| matches!(j, Job::Ratings { .. } | Job::Cases { .. }));
+        let head: i64 = if sequenced {
+            sqlx::query_scalar("SELECT head FROM feed_head WHERE id = 1 FOR UPDATE")
+                .fetch_one(&mut *tx)
+                .await?
+        } else {
+            0
+        };
         let start = head as u64 + 1;
         let mut next_seq = start;
         let all = writer::all_ratings(group);
@@ -273,12 +283,10 @@ impl Writer {
         }
         let moved = if next_seq != start {
             let new_head = (next_seq - 1) as i64;
-            sqlx::query("UPDATE feed_head SET head = $1 WHERE id = 1")
+            // One round trip: the new head, and its notification, delivered to every
+            // listener when (and only if) this transaction commits.
+            sqlx::query("UPDATE feed_head SET head = $1 WHERE id = 1 RETURNING pg_notify($2, $3)")
                 .bind(new_head)
-                .execute(&mut *tx)
-                .await?;
-            // Delivered to every listener when (and only if) this transaction commits.
-            sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(FEED_CHANNEL)
                 .bind(new_head.to_string())
                 .execute(&mut *tx)
@@ -624,19 +632,11 @@ impl Store for PostgresStore {
         &self,
         items: Vec<super::NewRating>,
     ) -> Result<Vec<super::InsertOutcome>, StoreError> {
-        if items.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.jobs
-            .submit(|reply| Job::Ratings { items, reply })
-            .await
+        self.jobs.ratings(items).await
     }
 
     async fn insert_cases(&self, items: Vec<NewCaseEvent>) -> Result<Vec<CaseOutcome>, StoreError> {
-        if items.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.jobs.submit(|reply| Job::Cases { items, reply }).await
+        self.jobs.cases(items).await
     }
 
     async fn get_rating(&self, hub_id: Uuid) -> Result<Option<StoredRating>, StoreError> {
@@ -695,18 +695,7 @@ impl Store for PostgresStore {
         rpc: &str,
         hub_ids: &[Uuid],
     ) -> Result<(), StoreError> {
-        if hub_ids.is_empty() {
-            return Ok(());
-        }
-        let (principal, rpc, hub_ids) = (principal.to_owned(), rpc.to_owned(), hub_ids.to_vec());
-        self.jobs
-            .submit(|reply| Job::Audit {
-                principal,
-                rpc,
-                hub_ids,
-                reply,
-            })
-            .await
+        self.jobs.audit(principal, rpc, hub_ids).await
     }
 
     async fn list_pii_access(
@@ -770,7 +759,7 @@ impl Store for PostgresStore {
     }
 
     async fn relay_write(&self, write: RelayWrite) -> Result<u64, StoreError> {
-        self.jobs.submit(|reply| Job::Relay { write, reply }).await
+        self.jobs.relay(write).await
     }
 
     async fn hold_lease(

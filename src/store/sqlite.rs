@@ -561,19 +561,11 @@ impl Store for SqliteStore {
         &self,
         items: Vec<NewRating>,
     ) -> Result<Vec<InsertOutcome>, StoreError> {
-        if items.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.jobs
-            .submit(|reply| Job::Ratings { items, reply })
-            .await
+        self.jobs.ratings(items).await
     }
 
     async fn insert_cases(&self, items: Vec<NewCaseEvent>) -> Result<Vec<CaseOutcome>, StoreError> {
-        if items.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.jobs.submit(|reply| Job::Cases { items, reply }).await
+        self.jobs.cases(items).await
     }
 
     async fn get_rating(&self, hub_id: Uuid) -> Result<Option<StoredRating>, StoreError> {
@@ -631,18 +623,7 @@ impl Store for SqliteStore {
         rpc: &str,
         hub_ids: &[Uuid],
     ) -> Result<(), StoreError> {
-        if hub_ids.is_empty() {
-            return Ok(());
-        }
-        let (principal, rpc, hub_ids) = (principal.to_owned(), rpc.to_owned(), hub_ids.to_vec());
-        self.jobs
-            .submit(|reply| Job::Audit {
-                principal,
-                rpc,
-                hub_ids,
-                reply,
-            })
-            .await
+        self.jobs.audit(principal, rpc, hub_ids).await
     }
 
     async fn list_pii_access(
@@ -706,7 +687,7 @@ impl Store for SqliteStore {
     }
 
     async fn relay_write(&self, write: RelayWrite) -> Result<u64, StoreError> {
-        self.jobs.submit(|reply| Job::Relay { write, reply }).await
+        self.jobs.relay(write).await
     }
 
     async fn list_dead_letters(

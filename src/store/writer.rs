@@ -99,6 +99,47 @@ impl Queue {
         rx.await.map_err(|_| StoreError::ShuttingDown)?
     }
 
+    /// Queues ratings for the next group commit (nothing to do for none).
+    pub async fn ratings(&self, items: Vec<NewRating>) -> Result<Vec<InsertOutcome>, StoreError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.submit(|reply| Job::Ratings { items, reply }).await
+    }
+
+    /// Queues case events for the next group commit (nothing to do for none).
+    pub async fn cases(&self, items: Vec<NewCaseEvent>) -> Result<Vec<CaseOutcome>, StoreError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.submit(|reply| Job::Cases { items, reply }).await
+    }
+
+    /// Queues a personal-data audit record (nothing to do for no ratings).
+    pub async fn audit(
+        &self,
+        principal: &str,
+        rpc: &str,
+        hub_ids: &[Uuid],
+    ) -> Result<(), StoreError> {
+        if hub_ids.is_empty() {
+            return Ok(());
+        }
+        let (principal, rpc, hub_ids) = (principal.to_owned(), rpc.to_owned(), hub_ids.to_vec());
+        self.submit(|reply| Job::Audit {
+            principal,
+            rpc,
+            hub_ids,
+            reply,
+        })
+        .await
+    }
+
+    /// Queues a relay bookkeeping write.
+    pub async fn relay(&self, write: RelayWrite) -> Result<u64, StoreError> {
+        self.submit(|reply| Job::Relay { write, reply }).await
+    }
+
     /// Lets the queued jobs commit, then stops the writer.
     pub async fn close(&self, handle: tokio::task::JoinHandle<()>) {
         let (reply, done) = oneshot::channel();

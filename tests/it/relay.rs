@@ -396,16 +396,7 @@ async fn subscribe_from_zero_while_writers_are_busy_sees_every_rating_once_in_or
     for w in writers {
         acked.extend(w.await.unwrap());
     }
-    let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
-    assert_eq!(
-        seqs,
-        (1..=2000).collect::<Vec<_>>(),
-        "every sequence once, in order"
-    );
-    assert_eq!(
-        got.iter().map(|(_, id)| id.clone()).collect::<HashSet<_>>(),
-        acked
-    );
+    assert_whole_feed(got, 2000, &acked, "subscriber");
     hub.stop().await;
 }
 

@@ -449,6 +449,28 @@ pub fn bad_request_fields(status: &tonic::Status) -> Vec<String> {
 }
 
 /// Reads a subscription until it has `n` ratings: (feed sequence, hub id) in arrival order.
+/// A subscription read from cursor 0 saw feed sequences 1..=n once each, in order, and
+/// exactly the ratings `ids`.
+pub fn assert_whole_feed(
+    got: Vec<(u64, String)>,
+    n: usize,
+    ids: &std::collections::HashSet<String>,
+    who: &str,
+) {
+    assert_eq!(
+        got.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        (1..=n as u64).collect::<Vec<_>>(),
+        "{who}: every sequence once, in order"
+    );
+    assert_eq!(
+        &got.into_iter()
+            .map(|(_, id)| id)
+            .collect::<std::collections::HashSet<_>>(),
+        ids,
+        "{who}: exactly the acknowledged ratings"
+    );
+}
+
 pub async fn read_subscription(
     sub: &mut tonic::Streaming<pb::SubscribeResponse>,
     n: usize,

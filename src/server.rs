@@ -118,21 +118,17 @@ pub async fn start_with_clock(
     } else {
         Some(crate::tls::server_config(&config.tls.files()?)?)
     };
-    let store: Arc<dyn Store> = if is_postgres_url(&config.storage.url) {
-        Arc::new(
-            PostgresStore::open(&config.postgres_options(), clock.clone())
-                .await
-                .with_context(|| {
-                    format!("opening the database {}", config.storage.display_url())
-                })?,
-        )
+    let opened: Result<Arc<dyn Store>, _> = if is_postgres_url(&config.storage.url) {
+        PostgresStore::open(&config.postgres_options(), clock.clone())
+            .await
+            .map(|s| Arc::new(s) as Arc<dyn Store>)
     } else {
-        Arc::new(
-            SqliteStore::open(&config.sqlite_options(), clock.clone())
-                .await
-                .with_context(|| format!("opening the database {}", config.storage.url))?,
-        )
+        SqliteStore::open(&config.sqlite_options(), clock.clone())
+            .await
+            .map(|s| Arc::new(s) as Arc<dyn Store>)
     };
+    let store =
+        opened.with_context(|| format!("opening the database {}", config.storage.display_url()))?;
     let listener = TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("binding {}", config.server.listen))?;

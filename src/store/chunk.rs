@@ -17,8 +17,10 @@ use uuid::Uuid;
 use crate::pb::v1 as pb;
 use crate::store::{InsertOutcome, NewRating};
 
-/// Ratings per chunk: 26 bound columns each stays far below every backend's parameter limit.
-pub(crate) const CHUNK: usize = 200;
+/// Ratings decided per look-up. A look-up binds at most 10 values per rating (SQLite; the
+/// PostgreSQL look-ups bind arrays), far below SQLite's 32,766. Backends split the INSERT
+/// further as they need.
+pub(crate) const CHUNK: usize = 1000;
 
 pub(crate) type Key = (String, String);
 

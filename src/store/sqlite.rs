@@ -176,17 +176,24 @@ impl GroupWrite for Writer {
 impl Writer {
     async fn write_group_tx(&mut self, group: &[Job]) -> Result<Vec<GroupResult>, sqlx::Error> {
         let received_at = self.clock.now_micros();
-        let mut tx = self.conn.begin().await?;
+        let result = self.write_group_in(group, received_at).await;
+        if result.is_err() {
+            group::rollback(&mut self.conn).await;
+        }
+        result
+    }
+
+    async fn write_group_in(
+        &mut self,
+        group: &[Job],
+        received_at: i64,
+    ) -> Result<Vec<GroupResult>, sqlx::Error> {
+        let mut tx = group::GroupTx::begin(&mut self.conn);
         // Every rating of the group first, in order, with a few statements per chunk.
         let all = writer::all_ratings(group);
-        let mut outcomes = chunk::write_ratings(
-            &mut group::SqliteChunks(&mut tx),
-            &all,
-            &mut self.next_seq,
-            received_at,
-        )
-        .await?
-        .into_iter();
+        let mut outcomes = chunk::write_ratings(&mut tx, &all, &mut self.next_seq, received_at)
+            .await?
+            .into_iter();
         let mut results = Vec::with_capacity(group.len());
         for job in group {
             match job {
@@ -196,9 +203,10 @@ impl Writer {
                     ));
                 }
                 Job::Cases { items, .. } => {
+                    let conn = tx.conn().await?;
                     let mut out = Vec::with_capacity(items.len());
                     for item in items {
-                        out.push(insert_case(&mut tx, item, received_at).await?);
+                        out.push(insert_case(conn, item, received_at).await?);
                     }
                     results.push(GroupResult::Cases(out));
                 }
@@ -208,6 +216,7 @@ impl Writer {
                     hub_ids,
                     ..
                 } => {
+                    let conn = tx.conn().await?;
                     for hub_id in hub_ids {
                         sqlx::query(
                             "INSERT INTO pii_access (at, principal, rpc, hub_id) VALUES (?, ?, ?, ?)",
@@ -216,13 +225,13 @@ impl Writer {
                         .bind(principal)
                         .bind(rpc)
                         .bind(hub_id.as_bytes().as_slice())
-                        .execute(&mut *tx)
+                        .execute(&mut *conn)
                         .await?;
                     }
                     results.push(GroupResult::Audit);
                 }
                 Job::Relay { write, .. } => {
-                    let n = relay_write(&mut tx, write, received_at).await?;
+                    let n = relay_write(tx.conn().await?, write, received_at).await?;
                     results.push(GroupResult::Relay(n));
                 }
                 Job::Close { .. } => {}

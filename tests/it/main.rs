@@ -15,5 +15,6 @@ mod relay;
 mod restart;
 mod rules;
 mod security;
+mod store;
 mod utils;
 mod validation;

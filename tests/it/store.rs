@@ -1,0 +1,125 @@
+//! The group-commit writer, driven through the store directly: a group that fails stores
+//! nothing of itself, gives its feed sequences back, and the writer carries on.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use rating_hub::clock::{Clock, SystemClock};
+use rating_hub::store::{
+    CaseEntryRecord, InsertOutcome, NewRating, PostgresOptions, PostgresStore, RelayWrite,
+    SqliteOptions, SqliteStore, Store,
+};
+use uuid::Uuid;
+
+use crate::pg;
+use crate::utils::rating;
+
+async fn open_store(dir: &Path) -> Arc<dyn Store> {
+    let url = pg::storage_url(dir);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    if pg::enabled() {
+        let opts = PostgresOptions {
+            url,
+            max_group_commit: 2048,
+            write_queue: 64,
+            read_connections: 2,
+        };
+        Arc::new(PostgresStore::open(&opts, clock).await.expect("open"))
+    } else {
+        let opts = SqliteOptions {
+            path: url,
+            ..Default::default()
+        };
+        Arc::new(SqliteStore::open(&opts, clock).await.expect("open"))
+    }
+}
+
+fn new_ratings(dir: &Path, prefix: &str, n: usize) -> Vec<NewRating> {
+    let key = dir.join(format!("{prefix}-pii.key"));
+    rating_hub::privacy::PiiKeys::create_key_file(&key).expect("key");
+    let files = BTreeMap::from([("k".to_string(), key.display().to_string())]);
+    let keys = rating_hub::privacy::PiiKeys::load("k", &files).expect("keys");
+    let now = SystemClock.now_micros();
+    (0..n)
+        .map(|i| {
+            let v = rating_hub::domain::parse_rating(
+                &rating(&format!("{prefix}-{i}")),
+                now,
+                &Default::default(),
+                false,
+            )
+            .expect("valid");
+            NewRating::new(Uuid::now_v7(), "dev-admin".into(), v, &keys, Default::default())
+        })
+        .collect()
+}
+
+/// A case entry for a case that does not exist: its foreign key fails the whole group.
+fn failing_write() -> RelayWrite {
+    RelayWrite::CaseEntry {
+        case_id: 999_999,
+        expected_entries: 0,
+        entry: CaseEntryRecord {
+            action: 1,
+            actor: "test".into(),
+            at_micros: 0,
+            note: String::new(),
+            evidence_refs: Vec::new(),
+            new_deadline_micros: None,
+            appeal_outcome: 0,
+        },
+        exclude: None,
+    }
+}
+
+fn accepted_seqs(outcomes: &[InsertOutcome]) -> Vec<u64> {
+    outcomes
+        .iter()
+        .map(|o| match o {
+            InsertOutcome::Accepted { feed_seq, .. } => *feed_seq,
+            other => panic!("expected Accepted, got {other:?}"),
+        })
+        .collect()
+}
+
+// One thread: both jobs are queued before the writer task runs, so they share one group.
+#[tokio::test(flavor = "current_thread")]
+async fn a_failed_group_stores_none_of_its_ratings_and_the_next_group_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path()).await;
+    let first = new_ratings(dir.path(), "first", 3);
+    let first_ids: Vec<Uuid> = first.iter().map(|r| r.hub_id).collect();
+
+    let (ratings, write) = tokio::join!(
+        store.insert_ratings(first),
+        store.relay_write(failing_write())
+    );
+    assert!(write.is_err(), "the case entry must fail: {write:?}");
+    assert!(
+        ratings.is_err(),
+        "ratings committed in the same group as a failed write: {ratings:?}"
+    );
+    for id in &first_ids {
+        assert!(
+            store.get_rating(*id).await.unwrap().is_none(),
+            "a rating of the failed group was stored"
+        );
+    }
+    assert_eq!(*store.feed_head().borrow(), 0, "the failed group moved the feed head");
+
+    // The writer goes on, with the sequences the failed group gave back.
+    let second = new_ratings(dir.path(), "second", 3);
+    let second_ids: Vec<Uuid> = second.iter().map(|r| r.hub_id).collect();
+    let outcomes = store.insert_ratings(second).await.expect("the next group commits");
+    assert_eq!(accepted_seqs(&outcomes), vec![1, 2, 3]);
+    for id in &second_ids {
+        assert!(store.get_rating(*id).await.unwrap().is_some());
+    }
+    // A lone failing write fails alone.
+    assert!(store.relay_write(failing_write()).await.is_err());
+    let third = new_ratings(dir.path(), "third", 2);
+    let outcomes = store.insert_ratings(third).await.expect("commits after a lone failure");
+    assert_eq!(accepted_seqs(&outcomes), vec![4, 5]);
+    store.close().await;
+}

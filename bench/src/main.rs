@@ -94,6 +94,9 @@ enum Cmd {
     Raw {
         #[arg(long, default_value_t = 50_000)]
         rows: u64,
+        /// Rows inserted first, untimed: the table size the timed rows start from.
+        #[arg(long, default_value_t = 0)]
+        prefill: u64,
         #[arg(long, default_value_t = 100)]
         batch: usize,
         #[arg(long)]
@@ -681,8 +684,113 @@ async fn relay_probe(hub_bin: &Path, rate: f64, secs: u64, env: &[String]) -> an
 /// from its `Group committed.` debug lines: about 31–32 ratings.
 const UNARY_GROUP: usize = 32;
 
+/// The segments of a [`RawPlan`], one per hub scenario compared.
+fn same_table_sizes<const N: usize>(m: Vec<Measured>) -> anyhow::Result<[Measured; N]> {
+    m.try_into()
+        .map_err(|m: Vec<Measured>| anyhow::anyhow!("{} baseline segments, not {N}", m.len()))
+}
+
+/// Baseline B's schedule: `prefill` rows inserted untimed, then each segment timed on its
+/// own. The hub's scenarios run one after another on one growing table, and inserts get
+/// slower as a table grows (more index levels, fewer cached pages), so B inserts the same
+/// numbers of rows into a table of the same size as the hub's scenario it is compared with.
+struct RawPlan {
+    prefill: u64,
+    segments: Vec<u64>,
+}
+
+/// Unique valid rows for baseline B, built (validated, sealed, encoded) outside the timed
+/// part: only inserts are measured.
+struct BaselineRows {
+    keys: rating_hub::privacy::PiiKeys,
+    org: String,
+    next: u64,
+}
+
+impl BaselineRows {
+    fn new(dir: &Path) -> anyhow::Result<Self> {
+        let key = dir.join("baseline-pii.key");
+        rating_hub::privacy::PiiKeys::create_key_file(&key)?;
+        let mut keys = std::collections::BTreeMap::new();
+        keys.insert("b".to_string(), key.display().to_string());
+        Ok(Self {
+            keys: rating_hub::privacy::PiiKeys::load("b", &keys)?,
+            org: org(),
+            next: 0,
+        })
+    }
+
+    fn take(&mut self, n: u64) -> Vec<rating_hub::store::NewRating> {
+        let now = now_micros();
+        let start = self.next;
+        self.next += n;
+        (start..self.next)
+            .map(|n| {
+                let v = rating_hub::domain::parse_rating(
+                    &rating("raw", n, &self.org, now),
+                    now,
+                    &Default::default(),
+                    false,
+                )
+                .expect("valid");
+                rating_hub::store::NewRating::new(
+                    uuid::Uuid::now_v7(),
+                    "dev-admin".into(),
+                    v,
+                    &self.keys,
+                    Default::default(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Runs a [`RawPlan`] on one connection of either database: one transaction per batch with
+/// [`batch_inserts`]. A macro because the generic bounds of sqlx's executors over borrowed
+/// binds cost more lines than the loop.
+macro_rules! raw_plan {
+    ($conn:expr, $db:ty, $rows:expr, $plan:expr, $batch:expr) => {{
+        let (mut conn, mut rows, plan, batch) = ($conn, $rows, $plan, $batch);
+        let now = now_micros();
+        let mut seq = 0i64;
+        let mut out = Vec::new();
+        let mut left = plan.prefill;
+        let mut timed = plan.segments.iter();
+        loop {
+            // The prefill in slices of 20,000 rows (memory), then each segment whole.
+            let (n, time) = if left > 0 {
+                let n = left.min(20_000);
+                left -= n;
+                (n, false)
+            } else if let Some(&n) = timed.next() {
+                (n, true)
+            } else {
+                break;
+            };
+            let new = rows.take(n);
+            let start = Instant::now();
+            for chunk in new.chunks(batch) {
+                let mut tx = conn.begin().await?;
+                for mut qb in batch_inserts::<$db>(chunk, seq, now) {
+                    qb.build().execute(&mut *tx).await?;
+                }
+                seq += chunk.len() as i64;
+                tx.commit().await?;
+            }
+            if time {
+                out.push(Measured {
+                    rate: n as f64 / start.elapsed().as_secs_f64(),
+                    count: n,
+                    ..Default::default()
+                });
+            }
+        }
+        Ok(out)
+    }};
+}
+
 /// Baseline B: the same rows, the same schema and pragmas, batched inserts, nothing else.
-async fn raw_sqlite(dir: &Path, rows: u64, batch: usize) -> anyhow::Result<Measured> {
+async fn raw_sqlite(dir: &Path, plan: &RawPlan, batch: usize) -> anyhow::Result<Vec<Measured>> {
     use sqlx::Connection;
     use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
     std::fs::create_dir_all(dir)?;
@@ -695,29 +803,14 @@ async fn raw_sqlite(dir: &Path, rows: u64, batch: usize) -> anyhow::Result<Measu
         rating_hub::store::SqliteStore::open(&opts, Arc::new(rating_hub::clock::SystemClock))
             .await?;
     rating_hub::store::Store::close(&store).await;
-    let new = baseline_rows(dir, rows)?;
-    let now = now_micros();
     // The hub's own connection settings (pragmas) for the same file.
-    let mut conn = SqliteConnection::connect_with(&rating_hub::store::SqliteStore::writer_options(
+    let conn = SqliteConnection::connect_with(&rating_hub::store::SqliteStore::writer_options(
         SqliteConnectOptions::new().filename(&path),
         true,
     ))
     .await?;
-    let start = Instant::now();
-    let mut seq = 0i64;
-    for chunk in new.chunks(batch) {
-        let mut tx = conn.begin().await?;
-        for mut qb in batch_inserts::<sqlx::Sqlite>(chunk, seq, now) {
-            qb.build().execute(&mut *tx).await?;
-        }
-        seq += chunk.len() as i64;
-        tx.commit().await?;
-    }
-    Ok(Measured {
-        rate: rows as f64 / start.elapsed().as_secs_f64(),
-        count: rows,
-        ..Default::default()
-    })
+    let rows = BaselineRows::new(dir)?;
+    raw_plan!(conn, sqlx::Sqlite, rows, plan, batch)
 }
 
 /// Baseline B's statements for one batch, on either database: one multi-row INSERT of the
@@ -798,43 +891,14 @@ where
 
 /// The rows both raw baselines insert: validated, sealed and encoded like the hub's, built
 /// before the timed part so only inserts are measured.
-fn baseline_rows(dir: &Path, rows: u64) -> anyhow::Result<Vec<rating_hub::store::NewRating>> {
-    let key = dir.join("baseline-pii.key");
-    rating_hub::privacy::PiiKeys::create_key_file(&key)?;
-    let mut keys = std::collections::BTreeMap::new();
-    keys.insert("b".to_string(), key.display().to_string());
-    let keys = rating_hub::privacy::PiiKeys::load("b", &keys)?;
-    let org = org();
-    let now = now_micros();
-    // Built (validated, sealed, encoded) outside the timed part: only inserts are measured.
-    Ok((0..rows)
-        .map(|n| {
-            let v = rating_hub::domain::parse_rating(
-                &rating("raw", n, &org, now),
-                now,
-                &Default::default(),
-                false,
-            )
-            .expect("valid");
-            rating_hub::store::NewRating::new(
-                uuid::Uuid::now_v7(),
-                "dev-admin".into(),
-                v,
-                &keys,
-                Default::default(),
-            )
-        })
-        .collect())
-}
-
 /// Baseline B on PostgreSQL: the same rows into the hub's own schema, one transaction and
 /// one multi-row INSERT per batch, on a durable server (fsync, synchronous_commit on).
 async fn raw_postgres(
     admin: &str,
     dir: &Path,
-    rows: u64,
+    plan: &RawPlan,
     batch: usize,
-) -> anyhow::Result<Measured> {
+) -> anyhow::Result<Vec<Measured>> {
     use sqlx::Connection;
     let url = create_database(admin, "bench_raw").await?;
     let opts = rating_hub::store::PostgresOptions {
@@ -847,24 +911,9 @@ async fn raw_postgres(
         rating_hub::store::PostgresStore::open(&opts, Arc::new(rating_hub::clock::SystemClock))
             .await?;
     rating_hub::store::Store::close(&store).await;
-    let new = baseline_rows(dir, rows)?;
-    let now = now_micros();
-    let mut conn = sqlx::PgConnection::connect(&url).await?;
-    let start = Instant::now();
-    let mut seq = 0i64;
-    for chunk in new.chunks(batch) {
-        let mut tx = conn.begin().await?;
-        for mut qb in batch_inserts::<sqlx::Postgres>(chunk, seq, now) {
-            qb.build().execute(&mut *tx).await?;
-        }
-        seq += chunk.len() as i64;
-        tx.commit().await?;
-    }
-    Ok(Measured {
-        rate: rows as f64 / start.elapsed().as_secs_f64(),
-        count: rows,
-        ..Default::default()
-    })
+    let conn = sqlx::PgConnection::connect(&url).await?;
+    let rows = BaselineRows::new(dir)?;
+    raw_plan!(conn, sqlx::Postgres, rows, plan, batch)
 }
 
 /// A new database on the server at `admin`; returns its URL.
@@ -986,11 +1035,36 @@ async fn run(
     eprintln!("hub streams: {:.0} ratings/s", stream.rate);
     hub.stop().await;
 
-    let raw = raw_sqlite(&work, 50_000, 100).await?;
-    eprintln!("baseline B: {:.0} rows/s", raw.rate);
+    // B over the same table sizes as the hub: the unary scenario's rows first (untimed),
+    // then the batch scenario's and the stream scenario's rows, each timed.
+    let [raw, raw_s] = same_table_sizes(
+        raw_sqlite(
+            &work,
+            &RawPlan {
+                prefill: unary.count,
+                segments: vec![batched.count, stream.count],
+            },
+            100,
+        )
+        .await?,
+    )?;
+    eprintln!(
+        "baseline B: {:.0} rows/s (batches' rows), {:.0} rows/s (streams' rows)",
+        raw.rate, raw_s.rate
+    );
     // The storage ceiling at the group size unary load produces: 64 callers in flight give
     // groups of about 32 (half are in the group being written, half wait for the next).
-    let raw_unary = raw_sqlite(&work.join("b32"), 30_000, UNARY_GROUP).await?;
+    let [raw_unary] = same_table_sizes(
+        raw_sqlite(
+            &work.join("b32"),
+            &RawPlan {
+                prefill: 0,
+                segments: vec![unary.count],
+            },
+            UNARY_GROUP,
+        )
+        .await?,
+    )?;
     eprintln!(
         "baseline B at batch {UNARY_GROUP}: {:.0} rows/s",
         raw_unary.rate
@@ -1040,10 +1114,10 @@ async fn run(
         value: f(stream.rate),
         baseline: format!(
             "B: {} rows/s; A (echo): {}",
-            f(raw.rate),
+            f(raw_s.rate),
             f(echo_stream.rate)
         ),
-        ratio: format!("{:.2}", stream.rate / raw.rate),
+        ratio: format!("{:.2}", stream.rate / raw_s.rate),
         target: "≥ 0.8".into(),
     });
 
@@ -1144,8 +1218,22 @@ async fn run(
             pg_stream.rate
         );
         hub.stop().await;
-        let raw_pg = raw_postgres(admin, &work, 50_000, 100).await?;
-        eprintln!("baseline B on PostgreSQL: {:.0} rows/s", raw_pg.rate);
+        let [raw_pg, raw_pg_s] = same_table_sizes(
+            raw_postgres(
+                admin,
+                &work,
+                &RawPlan {
+                    prefill: pg_unary.count,
+                    segments: vec![pg_batched.count, pg_stream.count],
+                },
+                100,
+            )
+            .await?,
+        )?;
+        eprintln!(
+            "baseline B on PostgreSQL: {:.0} rows/s (batches' rows), {:.0} rows/s (streams' rows)",
+            raw_pg.rate, raw_pg_s.rate
+        );
         pg_rows.push(Row {
             scenario: format!(
                 "PostgreSQL: unary SubmitRatings, 1 rating/call, {concurrency} in flight (calls/s; p50/p99 ms)"
@@ -1170,8 +1258,8 @@ async fn run(
         pg_rows.push(Row {
             scenario: "PostgreSQL: StreamRatings, 4 streams × 25,000 (ratings/s)".into(),
             value: f(pg_stream.rate),
-            baseline: format!("B (PostgreSQL): {} rows/s", f(raw_pg.rate)),
-            ratio: format!("{:.2}", pg_stream.rate / raw_pg.rate),
+            baseline: format!("B (PostgreSQL): {} rows/s", f(raw_pg_s.rate)),
+            ratio: format!("{:.2}", pg_stream.rate / raw_pg_s.rate),
             target: "≥ 0.8".into(),
         });
     }
@@ -1309,18 +1397,27 @@ async fn main() -> anyhow::Result<()> {
         } => relay_probe(&hub_bin, rate, secs, &env).await,
         Cmd::Raw {
             rows,
+            prefill,
             batch,
             pg_url,
         } => {
             let work =
                 std::env::temp_dir().join(format!("rating-bench-raw-{}", std::process::id()));
             std::fs::create_dir_all(&work)?;
+            let plan = RawPlan {
+                prefill,
+                segments: vec![rows],
+            };
             let m = match pg_url {
-                Some(admin) => raw_postgres(&admin, &work, rows, batch).await,
-                None => raw_sqlite(&work, rows, batch).await,
+                Some(admin) => raw_postgres(&admin, &work, &plan, batch).await,
+                None => raw_sqlite(&work, &plan, batch).await,
             };
             let _ = std::fs::remove_dir_all(&work);
-            println!("B: {:.0} rows/s at batch {batch}", m?.rate);
+            let [m] = same_table_sizes(m?)?;
+            println!(
+                "B: {:.0} rows/s at batch {batch}, {rows} rows after {prefill}",
+                m.rate
+            );
             Ok(())
         }
         Cmd::Probe {

@@ -50,7 +50,13 @@ fn new_ratings(dir: &Path, prefix: &str, n: usize) -> Vec<NewRating> {
                 false,
             )
             .expect("valid");
-            NewRating::new(Uuid::now_v7(), "dev-admin".into(), v, &keys, Default::default())
+            NewRating::new(
+                Uuid::now_v7(),
+                "dev-admin".into(),
+                v,
+                &keys,
+                Default::default(),
+            )
         })
         .collect()
 }
@@ -106,12 +112,19 @@ async fn a_failed_group_stores_none_of_its_ratings_and_the_next_group_commits() 
             "a rating of the failed group was stored"
         );
     }
-    assert_eq!(*store.feed_head().borrow(), 0, "the failed group moved the feed head");
+    assert_eq!(
+        *store.feed_head().borrow(),
+        0,
+        "the failed group moved the feed head"
+    );
 
     // The writer goes on, with the sequences the failed group gave back.
     let second = new_ratings(dir.path(), "second", 3);
     let second_ids: Vec<Uuid> = second.iter().map(|r| r.hub_id).collect();
-    let outcomes = store.insert_ratings(second).await.expect("the next group commits");
+    let outcomes = store
+        .insert_ratings(second)
+        .await
+        .expect("the next group commits");
     assert_eq!(accepted_seqs(&outcomes), vec![1, 2, 3]);
     for id in &second_ids {
         assert!(store.get_rating(*id).await.unwrap().is_some());
@@ -119,7 +132,10 @@ async fn a_failed_group_stores_none_of_its_ratings_and_the_next_group_commits() 
     // A lone failing write fails alone.
     assert!(store.relay_write(failing_write()).await.is_err());
     let third = new_ratings(dir.path(), "third", 2);
-    let outcomes = store.insert_ratings(third).await.expect("commits after a lone failure");
+    let outcomes = store
+        .insert_ratings(third)
+        .await
+        .expect("commits after a lone failure");
     assert_eq!(accepted_seqs(&outcomes), vec![4, 5]);
     store.close().await;
 }

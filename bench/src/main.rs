@@ -1280,7 +1280,9 @@ async fn run(
          the case each bad rating opens) written with one multi-row INSERT per table per batch and one transaction per batch, \
          into SQLite with the hub's schema and its writer's pragmas (WAL, synchronous=FULL); B (PostgreSQL) is the same into \
          the hub's PostgreSQL schema on the same durable server (fsync and synchronous_commit on), which the PostgreSQL \
-         rows of the hub use too. B does no look-ups, no validation and no gRPC: it is the storage ceiling. The hub runs as its own release \
+         rows of the hub use too. B does no look-ups, no validation and no gRPC: it is the storage ceiling. B inserts as many rows as the hub \
+         scenario it is compared with stored, into a table of the same size: the rows of the scenarios before it go in first, untimed \
+         (inserts slow down as a table grows). The hub runs as its own release \
          process; the load generator and the fake upstream share the machine's 2 cores with it.\n\n\
          | scenario | rating-hub | baseline | ratio | target |\n|---|---|---|---|---|\n",
         machine(),

@@ -359,9 +359,18 @@ impl Child {
     }
 }
 
-async fn spawn_hub(bin: &Path, dir: &Path, env: &[(&str, String)]) -> anyhow::Result<Child> {
+/// Starts the hub in `work/name`, with the development certificates from `pki`.
+async fn spawn_hub(
+    bin: &Path,
+    work: &Path,
+    name: &str,
+    pki: &Path,
+    env: &[(&str, String)],
+) -> anyhow::Result<Child> {
+    let dir = work.join(name);
+    copy_dir(pki, &dir.join("certs/dev"))?;
     let mut cmd = tokio::process::Command::new(bin);
-    cmd.arg("serve").current_dir(dir);
+    cmd.arg("serve").current_dir(&dir);
     for (k, v) in [
         ("RATING_HUB__SERVER__LISTEN", "127.0.0.1:0"),
         ("RATING_HUB__LOG__FILTER", "warn,rating_hub::server=info"),
@@ -378,6 +387,24 @@ async fn spawn_hub(bin: &Path, dir: &Path, env: &[(&str, String)]) -> anyhow::Re
     }
     cmd.env_remove("RUST_LOG");
     Child::spawn(cmd).await
+}
+
+/// Starts baseline A (this program's `echo` sub-command) with the certificates in `pki`.
+async fn spawn_echo(pki: &Path) -> anyhow::Result<Child> {
+    let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+    cmd.arg("echo").arg("--pki").arg(pki);
+    Child::spawn(cmd).await
+}
+
+/// `--env KEY=VALUE` arguments.
+fn parse_env(env: &[String]) -> anyhow::Result<Vec<(&str, String)>> {
+    env.iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k, v.to_owned()))
+                .ok_or_else(|| anyhow::anyhow!("--env {kv:?}: expected KEY=VALUE"))
+        })
+        .collect()
 }
 
 async fn channels(pki: &Path, url: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
@@ -649,17 +676,9 @@ async fn relay_probe(hub_bin: &Path, rate: f64, secs: u64, env: &[String]) -> an
     let pki = work.join("certs/dev");
     rating_hub::pki::init_dev(&pki)?;
     let (sink_url, sink) = start_sink().await?;
-    let hub_dir = work.join("hub");
-    std::fs::create_dir_all(hub_dir.join("certs"))?;
-    copy_dir(&pki, &hub_dir.join("certs/dev"))?;
     let mut all = sink_env(&sink_url);
-    for kv in env {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| anyhow::anyhow!("--env {kv:?}: expected KEY=VALUE"))?;
-        all.push((k.to_owned().leak(), v.to_owned()));
-    }
-    let hub = spawn_hub(hub_bin, &hub_dir, &all).await?;
+    all.extend(parse_env(env)?);
+    let hub = spawn_hub(hub_bin, &work, "hub", &pki, &all).await?;
     eprintln!("hub pid {}", hub.child.id().unwrap_or(0));
     let ch = channels(&pki, &hub.url, 4).await?;
     let (steady, acks) = open_loop(&ch, "relay", rate, secs, None).await?;
@@ -683,6 +702,46 @@ async fn relay_probe(hub_bin: &Path, rate: f64, secs: u64, env: &[String]) -> an
 /// The mean group the hub's writer commits under the unary scenario (64 callers), measured
 /// from its `Group committed.` debug lines: about 31–32 ratings.
 const UNARY_GROUP: usize = 32;
+
+/// The ingest scenarios, one after another on one hub (and so on one growing table).
+struct IngestRun {
+    unary: Measured,
+    batched: Measured,
+    stream: Measured,
+}
+
+impl IngestRun {
+    /// `prefix` keeps the ratings' source keys apart from other runs' on the same database;
+    /// `label` names the hub in the progress lines.
+    async fn measure(
+        ch: &[Channel],
+        prefix: &str,
+        label: &str,
+        concurrency: usize,
+        secs: u64,
+    ) -> anyhow::Result<Self> {
+        let unary = closed_loop(ch, &format!("{prefix}unary"), concurrency, 1, secs).await?;
+        eprintln!("{label}, unary: {:.0} calls/s", unary.rate);
+        let batched = closed_loop(ch, &format!("{prefix}batch"), 8, 100, secs).await?;
+        eprintln!("{label}, batches: {:.0} ratings/s", batched.rate);
+        let stream = streamed(ch, &format!("{prefix}stream"), 4, 25_000).await?;
+        eprintln!("{label}, streams: {:.0} ratings/s", stream.rate);
+        Ok(Self {
+            unary,
+            batched,
+            stream,
+        })
+    }
+
+    /// Baseline B against these scenarios: the unary scenario's rows untimed, then the
+    /// batch scenario's and the stream scenario's rows, each timed.
+    fn raw_plan(&self) -> RawPlan {
+        RawPlan {
+            prefill: self.unary.count,
+            segments: vec![self.batched.count, self.stream.count],
+        }
+    }
+}
 
 /// The segments of a [`RawPlan`], one per hub scenario compared.
 fn same_table_sizes<const N: usize>(m: Vec<Measured>) -> anyhow::Result<[Measured; N]> {
@@ -1008,12 +1067,7 @@ async fn run(
     let f = |x: f64| format!("{x:.0}");
 
     // Baseline A and the hub at the same concurrency.
-    let echo_child = Child::spawn({
-        let mut c = tokio::process::Command::new(std::env::current_exe()?);
-        c.arg("echo").arg("--pki").arg(&pki);
-        c
-    })
-    .await?;
+    let echo_child = spawn_echo(&pki).await?;
     let echo_ch = channels(&pki, &echo_child.url, 4).await?;
     let echo_unary = closed_loop(&echo_ch, "echo", concurrency, 1, secs).await?;
     // The same batches against A: what the load generator itself can send on this machine.
@@ -1022,32 +1076,17 @@ async fn run(
     echo_child.stop().await;
     eprintln!("baseline A: {:.0} calls/s", echo_unary.rate);
 
-    let hub_dir = work.join("hub-a");
-    std::fs::create_dir_all(hub_dir.join("certs"))?;
-    copy_dir(&pki, &hub_dir.join("certs/dev"))?;
-    let hub = spawn_hub(hub_bin, &hub_dir, &[]).await?;
+    let hub = spawn_hub(hub_bin, &work, "hub-a", &pki, &[]).await?;
     let ch = channels(&pki, &hub.url, 4).await?;
-    let unary = closed_loop(&ch, "unary", concurrency, 1, secs).await?;
-    eprintln!("hub unary: {:.0} calls/s", unary.rate);
-    let batched = closed_loop(&ch, "batch", 8, 100, secs).await?;
-    eprintln!("hub batches: {:.0} ratings/s", batched.rate);
-    let stream = streamed(&ch, "stream", 4, 25_000).await?;
-    eprintln!("hub streams: {:.0} ratings/s", stream.rate);
+    let run = IngestRun::measure(&ch, "", "hub", concurrency, secs).await?;
     hub.stop().await;
-
-    // B over the same table sizes as the hub: the unary scenario's rows first (untimed),
-    // then the batch scenario's and the stream scenario's rows, each timed.
-    let [raw, raw_s] = same_table_sizes(
-        raw_sqlite(
-            &work,
-            &RawPlan {
-                prefill: unary.count,
-                segments: vec![batched.count, stream.count],
-            },
-            100,
-        )
-        .await?,
-    )?;
+    let plan = run.raw_plan();
+    let IngestRun {
+        unary,
+        batched,
+        stream,
+    } = run;
+    let [raw, raw_s] = same_table_sizes(raw_sqlite(&work, &plan, 100).await?)?;
     eprintln!(
         "baseline B: {:.0} rows/s (batches' rows), {:.0} rows/s (streams' rows)",
         raw.rate, raw_s.rate
@@ -1125,11 +1164,7 @@ async fn run(
 
     // Relay delay at half capacity, peak RSS, drain after an outage, Subscribe.
     let (sink_url, sink) = start_sink().await?;
-    let hub_dir = work.join("hub-b");
-    std::fs::create_dir_all(hub_dir.join("certs"))?;
-    copy_dir(&pki, &hub_dir.join("certs/dev"))?;
-    let env = sink_env(&sink_url);
-    let hub = spawn_hub(hub_bin, &hub_dir, &env).await?;
+    let hub = spawn_hub(hub_bin, &work, "hub-b", &pki, &sink_env(&sink_url)).await?;
     let ch = channels(&pki, &hub.url, 4).await?;
     let half = unary.rate / 2.0;
     let (steady, acks) = open_loop(&ch, "relay", half, secs, None).await?;
@@ -1199,37 +1234,19 @@ async fn run(
     // The same ingest scenarios with PostgreSQL as the hub's database, against a raw batched
     // insert into PostgreSQL (baseline B on PostgreSQL), on a durable server.
     if let Some(admin) = pg_url {
-        let hub_dir = work.join("hub-pg");
-        std::fs::create_dir_all(hub_dir.join("certs"))?;
-        copy_dir(&pki, &hub_dir.join("certs/dev"))?;
         let db = create_database(admin, "bench_hub").await?;
-        let hub = spawn_hub(hub_bin, &hub_dir, &[("RATING_HUB__STORAGE__URL", db)]).await?;
+        let env = [("RATING_HUB__STORAGE__URL", db)];
+        let hub = spawn_hub(hub_bin, &work, "hub-pg", &pki, &env).await?;
         let ch = channels(&pki, &hub.url, 4).await?;
-        let pg_unary = closed_loop(&ch, "pg-unary", concurrency, 1, secs).await?;
-        eprintln!("hub on PostgreSQL, unary: {:.0} calls/s", pg_unary.rate);
-        let pg_batched = closed_loop(&ch, "pg-batch", 8, 100, secs).await?;
-        eprintln!(
-            "hub on PostgreSQL, batches: {:.0} ratings/s",
-            pg_batched.rate
-        );
-        let pg_stream = streamed(&ch, "pg-stream", 4, 25_000).await?;
-        eprintln!(
-            "hub on PostgreSQL, streams: {:.0} ratings/s",
-            pg_stream.rate
-        );
+        let run = IngestRun::measure(&ch, "pg-", "hub on PostgreSQL", concurrency, secs).await?;
         hub.stop().await;
-        let [raw_pg, raw_pg_s] = same_table_sizes(
-            raw_postgres(
-                admin,
-                &work,
-                &RawPlan {
-                    prefill: pg_unary.count,
-                    segments: vec![pg_batched.count, pg_stream.count],
-                },
-                100,
-            )
-            .await?,
-        )?;
+        let plan = run.raw_plan();
+        let IngestRun {
+            unary: pg_unary,
+            batched: pg_batched,
+            stream: pg_stream,
+        } = run;
+        let [raw_pg, raw_pg_s] = same_table_sizes(raw_postgres(admin, &work, &plan, 100).await?)?;
         eprintln!(
             "baseline B on PostgreSQL: {:.0} rows/s (batches' rows), {:.0} rows/s (streams' rows)",
             raw_pg.rate, raw_pg_s.rate
@@ -1323,30 +1340,15 @@ async fn probe(
     env: &[String],
 ) -> anyhow::Result<()> {
     let hub_bin = &hub_bin.canonicalize()?;
-    let env: Vec<(&str, String)> = env
-        .iter()
-        .map(|kv| {
-            kv.split_once('=')
-                .map(|(k, v)| (k, v.to_owned()))
-                .ok_or_else(|| anyhow::anyhow!("--env {kv:?}: expected KEY=VALUE"))
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let env = parse_env(env)?;
     let work = std::env::temp_dir().join(format!("rating-bench-probe-{}", std::process::id()));
     let pki = work.join("certs/dev");
     rating_hub::pki::init_dev(&pki)?;
-    let echo_child = Child::spawn({
-        let mut c = tokio::process::Command::new(std::env::current_exe()?);
-        c.arg("echo").arg("--pki").arg(&pki);
-        c
-    })
-    .await?;
+    let echo_child = spawn_echo(&pki).await?;
     let echo_ch = channels(&pki, &echo_child.url, 4).await?;
     let a = closed_loop(&echo_ch, "echo", concurrency, batch, secs).await?;
     echo_child.stop().await;
-    let hub_dir = work.join("hub");
-    std::fs::create_dir_all(hub_dir.join("certs"))?;
-    copy_dir(&pki, &hub_dir.join("certs/dev"))?;
-    let hub = spawn_hub(hub_bin, &hub_dir, &env).await?;
+    let hub = spawn_hub(hub_bin, &work, "hub", &pki, &env).await?;
     eprintln!("hub pid {}", hub.child.id().unwrap_or(0));
     let ch = channels(&pki, &hub.url, 4).await?;
     let u = closed_loop(&ch, "probe", concurrency, batch, secs).await?;

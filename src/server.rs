@@ -99,6 +99,21 @@ pub struct RunningHub {
 }
 
 /// Opens the store and starts serving on `config.server.listen` (port 0 picks a free port).
+/// Opens the store `storage.url` names: PostgreSQL for a `postgres://` URL, else the SQLite
+/// file, with the embedded migrations run.
+pub async fn open_store(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Arc<dyn Store>> {
+    let opened: Result<Arc<dyn Store>, _> = if is_postgres_url(&config.storage.url) {
+        PostgresStore::open(&config.postgres_options(), clock)
+            .await
+            .map(|s| Arc::new(s) as Arc<dyn Store>)
+    } else {
+        SqliteStore::open(&config.sqlite_options(), clock)
+            .await
+            .map(|s| Arc::new(s) as Arc<dyn Store>)
+    };
+    opened.with_context(|| format!("opening the database {}", config.storage.display_url()))
+}
+
 pub async fn start(config: &Config) -> anyhow::Result<RunningHub> {
     start_with_clock(config, Arc::new(SystemClock)).await
 }
@@ -118,17 +133,7 @@ pub async fn start_with_clock(
     } else {
         Some(crate::tls::server_config(&config.tls.files()?)?)
     };
-    let opened: Result<Arc<dyn Store>, _> = if is_postgres_url(&config.storage.url) {
-        PostgresStore::open(&config.postgres_options(), clock.clone())
-            .await
-            .map(|s| Arc::new(s) as Arc<dyn Store>)
-    } else {
-        SqliteStore::open(&config.sqlite_options(), clock.clone())
-            .await
-            .map(|s| Arc::new(s) as Arc<dyn Store>)
-    };
-    let store =
-        opened.with_context(|| format!("opening the database {}", config.storage.display_url()))?;
+    let store = open_store(config, clock.clone()).await?;
     let listener = TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("binding {}", config.server.listen))?;

@@ -161,7 +161,9 @@ impl GroupWrite for Writer {
         let start_seq = self.next_seq;
         let result = self.write_group_tx(group).await;
         if result.is_err() {
-            // Rolled back: give the sequence numbers back.
+            // Roll back (if the failed trip left the transaction open) and give the
+            // sequence numbers back.
+            group::rollback(&mut self.conn).await;
             self.next_seq = start_seq;
         }
         let moved = (self.next_seq != start_seq).then(|| self.next_seq - 1);
@@ -176,18 +178,6 @@ impl GroupWrite for Writer {
 impl Writer {
     async fn write_group_tx(&mut self, group: &[Job]) -> Result<Vec<GroupResult>, sqlx::Error> {
         let received_at = self.clock.now_micros();
-        let result = self.write_group_in(group, received_at).await;
-        if result.is_err() {
-            group::rollback(&mut self.conn).await;
-        }
-        result
-    }
-
-    async fn write_group_in(
-        &mut self,
-        group: &[Job],
-        received_at: i64,
-    ) -> Result<Vec<GroupResult>, sqlx::Error> {
         let mut tx = group::GroupTx::begin(&mut self.conn);
         // Every rating of the group first, in order, with a few statements per chunk.
         let all = writer::all_ratings(group);

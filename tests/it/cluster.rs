@@ -285,13 +285,7 @@ async fn three_instances_one_killed_hard_lose_nothing_and_deliver_everything() {
             continue;
         }
         let status =
-            crate::security::AdminServiceClient::new(dev_admin_channel(dir.path(), url).await)
-                .list_upstreams(pb::ListUpstreamsRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .upstreams
-                .remove(0);
+            crate::utils::upstream_status(dev_admin_channel(dir.path(), url).await, "fake").await;
         assert_eq!(status.delivering_instance, new_holder, "as {}", names[h]);
         assert_eq!(
             status.delivering_here,

@@ -162,13 +162,7 @@ async fn http_json_sink_speaks_the_configured_fields_and_codes_on_the_wire() {
         .collect();
 
     eventually(Duration::from_secs(30), "delivery finished", || async {
-        let st = AdminServiceClient::new(hub.channel_as("tester").await)
-            .list_upstreams(pb::ListUpstreamsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .upstreams
-            .remove(0);
+        let st = crate::utils::upstream_status(hub.channel_as("tester").await, "zj").await;
         st.lag_records == 0
     })
     .await;

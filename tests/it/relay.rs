@@ -30,15 +30,7 @@ pub fn upstream(b: HubBuilder, name: &str, endpoint: &str) -> HubBuilder {
 }
 
 async fn status(hub: &TestHub, name: &str) -> pb::UpstreamStatus {
-    AdminServiceClient::new(hub.channel_as("tester").await)
-        .list_upstreams(pb::ListUpstreamsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .upstreams
-        .into_iter()
-        .find(|u| u.name == name)
-        .expect("upstream listed")
+    crate::utils::upstream_status(hub.channel_as("tester").await, name).await
 }
 
 async fn submit_many(hub: &TestHub, prefix: &str, n: usize) -> Vec<String> {

@@ -6,33 +6,19 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rating_hub::clock::{Clock, SystemClock};
-use rating_hub::store::{
-    CaseEntryRecord, InsertOutcome, NewRating, PostgresOptions, PostgresStore, RelayWrite,
-    SqliteOptions, SqliteStore, Store,
-};
+use rating_hub::config::Config;
+use rating_hub::store::{CaseEntryRecord, InsertOutcome, NewRating, RelayWrite, Store};
 use uuid::Uuid;
 
 use crate::pg;
 use crate::utils::rating;
 
 async fn open_store(dir: &Path) -> Arc<dyn Store> {
-    let url = pg::storage_url(dir);
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    if pg::enabled() {
-        let opts = PostgresOptions {
-            url,
-            max_group_commit: 2048,
-            write_queue: 64,
-            read_connections: 2,
-        };
-        Arc::new(PostgresStore::open(&opts, clock).await.expect("open"))
-    } else {
-        let opts = SqliteOptions {
-            path: url,
-            ..Default::default()
-        };
-        Arc::new(SqliteStore::open(&opts, clock).await.expect("open"))
-    }
+    let mut config = Config::from_layers(None, std::iter::empty()).expect("defaults");
+    config.storage.url = pg::storage_url(dir);
+    rating_hub::server::open_store(&config, Arc::new(SystemClock))
+        .await
+        .expect("open")
 }
 
 fn new_ratings(dir: &Path, prefix: &str, n: usize) -> Vec<NewRating> {

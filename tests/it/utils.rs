@@ -491,3 +491,16 @@ pub async fn read_subscription(
     }
     got
 }
+
+/// One upstream's status from `ListUpstreams` on `channel` (a principal allowed to list them).
+pub async fn upstream_status(channel: Channel, name: &str) -> pb::UpstreamStatus {
+    pb::admin_service_client::AdminServiceClient::new(channel)
+        .list_upstreams(pb::ListUpstreamsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .upstreams
+        .into_iter()
+        .find(|u| u.name == name)
+        .unwrap_or_else(|| panic!("upstream {name} listed"))
+}

@@ -18,5 +18,7 @@ pub mod rules;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+#[doc(hidden)]
+pub mod testing;
 pub mod time;
 pub mod tls;

@@ -332,3 +332,72 @@ async fn flush<B: ChunkBackend>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use crate::clock::{Clock, SystemClock};
+    use crate::pb::v1 as pb;
+    use crate::privacy::PiiKeys;
+    use crate::store::{IngestChecks, NewRating};
+
+    fn raw(key: &str, kind: pb::TargetKind) -> pb::Rating {
+        pb::Rating {
+            source_key: key.into(),
+            channel: pb::Channel::HallDevice as i32,
+            level: pb::Level::Satisfied as i32,
+            target_kind: kind as i32,
+            case_number: format!("CASE-{key}"),
+            item_code: "530100-ITEM-001".into(),
+            region_code: "530102".into(),
+            org_credit_code: crate::domain::codes::credit_code_with_check("11530100MA0000001")
+                .unwrap(),
+            staff_id: "S007".into(),
+            text: "办事顺利".into(),
+            batch_id: format!("B-{key}"),
+            device_id: "PAD-1".into(),
+            rated_at: Some(crate::time::timestamp_from_micros(SystemClock.now_micros())),
+            rater: Some(pb::Rater {
+                kind: pb::RaterKind::NaturalPerson as i32,
+                phone: "13800138000".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A chunk that needs every part of a look-up: `copies` times an item rating, a staff
+    /// rating and a relayed rating, each with text (template), a batch, a device and a
+    /// phone. The PII key goes in `dir`.
+    pub(crate) fn lookup_chunk(dir: &Path, copies: usize) -> Vec<NewRating> {
+        let key = dir.join("pii.key");
+        PiiKeys::create_key_file(&key).unwrap();
+        let keys = PiiKeys::load(
+            "k",
+            &BTreeMap::from([("k".into(), key.display().to_string())]),
+        )
+        .unwrap();
+        let now = SystemClock.now_micros();
+        let checks = IngestChecks {
+            counting: true,
+            ..Default::default()
+        };
+        let new = |raw: pb::Rating, relay: bool| {
+            let v = crate::domain::parse_rating(&raw, now, &Default::default(), relay).unwrap();
+            NewRating::new(uuid::Uuid::now_v7(), "sys".into(), v, &keys, checks.clone())
+        };
+        let mut chunk = Vec::with_capacity(3 * copies);
+        for n in 0..copies {
+            let mut relayed = raw(&format!("r{n}"), pb::TargetKind::Item);
+            relayed.hub_id = uuid::Uuid::now_v7().to_string();
+            relayed.origin_source_system = "lower".into();
+            relayed.origin_source_key = format!("r{n}");
+            chunk.push(new(raw(&format!("a{n}"), pb::TargetKind::Item), false));
+            chunk.push(new(raw(&format!("b{n}"), pb::TargetKind::Staff), false));
+            chunk.push(new(relayed, true));
+        }
+        chunk
+    }
+}

@@ -58,6 +58,32 @@ pub fn is_postgres_url(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
+/// Every hub connection's options.
+pub(crate) fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
+    let connect: PgConnectOptions = url.parse()?;
+    Ok(connect
+        .application_name("rating-hub")
+        .log_statements(tracing::log::LevelFilter::Trace)
+        // Plan each execution for its own parameters and the tables' current size. A
+        // cached generic plan made while `ratings` was empty seq-scans it for good (the
+        // case look-up grew to 190 ms per chunk at 8,000 rows in the benchmark).
+        .options([("plan_cache_mode", "force_custom_plan")]))
+}
+
+/// The writer connection's options: its statements are all index probes and inserts by
+/// design. While `ratings` grows from empty its statistics lag (autovacuum analyses it a
+/// minute or so later), and the planner then takes "target_kind = 1 AND follow_up_of = ''"
+/// for one row in a thousand and scans the table instead of probing the index. Nor does a
+/// look-up gain from parallel workers: starting them costs more than its few hundred
+/// probes, and the planner, adding up the parts of a chunk's look-up (one statement), chose
+/// a parallel plan that took 31 ms instead of a few.
+pub(crate) fn writer_options(connect: &PgConnectOptions) -> PgConnectOptions {
+    connect.clone().options([
+        ("enable_seqscan", "off"),
+        ("max_parallel_workers_per_gather", "0"),
+    ])
+}
+
 pub struct PostgresStore {
     jobs: Queue,
     reader: PgPool,
@@ -70,19 +96,8 @@ impl PostgresStore {
     /// Connects, runs the embedded migrations (under PostgreSQL's advisory lock, so instances
     /// starting together migrate once), starts the writer and the commit listener.
     pub async fn open(opts: &PostgresOptions, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
-        let connect: PgConnectOptions = opts.url.parse()?;
-        let connect = connect
-            .application_name("rating-hub")
-            .log_statements(tracing::log::LevelFilter::Trace)
-            // Plan each execution for its own parameters and the tables' current size. A
-            // cached generic plan made while `ratings` was empty seq-scans it for good (the
-            // case look-up grew to 190 ms per chunk at 8,000 rows in the benchmark).
-            .options([("plan_cache_mode", "force_custom_plan")]);
-        // The writer's statements are all index probes and inserts by design. While
-        // `ratings` grows from empty its statistics lag (autovacuum analyses it a minute or
-        // so later), and the planner then takes "target_kind = 1 AND follow_up_of = ''" for
-        // one row in a thousand and scans the table instead of probing the index.
-        let writer_connect = connect.clone().options([("enable_seqscan", "off")]);
+        let connect = connect_options(&opts.url)?;
+        let writer_connect = writer_options(&connect);
         let mut writer_conn = PgConnection::connect_with(&writer_connect).await?;
         MIGRATOR.run(&mut writer_conn).await?;
         let reader = PgPoolOptions::new()

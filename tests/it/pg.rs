@@ -7,8 +7,6 @@
 //! Every hub directory gets its own database, created on first use and kept for restarts.
 
 use std::path::Path;
-use std::process::Command;
-use std::sync::OnceLock;
 
 use sqlx::Connection;
 
@@ -19,33 +17,7 @@ pub fn enabled() -> bool {
 
 /// The superuser URL of the test server, starting one on first use if none was given.
 pub fn admin_url() -> &'static str {
-    static URL: OnceLock<String> = OnceLock::new();
-    URL.get_or_init(|| {
-        if let Ok(url) = std::env::var("RATING_HUB_TEST_PG_URL") {
-            return url;
-        }
-        let dir = tempfile::Builder::new()
-            .prefix("rating-hub-pg-")
-            .tempdir()
-            .expect("temp dir")
-            .keep();
-        // The server runs as an unprivileged user, who must reach its directory.
-        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pg");
-        let out = Command::new(script)
-            .arg("start")
-            .arg(dir.join("server"))
-            .args(["--fast", "--watch", &std::process::id().to_string()])
-            .output()
-            .expect("run scripts/pg");
-        assert!(
-            out.status.success(),
-            "scripts/pg could not start a PostgreSQL server:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    })
+    rating_hub::testing::pg_admin_url()
 }
 
 /// A new, empty database on the test server; returns its URL.

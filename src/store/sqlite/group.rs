@@ -411,41 +411,13 @@ fn read_lookup_row(row: &sqlx::sqlite::SqliteRow, l: &mut Lookups) -> Result<(),
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::sync::Arc;
 
     use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
 
     use super::push_lookups;
-    use crate::clock::{Clock, SystemClock};
-    use crate::pb::v1 as pb;
-    use crate::privacy::PiiKeys;
-    use crate::store::{IngestChecks, NewRating, SqliteOptions, SqliteStore, Store};
-
-    fn raw(key: &str, kind: pb::TargetKind) -> pb::Rating {
-        pb::Rating {
-            source_key: key.into(),
-            channel: pb::Channel::HallDevice as i32,
-            level: pb::Level::Satisfied as i32,
-            target_kind: kind as i32,
-            case_number: format!("CASE-{key}"),
-            item_code: "530100-ITEM-001".into(),
-            region_code: "530102".into(),
-            org_credit_code: crate::domain::codes::credit_code_with_check("11530100MA0000001")
-                .unwrap(),
-            staff_id: "S007".into(),
-            text: "办事顺利".into(),
-            batch_id: format!("B-{key}"),
-            device_id: "PAD-1".into(),
-            rated_at: Some(crate::time::timestamp_from_micros(SystemClock.now_micros())),
-            rater: Some(pb::Rater {
-                kind: pb::RaterKind::NaturalPerson as i32,
-                phone: "13800138000".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
+    use crate::clock::SystemClock;
+    use crate::store::{NewRating, SqliteOptions, SqliteStore, Store};
 
     /// Each part of a chunk's look-up must search an index. One that scans `ratings` costs
     /// as much as the table is large, inside the single writer's transaction.
@@ -462,31 +434,7 @@ mod tests {
             .unwrap();
         store.close().await;
 
-        let key = dir.path().join("pii.key");
-        PiiKeys::create_key_file(&key).unwrap();
-        let keys = PiiKeys::load(
-            "k",
-            &BTreeMap::from([("k".into(), key.display().to_string())]),
-        )
-        .unwrap();
-        let now = SystemClock.now_micros();
-        let checks = IngestChecks {
-            counting: true,
-            ..Default::default()
-        };
-        let new = |raw: pb::Rating, relay: bool| {
-            let v = crate::domain::parse_rating(&raw, now, &Default::default(), relay).unwrap();
-            NewRating::new(uuid::Uuid::now_v7(), "sys".into(), v, &keys, checks.clone())
-        };
-        let mut relayed = raw("r", pb::TargetKind::Item);
-        relayed.hub_id = uuid::Uuid::now_v7().to_string();
-        relayed.origin_source_system = "lower".into();
-        relayed.origin_source_key = "r".into();
-        let chunk = [
-            new(raw("a", pb::TargetKind::Item), false),
-            new(raw("b", pb::TargetKind::Staff), false),
-            new(relayed, true),
-        ];
+        let chunk = crate::store::chunk::tests::lookup_chunk(dir.path(), 1);
         let refs: Vec<&NewRating> = chunk.iter().collect();
 
         let mut qb = QueryBuilder::<Sqlite>::new("EXPLAIN QUERY PLAN ");

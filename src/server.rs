@@ -98,7 +98,6 @@ pub struct RunningHub {
     grace: Duration,
 }
 
-/// Opens the store and starts serving on `config.server.listen` (port 0 picks a free port).
 /// Opens the store `storage.url` names: PostgreSQL for a `postgres://` URL, else the SQLite
 /// file, with the embedded migrations run.
 pub async fn open_store(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Arc<dyn Store>> {
@@ -114,6 +113,7 @@ pub async fn open_store(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Resul
     opened.with_context(|| format!("opening the database {}", config.storage.display_url()))
 }
 
+/// Opens the store and starts serving on `config.server.listen` (port 0 picks a free port).
 pub async fn start(config: &Config) -> anyhow::Result<RunningHub> {
     start_with_clock(config, Arc::new(SystemClock)).await
 }

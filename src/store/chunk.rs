@@ -12,9 +12,11 @@
 
 use std::collections::{HashMap, HashSet};
 
+use sqlx::{ColumnIndex, Decode, Row, Type};
 use uuid::Uuid;
 
 use crate::pb::v1 as pb;
+use crate::store::rows::uuid_from_bytes;
 use crate::store::{InsertOutcome, NewRating};
 
 /// Ratings decided per look-up. A look-up binds at most 10 values per rating (SQLite; the
@@ -44,6 +46,56 @@ pub(crate) struct Lookups {
     pub templates: HashMap<(String, Vec<u8>), i64>,
     pub devices: HashMap<String, i64>,
     pub phones: HashMap<Vec<u8>, i64>,
+}
+
+/// Adds one row of a chunk's look-up to `l`. Both backends send every part of a look-up in
+/// one statement whose rows are tagged by part, with the columns (tag, text a, text b,
+/// text c, blob x, blob y, integer n); unused columns are NULL.
+pub(crate) fn read_lookup_row<R: Row>(row: &R, l: &mut Lookups) -> Result<(), sqlx::Error>
+where
+    usize: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> Vec<u8>: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let text = |i: usize| row.try_get::<String, _>(i);
+    let blob = |i: usize| row.try_get::<Vec<u8>, _>(i);
+    let int = |i: usize| row.try_get::<i64, _>(i);
+    match int(0)? {
+        1 => {
+            let known = (
+                uuid_from_bytes(&blob(4)?).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                int(6)? as u64,
+                blob(5)?,
+            );
+            l.by_id.insert(known.0, known.clone());
+            l.by_key.insert((text(1)?, text(2)?), known);
+        }
+        2 => {
+            l.cases.insert((text(1)?, text(2)?));
+        }
+        3 => {
+            l.batches.insert((text(1)?, text(2)?));
+        }
+        4 => {
+            l.visits.insert((text(1)?, text(2)?, text(3)?));
+        }
+        5 => {
+            l.templates.insert((text(1)?, blob(4)?), int(6)?);
+        }
+        6 => {
+            l.devices.insert(text(1)?, int(6)?);
+        }
+        7 => {
+            l.phones.insert(blob(4)?, int(6)?);
+        }
+        tag => {
+            return Err(sqlx::Error::Protocol(format!(
+                "look-up row with unknown tag {tag}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The time window a chunk's quality counts cover: [earliest − window, latest]. In live

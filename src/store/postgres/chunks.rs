@@ -3,19 +3,14 @@
 //! transaction (which holds the feed lock, so the look-ups see every committed rating of every
 //! instance).
 
-use sqlx::postgres::{PgConnection, PgRow};
-use sqlx::{Postgres, QueryBuilder, Row};
+use sqlx::postgres::PgConnection;
+use sqlx::{Postgres, QueryBuilder};
 
 use crate::pb::v1 as pb;
 use crate::store::NewRating;
 use crate::store::chunk::{self, ChunkBackend, FollowUpFacts, Lookups, Pending};
-use crate::store::rows::uuid_from_bytes;
 
 pub(super) struct PgChunks<'c>(pub &'c mut PgConnection);
-
-fn decode_err(e: crate::store::StoreError) -> sqlx::Error {
-    sqlx::Error::Decode(Box::new(e))
-}
 
 impl ChunkBackend for PgChunks<'_> {
     async fn lookups(&mut self, chunk: &[&NewRating]) -> Result<Lookups, sqlx::Error> {
@@ -24,7 +19,7 @@ impl ChunkBackend for PgChunks<'_> {
         let rows = qb.build().fetch_all(&mut *self.0).await?;
         let mut l = Lookups::default();
         for row in &rows {
-            read_lookup_row(row, &mut l)?;
+            chunk::read_lookup_row(row, &mut l)?;
         }
         Ok(l)
     }
@@ -241,7 +236,7 @@ fn push_lookups<'a>(qb: &mut QueryBuilder<'a, Postgres>, chunk: &'a [&'a NewRati
         .unzip();
     part(
         qb,
-        "SELECT 1 AS tag, r.source_system AS a, r.source_key AS b, NULL::text AS c, \
+        "SELECT 1::bigint AS tag, r.source_system AS a, r.source_key AS b, NULL::text AS c, \
          r.hub_id AS x, r.content_hash AS y, r.feed_seq AS n \
          FROM (SELECT DISTINCT * FROM UNNEST(",
     );
@@ -253,10 +248,10 @@ fn push_lookups<'a>(qb: &mut QueryBuilder<'a, Postgres>, chunk: &'a [&'a NewRati
              hub_id, content_hash, feed_seq FROM ratings \
              WHERE source_system = k.s AND source_key = k.key LIMIT 1) r",
         );
-    let relayed: Vec<Vec<u8>> = chunk
+    let relayed: Vec<&[u8]> = chunk
         .iter()
         .filter(|i| i.rating.relayed_hub_id.is_some())
-        .map(|i| i.hub_id.as_bytes().to_vec())
+        .map(|i| i.hub_id.as_bytes().as_slice())
         .collect();
     if !relayed.is_empty() {
         part(
@@ -401,46 +396,6 @@ fn push_lookups<'a>(qb: &mut QueryBuilder<'a, Postgres>, chunk: &'a [&'a NewRati
             .push_bind(max_at)
             .push(") r WHERE r.n > 0");
     }
-}
-
-fn read_lookup_row(row: &PgRow, l: &mut Lookups) -> Result<(), sqlx::Error> {
-    let text = |i: usize| row.try_get::<String, _>(i);
-    let bytes = |i: usize| row.try_get::<Vec<u8>, _>(i);
-    match row.try_get::<i32, _>(0)? {
-        1 => {
-            let known = (
-                uuid_from_bytes(&bytes(4)?).map_err(decode_err)?,
-                row.try_get::<i64, _>(6)? as u64,
-                bytes(5)?,
-            );
-            l.by_id.insert(known.0, known.clone());
-            l.by_key.insert((text(1)?, text(2)?), known);
-        }
-        2 => {
-            l.cases.insert((text(1)?, text(2)?));
-        }
-        3 => {
-            l.batches.insert((text(1)?, text(2)?));
-        }
-        4 => {
-            l.visits.insert((text(1)?, text(2)?, text(3)?));
-        }
-        5 => {
-            l.templates.insert((text(1)?, bytes(4)?), row.try_get(6)?);
-        }
-        6 => {
-            l.devices.insert(text(1)?, row.try_get(6)?);
-        }
-        7 => {
-            l.phones.insert(bytes(4)?, row.try_get(6)?);
-        }
-        tag => {
-            return Err(sqlx::Error::Protocol(format!(
-                "look-up row with unknown tag {tag}"
-            )));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 
 use futures_util::TryStreamExt;
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
-use sqlx::{Either, QueryBuilder, Row, Sqlite};
+use sqlx::{Either, QueryBuilder, Sqlite};
 
 use crate::pb::v1 as pb;
 use crate::store::NewRating;
@@ -117,7 +117,7 @@ impl ChunkBackend for GroupTx<'_> {
     async fn lookups(&mut self, chunk: &[&NewRating]) -> Result<Lookups, sqlx::Error> {
         push_lookups(self.defer(None), chunk);
         let mut l = Lookups::default();
-        self.send(|row| read_lookup_row(row, &mut l)).await?;
+        self.send(|row| chunk::read_lookup_row(row, &mut l)).await?;
         Ok(l)
     }
 
@@ -366,47 +366,6 @@ fn push_lookups(qb: &mut QueryBuilder<'static, Sqlite>, chunk: &[&NewRating]) {
     }
 
     qb.push(";");
-}
-
-fn read_lookup_row(row: &sqlx::sqlite::SqliteRow, l: &mut Lookups) -> Result<(), sqlx::Error> {
-    let text = |i: usize| row.try_get::<String, _>(i);
-    let blob = |i: usize| row.try_get::<Vec<u8>, _>(i);
-    match row.try_get::<i64, _>(0)? {
-        1 => {
-            let known = (
-                crate::store::rows::uuid_from_bytes(&blob(4)?)
-                    .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-                row.try_get::<i64, _>(6)? as u64,
-                blob(5)?,
-            );
-            l.by_id.insert(known.0, known.clone());
-            l.by_key.insert((text(1)?, text(2)?), known);
-        }
-        2 => {
-            l.cases.insert((text(1)?, text(2)?));
-        }
-        3 => {
-            l.batches.insert((text(1)?, text(2)?));
-        }
-        4 => {
-            l.visits.insert((text(1)?, text(2)?, text(3)?));
-        }
-        5 => {
-            l.templates.insert((text(1)?, blob(4)?), row.try_get(6)?);
-        }
-        6 => {
-            l.devices.insert(text(1)?, row.try_get(6)?);
-        }
-        7 => {
-            l.phones.insert(blob(4)?, row.try_get(6)?);
-        }
-        tag => {
-            return Err(sqlx::Error::Protocol(format!(
-                "look-up row with unknown tag {tag}"
-            )));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

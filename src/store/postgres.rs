@@ -88,7 +88,7 @@ pub struct PostgresStore {
     jobs: Queue,
     reader: PgPool,
     head: watch::Receiver<u64>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    writer: Mutex<Option<writer::Stopped>>,
     listener: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -98,8 +98,11 @@ impl PostgresStore {
     pub async fn open(opts: &PostgresOptions, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
         let connect = connect_options(&opts.url)?;
         let writer_connect = writer_options(&connect);
-        let mut writer_conn = PgConnection::connect_with(&writer_connect).await?;
-        MIGRATOR.run(&mut writer_conn).await?;
+        // Migrated on the writer's settings, which also checks them; the writer thread opens
+        // its own connection (on its own runtime) for the first group.
+        let mut migrate_conn = PgConnection::connect_with(&writer_connect).await?;
+        MIGRATOR.run(&mut migrate_conn).await?;
+        migrate_conn.close().await?;
         let reader = PgPoolOptions::new()
             .max_connections(opts.read_connections.max(1) + 1)
             .connect_with(connect.clone())
@@ -114,14 +117,15 @@ impl PostgresStore {
         let listener = tokio::spawn(follow_feed(listen, reader.clone(), head_tx.clone()));
         let (jobs, handle) = Queue::start(
             Writer {
-                conn: Some(writer_conn),
+                conn: None,
                 connect: writer_connect,
                 clock,
             },
             head_tx,
             opts.max_group_commit,
             opts.write_queue,
-        );
+        )
+        .map_err(sqlx::Error::Io)?;
         Ok(Self {
             jobs,
             reader,

@@ -66,7 +66,7 @@ pub struct SqliteStore {
     jobs: Queue,
     reader: SqlitePool,
     head: watch::Receiver<u64>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    writer: Mutex<Option<writer::Stopped>>,
     /// The background WAL checkpointer: its stop signal and task.
     checkpointer: Mutex<Option<(watch::Sender<bool>, JoinHandle<()>)>>,
 }
@@ -120,7 +120,8 @@ impl SqliteStore {
             next_seq: last_seq + 1,
             clock,
         };
-        let (jobs, handle) = Queue::start(writer, head_tx, opts.max_group_commit, opts.write_queue);
+        let (jobs, handle) = Queue::start(writer, head_tx, opts.max_group_commit, opts.write_queue)
+            .map_err(sqlx::Error::Io)?;
         Ok(Self {
             jobs,
             reader,

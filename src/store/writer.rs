@@ -2,6 +2,11 @@
 //! is queued into one transaction, commits it, and only then answers each caller. A failed
 //! commit acknowledges nothing. The backend writes the group ([`GroupWrite`]); this module
 //! owns the queue, the batching and the replies.
+//!
+//! The writer runs on a thread of its own, with a single-threaded tokio runtime. As a task
+//! among the gRPC handlers on the server's two workers, it waited its turn behind them after
+//! every database round trip; on its own thread the unary benchmark gained 9–12 %
+//! (docs/benchmarks.md, session 6).
 
 use std::future::Future;
 
@@ -73,17 +78,30 @@ pub(crate) struct Queue {
     jobs: mpsc::Sender<Job>,
 }
 
+/// Resolves when the writer thread has finished (closed its connection), or died.
+pub(crate) struct Stopped(oneshot::Receiver<()>);
+
 impl Queue {
-    /// Starts the writer task; `head` is told the feed head after every commit that moved it.
+    /// Starts the writer thread; `head` is told the feed head after every commit that moved
+    /// it.
     pub fn start<W: GroupWrite>(
         backend: W,
         head: watch::Sender<u64>,
         max_group: usize,
         queue: usize,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
+    ) -> std::io::Result<(Self, Stopped)> {
         let (jobs, rx) = mpsc::channel(queue.max(1));
-        let handle = tokio::spawn(run(backend, rx, head, max_group.max(1)));
-        (Self { jobs }, handle)
+        let (done, stopped) = oneshot::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("rating-writer".into())
+            .spawn(move || {
+                runtime.block_on(run(backend, rx, head, max_group.max(1)));
+                let _ = done.send(());
+            })?;
+        Ok((Self { jobs }, Stopped(stopped)))
     }
 
     /// Queues a job and waits for its commit.
@@ -141,12 +159,12 @@ impl Queue {
     }
 
     /// Lets the queued jobs commit, then stops the writer.
-    pub async fn close(&self, handle: tokio::task::JoinHandle<()>) {
+    pub async fn close(&self, stopped: Stopped) {
         let (reply, done) = oneshot::channel();
         if self.jobs.send(Job::Close { reply }).await.is_ok() {
             let _ = done.await;
         }
-        let _ = handle.await;
+        let _ = stopped.0.await;
     }
 }
 

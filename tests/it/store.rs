@@ -125,3 +125,43 @@ async fn a_failed_group_stores_none_of_its_ratings_and_the_next_group_commits() 
     assert_eq!(accepted_seqs(&outcomes), vec![4, 5]);
     store.close().await;
 }
+
+/// A Subscribe page's unmasked reads are audited in a few statements, not one per rating:
+/// an audit longer than one statement takes (SQLite: 1,000 records) keeps every id, in
+/// order, under its principal and call.
+#[tokio::test]
+async fn an_audit_of_many_ratings_records_every_id_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path()).await;
+    let ids: Vec<Uuid> = (0..2_345).map(|_| Uuid::now_v7()).collect();
+    store
+        .record_pii_access("investigator", "Subscribe", &ids)
+        .await
+        .expect("audit recorded");
+    store
+        .record_pii_access("someone-else", "GetRating", &ids[..1])
+        .await
+        .expect("audit recorded");
+
+    let mut seen = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store
+            .list_pii_access(Some("investigator"), after, 1000)
+            .await
+            .unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.id;
+        seen.extend(page);
+    }
+    assert_eq!(
+        seen.iter().map(|a| a.hub_id).collect::<Vec<_>>(),
+        ids,
+        "every audited id, in the order read"
+    );
+    assert!(
+        seen.iter()
+            .all(|a| a.principal == "investigator" && a.rpc == "Subscribe" && a.at_micros > 0)
+    );
+    store.close().await;
+}

@@ -4,9 +4,11 @@
 //! owns the queue, the batching and the replies.
 //!
 //! The writer runs on a thread of its own, with a single-threaded tokio runtime. As a task
-//! among the gRPC handlers on the server's two workers, it waited its turn behind them after
-//! every database round trip; on its own thread the unary benchmark gained 9–12 %
-//! (docs/benchmarks.md, session 6).
+//! among the gRPC handlers on the server's two workers, it could wait its turn behind them
+//! after every database round trip; on its own thread unary ingest gained about 6 % in
+//! paired probes (docs/benchmarks.md, session 6). Each round trip to SQLite's thread now
+//! ends in a wake-up between threads, so the backends send many rows per statement rather
+//! than one statement per row.
 
 use std::future::Future;
 

@@ -250,18 +250,19 @@ async fn relay_write(
             cursor,
             dead,
         } => {
-            for d in dead {
-                sqlx::query(
-                    "INSERT INTO dead_letters (upstream, feed_seq, error, attempts, created_at) \
-                     VALUES (?, ?, ?, ?, ?)",
-                )
-                .bind(upstream)
-                .bind(d.feed_seq as i64)
-                .bind(&d.error)
-                .bind(i64::from(d.attempts))
-                .bind(now)
-                .execute(&mut *conn)
-                .await?;
+            // One statement per 1,000 (five binds each), not one per dead letter.
+            for dead in dead.chunks(1000) {
+                let mut qb = QueryBuilder::<Sqlite>::new(
+                    "INSERT INTO dead_letters (upstream, feed_seq, error, attempts, created_at) ",
+                );
+                qb.push_values(dead, |mut row, d| {
+                    row.push_bind(upstream.as_str())
+                        .push_bind(d.feed_seq as i64)
+                        .push_bind(d.error.as_str())
+                        .push_bind(i64::from(d.attempts))
+                        .push_bind(now);
+                });
+                qb.build().execute(&mut *conn).await?;
             }
             // The cursor only moves forward, whatever order writes arrive in.
             let r = sqlx::query(

@@ -7,8 +7,8 @@
 //! among the gRPC handlers on the server's two workers, it could wait its turn behind them
 //! after every database round trip; on its own thread unary ingest gained about 6 % in
 //! paired probes (docs/benchmarks.md, session 6). Each round trip to SQLite's thread now
-//! ends in a wake-up between threads, so the backends send many rows per statement rather
-//! than one statement per row.
+//! ends in a wake-up between threads, so the backends write many rows with one statement
+//! (ratings, audit records, dead letters); case events still take a few statements each.
 
 use std::future::Future;
 

@@ -279,7 +279,7 @@ impl Writer {
                     hub_ids,
                     ..
                 } => {
-                    let ids: Vec<Vec<u8>> = hub_ids.iter().map(|h| h.as_bytes().to_vec()).collect();
+                    let ids: Vec<&[u8]> = hub_ids.iter().map(|h| h.as_bytes().as_slice()).collect();
                     sqlx::query(
                         "INSERT INTO pii_access (at, principal, rpc, hub_id) \
                          SELECT $1, $2, $3, h FROM UNNEST($4::bytea[]) WITH ORDINALITY AS t(h, n) \

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sqlx::query_builder::Separated;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteRow, SqliteSynchronous,
@@ -176,8 +177,26 @@ impl GroupWrite for Writer {
     }
 }
 
-/// Personal-data access records per INSERT: four binds each, far below SQLite's 32,766.
-const AUDIT_ROWS: usize = 1000;
+/// Rows per multi-row INSERT of the writer's small tables (audit records, dead letters): at
+/// most five binds each, far below SQLite's 32,766.
+const ROWS_PER_INSERT: usize = 1000;
+
+/// Inserts `rows` with one multi-row INSERT per [`ROWS_PER_INSERT`] rather than one per row:
+/// each statement is a round trip to sqlx's SQLite thread. `head` is
+/// `INSERT INTO table (columns) `; `bind` pushes one row's values.
+async fn insert_rows<'a, T>(
+    conn: &mut SqliteConnection,
+    head: &str,
+    rows: &'a [T],
+    mut bind: impl FnMut(Separated<'_, 'a, Sqlite, &'static str>, &'a T),
+) -> Result<(), sqlx::Error> {
+    for rows in rows.chunks(ROWS_PER_INSERT) {
+        let mut qb = QueryBuilder::<Sqlite>::new(head);
+        qb.push_values(rows, &mut bind);
+        qb.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
 
 impl Writer {
     async fn write_group_tx(&mut self, group: &[Job]) -> Result<Vec<GroupResult>, sqlx::Error> {
@@ -210,21 +229,19 @@ impl Writer {
                     hub_ids,
                     ..
                 } => {
-                    let conn = tx.conn().await?;
-                    // One statement per AUDIT_ROWS records (a Subscribe page of 500 was 500
-                    // statements, each a round trip to SQLite's thread).
-                    for ids in hub_ids.chunks(AUDIT_ROWS) {
-                        let mut qb = QueryBuilder::<Sqlite>::new(
-                            "INSERT INTO pii_access (at, principal, rpc, hub_id) ",
-                        );
-                        qb.push_values(ids, |mut row, hub_id| {
+                    // A Subscribe page of 500 was 500 statements before.
+                    insert_rows(
+                        tx.conn().await?,
+                        "INSERT INTO pii_access (at, principal, rpc, hub_id) ",
+                        hub_ids,
+                        |mut row, hub_id| {
                             row.push_bind(received_at)
                                 .push_bind(principal.as_str())
                                 .push_bind(rpc.as_str())
                                 .push_bind(hub_id.as_bytes().as_slice());
-                        });
-                        qb.build().execute(&mut *conn).await?;
-                    }
+                        },
+                    )
+                    .await?;
                     results.push(GroupResult::Audit);
                 }
                 Job::Relay { write, .. } => {
@@ -250,20 +267,19 @@ async fn relay_write(
             cursor,
             dead,
         } => {
-            // One statement per 1,000 (five binds each), not one per dead letter.
-            for dead in dead.chunks(1000) {
-                let mut qb = QueryBuilder::<Sqlite>::new(
-                    "INSERT INTO dead_letters (upstream, feed_seq, error, attempts, created_at) ",
-                );
-                qb.push_values(dead, |mut row, d| {
+            insert_rows(
+                conn,
+                "INSERT INTO dead_letters (upstream, feed_seq, error, attempts, created_at) ",
+                dead,
+                |mut row, d| {
                     row.push_bind(upstream.as_str())
                         .push_bind(d.feed_seq as i64)
                         .push_bind(d.error.as_str())
                         .push_bind(i64::from(d.attempts))
                         .push_bind(now);
-                });
-                qb.build().execute(&mut *conn).await?;
-            }
+                },
+            )
+            .await?;
             // The cursor only moves forward, whatever order writes arrive in.
             let r = sqlx::query(
                 "INSERT INTO upstream_state (upstream, cursor, paused, updated_at) \

@@ -92,7 +92,7 @@ impl ChunkBackend for PgChunks<'_> {
         for p in pending {
             let (item, r) = (p.item, &p.item.rating);
             seq.push(p.seq as i64);
-            hub_id.push(item.hub_id.as_bytes().to_vec());
+            hub_id.push(item.hub_id.as_bytes().as_slice());
             source_system.push(item.source_system.as_str());
             source_key.push(r.source_key.as_str());
             content_hash.push(r.content_hash.as_slice());
@@ -114,8 +114,8 @@ impl ChunkBackend for PgChunks<'_> {
             batch_id.push(r.body.batch_id.as_str());
             theme_id.push(r.body.theme_id.as_str());
             device_id.push(r.body.device_id.as_str());
-            template_hash.push(item.template_hash.map(|h| h.to_vec()));
-            phone_tag.push(item.phone_tag.map(|h| h.to_vec()));
+            template_hash.push(item.template_hash.as_ref().map(|h| h.as_slice()));
+            phone_tag.push(item.phone_tag.as_ref().map(|h| h.as_slice()));
         }
         let inserted = sqlx::query(
             "INSERT INTO ratings (feed_seq, hub_id, source_system, source_key, content_hash, \
@@ -166,9 +166,9 @@ impl ChunkBackend for PgChunks<'_> {
         }
         let bad: Vec<&Pending<'_>> = pending.iter().filter(|p| p.opens_case()).collect();
         if !bad.is_empty() {
-            let hub_ids: Vec<Vec<u8>> = bad
+            let hub_ids: Vec<&[u8]> = bad
                 .iter()
-                .map(|p| p.item.hub_id.as_bytes().to_vec())
+                .map(|p| p.item.hub_id.as_bytes().as_slice())
                 .collect();
             let orgs: Vec<&str> = bad
                 .iter()

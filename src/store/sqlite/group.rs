@@ -159,7 +159,9 @@ impl ChunkBackend for GroupTx<'_> {
         received_at: i64,
     ) -> Result<(), sqlx::Error> {
         // 26 binds a row: statements of at most 200 rows stay below SQLite's 32,766 and keep
-        // a handful of statement texts (the statement cache) for any group size.
+        // a handful of statement texts (the statement cache) for any group size. The binds
+        // are owned because the deferred builder outlives this call; borrowed ones would be
+        // copied all the same, when sqlx hands the arguments to its SQLite thread.
         for rows in pending.chunks(200) {
             let qb = self.defer(Some(rows.len() as u64));
             qb.push(

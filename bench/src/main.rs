@@ -473,6 +473,104 @@ struct Measured {
     p50_ms: f64,
     p99_ms: f64,
     count: u64,
+    /// CPU used while it ran, where measured.
+    cpu: Option<Cpu>,
+}
+
+impl Measured {
+    /// Microseconds of CPU per item (call, rating or row) for `cores` of this measurement.
+    fn cpu_micros(&self, cores: impl Fn(&Cpu) -> f64) -> Option<f64> {
+        let cpu = self.cpu.as_ref()?;
+        (self.rate > 0.0).then(|| cores(cpu) * 1e6 / self.rate)
+    }
+}
+
+// ---------------------------------------------------------------- CPU accounting
+
+/// CPU used over an interval, in cores (CPU seconds per second): by this process (the load
+/// generator, or baseline B, which runs in it), by the server process measured (A or the
+/// hub), and left idle on the whole machine.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cpu {
+    bench: f64,
+    server: f64,
+    idle: f64,
+}
+
+/// CPU seconds (user + system, all threads) a process has used, from `/proc/<pid>/stat`
+/// (`pid` "self" for this one). The kernel counts them in USER_HZ ticks, 100 a second.
+fn process_cpu_secs(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(cpu_ticks(&stat)? as f64 / 100.0)
+}
+
+/// utime + stime from a `/proc/<pid>/stat` line.
+fn cpu_ticks(stat: &str) -> Option<u64> {
+    // Fields after the command name, which may hold spaces and parentheses: state (field
+    // 3) first, so utime and stime (fields 14 and 15) are the 12th and 13th.
+    let f: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Seconds all cores together have spent idle (idle and iowait), from `/proc/stat`.
+fn machine_idle_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    Some((f.get(3)? + f.get(4)?) as f64 / 100.0)
+}
+
+/// Starts counting CPU for this process, `server` (a pid) and the machine.
+struct CpuMeter {
+    at: Instant,
+    server: Option<u32>,
+    start: Option<(f64, f64, f64)>,
+}
+
+impl CpuMeter {
+    fn start(server: Option<u32>) -> Self {
+        Self {
+            at: Instant::now(),
+            server,
+            start: Self::read(server),
+        }
+    }
+
+    fn read(server: Option<u32>) -> Option<(f64, f64, f64)> {
+        let server = match server {
+            Some(pid) => process_cpu_secs(&pid.to_string())?,
+            None => 0.0,
+        };
+        Some((process_cpu_secs("self")?, server, machine_idle_secs()?))
+    }
+
+    /// The CPU used since `start`, or None where /proc could not be read.
+    fn stop(&self) -> Option<Cpu> {
+        let (b0, s0, i0) = self.start?;
+        let (b1, s1, i1) = Self::read(self.server)?;
+        let secs = self.at.elapsed().as_secs_f64();
+        Some(Cpu {
+            bench: (b1 - b0) / secs,
+            server: (s1 - s0) / secs,
+            idle: (i1 - i0) / secs,
+        })
+    }
+}
+
+/// Runs `f` with its CPU counted (`server`: the pid of the process it loads).
+async fn metered(
+    server: Option<u32>,
+    f: impl std::future::Future<Output = anyhow::Result<Measured>>,
+) -> anyhow::Result<Measured> {
+    let meter = CpuMeter::start(server);
+    let mut m = f.await?;
+    m.cpu = meter.stop();
+    Ok(m)
 }
 
 /// Closed loop: `concurrency` callers, each sending `batch` ratings per call, for `secs`.
@@ -527,6 +625,7 @@ async fn closed_loop(
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
         count,
+        cpu: None,
     })
 }
 
@@ -620,6 +719,7 @@ async fn open_loop(
             p50_ms: percentile(&l, 0.5),
             p99_ms: percentile(&l, 0.99),
             count: n,
+            cpu: None,
         },
         acks,
     ))
@@ -713,18 +813,28 @@ struct IngestRun {
 impl IngestRun {
     /// `prefix` keeps the ratings' source keys apart from other runs' on the same database;
     /// `label` names the hub in the progress lines.
+    /// `hub` is the hub's pid, for its CPU.
     async fn measure(
         ch: &[Channel],
+        hub: Option<u32>,
         prefix: &str,
         label: &str,
         concurrency: usize,
         secs: u64,
     ) -> anyhow::Result<Self> {
-        let unary = closed_loop(ch, &format!("{prefix}unary"), concurrency, 1, secs).await?;
+        let unary = metered(
+            hub,
+            closed_loop(ch, &format!("{prefix}unary"), concurrency, 1, secs),
+        )
+        .await?;
         eprintln!("{label}, unary: {:.0} calls/s", unary.rate);
-        let batched = closed_loop(ch, &format!("{prefix}batch"), 8, 100, secs).await?;
+        let batched = metered(
+            hub,
+            closed_loop(ch, &format!("{prefix}batch"), 8, 100, secs),
+        )
+        .await?;
         eprintln!("{label}, batches: {:.0} ratings/s", batched.rate);
-        let stream = streamed(ch, &format!("{prefix}stream"), 4, 25_000).await?;
+        let stream = metered(hub, streamed(ch, &format!("{prefix}stream"), 4, 25_000)).await?;
         eprintln!("{label}, streams: {:.0} ratings/s", stream.rate);
         Ok(Self {
             unary,
@@ -828,6 +938,7 @@ macro_rules! raw_plan {
             };
             let new = rows.take(n);
             let start = Instant::now();
+            let meter = CpuMeter::start(None);
             for chunk in new.chunks(batch) {
                 let mut tx = conn.begin().await?;
                 for mut qb in batch_inserts::<$db>(chunk, seq, now) {
@@ -840,6 +951,7 @@ macro_rules! raw_plan {
                 out.push(Measured {
                     rate: n as f64 / start.elapsed().as_secs_f64(),
                     count: n,
+                    cpu: meter.stop(),
                     ..Default::default()
                 });
             }
@@ -1041,6 +1153,75 @@ fn machine() -> String {
     format!("{cores} cores ({cpu}), {mem} memory")
 }
 
+/// The CPU rows: what a unary call costs the load generator and the server, against A and
+/// B; the unary rate the baselines' own CPU costs leave room for on this machine; and the
+/// CPU per rating of batches against B's. Empty where /proc could not be read.
+fn cpu_rows(
+    echo: &Measured,
+    unary: &Measured,
+    raw_unary: &Measured,
+    batched: &Measured,
+    raw: &Measured,
+) -> Vec<Row> {
+    let bench = |c: &Cpu| c.bench;
+    let server = |c: &Cpu| c.server;
+    let (
+        Some(a_load),
+        Some(a_server),
+        Some(hub_load),
+        Some(hub),
+        Some(b32),
+        Some(hub_batch),
+        Some(b100),
+    ) = (
+        echo.cpu_micros(bench),
+        echo.cpu_micros(server),
+        unary.cpu_micros(bench),
+        unary.cpu_micros(server),
+        raw_unary.cpu_micros(bench),
+        batched.cpu_micros(server),
+        raw.cpu_micros(bench),
+    )
+    else {
+        return Vec::new();
+    };
+    let idle = |m: &Measured| m.cpu.map_or(0.0, |c| c.idle);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    // Every unary call needs at least A's load-generator and server work and B's storage
+    // work for one row at the unary group size, all on this machine's cores.
+    let ceiling = cores * 1e6 / (a_load + a_server + b32);
+    vec![
+        Row {
+            scenario: format!(
+                "Unary CPU per call (µs: load generator + server; cores left idle of {cores})"
+            ),
+            value: format!("{hub_load:.0} + {hub:.0} (idle {:.2})", idle(unary)),
+            baseline: format!(
+                "A: {a_load:.0} + {a_server:.0} (idle {:.2}); B at batch {UNARY_GROUP}: {b32:.0} per row",
+                idle(echo)
+            ),
+            ratio: "—".into(),
+            target: "—".into(),
+        },
+        Row {
+            scenario: format!(
+                "Unary ceiling the baselines leave: {cores} cores ÷ (A's load generator + A's server + B's CPU per row at batch {UNARY_GROUP}) (calls/s)"
+            ),
+            value: format!("{ceiling:.0}"),
+            baseline: format!("A: {:.0}", echo.rate),
+            ratio: format!("{:.2}", ceiling / echo.rate),
+            target: "— (unary asks ≥ 0.6)".into(),
+        },
+        Row {
+            scenario: "CPU per rating, batches of 100 (µs: hub process; B's process)".into(),
+            value: format!("{hub_batch:.0}"),
+            baseline: format!("B: {b100:.0}"),
+            ratio: format!("{:.2}", hub_batch / b100),
+            target: "—".into(),
+        },
+    ]
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run(
     hub_bin: &Path,
@@ -1069,16 +1250,21 @@ async fn run(
     // Baseline A and the hub at the same concurrency.
     let echo_child = spawn_echo(&pki).await?;
     let echo_ch = channels(&pki, &echo_child.url, 4).await?;
-    let echo_unary = closed_loop(&echo_ch, "echo", concurrency, 1, secs).await?;
+    let echo_pid = echo_child.child.id();
+    let echo_unary = metered(
+        echo_pid,
+        closed_loop(&echo_ch, "echo", concurrency, 1, secs),
+    )
+    .await?;
     // The same batches against A: what the load generator itself can send on this machine.
-    let echo_batched = closed_loop(&echo_ch, "echo-b", 8, 100, secs).await?;
+    let echo_batched = metered(echo_pid, closed_loop(&echo_ch, "echo-b", 8, 100, secs)).await?;
     let echo_stream = streamed(&echo_ch, "echo-s", 4, 25_000).await?;
     echo_child.stop().await;
     eprintln!("baseline A: {:.0} calls/s", echo_unary.rate);
 
     let hub = spawn_hub(hub_bin, &work, "hub-a", &pki, &[]).await?;
     let ch = channels(&pki, &hub.url, 4).await?;
-    let run = IngestRun::measure(&ch, "", "hub", concurrency, secs).await?;
+    let run = IngestRun::measure(&ch, hub.child.id(), "", "hub", concurrency, secs).await?;
     hub.stop().await;
     let plan = run.raw_plan();
     let IngestRun {
@@ -1137,6 +1323,7 @@ async fn run(
         ratio: format!("{:.2}", unary.rate / raw_unary.rate),
         target: "—".into(),
     });
+    rows.extend(cpu_rows(&echo_unary, &unary, &raw_unary, &batched, &raw));
     rows.push(Row {
         scenario: "SubmitRatings, batches of 100, 8 in flight (ratings/s)".into(),
         value: f(batched.rate),
@@ -1238,7 +1425,15 @@ async fn run(
         let env = [("RATING_HUB__STORAGE__URL", db)];
         let hub = spawn_hub(hub_bin, &work, "hub-pg", &pki, &env).await?;
         let ch = channels(&pki, &hub.url, 4).await?;
-        let run = IngestRun::measure(&ch, "pg-", "hub on PostgreSQL", concurrency, secs).await?;
+        let run = IngestRun::measure(
+            &ch,
+            hub.child.id(),
+            "pg-",
+            "hub on PostgreSQL",
+            concurrency,
+            secs,
+        )
+        .await?;
         hub.stop().await;
         let plan = run.raw_plan();
         let IngestRun {
@@ -1346,12 +1541,20 @@ async fn probe(
     rating_hub::pki::init_dev(&pki)?;
     let echo_child = spawn_echo(&pki).await?;
     let echo_ch = channels(&pki, &echo_child.url, 4).await?;
-    let a = closed_loop(&echo_ch, "echo", concurrency, batch, secs).await?;
+    let a = metered(
+        echo_child.child.id(),
+        closed_loop(&echo_ch, "echo", concurrency, batch, secs),
+    )
+    .await?;
     echo_child.stop().await;
     let hub = spawn_hub(hub_bin, &work, "hub", &pki, &env).await?;
     eprintln!("hub pid {}", hub.child.id().unwrap_or(0));
     let ch = channels(&pki, &hub.url, 4).await?;
-    let u = closed_loop(&ch, "probe", concurrency, batch, secs).await?;
+    let u = metered(
+        hub.child.id(),
+        closed_loop(&ch, "probe", concurrency, batch, secs),
+    )
+    .await?;
     hub.stop().await;
     let _ = std::fs::remove_dir_all(&work);
     println!(
@@ -1364,6 +1567,16 @@ async fn probe(
         u.p99_ms,
         u.rate / a.rate
     );
+    for (name, m) in [("A", &a), ("hub", &u)] {
+        if let (Some(load), Some(server), Some(cpu)) =
+            (m.cpu_micros(|c| c.bench), m.cpu_micros(|c| c.server), m.cpu)
+        {
+            println!(
+                "{name}: CPU per call {load:.0} µs load generator + {server:.0} µs server; {:.2} cores idle",
+                cpu.idle
+            );
+        }
+    }
     Ok(())
 }
 
@@ -1419,8 +1632,10 @@ async fn main() -> anyhow::Result<()> {
             let _ = std::fs::remove_dir_all(&work);
             let [m] = same_table_sizes(m?)?;
             println!(
-                "B: {:.0} rows/s at batch {batch}, {rows} rows after {prefill}",
-                m.rate
+                "B: {:.0} rows/s at batch {batch}, {rows} rows after {prefill}{}",
+                m.rate,
+                m.cpu_micros(|c| c.bench)
+                    .map_or(String::new(), |us| format!("; {us:.0} µs CPU per row"))
             );
             Ok(())
         }
@@ -1451,5 +1666,35 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_are_utime_plus_stime_even_when_the_command_name_has_spaces_and_parentheses() {
+        let stat = "4242 (a (b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 731 269 0 0 20 0 7 0";
+        assert_eq!(cpu_ticks(stat), Some(731 + 269));
+        assert_eq!(cpu_ticks("4242 (cut) S 1 2"), None);
+    }
+
+    #[test]
+    fn the_meter_counts_cpu_this_process_burns() {
+        let meter = CpuMeter::start(None);
+        let before = process_cpu_secs("self").expect("/proc/self/stat");
+        // Spin until the kernel has counted a tenth of a second more (bounded by wall time).
+        let end = Instant::now() + Duration::from_secs(20);
+        let mut x = 0u64;
+        while process_cpu_secs("self").expect("/proc/self/stat") < before + 0.1 {
+            assert!(Instant::now() < end, "no CPU counted in 20 s of spinning");
+            for i in 0..100_000u64 {
+                x = std::hint::black_box(x.wrapping_add(i));
+            }
+        }
+        let cpu = meter.stop().expect("/proc is readable");
+        assert!(cpu.bench > 0.0, "{cpu:?}");
+        assert_eq!(cpu.server, 0.0);
     }
 }

@@ -549,6 +549,11 @@ impl CpuMeter {
         Some((process_cpu_secs("self")?, server, machine_idle_secs()?))
     }
 
+    /// CPU seconds this process used since `start`.
+    fn bench_secs(&self) -> Option<f64> {
+        Some(process_cpu_secs("self")? - self.start?.0)
+    }
+
     /// The CPU used since `start`, or None where /proc could not be read.
     fn stop(&self) -> Option<Cpu> {
         let (b0, s0, i0) = self.start?;
@@ -890,18 +895,29 @@ impl BaselineRows {
     }
 
     fn take(&mut self, n: u64) -> Vec<rating_hub::store::NewRating> {
+        let requests = self.requests(n);
+        self.prepare(&requests)
+    }
+
+    /// The next `n` ratings as a load generator would send them.
+    fn requests(&mut self, n: u64) -> Vec<pb::Rating> {
         let now = now_micros();
         let start = self.next;
         self.next += n;
         (start..self.next)
-            .map(|n| {
-                let v = rating_hub::domain::parse_rating(
-                    &rating("raw", n, &self.org, now),
-                    now,
-                    &Default::default(),
-                    false,
-                )
-                .expect("valid");
+            .map(|n| rating("raw", n, &self.org, now))
+            .collect()
+    }
+
+    /// What the hub does to every rating before storing it: validation into the canonical
+    /// rating (with its content hash), then the stored form (rater data sealed, phone tag).
+    fn prepare(&self, requests: &[pb::Rating]) -> Vec<rating_hub::store::NewRating> {
+        let now = now_micros();
+        requests
+            .iter()
+            .map(|r| {
+                let v = rating_hub::domain::parse_rating(r, now, &Default::default(), false)
+                    .expect("valid");
                 rating_hub::store::NewRating::new(
                     uuid::Uuid::now_v7(),
                     "dev-admin".into(),
@@ -912,6 +928,20 @@ impl BaselineRows {
             })
             .collect()
     }
+}
+
+/// CPU per rating of [`BaselineRows::prepare`]: work every rating costs the hub beyond A's
+/// and B's (keys in `dir`). None where /proc could not be read.
+fn preparation_cpu_micros(dir: &Path) -> anyhow::Result<Option<f64>> {
+    const N: u64 = 50_000;
+    std::fs::create_dir_all(dir)?;
+    let mut rows = BaselineRows::new(dir)?;
+    let requests = rows.requests(N);
+    let meter = CpuMeter::start(None);
+    let prepared = rows.prepare(&requests);
+    let cpu = meter.bench_secs();
+    drop(prepared);
+    Ok(cpu.map(|secs| secs * 1e6 / N as f64))
 }
 
 /// Runs a [`RawPlan`] on one connection of either database: one transaction per batch with
@@ -1156,12 +1186,16 @@ fn machine() -> String {
 /// The CPU rows: what a unary call costs the load generator and the server, against A and
 /// B; the unary rate the baselines' own CPU costs leave room for on this machine; and the
 /// CPU per rating of batches against B's. Empty where /proc could not be read.
+/// `raw_unary`: B at the unary group size, B with every caller's rating in one batch, and
+/// the number of callers; `prep`: the hub's CPU per rating to validate and seal it
+/// ([`preparation_cpu_micros`]).
 fn cpu_rows(
     echo: &Measured,
     unary: &Measured,
-    raw_unary: &Measured,
+    (raw_unary, raw_all, callers): (&Measured, &Measured, usize),
     batched: &Measured,
     raw: &Measured,
+    prep: Option<f64>,
 ) -> Vec<Row> {
     let bench = |c: &Cpu| c.bench;
     let server = |c: &Cpu| c.server;
@@ -1171,25 +1205,32 @@ fn cpu_rows(
         Some(hub_load),
         Some(hub),
         Some(b32),
+        Some(b_all),
         Some(hub_batch),
         Some(b100),
+        Some(prep),
     ) = (
         echo.cpu_micros(bench),
         echo.cpu_micros(server),
         unary.cpu_micros(bench),
         unary.cpu_micros(server),
         raw_unary.cpu_micros(bench),
+        raw_all.cpu_micros(bench),
         batched.cpu_micros(server),
         raw.cpu_micros(bench),
+        prep,
     )
     else {
         return Vec::new();
     };
     let idle = |m: &Measured| m.cpu.map_or(0.0, |c| c.idle);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    // Every unary call needs at least A's load-generator and server work and B's storage
-    // work for one row at the unary group size, all on this machine's cores.
-    let ceiling = cores * 1e6 / (a_load + a_server + b32);
+    // Every unary call needs at least A's load-generator and server work, the hub's
+    // validation and sealing of its rating, and B's storage work for one row, all on this
+    // machine's cores; B's work per row is least in the largest group the callers can make,
+    // all of them at once. Nothing else a hub does is counted: no look-ups, no decisions, no
+    // hand-offs between threads, no idle core.
+    let ceiling = cores * 1e6 / (a_load + a_server + prep + b_all);
     vec![
         Row {
             scenario: format!(
@@ -1197,7 +1238,7 @@ fn cpu_rows(
             ),
             value: format!("{hub_load:.0} + {hub:.0} (idle {:.2})", idle(unary)),
             baseline: format!(
-                "A: {a_load:.0} + {a_server:.0} (idle {:.2}); B at batch {UNARY_GROUP}: {b32:.0} per row",
+                "A: {a_load:.0} + {a_server:.0} (idle {:.2}); the hub's validation and sealing: {prep:.1} per rating; B: {b32:.0} per row at batch {UNARY_GROUP}, {b_all:.0} at batch {callers}",
                 idle(echo)
             ),
             ratio: "—".into(),
@@ -1205,7 +1246,7 @@ fn cpu_rows(
         },
         Row {
             scenario: format!(
-                "Unary ceiling the baselines leave: {cores} cores ÷ (A's load generator + A's server + B's CPU per row at batch {UNARY_GROUP}) (calls/s)"
+                "Unary ceiling on this machine: {cores} cores ÷ (A's load generator + A's server + validation and sealing + B's CPU per row at batch {callers}) (calls/s)"
             ),
             value: format!("{ceiling:.0}"),
             baseline: format!("A: {:.0}", echo.rate),
@@ -1294,6 +1335,19 @@ async fn run(
         "baseline B at batch {UNARY_GROUP}: {:.0} rows/s",
         raw_unary.rate
     );
+    // And at the largest group the unary callers can make (all of them in one), for the
+    // unary ceiling: B's CPU per row falls as batches grow.
+    let [raw_all] = same_table_sizes(
+        raw_sqlite(
+            &work.join("b-all"),
+            &RawPlan {
+                prefill: 0,
+                segments: vec![unary.count],
+            },
+            concurrency,
+        )
+        .await?,
+    )?;
 
     rows.push(Row {
         scenario: format!(
@@ -1323,7 +1377,14 @@ async fn run(
         ratio: format!("{:.2}", unary.rate / raw_unary.rate),
         target: "—".into(),
     });
-    rows.extend(cpu_rows(&echo_unary, &unary, &raw_unary, &batched, &raw));
+    rows.extend(cpu_rows(
+        &echo_unary,
+        &unary,
+        (&raw_unary, &raw_all, concurrency),
+        &batched,
+        &raw,
+        preparation_cpu_micros(&work.join("prep"))?,
+    ));
     rows.push(Row {
         scenario: "SubmitRatings, batches of 100, 8 in flight (ratings/s)".into(),
         value: f(batched.rate),
@@ -1495,7 +1556,10 @@ async fn run(
          rows of the hub use too. B does no look-ups, no validation and no gRPC: it is the storage ceiling. B inserts as many rows as the hub \
          scenario it is compared with stored, into a table of the same size: the rows of the scenarios before it go in first, untimed \
          (inserts slow down as a table grows). The hub runs as its own release \
-         process; the load generator and the fake upstream share the machine's 2 cores with it.\n\n\
+         process; the load generator and the fake upstream share the machine's 2 cores with it. \
+         CPU is user plus system time from /proc over each scenario, per process (all its threads): A and the hub in \
+         their own processes; the load generator, B and the timing of the hub's validation and sealing (its own code, \
+         called in-process on the same ratings) in the bench's.\n\n\
          | scenario | rating-hub | baseline | ratio | target |\n|---|---|---|---|---|\n",
         machine(),
         date.trim()

@@ -818,27 +818,32 @@ struct IngestRun {
 impl IngestRun {
     /// `prefix` keeps the ratings' source keys apart from other runs' on the same database;
     /// `label` names the hub in the progress lines.
-    /// `hub` is the hub's pid, for its CPU.
+    /// `hub` is the hub's pid, for its CPU; `pg_admin`, for a hub on PostgreSQL, the server
+    /// to checkpoint before each scenario ([`pg_checkpoint`]).
     async fn measure(
         ch: &[Channel],
         hub: Option<u32>,
+        pg_admin: Option<&str>,
         prefix: &str,
         label: &str,
         concurrency: usize,
         secs: u64,
     ) -> anyhow::Result<Self> {
+        pg_checkpoint(pg_admin).await?;
         let unary = metered(
             hub,
             closed_loop(ch, &format!("{prefix}unary"), concurrency, 1, secs),
         )
         .await?;
         eprintln!("{label}, unary: {:.0} calls/s", unary.rate);
+        pg_checkpoint(pg_admin).await?;
         let batched = metered(
             hub,
             closed_loop(ch, &format!("{prefix}batch"), 8, 100, secs),
         )
         .await?;
         eprintln!("{label}, batches: {:.0} ratings/s", batched.rate);
+        pg_checkpoint(pg_admin).await?;
         let stream = metered(hub, streamed(ch, &format!("{prefix}stream"), 4, 25_000)).await?;
         eprintln!("{label}, streams: {:.0} ratings/s", stream.rate);
         Ok(Self {
@@ -948,7 +953,7 @@ fn preparation_cpu_micros(dir: &Path) -> anyhow::Result<Option<f64>> {
 /// [`batch_inserts`]. A macro because the generic bounds of sqlx's executors over borrowed
 /// binds cost more lines than the loop.
 macro_rules! raw_plan {
-    ($conn:expr, $db:ty, $rows:expr, $plan:expr, $batch:expr) => {{
+    ($conn:expr, $db:ty, $rows:expr, $plan:expr, $batch:expr, $checkpoint:expr) => {{
         let (mut conn, mut rows, plan, batch) = ($conn, $rows, $plan, $batch);
         let now = now_micros();
         let mut seq = 0i64;
@@ -967,6 +972,10 @@ macro_rules! raw_plan {
                 break;
             };
             let new = rows.take(n);
+            if time && $checkpoint {
+                // PostgreSQL: see `pg_checkpoint`.
+                sqlx::query("CHECKPOINT").execute(&mut conn).await?;
+            }
             let start = Instant::now();
             let meter = CpuMeter::start(None);
             for chunk in new.chunks(batch) {
@@ -1011,7 +1020,7 @@ async fn raw_sqlite(dir: &Path, plan: &RawPlan, batch: usize) -> anyhow::Result<
     ))
     .await?;
     let rows = BaselineRows::new(dir)?;
-    raw_plan!(conn, sqlx::Sqlite, rows, plan, batch)
+    raw_plan!(conn, sqlx::Sqlite, rows, plan, batch, false)
 }
 
 /// Baseline B's statements for one batch, on either database: one multi-row INSERT of the
@@ -1114,7 +1123,7 @@ async fn raw_postgres(
     rating_hub::store::Store::close(&store).await;
     let conn = sqlx::PgConnection::connect(&url).await?;
     let rows = BaselineRows::new(dir)?;
-    raw_plan!(conn, sqlx::Postgres, rows, plan, batch)
+    raw_plan!(conn, sqlx::Postgres, rows, plan, batch, true)
 }
 
 /// A new database on the server at `admin`; returns its URL.
@@ -1130,6 +1139,22 @@ async fn create_database(admin: &str, prefix: &str) -> anyhow::Result<String> {
         .ok_or_else(|| anyhow::anyhow!("--pg-url needs a database path"))?
         .0;
     Ok(format!("{base}/{name}"))
+}
+
+/// Runs `CHECKPOINT` on the PostgreSQL server at `admin` (nothing for None), before each
+/// timed PostgreSQL scenario and each timed segment of B (PostgreSQL). The server
+/// checkpoints when its WAL has grown by `max_wal_size`, and writes every page's first
+/// change after a checkpoint whole into the WAL: a checkpoint the previous scenario's writes
+/// brought due would otherwise fall at a different point of each scenario, hub's or B's, in
+/// every run.
+async fn pg_checkpoint(admin: Option<&str>) -> anyhow::Result<()> {
+    use sqlx::Connection;
+    if let Some(admin) = admin {
+        let mut conn = sqlx::PgConnection::connect(admin).await?;
+        sqlx::query("CHECKPOINT").execute(&mut conn).await?;
+        conn.close().await?;
+    }
+    Ok(())
 }
 
 async fn subscribe_all(chans: &[Channel], total: u64) -> anyhow::Result<Measured> {
@@ -1305,7 +1330,7 @@ async fn run(
 
     let hub = spawn_hub(hub_bin, &work, "hub-a", &pki, &[]).await?;
     let ch = channels(&pki, &hub.url, 4).await?;
-    let run = IngestRun::measure(&ch, hub.child.id(), "", "hub", concurrency, secs).await?;
+    let run = IngestRun::measure(&ch, hub.child.id(), None, "", "hub", concurrency, secs).await?;
     hub.stop().await;
     let plan = run.raw_plan();
     let IngestRun {
@@ -1489,6 +1514,7 @@ async fn run(
         let run = IngestRun::measure(
             &ch,
             hub.child.id(),
+            Some(admin),
             "pg-",
             "hub on PostgreSQL",
             concurrency,

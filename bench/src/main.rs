@@ -999,6 +999,17 @@ macro_rules! raw_plan {
     }};
 }
 
+/// Baseline B on as many rows as the unary scenario stored, into an empty table (as the
+/// hub's was), in batches of `batch`.
+async fn raw_unary_rows(dir: &Path, rows: u64, batch: usize) -> anyhow::Result<Measured> {
+    let plan = RawPlan {
+        prefill: 0,
+        segments: vec![rows],
+    };
+    let [m] = same_table_sizes(raw_sqlite(dir, &plan, batch).await?)?;
+    Ok(m)
+}
+
 /// Baseline B: the same rows, the same schema and pragmas, batched inserts, nothing else.
 async fn raw_sqlite(dir: &Path, plan: &RawPlan, batch: usize) -> anyhow::Result<Vec<Measured>> {
     use sqlx::Connection;
@@ -1345,34 +1356,14 @@ async fn run(
     );
     // The storage ceiling at the group size unary load produces: 64 callers in flight give
     // groups of about 32 (half are in the group being written, half wait for the next).
-    let [raw_unary] = same_table_sizes(
-        raw_sqlite(
-            &work.join("b32"),
-            &RawPlan {
-                prefill: 0,
-                segments: vec![unary.count],
-            },
-            UNARY_GROUP,
-        )
-        .await?,
-    )?;
+    let raw_unary = raw_unary_rows(&work.join("b32"), unary.count, UNARY_GROUP).await?;
     eprintln!(
         "baseline B at batch {UNARY_GROUP}: {:.0} rows/s",
         raw_unary.rate
     );
     // And at the largest group the unary callers can make (all of them in one), for the
     // unary ceiling: B's CPU per row falls as batches grow.
-    let [raw_all] = same_table_sizes(
-        raw_sqlite(
-            &work.join("b-all"),
-            &RawPlan {
-                prefill: 0,
-                segments: vec![unary.count],
-            },
-            concurrency,
-        )
-        .await?,
-    )?;
+    let raw_all = raw_unary_rows(&work.join("b-all"), unary.count, concurrency).await?;
 
     rows.push(Row {
         scenario: format!(

@@ -5,7 +5,10 @@
 //!   (`rating-bench echo`, also its own process);
 //! - baseline B: a raw batched insert of the same rows into SQLite with the same schema and
 //!   pragmas — the storage ceiling;
-//! - a fake upstream sink in this process that timestamps receipt.
+//! - a fake upstream sink in this process that timestamps receipt;
+//! - CPU per call and per row of each process (A, the hub, this one), read from /proc, and
+//!   from them the unary rate this machine allows at all: the load generator's and A's work,
+//!   the hub's validation and sealing, and B's storage of one row, with nothing else.
 //!
 //! Writes a Markdown table and JSON (see docs/benchmarks.md). Run with `scripts/bench`.
 

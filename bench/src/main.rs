@@ -956,7 +956,7 @@ fn preparation_cpu_micros(dir: &Path) -> anyhow::Result<Option<f64>> {
 /// [`batch_inserts`]. A macro because the generic bounds of sqlx's executors over borrowed
 /// binds cost more lines than the loop.
 macro_rules! raw_plan {
-    ($conn:expr, $db:ty, $rows:expr, $plan:expr, $batch:expr, $checkpoint:expr) => {{
+    ($conn:expr, $db:ty, $rows:expr, $plan:expr, $batch:expr, $pg_admin:expr) => {{
         let (mut conn, mut rows, plan, batch) = ($conn, $rows, $plan, $batch);
         let now = now_micros();
         let mut seq = 0i64;
@@ -975,9 +975,8 @@ macro_rules! raw_plan {
                 break;
             };
             let new = rows.take(n);
-            if time && $checkpoint {
-                // PostgreSQL: see `pg_checkpoint`.
-                sqlx::query("CHECKPOINT").execute(&mut conn).await?;
+            if time {
+                pg_checkpoint($pg_admin).await?;
             }
             let start = Instant::now();
             let meter = CpuMeter::start(None);
@@ -1034,7 +1033,7 @@ async fn raw_sqlite(dir: &Path, plan: &RawPlan, batch: usize) -> anyhow::Result<
     ))
     .await?;
     let rows = BaselineRows::new(dir)?;
-    raw_plan!(conn, sqlx::Sqlite, rows, plan, batch, false)
+    raw_plan!(conn, sqlx::Sqlite, rows, plan, batch, None)
 }
 
 /// Baseline B's statements for one batch, on either database: one multi-row INSERT of the
@@ -1137,7 +1136,7 @@ async fn raw_postgres(
     rating_hub::store::Store::close(&store).await;
     let conn = sqlx::PgConnection::connect(&url).await?;
     let rows = BaselineRows::new(dir)?;
-    raw_plan!(conn, sqlx::Postgres, rows, plan, batch, true)
+    raw_plan!(conn, sqlx::Postgres, rows, plan, batch, Some(admin))
 }
 
 /// A new database on the server at `admin`; returns its URL.
@@ -1337,7 +1336,7 @@ async fn run(
     )
     .await?;
     // The same batches against A: what the load generator itself can send on this machine.
-    let echo_batched = metered(echo_pid, closed_loop(&echo_ch, "echo-b", 8, 100, secs)).await?;
+    let echo_batched = closed_loop(&echo_ch, "echo-b", 8, 100, secs).await?;
     let echo_stream = streamed(&echo_ch, "echo-s", 4, 25_000).await?;
     echo_child.stop().await;
     eprintln!("baseline A: {:.0} calls/s", echo_unary.rate);
@@ -1719,7 +1718,9 @@ async fn main() -> anyhow::Result<()> {
                 "B: {:.0} rows/s at batch {batch}, {rows} rows after {prefill}{}",
                 m.rate,
                 m.cpu_micros(|c| c.bench)
-                    .map_or(String::new(), |us| format!("; {us:.0} µs CPU per row"))
+                    .map_or(String::new(), |us| format!(
+                        "; {us:.0} µs of this process's CPU per row"
+                    ))
             );
             Ok(())
         }
@@ -1764,21 +1765,44 @@ mod tests {
         assert_eq!(cpu_ticks("4242 (cut) S 1 2"), None);
     }
 
+    /// This thread's time on a CPU in seconds, from the scheduler's own count
+    /// (`/proc/thread-self/schedstat`, nanoseconds): a clock the meter does not read.
+    fn thread_cpu_secs() -> f64 {
+        let s = std::fs::read_to_string("/proc/thread-self/schedstat").expect("schedstat");
+        s.split_whitespace().next().unwrap().parse::<u64>().unwrap() as f64 / 1e9
+    }
+
     #[test]
     fn the_meter_counts_cpu_this_process_burns() {
+        let thread_before = thread_cpu_secs();
         let meter = CpuMeter::start(None);
-        let before = process_cpu_secs("self").expect("/proc/self/stat");
-        // Spin until the kernel has counted a tenth of a second more (bounded by wall time).
+        // Spin until the scheduler has counted 0.3 s on a CPU for this thread (bounded by
+        // wall time).
         let end = Instant::now() + Duration::from_secs(20);
         let mut x = 0u64;
-        while process_cpu_secs("self").expect("/proc/self/stat") < before + 0.1 {
-            assert!(Instant::now() < end, "no CPU counted in 20 s of spinning");
+        while thread_cpu_secs() < thread_before + 0.3 {
+            assert!(
+                Instant::now() < end,
+                "0.3 s of CPU not reached in 20 s of spinning"
+            );
             for i in 0..100_000u64 {
                 x = std::hint::black_box(x.wrapping_add(i));
             }
         }
+        let burnt = thread_cpu_secs() - thread_before;
+        let counted = meter.bench_secs().expect("/proc/self/stat");
         let cpu = meter.stop().expect("/proc is readable");
-        assert!(cpu.bench > 0.0, "{cpu:?}");
-        assert_eq!(cpu.server, 0.0);
+        // The process's count (ticks of 10 ms) covers at least this thread's, less a tick
+        // or two of rounding.
+        assert!(
+            counted >= burnt - 0.03,
+            "the meter counted {counted} s of a process that burnt {burnt} s in one thread"
+        );
+        let wall = meter.at.elapsed().as_secs_f64();
+        assert!(
+            cpu.bench >= (burnt - 0.03) / wall,
+            "{cpu:?}: at least {burnt} s over {wall} s"
+        );
+        assert_eq!(cpu.server, 0.0, "no server was measured");
     }
 }

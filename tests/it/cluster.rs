@@ -1,6 +1,7 @@
 //! Several hub instances on one PostgreSQL database behave as one hub: idempotency across
 //! instances, one gapless feed in commit order, wake-ups across instances, one deliverer per
-//! upstream (a lease that moves when its holder dies).
+//! upstream (a lease that moves when its holder dies), rules and 差评 case steps that act once
+//! whichever instances run them.
 //!
 //! These tests always use PostgreSQL (pg.rs starts a server when none is given); scripts/test
 //! runs them once, in the SQLite pass, and skips them in the PostgreSQL pass.
@@ -363,4 +364,172 @@ async fn lost_database_connections_answer_unavailable_then_reconnect() {
     assert_eq!(next.hub_id, stored.hub_id);
     assert_eq!(next.feed_sequence, 2);
     hub.stop().await;
+}
+
+#[tokio::test]
+async fn rules_and_case_steps_run_on_every_instance_and_act_once() {
+    use crate::rules::{completed, cst, defaults, invitations, report};
+    use pb::rectification_service_client::RectificationServiceClient;
+    use rating_hub::clock::{Clock, ManualClock};
+
+    // Completed on Tuesday 2025-09-30, 10:00 CST (the schedule rules.rs walks through on
+    // one instance): Guangdong invites after 24 hours, Kunming records 基本满意 after 5
+    // working days, at the end of 2025-10-14.
+    let t0 = cst("2025-09-30", 10);
+    let clock = Arc::new(ManualClock::at(t0 + 60_000_000));
+    let a = on_new_database().0.clock(clock.clone()).start().await;
+    let b = a.peer().await;
+    let c = a.peer().await;
+    let hubs = [&a, &b, &c];
+    for (h, hub) in hubs.iter().enumerate() {
+        let cases = (0..10)
+            .flat_map(|i| {
+                [
+                    completed(&format!("KM-{h}-{i}"), "530102", t0),
+                    completed(&format!("GD-{h}-{i}"), "440103", t0),
+                ]
+            })
+            .collect();
+        report(hub, cases).await;
+    }
+
+    // Every instance's engine ticks at the same moment over the same 60 cases.
+    let engines = hubs.map(|hub| hub.hub.rules());
+    let tick_all = || async {
+        let (ra, rb, rc) = tokio::join!(engines[0].tick(), engines[1].tick(), engines[2].tick());
+        [ra.unwrap(), rb.unwrap(), rc.unwrap()]
+    };
+    clock.set(t0 + 24 * 3_600_000_000 + 1);
+    let ticks = tick_all().await;
+    assert_eq!(
+        ticks.iter().map(|t| t.invitations).sum::<u64>(),
+        30,
+        "one invitation per Guangdong case, whichever instance wrote it: {ticks:?}"
+    );
+    for hub in hubs {
+        let mut cases: Vec<String> = invitations(hub)
+            .await
+            .into_iter()
+            .map(|i| i.service_case.unwrap().case_number)
+            .collect();
+        cases.sort();
+        let mut want: Vec<String> = (0..3)
+            .flat_map(|h| (0..10).map(move |i| format!("GD-{h}-{i}")))
+            .collect();
+        want.sort();
+        assert_eq!(cases, want, "every instance lists the same 30 invitations");
+    }
+
+    clock.set(cst("2025-10-15", 0) + 1);
+    let ticks = tick_all().await;
+    assert_eq!(
+        ticks.iter().map(|t| t.default_ratings).sum::<u64>(),
+        30,
+        "one default rating per Kunming case: {ticks:?}"
+    );
+    let ticks = tick_all().await;
+    assert_eq!(
+        ticks
+            .iter()
+            .map(|t| t.invitations + t.default_ratings)
+            .sum::<u64>(),
+        0,
+        "never twice: {ticks:?}"
+    );
+    for hub in hubs {
+        let mut cases: Vec<String> = defaults(hub)
+            .await
+            .into_iter()
+            .map(|r| r.case_number)
+            .collect();
+        cases.sort();
+        let mut want: Vec<String> = (0..3)
+            .flat_map(|h| (0..10).map(move |i| format!("KM-{h}-{i}")))
+            .collect();
+        want.sort();
+        assert_eq!(cases, want, "every instance sees the same 30 defaults");
+    }
+
+    // 差评 cases: the three instances record the same step on one case at the same time.
+    // Exactly one records it; the others are told the case changed (ABORTED) or that the
+    // rater was already contacted (FAILED_PRECONDITION).
+    let bad: Vec<_> = (0..10)
+        .map(|i| pb::Rating {
+            level: pb::Level::VeryDissatisfied as i32,
+            text: "窗口人员态度差".into(),
+            rated_at: Some(rating_hub::time::timestamp_from_micros(clock.now_micros())),
+            ..rating(&format!("bad-{i}"))
+        })
+        .collect();
+    let results = submit(&mut a.ingest().await, bad).await;
+    assert!(results.iter().all(|r| outcome(r) == pb::Outcome::Accepted));
+    let mut clients = Vec::new();
+    for hub in hubs {
+        clients.push(RectificationServiceClient::new(
+            hub.channel_as("tester").await,
+        ));
+    }
+    let cases = clients[1]
+        .list_cases(pb::ListCasesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .cases;
+    assert_eq!(
+        cases.len(),
+        10,
+        "one case per 差评, seen from another instance"
+    );
+    for case in &cases {
+        let contact = pb::RecordActionRequest {
+            id: case.id,
+            action: pb::CaseAction::Contact as i32,
+            note: "电话回访，核实属实".into(),
+            ..Default::default()
+        };
+        let [x, y, z] = &mut clients[..] else {
+            unreachable!()
+        };
+        let (rx, ry, rz) = tokio::join!(
+            x.record_action(contact.clone()),
+            y.record_action(contact.clone()),
+            z.record_action(contact)
+        );
+        let mut recorded = 0;
+        for r in [rx, ry, rz] {
+            match r {
+                Ok(_) => recorded += 1,
+                Err(s) => assert!(
+                    matches!(
+                        s.code(),
+                        tonic::Code::Aborted | tonic::Code::FailedPrecondition
+                    ),
+                    "case {}: {s:?}",
+                    case.id
+                ),
+            }
+        }
+        assert_eq!(
+            recorded, 1,
+            "case {}: one instance records the step",
+            case.id
+        );
+        let history = clients[2]
+            .get_case(pb::GetCaseRequest { id: case.id })
+            .await
+            .unwrap()
+            .into_inner()
+            .bad_rating_case
+            .unwrap()
+            .history;
+        assert_eq!(
+            history.iter().map(|e| e.action).collect::<Vec<_>>(),
+            [pb::CaseAction::Contact as i32],
+            "case {}: one step in its history",
+            case.id
+        );
+    }
+    for hub in [c, b, a] {
+        hub.stop().await;
+    }
 }

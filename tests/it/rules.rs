@@ -11,11 +11,11 @@ use rating_hub::rules::Date;
 use crate::relay::SyncServiceClient;
 use crate::utils::*;
 
-fn cst(date: &str, hour: i64) -> i64 {
+pub(crate) fn cst(date: &str, hour: i64) -> i64 {
     Date::parse(date).unwrap().start_micros() + hour * 3_600_000_000
 }
 
-fn completed(case: &str, region: &str, at_micros: i64) -> pb::ServiceCase {
+pub(crate) fn completed(case: &str, region: &str, at_micros: i64) -> pb::ServiceCase {
     pb::ServiceCase {
         case_number: case.into(),
         event: pb::CaseEvent::Completed as i32,
@@ -34,7 +34,7 @@ fn completed(case: &str, region: &str, at_micros: i64) -> pb::ServiceCase {
     }
 }
 
-async fn report(hub: &TestHub, cases: Vec<pb::ServiceCase>) {
+pub(crate) async fn report(hub: &TestHub, cases: Vec<pb::ServiceCase>) {
     let results = hub
         .ingest()
         .await
@@ -49,7 +49,7 @@ async fn report(hub: &TestHub, cases: Vec<pb::ServiceCase>) {
     );
 }
 
-async fn defaults(hub: &TestHub) -> Vec<pb::Rating> {
+pub(crate) async fn defaults(hub: &TestHub) -> Vec<pb::Rating> {
     hub.query()
         .await
         .list_ratings(pb::ListRatingsRequest::default())
@@ -62,7 +62,7 @@ async fn defaults(hub: &TestHub) -> Vec<pb::Rating> {
         .collect()
 }
 
-async fn invitations(hub: &TestHub) -> Vec<pb::Invitation> {
+pub(crate) async fn invitations(hub: &TestHub) -> Vec<pb::Invitation> {
     SyncServiceClient::new(hub.channel_as("tester").await)
         .list_invitations(pb::ListInvitationsRequest::default())
         .await

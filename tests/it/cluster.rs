@@ -1,7 +1,7 @@
 //! Several hub instances on one PostgreSQL database behave as one hub: idempotency across
 //! instances, one gapless feed in commit order, wake-ups across instances, one deliverer per
 //! upstream (a lease that moves when its holder dies), rules and 差评 case steps that act once
-//! whichever instances run them.
+//! whichever instances run them, and a pause through any instance that reaches the deliverer.
 //!
 //! These tests always use PostgreSQL (pg.rs starts a server when none is given); scripts/test
 //! runs them once, in the SQLite pass, and skips them in the PostgreSQL pass.
@@ -15,7 +15,7 @@ use rating_hub::pb::v1 as pb;
 use tokio_stream::StreamExt;
 
 use crate::binary::{SpawnedHub, dev_admin_channel, sigterm, spawn_hub_with, wait_exit};
-use crate::fake_upstream::{FakeUpstream, Mode};
+use crate::fake_upstream::{FakeUpstream, Mode, eventually};
 use crate::relay::SyncServiceClient;
 use crate::utils::*;
 
@@ -532,4 +532,91 @@ async fn rules_and_case_steps_run_on_every_instance_and_act_once() {
     for hub in [c, b, a] {
         hub.stop().await;
     }
+}
+
+#[tokio::test]
+async fn pause_and_resume_through_either_instance_reach_the_one_that_delivers() {
+    use pb::admin_service_client::AdminServiceClient;
+
+    let fake = FakeUpstream::start().await;
+    let (builder, db) = on_new_database();
+    let builder = crate::relay::upstream(builder, "fake", &fake.url())
+        .set("storage.lease_secs", "2")
+        .set("storage.instance", "\"hub-a\"");
+    let a = builder.start().await;
+    let b = a.peer_as("hub-b").await;
+    let first = crate::relay::submit_many(&a, "first", 10).await;
+    fake.wait_until(LIMIT, "the first ratings upstream", |got| {
+        first.iter().all(|id| got.contains_key(id))
+    })
+    .await;
+    let holder_name = upstream_status(a.channel_as("tester").await, "fake")
+        .await
+        .delivering_instance;
+    let (holder, other) = match holder_name.as_str() {
+        "hub-a" => (&a, &b),
+        "hub-b" => (&b, &a),
+        other => panic!("delivered by {other:?}"),
+    };
+    let lease_until = || {
+        crate::pg::exec(
+            &db,
+            "SELECT lease_until::text FROM upstream_state WHERE upstream = 'fake'",
+        )
+        .pop()
+        .unwrap()
+    };
+    let status = |hub| crate::relay::status(hub, "fake");
+
+    // Paused through the instance that does not deliver: the holder follows at its next
+    // lease renewal.
+    let mut admin = AdminServiceClient::new(other.channel_as("tester").await);
+    admin
+        .pause_upstream(pb::PauseUpstreamRequest {
+            upstream: "fake".into(),
+        })
+        .await
+        .unwrap();
+    eventually(LIMIT, "the holder paused", || async {
+        status(holder).await.paused
+    })
+    .await;
+    let held = crate::relay::submit_many(holder, "held", 30).await;
+    // The holder has seen the commit (its worker was woken), and renewed its lease since:
+    // it would have sent them by now.
+    eventually(LIMIT, "the holder at the new head", || async {
+        status(holder).await.head_sequence == 40
+    })
+    .await;
+    let renewed = lease_until();
+    eventually(LIMIT, "a lease renewal", || async {
+        lease_until() != renewed
+    })
+    .await;
+    let got = fake.received();
+    assert!(
+        held.iter().all(|id| !got.contains_key(id)),
+        "nothing delivered while paused"
+    );
+    let st = status(holder).await;
+    assert_eq!((st.paused, st.lag_records), (true, 30));
+    assert_eq!(
+        st.delivering_instance, holder_name,
+        "the lease did not move"
+    );
+
+    // Resumed through the same instance: the holder catches up.
+    admin
+        .resume_upstream(pb::ResumeUpstreamRequest {
+            upstream: "fake".into(),
+        })
+        .await
+        .unwrap();
+    fake.wait_until(LIMIT, "the held ratings after resume", |got| {
+        held.iter().all(|id| got.contains_key(id))
+    })
+    .await;
+    assert!(!status(holder).await.paused);
+    b.stop().await;
+    a.stop().await;
 }

@@ -29,11 +29,11 @@ pub fn upstream(b: HubBuilder, name: &str, endpoint: &str) -> HubBuilder {
         .set(&format!("upstreams.{name}.request_timeout_ms"), "3000")
 }
 
-async fn status(hub: &TestHub, name: &str) -> pb::UpstreamStatus {
+pub async fn status(hub: &TestHub, name: &str) -> pb::UpstreamStatus {
     crate::utils::upstream_status(hub.channel_as("tester").await, name).await
 }
 
-async fn submit_many(hub: &TestHub, prefix: &str, n: usize) -> Vec<String> {
+pub async fn submit_many(hub: &TestHub, prefix: &str, n: usize) -> Vec<String> {
     let mut ingest = hub.ingest().await;
     let mut ids = Vec::new();
     let all: Vec<_> = (0..n).map(|i| rating(&format!("{prefix}-{i}"))).collect();

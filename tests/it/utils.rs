@@ -190,6 +190,16 @@ impl TestHub {
         self.builder.clone().start_in(self.dir.clone()).await
     }
 
+    /// Another instance as `peer`, named `instance` in relay leases (peers in one process
+    /// otherwise share the default name, host name and process id, and so one lease).
+    pub async fn peer_as(&self, instance: &str) -> TestHub {
+        self.builder
+            .clone()
+            .set("storage.instance", &format!("{instance:?}"))
+            .start_in(self.dir.clone())
+            .await
+    }
+
     pub fn pki_dir(&self) -> PathBuf {
         self.dir.path().join("pki")
     }

@@ -190,8 +190,8 @@ impl TestHub {
         self.builder.clone().start_in(self.dir.clone()).await
     }
 
-    /// Another instance as `peer`, named `instance` in relay leases (peers in one process
-    /// otherwise share the default name, host name and process id, and so one lease).
+    /// Another instance as `peer`, named `instance` in relay leases, so a test can tell
+    /// which of its hubs holds a lease.
     pub async fn peer_as(&self, instance: &str) -> TestHub {
         self.builder
             .clone()

@@ -3,13 +3,13 @@
 //! (pg.rs) — driven through the generated tonic clients.
 
 mod binary;
+mod clients;
 mod cluster;
 mod fake_upstream;
 mod http_json;
 mod ingest;
 mod pg;
 mod privacy;
-mod python;
 mod query;
 mod relay;
 mod restart;

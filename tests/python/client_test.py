@@ -1,7 +1,7 @@
 """A department developer's integration, in Python: generate stubs from proto/ with
 grpcio-tools, submit ratings, read one back, and see a validation error.
 
-Run by the Rust integration suite (tests/it/python.rs) against a real hub:
+Run by the Rust integration suite (tests/it/clients.rs) against a real hub:
     python tests/python/client_test.py --addr 127.0.0.1:50051 --proto proto --out /tmp/gen \
         --ca certs/dev/ca.pem --cert certs/dev/dev-admin.pem --key certs/dev/dev-admin.key
 

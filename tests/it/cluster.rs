@@ -406,6 +406,14 @@ async fn rules_and_case_steps_run_on_every_instance_and_act_once() {
         30,
         "one invitation per Guangdong case, whichever instance wrote it: {ticks:?}"
     );
+    // The case numbers reported with `prefix`, sorted.
+    let reported = |prefix: &str| {
+        let mut cases: Vec<String> = (0..3)
+            .flat_map(|h| (0..10).map(move |i| format!("{prefix}-{h}-{i}")))
+            .collect();
+        cases.sort();
+        cases
+    };
     for hub in hubs {
         let mut cases: Vec<String> = invitations(hub)
             .await
@@ -413,11 +421,11 @@ async fn rules_and_case_steps_run_on_every_instance_and_act_once() {
             .map(|i| i.service_case.unwrap().case_number)
             .collect();
         cases.sort();
-        let mut want: Vec<String> = (0..3)
-            .flat_map(|h| (0..10).map(move |i| format!("GD-{h}-{i}")))
-            .collect();
-        want.sort();
-        assert_eq!(cases, want, "every instance lists the same 30 invitations");
+        assert_eq!(
+            cases,
+            reported("GD"),
+            "every instance lists the same 30 invitations"
+        );
     }
 
     clock.set(cst("2025-10-15", 0) + 1);
@@ -443,11 +451,11 @@ async fn rules_and_case_steps_run_on_every_instance_and_act_once() {
             .map(|r| r.case_number)
             .collect();
         cases.sort();
-        let mut want: Vec<String> = (0..3)
-            .flat_map(|h| (0..10).map(move |i| format!("KM-{h}-{i}")))
-            .collect();
-        want.sort();
-        assert_eq!(cases, want, "every instance sees the same 30 defaults");
+        assert_eq!(
+            cases,
+            reported("KM"),
+            "every instance sees the same 30 defaults"
+        );
     }
 
     // 差评 cases: the three instances record the same step on one case at the same time.

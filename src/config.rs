@@ -179,6 +179,7 @@ pub struct ServerConfig {
     pub max_message_bytes: usize,
     pub stream_window: usize,
     pub shutdown_grace_secs: u64,
+    pub health_check_secs: u64,
     pub plaintext_source_system: String,
 }
 
@@ -369,6 +370,9 @@ impl Config {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
             }
+        }
+        if self.server.health_check_secs == 0 {
+            return fail("server.health_check_secs must be at least 1");
         }
         if self.rules.tick_secs == 0 {
             return fail("rules.tick_secs must be at least 1");

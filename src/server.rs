@@ -9,7 +9,10 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tonic::server::NamedService;
 use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use crate::api::admin::AdminApi;
 use crate::api::ingest::IngestApi;
@@ -92,10 +95,57 @@ pub struct RunningHub {
     relay: Arc<crate::relay::Relay>,
     rules: Arc<crate::rules::engine::RulesEngine>,
     rules_task: JoinHandle<()>,
+    health: HealthReporter,
+    health_task: JoinHandle<()>,
     stopping: tokio::sync::watch::Sender<bool>,
     stop: Option<oneshot::Sender<()>>,
     serving: JoinHandle<Result<(), tonic::transport::Error>>,
     grace: Duration,
+}
+
+/// The names health reports on: the server as a whole ("", what load balancers usually ask)
+/// and each hub service. All of them follow the database.
+const HEALTH_NAMES: [&str; 6] = [
+    "",
+    <IngestServiceServer<IngestApi> as NamedService>::NAME,
+    <QueryServiceServer<QueryApi> as NamedService>::NAME,
+    <AdminServiceServer<AdminApi> as NamedService>::NAME,
+    <SyncServiceServer<SyncApi> as NamedService>::NAME,
+    <RectificationServiceServer<RectificationApi> as NamedService>::NAME,
+];
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    for name in HEALTH_NAMES {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// Asks the database every `every` whether it answers, and reports NOT_SERVING while it does
+/// not: a load balancer in front of several instances then sends calls to those that can
+/// commit them (an instance cut off from the database would answer every call UNAVAILABLE).
+/// SERVING again once it answers.
+async fn follow_database_health(reporter: HealthReporter, store: Arc<dyn Store>, every: Duration) {
+    let mut serving = true;
+    loop {
+        let answer = match tokio::time::timeout(every, store.ping()).await {
+            Ok(answer) => answer.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {} s", every.as_secs())),
+        };
+        match answer {
+            Err(error) if serving => {
+                tracing::warn!(%error, "The database does not answer; health is NOT_SERVING.");
+                set_health(&reporter, ServingStatus::NotServing).await;
+                serving = false;
+            }
+            Ok(()) if !serving => {
+                tracing::info!("The database answers again; health is SERVING.");
+                set_health(&reporter, ServingStatus::Serving).await;
+                serving = true;
+            }
+            _ => {}
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 /// Opens the store `storage.url` names: PostgreSQL for a `postgres://` URL, else the SQLite
@@ -192,21 +242,12 @@ pub async fn start_with_clock(
         SyncServiceServer::new(SyncApi::new(state.clone())).max_encoding_message_size(64 << 20);
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<IngestServiceServer<IngestApi>>()
-        .await;
-    health_reporter
-        .set_serving::<QueryServiceServer<QueryApi>>()
-        .await;
-    health_reporter
-        .set_serving::<AdminServiceServer<AdminApi>>()
-        .await;
-    health_reporter
-        .set_serving::<SyncServiceServer<SyncApi>>()
-        .await;
-    health_reporter
-        .set_serving::<RectificationServiceServer<RectificationApi>>()
-        .await;
+    set_health(&health_reporter, ServingStatus::Serving).await;
+    let health_task = tokio::spawn(follow_database_health(
+        health_reporter.clone(),
+        store.clone(),
+        Duration::from_secs(config.server.health_check_secs),
+    ));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -257,6 +298,8 @@ pub async fn start_with_clock(
         relay,
         rules,
         rules_task,
+        health: health_reporter,
+        health_task,
         stopping: stopping_tx,
         stop: Some(stop),
         serving,
@@ -277,6 +320,16 @@ impl RunningHub {
     /// Stops accepting calls, lets in-flight calls finish (up to the grace period), commits
     /// everything already queued for the writer, and closes the database.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        // Load balancers stop sending calls here while in-flight calls finish: health checks
+        // answer NOT_SERVING, and health watches get NOT_SERVING and then end (the status
+        // channels they follow are replaced), so they do not hold the shutdown for its grace.
+        self.health_task.abort();
+        let _ = (&mut self.health_task).await;
+        set_health(&self.health, ServingStatus::NotServing).await;
+        for name in HEALTH_NAMES {
+            self.health.clear_service_status(name).await;
+        }
+        set_health(&self.health, ServingStatus::NotServing).await;
         // Endless streams (Subscribe) end themselves; finite calls run to completion.
         let _ = self.stopping.send(true);
         if let Some(stop) = self.stop.take() {

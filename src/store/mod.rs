@@ -513,6 +513,9 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<StoredInvitation>, StoreError>;
 
+    /// Whether the database answers a trivial query on a read connection (for health).
+    async fn ping(&self) -> Result<(), StoreError>;
+
     /// Whether several hub instances may share this store (and so must take relay leases).
     fn shared(&self) -> bool {
         false

@@ -1036,6 +1036,11 @@ impl Store for PostgresStore {
         rows.iter().map(rows::invitation).collect()
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
     fn feed_head(&self) -> watch::Receiver<u64> {
         self.head.clone()
     }

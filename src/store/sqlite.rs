@@ -914,6 +914,11 @@ impl Store for SqliteStore {
         rows.iter().map(rows::invitation).collect()
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
     fn feed_head(&self) -> watch::Receiver<u64> {
         self.head.clone()
     }

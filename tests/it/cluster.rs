@@ -628,3 +628,85 @@ async fn pause_and_resume_through_either_instance_reach_the_one_that_delivers() 
     b.stop().await;
     a.stop().await;
 }
+
+#[tokio::test]
+async fn health_is_not_serving_while_the_database_is_cut_off_and_serving_again_after() {
+    use tonic_health::pb::health_check_response::ServingStatus::{NotServing, Serving};
+    const INGEST: &str = "ratinghub.v1.IngestService";
+
+    // The hub reaches its database only through the gate.
+    let url = crate::pg::new_database();
+    let scheme_host = url.rsplit_once('/').unwrap().0;
+    let host_port = scheme_host.rsplit_once('@').map_or(scheme_host, |(_, h)| h);
+    let host_port = host_port
+        .trim_start_matches("postgres://")
+        .trim_start_matches("postgresql://");
+    let target = tokio::net::lookup_host(host_port)
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let gate = crate::gate::TcpGate::start(target).await;
+    let gated = url.replace(host_port, &gate.addr.to_string());
+    assert_ne!(gated, url, "the URL goes through the gate");
+    let hub = HubBuilder::new()
+        .set("storage.url", &format!("{gated:?}"))
+        .set("server.health_check_secs", "1")
+        .start()
+        .await;
+    assert_eq!(
+        (health(&hub, "").await, health(&hub, INGEST).await),
+        (Serving, Serving)
+    );
+    let mut ingest = hub.ingest().await;
+    assert_eq!(
+        outcome(&submit_one(&mut ingest, rating("before")).await),
+        pb::Outcome::Accepted
+    );
+
+    gate.shut();
+    eventually(
+        LIMIT,
+        "NOT_SERVING while the database is cut off",
+        || async { health(&hub, "").await == NotServing },
+    )
+    .await;
+    assert_eq!(health(&hub, INGEST).await, NotServing);
+    let refused = ingest
+        .submit_ratings(pb::SubmitRatingsRequest {
+            ratings: vec![rating("during")],
+        })
+        .await
+        .expect_err("nothing commits without the database");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+
+    gate.open();
+    eventually(LIMIT, "SERVING once the database answers", || async {
+        health(&hub, "").await == Serving
+    })
+    .await;
+    assert_eq!(health(&hub, INGEST).await, Serving);
+    // The writer's connection died with the cut: at most one more UNAVAILABLE, then stored.
+    let mut stored = None;
+    for _ in 0..2 {
+        match ingest
+            .submit_ratings(pb::SubmitRatingsRequest {
+                ratings: vec![rating("during")],
+            })
+            .await
+        {
+            Ok(r) => {
+                stored = Some(r.into_inner().results.remove(0));
+                break;
+            }
+            Err(s) => assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}"),
+        }
+    }
+    let stored = stored.expect("stored once the database answers");
+    assert_eq!(outcome(&stored), pb::Outcome::Accepted);
+    assert_eq!(
+        stored.feed_sequence, 2,
+        "nothing of the refused call was stored"
+    );
+    hub.stop().await;
+}

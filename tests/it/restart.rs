@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use rating_hub::pb::v1 as pb;
 use tokio_stream::StreamExt;
 
@@ -97,4 +99,52 @@ async fn graceful_shutdown_lets_an_open_stream_finish_and_keeps_every_ack() {
     let hub = restart.restart().await;
     assert_eq!(count(&hub).await, 200);
     hub.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_turns_health_to_not_serving_and_ends_health_watches() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus::{NotServing, Serving};
+    use tonic_health::pb::health_client::HealthClient;
+
+    // A grace far longer than the test may take: a watch left open would hold the shutdown.
+    let hub = HubBuilder::new()
+        .set("server.shutdown_grace_secs", "3600")
+        .start()
+        .await;
+    let mut health = HealthClient::new(hub.channel_as("tester").await);
+    let mut watches = Vec::new();
+    for service in ["", "ratinghub.v1.IngestService"] {
+        watches.push(
+            health
+                .watch(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    for w in &mut watches {
+        assert_eq!(w.next().await.unwrap().unwrap().status(), Serving);
+    }
+    let (running, _) = hub.split_for_shutdown();
+    let stopping = tokio::spawn(running.shutdown());
+    for w in &mut watches {
+        let seen = tokio::time::timeout(Duration::from_secs(60), async {
+            let mut seen = Vec::new();
+            while let Some(Ok(m)) = w.next().await {
+                seen.push(m.status());
+            }
+            seen
+        })
+        .await
+        .expect("the watch ends with the shutdown");
+        assert_eq!(seen, [NotServing], "NOT_SERVING, then the end");
+    }
+    tokio::time::timeout(Duration::from_secs(60), stopping)
+        .await
+        .expect("the shutdown does not wait for health watches")
+        .unwrap()
+        .unwrap();
 }

@@ -514,3 +514,19 @@ pub async fn upstream_status(channel: Channel, name: &str) -> pb::UpstreamStatus
         .find(|u| u.name == name)
         .unwrap_or_else(|| panic!("upstream {name} listed"))
 }
+
+/// What grpc.health.v1 `Check` answers for `service` ("": the server as a whole).
+pub async fn health(
+    hub: &TestHub,
+    service: &str,
+) -> tonic_health::pb::health_check_response::ServingStatus {
+    let status = tonic_health::pb::health_client::HealthClient::new(hub.channel_as("tester").await)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    tonic_health::pb::health_check_response::ServingStatus::try_from(status).unwrap()
+}

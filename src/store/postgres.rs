@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{
+    PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow, PgSslMode,
+};
 use sqlx::{ConnectOptions, Connection, Postgres, QueryBuilder, Row};
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
@@ -70,6 +72,25 @@ pub(crate) fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError>
         .options([("plan_cache_mode", "force_custom_plan")]))
 }
 
+/// Whether the connection goes to a database on another machine without verifying the
+/// server's certificate (sslmode below verify-ca: a machine in the middle could read and
+/// change what the hub stores and reads). The hub warns at start.
+fn unverified_remote(connect: &PgConnectOptions) -> bool {
+    let host = connect.get_host();
+    let local = connect.get_socket().is_some()
+        || host.starts_with('/')
+        || host == "localhost"
+        || host
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    !local
+        && !matches!(
+            connect.get_ssl_mode(),
+            PgSslMode::VerifyCa | PgSslMode::VerifyFull
+        )
+}
+
 /// The writer connection's options: its statements are all index probes and inserts by
 /// design. While `ratings` grows from empty its statistics lag (autovacuum analyses it a
 /// minute or so later), and the planner then takes "target_kind = 1 AND follow_up_of = ''"
@@ -97,6 +118,14 @@ impl PostgresStore {
     /// starting together migrate once), starts the writer and the commit listener.
     pub async fn open(opts: &PostgresOptions, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
         let connect = connect_options(&opts.url)?;
+        if unverified_remote(&connect) {
+            tracing::warn!(
+                host = connect.get_host(),
+                sslmode = ?connect.get_ssl_mode(),
+                "The PostgreSQL connection does not verify the server's certificate; set \
+                 sslmode=verify-full and sslrootcert=<CA file> in storage.url."
+            );
+        }
         let writer_connect = writer_options(&connect);
         // Migrated on the writer's settings, which also checks them; the writer thread opens
         // its own connection (on its own runtime) for the first group.
@@ -1054,5 +1083,41 @@ impl Store for PostgresStore {
             listener.abort();
         }
         self.reader.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unverified(url: &str) -> bool {
+        unverified_remote(&url.parse().unwrap())
+    }
+
+    #[test]
+    fn only_an_unverified_database_on_another_machine_is_warned_of() {
+        // On this machine: loopback addresses and Unix sockets, whatever the sslmode.
+        assert!(!unverified("postgres://hub@127.0.0.1/ratings"));
+        assert!(!unverified(
+            "postgres://hub@localhost/ratings?sslmode=disable"
+        ));
+        assert!(!unverified("postgres://hub@[::1]:5433/ratings"));
+        assert!(!unverified(
+            "postgres://hub@db/ratings?host=/var/run/postgresql"
+        ));
+        // Elsewhere: verified only with verify-ca or verify-full.
+        assert!(unverified("postgres://hub@db.example/ratings"));
+        assert!(unverified(
+            "postgres://hub@10.0.0.5/ratings?sslmode=require"
+        ));
+        assert!(unverified(
+            "postgres://hub@db.example/ratings?sslmode=prefer"
+        ));
+        assert!(!unverified(
+            "postgres://hub@db.example/ratings?sslmode=verify-ca&sslrootcert=/etc/ca.pem"
+        ));
+        assert!(!unverified(
+            "postgres://hub@db.example/ratings?sslmode=verify-full&sslrootcert=/etc/ca.pem"
+        ));
     }
 }

@@ -710,3 +710,56 @@ async fn health_is_not_serving_while_the_database_is_cut_off_and_serving_again_a
     );
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn over_tls_the_hub_verifies_its_database_and_refuses_one_it_cannot_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    // The server's certificate names localhost and 127.0.0.1, issued by the development CA.
+    let pki = dir.path().join("pki");
+    rating_hub::pki::init_dev(&pki).unwrap();
+    let server = crate::pg::TlsServer::start(dir.path(), &pki);
+    crate::pg::exec(&server.url, "CREATE DATABASE hub");
+    let base = server.url.rsplit_once('/').unwrap().0;
+    let verified = |ca: &std::path::Path| {
+        format!(
+            "{base}/hub?sslmode=verify-full&sslrootcert={}",
+            ca.display()
+        )
+    };
+
+    let hub = HubBuilder::new()
+        .set(
+            "storage.url",
+            &format!("{:?}", verified(&pki.join(rating_hub::pki::CA_CERT))),
+        )
+        .start()
+        .await;
+    let stored = submit_one(&mut hub.ingest().await, rating("over-tls")).await;
+    assert_eq!(outcome(&stored), pb::Outcome::Accepted);
+    // Every connection the hub has open to its database is encrypted.
+    let ssl = crate::pg::exec(
+        &server.url,
+        "SELECT s.ssl::text FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.datname = 'hub'",
+    );
+    assert!(ssl.len() >= 2, "the hub's connections: {ssl:?}");
+    assert!(ssl.iter().all(|s| s == "true"), "{ssl:?}");
+    hub.stop().await;
+
+    // A CA that did not issue the server's certificate: the hub does not start, and says
+    // why.
+    let other = dir.path().join("other-ca");
+    rating_hub::pki::create_ca(&other, "another CA").unwrap();
+    let refused = HubBuilder::new()
+        .set(
+            "storage.url",
+            &format!("{:?}", verified(&other.join(rating_hub::pki::CA_CERT))),
+        )
+        .try_start()
+        .await
+        .err()
+        .expect("no hub on a database it cannot verify");
+    let why = format!("{refused:#}");
+    assert!(why.contains("opening the database"), "{why}");
+    assert!(why.to_lowercase().contains("certificate"), "{why}");
+}

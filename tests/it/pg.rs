@@ -98,3 +98,47 @@ pub fn files_of(dir: &Path) -> Option<Vec<std::path::PathBuf>> {
         .all(|f| std::fs::read_dir(f).is_ok())
         .then_some(files)
 }
+
+/// A PostgreSQL server of a test's own that also serves TLS, with the server certificate of
+/// the PKI in `pki` (`scripts/pg start --tls`). Stopped when dropped.
+pub struct TlsServer {
+    dir: std::path::PathBuf,
+    /// The superuser URL, without TLS parameters.
+    pub url: String,
+}
+
+impl TlsServer {
+    pub fn start(dir: &Path, pki: &Path) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        // The server runs as an unprivileged user, who must reach its directory.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = dir.join("server");
+        let out =
+            std::process::Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pg"))
+                .arg("start")
+                .arg(&dir)
+                .arg("--fast")
+                .arg("--tls")
+                .arg(pki)
+                .args(["--watch", &std::process::id().to_string()])
+                .output()
+                .expect("run scripts/pg");
+        assert!(
+            out.status.success(),
+            "scripts/pg could not start a TLS server:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let url = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        Self { dir, url }
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ =
+            std::process::Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pg"))
+                .arg("stop")
+                .arg(&self.dir)
+                .output();
+    }
+}

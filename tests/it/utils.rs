@@ -133,12 +133,22 @@ impl HubBuilder {
     }
 
     async fn start_in(self, dir: Arc<TempDir>) -> TestHub {
-        let hub = start_hub(dir.path(), &self.table, self.clock.clone()).await;
-        TestHub {
+        self.try_start_in(dir).await.expect("hub starts")
+    }
+
+    /// Starts a hub, or returns why it did not start.
+    pub async fn try_start(self) -> anyhow::Result<TestHub> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        self.try_start_in(Arc::new(dir)).await
+    }
+
+    async fn try_start_in(self, dir: Arc<TempDir>) -> anyhow::Result<TestHub> {
+        let hub = start_hub(dir.path(), &self.table, self.clock.clone()).await?;
+        Ok(TestHub {
             hub,
             dir,
             builder: self,
-        }
+        })
     }
 }
 
@@ -282,7 +292,7 @@ pub async fn start_hub(
     dir: &Path,
     overrides: &toml::Table,
     clock: Option<Arc<dyn Clock>>,
-) -> RunningHub {
+) -> anyhow::Result<RunningHub> {
     // Hub logs show with a failing test's output (RUST_LOG=debug for more).
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -356,7 +366,6 @@ pub async fn start_hub(
         Some(clock) => rating_hub::server::start_with_clock(&config, clock).await,
         None => rating_hub::server::start(&config).await,
     }
-    .expect("hub starts")
 }
 
 fn merge(base: &mut toml::Table, layer: toml::Table) {

@@ -109,36 +109,16 @@ pub struct TlsServer {
 
 impl TlsServer {
     pub fn start(dir: &Path, pki: &Path) -> Self {
-        use std::os::unix::fs::PermissionsExt;
-        // The server runs as an unprivileged user, who must reach its directory.
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let dir = dir.join("server");
-        let out =
-            std::process::Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pg"))
-                .arg("start")
-                .arg(&dir)
-                .arg("--fast")
-                .arg("--tls")
-                .arg(pki)
-                .args(["--watch", &std::process::id().to_string()])
-                .output()
-                .expect("run scripts/pg");
-        assert!(
-            out.status.success(),
-            "scripts/pg could not start a TLS server:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let url = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-        Self { dir, url }
+        let url = rating_hub::testing::start_pg_server(dir, &["--tls".as_ref(), pki.as_os_str()]);
+        Self {
+            dir: dir.to_owned(),
+            url,
+        }
     }
 }
 
 impl Drop for TlsServer {
     fn drop(&mut self) {
-        let _ =
-            std::process::Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pg"))
-                .arg("stop")
-                .arg(&self.dir)
-                .output();
+        rating_hub::testing::stop_pg_server(&self.dir);
     }
 }

@@ -233,12 +233,35 @@ impl GroupWrite for Writer {
         &mut self,
         group: &[Job],
     ) -> Result<(Vec<GroupResult>, Option<u64>), sqlx::Error> {
-        let conn = match self.conn.take() {
+        let received_at = self.clock.now_micros();
+        let kept = self.conn.is_some();
+        let mut conn = match self.conn.take() {
             Some(conn) => conn,
             None => PgConnection::connect_with(&self.connect).await?,
         };
-        let conn = self.conn.insert(conn);
-        let result = Self::write_group_tx(conn, group, self.clock.now_micros()).await;
+        let first = match conn.begin().await {
+            Ok(tx) => Some(Self::write_group_tx(tx, group, received_at).await),
+            // A kept connection that died while idle (the server restarted, an operator
+            // ended the session, the network dropped it) fails at BEGIN, before anything of
+            // this group reached the database: open a new one and begin again, once, rather
+            // than fail every caller of the group.
+            Err(e) if kept && StoreError::is_connection(&e) => {
+                tracing::info!(error = %e, "The writer's idle connection was lost; reconnecting.");
+                None
+            }
+            Err(e) => Some(Err(e)),
+        };
+        let result = match first {
+            Some(result) => result,
+            None => {
+                conn = PgConnection::connect_with(&self.connect).await?;
+                match conn.begin().await {
+                    Ok(tx) => Self::write_group_tx(tx, group, received_at).await,
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        self.conn = Some(conn);
         if let Err(e) = &result {
             tracing::warn!(error = %e, "Group commit failed; the writer reconnects for the next one.");
             if let Some(conn) = self.conn.take() {
@@ -257,11 +280,10 @@ impl GroupWrite for Writer {
 
 impl Writer {
     async fn write_group_tx(
-        conn: &mut PgConnection,
+        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
         group: &[Job],
         received_at: i64,
     ) -> Result<(Vec<GroupResult>, Option<u64>), sqlx::Error> {
-        let mut tx = conn.begin().await?;
         // The sequencer: every instance's writer waits here for the others' commits. Only
         // ratings take feed sequences, and case events are decided against what is stored;
         // a group of relay bookkeeping and audit records alone (the relay's cursor writes)

@@ -23,6 +23,7 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 pub use config::{SinkKind, UpstreamConfig};
@@ -83,8 +84,12 @@ struct Worker {
     jitter_state: AtomicU64,
     /// Cursor advances (with their dead letters) on their way to the store, in order.
     cursor_writes: tokio::sync::mpsc::Sender<RelayWrite>,
-    /// Whether this instance holds the upstream's lease (always, on a store of its own).
-    leased: watch::Sender<bool>,
+    /// Until when this instance may deliver to the upstream: its lease's local deadline,
+    /// two thirds of the lease time after the renewal that granted it began (always, on a
+    /// store of its own); `None` while another instance holds the lease. Checked before
+    /// every send, so an instance whose renewals stall (a frozen process, a hung database
+    /// call) stops delivering before its lease can run out and another take it.
+    lease: watch::Sender<Option<Instant>>,
     /// Bumped by every pause or resume through this instance (under `pause_lock`, with the
     /// flag): a lease renewal that read the stored pause state before such a change must
     /// not undo it.
@@ -111,7 +116,18 @@ fn quota(per_sec: u32, burst: u32) -> Quota {
         .allow_burst(NonZeroU32::new(burst.max(1)).expect("max(1)"))
 }
 
+/// A lease on a store of its own (no other instance can take it).
+const FOREVER: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 impl Worker {
+    /// Whether this instance may deliver now: it holds the lease, and its local deadline has
+    /// not passed.
+    fn holds_lease(&self) -> bool {
+        self.lease
+            .borrow()
+            .is_some_and(|until| Instant::now() < until)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Counters> {
         self.counters.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -134,16 +150,20 @@ impl Worker {
     async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut head = self.store.feed_head();
         let mut control = self.control.subscribe();
-        let mut leased = self.leased.subscribe();
+        let mut lease = self.lease.subscribe();
         tracing::info!(upstream = %self.name, kind = self.cfg.kind.as_str(), cursor = self.cursor.load(Ordering::Relaxed), "Relay started.");
         loop {
             if *stop.borrow() {
                 break;
             }
-            if !*leased.borrow_and_update() {
-                // Another instance delivers to this upstream; wait for its lease to come here.
+            if !lease
+                .borrow_and_update()
+                .is_some_and(|until| Instant::now() < until)
+            {
+                // Another instance delivers to this upstream, or this one's lease lapsed
+                // before its renewal came back: wait for a renewal here.
                 tokio::select! {
-                    _ = leased.changed() => {}
+                    _ = lease.changed() => {}
                     _ = stop.changed() => {}
                 }
                 continue;
@@ -180,16 +200,17 @@ impl Worker {
     /// Takes this upstream's lease when it is free and renews it every third of its life;
     /// follows the stored pause state meanwhile. Gives it up when the hub stops.
     async fn keep_lease(self: Arc<Self>, lease: Lease, mut stop: watch::Receiver<bool>) {
-        let mut renewed_at: Option<tokio::time::Instant> = None;
         while !*stop.borrow() {
             let pause_changes = self.pause_changes.load(Ordering::Acquire);
+            // The database grants the lease for `ttl` from a moment after this one.
+            let began = Instant::now();
             match self
                 .store
                 .hold_lease(&self.name, &lease.holder, lease.ttl)
                 .await
             {
                 Ok(Some(state)) => {
-                    if !*self.leased.borrow() {
+                    if self.lease.borrow().is_none() {
                         self.cursor.fetch_max(state.cursor, Ordering::AcqRel);
                         tracing::info!(upstream = %self.name, instance = %lease.holder, cursor = state.cursor, "This instance now delivers to the upstream.");
                     }
@@ -203,15 +224,19 @@ impl Worker {
                     if changed {
                         self.control.send_modify(|v| *v += 1);
                     }
-                    renewed_at = Some(tokio::time::Instant::now());
-                    self.leased
-                        .send_if_modified(|held| !std::mem::replace(held, true));
+                    // Notifies a worker waiting for the lease, every renewal.
+                    self.lease.send_replace(Some(began + lease.ttl * 2 / 3));
                 }
                 Ok(None) => self.lose_lease(&lease, "another instance holds it"),
                 Err(e) => {
-                    // Delivery needs the store anyway; stop before the lease can run out.
+                    // The worker stopped sending at the lease's local deadline; once that
+                    // has passed, the lease is taken for lost (another instance may hold it).
                     tracing::error!(upstream = %self.name, error = %e, "Cannot renew the relay lease.");
-                    if renewed_at.is_some_and(|at| at.elapsed() > lease.ttl * 2 / 3) {
+                    if self
+                        .lease
+                        .borrow()
+                        .is_some_and(|until| Instant::now() >= until)
+                    {
                         self.lose_lease(&lease, "it could not be renewed");
                     }
                 }
@@ -221,19 +246,15 @@ impl Worker {
                 _ = stop.changed() => {}
             }
         }
-        if *self.leased.borrow() {
-            self.leased.send_replace(false);
-            if let Err(e) = self.store.release_lease(&self.name, &lease.holder).await {
-                tracing::warn!(upstream = %self.name, error = %e, "Cannot release the relay lease; it will expire.");
-            }
+        if self.lease.send_replace(None).is_some()
+            && let Err(e) = self.store.release_lease(&self.name, &lease.holder).await
+        {
+            tracing::warn!(upstream = %self.name, error = %e, "Cannot release the relay lease; it will expire.");
         }
     }
 
     fn lose_lease(&self, lease: &Lease, why: &str) {
-        if self
-            .leased
-            .send_if_modified(|held| std::mem::replace(held, false))
-        {
+        if self.lease.send_if_modified(|held| held.take().is_some()) {
             tracing::warn!(upstream = %self.name, instance = %lease.holder, why, "This instance no longer delivers to the upstream.");
             // Interrupts a retry wait at once.
             self.control.send_modify(|v| *v += 1);
@@ -393,9 +414,6 @@ impl Worker {
             if self.paused.load(Ordering::Acquire) {
                 return Err(Interrupted::Paused);
             }
-            if !*self.leased.borrow() {
-                return Err(Interrupted::LeaseLost);
-            }
             let n = NonZeroU32::new(ratings.len() as u32).expect("batches are not empty");
             tokio::select! {
                 _ = async {
@@ -404,6 +422,10 @@ impl Worker {
                     self.requests.until_ready().await;
                 } => {}
                 _ = stop.changed() => continue,
+            }
+            // Right before the send: the rate limit may have waited past the lease.
+            if !self.holds_lease() {
+                return Err(Interrupted::LeaseLost);
             }
             self.lock().attempts += 1;
             match self.sink.send(ratings).await {
@@ -511,7 +533,8 @@ impl Relay {
                     requests: RateLimiter::direct(quota(cfg.requests_per_sec, cfg.requests_burst)),
                     jitter_state: AtomicU64::new(clock.now_micros() as u64 | 1),
                     cursor_writes,
-                    leased: watch::channel(!store.shared()).0,
+                    // On a store of its own, the lease never runs out.
+                    lease: watch::channel((!store.shared()).then(|| Instant::now() + FOREVER)).0,
                     pause_changes: AtomicU64::new(0),
                     pause_lock: Mutex::new(()),
                     cfg: cfg.clone(),
@@ -562,7 +585,8 @@ impl Relay {
             0.0
         };
         let counters = w.lock().clone();
-        let delivering_here = *w.leased.borrow();
+        // Holding the lease (a renewal under way may have stopped the sends for a moment).
+        let delivering_here = w.lease.borrow().is_some();
         let delivering_instance = if !w.store.shared() || delivering_here {
             Some(self.instance.clone())
         } else {

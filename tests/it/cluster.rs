@@ -114,6 +114,31 @@ async fn feed_is_gapless_in_order_and_wakes_a_third_instance_that_never_writes()
     }
 }
 
+/// Hub processes, each `(name, database URL)`, delivering to the gRPC upstream `endpoint`
+/// ("fake") under 2-second leases, in batches of 20, two in flight. Started one after
+/// another: the first creates the shared development PKI and privacy key in `dir`.
+fn spawn_instances(
+    dir: &std::path::Path,
+    endpoint: &str,
+    hubs: &[(&str, &str)],
+) -> Vec<SpawnedHub> {
+    hubs.iter()
+        .map(|(name, db)| {
+            let env = [
+                ("RATING_HUB__STORAGE__URL", *db),
+                ("RATING_HUB__STORAGE__INSTANCE", name),
+                ("RATING_HUB__STORAGE__LEASE_SECS", "2"),
+                ("RATING_HUB__UPSTREAMS__FAKE__KIND", "grpc"),
+                ("RATING_HUB__UPSTREAMS__FAKE__ENDPOINT", endpoint),
+                ("RATING_HUB__UPSTREAMS__FAKE__BATCH_SIZE", "20"),
+                ("RATING_HUB__UPSTREAMS__FAKE__IN_FLIGHT", "2"),
+                ("RATING_HUB__UPSTREAMS__FAKE__RETRY_SCHEDULE_MS", "[20, 50]"),
+            ];
+            spawn_hub_with(dir, "info", &env)
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn three_instances_one_killed_hard_lose_nothing_and_deliver_everything() {
     let fake = FakeUpstream::start().await;
@@ -121,24 +146,13 @@ async fn three_instances_one_killed_hard_lose_nothing_and_deliver_everything() {
     fake.set_mode(Mode::Slow(Duration::from_millis(10)));
     let dir = tempfile::tempdir().unwrap();
     let db = crate::pg::database_for(dir.path());
-    let endpoint = fake.url();
     let names = ["hub-0", "hub-1", "hub-2"];
-    let mut hubs = Vec::new();
-    // One after another: the first creates the shared development PKI and privacy key.
-    for name in names {
-        let env = [
-            ("RATING_HUB__STORAGE__URL", db.as_str()),
-            ("RATING_HUB__STORAGE__INSTANCE", name),
-            ("RATING_HUB__STORAGE__LEASE_SECS", "2"),
-            ("RATING_HUB__UPSTREAMS__FAKE__KIND", "grpc"),
-            ("RATING_HUB__UPSTREAMS__FAKE__ENDPOINT", endpoint.as_str()),
-            ("RATING_HUB__UPSTREAMS__FAKE__BATCH_SIZE", "20"),
-            ("RATING_HUB__UPSTREAMS__FAKE__IN_FLIGHT", "2"),
-            ("RATING_HUB__UPSTREAMS__FAKE__RETRY_SCHEDULE_MS", "[20, 50]"),
-        ];
-        let SpawnedHub { child, url, .. } = spawn_hub_with(dir.path(), "info", &env);
-        hubs.push((name, Some(child), url));
-    }
+    let instances = names.map(|name| (name, db.as_str()));
+    let mut hubs: Vec<_> = spawn_instances(dir.path(), &fake.url(), &instances)
+        .into_iter()
+        .zip(names)
+        .map(|(SpawnedHub { child, url, .. }, name)| (name, Some(child), url))
+        .collect();
     let mut subs = Vec::new();
     for (_, _, url) in &hubs {
         subs.push(
@@ -628,20 +642,7 @@ async fn health_is_not_serving_while_the_database_is_cut_off_and_serving_again_a
     const INGEST: &str = "ratinghub.v1.IngestService";
 
     // The hub reaches its database only through the gate.
-    let url = crate::pg::new_database();
-    let scheme_host = url.rsplit_once('/').unwrap().0;
-    let host_port = scheme_host.rsplit_once('@').map_or(scheme_host, |(_, h)| h);
-    let host_port = host_port
-        .trim_start_matches("postgres://")
-        .trim_start_matches("postgresql://");
-    let target = tokio::net::lookup_host(host_port)
-        .await
-        .unwrap()
-        .next()
-        .unwrap();
-    let gate = crate::gate::TcpGate::start(target).await;
-    let gated = url.replace(host_port, &gate.addr.to_string());
-    assert_ne!(gated, url, "the URL goes through the gate");
+    let (gate, gated) = crate::gate::TcpGate::in_front_of(&crate::pg::new_database()).await;
     let hub = HubBuilder::new()
         .set("storage.url", &format!("{gated:?}"))
         .set("server.health_check_secs", "1")
@@ -740,4 +741,120 @@ async fn over_tls_the_hub_verifies_its_database_and_refuses_one_it_cannot_verify
     let why = format!("{refused:#}");
     assert!(why.contains("opening the database"), "{why}");
     assert!(why.to_lowercase().contains("certificate"), "{why}");
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -{sig}");
+}
+
+/// Submits `n` new ratings (keys `prefix`-i) through the hub at `url`; returns their hub ids.
+async fn submit_through(dir: &std::path::Path, url: &str, prefix: &str, n: usize) -> Vec<String> {
+    let mut client = IngestServiceClient::new(dev_admin_channel(dir, url).await);
+    let all: Vec<_> = (0..n).map(|i| rating(&format!("{prefix}-{i}"))).collect();
+    let mut ids = Vec::new();
+    for chunk in all.chunks(50) {
+        for r in submit(&mut client, chunk.to_vec()).await {
+            assert_eq!(outcome(&r), pb::Outcome::Accepted);
+            ids.push(r.hub_id);
+        }
+    }
+    ids
+}
+
+#[tokio::test]
+async fn a_frozen_lease_holder_hands_over_and_sends_nothing_when_it_thaws() {
+    let fake = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = crate::pg::database_for(dir.path());
+    // Each instance reaches the database through a gate of its own: thawed, the frozen one
+    // renews its lease slowly, while its sends to the upstream go at once.
+    let (gate0, db0) = crate::gate::TcpGate::in_front_of(&db).await;
+    let (gate1, db1) = crate::gate::TcpGate::in_front_of(&db).await;
+    let names = ["hub-0", "hub-1"];
+    let hubs = spawn_instances(
+        dir.path(),
+        &fake.url(),
+        &[(names[0], db0.as_str()), (names[1], db1.as_str())],
+    );
+    let stored = |column: &str| {
+        crate::pg::exec(
+            &db,
+            &format!("SELECT {column}::text FROM upstream_state WHERE upstream = 'fake'"),
+        )
+        .pop()
+        .unwrap()
+    };
+    let first = submit_through(dir.path(), &hubs[0].url, "first", 100).await;
+    fake.wait_until(LIMIT, "the first ratings upstream", |got| {
+        first.iter().all(|id| got.contains_key(id))
+    })
+    .await;
+    // The stored cursor caught up: the holder owes nothing but what comes next.
+    eventually(LIMIT, "the stored cursor at 100", || async {
+        stored("cursor") == "100"
+    })
+    .await;
+    let holder = stored("lease_holder");
+    let frozen = names.iter().position(|n| *n == holder).unwrap();
+    let other = 1 - frozen;
+
+    // The holder is retrying a batch the upstream refuses for now when it freezes (a paused
+    // VM, a stopped process).
+    fake.set_mode(Mode::Unavailable);
+    let second = submit_through(dir.path(), &hubs[frozen].url, "second", 20).await;
+    fake.wait_calls(2, LIMIT).await;
+    signal(&hubs[frozen].child, "STOP");
+    [&gate0, &gate1][frozen].slow(Duration::from_millis(500));
+    fake.set_mode(Mode::Accept);
+    // Its lease runs out; the other instance takes over at the stored cursor.
+    fake.wait_until(LIMIT, "the refused batch, from the other instance", |got| {
+        second.iter().all(|id| got.contains_key(id))
+    })
+    .await;
+    assert_eq!(stored("lease_holder"), names[other]);
+
+    // Thawed, its retry is due at once and its renewal takes a second: the lease's local
+    // deadline, passed while it was frozen, stops the send.
+    signal(&hubs[frozen].child, "CONT");
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let line = hubs[frozen]
+            .logs
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .expect("the thawed instance says it no longer delivers");
+        if line.contains("no longer delivers") {
+            break;
+        }
+    }
+    [&gate0, &gate1][frozen].open();
+    // It takes ratings again; the holder delivers them.
+    let third = submit_through(dir.path(), &hubs[frozen].url, "third", 100).await;
+    fake.wait_until(LIMIT, "the third ratings upstream", |got| {
+        third.iter().all(|id| got.contains_key(id))
+    })
+    .await;
+    let got = fake.received();
+    assert_eq!(got.len(), 220, "every rating upstream, nothing else");
+    let twice = got.values().filter(|n| **n > 1).count();
+    assert_eq!(
+        twice, 0,
+        "{twice} ratings sent twice: the thawed instance delivered beside the holder"
+    );
+    for hub in &hubs {
+        let status =
+            crate::utils::upstream_status(dev_admin_channel(dir.path(), &hub.url).await, "fake")
+                .await;
+        assert_eq!(status.delivering_instance, names[other]);
+    }
+    for SpawnedHub { mut child, .. } in hubs {
+        sigterm(&child);
+        let status = tokio::task::spawn_blocking(move || wait_exit(&mut child))
+            .await
+            .unwrap();
+        assert!(status.success(), "{status}");
+    }
 }

@@ -802,8 +802,8 @@ async fn a_frozen_lease_holder_hands_over_and_sends_nothing_when_it_thaws() {
     let frozen = names.iter().position(|n| *n == holder).unwrap();
     let other = 1 - frozen;
 
-    // The holder is retrying a batch the upstream refuses for now when it freezes (a paused
-    // VM, a stopped process).
+    // The holder is retrying a batch the upstream refuses for now when it is stopped (SIGSTOP,
+    // as a long stall would).
     fake.set_mode(Mode::Unavailable);
     let second = submit_through(dir.path(), &hubs[frozen].url, "second", 20).await;
     fake.wait_calls(2, LIMIT).await;

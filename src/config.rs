@@ -334,10 +334,12 @@ impl Config {
                 }
             })?;
         }
-        let config: Config = toml::Value::Table(merged)
+        let mut config: Config = toml::Value::Table(merged)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_owned()))?;
         config.check()?;
+        // Named once: the relay's leases and the database sessions use the same name.
+        config.storage.instance = config.storage.instance_name();
         Ok(config)
     }
 
@@ -415,6 +417,7 @@ impl Config {
             max_group_commit: self.storage.max_group_commit,
             write_queue: self.storage.write_queue,
             read_connections: self.storage.read_connections,
+            instance: self.storage.instance_name(),
         }
     }
 

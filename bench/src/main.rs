@@ -1129,6 +1129,7 @@ async fn raw_postgres(
         max_group_commit: 2048,
         write_queue: 1024,
         read_connections: 1,
+        instance: "bench-raw".into(),
     };
     let store =
         rating_hub::store::PostgresStore::open(&opts, Arc::new(rating_hub::clock::SystemClock))

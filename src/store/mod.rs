@@ -49,10 +49,11 @@ impl StoreError {
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed => true,
             // PostgreSQL: connection exceptions (08…) and the server ending the session —
-            // shutdown, restart, an operator terminating it (57P…).
+            // shutdown, restart, an operator terminating it (57P…), a session that sat idle
+            // inside its transaction too long (25P03: the writer stalled).
             sqlx::Error::Database(db) => db
                 .code()
-                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "25P03"),
             _ => false,
         }
     }

@@ -53,6 +53,9 @@ pub struct PostgresOptions {
     pub write_queue: usize,
     /// Connections in the read pool.
     pub read_connections: u32,
+    /// This hub instance's name: its sessions' `application_name` is `rating-hub/<name>`
+    /// (what `pg_stat_activity` shows).
+    pub instance: String,
 }
 
 /// Whether a storage URL names a PostgreSQL database.
@@ -61,10 +64,10 @@ pub fn is_postgres_url(url: &str) -> bool {
 }
 
 /// Every hub connection's options.
-pub(crate) fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
+pub(crate) fn connect_options(url: &str, instance: &str) -> Result<PgConnectOptions, StoreError> {
     let connect: PgConnectOptions = url.parse()?;
     Ok(connect
-        .application_name("rating-hub")
+        .application_name(&format!("rating-hub/{instance}"))
         .log_statements(tracing::log::LevelFilter::Trace)
         // Plan each execution for its own parameters and the tables' current size. A
         // cached generic plan made while `ratings` was empty seq-scans it for good (the
@@ -98,12 +101,23 @@ fn unverified_remote(connect: &PgConnectOptions) -> bool {
 /// look-up gain from parallel workers: starting them costs more than its few hundred
 /// probes, and the planner, adding up the parts of a chunk's look-up (one statement), chose
 /// a parallel plan that took 31 ms instead of a few.
+///
+/// And the writer's transaction holds the sequencer row, which every instance's writer waits
+/// for. A writer that stalls inside its transaction (a stopped process, a network path that
+/// dropped without a reset) would stop every instance's ingest until TCP gave up, hours
+/// later. PostgreSQL ends a session idle in its transaction for [`WRITER_STALL`]; the group
+/// fails (nothing of it committed) and the other instances go on.
 pub(crate) fn writer_options(connect: &PgConnectOptions) -> PgConnectOptions {
     connect.clone().options([
         ("enable_seqscan", "off"),
         ("max_parallel_workers_per_gather", "0"),
+        ("idle_in_transaction_session_timeout", WRITER_STALL),
     ])
 }
+
+/// How long a writer may sit idle inside its transaction before PostgreSQL ends its session.
+/// A group's statements follow one another within milliseconds.
+pub(crate) const WRITER_STALL: &str = "5s";
 
 pub struct PostgresStore {
     jobs: Queue,
@@ -117,7 +131,7 @@ impl PostgresStore {
     /// Connects, runs the embedded migrations (under PostgreSQL's advisory lock, so instances
     /// starting together migrate once), starts the writer and the commit listener.
     pub async fn open(opts: &PostgresOptions, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
-        let connect = connect_options(&opts.url)?;
+        let connect = connect_options(&opts.url, &opts.instance)?;
         if unverified_remote(&connect) {
             tracing::warn!(
                 host = connect.get_host(),

@@ -858,3 +858,134 @@ async fn a_frozen_lease_holder_hands_over_and_sends_nothing_when_it_thaws() {
         assert!(status.success(), "{status}");
     }
 }
+
+#[tokio::test]
+async fn a_writer_stopped_inside_its_transaction_does_not_stop_the_other_instances() {
+    let fake = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = crate::pg::database_for(dir.path());
+    let hubs = spawn_instances(
+        dir.path(),
+        &fake.url(),
+        &[("hub-0", db.as_str()), ("hub-1", db.as_str())],
+    );
+    // A steady load on hub-0. The call whose group its stopped writer held fails UNAVAILABLE
+    // (nothing of it committed); every other call is stored.
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let (progress, mut batches) = tokio::sync::watch::channel(0usize);
+    let load = {
+        let (dir, url) = (dir.path().to_owned(), hubs[0].url.clone());
+        tokio::spawn(async move {
+            let mut client = IngestServiceClient::new(dev_admin_channel(&dir, &url).await);
+            let mut acked = Vec::new();
+            for n in 0.. {
+                if *stopping.borrow() {
+                    break;
+                }
+                let ratings = (0..20).map(|i| rating(&format!("load-{n}-{i}"))).collect();
+                match client
+                    .submit_ratings(pb::SubmitRatingsRequest { ratings })
+                    .await
+                {
+                    Ok(response) => {
+                        for r in response.into_inner().results {
+                            assert_eq!(outcome(&r), pb::Outcome::Accepted);
+                            acked.push(r.hub_id);
+                        }
+                        progress.send_modify(|p| *p += 1);
+                    }
+                    Err(s) => assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}"),
+                }
+            }
+            acked
+        })
+    };
+
+    // Stop hub-0 until it is caught inside a group transaction that holds the sequencer row.
+    let holds_sequencer = || {
+        crate::pg::exec(
+            &db,
+            "SELECT count(*)::text FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid \
+             WHERE a.application_name = 'rating-hub/hub-0' \
+             AND a.state = 'idle in transaction' AND l.relation = 'feed_head'::regclass",
+        )
+        .pop()
+        .unwrap()
+            != "0"
+    };
+    let mut caught = false;
+    for _ in 0..200 {
+        let seen = *batches.borrow_and_update();
+        tokio::time::timeout(LIMIT, batches.wait_for(|n| *n > seen))
+            .await
+            .expect("hub-0 takes the load")
+            .unwrap();
+        signal(&hubs[0].child, "STOP");
+        // A statement already sent finishes on the server; the session then waits inside
+        // its transaction. Bounded: a few looks, 20 ms apart.
+        for _ in 0..5 {
+            if holds_sequencer() {
+                caught = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if caught {
+            break;
+        }
+        signal(&hubs[0].child, "CONT");
+    }
+    assert!(
+        caught,
+        "hub-0 was stopped inside a transaction holding the sequencer"
+    );
+
+    // hub-1's writer waits for the sequencer until PostgreSQL ends the stalled session.
+    let other = tokio::time::timeout(
+        Duration::from_secs(30),
+        submit_through(dir.path(), &hubs[1].url, "other", 1),
+    )
+    .await
+    .expect("the other instance stores ratings while hub-0 is stopped");
+    signal(&hubs[0].child, "CONT");
+    let seen = *batches.borrow_and_update();
+    tokio::time::timeout(LIMIT, batches.wait_for(|n| *n >= seen + 3))
+        .await
+        .expect("hub-0 stores ratings again")
+        .unwrap();
+    stop.send_replace(true);
+    let mut acked: HashSet<String> = load.await.unwrap().into_iter().collect();
+    acked.extend(other);
+
+    // Everything acknowledged is stored once, in a gapless feed; nothing else is.
+    let mut sync = SyncServiceClient::new(dev_admin_channel(dir.path(), &hubs[1].url).await);
+    let mut feed = Vec::new();
+    loop {
+        let page = sync
+            .pull(pb::PullRequest {
+                after_sequence: feed.len() as u64,
+                limit: 1000,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if page.ratings.is_empty() {
+            break;
+        }
+        feed.extend(page.ratings);
+    }
+    assert_eq!(
+        feed.iter().map(|r| r.feed_sequence).collect::<Vec<_>>(),
+        (1..=feed.len() as u64).collect::<Vec<_>>(),
+        "a gapless feed"
+    );
+    let stored: HashSet<String> = feed.into_iter().map(|r| r.hub_id).collect();
+    assert_eq!(stored, acked, "exactly the acknowledged ratings");
+    for SpawnedHub { mut child, .. } in hubs {
+        sigterm(&child);
+        let status = tokio::task::spawn_blocking(move || wait_exit(&mut child))
+            .await
+            .unwrap();
+        assert!(status.success(), "{status}");
+    }
+}

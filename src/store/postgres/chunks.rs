@@ -435,6 +435,7 @@ mod tests {
                 max_group_commit: 1,
                 write_queue: 1,
                 read_connections: 1,
+                instance: "test".into(),
             },
             Arc::new(SystemClock),
         )
@@ -478,7 +479,7 @@ mod tests {
             qb.sql()
         );
         let mut writer =
-            PgConnection::connect_with(&writer_options(&connect_options(&url).unwrap()))
+            PgConnection::connect_with(&writer_options(&connect_options(&url, "test").unwrap()))
                 .await
                 .unwrap();
         let plan: Vec<String> = qb

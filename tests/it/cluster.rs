@@ -239,24 +239,7 @@ async fn three_instances_one_killed_hard_lose_nothing_and_deliver_everything() {
     }
     // What is stored: the feed, read from a survivor.
     let survivor = &hubs[(victim + 1) % 3].2;
-    let mut sync = SyncServiceClient::new(dev_admin_channel(dir.path(), survivor).await);
-    let mut stored = Vec::new();
-    let mut after = 0;
-    loop {
-        let page = sync
-            .pull(pb::PullRequest {
-                after_sequence: after,
-                limit: 1000,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if page.ratings.is_empty() {
-            break;
-        }
-        after = page.next_after_sequence;
-        stored.extend(page.ratings);
-    }
+    let stored = whole_feed(dev_admin_channel(dir.path(), survivor).await).await;
     let n = stored.len();
     let ids: HashSet<String> = stored.iter().map(|r| r.hub_id.clone()).collect();
     let keys: HashSet<&str> = stored.iter().map(|r| r.source_key.as_str()).collect();
@@ -266,11 +249,6 @@ async fn three_instances_one_killed_hard_lose_nothing_and_deliver_everything() {
         acked.is_subset(&ids),
         "{} acknowledged ratings are missing",
         acked.difference(&ids).count()
-    );
-    assert_eq!(
-        stored.iter().map(|r| r.feed_sequence).collect::<Vec<_>>(),
-        (1..=n as u64).collect::<Vec<_>>(),
-        "a gapless feed"
     );
 
     // Every stored rating reaches the upstream, delivered by whoever holds the lease now.
@@ -753,16 +731,51 @@ fn signal(child: &std::process::Child, sig: &str) {
 
 /// Submits `n` new ratings (keys `prefix`-i) through the hub at `url`; returns their hub ids.
 async fn submit_through(dir: &std::path::Path, url: &str, prefix: &str, n: usize) -> Vec<String> {
-    let mut client = IngestServiceClient::new(dev_admin_channel(dir, url).await);
-    let all: Vec<_> = (0..n).map(|i| rating(&format!("{prefix}-{i}"))).collect();
-    let mut ids = Vec::new();
-    for chunk in all.chunks(50) {
-        for r in submit(&mut client, chunk.to_vec()).await {
-            assert_eq!(outcome(&r), pb::Outcome::Accepted);
-            ids.push(r.hub_id);
+    submit_new(
+        &mut IngestServiceClient::new(dev_admin_channel(dir, url).await),
+        prefix,
+        n,
+    )
+    .await
+}
+
+/// Every rating of the feed, pulled from the start; asserts the feed is gapless.
+async fn whole_feed(channel: tonic::transport::Channel) -> Vec<pb::Rating> {
+    let mut sync = SyncServiceClient::new(channel);
+    let mut feed: Vec<pb::Rating> = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = sync
+            .pull(pb::PullRequest {
+                after_sequence: after,
+                limit: 1000,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if page.ratings.is_empty() {
+            break;
         }
+        after = page.next_after_sequence;
+        feed.extend(page.ratings);
     }
-    ids
+    assert_eq!(
+        feed.iter().map(|r| r.feed_sequence).collect::<Vec<_>>(),
+        (1..=feed.len() as u64).collect::<Vec<_>>(),
+        "a gapless feed"
+    );
+    feed
+}
+
+/// Stops hub processes with SIGTERM; each must exit cleanly.
+async fn stop_all(hubs: Vec<SpawnedHub>) {
+    for SpawnedHub { mut child, .. } in hubs {
+        sigterm(&child);
+        let status = tokio::task::spawn_blocking(move || wait_exit(&mut child))
+            .await
+            .unwrap();
+        assert!(status.success(), "{status}");
+    }
 }
 
 #[tokio::test]
@@ -850,13 +863,7 @@ async fn a_frozen_lease_holder_hands_over_and_sends_nothing_when_it_thaws() {
                 .await;
         assert_eq!(status.delivering_instance, names[other]);
     }
-    for SpawnedHub { mut child, .. } in hubs {
-        sigterm(&child);
-        let status = tokio::task::spawn_blocking(move || wait_exit(&mut child))
-            .await
-            .unwrap();
-        assert!(status.success(), "{status}");
-    }
+    stop_all(hubs).await;
 }
 
 #[tokio::test]
@@ -958,34 +965,8 @@ async fn a_writer_stopped_inside_its_transaction_does_not_stop_the_other_instanc
     acked.extend(other);
 
     // Everything acknowledged is stored once, in a gapless feed; nothing else is.
-    let mut sync = SyncServiceClient::new(dev_admin_channel(dir.path(), &hubs[1].url).await);
-    let mut feed = Vec::new();
-    loop {
-        let page = sync
-            .pull(pb::PullRequest {
-                after_sequence: feed.len() as u64,
-                limit: 1000,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if page.ratings.is_empty() {
-            break;
-        }
-        feed.extend(page.ratings);
-    }
-    assert_eq!(
-        feed.iter().map(|r| r.feed_sequence).collect::<Vec<_>>(),
-        (1..=feed.len() as u64).collect::<Vec<_>>(),
-        "a gapless feed"
-    );
+    let feed = whole_feed(dev_admin_channel(dir.path(), &hubs[1].url).await).await;
     let stored: HashSet<String> = feed.into_iter().map(|r| r.hub_id).collect();
     assert_eq!(stored, acked, "exactly the acknowledged ratings");
-    for SpawnedHub { mut child, .. } in hubs {
-        sigterm(&child);
-        let status = tokio::task::spawn_blocking(move || wait_exit(&mut child))
-            .await
-            .unwrap();
-        assert!(status.success(), "{status}");
-    }
+    stop_all(hubs).await;
 }

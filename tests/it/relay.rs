@@ -34,16 +34,7 @@ pub async fn status(hub: &TestHub, name: &str) -> pb::UpstreamStatus {
 }
 
 pub async fn submit_many(hub: &TestHub, prefix: &str, n: usize) -> Vec<String> {
-    let mut ingest = hub.ingest().await;
-    let mut ids = Vec::new();
-    let all: Vec<_> = (0..n).map(|i| rating(&format!("{prefix}-{i}"))).collect();
-    for chunk in all.chunks(100) {
-        for r in submit(&mut ingest, chunk.to_vec()).await {
-            assert_eq!(outcome(&r), pb::Outcome::Accepted);
-            ids.push(r.hub_id);
-        }
-    }
-    ids
+    submit_new(&mut hub.ingest().await, prefix, n).await
 }
 
 #[tokio::test]

@@ -442,6 +442,24 @@ pub async fn submit(
         .results
 }
 
+/// Submits `n` new ratings (keys `prefix`-i, batches of 50); each must be accepted. Returns
+/// their hub ids.
+pub async fn submit_new(
+    client: &mut IngestServiceClient<Channel>,
+    prefix: &str,
+    n: usize,
+) -> Vec<String> {
+    let all: Vec<_> = (0..n).map(|i| rating(&format!("{prefix}-{i}"))).collect();
+    let mut ids = Vec::new();
+    for chunk in all.chunks(50) {
+        for r in submit(client, chunk.to_vec()).await {
+            assert_eq!(outcome(&r), pb::Outcome::Accepted, "{r:?}");
+            ids.push(r.hub_id);
+        }
+    }
+    ids
+}
+
 /// Submits one rating and returns its result.
 pub async fn submit_one(
     client: &mut IngestServiceClient<Channel>,

@@ -514,7 +514,8 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<StoredInvitation>, StoreError>;
 
-    /// Whether the database answers a trivial query on a read connection (for health).
+    /// Whether the database answers (for health): a trivial query on a connection of its
+    /// own, on PostgreSQL.
     async fn ping(&self) -> Result<(), StoreError>;
 
     /// Whether several hub instances may share this store (and so must take relay leases).

@@ -125,6 +125,10 @@ pub struct PostgresStore {
     head: watch::Receiver<u64>,
     writer: Mutex<Option<writer::Stopped>>,
     listener: Mutex<Option<JoinHandle<()>>>,
+    /// The health check's own connection (opened again after a failure): a read pool busy
+    /// with long queries must not make a reachable database look down.
+    health: Mutex<Option<PgConnection>>,
+    connect: PgConnectOptions,
 }
 
 impl PostgresStore {
@@ -175,6 +179,8 @@ impl PostgresStore {
             head: head_rx,
             writer: Mutex::new(Some(handle)),
             listener: Mutex::new(Some(listener)),
+            health: Mutex::new(None),
+            connect,
         })
     }
 
@@ -234,6 +240,21 @@ async fn follow_feed(mut listen: PgListener, pool: PgPool, head: watch::Sender<u
     }
 }
 
+/// Opens the writer's connection. Whatever stops it (refused, reset, cut off in the TLS
+/// negotiation) means the database cannot be reached now: the group fails `UNAVAILABLE`,
+/// nothing of it written, rather than as a fault in the data.
+async fn connect_writer(connect: &PgConnectOptions) -> Result<PgConnection, sqlx::Error> {
+    PgConnection::connect_with(connect).await.map_err(|e| {
+        if StoreError::is_connection(&e) {
+            e
+        } else {
+            sqlx::Error::Io(std::io::Error::other(format!(
+                "cannot connect to the database: {e}"
+            )))
+        }
+    })
+}
+
 struct Writer {
     /// `None` after a failed group: the next group connects afresh (the server may have
     /// restarted, or the connection died mid-transaction).
@@ -251,7 +272,7 @@ impl GroupWrite for Writer {
         let kept = self.conn.is_some();
         let mut conn = match self.conn.take() {
             Some(conn) => conn,
-            None => PgConnection::connect_with(&self.connect).await?,
+            None => connect_writer(&self.connect).await?,
         };
         let first = match conn.begin().await {
             Ok(tx) => Some(Self::write_group_tx(tx, group, received_at).await),
@@ -268,7 +289,7 @@ impl GroupWrite for Writer {
         let result = match first {
             Some(result) => result,
             None => {
-                conn = PgConnection::connect_with(&self.connect).await?;
+                conn = connect_writer(&self.connect).await?;
                 match conn.begin().await {
                     Ok(tx) => Self::write_group_tx(tx, group, received_at).await,
                     Err(e) => Err(e),
@@ -1102,7 +1123,15 @@ impl Store for PostgresStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        let mut slot = self.health.lock().await;
+        let conn = match slot.as_mut() {
+            Some(conn) => conn,
+            None => slot.insert(PgConnection::connect_with(&self.connect).await?),
+        };
+        if let Err(e) = sqlx::query("SELECT 1").execute(&mut *conn).await {
+            *slot = None;
+            return Err(e.into());
+        }
         Ok(())
     }
 
@@ -1117,6 +1146,9 @@ impl Store for PostgresStore {
         self.jobs.close(handle).await;
         if let Some(listener) = self.listener.lock().await.take() {
             listener.abort();
+        }
+        if let Some(conn) = self.health.lock().await.take() {
+            let _ = conn.close().await;
         }
         self.reader.close().await;
     }

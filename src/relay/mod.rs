@@ -119,13 +119,16 @@ fn quota(per_sec: u32, burst: u32) -> Quota {
 /// A lease on a store of its own (no other instance can take it).
 const FOREVER: Duration = Duration::from_secs(100 * 365 * 86_400);
 
+/// Whether a lease held until `lease` (if held) is still in force.
+fn in_force(lease: Option<Instant>) -> bool {
+    lease.is_some_and(|until| Instant::now() < until)
+}
+
 impl Worker {
     /// Whether this instance may deliver now: it holds the lease, and its local deadline has
     /// not passed.
     fn holds_lease(&self) -> bool {
-        self.lease
-            .borrow()
-            .is_some_and(|until| Instant::now() < until)
+        in_force(*self.lease.borrow())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Counters> {
@@ -156,10 +159,7 @@ impl Worker {
             if *stop.borrow() {
                 break;
             }
-            if !lease
-                .borrow_and_update()
-                .is_some_and(|until| Instant::now() < until)
-            {
+            if !in_force(*lease.borrow_and_update()) {
                 // Another instance delivers to this upstream, or this one's lease lapsed
                 // before its renewal came back: wait for a renewal here.
                 tokio::select! {
@@ -232,11 +232,7 @@ impl Worker {
                     // The worker stopped sending at the lease's local deadline; once that
                     // has passed, the lease is taken for lost (another instance may hold it).
                     tracing::error!(upstream = %self.name, error = %e, "Cannot renew the relay lease.");
-                    if self
-                        .lease
-                        .borrow()
-                        .is_some_and(|until| Instant::now() >= until)
-                    {
+                    if !self.holds_lease() {
                         self.lose_lease(&lease, "it could not be renewed");
                     }
                 }

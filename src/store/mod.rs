@@ -44,6 +44,9 @@ impl StoreError {
     pub fn is_connection(e: &sqlx::Error) -> bool {
         match e {
             sqlx::Error::Io(_)
+            // The conversation broke: a connection cut while sqlx waits for a reply it
+            // parses itself (the answer to its TLS request, when the server closes first).
+            | sqlx::Error::Protocol(_)
             | sqlx::Error::Tls(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed

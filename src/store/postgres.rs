@@ -117,7 +117,7 @@ pub(crate) fn writer_options(connect: &PgConnectOptions) -> PgConnectOptions {
 
 /// How long a writer may sit idle inside its transaction before PostgreSQL ends its session.
 /// A group's statements follow one another within milliseconds.
-pub(crate) const WRITER_STALL: &str = "5s";
+const WRITER_STALL: &str = "5s";
 
 pub struct PostgresStore {
     jobs: Queue,
@@ -240,21 +240,6 @@ async fn follow_feed(mut listen: PgListener, pool: PgPool, head: watch::Sender<u
     }
 }
 
-/// Opens the writer's connection. Whatever stops it (refused, reset, cut off in the TLS
-/// negotiation) means the database cannot be reached now: the group fails `UNAVAILABLE`,
-/// nothing of it written, rather than as a fault in the data.
-async fn connect_writer(connect: &PgConnectOptions) -> Result<PgConnection, sqlx::Error> {
-    PgConnection::connect_with(connect).await.map_err(|e| {
-        if StoreError::is_connection(&e) {
-            e
-        } else {
-            sqlx::Error::Io(std::io::Error::other(format!(
-                "cannot connect to the database: {e}"
-            )))
-        }
-    })
-}
-
 struct Writer {
     /// `None` after a failed group: the next group connects afresh (the server may have
     /// restarted, or the connection died mid-transaction).
@@ -269,37 +254,31 @@ impl GroupWrite for Writer {
         group: &[Job],
     ) -> Result<(Vec<GroupResult>, Option<u64>), sqlx::Error> {
         let received_at = self.clock.now_micros();
-        let kept = self.conn.is_some();
+        let mut kept = self.conn.is_some();
         let mut conn = match self.conn.take() {
             Some(conn) => conn,
-            None => connect_writer(&self.connect).await?,
+            None => PgConnection::connect_with(&self.connect).await?,
         };
-        let first = match conn.begin().await {
-            Ok(tx) => Some(Self::write_group_tx(tx, group, received_at).await),
-            // A kept connection that died while idle (the server restarted, an operator
-            // ended the session, the network dropped it) fails at BEGIN, before anything of
-            // this group reached the database: open a new one and begin again, once, rather
-            // than fail every caller of the group.
-            Err(e) if kept && StoreError::is_connection(&e) => {
-                tracing::info!(error = %e, "The writer's idle connection was lost; reconnecting.");
-                None
+        let result = loop {
+            let e = match conn.begin().await {
+                Ok(tx) => break Self::write_group_tx(tx, group, received_at).await,
+                Err(e) => e,
+            };
+            // A kept connection that died while idle (the server restarted, an operator ended
+            // the session, the network dropped it) fails at BEGIN, before anything of this
+            // group reached the database: open a new one and begin again, once, rather than
+            // fail every caller of the group.
+            if !(kept && StoreError::is_connection(&e)) {
+                break Err(e);
             }
-            Err(e) => Some(Err(e)),
+            tracing::info!(error = %e, "The writer's idle connection was lost; reconnecting.");
+            conn = PgConnection::connect_with(&self.connect).await?;
+            kept = false;
         };
-        let result = match first {
-            Some(result) => result,
-            None => {
-                conn = connect_writer(&self.connect).await?;
-                match conn.begin().await {
-                    Ok(tx) => Self::write_group_tx(tx, group, received_at).await,
-                    Err(e) => Err(e),
-                }
-            }
-        };
-        self.conn = Some(conn);
-        if let Err(e) = &result {
-            tracing::warn!(error = %e, "Group commit failed; the writer reconnects for the next one.");
-            if let Some(conn) = self.conn.take() {
+        match &result {
+            Ok(_) => self.conn = Some(conn),
+            Err(e) => {
+                tracing::warn!(error = %e, "Group commit failed; the writer reconnects for the next one.");
                 let _ = conn.close().await;
             }
         }

@@ -117,12 +117,17 @@ pub async fn dev_admin_channel(dir: &std::path::Path, url: &str) -> tonic::trans
         .unwrap()
 }
 
-pub fn sigterm(child: &Child) {
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+/// Sends `sig` (TERM, KILL, STOP, CONT…) to a hub process.
+pub fn signal(child: &Child, sig: &str) {
+    let sent = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
         .status()
         .unwrap();
-    assert!(kill.success());
+    assert!(sent.success(), "kill -{sig}");
+}
+
+pub fn sigterm(child: &Child) {
+    signal(child, "TERM");
 }
 
 pub fn wait_exit(child: &mut Child) -> std::process::ExitStatus {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use rating_hub::pb::v1 as pb;
 use tokio_stream::StreamExt;
 
-use crate::binary::{SpawnedHub, dev_admin_channel, sigterm, spawn_hub_with, wait_exit};
+use crate::binary::{SpawnedHub, dev_admin_channel, signal, sigterm, spawn_hub_with, wait_exit};
 use crate::fake_upstream::{FakeUpstream, Mode, eventually};
 use crate::relay::SyncServiceClient;
 use crate::utils::*;
@@ -218,10 +218,7 @@ async fn three_instances_one_killed_hard_lose_nothing_and_deliver_everything() {
     .expect("an instance holds the lease while it delivers");
     let victim = names.iter().position(|n| *n == holder).unwrap();
     let mut victim_child = hubs[victim].1.take().unwrap();
-    std::process::Command::new("kill")
-        .args(["-KILL", &victim_child.id().to_string()])
-        .status()
-        .unwrap();
+    signal(&victim_child, "KILL");
     assert!(
         !tokio::task::spawn_blocking(move || wait_exit(&mut victim_child))
             .await
@@ -719,14 +716,6 @@ async fn over_tls_the_hub_verifies_its_database_and_refuses_one_it_cannot_verify
     let why = format!("{refused:#}");
     assert!(why.contains("opening the database"), "{why}");
     assert!(why.to_lowercase().contains("certificate"), "{why}");
-}
-
-fn signal(child: &std::process::Child, sig: &str) {
-    let sent = std::process::Command::new("kill")
-        .args([&format!("-{sig}"), &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success(), "kill -{sig}");
 }
 
 /// Submits `n` new ratings (keys `prefix`-i) through the hub at `url`; returns their hub ids.

@@ -25,7 +25,7 @@ pub struct TcpGate {
 impl TcpGate {
     /// An open gate on a loopback port, forwarding to `target`. It runs on a thread of its
     /// own, so a test that blocks its runtime (waiting for a hub process) does not stop it.
-    pub async fn start(target: SocketAddr) -> Self {
+    pub fn start(target: SocketAddr) -> Self {
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
@@ -74,7 +74,7 @@ impl TcpGate {
             .unwrap()
             .next()
             .unwrap();
-        let gate = Self::start(target).await;
+        let gate = Self::start(target);
         let through = url.replacen(host_port, &gate.addr.to_string(), 1);
         assert_ne!(through, url, "the URL goes through the gate");
         (gate, through)

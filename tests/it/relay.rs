@@ -489,10 +489,7 @@ async fn hub_killed_hard_during_delivery_loses_nothing_and_resumes_from_its_curs
         got_before < 600,
         "the kill lands mid-delivery ({got_before} delivered)"
     );
-    std::process::Command::new("kill")
-        .args(["-KILL", &child.id().to_string()])
-        .status()
-        .unwrap();
+    crate::binary::signal(&child, "KILL");
     let killed = tokio::task::spawn_blocking(move || wait_exit(&mut child))
         .await
         .unwrap();

@@ -198,6 +198,10 @@ pub struct StorageConfig {
     pub max_group_commit: usize,
     pub write_queue: usize,
     pub read_connections: u32,
+    /// PostgreSQL only: how long a query waits for a read connection before it fails.
+    pub read_wait_ms: u64,
+    /// SQLite only: health is NOT_SERVING while the database's disk has less free space.
+    pub min_free_mb: u64,
     /// PostgreSQL only: how long an instance's lease on an upstream lasts without renewal.
     pub lease_secs: u64,
     /// PostgreSQL only: this instance's name in relay leases ("" = host name and process id).
@@ -315,11 +319,15 @@ impl Config {
                 path: "<embedded defaults>".into(),
                 message: e.to_string(),
             })?;
+        // Where each setting that is not a default came from, so an error can say which
+        // file or environment variable to fix.
+        let mut origins = Origins::default();
         if let Some((path, text)) = file {
             let layer: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
                 path: path.into(),
                 message: e.to_string(),
             })?;
+            origins.file(&layer, "", path);
             merge(&mut merged, layer);
         }
         for (var, value) in env {
@@ -333,11 +341,30 @@ impl Config {
                     reason,
                 }
             })?;
+            origins.set(keys.join("."), format!("environment variable {var}"));
         }
-        let mut config: Config = toml::Value::Table(merged)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_owned()))?;
-        config.check()?;
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(merged))
+            .map_err(|e| {
+                let key = e.path().to_string();
+                let message = e.into_inner().message().to_owned();
+                // An unknown key is reported at its section: name the key itself.
+                let key = match message.strip_prefix("unknown field `") {
+                    Some(rest) => {
+                        let field = rest.split('`').next().unwrap_or_default();
+                        if key == "." {
+                            field.to_owned()
+                        } else {
+                            format!("{key}.{field}")
+                        }
+                    }
+                    None => key,
+                };
+                ConfigError::Invalid(origins.describe(&format!("{key}: {message}")))
+            })?;
+        config.check().map_err(|e| match e {
+            ConfigError::Invalid(m) => ConfigError::Invalid(origins.describe(&m)),
+            other => other,
+        })?;
         // Named once: the relay's leases and the database sessions use the same name.
         config.storage.instance = config.storage.instance_name();
         Ok(config)
@@ -417,6 +444,7 @@ impl Config {
             max_group_commit: self.storage.max_group_commit,
             write_queue: self.storage.write_queue,
             read_connections: self.storage.read_connections,
+            read_wait: std::time::Duration::from_millis(self.storage.read_wait_ms.max(1)),
             instance: self.storage.instance_name(),
         }
     }
@@ -428,6 +456,53 @@ impl Config {
             max_group_commit: self.storage.max_group_commit,
             write_queue: self.storage.write_queue,
             read_connections: self.storage.read_connections,
+            min_free_bytes: self.storage.min_free_mb.saturating_mul(1 << 20),
+        }
+    }
+}
+
+/// Which layer set each setting (dotted key → "config file …" or "environment variable …").
+#[derive(Default)]
+struct Origins(Vec<(String, String)>);
+
+impl Origins {
+    fn set(&mut self, key: String, origin: String) {
+        self.0.retain(|(k, _)| k != &key);
+        self.0.push((key, origin));
+    }
+
+    fn file(&mut self, table: &toml::Table, prefix: &str, path: &str) {
+        for (k, v) in table {
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                toml::Value::Table(t) => self.file(t, &key, path),
+                _ => self.set(key, format!("config file {path}")),
+            }
+        }
+    }
+
+    /// `message` (which starts with the setting's dotted key), with where that setting came
+    /// from: the longest key of a layer that the message's key starts with, or that starts
+    /// with it (a section named in the message whose key came from the layer).
+    fn describe(&self, message: &str) -> String {
+        let key = message
+            .split(|c: char| c.is_whitespace() || c == ':')
+            .next()
+            .unwrap_or_default();
+        let found = self
+            .0
+            .iter()
+            .filter(|(k, _)| {
+                k == key || key.starts_with(&format!("{k}.")) || k.starts_with(&format!("{key}."))
+            })
+            .max_by_key(|(k, _)| k.len());
+        match found {
+            Some((_, origin)) => format!("{message} (set by {origin})"),
+            None => format!("{message} (the embedded default)"),
         }
     }
 }
@@ -485,7 +560,10 @@ mod tests {
         let c = Config::default();
         assert!(c.server.listen.ip().is_loopback());
         assert_eq!(c.storage.synchronous, Synchronous::Full);
-        assert!(c.validation.require_reason_for_bad);
+        assert!(
+            !c.validation.require_reason_for_bad,
+            "a 差评 without a reason is accepted by default"
+        );
     }
 
     #[test]
@@ -524,6 +602,45 @@ mod tests {
         let err =
             Config::from_layers(None, env(&[("RATING_HUB__SERVER__MAX_BATCH", "0")])).unwrap_err();
         assert!(err.to_string().contains("server.max_batch"), "{err}");
+    }
+
+    #[test]
+    fn errors_name_the_setting_and_the_file_or_variable_that_set_it() {
+        let err = Config::from_layers(
+            Some(("/etc/hub.toml", "[server]\nmax_batch = \"lots\"\n")),
+            env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("server.max_batch"), "{err}");
+        assert!(err.contains("config file /etc/hub.toml"), "{err}");
+
+        let err = Config::from_layers(
+            Some(("/etc/hub.toml", "[server]\nmax_batch = 5\n")),
+            env(&[("RATING_HUB__SERVER__MAX_BATCH", "0")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("server.max_batch"), "{err}");
+        assert!(
+            err.contains("environment variable RATING_HUB__SERVER__MAX_BATCH"),
+            "the later layer set it: {err}"
+        );
+
+        let err = Config::from_layers(
+            Some(("hub.toml", "[limits]\nrequests_per_sec = 0\n")),
+            env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("limits.requests_per_sec"), "{err}");
+        assert!(err.contains("config file hub.toml"), "{err}");
+
+        let err = Config::from_layers(Some(("hub.toml", "[storage]\nurll = \"x\"\n")), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("storage.urll"), "{err}");
+        assert!(err.contains("config file hub.toml"), "{err}");
     }
 
     #[test]

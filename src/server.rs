@@ -120,10 +120,11 @@ async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
     }
 }
 
-/// Asks the database every `every` whether it answers, and reports NOT_SERVING while it does
-/// not: a load balancer in front of several instances then sends calls to those that can
-/// commit them (an instance cut off from the database would answer every call UNAVAILABLE).
-/// SERVING again once it answers.
+/// Asks the database every `every` whether it answers (and, while commits fail for a storage
+/// reason such as a full disk, whether a probe write commits), and reports NOT_SERVING while
+/// it does not: a load balancer in front of several instances then sends calls to those that
+/// can commit them (an instance cut off from its database, or whose disk is full, would
+/// answer every call UNAVAILABLE). SERVING again once it answers.
 async fn follow_database_health(reporter: HealthReporter, store: Arc<dyn Store>, every: Duration) {
     let mut serving = true;
     loop {
@@ -133,12 +134,12 @@ async fn follow_database_health(reporter: HealthReporter, store: Arc<dyn Store>,
         };
         match answer {
             Err(error) if serving => {
-                tracing::warn!(%error, "The database does not answer; health is NOT_SERVING.");
+                tracing::warn!(%error, "The database does not answer or cannot commit; health is NOT_SERVING.");
                 set_health(&reporter, ServingStatus::NotServing).await;
                 serving = false;
             }
             Ok(()) if !serving => {
-                tracing::info!("The database answers again; health is SERVING.");
+                tracing::info!("The database answers and commits again; health is SERVING.");
                 set_health(&reporter, ServingStatus::Serving).await;
                 serving = true;
             }

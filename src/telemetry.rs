@@ -21,3 +21,62 @@ pub fn init(config: &LogConfig) {
         LogFormat::Json => builder.json().try_init(),
     };
 }
+
+/// How often a throttled line may be written.
+const THROTTLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Rate-limits a log line that can repeat many times a second (a failed commit, a refused
+/// handshake, a denied call): `Some(n)` when the line for `key` may be written now, `n` being
+/// how many were held back since the last one; `None` to hold this one back. One line per
+/// key and second at most, so a storm of one cause writes one line a second with a count,
+/// and a distinct cause (another key) still gets its own line.
+pub fn throttle(key: &'static str) -> Option<u64> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    use std::time::Instant;
+    static LAST: OnceLock<Mutex<HashMap<&'static str, (Instant, u64)>>> = OnceLock::new();
+    let mut last = LAST
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let now = Instant::now();
+    match last.get_mut(key) {
+        Some((at, held)) if now.duration_since(*at) < THROTTLE_INTERVAL => {
+            *held += 1;
+            None
+        }
+        Some((at, held)) => {
+            *at = now;
+            Some(std::mem::take(held))
+        }
+        None => {
+            last.insert(key, (now, 0));
+            Some(0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_storm_of_one_line_writes_one_a_second_with_a_count_and_other_keys_still_write() {
+        assert_eq!(throttle("test.storm"), Some(0));
+        for _ in 0..1000 {
+            assert_eq!(throttle("test.storm"), None);
+        }
+        assert_eq!(
+            throttle("test.other"),
+            Some(0),
+            "another cause has its own line"
+        );
+        std::thread::sleep(THROTTLE_INTERVAL);
+        assert_eq!(
+            throttle("test.storm"),
+            Some(1000),
+            "the next line counts what was held"
+        );
+        assert_eq!(throttle("test.storm"), None);
+    }
+}

@@ -18,3 +18,8 @@ pub fn micros_from_timestamp(ts: &Timestamp) -> Option<i64> {
         .checked_mul(1_000_000)?
         .checked_add(i64::from(ts.nanos / 1_000))
 }
+
+/// A moment as China Standard Time wall-clock text, "YYYY-MM-DD HH:MM:SS" (for messages).
+pub fn format_cst_micros(micros: i64) -> String {
+    crate::relay::http_json::format_cst(micros.div_euclid(1_000_000))
+}

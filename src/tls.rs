@@ -215,9 +215,16 @@ pub fn incoming(
                         let _ = tx.send(Ok(tls)).await;
                     }
                     Ok(Err(e)) => {
-                        tracing::info!(%peer, error = %e, "TLS handshake refused.");
+                        // A plain TCP probe (a load balancer's port check) ends here too.
+                        if let Some(suppressed) = crate::telemetry::throttle("tls.refused") {
+                            tracing::info!(%peer, error = %e, suppressed, "TLS handshake refused.");
+                        }
                     }
-                    Err(_) => tracing::info!(%peer, "TLS handshake timed out."),
+                    Err(_) => {
+                        if let Some(suppressed) = crate::telemetry::throttle("tls.timed_out") {
+                            tracing::info!(%peer, suppressed, "TLS handshake timed out.");
+                        }
+                    }
                 }
             });
         }

@@ -1129,6 +1129,7 @@ async fn raw_postgres(
         max_group_commit: 2048,
         write_queue: 1024,
         read_connections: 1,
+        read_wait: std::time::Duration::from_secs(5),
         instance: "bench-raw".into(),
     };
     let store =

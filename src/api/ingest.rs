@@ -262,6 +262,7 @@ impl IngestService for IngestApi {
             let mut inflight: Option<BoxFuture<'static, Result<Vec<pb::ItemResult>, Status>>> =
                 None;
             let mut inbound_open = true;
+            let mut inbound_error: Option<Status> = None;
             loop {
                 if inflight.is_none() && !buffer.is_empty() {
                     let batch = std::mem::take(&mut buffer);
@@ -309,7 +310,21 @@ impl IngestService for IngestApi {
                                 received += 1;
                             }
                             Some(Err(status)) => {
-                                tracing::debug!(source = %principal.name, code = ?status.code(), "Rating stream broken by the client.");
+                                // A message the hub cannot take (too large, undecodable) or
+                                // a broken connection: nothing after it is read. The ratings
+                                // before it are committed and acknowledged; then the stream
+                                // ends with this error, so the client knows the rest was
+                                // not taken (a clean end would say it was).
+                                if let Some(suppressed) = crate::telemetry::throttle("ingest.stream_broken") {
+                                    tracing::warn!(source = %principal.name, code = ?status.code(), error = status.message(), after = received, suppressed, "Rating stream ended by an inbound error.");
+                                }
+                                inbound_error = Some(Status::new(
+                                    status.code(),
+                                    format!(
+                                        "the stream's message after its first {received} ratings was not taken ({}); those {received} ratings were answered, nothing after was read",
+                                        status.message(),
+                                    ),
+                                ));
                                 inbound_open = false;
                             }
                             None => inbound_open = false,
@@ -317,6 +332,9 @@ impl IngestService for IngestApi {
                     }
                     else => break,
                 }
+            }
+            if let Some(status) = inbound_error {
+                let _ = tx.send(Err(status)).await;
             }
             tracing::debug!(source = %principal.name, items = received, "Rating stream finished.");
             drop(caller);

@@ -88,7 +88,9 @@ impl HubState {
                     Status::unauthenticated("the client certificate has no subject common name")
                 })?;
                 registry.get(&name).ok_or_else(|| {
-                    tracing::warn!(principal = %name, "Denied: certificate names no registered principal.");
+                    if let Some(suppressed) = crate::telemetry::throttle("api.denied_unknown") {
+                        tracing::warn!(principal = %name, suppressed, "Denied: certificate names no registered principal.");
+                    }
                     Status::permission_denied(format!(
                         "certificate CN {name:?} is not a registered principal"
                     ))
@@ -107,22 +109,29 @@ impl HubState {
     ) -> Result<Caller, Status> {
         let principal = self.identify(req)?;
         if !principal.has(role) {
-            tracing::warn!(principal = %principal.name, rpc, %role, "Denied: role missing.");
+            if let Some(suppressed) = crate::telemetry::throttle("api.denied_role") {
+                tracing::warn!(principal = %principal.name, rpc, %role, suppressed, "Denied: role missing.");
+            }
             return Err(Status::permission_denied(format!(
                 "principal {} lacks the {role} role that {rpc} needs",
                 principal.name
             )));
         }
         if let Err(wait) = principal.check_request() {
-            tracing::info!(principal = %principal.name, rpc, "Over request quota.");
+            if let Some(suppressed) = crate::telemetry::throttle("api.over_quota") {
+                tracing::info!(principal = %principal.name, rpc, suppressed, "Over request quota.");
+            }
             return Err(over_quota(&principal.name, "request", wait));
         }
         let slot = self.in_flight.clone().try_acquire_owned().map_err(|_| {
-            tracing::warn!(
-                rpc,
-                max = self.max_in_flight,
-                "Shedding load: too many calls in flight."
-            );
+            if let Some(suppressed) = crate::telemetry::throttle("api.shed") {
+                tracing::warn!(
+                    rpc,
+                    max = self.max_in_flight,
+                    suppressed,
+                    "Shedding load: too many calls in flight."
+                );
+            }
             retry_status(
                 Code::Unavailable,
                 format!(
@@ -220,20 +229,36 @@ pub fn page_size(raw: u32, default: u32, max: u32) -> Result<u32, Status> {
 
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {
+        // The writer logs each failed commit (at most once a second, with a count of the
+        // lines it held back); a caller's failure is not logged again here.
         match e {
             StoreError::ShuttingDown => Status::unavailable(
                 "the hub is shutting down; retry against another instance or later",
             ),
             StoreError::Database(ref db) if StoreError::is_connection(db) => {
-                tracing::error!(error = %e, "The database is unreachable.");
+                if let Some(suppressed) = crate::telemetry::throttle("api.db_unreachable") {
+                    tracing::error!(error = %e, suppressed, "The database is unreachable.");
+                }
                 Status::unavailable("the database is unreachable; nothing was acknowledged, retry")
             }
-            StoreError::Unavailable(ref text) => {
-                tracing::error!(error = %text, "The database is unreachable.");
+            StoreError::Unavailable(_) => {
                 Status::unavailable("the database is unreachable; nothing was acknowledged, retry")
+            }
+            StoreError::Storage(ref cause) => {
+                // The cause as it is (no personal data: a database error names no values).
+                let cause = cause.split(':').next().unwrap_or("storage failure");
+                Status::unavailable(format!(
+                    "the hub cannot write to its storage ({cause}); nothing was acknowledged, \
+                     retry later or against another instance"
+                ))
+            }
+            StoreError::Refused(_) => {
+                Status::internal("the database refused the write; nothing was acknowledged")
             }
             other => {
-                tracing::error!(error = %other, "Store failure.");
+                if let Some(suppressed) = crate::telemetry::throttle("api.store_failure") {
+                    tracing::error!(error = %other, suppressed, "Store failure.");
+                }
                 Status::internal("storage failure; nothing was acknowledged, retry later")
             }
         }

@@ -170,6 +170,15 @@ fn check_text(v: &mut Vec<Violation>, field: &str, text: &str, required: bool) -
             field,
             format!("is longer than {NOTE_MAX} characters"),
         ));
+    } else if t
+        .chars()
+        .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+    {
+        // A NUL cannot be stored (PostgreSQL refuses it in text); others forge lines.
+        v.push(violation(
+            field,
+            "contains control characters (only line breaks and tabs are allowed)",
+        ));
     }
     t.to_owned()
 }
@@ -189,11 +198,13 @@ fn check_refs(v: &mut Vec<Violation>, refs: &[String], required: bool) -> Vec<St
     }
     if refs
         .iter()
-        .any(|r| r.chars().count() > REF_MAX || r.contains('\n'))
+        .any(|r| r.chars().count() > REF_MAX || r.chars().any(char::is_control))
     {
         v.push(violation(
             "evidence_refs",
-            format!("each reference is one line of at most {REF_MAX} characters"),
+            format!(
+                "each reference is one line of at most {REF_MAX} characters, without control characters"
+            ),
         ));
     }
     refs.iter()

@@ -32,7 +32,8 @@ impl Default for IngestRules {
     fn default() -> Self {
         Self {
             clock_skew_secs: 300,
-            require_reason_for_bad: true,
+            // docs/decisions/0006-bad-ratings-without-a-reason.md
+            require_reason_for_bad: false,
         }
     }
 }
@@ -225,12 +226,18 @@ impl Checker {
                     field,
                     format!("keys must be 1 to {ATTRIBUTE_KEY} characters"),
                 );
+            } else if key.chars().any(char::is_control) {
+                self.fail(field, "keys must not contain control characters");
             }
             if v.chars().count() > ATTRIBUTE_VALUE {
                 self.fail(
                     format!("{field}[{key}]"),
                     format!("is longer than {ATTRIBUTE_VALUE} characters"),
                 );
+            } else if v.chars().any(char::is_control) {
+                // A NUL cannot be stored in PostgreSQL text; line breaks forge log and CSV
+                // lines.
+                self.fail(format!("{field}[{key}]"), "contains control characters");
             }
             out.insert(key.to_owned(), v.clone());
         }
@@ -396,6 +403,17 @@ pub fn parse_rating(
     let device_id = c.line("device_id", &raw.device_id, CODE, false);
     let attributes = c.attributes("attributes", &raw.attributes);
 
+    if let Some(level) = level
+        && raw.is_default
+        && is_bad(level)
+    {
+        // A default rating stands in for a rater who did not rate: the profiles' defaults
+        // are 满意 or 基本满意. A "default" 差评 would open no case (docs/decisions/0004).
+        c.fail(
+            "is_default",
+            "a default rating is never a 差评; send the rater's 差评 with is_default false",
+        );
+    }
     if let Some(level) = level
         && rules.require_reason_for_bad
         && is_bad(level)

@@ -124,10 +124,20 @@ impl Sink for GrpcSink {
             })?;
         let results = response.into_inner().results;
         if results.len() != ratings.len() {
-            return Err(SendError::Retryable(format!(
+            return Err(SendError::Malformed(format!(
                 "upstream answered {} results for {} ratings",
                 results.len(),
                 ratings.len()
+            )));
+        }
+        if let Some((i, r)) = results
+            .iter()
+            .enumerate()
+            .find(|(i, r)| r.index as usize != *i)
+        {
+            return Err(SendError::Malformed(format!(
+                "upstream answered result {i} with index {}: results out of order",
+                r.index
             )));
         }
         Ok(results

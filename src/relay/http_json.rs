@@ -362,19 +362,98 @@ impl HttpJsonSink {
         (text(&self.cfg.code_field), text(&self.cfg.message_field))
     }
 
+    /// What an answer says of the one record it is about: success, "already exists"
+    /// (success: upstreams are idempotent upserts), or a rejection.
     fn judge(&self, v: &Value) -> Delivery {
         let (code, msg) = self.answer_text(v);
-        if self.cfg.success_codes.contains(&code)
-            || self
-                .cfg
-                .already_exists_markers
-                .iter()
-                .any(|m| msg.contains(m.as_str()))
-        {
+        if self.cfg.success_codes.contains(&code) || self.already_exists(&msg) {
             Delivery::Delivered
         } else {
             Delivery::Rejected(redact_numbers(&format!("upstream code {code}: {msg}")))
         }
+    }
+
+    fn already_exists(&self, msg: &str) -> bool {
+        self.cfg
+            .already_exists_markers
+            .iter()
+            .any(|m| msg.contains(m.as_str()))
+    }
+
+    /// Posts records and reads the answer as JSON.
+    async fn post(&self, records: Vec<Value>) -> Result<Value, SendError> {
+        let body = match self.cfg.body.as_str() {
+            "wrapped" => {
+                let mut m = Map::new();
+                m.insert(self.cfg.wrapper_key.clone(), Value::Array(records));
+                Value::Object(m)
+            }
+            _ => Value::Array(records),
+        };
+        let mut request = self
+            .client
+            .post(&self.endpoint)
+            .header("content-type", "application/json; charset=utf-8")
+            .body(body.to_string());
+        for (k, v) in &self.cfg.headers {
+            request = request.header(k, v);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| SendError::Retryable(format!("request failed: {e}")))?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .map_err(|e| SendError::Retryable(format!("reading the answer: {e}")))?;
+        if !status.is_success() {
+            let msg = format!("HTTP {status}: {}", snippet(&text));
+            return Err(if self.permanent_statuses.contains(&status.as_u16()) {
+                SendError::Permanent(msg)
+            } else {
+                SendError::Retryable(msg)
+            });
+        }
+        serde_json::from_str(&text)
+            .map_err(|_| SendError::Retryable(format!("answer is not JSON: {}", snippet(&text))))
+    }
+
+    /// What became of each of `n` posted records, from the answer. With `results_field`
+    /// set, the answer must carry one result per record, in order; anything else is an
+    /// answer the hub cannot read (never a success). Without it, the answer is about the
+    /// whole request: `None` when it says "already exists" of a request of several
+    /// records, which does not tell which of them exist (the caller then sends them one by
+    /// one).
+    fn read_answer(&self, answer: &Value, n: usize) -> Result<Option<Vec<Delivery>>, SendError> {
+        if !self.cfg.results_field.is_empty() {
+            let items = answer
+                .get(&self.cfg.results_field)
+                .and_then(Value::as_array)
+                .ok_or_else(|| {
+                    let (code, msg) = self.answer_text(answer);
+                    SendError::Malformed(redact_numbers(&format!(
+                        "answer has no {:?} list (upstream code {code}: {msg})",
+                        self.cfg.results_field
+                    )))
+                })?;
+            if items.len() != n {
+                return Err(SendError::Malformed(format!(
+                    "answer's {:?} has {} results for {n} records",
+                    self.cfg.results_field,
+                    items.len()
+                )));
+            }
+            return Ok(Some(items.iter().map(|v| self.judge(v)).collect()));
+        }
+        let (code, msg) = self.answer_text(answer);
+        if self.cfg.success_codes.contains(&code) {
+            return Ok(Some(vec![Delivery::Delivered; n]));
+        }
+        if n > 1 && self.already_exists(&msg) {
+            return Ok(None);
+        }
+        Ok(Some(vec![self.judge(answer); n]))
     }
 }
 
@@ -395,55 +474,26 @@ impl Sink for HttpJsonSink {
             }
         }
         if !records.is_empty() {
-            let body = match self.cfg.body.as_str() {
-                "wrapped" => {
-                    let mut m = Map::new();
-                    m.insert(self.cfg.wrapper_key.clone(), Value::Array(records));
-                    Value::Object(m)
+            let n = records.len();
+            let answer = self.post(records.clone()).await?;
+            let judged = match self.read_answer(&answer, n)? {
+                Some(judged) => judged,
+                None => {
+                    // "Already exists" of several records at once: which of them? Each is
+                    // sent on its own, so one that failed is not taken for delivered.
+                    let mut judged = Vec::with_capacity(n);
+                    for record in records {
+                        let answer = self.post(vec![record]).await?;
+                        judged.push(match self.read_answer(&answer, 1)? {
+                            Some(mut one) => one.remove(0),
+                            None => unreachable!("one record's answer is always read"),
+                        });
+                    }
+                    judged
                 }
-                _ => Value::Array(records),
             };
-            let mut request = self
-                .client
-                .post(&self.endpoint)
-                .header("content-type", "application/json; charset=utf-8")
-                .body(body.to_string());
-            for (k, v) in &self.cfg.headers {
-                request = request.header(k, v);
-            }
-            let response = request
-                .send()
-                .await
-                .map_err(|e| SendError::Retryable(format!("request failed: {e}")))?;
-            let status = response.status();
-            let text = response
-                .text()
-                .await
-                .map_err(|e| SendError::Retryable(format!("reading the answer: {e}")))?;
-            if !status.is_success() {
-                let msg = format!("HTTP {status}: {}", snippet(&text));
-                return Err(if self.permanent_statuses.contains(&status.as_u16()) {
-                    SendError::Permanent(msg)
-                } else {
-                    SendError::Retryable(msg)
-                });
-            }
-            let answer: Value = serde_json::from_str(&text).map_err(|_| {
-                SendError::Retryable(format!("answer is not JSON: {}", snippet(&text)))
-            })?;
-            let per_record = (!self.cfg.results_field.is_empty())
-                .then(|| {
-                    answer
-                        .get(&self.cfg.results_field)
-                        .and_then(Value::as_array)
-                })
-                .flatten()
-                .filter(|a| a.len() == positions.len());
-            for (k, i) in positions.iter().enumerate() {
-                outcomes[*i] = Some(match per_record {
-                    Some(items) => self.judge(&items[k]),
-                    None => self.judge(&answer),
-                });
+            for (i, d) in positions.into_iter().zip(judged) {
+                outcomes[i] = Some(d);
             }
         }
         Ok(outcomes

@@ -116,6 +116,10 @@ fn quota(per_sec: u32, burst: u32) -> Quota {
         .allow_burst(NonZeroU32::new(burst.max(1)).expect("max(1)"))
 }
 
+/// How many answers in a row a batch may get that cannot be read (a per-record result list
+/// that does not match the batch) before its ratings are dead-lettered.
+const MALFORMED_TRIES: usize = 3;
+
 /// A lease on a store of its own (no other instance can take it).
 const FOREVER: Duration = Duration::from_secs(100 * 365 * 86_400);
 
@@ -376,6 +380,15 @@ impl Worker {
         }
     }
 
+    /// The upstream answered: the last error is over, and if there was one, the other
+    /// batches waiting out their retry pause (each on its own timer, up to the schedule's
+    /// longest) are woken to send now: this answer was the probe that the upstream is back.
+    fn answered(&self) {
+        if self.lock().last_error.take().is_some() {
+            self.control.send_modify(|v| *v += 1);
+        }
+    }
+
     /// Puts the rater's personal data back for the upstream (it is entitled to it).
     fn with_pii(&self, rows: Vec<StoredRating>) -> Result<Vec<pb::Rating>, StoreError> {
         rows.into_iter()
@@ -403,6 +416,7 @@ impl Worker {
         let mut stop = stop.clone();
         let mut control = self.control.subscribe();
         let mut attempt = 0usize;
+        let mut malformed = 0usize;
         loop {
             if *stop.borrow() {
                 return Err(Interrupted::Stopping);
@@ -426,13 +440,37 @@ impl Worker {
             self.lock().attempts += 1;
             match self.sink.send(ratings).await {
                 Ok(outcomes) => {
-                    self.lock().last_error = None;
-                    return Ok(outcomes);
+                    self.answered();
+                    return Ok(outcomes
+                        .into_iter()
+                        .map(|d| match d {
+                            Delivery::Rejected(e) => Delivery::Rejected(clean_upstream_text(&e)),
+                            d => d,
+                        })
+                        .collect());
                 }
                 Err(SendError::Permanent(e)) => {
+                    self.answered();
+                    return Ok(vec![
+                        Delivery::Rejected(clean_upstream_text(&e));
+                        ratings.len()
+                    ]);
+                }
+                Err(SendError::Malformed(e))
+                    if {
+                        malformed += 1;
+                        malformed >= MALFORMED_TRIES
+                    } =>
+                {
+                    // An answer the hub cannot read, several times over: never a success.
+                    self.answered();
+                    let e = clean_upstream_text(&format!(
+                        "{e} ({MALFORMED_TRIES} answers in a row could not be read)"
+                    ));
                     return Ok(vec![Delivery::Rejected(e); ratings.len()]);
                 }
-                Err(SendError::Retryable(e)) => {
+                Err(SendError::Retryable(e) | SendError::Malformed(e)) => {
+                    let e = clean_upstream_text(&e);
                     let wait = self.backoff(attempt);
                     attempt += 1;
                     tracing::warn!(upstream = %self.name, attempt, wait_ms = wait.as_millis() as u64, error = %e, "Delivery failed; will retry.");
@@ -451,6 +489,99 @@ impl Worker {
             }
         }
     }
+}
+
+/// Commits an upstream's cursor advances (with their dead letters) in order. A write that
+/// fails is tried again, with a growing pause, until it commits: a later advance must never
+/// commit while an earlier one has not, or the ratings between them would be neither
+/// delivered nor dead-lettered. Meanwhile the queue fills and the worker waits (sending
+/// nothing more). When the hub stops, what is queued is tried once more; after a write that
+/// still fails nothing later is written, so the stored cursor stays before the batch and it
+/// is sent again after the restart.
+async fn write_cursors(
+    worker: Arc<Worker>,
+    mut pending: tokio::sync::mpsc::Receiver<RelayWrite>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (store, upstream) = (&worker.store, &worker.name);
+    let mut stopping = false;
+    loop {
+        let write = if stopping {
+            pending.recv().await
+        } else {
+            tokio::select! {
+                w = pending.recv() => w,
+                _ = stop.changed() => {
+                    // Stopping: take no more, store what is queued.
+                    stopping = true;
+                    pending.close();
+                    continue;
+                }
+            }
+        };
+        let Some(write) = write else { break };
+        let mut failures = 0u32;
+        loop {
+            match store.relay_write(write.clone()).await {
+                Ok(_) => {
+                    if failures > 0 {
+                        tracing::warn!(upstream = %upstream, failures, "Stored the delivery cursor after failed tries.");
+                        let mut c = worker.lock();
+                        if c.last_error
+                            .as_ref()
+                            .is_some_and(|(e, _)| e.starts_with(CURSOR_ERROR))
+                        {
+                            c.last_error = None;
+                        }
+                    }
+                    break;
+                }
+                Err(StoreError::ShuttingDown) => return,
+                Err(e) => {
+                    failures += 1;
+                    if stopping {
+                        tracing::error!(upstream = %upstream, error = %e, "Cannot store the delivery cursor while stopping; the ratings after the stored cursor will be sent again after the restart.");
+                        return;
+                    }
+                    // What an operator sees in ListUpstreams while delivery waits.
+                    worker.lock().last_error = Some((
+                        clean_upstream_text(&format!("{CURSOR_ERROR}: {e}")),
+                        worker.clock.now_micros(),
+                    ));
+                    if failures == 1 || failures.is_power_of_two() {
+                        tracing::error!(upstream = %upstream, error = %e, failures, "Cannot store the delivery cursor and its dead letters; delivery waits, and the write is tried again until it commits.");
+                    }
+                    let pause = Duration::from_millis(50 << failures.min(6)); // up to 3.2 s
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = stop.changed(), if !stopping => {
+                            stopping = true;
+                            pending.close();
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How a failure to store the delivery state shows as an upstream's last error.
+const CURSOR_ERROR: &str = "cannot store the delivery cursor and dead letters";
+
+/// An upstream's text (an error message, a record's rejection) as it may be stored and shown:
+/// control characters (a NUL, which PostgreSQL cannot store in text; line breaks, which
+/// forge log lines) become spaces, and it is cut at 2,000 characters.
+pub(crate) fn clean_upstream_text(text: &str) -> String {
+    const MAX: usize = 2000;
+    let mut out: String = text
+        .chars()
+        .take(MAX)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if text.chars().nth(MAX).is_some() {
+        out.push('…');
+    }
+    out
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -493,49 +624,33 @@ impl Relay {
             let (control, _) = watch::channel(0);
             // One writer per upstream keeps its cursor writes in order; its queue bounds how
             // far the stored cursor may trail the sends (and so the re-sends after a crash).
-            let (cursor_writes, mut pending_writes) = tokio::sync::mpsc::channel::<RelayWrite>(2);
-            let cursor_store = store.clone();
-            let cursor_upstream = name.clone();
-            let mut cursor_stop = stop_rx.clone();
-            cursor_tasks.push(tokio::spawn(async move {
-                loop {
-                    let write = tokio::select! {
-                        w = pending_writes.recv() => w,
-                        _ = cursor_stop.changed() => {
-                            // Stopping: take no more, store what is queued.
-                            pending_writes.close();
-                            pending_writes.recv().await
-                        }
-                    };
-                    let Some(write) = write else { break };
-                    if let Err(e) = cursor_store.relay_write(write).await {
-                        tracing::error!(upstream = %cursor_upstream, error = %e, "Cannot store the delivery cursor; those ratings will be sent again.");
-                    }
-                }
-            }));
-            workers.insert(
-                name.clone(),
-                Arc::new(Worker {
-                    name: name.clone(),
-                    sink,
-                    store: store.clone(),
-                    keys: keys.clone(),
-                    clock: clock.clone(),
-                    cursor: AtomicU64::new(state.cursor),
-                    paused: AtomicBool::new(state.paused),
-                    control,
-                    counters: Mutex::new(Counters::default()),
-                    records: RateLimiter::direct(quota(cfg.records_per_sec, cfg.records_burst)),
-                    requests: RateLimiter::direct(quota(cfg.requests_per_sec, cfg.requests_burst)),
-                    jitter_state: AtomicU64::new(clock.now_micros() as u64 | 1),
-                    cursor_writes,
-                    // On a store of its own, the lease never runs out.
-                    lease: watch::channel((!store.shared()).then(|| Instant::now() + FOREVER)).0,
-                    pause_changes: AtomicU64::new(0),
-                    pause_lock: Mutex::new(()),
-                    cfg: cfg.clone(),
-                }),
-            );
+            let (cursor_writes, pending_writes) = tokio::sync::mpsc::channel::<RelayWrite>(2);
+            let worker = Arc::new(Worker {
+                name: name.clone(),
+                sink,
+                store: store.clone(),
+                keys: keys.clone(),
+                clock: clock.clone(),
+                cursor: AtomicU64::new(state.cursor),
+                paused: AtomicBool::new(state.paused),
+                control,
+                counters: Mutex::new(Counters::default()),
+                records: RateLimiter::direct(quota(cfg.records_per_sec, cfg.records_burst)),
+                requests: RateLimiter::direct(quota(cfg.requests_per_sec, cfg.requests_burst)),
+                jitter_state: AtomicU64::new(clock.now_micros() as u64 | 1),
+                cursor_writes,
+                // On a store of its own, the lease never runs out.
+                lease: watch::channel((!store.shared()).then(|| Instant::now() + FOREVER)).0,
+                pause_changes: AtomicU64::new(0),
+                pause_lock: Mutex::new(()),
+                cfg: cfg.clone(),
+            });
+            cursor_tasks.push(tokio::spawn(write_cursors(
+                worker.clone(),
+                pending_writes,
+                stop_rx.clone(),
+            )));
+            workers.insert(name.clone(), worker);
         }
         let mut tasks: Vec<JoinHandle<()>> = workers
             .values()
@@ -570,7 +685,11 @@ impl Relay {
     pub async fn status(&self, name: &str) -> Result<UpstreamStatus, RelayError> {
         let w = self.worker(name)?;
         let head = *w.store.feed_head().borrow();
-        let cursor = w.cursor.load(Ordering::Acquire);
+        // The stored cursor, on every instance: it is what survives a crash and what every
+        // instance agrees on (an instance that does not deliver has only a stale copy in
+        // memory, and the one that does may have sent batches whose advance is not stored
+        // yet). Its dead letters are stored with it, in the same commit.
+        let cursor = w.store.upstream_state(name).await?.cursor;
         let lag_records = head.saturating_sub(cursor);
         let lag_seconds = if lag_records > 0 {
             match w.store.received_at(cursor + 1).await? {

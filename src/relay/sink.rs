@@ -23,6 +23,11 @@ pub enum SendError {
     /// Configured as permanent: every rating of the batch is rejected with this text.
     #[error("{0}")]
     Permanent(String),
+    /// The upstream answered, but not in a form that says what became of each rating (a
+    /// result list longer or shorter than the batch, results out of order). Never taken for
+    /// a success: retried a few times, then every rating of the batch is dead-lettered.
+    #[error("{0}")]
+    Malformed(String),
 }
 
 #[async_trait]

@@ -181,11 +181,10 @@ impl RulesEngine {
                 .collect::<Vec<_>>()
                 .join("; ")
         })?;
-        // Counting rules do not apply: the engine only rates cases nobody has rated.
-        let checks = IngestChecks {
-            counting: false,
-            ..Default::default()
-        };
+        // The counting rules apply under the writer, as to any rating: the case may have
+        // been rated (or rated by default through another source's report of it) since the
+        // engine read its page; then the default is refused and nothing is recorded.
+        let checks = IngestChecks::default();
         Ok(NewRating::new(
             Uuid::now_v7(),
             HUB_SOURCE.into(),

@@ -36,8 +36,8 @@ pub(crate) struct Lookups {
     pub by_key: HashMap<Key, Known>,
     /// Stored ratings with the chunk's relayed hub ids.
     pub by_id: HashMap<Uuid, Known>,
-    /// (organisation, case number) with an item rating.
-    pub cases: HashSet<(String, String)>,
+    /// (organisation, case number) with an item rating (not a follow-up), and what kind.
+    pub cases: HashMap<(String, String), CaseRated>,
     /// (organisation, batch id) with an item rating.
     pub batches: HashSet<(String, String)>,
     /// (organisation, case number, staff id) with a staff rating.
@@ -46,6 +46,16 @@ pub(crate) struct Lookups {
     pub templates: HashMap<(String, Vec<u8>), i64>,
     pub devices: HashMap<String, i64>,
     pub phones: HashMap<Vec<u8>, i64>,
+}
+
+/// How a case is rated so far.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct CaseRated {
+    /// By a rater (any rating that is not a default rating).
+    pub real: bool,
+    /// By the hub's default rating, not superseded: its hub id and `rated_at` (the default's
+    /// deadline).
+    pub default: Option<(Uuid, i64)>,
 }
 
 /// Adds one row of a chunk's look-up to `l`. Both backends send every part of a look-up in
@@ -72,7 +82,16 @@ where
             l.by_key.insert((text(1)?, text(2)?), known);
         }
         2 => {
-            l.cases.insert((text(1)?, text(2)?));
+            // n: the default rating's rated_at, or -1 for a rater's own rating.
+            let entry = l.cases.entry((text(1)?, text(2)?)).or_default();
+            match int(6)? {
+                -1 => entry.real = true,
+                at => {
+                    let id =
+                        uuid_from_bytes(&blob(4)?).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+                    entry.default = Some((id, at));
+                }
+            }
         }
         3 => {
             l.batches.insert((text(1)?, text(2)?));
@@ -115,11 +134,28 @@ pub(crate) fn counted<'a>(
     })
 }
 
+/// Item ratings whose case the look-up reports (counted ones, and relayed ratings, which
+/// are not counted but may supersede a default rating).
+pub(crate) fn case_rated_candidates<'a>(
+    chunk: &'a [&'a NewRating],
+) -> impl Iterator<Item = &'a NewRating> + Clone + 'a {
+    chunk.iter().copied().filter(|i| {
+        i.rating.target_kind == pb::TargetKind::Item
+            && i.rating.body.follow_up_of.is_empty()
+            && !i.rating.case_number.is_empty()
+            && (i.checks.counting || !i.rating.is_default)
+    })
+}
+
 /// A decided rating waiting for the chunk's INSERT.
 pub(crate) struct Pending<'a> {
     pub item: &'a NewRating,
     pub seq: u64,
     pub flags: Vec<pb::QualityFlag>,
+    /// The default rating this rating replaces: made by the rater in time, it arrived after
+    /// the hub had rated the case by default (an offline hall device, a paper form typed in
+    /// later). The default leaves the counts (rating_exclusions), with this rating's id.
+    pub supersedes: Option<Uuid>,
 }
 
 impl Pending<'_> {
@@ -223,10 +259,49 @@ fn follow_up_rule(
     None
 }
 
+/// The default rating a rating replaces, if any: an item rating by a rater (not a default,
+/// not a follow-up) of a case rated so far only by the hub's default rating, made no later
+/// than the default's deadline (the default's `rated_at`). A relayed rating was decided by
+/// the hub below, which replaced the default there: it replaces it here too.
+fn supersedes(item: &NewRating, l: &Lookups) -> Option<Uuid> {
+    let r = &item.rating;
+    if r.target_kind != pb::TargetKind::Item
+        || r.is_default
+        || !r.body.follow_up_of.is_empty()
+        || r.case_number.is_empty()
+    {
+        return None;
+    }
+    let rated = l
+        .cases
+        .get(&(r.org_credit_code.as_str().to_owned(), r.case_number.clone()))?;
+    let (default, deadline) = rated.default?;
+    (!rated.real && (!item.checks.counting || r.rated_at_micros <= deadline)).then_some(default)
+}
+
 /// 一事一评, 一次一评 and one rating per batch, against what is stored and decided so far.
 fn counting_rule(item: &NewRating, l: &Lookups) -> Option<(&'static str, String)> {
     let r = &item.rating;
     let org = r.org_credit_code.as_str().to_owned();
+    if let Some(rated) = l.cases.get(&(org.clone(), r.case_number.clone()))
+        && r.target_kind == pb::TargetKind::Item
+        && !rated.real
+        && !r.is_default
+        && let Some((_, deadline)) = rated.default
+    {
+        // Only a default, and this rating was made after its deadline (one made before
+        // it replaces the default: see `supersedes`).
+        return Some((
+            "rated_at",
+            format!(
+                "case {:?} was rated by default at {} because no rating was made by then; \
+                 a rating made after that ({}) cannot replace it (一事一评)",
+                r.case_number,
+                crate::time::format_cst_micros(deadline),
+                crate::time::format_cst_micros(r.rated_at_micros),
+            ),
+        ));
+    }
     match r.target_kind {
         pb::TargetKind::Item
             if !r.body.batch_id.is_empty()
@@ -240,13 +315,15 @@ fn counting_rule(item: &NewRating, l: &Lookups) -> Option<(&'static str, String)
                 ),
             ))
         }
-        pb::TargetKind::Item if l.cases.contains(&(org.clone(), r.case_number.clone())) => Some((
-            "case_number",
-            format!(
-                "case {:?} already has an item rating (一事一评); a second rating must be a follow-up (follow_up_of)",
-                r.case_number
-            ),
-        )),
+        pb::TargetKind::Item if l.cases.contains_key(&(org.clone(), r.case_number.clone())) => {
+            Some((
+                "case_number",
+                format!(
+                    "case {:?} already has an item rating (一事一评); a second rating must be a follow-up (follow_up_of)",
+                    r.case_number
+                ),
+            ))
+        }
         pb::TargetKind::Staff
             if !r.case_number.is_empty()
                 && l.visits
@@ -287,7 +364,8 @@ async fn write_chunk<B: ChunkBackend>(
             out[pos] = Some(outcome_against(item, false, known));
             continue;
         }
-        if item.checks.counting {
+        let replaces = supersedes(item, &l);
+        if item.checks.counting && replaces.is_none() {
             let refusal = if !r.body.follow_up_of.is_empty() {
                 // The original may be in this chunk: insert what is pending first.
                 flush(backend, &mut pending, &mut out, received_at).await?;
@@ -332,14 +410,23 @@ async fn write_chunk<B: ChunkBackend>(
         let known = (item.hub_id, seq, r.content_hash.to_vec());
         l.by_id.insert(item.hub_id, known.clone());
         l.by_key.insert(k, known);
+        if r.target_kind == pb::TargetKind::Item && r.body.follow_up_of.is_empty() {
+            // What the next ratings of this chunk see of the case.
+            let entry = l
+                .cases
+                .entry((r.org_credit_code.as_str().to_owned(), r.case_number.clone()))
+                .or_default();
+            if r.is_default {
+                entry.default = Some((item.hub_id, r.rated_at_micros));
+            } else {
+                entry.real = true;
+            }
+        }
         if item.checks.counting && r.body.follow_up_of.is_empty() {
             let org = r.org_credit_code.as_str().to_owned();
             match r.target_kind {
-                pb::TargetKind::Item => {
-                    l.cases.insert((org.clone(), r.case_number.clone()));
-                    if !r.body.batch_id.is_empty() {
-                        l.batches.insert((org, r.body.batch_id.clone()));
-                    }
+                pb::TargetKind::Item if !r.body.batch_id.is_empty() => {
+                    l.batches.insert((org, r.body.batch_id.clone()));
                 }
                 pb::TargetKind::Staff => {
                     l.visits
@@ -349,7 +436,12 @@ async fn write_chunk<B: ChunkBackend>(
             }
         }
         pending.positions.push(pos);
-        pending.rows.push(Pending { item, seq, flags });
+        pending.rows.push(Pending {
+            item,
+            seq,
+            flags,
+            supersedes: replaces,
+        });
     }
     flush(backend, &mut pending, &mut out, received_at).await?;
     Ok(out

@@ -36,9 +36,68 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the database is unreachable: {0}")]
     Unavailable(String),
+    /// The storage cannot take writes: a full disk, a read-only file system, an I/O error.
+    #[error("the hub's storage cannot take writes ({0})")]
+    Storage(String),
+    /// The database refused a write (a constraint, a value it cannot store); nothing of it
+    /// was committed.
+    #[error("the database refused the write: {0}")]
+    Refused(String),
 }
 
 impl StoreError {
+    /// What a failed commit means for its callers: the database unreachable, the storage
+    /// unable to take writes, or the write refused.
+    pub fn from_failed_commit(e: &sqlx::Error) -> Self {
+        if Self::is_connection(e) {
+            Self::Unavailable(e.to_string())
+        } else if let Some(cause) = Self::storage_cause(e) {
+            Self::Storage(format!("{cause}: {e}"))
+        } else {
+            Self::Refused(e.to_string())
+        }
+    }
+
+    /// The same error for another caller of a failed group (errors of sqlx are not `Clone`).
+    pub(crate) fn clone_for_caller(&self) -> Self {
+        match self {
+            Self::ShuttingDown => Self::ShuttingDown,
+            Self::Unavailable(t) => Self::Unavailable(t.clone()),
+            Self::Storage(t) => Self::Storage(t.clone()),
+            Self::Refused(t) => Self::Refused(t.clone()),
+            Self::Corrupt(t) => Self::Corrupt(t.clone()),
+            other => Self::Refused(other.to_string()),
+        }
+    }
+
+    /// Whether a database error comes from the storage under the database rather than from
+    /// the write: the disk is full, the file system is read-only, an I/O error. SQLite's
+    /// primary result codes; PostgreSQL's SQLSTATE class 53 (insufficient resources), 58030
+    /// (I/O error) and 25006 (read-only transaction: a standby, or a server set read-only).
+    pub fn storage_cause(e: &sqlx::Error) -> Option<&'static str> {
+        let sqlx::Error::Database(db) = e else {
+            return None;
+        };
+        let code = db.code()?;
+        if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+            // Extended result codes carry the primary code in their low byte.
+            return match code.parse::<i32>().ok()? & 0xff {
+                13 => Some("disk full"),
+                10 => Some("I/O error"),
+                8 => Some("read-only database"),
+                14 => Some("cannot open the database file"),
+                _ => None,
+            };
+        }
+        match code.as_ref() {
+            "53100" => Some("disk full"),
+            "58030" => Some("I/O error"),
+            "25006" => Some("read-only database"),
+            c if c.starts_with("53") => Some("insufficient resources"),
+            _ => None,
+        }
+    }
+
     /// Whether a database error means the database could not be reached (a retry may
     /// succeed), rather than that it refused the work.
     pub fn is_connection(e: &sqlx::Error) -> bool {
@@ -331,6 +390,11 @@ pub struct StoredBadCase {
     pub entries: Vec<CaseEntryRecord>,
 }
 
+/// `rating_exclusions.reason` of a default rating that a rater's own rating replaced (made in
+/// time, it arrived after the default was recorded). Appeal outcomes use their
+/// `AppealOutcome` numbers.
+pub const SUPERSEDED_DEFAULT: i32 = 100;
+
 /// Writes the relay makes, committed by the group-commit writer like everything else.
 #[derive(Debug, Clone)]
 pub enum RelayWrite {
@@ -373,6 +437,9 @@ pub enum RelayWrite {
         upstream: String,
         ids: Option<Vec<u64>>,
     },
+    /// Writes nothing of the hub's, but makes the database write and sync (a health probe
+    /// while commits fail for a storage reason).
+    Probe,
 }
 
 /// Dimensions statistics can be grouped by.
@@ -503,6 +570,8 @@ pub trait Store: Send + Sync + 'static {
         group_by: &[StatsDimension],
     ) -> Result<Vec<CaseCounts>, StoreError>;
 
+    /// Completed (办结) cases with id > `after_event_id` that no item rating covers (its
+    /// own, its batch's or its theme's; a staff rating does not rate the case), oldest first.
     async fn open_completed_cases(
         &self,
         after_event_id: u64,

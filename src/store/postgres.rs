@@ -53,6 +53,10 @@ pub struct PostgresOptions {
     pub write_queue: usize,
     /// Connections in the read pool.
     pub read_connections: u32,
+    /// How long a read waits for a pool connection (or a new one to open) before it fails
+    /// UNAVAILABLE: with the database down, reads and admin calls fail fast instead of
+    /// hanging on the pool.
+    pub read_wait: Duration,
     /// This hub instance's name: its sessions' `application_name` is `rating-hub/<name>`
     /// (what `pg_stat_activity` shows).
     pub instance: String,
@@ -152,6 +156,7 @@ impl PostgresStore {
         migrate_conn.close().await?;
         let reader = PgPoolOptions::new()
             .max_connections(opts.read_connections.max(1) + 1)
+            .acquire_timeout(opts.read_wait)
             .connect_with(connect.clone())
             .await?;
         let head: i64 = sqlx::query_scalar("SELECT head FROM feed_head WHERE id = 1")
@@ -302,9 +307,22 @@ impl Writer {
         // ratings take feed sequences, and case events are decided against what is stored;
         // a group of relay bookkeeping and audit records alone (the relay's cursor writes)
         // needs no turn in it.
-        let sequenced = group
-            .iter()
-            .any(|j| matches!(j, Job::Ratings { .. } | Job::Cases { .. }));
+        //
+        // Audit records and invitations take their turn too: readers page through them by
+        // id (`after_id`), so their ids must commit in id order across instances, or a
+        // reader that saw a later id would pass an earlier one that committed after it.
+        let sequenced = group.iter().any(|j| {
+            matches!(
+                j,
+                Job::Ratings { .. }
+                    | Job::Cases { .. }
+                    | Job::Audit { .. }
+                    | Job::Relay {
+                        write: RelayWrite::Invite { .. },
+                        ..
+                    }
+            )
+        });
         let head: i64 = if sequenced {
             sqlx::query_scalar("SELECT head FROM feed_head WHERE id = 1 FOR UPDATE")
                 .fetch_one(&mut *tx)
@@ -400,9 +418,14 @@ async fn relay_write(
                 let errors: Vec<String> = dead.iter().map(|d| d.error.clone()).collect();
                 let attempts: Vec<i64> = dead.iter().map(|d| i64::from(d.attempts)).collect();
                 sqlx::query(
+                    // Dead letters at or below the stored cursor were decided by the write
+                    // that moved it there (this one, committed although its answer was
+                    // lost, or another instance's): a write sent again adds nothing.
                     "INSERT INTO dead_letters (upstream, feed_seq, error, attempts, created_at) \
                      SELECT $1, s, e, a, $5 FROM UNNEST($2::bigint[], $3::text[], $4::bigint[]) \
-                     WITH ORDINALITY AS t(s, e, a, n) ORDER BY n",
+                     WITH ORDINALITY AS t(s, e, a, n) \
+                     WHERE s > COALESCE((SELECT cursor FROM upstream_state WHERE upstream = $1), 0) \
+                     ORDER BY n",
                 )
                 .bind(upstream)
                 .bind(seqs)
@@ -543,6 +566,13 @@ async fn relay_write(
         .execute(&mut *conn)
         .await?
         .rows_affected()),
+        RelayWrite::Probe => {
+            // Takes a transaction id, so the commit writes (and flushes) a WAL record.
+            sqlx::query("SELECT pg_current_xact_id()::text")
+                .execute(&mut *conn)
+                .await?;
+            Ok(0)
+        }
         RelayWrite::RequestReplay { upstream, ids } => {
             let open = "UPDATE dead_letters SET replay_requested = TRUE \
                         WHERE upstream = $1 AND resolved_at IS NULL";
@@ -1071,7 +1101,10 @@ impl Store for PostgresStore {
                      AND i.case_number = e.case_number) AS invited \
              FROM service_case_events e \
              WHERE e.event = 2 AND e.id > $1 AND NOT EXISTS (SELECT 1 FROM ratings r \
-               WHERE r.org_credit_code = e.org_credit_code AND r.case_number = e.case_number) \
+               WHERE r.org_credit_code = e.org_credit_code AND r.target_kind = 1 \
+               AND (r.case_number = e.case_number \
+                 OR (e.batch_id <> '' AND r.batch_id = e.batch_id) \
+                 OR (e.theme_id <> '' AND r.theme_id = e.theme_id))) \
              ORDER BY e.id LIMIT $2",
         )
         .bind(after_event_id as i64)
@@ -1111,7 +1144,10 @@ impl Store for PostgresStore {
             *slot = None;
             return Err(e.into());
         }
-        Ok(())
+        drop(slot);
+        // The server answers; while commits fail for a storage reason (its disk is full), a
+        // probe write tells whether they work again.
+        self.jobs.check_storage().await
     }
 
     fn feed_head(&self) -> watch::Receiver<u64> {

@@ -49,6 +49,11 @@ pub struct SqliteOptions {
     pub write_queue: usize,
     /// Connections in the read pool.
     pub read_connections: u32,
+    /// Health reports NOT_SERVING while the database's file system has less free space than
+    /// this (0: never): a load balancer moves traffic away before the disk is full, and
+    /// after commits failed on a full disk, health waits for this much room before it tries
+    /// a probe write (a small write can fit where a real group does not).
+    pub min_free_bytes: u64,
 }
 
 impl Default for SqliteOptions {
@@ -58,6 +63,7 @@ impl Default for SqliteOptions {
             synchronous_full: true,
             max_group_commit: 2048,
             write_queue: 1024,
+            min_free_bytes: 0,
             read_connections: 4,
         }
     }
@@ -70,6 +76,9 @@ pub struct SqliteStore {
     writer: Mutex<Option<writer::Stopped>>,
     /// The background WAL checkpointer: its stop signal and task.
     checkpointer: Mutex<Option<(watch::Sender<bool>, JoinHandle<()>)>>,
+    /// The directory of the database file, and the free space health asks of it.
+    dir: std::path::PathBuf,
+    min_free_bytes: u64,
 }
 
 impl SqliteStore {
@@ -129,6 +138,13 @@ impl SqliteStore {
             head: head_rx,
             writer: Mutex::new(Some(handle)),
             checkpointer: Mutex::new(Some((checkpoint_stop, checkpoints))),
+            dir: connect
+                .get_filename()
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."))
+                .to_owned(),
+            min_free_bytes: opts.min_free_bytes,
         })
     }
 }
@@ -147,6 +163,13 @@ impl SqliteStore {
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
         rows::bad_case(row, entries)
     }
+}
+
+/// Free space for an unprivileged writer on the file system holding `dir`; `None` when the
+/// file system cannot say.
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 struct Writer {
@@ -267,10 +290,21 @@ async fn relay_write(
             cursor,
             dead,
         } => {
+            // A write that committed although its caller was told it failed (a lost
+            // answer), then sent again, adds nothing: dead letters at or below the stored
+            // cursor were already decided by the write that moved it there.
+            let stored: i64 = sqlx::query_scalar(
+                "SELECT COALESCE((SELECT cursor FROM upstream_state WHERE upstream = ?), 0)",
+            )
+            .bind(upstream)
+            .fetch_one(&mut *conn)
+            .await?;
+            let dead: Vec<&crate::store::NewDeadLetter> =
+                dead.iter().filter(|d| d.feed_seq as i64 > stored).collect();
             insert_rows(
                 conn,
                 "INSERT INTO dead_letters (upstream, feed_seq, error, attempts, created_at) ",
-                dead,
+                &dead,
                 |mut row, d| {
                     row.push_bind(upstream.as_str())
                         .push_bind(d.feed_seq as i64)
@@ -402,6 +436,16 @@ async fn relay_write(
         .execute(&mut *conn)
         .await?
         .rows_affected()),
+        RelayWrite::Probe => {
+            // Rewrites the database header: a real page write, and a sync at commit.
+            let v: i64 = sqlx::query_scalar("PRAGMA user_version")
+                .fetch_one(&mut *conn)
+                .await?;
+            sqlx::query(&format!("PRAGMA user_version = {}", (v + 1) % 1_000_000))
+                .execute(&mut *conn)
+                .await?;
+            Ok(0)
+        }
         RelayWrite::RequestReplay { upstream, ids } => {
             let open = "UPDATE dead_letters SET replay_requested = 1 \
                         WHERE upstream = ? AND resolved_at IS NULL";
@@ -884,7 +928,10 @@ impl Store for SqliteStore {
                      AND i.case_number = e.case_number) AS invited \
              FROM service_case_events e \
              WHERE e.event = 2 AND e.id > ? AND NOT EXISTS (SELECT 1 FROM ratings r \
-               WHERE r.org_credit_code = e.org_credit_code AND r.case_number = e.case_number) \
+               WHERE r.org_credit_code = e.org_credit_code AND r.target_kind = 1 \
+               AND (r.case_number = e.case_number \
+                 OR (e.batch_id <> '' AND r.batch_id = e.batch_id) \
+                 OR (e.theme_id <> '' AND r.theme_id = e.theme_id))) \
              ORDER BY e.id LIMIT ?",
         )
         .bind(after_event_id as i64)
@@ -915,9 +962,20 @@ impl Store for SqliteStore {
     }
 
     /// A file this process opened: there is no server to lose. (A query here could only wait
-    /// behind busy readers and make a working hub look down.)
+    /// behind busy readers and make a working hub look down.) But its disk can fill or fail:
+    /// health is down while the file system has less than `min_free_bytes` free, and while
+    /// commits fail for a storage reason, until a probe write commits.
     async fn ping(&self) -> Result<(), StoreError> {
-        Ok(())
+        if self.min_free_bytes > 0
+            && let Some(free) = free_bytes(&self.dir)
+            && free < self.min_free_bytes
+        {
+            return Err(StoreError::Storage(format!(
+                "disk nearly full: {free} bytes free where the database is, below \
+                 storage.min_free_mb"
+            )));
+        }
+        self.jobs.check_storage().await
     }
 
     fn feed_head(&self) -> watch::Receiver<u64> {

@@ -11,6 +11,7 @@
 //! (ratings, audit records, dead letters); case events still take a few statements each.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
@@ -78,6 +79,7 @@ pub(crate) trait GroupWrite: Send + 'static {
 /// The callers' end of the queue.
 pub(crate) struct Queue {
     jobs: mpsc::Sender<Job>,
+    health: Arc<WriterHealth>,
 }
 
 /// Resolves when the writer thread has finished (closed its connection), or died.
@@ -94,16 +96,18 @@ impl Queue {
     ) -> std::io::Result<(Self, Stopped)> {
         let (jobs, rx) = mpsc::channel(queue.max(1));
         let (done, stopped) = oneshot::channel();
+        let health = Arc::new(WriterHealth::default());
+        let writer_health = health.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         std::thread::Builder::new()
             .name("rating-writer".into())
             .spawn(move || {
-                runtime.block_on(run(backend, rx, head, max_group.max(1)));
+                runtime.block_on(run(backend, rx, head, writer_health, max_group.max(1)));
                 let _ = done.send(());
             })?;
-        Ok((Self { jobs }, Stopped(stopped)))
+        Ok((Self { jobs, health }, Stopped(stopped)))
     }
 
     /// Queues a job and waits for its commit.
@@ -160,6 +164,15 @@ impl Queue {
         self.submit(|reply| Job::Relay { write, reply }).await
     }
 
+    /// Whether commits fail for a storage reason: then a probe write tells whether they
+    /// succeed again (`Err` with the cause while they do not).
+    pub async fn check_storage(&self) -> Result<(), StoreError> {
+        if self.health.failing().is_none() {
+            return Ok(());
+        }
+        self.relay(RelayWrite::Probe).await.map(|_| ())
+    }
+
     /// Lets the queued jobs commit, then stops the writer.
     pub async fn close(&self, stopped: Stopped) {
         let (reply, done) = oneshot::channel();
@@ -174,6 +187,7 @@ async fn run<W: GroupWrite>(
     mut backend: W,
     mut rx: mpsc::Receiver<Job>,
     head: watch::Sender<u64>,
+    health: Arc<WriterHealth>,
     max_group: usize,
 ) {
     let mut closing: Option<oneshot::Sender<()>> = None;
@@ -199,7 +213,7 @@ async fn run<W: GroupWrite>(
             }
         }
         if !group.is_empty() {
-            commit_group(&mut backend, &head, group).await;
+            commit_group(&mut backend, &head, &health, group).await;
         }
     }
     backend.close().await;
@@ -208,7 +222,12 @@ async fn run<W: GroupWrite>(
     }
 }
 
-async fn commit_group<W: GroupWrite>(backend: &mut W, head: &watch::Sender<u64>, group: Vec<Job>) {
+async fn commit_group<W: GroupWrite>(
+    backend: &mut W,
+    head: &watch::Sender<u64>,
+    health: &WriterHealth,
+    group: Vec<Job>,
+) {
     let started = std::time::Instant::now();
     match backend.write_group(&group).await {
         Ok((results, new_head)) => {
@@ -218,6 +237,7 @@ async fn commit_group<W: GroupWrite>(backend: &mut W, head: &watch::Sender<u64>,
                 micros = started.elapsed().as_micros() as u64,
                 "Group committed."
             );
+            health.committed();
             if let Some(h) = new_head {
                 advance_head(head, h);
             }
@@ -240,35 +260,81 @@ async fn commit_group<W: GroupWrite>(backend: &mut W, head: &watch::Sender<u64>,
             }
         }
         Err(e) => {
+            let error = StoreError::from_failed_commit(&e);
+            if group.len() > 1 && matches!(error, StoreError::Refused(_)) {
+                // The database refused something in the group (a constraint, a value it
+                // cannot store): nothing of it committed. Each job is tried again on its
+                // own, so only the job at fault fails and every other caller is answered
+                // as if it had been alone.
+                tracing::debug!(error = %e, jobs = group.len(), "Group refused; committing its jobs one by one.");
+                for job in group {
+                    Box::pin(commit_group(backend, head, health, vec![job])).await;
+                }
+                return;
+            }
+            if let StoreError::Storage(cause) = &error {
+                health.failed(cause);
+            }
             let items: usize = group.iter().map(Job::len).sum();
-            tracing::error!(error = %e, items, "Group commit failed; nothing acknowledged.");
-            let text = e.to_string();
-            let unreachable = StoreError::is_connection(&e);
+            if let Some(suppressed) = crate::telemetry::throttle("writer.commit_failed") {
+                tracing::error!(error = %error, items, suppressed, "Group commit failed; nothing of it was acknowledged.");
+            }
             for job in group {
-                let err = || {
-                    if unreachable {
-                        StoreError::Unavailable(text.clone())
-                    } else {
-                        StoreError::Corrupt(format!("commit failed: {text}"))
-                    }
-                };
+                let err = error.clone_for_caller();
                 match job {
                     Job::Ratings { reply, .. } => {
-                        let _ = reply.send(Err(err()));
+                        let _ = reply.send(Err(err));
                     }
                     Job::Cases { reply, .. } => {
-                        let _ = reply.send(Err(err()));
+                        let _ = reply.send(Err(err));
                     }
                     Job::Audit { reply, .. } => {
-                        let _ = reply.send(Err(err()));
+                        let _ = reply.send(Err(err));
                     }
                     Job::Relay { reply, .. } => {
-                        let _ = reply.send(Err(err()));
+                        let _ = reply.send(Err(err));
                     }
                     Job::Close { .. } => {}
                 }
             }
         }
+    }
+}
+
+/// Whether commits fail for a reason of the storage itself (a full disk, a read-only file
+/// system, an I/O error): health reports NOT_SERVING while they do, so a load balancer
+/// sends calls elsewhere; the next commit that succeeds (a health probe, if nothing else)
+/// clears it.
+#[derive(Debug, Default)]
+pub(crate) struct WriterHealth {
+    failing: std::sync::Mutex<Option<String>>,
+}
+
+impl WriterHealth {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.failing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn committed(&self) {
+        if let Some(cause) = self.lock().take() {
+            tracing::warn!(was = %cause, "Commits succeed again.");
+        }
+    }
+
+    fn failed(&self, cause: &str) {
+        let mut failing = self.lock();
+        if failing.is_none() {
+            tracing::error!(
+                cause,
+                "Commits fail for a storage reason; health is NOT_SERVING until one succeeds."
+            );
+        }
+        *failing = Some(cause.to_owned());
+    }
+
+    /// Why the last commit failed, while commits fail for a storage reason.
+    pub fn failing(&self) -> Option<String> {
+        self.lock().clone()
     }
 }
 

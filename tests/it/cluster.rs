@@ -621,6 +621,7 @@ async fn health_is_not_serving_while_the_database_is_cut_off_and_serving_again_a
     let hub = HubBuilder::new()
         .set("storage.url", &format!("{gated:?}"))
         .set("server.health_check_secs", "1")
+        .set("storage.read_wait_ms", "1000")
         .start()
         .await;
     assert_eq!(
@@ -648,6 +649,20 @@ async fn health_is_not_serving_while_the_database_is_cut_off_and_serving_again_a
         .await
         .expect_err("nothing commits without the database");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    // Reads fail fast too (storage.read_wait_ms), rather than hang on the pool for half a
+    // minute (sqlx's default wait).
+    let mut query = hub.query().await;
+    let started = std::time::Instant::now();
+    let read = query
+        .list_ratings(pb::ListRatingsRequest::default())
+        .await
+        .expect_err("nothing can be read without the database");
+    assert_eq!(read.code(), tonic::Code::Unavailable, "{read:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "a read waited {:?} for a database that is down",
+        started.elapsed()
+    );
 
     gate.open();
     eventually(LIMIT, "SERVING once the database answers", || async {
@@ -958,4 +973,45 @@ async fn a_writer_stopped_inside_its_transaction_does_not_stop_the_other_instanc
     let stored: HashSet<String> = feed.into_iter().map(|r| r.hub_id).collect();
     assert_eq!(stored, acked, "exactly the acknowledged ratings");
     stop_all(hubs).await;
+}
+
+/// Every instance reports the stored cursor (and who holds the lease), not a copy of its own
+/// in memory: the instance that does not deliver had only the cursor it loaded at start,
+/// and reported a lag that had long been delivered.
+#[tokio::test]
+async fn every_instance_reports_the_stored_cursor_and_the_lease_holder() {
+    let fake = FakeUpstream::start().await;
+    let (builder, _db) = on_new_database();
+    let builder =
+        crate::relay::upstream(builder, "fake", &fake.url()).set("storage.instance", "\"hub-a\"");
+    let a = builder.start().await;
+    let b = a.peer_as("hub-b").await;
+    let sent = crate::relay::submit_many(&a, "x", 120).await;
+    fake.wait_until(LIMIT, "every rating upstream", |got| {
+        sent.iter().all(|id| got.contains_key(id))
+    })
+    .await;
+    eventually(LIMIT, "the holder's cursor stored at the head", || async {
+        let (sa, sb) = (
+            crate::relay::status(&a, "fake").await,
+            crate::relay::status(&b, "fake").await,
+        );
+        sa.cursor == 120 && sb.cursor == 120
+    })
+    .await;
+    let (sa, sb) = (
+        crate::relay::status(&a, "fake").await,
+        crate::relay::status(&b, "fake").await,
+    );
+    for st in [&sa, &sb] {
+        assert_eq!((st.lag_records, st.head_sequence), (0, 120), "{st:?}");
+        assert_eq!(st.lag_seconds, 0.0, "{st:?}");
+    }
+    assert_eq!(sa.delivering_instance, sb.delivering_instance);
+    assert!(
+        sa.delivering_here != sb.delivering_here,
+        "one of the two delivers: {sa:?} {sb:?}"
+    );
+    a.stop().await;
+    b.stop().await;
 }

@@ -26,9 +26,50 @@ struct Platform {
     requests: usize,
 }
 
+/// How a platform answers a request: its parsed body and how many requests it has had
+/// (this one included) → HTTP status and JSON answer.
+type Answer = Arc<dyn Fn(&Value, usize) -> (u16, Value) + Send + Sync>;
+
 /// A provincial-style push interface on HTTPS: answers 503 to the first request, then one
 /// result per record by case number.
 async fn start_platform(pki_dir: &std::path::Path) -> (String, Arc<Mutex<Platform>>) {
+    start_platform_answering(
+        pki_dir,
+        Arc::new(|value: &Value, requests: usize| {
+            if requests == 1 {
+                return (503, json!("busy"));
+            }
+            let results: Vec<Value> = value["data"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|r| match r["projectNo"].as_str() {
+                            Some("CASE-exists") => {
+                                json!({"code": "500", "msg": "已存在该条服务信息"})
+                            }
+                            Some("CASE-reject") => {
+                                json!({"code": "400", "msg": "缺少必填项 taskName"})
+                            }
+                            _ => json!({"code": "0", "msg": "成功"}),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            (
+                200,
+                json!({"code": "0", "msg": "接收成功", "results": results}),
+            )
+        }),
+    )
+    .await
+}
+
+/// A push interface on HTTPS that answers as `answer` says; records every request body it
+/// answered with 200.
+async fn start_platform_answering(
+    pki_dir: &std::path::Path,
+    answer: Answer,
+) -> (String, Arc<Mutex<Platform>>) {
     let certs = CertificateDer::pem_file_iter(pki_dir.join(pki::SERVER_CERT))
         .unwrap()
         .collect::<Result<Vec<_>, _>>()
@@ -57,46 +98,29 @@ async fn start_platform(pki_dir: &std::path::Path) -> (String, Arc<Mutex<Platfor
             };
             let acceptor = acceptor.clone();
             let state = state.clone();
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
                 let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let state = state.clone();
+                    let answer = answer.clone();
                     async move {
                         let body = req.into_body().collect().await.unwrap().to_bytes();
                         let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                         let mut p = state.lock().unwrap();
                         p.requests += 1;
-                        if p.requests == 1 {
-                            return Ok::<_, std::convert::Infallible>(
-                                hyper::Response::builder()
-                                    .status(503)
-                                    .body(Full::new(Bytes::from("busy")))
-                                    .unwrap(),
-                            );
+                        let (status, json) = answer(&value, p.requests);
+                        if status == 200 {
+                            p.bodies.push(value);
                         }
-                        let results: Vec<Value> = value["data"]
-                            .as_array()
-                            .map(|a| {
-                                a.iter()
-                                    .map(|r| match r["projectNo"].as_str() {
-                                        Some("CASE-exists") => {
-                                            json!({"code": "500", "msg": "已存在该条服务信息"})
-                                        }
-                                        Some("CASE-reject") => {
-                                            json!({"code": "400", "msg": "缺少必填项 taskName"})
-                                        }
-                                        _ => json!({"code": "0", "msg": "成功"}),
-                                    })
-                                    .collect()
-                            })
-                            .unwrap_or_default();
-                        p.bodies.push(value);
-                        let answer = json!({"code": "0", "msg": "接收成功", "results": results});
-                        Ok(hyper::Response::new(Full::new(Bytes::from(
-                            answer.to_string(),
-                        ))))
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .status(status)
+                                .body(Full::new(Bytes::from(json.to_string())))
+                                .unwrap(),
+                        )
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -246,5 +270,158 @@ async fn http_json_sink_speaks_the_configured_fields_and_codes_on_the_wire() {
         assert_eq!(id, &want_id);
         assert!(err.contains(fragment), "{err}");
     }
+    hub.stop().await;
+}
+
+/// A hub with an http-json upstream "zj" at `url`, whose CA is in `pki_dir`, sending
+/// batches of 10 and retrying at once.
+fn zj_hub(pki_dir: &std::path::Path, url: &str, results_field: &str) -> HubBuilder {
+    let q = |s: &str| format!("\"{s}\"");
+    let mut b = HubBuilder::new()
+        .set("upstreams.zj.kind", &q("http-json"))
+        .set("upstreams.zj.endpoint", &q(url))
+        .set(
+            "upstreams.zj.ca",
+            &q(&pki_dir.join(pki::CA_CERT).display().to_string()),
+        )
+        .set("upstreams.zj.retry_schedule_ms", "[20]")
+        .set("upstreams.zj.batch_size", "10")
+        .set("upstreams.zj.http.body", &q("wrapped"))
+        .set("upstreams.zj.http.wrapper_key", &q("data"));
+    if !results_field.is_empty() {
+        b = b.set("upstreams.zj.http.results_field", &q(results_field));
+    }
+    b
+}
+
+fn platform_pki(dir: &std::path::Path) -> std::path::PathBuf {
+    let pki_dir = dir.join("pki");
+    pki::create_ca(&pki_dir, "platform CA").unwrap();
+    pki::issue_server(
+        &pki_dir,
+        &["localhost", "127.0.0.1"],
+        pki::Validity::days(5),
+    )
+    .unwrap();
+    pki_dir
+}
+
+async fn dead_letters(hub: &TestHub) -> Vec<pb::DeadLetter> {
+    AdminServiceClient::new(hub.channel_as("tester").await)
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            upstream: "zj".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters
+}
+
+/// A platform that answers a whole request "已存在" does not say which of its records exist:
+/// the hub sends them one by one, so the one the platform refuses is dead-lettered instead
+/// of passing as delivered with the rest.
+#[tokio::test]
+async fn already_exists_for_a_whole_batch_is_not_taken_for_every_record() {
+    let hub_dir = tempfile::tempdir().unwrap();
+    let pki_dir = platform_pki(hub_dir.path());
+    let (url, platform) = start_platform_answering(
+        &pki_dir,
+        Arc::new(|value: &Value, _| {
+            let records = value["data"].as_array().cloned().unwrap_or_default();
+            if records.len() > 1 {
+                return (200, json!({"code": "500", "msg": "部分数据已存在"}));
+            }
+            match records[0]["projectNo"].as_str() {
+                Some("CASE-exists") => (200, json!({"code": "500", "msg": "已存在该条服务信息"})),
+                Some("CASE-reject") => (200, json!({"code": "400", "msg": "缺少必填项 taskName"})),
+                _ => (200, json!({"code": "0", "msg": "成功"})),
+            }
+        }),
+    )
+    .await;
+    let hub = zj_hub(&pki_dir, &url, "").start_in_dir(hub_dir).await;
+    let ids: Vec<String> = submit(
+        &mut hub.ingest().await,
+        vec![rating("new"), rating("exists"), rating("reject")],
+    )
+    .await
+    .into_iter()
+    .map(|r| r.hub_id)
+    .collect();
+    eventually(Duration::from_secs(30), "delivery finished", || async {
+        let st = crate::utils::upstream_status(hub.channel_as("tester").await, "zj").await;
+        st.lag_records == 0
+    })
+    .await;
+    let dead = dead_letters(&hub).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].hub_id, ids[2]);
+    assert!(dead[0].error.contains("缺少必填项"), "{dead:?}");
+    let sizes: Vec<usize> = platform
+        .lock()
+        .unwrap()
+        .bodies
+        .iter()
+        .map(|b| b["data"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(sizes, vec![3, 1, 1, 1], "the batch, then each record alone");
+    hub.stop().await;
+}
+
+/// A per-record result list that does not match the batch says nothing reliable about any
+/// record: it is never a success. The batch is tried again, and after repeated unreadable
+/// answers its ratings are dead-lettered (replayable), not counted as delivered.
+#[tokio::test]
+async fn a_result_list_that_does_not_match_the_batch_is_never_a_success() {
+    let hub_dir = tempfile::tempdir().unwrap();
+    let pki_dir = platform_pki(hub_dir.path());
+    let (url, platform) = start_platform_answering(
+        &pki_dir,
+        Arc::new(|value: &Value, _| {
+            let n = value["data"].as_array().map_or(0, Vec::len);
+            // One result short.
+            let results: Vec<Value> = (1..n)
+                .map(|_| json!({"code": "0", "msg": "成功"}))
+                .collect();
+            (
+                200,
+                json!({"code": "0", "msg": "接收成功", "results": results}),
+            )
+        }),
+    )
+    .await;
+    let hub = zj_hub(&pki_dir, &url, "results")
+        .start_in_dir(hub_dir)
+        .await;
+    let ids: std::collections::HashSet<String> = submit(
+        &mut hub.ingest().await,
+        vec![rating("a"), rating("b"), rating("c")],
+    )
+    .await
+    .into_iter()
+    .map(|r| r.hub_id)
+    .collect();
+    eventually(Duration::from_secs(30), "delivery finished", || async {
+        let st = crate::utils::upstream_status(hub.channel_as("tester").await, "zj").await;
+        st.lag_records == 0
+    })
+    .await;
+    let dead = dead_letters(&hub).await;
+    assert_eq!(
+        dead.iter()
+            .map(|d| d.hub_id.clone())
+            .collect::<std::collections::HashSet<_>>(),
+        ids,
+        "every rating of the batch is dead-lettered: {dead:?}"
+    );
+    assert!(
+        dead.iter()
+            .all(|d| d.error.contains("2 results for 3 records")),
+        "{dead:?}"
+    );
+    assert_eq!(platform.lock().unwrap().requests, 3, "tried three times");
+    let st = crate::utils::upstream_status(hub.channel_as("tester").await, "zj").await;
+    assert_eq!(st.delivered, 0, "nothing counted as delivered: {st:?}");
     hub.stop().await;
 }

@@ -323,3 +323,55 @@ async fn hub_ids_are_unique_within_a_batch() {
     assert_eq!(ids.len(), 200);
     hub.stop().await;
 }
+
+/// A stream message the hub cannot take (here over the message size limit) ends the stream
+/// with that error, after the acknowledgements of what came before it; a clean end would
+/// tell the client that the ratings after it were taken. Nothing after it is stored.
+#[tokio::test]
+async fn a_stream_with_an_oversized_message_ends_with_its_error_after_the_earlier_acks() {
+    let hub = TestHub::start().await;
+    let mut ingest = hub.ingest().await;
+    let mut huge = rating("s3");
+    huge.text = "字".repeat(2_000_000); // 6 MB, over the 4 MiB limit
+    let messages: Vec<pb::StreamRatingsRequest> = [
+        rating("s0"),
+        rating("s1"),
+        rating("s2"),
+        huge,
+        rating("s4"),
+        rating("s5"),
+    ]
+    .into_iter()
+    .map(|r| pb::StreamRatingsRequest { rating: Some(r) })
+    .collect();
+    let mut acks = ingest
+        .stream_ratings(tokio_stream::iter(messages))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut acked = Vec::new();
+    let error = loop {
+        match acks.next().await {
+            Some(Ok(ack)) => {
+                let r = ack.result.unwrap();
+                assert_eq!(outcome(&r), pb::Outcome::Accepted, "{r:?}");
+                acked.push(r.source_key);
+            }
+            Some(Err(status)) => break status,
+            None => panic!("the stream ended cleanly after {acked:?}: the client is never told"),
+        }
+    };
+    assert_eq!(acked, ["s0", "s1", "s2"]);
+    assert_eq!(error.code(), tonic::Code::OutOfRange, "{error:?}");
+    assert!(
+        error.message().contains("not taken") && error.message().contains("3 ratings"),
+        "{error:?}"
+    );
+    assert!(acks.next().await.is_none());
+    assert_eq!(
+        count(&hub).await,
+        3,
+        "nothing after the refused message is stored"
+    );
+    hub.stop().await;
+}

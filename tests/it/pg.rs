@@ -122,3 +122,80 @@ impl Drop for TlsServer {
         rating_hub::testing::stop_pg_server(&self.dir);
     }
 }
+
+/// Runs SQL (several statements allowed) on the database of the hub in `dir`, whichever the
+/// backend under test: a test's way to reach under the hub (a trigger that makes a write
+/// fail, as a full disk or a dropped connection would). Returns nothing.
+pub fn exec_on_hub(dir: &Path, sql: &str) {
+    if enabled() {
+        let url = database_for(dir);
+        let (url, sql) = (url, sql.to_owned());
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+                    sqlx::raw_sql(&sql).execute(&mut conn).await.unwrap();
+                })
+        })
+        .join()
+        .unwrap();
+    } else {
+        let path = dir.join("hub.db");
+        let sql = sql.to_owned();
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    let options = sqlx::sqlite::SqliteConnectOptions::new()
+                        .filename(&path)
+                        .busy_timeout(std::time::Duration::from_secs(30));
+                    let mut conn = sqlx::SqliteConnection::connect_with(&options)
+                        .await
+                        .unwrap();
+                    sqlx::raw_sql(&sql).execute(&mut conn).await.unwrap();
+                })
+        })
+        .join()
+        .unwrap();
+    }
+}
+
+/// Makes every write of the hub in `dir` to `table` fail (`on`), or work again, with a
+/// trigger that raises an error while a switch row says so.
+pub fn fail_writes_to(dir: &Path, table: &str, on: bool) {
+    let flag = i32::from(on);
+    if enabled() {
+        exec_on_hub(
+            dir,
+            &format!(
+                "CREATE TABLE IF NOT EXISTS test_fail_{table} (on_ INT NOT NULL); \
+                 DELETE FROM test_fail_{table}; INSERT INTO test_fail_{table} VALUES ({flag}); \
+                 CREATE OR REPLACE FUNCTION test_fail_{table}() RETURNS trigger AS $$ BEGIN \
+                   IF (SELECT on_ FROM test_fail_{table}) = 1 THEN \
+                     RAISE EXCEPTION 'test: writes to {table} fail'; END IF; \
+                   RETURN NEW; END $$ LANGUAGE plpgsql; \
+                 CREATE OR REPLACE TRIGGER test_fail_{table} BEFORE INSERT OR UPDATE ON {table} \
+                   FOR EACH ROW EXECUTE FUNCTION test_fail_{table}();"
+            ),
+        );
+    } else {
+        exec_on_hub(
+            dir,
+            &format!(
+                "CREATE TABLE IF NOT EXISTS test_fail_{table} (on_ INT NOT NULL); \
+                 DELETE FROM test_fail_{table}; INSERT INTO test_fail_{table} VALUES ({flag}); \
+                 CREATE TRIGGER IF NOT EXISTS test_fail_{table}_u BEFORE UPDATE ON {table} \
+                   WHEN (SELECT on_ FROM test_fail_{table}) = 1 \
+                   BEGIN SELECT RAISE(ABORT, 'test: writes to {table} fail'); END; \
+                 CREATE TRIGGER IF NOT EXISTS test_fail_{table}_i BEFORE INSERT ON {table} \
+                   WHEN (SELECT on_ FROM test_fail_{table}) = 1 \
+                   BEGIN SELECT RAISE(ABORT, 'test: writes to {table} fail'); END;"
+            ),
+        );
+    }
+}

@@ -521,3 +521,92 @@ async fn hub_killed_hard_during_delivery_loses_nothing_and_resumes_from_its_curs
         .await
         .unwrap();
 }
+
+/// A cursor advance that cannot be stored (here a trigger refuses writes to the upstream's
+/// state, as a full disk or a lost connection would) holds delivery until it commits: no
+/// later advance may commit past it, so the ratings the upstream rejected meanwhile are
+/// dead-lettered once the store takes writes again, and the cursor reaches the head. Before,
+/// the failed advance was dropped and the next one committed past it: the rejected ratings
+/// were neither delivered nor dead-lettered.
+#[tokio::test]
+async fn a_cursor_write_that_fails_holds_delivery_and_loses_no_dead_letter() {
+    let fake = FakeUpstream::start().await;
+    let rejected_keys: Vec<String> = (0..100).map(|i| format!("r-{i}")).collect();
+    fake.reject_origin_keys(rejected_keys);
+    let hub = upstream(HubBuilder::new(), "fake", &fake.url())
+        .start()
+        .await;
+    crate::pg::fail_writes_to(hub.dir.path(), "upstream_state", true);
+
+    let rejected: HashSet<String> = submit_many(&hub, "r", 100).await.into_iter().collect();
+    eventually(LIMIT, "the cursor write's failure shown", || async {
+        status(&hub, "fake")
+            .await
+            .last_error
+            .contains("writes to upstream_state fail")
+    })
+    .await;
+    let st = status(&hub, "fake").await;
+    assert_eq!(st.cursor, 0, "nothing stored: {st:?}");
+    assert_eq!(st.lag_records, 100, "{st:?}");
+
+    crate::pg::fail_writes_to(hub.dir.path(), "upstream_state", false);
+    let accepted: HashSet<String> = submit_many(&hub, "a", 50).await.into_iter().collect();
+    fake.wait_until(LIMIT, "the accepted ratings", |got| {
+        accepted.iter().all(|id| got.contains_key(id))
+    })
+    .await;
+    eventually(LIMIT, "cursor at head", || async {
+        status(&hub, "fake").await.lag_records == 0
+    })
+    .await;
+    let dead: HashSet<String> = AdminServiceClient::new(hub.channel_as("tester").await)
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            upstream: "fake".into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters
+        .into_iter()
+        .map(|d| d.hub_id)
+        .collect();
+    assert_eq!(
+        dead, rejected,
+        "every rejected rating is a dead letter, once"
+    );
+    let st = status(&hub, "fake").await;
+    assert_eq!((st.cursor, st.open_dead_letters), (150, 100), "{st:?}");
+    assert!(st.last_error.is_empty(), "the failure is over: {st:?}");
+    hub.stop().await;
+}
+
+/// After an outage, the first batch that gets through wakes the others out of their retry
+/// pauses: delivery resumes at once, not when each batch's own (long) pause ends. Here a
+/// batch that failed into a 60 s pause is delivered within seconds of another batch's
+/// success.
+#[tokio::test]
+async fn after_an_outage_the_first_success_wakes_every_waiting_batch() {
+    let fake = FakeUpstream::start().await;
+    fake.set_mode(Mode::Unavailable);
+    let hub = upstream(HubBuilder::new(), "fake", &fake.url())
+        .set("upstreams.fake.retry_schedule_ms", "[20, 20, 60000]")
+        .set("upstreams.fake.retry_jitter", "0.0")
+        .start()
+        .await;
+    let first = submit_many(&hub, "a", 50).await;
+    // The first send and two quick retries fail; the batch then waits 60 s.
+    fake.wait_calls(3, LIMIT).await;
+    fake.set_mode(Mode::Accept);
+    // A new batch is sent at once (a free slot) and gets through: the probe.
+    let second = submit_many(&hub, "b", 50).await;
+    fake.wait_until(
+        Duration::from_secs(15),
+        "both batches, well before the first one's 60 s pause ends",
+        |got| first.iter().chain(&second).all(|id| got.contains_key(id)),
+    )
+    .await;
+    hub.stop().await;
+}

@@ -3,6 +3,7 @@ use std::time::Duration;
 use rating_hub::pb::v1 as pb;
 use tokio_stream::StreamExt;
 
+use crate::fake_upstream::eventually;
 use crate::ingest::count;
 use crate::utils::*;
 
@@ -147,4 +148,108 @@ async fn shutdown_turns_health_to_not_serving_and_ends_health_watches() {
         .expect("the shutdown does not wait for health watches")
         .unwrap()
         .unwrap();
+}
+
+/// A small file system of the test's own (tmpfs, mounted as root, as CI runs), unmounted when
+/// dropped.
+struct SmallDisk {
+    dir: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "mounting a tmpfs needs root (CI and scripts/test run as root)"
+        );
+        Self {
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// Fills the file system up with one file; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.dir.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let block = vec![0u8; 64 << 10];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+        // Whatever is left below one block.
+        while f.write_all(&[0u8; 512]).is_ok() {}
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+/// A full disk is said as it is: ingest answers UNAVAILABLE naming the full disk (not an
+/// internal "corrupt data" error), health turns NOT_SERVING while commits fail so a load
+/// balancer sends calls elsewhere, and once space is free again the hub commits and
+/// reports SERVING without a restart. Nothing refused is stored. (SQLite on a tmpfs of its
+/// own on either test pass; PostgreSQL reports its full disk as SQLSTATE 53100, mapped the
+/// same way.)
+#[tokio::test]
+async fn a_full_disk_is_unavailable_not_corrupt_and_health_follows_it() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::mount(&dir.path().join("disk"), "8m");
+    let hub = HubBuilder::new()
+        .set(
+            "storage.url",
+            &format!("{:?}", disk.dir.join("hub.db").display().to_string()),
+        )
+        .set("server.health_check_secs", "1")
+        .set("storage.min_free_mb", "1")
+        .start_in_dir(dir)
+        .await;
+    let mut ingest = hub.ingest().await;
+    submit_new(&mut ingest, "before", 10).await;
+    let filler = disk.fill();
+
+    // Enough new rows that the write-ahead log must grow.
+    let batch: Vec<pb::Rating> = (0..200)
+        .map(|i| {
+            let mut r = rating(&format!("full-{i}"));
+            r.text = "材料反复提交，窗口说明不清楚".repeat(20);
+            r
+        })
+        .collect();
+    let err = ingest
+        .submit_ratings(pb::SubmitRatingsRequest {
+            ratings: batch.clone(),
+        })
+        .await
+        .expect_err("nothing can be committed on a full disk");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("disk full"), "{err:?}");
+    eventually(Duration::from_secs(20), "health NOT_SERVING", || async {
+        health(&hub, "").await == ServingStatus::NotServing
+    })
+    .await;
+
+    std::fs::remove_file(filler).unwrap();
+    eventually(Duration::from_secs(20), "health SERVING again", || async {
+        health(&hub, "").await == ServingStatus::Serving
+    })
+    .await;
+    let results = submit(&mut ingest, batch).await;
+    assert!(
+        results.iter().all(|r| outcome(r) == pb::Outcome::Accepted),
+        "the refused ratings were not stored, so they are new now"
+    );
+    hub.stop().await;
 }

@@ -186,6 +186,207 @@ async fn completed_cases_get_reminders_then_default_ratings_once() {
     hub.stop().await;
 }
 
+/// Kunming stats over region 5301.
+async fn kunming_group(hub: &TestHub) -> pb::StatsGroup {
+    hub.query()
+        .await
+        .get_stats(pb::GetStatsRequest {
+            filter: Some(pb::RatingFilter {
+                region_code_prefix: "5301".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .groups
+        .remove(0)
+}
+
+/// A rater's own rating, of case `case` in Kunming, made at `at`.
+fn rated(key: &str, case: &str, level: pb::Level, at: i64) -> pb::Rating {
+    let mut r = rating(key);
+    r.case_number = case.into();
+    r.level = level as i32;
+    r.rated_at = Some(rating_hub::time::timestamp_from_micros(at));
+    r
+}
+
+/// A rating made in time but entered after the hub rated the case by default (an offline
+/// hall device, a paper form typed in later; Ordos: "线下评价为差评的，整改后由整改单位及时将
+/// 有关信息录入") replaces the default: the citizen's 差评 is stored and opens its case, and
+/// the default leaves the counts. One made after the default's deadline cannot replace it
+/// (一事一评), and says why. Before, every such rating was refused behind the default.
+#[tokio::test]
+async fn a_rating_made_in_time_but_entered_after_the_default_replaces_it() {
+    // Kunming: 基本满意 after 5 working days; deadline the end of Tuesday 2025-10-14.
+    let t0 = cst("2025-09-30", 10);
+    let clock = Arc::new(ManualClock::at(t0 + 60_000_000));
+    let hub = HubBuilder::new().clock(clock.clone()).start().await;
+    report(
+        &hub,
+        vec![
+            completed("KM-PAPER", "530102", t0),
+            completed("KM-LATE", "530102", t0),
+        ],
+    )
+    .await;
+    clock.set(cst("2025-10-20", 9));
+    assert_eq!(hub.hub.rules().tick().await.unwrap().default_ratings, 2);
+
+    let mut ingest = hub.ingest().await;
+    // Rated on paper on 2025-10-09, typed in on 2025-10-20.
+    let paper = rated(
+        "paper",
+        "KM-PAPER",
+        pb::Level::VeryDissatisfied,
+        cst("2025-10-09", 15),
+    );
+    let stored = submit_one(&mut ingest, paper.clone()).await;
+    assert_eq!(outcome(&stored), pb::Outcome::Accepted, "{stored:?}");
+    // Made after the deadline: the default stands.
+    let late = submit_one(
+        &mut ingest,
+        rated(
+            "late",
+            "KM-LATE",
+            pb::Level::Dissatisfied,
+            cst("2025-10-16", 9),
+        ),
+    )
+    .await;
+    assert_eq!(outcome(&late), pb::Outcome::Invalid, "{late:?}");
+    assert_eq!(late.violations[0].field, "rated_at");
+    assert!(
+        late.violations[0].description.contains("rated by default"),
+        "{late:?}"
+    );
+    // One rating per case still: a second rating of the replaced case is refused.
+    let again = submit_one(
+        &mut ingest,
+        rated(
+            "paper-2",
+            "KM-PAPER",
+            pb::Level::Satisfied,
+            cst("2025-10-09", 16),
+        ),
+    )
+    .await;
+    assert_eq!(outcome(&again), pb::Outcome::Invalid, "{again:?}");
+    assert_eq!(again.violations[0].field, "case_number");
+
+    // The 差评 opened its case.
+    let cases = pb::rectification_service_client::RectificationServiceClient::new(
+        hub.channel_as("tester").await,
+    )
+    .list_cases(pb::ListCasesRequest::default())
+    .await
+    .unwrap()
+    .into_inner()
+    .cases;
+    let case_ids: Vec<&str> = cases.iter().map(|c| c.hub_id.as_str()).collect();
+    assert_eq!(case_ids, [stored.hub_id.as_str()]);
+    // Counted: KM-PAPER's 差评 (not its default), KM-LATE's default.
+    let g = kunming_group(&hub).await;
+    assert_eq!(
+        (
+            g.total,
+            g.very_dissatisfied,
+            g.basically_satisfied,
+            g.default_ratings
+        ),
+        (2, 1, 1, 1),
+        "{g:?}"
+    );
+    assert_eq!(
+        (g.completed_cases, g.rated_cases, g.actively_rated_cases),
+        (2, 2, 1)
+    );
+    // The default stays stored (append-only), and a restart changes nothing.
+    assert_eq!(defaults(&hub).await.len(), 2);
+    let hub = hub.stop().await.restart().await;
+    assert_eq!(hub.hub.rules().tick().await.unwrap().default_ratings, 0);
+    let again = submit_one(&mut hub.ingest().await, paper).await;
+    assert_eq!(outcome(&again), pb::Outcome::Duplicate);
+    hub.stop().await;
+}
+
+/// A case reported completed by two sources gets one default rating, not one per source:
+/// defaults go through the same 一事一评 check, under the writer, as every rating (so a
+/// rating committed after the engine read its page also stops the default).
+#[tokio::test]
+async fn a_case_reported_by_two_sources_gets_one_default_rating() {
+    let t0 = cst("2025-09-30", 10);
+    let clock = Arc::new(ManualClock::at(t0 + 60_000_000));
+    let hub = HubBuilder::new()
+        .clock(clock.clone())
+        .principal("other-system", &["submit"], TestScope::National)
+        .start()
+        .await;
+    report(&hub, vec![completed("KM-TWICE", "530102", t0)]).await;
+    let results =
+        pb::ingest_service_client::IngestServiceClient::new(hub.channel_as("other-system").await)
+            .report_service_cases(pb::ReportServiceCasesRequest {
+                cases: vec![completed("KM-TWICE", "530102", t0)],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+    assert_eq!(outcome(&results[0]), pb::Outcome::Accepted);
+    clock.set(cst("2025-10-20", 9));
+    assert_eq!(hub.hub.rules().tick().await.unwrap().default_ratings, 1);
+    assert_eq!(hub.hub.rules().tick().await.unwrap().default_ratings, 0);
+    assert_eq!(defaults(&hub).await.len(), 1);
+    hub.stop().await;
+}
+
+/// One rating covers every case of its batch (批量业务): the batch's other cases get no
+/// reminder and no default. A staff rating rates the staff member, not the case: its case
+/// still gets its default (statistics count only item ratings as rating a case).
+#[tokio::test]
+async fn batch_ratings_cover_their_cases_and_staff_ratings_do_not() {
+    let t0 = cst("2025-09-30", 10);
+    let clock = Arc::new(ManualClock::at(t0 + 60_000_000));
+    let hub = HubBuilder::new().clock(clock.clone()).start().await;
+    let in_batch = |case: &str| pb::ServiceCase {
+        batch_id: "BATCH-7".into(),
+        ..completed(case, "440103", t0)
+    };
+    report(
+        &hub,
+        vec![
+            in_batch("GD-B1"),
+            in_batch("GD-B2"),
+            completed("KM-S", "530102", t0),
+        ],
+    )
+    .await;
+    let mut ingest = hub.ingest().await;
+    let mut batch = rated("b", "GD-B1", pb::Level::Satisfied, t0 + 120_000_000);
+    batch.region_code = "440103".into();
+    batch.batch_id = "BATCH-7".into();
+    let mut staff = rated("s", "KM-S", pb::Level::Satisfied, t0 + 120_000_000);
+    staff.target_kind = pb::TargetKind::Staff as i32;
+    staff.staff_id = "S-001".into();
+    for r in submit(&mut ingest, vec![batch, staff]).await {
+        assert_eq!(outcome(&r), pb::Outcome::Accepted, "{r:?}");
+    }
+    // Guangdong's reminder comes after 24 hours: none for the batch's cases.
+    clock.set(cst("2025-10-20", 9));
+    let tick = hub.hub.rules().tick().await.unwrap();
+    assert_eq!(
+        (tick.invitations, tick.default_ratings),
+        (0, 1),
+        "no reminder for the rated batch; a default for the staff-rated case: {tick:?}"
+    );
+    let d = defaults(&hub).await;
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].case_number, "KM-S");
+    hub.stop().await;
+}
+
 #[tokio::test]
 async fn a_default_deadline_in_a_year_without_calendar_data_records_nothing() {
     let t0 = cst("2026-12-28", 10);
@@ -294,6 +495,54 @@ mod bad_rating_cases {
             .into_inner()
             .groups
             .remove(0)
+    }
+
+    /// A NUL or another control character in a case note, an appeal's reason or an
+    /// evidence reference is refused with the field named (PostgreSQL cannot store a NUL in
+    /// text: it failed the whole writer group, every rating submitted alongside included).
+    #[tokio::test]
+    async fn control_characters_in_case_steps_are_refused_with_the_field_named() {
+        let clock = Arc::new(ManualClock::at(cst("2025-03-03", 9)));
+        let hub = HubBuilder::new().clock(clock.clone()).start().await;
+        let id = submit_one(
+            &mut hub.ingest().await,
+            bad("a", pb::Level::VeryDissatisfied, &clock),
+        )
+        .await
+        .hub_id;
+        let mut rect = RectificationServiceClient::new(hub.channel_as("tester").await);
+        let case = rect
+            .list_cases(pb::ListCasesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .cases
+            .into_iter()
+            .find(|c| c.hub_id == id)
+            .unwrap();
+        let step = |note: &str, refs: &[&str]| pb::RecordActionRequest {
+            id: case.id,
+            action: pb::CaseAction::Contact as i32,
+            note: note.into(),
+            evidence_refs: refs.iter().map(|s| s.to_string()).collect(),
+            new_deadline: None,
+        };
+        let err = rect
+            .record_action(step("电话回访\u{0}", &[]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert_eq!(bad_request_fields(&err), ["note"]);
+        let err = rect
+            .record_action(step("电话回访", &["doc\u{1b}[31m"]))
+            .await
+            .unwrap_err();
+        assert_eq!(bad_request_fields(&err), ["evidence_refs"]);
+        // Line breaks in a note are text, not control: accepted.
+        rect.record_action(step("电话回访\n核实属实", &[]))
+            .await
+            .unwrap();
+        hub.stop().await;
     }
 
     #[tokio::test]

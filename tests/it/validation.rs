@@ -221,11 +221,50 @@ async fn rating_before_case_completion_is_accepted_and_flagged() {
     hub.stop().await;
 }
 
+/// None of the five policy texts requires a reason for a 差评, and hall devices and SMS or
+/// IVR key presses send only a level: accepted by default, and its case opens (the reason
+/// is collected when the case is verified).
 #[tokio::test]
-async fn bad_rating_without_detail_codes_or_text_is_refused() {
+async fn bad_rating_without_detail_codes_or_text_is_accepted_by_default_and_opens_its_case() {
+    let hub = TestHub::start().await;
     let mut r = rating("x");
     r.level = pb::Level::Dissatisfied as i32;
-    assert_names(&refused(r).await, "detail_codes");
+    let result = submit_one(&mut hub.ingest().await, r).await;
+    assert_eq!(outcome(&result), pb::Outcome::Accepted, "{result:?}");
+    let cases = pb::rectification_service_client::RectificationServiceClient::new(
+        hub.channel_as("tester").await,
+    )
+    .list_cases(pb::ListCasesRequest::default())
+    .await
+    .unwrap()
+    .into_inner()
+    .cases;
+    assert_eq!(
+        cases.iter().map(|c| c.hub_id.clone()).collect::<Vec<_>>(),
+        [result.hub_id]
+    );
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn bad_rating_without_a_reason_is_refused_where_configured() {
+    let hub = TestHub::start_with(&[("validation", "require_reason_for_bad", "true")]).await;
+    let mut r = rating("x");
+    r.level = pb::Level::Dissatisfied as i32;
+    let result = submit_one(&mut hub.ingest().await, r).await;
+    assert_eq!(outcome(&result), pb::Outcome::Invalid);
+    assert_eq!(result.violations[0].field, "detail_codes");
+    hub.stop().await;
+}
+
+/// A default rating stands in for a rater who did not rate; a "default" 差评 would open
+/// no case. Refused, with the field named.
+#[tokio::test]
+async fn a_default_rating_is_never_a_bad_rating() {
+    let mut r = rating("x");
+    r.level = pb::Level::VeryDissatisfied as i32;
+    r.is_default = true;
+    assert_names(&refused(r).await, "is_default");
 }
 
 #[tokio::test]
@@ -241,16 +280,6 @@ async fn bad_rating_with_text_or_codes_is_accepted() {
     for r in submit(&mut ingest, vec![with_text, with_codes]).await {
         assert_eq!(outcome(&r), pb::Outcome::Accepted);
     }
-    hub.stop().await;
-}
-
-#[tokio::test]
-async fn bad_rating_reason_rule_can_be_switched_off() {
-    let hub = TestHub::start_with(&[("validation", "require_reason_for_bad", "false")]).await;
-    let mut r = rating("x");
-    r.level = pb::Level::Dissatisfied as i32;
-    let result = submit_one(&mut hub.ingest().await, r).await;
-    assert_eq!(outcome(&result), pb::Outcome::Accepted);
     hub.stop().await;
 }
 
@@ -279,6 +308,16 @@ async fn detail_codes_may_not_be_empty_strings() {
 async fn attributes_are_bounded() {
     let mut r = rating("x");
     r.attributes = (0..33).map(|i| (format!("k{i}"), "v".into())).collect();
+    assert_names(&refused(r).await, "attributes");
+}
+
+#[tokio::test]
+async fn control_characters_are_refused_in_attribute_keys_and_values() {
+    let mut r = rating("x");
+    r.attributes = [("device".to_string(), "A\u{0}B".to_string())].into();
+    assert_names(&refused(r).await, "attributes[device]");
+    let mut r = rating("x");
+    r.attributes = [("dev\nice".to_string(), "A".to_string())].into();
     assert_names(&refused(r).await, "attributes");
 }
 

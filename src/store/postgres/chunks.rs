@@ -7,8 +7,8 @@ use sqlx::postgres::PgConnection;
 use sqlx::{Postgres, QueryBuilder};
 
 use crate::pb::v1 as pb;
-use crate::store::NewRating;
 use crate::store::chunk::{self, ChunkBackend, FollowUpFacts, Lookups, Pending};
+use crate::store::{NewRating, SUPERSEDED_DEFAULT};
 
 pub(super) struct PgChunks<'c>(pub &'c mut PgConnection);
 
@@ -164,6 +164,26 @@ impl ChunkBackend for PgChunks<'_> {
                 "inserted {inserted} of {n} ratings"
             )));
         }
+        let (replaced, by): (Vec<&[u8]>, Vec<&[u8]>) = pending
+            .iter()
+            .filter_map(|p| {
+                p.supersedes
+                    .as_ref()
+                    .map(|d| (d.as_bytes().as_slice(), p.item.hub_id.as_bytes().as_slice()))
+            })
+            .unzip();
+        if !replaced.is_empty() {
+            sqlx::query(
+                "INSERT INTO rating_exclusions (hub_id, reason, case_id, at, superseded_by) \
+                 SELECT d, $3, 0, $4, b FROM UNNEST($1::bytea[], $2::bytea[]) AS t(d, b)",
+            )
+            .bind(replaced)
+            .bind(by)
+            .bind(SUPERSEDED_DEFAULT)
+            .bind(received_at)
+            .execute(&mut *conn)
+            .await?;
+        }
         let bad: Vec<&Pending<'_>> = pending.iter().filter(|p| p.opens_case()).collect();
         if !bad.is_empty() {
             let hub_ids: Vec<&[u8]> = bad
@@ -265,23 +285,32 @@ fn push_lookups<'a>(qb: &mut QueryBuilder<'a, Postgres>, chunk: &'a [&'a NewRati
         );
     }
 
-    // 2. Counting rules: cases, batches and visits that already have a rating.
-    let items = chunk::counted(chunk, pb::TargetKind::Item);
-    if items.clone().next().is_some() {
-        let (orgs, cases): (Vec<&str>, Vec<&str>) = items
-            .clone()
+    // 2. Counting rules: cases, batches and visits that already have a rating. A case's
+    // item ratings say whether a rater rated it (n = -1, listed first) or only the hub's
+    // default did (n = the default's rated_at), leaving out defaults already superseded.
+    let case_items = chunk::case_rated_candidates(chunk);
+    if case_items.clone().next().is_some() {
+        let (orgs, cases): (Vec<&str>, Vec<&str>) = case_items
             .map(|i| (org(i), i.rating.case_number.as_str()))
             .unzip();
         part(
             qb,
-            "SELECT 2, k.o, k.c, NULL, NULL, NULL, NULL FROM (SELECT DISTINCT * FROM UNNEST(",
+            "SELECT 2, k.o, k.c, NULL, r.hub_id, NULL, r.n FROM (SELECT DISTINCT * FROM UNNEST(",
         );
-        qb.push_bind(orgs).push("::text[], ").push_bind(cases).push(
-            "::text[])) AS k(o, c) CROSS JOIN LATERAL (SELECT 1 FROM ratings \
+        qb.push_bind(orgs)
+            .push("::text[], ")
+            .push_bind(cases)
+            .push(format!(
+                "::text[])) AS k(o, c) CROSS JOIN LATERAL (SELECT hub_id, \
+                 CASE WHEN is_default THEN rated_at ELSE -1 END AS n FROM ratings \
                  WHERE org_credit_code = k.o AND case_number = k.c \
-                 AND target_kind = 1 AND follow_up_of = '' LIMIT 1) r",
-        );
+                 AND target_kind = 1 AND follow_up_of = '' \
+                 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x \
+                     WHERE x.hub_id = ratings.hub_id AND x.reason = {SUPERSEDED_DEFAULT}) \
+                 ORDER BY is_default LIMIT 2) r"
+            ));
     }
+    let items = chunk::counted(chunk, pb::TargetKind::Item);
     let batched = items.filter(|i| !i.rating.body.batch_id.is_empty());
     if batched.clone().next().is_some() {
         let (orgs, batches): (Vec<&str>, Vec<&str>) = batched
@@ -435,6 +464,7 @@ mod tests {
                 max_group_commit: 1,
                 write_queue: 1,
                 read_connections: 1,
+                read_wait: std::time::Duration::from_secs(5),
                 instance: "test".into(),
             },
             Arc::new(SystemClock),

@@ -12,8 +12,9 @@ use sqlx::sqlite::{SqliteConnection, SqliteRow};
 use sqlx::{Either, QueryBuilder, Sqlite};
 
 use crate::pb::v1 as pb;
-use crate::store::NewRating;
 use crate::store::chunk::{self, ChunkBackend, FollowUpFacts, Lookups, Pending};
+use crate::store::{NewRating, SUPERSEDED_DEFAULT};
+use uuid::Uuid;
 
 /// The writer's open transaction. Statements pushed here wait for the next trip; a failed
 /// trip leaves the transaction to be rolled back by the caller ([`rollback`]).
@@ -201,6 +202,22 @@ impl ChunkBackend for GroupTx<'_> {
             });
             qb.push(";");
         }
+        let replaced: Vec<(Uuid, Uuid)> = pending
+            .iter()
+            .filter_map(|p| p.supersedes.map(|d| (d, p.item.hub_id)))
+            .collect();
+        if !replaced.is_empty() {
+            let qb = self.defer(Some(replaced.len() as u64));
+            qb.push("INSERT INTO rating_exclusions (hub_id, reason, case_id, at, superseded_by) ");
+            qb.push_values(replaced, |mut b, (default, by)| {
+                b.push_bind(default.as_bytes().to_vec())
+                    .push_bind(SUPERSEDED_DEFAULT)
+                    .push_bind(0i64)
+                    .push_bind(received_at)
+                    .push_bind(by.as_bytes().to_vec());
+            });
+            qb.push(";");
+        }
         let bad: Vec<&NewRating> = pending
             .iter()
             .filter(|p| p.opens_case())
@@ -262,21 +279,27 @@ fn push_lookups(qb: &mut QueryBuilder<'static, Sqlite>, chunk: &[&NewRating]) {
         qb.push(")");
     }
 
-    // 2. Counting rules: cases, batches and visits that already have a rating.
-    let items = chunk::counted(chunk, pb::TargetKind::Item);
-    if items.clone().next().is_some() {
+    // 2. Counting rules: cases, batches and visits that already have a rating. A case's
+    // item ratings say whether a rater rated it (n = -1) or only the hub's default did
+    // (n = the default's rated_at), leaving out defaults already superseded.
+    let cases = chunk::case_rated_candidates(chunk);
+    if cases.clone().next().is_some() {
         part(
             qb,
-            "SELECT 2, org_credit_code, case_number, NULL, NULL, NULL, NULL FROM ratings \
+            "SELECT 2, org_credit_code, case_number, NULL, hub_id, NULL, \
+             CASE WHEN is_default <> 0 THEN rated_at ELSE -1 END FROM ratings \
              WHERE target_kind = 1 AND follow_up_of = '' \
-             AND (org_credit_code, case_number) IN (",
+             AND hub_id NOT IN (SELECT hub_id FROM rating_exclusions WHERE reason = ",
         );
-        qb.push_values(items.clone(), |mut b, i| {
+        qb.push(SUPERSEDED_DEFAULT.to_string());
+        qb.push(") AND (org_credit_code, case_number) IN (");
+        qb.push_values(cases, |mut b, i| {
             b.push_bind(i.rating.org_credit_code.as_str().to_owned())
                 .push_bind(i.rating.case_number.clone());
         });
         qb.push(")");
     }
+    let items = chunk::counted(chunk, pb::TargetKind::Item);
     let batched = items.filter(|i| !i.rating.body.batch_id.is_empty());
     if batched.clone().next().is_some() {
         part(

@@ -26,6 +26,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .btree_map(".")
         // Rater carries PII; its Debug is written by hand to redact it.
         .skip_debug([".ratinghub.v1.Rater"])
+        // prost's codec with a guard against messages that decode to far more than they
+        // weigh (src/codec.rs).
+        .codec_path("crate::codec::GuardedCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -178,6 +178,7 @@ pub struct ServerConfig {
     pub max_batch: usize,
     pub max_message_bytes: usize,
     pub stream_window: usize,
+    pub stream_window_bytes: usize,
     pub shutdown_grace_secs: u64,
     pub health_check_secs: u64,
     pub plaintext_source_system: String,
@@ -377,6 +378,9 @@ impl Config {
         }
         if self.server.stream_window == 0 {
             return fail("server.stream_window must be at least 1");
+        }
+        if self.server.stream_window_bytes < 65_536 {
+            return fail("server.stream_window_bytes must be at least 65536");
         }
         if self.storage.lease_secs < 2 {
             return fail("storage.lease_secs must be at least 2");

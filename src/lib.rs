@@ -8,6 +8,7 @@
 pub mod api;
 pub mod auth;
 pub mod clock;
+pub mod codec;
 pub mod config;
 pub mod domain;
 pub mod pb;

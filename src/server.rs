@@ -221,6 +221,7 @@ pub async fn start_with_clock(
         clock,
         max_batch: config.server.max_batch,
         stream_window: config.server.stream_window,
+        stream_window_bytes: config.server.stream_window_bytes,
         identity,
         pii,
         in_flight: Arc::new(tokio::sync::Semaphore::new(config.limits.max_in_flight)),
@@ -231,6 +232,7 @@ pub async fn start_with_clock(
         stopping,
     });
     let max_msg = config.server.max_message_bytes;
+    crate::codec::set_max_batch(config.server.max_batch);
     let ingest = IngestServiceServer::new(IngestApi::new(state.clone()))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);

@@ -250,6 +250,7 @@ impl IngestService for IngestApi {
         let mut inbound = request.into_inner();
         let state = self.state.clone();
         let window = state.stream_window;
+        let window_bytes = state.stream_window_bytes;
         let (tx, rx) = mpsc::channel(window);
         tokio::spawn(async move {
             let principal = caller.principal.clone();
@@ -257,6 +258,7 @@ impl IngestService for IngestApi {
             // `window`) goes into the next one. Acks therefore follow the stream's order and
             // so does the feed.
             let mut buffer: Vec<Option<pb::Rating>> = Vec::new();
+            let mut buffered_bytes = 0usize;
             let mut buffered_from = 0usize;
             let mut received = 0usize;
             let mut inflight: Option<BoxFuture<'static, Result<Vec<pb::ItemResult>, Status>>> =
@@ -266,6 +268,7 @@ impl IngestService for IngestApi {
             loop {
                 if inflight.is_none() && !buffer.is_empty() {
                     let batch = std::mem::take(&mut buffer);
+                    buffered_bytes = 0;
                     let first = buffered_from;
                     buffered_from = received;
                     let state = state.clone();
@@ -300,12 +303,14 @@ impl IngestService for IngestApi {
                             }
                         }
                     }
-                    // Backpressure: stop reading while `window` ratings wait for a commit.
-                    msg = inbound.next(), if inbound_open && buffer.len() < window => {
+                    // Backpressure: stop reading while `window` ratings (or `window_bytes`
+                    // of them) wait for a commit.
+                    msg = inbound.next(), if inbound_open && buffer.len() < window && buffered_bytes < window_bytes => {
                         match msg {
                             Some(Ok(m)) => {
                                 // Over the rating quota a stream is slowed, not refused.
                                 principal.wait_for_rating().await;
+                                buffered_bytes += m.rating.as_ref().map_or(0, prost::Message::encoded_len);
                                 buffer.push(m.rating);
                                 received += 1;
                             }

@@ -36,6 +36,7 @@ pub struct HubState {
     pub clock: Arc<dyn Clock>,
     pub max_batch: usize,
     pub stream_window: usize,
+    pub stream_window_bytes: usize,
     pub identity: Identity,
     pub pii: Arc<PiiKeys>,
     pub in_flight: Arc<Semaphore>,

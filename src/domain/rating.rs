@@ -32,7 +32,7 @@ impl Default for IngestRules {
     fn default() -> Self {
         Self {
             clock_skew_secs: 300,
-            // docs/decisions/0006-bad-ratings-without-a-reason.md
+            // docs/decisions/0006-ratings-the-rules-must-not-lose.md
             require_reason_for_bad: false,
         }
     }

@@ -375,3 +375,24 @@ async fn a_stream_with_an_oversized_message_ends_with_its_error_after_the_earlie
     );
     hub.stop().await;
 }
+
+/// A message of hundreds of thousands of empty repeated entries weighs little on the wire and
+/// would decode to tens of MB: the hub refuses it before decoding it, naming the field.
+#[tokio::test]
+async fn a_batch_with_half_a_million_empty_entries_is_refused_before_it_is_decoded() {
+    let hub = TestHub::start().await;
+    let mut heavy = rating("heavy");
+    heavy.indicator_answers = vec![pb::IndicatorAnswer::default(); 500_000];
+    let err = hub
+        .ingest()
+        .await
+        .submit_ratings(pb::SubmitRatingsRequest {
+            ratings: vec![rating("light"), heavy],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert_eq!(bad_request_fields(&err), ["ratings[1].indicator_answers"]);
+    assert_eq!(count(&hub).await, 0, "nothing of the request is stored");
+    hub.stop().await;
+}

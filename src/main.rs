@@ -62,10 +62,19 @@ enum CertsCommand {
         #[arg(long, default_value_t = 825)]
         days: i64,
     },
-    /// Revoke <dir>/<name>.pem: rewrites <dir>/crl.pem, which a running hub re-reads.
+    /// Revoke every certificate issued to a principal (--name), or one by serial (--serial):
+    /// rewrites <dir>/crl.pem, which a running hub reads within a second.
     Revoke {
+        #[arg(long, required_unless_present = "serial", conflicts_with = "serial")]
+        name: Option<String>,
+        /// A serial number in hex, as `certs list` prints it.
         #[arg(long)]
-        name: String,
+        serial: Option<String>,
+        #[arg(long, default_value = "certs/dev")]
+        dir: PathBuf,
+    },
+    /// List the client certificates issued: serial, principal, expiry, revoked or not.
+    List {
         #[arg(long, default_value = "certs/dev")]
         dir: PathBuf,
     },
@@ -104,9 +113,34 @@ fn certs(command: CertsCommand) -> anyhow::Result<()> {
                 pair.key.display()
             );
         }
-        CertsCommand::Revoke { name, dir } => {
-            let crl = pki::revoke_client(&dir, &name)?;
-            println!("revoked {name}; CRL written to {}", crl.display());
+        CertsCommand::Revoke { name, serial, dir } => {
+            let (what, crl) = match (name, serial) {
+                (Some(name), _) => {
+                    let crl = pki::revoke_client(&dir, &name)?;
+                    (format!("every certificate of {name}"), crl)
+                }
+                (None, Some(serial)) => {
+                    let crl = pki::revoke_serial(&dir, &serial)?;
+                    (format!("serial {serial}"), crl)
+                }
+                (None, None) => unreachable!("clap requires --name or --serial"),
+            };
+            println!("revoked {what}; CRL written to {}", crl.display());
+        }
+        CertsCommand::List { dir } => {
+            println!(
+                "{:<34} {:<24} {:<22} status",
+                "serial", "principal", "not after"
+            );
+            for c in pki::list_issued(&dir)? {
+                println!(
+                    "{:<34} {:<24} {:<22} {}",
+                    c.serial_hex,
+                    c.name,
+                    c.not_after,
+                    if c.revoked { "revoked" } else { "valid" }
+                );
+            }
         }
     }
     Ok(())

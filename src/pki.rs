@@ -20,6 +20,8 @@ pub const SERVER_CERT: &str = "server.pem";
 pub const SERVER_KEY: &str = "server.key";
 pub const CRL: &str = "crl.pem";
 const REVOKED_LIST: &str = "revoked.txt";
+/// Every client certificate issued: one line each, "<serial hex> <name> <not after>".
+const ISSUED_LIST: &str = "issued.txt";
 /// The principal the development PKI registers with every role.
 pub const DEV_ADMIN: &str = "dev-admin";
 
@@ -91,6 +93,11 @@ pub fn init_dev(dir: &Path) -> anyhow::Result<bool> {
         issue_client(dir, DEV_ADMIN, Validity::days(825))?;
         created = true;
     }
+    if !dir.join(CRL).exists() {
+        // A PKI made before the CA published a CRL from the start.
+        write_crl(dir, &revoked_serials(dir))?;
+        created = true;
+    }
     Ok(created)
 }
 
@@ -116,6 +123,11 @@ pub fn create_ca(dir: &Path, common_name: &str) -> anyhow::Result<()> {
     let cert = params.self_signed(&key)?;
     write_atomic(&dir.join(CA_CERT), &cert.pem())?;
     write_private(&dir.join(CA_KEY), &key.serialize_pem())?;
+    // A new CA revokes nothing yet, and publishes that: a hub that watches the CRL file
+    // refuses to start without it.
+    write_atomic(&dir.join(REVOKED_LIST), "")?;
+    write_atomic(&dir.join(ISSUED_LIST), "")?;
+    write_crl(dir, &[])?;
     Ok(())
 }
 
@@ -195,32 +207,123 @@ pub fn issue_client(dir: &Path, name: &str, validity: Validity) -> anyhow::Resul
     };
     write_atomic(&pair.cert, &cert.pem())?;
     write_private(&pair.key, &key.serialize_pem())?;
+    record_issued(dir, &serial_of(&pair.cert)?, name, validity)?;
     Ok(pair)
 }
 
-/// Revokes `<dir>/<name>.pem`: adds its serial to the CA's list and rewrites `<dir>/crl.pem`
-/// (atomically; a running hub picks it up at the next handshake).
-pub fn revoke_client(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
-    check_principal_name(name)?;
-    let pem_path = dir.join(format!("{name}.pem"));
-    let pem =
-        std::fs::read(&pem_path).with_context(|| format!("reading {}", pem_path.display()))?;
+/// Appends an issued client certificate to `<dir>/issued.txt`.
+fn record_issued(
+    dir: &Path,
+    serial_hex: &str,
+    name: &str,
+    validity: Validity,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let path = dir.join(ISSUED_LIST);
+    let not_after = validity
+        .not_after
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(f, "{serial_hex} {name} {not_after}")?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// The serial number (hex) of the PEM certificate at `path`.
+pub fn serial_of(path: &Path) -> anyhow::Result<String> {
+    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let (_, parsed) = x509_parser::pem::parse_x509_pem(&pem)
-        .map_err(|e| anyhow::anyhow!("{} is not a PEM certificate: {e}", pem_path.display()))?;
+        .map_err(|e| anyhow::anyhow!("{} is not a PEM certificate: {e}", path.display()))?;
     let cert = parsed.parse_x509()?;
-    let serial_hex = hex::encode(cert.raw_serial());
-    let list_path = dir.join(REVOKED_LIST);
-    let mut serials: Vec<String> = std::fs::read_to_string(&list_path)
+    Ok(hex::encode(cert.raw_serial()))
+}
+
+fn revoked_serials(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join(REVOKED_LIST))
         .unwrap_or_default()
         .lines()
-        .map(str::to_owned)
+        .map(str::trim)
         .filter(|l| !l.is_empty())
-        .collect();
-    if !serials.contains(&serial_hex) {
-        serials.push(serial_hex);
+        .map(str::to_owned)
+        .collect()
+}
+
+/// One client certificate the CA issued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedCert {
+    pub serial_hex: String,
+    pub name: String,
+    pub not_after: String,
+    pub revoked: bool,
+}
+
+/// Every client certificate issued in `dir`, oldest first, with whether it is revoked.
+pub fn list_issued(dir: &Path) -> anyhow::Result<Vec<IssuedCert>> {
+    let path = dir.join(ISSUED_LIST);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let revoked = revoked_serials(dir);
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            let (serial_hex, name) = (parts.next()?, parts.next()?);
+            Some(IssuedCert {
+                revoked: revoked.iter().any(|r| r == serial_hex),
+                serial_hex: serial_hex.to_owned(),
+                name: name.to_owned(),
+                not_after: parts.next().unwrap_or_default().to_owned(),
+            })
+        })
+        .collect())
+}
+
+/// Adds serials to the CA's revoked list and rewrites `<dir>/crl.pem` (atomically; a running
+/// hub reads it within a second).
+fn revoke_serials(dir: &Path, new: impl IntoIterator<Item = String>) -> anyhow::Result<PathBuf> {
+    let mut serials = revoked_serials(dir);
+    for s in new {
+        let s = s.trim().to_ascii_lowercase();
+        hex::decode(&s).with_context(|| format!("serial {s:?} is not hexadecimal"))?;
+        if !serials.contains(&s) {
+            serials.push(s);
+        }
     }
-    write_atomic(&list_path, &(serials.join("\n") + "\n"))?;
+    write_atomic(&dir.join(REVOKED_LIST), &(serials.join("\n") + "\n"))?;
     write_crl(dir, &serials)
+}
+
+/// Revokes every client certificate issued to `name` (`issued.txt`), and `<dir>/<name>.pem`
+/// (issued before that list was kept): a re-issued certificate does not leave an older one
+/// valid.
+pub fn revoke_client(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    check_principal_name(name)?;
+    let mut serials: Vec<String> = list_issued(dir)?
+        .into_iter()
+        .filter(|c| c.name == name)
+        .map(|c| c.serial_hex)
+        .collect();
+    let current = dir.join(format!("{name}.pem"));
+    if current.exists() {
+        serials.push(serial_of(&current)?);
+    }
+    if serials.is_empty() {
+        bail!("no certificate was issued to {name:?} in {}", dir.display());
+    }
+    revoke_serials(dir, serials)
+}
+
+/// Revokes one certificate by its serial number (hex, as `certs list` prints it).
+pub fn revoke_serial(dir: &Path, serial_hex: &str) -> anyhow::Result<PathBuf> {
+    revoke_serials(dir, [serial_hex.to_owned()])
 }
 
 /// Writes `<dir>/crl.pem` listing the given serials (hex). An empty list is a valid empty CRL.
@@ -287,5 +390,71 @@ mod tests {
         let (_, crl) =
             x509_parser::revocation_list::CertificateRevocationList::from_der(&p.contents).unwrap();
         assert_eq!(crl.iter_revoked_certificates().count(), 1);
+    }
+
+    fn revoked_in_crl(dir: &Path) -> usize {
+        let pem = std::fs::read(dir.join(CRL)).unwrap();
+        let (_, p) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        use x509_parser::prelude::FromDer;
+        let (_, crl) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(&p.contents).unwrap();
+        crl.iter_revoked_certificates().count()
+    }
+
+    /// A principal whose certificate was re-issued has two valid certificates: revoking the
+    /// principal revokes both (before, only the current `<name>.pem`), and one certificate can
+    /// be revoked by the serial `list_issued` shows.
+    #[test]
+    fn revoking_a_principal_revokes_every_certificate_issued_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        init_dev(dir.path()).unwrap();
+        assert_eq!(
+            revoked_in_crl(dir.path()),
+            0,
+            "a new CA publishes an empty CRL"
+        );
+        let first = serial_of(
+            &issue_client(dir.path(), "dept", Validity::days(1))
+                .unwrap()
+                .cert,
+        )
+        .unwrap();
+        let second = serial_of(
+            &issue_client(dir.path(), "dept", Validity::days(1))
+                .unwrap()
+                .cert,
+        )
+        .unwrap();
+        let other = serial_of(
+            &issue_client(dir.path(), "other", Validity::days(1))
+                .unwrap()
+                .cert,
+        )
+        .unwrap();
+        let issued = list_issued(dir.path()).unwrap();
+        let serials: Vec<&str> = issued.iter().map(|c| c.serial_hex.as_str()).collect();
+        assert!(serials.ends_with(&[first.as_str(), second.as_str(), other.as_str()]));
+        assert!(issued.iter().all(|c| !c.revoked));
+
+        revoke_client(dir.path(), "dept").unwrap();
+        let issued = list_issued(dir.path()).unwrap();
+        let revoked: Vec<&str> = issued
+            .iter()
+            .filter(|c| c.revoked)
+            .map(|c| c.serial_hex.as_str())
+            .collect();
+        assert_eq!(revoked, [first.as_str(), second.as_str()]);
+        assert_eq!(revoked_in_crl(dir.path()), 2);
+
+        revoke_serial(dir.path(), &other.to_uppercase()).unwrap();
+        assert!(
+            list_issued(dir.path())
+                .unwrap()
+                .iter()
+                .all(|c| c.revoked || c.name == DEV_ADMIN)
+        );
+        assert_eq!(revoked_in_crl(dir.path()), 3);
+        assert!(revoke_serial(dir.path(), "not-hex").is_err());
+        assert!(revoke_client(dir.path(), "nobody").is_err());
     }
 }

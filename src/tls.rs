@@ -65,82 +65,135 @@ pub fn server_config(files: &TlsFiles) -> anyhow::Result<Arc<rustls::ServerConfi
     Ok(Arc::new(config))
 }
 
-/// Verifies client certificates with webpki against fixed roots and CRLs re-read whenever a
-/// CRL file's modification time changes (checked at each handshake: one `stat` per file).
+/// Verifies client certificates with webpki against fixed roots and the configured CRLs.
+///
+/// - Every configured CRL file must exist and hold at least one CRL (PEM, or one DER CRL) when
+///   the hub starts: a CRL that silently revokes nothing is refused, not skipped.
+/// - A watcher thread stats the files every second and rebuilds the verifier when one
+///   changed; handshakes only take the current verifier (no file system calls on the
+///   runtime's threads). A file that disappears, or cannot be read or parsed, keeps the last
+///   good lists: nothing un-revokes a certificate but a new, valid CRL.
+/// - Revocation is checked for the client's own certificate against its issuer's CRL
+///   (webpki's unknown status is a refusal). Intermediate CAs are not checked for revocation:
+///   with root → intermediate → client, configuring the intermediate's CRL is enough, and a
+///   missing root CRL does not lock every client out.
 #[derive(Debug)]
 struct ReloadingVerifier {
-    roots: Arc<RootCertStore>,
     subjects: Vec<DistinguishedName>,
-    crl_paths: Vec<PathBuf>,
-    current: Mutex<(CrlStamps, Arc<dyn ClientCertVerifier>)>,
+    current: Arc<Mutex<Arc<dyn ClientCertVerifier>>>,
 }
 
-/// Modification times of the CRL files (None: missing), to notice changes.
-type CrlStamps = Vec<Option<SystemTime>>;
+/// Modification times and sizes of the CRL files (None: missing), to notice changes.
+type CrlStamps = Vec<Option<(SystemTime, u64)>>;
+
+/// How often the watcher looks at the CRL files.
+const CRL_POLL: Duration = Duration::from_secs(1);
+
+/// Reads the CRLs of one file: PEM (one or more `X509 CRL` sections), or a single DER CRL.
+pub fn read_crls(
+    path: &std::path::Path,
+) -> anyhow::Result<Vec<CertificateRevocationListDer<'static>>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading CRL {}", path.display()))?;
+    let pem = CertificateRevocationListDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing CRL {}", path.display()))?;
+    if !pem.is_empty() {
+        return Ok(pem);
+    }
+    use x509_parser::prelude::FromDer;
+    match x509_parser::revocation_list::CertificateRevocationList::from_der(&bytes) {
+        Ok(([], _)) => Ok(vec![CertificateRevocationListDer::from(bytes)]),
+        _ => Err(anyhow!(
+            "{} holds no certificate revocation list (neither PEM nor DER)",
+            path.display()
+        )),
+    }
+}
 
 impl ReloadingVerifier {
     fn new(roots: Arc<RootCertStore>, crl_paths: Vec<PathBuf>) -> anyhow::Result<Self> {
-        let stamps = Self::stamps(&crl_paths);
-        let inner = Self::build(&roots, &crl_paths)?;
-        Ok(Self {
-            subjects: roots.subjects(),
-            roots,
-            crl_paths,
-            current: Mutex::new((stamps, inner)),
-        })
-    }
-
-    fn stamps(paths: &[PathBuf]) -> CrlStamps {
-        paths
-            .iter()
-            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-            .collect()
-    }
-
-    fn build(
-        roots: &Arc<RootCertStore>,
-        crl_paths: &[PathBuf],
-    ) -> anyhow::Result<Arc<dyn ClientCertVerifier>> {
-        let mut crls = Vec::new();
-        for path in crl_paths {
-            if !path.exists() {
-                // A CRL file that does not exist yet revokes nothing (e.g. before the first
-                // `rating-hub certs revoke`); it is read as soon as it appears.
-                continue;
-            }
-            for crl in CertificateRevocationListDer::pem_file_iter(path)
-                .with_context(|| format!("reading CRL {}", path.display()))?
-            {
-                crls.push(crl.with_context(|| format!("parsing CRL {}", path.display()))?);
-            }
+        let stamps = stamps(&crl_paths);
+        let inner = build(&roots, &crl_paths)?;
+        let current = Arc::new(Mutex::new(inner));
+        if !crl_paths.is_empty() {
+            let watched = Arc::downgrade(&current);
+            std::thread::Builder::new()
+                .name("crl-watcher".into())
+                .spawn(move || watch_crls(watched, roots, crl_paths, stamps))
+                .context("starting the CRL watcher")?;
         }
-        Ok(
-            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-                .with_crls(crls)
-                .build()?,
-        )
+        let subjects = {
+            let v = current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            v.root_hint_subjects().to_vec()
+        };
+        Ok(Self { subjects, current })
     }
 
     fn verifier(&self) -> Arc<dyn ClientCertVerifier> {
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        let stamps = Self::stamps(&self.crl_paths);
-        if stamps != current.0 {
-            match Self::build(&self.roots, &self.crl_paths) {
-                Ok(v) => {
-                    tracing::info!(
-                        files = self.crl_paths.len(),
-                        "Reloaded certificate revocation lists."
-                    );
-                    *current = (stamps, v);
-                }
-                Err(e) => {
-                    // Keep the previous lists: an unreadable CRL must not un-revoke anyone.
-                    tracing::error!(error = %e, "Cannot reload CRLs; keeping the previous ones.");
-                    current.0 = stamps;
-                }
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+fn stamps(paths: &[PathBuf]) -> CrlStamps {
+    paths
+        .iter()
+        .map(|p| {
+            let m = std::fs::metadata(p).ok()?;
+            Some((m.modified().ok()?, m.len()))
+        })
+        .collect()
+}
+
+fn build(
+    roots: &Arc<RootCertStore>,
+    crl_paths: &[PathBuf],
+) -> anyhow::Result<Arc<dyn ClientCertVerifier>> {
+    let mut crls = Vec::new();
+    for path in crl_paths {
+        crls.extend(read_crls(path)?);
+    }
+    Ok(
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            .build()?,
+    )
+}
+
+/// Rebuilds the verifier when a CRL file changes, until the verifier is dropped.
+fn watch_crls(
+    current: std::sync::Weak<Mutex<Arc<dyn ClientCertVerifier>>>,
+    roots: Arc<RootCertStore>,
+    paths: Vec<PathBuf>,
+    mut seen: CrlStamps,
+) {
+    loop {
+        std::thread::sleep(CRL_POLL);
+        let Some(current) = current.upgrade() else {
+            return;
+        };
+        let now = stamps(&paths);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match build(&roots, &paths) {
+            Ok(v) => {
+                *current.lock().unwrap_or_else(|p| p.into_inner()) = v;
+                tracing::info!(
+                    files = paths.len(),
+                    "Reloaded certificate revocation lists."
+                );
+            }
+            Err(e) => {
+                // Keep the previous lists: a CRL file that disappeared or cannot be read must
+                // not un-revoke anyone.
+                tracing::error!(error = %e, "Cannot reload CRLs; keeping the previous ones.");
             }
         }
-        current.1.clone()
     }
 }
 

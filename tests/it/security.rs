@@ -41,14 +41,43 @@ async fn try_submit_with(hub: &TestHub, identity: Option<&pki::IssuedPair>) -> R
         .map_err(|s| format!("rpc: {s}"))
 }
 
+/// The call failed in the TLS layer (the handshake, or the connection it ended), never as
+/// an answer of the hub's own: a PERMISSION_DENIED or UNAUTHENTICATED would mean the
+/// certificate got through the handshake.
+fn assert_refused_in_tls(result: Result<(), String>) -> String {
+    let err = result.expect_err("the certificate must be refused");
+    assert!(
+        !err.contains("PermissionDenied") && !err.contains("Unauthenticated"),
+        "refused by the application, not by TLS: {err}"
+    );
+    assert!(
+        err.starts_with("connect:") || err.contains("transport") || err.contains("Unavailable"),
+        "not a TLS failure: {err}"
+    );
+    err
+}
+
+/// New connections with `pair` are refused in TLS within `limit`.
+async fn refused_within(hub: &TestHub, pair: &pki::IssuedPair, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let result = try_submit_with(hub, Some(pair)).await;
+        if result.is_err() {
+            assert_refused_in_tls(result);
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still admitted after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn no_client_certificate_is_refused() {
     let hub = TestHub::start().await;
-    let result = try_submit_with(&hub, None).await;
-    assert!(
-        result.is_err(),
-        "a call without a client certificate must fail"
-    );
+    assert_refused_in_tls(try_submit_with(&hub, None).await);
     assert_eq!(count(&hub).await, 0);
     hub.stop().await;
 }
@@ -59,7 +88,7 @@ async fn certificate_from_another_ca_is_refused_even_with_a_registered_name() {
     let other = tempfile::tempdir().unwrap();
     pki::create_ca(other.path(), "some other CA").unwrap();
     let impostor = pki::issue_client(other.path(), "tester", pki::Validity::days(5)).unwrap();
-    assert!(try_submit_with(&hub, Some(&impostor)).await.is_err());
+    assert_refused_in_tls(try_submit_with(&hub, Some(&impostor)).await);
     assert_eq!(count(&hub).await, 0);
     hub.stop().await;
 }
@@ -80,7 +109,7 @@ async fn expired_certificate_is_refused() {
         },
     )
     .unwrap();
-    assert!(try_submit_with(&hub, Some(&expired)).await.is_err());
+    assert_refused_in_tls(try_submit_with(&hub, Some(&expired)).await);
     assert_eq!(count(&hub).await, 0);
     hub.stop().await;
 }
@@ -96,11 +125,8 @@ async fn revoked_certificate_is_refused_without_a_restart() {
         .await
         .expect("accepted before revocation");
     pki::revoke_client(&hub.pki_dir(), "dept").unwrap();
-    let refused = try_submit_with(&hub, Some(&dept)).await;
-    assert!(
-        refused.is_err(),
-        "a new connection with a revoked certificate is refused"
-    );
+    // The CRL watcher reads the file within a second, off the handshake path.
+    refused_within(&hub, &dept, Duration::from_secs(10)).await;
     // Others are unaffected.
     let tester = hub.client_files("tester");
     try_submit_with(&hub, Some(&tester))
@@ -571,5 +597,195 @@ async fn overload_is_shed_with_unavailable_not_queued() {
     assert!(err.message().contains("overloaded"), "{}", err.message());
     drop(tx);
     while acks.next().await.is_some() {}
+    hub.stop().await;
+}
+
+/// A configured CRL that is missing or holds no CRL stops the start (before, it was skipped
+/// and revoked nothing); one that disappears while the hub runs keeps the last good lists
+/// (before, every revocation was lifted).
+#[tokio::test]
+async fn a_missing_or_empty_crl_stops_the_start_and_a_deleted_one_keeps_its_revocations() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nowhere.pem");
+    let err = HubBuilder::new()
+        .set(
+            "tls.crl_files",
+            &format!("[{:?}]", missing.display().to_string()),
+        )
+        .try_start()
+        .await
+        .err()
+        .expect("a hub with a missing CRL must not start");
+    assert!(format!("{err:#}").contains("nowhere.pem"), "{err:#}");
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let err = HubBuilder::new()
+        .set(
+            "tls.crl_files",
+            &format!("[{:?}]", empty.display().to_string()),
+        )
+        .try_start()
+        .await
+        .err()
+        .expect("a hub with an empty CRL file must not start");
+    assert!(
+        format!("{err:#}").contains("holds no certificate revocation list"),
+        "{err:#}"
+    );
+
+    let hub = HubBuilder::new()
+        .principal("dept", &["submit"], TestScope::National)
+        .start()
+        .await;
+    let dept = hub.client_files("dept");
+    pki::revoke_client(&hub.pki_dir(), "dept").unwrap();
+    refused_within(&hub, &dept, Duration::from_secs(10)).await;
+    std::fs::remove_file(hub.pki_dir().join(pki::CRL)).unwrap();
+    // Several watcher rounds (one a second) later, still refused.
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < until {
+        assert_refused_in_tls(try_submit_with(&hub, Some(&dept)).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    hub.stop().await;
+}
+
+/// A CRL in DER form (as many CAs publish it) is read like a PEM one; before, it yielded no
+/// PEM section and revoked nothing.
+#[tokio::test]
+async fn a_der_crl_revokes() {
+    let hub_dir = tempfile::tempdir().unwrap();
+    let pki_dir = hub_dir.path().join("pki");
+    pki::create_ca(&pki_dir, "rating-hub test CA").unwrap();
+    pki::issue_server(
+        &pki_dir,
+        &["localhost", "127.0.0.1"],
+        pki::Validity::days(30),
+    )
+    .unwrap();
+    let dept = pki::issue_client(&pki_dir, "dept", pki::Validity::days(5)).unwrap();
+    pki::revoke_client(&pki_dir, "dept").unwrap();
+    let pem = std::fs::read(pki_dir.join(pki::CRL)).unwrap();
+    let (_, block) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+    let der = hub_dir.path().join("crl.der");
+    std::fs::write(&der, &block.contents).unwrap();
+    let hub = HubBuilder::new()
+        .principal("dept", &["submit"], TestScope::National)
+        .set(
+            "tls.crl_files",
+            &format!("[{:?}]", der.display().to_string()),
+        )
+        .start_in_dir(hub_dir)
+        .await;
+    assert_refused_in_tls(try_submit_with(&hub, Some(&dept)).await);
+    try_submit_with(&hub, Some(&hub.client_files("tester")))
+        .await
+        .expect("the CRL revokes only dept");
+    hub.stop().await;
+}
+
+/// Root → intermediate → client, with only the intermediate's CRL configured (the one that
+/// can list the client): clients are admitted, and a client the intermediate revokes is
+/// refused. Before, webpki checked the intermediate against the root's CRL too, found no
+/// such CRL, and refused every client.
+#[tokio::test]
+async fn a_two_tier_pki_needs_only_the_issuing_cas_crl() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType, IsCa, Issuer,
+        KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason, RevokedCertParams, SerialNumber,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let ca_params = |cn: &str| {
+        let mut p = CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p.not_before = now - time::Duration::days(1);
+        p.not_after = now + time::Duration::days(30);
+        p.use_authority_key_identifier_extension = true;
+        p
+    };
+    let root_key = KeyPair::generate().unwrap();
+    let root_params = ca_params("test root CA");
+    let root = root_params.clone().self_signed(&root_key).unwrap();
+    let root_issuer = Issuer::new(root_params, root_key);
+    let mid_key = KeyPair::generate().unwrap();
+    let mid_params = ca_params("test issuing CA");
+    let mid = mid_params
+        .clone()
+        .signed_by(&mid_key, &root_issuer)
+        .unwrap();
+    let mid_issuer = Issuer::new(mid_params, mid_key);
+    let client = |cn: &str, serial: u8| {
+        let mut p = CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.not_before = now - time::Duration::days(1);
+        p.not_after = now + time::Duration::days(5);
+        p.serial_number = Some(SerialNumber::from_slice(&[serial]));
+        p.use_authority_key_identifier_extension = true;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &mid_issuer).unwrap();
+        let pair = pki::IssuedPair {
+            cert: dir.path().join(format!("{cn}.pem")),
+            key: dir.path().join(format!("{cn}.key")),
+        };
+        // The client presents its chain: its certificate, then the issuing CA's.
+        std::fs::write(&pair.cert, cert.pem() + &mid.pem()).unwrap();
+        std::fs::write(&pair.key, key.serialize_pem()).unwrap();
+        pair
+    };
+    let crl = |revoked: &[u8]| {
+        let params = CertificateRevocationListParams {
+            this_update: now - time::Duration::minutes(5),
+            next_update: now + time::Duration::days(30),
+            crl_number: SerialNumber::from_slice(&[revoked.len() as u8 + 1]),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|s| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&[*s]),
+                    revocation_time: now,
+                    reason_code: Some(RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        params.signed_by(&mid_issuer).unwrap().pem().unwrap()
+    };
+    let (a, b) = (client("dept-a", 10), client("dept-b", 11));
+    let root_file = dir.path().join("root.pem");
+    std::fs::write(&root_file, root.pem()).unwrap();
+    let crl_file = dir.path().join("issuing-ca.crl");
+    pki::write_atomic(&crl_file, &crl(&[])).unwrap();
+    let hub = HubBuilder::new()
+        .principal("dept-a", &["submit"], TestScope::National)
+        .principal("dept-b", &["submit"], TestScope::National)
+        .set(
+            "tls.client_ca",
+            &format!("{:?}", root_file.display().to_string()),
+        )
+        .set(
+            "tls.crl_files",
+            &format!("[{:?}]", crl_file.display().to_string()),
+        )
+        .start()
+        .await;
+    try_submit_with(&hub, Some(&a))
+        .await
+        .expect("dept-a admitted");
+    try_submit_with(&hub, Some(&b))
+        .await
+        .expect("dept-b admitted");
+    pki::write_atomic(&crl_file, &crl(&[11])).unwrap();
+    refused_within(&hub, &b, Duration::from_secs(10)).await;
+    try_submit_with(&hub, Some(&a))
+        .await
+        .expect("dept-a still admitted");
     hub.stop().await;
 }

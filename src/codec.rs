@@ -11,7 +11,6 @@
 
 use std::any::TypeId;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use prost::Message;
 use tonic::Status;
@@ -21,13 +20,15 @@ use tonic_prost::{ProstCodec, ProstDecoder};
 use crate::domain::rating::limits;
 use crate::pb::v1 as pb;
 
-/// The largest batch a request may carry (`server.max_batch`), set when the server starts.
-static MAX_BATCH: AtomicUsize = AtomicUsize::new(1000);
+/// Most items one request may carry, whatever the configuration (`server.max_batch` is
+/// checked against it at start).
+pub const BATCH_CEILING: usize = 10_000;
 
-/// Sets the batch limit the guard enforces (the server's `server.max_batch`).
-pub fn set_max_batch(n: usize) {
-    MAX_BATCH.store(n.max(1), Ordering::Relaxed);
-}
+/// How far past its limit a repeated field may go before the whole message is refused.
+const GUARD_FACTOR: usize = 8;
+
+/// Most repeated entries (of every item together) one message may carry.
+const ENTRY_BUDGET: usize = 400_000;
 
 /// Most quality flags a rating can carry (each flag once).
 const QUALITY_FLAGS: usize = 16;
@@ -93,13 +94,12 @@ impl<U: Message + Default + Send + 'static> Decoder for GuardedDecoder<U> {
 /// Refuses a message of type `U` whose repeated fields hold more entries than allowed.
 pub fn guard<U: 'static>(bytes: &[u8]) -> Result<(), Status> {
     let t = TypeId::of::<U>();
-    let max_batch = MAX_BATCH.load(Ordering::Relaxed);
     let found = if t == TypeId::of::<pb::SubmitRatingsRequest>() {
-        batch(bytes, "ratings", max_batch, rating)
+        batch(bytes, "ratings", BATCH_CEILING, rating)
     } else if t == TypeId::of::<pb::StreamRatingsRequest>() {
         batch(bytes, "rating", usize::MAX, rating)
     } else if t == TypeId::of::<pb::ReportServiceCasesRequest>() {
-        batch(bytes, "cases", max_batch, service_case)
+        batch(bytes, "cases", BATCH_CEILING, service_case)
     } else {
         Ok(())
     };
@@ -184,14 +184,14 @@ fn skip<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
     Some(head)
 }
 
+/// An item check: the item's bytes, its name in errors, the entries counted so far in the
+/// whole message.
+type ItemCheck = fn(&[u8], &str, &mut usize) -> Result<(), Refusal>;
+
 /// A request whose field 1 repeats `item`: at most `max` of them, each checked.
-fn batch(
-    bytes: &[u8],
-    name: &str,
-    max: usize,
-    item: fn(&[u8], &str) -> Result<(), Refusal>,
-) -> Result<(), Refusal> {
+fn batch(bytes: &[u8], name: &str, max: usize, item: ItemCheck) -> Result<(), Refusal> {
     let mut n = 0usize;
+    let mut entries = 0usize;
     for f in fields(bytes) {
         let Some((1, Field::Len(inner))) = f else {
             continue;
@@ -199,7 +199,7 @@ fn batch(
         if n == max {
             return Err(refusal(
                 name.to_owned(),
-                format!("at most {max} per request (server.max_batch)"),
+                format!("at most {max} per request"),
             ));
         }
         let at = if max == usize::MAX {
@@ -207,14 +207,19 @@ fn batch(
         } else {
             format!("{name}[{n}]")
         };
-        item(inner, &at)?;
+        item(inner, &at, &mut entries)?;
         n += 1;
     }
     Ok(())
 }
 
 /// Counts the entries of each of `limited` (field number, name, limit) in one message.
-fn counted(bytes: &[u8], at: &str, limited: &[(u32, &str, usize)]) -> Result<(), Refusal> {
+fn counted(
+    bytes: &[u8],
+    at: &str,
+    entries: &mut usize,
+    limited: &[(u32, &str, usize)],
+) -> Result<(), Refusal> {
     let mut counts = [0usize; 4];
     for f in fields(bytes) {
         let Some((number, field)) = f else {
@@ -224,27 +229,36 @@ fn counted(bytes: &[u8], at: &str, limited: &[(u32, &str, usize)]) -> Result<(),
             continue;
         };
         let (_, name, limit) = limited[i];
-        counts[i] += match field {
+        let n = match field {
             // A packed repeated enum: one entry per varint.
             Field::Len(packed) if name == "quality_flags" => {
                 packed.iter().filter(|b| **b & 0x80 == 0).count()
             }
             _ => 1,
         };
-        if counts[i] > limit {
+        counts[i] += n;
+        *entries += n;
+        if counts[i] > limit * GUARD_FACTOR {
             return Err(refusal(
                 format!("{at}.{name}"),
                 format!("has more than {limit} entries"),
+            ));
+        }
+        if *entries > ENTRY_BUDGET {
+            return Err(refusal(
+                at.to_owned(),
+                format!("the request holds more than {ENTRY_BUDGET} repeated entries"),
             ));
         }
     }
     Ok(())
 }
 
-fn rating(bytes: &[u8], at: &str) -> Result<(), Refusal> {
+fn rating(bytes: &[u8], at: &str, entries: &mut usize) -> Result<(), Refusal> {
     counted(
         bytes,
         at,
+        entries,
         &[
             (17, "detail_codes", limits::DETAIL_CODES),
             (18, "indicator_answers", limits::INDICATORS),
@@ -254,8 +268,13 @@ fn rating(bytes: &[u8], at: &str) -> Result<(), Refusal> {
     )
 }
 
-fn service_case(bytes: &[u8], at: &str) -> Result<(), Refusal> {
-    counted(bytes, at, &[(16, "attributes", limits::ATTRIBUTES)])
+fn service_case(bytes: &[u8], at: &str, entries: &mut usize) -> Result<(), Refusal> {
+    counted(
+        bytes,
+        at,
+        entries,
+        &[(16, "attributes", limits::ATTRIBUTES)],
+    )
 }
 
 #[cfg(test)]
@@ -275,7 +294,7 @@ mod tests {
         let bytes = m.encode_to_vec();
         let t = TypeId::of::<U>();
         if t == TypeId::of::<pb::SubmitRatingsRequest>() {
-            batch(&bytes, "ratings", 1000, rating)
+            batch(&bytes, "ratings", BATCH_CEILING, rating)
         } else {
             batch(&bytes, "rating", usize::MAX, rating)
         }
@@ -309,23 +328,45 @@ mod tests {
             ))
         );
         let stream = pb::StreamRatingsRequest {
-            rating: Some(encoded_rating(33, 0)),
+            rating: Some(encoded_rating(32 * GUARD_FACTOR + 1, 0)),
         };
         assert_eq!(check(&stream).unwrap_err().field, "rating.detail_codes");
     }
 
     #[test]
-    fn a_batch_over_the_limit_is_refused_before_its_ratings_are_decoded() {
+    fn a_batch_over_the_ceiling_is_refused_before_its_ratings_are_decoded() {
         let req = pb::SubmitRatingsRequest {
-            ratings: vec![pb::Rating::default(); 1001],
+            ratings: vec![pb::Rating::default(); BATCH_CEILING + 1],
         };
         assert_eq!(check(&req).unwrap_err().field, "ratings");
     }
 
     #[test]
+    fn a_field_a_little_over_its_limit_is_left_to_the_item_validation() {
+        // 33 detail codes: OUTCOME_INVALID for that item alone, after decoding.
+        let req = pb::SubmitRatingsRequest {
+            ratings: vec![encoded_rating(33, 33)],
+        };
+        assert_eq!(check(&req), Ok(()));
+    }
+
+    #[test]
+    fn many_items_each_within_the_guard_exceed_the_budget_of_the_message() {
+        let req = pb::SubmitRatingsRequest {
+            ratings: vec![encoded_rating(200, 200); 1001],
+        };
+        assert!(
+            check(&req)
+                .unwrap_err()
+                .description
+                .contains("repeated entries")
+        );
+    }
+
+    #[test]
     fn packed_quality_flags_count_each_entry() {
         let mut r = encoded_rating(0, 0);
-        r.quality_flags = vec![1; 17];
+        r.quality_flags = vec![1; QUALITY_FLAGS * GUARD_FACTOR + 1];
         assert_eq!(
             check(&pb::StreamRatingsRequest { rating: Some(r) })
                 .unwrap_err()
@@ -338,6 +379,6 @@ mod tests {
     fn broken_wire_data_is_left_to_prost() {
         // A length past the end: not the guard's to judge.
         assert_eq!(batch(&[0x0a, 0xff, 0x01], "ratings", 10, rating), Ok(()));
-        assert_eq!(rating(&[0x8a, 0x01, 0x05, 0x00], "r"), Ok(()));
+        assert_eq!(rating(&[0x8a, 0x01, 0x05, 0x00], "r", &mut 0), Ok(()));
     }
 }

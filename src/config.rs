@@ -373,8 +373,11 @@ impl Config {
 
     fn check(&self) -> Result<(), ConfigError> {
         let fail = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
-        if self.server.max_batch == 0 {
-            return fail("server.max_batch must be at least 1");
+        if self.server.max_batch == 0 || self.server.max_batch > crate::codec::BATCH_CEILING {
+            return Err(ConfigError::Invalid(format!(
+                "server.max_batch must be 1 to {}",
+                crate::codec::BATCH_CEILING
+            )));
         }
         if self.server.stream_window == 0 {
             return fail("server.stream_window must be at least 1");

@@ -232,7 +232,6 @@ pub async fn start_with_clock(
         stopping,
     });
     let max_msg = config.server.max_message_bytes;
-    crate::codec::set_max_batch(config.server.max_batch);
     let ingest = IngestServiceServer::new(IngestApi::new(state.clone()))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(max_msg);

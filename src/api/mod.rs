@@ -108,8 +108,19 @@ impl HubState {
         rpc: &'static str,
         role: Role,
     ) -> Result<Caller, Status> {
+        self.admit_any(req, rpc, role, None)
+    }
+
+    /// Admits a call that `role` or else `or` (when given) may make.
+    pub fn admit_any<T>(
+        &self,
+        req: &Request<T>,
+        rpc: &'static str,
+        role: Role,
+        or: Option<Role>,
+    ) -> Result<Caller, Status> {
         let principal = self.identify(req)?;
-        if !principal.has(role) {
+        if !principal.has(role) && !or.is_some_and(|r| principal.has(r)) {
             if let Some(suppressed) = crate::telemetry::throttle("api.denied_role") {
                 tracing::warn!(principal = %principal.name, rpc, %role, suppressed, "Denied: role missing.");
             }

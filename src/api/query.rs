@@ -204,9 +204,26 @@ fn stats_group(
         sum / row.total as f64
     });
     let rating_rate = ratio(row.rated_cases, row.completed_cases).min(1.0);
-    let final_score = match (profile.final_score.as_deref(), average_score) {
-        (Some("kunming"), Some(avg)) => Some(kunming_final_score(rating_rate, avg)),
-        _ => None,
+    let active_rating_rate = ratio(row.actively_rated_cases, row.completed_cases).min(1.0);
+    // Kunming: 接受评价率 is what the raters rated themselves (a default is not a rating
+    // accepted; counted, it would give every department its 3 points); unknown, not 0 %,
+    // without 办结 events (docs/decisions/0006).
+    let (final_score, final_score_note) = match (profile.final_score.as_deref(), average_score) {
+        (Some("kunming"), _) if row.completed_cases == 0 => (
+            None,
+            "no 办结 events were reported for this group: 接受评价率, and so the final score, \
+             is unknown (report them with ReportServiceCases)"
+                .to_owned(),
+        ),
+        (Some("kunming"), Some(avg)) => (
+            Some(kunming_final_score(active_rating_rate, avg)),
+            String::new(),
+        ),
+        (Some("kunming"), None) => (
+            None,
+            "no ratings in this group: there is no average score".to_owned(),
+        ),
+        _ => (None, String::new()),
     };
     let [
         very_satisfied,
@@ -235,13 +252,14 @@ fn stats_group(
         rated_cases: row.rated_cases,
         actively_rated_cases: row.actively_rated_cases,
         rating_rate,
-        active_rating_rate: ratio(row.actively_rated_cases, row.completed_cases).min(1.0),
+        active_rating_rate,
         unrated_rate: if row.completed_cases == 0 {
             0.0
         } else {
             1.0 - rating_rate
         },
         final_score,
+        final_score_note,
         flagged: row.flagged,
         bad_rating_cases: row.bad_cases.cases,
         rectified_cases: row.bad_cases.rectified,

@@ -106,6 +106,33 @@ impl RectificationApi {
         Ok(case)
     }
 
+    /// An extension (延期): the rated organisation sets its own new deadline once, before the
+    /// current one has passed (Ordos: "不能及时整改的应明确整改措施和完成时限" — the unit
+    /// declares it); any further extension is the authority's (the `admin` role) to grant.
+    /// The new deadline is later than the current one.
+    fn check_extension(
+        &self,
+        caller: &Caller,
+        case: &StoredBadCase,
+        v: &CaseView,
+        new: i64,
+    ) -> Result<(), Status> {
+        if v.extensions >= 1 && !caller.principal.has(Role::Admin) {
+            return Err(Status::failed_precondition(format!(
+                "case {}: cannot record EXTEND: the case was already extended once; a further \
+                 extension is granted by the authority (admin role)",
+                case.id
+            )));
+        }
+        if v.rectify_deadline.is_some_and(|current| new <= current) {
+            return Err(bad_request(&[violation(
+                "new_deadline",
+                "must be later than the current rectification deadline",
+            )]));
+        }
+        Ok(())
+    }
+
     /// Checks the step against the case's history and appends it.
     async fn append(
         &self,
@@ -125,13 +152,12 @@ impl RectificationApi {
             )));
         }
         if next == CaseAction::Extend {
-            let new = entry.new_deadline_micros.unwrap_or_default();
-            if v.rectify_deadline.is_some_and(|d| new <= d) {
-                return Err(bad_request(&[violation(
-                    "new_deadline",
-                    "must be later than the current rectification deadline",
-                )]));
-            }
+            self.check_extension(
+                caller,
+                &case,
+                &v,
+                entry.new_deadline_micros.unwrap_or_default(),
+            )?;
         }
         let exclude = exclude.then_some((case.hub_id, entry.appeal_outcome));
         let written = self
@@ -338,13 +364,14 @@ impl RectificationService for RectificationApi {
         request: Request<pb::RecordActionRequest>,
     ) -> Result<Response<pb::RecordActionResponse>, Status> {
         let action = CaseAction::try_from(request.get_ref().action).unwrap_or_default();
-        // Spot checks are the authority's; every other step is the rated organisation's.
-        let role = if action == CaseAction::SpotCheck {
-            Role::Admin
-        } else {
-            Role::Rectify
+        // Spot checks are the authority's; every other step is the rated organisation's, and
+        // an extension beyond the organisation's own one is the authority's to grant.
+        let (role, or) = match action {
+            CaseAction::SpotCheck => (Role::Admin, None),
+            CaseAction::Extend => (Role::Rectify, Some(Role::Admin)),
+            _ => (Role::Rectify, None),
         };
-        let caller = self.state.admit(&request, "RecordAction", role)?;
+        let caller = self.state.admit_any(&request, "RecordAction", role, or)?;
         let req = request.into_inner();
         let mut v = Vec::new();
         if matches!(

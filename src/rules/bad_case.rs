@@ -21,6 +21,8 @@ pub struct CaseView {
     pub appeal_pending: bool,
     pub spot_check_selected: bool,
     pub spot_checked: bool,
+    /// Extensions recorded so far.
+    pub extensions: u32,
 }
 
 fn action(e: &CaseEntryRecord) -> CaseAction {
@@ -42,11 +44,15 @@ pub fn view(case: &StoredBadCase, profile: &Profile, calendar: &Calendar, now: i
     let mut appeal_filed_at = None;
     let mut appeal_outcome = AppealOutcome::Unspecified;
     let mut spot_checked = false;
+    let mut extensions = 0;
     for e in &case.entries {
         match action(e) {
             CaseAction::Contact if status == CaseStatus::Open => status = CaseStatus::Contacted,
             CaseAction::Rectify | CaseAction::Explain => status = CaseStatus::Resolved,
-            CaseAction::Extend => extended = e.new_deadline_micros.or(extended),
+            CaseAction::Extend => {
+                extended = e.new_deadline_micros.or(extended);
+                extensions += 1;
+            }
             CaseAction::FeedBack => status = CaseStatus::FedBack,
             CaseAction::Callback => status = CaseStatus::CalledBack,
             CaseAction::Archive => status = CaseStatus::Archived,
@@ -117,6 +123,7 @@ pub fn view(case: &StoredBadCase, profile: &Profile, calendar: &Calendar, now: i
         appeal_pending,
         spot_check_selected: spot_check_selected(&case.hub_id, profile.spot_check_share),
         spot_checked,
+        extensions,
     }
 }
 
@@ -136,6 +143,12 @@ pub fn refuse(case: &StoredBadCase, v: &CaseView, next: CaseAction, now: i64) ->
         CaseAction::Extend if !matches!(s, S::Open | S::Contacted) => {
             Some("only an unresolved case can be extended".into())
         }
+        // An extension moves a deadline that has not passed yet: once it passed, the case
+        // is overdue, and that record stands.
+        CaseAction::Extend if v.rectify_deadline.is_some_and(|d| now > d) => Some(format!(
+            "the rectification deadline passed at {}; an overdue case cannot be extended",
+            crate::time::format_cst_micros(v.rectify_deadline.unwrap_or_default())
+        )),
         CaseAction::FeedBack if s != S::Resolved => {
             Some("rectify or explain first (RECTIFY or EXPLAIN), then feed back".into())
         }

@@ -897,12 +897,15 @@ impl Store for SqliteStore {
             qb.push(format!("{expr} AS k{i}, "));
         }
         // A case counts as rated by its own item rating, or by its batch's or theme's
-        // (批量业务 and “一件事”: one rating applies to every case linked to it).
+        // (批量业务 and “一件事”: one rating applies to every case linked to it). A rating an
+        // appeal left out of the scores still rated its case: a malicious 差评 must not make
+        // the department's case "unrated" (docs/decisions/0006). A default rating replaced
+        // by the rater's own (reason 100) does not count; the rating that replaced it does.
         const RATED: &str = "EXISTS (SELECT 1 FROM ratings r WHERE r.org_credit_code = \
              e.org_credit_code AND r.target_kind = 1 AND (r.case_number = e.case_number \
              OR (e.batch_id <> '' AND r.batch_id = e.batch_id) \
              OR (e.theme_id <> '' AND r.theme_id = e.theme_id)) \
-             AND r.hub_id NOT IN (SELECT hub_id FROM rating_exclusions)";
+             AND r.hub_id NOT IN (SELECT hub_id FROM rating_exclusions WHERE reason = 100)";
         qb.push(format!(
             "COUNT(*) AS n, COALESCE(SUM({RATED})), 0) AS rated, \
              COALESCE(SUM({RATED} AND r.is_default = 0)), 0) AS active \

@@ -165,36 +165,36 @@ pub fn exec_on_hub(dir: &Path, sql: &str) {
     }
 }
 
-/// Makes every write of the hub in `dir` to `table` fail (`on`), or work again, with a
-/// trigger that raises an error while a switch row says so.
-pub fn fail_writes_to(dir: &Path, table: &str, on: bool) {
+/// Makes every write of the hub in `dir` that moves an upstream's delivery cursor fail
+/// (`on`), or work again, with a trigger that raises an error while a switch row says so.
+/// Writes that leave the cursor alone (lease renewals, pause and resume) go through. (The
+/// state row exists from the hub's start, so cursor writes are updates.)
+pub fn fail_cursor_writes(dir: &Path, on: bool) {
     let flag = i32::from(on);
     if enabled() {
         exec_on_hub(
             dir,
             &format!(
-                "CREATE TABLE IF NOT EXISTS test_fail_{table} (on_ INT NOT NULL); \
-                 DELETE FROM test_fail_{table}; INSERT INTO test_fail_{table} VALUES ({flag}); \
-                 CREATE OR REPLACE FUNCTION test_fail_{table}() RETURNS trigger AS $$ BEGIN \
-                   IF (SELECT on_ FROM test_fail_{table}) = 1 THEN \
-                     RAISE EXCEPTION 'test: writes to {table} fail'; END IF; \
+                "CREATE TABLE IF NOT EXISTS test_fail_cursor (on_ INT NOT NULL); \
+                 DELETE FROM test_fail_cursor; INSERT INTO test_fail_cursor VALUES ({flag}); \
+                 CREATE OR REPLACE FUNCTION test_fail_cursor() RETURNS trigger AS $$ BEGIN \
+                   IF (SELECT on_ FROM test_fail_cursor) = 1 \
+                      AND NEW.cursor IS DISTINCT FROM OLD.cursor THEN \
+                     RAISE EXCEPTION 'test: writes to upstream_state fail'; END IF; \
                    RETURN NEW; END $$ LANGUAGE plpgsql; \
-                 CREATE OR REPLACE TRIGGER test_fail_{table} BEFORE INSERT OR UPDATE ON {table} \
-                   FOR EACH ROW EXECUTE FUNCTION test_fail_{table}();"
+                 CREATE OR REPLACE TRIGGER test_fail_cursor BEFORE UPDATE ON upstream_state \
+                   FOR EACH ROW EXECUTE FUNCTION test_fail_cursor();"
             ),
         );
     } else {
         exec_on_hub(
             dir,
             &format!(
-                "CREATE TABLE IF NOT EXISTS test_fail_{table} (on_ INT NOT NULL); \
-                 DELETE FROM test_fail_{table}; INSERT INTO test_fail_{table} VALUES ({flag}); \
-                 CREATE TRIGGER IF NOT EXISTS test_fail_{table}_u BEFORE UPDATE ON {table} \
-                   WHEN (SELECT on_ FROM test_fail_{table}) = 1 \
-                   BEGIN SELECT RAISE(ABORT, 'test: writes to {table} fail'); END; \
-                 CREATE TRIGGER IF NOT EXISTS test_fail_{table}_i BEFORE INSERT ON {table} \
-                   WHEN (SELECT on_ FROM test_fail_{table}) = 1 \
-                   BEGIN SELECT RAISE(ABORT, 'test: writes to {table} fail'); END;"
+                "CREATE TABLE IF NOT EXISTS test_fail_cursor (on_ INT NOT NULL); \
+                 DELETE FROM test_fail_cursor; INSERT INTO test_fail_cursor VALUES ({flag}); \
+                 CREATE TRIGGER IF NOT EXISTS test_fail_cursor BEFORE UPDATE ON upstream_state \
+                   WHEN (SELECT on_ FROM test_fail_cursor) = 1 AND NEW.cursor IS NOT OLD.cursor \
+                   BEGIN SELECT RAISE(ABORT, 'test: writes to upstream_state fail'); END;"
             ),
         );
     }

@@ -536,7 +536,7 @@ async fn a_cursor_write_that_fails_holds_delivery_and_loses_no_dead_letter() {
     let hub = upstream(HubBuilder::new(), "fake", &fake.url())
         .start()
         .await;
-    crate::pg::fail_writes_to(hub.dir.path(), "upstream_state", true);
+    crate::pg::fail_cursor_writes(hub.dir.path(), true);
 
     let rejected: HashSet<String> = submit_many(&hub, "r", 100).await.into_iter().collect();
     eventually(LIMIT, "the cursor write's failure shown", || async {
@@ -550,7 +550,7 @@ async fn a_cursor_write_that_fails_holds_delivery_and_loses_no_dead_letter() {
     assert_eq!(st.cursor, 0, "nothing stored: {st:?}");
     assert_eq!(st.lag_records, 100, "{st:?}");
 
-    crate::pg::fail_writes_to(hub.dir.path(), "upstream_state", false);
+    crate::pg::fail_cursor_writes(hub.dir.path(), false);
     let accepted: HashSet<String> = submit_many(&hub, "a", 50).await.into_iter().collect();
     fake.wait_until(LIMIT, "the accepted ratings", |got| {
         accepted.iter().all(|id| got.contains_key(id))

@@ -181,8 +181,10 @@ async fn completed_cases_get_reminders_then_default_ratings_once() {
         (1.0, 0.5, 0.0)
     );
     assert_eq!(g.average_score, Some((10.0 + 6.0) / 2.0));
-    // Acceptance 100 % → 3; average 8.0 → 5.
-    assert_eq!(g.final_score, Some(8.0));
+    // 接受评价率 is what the raters rated themselves: 50 % → 0 (the default is no rating
+    // accepted; counted, every department would get the 3 points); average 8.0 → 5.
+    assert_eq!(g.final_score, Some(5.0));
+    assert_eq!(g.final_score_note, "");
     hub.stop().await;
 }
 
@@ -449,9 +451,13 @@ async fn guangdong_and_kunming_score_the_same_ratings_as_their_tables_say() {
     assert_eq!(km.good_rate, 2.0 / 6.0);
     assert_eq!(km.bad_rate, 0.5);
     assert!(
-        gd.final_score.is_none(),
+        gd.final_score.is_none() && gd.final_score_note.is_empty(),
         "only Kunming defines a final score"
     );
+    // No 办结 events reported: 接受评价率 is unknown, so is the final score, and it says so
+    // (before, a silent 0 for the rate part).
+    assert_eq!(km.final_score, None);
+    assert!(km.final_score_note.contains("no 办结 events"), "{km:?}");
     // Yunnan defines no score table: no average rather than an invented one.
     assert_eq!(stats("yunnan").await.average_score, None);
     let err = hub
@@ -542,6 +548,79 @@ mod bad_rating_cases {
         rect.record_action(step("电话回访\n核实属实", &[]))
             .await
             .unwrap();
+        hub.stop().await;
+    }
+
+    /// 延期: the rated organisation declares its new deadline once, before the current one
+    /// passed; a further extension is the authority's to grant; an overdue case cannot be
+    /// extended (before, any number of extensions, even after the deadline, erased
+    /// "overdue").
+    #[tokio::test]
+    async fn an_extension_comes_once_before_the_deadline_and_more_only_from_the_authority() {
+        let orgs = [org(1)];
+        let clock = Arc::new(ManualClock::at(cst("2025-03-03", 9)));
+        let hub = HubBuilder::new()
+            .clock(clock.clone())
+            .principal("km-dept", &["rectify"], TestScope::Orgs(&orgs))
+            .principal("authority", &["admin"], TestScope::National)
+            .start()
+            .await;
+        let mut ingest = hub.ingest().await;
+        for key in ["x", "y"] {
+            submit_one(&mut ingest, bad(key, pb::Level::Dissatisfied, &clock)).await;
+        }
+        let mut dept = RectificationServiceClient::new(hub.channel_as("km-dept").await);
+        let mut authority = RectificationServiceClient::new(hub.channel_as("authority").await);
+        let cases = dept
+            .list_cases(pb::ListCasesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .cases;
+        let (x, y) = (cases[0].id, cases[1].id);
+        let extend = |id: u64, day: &str| pb::RecordActionRequest {
+            id,
+            action: pb::CaseAction::Extend as i32,
+            note: "需协调系统改造".into(),
+            evidence_refs: vec![],
+            new_deadline: Some(ts(Date::parse(day).unwrap().end_micros() / 1_000_000)),
+        };
+        // The deadline is the end of 2025-03-24; the organisation sets its own, once.
+        dept.record_action(extend(x, "2025-04-30")).await.unwrap();
+        let err = dept
+            .record_action(extend(x, "2025-05-30"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("authority"), "{err:?}");
+        let granted = authority
+            .record_action(extend(x, "2025-05-30"))
+            .await
+            .unwrap()
+            .into_inner()
+            .bad_rating_case
+            .unwrap();
+        assert_eq!(
+            granted.rectify_deadline.unwrap().seconds * 1_000_000,
+            Date::parse("2025-05-30").unwrap().end_micros()
+        );
+
+        // Past its deadline, case y is overdue, and stays so.
+        clock.set(cst("2025-03-25", 9));
+        let err = dept
+            .record_action(extend(y, "2025-04-30"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("passed"), "{err:?}");
+        let y_case = dept
+            .get_case(pb::GetCaseRequest { id: y })
+            .await
+            .unwrap()
+            .into_inner()
+            .bad_rating_case
+            .unwrap();
+        assert!(y_case.overdue, "{y_case:?}");
         hub.stop().await;
     }
 

@@ -115,6 +115,13 @@ struct Refusal {
     description: String,
 }
 
+fn malformed(at: &str) -> Refusal {
+    refusal(
+        at.to_owned(),
+        "is not well-formed protobuf (truncated, or holding a group)",
+    )
+}
+
 fn refusal(field: String, description: impl Into<String>) -> Refusal {
     Refusal {
         field,
@@ -130,7 +137,8 @@ enum Field<'a> {
 }
 
 /// Walks the fields of one message (not into sub-messages); `None` for wire data that is
-/// not well formed (prost then says so itself).
+/// not well formed, or that holds a group (wire types 3 and 4: proto3 has none, and prost
+/// skips an unknown group without the guard seeing inside it).
 fn fields(mut bytes: &[u8]) -> impl Iterator<Item = Option<(u32, Field<'_>)>> {
     let mut broken = false;
     std::iter::from_fn(move || {
@@ -193,9 +201,17 @@ fn batch(bytes: &[u8], name: &str, max: usize, item: ItemCheck) -> Result<(), Re
     let mut n = 0usize;
     let mut entries = 0usize;
     for f in fields(bytes) {
-        let Some((1, Field::Len(inner))) = f else {
+        let Some((number, field)) = f else {
+            return Err(malformed(name));
+        };
+        let (1, Field::Len(inner)) = (number, field) else {
             continue;
         };
+        if max == usize::MAX && n == 1 {
+            // A singular message field given twice is merged by prost, repeated fields
+            // joined: counted apart, each copy could bring its own full allowance.
+            return Err(refusal(name.to_owned(), "is given more than once"));
+        }
         if n == max {
             return Err(refusal(
                 name.to_owned(),
@@ -223,7 +239,7 @@ fn counted(
     let mut counts = [0usize; 4];
     for f in fields(bytes) {
         let Some((number, field)) = f else {
-            return Ok(());
+            return Err(malformed(at));
         };
         let Some(i) = limited.iter().position(|(n, _, _)| *n == number) else {
             continue;
@@ -376,9 +392,41 @@ mod tests {
     }
 
     #[test]
-    fn broken_wire_data_is_left_to_prost() {
-        // A length past the end: not the guard's to judge.
-        assert_eq!(batch(&[0x0a, 0xff, 0x01], "ratings", 10, rating), Ok(()));
-        assert_eq!(rating(&[0x8a, 0x01, 0x05, 0x00], "r", &mut 0), Ok(()));
+    fn broken_wire_data_and_groups_are_refused() {
+        // A length past the end.
+        assert_eq!(
+            batch(&[0x0a, 0xff, 0x01], "ratings", 10, rating),
+            Err(malformed("ratings"))
+        );
+        assert_eq!(
+            rating(&[0x8a, 0x01, 0x05, 0x00], "r", &mut 0),
+            Err(malformed("r"))
+        );
+        // An empty group (field 20) before two million empty ratings: prost would skip the
+        // group and decode the ratings; the guard refuses the message at the group.
+        let mut bytes = vec![0xa3, 0x01, 0xa4, 0x01];
+        bytes.extend([0x0a, 0x00].repeat(1000));
+        assert_eq!(
+            batch(&bytes, "ratings", BATCH_CEILING, rating),
+            Err(malformed("ratings"))
+        );
+        // The same inside a rating.
+        assert_eq!(
+            rating(&[0xa3, 0x01, 0xa4, 0x01], "r", &mut 0),
+            Err(malformed("r"))
+        );
+    }
+
+    #[test]
+    fn a_stream_message_may_carry_its_rating_once() {
+        let one = pb::StreamRatingsRequest {
+            rating: Some(encoded_rating(32, 32)),
+        }
+        .encode_to_vec();
+        let twice = [one.clone(), one].concat();
+        assert_eq!(
+            batch(&twice, "rating", usize::MAX, rating),
+            Err(refusal("rating".into(), "is given more than once"))
+        );
     }
 }

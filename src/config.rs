@@ -509,7 +509,12 @@ impl Origins {
             .max_by_key(|(k, _)| k.len());
         match found {
             Some((_, origin)) => format!("{message} (set by {origin})"),
-            None => format!("{message} (the embedded default)"),
+            // A setting no layer set: its default is at fault.
+            None if key.contains('.') && !key.contains('[') => {
+                format!("{message} (the embedded default)")
+            }
+            // Not about one setting (a profile, an upstream): the message names what.
+            None => message.to_owned(),
         }
     }
 }

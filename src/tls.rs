@@ -170,19 +170,23 @@ fn watch_crls(
     paths: Vec<PathBuf>,
     mut seen: CrlStamps,
 ) {
+    let mut failing: Option<String> = None;
     loop {
         std::thread::sleep(CRL_POLL);
         let Some(current) = current.upgrade() else {
             return;
         };
         let now = stamps(&paths);
-        if now == seen {
+        // Unchanged files are not read again, unless the last reading failed: a failure
+        // that leaves the file as it was (permissions since mended) is tried every round.
+        if now == seen && failing.is_none() {
             continue;
         }
-        seen = now;
         match build(&roots, &paths) {
             Ok(v) => {
                 *current.lock().unwrap_or_else(|p| p.into_inner()) = v;
+                seen = now;
+                failing = None;
                 tracing::info!(
                     files = paths.len(),
                     "Reloaded certificate revocation lists."
@@ -190,8 +194,12 @@ fn watch_crls(
             }
             Err(e) => {
                 // Keep the previous lists: a CRL file that disappeared or cannot be read must
-                // not un-revoke anyone.
-                tracing::error!(error = %e, "Cannot reload CRLs; keeping the previous ones.");
+                // not un-revoke anyone. Said once per distinct failure.
+                let text = format!("{e:#}");
+                if failing.as_deref() != Some(text.as_str()) {
+                    tracing::error!(error = %text, "Cannot reload CRLs; keeping the previous ones.");
+                }
+                failing = Some(text);
             }
         }
     }

@@ -423,7 +423,7 @@ impl HttpJsonSink {
     /// set, the answer must carry one result per record, in order; anything else is an
     /// answer the hub cannot read (never a success). Without it, the answer is about the
     /// whole request: `None` when it says "already exists" of a request of several
-    /// records, which does not tell which of them exist (the caller then sends them one by
+    /// records, which does not tell which of them exist (the relay then sends them one by
     /// one).
     fn read_answer(&self, answer: &Value, n: usize) -> Result<Option<Vec<Delivery>>, SendError> {
         if !self.cfg.results_field.is_empty() {
@@ -475,22 +475,12 @@ impl Sink for HttpJsonSink {
         }
         if !records.is_empty() {
             let n = records.len();
-            let answer = self.post(records.clone()).await?;
-            let judged = match self.read_answer(&answer, n)? {
-                Some(judged) => judged,
-                None => {
-                    // "Already exists" of several records at once: which of them? Each is
-                    // sent on its own, so one that failed is not taken for delivered.
-                    let mut judged = Vec::with_capacity(n);
-                    for record in records {
-                        let answer = self.post(vec![record]).await?;
-                        judged.push(match self.read_answer(&answer, 1)? {
-                            Some(mut one) => one.remove(0),
-                            None => unreachable!("one record's answer is always read"),
-                        });
-                    }
-                    judged
-                }
+            let answer = self.post(records).await?;
+            let Some(judged) = self.read_answer(&answer, n)? else {
+                let (code, msg) = self.answer_text(&answer);
+                return Err(SendError::Ambiguous(redact_numbers(&format!(
+                    "upstream code {code}: {msg}, said of {n} records at once"
+                ))));
             };
             for (i, d) in positions.into_iter().zip(judged) {
                 outcomes[i] = Some(d);

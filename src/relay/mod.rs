@@ -384,7 +384,19 @@ impl Worker {
     /// batches waiting out their retry pause (each on its own timer, up to the schedule's
     /// longest) are woken to send now: this answer was the probe that the upstream is back.
     fn answered(&self) {
-        if self.lock().last_error.take().is_some() {
+        let recovered = {
+            let mut c = self.lock();
+            // A cursor that cannot be stored stays shown until it is stored.
+            if c.last_error
+                .as_ref()
+                .is_some_and(|(e, _)| e.starts_with(CURSOR_ERROR))
+            {
+                false
+            } else {
+                c.last_error.take().is_some()
+            }
+        };
+        if recovered {
             self.control.send_modify(|v| *v += 1);
         }
     }
@@ -469,8 +481,28 @@ impl Worker {
                     ));
                     return Ok(vec![Delivery::Rejected(e); ratings.len()]);
                 }
-                Err(SendError::Retryable(e) | SendError::Malformed(e)) => {
-                    let e = clean_upstream_text(&e);
+                Err(SendError::Ambiguous(e)) if ratings.len() > 1 => {
+                    // Which of them? Each is sent again on its own (through the rate limits,
+                    // with its own retries), so one the upstream refuses is not taken for
+                    // delivered with the rest.
+                    tracing::info!(upstream = %self.name, records = ratings.len(), error = %clean_upstream_text(&e), "The upstream's answer does not say which records it means; sending them one by one.");
+                    let mut outcomes = Vec::with_capacity(ratings.len());
+                    for one in ratings.chunks(1) {
+                        outcomes.extend(Box::pin(self.deliver(one, &stop)).await?);
+                    }
+                    return Ok(outcomes);
+                }
+                Err(
+                    err @ (SendError::Retryable(_)
+                    | SendError::Malformed(_)
+                    | SendError::Ambiguous(_)),
+                ) => {
+                    if matches!(err, SendError::Retryable(_)) {
+                        // "In a row": a failure of another kind in between starts the count
+                        // of unreadable answers again.
+                        malformed = 0;
+                    }
+                    let e = clean_upstream_text(&err.to_string());
                     let wait = self.backoff(attempt);
                     attempt += 1;
                     tracing::warn!(upstream = %self.name, attempt, wait_ms = wait.as_millis() as u64, error = %e, "Delivery failed; will retry.");
@@ -689,7 +721,17 @@ impl Relay {
         // instance agrees on (an instance that does not deliver has only a stale copy in
         // memory, and the one that does may have sent batches whose advance is not stored
         // yet). Its dead letters are stored with it, in the same commit.
-        let cursor = w.store.upstream_state(name).await?.cursor;
+        // While the database cannot be read, the copy in memory (and the error) is all there
+        // is: shown rather than nothing, when an operator needs it most.
+        let cursor = match w.store.upstream_state(name).await {
+            Ok(state) => state.cursor,
+            Err(e) => {
+                if let Some(suppressed) = crate::telemetry::throttle("relay.status_cursor") {
+                    tracing::warn!(upstream = name, error = %e, suppressed, "Cannot read the stored cursor; showing this instance's copy.");
+                }
+                w.cursor.load(Ordering::Acquire)
+            }
+        };
         let lag_records = head.saturating_sub(cursor);
         let lag_seconds = if lag_records > 0 {
             match w.store.received_at(cursor + 1).await? {

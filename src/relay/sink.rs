@@ -28,6 +28,11 @@ pub enum SendError {
     /// a success: retried a few times, then every rating of the batch is dead-lettered.
     #[error("{0}")]
     Malformed(String),
+    /// The answer is about the whole request and does not say which of its records it means
+    /// (an http-json "已存在" said of a request of several records): the relay sends each
+    /// record again on its own, through the upstream's rate limits.
+    #[error("{0}")]
+    Ambiguous(String),
 }
 
 #[async_trait]

@@ -109,6 +109,15 @@ impl Profile {
                     d.level
                 ));
             }
+            if Level::from_str_name(&d.level).is_some_and(crate::domain::rating::is_bad) {
+                // A default stands in for a rater who did not rate (and the hub refuses a
+                // default 差评: docs/decisions/0006).
+                return Err(format!(
+                    "profile {name}: default_rating.level {:?} is a 差评; a default rating \
+                     is 满意 or 基本满意",
+                    d.level
+                ));
+            }
             if d.after == 0 {
                 return Err(format!(
                     "profile {name}: default_rating.after must be at least 1"
@@ -326,6 +335,14 @@ mod tests {
         );
         let e = Profiles::load(&extra, &BTreeMap::new()).unwrap_err();
         assert!(e.contains("mine") && e.contains("GREAT"), "{e}");
+        // A default 差评 would be refused by the writer at every tick: refused at load.
+        extra.get_mut("mine").unwrap().default_rating = Some(DefaultRatingRule {
+            after: 3,
+            unit: DayUnit::WorkingDays,
+            level: "LEVEL_DISSATISFIED".into(),
+        });
+        let e = Profiles::load(&extra, &BTreeMap::new()).unwrap_err();
+        assert!(e.contains("mine") && e.contains("差评"), "{e}");
         let mut regions = BTreeMap::new();
         regions.insert("53".to_string(), "nope".to_string());
         assert!(Profiles::load(&BTreeMap::new(), &regions).is_err());

@@ -38,8 +38,8 @@ pub(crate) struct Lookups {
     pub by_id: HashMap<Uuid, Known>,
     /// (organisation, case number) with an item rating (not a follow-up), and what kind.
     pub cases: HashMap<(String, String), CaseRated>,
-    /// (organisation, batch id) with an item rating.
-    pub batches: HashSet<(String, String)>,
+    /// (organisation, batch id) with an item rating, and what kind.
+    pub batches: HashMap<(String, String), CaseRated>,
     /// (organisation, case number, staff id) with a staff rating.
     pub visits: HashSet<(String, String, String)>,
     /// Recent ratings per (source system, template hash), device and phone tag.
@@ -94,7 +94,16 @@ where
             }
         }
         3 => {
-            l.batches.insert((text(1)?, text(2)?));
+            // As for cases: n is the default's rated_at, or -1 for a rater's own rating.
+            let entry = l.batches.entry((text(1)?, text(2)?)).or_default();
+            match int(6)? {
+                -1 => entry.real = true,
+                at => {
+                    let id =
+                        uuid_from_bytes(&blob(4)?).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+                    entry.default = Some((id, at));
+                }
+            }
         }
         4 => {
             l.visits.insert((text(1)?, text(2)?, text(3)?));
@@ -152,10 +161,10 @@ pub(crate) struct Pending<'a> {
     pub item: &'a NewRating,
     pub seq: u64,
     pub flags: Vec<pb::QualityFlag>,
-    /// The default rating this rating replaces: made by the rater in time, it arrived after
-    /// the hub had rated the case by default (an offline hall device, a paper form typed in
-    /// later). The default leaves the counts (rating_exclusions), with this rating's id.
-    pub supersedes: Option<Uuid>,
+    /// The default ratings this rating replaces: made by the rater in time, it arrived after
+    /// the hub had rated the case (or its batch) by default (an offline hall device, a paper
+    /// form typed in later). They leave the counts (rating_exclusions), with this rating's id.
+    pub supersedes: Vec<Uuid>,
 }
 
 impl Pending<'_> {
@@ -259,53 +268,77 @@ fn follow_up_rule(
     None
 }
 
-/// The default rating a rating replaces, if any: an item rating by a rater (not a default,
-/// not a follow-up) of a case rated so far only by the hub's default rating, made no later
-/// than the default's deadline (the default's `rated_at`). A relayed rating was decided by
-/// the hub below, which replaced the default there: it replaces it here too.
-fn supersedes(item: &NewRating, l: &Lookups) -> Option<Uuid> {
+/// The default ratings a rating replaces: it is an item rating by a rater (not a default,
+/// not a follow-up) of a case whose case — and batch, when it has one — so far has only the
+/// hub's default rating, made no later than that default's deadline (the default's
+/// `rated_at`). A relayed rating was decided by the hub below, which replaced the default
+/// there: it replaces it here too. Empty when it replaces nothing.
+fn supersedes(item: &NewRating, l: &Lookups) -> Vec<Uuid> {
     let r = &item.rating;
     if r.target_kind != pb::TargetKind::Item
         || r.is_default
         || !r.body.follow_up_of.is_empty()
         || r.case_number.is_empty()
     {
-        return None;
+        return Vec::new();
     }
-    let rated = l
-        .cases
-        .get(&(r.org_credit_code.as_str().to_owned(), r.case_number.clone()))?;
-    let (default, deadline) = rated.default?;
-    (!rated.real && (!item.checks.counting || r.rated_at_micros <= deadline)).then_some(default)
+    let org = r.org_credit_code.as_str().to_owned();
+    let case = l.cases.get(&(org.clone(), r.case_number.clone()));
+    let batch = (!r.body.batch_id.is_empty())
+        .then(|| l.batches.get(&(org, r.body.batch_id.clone())))
+        .flatten();
+    let mut replaced = Vec::new();
+    for rated in [case, batch].into_iter().flatten() {
+        if rated.real {
+            // A rater rated it: nothing to replace (the counting rules refuse this one).
+            return Vec::new();
+        }
+        if let Some((default, deadline)) = rated.default {
+            if item.checks.counting && r.rated_at_micros > deadline {
+                return Vec::new();
+            }
+            if !replaced.contains(&default) {
+                replaced.push(default);
+            }
+        }
+    }
+    replaced
 }
 
 /// 一事一评, 一次一评 and one rating per batch, against what is stored and decided so far.
 fn counting_rule(item: &NewRating, l: &Lookups) -> Option<(&'static str, String)> {
     let r = &item.rating;
     let org = r.org_credit_code.as_str().to_owned();
-    if let Some(rated) = l.cases.get(&(org.clone(), r.case_number.clone()))
-        && r.target_kind == pb::TargetKind::Item
-        && !rated.real
-        && !r.is_default
-        && let Some((_, deadline)) = rated.default
-    {
-        // Only a default, and this rating was made after its deadline (one made before
-        // it replaces the default: see `supersedes`).
-        return Some((
-            "rated_at",
-            format!(
-                "case {:?} was rated by default at {} because no rating was made by then; \
-                 a rating made after that ({}) cannot replace it (一事一评)",
-                r.case_number,
-                crate::time::format_cst_micros(deadline),
-                crate::time::format_cst_micros(r.rated_at_micros),
-            ),
-        ));
+    if r.target_kind == pb::TargetKind::Item && !r.is_default {
+        let case = l
+            .cases
+            .get(&(org.clone(), r.case_number.clone()))
+            .map(|c| (c, format!("case {:?}", r.case_number)));
+        let batch = (!r.body.batch_id.is_empty())
+            .then(|| l.batches.get(&(org.clone(), r.body.batch_id.clone())))
+            .flatten()
+            .map(|c| (c, format!("batch {:?}", r.body.batch_id)));
+        for (rated, what) in [case, batch].into_iter().flatten() {
+            if let (false, Some((_, deadline))) = (rated.real, rated.default) {
+                // Only a default, and this rating was made after its deadline (one made
+                // before it replaces the default: see `supersedes`).
+                return Some((
+                    "rated_at",
+                    format!(
+                        "{what} was rated by default at {} because no rating was made by then; \
+                         a rating made after that ({}) cannot replace it (一事一评)",
+                        crate::time::format_cst_micros(deadline),
+                        crate::time::format_cst_micros(r.rated_at_micros),
+                    ),
+                ));
+            }
+        }
     }
     match r.target_kind {
         pb::TargetKind::Item
             if !r.body.batch_id.is_empty()
-                && l.batches.contains(&(org.clone(), r.body.batch_id.clone())) =>
+                && l.batches
+                    .contains_key(&(org.clone(), r.body.batch_id.clone())) =>
         {
             Some((
                 "batch_id",
@@ -365,7 +398,7 @@ async fn write_chunk<B: ChunkBackend>(
             continue;
         }
         let replaces = supersedes(item, &l);
-        if item.checks.counting && replaces.is_none() {
+        if item.checks.counting && replaces.is_empty() {
             let refusal = if !r.body.follow_up_of.is_empty() {
                 // The original may be in this chunk: insert what is pending first.
                 flush(backend, &mut pending, &mut out, received_at).await?;
@@ -411,29 +444,33 @@ async fn write_chunk<B: ChunkBackend>(
         l.by_id.insert(item.hub_id, known.clone());
         l.by_key.insert(k, known);
         if r.target_kind == pb::TargetKind::Item && r.body.follow_up_of.is_empty() {
-            // What the next ratings of this chunk see of the case.
-            let entry = l
-                .cases
-                .entry((r.org_credit_code.as_str().to_owned(), r.case_number.clone()))
-                .or_default();
-            if r.is_default {
-                entry.default = Some((item.hub_id, r.rated_at_micros));
-            } else {
-                entry.real = true;
+            // What the next ratings of this chunk see of the case and its batch.
+            let org = r.org_credit_code.as_str().to_owned();
+            let mut entries = vec![
+                l.cases
+                    .entry((org.clone(), r.case_number.clone()))
+                    .or_default(),
+            ];
+            if !r.body.batch_id.is_empty() {
+                entries.push(l.batches.entry((org, r.body.batch_id.clone())).or_default());
+            }
+            for entry in entries {
+                if r.is_default {
+                    entry.default = Some((item.hub_id, r.rated_at_micros));
+                } else {
+                    entry.real = true;
+                }
             }
         }
-        if item.checks.counting && r.body.follow_up_of.is_empty() {
-            let org = r.org_credit_code.as_str().to_owned();
-            match r.target_kind {
-                pb::TargetKind::Item if !r.body.batch_id.is_empty() => {
-                    l.batches.insert((org, r.body.batch_id.clone()));
-                }
-                pb::TargetKind::Staff => {
-                    l.visits
-                        .insert((org, r.case_number.clone(), r.staff_id.clone()));
-                }
-                _ => {}
-            }
+        if item.checks.counting
+            && r.body.follow_up_of.is_empty()
+            && r.target_kind == pb::TargetKind::Staff
+        {
+            l.visits.insert((
+                r.org_credit_code.as_str().to_owned(),
+                r.case_number.clone(),
+                r.staff_id.clone(),
+            ));
         }
         pending.positions.push(pos);
         pending.rows.push(Pending {

@@ -53,9 +53,47 @@ impl StoreError {
             Self::Unavailable(e.to_string())
         } else if let Some(cause) = Self::storage_cause(e) {
             Self::Storage(format!("{cause}: {e}"))
+        } else if Self::is_transient(e) {
+            Self::Unavailable(format!("the database is busy: {e}"))
         } else {
             Self::Refused(e.to_string())
         }
+    }
+
+    /// Whether the database refused the write for what it holds: a constraint, a value it
+    /// cannot store, an error a trigger raised. Only then is a failed group committed again
+    /// job by job (the job at fault fails alone, the others commit); any other failure would
+    /// fail again, or wait again, for every job.
+    pub fn is_refusal(e: &sqlx::Error) -> bool {
+        let sqlx::Error::Database(db) = e else {
+            return false;
+        };
+        let Some(code) = db.code() else {
+            return false;
+        };
+        if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+            // CONSTRAINT, TOOBIG, MISMATCH, RANGE.
+            return matches!(code.parse::<i32>().map(|c| c & 0xff), Ok(19 | 18 | 20 | 25));
+        }
+        // Data exceptions (22…, a NUL in text among them), integrity violations (23…), an
+        // exception raised by a trigger or function (P0001).
+        code.starts_with("22") || code.starts_with("23") || code == "P0001"
+    }
+
+    /// Whether the database failed the write for the moment only: busy or locked (SQLite),
+    /// a serialization failure, a deadlock, a statement or lock timeout (PostgreSQL). The
+    /// caller may retry.
+    pub fn is_transient(e: &sqlx::Error) -> bool {
+        let sqlx::Error::Database(db) = e else {
+            return false;
+        };
+        let Some(code) = db.code() else {
+            return false;
+        };
+        if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+            return matches!(code.parse::<i32>().map(|c| c & 0xff), Ok(5 | 6));
+        }
+        matches!(code.as_ref(), "40001" | "40P01" | "57014" | "55P03")
     }
 
     /// The same error for another caller of a failed group (errors of sqlx are not `Clone`).

@@ -282,6 +282,10 @@ impl GroupWrite for Writer {
         };
         match &result {
             Ok(_) => self.conn = Some(conn),
+            // The database refused the work: the connection is sound (the transaction is
+            // rolled back before its next use), and a group split job by job after a refusal
+            // does not reconnect once per job.
+            Err(e) if StoreError::is_refusal(e) => self.conn = Some(conn),
             Err(e) => {
                 tracing::warn!(error = %e, "Group commit failed; the writer reconnects for the next one.");
                 let _ = conn.close().await;
@@ -414,24 +418,31 @@ async fn relay_write(
             dead,
         } => {
             if !dead.is_empty() {
+                // Dead letters at or below the stored cursor were decided by the write that
+                // moved it there (this one, committed although its answer was lost, or
+                // another instance's): a write sent again adds nothing. The state row is
+                // locked first, so two instances' writes (an old lease holder still retrying
+                // beside the new one) decide one after the other.
+                let stored: Option<i64> = sqlx::query_scalar(
+                    "SELECT cursor FROM upstream_state WHERE upstream = $1 FOR UPDATE",
+                )
+                .bind(upstream)
+                .fetch_optional(&mut *conn)
+                .await?;
                 let seqs: Vec<i64> = dead.iter().map(|d| d.feed_seq as i64).collect();
                 let errors: Vec<String> = dead.iter().map(|d| d.error.clone()).collect();
                 let attempts: Vec<i64> = dead.iter().map(|d| i64::from(d.attempts)).collect();
                 sqlx::query(
-                    // Dead letters at or below the stored cursor were decided by the write
-                    // that moved it there (this one, committed although its answer was
-                    // lost, or another instance's): a write sent again adds nothing.
                     "INSERT INTO dead_letters (upstream, feed_seq, error, attempts, created_at) \
                      SELECT $1, s, e, a, $5 FROM UNNEST($2::bigint[], $3::text[], $4::bigint[]) \
-                     WITH ORDINALITY AS t(s, e, a, n) \
-                     WHERE s > COALESCE((SELECT cursor FROM upstream_state WHERE upstream = $1), 0) \
-                     ORDER BY n",
+                     WITH ORDINALITY AS t(s, e, a, n) WHERE s > $6 ORDER BY n",
                 )
                 .bind(upstream)
                 .bind(seqs)
                 .bind(errors)
                 .bind(attempts)
                 .bind(now)
+                .bind(stored.unwrap_or(0))
                 .execute(&mut *conn)
                 .await?;
             }
@@ -567,10 +578,14 @@ async fn relay_write(
         .await?
         .rows_affected()),
         RelayWrite::Probe => {
-            // Takes a transaction id, so the commit writes (and flushes) a WAL record.
-            sqlx::query("SELECT pg_current_xact_id()::text")
-                .execute(&mut *conn)
-                .await?;
+            // A real row write (refused on a read-only server), committed and flushed.
+            sqlx::query(
+                "INSERT INTO storage_probe (id, at) VALUES (1, $1) \
+                 ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+            )
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
             Ok(0)
         }
         RelayWrite::RequestReplay { upstream, ids } => {
@@ -1106,8 +1121,8 @@ impl Store for PostgresStore {
              WHERE e.event = 2 AND e.id > $1 AND NOT EXISTS (SELECT 1 FROM ratings r \
                WHERE r.org_credit_code = e.org_credit_code AND r.target_kind = 1 \
                AND (r.case_number = e.case_number \
-                 OR (e.batch_id <> '' AND r.batch_id = e.batch_id) \
-                 OR (e.theme_id <> '' AND r.theme_id = e.theme_id))) \
+                 OR (e.batch_id <> '' AND r.batch_id <> '' AND r.batch_id = e.batch_id) \
+                 OR (e.theme_id <> '' AND r.theme_id <> '' AND r.theme_id = e.theme_id))) \
              ORDER BY e.id LIMIT $2",
         )
         .bind(after_event_id as i64)

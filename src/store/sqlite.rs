@@ -437,13 +437,14 @@ async fn relay_write(
         .await?
         .rows_affected()),
         RelayWrite::Probe => {
-            // Rewrites the database header: a real page write, and a sync at commit.
-            let v: i64 = sqlx::query_scalar("PRAGMA user_version")
-                .fetch_one(&mut *conn)
-                .await?;
-            sqlx::query(&format!("PRAGMA user_version = {}", (v + 1) % 1_000_000))
-                .execute(&mut *conn)
-                .await?;
+            // A real row write, and a sync at commit.
+            sqlx::query(
+                "INSERT INTO storage_probe (id, at) VALUES (1, ?) \
+                 ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+            )
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
             Ok(0)
         }
         RelayWrite::RequestReplay { upstream, ids } => {
@@ -933,8 +934,8 @@ impl Store for SqliteStore {
              WHERE e.event = 2 AND e.id > ? AND NOT EXISTS (SELECT 1 FROM ratings r \
                WHERE r.org_credit_code = e.org_credit_code AND r.target_kind = 1 \
                AND (r.case_number = e.case_number \
-                 OR (e.batch_id <> '' AND r.batch_id = e.batch_id) \
-                 OR (e.theme_id <> '' AND r.theme_id = e.theme_id))) \
+                 OR (e.batch_id <> '' AND r.batch_id <> '' AND r.batch_id = e.batch_id) \
+                 OR (e.theme_id <> '' AND r.theme_id <> '' AND r.theme_id = e.theme_id))) \
              ORDER BY e.id LIMIT ?",
         )
         .bind(after_event_id as i64)

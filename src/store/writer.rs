@@ -261,7 +261,7 @@ async fn commit_group<W: GroupWrite>(
         }
         Err(e) => {
             let error = StoreError::from_failed_commit(&e);
-            if group.len() > 1 && matches!(error, StoreError::Refused(_)) {
+            if group.len() > 1 && StoreError::is_refusal(&e) {
                 // The database refused something in the group (a constraint, a value it
                 // cannot store): nothing of it committed. Each job is tried again on its
                 // own, so only the job at fault fails and every other caller is answered

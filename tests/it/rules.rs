@@ -314,6 +314,44 @@ async fn a_rating_made_in_time_but_entered_after_the_default_replaces_it() {
     hub.stop().await;
 }
 
+/// A batch (批量业务) gets one default rating, recorded on one of its cases; a rater's rating
+/// of another case of the batch, made in time, replaces it (before, the batch rule refused
+/// it behind the default).
+#[tokio::test]
+async fn a_rating_made_in_time_replaces_its_batchs_default() {
+    let t0 = cst("2025-09-30", 10);
+    let clock = Arc::new(ManualClock::at(t0 + 60_000_000));
+    let hub = HubBuilder::new().clock(clock.clone()).start().await;
+    let in_batch = |case: &str| pb::ServiceCase {
+        batch_id: "KM-BATCH".into(),
+        ..completed(case, "530102", t0)
+    };
+    report(&hub, vec![in_batch("KM-B1"), in_batch("KM-B2")]).await;
+    clock.set(cst("2025-10-20", 9));
+    assert_eq!(hub.hub.rules().tick().await.unwrap().default_ratings, 1);
+    let mut paper = rated(
+        "paper-b2",
+        "KM-B2",
+        pb::Level::Dissatisfied,
+        cst("2025-10-10", 11),
+    );
+    paper.batch_id = "KM-BATCH".into();
+    let stored = submit_one(&mut hub.ingest().await, paper).await;
+    assert_eq!(outcome(&stored), pb::Outcome::Accepted, "{stored:?}");
+    let g = kunming_group(&hub).await;
+    assert_eq!(
+        (g.total, g.dissatisfied, g.default_ratings),
+        (1, 1, 0),
+        "the batch's default left the counts: {g:?}"
+    );
+    assert_eq!(
+        (g.completed_cases, g.rated_cases, g.actively_rated_cases),
+        (2, 2, 2),
+        "one rating covers every case of its batch"
+    );
+    hub.stop().await;
+}
+
 /// A case reported completed by two sources gets one default rating, not one per source:
 /// defaults go through the same 一事一评 check, under the writer, as every rating (so a
 /// rating committed after the engine read its page also stops the default).

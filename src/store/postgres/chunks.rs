@@ -166,9 +166,9 @@ impl ChunkBackend for PgChunks<'_> {
         }
         let (replaced, by): (Vec<&[u8]>, Vec<&[u8]>) = pending
             .iter()
-            .filter_map(|p| {
+            .flat_map(|p| {
                 p.supersedes
-                    .as_ref()
+                    .iter()
                     .map(|d| (d.as_bytes().as_slice(), p.item.hub_id.as_bytes().as_slice()))
             })
             .unzip();
@@ -310,24 +310,30 @@ fn push_lookups<'a>(qb: &mut QueryBuilder<'a, Postgres>, chunk: &'a [&'a NewRati
                  ORDER BY is_default LIMIT 2) r"
             ));
     }
-    let items = chunk::counted(chunk, pb::TargetKind::Item);
-    let batched = items.filter(|i| !i.rating.body.batch_id.is_empty());
+    // As for cases: a rater's rating of the batch (n = -1, listed first) or only the hub's
+    // default (n = its rated_at).
+    let batched =
+        chunk::case_rated_candidates(chunk).filter(|i| !i.rating.body.batch_id.is_empty());
     if batched.clone().next().is_some() {
         let (orgs, batches): (Vec<&str>, Vec<&str>) = batched
             .map(|i| (org(i), i.rating.body.batch_id.as_str()))
             .unzip();
         part(
             qb,
-            "SELECT 3, k.o, k.b, NULL, NULL, NULL, NULL FROM (SELECT DISTINCT * FROM UNNEST(",
+            "SELECT 3, k.o, k.b, NULL, r.hub_id, NULL, r.n FROM (SELECT DISTINCT * FROM UNNEST(",
         );
         qb.push_bind(orgs)
             .push("::text[], ")
             .push_bind(batches)
-            .push(
-                "::text[])) AS k(o, b) CROSS JOIN LATERAL (SELECT 1 FROM ratings \
+            .push(format!(
+                "::text[])) AS k(o, b) CROSS JOIN LATERAL (SELECT hub_id, \
+                 CASE WHEN is_default THEN rated_at ELSE -1 END AS n FROM ratings \
                  WHERE org_credit_code = k.o AND batch_id = k.b AND batch_id <> '' \
-                 AND target_kind = 1 AND follow_up_of = '' LIMIT 1) r",
-            );
+                 AND target_kind = 1 AND follow_up_of = '' \
+                 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x \
+                     WHERE x.hub_id = ratings.hub_id AND x.reason = {SUPERSEDED_DEFAULT}) \
+                 ORDER BY is_default LIMIT 2) r"
+            ));
     }
     let visits =
         chunk::counted(chunk, pb::TargetKind::Staff).filter(|i| !i.rating.case_number.is_empty());
@@ -532,9 +538,10 @@ mod tests {
             assert!(!plan.contains(bad), "a look-up part uses {bad}:\n{plan}");
         }
         // Eight parts (the key part has two), each a loop over the chunk's distinct values
-        // with one index search inside; the cases part also probes `rating_exclusions` by its
-        // key for each rating it finds (a superseded default is left out).
-        assert_eq!(plan.matches("Nested Loop").count(), 9, "{plan}");
+        // with one index search inside; the cases and batches parts also probe
+        // `rating_exclusions` by its key for each rating they find (a superseded default is
+        // left out).
+        assert_eq!(plan.matches("Nested Loop").count(), 10, "{plan}");
         let searches = [
             "Index Scan using",
             "Index Only Scan using",
@@ -545,7 +552,7 @@ mod tests {
                 .iter()
                 .map(|s| plan.matches(s).count())
                 .sum::<usize>(),
-            9,
+            10,
             "{plan}"
         );
         writer.close().await.unwrap();

@@ -204,7 +204,7 @@ impl ChunkBackend for GroupTx<'_> {
         }
         let replaced: Vec<(Uuid, Uuid)> = pending
             .iter()
-            .filter_map(|p| p.supersedes.map(|d| (d, p.item.hub_id)))
+            .flat_map(|p| p.supersedes.iter().map(|d| (*d, p.item.hub_id)))
             .collect();
         if !replaced.is_empty() {
             let qb = self.defer(Some(replaced.len() as u64));
@@ -245,6 +245,13 @@ impl ChunkBackend for GroupTx<'_> {
 /// Every look-up of a chunk in one compound statement (one trip to sqlx's SQLite thread
 /// instead of up to seven): each part tags its rows, and the columns are
 /// (tag, text a, text b, text c, blob x, blob y, integer n).
+/// The look-up candidates whose batch matters (see `chunk::case_rated_candidates`).
+fn cases_with_batch<'a>(
+    chunk: &'a [&'a NewRating],
+) -> impl Iterator<Item = &'a NewRating> + Clone + 'a {
+    chunk::case_rated_candidates(chunk).filter(|i| !i.rating.body.batch_id.is_empty())
+}
+
 fn push_lookups(qb: &mut QueryBuilder<'static, Sqlite>, chunk: &[&NewRating]) {
     let mut parts = 0;
     let mut part = |qb: &mut QueryBuilder<'_, Sqlite>, select: &str| {
@@ -287,9 +294,10 @@ fn push_lookups(qb: &mut QueryBuilder<'static, Sqlite>, chunk: &[&NewRating]) {
         part(
             qb,
             "SELECT 2, org_credit_code, case_number, NULL, hub_id, NULL, \
-             CASE WHEN is_default <> 0 THEN rated_at ELSE -1 END FROM ratings \
+             CASE WHEN is_default <> 0 THEN rated_at ELSE -1 END FROM ratings r \
              WHERE target_kind = 1 AND follow_up_of = '' \
-             AND hub_id NOT IN (SELECT hub_id FROM rating_exclusions WHERE reason = ",
+             AND NOT EXISTS (SELECT 1 FROM rating_exclusions x \
+                 WHERE x.hub_id = r.hub_id AND x.reason = ",
         );
         qb.push(SUPERSEDED_DEFAULT.to_string());
         qb.push(") AND (org_credit_code, case_number) IN (");
@@ -299,15 +307,18 @@ fn push_lookups(qb: &mut QueryBuilder<'static, Sqlite>, chunk: &[&NewRating]) {
         });
         qb.push(")");
     }
-    let items = chunk::counted(chunk, pb::TargetKind::Item);
-    let batched = items.filter(|i| !i.rating.body.batch_id.is_empty());
+    let batched = cases_with_batch(chunk);
     if batched.clone().next().is_some() {
         part(
             qb,
-            "SELECT 3, org_credit_code, batch_id, NULL, NULL, NULL, NULL FROM ratings \
+            "SELECT 3, org_credit_code, batch_id, NULL, hub_id, NULL, \
+             CASE WHEN is_default <> 0 THEN rated_at ELSE -1 END FROM ratings r \
              WHERE target_kind = 1 AND follow_up_of = '' AND batch_id <> '' \
-             AND (org_credit_code, batch_id) IN (",
+             AND NOT EXISTS (SELECT 1 FROM rating_exclusions x \
+                 WHERE x.hub_id = r.hub_id AND x.reason = ",
         );
+        qb.push(SUPERSEDED_DEFAULT.to_string());
+        qb.push(") AND (org_credit_code, batch_id) IN (");
         qb.push_values(batched, |mut b, i| {
             b.push_bind(i.rating.org_credit_code.as_str().to_owned())
                 .push_bind(i.rating.body.batch_id.clone());
@@ -440,9 +451,14 @@ mod tests {
             .iter()
             .map(|r| r.get::<String, _>(3))
             .collect();
+        // The tables are named as such or by their aliases (r: ratings, x: exclusions).
         assert!(
-            plan.iter().all(|step| !step.starts_with("SCAN ratings")),
-            "a look-up part scans the table: {plan:#?}"
+            plan.iter().all(
+                |step| !["SCAN ratings", "SCAN r", "SCAN x", "SCAN rating_exclusions"]
+                    .iter()
+                    .any(|scan| step == scan || step.starts_with(&format!("{scan} ")))
+            ),
+            "a look-up part scans a table: {plan:#?}"
         );
         assert!(
             plan.iter().any(|step| step.contains("ratings_device")),

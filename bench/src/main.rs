@@ -27,6 +27,8 @@ use tonic::transport::{
 };
 use tonic::{Request, Response, Status};
 
+mod soak;
+
 use rating_hub::pb::v1 as pb;
 use rating_hub::pb::v1::ingest_service_client::IngestServiceClient;
 use rating_hub::pb::v1::ingest_service_server::{IngestService, IngestServiceServer};
@@ -109,6 +111,30 @@ enum Cmd {
     Echo {
         #[arg(long)]
         pki: PathBuf,
+    },
+    /// The kill -9 loop (needs root: its storage is on a tmpfs of its own, filled once):
+    /// counts acknowledged, stored and delivered ratings; fails on any loss. See
+    /// docs/reliability.md and `scripts/soak`.
+    Soak {
+        #[arg(long, default_value = "target/release/rating-hub")]
+        hub_bin: PathBuf,
+        /// "sqlite" or "postgres" (a throwaway server of its own, started with scripts/pg).
+        #[arg(long, default_value = "sqlite")]
+        backend: String,
+        #[arg(long, default_value_t = 20)]
+        cycles: u32,
+        /// Concurrent callers.
+        #[arg(long, default_value_t = 4)]
+        writers: usize,
+        /// The cycle during which the disk fills for 1.5 s (0: never).
+        #[arg(long, default_value_t = 5)]
+        fill_at: u32,
+        /// Size of the storage's file system, in MiB.
+        #[arg(long, default_value_t = 512)]
+        disk_mb: u32,
+        /// Where to write the report's Markdown table.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -1691,6 +1717,30 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Echo { pki } => echo(&pki).await,
+        Cmd::Soak {
+            hub_bin,
+            backend,
+            cycles,
+            writers,
+            fill_at,
+            disk_mb,
+            out,
+        } => {
+            anyhow::ensure!(
+                matches!(backend.as_str(), "sqlite" | "postgres"),
+                "--backend must be sqlite or postgres"
+            );
+            soak::soak(soak::SoakPlan {
+                hub_bin,
+                postgres: backend == "postgres",
+                cycles,
+                writers,
+                fill_at,
+                disk_mb,
+                out,
+            })
+            .await
+        }
         Cmd::RelayProbe {
             hub_bin,
             rate,

@@ -49,11 +49,21 @@ impl Disk {
     fn mount(dir: &Path, mb: u32) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mb}m,mode=0777"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mb}m,mode=0777"),
+                "tmpfs",
+            ])
             .arg(dir)
             .status()?
             .success();
-        anyhow::ensure!(ok, "cannot mount a tmpfs at {} (the soak runs as root)", dir.display());
+        anyhow::ensure!(
+            ok,
+            "cannot mount a tmpfs at {} (the soak runs as root)",
+            dir.display()
+        );
         Ok(Self(dir.to_owned()))
     }
 
@@ -86,7 +96,10 @@ struct PgServer(PathBuf);
 impl PgServer {
     fn start(dir: &Path) -> anyhow::Result<(Self, String)> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/pg");
-        let out = std::process::Command::new(script).arg("start").arg(dir).output()?;
+        let out = std::process::Command::new(script)
+            .arg("start")
+            .arg(dir)
+            .output()?;
         anyhow::ensure!(
             out.status.success(),
             "scripts/pg start failed: {}",
@@ -100,7 +113,10 @@ impl PgServer {
 impl Drop for PgServer {
     fn drop(&mut self) {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/pg");
-        let _ = std::process::Command::new(script).arg("stop").arg(&self.0).output();
+        let _ = std::process::Command::new(script)
+            .arg("stop")
+            .arg(&self.0)
+            .output();
     }
 }
 
@@ -128,7 +144,9 @@ async fn load(channel: Channel, writer: usize, cycle: u32, seen: Arc<Seen>, stop
             .collect();
         seen.calls.fetch_add(1, Ordering::Relaxed);
         match client
-            .submit_ratings(pb::SubmitRatingsRequest { ratings: batch.clone() })
+            .submit_ratings(pb::SubmitRatingsRequest {
+                ratings: batch.clone(),
+            })
             .await
         {
             Ok(resp) => {
@@ -207,7 +225,10 @@ pub async fn soak(plan: SoakPlan) -> anyhow::Result<()> {
     let disk = Disk::mount(&work.join("disk"), plan.disk_mb)?;
     let (_pg, storage_url) = if plan.postgres {
         let (server, admin) = PgServer::start(&disk.0.join("pg"))?;
-        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b).to_owned();
+        let base = admin
+            .rsplit_once('/')
+            .map_or(admin.as_str(), |(b, _)| b)
+            .to_owned();
         (Some(server), format!("{base}/postgres"))
     } else {
         (None, disk.0.join("hub.db").display().to_string())
@@ -222,11 +243,26 @@ pub async fn soak(plan: SoakPlan) -> anyhow::Result<()> {
         ("RATING_HUB__UPSTREAMS__SINK__ENDPOINT", sink_url.clone()),
         ("RATING_HUB__UPSTREAMS__SINK__BATCH_SIZE", "100".into()),
         ("RATING_HUB__UPSTREAMS__SINK__IN_FLIGHT", "2".into()),
-        ("RATING_HUB__UPSTREAMS__SINK__RETRY_SCHEDULE_MS", "[50, 100, 200, 400]".into()),
-        ("RATING_HUB__UPSTREAMS__SINK__RECORDS_PER_SEC", "1000000".into()),
-        ("RATING_HUB__UPSTREAMS__SINK__RECORDS_BURST", "1000000".into()),
-        ("RATING_HUB__UPSTREAMS__SINK__REQUESTS_PER_SEC", "100000".into()),
-        ("RATING_HUB__UPSTREAMS__SINK__REQUESTS_BURST", "100000".into()),
+        (
+            "RATING_HUB__UPSTREAMS__SINK__RETRY_SCHEDULE_MS",
+            "[50, 100, 200, 400]".into(),
+        ),
+        (
+            "RATING_HUB__UPSTREAMS__SINK__RECORDS_PER_SEC",
+            "1000000".into(),
+        ),
+        (
+            "RATING_HUB__UPSTREAMS__SINK__RECORDS_BURST",
+            "1000000".into(),
+        ),
+        (
+            "RATING_HUB__UPSTREAMS__SINK__REQUESTS_PER_SEC",
+            "100000".into(),
+        ),
+        (
+            "RATING_HUB__UPSTREAMS__SINK__REQUESTS_BURST",
+            "100000".into(),
+        ),
     ];
     let seen = Arc::new(Seen::default());
     let started = Instant::now();
@@ -272,17 +308,37 @@ pub async fn soak(plan: SoakPlan) -> anyhow::Result<()> {
     let delivered: HashSet<String> = sink.received.lock().unwrap().keys().cloned().collect();
     let stored_ids: HashSet<&str> = stored.iter().map(|(id, _)| id.as_str()).collect();
     let mut keys = HashSet::new();
-    let doubled = stored.iter().filter(|(_, k)| !keys.insert(k.as_str())).count();
-    let lost = acked.keys().filter(|id| !stored_ids.contains(id.as_str())).count();
-    let undelivered = stored_ids.iter().filter(|id| !delivered.contains(**id)).count();
-    let unacked_stored = stored_ids.iter().filter(|id| !acked.contains_key(**id)).count();
+    let doubled = stored
+        .iter()
+        .filter(|(_, k)| !keys.insert(k.as_str()))
+        .count();
+    let lost = acked
+        .keys()
+        .filter(|id| !stored_ids.contains(id.as_str()))
+        .count();
+    let undelivered = stored_ids
+        .iter()
+        .filter(|id| !delivered.contains(**id))
+        .count();
+    let unacked_stored = stored_ids
+        .iter()
+        .filter(|id| !acked.contains_key(**id))
+        .count();
     let report = format!(
         "| backend | cycles (kill -9) | disk filled | calls | failed calls | calls failed while full | acknowledged | stored | stored, not acknowledged (in flight at a kill) | delivered | lost | doubled | undelivered | minutes |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n\
          | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | **{}** | **{}** | **{}** | {:.1} |\n",
-        if plan.postgres { "PostgreSQL" } else { "SQLite" },
+        if plan.postgres {
+            "PostgreSQL"
+        } else {
+            "SQLite"
+        },
         plan.cycles,
-        if plan.fill_at > 0 { format!("once (cycle {})", plan.fill_at) } else { "no".into() },
+        if plan.fill_at > 0 {
+            format!("once (cycle {})", plan.fill_at)
+        } else {
+            "no".into()
+        },
         seen.calls.load(Ordering::Relaxed),
         seen.failed_calls.load(Ordering::Relaxed),
         full_failures,
@@ -303,7 +359,10 @@ pub async fn soak(plan: SoakPlan) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&work);
     anyhow::ensure!(lost == 0, "{lost} acknowledged ratings are not stored");
     anyhow::ensure!(doubled == 0, "{doubled} source keys are stored twice");
-    anyhow::ensure!(undelivered == 0, "{undelivered} stored ratings never reached the upstream");
+    anyhow::ensure!(
+        undelivered == 0,
+        "{undelivered} stored ratings never reached the upstream"
+    );
     anyhow::ensure!(
         plan.fill_at == 0 || full_failures > 0,
         "the disk filled but no call failed: the fill did not take"

@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::Stream;
-use sha2::{Digest, Sha256};
+
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -41,9 +41,7 @@ impl SyncApi {
 pub fn digest(ids: &[uuid::Uuid]) -> String {
     let mut acc = [0u8; 32];
     for id in ids {
-        for (a, b) in acc.iter_mut().zip(Sha256::digest(id.as_bytes())) {
-            *a ^= b;
-        }
+        crate::store::fold_digest(&mut acc, id);
     }
     hex::encode(acc)
 }
@@ -220,7 +218,10 @@ impl SyncService for SyncApi {
         if let (Some(f), Some(u)) = (from, until) {
             if u <= f {
                 v.push(violation("rated_until", "must be later than rated_from"));
-            } else if u - f > MAX_RECONCILE_DAYS * 86_400 * 1_000_000 {
+            } else if i128::from(u) - i128::from(f)
+                > i128::from(MAX_RECONCILE_DAYS) * 86_400 * 1_000_000
+            {
+                // i128: extreme timestamps must not wrap past the limit.
                 v.push(violation(
                     "rated_until",
                     format!("the range may span at most {MAX_RECONCILE_DAYS} days"),
@@ -248,13 +249,13 @@ impl SyncService for SyncApi {
         query.rated_from_micros = from;
         query.rated_until_micros = until;
         restrict_to_scope(&caller.principal, &mut query)?;
-        let groups = self.state.store.hub_ids_by_day_org(&query).await?;
+        let groups = self.state.store.day_org_digests(&query).await?;
         Ok(Response::new(pb::ReconcileResponse {
             entries: groups
                 .into_iter()
                 .map(|g| pb::ReconcileEntry {
-                    count: g.hub_ids.len() as u64,
-                    digest: digest(&g.hub_ids),
+                    count: g.count,
+                    digest: hex::encode(g.digest),
                     day: g.day,
                     org_credit_code: g.org_credit_code,
                 })

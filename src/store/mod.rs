@@ -344,12 +344,22 @@ pub struct BadCaseCounts {
     pub called_back: u64,
 }
 
-/// Ratings of one day (UTC+8) and organisation, for reconciliation.
+/// Ratings of one day (UTC+8) and organisation, for reconciliation: how many, and the
+/// order-independent digest of their hub ids (XOR of SHA-256 over each id's 16 bytes).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DayOrgIds {
+pub struct DayOrgDigest {
     pub day: String,
     pub org_credit_code: String,
-    pub hub_ids: Vec<Uuid>,
+    pub count: u64,
+    pub digest: [u8; 32],
+}
+
+/// Adds one hub id to an order-independent digest (see [`DayOrgDigest`]).
+pub fn fold_digest(acc: &mut [u8; 32], hub_id: &Uuid) {
+    use sha2::Digest;
+    for (a, b) in acc.iter_mut().zip(sha2::Sha256::digest(hub_id.as_bytes())) {
+        *a ^= b;
+    }
 }
 
 /// An upstream's durable delivery state.
@@ -553,7 +563,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<PiiAccess>, StoreError>;
 
     /// Hub ids per (day, organisation) of the matching ratings, ordered by day and organisation.
-    async fn hub_ids_by_day_org(&self, query: &RatingQuery) -> Result<Vec<DayOrgIds>, StoreError>;
+    /// Count and digest of the matching ratings per (day, organisation), ordered by day and
+    /// organisation. Rows are folded as they stream from the database: memory grows with the
+    /// groups, not with the ratings.
+    async fn day_org_digests(&self, query: &RatingQuery) -> Result<Vec<DayOrgDigest>, StoreError>;
 
     /// When the rating with this feed sequence was committed.
     async fn received_at(&self, feed_seq: u64) -> Result<Option<i64>, StoreError>;

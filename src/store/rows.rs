@@ -7,7 +7,7 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{
-    BadCaseCounts, CaseCounts, CaseEntryRecord, DayOrgIds, DeadLetter, OpenCase, PiiAccess,
+    BadCaseCounts, CaseCounts, CaseEntryRecord, DayOrgDigest, DeadLetter, OpenCase, PiiAccess,
     StatsRow, StoreError, StoredBadCase, StoredInvitation, StoredRating,
 };
 use crate::pb::v1 as pb;
@@ -234,22 +234,34 @@ pub(crate) fn case_counts(row: &impl Columns, n: usize) -> Result<CaseCounts, sq
 
 /// Folds rows of (day, org_credit_code, hub_id), ordered by day and organisation, into one
 /// entry per (day, organisation).
-pub(crate) fn day_org_ids<'r, R: Columns + 'r>(
-    rows: impl IntoIterator<Item = &'r R>,
-) -> Result<Vec<DayOrgIds>, StoreError> {
-    let mut out: Vec<DayOrgIds> = Vec::new();
-    for row in rows {
+/// Folds the rows of a reconciliation query (day, org_credit_code, hub_id; ordered by day and
+/// organisation) into one count and digest per group, a row at a time.
+#[derive(Default)]
+pub(crate) struct DayOrgFold(Vec<DayOrgDigest>);
+
+impl DayOrgFold {
+    pub fn push<R: Columns>(&mut self, row: &R) -> Result<(), StoreError> {
         let day = row.text("day")?;
         let org = row.text("org_credit_code")?;
         let id = hub_id(row, "hub_id")?;
-        match out.last_mut() {
-            Some(last) if last.day == day && last.org_credit_code == org => last.hub_ids.push(id),
-            _ => out.push(DayOrgIds {
-                day,
-                org_credit_code: org,
-                hub_ids: vec![id],
-            }),
-        }
+        let group = match self.0.last_mut() {
+            Some(last) if last.day == day && last.org_credit_code == org => last,
+            _ => {
+                self.0.push(DayOrgDigest {
+                    day,
+                    org_credit_code: org,
+                    count: 0,
+                    digest: [0; 32],
+                });
+                self.0.last_mut().expect("just pushed")
+            }
+        };
+        group.count += 1;
+        super::fold_digest(&mut group.digest, &id);
+        Ok(())
     }
-    Ok(out)
+
+    pub fn finish(self) -> Vec<DayOrgDigest> {
+        self.0
+    }
 }

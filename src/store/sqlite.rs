@@ -25,7 +25,7 @@ use super::chunk;
 use super::rows::{self, Columns};
 use super::writer::{self, GroupResult, GroupWrite, Job, Queue};
 use super::{
-    BadCaseCounts, CaseCounts, CaseOutcome, DayOrgIds, DeadLetter, InsertOutcome, NewCaseEvent,
+    BadCaseCounts, CaseCounts, CaseOutcome, DayOrgDigest, DeadLetter, InsertOutcome, NewCaseEvent,
     NewRating, OpenCase, PiiAccess, RatingQuery, RelayWrite, ScopeFilter, StatsDimension, StatsRow,
     Store, StoreError, StoredBadCase, StoredInvitation, StoredRating, UpstreamState,
 };
@@ -712,15 +712,19 @@ impl Store for SqliteStore {
         rows.iter().map(rows::pii_access).collect()
     }
 
-    async fn hub_ids_by_day_org(&self, query: &RatingQuery) -> Result<Vec<DayOrgIds>, StoreError> {
+    async fn day_org_digests(&self, query: &RatingQuery) -> Result<Vec<DayOrgDigest>, StoreError> {
         let mut qb = QueryBuilder::<Sqlite>::new(format!(
             "SELECT {} AS day, org_credit_code, hub_id FROM ratings WHERE 1 = 1",
             dimension_sql(StatsDimension::Day)
         ));
         push_filter(&mut qb, query);
         qb.push(" ORDER BY day, org_credit_code");
-        let rows = qb.build().fetch_all(&self.reader).await?;
-        rows::day_org_ids(&rows)
+        let mut rows = qb.build().fetch(&self.reader);
+        let mut fold = rows::DayOrgFold::default();
+        while let Some(row) = futures_util::TryStreamExt::try_next(&mut rows).await? {
+            fold.push(&row)?;
+        }
+        Ok(fold.finish())
     }
 
     async fn received_at(&self, feed_seq: u64) -> Result<Option<i64>, StoreError> {

@@ -126,6 +126,19 @@ pub fn signal(child: &Child, sig: &str) {
     assert!(sent.success(), "kill -{sig}");
 }
 
+/// Every log line still to come, up to the end of the process's output (the reader thread
+/// reached EOF): reading before then can miss the last lines.
+pub fn logs_to_eof(logs: &mpsc::Receiver<String>) -> Vec<String> {
+    let mut out = Vec::new();
+    loop {
+        match logs.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => out.push(line),
+            Err(mpsc::RecvTimeoutError::Disconnected) => return out,
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("the hub's output did not end"),
+        }
+    }
+}
+
 pub fn sigterm(child: &Child) {
     signal(child, "TERM");
 }
@@ -208,7 +221,7 @@ async fn binary_on_defaults_serves_mtls_health_and_reflection_and_stops_on_sigte
         .await
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
-    let rest: Vec<String> = logs.try_iter().collect();
+    let rest = logs_to_eof(&logs);
     assert!(rest.iter().any(|l| l.contains("Stopped")), "{rest:?}");
     assert!(
         early.iter().any(|l| l.contains("DEVELOPMENT PKI")),
@@ -237,4 +250,45 @@ fn config_command_prints_the_documented_defaults() {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert_eq!(text, rating_hub::config::DEFAULT_CONFIG_TOML);
+}
+
+/// A load balancer's plain TCP port checks (or a scan) are refused in the TLS handshake: the
+/// log says so at most once a second, with the count it held back, instead of one line per
+/// connection (a 10-second burst of denials wrote 8 MB before).
+#[tokio::test]
+async fn a_burst_of_plain_tcp_probes_writes_a_line_a_second_not_one_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let SpawnedHub {
+        mut child,
+        url,
+        logs,
+        ..
+    } = spawn_hub_on_defaults(dir.path(), "info");
+    let addr = url.trim_start_matches("https://").to_owned();
+    let started = std::time::Instant::now();
+    for _ in 0..200 {
+        use tokio::io::AsyncWriteExt;
+        let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let _ = tcp.write_all(b"GET / HTTP/1.0\r\n\r\n").await;
+        let _ = tcp.shutdown().await;
+    }
+    // Every probe has been answered (refused) once a real client gets through.
+    let channel = dev_admin_channel(dir.path(), &url).await;
+    drop(channel);
+    let elapsed = started.elapsed().as_secs_f64();
+    sigterm(&child);
+    let status = tokio::task::spawn_blocking(move || wait_exit(&mut child))
+        .await
+        .unwrap();
+    assert!(status.success());
+    let refused: Vec<String> = logs_to_eof(&logs)
+        .into_iter()
+        .filter(|l| l.contains("TLS handshake refused"))
+        .collect();
+    assert!(!refused.is_empty(), "the refusals are logged");
+    assert!(
+        refused.len() as f64 <= elapsed.ceil() + 1.0,
+        "{} lines for 200 probes in {elapsed:.1} s: {refused:?}",
+        refused.len()
+    );
 }

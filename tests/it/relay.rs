@@ -446,6 +446,18 @@ async fn reconcile_names_missing_fields() {
         .unwrap_err();
     let fields = bad_request_fields(&err);
     assert_eq!(fields, ["rated_from", "rated_until"]);
+    // Extreme times: the span is computed without wrapping, so it is refused as too long
+    // (in a release build it wrapped to a short span and was accepted).
+    let err = SyncServiceClient::new(hub.channel_as("tester").await)
+        .reconcile(pb::ReconcileRequest {
+            rated_from: Some(ts(-9_223_372_036_854)),
+            rated_until: Some(ts(9_223_372_036_854)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_request_fields(&err), ["rated_until"]);
+    assert!(err.message().contains("400 days"), "{err:?}");
     hub.stop().await;
 }
 

@@ -156,3 +156,58 @@ async fn an_audit_of_many_ratings_records_every_id_in_order() {
     );
     store.close().await;
 }
+
+/// Two instances (two stores on one database) writing audit records at once, and a reader
+/// tailing them by id as a consumer does: it must see every record. The ids must commit in id
+/// order: on PostgreSQL, audit records (and invitations) take the sequencer's turn, as
+/// ratings do; before, an id taken early could commit after a later one the reader had
+/// already passed, and was never read. (On SQLite one file has one writer at a time.)
+#[tokio::test]
+async fn a_reader_tailing_audit_records_of_two_instances_misses_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open_store(dir.path()).await;
+    let b = open_store(dir.path()).await;
+    const EACH: usize = 300;
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writer = |store: Arc<dyn Store>, name: &'static str| {
+        let done = done.clone();
+        tokio::spawn(async move {
+            for _ in 0..EACH {
+                store
+                    .record_pii_access(name, "GetRating", &[Uuid::now_v7()])
+                    .await
+                    .expect("audit recorded");
+            }
+            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    let (wa, wb) = (writer(a.clone(), "hub-a"), writer(b.clone(), "hub-b"));
+    let mut seen = std::collections::HashSet::new();
+    let mut after = 0;
+    loop {
+        let finished = done.load(std::sync::atomic::Ordering::SeqCst) == 2;
+        let page = a.list_pii_access(None, after, 1000).await.unwrap();
+        if let Some(last) = page.last() {
+            after = last.id;
+        }
+        seen.extend(page.into_iter().map(|r| r.id));
+        if finished && seen.len() >= 2 * EACH {
+            break;
+        }
+        if finished {
+            // Everything is committed: one more page and the reader has all it will get.
+            let page = a.list_pii_access(None, after, 1000).await.unwrap();
+            seen.extend(page.into_iter().map(|r| r.id));
+            break;
+        }
+    }
+    wa.await.unwrap();
+    wb.await.unwrap();
+    assert_eq!(
+        seen.len(),
+        2 * EACH,
+        "the tailing reader passed records that committed after a later id"
+    );
+    a.close().await;
+    b.close().await;
+}

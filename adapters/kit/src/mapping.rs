@@ -47,50 +47,71 @@ fn violation(field: &str, description: impl Into<String>) -> Violation {
     }
 }
 
-/// Parses a source time into microseconds since the epoch.
+/// Parses a source time into microseconds since the epoch. `None` for anything that is not
+/// a time in the format, out of range included (all arithmetic is checked: a 20-digit
+/// `unix-seconds` value or a 99-hour offset is refused, never wrapped).
 pub fn parse_time(raw: &str, format: &str) -> Option<i64> {
     let s = raw.trim();
     match format {
-        "unix-seconds" => s.parse::<i64>().ok().map(|v| v * 1_000_000),
-        "unix-millis" => s.parse::<i64>().ok().map(|v| v * 1_000),
+        "unix-seconds" => s.parse::<i64>().ok()?.checked_mul(1_000_000),
+        "unix-millis" => s.parse::<i64>().ok()?.checked_mul(1_000),
         "rfc3339" => {
-            // YYYY-MM-DDTHH:MM:SS(.fff)?(Z|±HH:MM)
-            let (date, rest) = s.split_once('T')?;
+            // YYYY-MM-DDTHH:MM:SS(.fff)?(Z|±HH:MM|±HHMM|±HH)
+            let (date, rest) = s.split_once(['T', 't', ' '])?;
             let d = Date::parse(date)?;
-            let (time, offset_secs) = if let Some(t) = rest.strip_suffix('Z') {
+            let (time, offset_secs) = if let Some(t) = rest.strip_suffix(['Z', 'z']) {
                 (t, 0)
             } else {
                 let pos = rest.rfind(['+', '-'])?;
                 let (t, off) = rest.split_at(pos);
                 let sign = if off.starts_with('-') { -1 } else { 1 };
-                let (h, m) = off[1..].split_once(':')?;
-                (
-                    t,
-                    sign * (h.parse::<i64>().ok()? * 3600 + m.parse::<i64>().ok()? * 60),
-                )
+                let digits = off[1..].replace(':', "");
+                if !digits.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                let (h, m) = match digits.len() {
+                    2 => (digits.parse::<i64>().ok()?, 0),
+                    4 => (
+                        digits[..2].parse::<i64>().ok()?,
+                        digits[2..].parse::<i64>().ok()?,
+                    ),
+                    _ => return None,
+                };
+                if h > 18 || m > 59 {
+                    return None;
+                }
+                (t, sign * (h * 3600 + m * 60))
             };
-            let time = time.split('.').next()?;
-            let mut it = time.split(':').map(|x| x.parse::<i64>().ok());
-            let (h, m, sec) = (it.next()??, it.next()??, it.next()??);
+            let (h, m, sec) = clock(time.split('.').next()?, true)?;
             // Date::start_micros is 00:00 CST; move to 00:00 UTC, then apply the offset.
-            let midnight_utc = d.start_micros() + 8 * 3_600_000_000;
-            Some(midnight_utc + ((h * 60 + m) * 60 + sec - offset_secs) * 1_000_000)
+            let midnight_utc = d.start_micros().checked_add(8 * 3_600_000_000)?;
+            midnight_utc.checked_add(((h * 60 + m) * 60 + sec - offset_secs) * 1_000_000)
         }
         _ => {
             let (date, time) = s.split_once(' ').unwrap_or((s, "00:00:00"));
             let d = Date::parse(&date.replace('/', "-"))?;
-            let mut it = time.split(':').map(|x| x.parse::<i64>().ok());
-            let (h, m, sec) = (
-                it.next()??,
-                it.next().flatten().unwrap_or(0),
-                it.next().flatten().unwrap_or(0),
-            );
-            if !(0..24).contains(&h) || !(0..60).contains(&m) || !(0..60).contains(&sec) {
-                return None;
-            }
-            Some(d.start_micros() + ((h * 60 + m) * 60 + sec) * 1_000_000)
+            let (h, m, sec) = clock(time, false)?;
+            d.start_micros()
+                .checked_add(((h * 60 + m) * 60 + sec) * 1_000_000)
         }
     }
+}
+
+/// "HH:MM:SS" (minutes and seconds optional unless `strict`), each part in range.
+fn clock(time: &str, strict: bool) -> Option<(i64, i64, i64)> {
+    let mut it = time.split(':');
+    let mut part = |required: bool| match it.next() {
+        Some(x) if x.len() <= 2 && !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit()) => {
+            x.parse::<i64>().ok()
+        }
+        None if !required => Some(0),
+        _ => None,
+    };
+    let (h, m, sec) = (part(true)?, part(strict)?, part(strict)?);
+    if it.next().is_some() || h > 23 || m > 59 || sec > 60 {
+        return None;
+    }
+    Some((h, m, sec))
 }
 
 impl Mapping {
@@ -244,13 +265,55 @@ impl Mapping {
 mod tests {
     use super::*;
 
+    /// Times in the shapes that overflow: long digit runs (13+ for seconds, 16+ for
+    /// milliseconds), huge hours and offsets, and arbitrary text.
+    fn dangerous_times() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            "-?[0-9]{1,25}",
+            "[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{1,6}:[0-9]{1,6}:[0-9]{1,6}([+-][0-9]{1,6}(:[0-9]{1,6})?|Z)?",
+            "[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{1,20}(:[0-9]{1,20}){0,3}",
+            "2025-0[1-9]-[0-2][1-9]T[0-2][0-9]:[0-5][0-9]:[0-5][0-9][+-][0-9]{2}(:?[0-9]{2})?",
+            "\\PC{0,40}",
+        ]
+    }
+
     proptest::proptest! {
         #[test]
-        fn time_parsing_never_panics(s in "\\PC{0,40}") {
+        fn time_parsing_never_panics_or_wraps(s in dangerous_times()) {
             for f in ["yyyy-MM-dd HH:mm:ss", "rfc3339", "unix-seconds", "unix-millis"] {
-                let _ = parse_time(&s, f);
+                if let Some(t) = parse_time(&s, f) {
+                    // What parses is a time this side of the year ±292,000 (no wrap), and a
+                    // unix value is exactly its digits scaled.
+                    if f == "unix-seconds" {
+                        proptest::prop_assert_eq!(Some(t), s.trim().parse::<i64>().ok().and_then(|v| v.checked_mul(1_000_000)));
+                    }
+                }
             }
         }
+    }
+
+    #[test]
+    fn values_that_would_overflow_are_refused() {
+        assert_eq!(parse_time("9223372036854775", "unix-seconds"), None);
+        assert_eq!(parse_time("9223372036854775807", "unix-millis"), None);
+        assert_eq!(parse_time("2025-06-04T11:00:00+99:00", "rfc3339"), None);
+        assert_eq!(
+            parse_time("2025-06-04 99:00:00", "yyyy-MM-dd HH:mm:ss"),
+            None
+        );
+        assert_eq!(
+            parse_time("2025-06-04T11:00:00+0800", "rfc3339"),
+            parse_time("2025-06-04T03:00:00Z", "rfc3339")
+        );
+        assert_eq!(
+            parse_time("2025-06-04T11:00:00+08", "rfc3339"),
+            parse_time("2025-06-04T03:00:00Z", "rfc3339")
+        );
+        assert_eq!(
+            parse_time("2025-06-04T03:00:00+00", "rfc3339"),
+            parse_time("2025-06-04T03:00:00Z", "rfc3339")
+        );
     }
 
     #[test]

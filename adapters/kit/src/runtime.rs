@@ -8,7 +8,8 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-/// Logs to stderr; `RUST_LOG` chooses the level (info by default). Never log personal data.
+/// Logs to stderr; `RUST_LOG` chooses the level (info by default). Colour only on a terminal:
+/// a log written to a file or a pipe carries no escape codes. Never log personal data.
 pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -16,6 +17,7 @@ pub fn init_logging() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 

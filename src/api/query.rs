@@ -311,7 +311,9 @@ pub fn restrict_to_scope(principal: &Principal, query: &mut RatingQuery) -> Resu
         && scope.region_prefixes.is_empty()
         && !scope.orgs.contains(org)
     {
-        tracing::warn!(principal = %principal.name, org, "Denied: organisation outside scope.");
+        if let Some(suppressed) = crate::telemetry::throttle("api.denied_scope_org") {
+            tracing::warn!(principal = %principal.name, org, suppressed, "Denied: organisation outside scope.");
+        }
         return Err(Status::permission_denied(format!(
             "organisation {org} is outside the scope of principal {}",
             principal.name
@@ -324,7 +326,9 @@ pub fn restrict_to_scope(principal: &Principal, query: &mut RatingQuery) -> Resu
             .iter()
             .any(|p| p.starts_with(prefix.as_str()) || prefix.starts_with(p.as_str()))
     {
-        tracing::warn!(principal = %principal.name, prefix, "Denied: region outside scope.");
+        if let Some(suppressed) = crate::telemetry::throttle("api.denied_scope_region") {
+            tracing::warn!(principal = %principal.name, prefix, suppressed, "Denied: region outside scope.");
+        }
         return Err(Status::permission_denied(format!(
             "region {prefix} is outside the scope of principal {}",
             principal.name
@@ -638,7 +642,9 @@ impl QueryService for QueryApi {
             .ok_or_else(|| Status::not_found(format!("no rating with hub_id {hub_id}")))?;
         let (org, region) = (&stored.rating.org_credit_code, &stored.rating.region_code);
         if !caller.principal.scope.covers(org, region) {
-            tracing::warn!(principal = caller.name(), %hub_id, "Denied: rating outside scope.");
+            if let Some(suppressed) = crate::telemetry::throttle("api.denied_scope_rating") {
+                tracing::warn!(principal = caller.name(), %hub_id, suppressed, "Denied: rating outside scope.");
+            }
             return Err(Status::permission_denied(format!(
                 "rating {hub_id} (organisation {org}, region {region}) is outside the scope of principal {}",
                 caller.name()

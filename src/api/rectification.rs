@@ -92,11 +92,14 @@ impl RectificationApi {
             .scope
             .covers(&case.org_credit_code, &case.region_code)
         {
-            tracing::warn!(
-                principal = caller.name(),
-                case = id,
-                "Denied: case outside scope."
-            );
+            if let Some(suppressed) = crate::telemetry::throttle("api.denied_scope_case") {
+                tracing::warn!(
+                    principal = caller.name(),
+                    case = id,
+                    suppressed,
+                    "Denied: case outside scope."
+                );
+            }
             return Err(Status::permission_denied(format!(
                 "case {id} (organisation {}) is outside the scope of principal {}",
                 case.org_credit_code,

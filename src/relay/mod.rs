@@ -353,7 +353,9 @@ impl Worker {
                 match d {
                     Delivery::Delivered => delivered += 1,
                     Delivery::Rejected(error) => {
-                        tracing::warn!(upstream = %self.name, hub_id = %rating.hub_id, error, "Upstream rejected a rating; dead-lettered.");
+                        if let Some(suppressed) = crate::telemetry::throttle("relay.rejected") {
+                            tracing::warn!(upstream = %self.name, hub_id = %rating.hub_id, error, suppressed, "Upstream rejected a rating; dead-lettered.");
+                        }
                         dead.push(NewDeadLetter {
                             feed_seq: *seq,
                             error,
@@ -505,7 +507,9 @@ impl Worker {
                     let e = clean_upstream_text(&err.to_string());
                     let wait = self.backoff(attempt);
                     attempt += 1;
-                    tracing::warn!(upstream = %self.name, attempt, wait_ms = wait.as_millis() as u64, error = %e, "Delivery failed; will retry.");
+                    if let Some(suppressed) = crate::telemetry::throttle("relay.retry") {
+                        tracing::warn!(upstream = %self.name, attempt, wait_ms = wait.as_millis() as u64, error = %e, suppressed, "Delivery failed; will retry.");
+                    }
                     {
                         let mut c = self.lock();
                         c.failures += 1;

@@ -287,7 +287,9 @@ impl GroupWrite for Writer {
             // does not reconnect once per job.
             Err(e) if StoreError::is_refusal(e) => self.conn = Some(conn),
             Err(e) => {
-                tracing::warn!(error = %e, "Group commit failed; the writer reconnects for the next one.");
+                if let Some(suppressed) = crate::telemetry::throttle("postgres.writer_reconnect") {
+                    tracing::warn!(error = %e, suppressed, "Group commit failed; the writer reconnects for the next one.");
+                }
                 let _ = conn.close().await;
             }
         }

@@ -129,8 +129,9 @@ enum Cmd {
         /// The cycle during which the disk fills for 1.5 s (0: never).
         #[arg(long, default_value_t = 5)]
         fill_at: u32,
-        /// Size of the storage's file system, in MiB.
-        #[arg(long, default_value_t = 512)]
+        /// Size of the storage's file system, in MiB (RAM: a tmpfs). Large enough for the
+        /// whole run's ratings, so only the deliberate fill fills it.
+        #[arg(long, default_value_t = 3072)]
         disk_mb: u32,
         /// Where to write the report's Markdown table.
         #[arg(long)]

@@ -217,7 +217,9 @@ fn kill_after(n: u32) -> Duration {
     Duration::from_millis(800 + x % 2000)
 }
 
-pub async fn soak(plan: SoakPlan) -> anyhow::Result<()> {
+pub async fn soak(mut plan: SoakPlan) -> anyhow::Result<()> {
+    plan.hub_bin = std::fs::canonicalize(&plan.hub_bin)
+        .map_err(|e| anyhow::anyhow!("the hub binary {}: {e}", plan.hub_bin.display()))?;
     let work = std::env::temp_dir().join(format!("rating-soak-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let pki = work.join("pki");

@@ -31,16 +31,27 @@ const THROTTLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1)
 /// key and second at most, so a storm of one cause writes one line a second with a count,
 /// and a distinct cause (another key) still gets its own line.
 pub fn throttle(key: &'static str) -> Option<u64> {
+    throttle_for(key, "")
+}
+
+/// As [`throttle`], for one cause of `key` among several: each principal's denials, each
+/// upstream's retries, each peer's refused certificate has its own line a second. At most
+/// [`THROTTLE_KEYS`] causes are kept; past that, the ones quiet for an interval are forgotten.
+pub fn throttle_for(key: &'static str, cause: &str) -> Option<u64> {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
     use std::time::Instant;
-    static LAST: OnceLock<Mutex<HashMap<&'static str, (Instant, u64)>>> = OnceLock::new();
+    type Last = HashMap<(&'static str, String), (Instant, u64)>;
+    static LAST: OnceLock<Mutex<Last>> = OnceLock::new();
     let mut last = LAST
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|p| p.into_inner());
     let now = Instant::now();
-    match last.get_mut(key) {
+    if last.len() >= THROTTLE_KEYS {
+        last.retain(|_, (at, _)| now.duration_since(*at) < THROTTLE_INTERVAL);
+    }
+    match last.get_mut(&(key, cause.to_owned())) {
         Some((at, held)) if now.duration_since(*at) < THROTTLE_INTERVAL => {
             *held += 1;
             None
@@ -50,11 +61,14 @@ pub fn throttle(key: &'static str) -> Option<u64> {
             Some(std::mem::take(held))
         }
         None => {
-            last.insert(key, (now, 0));
+            last.insert((key, cause.to_owned()), (now, 0));
             Some(0)
         }
     }
 }
+
+/// Most throttled causes remembered at once.
+const THROTTLE_KEYS: usize = 4096;
 
 #[cfg(test)]
 mod tests {

@@ -276,9 +276,20 @@ pub fn incoming(
                         let _ = tx.send(Ok(tls)).await;
                     }
                     Ok(Err(e)) => {
-                        // A plain TCP probe (a load balancer's port check) ends here too.
-                        if let Some(suppressed) = crate::telemetry::throttle("tls.refused") {
-                            tracing::info!(%peer, error = %e, suppressed, "TLS handshake refused.");
+                        // A certificate refused (revoked, expired, from another CA, none) is
+                        // said once a second per peer; everything else (a load balancer's
+                        // plain TCP port check) once a second in all.
+                        let text = e.to_string();
+                        let throttled = if text.contains("certificate") {
+                            crate::telemetry::throttle_for(
+                                "tls.refused_certificate",
+                                &peer.ip().to_string(),
+                            )
+                        } else {
+                            crate::telemetry::throttle("tls.refused")
+                        };
+                        if let Some(suppressed) = throttled {
+                            tracing::info!(%peer, error = %text, suppressed, "TLS handshake refused.");
                         }
                     }
                     Err(_) => {

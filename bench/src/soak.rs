@@ -125,6 +125,12 @@ impl Drop for PgServer {
 struct Seen {
     /// hub id → source key, of every rating the hub acknowledged as ACCEPTED.
     acked: Mutex<HashMap<String, String>>,
+    /// Source keys of calls the hub itself refused saying nothing was acknowledged (a full
+    /// disk, a lost database): none of them may be stored.
+    refused: Mutex<Vec<String>>,
+    /// Answers the run does not expect (a status other than UNAVAILABLE or a broken
+    /// connection, a result missing from a batch's answer): any one fails the run.
+    unexpected: Mutex<Vec<String>>,
     calls: AtomicU64,
     failed_calls: AtomicU64,
 }
@@ -150,19 +156,47 @@ async fn load(channel: Channel, writer: usize, cycle: u32, seen: Arc<Seen>, stop
             .await
         {
             Ok(resp) => {
+                let results = resp.into_inner().results;
+                if results.len() != batch.len() {
+                    seen.unexpected.lock().unwrap().push(format!(
+                        "{} results for {} ratings",
+                        results.len(),
+                        batch.len()
+                    ));
+                }
                 let mut acked = seen.acked.lock().unwrap();
-                for r in resp.into_inner().results {
+                for r in results {
                     let outcome = pb::Outcome::try_from(r.outcome).unwrap_or_default();
-                    assert_eq!(
-                        outcome,
-                        pb::Outcome::Accepted,
-                        "a new rating was answered {outcome:?}: {r:?}"
-                    );
-                    acked.insert(r.hub_id, batch[r.index as usize].source_key.clone());
+                    match batch.get(r.index as usize) {
+                        Some(sent) if outcome == pb::Outcome::Accepted => {
+                            acked.insert(r.hub_id, sent.source_key.clone());
+                        }
+                        _ => seen
+                            .unexpected
+                            .lock()
+                            .unwrap()
+                            .push(format!("a new rating answered {outcome:?}: {r:?}")),
+                    }
                 }
             }
-            Err(_) => {
+            Err(status) => {
                 seen.failed_calls.fetch_add(1, Ordering::Relaxed);
+                if status.message().contains("nothing was acknowledged") {
+                    // The hub's own answer: none of these may be stored.
+                    seen.refused
+                        .lock()
+                        .unwrap()
+                        .extend(batch.iter().map(|r| r.source_key.clone()));
+                } else if !matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ) {
+                    seen.unexpected.lock().unwrap().push(format!(
+                        "{:?}: {}",
+                        status.code(),
+                        status.message()
+                    ));
+                }
                 // The hub is down, restarting or its disk is full: not acknowledged.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -269,7 +303,9 @@ pub async fn soak(mut plan: SoakPlan) -> anyhow::Result<()> {
     let seen = Arc::new(Seen::default());
     let started = Instant::now();
     let mut full_failures = 0u64;
+    let mut cycles_without_acks = Vec::new();
     for cycle in 1..=plan.cycles {
+        let acked_before = seen.acked.lock().unwrap().len();
         let hub = spawn_hub(&plan.hub_bin, &work, "hub", &pki, &env).await?;
         let chans = channels(&pki, &hub.url, plan.writers).await?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -291,6 +327,9 @@ pub async fn soak(mut plan: SoakPlan) -> anyhow::Result<()> {
         stop.store(true, Ordering::Relaxed);
         for t in tasks {
             t.await?;
+        }
+        if seen.acked.lock().unwrap().len() == acked_before {
+            cycles_without_acks.push(cycle);
         }
         eprintln!(
             "cycle {cycle}/{}: {} acknowledged so far, {} calls failed",
@@ -322,14 +361,21 @@ pub async fn soak(mut plan: SoakPlan) -> anyhow::Result<()> {
         .iter()
         .filter(|id| !delivered.contains(**id))
         .count();
+    let stored_keys: HashSet<&str> = stored.iter().map(|(_, k)| k.as_str()).collect();
+    let refused = seen.refused.lock().unwrap().clone();
+    let refused_but_stored = refused
+        .iter()
+        .filter(|k| stored_keys.contains(k.as_str()))
+        .count();
+    let unexpected = seen.unexpected.lock().unwrap().clone();
     let unacked_stored = stored_ids
         .iter()
         .filter(|id| !acked.contains_key(**id))
         .count();
     let report = format!(
-        "| backend | cycles (kill -9) | disk filled | calls | failed calls | calls failed while full | acknowledged | stored | stored, not acknowledged (in flight at a kill) | delivered | lost | doubled | undelivered | minutes |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n\
-         | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | **{}** | **{}** | **{}** | {:.1} |\n",
+        "| backend | cycles (kill -9) | disk filled | calls | failed calls | calls failed while full | acknowledged | stored | stored, not acknowledged (in flight at a kill) | refused by the hub | of them stored | delivered | lost | doubled | undelivered | minutes |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n\
+         | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | **{}** | {} | **{}** | **{}** | **{}** | {:.1} |\n",
         if plan.postgres {
             "PostgreSQL"
         } else {
@@ -347,6 +393,8 @@ pub async fn soak(mut plan: SoakPlan) -> anyhow::Result<()> {
         acked.len(),
         stored.len(),
         unacked_stored,
+        refused.len(),
+        refused_but_stored,
         delivered.len(),
         lost,
         doubled,
@@ -359,7 +407,21 @@ pub async fn soak(mut plan: SoakPlan) -> anyhow::Result<()> {
     }
     drop(disk);
     let _ = std::fs::remove_dir_all(&work);
+    anyhow::ensure!(
+        unexpected.is_empty(),
+        "unexpected answers ({}), the first: {}",
+        unexpected.len(),
+        unexpected.first().map_or("", String::as_str)
+    );
+    anyhow::ensure!(
+        cycles_without_acks.is_empty(),
+        "nothing was acknowledged in cycles {cycles_without_acks:?}: the run tested nothing there"
+    );
     anyhow::ensure!(lost == 0, "{lost} acknowledged ratings are not stored");
+    anyhow::ensure!(
+        refused_but_stored == 0,
+        "{refused_but_stored} ratings the hub answered \"nothing was acknowledged\" are stored"
+    );
     anyhow::ensure!(doubled == 0, "{doubled} source keys are stored twice");
     anyhow::ensure!(
         undelivered == 0,

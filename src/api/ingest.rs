@@ -66,7 +66,9 @@ fn out_of_scope(principal: &Principal, org: &str, region: &str) -> Option<Vec<Vi
     if principal.scope.covers(org, region) {
         return None;
     }
-    if let Some(suppressed) = crate::telemetry::throttle("api.denied_scope_item") {
+    if let Some(suppressed) =
+        crate::telemetry::throttle_for("api.denied_scope_item", &principal.name)
+    {
         tracing::warn!(principal = %principal.name, org, region, suppressed, "Denied: item outside the principal's scope.");
     }
     Some(vec![violation(

@@ -89,7 +89,9 @@ impl HubState {
                     Status::unauthenticated("the client certificate has no subject common name")
                 })?;
                 registry.get(&name).ok_or_else(|| {
-                    if let Some(suppressed) = crate::telemetry::throttle("api.denied_unknown") {
+                    if let Some(suppressed) =
+                        crate::telemetry::throttle_for("api.denied_unknown", &name)
+                    {
                         tracing::warn!(principal = %name, suppressed, "Denied: certificate names no registered principal.");
                     }
                     Status::permission_denied(format!(
@@ -121,7 +123,9 @@ impl HubState {
     ) -> Result<Caller, Status> {
         let principal = self.identify(req)?;
         if !principal.has(role) && !or.is_some_and(|r| principal.has(r)) {
-            if let Some(suppressed) = crate::telemetry::throttle("api.denied_role") {
+            if let Some(suppressed) =
+                crate::telemetry::throttle_for("api.denied_role", &principal.name)
+            {
                 tracing::warn!(principal = %principal.name, rpc, %role, suppressed, "Denied: role missing.");
             }
             return Err(Status::permission_denied(format!(
@@ -130,7 +134,9 @@ impl HubState {
             )));
         }
         if let Err(wait) = principal.check_request() {
-            if let Some(suppressed) = crate::telemetry::throttle("api.over_quota") {
+            if let Some(suppressed) =
+                crate::telemetry::throttle_for("api.over_quota", &principal.name)
+            {
                 tracing::info!(principal = %principal.name, rpc, suppressed, "Over request quota.");
             }
             return Err(over_quota(&principal.name, "request", wait));
@@ -266,6 +272,11 @@ impl From<StoreError> for Status {
             }
             StoreError::Refused(_) => {
                 Status::internal("the database refused the write; nothing was acknowledged")
+            }
+            // Corrupt data is never held back.
+            StoreError::Corrupt(_) => {
+                tracing::error!(error = %e, "Stored data is corrupt.");
+                Status::internal("storage failure; nothing was acknowledged, retry later")
             }
             other => {
                 if let Some(suppressed) = crate::telemetry::throttle("api.store_failure") {

@@ -311,7 +311,9 @@ pub fn restrict_to_scope(principal: &Principal, query: &mut RatingQuery) -> Resu
         && scope.region_prefixes.is_empty()
         && !scope.orgs.contains(org)
     {
-        if let Some(suppressed) = crate::telemetry::throttle("api.denied_scope_org") {
+        if let Some(suppressed) =
+            crate::telemetry::throttle_for("api.denied_scope_org", &principal.name)
+        {
             tracing::warn!(principal = %principal.name, org, suppressed, "Denied: organisation outside scope.");
         }
         return Err(Status::permission_denied(format!(
@@ -326,7 +328,9 @@ pub fn restrict_to_scope(principal: &Principal, query: &mut RatingQuery) -> Resu
             .iter()
             .any(|p| p.starts_with(prefix.as_str()) || prefix.starts_with(p.as_str()))
     {
-        if let Some(suppressed) = crate::telemetry::throttle("api.denied_scope_region") {
+        if let Some(suppressed) =
+            crate::telemetry::throttle_for("api.denied_scope_region", &principal.name)
+        {
             tracing::warn!(principal = %principal.name, prefix, suppressed, "Denied: region outside scope.");
         }
         return Err(Status::permission_denied(format!(
@@ -642,7 +646,9 @@ impl QueryService for QueryApi {
             .ok_or_else(|| Status::not_found(format!("no rating with hub_id {hub_id}")))?;
         let (org, region) = (&stored.rating.org_credit_code, &stored.rating.region_code);
         if !caller.principal.scope.covers(org, region) {
-            if let Some(suppressed) = crate::telemetry::throttle("api.denied_scope_rating") {
+            if let Some(suppressed) =
+                crate::telemetry::throttle_for("api.denied_scope_rating", caller.name())
+            {
                 tracing::warn!(principal = caller.name(), %hub_id, suppressed, "Denied: rating outside scope.");
             }
             return Err(Status::permission_denied(format!(

@@ -92,7 +92,9 @@ impl RectificationApi {
             .scope
             .covers(&case.org_credit_code, &case.region_code)
         {
-            if let Some(suppressed) = crate::telemetry::throttle("api.denied_scope_case") {
+            if let Some(suppressed) =
+                crate::telemetry::throttle_for("api.denied_scope_case", caller.name())
+            {
                 tracing::warn!(
                     principal = caller.name(),
                     case = id,

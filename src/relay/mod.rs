@@ -43,6 +43,8 @@ struct Counters {
     failures: u64,
     delivered: u64,
     last_error: Option<(String, i64)>,
+    /// While a cursor advance cannot be stored (delivery waits for it).
+    cursor_error: Option<(String, i64)>,
 }
 
 /// What an operator sees of one upstream.
@@ -353,7 +355,9 @@ impl Worker {
                 match d {
                     Delivery::Delivered => delivered += 1,
                     Delivery::Rejected(error) => {
-                        if let Some(suppressed) = crate::telemetry::throttle("relay.rejected") {
+                        if let Some(suppressed) =
+                            crate::telemetry::throttle_for("relay.rejected", &self.name)
+                        {
                             tracing::warn!(upstream = %self.name, hub_id = %rating.hub_id, error, suppressed, "Upstream rejected a rating; dead-lettered.");
                         }
                         dead.push(NewDeadLetter {
@@ -386,19 +390,7 @@ impl Worker {
     /// batches waiting out their retry pause (each on its own timer, up to the schedule's
     /// longest) are woken to send now: this answer was the probe that the upstream is back.
     fn answered(&self) {
-        let recovered = {
-            let mut c = self.lock();
-            // A cursor that cannot be stored stays shown until it is stored.
-            if c.last_error
-                .as_ref()
-                .is_some_and(|(e, _)| e.starts_with(CURSOR_ERROR))
-            {
-                false
-            } else {
-                c.last_error.take().is_some()
-            }
-        };
-        if recovered {
+        if self.lock().last_error.take().is_some() {
             self.control.send_modify(|v| *v += 1);
         }
     }
@@ -484,6 +476,7 @@ impl Worker {
                     return Ok(vec![Delivery::Rejected(e); ratings.len()]);
                 }
                 Err(SendError::Ambiguous(e)) if ratings.len() > 1 => {
+                    self.answered();
                     // Which of them? Each is sent again on its own (through the rate limits,
                     // with its own retries), so one the upstream refuses is not taken for
                     // delivered with the rest.
@@ -507,7 +500,9 @@ impl Worker {
                     let e = clean_upstream_text(&err.to_string());
                     let wait = self.backoff(attempt);
                     attempt += 1;
-                    if let Some(suppressed) = crate::telemetry::throttle("relay.retry") {
+                    if let Some(suppressed) =
+                        crate::telemetry::throttle_for("relay.retry", &self.name)
+                    {
                         tracing::warn!(upstream = %self.name, attempt, wait_ms = wait.as_millis() as u64, error = %e, suppressed, "Delivery failed; will retry.");
                     }
                     {
@@ -562,13 +557,7 @@ async fn write_cursors(
                 Ok(_) => {
                     if failures > 0 {
                         tracing::warn!(upstream = %upstream, failures, "Stored the delivery cursor after failed tries.");
-                        let mut c = worker.lock();
-                        if c.last_error
-                            .as_ref()
-                            .is_some_and(|(e, _)| e.starts_with(CURSOR_ERROR))
-                        {
-                            c.last_error = None;
-                        }
+                        worker.lock().cursor_error = None;
                     }
                     break;
                 }
@@ -580,7 +569,7 @@ async fn write_cursors(
                         return;
                     }
                     // What an operator sees in ListUpstreams while delivery waits.
-                    worker.lock().last_error = Some((
+                    worker.lock().cursor_error = Some((
                         clean_upstream_text(&format!("{CURSOR_ERROR}: {e}")),
                         worker.clock.now_micros(),
                     ));
@@ -727,20 +716,30 @@ impl Relay {
         // yet). Its dead letters are stored with it, in the same commit.
         // While the database cannot be read, the copy in memory (and the error) is all there
         // is: shown rather than nothing, when an operator needs it most.
+        let mut unreadable: Option<String> = None;
         let cursor = match w.store.upstream_state(name).await {
             Ok(state) => state.cursor,
             Err(e) => {
-                if let Some(suppressed) = crate::telemetry::throttle("relay.status_cursor") {
+                if let Some(suppressed) =
+                    crate::telemetry::throttle_for("relay.status_cursor", name)
+                {
                     tracing::warn!(upstream = name, error = %e, suppressed, "Cannot read the stored cursor; showing this instance's copy.");
                 }
+                unreadable = Some(e.to_string());
                 w.cursor.load(Ordering::Acquire)
             }
         };
         let lag_records = head.saturating_sub(cursor);
-        let lag_seconds = if lag_records > 0 {
-            match w.store.received_at(cursor + 1).await? {
-                Some(at) => ((w.clock.now_micros() - at).max(0) as f64) / 1e6,
-                None => 0.0,
+        // Each further read is optional: with the database unreadable, what this instance
+        // knows is shown, and the last error says the rest could not be read.
+        let lag_seconds = if lag_records > 0 && unreadable.is_none() {
+            match w.store.received_at(cursor + 1).await {
+                Ok(Some(at)) => ((w.clock.now_micros() - at).max(0) as f64) / 1e6,
+                Ok(None) => 0.0,
+                Err(e) => {
+                    unreadable = Some(e.to_string());
+                    0.0
+                }
             }
         } else {
             0.0
@@ -750,9 +749,42 @@ impl Relay {
         let delivering_here = w.lease.borrow().is_some();
         let delivering_instance = if !w.store.shared() || delivering_here {
             Some(self.instance.clone())
+        } else if unreadable.is_none() {
+            w.store.lease_holder(name).await.unwrap_or_else(|e| {
+                unreadable = Some(e.to_string());
+                None
+            })
         } else {
-            w.store.lease_holder(name).await?
+            None
         };
+        let open_dead_letters = if unreadable.is_none() {
+            w.store
+                .count_open_dead_letters(name)
+                .await
+                .unwrap_or_else(|e| {
+                    unreadable = Some(e.to_string());
+                    0
+                })
+        } else {
+            0
+        };
+        // A cursor that cannot be stored is the error that matters most; then the database
+        // that cannot be read for this status; then the last delivery error.
+        let last_error = counters
+            .cursor_error
+            .clone()
+            .or_else(|| {
+                unreadable.map(|e| {
+                    (
+                        format!(
+                            "the database cannot be read ({e}): cursor and lag from this \
+                             instance's memory, dead letters and lease holder unknown"
+                        ),
+                        w.clock.now_micros(),
+                    )
+                })
+            })
+            .or(counters.last_error);
         Ok(UpstreamStatus {
             name: w.name.clone(),
             kind: w.cfg.kind,
@@ -761,8 +793,8 @@ impl Relay {
             head,
             lag_records,
             lag_seconds,
-            open_dead_letters: w.store.count_open_dead_letters(name).await?,
-            last_error: counters.last_error,
+            open_dead_letters,
+            last_error,
             attempts: counters.attempts,
             failures: counters.failures,
             delivered: counters.delivered,

@@ -9,8 +9,10 @@ pub struct Date(i64);
 const CST_OFFSET_SECS: i64 = 8 * 3600;
 
 impl Date {
+    /// A date of the years 1 to 9999 (`None` outside: the day arithmetic, in microseconds,
+    /// stays far from overflow).
     pub fn from_ymd(y: i64, m: u32, d: u32) -> Option<Self> {
-        if !(1..=12).contains(&m) || d == 0 || d > days_in_month(y, m) {
+        if !(1..=9999).contains(&y) || !(1..=12).contains(&m) || d == 0 || d > days_in_month(y, m) {
             return None;
         }
         // H. Hinnant's days_from_civil.

@@ -318,8 +318,16 @@ fn counting_rule(item: &NewRating, l: &Lookups) -> Option<(&'static str, String)
             .then(|| l.batches.get(&(org.clone(), r.body.batch_id.clone())))
             .flatten()
             .map(|c| (c, format!("batch {:?}", r.body.batch_id)));
+        let rated_by_a_rater = [&case, &batch]
+            .into_iter()
+            .flatten()
+            .any(|(rated, _)| rated.real);
         for (rated, what) in [case, batch].into_iter().flatten() {
-            if let (false, Some((_, deadline))) = (rated.real, rated.default) {
+            if rated_by_a_rater {
+                // The generic 一事一评 / batch refusal below says what it is.
+                break;
+            }
+            if let Some((_, deadline)) = rated.default {
                 // Only a default, and this rating was made after its deadline (one made
                 // before it replaces the default: see `supersedes`).
                 return Some((

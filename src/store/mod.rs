@@ -65,6 +65,14 @@ impl StoreError {
     /// job by job (the job at fault fails alone, the others commit); any other failure would
     /// fail again, or wait again, for every job.
     pub fn is_refusal(e: &sqlx::Error) -> bool {
+        // A value sqlx could not encode or a stored row it could not decode (a job's own
+        // look-up): that job's, not the group's.
+        if matches!(
+            e,
+            sqlx::Error::Encode(_) | sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. }
+        ) {
+            return true;
+        }
         let sqlx::Error::Database(db) = e else {
             return false;
         };

@@ -276,7 +276,13 @@ async fn commit_group<W: GroupWrite>(
                 health.failed(cause);
             }
             let items: usize = group.iter().map(Job::len).sum();
-            if let Some(suppressed) = crate::telemetry::throttle("writer.commit_failed") {
+            let kind = match &error {
+                StoreError::Unavailable(_) => "unavailable",
+                StoreError::Storage(_) => "storage",
+                StoreError::Refused(_) => "refused",
+                _ => "other",
+            };
+            if let Some(suppressed) = crate::telemetry::throttle_for("writer.commit_failed", kind) {
                 tracing::error!(error = %error, items, suppressed, "Group commit failed; nothing of it was acknowledged.");
             }
             for job in group {

@@ -90,6 +90,12 @@ pub fn parse_time(raw: &str, format: &str) -> Option<i64> {
         _ => {
             let (date, time) = s.split_once(' ').unwrap_or((s, "00:00:00"));
             let d = Date::parse(&date.replace('/', "-"))?;
+            // A fraction of a second (Java's Timestamp.toString(), DATETIME(3)): dropped.
+            let time = match time.split_once('.') {
+                Some((t, frac)) if frac.bytes().all(|b| b.is_ascii_digit()) => t,
+                Some(_) => return None,
+                None => time,
+            };
             let (h, m, sec) = clock(time, false)?;
             d.start_micros()
                 .checked_add(((h * 60 + m) * 60 + sec) * 1_000_000)
@@ -272,7 +278,8 @@ mod tests {
         prop_oneof![
             "-?[0-9]{1,25}",
             "[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{1,6}:[0-9]{1,6}:[0-9]{1,6}([+-][0-9]{1,6}(:[0-9]{1,6})?|Z)?",
-            "[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{1,20}(:[0-9]{1,20}){0,3}",
+            "[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{1,20}(:[0-9]{1,20}){0,3}(\\.[0-9]{0,9})?",
+            "[0-9]{5,20}-[0-9]{2}-[0-9]{2}( [0-9]{2}:[0-9]{2}:[0-9]{2}|T[0-9]{2}:[0-9]{2}:[0-9]{2}Z)",
             "2025-0[1-9]-[0-2][1-9]T[0-2][0-9]:[0-5][0-9]:[0-5][0-9][+-][0-9]{2}(:?[0-9]{2})?",
             "\\PC{0,40}",
         ]
@@ -314,11 +321,36 @@ mod tests {
             parse_time("2025-06-04T03:00:00+00", "rfc3339"),
             parse_time("2025-06-04T03:00:00Z", "rfc3339")
         );
+        // Years far out (the day arithmetic would overflow) are refused, not wrapped.
+        assert_eq!(
+            parse_time("300000-01-01 00:00:00", "yyyy-MM-dd HH:mm:ss"),
+            None
+        );
+        assert_eq!(
+            parse_time("9999999999999999-01-01T00:00:00Z", "rfc3339"),
+            None
+        );
+        // A value with an offset is not this format: refused, never read with the offset
+        // dropped.
+        assert_eq!(
+            parse_time("2025-06-04 11:30:45 +08:00", "yyyy-MM-dd HH:mm:ss"),
+            None
+        );
     }
 
     #[test]
     fn times() {
         let cst = parse_time("2025-06-04 11:00:00", "yyyy-MM-dd HH:mm:ss").unwrap();
+        // Java's Timestamp.toString(), MySQL DATETIME(3): the fraction is dropped, the
+        // seconds kept.
+        assert_eq!(
+            parse_time("2025-06-04 11:00:00.0", "yyyy-MM-dd HH:mm:ss"),
+            Some(cst)
+        );
+        assert_eq!(
+            parse_time("2025-06-04 11:00:07.123", "yyyy-MM-dd HH:mm:ss"),
+            Some(cst + 7_000_000)
+        );
         let utc = parse_time("2025-06-04T03:00:00Z", "rfc3339").unwrap();
         let off = parse_time("2025-06-04T11:00:00+08:00", "rfc3339").unwrap();
         assert_eq!(cst, utc);

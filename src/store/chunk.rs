@@ -187,6 +187,8 @@ impl Pending<'_> {
 /// The stored original of a follow-up, as the follow-up rules need it.
 pub(crate) struct FollowUpFacts {
     pub original_rated_at: i64,
+    /// The "original" is itself a follow-up.
+    pub original_is_follow_up: bool,
     /// Follow-ups of the original already stored (other than this one's key).
     pub earlier: i64,
 }
@@ -245,6 +247,14 @@ fn follow_up_rule(
             format!("no rating with source key {of:?} from this source to follow up"),
         ));
     };
+    if facts.original_is_follow_up {
+        // 追加评价 follows the rating of the service, once: a follow-up of a follow-up
+        // would let one rating be "followed up" without limit (docs/decisions/0006).
+        return Some((
+            "follow_up_of",
+            format!("{of:?} is itself a follow-up; a follow-up names the original rating"),
+        ));
+    }
     let limit = item.checks.follow_up_limit;
     if facts.earlier as u64 >= u64::from(limit) {
         return Some((

@@ -1017,6 +1017,33 @@ mod counting_and_quality {
         hub.stop().await;
     }
 
+    /// 追加评价 follows the original rating, once: a follow-up of a follow-up is refused
+    /// (before, chaining them gave one service any number of ratings).
+    #[tokio::test]
+    async fn a_follow_up_cannot_be_followed_up() {
+        let hub = TestHub::start().await;
+        let mut ingest = hub.ingest().await;
+        let first = rating("first");
+        submit_one(&mut ingest, first.clone()).await;
+        let mut follow = rating("follow-1");
+        follow.case_number = first.case_number.clone();
+        follow.follow_up_of = "first".into();
+        assert_eq!(
+            outcome(&submit_one(&mut ingest, follow).await),
+            pb::Outcome::Accepted
+        );
+        let mut chained = rating("follow-of-follow");
+        chained.case_number = first.case_number.clone();
+        chained.follow_up_of = "follow-1".into();
+        let r = submit_one(&mut ingest, chained).await;
+        assert_eq!(invalid_field(&r), "follow_up_of");
+        assert!(
+            r.violations[0].description.contains("itself a follow-up"),
+            "{r:?}"
+        );
+        hub.stop().await;
+    }
+
     #[tokio::test]
     async fn one_staff_rating_per_visit() {
         let hub = TestHub::start().await;

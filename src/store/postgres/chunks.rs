@@ -30,14 +30,14 @@ impl ChunkBackend for PgChunks<'_> {
     ) -> Result<Option<FollowUpFacts>, sqlx::Error> {
         let conn = &mut *self.0;
         let of = &item.rating.body.follow_up_of;
-        let original: Option<i64> = sqlx::query_scalar(
-            "SELECT rated_at FROM ratings WHERE source_system = $1 AND source_key = $2",
+        let original: Option<(i64, String)> = sqlx::query_as(
+            "SELECT rated_at, follow_up_of FROM ratings WHERE source_system = $1 AND source_key = $2",
         )
         .bind(&item.source_system)
         .bind(of)
         .fetch_optional(&mut *conn)
         .await?;
-        let Some(original_rated_at) = original else {
+        let Some((original_rated_at, original_follows)) = original else {
             return Ok(None);
         };
         let earlier: i64 = sqlx::query_scalar(
@@ -52,6 +52,7 @@ impl ChunkBackend for PgChunks<'_> {
         Ok(Some(FollowUpFacts {
             original_rated_at,
             earlier,
+            original_is_follow_up: !original_follows.is_empty(),
         }))
     }
 

@@ -128,14 +128,14 @@ impl ChunkBackend for GroupTx<'_> {
     ) -> Result<Option<FollowUpFacts>, sqlx::Error> {
         let conn = self.conn().await?;
         let of = &item.rating.body.follow_up_of;
-        let original: Option<i64> = sqlx::query_scalar(
-            "SELECT rated_at FROM ratings WHERE source_system = ? AND source_key = ?",
+        let original: Option<(i64, String)> = sqlx::query_as(
+            "SELECT rated_at, follow_up_of FROM ratings WHERE source_system = ? AND source_key = ?",
         )
         .bind(&item.source_system)
         .bind(of)
         .fetch_optional(&mut *conn)
         .await?;
-        let Some(original_rated_at) = original else {
+        let Some((original_rated_at, original_follows)) = original else {
             return Ok(None);
         };
         let earlier: i64 = sqlx::query_scalar(
@@ -150,6 +150,7 @@ impl ChunkBackend for GroupTx<'_> {
         Ok(Some(FollowUpFacts {
             original_rated_at,
             earlier,
+            original_is_follow_up: !original_follows.is_empty(),
         }))
     }
 

@@ -73,6 +73,15 @@ pub fn parse_filter(filter: Option<&pb::RatingFilter>) -> Result<RatingQuery, Ve
             Ok(_) => q.channels.push(*c),
         }
     }
+    for (i, k) in f.target_kinds.iter().enumerate() {
+        match pb::TargetKind::try_from(*k) {
+            Ok(pb::TargetKind::Unspecified) | Err(_) => v.push(violation(
+                format!("filter.target_kinds[{i}]"),
+                format!("{k} is not a target kind"),
+            )),
+            Ok(_) => q.target_kinds.push(*k),
+        }
+    }
     for (i, l) in f.levels.iter().enumerate() {
         match pb::Level::try_from(*l) {
             Ok(pb::Level::Unspecified) | Err(_) => v.push(violation(

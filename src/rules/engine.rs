@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::calendar::Calendar;
+use super::date::Date;
 use super::profile::{DayUnit, Profiles};
 use crate::clock::Clock;
 use crate::domain::{IngestRules, parse_rating, rating_for_case};
@@ -106,9 +107,11 @@ impl RulesEngine {
                     continue;
                 };
                 let deadline = match rule.unit {
-                    DayUnit::NaturalDays => {
-                        Ok(open.completed_at_micros + i64::from(rule.after) * 86_400_000_000)
-                    }
+                    // "接受服务后7个自然日内未进行评价的" (Ordos): the whole of the 7th natural
+                    // day after the service's day, to 24:00 CST — as working days count.
+                    DayUnit::NaturalDays => Ok(Date::of_instant(open.completed_at_micros)
+                        .add_days(i64::from(rule.after))
+                        .end_micros()),
                     DayUnit::WorkingDays => self
                         .calendar
                         .working_days_deadline(open.completed_at_micros, rule.after),
@@ -170,7 +173,9 @@ impl RulesEngine {
             source_key: format!("default:{source}:{}", case.case_number),
             channel: pb::Channel::SystemDefault as i32,
             level: level as i32,
-            rated_at: Some(crate::time::timestamp_from_micros(deadline)),
+            // The last moment of the rating period (23:59:59.999999 of its last day), so the
+            // default falls in that day's month and quarter, not the next one's.
+            rated_at: Some(crate::time::timestamp_from_micros(deadline - 1)),
             service_completed_at: Some(crate::time::timestamp_from_micros(completed)),
             is_default: true,
             ..rating_for_case(case)

@@ -312,6 +312,8 @@ pub struct RatingQuery {
     pub source_system: Option<String>,
     pub channels: Vec<i32>,
     pub levels: Vec<i32>,
+    /// Ratings of these target kinds (ratings only: case events have none).
+    pub target_kinds: Vec<i32>,
     pub rated_from_micros: Option<i64>,
     pub rated_until_micros: Option<i64>,
     /// `None`: no scope restriction (national scope).

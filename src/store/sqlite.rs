@@ -566,7 +566,18 @@ fn push_filter(qb: &mut QueryBuilder<'_, Sqlite>, q: &RatingQuery) {
             .push(" AND region_code < ")
             .push_bind(format!("{p}:"));
     }
-    for (col, values) in [("channel", &q.channels), ("level", &q.levels)] {
+    // Case events have no target kind: that filter is about ratings only.
+    let no_kinds = Vec::new();
+    let kinds = if q.time_is_occurred_at {
+        &no_kinds
+    } else {
+        &q.target_kinds
+    };
+    for (col, values) in [
+        ("channel", &q.channels),
+        ("level", &q.levels),
+        ("target_kind", kinds),
+    ] {
         if !values.is_empty() {
             qb.push(format!(" AND {col} IN ("));
             let mut sep = qb.separated(", ");

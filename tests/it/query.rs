@@ -290,3 +290,58 @@ async fn stats_by_day_use_china_standard_time() {
     assert_eq!(keys, ["2026-03-01", "2026-03-02"]);
     hub.stop().await;
 }
+
+/// Statistics that keep the item's indicators apart from the staff's (Guangdong: online cases
+/// rate only the item; window visits rate the staff member too): a target-kind filter.
+#[tokio::test]
+async fn stats_filter_by_target_kind_keeps_item_and_staff_ratings_apart() {
+    let hub = TestHub::start().await;
+    let mut ingest = hub.ingest().await;
+    let item = rating("item");
+    let mut staff = rating("staff");
+    staff.target_kind = pb::TargetKind::Staff as i32;
+    staff.staff_id = "S-001".into();
+    staff.level = pb::Level::Dissatisfied as i32;
+    for r in submit(&mut ingest, vec![item, staff]).await {
+        assert_eq!(outcome(&r), pb::Outcome::Accepted, "{r:?}");
+    }
+    let stats = |kinds: Vec<i32>| {
+        let hub = &hub;
+        async move {
+            hub.query()
+                .await
+                .get_stats(pb::GetStatsRequest {
+                    filter: Some(pb::RatingFilter {
+                        target_kinds: kinds,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .groups
+                .remove(0)
+        }
+    };
+    let all = stats(vec![]).await;
+    assert_eq!(all.total, 2);
+    let items = stats(vec![pb::TargetKind::Item as i32]).await;
+    assert_eq!((items.total, items.bad), (1, 0));
+    let staff = stats(vec![pb::TargetKind::Staff as i32]).await;
+    assert_eq!((staff.total, staff.bad), (1, 1));
+    let err = hub
+        .query()
+        .await
+        .get_stats(pb::GetStatsRequest {
+            filter: Some(pb::RatingFilter {
+                target_kinds: vec![99],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_request_fields(&err), ["filter.target_kinds[0]"]);
+    hub.stop().await;
+}

@@ -137,9 +137,9 @@ async fn completed_cases_get_reminders_then_default_ratings_once() {
     assert_eq!(d.channel, pb::Channel::SystemDefault as i32);
     assert_eq!(d.source_system, "rating-hub");
     assert_eq!(
-        d.rated_at.unwrap().seconds * 1_000_000,
-        cst("2025-10-15", 0),
-        "rated at the deadline"
+        rating_hub::time::micros_from_timestamp(&d.rated_at.unwrap()),
+        Some(cst("2025-10-15", 0) - 1),
+        "rated at the last moment of the period: 2025-10-14 23:59:59.999999 CST"
     );
     // Guangdong has no default rating.
     assert_eq!(
@@ -424,6 +424,56 @@ async fn batch_ratings_cover_their_cases_and_staff_ratings_do_not() {
     let d = defaults(&hub).await;
     assert_eq!(d.len(), 1);
     assert_eq!(d[0].case_number, "KM-S");
+    hub.stop().await;
+}
+
+/// Ordos: "服务对象接受服务后7个自然日内未进行评价的，默认为“满意”" — the 7th natural day after
+/// the service counts whole, to 24:00 (before: completion + 168 hours, hours too early). The
+/// default is rated at the period's last moment, so a service of 24 March is defaulted in
+/// March, in the first quarter (before: at 00:00 of 1 April, in the second).
+#[tokio::test]
+async fn ordos_defaults_after_the_whole_seventh_natural_day_within_its_quarter() {
+    let t0 = cst("2025-03-24", 15);
+    let clock = Arc::new(ManualClock::at(t0 + 60_000_000));
+    let hub = HubBuilder::new().clock(clock.clone()).start().await;
+    report(&hub, vec![completed("ORDOS-1", "150602", t0)]).await;
+    let engine = hub.hub.rules();
+    // 168 hours later, the 7th day is not over.
+    clock.set(cst("2025-03-31", 20));
+    assert_eq!(engine.tick().await.unwrap().default_ratings, 0);
+    clock.set(cst("2025-04-01", 0) + 1);
+    assert_eq!(engine.tick().await.unwrap().default_ratings, 1);
+    let d = defaults(&hub).await.remove(0);
+    assert_eq!(
+        d.level,
+        pb::Level::Satisfied as i32,
+        "Ordos defaults to 满意"
+    );
+    assert_eq!(
+        rating_hub::time::micros_from_timestamp(&d.rated_at.unwrap()),
+        Some(cst("2025-04-01", 0) - 1)
+    );
+    let q1 = hub
+        .query()
+        .await
+        .get_stats(pb::GetStatsRequest {
+            filter: Some(pb::RatingFilter {
+                region_code_prefix: "1506".into(),
+                rated_from: Some(ts(cst("2025-01-01", 0) / 1_000_000)),
+                rated_until: Some(ts(cst("2025-04-01", 0) / 1_000_000)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .groups;
+    assert_eq!(
+        q1.iter().map(|g| g.default_ratings).sum::<u64>(),
+        1,
+        "the default is in the first quarter"
+    );
     hub.stop().await;
 }
 

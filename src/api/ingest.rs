@@ -121,6 +121,26 @@ fn stored_result(
     }
 }
 
+/// Flags an anonymous rating where the region's profile requires real-name rating.
+fn flag_anonymous_where_real_name_is_required(
+    state: &HubState,
+    r: &mut crate::domain::ValidRating,
+) {
+    let (_, profile) = state.engine.profiles().for_region(r.region_code.as_str());
+    if !profile.real_name_required || r.is_default {
+        return;
+    }
+    let real = r.body.rater.as_ref().is_some_and(|x| {
+        x.real_name && (!x.id_number.is_empty() || !x.phone.is_empty() || !x.credit_code.is_empty())
+    });
+    if !real && !r.quality_flags.contains(&pb::QualityFlag::NotRealName) {
+        r.quality_flags.push(pb::QualityFlag::NotRealName);
+        r.body
+            .quality_flags
+            .push(pb::QualityFlag::NotRealName as i32);
+    }
+}
+
 /// The checks the store applies to a rating of this region from this caller.
 fn checks(state: &HubState, region: &str, relay: bool) -> IngestChecks {
     let (_, profile) = state.engine.profiles().for_region(region);
@@ -154,7 +174,8 @@ fn prepare<'a>(
             continue;
         };
         match parse_rating(raw, now, &state.rules, principal.has(Role::Relay)) {
-            Ok(r) => {
+            Ok(mut r) => {
+                flag_anonymous_where_real_name_is_required(state, &mut r);
                 if let Some(v) = out_of_scope(
                     principal,
                     r.org_credit_code.as_str(),

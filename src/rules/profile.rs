@@ -73,6 +73,10 @@ pub struct Profile {
     #[serde(default)]
     pub spot_check_share: f64,
     pub final_score: Option<String>,
+    /// Rating is by real name (Ordos: "实行实名制评价"): an anonymous rating is accepted —
+    /// every rating counts — and flagged `QUALITY_FLAG_NOT_REAL_NAME` for follow-up.
+    #[serde(default)]
+    pub real_name_required: bool,
 }
 
 fn level_index(level: Level) -> Option<usize> {

@@ -477,6 +477,51 @@ async fn ordos_defaults_after_the_whole_seventh_natural_day_within_its_quarter()
     hub.stop().await;
 }
 
+/// Ordos: "实行实名制评价". An anonymous rating there is accepted (every rating counts) and
+/// flagged, so the centre can follow it up; a real-name one is not flagged, and elsewhere an
+/// anonymous rating is not flagged either (before, nothing told them apart).
+#[tokio::test]
+async fn ordos_flags_anonymous_ratings_and_accepts_them() {
+    let hub = TestHub::start().await;
+    let mut ingest = hub.ingest().await;
+    let in_ordos = |key: &str, rater: Option<pb::Rater>| {
+        let mut r = rating(key);
+        r.region_code = "150602".into();
+        r.rater = rater;
+        r
+    };
+    let anonymous = in_ordos("anon", None);
+    let claimed_only = in_ordos(
+        "claimed",
+        Some(pb::Rater {
+            kind: pb::RaterKind::NaturalPerson as i32,
+            real_name: true,
+            ..Default::default()
+        }),
+    );
+    let real = in_ordos("real", rating("x").rater);
+    let mut kunming_anonymous = rating("km-anon");
+    kunming_anonymous.rater = None;
+    let results = submit(
+        &mut ingest,
+        vec![anonymous, claimed_only, real, kunming_anonymous],
+    )
+    .await;
+    assert!(
+        results.iter().all(|r| outcome(r) == pb::Outcome::Accepted),
+        "{results:?}"
+    );
+    let flagged: Vec<bool> = results
+        .iter()
+        .map(|r| {
+            r.quality_flags
+                .contains(&(pb::QualityFlag::NotRealName as i32))
+        })
+        .collect();
+    assert_eq!(flagged, [true, true, false, false]);
+    hub.stop().await;
+}
+
 #[tokio::test]
 async fn a_default_deadline_in_a_year_without_calendar_data_records_nothing() {
     let t0 = cst("2026-12-28", 10);

@@ -33,6 +33,61 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// The working-day calendar deadlines are counted on.
+    Calendar {
+        #[command(subcommand)]
+        command: CalendarCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CalendarCommand {
+    /// Print a year's days off and make-up working days, and whether they are the State
+    /// Council's (official) or computed from the statutory holidays (provisional). With
+    /// --file, the calendar in that file (check a new notice before loading it).
+    Show {
+        year: i64,
+        /// TOML config file whose [rules] calendar to show (calendar_file, overrides).
+        #[arg(long, short, env = "RATING_HUB_CONFIG")]
+        config: Option<PathBuf>,
+        /// A calendar data file (the format of src/rules/data/calendar.toml) to show instead.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+}
+
+fn calendar(command: CalendarCommand) -> anyhow::Result<()> {
+    let CalendarCommand::Show { year, config, file } = command;
+    let cal = match file {
+        Some(f) => rating_hub::rules::Calendar::parse(&std::fs::read_to_string(&f)?)?,
+        None => Config::load(config.as_deref())?.rules.calendar()?,
+    };
+    let view = cal.year_view(year)?;
+    const WEEKDAYS: [&str; 7] = ["一", "二", "三", "四", "五", "六", "日"];
+    println!(
+        "{year}: {} — {}",
+        if view.provisional {
+            "PROVISIONAL"
+        } else {
+            "official"
+        },
+        view.source
+    );
+    println!("days off ({}):", view.holidays.len());
+    for d in &view.holidays {
+        println!("  {d} 星期{}", WEEKDAYS[(d.weekday() - 1) as usize]);
+    }
+    println!("make-up working days, 调休 ({}):", view.workdays.len());
+    for d in &view.workdays {
+        println!("  {d} 星期{}", WEEKDAYS[(d.weekday() - 1) as usize]);
+    }
+    if view.provisional {
+        println!(
+            "No State Council notice for {year} is loaded: deadlines in it are provisional \
+             and move when it is (rules.calendar_file)."
+        );
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -154,6 +209,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Certs { command } => certs(command),
+        Command::Calendar { command } => calendar(command),
         Command::Serve { config } => {
             let config = Config::load(config.as_deref())?;
             rating_hub::telemetry::init(&config.log);

@@ -56,6 +56,7 @@ impl RectificationApi {
             appeal_deadline: v.appeal_deadline.map(timestamp_from_micros),
             overdue: v.overdue,
             overdue_reason: v.overdue_reason,
+            deadline_provisional: v.deadline_provisional,
             appeal_outcome: v.appeal_outcome as i32,
             appeal_pending: v.appeal_pending,
             spot_check_selected: v.spot_check_selected,

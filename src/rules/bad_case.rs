@@ -23,6 +23,8 @@ pub struct CaseView {
     pub spot_checked: bool,
     /// Extensions recorded so far.
     pub extensions: u32,
+    /// A deadline was counted on a provisional calendar (a year not yet published).
+    pub deadline_provisional: bool,
 }
 
 fn action(e: &CaseEntryRecord) -> CaseAction {
@@ -69,16 +71,18 @@ pub fn view(case: &StoredBadCase, profile: &Profile, calendar: &Calendar, now: i
         }
     }
     let mut gaps = Vec::new();
+    let mut provisional = false;
     let mut deadline = |days: Option<u32>| {
-        days.and_then(
-            |n| match calendar.working_days_deadline(case.opened_at_micros, n) {
-                Ok(d) => Some(d),
-                Err(e) => {
-                    gaps.push(e.to_string());
-                    None
-                }
-            },
-        )
+        days.and_then(|n| match calendar.deadline(case.opened_at_micros, n) {
+            Ok(d) => {
+                provisional |= d.provisional;
+                Some(d.at)
+            }
+            Err(e) => {
+                gaps.push(e.to_string());
+                None
+            }
+        })
     };
     let contact_deadline = deadline(profile.contact_working_days);
     let rectify_deadline = extended.or_else(|| deadline(Some(profile.rectify_working_days)));
@@ -124,6 +128,7 @@ pub fn view(case: &StoredBadCase, profile: &Profile, calendar: &Calendar, now: i
         spot_check_selected: spot_check_selected(&case.hub_id, profile.spot_check_share),
         spot_checked,
         extensions,
+        deadline_provisional: provisional && extended.is_none(),
     }
 }
 

@@ -41,6 +41,8 @@ pub struct RulesEngine {
     clock: Arc<dyn Clock>,
     rules: IngestRules,
     keys: Arc<PiiKeys>,
+    /// The year last warned about (`warn_of_a_missing_year`).
+    warned_for: std::sync::atomic::AtomicI64,
 }
 
 const PAGE: u32 = 500;
@@ -61,6 +63,7 @@ impl RulesEngine {
             clock,
             rules,
             keys,
+            warned_for: std::sync::atomic::AtomicI64::new(0),
         }
     }
 
@@ -72,9 +75,32 @@ impl RulesEngine {
         &self.calendar
     }
 
+    /// From 1 October, warns (once a year per process) when next year has no State Council
+    /// calendar: deadlines that run into it are provisional until its notice is loaded.
+    fn warn_of_a_missing_year(&self, now: i64) {
+        let today = Date::of_instant(now);
+        let (year, month, _) = today.ymd();
+        if month < 10 || self.calendar.is_official(year + 1) {
+            return;
+        }
+        if self
+            .warned_for
+            .swap(year + 1, std::sync::atomic::Ordering::Relaxed)
+            != year + 1
+        {
+            tracing::warn!(
+                year = year + 1,
+                "No State Council holiday calendar for next year is loaded: deadlines that run \
+                 into it are counted on a provisional calendar (statutory holidays, no 调休). \
+                 Add its notice to rules.calendar_file when it is published."
+            );
+        }
+    }
+
     /// One pass over the open completed cases.
     pub async fn tick(&self) -> Result<TickReport, StoreError> {
         let now = self.clock.now_micros();
+        self.warn_of_a_missing_year(now);
         let mut report = TickReport::default();
         let mut after = 0;
         loop {

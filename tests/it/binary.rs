@@ -292,3 +292,34 @@ async fn a_burst_of_plain_tcp_probes_writes_a_line_a_second_not_one_each() {
         refused.len()
     );
 }
+
+/// `rating-hub calendar show YEAR` says whether a year's days off are the State Council's or
+/// provisional, so an operator can check the calendar (and a new notice) before it counts.
+#[test]
+fn calendar_show_says_whether_a_year_is_official_or_provisional() {
+    let show = |year: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_rating-hub"))
+            .args(["calendar", "show", year])
+            .env_remove("RATING_HUB_CONFIG")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let y2026 = show("2026");
+    assert!(y2026.starts_with("2026: official"), "{y2026}");
+    assert!(
+        y2026.contains("国办发明电〔2025〕7号") && y2026.contains("2026-02-14"),
+        "{y2026}"
+    );
+    let y2027 = show("2027");
+    assert!(y2027.starts_with("2027: PROVISIONAL"), "{y2027}");
+    assert!(
+        y2027.contains("2027-01-01") && y2027.contains("2027-02-05"),
+        "{y2027}"
+    );
+}

@@ -522,16 +522,50 @@ async fn ordos_flags_anonymous_ratings_and_accepts_them() {
     hub.stop().await;
 }
 
+/// The year-end cliff (issue #18): cases completed or rated at the end of 2026 have deadlines
+/// in 2027, whose State Council notice is not in the data. They are counted on the
+/// provisional calendar (statutory holidays, no 调休), which skips 元旦 and the weekend, and
+/// the 差评 case says its deadline is provisional. Before, no default was ever recorded and
+/// the case's deadline was never set.
 #[tokio::test]
-async fn a_default_deadline_in_a_year_without_calendar_data_records_nothing() {
+async fn deadlines_in_an_unpublished_year_are_counted_on_the_provisional_calendar() {
+    use pb::rectification_service_client::RectificationServiceClient;
     let t0 = cst("2026-12-28", 10);
     let clock = Arc::new(ManualClock::at(t0 + 1));
     let hub = HubBuilder::new().clock(clock.clone()).start().await;
     report(&hub, vec![completed("KM-LATE", "530102", t0)]).await;
-    clock.set(cst("2027-01-20", 0));
+    let mut bad = rated("late-bad", "KM-OTHER", pb::Level::Dissatisfied, t0 + 1);
+    bad.text = "窗口人员态度差".into();
+    let bad_id = submit_one(&mut hub.ingest().await, bad).await.hub_id;
+
+    // Kunming: 基本满意 after 5 working days — 29, 30, 31 December, then 元旦 (Friday 1
+    // January) and the weekend are skipped: 4 and 5 January 2027.
+    clock.set(cst("2027-01-05", 23));
     let tick = hub.hub.rules().tick().await.unwrap();
-    assert_eq!((tick.calendar_gaps, tick.default_ratings), (1, 0));
-    assert!(defaults(&hub).await.is_empty(), "never a silent guess");
+    assert_eq!((tick.calendar_gaps, tick.default_ratings), (0, 0));
+    clock.set(cst("2027-01-06", 0) + 1);
+    assert_eq!(hub.hub.rules().tick().await.unwrap().default_ratings, 1);
+    let d = defaults(&hub).await.remove(0);
+    assert_eq!(
+        rating_hub::time::micros_from_timestamp(&d.rated_at.unwrap()),
+        Some(cst("2027-01-06", 0) - 1)
+    );
+
+    // The 差评's case: 15 working days from Monday 28 December, provisional.
+    let case = RectificationServiceClient::new(hub.channel_as("tester").await)
+        .list_cases(pb::ListCasesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .cases
+        .into_iter()
+        .find(|c| c.hub_id == bad_id)
+        .unwrap();
+    assert!(case.deadline_provisional, "{case:?}");
+    assert_eq!(
+        case.rectify_deadline.unwrap().seconds * 1_000_000,
+        Date::parse("2027-01-19").unwrap().end_micros()
+    );
     hub.stop().await;
 }
 

@@ -310,7 +310,10 @@ async fn lost_database_connections_reconnect_without_failing_the_next_rating() {
     let mut ingest = hub.ingest().await;
     let first = submit_one(&mut ingest, rating("before")).await;
     assert_eq!(outcome(&first), pb::Outcome::Accepted);
-    let mut sub = SyncServiceClient::new(hub.channel_as("tester").await)
+    // The subscriber sits on another instance: it hears of a commit only through its own
+    // commit listener (the writing instance moves its head locally, listener or not).
+    let peer = hub.peer().await;
+    let mut sub = SyncServiceClient::new(peer.channel_as("tester").await)
         .subscribe(pb::SubscribeRequest { after_sequence: 1 })
         .await
         .unwrap()
@@ -335,7 +338,8 @@ async fn lost_database_connections_reconnect_without_failing_the_next_rating() {
         pb::Outcome::Accepted,
         "stored through a new connection"
     );
-    // The subscriber hears of it: the listener reconnected and re-read the head.
+    // The peer's subscriber hears of it: the peer's listener reconnected and re-read the
+    // head.
     let next = tokio::time::timeout(LIMIT, sub.next())
         .await
         .expect("the subscriber hears of the new rating")
@@ -346,6 +350,7 @@ async fn lost_database_connections_reconnect_without_failing_the_next_rating() {
     assert_eq!(next.hub_id, stored.hub_id);
     assert_eq!(next.feed_sequence, 2);
     hub.stop().await;
+    peer.stop().await;
 }
 
 #[tokio::test]
@@ -951,13 +956,21 @@ async fn a_writer_stopped_inside_its_transaction_does_not_stop_the_other_instanc
         "hub-0 was stopped inside a transaction holding the sequencer"
     );
 
-    // hub-1's writer waits for the sequencer until PostgreSQL ends the stalled session.
+    // hub-1's writer waits for the sequencer until PostgreSQL ends the stalled session: the
+    // promise is 5 s (idle_in_transaction_session_timeout); 12 s leaves room for a loaded
+    // machine, not for a missing timeout (without it, hub-1 waits for good).
+    let started = std::time::Instant::now();
     let other = tokio::time::timeout(
-        Duration::from_secs(30),
+        Duration::from_secs(12),
         submit_through(dir.path(), &hubs[1].url, "other", 1),
     )
     .await
     .expect("the other instance stores ratings while hub-0 is stopped");
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "hub-1 stored at once: hub-0 was not holding the sequencer ({:?})",
+        started.elapsed()
+    );
     signal(&hubs[0].child, "CONT");
     let seen = *batches.borrow_and_update();
     tokio::time::timeout(LIMIT, batches.wait_for(|n| *n >= seen + 3))

@@ -128,10 +128,24 @@ async fn stream_of_10000_ratings_is_acknowledged_in_order_after_commit() {
         }),
     }));
     let mut acks = ingest.stream_ratings(outbound).await.unwrap().into_inner();
+    // Reads on a connection of their own: an acknowledged rating is readable before the next
+    // acknowledgement is even taken (a hub that acknowledged on enqueue would fail here).
+    let mut reader = QueryServiceClient::new(hub.channel_as("tester").await);
     let mut seen = 0usize;
     let mut last_seq = 0u64;
     while let Some(ack) = acks.next().await {
         let result = ack.expect("ack").result.unwrap();
+        if outcome(&result) == pb::Outcome::Accepted && (seen < 300 || seen % 97 == 0) {
+            let read = reader
+                .get_rating(pb::GetRatingRequest {
+                    hub_id: result.hub_id.clone(),
+                })
+                .await;
+            assert!(
+                read.is_ok(),
+                "acknowledged rating {seen} is not readable: {read:?}"
+            );
+        }
         assert_eq!(result.index as usize, seen, "acks arrive in the order sent");
         assert_eq!(result.source_key, format!("s{seen}"));
         if seen % 1000 == 999 {
@@ -162,10 +176,29 @@ async fn stream_of_10000_ratings_is_acknowledged_in_order_after_commit() {
 async fn same_key_same_content_is_a_duplicate_returning_the_original_id() {
     let hub = TestHub::start().await;
     let mut ingest = hub.ingest().await;
-    let first = submit_one(&mut ingest, rating("dup")).await;
-    // Normalisation makes cosmetic differences the same content.
+    // An ID number ending in X, so that case really differs between the two sends (the
+    // usual test ID ends in a digit: lower-casing it changed nothing).
+    let with_x = (100..1000)
+        .map(|n| {
+            rating_hub::domain::codes::id_number_with_check(&format!("53010219800101{n}")).unwrap()
+        })
+        .find(|id| id.ends_with('X'))
+        .expect("an ID number with check character X");
+    let mut original = rating("dup");
+    original.rater.as_mut().unwrap().id_number = with_x.clone();
+    original.rater.as_mut().unwrap().phone = "13800138000".into();
+    let first = submit_one(&mut ingest, original).await;
+    assert_eq!(outcome(&first), pb::Outcome::Accepted);
+    // Normalisation makes cosmetic differences the same content: a lower-case x, a phone
+    // written with spaces and a dash.
     let mut again = rating("dup");
-    again.rater.as_mut().unwrap().id_number = id_number().to_lowercase();
+    again.rater.as_mut().unwrap().id_number = with_x.to_lowercase();
+    again.rater.as_mut().unwrap().phone = " 138 0013-8000 ".into();
+    assert_ne!(
+        again.rater.as_ref().unwrap().id_number,
+        with_x,
+        "the second send differs on the wire"
+    );
     again.rated_at = first_rated_at(&hub, &first.hub_id).await;
     let second = submit_one(&mut ingest, again).await;
     assert_eq!(outcome(&second), pb::Outcome::Duplicate);

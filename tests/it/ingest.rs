@@ -135,7 +135,7 @@ async fn stream_of_10000_ratings_is_acknowledged_in_order_after_commit() {
     let mut last_seq = 0u64;
     while let Some(ack) = acks.next().await {
         let result = ack.expect("ack").result.unwrap();
-        if outcome(&result) == pb::Outcome::Accepted && (seen < 300 || seen % 97 == 0) {
+        if outcome(&result) == pb::Outcome::Accepted && (seen < 300 || seen.is_multiple_of(97)) {
             let read = reader
                 .get_rating(pb::GetRatingRequest {
                     hub_id: result.hub_id.clone(),

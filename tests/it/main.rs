@@ -5,6 +5,7 @@
 mod binary;
 mod clients;
 mod cluster;
+mod conformance;
 mod fake_upstream;
 mod gate;
 mod http_json;

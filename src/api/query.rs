@@ -275,6 +275,12 @@ fn stats_group(
         called_back_cases: row.bad_cases.called_back,
         rectification_rate: ratio(row.bad_cases.rectified, row.bad_cases.cases),
         callback_rate: ratio(row.bad_cases.called_back, row.bad_cases.cases),
+        real_name_bad_rating_cases: row.bad_cases.real_name,
+        real_name_callback_rectification_rate: ratio(
+            row.bad_cases.real_name_done,
+            row.bad_cases.real_name,
+        ),
+        archived_cases: row.bad_cases.archived,
         rank: 0,
     }
 }

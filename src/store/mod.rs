@@ -352,6 +352,12 @@ pub struct BadCaseCounts {
     pub cases: u64,
     pub rectified: u64,
     pub called_back: u64,
+    /// Cases of a real-name 差评 (the rater marked real-name, with an ID number or phone).
+    pub real_name: u64,
+    /// … of which rectified (or explained) and called back: 实名差评回访整改.
+    pub real_name_done: u64,
+    /// Cases closed (archived).
+    pub archived: u64,
 }
 
 /// Ratings of one day (UTC+8) and organisation, for reconciliation: how many, and the

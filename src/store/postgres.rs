@@ -1073,8 +1073,16 @@ impl Store for PostgresStore {
              COUNT(*) FILTER (WHERE EXISTS (SELECT 1 FROM bad_rating_case_entries x \
                  WHERE x.case_id = b.case_id AND x.action IN (2, 4))) AS rectified, \
              COUNT(*) FILTER (WHERE EXISTS (SELECT 1 FROM bad_rating_case_entries x \
-                 WHERE x.case_id = b.case_id AND x.action = 6)) AS called_back \
-             FROM (SELECT r.*, c.id AS case_id FROM ratings r \
+                 WHERE x.case_id = b.case_id AND x.action = 6)) AS called_back, \
+             COUNT(*) FILTER (WHERE b.case_real_name) AS real_name, \
+             COUNT(*) FILTER (WHERE b.case_real_name \
+                 AND EXISTS (SELECT 1 FROM bad_rating_case_entries x \
+                     WHERE x.case_id = b.case_id AND x.action IN (2, 4)) \
+                 AND EXISTS (SELECT 1 FROM bad_rating_case_entries x \
+                     WHERE x.case_id = b.case_id AND x.action = 6)) AS real_name_done, \
+             COUNT(*) FILTER (WHERE EXISTS (SELECT 1 FROM bad_rating_case_entries x \
+                 WHERE x.case_id = b.case_id AND x.action = 7)) AS archived \
+             FROM (SELECT r.*, c.id AS case_id, c.real_name AS case_real_name FROM ratings r \
                    JOIN bad_rating_cases c ON c.hub_id = r.hub_id) AS b \
              WHERE hub_id NOT IN (SELECT hub_id FROM rating_exclusions)",
         );

@@ -219,6 +219,9 @@ pub(crate) fn bad_case_counts(row: &impl Columns, n: usize) -> Result<BadCaseCou
         cases: row.int("n")? as u64,
         rectified: row.int("rectified")? as u64,
         called_back: row.int("called_back")? as u64,
+        real_name: row.int("real_name")? as u64,
+        real_name_done: row.int("real_name_done")? as u64,
+        archived: row.int("archived")? as u64,
     })
 }
 

@@ -882,8 +882,16 @@ impl Store for SqliteStore {
              COALESCE(SUM(EXISTS (SELECT 1 FROM bad_rating_case_entries x \
                  WHERE x.case_id = b.case_id AND x.action IN (2, 4))), 0) AS rectified, \
              COALESCE(SUM(EXISTS (SELECT 1 FROM bad_rating_case_entries x \
-                 WHERE x.case_id = b.case_id AND x.action = 6)), 0) AS called_back \
-             FROM (SELECT r.*, c.id AS case_id FROM ratings r \
+                 WHERE x.case_id = b.case_id AND x.action = 6)), 0) AS called_back, \
+             COALESCE(SUM(b.case_real_name <> 0), 0) AS real_name, \
+             COALESCE(SUM(b.case_real_name <> 0 \
+                 AND EXISTS (SELECT 1 FROM bad_rating_case_entries x \
+                     WHERE x.case_id = b.case_id AND x.action IN (2, 4)) \
+                 AND EXISTS (SELECT 1 FROM bad_rating_case_entries x \
+                     WHERE x.case_id = b.case_id AND x.action = 6)), 0) AS real_name_done, \
+             COALESCE(SUM(EXISTS (SELECT 1 FROM bad_rating_case_entries x \
+                 WHERE x.case_id = b.case_id AND x.action = 7)), 0) AS archived \
+             FROM (SELECT r.*, c.id AS case_id, c.real_name AS case_real_name FROM ratings r \
                    JOIN bad_rating_cases c ON c.hub_id = r.hub_id) AS b \
              WHERE hub_id NOT IN (SELECT hub_id FROM rating_exclusions)",
         );

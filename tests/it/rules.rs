@@ -791,6 +791,77 @@ mod bad_rating_cases {
         hub.stop().await;
     }
 
+    /// 实名差评回访整改率 (Yunnan, Kunming, Changchun: "要达到100%"): real-name cases both
+    /// rectified and called back, over the real-name cases only (before, only rates over all
+    /// 差评 existed); and the closed cases per group (Changchun: "差评”问题办结情况").
+    #[tokio::test]
+    async fn the_real_name_callback_and_rectification_rate_counts_real_name_cases_only() {
+        let clock = Arc::new(ManualClock::at(cst("2025-03-03", 9)));
+        let hub = HubBuilder::new().clock(clock.clone()).start().await;
+        let mut ingest = hub.ingest().await;
+        let mut anonymous = bad("anon", pb::Level::Dissatisfied, &clock);
+        anonymous.rater = None;
+        let results = submit(
+            &mut ingest,
+            vec![
+                bad("named-1", pb::Level::VeryDissatisfied, &clock),
+                bad("named-2", pb::Level::Dissatisfied, &clock),
+                anonymous,
+            ],
+        )
+        .await;
+        let mut rect = RectificationServiceClient::new(hub.channel_as("tester").await);
+        let cases = rect
+            .list_cases(pb::ListCasesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .cases;
+        let id_of = |hub_id: &str| cases.iter().find(|c| c.hub_id == hub_id).unwrap().id;
+        let step = |id: u64, action: pb::CaseAction, refs: &[&str]| pb::RecordActionRequest {
+            id,
+            action: action as i32,
+            note: "已处理".into(),
+            evidence_refs: refs.iter().map(|s| s.to_string()).collect(),
+            new_deadline: None,
+        };
+        // named-1: the whole life, archived; named-2: rectified, not called back; the
+        // anonymous one: rectified and fed back (no callback needed).
+        let named_1 = id_of(&results[0].hub_id);
+        for (action, refs) in [
+            (pb::CaseAction::Contact, &[][..]),
+            (pb::CaseAction::Rectify, &["台账-1"][..]),
+            (pb::CaseAction::FeedBack, &[][..]),
+            (pb::CaseAction::Callback, &[][..]),
+            (pb::CaseAction::Archive, &[][..]),
+        ] {
+            rect.record_action(step(named_1, action, refs))
+                .await
+                .unwrap();
+        }
+        let named_2 = id_of(&results[1].hub_id);
+        for (action, refs) in [
+            (pb::CaseAction::Contact, &[][..]),
+            (pb::CaseAction::Rectify, &["台账-2"][..]),
+        ] {
+            rect.record_action(step(named_2, action, refs))
+                .await
+                .unwrap();
+        }
+        let g = kunming_stats(&hub).await;
+        assert_eq!(
+            (
+                g.bad_rating_cases,
+                g.real_name_bad_rating_cases,
+                g.archived_cases
+            ),
+            (3, 2, 1),
+            "{g:?}"
+        );
+        assert_eq!(g.real_name_callback_rectification_rate, 0.5);
+        hub.stop().await;
+    }
+
     #[tokio::test]
     async fn a_bad_rating_walks_the_whole_case_life_and_a_malicious_appeal_leaves_the_scores() {
         let orgs = [org(1)];

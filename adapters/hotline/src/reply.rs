@@ -75,53 +75,183 @@ fn normalize(s: &str) -> String {
         .collect()
 }
 
-/// Keywords, longest first so "非常不满意" is not read as "满意".
-const KEYWORDS: &[(&str, Level)] = &[
+/// Words that say a level, longest first within each family so "非常不满意" is never read as
+/// "满意". Negated and hedged forms are listed as what they mean: "不太满意" is 不满意, "不好"
+/// is 不满意, "不错" is praise. (How people answer these SMS: a key, the invitation's own
+/// wording, a word of praise or complaint, often with a negation or a hedge.)
+const PHRASES: &[(&str, Level)] = &[
+    // Very dissatisfied.
     ("非常不满意", Level::VeryDissatisfied),
-    ("非常满意", Level::VerySatisfied),
-    ("基本满意", Level::BasicallySatisfied),
-    ("比较满意", Level::Satisfied),
-    ("不满意", Level::Dissatisfied),
     ("很不满意", Level::VeryDissatisfied),
-    ("满意", Level::Satisfied),
+    ("特别不满意", Level::VeryDissatisfied),
+    ("十分不满意", Level::VeryDissatisfied),
+    ("极不满意", Level::VeryDissatisfied),
+    ("非常差", Level::VeryDissatisfied),
     ("很差", Level::VeryDissatisfied),
-    ("很好", Level::VerySatisfied),
-    ("一般", Level::BasicallySatisfied),
+    ("极差", Level::VeryDissatisfied),
+    ("非常不好", Level::VeryDissatisfied),
+    ("很不好", Level::VeryDissatisfied),
+    ("太烂", Level::VeryDissatisfied),
+    ("糟糕", Level::VeryDissatisfied),
+    // Dissatisfied, hedged negations of praise first.
+    ("不太满意", Level::Dissatisfied),
+    ("不是很满意", Level::Dissatisfied),
+    ("不怎么满意", Level::Dissatisfied),
+    ("不大满意", Level::Dissatisfied),
+    ("不够满意", Level::Dissatisfied),
+    ("不很满意", Level::Dissatisfied),
+    ("不算满意", Level::Dissatisfied),
+    ("不太好", Level::Dissatisfied),
+    ("不是很好", Level::Dissatisfied),
+    ("不怎么样", Level::Dissatisfied),
+    ("不满意", Level::Dissatisfied),
+    ("没满意", Level::Dissatisfied),
+    ("不满", Level::Dissatisfied),
+    ("不好", Level::Dissatisfied),
+    ("不行", Level::Dissatisfied),
     ("差评", Level::Dissatisfied),
+    ("太差", Level::Dissatisfied),
+    ("差劲", Level::Dissatisfied),
+    ("很烂", Level::Dissatisfied),
+    // Basically satisfied.
+    ("基本满意", Level::BasicallySatisfied),
+    ("还算满意", Level::BasicallySatisfied),
+    ("一般", Level::BasicallySatisfied),
+    ("还行", Level::BasicallySatisfied),
+    ("还可以", Level::BasicallySatisfied),
+    ("凑合", Level::BasicallySatisfied),
+    ("马马虎虎", Level::BasicallySatisfied),
+    ("中评", Level::BasicallySatisfied),
+    ("不算差", Level::BasicallySatisfied),
+    // Very satisfied.
+    ("非常满意", Level::VerySatisfied),
+    ("很满意", Level::VerySatisfied),
+    ("十分满意", Level::VerySatisfied),
+    ("特别满意", Level::VerySatisfied),
+    ("非常好", Level::VerySatisfied),
+    ("很好", Level::VerySatisfied),
+    ("非常棒", Level::VerySatisfied),
+    ("很棒", Level::VerySatisfied),
+    // Satisfied.
+    ("比较满意", Level::Satisfied),
+    ("挺满意", Level::Satisfied),
+    ("满意", Level::Satisfied),
     ("好评", Level::Satisfied),
-    ("差", Level::Dissatisfied),
-    ("好", Level::Satisfied),
+    ("不错", Level::Satisfied),
+    ("挺好", Level::Satisfied),
+    ("点赞", Level::Satisfied),
 ];
 
-/// Reads an SMS reply under `scale`.
-pub fn parse_sms(text: &str, scale: Scale) -> Reply {
-    let t = normalize(text);
-    let t = t.trim();
-    if t.is_empty() {
-        return Reply::NoKey;
+/// Replies that acknowledge the message and rate nothing ("好的" is not 好评).
+const ACKNOWLEDGEMENTS: &[&str] = &[
+    "好",
+    "好的",
+    "好滴",
+    "嗯",
+    "嗯嗯",
+    "哦",
+    "ok",
+    "okay",
+    "收到",
+    "已收到",
+    "知道了",
+    "谢谢",
+    "谢谢你",
+    "多谢",
+    "好的谢谢",
+    "好的,谢谢",
+    "行",
+    "可以",
+    "是",
+    "是的",
+];
+
+/// Good, medium or bad: what must agree when a reply says a level twice.
+fn class(l: Level) -> i32 {
+    match l {
+        Level::VerySatisfied | Level::Satisfied => 0,
+        Level::BasicallySatisfied => 1,
+        _ => 2,
     }
-    // A leading key wins: "1满意", "1。", "1 谢谢".
-    let digits: String = t.chars().take_while(|c| c.is_ascii_digit()).collect();
-    if !digits.is_empty() {
-        return key(&digits, scale);
-    }
-    // Keywords: the earliest match in the text, longest keyword at a position first.
-    let mut best: Option<(usize, usize, Level)> = None;
-    for (word, level) in KEYWORDS {
-        if let Some(pos) = t.find(word) {
-            let better = match best {
-                None => true,
-                Some((p, len, _)) => pos < p || (pos == p && word.len() > len),
-            };
-            if better {
-                best = Some((pos, word.len(), *level));
+}
+
+/// The level phrases in `t`, left to right, each span used once (longest phrase first).
+fn phrases(t: &str) -> Vec<Level> {
+    let mut taken = vec![false; t.len()];
+    let mut found: Vec<(usize, Level)> = Vec::new();
+    let mut ordered: Vec<&(&str, Level)> = PHRASES.iter().collect();
+    ordered.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+    for (phrase, level) in ordered {
+        let mut from = 0;
+        while let Some(pos) = t[from..].find(phrase) {
+            let at = from + pos;
+            let end = at + phrase.len();
+            if taken[at..end].iter().all(|x| !x) {
+                taken[at..end].iter_mut().for_each(|x| *x = true);
+                found.push((at, *level));
             }
+            from = end;
         }
     }
-    match best {
-        // "一般" is 3-level's middle; on a 3-level scale "满意" is its top, also Satisfied.
-        Some((_, _, level)) => Reply::Rating(level),
-        None => Reply::Unrecognized("no key and no known keyword".into()),
+    found.sort_by_key(|(at, _)| *at);
+    found.into_iter().map(|(_, l)| l).collect()
+}
+
+/// Reads an SMS reply under `scale`: a key (1..n, alone or inside words: "1", "１", "回复2",
+/// "我选3号"), the words of a level ("不满意", "服务不好", "还行"), or both when they agree.
+/// Not a rating: an empty reply, 0 (replay), an acknowledgement ("好的", "收到"), several
+/// keys or levels that disagree (the invitation's menu echoed back), a key off the scale, a
+/// longer number, or words that say no level.
+pub fn parse_sms(text: &str, scale: Scale) -> Reply {
+    let t = normalize(text).to_lowercase();
+    let compact: String = t
+        .chars()
+        .filter(|c| !c.is_whitespace() && !matches!(c, '。' | '.' | '!' | '！' | '~' | '～' | '…'))
+        .collect();
+    if compact.is_empty() {
+        return Reply::NoKey;
+    }
+    if ACKNOWLEDGEMENTS.contains(&compact.trim_end_matches([',', '，'])) {
+        return Reply::Unrecognized("an acknowledgement, not a rating".into());
+    }
+    // Digit runs: one key, or nothing a key can be read from.
+    let runs: Vec<String> = compact
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|r| !r.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let keyed = match runs.as_slice() {
+        [] => None,
+        [one] => match key(one, scale) {
+            Reply::Rating(l) => Some(l),
+            other => return other,
+        },
+        _ => {
+            return Reply::Unrecognized(format!(
+                "{} numbers where one key was expected (the invitation's menu echoed back?)",
+                runs.len()
+            ));
+        }
+    };
+    let worded = phrases(&compact);
+    if let Some(first) = worded.first()
+        && worded.iter().any(|l| class(*l) != class(*first))
+    {
+        return Reply::Unrecognized(
+            "the words say different levels (the invitation's menu echoed back?)".into(),
+        );
+    }
+    match (keyed, worded.first()) {
+        (Some(k), Some(w)) if class(k) != class(*w) => Reply::Unrecognized(format!(
+            "key {} ({}) and the words ({}) disagree",
+            runs[0],
+            k.as_str_name(),
+            w.as_str_name()
+        )),
+        // The key is exact on its scale; the words only confirm its class.
+        (Some(k), _) => Reply::Rating(k),
+        (None, Some(w)) => Reply::Rating(*w),
+        (None, None) => Reply::Unrecognized("no key and no known level".into()),
     }
 }
 
@@ -198,16 +328,78 @@ mod tests {
             ),
             (
                 "请问什么时候能拿证",
-                Reply::Unrecognized("no key and no known keyword".into()),
+                Reply::Unrecognized("no key and no known level".into()),
             ),
             (
                 "TD",
-                Reply::Unrecognized("no key and no known keyword".into()),
+                Reply::Unrecognized("no key and no known level".into()),
             ),
         ];
         for (text, want) in corpus {
             assert_eq!(&parse_sms(text, Scale::Five), want, "reply {text:?}");
         }
+    }
+
+    /// Negations and hedges are read as what they say: before, "服务不好" matched 好 and
+    /// "不太满意" matched 满意, so a 差评 became 满意 and no case opened.
+    #[test]
+    fn negations_and_hedges_are_complaints_not_praise() {
+        for (text, want) in [
+            ("服务不好", Dissatisfied),
+            ("不好", Dissatisfied),
+            ("不太满意", Dissatisfied),
+            ("不是很满意", Dissatisfied),
+            ("不怎么满意，等太久", Dissatisfied),
+            ("不怎么样", Dissatisfied),
+            ("很不好", VeryDissatisfied),
+            ("很不满意!", VeryDissatisfied),
+            ("还不错", Satisfied),
+            ("不错", Satisfied),
+            ("还行吧", BasicallySatisfied),
+        ] {
+            assert_eq!(
+                parse_sms(text, Scale::Five),
+                Reply::Rating(want),
+                "{text:?}"
+            );
+        }
+    }
+
+    /// Acknowledgements and the invitation's menu echoed back rate nothing; keys inside words
+    /// and full-width keys are read; a key and words that disagree are not guessed at.
+    #[test]
+    fn acknowledgements_echoes_and_disagreements_are_not_ratings() {
+        for text in ["好的", "好", "收到", "好的，谢谢", "OK", "嗯嗯"] {
+            assert_eq!(
+                parse_sms(text, Scale::Five),
+                Reply::Unrecognized("an acknowledgement, not a rating".into()),
+                "{text:?}"
+            );
+        }
+        for text in [
+            "1非常满意 2满意 3基本满意 4不满意 5非常不满意",
+            "满意 不满意",
+            "1 不满意",
+        ] {
+            assert!(
+                matches!(parse_sms(text, Scale::Five), Reply::Unrecognized(_)),
+                "{text:?}"
+            );
+        }
+        assert_eq!(parse_sms("回复2", Scale::Five), Reply::Rating(Satisfied));
+        assert_eq!(
+            parse_sms("我选3号", Scale::Five),
+            Reply::Rating(BasicallySatisfied)
+        );
+        assert_eq!(parse_sms("４", Scale::Five), Reply::Rating(Dissatisfied));
+        assert_eq!(
+            parse_sms("5 非常不满意", Scale::Five),
+            Reply::Rating(VeryDissatisfied)
+        );
+        assert_eq!(
+            parse_sms("3 不满意", Scale::Three),
+            Reply::Rating(Dissatisfied)
+        );
     }
 
     #[test]

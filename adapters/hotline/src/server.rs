@@ -137,7 +137,16 @@ impl Inner {
         }
         let mut attributes = BTreeMap::new();
         attributes.insert("survey".to_owned(), survey.dest_code.clone());
+        // The rater's own words, when the reply is more than a key: the reason of a 差评
+        // (the hub needs none, but the case's verification starts from it). Numbers long
+        // enough to be a phone or an ID are masked; control characters dropped.
+        let words = if channel == pb::Channel::Sms {
+            reply_words(content)
+        } else {
+            String::new()
+        };
         let rating = pb::Rating {
+            text: words,
             source_key: key,
             channel: channel as i32,
             level: level as i32,
@@ -268,6 +277,27 @@ impl Inner {
 }
 
 type Shared = State<Arc<Inner>>;
+
+/// The words of an SMS reply worth keeping as the rating's text: empty for a bare key.
+fn reply_words(content: &str) -> String {
+    let clean: String = content
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(2000)
+        .collect();
+    let clean = clean.trim();
+    let only_a_key = clean.chars().all(|c| {
+        c.is_ascii_digit()
+            || c.is_whitespace()
+            || c.is_ascii_punctuation()
+            || ('０'..='９').contains(&c)
+    });
+    if only_a_key {
+        String::new()
+    } else {
+        rating_hub::domain::codes::redact_numbers(clean)
+    }
+}
 
 /// One reply as it arrived, before it is matched to a survey.
 struct Incoming<'a> {

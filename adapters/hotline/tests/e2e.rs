@@ -297,3 +297,113 @@ async fn replies_are_taken_while_the_hub_is_down_and_drained_when_it_returns() {
     hotline.shutdown().await;
     hub.shutdown().await.unwrap();
 }
+
+/// The whole path under the hub's default configuration: reminder → invitation SMS → a 差评
+/// reply → a 差评 at the hub with its case opened. A reply in words ("服务不好，排队太久") is
+/// read as the complaint it is (before: 好 matched, and it became 满意) and its words are the
+/// rating's text; a bare key ("5") carries no reason and is taken all the same (before, the
+/// hub's default refused it while the gateway was told 接收成功, and the 差评 was lost).
+#[tokio::test]
+async fn sms_complaints_become_bad_ratings_with_their_cases_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = cst("2025-06-03", 10);
+    let clock = Arc::new(ManualClock::at(t0 + 60_000_000));
+    let hub = start_hub(dir.path(), 0, clock.clone()).await;
+    let port = hub.local_addr.port();
+    let mut ingest =
+        pb::ingest_service_client::IngestServiceClient::new(tester_channel(dir.path(), port).await);
+    ingest
+        .report_service_cases(pb::ReportServiceCasesRequest {
+            cases: vec![case("GD-WORDS", t0), case("GD-KEY", t0)],
+        })
+        .await
+        .unwrap();
+    clock.set(t0 + 25 * 3_600_000_000);
+    assert_eq!(hub.rules().tick().await.unwrap().invitations, 2);
+
+    let (gateway, sent) = start_gateway().await;
+    let hotline = rating_hub_hotline::start(adapter_config(
+        dir.path(),
+        hub_connection(dir.path(), port),
+        Some(gateway),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(hotline.poll_invitations_once().await.unwrap(), 2);
+    let codes: Vec<String> = sent
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|m| m["extension"].as_str().unwrap().to_owned())
+        .collect();
+    let mo = format!("http://{}/sms/mo", hotline.addr);
+    for (code, content, seq) in [
+        (&codes[0], "服务不好，排队太久", "MO-W"),
+        (&codes[1], "5", "MO-K"),
+    ] {
+        let answer = post_json(
+            mo.clone(),
+            json!([{"phone_number": "13912345678", "send_time": "2025-06-04 11:00:00",
+                    "content": content, "dest_code": code, "sequence_id": seq}]),
+        )
+        .await;
+        assert_eq!(answer, json!({"code": 0, "msg": "接收成功"}));
+    }
+    // Which case got which code follows the invitations' order.
+    let worded = rating_at_hub(dir.path(), port, "GD-WORDS").await;
+    let keyed = rating_at_hub(dir.path(), port, "GD-KEY").await;
+    let (worded, keyed) = if worded.text.is_empty() {
+        (keyed, worded)
+    } else {
+        (worded, keyed)
+    };
+    assert_eq!(worded.level, pb::Level::Dissatisfied as i32, "{worded:?}");
+    assert_eq!(worded.text, "服务不好，排队太久");
+    assert_eq!(keyed.level, pb::Level::VeryDissatisfied as i32, "{keyed:?}");
+    assert!(keyed.text.is_empty(), "a bare key carries no words");
+
+    let cases = pb::rectification_service_client::RectificationServiceClient::new(
+        tester_channel(dir.path(), port).await,
+    )
+    .list_cases(pb::ListCasesRequest::default())
+    .await
+    .unwrap()
+    .into_inner()
+    .cases;
+    let mut opened: Vec<&str> = cases.iter().map(|c| c.hub_id.as_str()).collect();
+    opened.sort();
+    let mut want = [worded.hub_id.as_str(), keyed.hub_id.as_str()];
+    want.sort();
+    assert_eq!(opened, want, "both 差评 opened their cases");
+    hotline.shutdown().await;
+    hub.shutdown().await.unwrap();
+}
+
+/// `rating-hotline reply` prints how a reply is read, so an operator can check a gateway's
+/// traffic.
+#[test]
+fn the_reply_command_says_how_a_reply_is_read() {
+    let read = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rating-hotline"))
+            .arg("reply")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(
+        read(&["--scale", "5", "服务不好"]),
+        "rating: LEVEL_DISSATISFIED\n"
+    );
+    assert_eq!(read(&["--scale", "3", "1"]), "rating: LEVEL_SATISFIED\n");
+    assert_eq!(
+        read(&["好的"]),
+        "not a rating: an acknowledgement, not a rating\n"
+    );
+    assert!(read(&["--ivr", "0"]).starts_with("not a rating: replay"));
+}

@@ -16,7 +16,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use crate::HubConnection;
 
 /// A hub on `port` (0: any free port) with a test PKI in `dir/pki`, a privacy key, and two
-/// principals: `adapter` (submit, pull, read-pii) and `tester` (submit, read, read-pii, pull).
+/// principals: `adapter` (submit, pull, read-pii) and `tester` (submit, read, read-pii, pull,
+/// rectify).
 pub async fn start_hub(dir: &Path, port: u16, clock: Arc<dyn Clock>) -> RunningHub {
     // HTTP clients in the tests use rustls without a built-in provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -55,7 +56,7 @@ tick_secs = 86400
 roles = ["submit", "pull", "read-pii"]
 all_regions = true
 [principals.tester]
-roles = ["submit", "read", "read-pii", "pull"]
+roles = ["submit", "read", "read-pii", "pull", "rectify"]
 all_regions = true
 "#,
         db = dir.join("hub.db").display(),

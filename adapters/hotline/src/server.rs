@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 
 use rating_hub::pb::v1 as pb;
 use rating_hub::rules::Date;
-use rating_hub_adapter_kit::{Forwarder, Metrics, Spool, source_key};
+use rating_hub_adapter_kit::{Forwarder, Metrics, Spool, Spooled, source_key};
 
 use crate::config::{GatewayConfig, HotlineConfig};
 use crate::reply::{Reply, Scale, parse_ivr, parse_sms};
@@ -100,7 +100,6 @@ impl Inner {
             phone,
             at,
             reply,
-            key,
             content,
         } = incoming;
         let ch = if channel == pb::Channel::Sms {
@@ -145,6 +144,11 @@ impl Inner {
         } else {
             String::new()
         };
+        // The key is the survey's: one rating per survey, whatever the gateway numbers its
+        // messages (a gateway that restarts its sequence, an IVR without call ids: before,
+        // a second survey's reply with a reused gateway id was dropped while the gateway was
+        // told 接收成功). A re-send of the same reply finds it; a different one is refused.
+        let key = source_key(ch, &[&survey.dest_code]);
         let rating = pb::Rating {
             text: words,
             source_key: key,
@@ -161,7 +165,15 @@ impl Inner {
             attributes,
             ..rating_hub::domain::rating_for_case(&survey.case)
         };
-        self.spool.put(&rating).await?;
+        match self.spool.put(&rating).await? {
+            Spooled::Stored | Spooled::AlreadyThere => {}
+            // Another reply to this survey was spooled before the survey was marked answered
+            // (a crash in between): one rating per survey; this one is kept, not lost.
+            Spooled::Conflict => {
+                self.surveys.mark_answered(survey.id).await?;
+                return keep("the survey was already answered (a different reply)".into()).await;
+            }
+        }
         self.surveys.mark_answered(survey.id).await?;
         self.metrics.inc(&format!("{ch}_ratings_total"));
         tracing::info!(
@@ -174,21 +186,12 @@ impl Inner {
     }
 
     async fn take_mo(&self, m: &MoMessage) -> anyhow::Result<&'static str> {
-        let key = if m.sequence_id.trim().is_empty() {
-            source_key(
-                "sms",
-                &[&m.phone_number, &m.send_time, &m.dest_code, &m.content],
-            )
-        } else {
-            source_key("sms", &[m.sequence_id.trim()])
-        };
         self.take_reply(Incoming {
             channel: pb::Channel::Sms,
             dest_code: &m.dest_code,
             phone: &m.phone_number,
             at: parse_cst(&m.send_time),
             reply: parse_sms(&m.content, self.sms_scale),
-            key,
             content: &m.content,
         })
         .await
@@ -307,8 +310,6 @@ struct Incoming<'a> {
     /// When the rater answered, if the gateway said.
     at: Option<i64>,
     reply: Reply,
-    /// The deterministic source key of this reply.
-    key: String,
     content: &'a str,
 }
 
@@ -343,7 +344,6 @@ async fn sms_form(State(inner): Shared, Form(m): Form<MoMessage>) -> impl IntoRe
 
 async fn ivr(State(inner): Shared, Json(r): Json<IvrResult>) -> impl IntoResponse {
     let reply = parse_ivr(&r.key, inner.ivr_scale);
-    let key = source_key("ivr", &[r.call_id.trim()]);
     let result = inner
         .take_reply(Incoming {
             channel: pb::Channel::HotlineVoice,
@@ -351,7 +351,6 @@ async fn ivr(State(inner): Shared, Json(r): Json<IvrResult>) -> impl IntoRespons
             phone: &r.phone,
             at: None,
             reply,
-            key,
             content: &r.key,
         })
         .await;

@@ -407,3 +407,69 @@ fn the_reply_command_says_how_a_reply_is_read() {
     );
     assert!(read(&["--ivr", "0"]).starts_with("not a rating: replay"));
 }
+
+/// Replies keyed by what identifies them (their survey), not by the gateway's numbering: a
+/// gateway that restarted its sequence sends "1" again for another survey, and an IVR sends
+/// no call id at all. Before, the second reply had the first one's key, the spool answered
+/// "already there", the gateway was told 接收成功, and the rating vanished.
+#[tokio::test]
+async fn reused_gateway_ids_and_missing_call_ids_lose_no_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    // IVR results carry no time: the adapter rates them at its own (real) clock, so the
+    // hub's clock is set near real time here.
+    let real_now = rating_hub::clock::Clock::now_micros(&rating_hub::clock::SystemClock);
+    let t0 = real_now - 26 * 3_600_000_000;
+    let clock = Arc::new(ManualClock::at(t0 + 60_000_000));
+    let hub = start_hub(dir.path(), 0, clock.clone()).await;
+    let port = hub.local_addr.port();
+    let mut ingest =
+        pb::ingest_service_client::IngestServiceClient::new(tester_channel(dir.path(), port).await);
+    let cases = ["GD-S1", "GD-S2", "GD-I1", "GD-I2"];
+    ingest
+        .report_service_cases(pb::ReportServiceCasesRequest {
+            cases: cases.iter().map(|c| case(c, t0)).collect(),
+        })
+        .await
+        .unwrap();
+    clock.set(real_now);
+    assert_eq!(hub.rules().tick().await.unwrap().invitations, 4);
+    let (gateway, sent) = start_gateway().await;
+    let hotline = rating_hub_hotline::start(adapter_config(
+        dir.path(),
+        hub_connection(dir.path(), port),
+        Some(gateway),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(hotline.poll_invitations_once().await.unwrap(), 4);
+    let codes: Vec<String> = sent
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|m| m["extension"].as_str().unwrap().to_owned())
+        .collect();
+    let base = format!("http://{}", hotline.addr);
+    for code in &codes[..2] {
+        let a = post_json(
+            format!("{base}/sms/mo"),
+            json!([{"phone_number": "13912345678", "send_time": "2025-06-04 11:00:00",
+                    "content": "2", "dest_code": code, "sequence_id": "1"}]),
+        )
+        .await;
+        assert_eq!(a["code"], 0);
+    }
+    for code in &codes[2..] {
+        let a = post_json(
+            format!("{base}/ivr"),
+            json!({"call_id": "", "phone": "13912345678", "key": "1", "survey": code}),
+        )
+        .await;
+        assert_eq!(a["result"], "rated", "{a}");
+    }
+    for c in cases {
+        let r = rating_at_hub(dir.path(), port, c).await;
+        assert_eq!(r.case_number, c);
+    }
+    hotline.shutdown().await;
+    hub.shutdown().await.unwrap();
+}

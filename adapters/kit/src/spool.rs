@@ -22,6 +22,38 @@ use crate::Metrics;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// Stores one rating unless its key is taken: `AlreadyThere` when the stored rating is the
+/// same, `Conflict` when it is not.
+async fn put_one(
+    conn: &mut sqlx::SqliteConnection,
+    rating: &pb::Rating,
+    now: i64,
+) -> anyhow::Result<Spooled> {
+    let bytes = rating.encode_to_vec();
+    let r = sqlx::query(
+        "INSERT INTO spool (source_key, rating, created_at, updated_at) VALUES (?, ?, ?, ?) \
+         ON CONFLICT (source_key) DO NOTHING",
+    )
+    .bind(&rating.source_key)
+    .bind(&bytes)
+    .bind(now)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    if r.rows_affected() == 1 {
+        return Ok(Spooled::Stored);
+    }
+    let stored: Vec<u8> = sqlx::query_scalar("SELECT rating FROM spool WHERE source_key = ?")
+        .bind(&rating.source_key)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(if stored == bytes {
+        Spooled::AlreadyThere
+    } else {
+        Spooled::Conflict
+    })
+}
+
 fn now_micros() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -34,8 +66,12 @@ fn now_micros() -> i64 {
 pub enum Spooled {
     /// Newly stored.
     Stored,
-    /// This source key was already spooled (a re-read of the same input).
+    /// This source key was already spooled with the same rating (a re-read of the same
+    /// input).
     AlreadyThere,
+    /// This source key was already spooled with a different rating: a reused key, not a
+    /// re-send. Nothing was stored; the caller must not report it as received.
+    Conflict,
 }
 
 /// How many ratings are in each state.
@@ -68,23 +104,10 @@ impl Spool {
             !rating.source_key.is_empty(),
             "a spooled rating needs a source key"
         );
-        let now = now_micros();
-        let r = sqlx::query(
-            "INSERT INTO spool (source_key, rating, created_at, updated_at) VALUES (?, ?, ?, ?) \
-             ON CONFLICT (source_key) DO NOTHING",
-        )
-        .bind(&rating.source_key)
-        .bind(rating.encode_to_vec())
-        .bind(now)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
+        let mut conn = self.pool.acquire().await?;
+        let out = put_one(&mut conn, rating, now_micros()).await?;
         self.wake.notify_one();
-        Ok(if r.rows_affected() == 1 {
-            Spooled::Stored
-        } else {
-            Spooled::AlreadyThere
-        })
+        Ok(out)
     }
 
     /// Stores many ratings in one transaction (one fsync); one `Spooled` per rating.
@@ -97,21 +120,7 @@ impl Spool {
                 !rating.source_key.is_empty(),
                 "a spooled rating needs a source key"
             );
-            let r = sqlx::query(
-                "INSERT INTO spool (source_key, rating, created_at, updated_at) VALUES (?, ?, ?, ?) \
-                 ON CONFLICT (source_key) DO NOTHING",
-            )
-            .bind(&rating.source_key)
-            .bind(rating.encode_to_vec())
-            .bind(now)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            out.push(if r.rows_affected() == 1 {
-                Spooled::Stored
-            } else {
-                Spooled::AlreadyThere
-            });
+            out.push(put_one(&mut tx, rating, now).await?);
         }
         tx.commit().await?;
         self.wake.notify_one();
@@ -260,5 +269,36 @@ impl Forwarder {
             }
         }
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A key taken by a different rating is a conflict, not a re-send: before, `put` said
+    /// "already there" and the caller reported the new rating as received.
+    #[tokio::test]
+    async fn a_reused_key_with_different_content_is_a_conflict() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool.db").display().to_string())
+            .await
+            .unwrap();
+        let first = pb::Rating {
+            source_key: "k".into(),
+            level: 1,
+            ..Default::default()
+        };
+        assert_eq!(spool.put(&first).await.unwrap(), Spooled::Stored);
+        assert_eq!(spool.put(&first).await.unwrap(), Spooled::AlreadyThere);
+        let other = pb::Rating {
+            level: 4,
+            ..first.clone()
+        };
+        assert_eq!(spool.put(&other).await.unwrap(), Spooled::Conflict);
+        assert_eq!(
+            spool.put_many(&[first, other]).await.unwrap(),
+            [Spooled::AlreadyThere, Spooled::Conflict]
+        );
     }
 }

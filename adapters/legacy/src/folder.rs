@@ -283,7 +283,18 @@ async fn file(
         .filter_map(|(_, _, r)| r.as_ref().ok().cloned())
         .collect();
     for chunk in batch.chunks(500) {
-        spool.put_many(chunk).await?;
+        let conflicts = spool
+            .put_many(chunk)
+            .await?
+            .into_iter()
+            .filter(|o| *o == rating_hub_adapter_kit::Spooled::Conflict)
+            .count();
+        if conflicts > 0 {
+            // A key reused by a different row: that row was not taken (the spool keeps the
+            // first). Counted and said, never passed off as a re-read.
+            metrics.add("rows_key_conflict_total", conflicts as u64);
+            tracing::warn!(file = %name, conflicts, "Rows whose key was already spooled with different content were not taken.");
+        }
     }
     metrics.add("file_rows_spooled_total", batch.len() as u64);
     state.set(&checkpoint, &end.to_string()).await?;

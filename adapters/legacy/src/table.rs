@@ -107,7 +107,21 @@ pub async fn pass(
                 }
             }
         }
-        spool.put_many(&good).await?;
+        let conflicts = spool
+            .put_many(&good)
+            .await?
+            .into_iter()
+            .filter(|o| *o == rating_hub_adapter_kit::Spooled::Conflict)
+            .count();
+        if conflicts > 0 {
+            // A key reused by a different row: that row was not taken (the spool keeps the
+            // first). Counted and said, never passed off as a re-read.
+            metrics.add("rows_key_conflict_total", conflicts as u64);
+            tracing::warn!(
+                conflicts,
+                "Rows whose key was already spooled with different content were not taken."
+            );
+        }
         metrics.add("table_rows_spooled_total", good.len() as u64);
         // Only now, with the rows durable in the spool, does the watermark move.
         state.set(&checkpoint, &last_wm).await?;

@@ -109,6 +109,8 @@ impl Inner {
                 let outcome = match self.spool.put(&rating).await? {
                     Spooled::Stored => "accepted",
                     Spooled::AlreadyThere => "duplicate",
+                    // The key was taken by a different record: not received.
+                    Spooled::Conflict => "conflict",
                 };
                 self.metrics.inc(&format!("{outcome}_total"));
                 Ok(json!({"index": index, "source_key": key, "outcome": outcome}))

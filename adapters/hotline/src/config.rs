@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 
-use rating_hub_adapter_kit::HubConnection;
+use rating_hub_adapter_kit::{CallbackAuthConfig, HubConnection};
 
 use crate::reply::Scale;
 
@@ -69,6 +69,9 @@ pub struct HotlineConfig {
     pub poll_invitations_secs: u64,
     pub hub: HubConnection,
     pub gateway: Option<GatewayConfig>,
+    /// How the gateway's and the IVR's callbacks are authenticated (signed by default).
+    #[serde(default)]
+    pub callback_auth: CallbackAuthConfig,
 }
 
 impl HotlineConfig {

@@ -381,6 +381,7 @@ async fn metrics_text(State(inner): Shared) -> String {
 /// Opens the spool and state, binds, and starts the HTTP side, the forwarder and the poller.
 pub async fn start(cfg: HotlineConfig) -> anyhow::Result<Hotline> {
     let (sms_scale, ivr_scale) = cfg.scales()?;
+    let auth = rating_hub_adapter_kit::CallbackAuth::from_config(&cfg.callback_auth)?;
     // reqwest's rustls needs a process-wide provider; the hub uses ring everywhere.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let spool = Spool::open(&cfg.spool).await?;
@@ -429,6 +430,11 @@ pub async fn start(cfg: HotlineConfig) -> anyhow::Result<Hotline> {
         .route("/sms/mo", post(sms_json))
         .route("/sms/mo-form", post(sms_form))
         .route("/ivr", post(ivr))
+        // Only signed callbacks reach the routes above (metrics and health stay open).
+        .route_layer(axum::middleware::from_fn_with_state(
+            auth,
+            rating_hub_adapter_kit::CallbackAuth::middleware,
+        ))
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(inner.clone());

@@ -60,12 +60,24 @@ impl Surveys {
                 let id: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) + 1 FROM surveys")
                     .fetch_one(&mut *tx)
                     .await?;
+                // The reply code is random, not the survey's number: a code cannot be guessed
+                // from another (before, 9000001, 9000002, … let anyone rate other people's
+                // cases). Drawn again on the rare clash with an existing code.
+                let mut code = random_code(prefix)?;
+                while sqlx::query_scalar::<_, i64>("SELECT id FROM surveys WHERE dest_code = ?")
+                    .bind(&code)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .is_some()
+                {
+                    code = random_code(prefix)?;
+                }
                 sqlx::query(
                     "INSERT INTO surveys (id, dest_code, invitation_id, service_case, phone, \
                      created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 )
                 .bind(id)
-                .bind(format!("{prefix}{id:06}"))
+                .bind(code)
                 .bind(invitation_id as i64)
                 .bind(case.encode_to_vec())
                 .bind(phone)
@@ -187,4 +199,17 @@ fn survey_from_row(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<Survey> {
         expires_at: r.try_get("expires_at")?,
         answered: r.try_get::<Option<i64>, _>("answered_at")?.is_some(),
     })
+}
+
+/// A reply code: the prefix and 8 digits from the system's CSPRNG.
+fn random_code(prefix: &str) -> anyhow::Result<String> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| anyhow::anyhow!("the system's random source failed"))?;
+    Ok(format!(
+        "{prefix}{:08}",
+        u64::from_le_bytes(bytes) % 100_000_000
+    ))
 }

@@ -61,6 +61,7 @@ fn adapter_config(dir: &Path, hub: HubConnection, gateway: Option<String>) -> Ho
             template: "请回复1-5评价“{item}”".into(),
             ca: String::new(),
         }),
+        callback_auth: rating_hub_adapter_kit::testing::callback_auth(dir),
     }
 }
 
@@ -81,12 +82,17 @@ fn case(number: &str, completed: i64) -> pb::ServiceCase {
     }
 }
 
+/// Posts a callback signed as the gateway signs it.
 async fn post_json(url: String, body: Value) -> Value {
-    let client = reqwest::Client::new();
-    client
+    let body = body.to_string();
+    let mut request = reqwest::Client::new()
         .post(url)
-        .header("content-type", "application/json")
-        .body(body.to_string())
+        .header("content-type", "application/json");
+    for (k, v) in rating_hub_adapter_kit::testing::signed_headers(body.as_bytes()) {
+        request = request.header(k, v);
+    }
+    request
+        .body(body)
         .send()
         .await
         .unwrap()
@@ -448,6 +454,18 @@ async fn reused_gateway_ids_and_missing_call_ids_lose_no_reply() {
         .iter()
         .map(|m| m["extension"].as_str().unwrap().to_owned())
         .collect();
+    // Reply codes are the prefix and 8 random digits, not a sequence one could walk.
+    let numbers: Vec<u64> = codes
+        .iter()
+        .map(|c| {
+            assert!(c.len() == 9 && c.starts_with('9'), "{c}");
+            c[1..].parse().unwrap()
+        })
+        .collect();
+    assert!(
+        numbers.windows(2).all(|w| w[0].abs_diff(w[1]) != 1),
+        "consecutive reply codes: {codes:?}"
+    );
     let base = format!("http://{}", hotline.addr);
     for code in &codes[..2] {
         let a = post_json(
@@ -470,6 +488,70 @@ async fn reused_gateway_ids_and_missing_call_ids_lose_no_reply() {
         let r = rating_at_hub(dir.path(), port, c).await;
         assert_eq!(r.case_number, c);
     }
+    hotline.shutdown().await;
+    hub.shutdown().await.unwrap();
+}
+
+/// Anyone who reaches the port could post replies and rate other people's cases (reply codes
+/// were sequential, too). Callbacks must be signed with the gateway's secret (HMAC-SHA256 over
+/// timestamp and body), each signature taken once: unsigned, forged and replayed posts are
+/// refused with 401, and nothing of them is taken.
+#[tokio::test]
+async fn forged_unsigned_and_replayed_callbacks_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(
+        dir.path(),
+        0,
+        Arc::new(ManualClock::at(cst("2025-06-03", 10))),
+    )
+    .await;
+    let port = hub.local_addr.port();
+    let hotline = rating_hub_hotline::start(adapter_config(
+        dir.path(),
+        hub_connection(dir.path(), port),
+        None,
+    ))
+    .await
+    .unwrap();
+    let url = format!("http://{}/sms/mo", hotline.addr);
+    let body = json!([{"phone_number": "13912345678", "content": "5",
+                       "dest_code": "9000001", "sequence_id": "X"}])
+    .to_string();
+    let send = |headers: Vec<(&'static str, String)>| {
+        let (url, body) = (url.clone(), body.clone());
+        async move {
+            let mut r = reqwest::Client::new()
+                .post(url)
+                .header("content-type", "application/json");
+            for (k, v) in headers {
+                r = r.header(k, v);
+            }
+            r.body(body).send().await.unwrap().status().as_u16()
+        }
+    };
+    assert_eq!(send(vec![]).await, 401, "unsigned");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let (ts, sig) =
+        rating_hub_adapter_kit::auth::sign(b"a guessed secret, not theirs", now, body.as_bytes());
+    assert_eq!(
+        send(vec![("x-timestamp", ts), ("x-signature", sig)]).await,
+        401,
+        "forged"
+    );
+    let signed: Vec<(&'static str, String)> =
+        rating_hub_adapter_kit::testing::signed_headers(body.as_bytes()).into();
+    assert_eq!(send(signed.clone()).await, 200, "signed");
+    assert_eq!(send(signed).await, 401, "replayed");
+    // Only the signed post was taken (kept as unmatched: no such survey).
+    assert_eq!(hotline.surveys.unmatched().await.unwrap().len(), 1);
+    // Metrics and health stay open.
+    let health = reqwest::get(format!("http://{}/healthz", hotline.addr))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
     hotline.shutdown().await;
     hub.shutdown().await.unwrap();
 }

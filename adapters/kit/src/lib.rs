@@ -4,10 +4,12 @@
 //!   rating is in the spool, and [`Forwarder`] drains it to the hub with retries, so the hub
 //!   being unreachable never loses or refuses a source's rating;
 //! - [`source_key`]: deterministic source keys, so re-reading the same input never duplicates;
-//! - [`Metrics`]: counters without personal data.
+//! - [`Metrics`]: counters without personal data;
+//! - [`CallbackAuth`]: signed callbacks (HMAC-SHA256 over timestamp and body, each once).
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod client;
 pub mod keys;
 pub mod mapping;
@@ -17,6 +19,7 @@ pub mod spool;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use auth::{CallbackAuth, CallbackAuthConfig};
 pub use client::HubConnection;
 pub use keys::source_key;
 pub use mapping::Mapping;

@@ -140,3 +140,30 @@ pub async fn wait_for_ratings(dir: &Path, port: u16, n: usize, limit: Duration) 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The shared secret adapters' tests sign callbacks with.
+pub const CALLBACK_SECRET: &str = "test-callback-secret-0123456789";
+
+/// `[callback_auth]` for a test adapter: the test secret, written into `dir`.
+pub fn callback_auth(dir: &Path) -> crate::CallbackAuthConfig {
+    let file = dir.join("callback.secret");
+    std::fs::write(&file, CALLBACK_SECRET).unwrap();
+    crate::CallbackAuthConfig {
+        secret_file: file.display().to_string(),
+        ..Default::default()
+    }
+}
+
+/// Headers signing `body` as a gateway does, at a moment a little earlier for each call (two
+/// identical bodies sent in one second are two requests, not a replay).
+pub fn signed_headers(body: &[u8]) -> [(&'static str, String); 2] {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static CALLS: AtomicI64 = AtomicI64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let at = now - CALLS.fetch_add(1, Ordering::Relaxed) % 200;
+    let (ts, sig) = crate::auth::sign(CALLBACK_SECRET.as_bytes(), at, body);
+    [("x-timestamp", ts), ("x-signature", sig)]
+}

@@ -44,6 +44,9 @@ pub struct SelfbuiltConfig {
     pub key_prefix: String,
     pub hub: HubConnection,
     pub mapping: Mapping,
+    /// How the platform's posts are authenticated (signed by default).
+    #[serde(default)]
+    pub callback_auth: rating_hub_adapter_kit::CallbackAuthConfig,
 }
 
 impl SelfbuiltConfig {
@@ -173,6 +176,7 @@ pub struct Selfbuilt {
 }
 
 pub async fn start(cfg: SelfbuiltConfig) -> anyhow::Result<Selfbuilt> {
+    let auth = rating_hub_adapter_kit::CallbackAuth::from_config(&cfg.callback_auth)?;
     let spool = Spool::open(&cfg.spool).await?;
     let metrics = Arc::new(Metrics::default());
     let (stop, stop_rx) = watch::channel(false);
@@ -193,6 +197,10 @@ pub async fn start(cfg: SelfbuiltConfig) -> anyhow::Result<Selfbuilt> {
     let m = metrics.clone();
     let app = Router::new()
         .route("/ratings", post(ratings))
+        .route_layer(axum::middleware::from_fn_with_state(
+            auth,
+            rating_hub_adapter_kit::CallbackAuth::middleware,
+        ))
         .route(
             "/metrics",
             get(move || async move { m.render("rating_selfbuilt") }),

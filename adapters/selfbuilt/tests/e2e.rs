@@ -81,6 +81,7 @@ async fn webhook_items_are_mapped_validated_and_delivered() {
         key_prefix: "km-app".into(),
         hub: hub_connection(dir.path(), port),
         mapping: mapping(),
+        callback_auth: rating_hub_adapter_kit::testing::callback_auth(dir.path()),
     };
     let adapter = rating_hub_selfbuilt::start(cfg).await.unwrap();
     let org = rating_hub::domain::codes::credit_code_with_check("11530100MA0000009").unwrap();
@@ -94,9 +95,15 @@ async fn webhook_items_are_mapped_validated_and_delivered() {
     let post = |body: Value| {
         let url = url.clone();
         async move {
-            reqwest::Client::new()
+            let body = body.to_string();
+            let mut request = reqwest::Client::new()
                 .post(url)
-                .json(&body)
+                .header("content-type", "application/json");
+            for (k, v) in rating_hub_adapter_kit::testing::signed_headers(body.as_bytes()) {
+                request = request.header(k, v);
+            }
+            request
+                .body(body)
                 .send()
                 .await
                 .unwrap()
@@ -137,12 +144,14 @@ async fn webhook_items_are_mapped_validated_and_delivered() {
     let again = post(body).await;
     assert_eq!(again["results"][0]["outcome"], "duplicate");
     assert_eq!(again["results"][1]["outcome"], "duplicate");
-    let bad = reqwest::Client::new()
+    let text = json!("text").to_string();
+    let mut bad = reqwest::Client::new()
         .post(format!("http://{}/ratings", adapter.addr))
-        .json(&json!("text"))
-        .send()
-        .await
-        .unwrap();
+        .header("content-type", "application/json");
+    for (k, v) in rating_hub_adapter_kit::testing::signed_headers(text.as_bytes()) {
+        bad = bad.header(k, v);
+    }
+    let bad = bad.body(text).send().await.unwrap();
     assert_eq!(bad.status(), 400);
     adapter.shutdown().await;
     assert_eq!(

@@ -288,7 +288,14 @@ async fn a_dead_upstream_does_not_delay_a_healthy_one_or_ingest() {
     let b = upstream(HubBuilder::new(), "healthy", &healthy.url());
     let hub = upstream(b, "dead", &dead.url()).start().await;
     for round in 0..5 {
-        let ids = submit_many(&hub, &format!("r{round}"), 60).await;
+        // Ingest is not held up by the dead upstream's retries: each round is answered in
+        // well under the retry schedule's pauses piling up.
+        let ids = tokio::time::timeout(
+            Duration::from_secs(5),
+            submit_many(&hub, &format!("r{round}"), 60),
+        )
+        .await
+        .expect("ingest answered while an upstream is dead");
         // The healthy upstream keeps pace: each round arrives before the next is sent.
         healthy
             .wait_until(
@@ -312,9 +319,10 @@ async fn a_dead_upstream_does_not_delay_a_healthy_one_or_ingest() {
 #[tokio::test]
 async fn pause_holds_delivery_and_resume_catches_up() {
     let fake = FakeUpstream::start().await;
-    let hub = upstream(HubBuilder::new(), "fake", &fake.url())
-        .start()
-        .await;
+    // A second upstream, not paused, witnesses that the workers were woken by the commits.
+    let witness = FakeUpstream::start().await;
+    let b = upstream(HubBuilder::new(), "fake", &fake.url());
+    let hub = upstream(b, "witness", &witness.url()).start().await;
     let mut admin = AdminServiceClient::new(hub.channel_as("tester").await);
     let paused = admin
         .pause_upstream(pb::PauseUpstreamRequest {
@@ -327,6 +335,15 @@ async fn pause_holds_delivery_and_resume_catches_up() {
         .unwrap();
     assert!(paused.paused);
     let ids = submit_many(&hub, "p", 50).await;
+    // Every worker was woken by these commits: the witness received them all. The paused
+    // upstream, woken by the same commits, sent nothing (a lag snapshot alone could be taken
+    // before its worker even looked).
+    witness
+        .wait_until(LIMIT, "the ratings at the witness", |got| {
+            ids.iter().all(|id| got.contains_key(id))
+        })
+        .await;
+    assert!(fake.received().is_empty(), "a paused upstream got ratings");
     let st = status(&hub, "fake").await;
     assert_eq!((st.paused, st.lag_records), (true, 50));
     admin

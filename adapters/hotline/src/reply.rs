@@ -175,8 +175,38 @@ fn class(l: Level) -> i32 {
     }
 }
 
-/// The level phrases in `t`, left to right, each span used once (longest phrase first).
-fn phrases(t: &str) -> Vec<Level> {
+/// Text that looks like a level word and is not one ("不好意思" is an apology, "满意度" a noun).
+const NOT_LEVELS: &[&str] = &["不好意思", "满意度", "好不好", "满不满意"];
+
+/// Negations that turn the praise after them into a complaint ("没有很满意", "谈不上满意"),
+/// and a complaint after them into nothing certain ("不是差评", "没有不满意").
+const NEGATORS: &[&str] = &[
+    "谈不上",
+    "说不上",
+    "没有",
+    "不是",
+    "不算",
+    "很难",
+    "不",
+    "没",
+    "难",
+];
+
+/// What the words of a reply say.
+enum Worded {
+    Level(Level),
+    Nothing,
+    /// A negated complaint, or levels that disagree: not a rating.
+    Unclear(&'static str),
+}
+
+/// The level phrases in `t`, each span used once (longest phrase first), read with the
+/// negation before them.
+fn phrases(t: &str) -> Worded {
+    let mut t = t.to_owned();
+    for n in NOT_LEVELS {
+        t = t.replace(n, "·");
+    }
     let mut taken = vec![false; t.len()];
     let mut found: Vec<(usize, Level)> = Vec::new();
     let mut ordered: Vec<&(&str, Level)> = PHRASES.iter().collect();
@@ -194,14 +224,43 @@ fn phrases(t: &str) -> Vec<Level> {
         }
     }
     found.sort_by_key(|(at, _)| *at);
-    found.into_iter().map(|(_, l)| l).collect()
+    let mut levels = Vec::new();
+    for (at, level) in found {
+        let negated = NEGATORS.iter().any(|n| t[..at].ends_with(n));
+        match (negated, class(level)) {
+            (false, _) => levels.push(level),
+            // "没有很满意", "谈不上满意", "不是很好": a complaint.
+            (true, 0 | 1) => levels.push(Level::Dissatisfied),
+            // "不是差评", "没有不满意": no level one can be sure of.
+            (true, _) => return Worded::Unclear("a negated complaint says no level for sure"),
+        }
+    }
+    match levels.first() {
+        None => Worded::Nothing,
+        Some(first) if levels.iter().any(|l| class(*l) != class(*first)) => {
+            Worded::Unclear("the words say different levels (the invitation's menu echoed back?)")
+        }
+        Some(first) => Worded::Level(*first),
+    }
 }
 
-/// Reads an SMS reply under `scale`: a key (1..n, alone or inside words: "1", "１", "回复2",
-/// "我选3号"), the words of a level ("不满意", "服务不好", "还行"), or both when they agree.
-/// Not a rating: an empty reply, 0 (replay), an acknowledgement ("好的", "收到"), several
-/// keys or levels that disagree (the invitation's menu echoed back), a key off the scale, a
-/// longer number, or words that say no level.
+/// Words around a bare key that say nothing more ("回复2", "我选3号", "1。谢谢").
+const KEY_WRAPPERS: &[&str] = &[
+    "回复", "我选", "选择", "选", "按键", "按", "第", "号", "键", "谢谢", "了", "吧", "啊", "哈",
+    ",", "，", "、",
+];
+
+/// Reads an SMS reply under `scale`:
+/// - a key: alone, full-width, leading ("1满意", "5非常不满意"), or wrapped ("回复2", "我选3号");
+/// - the words of a level, negations and hedges read as what they say ("服务不好" and
+///   "没有很满意" are complaints, "还行" is 基本满意); numbers inside such a reply (a phone,
+///   "等了2个小时", a date) are not keys;
+/// - both, when they agree.
+///
+/// Not a rating: an empty reply, 0 (replay), an acknowledgement ("好的", "收到"), a score
+/// ("5分", "5星": scores run the other way from the keys), several levels (the invitation's
+/// menu echoed back), a negated complaint ("不是差评"), a key and words that disagree, a key
+/// off the scale, or a number and no words.
 pub fn parse_sms(text: &str, scale: Scale) -> Reply {
     let t = normalize(text).to_lowercase();
     let compact: String = t
@@ -214,45 +273,112 @@ pub fn parse_sms(text: &str, scale: Scale) -> Reply {
     if ACKNOWLEDGEMENTS.contains(&compact.trim_end_matches([',', '，'])) {
         return Reply::Unrecognized("an acknowledgement, not a rating".into());
     }
-    // Digit runs: one key, or nothing a key can be read from.
-    let runs: Vec<String> = compact
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|r| !r.is_empty())
-        .map(str::to_owned)
-        .collect();
-    let keyed = match runs.as_slice() {
-        [] => None,
-        [one] => match key(one, scale) {
-            Reply::Rating(l) => Some(l),
-            other => return other,
-        },
-        _ => {
-            return Reply::Unrecognized(format!(
-                "{} numbers where one key was expected (the invitation's menu echoed back?)",
-                runs.len()
-            ));
-        }
-    };
-    let worded = phrases(&compact);
-    if let Some(first) = worded.first()
-        && worded.iter().any(|l| class(*l) != class(*first))
+    let chars: Vec<char> = compact.chars().collect();
+    if chars
+        .windows(2)
+        .any(|w| w[0].is_ascii_digit() && matches!(w[1], '分' | '星' | '颗'))
     {
         return Reply::Unrecognized(
-            "the words say different levels (the invitation's menu echoed back?)".into(),
+            "a score (N分, N星), not a key: scores run the other way from the keys".into(),
         );
     }
-    match (keyed, worded.first()) {
-        (Some(k), Some(w)) if class(k) != class(*w) => Reply::Unrecognized(format!(
-            "key {} ({}) and the words ({}) disagree",
-            runs[0],
-            k.as_str_name(),
+    // A leading key: the reply starts with it, after a wrapper at most.
+    let mut rest = compact.as_str();
+    for w in ["回复", "我选", "选择", "选", "按键", "按", "第"] {
+        if let Some(r) = rest.strip_prefix(w) {
+            rest = r;
+            break;
+        }
+    }
+    let leading: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    let words = phrases(&compact);
+    if let Worded::Unclear(why) = words {
+        return Reply::Unrecognized(why.into());
+    }
+    let keyed = if leading.is_empty() {
+        // A bare key wrapped in words that say nothing else ("1。谢谢" is leading; "谢谢，2"
+        // is not, and counts only if nothing but wrappers surround it).
+        let mut bare = compact.clone();
+        for w in KEY_WRAPPERS {
+            bare = bare.replace(w, "");
+        }
+        (bare.len() == 1 && bare.as_bytes()[0].is_ascii_digit()).then_some(bare)
+    } else {
+        Some(leading)
+    };
+    let keyed = match keyed {
+        None => None,
+        Some(k) => match key(&k, scale) {
+            Reply::Rating(l) => Some((k, l)),
+            // A longer number or a key off the scale: without words it is not a rating;
+            // with words, the words are the rating.
+            other if matches!(words, Worded::Nothing) => return other,
+            _ => None,
+        },
+    };
+    match (keyed, words) {
+        (Some((k, l)), Worded::Level(w)) if class(l) != class(w) => Reply::Unrecognized(format!(
+            "key {k} ({}) and the words ({}) disagree",
+            l.as_str_name(),
             w.as_str_name()
         )),
         // The key is exact on its scale; the words only confirm its class.
-        (Some(k), _) => Reply::Rating(k),
-        (None, Some(w)) => Reply::Rating(*w),
-        (None, None) => Reply::Unrecognized("no key and no known level".into()),
+        (Some((_, l)), _) => Reply::Rating(l),
+        (None, Worded::Level(w)) => Reply::Rating(w),
+        (None, _) if compact.chars().any(|c| c.is_ascii_digit()) => {
+            Reply::Unrecognized("a number that is not a key, and no known level".into())
+        }
+        (None, _) => Reply::Unrecognized("no key and no known level".into()),
     }
+}
+
+/// A reply's text as it may be kept or forwarded: full-width forms made ASCII, control
+/// characters dropped, at most 2,000 characters, and numbers long enough to be a phone or an
+/// ID masked even when written with spaces or hyphens ("138 1234-5678").
+pub fn masked(content: &str) -> String {
+    // Full-width digits become ASCII (so they are masked as digits); the rater's other
+    // characters stay as written.
+    let chars: Vec<char> = content
+        .chars()
+        .map(|c| match c {
+            '０'..='９' => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
+            c if c.is_control() => ' ',
+            c => c,
+        })
+        .take(2000)
+        .collect();
+    let mut joined = String::with_capacity(content.len());
+    for (i, c) in chars.iter().enumerate() {
+        let between_digits = matches!(c, ' ' | '-')
+            && i > 0
+            && chars[i - 1].is_ascii_digit()
+            && chars.get(i + 1).is_some_and(char::is_ascii_digit);
+        if !between_digits {
+            joined.push(*c);
+        }
+    }
+    rating_hub::domain::codes::redact_numbers(joined.trim())
+}
+
+/// The words of a reply worth forwarding as the rating's text: empty when the reply is only a
+/// key or a level (the level says it all, and ten identical "不满意" a day would look like a
+/// template), else the masked reply.
+pub fn reply_text(content: &str) -> String {
+    let text = masked(content);
+    let mut rest = text.to_lowercase();
+    for p in PHRASES
+        .iter()
+        .map(|(p, _)| *p)
+        .chain(KEY_WRAPPERS.iter().copied())
+    {
+        rest = rest.replace(p, "");
+    }
+    let substance = rest
+        .chars()
+        .filter(|c| !c.is_ascii_digit() && !c.is_whitespace() && !c.is_ascii_punctuation())
+        .filter(|c| !matches!(c, '。' | '，' | '！' | '？' | '、' | '～' | '…'))
+        .count();
+    if substance < 2 { String::new() } else { text }
 }
 
 fn key(digits: &str, scale: Scale) -> Reply {
@@ -400,6 +526,61 @@ mod tests {
             parse_sms("3 不满意", Scale::Three),
             Reply::Rating(Dissatisfied)
         );
+    }
+
+    /// Numbers in a reply are keys only where a key stands: a phone, a date, "等了2个小时" or a
+    /// score ("5分": full marks, which the 5-level keys would read as 非常不满意) are not.
+    /// Apologies and nouns that contain level words are not levels, and a negation before
+    /// praise is a complaint.
+    #[test]
+    fn numbers_in_words_scores_and_negated_praise_are_read_as_meant() {
+        for (text, want) in [
+            ("等了2个小时，很差", VeryDissatisfied),
+            ("跑了3趟，不满意", Dissatisfied),
+            ("不满意，请回电13812345678", Dissatisfied),
+            ("10月9日办的，很差", VeryDissatisfied),
+            ("没有很满意", Dissatisfied),
+            ("没有满意", Dissatisfied),
+            ("谈不上满意", Dissatisfied),
+            ("很难满意", Dissatisfied),
+            ("不是好评", Dissatisfied),
+        ] {
+            assert_eq!(
+                parse_sms(text, Scale::Five),
+                Reply::Rating(want),
+                "{text:?}"
+            );
+        }
+        for text in [
+            "5分",
+            "5星",
+            "1分",
+            "等了2个小时",
+            "不好意思，忘了",
+            "不是差评",
+            "满意度很低",
+        ] {
+            assert!(
+                matches!(parse_sms(text, Scale::Five), Reply::Unrecognized(_)),
+                "{text:?}: {:?}",
+                parse_sms(text, Scale::Five)
+            );
+        }
+    }
+
+    #[test]
+    fn a_reply_forwards_its_words_masked_and_no_text_for_a_bare_key_or_level() {
+        assert_eq!(reply_text("5"), "");
+        assert_eq!(reply_text("不满意"), "");
+        assert_eq!(reply_text("５ 非常不满意！"), "");
+        assert_eq!(reply_text("服务不好，排队太久"), "服务不好，排队太久");
+        for phone in ["１３８１２３４５６７８", "138 1234 5678", "138-1234-5678"] {
+            let t = reply_text(&format!("不满意，请回电{phone}"));
+            assert!(
+                t.contains("<number>") && !t.contains("5678"),
+                "{phone}: {t}"
+            );
+        }
     }
 
     #[test]

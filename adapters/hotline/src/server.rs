@@ -109,7 +109,8 @@ impl Inner {
         };
         let keep = |reason: String| async move {
             self.surveys
-                .keep_unmatched(ch, dest_code, &reason, content)
+                // Kept for an operator to read: numbers that could be a phone or an ID masked.
+                .keep_unmatched(ch, dest_code, &reason, &crate::reply::masked(content))
                 .await?;
             self.metrics.inc(&format!("{ch}_not_rated_total"));
             tracing::info!(channel = ch, dest_code, reason, "Reply kept, not a rating.");
@@ -140,7 +141,7 @@ impl Inner {
         // (the hub needs none, but the case's verification starts from it). Numbers long
         // enough to be a phone or an ID are masked; control characters dropped.
         let words = if channel == pb::Channel::Sms {
-            reply_words(content)
+            crate::reply::reply_text(content)
         } else {
             String::new()
         };
@@ -159,6 +160,9 @@ impl Inner {
             )),
             rater: Some(pb::Rater {
                 kind: pb::RaterKind::NaturalPerson as i32,
+                // The reply came from the applicant's own phone on record for this case: a
+                // rating by a known person (实名), whom the callback can reach.
+                real_name: true,
                 phone: digits(phone),
                 ..Default::default()
             }),
@@ -280,27 +284,6 @@ impl Inner {
 }
 
 type Shared = State<Arc<Inner>>;
-
-/// The words of an SMS reply worth keeping as the rating's text: empty for a bare key.
-fn reply_words(content: &str) -> String {
-    let clean: String = content
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(2000)
-        .collect();
-    let clean = clean.trim();
-    let only_a_key = clean.chars().all(|c| {
-        c.is_ascii_digit()
-            || c.is_whitespace()
-            || c.is_ascii_punctuation()
-            || ('０'..='９').contains(&c)
-    });
-    if only_a_key {
-        String::new()
-    } else {
-        rating_hub::domain::codes::redact_numbers(clean)
-    }
-}
 
 /// One reply as it arrived, before it is matched to a survey.
 struct Incoming<'a> {

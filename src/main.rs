@@ -225,8 +225,15 @@ fn main() -> anyhow::Result<()> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     // The handlers are in place before the hub says it listens: a SIGTERM sent as soon as
     // the address is known stops it cleanly, never by the signal's default action.
-    let stop = StopSignals::install();
-    let hub = rating_hub::server::start(&config).await?;
+    let mut stop = StopSignals::install();
+    // A stop during a slow start (migrations, a database that is late to answer) ends it.
+    let hub = tokio::select! {
+        hub = rating_hub::server::start(&config) => hub?,
+        _ = stop.wait() => {
+            tracing::info!("Stopped while starting.");
+            return Ok(());
+        }
+    };
     stop.wait().await;
     tracing::info!("Shutdown requested; finishing in-flight calls and commits.");
     hub.shutdown().await
@@ -261,20 +268,20 @@ impl StopSignals {
         Self {}
     }
 
-    async fn wait(self) {
+    async fn wait(&mut self) {
         #[cfg(unix)]
         {
-            let next = |s: Option<tokio::signal::unix::Signal>| async move {
+            async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
                 match s {
-                    Some(mut s) => {
+                    Some(s) => {
                         s.recv().await;
                     }
                     None => std::future::pending::<()>().await,
                 }
-            };
+            }
             tokio::select! {
-                _ = next(self.term) => {}
-                _ = next(self.int) => {}
+                _ = next(&mut self.term) => {}
+                _ = next(&mut self.int) => {}
             }
         }
         #[cfg(not(unix))]

@@ -128,7 +128,7 @@ pub fn view(case: &StoredBadCase, profile: &Profile, calendar: &Calendar, now: i
         spot_check_selected: spot_check_selected(&case.hub_id, profile.spot_check_share),
         spot_checked,
         extensions,
-        deadline_provisional: provisional && extended.is_none(),
+        deadline_provisional: provisional,
     }
 }
 
@@ -150,10 +150,15 @@ pub fn refuse(case: &StoredBadCase, v: &CaseView, next: CaseAction, now: i64) ->
         }
         // An extension moves a deadline that has not passed yet: once it passed, the case
         // is overdue, and that record stands.
-        CaseAction::Extend if v.rectify_deadline.is_some_and(|d| now > d) => Some(format!(
-            "the rectification deadline passed at {}; an overdue case cannot be extended",
-            crate::time::format_cst_micros(v.rectify_deadline.unwrap_or_default())
-        )),
+        // A provisional deadline may still move later: it refuses nothing.
+        CaseAction::Extend
+            if !v.deadline_provisional && v.rectify_deadline.is_some_and(|d| now > d) =>
+        {
+            Some(format!(
+                "the rectification deadline passed at {}; an overdue case cannot be extended",
+                crate::time::format_cst_micros(v.rectify_deadline.unwrap_or_default())
+            ))
+        }
         CaseAction::FeedBack if s != S::Resolved => {
             Some("rectify or explain first (RECTIFY or EXPLAIN), then feed back".into())
         }
@@ -175,12 +180,16 @@ pub fn refuse(case: &StoredBadCase, v: &CaseView, next: CaseAction, now: i64) ->
         CaseAction::Appeal if v.appeal_outcome != AppealOutcome::Unspecified => {
             Some("the appeal was already decided".into())
         }
-        CaseAction::Appeal if v.appeal_deadline.is_some_and(|d| now > d) => Some(format!(
-            "the appeal window closed at {}",
-            crate::relay::http_json::format_cst(
-                v.appeal_deadline.unwrap_or_default().div_euclid(1_000_000)
-            )
-        )),
+        CaseAction::Appeal
+            if !v.deadline_provisional && v.appeal_deadline.is_some_and(|d| now > d) =>
+        {
+            Some(format!(
+                "the appeal window closed at {}",
+                crate::relay::http_json::format_cst(
+                    v.appeal_deadline.unwrap_or_default().div_euclid(1_000_000)
+                )
+            ))
+        }
         CaseAction::AppealDecision if !v.appeal_pending => Some("no appeal is pending".into()),
         _ => None,
     }

@@ -25,6 +25,10 @@ pub enum CalendarError {
         "the working-day calendar has no data for {0}; add the State Council's notice for that year to the calendar"
     )]
     MissingYear(i64),
+    #[error(
+        "the working-day calendar for {0} is provisional (the State Council's notice is not loaded)"
+    )]
+    Provisional(i64),
     #[error("calendar: {0}")]
     Invalid(String),
 }
@@ -232,8 +236,11 @@ impl Calendar {
             }
             years.insert(year, entry);
         }
-        // Every year the law can be computed for and the data does not hold.
-        for year in PROVISIONAL_YEARS {
+        // Every year after the first published one that the law can be computed for and the
+        // data does not hold (years before the data are not guessed: the holiday law changed
+        // over time, and back-filled cases there report a gap, as before).
+        let first = years.keys().next().copied().unwrap_or(i64::MAX);
+        for year in PROVISIONAL_YEARS.filter(|y| *y > first) {
             if !years.contains_key(&year)
                 && let Some(p) = provisional(year)
             {
@@ -404,10 +411,15 @@ mod tests {
         // Within a published year: not provisional.
         let d = c.deadline(day("2026-03-02").start_micros(), 5).unwrap();
         assert!(!d.provisional);
-        // Outside what the law can be computed for: still an error, never a guess.
+        // Outside what the law can be computed for, or before the published years: still an
+        // error, never a guess.
         assert_eq!(
             c.is_working_day(day("2131-03-03")),
             Err(CalendarError::MissingYear(2131))
+        );
+        assert_eq!(
+            c.is_working_day(day("2023-03-03")),
+            Err(CalendarError::MissingYear(2023))
         );
     }
 

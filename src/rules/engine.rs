@@ -78,21 +78,25 @@ impl RulesEngine {
     /// From 1 October, warns (once a year per process) when next year has no State Council
     /// calendar: deadlines that run into it are provisional until its notice is loaded.
     fn warn_of_a_missing_year(&self, now: i64) {
-        let today = Date::of_instant(now);
-        let (year, month, _) = today.ymd();
-        if month < 10 || self.calendar.is_official(year + 1) {
+        let (year, month, _) = Date::of_instant(now).ymd();
+        // This year without its notice, or from October the next one.
+        let missing = if !self.calendar.is_official(year) {
+            year
+        } else if month >= 10 && !self.calendar.is_official(year + 1) {
+            year + 1
+        } else {
             return;
-        }
+        };
         if self
             .warned_for
-            .swap(year + 1, std::sync::atomic::Ordering::Relaxed)
-            != year + 1
+            .swap(missing, std::sync::atomic::Ordering::Relaxed)
+            != missing
         {
             tracing::warn!(
-                year = year + 1,
-                "No State Council holiday calendar for next year is loaded: deadlines that run \
-                 into it are counted on a provisional calendar (statutory holidays, no 调休). \
-                 Add its notice to rules.calendar_file when it is published."
+                year = missing,
+                "No State Council holiday calendar for this year is loaded: deadlines in it are \
+                 counted on a provisional calendar (statutory holidays, no 调休), and default \
+                 ratings that fall in it wait for the notice. Add it to rules.calendar_file."
             );
         }
     }
@@ -138,15 +142,29 @@ impl RulesEngine {
                     DayUnit::NaturalDays => Ok(Date::of_instant(open.completed_at_micros)
                         .add_days(i64::from(rule.after))
                         .end_micros()),
+                    // A default is for good (a rating made later cannot replace it): it waits
+                    // for the State Council's notice rather than fall on a provisional
+                    // deadline that its 调休 may move later.
                     DayUnit::WorkingDays => self
                         .calendar
-                        .working_days_deadline(open.completed_at_micros, rule.after),
+                        .deadline(open.completed_at_micros, rule.after)
+                        .and_then(|d| {
+                            if d.provisional {
+                                Err(super::calendar::CalendarError::Provisional(
+                                    Date::of_instant(d.at).year(),
+                                ))
+                            } else {
+                                Ok(d.at)
+                            }
+                        }),
                 };
                 let deadline = match deadline {
                     Ok(d) => d,
                     Err(e) => {
                         report.calendar_gaps += 1;
-                        tracing::error!(profile = profile_name, case = %case.case_number, error = %e, "Cannot compute the default-rating deadline; no default recorded.");
+                        if let Some(suppressed) = crate::telemetry::throttle("rules.calendar_gap") {
+                            tracing::warn!(profile = profile_name, error = %e, suppressed, "A default-rating deadline needs a year without the State Council's notice; no default recorded until it is loaded.");
+                        }
                         continue;
                     }
                 };

@@ -523,33 +523,42 @@ async fn ordos_flags_anonymous_ratings_and_accepts_them() {
 }
 
 /// The year-end cliff (issue #18): cases completed or rated at the end of 2026 have deadlines
-/// in 2027, whose State Council notice is not in the data. They are counted on the
-/// provisional calendar (statutory holidays, no 调休), which skips 元旦 and the weekend, and
-/// the 差评 case says its deadline is provisional. Before, no default was ever recorded and
-/// the case's deadline was never set.
+/// in 2027, whose State Council notice is not in the data. A 差评 case's deadlines are counted
+/// on the provisional calendar (statutory holidays, no 调休), which skips 元旦 and the weekend,
+/// and the case says they are provisional (before, they were never set). A default rating is
+/// for good, so it waits for the notice instead of falling on a provisional deadline its 调休
+/// could move later: it is reported as a calendar gap, and recorded once the notice is there.
 #[tokio::test]
 async fn deadlines_in_an_unpublished_year_are_counted_on_the_provisional_calendar() {
     use pb::rectification_service_client::RectificationServiceClient;
     let t0 = cst("2026-12-28", 10);
     let clock = Arc::new(ManualClock::at(t0 + 1));
-    let hub = HubBuilder::new().clock(clock.clone()).start().await;
+    // The deployment's calendar file: the shipped years, 2027 not yet published.
+    let calendar = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        calendar.path(),
+        rating_hub::rules::calendar::DEFAULT_CALENDAR_TOML,
+    )
+    .unwrap();
+    let hub = HubBuilder::new()
+        .clock(clock.clone())
+        .set(
+            "rules.calendar_file",
+            &format!("{:?}", calendar.path().display().to_string()),
+        )
+        .start()
+        .await;
     report(&hub, vec![completed("KM-LATE", "530102", t0)]).await;
     let mut bad = rated("late-bad", "KM-OTHER", pb::Level::Dissatisfied, t0 + 1);
     bad.text = "窗口人员态度差".into();
     let bad_id = submit_one(&mut hub.ingest().await, bad).await.hub_id;
 
-    // Kunming: 基本满意 after 5 working days — 29, 30, 31 December, then 元旦 (Friday 1
-    // January) and the weekend are skipped: 4 and 5 January 2027.
-    clock.set(cst("2027-01-05", 23));
+    // Kunming: 基本满意 after 5 working days — provisionally the end of 5 January 2027. The
+    // default waits for 2027's notice.
+    clock.set(cst("2027-01-07", 9));
     let tick = hub.hub.rules().tick().await.unwrap();
-    assert_eq!((tick.calendar_gaps, tick.default_ratings), (0, 0));
-    clock.set(cst("2027-01-06", 0) + 1);
-    assert_eq!(hub.hub.rules().tick().await.unwrap().default_ratings, 1);
-    let d = defaults(&hub).await.remove(0);
-    assert_eq!(
-        rating_hub::time::micros_from_timestamp(&d.rated_at.unwrap()),
-        Some(cst("2027-01-06", 0) - 1)
-    );
+    assert_eq!((tick.calendar_gaps, tick.default_ratings), (1, 0));
+    assert!(defaults(&hub).await.is_empty());
 
     // The 差评's case: 15 working days from Monday 28 December, provisional.
     let case = RectificationServiceClient::new(hub.channel_as("tester").await)
@@ -565,6 +574,35 @@ async fn deadlines_in_an_unpublished_year_are_counted_on_the_provisional_calenda
     assert_eq!(
         case.rectify_deadline.unwrap().seconds * 1_000_000,
         Date::parse("2027-01-19").unwrap().end_micros()
+    );
+
+    // 2027's notice is published (here with 4 January off as well) and loaded: the case's
+    // deadline moves a day and is no longer provisional; the default is recorded at the
+    // notice's deadline, the end of 6 January.
+    let with_2027 = format!(
+        "{}\n[years.2027]\nsource = \"a test notice\"\nholidays = [\"2027-01-01..2027-01-04\"]\n",
+        rating_hub::rules::calendar::DEFAULT_CALENDAR_TOML
+    );
+    std::fs::write(calendar.path(), with_2027).unwrap();
+    let hub = hub.stop().await.restart().await;
+    let tick = hub.hub.rules().tick().await.unwrap();
+    assert_eq!((tick.calendar_gaps, tick.default_ratings), (0, 1));
+    let d = defaults(&hub).await.remove(0);
+    assert_eq!(
+        rating_hub::time::micros_from_timestamp(&d.rated_at.unwrap()),
+        Some(cst("2027-01-07", 0) - 1)
+    );
+    let case = RectificationServiceClient::new(hub.channel_as("tester").await)
+        .get_case(pb::GetCaseRequest { id: case.id })
+        .await
+        .unwrap()
+        .into_inner()
+        .bad_rating_case
+        .unwrap();
+    assert!(!case.deadline_provisional, "{case:?}");
+    assert_eq!(
+        case.rectify_deadline.unwrap().seconds * 1_000_000,
+        Date::parse("2027-01-20").unwrap().end_micros()
     );
     hub.stop().await;
 }

@@ -20,8 +20,8 @@ use axum::response::{IntoResponse, Response};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-/// The largest callback body read (the routes refuse larger ones anyway).
-const MAX_BODY: usize = 8 << 20;
+/// The largest callback body read (a gateway's batch of replies is far smaller).
+const MAX_BODY: usize = 1 << 20;
 
 /// How callbacks are authenticated (adapter config `[callback_auth]`).
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -95,63 +95,107 @@ impl CallbackAuth {
         })
     }
 
-    /// Checks a request's timestamp and signature against its body at `now` (Unix seconds).
+    /// Checks a request's timestamp and signature against its body at `now` (Unix seconds),
+    /// and that the signature was not used before. Returns the signature to `mark_used` once
+    /// the request was taken (a request answered with an error may be sent again as it was).
     pub fn check(
         &self,
         timestamp: Option<&str>,
         signature: Option<&str>,
         body: &[u8],
         now: i64,
-    ) -> Result<(), &'static str> {
+    ) -> Result<Option<(Vec<u8>, i64)>, &'static str> {
         let Some(secret) = &self.secret else {
-            return Ok(());
+            return Ok(None);
         };
-        let (Some(ts), Some(sig)) = (timestamp, signature) else {
+        let at = self.check_time(timestamp, now)?;
+        let Some(sig) = signature else {
+            return Err("X-Timestamp and X-Signature are required");
+        };
+        let given = hex::decode(sig.trim()).map_err(|_| "X-Signature is not hex")?;
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(secret).map_err(|_| "the secret cannot key an HMAC")?;
+        mac.update(timestamp.unwrap_or_default().trim().as_bytes());
+        mac.update(b"\n");
+        mac.update(body);
+        mac.verify_slice(&given)
+            .map_err(|_| "X-Signature does not match the body")?;
+        if self.lock_seen(now).contains_key(&given) {
+            return Err("this signature was already used (a replayed request)");
+        }
+        Ok(Some((given, at)))
+    }
+
+    /// The timestamp, within the window (checked before the body is even read).
+    fn check_time(&self, timestamp: Option<&str>, now: i64) -> Result<i64, &'static str> {
+        let Some(ts) = timestamp else {
             return Err("X-Timestamp and X-Signature are required");
         };
         let at: i64 = ts
             .trim()
             .parse()
             .map_err(|_| "X-Timestamp is not Unix seconds")?;
-        if (now - at).abs() > self.window_secs {
+        if now.abs_diff(at) > self.window_secs.unsigned_abs() {
             return Err("X-Timestamp is outside the accepted window");
         }
-        let given = hex::decode(sig.trim()).map_err(|_| "X-Signature is not hex")?;
-        let mut mac =
-            Hmac::<Sha256>::new_from_slice(secret).map_err(|_| "the secret cannot key an HMAC")?;
-        mac.update(ts.trim().as_bytes());
-        mac.update(b"\n");
-        mac.update(body);
-        mac.verify_slice(&given)
-            .map_err(|_| "X-Signature does not match the body")?;
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        seen.retain(|_, t| (now - *t).abs() <= self.window_secs);
-        if seen.insert(given, now).is_some() {
-            return Err("this signature was already used (a replayed request)");
-        }
-        Ok(())
+        Ok(at)
     }
 
-    /// The axum middleware: refuses what `check` refuses, passes the rest on with its body.
+    /// The used signatures, with those whose signed time has left the window forgotten (a
+    /// forgotten one is refused by the window anyway).
+    fn lock_seen(&self, now: i64) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, i64>> {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let window = self.window_secs.unsigned_abs();
+        seen.retain(|_, at| now.abs_diff(*at) <= window);
+        seen
+    }
+
+    /// Records a signature as used (its request was taken), keyed to its signed time.
+    pub fn mark_used(&self, used: Option<(Vec<u8>, i64)>, now: i64) -> bool {
+        match used {
+            Some((sig, at)) => self.lock_seen(now).insert(sig, at).is_none(),
+            None => true,
+        }
+    }
+
+    /// The axum middleware: refuses what `check` refuses, passes the rest on with its body,
+    /// and marks the signature used once the route answered with success.
     pub async fn middleware(State(auth): State<Self>, request: Request, next: Next) -> Response {
         let (parts, body) = request.into_parts();
-        let Ok(bytes) = to_bytes(body, MAX_BODY).await else {
-            return (StatusCode::PAYLOAD_TOO_LARGE, "the body is too large").into_response();
-        };
         let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        if let Err(why) = auth.check(header("x-timestamp"), header("x-signature"), &bytes, now) {
+        let refuse = |why: &'static str| {
             tracing::warn!(path = %parts.uri.path(), why, "Callback refused: not authenticated.");
-            return (
+            (
                 StatusCode::UNAUTHORIZED,
                 axum::Json(serde_json::json!({"code": 401, "msg": why})),
             )
-                .into_response();
+                .into_response()
+        };
+        // Unsigned or stale requests are refused before their body is read.
+        if auth.secret.is_some()
+            && let Err(why) = auth.check_time(header("x-timestamp"), now)
+        {
+            return refuse(why);
         }
-        next.run(Request::from_parts(parts, Body::from(bytes)))
-            .await
+        let Ok(bytes) = to_bytes(body, MAX_BODY).await else {
+            return (StatusCode::PAYLOAD_TOO_LARGE, "the body is too large").into_response();
+        };
+        let used = match auth.check(header("x-timestamp"), header("x-signature"), &bytes, now) {
+            Ok(used) => used,
+            Err(why) => return refuse(why),
+        };
+        let response = next
+            .run(Request::from_parts(parts, Body::from(bytes)))
+            .await;
+        if response.status().is_success() && !auth.mark_used(used, now) {
+            // Two copies of one request raced; both were taken, and the spool's keys make the
+            // second a re-send.
+            tracing::info!("A signed callback arrived twice at once; the second was a re-send.");
+        }
+        response
     }
 }
 
@@ -182,36 +226,40 @@ mod tests {
     #[test]
     fn a_signed_request_passes_once_and_nothing_else_passes() {
         let a = auth();
+        let secret = b"0123456789abcdef-secret";
         let body = br#"[{"content":"1"}]"#;
-        let (ts, sig) = sign(b"0123456789abcdef-secret", 1_000, body);
-        assert_eq!(a.check(Some(&ts), Some(&sig), body, 1_010), Ok(()));
-        assert!(
-            a.check(Some(&ts), Some(&sig), body, 1_011)
-                .unwrap_err()
-                .contains("already used")
-        );
-        let (ts2, sig2) = sign(b"0123456789abcdef-secret", 1_000, br#"[{"content":"5"}]"#);
-        assert!(
-            a.check(Some(&ts2), Some(&sig2), body, 1_010)
-                .unwrap_err()
-                .contains("does not match")
-        );
+        let (ts, sig) = sign(secret, 1_000, body);
+        let used = a.check(Some(&ts), Some(&sig), body, 1_010).unwrap();
+        assert!(used.is_some());
+        // Not taken yet (the route failed): the same request may come again.
+        let used = a.check(Some(&ts), Some(&sig), body, 1_011).unwrap();
+        assert!(a.mark_used(used, 1_011));
+        let replayed = a.check(Some(&ts), Some(&sig), body, 1_012).unwrap_err();
+        assert!(replayed.contains("already used"));
+        // Stamped ahead of the clock: remembered while its own time is in the window.
+        let (ts5, sig5) = sign(secret, 1_290, body);
+        let used = a.check(Some(&ts5), Some(&sig5), body, 1_000).unwrap();
+        assert!(a.mark_used(used, 1_000));
+        let replayed = a.check(Some(&ts5), Some(&sig5), body, 1_250).unwrap_err();
+        assert!(replayed.contains("already used"));
+        // Another body, another secret, a stale time, nothing at all.
+        let (ts2, sig2) = sign(secret, 1_000, br#"[{"content":"5"}]"#);
+        let e = a.check(Some(&ts2), Some(&sig2), body, 1_010).unwrap_err();
+        assert!(e.contains("does not match"));
         let (ts3, sig3) = sign(b"another secret of enough bytes", 1_000, body);
-        assert!(
-            a.check(Some(&ts3), Some(&sig3), body, 1_010)
-                .unwrap_err()
-                .contains("does not match")
-        );
-        let (ts4, sig4) = sign(b"0123456789abcdef-secret", 1_000, body);
-        assert!(
-            a.check(Some(&ts4), Some(&sig4), body, 2_000)
-                .unwrap_err()
-                .contains("window")
-        );
+        let e = a.check(Some(&ts3), Some(&sig3), body, 1_010).unwrap_err();
+        assert!(e.contains("does not match"));
+        let e = a.check(Some(&ts), Some(&sig), body, 2_000).unwrap_err();
+        assert!(e.contains("window"));
         assert!(
             a.check(None, None, body, 1_010)
                 .unwrap_err()
                 .contains("required")
+        );
+        // An absurd timestamp is refused, not overflowed.
+        assert!(
+            a.check(Some(&i64::MIN.to_string()), Some(&sig), body, 1_000)
+                .is_err()
         );
     }
 }

@@ -291,7 +291,7 @@ pub async fn start_with_clock(
         addr = %local_addr,
         mtls = !config.tls.insecure_plaintext,
         database = %config.storage.display_url(),
-        synchronous = ?config.storage.synchronous,
+        durability = store.durability(),
         "Listening."
     );
     Ok(RunningHub {

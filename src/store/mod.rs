@@ -538,6 +538,10 @@ pub struct StatsRow {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// How a commit is made durable, as read back from the writer's own connection when the
+    /// store opened (not as configured): e.g. `sqlite journal_mode=wal synchronous=FULL`.
+    fn durability(&self) -> &str;
+
     /// Writes ratings through the group-commit writer; returns one outcome per item, in order,
     /// after the transaction that holds them committed.
     async fn insert_ratings(&self, items: Vec<NewRating>)

@@ -133,6 +133,8 @@ pub struct PostgresStore {
     /// with long queries must not make a reachable database look down.
     health: Mutex<Option<PgConnection>>,
     connect: PgConnectOptions,
+    /// The writer session's `synchronous_commit`, read back at open.
+    durability: String,
 }
 
 impl PostgresStore {
@@ -148,12 +150,37 @@ impl PostgresStore {
                  sslmode=verify-full and sslrootcert=<CA file> in storage.url."
             );
         }
-        let writer_connect = writer_options(&connect);
+        let mut writer_connect = writer_options(&connect);
         // Migrated on the writer's settings, which also checks them; the writer thread opens
         // its own connection (on its own runtime) for the first group.
         let mut migrate_conn = PgConnection::connect_with(&writer_connect).await?;
         MIGRATOR.run(&mut migrate_conn).await?;
+        // An acknowledgement promises a commit that survives a crash: a server (or role)
+        // configured with synchronous_commit=off would acknowledge before the WAL reached
+        // disk. The writer's sessions turn it back on; stronger settings (remote_apply,
+        // remote_write with synchronous standbys) are kept as they are.
+        let configured: String = sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(&mut migrate_conn)
+            .await?;
         migrate_conn.close().await?;
+        if configured == "off" {
+            tracing::warn!(
+                "The PostgreSQL server has synchronous_commit=off; the hub's writer sets it to \
+                 on for its own sessions, so that an acknowledged rating survives a crash."
+            );
+            writer_connect = writer_connect.options([("synchronous_commit", "on")]);
+        }
+        let mut check = PgConnection::connect_with(&writer_connect).await?;
+        let effective: String = sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(&mut check)
+            .await?;
+        check.close().await?;
+        if effective == "off" {
+            return Err(StoreError::Storage(
+                "the PostgreSQL writer session runs with synchronous_commit=off".into(),
+            ));
+        }
+        let durability = format!("postgres synchronous_commit={effective}");
         let reader = PgPoolOptions::new()
             .max_connections(opts.read_connections.max(1) + 1)
             .acquire_timeout(opts.read_wait)
@@ -186,6 +213,7 @@ impl PostgresStore {
             listener: Mutex::new(Some(listener)),
             health: Mutex::new(None),
             connect,
+            durability,
         })
     }
 
@@ -770,6 +798,10 @@ fn dimension_sql(d: StatsDimension) -> &'static str {
 
 #[async_trait]
 impl Store for PostgresStore {
+    fn durability(&self) -> &str {
+        &self.durability
+    }
+
     async fn insert_ratings(
         &self,
         items: Vec<super::NewRating>,

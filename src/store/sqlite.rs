@@ -79,6 +79,8 @@ pub struct SqliteStore {
     /// The directory of the database file, and the free space health asks of it.
     dir: std::path::PathBuf,
     min_free_bytes: u64,
+    /// The writer connection's journal mode and synchronous level, read back at open.
+    durability: String,
 }
 
 impl SqliteStore {
@@ -111,6 +113,7 @@ impl SqliteStore {
         ))
         .await?;
         MIGRATOR.run(&mut writer_conn).await?;
+        let durability = writer_durability(&mut writer_conn, opts.synchronous_full).await?;
         let last_seq: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(feed_seq), 0) FROM ratings")
             .fetch_one(&mut writer_conn)
             .await?;
@@ -145,8 +148,40 @@ impl SqliteStore {
                 .unwrap_or(std::path::Path::new("."))
                 .to_owned(),
             min_free_bytes: opts.min_free_bytes,
+            durability,
         })
     }
+}
+
+/// Reads the writer connection's journal mode and synchronous level back, and refuses a
+/// connection that did not take them: an acknowledgement promises a commit that survives a
+/// power cut only if the WAL is fsynced at each commit.
+async fn writer_durability(
+    conn: &mut SqliteConnection,
+    synchronous_full: bool,
+) -> Result<String, StoreError> {
+    let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&mut *conn)
+        .await?;
+    let level: i64 = sqlx::query_scalar("PRAGMA synchronous")
+        .fetch_one(&mut *conn)
+        .await?;
+    let name = match level {
+        0 => "OFF",
+        1 => "NORMAL",
+        2 => "FULL",
+        3 => "EXTRA",
+        _ => "UNKNOWN",
+    };
+    let wanted = if synchronous_full { 2 } else { 1 };
+    if !journal.eq_ignore_ascii_case("wal") || level < wanted {
+        return Err(StoreError::Storage(format!(
+            "the SQLite writer runs with journal_mode={journal} synchronous={name}, not the \
+             configured journal_mode=wal synchronous={}",
+            if synchronous_full { "FULL" } else { "NORMAL" }
+        )));
+    }
+    Ok(format!("sqlite journal_mode=wal synchronous={name}"))
 }
 
 impl SqliteStore {
@@ -636,6 +671,10 @@ fn dimension_sql(d: StatsDimension) -> &'static str {
 
 #[async_trait]
 impl Store for SqliteStore {
+    fn durability(&self) -> &str {
+        &self.durability
+    }
+
     async fn insert_ratings(
         &self,
         items: Vec<NewRating>,

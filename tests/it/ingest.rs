@@ -116,6 +116,15 @@ async fn empty_and_oversized_batches_are_refused_with_the_field_named() {
 async fn stream_of_10000_ratings_is_acknowledged_in_order_after_commit() {
     const N: usize = 10_000;
     let hub = TestHub::start().await;
+    // Committed means durable: the writer's own connection, read back, fsyncs each commit.
+    // (A kill -9 cannot tell a missing fsync: the page cache survives it.) The PostgreSQL
+    // test server runs with synchronous_commit=off, which the writer's sessions must undo.
+    let durability = hub.hub.store().durability().to_owned();
+    if crate::pg::enabled() {
+        assert_eq!(durability, "postgres synchronous_commit=on");
+    } else {
+        assert_eq!(durability, "sqlite journal_mode=wal synchronous=FULL");
+    }
     let mut ingest = hub.ingest().await;
     let outbound = tokio_stream::iter((0..N).map(|i| pb::StreamRatingsRequest {
         rating: Some(if i % 1000 == 999 {

@@ -309,6 +309,8 @@ async fn a_rating_made_in_time_but_entered_after_the_default_replaces_it() {
     assert_eq!(defaults(&hub).await.len(), 2);
     let hub = hub.stop().await.restart().await;
     assert_eq!(hub.hub.rules().tick().await.unwrap().default_ratings, 0);
+    // (The engine's own tick at the start may have run first: count what is stored.)
+    assert_eq!(defaults(&hub).await.len(), 2);
     let again = submit_one(&mut hub.ingest().await, paper).await;
     assert_eq!(outcome(&again), pb::Outcome::Duplicate);
     hub.stop().await;
@@ -585,9 +587,13 @@ async fn deadlines_in_an_unpublished_year_are_counted_on_the_provisional_calenda
     );
     std::fs::write(calendar.path(), with_2027).unwrap();
     let hub = hub.stop().await.restart().await;
+    // The engine's own first tick after the start may record it before this one does: the
+    // count of defaults, not this tick's, is what says it was recorded once.
     let tick = hub.hub.rules().tick().await.unwrap();
-    assert_eq!((tick.calendar_gaps, tick.default_ratings), (0, 1));
-    let d = defaults(&hub).await.remove(0);
+    assert_eq!(tick.calendar_gaps, 0);
+    let mut all = defaults(&hub).await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    let d = all.remove(0);
     assert_eq!(
         rating_hub::time::micros_from_timestamp(&d.rated_at.unwrap()),
         Some(cst("2027-01-07", 0) - 1)

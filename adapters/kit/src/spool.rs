@@ -248,9 +248,16 @@ impl Forwarder {
         );
         for ((id, _), r) in waiting.iter().zip(results) {
             match pb::Outcome::try_from(r.outcome).unwrap_or_default() {
-                pb::Outcome::Accepted | pb::Outcome::Duplicate => {
+                outcome @ (pb::Outcome::Accepted | pb::Outcome::Duplicate) => {
                     self.metrics.inc("forwarded_total");
-                    self.spool.mark(*id, 1, "", &r.hub_id).await?;
+                    // A DUPLICATE answer is recorded: the hub already had it, so this send
+                    // repeated an earlier one (a crash between its commit and this mark).
+                    let note = if outcome == pb::Outcome::Duplicate {
+                        "DUPLICATE"
+                    } else {
+                        ""
+                    };
+                    self.spool.mark(*id, 1, note, &r.hub_id).await?;
                 }
                 other => {
                     let why: Vec<String> = r

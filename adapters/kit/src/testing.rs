@@ -167,3 +167,80 @@ pub fn signed_headers(body: &[u8]) -> [(&'static str, String); 2] {
     let (ts, sig) = crate::auth::sign(CALLBACK_SECRET.as_bytes(), at, body);
     [("x-timestamp", ts), ("x-signature", sig)]
 }
+
+/// A TCP gate in front of a hub, for tests that need the hub unreachable and then back on
+/// the same address. Closed, it accepts each connection and drops it at once (the adapter
+/// sees the hub unreachable); open, it forwards both ways. Dropping the gate stops it.
+pub struct Gate {
+    pub port: u16,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    refused: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Gate {
+    /// A closed gate on a free loopback port, forwarding to `target` once opened.
+    pub async fn start(target: std::net::SocketAddr) -> Gate {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (o, r) = (open.clone(), refused.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !o.load(Ordering::SeqCst) {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    drop(inbound);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Gate {
+            port,
+            open,
+            refused,
+            task,
+        }
+    }
+
+    /// Lets new connections through.
+    pub fn open(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many connections the closed gate dropped.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The rows of an adapter's spool file by state (0 waiting, 1 delivered, 2 refused) and the
+/// hub's recorded outcome, counted; read on a connection of its own while the adapter runs.
+pub async fn spool_counts(path: &Path) -> std::collections::BTreeMap<(i64, String), u64> {
+    use sqlx::Connection;
+    let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(path);
+    let Ok(mut conn) = sqlx::SqliteConnection::connect_with(&opts).await else {
+        return Default::default();
+    };
+    let rows: Vec<(i64, String, i64)> =
+        sqlx::query_as("SELECT state, outcome, COUNT(*) FROM spool GROUP BY state, outcome")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap_or_default();
+    let _ = conn.close().await;
+    rows.into_iter()
+        .map(|(s, o, n)| ((s, o), n as u64))
+        .collect()
+}

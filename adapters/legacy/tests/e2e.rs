@@ -1,16 +1,19 @@
 //! The legacy adapter against a real hub: drop-folder files (CSV UTF-8 and GBK, XML) and an
 //! intermediate database table arrive with the right fields; bad rows are reported; a hard
-//! kill mid-file loses and duplicates nothing.
+//! kill mid-file loses and duplicates nothing, and one with rows waiting in the spool loses
+//! and re-sends nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rating_hub::pb::v1 as pb;
 use rating_hub_adapter_kit::Mapping;
-use rating_hub_adapter_kit::testing::{all_ratings, hub_connection, start_hub, wait_for_ratings};
+use rating_hub_adapter_kit::testing::{
+    Gate, all_ratings, hub_connection, spool_counts, start_hub, wait_for_ratings,
+};
 use rating_hub_legacy::LegacyConfig;
 use rating_hub_legacy::config::{FolderConfig, TableConfig};
 
@@ -259,45 +262,16 @@ async fn a_hard_kill_mid_file_loses_and_duplicates_nothing() {
         csv.push('\n');
     }
     std::fs::write(drop.join("big.csv"), csv).unwrap();
-    let write_config = |rows_per_pass: usize| {
-        let mut cfg = config(dir.path(), port, &drop, rows_per_pass);
-        cfg.poll_secs = 3600;
-        let h = &cfg.hub;
-        let text = format!(
-            "spool = {:?}\nstate = {:?}\npoll_secs = 3600\n\n[hub]\nendpoint = {:?}\nca = {:?}\ncert = {:?}\nkey = {:?}\ndomain = \"localhost\"\n\n\
-             [[folders]]\nname = \"km-paper\"\npath = {:?}\nrows_per_pass = {rows_per_pass}\n[folders.mapping]\n{}",
-            cfg.spool,
-            cfg.state,
-            h.endpoint,
-            h.ca,
-            h.cert,
-            h.key,
-            drop.display().to_string(),
-            toml_mapping(),
-        );
-        let path = dir.path().join("legacy.toml");
-        std::fs::write(&path, text).unwrap();
-        path
-    };
-    let spawn = |config: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_rating-legacy"))
-            .arg("--config")
-            .arg(config)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
     // The first pass takes 1,000 rows; the next would come an hour later.
-    let mut child = spawn(&write_config(1000));
+    let child = spawn_legacy(&write_config(dir.path(), port, &drop, 1000));
     wait_for_ratings(dir.path(), port, 1000, Duration::from_secs(60)).await;
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    child.kill();
     assert!(
         drop.join("big.csv").exists(),
         "killed mid-file: the file is not done"
     );
 
-    let mut child = spawn(&write_config(100_000));
+    let child = spawn_legacy(&write_config(dir.path(), port, &drop, 100_000));
     let all = wait_for_ratings(dir.path(), port, 3000, Duration::from_secs(60)).await;
     let cases: BTreeSet<String> = all.iter().map(|r| r.case_number.clone()).collect();
     assert_eq!((all.len(), cases.len()), (3000, 3000), "every row once");
@@ -308,9 +282,121 @@ async fn a_hard_kill_mid_file_loses_and_duplicates_nothing() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(drop.join("done/big.csv.report.csv").exists());
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill();
     assert_eq!(all_ratings(dir.path(), port).await.len(), 3000);
+    hub.shutdown().await.unwrap();
+}
+
+/// Writes the adapter's config file (one drop folder, polled hourly) and returns its path.
+fn write_config(dir: &Path, port: u16, drop: &Path, rows_per_pass: usize) -> PathBuf {
+    let cfg = config(dir, port, drop, rows_per_pass);
+    let h = &cfg.hub;
+    let text = format!(
+        "spool = {:?}\nstate = {:?}\npoll_secs = 3600\n\n[hub]\nendpoint = {:?}\nca = {:?}\ncert = {:?}\nkey = {:?}\ndomain = \"localhost\"\n\n\
+         [[folders]]\nname = \"km-paper\"\npath = {:?}\nrows_per_pass = {rows_per_pass}\n[folders.mapping]\n{}",
+        cfg.spool,
+        cfg.state,
+        h.endpoint,
+        h.ca,
+        h.cert,
+        h.key,
+        drop.display().to_string(),
+        toml_mapping(),
+    );
+    let path = dir.join("legacy.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The adapter binary on `config`, its log discarded; killed (SIGKILL) when dropped, so a
+/// failing test leaves no adapter behind.
+fn spawn_legacy(config: &Path) -> Adapter {
+    Adapter(
+        Command::new(env!("CARGO_BIN_EXE_rating-legacy"))
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+struct Adapter(std::process::Child);
+
+impl Adapter {
+    /// SIGKILL, and reaped.
+    fn kill(mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for Adapter {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+/// The spool's own crash test: the adapter is killed while its spool holds rows the hub has
+/// not yet taken (the hub is behind a closed gate), and after a restart every one of them
+/// arrives once, sent once: the hub answered DUPLICATE to none (its idempotency would hide a
+/// re-send from a count of what it kept).
+#[tokio::test]
+async fn a_hard_kill_with_undelivered_rows_in_the_spool_loses_and_resends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(dir.path(), 0, Arc::new(rating_hub::clock::SystemClock)).await;
+    let port = hub.local_addr.port();
+    let gate = Gate::start(hub.local_addr).await;
+    let drop = dir.path().join("drop");
+    std::fs::create_dir_all(&drop).unwrap();
+    let mut csv = format!("{HEADER}\n");
+    for i in 0..500 {
+        csv.push_str(&row(&format!("S-{i:04}"), &((i % 5) + 1).to_string(), "x"));
+        csv.push('\n');
+    }
+    std::fs::write(drop.join("spooled.csv"), csv).unwrap();
+    let config = write_config(dir.path(), gate.port, &drop, 100_000);
+    let spool = dir.path().join("spool.db");
+    let child = spawn_legacy(&config);
+    // Every row spooled, none delivered, and the forwarder has tried (and failed) to send.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let counts = spool_counts(&spool).await;
+        if counts.get(&(0, String::new())) == Some(&500) && gate.refused() > 0 {
+            assert_eq!(counts.len(), 1, "{counts:?}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "spool {counts:?}, gate refused {}",
+            gate.refused()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill(); // with 500 rows waiting
+    assert!(all_ratings(dir.path(), port).await.is_empty());
+
+    gate.open();
+    let child = spawn_legacy(&config);
+    let all = wait_for_ratings(dir.path(), port, 500, Duration::from_secs(60)).await;
+    let cases: BTreeSet<String> = all.iter().map(|r| r.case_number.clone()).collect();
+    assert_eq!((all.len(), cases.len()), (500, 500), "every row once");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let counts = loop {
+        let counts = spool_counts(&spool).await;
+        if !counts.contains_key(&(0, String::new())) {
+            break counts;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "spool {counts:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        counts,
+        BTreeMap::from([((1, String::new()), 500)]),
+        "every spooled row delivered as ACCEPTED: none re-sent (DUPLICATE), none refused"
+    );
+    child.kill();
     hub.shutdown().await.unwrap();
 }
 

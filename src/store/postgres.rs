@@ -157,19 +157,32 @@ impl PostgresStore {
         MIGRATOR.run(&mut migrate_conn).await?;
         // An acknowledgement promises a commit that survives a crash: a server (or role)
         // configured with synchronous_commit=off would acknowledge before the WAL reached
-        // disk. The writer's sessions turn it back on; stronger settings (remote_apply,
-        // remote_write with synchronous standbys) are kept as they are.
+        // disk. The writer's sessions pin the setting at connection start (where it outranks
+        // a later reload of postgresql.conf or a role's setting): `on` in place of `off`,
+        // stronger ones (remote_apply, synchronous standbys) as they are.
         let configured: String = sqlx::query_scalar("SHOW synchronous_commit")
             .fetch_one(&mut migrate_conn)
             .await?;
+        let fsync: String = sqlx::query_scalar("SHOW fsync")
+            .fetch_one(&mut migrate_conn)
+            .await?;
         migrate_conn.close().await?;
-        if configured == "off" {
+        let pinned = if configured == "off" {
             tracing::warn!(
                 "The PostgreSQL server has synchronous_commit=off; the hub's writer sets it to \
                  on for its own sessions, so that an acknowledged rating survives a crash."
             );
-            writer_connect = writer_connect.options([("synchronous_commit", "on")]);
+            "on".to_owned()
+        } else {
+            configured
+        };
+        if fsync != "on" {
+            tracing::warn!(
+                "The PostgreSQL server runs with fsync=off: a crash of its machine can lose \
+                 ratings the hub acknowledged (a setting for throwaway test servers only)."
+            );
         }
+        writer_connect = writer_connect.options([("synchronous_commit", pinned.as_str())]);
         let mut check = PgConnection::connect_with(&writer_connect).await?;
         let effective: String = sqlx::query_scalar("SHOW synchronous_commit")
             .fetch_one(&mut check)
@@ -180,7 +193,7 @@ impl PostgresStore {
                 "the PostgreSQL writer session runs with synchronous_commit=off".into(),
             ));
         }
-        let durability = format!("postgres synchronous_commit={effective}");
+        let durability = format!("postgres synchronous_commit={effective} fsync={fsync}");
         let reader = PgPoolOptions::new()
             .max_connections(opts.read_connections.max(1) + 1)
             .acquire_timeout(opts.read_wait)

@@ -4,7 +4,8 @@
 //! (WAL, synchronous=FULL): that is when an adapter may acknowledge its source. The
 //! [`Forwarder`] sends waiting ratings in spool order, marks each by the hub's answer —
 //! delivered (accepted or duplicate) or refused (kept with the hub's reasons, never silently
-//! dropped) — and retries with backoff while the hub is unreachable.
+//! dropped) — and retries with backoff while the hub is unreachable. The `outcome` column
+//! holds a refusal's reasons, or `DUPLICATE` for a delivered row the hub already had.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

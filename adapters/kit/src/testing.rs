@@ -228,19 +228,21 @@ impl Drop for Gate {
 
 /// The rows of an adapter's spool file by state (0 waiting, 1 delivered, 2 refused) and the
 /// hub's recorded outcome, counted; read on a connection of its own while the adapter runs.
-pub async fn spool_counts(path: &Path) -> std::collections::BTreeMap<(i64, String), u64> {
+/// `None` while the file or its table cannot be read yet (not created, or busy).
+pub async fn spool_counts(path: &Path) -> Option<std::collections::BTreeMap<(i64, String), u64>> {
     use sqlx::Connection;
     let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(path);
-    let Ok(mut conn) = sqlx::SqliteConnection::connect_with(&opts).await else {
-        return Default::default();
-    };
-    let rows: Vec<(i64, String, i64)> =
+    let mut conn = sqlx::SqliteConnection::connect_with(&opts).await.ok()?;
+    let rows: Option<Vec<(i64, String, i64)>> =
         sqlx::query_as("SELECT state, outcome, COUNT(*) FROM spool GROUP BY state, outcome")
             .fetch_all(&mut conn)
             .await
-            .unwrap_or_default();
+            .ok();
     let _ = conn.close().await;
-    rows.into_iter()
-        .map(|(s, o, n)| ((s, o), n as u64))
-        .collect()
+    Some(
+        rows?
+            .into_iter()
+            .map(|(s, o, n)| ((s, o), n as u64))
+            .collect(),
+    )
 }

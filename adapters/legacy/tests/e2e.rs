@@ -341,7 +341,8 @@ impl Drop for Adapter {
 /// The spool's own crash test: the adapter is killed while its spool holds rows the hub has
 /// not yet taken (the hub is behind a closed gate), and after a restart every one of them
 /// arrives once, sent once: the hub answered DUPLICATE to none (its idempotency would hide a
-/// re-send from a count of what it kept).
+/// re-send from a count of what it kept). A kill between the hub's commit and the spool's
+/// mark (where a DUPLICATE is the right answer) is not what this test makes.
 #[tokio::test]
 async fn a_hard_kill_with_undelivered_rows_in_the_spool_loses_and_resends_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -362,7 +363,7 @@ async fn a_hard_kill_with_undelivered_rows_in_the_spool_loses_and_resends_nothin
     // Every row spooled, none delivered, and the forwarder has tried (and failed) to send.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let counts = spool_counts(&spool).await;
+        let counts = spool_counts(&spool).await.unwrap_or_default();
         if counts.get(&(0, String::new())) == Some(&500) && gate.refused() > 0 {
             assert_eq!(counts.len(), 1, "{counts:?}");
             break;
@@ -385,8 +386,11 @@ async fn a_hard_kill_with_undelivered_rows_in_the_spool_loses_and_resends_nothin
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let counts = loop {
         let counts = spool_counts(&spool).await;
-        if !counts.contains_key(&(0, String::new())) {
-            break counts;
+        if let Some(counts) = counts
+            .as_ref()
+            .filter(|c| !c.contains_key(&(0, String::new())))
+        {
+            break counts.clone();
         }
         assert!(tokio::time::Instant::now() < deadline, "spool {counts:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -18,12 +18,38 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 /// development PKI lands in dir/certs/dev) — on a free port; returns the child, its address
 /// and its log lines.
 pub struct SpawnedHub {
-    pub child: Child,
+    pub child: HubProcess,
     pub url: String,
     /// Log lines up to and including the one announcing the address.
     pub early: Vec<String>,
     /// Later log lines.
     pub logs: mpsc::Receiver<String>,
+}
+
+/// A hub process, killed (SIGKILL) and reaped when dropped, so that a failing test leaves
+/// none behind; otherwise a [`Child`].
+pub struct HubProcess(Child);
+
+impl std::ops::Deref for HubProcess {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for HubProcess {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for HubProcess {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 pub fn spawn_hub(dir: &std::path::Path, log_filter: &str) -> SpawnedHub {
@@ -89,7 +115,7 @@ fn spawn(
         early.push(line);
     }
     SpawnedHub {
-        child,
+        child: HubProcess(child),
         url: format!("https://{}", addr.unwrap()),
         early,
         logs: rx,

@@ -154,16 +154,30 @@ pub fn callback_auth(dir: &Path) -> crate::CallbackAuthConfig {
     }
 }
 
-/// Headers signing `body` as a gateway does, at a moment a little earlier for each call (two
-/// identical bodies sent in one second are two requests, not a replay).
+/// Headers signing `body` as a gateway does; a body signed again gets a moment of its own
+/// (two identical bodies sent in one second are two requests, not a replay).
 pub fn signed_headers(body: &[u8]) -> [(&'static str, String); 2] {
-    use std::sync::atomic::{AtomicI64, Ordering};
-    static CALLS: AtomicI64 = AtomicI64::new(0);
+    // A body signed again signs a time of its own (now, or the latest second before it not
+    // yet used for this body): the same body sent twice is then two requests, not a replay.
+    // (A counter subtracted from the clock collided when a second call came a second after
+    // the first.)
+    static USED: std::sync::Mutex<std::collections::BTreeSet<(i64, Vec<u8>)>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
-    let at = now - CALLS.fetch_add(1, Ordering::Relaxed) % 200;
+    let mut used = USED.lock().unwrap_or_else(|p| p.into_inner());
+    let mut at = now;
+    while used.contains(&(at, body.to_vec())) {
+        at -= 1;
+    }
+    assert!(
+        now - at < 250,
+        "one body signed more often than the window holds"
+    );
+    used.insert((at, body.to_vec()));
+    drop(used);
     let (ts, sig) = crate::auth::sign(CALLBACK_SECRET.as_bytes(), at, body);
     [("x-timestamp", ts), ("x-signature", sig)]
 }

@@ -761,8 +761,12 @@ async fn open_loop(
 }
 
 /// The hub's config for relaying to the bench's sink: no rate limit in the way, batches of
-/// up to 500, four in flight.
-fn sink_env(sink_url: &str) -> Vec<(&'static str, String)> {
+/// up to `batch_size`, `in_flight` at once.
+pub(crate) fn sink_env(
+    sink_url: &str,
+    batch_size: u32,
+    in_flight: u32,
+) -> Vec<(&'static str, String)> {
     vec![
         ("RATING_HUB__UPSTREAMS__SINK__KIND", "grpc".into()),
         ("RATING_HUB__UPSTREAMS__SINK__ENDPOINT", sink_url.into()),
@@ -786,8 +790,14 @@ fn sink_env(sink_url: &str) -> Vec<(&'static str, String)> {
             "RATING_HUB__UPSTREAMS__SINK__REQUESTS_BURST",
             "100000".into(),
         ),
-        ("RATING_HUB__UPSTREAMS__SINK__BATCH_SIZE", "500".into()),
-        ("RATING_HUB__UPSTREAMS__SINK__IN_FLIGHT", "4".into()),
+        (
+            "RATING_HUB__UPSTREAMS__SINK__BATCH_SIZE",
+            batch_size.to_string(),
+        ),
+        (
+            "RATING_HUB__UPSTREAMS__SINK__IN_FLIGHT",
+            in_flight.to_string(),
+        ),
     ]
 }
 
@@ -811,7 +821,7 @@ async fn relay_probe(hub_bin: &Path, rate: f64, secs: u64, env: &[String]) -> an
     let pki = work.join("certs/dev");
     rating_hub::pki::init_dev(&pki)?;
     let (sink_url, sink) = start_sink().await?;
-    let mut all = sink_env(&sink_url);
+    let mut all = sink_env(&sink_url, 500, 4);
     all.extend(parse_env(env)?);
     let hub = spawn_hub(hub_bin, &work, "hub", &pki, &all).await?;
     eprintln!("hub pid {}", hub.child.id().unwrap_or(0));
@@ -1459,7 +1469,7 @@ async fn run(
 
     // Relay delay at half capacity, peak RSS, drain after an outage, Subscribe.
     let (sink_url, sink) = start_sink().await?;
-    let hub = spawn_hub(hub_bin, &work, "hub-b", &pki, &sink_env(&sink_url)).await?;
+    let hub = spawn_hub(hub_bin, &work, "hub-b", &pki, &sink_env(&sink_url, 500, 4)).await?;
     let ch = channels(&pki, &hub.url, 4).await?;
     let half = unary.rate / 2.0;
     let (steady, acks) = open_loop(&ch, "relay", half, secs, None).await?;

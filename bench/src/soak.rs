@@ -270,36 +270,13 @@ pub async fn soak(mut plan: SoakPlan) -> anyhow::Result<()> {
         (None, disk.0.join("hub.db").display().to_string())
     };
     let (sink_url, sink) = start_sink().await?;
-    let env: Vec<(&str, String)> = vec![
+    let mut env: Vec<(&str, String)> = vec![
         ("RATING_HUB__STORAGE__URL", storage_url.clone()),
         // The soak fills the disk on purpose: commits, not health, are what it counts.
         ("RATING_HUB__STORAGE__MIN_FREE_MB", "0".into()),
         ("RATING_HUB__SERVER__HEALTH_CHECK_SECS", "1".into()),
-        ("RATING_HUB__UPSTREAMS__SINK__KIND", "grpc".into()),
-        ("RATING_HUB__UPSTREAMS__SINK__ENDPOINT", sink_url.clone()),
-        ("RATING_HUB__UPSTREAMS__SINK__BATCH_SIZE", "100".into()),
-        ("RATING_HUB__UPSTREAMS__SINK__IN_FLIGHT", "2".into()),
-        (
-            "RATING_HUB__UPSTREAMS__SINK__RETRY_SCHEDULE_MS",
-            "[50, 100, 200, 400]".into(),
-        ),
-        (
-            "RATING_HUB__UPSTREAMS__SINK__RECORDS_PER_SEC",
-            "1000000".into(),
-        ),
-        (
-            "RATING_HUB__UPSTREAMS__SINK__RECORDS_BURST",
-            "1000000".into(),
-        ),
-        (
-            "RATING_HUB__UPSTREAMS__SINK__REQUESTS_PER_SEC",
-            "100000".into(),
-        ),
-        (
-            "RATING_HUB__UPSTREAMS__SINK__REQUESTS_BURST",
-            "100000".into(),
-        ),
     ];
+    env.extend(crate::sink_env(&sink_url, 100, 2));
     let seen = Arc::new(Seen::default());
     let started = Instant::now();
     let mut full_failures = 0u64;

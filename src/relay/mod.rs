@@ -594,10 +594,21 @@ async fn write_cursors(
 const CURSOR_ERROR: &str = "cannot store the delivery cursor and dead letters";
 
 /// An upstream's text (an error message, a record's rejection) as it may be stored and shown:
-/// control characters (a NUL, which PostgreSQL cannot store in text; line breaks, which
-/// forge log lines) become spaces, and it is cut at 2,000 characters.
+/// runs of 7 or more digits (phones, ID numbers) become `<number>`, control characters (a
+/// NUL, which PostgreSQL cannot store in text; line breaks, which forge log lines) become
+/// spaces, and it is cut at 2,000 characters.
 pub(crate) fn clean_upstream_text(text: &str) -> String {
     const MAX: usize = 2000;
+    // An upstream may echo what it was sent: its text never keeps a phone or an ID number,
+    // whichever sink produced it. (Redacted before the cut, over a little more than is kept,
+    // so a number the cut falls in is redacted whole; a huge text is not walked in full.)
+    let head: String = text.chars().take(MAX + 20).collect();
+    let longer = text.chars().nth(MAX + 20).is_some();
+    let mut redacted = crate::domain::codes::redact_numbers(&head);
+    if longer {
+        redacted.push('…');
+    }
+    let text = &redacted;
     let mut out: String = text
         .chars()
         .take(MAX)

@@ -325,6 +325,15 @@ pub struct RatingQuery {
 }
 
 impl RatingQuery {
+    /// The target-kind filter where it applies: ratings have a target kind, case events none.
+    pub fn target_kinds_filter(&self) -> &[i32] {
+        if self.time_is_occurred_at {
+            &[]
+        } else {
+            &self.target_kinds
+        }
+    }
+
     /// The same filter applied to case events (time range on their occurrence).
     pub fn with_time_column(&self) -> Self {
         Self {

@@ -741,21 +741,14 @@ fn push_filter(qb: &mut QueryBuilder<'_, Postgres>, q: &RatingQuery) {
             .push(" AND region_code < ")
             .push_bind(format!("{p}:"));
     }
-    // Case events have no target kind: that filter is about ratings only.
-    let no_kinds = Vec::new();
-    let kinds = if q.time_is_occurred_at {
-        &no_kinds
-    } else {
-        &q.target_kinds
-    };
     for (col, values) in [
-        ("channel", &q.channels),
-        ("level", &q.levels),
-        ("target_kind", kinds),
+        ("channel", q.channels.as_slice()),
+        ("level", q.levels.as_slice()),
+        ("target_kind", q.target_kinds_filter()),
     ] {
         if !values.is_empty() {
             qb.push(format!(" AND {col} = ANY("))
-                .push_bind(values.clone())
+                .push_bind(values.to_vec())
                 .push(")");
         }
     }

@@ -67,7 +67,12 @@ impl IngestService for FakeIngest {
                     outcome: pb::Outcome::Invalid as i32,
                     violations: vec![pb::FieldViolation {
                         field: "item_code".into(),
-                        description: "fake upstream: unknown item".into(),
+                        // Platforms echo what they were sent: the rater's phone and ID.
+                        description: format!(
+                            "fake upstream: unknown item (rater {} {})",
+                            r.rater.as_ref().map_or("", |p| p.phone.as_str()),
+                            r.rater.as_ref().map_or("", |p| p.id_number.as_str()),
+                        ),
                     }],
                     ..Default::default()
                 }

@@ -247,6 +247,13 @@ async fn outage_errors_slowness_and_rejections_lose_nothing_and_replay_delivers(
             .all(|d| d.error.contains("fake upstream: unknown item")),
         "{dead:?}"
     );
+    // The upstream's text echoed the rater's phone and ID number: neither is kept.
+    assert!(
+        dead.iter().all(|d| d.error.contains("<number>")
+            && !d.error.contains("13800138000")
+            && !d.error.contains(&crate::utils::id_number())),
+        "{dead:?}"
+    );
     // None of the rejected reached the upstream; every other rating did.
     let got = fake.received();
     assert!(rejected_ids.iter().all(|id| !got.contains_key(id)));

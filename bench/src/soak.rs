@@ -96,9 +96,13 @@ struct PgServer(PathBuf);
 impl PgServer {
     fn start(dir: &Path) -> anyhow::Result<(Self, String)> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/pg");
+        // --watch: the server stops by itself once this process has gone (a Ctrl-C runs no
+        // Drop).
         let out = std::process::Command::new(script)
             .arg("start")
             .arg(dir)
+            .arg("--watch")
+            .arg(std::process::id().to_string())
             .output()?;
         anyhow::ensure!(
             out.status.success(),
@@ -124,6 +128,7 @@ impl Drop for PgServer {
 #[derive(Default)]
 struct Seen {
     /// hub id → source key, of every rating the hub acknowledged as ACCEPTED.
+    /// Source key (as sent) → the hub id it was acknowledged with.
     acked: Mutex<HashMap<String, String>>,
     /// Source keys of calls the hub itself refused saying nothing was acknowledged (a full
     /// disk, a lost database): none of them may be stored.
@@ -165,11 +170,18 @@ async fn load(channel: Channel, writer: usize, cycle: u32, seen: Arc<Seen>, stop
                     ));
                 }
                 let mut acked = seen.acked.lock().unwrap();
+                let mut indices = HashSet::new();
                 for r in results {
                     let outcome = pb::Outcome::try_from(r.outcome).unwrap_or_default();
                     match batch.get(r.index as usize) {
-                        Some(sent) if outcome == pb::Outcome::Accepted => {
-                            acked.insert(r.hub_id, sent.source_key.clone());
+                        // Keyed by what the soak sent, not by the hub's answer: a repeated index
+                        // or a key acknowledged twice is reported, not merged.
+                        Some(sent)
+                            if outcome == pb::Outcome::Accepted
+                                && indices.insert(r.index)
+                                && !acked.contains_key(&sent.source_key) =>
+                        {
+                            acked.insert(sent.source_key.clone(), r.hub_id);
                         }
                         _ => seen
                             .unexpected
@@ -181,13 +193,10 @@ async fn load(channel: Channel, writer: usize, cycle: u32, seen: Arc<Seen>, stop
             }
             Err(status) => {
                 seen.failed_calls.fetch_add(1, Ordering::Relaxed);
-                if status.message().contains("nothing was acknowledged") {
-                    // The hub's own answer: none of these may be stored.
-                    seen.refused
-                        .lock()
-                        .unwrap()
-                        .extend(batch.iter().map(|r| r.source_key.clone()));
-                } else if !matches!(
+                // Only a hub that is down, restarting or out of disk may fail a call here: any
+                // other code (INTERNAL "the database refused the write" included) is a fault
+                // the run reports, whatever its message says.
+                if !matches!(
                     status.code(),
                     tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
                 ) {
@@ -196,6 +205,13 @@ async fn load(channel: Channel, writer: usize, cycle: u32, seen: Arc<Seen>, stop
                         status.code(),
                         status.message()
                     ));
+                }
+                if status.message().contains("nothing was acknowledged") {
+                    // The hub's own answer: none of these may be stored.
+                    seen.refused
+                        .lock()
+                        .unwrap()
+                        .extend(batch.iter().map(|r| r.source_key.clone()));
                 }
                 // The hub is down, restarting or its disk is full: not acknowledged.
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -223,6 +239,11 @@ async fn stored(channel: Channel) -> anyhow::Result<Vec<(String, String)>> {
         if page.ratings.is_empty() && page.next_after_sequence >= page.head_sequence {
             return Ok(out);
         }
+        anyhow::ensure!(
+            page.next_after_sequence > after,
+            "a pull page did not advance (after {after}, head {})",
+            page.head_sequence
+        );
         after = page.next_after_sequence;
     }
 }
@@ -259,7 +280,7 @@ pub async fn soak(mut plan: SoakPlan) -> anyhow::Result<()> {
     let pki = work.join("pki");
     rating_hub::pki::init_dev(&pki)?;
     let disk = Disk::mount(&work.join("disk"), plan.disk_mb)?;
-    let (_pg, storage_url) = if plan.postgres {
+    let (pg, storage_url) = if plan.postgres {
         let (server, admin) = PgServer::start(&disk.0.join("pg"))?;
         let base = admin
             .rsplit_once('/')
@@ -330,9 +351,14 @@ pub async fn soak(mut plan: SoakPlan) -> anyhow::Result<()> {
         .iter()
         .filter(|(_, k)| !keys.insert(k.as_str()))
         .count();
+    // Lost: acknowledged, and not stored under that key with the acknowledged id.
+    let stored_by_key: HashMap<&str, &str> = stored
+        .iter()
+        .map(|(id, k)| (k.as_str(), id.as_str()))
+        .collect();
     let lost = acked
-        .keys()
-        .filter(|id| !stored_ids.contains(id.as_str()))
+        .iter()
+        .filter(|(k, id)| stored_by_key.get(k.as_str()) != Some(&id.as_str()))
         .count();
     let undelivered = stored_ids
         .iter()
@@ -345,9 +371,9 @@ pub async fn soak(mut plan: SoakPlan) -> anyhow::Result<()> {
         .filter(|k| stored_keys.contains(k.as_str()))
         .count();
     let unexpected = seen.unexpected.lock().unwrap().clone();
-    let unacked_stored = stored_ids
+    let unacked_stored = stored_keys
         .iter()
-        .filter(|id| !acked.contains_key(**id))
+        .filter(|k| !acked.contains_key(**k))
         .count();
     let report = format!(
         "| backend | cycles (kill -9) | disk filled | calls | failed calls | calls failed while full | acknowledged | stored | stored, not acknowledged (in flight at a kill) | refused by the hub | of them stored | delivered | lost | doubled | undelivered | minutes |\n\
@@ -382,6 +408,9 @@ pub async fn soak(mut plan: SoakPlan) -> anyhow::Result<()> {
     if let Some(out) = &plan.out {
         std::fs::write(out, &report)?;
     }
+    // The server lives on the disk: stopped before it is unmounted (else `scripts/pg stop`
+    // finds no data directory and the server keeps running on the detached mount).
+    drop(pg);
     drop(disk);
     let _ = std::fs::remove_dir_all(&work);
     anyhow::ensure!(

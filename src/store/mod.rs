@@ -545,6 +545,26 @@ pub struct StatsRow {
     pub completed_cases: u64,
 }
 
+/// What the health probe writes besides its row while commits fail for a storage reason: as
+/// much as a large group of ratings (1 MiB), and incompressible, so that a disk with room for
+/// a tiny row but not for ratings still counts as failing.
+pub(crate) fn probe_pad() -> Vec<u8> {
+    const BYTES: usize = 1 << 20;
+    // xorshift64*: filler, not secrets; seeded from the clock so no two probes match.
+    let mut x = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0x9E37_79B9_7F4A_7C15, |d| d.as_nanos() as u64)
+        | 1;
+    let mut out = Vec::with_capacity(BYTES);
+    while out.len() < BYTES {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// How a commit is made durable, as read back from the writer's own connection when the

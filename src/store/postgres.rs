@@ -623,10 +623,11 @@ async fn relay_write(
         RelayWrite::Probe => {
             // A real row write (refused on a read-only server), committed and flushed.
             sqlx::query(
-                "INSERT INTO storage_probe (id, at) VALUES (1, $1) \
-                 ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+                "INSERT INTO storage_probe (id, at, pad) VALUES (1, $1, $2) \
+                 ON CONFLICT (id) DO UPDATE SET at = excluded.at, pad = excluded.pad",
             )
             .bind(now)
+            .bind(super::probe_pad())
             .execute(&mut *conn)
             .await?;
             Ok(0)

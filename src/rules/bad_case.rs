@@ -25,6 +25,10 @@ pub struct CaseView {
     pub extensions: u32,
     /// A deadline was counted on a provisional calendar (a year not yet published).
     pub deadline_provisional: bool,
+    /// The rectification deadline, or the appeal deadline, was counted on a provisional
+    /// calendar: each refuses nothing on its own account while it is.
+    pub rectify_provisional: bool,
+    pub appeal_provisional: bool,
 }
 
 fn action(e: &CaseEntryRecord) -> CaseAction {
@@ -71,22 +75,30 @@ pub fn view(case: &StoredBadCase, profile: &Profile, calendar: &Calendar, now: i
         }
     }
     let mut gaps = Vec::new();
-    let mut provisional = false;
-    let mut deadline = |days: Option<u32>| {
-        days.and_then(|n| match calendar.deadline(case.opened_at_micros, n) {
-            Ok(d) => {
-                provisional |= d.provisional;
-                Some(d.at)
-            }
+    // Each deadline with whether it was counted on a provisional calendar.
+    let mut deadline = |from: i64, days: Option<u32>| {
+        days.and_then(|n| match calendar.deadline(from, n) {
+            Ok(d) => Some((d.at, d.provisional)),
             Err(e) => {
                 gaps.push(e.to_string());
                 None
             }
         })
     };
-    let contact_deadline = deadline(profile.contact_working_days);
-    let rectify_deadline = extended.or_else(|| deadline(Some(profile.rectify_working_days)));
-    let appeal_deadline = deadline(profile.appeal_window_working_days);
+    let contact = deadline(case.opened_at_micros, profile.contact_working_days);
+    let rectify = deadline(case.opened_at_micros, Some(profile.rectify_working_days));
+    let appeal = deadline(case.opened_at_micros, profile.appeal_window_working_days);
+    let contact_deadline = contact.map(|(at, _)| at);
+    // An extension never shortens: checked against a provisional deadline, it may fall
+    // before the deadline the State Council's notice gives once loaded.
+    let (rectify_deadline, rectify_provisional) = match (extended, rectify) {
+        (Some(x), Some((at, p))) if at > x => (Some(at), p),
+        (Some(x), _) => (Some(x), false),
+        (None, r) => (r.map(|(at, _)| at), r.is_some_and(|(_, p)| p)),
+    };
+    let appeal_deadline = appeal.map(|(at, _)| at);
+    let appeal_provisional = appeal.is_some_and(|(_, p)| p);
+    let provisional = contact.is_some_and(|(_, p)| p) || rectify_provisional || appeal_provisional;
     // An appeal that found the rating invalid or malicious closes the case's obligations.
     let void = matches!(
         appeal_outcome,
@@ -97,7 +109,7 @@ pub fn view(case: &StoredBadCase, profile: &Profile, calendar: &Calendar, now: i
         appeal_filed_at,
         profile.appeal_review_working_days,
     ) {
-        (true, Some(filed), Some(days)) => calendar.working_days_deadline(filed, days).ok(),
+        (true, Some(filed), Some(days)) => deadline(filed, Some(days)).map(|(at, _)| at),
         _ => None,
     };
     let (overdue, overdue_reason) = match (contact_deadline, rectify_deadline) {
@@ -129,6 +141,8 @@ pub fn view(case: &StoredBadCase, profile: &Profile, calendar: &Calendar, now: i
         spot_checked,
         extensions,
         deadline_provisional: provisional,
+        rectify_provisional,
+        appeal_provisional,
     }
 }
 
@@ -152,7 +166,7 @@ pub fn refuse(case: &StoredBadCase, v: &CaseView, next: CaseAction, now: i64) ->
         // is overdue, and that record stands.
         // A provisional deadline may still move later: it refuses nothing.
         CaseAction::Extend
-            if !v.deadline_provisional && v.rectify_deadline.is_some_and(|d| now > d) =>
+            if !v.rectify_provisional && v.rectify_deadline.is_some_and(|d| now > d) =>
         {
             Some(format!(
                 "the rectification deadline passed at {}; an overdue case cannot be extended",
@@ -181,13 +195,11 @@ pub fn refuse(case: &StoredBadCase, v: &CaseView, next: CaseAction, now: i64) ->
             Some("the appeal was already decided".into())
         }
         CaseAction::Appeal
-            if !v.deadline_provisional && v.appeal_deadline.is_some_and(|d| now > d) =>
+            if !v.appeal_provisional && v.appeal_deadline.is_some_and(|d| now > d) =>
         {
             Some(format!(
                 "the appeal window closed at {}",
-                crate::relay::http_json::format_cst(
-                    v.appeal_deadline.unwrap_or_default().div_euclid(1_000_000)
-                )
+                crate::time::format_cst_micros(v.appeal_deadline.unwrap_or_default())
             ))
         }
         CaseAction::AppealDecision if !v.appeal_pending => Some("no appeal is pending".into()),
@@ -222,6 +234,39 @@ mod tests {
             real_name: true,
             entries,
         }
+    }
+
+    /// A case opened on Monday 14 December 2026 under Kunming's profile: its 3-day appeal
+    /// window ends in 2026 (official), its 15-day rectification deadline in 2027 (provisional
+    /// while 2027's notice is not loaded). The provisional one must not reopen the other.
+    #[test]
+    fn each_deadline_is_provisional_on_its_own_account() {
+        let p = Profiles::shipped();
+        let km = p.get("kunming").unwrap();
+        let cal = Calendar::national();
+        let mut c = case(vec![]);
+        c.opened_at_micros = Date::parse("2026-12-14").unwrap().start_micros() + 3_600_000_000;
+        let now = Date::parse("2026-12-28").unwrap().start_micros();
+        let v = view(&c, km, &cal, now);
+        assert!(v.rectify_provisional && v.deadline_provisional, "{v:?}");
+        assert!(!v.appeal_provisional, "{v:?}");
+        let refused = refuse(&c, &v, CaseAction::Appeal, now).expect("the window closed");
+        assert!(refused.contains("appeal window closed"), "{refused}");
+
+        // An extension to a day before the calendar's deadline (as one checked against a
+        // provisional deadline may be, once the notice moves it later) never shortens it.
+        let calendar_deadline = v.rectify_deadline.unwrap();
+        let mut extend = entry(CaseAction::Extend, now);
+        extend.new_deadline_micros = Some(calendar_deadline - 86_400_000_000);
+        c.entries.push(extend);
+        let v = view(&c, km, &cal, now);
+        assert_eq!(v.rectify_deadline, Some(calendar_deadline));
+        assert!(v.rectify_provisional);
+        // An extension beyond it stands, and is no calendar's.
+        c.entries[0].new_deadline_micros = Some(calendar_deadline + 86_400_000_000);
+        let v = view(&c, km, &cal, now);
+        assert_eq!(v.rectify_deadline, Some(calendar_deadline + 86_400_000_000));
+        assert!(!v.rectify_provisional);
     }
 
     #[test]

@@ -250,6 +250,9 @@ const KEY_WRAPPERS: &[&str] = &[
     ",", "，", "、",
 ];
 
+/// The wrappers that come before a key, longest first where one starts another.
+const LEADING_WRAPPERS: &[&str] = &["回复", "我选", "选择", "选", "按键", "按", "第"];
+
 /// Reads an SMS reply under `scale`:
 /// - a key: alone, full-width, leading ("1满意", "5非常不满意"), or wrapped ("回复2", "我选3号");
 /// - the words of a level, negations and hedges read as what they say ("服务不好" and
@@ -270,8 +273,14 @@ pub fn parse_sms(text: &str, scale: Scale) -> Reply {
     if compact.is_empty() {
         return Reply::NoKey;
     }
-    if ACKNOWLEDGEMENTS.contains(&compact.trim_end_matches([',', '，'])) {
+    let whole = compact.trim_end_matches([',', '，']);
+    if ACKNOWLEDGEMENTS.contains(&whole) {
         return Reply::Unrecognized("an acknowledgement, not a rating".into());
+    }
+    // "差" is no level inside words (出差, 差不多, 时差), but a reply of that word alone is
+    // a complaint.
+    if whole == "差" {
+        return Reply::Rating(Level::Dissatisfied);
     }
     let chars: Vec<char> = compact.chars().collect();
     if chars
@@ -284,7 +293,7 @@ pub fn parse_sms(text: &str, scale: Scale) -> Reply {
     }
     // A leading key: the reply starts with it, after a wrapper at most.
     let mut rest = compact.as_str();
-    for w in ["回复", "我选", "选择", "选", "按键", "按", "第"] {
+    for w in LEADING_WRAPPERS {
         if let Some(r) = rest.strip_prefix(w) {
             rest = r;
             break;
@@ -336,28 +345,59 @@ pub fn parse_sms(text: &str, scale: Scale) -> Reply {
 /// characters dropped, at most 2,000 characters, and numbers long enough to be a phone or an
 /// ID masked even when written with spaces or hyphens ("138 1234-5678").
 pub fn masked(content: &str) -> String {
-    // Full-width digits become ASCII (so they are masked as digits); the rater's other
-    // characters stay as written.
+    // Full-width digits and hyphens and the ideographic space become ASCII (so a number is
+    // masked however written); the rater's other characters stay as written; control
+    // characters become spaces.
     let chars: Vec<char> = content
         .chars()
         .map(|c| match c {
-            '０'..='９' => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
+            '０'..='９' | '－' => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
+            '\u{3000}' => ' ',
             c if c.is_control() => ' ',
             c => c,
         })
         .take(2000)
         .collect();
-    let mut joined = String::with_capacity(content.len());
-    for (i, c) in chars.iter().enumerate() {
-        let between_digits = matches!(c, ' ' | '-')
-            && i > 0
-            && chars[i - 1].is_ascii_digit()
-            && chars.get(i + 1).is_some_and(char::is_ascii_digit);
-        if !between_digits {
-            joined.push(*c);
+    // A span of digit groups split by short runs of separators ("138 1234-5678",
+    // "138 - 1234 - 5678", "138—1234—5678") with 7 digits or more in all is one number, and
+    // masked whole; a shorter one ("1 - 2 小时") is kept as written.
+    let is_sep = |c: char| matches!(c, ' ' | '-' | '—' | '–');
+    let mut out = String::with_capacity(content.len());
+    let mut i = 0;
+    while i < chars.len() {
+        if !chars[i].is_ascii_digit() {
+            out.push(chars[i]);
+            i += 1;
+            continue;
         }
+        let (mut digits, mut j) = (0, i);
+        let mut end = loop {
+            while j < chars.len() && chars[j].is_ascii_digit() {
+                j += 1;
+                digits += 1;
+            }
+            let end = j;
+            let mut k = j;
+            while k < chars.len() && k - j < 3 && is_sep(chars[k]) {
+                k += 1;
+            }
+            if k > j && chars.get(k).is_some_and(char::is_ascii_digit) {
+                j = k;
+            } else {
+                break end;
+            }
+        };
+        if digits >= 7 {
+            if chars.get(end).is_some_and(|c| matches!(c, 'X' | 'x')) {
+                end += 1;
+            }
+            out.push_str("<number>");
+        } else {
+            out.extend(&chars[i..end]);
+        }
+        i = end;
     }
-    rating_hub::domain::codes::redact_numbers(joined.trim())
+    rating_hub::domain::codes::redact_numbers(out.trim())
 }
 
 /// The words of a reply worth forwarding as the rating's text: empty when the reply is only a
@@ -574,13 +614,38 @@ mod tests {
         assert_eq!(reply_text("不满意"), "");
         assert_eq!(reply_text("５ 非常不满意！"), "");
         assert_eq!(reply_text("服务不好，排队太久"), "服务不好，排队太久");
-        for phone in ["１３８１２３４５６７８", "138 1234 5678", "138-1234-5678"] {
+        for phone in [
+            "１３８１２３４５６７８",
+            "138 1234 5678",
+            "138-1234-5678",
+            "138 - 1234 - 5678",
+            "138  1234  5678",
+            "138－1234－5678",
+            "138\u{3000}1234\u{3000}5678",
+            "138—1234—5678",
+            "5301 0219 8001 0112 3X",
+        ] {
             let t = reply_text(&format!("不满意，请回电{phone}"));
             assert!(
-                t.contains("<number>") && !t.contains("5678"),
+                t.contains("<number>")
+                    && !t.contains("5678")
+                    && !t.contains("123")
+                    && !t.contains('X'),
                 "{phone}: {t}"
             );
         }
+        // A short number split by a separator is kept as written.
+        assert_eq!(reply_text("等了1 - 2小时，不满意"), "等了1 - 2小时，不满意");
+    }
+
+    #[test]
+    fn a_bare_cha_is_a_complaint_and_cha_inside_words_is_not() {
+        assert_eq!(parse_sms("差", Scale::Five), Reply::Rating(Dissatisfied));
+        assert_eq!(parse_sms("差。", Scale::Five), Reply::Rating(Dissatisfied));
+        assert!(matches!(
+            parse_sms("出差了", Scale::Five),
+            Reply::Unrecognized(_)
+        ));
     }
 
     #[test]

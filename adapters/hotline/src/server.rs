@@ -148,8 +148,10 @@ impl Inner {
         // The key is the survey's: one rating per survey, whatever the gateway numbers its
         // messages (a gateway that restarts its sequence, an IVR without call ids: before,
         // a second survey's reply with a reused gateway id was dropped while the gateway was
-        // told 接收成功). A re-send of the same reply finds it; a different one is refused.
-        let key = source_key(ch, &[&survey.dest_code]);
+        // told 接收成功). A re-send of the same reply finds it; a different one is refused,
+        // whichever channel it came by (an SMS and an IVR reply to one survey are one
+        // rating, not two).
+        let key = source_key("survey", &[&survey.dest_code]);
         let rating = pb::Rating {
             text: words,
             source_key: key,

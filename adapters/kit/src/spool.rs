@@ -247,6 +247,21 @@ impl Forwarder {
             results.len(),
             waiting.len()
         );
+        // An answer this adapter cannot read (an outcome it does not know, or none) says
+        // nothing about the rating: the batch stays waiting and is sent again, never marked
+        // refused for good.
+        if let Some(r) = results.iter().find(|r| {
+            !matches!(
+                pb::Outcome::try_from(r.outcome),
+                Ok(pb::Outcome::Accepted
+                    | pb::Outcome::Duplicate
+                    | pb::Outcome::Conflict
+                    | pb::Outcome::Invalid
+                    | pb::Outcome::PermissionDenied)
+            )
+        }) {
+            anyhow::bail!("the hub answered an unknown outcome {}", r.outcome);
+        }
         for ((id, _), r) in waiting.iter().zip(results) {
             match pb::Outcome::try_from(r.outcome).unwrap_or_default() {
                 outcome @ (pb::Outcome::Accepted | pb::Outcome::Duplicate) => {

@@ -348,12 +348,14 @@ impl IngestService for IngestApi {
                                 if let Some(suppressed) = crate::telemetry::throttle("ingest.stream_broken") {
                                     tracing::warn!(source = %principal.name, code = ?status.code(), error = status.message(), after = received, suppressed, "Rating stream ended by an inbound error.");
                                 }
-                                inbound_error = Some(Status::new(
+                                // The details (a BadRequest naming the field) stay with it.
+                                inbound_error = Some(Status::with_details(
                                     status.code(),
                                     format!(
                                         "the stream's message after its first {received} ratings was not taken ({}); those {received} ratings were answered, nothing after was read",
                                         status.message(),
                                     ),
+                                    status.details().to_vec().into(),
                                 ));
                                 inbound_open = false;
                             }

@@ -64,33 +64,27 @@ pub fn parse_filter(filter: Option<&pb::RatingFilter>) -> Result<RatingQuery, Ve
             q.region_prefix = Some(p);
         }
     }
-    for (i, c) in f.channels.iter().enumerate() {
-        match pb::Channel::try_from(*c) {
-            Ok(pb::Channel::Unspecified) | Err(_) => v.push(violation(
-                format!("filter.channels[{i}]"),
-                format!("{c} is not a channel"),
-            )),
-            Ok(_) => q.channels.push(*c),
-        }
-    }
-    for (i, k) in f.target_kinds.iter().enumerate() {
-        match pb::TargetKind::try_from(*k) {
-            Ok(pb::TargetKind::Unspecified) | Err(_) => v.push(violation(
-                format!("filter.target_kinds[{i}]"),
-                format!("{k} is not a target kind"),
-            )),
-            Ok(_) => q.target_kinds.push(*k),
-        }
-    }
-    for (i, l) in f.levels.iter().enumerate() {
-        match pb::Level::try_from(*l) {
-            Ok(pb::Level::Unspecified) | Err(_) => v.push(violation(
-                format!("filter.levels[{i}]"),
-                format!("{l} is not a level"),
-            )),
-            Ok(_) => q.levels.push(*l),
-        }
-    }
+    q.channels = enum_list("filter.channels", "a channel", &f.channels, &mut v, |c| {
+        !matches!(
+            pb::Channel::try_from(c),
+            Ok(pb::Channel::Unspecified) | Err(_)
+        )
+    });
+    q.target_kinds = enum_list(
+        "filter.target_kinds",
+        "a target kind",
+        &f.target_kinds,
+        &mut v,
+        |k| {
+            !matches!(
+                pb::TargetKind::try_from(k),
+                Ok(pb::TargetKind::Unspecified) | Err(_)
+            )
+        },
+    );
+    q.levels = enum_list("filter.levels", "a level", &f.levels, &mut v, |l| {
+        !matches!(pb::Level::try_from(l), Ok(pb::Level::Unspecified) | Err(_))
+    });
     for (name, ts, slot) in [
         ("filter.rated_from", &f.rated_from, &mut q.rated_from_micros),
         (
@@ -118,6 +112,29 @@ pub fn parse_filter(filter: Option<&pb::RatingFilter>) -> Result<RatingQuery, Ve
 }
 
 /// A page token binds the last feed sequence to the filter it was issued for.
+/// A list filter of enum values: the first value that is none is named (one violation, not
+/// one per value: a 4 MB list of them is one mistake), and the valid ones are kept once each
+/// in order (a list of repeats becomes a handful of bound values, not thousands).
+fn enum_list(
+    field: &str,
+    what: &str,
+    values: &[i32],
+    v: &mut Vec<Violation>,
+    valid: impl Fn(i32) -> bool,
+) -> Vec<i32> {
+    if let Some((i, bad)) = values.iter().enumerate().find(|(_, x)| !valid(**x)) {
+        v.push(violation(
+            format!("{field}[{i}]"),
+            format!("{bad} is not {what}"),
+        ));
+        return Vec::new();
+    }
+    let mut kept = values.to_vec();
+    kept.sort_unstable();
+    kept.dedup();
+    kept
+}
+
 fn filter_fingerprint(filter: Option<&pb::RatingFilter>) -> String {
     let bytes = filter.map(Message::encode_to_vec).unwrap_or_default();
     hex::encode(&Sha256::digest(bytes)[..8])

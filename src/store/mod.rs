@@ -101,7 +101,10 @@ impl StoreError {
         if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
             return matches!(code.parse::<i32>().map(|c| c & 0xff), Ok(5 | 6));
         }
-        matches!(code.as_ref(), "40001" | "40P01" | "57014" | "55P03")
+        matches!(
+            code.as_ref(),
+            "40001" | "40P01" | "57014" | "55P03" | "53300"
+        )
     }
 
     /// The same error for another caller of a failed group (errors of sqlx are not `Clone`).
@@ -139,6 +142,9 @@ impl StoreError {
             "53100" => Some("disk full"),
             "58030" => Some("I/O error"),
             "25006" => Some("read-only database"),
+            // Too many connections is the server's load, not its storage: unavailable, and
+            // tried again, without health saying the storage fails.
+            "53300" => None,
             c if c.starts_with("53") => Some("insufficient resources"),
             _ => None,
         }

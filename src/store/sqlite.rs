@@ -328,12 +328,17 @@ async fn relay_write(
             // A write that committed although its caller was told it failed (a lost
             // answer), then sent again, adds nothing: dead letters at or below the stored
             // cursor were already decided by the write that moved it there.
-            let stored: i64 = sqlx::query_scalar(
-                "SELECT COALESCE((SELECT cursor FROM upstream_state WHERE upstream = ?), 0)",
-            )
-            .bind(upstream)
-            .fetch_one(&mut *conn)
-            .await?;
+            // (Read only when there are dead letters: an advance alone is the common case.)
+            let stored: i64 = if dead.is_empty() {
+                0
+            } else {
+                sqlx::query_scalar(
+                    "SELECT COALESCE((SELECT cursor FROM upstream_state WHERE upstream = ?), 0)",
+                )
+                .bind(upstream)
+                .fetch_one(&mut *conn)
+                .await?
+            };
             let dead: Vec<&crate::store::NewDeadLetter> =
                 dead.iter().filter(|d| d.feed_seq as i64 > stored).collect();
             insert_rows(

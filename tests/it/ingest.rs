@@ -440,5 +440,31 @@ async fn a_batch_with_half_a_million_empty_entries_is_refused_before_it_is_decod
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert_eq!(bad_request_fields(&err), ["ratings[1].indicator_answers"]);
     assert_eq!(count(&hub).await, 0, "nothing of the request is stored");
+
+    // In a stream, the error that ends it after the ratings before still names the field
+    // (before, it was rebuilt without its details: the client lost the field's name).
+    use tokio_stream::StreamExt;
+    let mut heavy = rating("s-heavy");
+    heavy.indicator_answers = vec![pb::IndicatorAnswer::default(); 500_000];
+    let messages = [rating("s-light"), heavy]
+        .into_iter()
+        .map(|r| pb::StreamRatingsRequest { rating: Some(r) })
+        .collect::<Vec<_>>();
+    let mut acks = hub
+        .ingest()
+        .await
+        .stream_ratings(tokio_stream::iter(messages))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = acks.next().await.unwrap().unwrap().result.unwrap();
+    assert_eq!(outcome(&first), pb::Outcome::Accepted);
+    let err = acks.next().await.unwrap().unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert_eq!(bad_request_fields(&err), ["rating.indicator_answers"]);
+    assert!(
+        err.message().contains("after its first 1 ratings"),
+        "{err:?}"
+    );
     hub.stop().await;
 }

@@ -343,5 +343,26 @@ async fn stats_filter_by_target_kind_keeps_item_and_staff_ratings_apart() {
         .await
         .unwrap_err();
     assert_eq!(bad_request_fields(&err), ["filter.target_kinds[0]"]);
+
+    // Hostile lists: a million invalid values are one mistake, named once in a short
+    // answer (before: a million violations, joined into the status message); a million
+    // repeats of a valid value filter as that one value (before: a million bound values,
+    // past SQLite's limit).
+    let err = hub
+        .query()
+        .await
+        .get_stats(pb::GetStatsRequest {
+            filter: Some(pb::RatingFilter {
+                levels: vec![99; 1_000_000],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_request_fields(&err), ["filter.levels[0]"]);
+    assert!(err.message().len() < 1000, "{} bytes", err.message().len());
+    let repeated = stats(vec![pb::TargetKind::Staff as i32; 1_000_000]).await;
+    assert_eq!((repeated.total, repeated.bad), (staff.total, staff.bad));
     hub.stop().await;
 }

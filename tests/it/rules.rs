@@ -869,8 +869,7 @@ mod bad_rating_cases {
             evidence_refs: refs.iter().map(|s| s.to_string()).collect(),
             new_deadline: None,
         };
-        // named-1: the whole life, archived; named-2: rectified, not called back; the
-        // anonymous one: rectified and fed back (no callback needed).
+        // named-1: the whole life, archived; named-2: rectified, not called back.
         let named_1 = id_of(&results[0].hub_id);
         for (action, refs) in [
             (pb::CaseAction::Contact, &[][..]),
@@ -892,6 +891,18 @@ mod bad_rating_cases {
                 .await
                 .unwrap();
         }
+        // The anonymous one goes the whole way too: a rate that counted it (over all cases,
+        // or in its numerator) would not be 1 of 2.
+        let anon = id_of(&results[2].hub_id);
+        for (action, refs) in [
+            (pb::CaseAction::Contact, &[][..]),
+            (pb::CaseAction::Rectify, &["台账-3"][..]),
+            (pb::CaseAction::FeedBack, &[][..]),
+            (pb::CaseAction::Callback, &[][..]),
+            (pb::CaseAction::Archive, &[][..]),
+        ] {
+            rect.record_action(step(anon, action, refs)).await.unwrap();
+        }
         let g = kunming_stats(&hub).await;
         assert_eq!(
             (
@@ -899,7 +910,7 @@ mod bad_rating_cases {
                 g.real_name_bad_rating_cases,
                 g.archived_cases
             ),
-            (3, 2, 1),
+            (3, 2, 2),
             "{g:?}"
         );
         assert_eq!(g.real_name_callback_rectification_rate, 0.5);

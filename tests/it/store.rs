@@ -184,8 +184,16 @@ async fn a_reader_tailing_audit_records_of_two_instances_misses_none() {
     let (wa, wb) = (writer(a.clone(), "hub-a"), writer(b.clone(), "hub-b"));
     let mut seen = std::collections::HashSet::new();
     let mut after = 0;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
-        let finished = done.load(std::sync::atomic::Ordering::SeqCst) == 2;
+        // A writer that panicked is finished too: its panic shows at its join below.
+        let finished = done.load(std::sync::atomic::Ordering::SeqCst) == 2
+            || (wa.is_finished() && wb.is_finished());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the writers did not finish"
+        );
+        tokio::task::yield_now().await;
         let page = a.list_pii_access(None, after, 1000).await.unwrap();
         if let Some(last) = page.last() {
             after = last.id;

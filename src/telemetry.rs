@@ -41,17 +41,37 @@ pub fn throttle_for(key: &'static str, cause: &str) -> Option<u64> {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
     use std::time::Instant;
-    type Last = HashMap<(&'static str, String), (Instant, u64)>;
-    static LAST: OnceLock<Mutex<Last>> = OnceLock::new();
-    let mut last = LAST
-        .get_or_init(Default::default)
+    struct Causes {
+        last: HashMap<(&'static str, String), (Instant, u64)>,
+        /// When quiet causes were last forgotten: at most once an interval, so a flood of
+        /// new causes (a new peer address per connection) is not a scan per line.
+        swept: Option<Instant>,
+    }
+    static CAUSES: OnceLock<Mutex<Causes>> = OnceLock::new();
+    let mut c = CAUSES
+        .get_or_init(|| {
+            Mutex::new(Causes {
+                last: HashMap::new(),
+                swept: None,
+            })
+        })
         .lock()
         .unwrap_or_else(|p| p.into_inner());
     let now = Instant::now();
-    if last.len() >= THROTTLE_KEYS {
-        last.retain(|_, (at, _)| now.duration_since(*at) < THROTTLE_INTERVAL);
+    if c.last.len() >= THROTTLE_KEYS
+        && c.swept
+            .is_none_or(|at| now.duration_since(at) >= THROTTLE_INTERVAL)
+    {
+        c.last
+            .retain(|_, (at, _)| now.duration_since(*at) < THROTTLE_INTERVAL);
+        c.swept = Some(now);
     }
-    match last.get_mut(&(key, cause.to_owned())) {
+    let mut k = (key, cause.to_owned());
+    if c.last.len() >= THROTTLE_KEYS && !c.last.contains_key(&k) {
+        // More causes at once than are kept: the new ones share one line a second.
+        k.1 = OVERFLOW_CAUSE.to_owned();
+    }
+    match c.last.get_mut(&k) {
         Some((at, held)) if now.duration_since(*at) < THROTTLE_INTERVAL => {
             *held += 1;
             None
@@ -61,11 +81,14 @@ pub fn throttle_for(key: &'static str, cause: &str) -> Option<u64> {
             Some(std::mem::take(held))
         }
         None => {
-            last.insert((key, cause.to_owned()), (now, 0));
+            c.last.insert(k, (now, 0));
             Some(0)
         }
     }
 }
+
+/// The cause the causes past [`THROTTLE_KEYS`] share.
+const OVERFLOW_CAUSE: &str = "(more causes than are kept)";
 
 /// Most throttled causes remembered at once.
 const THROTTLE_KEYS: usize = 4096;
@@ -92,5 +115,18 @@ mod tests {
             "the next line counts what was held"
         );
         assert_eq!(throttle("test.storm"), None);
+    }
+
+    /// A flood of distinct causes (a new peer address per connection) keeps the map bounded
+    /// and writes a bounded number of lines: the causes past the limit share one.
+    #[test]
+    fn a_flood_of_distinct_causes_stays_bounded() {
+        let written = (0..3 * THROTTLE_KEYS)
+            .filter(|i| throttle_for("test.flood", &format!("peer-{i}")).is_some())
+            .count();
+        // Each cause kept writes once; all the others share a line (other tests' keys may
+        // take some of the room).
+        assert!(written <= THROTTLE_KEYS + 1, "{written} lines");
+        assert!(written > 1, "{written} lines");
     }
 }

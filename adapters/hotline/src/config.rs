@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 
-use rating_hub_adapter_kit::{CallbackAuthConfig, HubConnection};
+use rating_hub_adapter_kit::{AtRestConfig, CallbackAuthConfig, HubConnection};
 
 use crate::reply::Scale;
 
@@ -72,6 +72,10 @@ pub struct HotlineConfig {
     /// How the gateway's and the IVR's callbacks are authenticated (signed by default).
     #[serde(default)]
     pub callback_auth: CallbackAuthConfig,
+    /// Sealing of personal data in the spool and state files, and how long finished rows
+    /// are kept.
+    #[serde(default)]
+    pub at_rest: AtRestConfig,
 }
 
 impl HotlineConfig {

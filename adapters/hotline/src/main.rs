@@ -30,6 +30,10 @@ enum Command {
         /// The reply, as the gateway delivered it.
         text: String,
     },
+    /// The replies kept as not ratings (reason and masked text), oldest first.
+    Unmatched,
+    #[command(flatten)]
+    Spool(rating_hub_adapter_kit::runtime::SpoolCommand),
 }
 
 #[tokio::main]
@@ -57,6 +61,22 @@ async fn main() -> anyhow::Result<()> {
     })?;
     rating_hub_adapter_kit::runtime::init_logging();
     let cfg = rating_hub_hotline::HotlineConfig::load(&config)?;
+    match cli.command {
+        Some(Command::Spool(cmd)) => return cmd.run(&cfg.spool, &cfg.at_rest).await,
+        Some(Command::Unmatched) => {
+            let at_rest = std::sync::Arc::new(rating_hub_adapter_kit::AtRest::load(
+                &cfg.at_rest,
+                &cfg.spool,
+            )?);
+            let surveys = rating_hub_hotline::surveys::Surveys::open(&cfg.state, at_rest).await?;
+            for (at, ch, code, why, text) in surveys.unmatched_texts().await? {
+                let at = rating_hub::time::format_cst_micros(at);
+                println!("{at}\t{ch}\t{code}\t{why}\t{text}");
+            }
+            return Ok(());
+        }
+        _ => {}
+    }
     let hotline = rating_hub_hotline::start(cfg).await?;
     rating_hub_adapter_kit::runtime::until_signal().await?;
     hotline.shutdown().await;

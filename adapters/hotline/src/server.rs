@@ -369,8 +369,12 @@ pub async fn start(cfg: HotlineConfig) -> anyhow::Result<Hotline> {
     let auth = rating_hub_adapter_kit::CallbackAuth::from_config(&cfg.callback_auth)?;
     // reqwest's rustls needs a process-wide provider; the hub uses ring everywhere.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let spool = Spool::open(&cfg.spool).await?;
-    let surveys = Surveys::open(&cfg.state).await?;
+    let at_rest = Arc::new(rating_hub_adapter_kit::AtRest::load(
+        &cfg.at_rest,
+        &cfg.spool,
+    )?);
+    let spool = Spool::open(&cfg.spool, at_rest.clone()).await?;
+    let surveys = Surveys::open(&cfg.state, at_rest).await?;
     let metrics = Arc::new(Metrics::default());
     let mut http = reqwest::Client::builder().timeout(Duration::from_secs(10));
     if let Some(gw) = &cfg.gateway
@@ -407,6 +411,25 @@ pub async fn start(cfg: HotlineConfig) -> anyhow::Result<Hotline> {
                 tokio::select! {
                     _ = tokio::time::sleep(every) => {}
                     _ = stop.changed() => return,
+                }
+            }
+        }));
+    }
+    {
+        // Answered and expired surveys, and unmatched replies, leave after the retention
+        // period (checked hourly).
+        let surveys = surveys.clone();
+        let mut stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+                    _ = stop.changed() => return,
+                }
+                match surveys.prune(now_micros()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(rows = n, "Pruned finished surveys and replies."),
+                    Err(e) => tracing::warn!(error = %e, "Cannot prune surveys; will try again."),
                 }
             }
         }));

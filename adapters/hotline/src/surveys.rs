@@ -1,5 +1,6 @@
 //! Surveys (one per invitation, each with its reply code) and the replies that matched none.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
@@ -7,6 +8,7 @@ use sqlx::Row;
 use sqlx::sqlite::SqlitePool;
 
 use rating_hub::pb::v1 as pb;
+use rating_hub_adapter_kit::AtRest;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -30,12 +32,101 @@ pub struct Survey {
 #[derive(Clone)]
 pub struct Surveys {
     pool: SqlitePool,
+    at_rest: Arc<AtRest>,
+}
+
+/// What a survey's sealed values are bound to: its invitation (never reused).
+fn case_aad(invitation_id: i64) -> Vec<u8> {
+    format!("survey-case:{invitation_id}").into_bytes()
+}
+fn phone_aad(invitation_id: i64) -> Vec<u8> {
+    format!("survey-phone:{invitation_id}").into_bytes()
+}
+fn unmatched_aad(channel: &str, dest_code: &str, at: i64) -> Vec<u8> {
+    format!("unmatched:{channel}:{dest_code}:{at}").into_bytes()
 }
 
 impl Surveys {
-    pub async fn open(path: &str) -> anyhow::Result<Self> {
+    /// Opens (creating, mode 0600) the state file; values stored in clear by an older
+    /// version are sealed, finished rows past the retention period deleted.
+    pub async fn open(path: &str, at_rest: Arc<AtRest>) -> anyhow::Result<Self> {
         let pool = rating_hub_adapter_kit::runtime::open_sqlite(path, &MIGRATOR).await?;
-        Ok(Self { pool })
+        let s = Self { pool, at_rest };
+        s.seal_plain().await?;
+        s.prune(now_micros()).await?;
+        Ok(s)
+    }
+
+    async fn seal_plain(&self) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let mut n = 0;
+        for r in sqlx::query("SELECT id, invitation_id, service_case, phone FROM surveys")
+            .fetch_all(&mut *tx)
+            .await?
+        {
+            let inv: i64 = r.try_get("invitation_id")?;
+            let case: Vec<u8> = r.try_get("service_case")?;
+            let phone: Vec<u8> = r.try_get("phone")?;
+            if AtRest::is_sealed(&case) && AtRest::is_sealed(&phone) {
+                continue;
+            }
+            let case = self.at_rest.open(&case, &case_aad(inv))?;
+            let phone = self.at_rest.open(&phone, &phone_aad(inv))?;
+            sqlx::query("UPDATE surveys SET service_case = ?, phone = ? WHERE id = ?")
+                .bind(self.at_rest.seal(&case, &case_aad(inv)))
+                .bind(self.at_rest.seal(&phone, &phone_aad(inv)))
+                .bind(r.try_get::<i64, _>("id")?)
+                .execute(&mut *tx)
+                .await?;
+            n += 1;
+        }
+        for r in sqlx::query(
+            "SELECT id, channel, dest_code, received_at, content FROM unmatched_replies \
+             WHERE substr(content, 1, 3) != X'533100'",
+        )
+        .fetch_all(&mut *tx)
+        .await?
+        {
+            let aad = unmatched_aad(
+                &r.try_get::<String, _>("channel")?,
+                &r.try_get::<String, _>("dest_code")?,
+                r.try_get("received_at")?,
+            );
+            let content: Vec<u8> = r.try_get("content")?;
+            sqlx::query("UPDATE unmatched_replies SET content = ? WHERE id = ?")
+                .bind(self.at_rest.seal(&content, &aad))
+                .bind(r.try_get::<i64, _>("id")?)
+                .execute(&mut *tx)
+                .await?;
+            n += 1;
+        }
+        tx.commit().await?;
+        if n > 0 {
+            tracing::info!(rows = n, "Sealed survey data stored in clear.");
+        }
+        Ok(())
+    }
+
+    /// Deletes surveys answered or expired, and unmatched replies received, before the
+    /// retention period; returns how many rows went.
+    pub async fn prune(&self, now: i64) -> anyhow::Result<u64> {
+        let Some(before) = self.at_rest.keep_after(now) else {
+            return Ok(0);
+        };
+        let mut tx = self.pool.begin().await?;
+        let a = sqlx::query("DELETE FROM surveys WHERE answered_at < ? OR expires_at < ?")
+            .bind(before)
+            .bind(before)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        let b = sqlx::query("DELETE FROM unmatched_replies WHERE received_at < ?")
+            .bind(before)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(a + b)
     }
 
     /// Opens a survey for an invitation (once); returns it with its reply code, and whether
@@ -79,8 +170,14 @@ impl Surveys {
                 .bind(id)
                 .bind(code)
                 .bind(invitation_id as i64)
-                .bind(case.encode_to_vec())
-                .bind(phone)
+                .bind(
+                    self.at_rest
+                        .seal(&case.encode_to_vec(), &case_aad(invitation_id as i64)),
+                )
+                .bind(
+                    self.at_rest
+                        .seal(phone.as_bytes(), &phone_aad(invitation_id as i64)),
+                )
                 .bind(now)
                 .bind(now + ttl.as_micros() as i64)
                 .execute(&mut *tx)
@@ -105,7 +202,7 @@ impl Surveys {
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|r| survey_from_row(&r)).transpose()
+        row.map(|r| self.survey_from_row(&r)).transpose()
     }
 
     pub async fn by_code(&self, dest_code: &str) -> anyhow::Result<Option<Survey>> {
@@ -113,7 +210,7 @@ impl Surveys {
             .bind(dest_code.trim())
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|r| survey_from_row(&r)).transpose()
+        row.map(|r| self.survey_from_row(&r)).transpose()
     }
 
     pub async fn mark_sent(&self, id: i64) -> anyhow::Result<()> {
@@ -142,15 +239,19 @@ impl Surveys {
         reason: &str,
         content: &str,
     ) -> anyhow::Result<()> {
+        let at = now_micros();
         sqlx::query(
             "INSERT INTO unmatched_replies (received_at, channel, dest_code, reason, content) \
              VALUES (?, ?, ?, ?, ?)",
         )
-        .bind(now_micros())
+        .bind(at)
         .bind(channel)
         .bind(dest_code)
         .bind(reason)
-        .bind(content)
+        .bind(
+            self.at_rest
+                .seal(content.as_bytes(), &unmatched_aad(channel, dest_code, at)),
+        )
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -166,6 +267,39 @@ impl Surveys {
             .iter()
             .map(|r| (r.get("channel"), r.get("dest_code"), r.get("reason")))
             .collect())
+    }
+
+    /// Every kept reply, oldest first, with its (masked) text opened for an operator:
+    /// (received at µs, channel, reply code, reason, text).
+    pub async fn unmatched_texts(
+        &self,
+    ) -> anyhow::Result<Vec<(i64, String, String, String, String)>> {
+        let rows = sqlx::query(
+            "SELECT received_at, channel, dest_code, reason, content FROM unmatched_replies \
+             ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let (at, ch, code): (i64, String, String) = (
+                    r.try_get("received_at")?,
+                    r.try_get("channel")?,
+                    r.try_get("dest_code")?,
+                );
+                let text = self.at_rest.open(
+                    &r.try_get::<Vec<u8>, _>("content")?,
+                    &unmatched_aad(&ch, &code, at),
+                )?;
+                Ok((
+                    at,
+                    ch,
+                    code,
+                    r.try_get("reason")?,
+                    String::from_utf8_lossy(&text).into_owned(),
+                ))
+            })
+            .collect()
     }
 
     pub async fn cursor(&self, name: &str) -> anyhow::Result<u64> {
@@ -189,16 +323,24 @@ impl Surveys {
     }
 }
 
-fn survey_from_row(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<Survey> {
-    let bytes: Vec<u8> = r.try_get("service_case")?;
-    Ok(Survey {
-        id: r.try_get("id")?,
-        dest_code: r.try_get("dest_code")?,
-        case: pb::ServiceCase::decode(bytes.as_slice())?,
-        phone: r.try_get("phone")?,
-        expires_at: r.try_get("expires_at")?,
-        answered: r.try_get::<Option<i64>, _>("answered_at")?.is_some(),
-    })
+impl Surveys {
+    fn survey_from_row(&self, r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<Survey> {
+        let inv: i64 = r.try_get("invitation_id")?;
+        let case = self
+            .at_rest
+            .open(&r.try_get::<Vec<u8>, _>("service_case")?, &case_aad(inv))?;
+        let phone = self
+            .at_rest
+            .open(&r.try_get::<Vec<u8>, _>("phone")?, &phone_aad(inv))?;
+        Ok(Survey {
+            id: r.try_get("id")?,
+            dest_code: r.try_get("dest_code")?,
+            case: pb::ServiceCase::decode(case.as_slice())?,
+            phone: String::from_utf8(phone)?,
+            expires_at: r.try_get("expires_at")?,
+            answered: r.try_get::<Option<i64>, _>("answered_at")?.is_some(),
+        })
+    }
 }
 
 /// A reply code: the prefix and 8 digits from the system's CSPRNG.

@@ -62,6 +62,7 @@ fn adapter_config(dir: &Path, hub: HubConnection, gateway: Option<String>) -> Ho
             ca: String::new(),
         }),
         callback_auth: rating_hub_adapter_kit::testing::callback_auth(dir),
+        at_rest: Default::default(),
     }
 }
 
@@ -216,8 +217,33 @@ async fn invitation_sms_reply_becomes_a_rating_at_the_hub() {
             "the survey was already answered"
         ]
     );
+    // An operator reads a kept reply's (masked) text through the adapter, not the file.
+    let texts = hotline.surveys.unmatched_texts().await.unwrap();
+    assert_eq!(texts[0].4, "1");
     hotline.shutdown().await;
     hub.shutdown().await.unwrap();
+
+    // Nothing personal in clear in the adapter's own files (before: the applicant's phone
+    // per survey, every spooled rating's rater, in 0644 files), and the files are 0600.
+    let mut bytes = Vec::new();
+    for e in std::fs::read_dir(dir.path()).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("spool.db") || name.starts_with("state.db") {
+            bytes.extend(std::fs::read(&p).unwrap());
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+                assert_eq!(mode, 0o600, "{name} is {mode:o}");
+            }
+        }
+    }
+    assert!(bytes.len() > 10_000, "the files were read");
+    assert!(
+        !bytes.windows(11).any(|w| w == b"13912345678"),
+        "the applicant's phone in clear in the adapter's files"
+    );
 }
 
 #[tokio::test]

@@ -4,11 +4,13 @@
 //!   rating is in the spool, and [`Forwarder`] drains it to the hub with retries, so the hub
 //!   being unreachable never loses or refuses a source's rating;
 //! - [`source_key`]: deterministic source keys, so re-reading the same input never duplicates;
+//! - [`AtRest`]: personal data sealed in the adapters' own files, pruned when finished;
 //! - [`Metrics`]: counters without personal data;
 //! - [`CallbackAuth`]: signed callbacks (HMAC-SHA256 over timestamp and body, each once).
 
 #![forbid(unsafe_code)]
 
+pub mod at_rest;
 pub mod auth;
 pub mod client;
 pub mod keys;
@@ -19,6 +21,7 @@ pub mod spool;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use at_rest::{AtRest, AtRestConfig};
 pub use auth::{CallbackAuth, CallbackAuthConfig};
 pub use client::HubConnection;
 pub use keys::source_key;

@@ -89,6 +89,11 @@ pub fn parse_time(raw: &str, format: &str) -> Option<i64> {
         }
         _ => {
             let (date, time) = s.split_once(' ').unwrap_or((s, "00:00:00"));
+            // A zone-aware column printed with its offset ("2025-06-04 01:30:00+00" from a
+            // UTC session, "…+08", "…Z"): the offset is honoured, never dropped.
+            if time.ends_with(['Z', 'z']) || time.contains(['+', '-']) {
+                return parse_time(&format!("{}T{time}", date.replace('/', "-")), "rfc3339");
+            }
             let d = Date::parse(&date.replace('/', "-"))?;
             // A fraction of a second (Java's Timestamp.toString(), DATETIME(3)): dropped.
             let time = match time.split_once('.') {
@@ -360,5 +365,21 @@ mod tests {
             Some(1_749_006_000_000_000)
         );
         assert!(parse_time("yesterday", "yyyy-MM-dd HH:mm:ss").is_none());
+        // A zone-aware column as PostgreSQL and MySQL print it: the offset counts (before,
+        // "+00" was dropped and UTC read as Beijing time, 8 hours off).
+        for printed in [
+            "2025-06-04 03:00:00+00",
+            "2025-06-04 03:00:00.000000+00",
+            "2025-06-04 11:00:00+08",
+            "2025-06-04 11:00:00+08:00",
+            "2025-06-04 03:00:00Z",
+            "2025/06/04 03:00:00+0000",
+        ] {
+            assert_eq!(
+                parse_time(printed, "yyyy-MM-dd HH:mm:ss"),
+                Some(cst),
+                "{printed}"
+            );
+        }
     }
 }

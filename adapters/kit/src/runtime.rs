@@ -31,12 +31,13 @@ pub async fn until_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens (creating) a local SQLite file in WAL mode with synchronous=FULL — a commit is on
-/// disk when it returns — and runs `migrator`.
+/// Opens (creating, mode 0600) a local SQLite file in WAL mode with synchronous=FULL — a
+/// commit is on disk when it returns — and runs `migrator`.
 pub async fn open_sqlite(
     path: &str,
     migrator: &sqlx::migrate::Migrator,
 ) -> anyhow::Result<SqlitePool> {
+    crate::at_rest::private_file(path)?;
     let opts = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))?
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
@@ -48,4 +49,55 @@ pub async fn open_sqlite(
         .await?;
     migrator.run(&pool).await?;
     Ok(pool)
+}
+
+/// What an operator can do with an adapter's spool from the command line (the adapter may
+/// be running: the spool is a WAL database, and the forwarder looks again within seconds).
+#[derive(Debug, clap::Subcommand)]
+pub enum SpoolCommand {
+    /// How many ratings wait, were delivered, were refused by the hub.
+    Counts,
+    /// The ratings the hub refused, with its reasons (source key and reason per line).
+    Refused,
+    /// Puts refused ratings back in the queue: after the hub's rules or the adapter's scope
+    /// were mended (e.g. `--outcome PERMISSION_DENIED`).
+    Requeue {
+        /// Only ratings whose refusal starts with this (INVALID, PERMISSION_DENIED, CONFLICT).
+        #[arg(long)]
+        outcome: Option<String>,
+    },
+}
+
+impl SpoolCommand {
+    /// Runs the command on the spool at `path`; prints its answer.
+    pub async fn run(&self, path: &str, at_rest: &crate::AtRestConfig) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            std::path::Path::new(path).exists(),
+            "no spool at {path} (is the configuration the adapter's?)"
+        );
+        let spool = crate::Spool::open(
+            path,
+            std::sync::Arc::new(crate::AtRest::load(at_rest, path)?),
+        )
+        .await?;
+        match self {
+            SpoolCommand::Counts => {
+                let c = spool.counts().await?;
+                println!(
+                    "waiting {}\ndelivered {}\nrefused {}",
+                    c.waiting, c.delivered, c.refused
+                );
+            }
+            SpoolCommand::Refused => {
+                for (key, why) in spool.refused().await? {
+                    println!("{key}\t{why}");
+                }
+            }
+            SpoolCommand::Requeue { outcome } => {
+                let n = spool.requeue(outcome.as_deref()).await?;
+                println!("{n} refused ratings put back in the queue");
+            }
+        }
+        Ok(())
+    }
 }

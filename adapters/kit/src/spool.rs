@@ -20,13 +20,15 @@ use rating_hub::pb::v1 as pb;
 use rating_hub::pb::v1::ingest_service_client::IngestServiceClient;
 
 use crate::Metrics;
+use crate::at_rest::AtRest;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// Stores one rating unless its key is taken: `AlreadyThere` when the stored rating is the
-/// same, `Conflict` when it is not.
+/// Stores one rating (sealed, bound to its key) unless its key is taken: `AlreadyThere` when
+/// the stored rating is the same, `Conflict` when it is not.
 async fn put_one(
     conn: &mut sqlx::SqliteConnection,
+    at_rest: &AtRest,
     rating: &pb::Rating,
     now: i64,
 ) -> anyhow::Result<Spooled> {
@@ -36,7 +38,7 @@ async fn put_one(
          ON CONFLICT (source_key) DO NOTHING",
     )
     .bind(&rating.source_key)
-    .bind(&bytes)
+    .bind(at_rest.seal(&bytes, rating.source_key.as_bytes()))
     .bind(now)
     .bind(now)
     .execute(&mut *conn)
@@ -48,11 +50,13 @@ async fn put_one(
         .bind(&rating.source_key)
         .fetch_one(&mut *conn)
         .await?;
-    Ok(if stored == bytes {
-        Spooled::AlreadyThere
-    } else {
-        Spooled::Conflict
-    })
+    Ok(
+        if at_rest.open(&stored, rating.source_key.as_bytes())? == bytes {
+            Spooled::AlreadyThere
+        } else {
+            Spooled::Conflict
+        },
+    )
 }
 
 fn now_micros() -> i64 {
@@ -87,15 +91,80 @@ pub struct SpoolCounts {
 pub struct Spool {
     pool: SqlitePool,
     wake: Arc<Notify>,
+    at_rest: Arc<AtRest>,
 }
 
 impl Spool {
-    pub async fn open(path: &str) -> anyhow::Result<Self> {
+    /// Opens (creating, mode 0600) the spool; ratings spooled before sealing existed are
+    /// sealed now, and delivered ones past the retention period deleted.
+    pub async fn open(path: &str, at_rest: Arc<AtRest>) -> anyhow::Result<Self> {
         let pool = crate::runtime::open_sqlite(path, &MIGRATOR).await?;
-        Ok(Self {
+        let spool = Self {
             pool,
             wake: Arc::new(Notify::new()),
-        })
+            at_rest,
+        };
+        spool.seal_plain().await?;
+        spool.prune(now_micros()).await?;
+        Ok(spool)
+    }
+
+    /// Seals the ratings an older version stored in clear.
+    async fn seal_plain(&self) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "SELECT id, source_key, rating FROM spool WHERE substr(rating, 1, 3) != X'533100'",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in &rows {
+            let key: String = row.try_get("source_key")?;
+            let plain: Vec<u8> = row.try_get("rating")?;
+            sqlx::query("UPDATE spool SET rating = ? WHERE id = ?")
+                .bind(self.at_rest.seal(&plain, key.as_bytes()))
+                .bind(row.try_get::<i64, _>("id")?)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        if !rows.is_empty() {
+            tracing::info!(rows = rows.len(), "Sealed spooled ratings stored in clear.");
+        }
+        Ok(())
+    }
+
+    /// Deletes delivered ratings older than the retention period; returns how many. Waiting
+    /// and refused ones are kept whatever their age: they are not finished.
+    pub async fn prune(&self, now: i64) -> anyhow::Result<u64> {
+        let Some(before) = self.at_rest.keep_after(now) else {
+            return Ok(0);
+        };
+        Ok(
+            sqlx::query("DELETE FROM spool WHERE state = 1 AND updated_at < ?")
+                .bind(before)
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+        )
+    }
+
+    /// Puts refused ratings back in the queue (all, or those whose refusal starts with
+    /// `outcome`, e.g. `PERMISSION_DENIED` after the adapter's scope was mended at the hub);
+    /// returns how many. The forwarder sends them within its idle period.
+    pub async fn requeue(&self, outcome: Option<&str>) -> anyhow::Result<u64> {
+        let n = sqlx::query(
+            "UPDATE spool SET state = 0, outcome = '', updated_at = ? \
+             WHERE state = 2 AND (? IS NULL OR substr(outcome, 1, length(?)) = ?)",
+        )
+        .bind(now_micros())
+        .bind(outcome)
+        .bind(outcome)
+        .bind(outcome)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        self.wake.notify_one();
+        Ok(n)
     }
 
     /// Stores a rating durably under its `source_key` (which must be set). Returns after the
@@ -106,7 +175,7 @@ impl Spool {
             "a spooled rating needs a source key"
         );
         let mut conn = self.pool.acquire().await?;
-        let out = put_one(&mut conn, rating, now_micros()).await?;
+        let out = put_one(&mut conn, &self.at_rest, rating, now_micros()).await?;
         self.wake.notify_one();
         Ok(out)
     }
@@ -121,7 +190,7 @@ impl Spool {
                 !rating.source_key.is_empty(),
                 "a spooled rating needs a source key"
             );
-            out.push(put_one(&mut tx, rating, now).await?);
+            out.push(put_one(&mut tx, &self.at_rest, rating, now).await?);
         }
         tx.commit().await?;
         self.wake.notify_one();
@@ -161,13 +230,18 @@ impl Spool {
     }
 
     async fn waiting(&self, limit: i64) -> anyhow::Result<Vec<(i64, pb::Rating)>> {
-        let rows = sqlx::query("SELECT id, rating FROM spool WHERE state = 0 ORDER BY id LIMIT ?")
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT id, source_key, rating FROM spool WHERE state = 0 ORDER BY id LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|r| {
-                let bytes: Vec<u8> = r.try_get("rating")?;
+                let key: String = r.try_get("source_key")?;
+                let bytes = self
+                    .at_rest
+                    .open(&r.try_get::<Vec<u8>, _>("rating")?, key.as_bytes())?;
                 Ok((r.try_get("id")?, pb::Rating::decode(bytes.as_slice())?))
             })
             .collect()
@@ -189,6 +263,11 @@ impl Spool {
     }
 }
 
+/// How often an idle forwarder looks for ratings another process put back.
+const IDLE_WAKE: Duration = Duration::from_secs(10);
+/// How often delivered ratings past the retention period are deleted.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 /// Drains a spool to the hub.
 pub struct Forwarder {
     pub spool: Spool,
@@ -202,6 +281,7 @@ impl Forwarder {
     /// doubling to 10 s); nothing waiting is ever dropped.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(200);
+        let mut pruned = std::time::Instant::now();
         loop {
             if *stop.borrow() {
                 return;
@@ -209,8 +289,24 @@ impl Forwarder {
             match self.step().await {
                 Ok(true) => backoff = Duration::from_millis(200),
                 Ok(false) => {
+                    if pruned.elapsed() >= PRUNE_EVERY {
+                        pruned = std::time::Instant::now();
+                        match self.spool.prune(now_micros()).await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(
+                                rows = n,
+                                "Pruned delivered ratings past the retention period."
+                            ),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "Cannot prune the spool; will try again.")
+                            }
+                        }
+                    }
+                    // Woken by a new rating; or, for a rating put back by another process
+                    // (`requeue`), within IDLE_WAKE.
                     tokio::select! {
                         _ = self.spool.wake.notified() => {}
+                        _ = tokio::time::sleep(IDLE_WAKE) => {}
                         _ = stop.changed() => {}
                     }
                 }
@@ -304,9 +400,9 @@ mod tests {
     #[tokio::test]
     async fn a_reused_key_with_different_content_is_a_conflict() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(&dir.path().join("spool.db").display().to_string())
-            .await
-            .unwrap();
+        let path = dir.path().join("spool.db").display().to_string();
+        let at_rest = Arc::new(AtRest::load(&Default::default(), &path).unwrap());
+        let spool = Spool::open(&path, at_rest).await.unwrap();
         let first = pb::Rating {
             source_key: "k".into(),
             level: 1,
@@ -323,5 +419,125 @@ mod tests {
             spool.put_many(&[first, other]).await.unwrap(),
             [Spooled::AlreadyThere, Spooled::Conflict]
         );
+    }
+
+    fn rated(key: &str, phone: &str) -> pb::Rating {
+        pb::Rating {
+            source_key: key.into(),
+            level: 4,
+            rater: Some(pb::Rater {
+                name: "王小明".into(),
+                phone: phone.into(),
+                id_number: "11010519491231002X".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn file_bytes(dir: &std::path::Path) -> Vec<u8> {
+        let mut all = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            all.extend(std::fs::read(e.unwrap().path()).unwrap());
+        }
+        all
+    }
+
+    fn contains(hay: &[u8], needle: &str) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+    }
+
+    /// The rater's name, ID and phone never reach the spool's files in clear (before, every
+    /// spooled rating sat there readable, forever, in a 0644 file); a row written in clear by
+    /// an older version is sealed when the spool opens.
+    #[tokio::test]
+    async fn rater_pii_is_sealed_in_the_spool_file_which_only_its_user_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db").display().to_string();
+        let at_rest = Arc::new(AtRest::load(&Default::default(), &path).unwrap());
+        let spool = Spool::open(&path, at_rest.clone()).await.unwrap();
+        let r = rated("a", "13800138000");
+        assert_eq!(spool.put(&r).await.unwrap(), Spooled::Stored);
+        assert_eq!(spool.put(&r).await.unwrap(), Spooled::AlreadyThere);
+        // An older version's row, in clear.
+        sqlx::query(
+            "INSERT INTO spool (source_key, rating, created_at, updated_at) VALUES ('b', ?, 0, 0)",
+        )
+        .bind(rated("b", "13900139000").encode_to_vec())
+        .execute(&spool.pool)
+        .await
+        .unwrap();
+        drop(spool);
+        let spool = Spool::open(&path, at_rest).await.unwrap();
+        let waiting = spool.waiting(10).await.unwrap();
+        assert_eq!(waiting.len(), 2);
+        assert_eq!(waiting[1].1.rater.as_ref().unwrap().phone, "13900139000");
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&spool.pool)
+            .await
+            .unwrap();
+        let bytes = file_bytes(dir.path());
+        for pii in ["13800138000", "13900139000", "11010519491231002X", "王小明"] {
+            assert!(
+                !contains(&bytes, pii),
+                "{pii} in clear in the spool's files"
+            );
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "spool file mode {mode:o}");
+        }
+    }
+
+    /// Delivered ratings leave after the retention period; waiting and refused ones stay
+    /// whatever their age. A refused rating put back in the queue is sent again.
+    #[tokio::test]
+    async fn delivered_ratings_are_pruned_after_retention_and_refused_ones_can_be_requeued() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db").display().to_string();
+        let at_rest = Arc::new(AtRest::load(&Default::default(), &path).unwrap());
+        let spool = Spool::open(&path, at_rest).await.unwrap();
+        for k in ["delivered", "waiting", "denied", "invalid"] {
+            spool.put(&rated(k, "13800138000")).await.unwrap();
+        }
+        let ids: Vec<i64> = spool
+            .waiting(10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|(id, _)| *id)
+            .collect();
+        spool.mark(ids[0], 1, "", "h1").await.unwrap();
+        spool
+            .mark(ids[2], 2, "PERMISSION_DENIED org: out of scope", "")
+            .await
+            .unwrap();
+        spool
+            .mark(ids[3], 2, "INVALID text: required", "")
+            .await
+            .unwrap();
+        let day = 86_400_000_000i64;
+        let later = now_micros() + 31 * day;
+        assert_eq!(spool.prune(now_micros() + 29 * day).await.unwrap(), 0);
+        assert_eq!(
+            spool.prune(later).await.unwrap(),
+            1,
+            "only the delivered one"
+        );
+        let c = spool.counts().await.unwrap();
+        assert_eq!((c.waiting, c.delivered, c.refused), (1, 0, 2));
+        assert_eq!(spool.requeue(Some("PERMISSION_DENIED")).await.unwrap(), 1);
+        let waiting: Vec<String> = spool
+            .waiting(10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, r)| r.source_key)
+            .collect();
+        assert_eq!(waiting, ["waiting", "denied"]);
+        assert_eq!(spool.requeue(None).await.unwrap(), 1);
+        assert_eq!(spool.counts().await.unwrap().refused, 0);
     }
 }

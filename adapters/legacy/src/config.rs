@@ -25,6 +25,9 @@ fn d_rows() -> usize {
 fn d_batch() -> u32 {
     500
 }
+fn d_settle() -> u64 {
+    30
+}
 fn d_wm_type() -> String {
     "integer".into()
 }
@@ -45,6 +48,16 @@ pub struct FolderConfig {
     /// Most rows handled per file per pass (a huge file is worked through over passes).
     #[serde(default = "d_rows")]
     pub rows_per_pass: usize,
+    /// A file is taken once it has not changed for this many seconds: a file still being
+    /// copied in (SMB, FTP) is left for a later pass. Ignored when `marker` is set.
+    #[serde(default = "d_settle")]
+    pub settle_secs: u64,
+    /// When set (e.g. ".ok"), a file is taken only once `<file><marker>` exists beside it —
+    /// for senders that write a marker file after the data. A sender that writes under
+    /// another name (say `x.csv.part`) and renames needs neither: only `.csv` and `.xml`
+    /// files are read.
+    #[serde(default)]
+    pub marker: String,
     pub mapping: Mapping,
 }
 
@@ -56,8 +69,10 @@ pub struct TableConfig {
     /// sqlx URL: sqlite://…, postgres://…, mysql://…
     pub url: String,
     pub table: String,
-    /// A column that only grows: an auto-increment id or a sequence number ("integer"), or a
-    /// sortable timestamp text such as "2025-06-04 09:30:00" ("text").
+    /// A column that only grows: an auto-increment id or a sequence number ("integer"), a
+    /// sortable text such as "2025-06-04 09:30:00" ("text"), or a date-time column —
+    /// `timestamp`, `timestamptz`, `DATETIME`, `TIMESTAMP` ("timestamp"). Rows sharing a value
+    /// are all read, whatever `batch` is.
     pub watermark: String,
     #[serde(default = "d_wm_type")]
     pub watermark_type: String,
@@ -66,6 +81,12 @@ pub struct TableConfig {
     /// Rows per query.
     #[serde(default = "d_batch")]
     pub batch: u32,
+    /// Seconds the watermark waits behind the highest value read before it moves there: a
+    /// row that commits late with a smaller value (concurrent inserts, a long transaction)
+    /// is still read within this time. Rows inside the window are read again each pass and
+    /// spooled once. 0: move at once (only for a table written by one writer in order).
+    #[serde(default = "d_settle")]
+    pub settle_secs: u64,
     pub mapping: Mapping,
 }
 
@@ -84,6 +105,9 @@ pub struct LegacyConfig {
     pub folders: Vec<FolderConfig>,
     #[serde(default)]
     pub tables: Vec<TableConfig>,
+    /// Sealing of personal data in the spool, and how long delivered ratings are kept.
+    #[serde(default)]
+    pub at_rest: rating_hub_adapter_kit::AtRestConfig,
 }
 
 fn identifier(s: &str) -> bool {
@@ -122,14 +146,15 @@ impl LegacyConfig {
                     t.name
                 );
             }
+            anyhow::ensure!(t.batch > 0, "tables.{}: batch must be at least 1", t.name);
             anyhow::ensure!(
                 !t.key_columns.is_empty(),
                 "tables.{}: key_columns is required",
                 t.name
             );
             anyhow::ensure!(
-                matches!(t.watermark_type.as_str(), "integer" | "text"),
-                "tables.{}: watermark_type must be integer or text",
+                matches!(t.watermark_type.as_str(), "integer" | "text" | "timestamp"),
+                "tables.{}: watermark_type must be integer, text or timestamp",
                 t.name
             );
         }

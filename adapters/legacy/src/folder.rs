@@ -1,8 +1,13 @@
-//! The drop folder: CSV (UTF-8 or GBK) and XML files. A file is worked through (spooling
-//! valid rows) and then moved to `done/` with a per-row report; rows that cannot be ratings go
-//! to a reject report in `rejects/`. A crash part-way through leaves the file where it is:
-//! the next pass reads it again, and its rows' keys (file content hash + row number, or the
-//! mapped source_key column) make the rows already spooled duplicates, never second ratings.
+//! The drop folder: CSV (UTF-8 or GBK) and XML files. A file is taken only once it is
+//! complete (unchanged for `settle_secs`, or its marker file is there), worked through
+//! (spooling valid rows) and then moved to `done/` with a per-row report; rows that cannot be
+//! ratings go to a reject report in `rejects/` (the rater's name, ID and phone masked). A
+//! file that cannot be read at all goes to `rejects/` with the reason, and the pass carries
+//! on. A crash part-way through leaves the file where it is: the next pass reads it again.
+//!
+//! A row's key is its content (or the mapped `source_key` column), not its file: the same
+//! row read again — after a crash, in a file that grew, in a re-exported file — is the same
+//! rating, spooled once.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +22,9 @@ use crate::config::FolderConfig;
 use crate::state::State;
 
 type Record = BTreeMap<String, String>;
+
+/// Masks one kind of personal data for a report.
+type Mask = fn(&str) -> String;
 
 /// Numbered records of a file (from 1), each parsed or with the reason it could not be.
 pub type Rows = Vec<(usize, Result<Record, String>)>;
@@ -149,7 +157,34 @@ pub fn parse_xml(text: &str, record_tag: &str) -> Result<Rows, String> {
     Ok(out)
 }
 
-fn files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+/// What a file looked like when it was read: if it looks different when it is to be moved
+/// to `done/`, someone was still writing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Look {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+fn look(path: &Path) -> std::io::Result<Look> {
+    let m = std::fs::metadata(path)?;
+    Ok(Look {
+        len: m.len(),
+        modified: m.modified().ok(),
+    })
+}
+
+/// The marker file of `path` (`x.csv` + ".ok").
+fn marker_of(path: &Path, marker: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(marker);
+    PathBuf::from(p)
+}
+
+/// The folder's CSV and XML files that are complete: their marker is there, or they have
+/// not changed for `settle_secs`.
+fn files(cfg: &FolderConfig, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let now = std::time::SystemTime::now();
+    let settle = std::time::Duration::from_secs(cfg.settle_secs);
     let mut out: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file())
@@ -158,9 +193,32 @@ fn files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
                 .and_then(|e| e.to_str())
                 .is_some_and(|e| e.eq_ignore_ascii_case("csv") || e.eq_ignore_ascii_case("xml"))
         })
+        .filter(|p| {
+            if !cfg.marker.is_empty() {
+                return marker_of(p, &cfg.marker).is_file();
+            }
+            // A modification time in the future (a clock skewed between hosts) counts as
+            // just written.
+            std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .is_ok_and(|m| now.duration_since(m).is_ok_and(|age| age >= settle))
+        })
         .collect();
     out.sort();
     Ok(out)
+}
+
+/// A row's key when no `source_key` column is mapped: a hash of its fields, names and
+/// values, in name order (a re-export with its columns in another order is the same rows).
+fn content_key(prefix: &str, rec: &Record) -> String {
+    let mut h = Sha256::new();
+    for (k, v) in rec {
+        h.update((k.len() as u64).to_be_bytes());
+        h.update(k.as_bytes());
+        h.update((v.len() as u64).to_be_bytes());
+        h.update(v.as_bytes());
+    }
+    source_key(prefix, &[&hex::encode(&h.finalize()[..16])])
 }
 
 fn csv_line(cells: &[String]) -> String {
@@ -193,7 +251,9 @@ fn move_into(from: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(to)
 }
 
-/// One pass over the folder.
+/// One pass over the folder. A file that cannot be read is set aside in `rejects/` with the
+/// reason; any other failure (the spool, the state) leaves the file for the next pass. The
+/// other files are worked through either way; the first failure is returned.
 pub async fn pass(
     cfg: &FolderConfig,
     spool: &Spool,
@@ -204,9 +264,41 @@ pub async fn pass(
     let (done, rejects) = (dir.join("done"), dir.join("rejects"));
     std::fs::create_dir_all(&done)?;
     std::fs::create_dir_all(&rejects)?;
-    for path in files(dir)? {
-        file(cfg, &path, &done, &rejects, spool, state, metrics).await?;
+    let mut first = None;
+    for path in files(cfg, dir)? {
+        if let Err(e) = file(cfg, &path, &done, &rejects, spool, state, metrics).await {
+            metrics.inc("file_failures_total");
+            tracing::warn!(
+                folder = %cfg.name,
+                file = %path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                error = %e,
+                "File not finished; will try again next pass."
+            );
+            first.get_or_insert(e);
+        }
     }
+    first.map_or(Ok(()), Err)
+}
+
+/// Sets a file that cannot be read aside in `rejects/` (with its marker) and writes why.
+fn quarantine(
+    cfg: &FolderConfig,
+    path: &Path,
+    rejects: &Path,
+    name: &str,
+    why: &str,
+    metrics: &Metrics,
+) -> anyhow::Result<()> {
+    let moved = move_into(path, rejects)?;
+    if !cfg.marker.is_empty() {
+        let _ = std::fs::remove_file(marker_of(path, &cfg.marker));
+    }
+    std::fs::write(
+        moved.with_extension("rejects.csv"),
+        format!("row,reason\n0,{}\n", csv_line(&[why.to_owned()])),
+    )?;
+    metrics.inc("files_rejected_total");
+    tracing::warn!(file = %name, reason = %why, "File rejected whole.");
     Ok(())
 }
 
@@ -223,7 +315,22 @@ async fn file(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let bytes = tokio::fs::read(path).await?;
+    let before = look(path)?;
+    let bytes = match tokio::fs::read(path).await {
+        Ok(b) => b,
+        // Unreadable (permissions, an I/O error): set aside, not retried on every pass
+        // while the other files wait.
+        Err(e) => {
+            return quarantine(
+                cfg,
+                path,
+                rejects,
+                &name,
+                &format!("cannot read the file: {e}"),
+                metrics,
+            );
+        }
+    };
     let file_id = hex::encode(&Sha256::digest(&bytes)[..12]);
     let is_xml = name.to_ascii_lowercase().ends_with(".xml");
     let parsed = decode(&bytes, &cfg.encoding).and_then(|text| {
@@ -236,15 +343,13 @@ async fn file(
     let records = match parsed {
         Ok(r) => r,
         Err(why) => {
-            // The whole file is unreadable: it goes to rejects with the reason.
-            let moved = move_into(path, rejects)?;
-            std::fs::write(
-                moved.with_extension("rejects.csv"),
-                format!("row,reason\n0,{}\n", csv_line(std::slice::from_ref(&why))),
-            )?;
-            metrics.inc("files_rejected_total");
-            tracing::warn!(file = %name, reason = %why, "File rejected whole.");
-            return Ok(());
+            // The whole file is unreadable: it goes to rejects with the reason. Unless it
+            // changed while it was read: then it is still being written.
+            if look(path).ok().as_ref() != Some(&before) {
+                tracing::info!(file = %name, "File changed while read; will read it again.");
+                return Ok(());
+            }
+            return quarantine(cfg, path, rejects, &name, &why, metrics);
         }
     };
     let key_prefix = format!("file:{}", cfg.name);
@@ -264,7 +369,9 @@ async fn file(
             (Some(col), Ok(r)) if r.get(col).is_some_and(|v| !v.trim().is_empty()) => {
                 source_key(&key_prefix, &[r[col].trim()])
             }
-            _ => source_key(&key_prefix, &[&file_id, &row.to_string()]),
+            (_, Ok(r)) => content_key(&key_prefix, r),
+            // An unreadable row is not spooled; its key only names it in the report.
+            (_, Err(_)) => source_key(&key_prefix, &[&file_id, &row.to_string()]),
         };
         let result = rec.clone().and_then(|r| {
             cfg.mapping
@@ -303,20 +410,43 @@ async fn file(
         return Ok(());
     }
     // Finished: the per-row report, the rejects report, and the file moves to done/.
+    // Still being written after all (it changed since it was read): not done; the next
+    // pass reads it again, and the rows already spooled are the same keys.
+    if look(path)? != before {
+        tracing::info!(file = %name, "File changed while read; will read it again.");
+        return Ok(());
+    }
     let mut report = String::from("row,outcome,source_key,reason\n");
     let mut rejected = String::from("row,reason,record\n");
     let mut n_rejected = 0;
+    let mut first_of: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    // Fields the rater's name, ID number and phone come from: masked in the reject report.
+    let masks: Vec<(&str, Mask)> = [
+        (
+            "rater.name",
+            rating_hub::domain::codes::mask_name as fn(&str) -> String,
+        ),
+        ("rater.id_number", rating_hub::domain::codes::mask_id_number),
+        ("rater.phone", rating_hub::domain::codes::mask_phone),
+    ]
+    .into_iter()
+    .filter_map(|(field, mask)| cfg.mapping.source_of(field).map(|col| (col, mask)))
+    .collect();
     for ((row, key, result), (_, rec)) in outcomes.iter().zip(&records) {
         match result {
-            Ok(_) => report.push_str(&format!(
-                "{}\n",
-                csv_line(&[
-                    row.to_string(),
-                    "spooled".into(),
-                    key.clone(),
-                    String::new()
-                ])
-            )),
+            Ok(_) => {
+                let outcome = match first_of.get(key.as_str()) {
+                    Some(first) => format!("duplicate of row {first}"),
+                    None => {
+                        first_of.insert(key, *row);
+                        "spooled".into()
+                    }
+                };
+                report.push_str(&format!(
+                    "{}\n",
+                    csv_line(&[row.to_string(), outcome, key.clone(), String::new()])
+                ))
+            }
             Err(why) => {
                 n_rejected += 1;
                 report.push_str(&format!(
@@ -326,7 +456,10 @@ async fn file(
                 let raw = match rec {
                     Ok(r) => r
                         .iter()
-                        .map(|(k, v)| format!("{k}={v}"))
+                        .map(|(k, v)| match masks.iter().find(|(col, _)| col == k) {
+                            Some((_, mask)) => format!("{k}={}", mask(v)),
+                            None => format!("{k}={v}"),
+                        })
                         .collect::<Vec<_>>()
                         .join("; "),
                     Err(_) => String::new(),
@@ -339,6 +472,9 @@ async fn file(
         }
     }
     let moved = move_into(path, done)?;
+    if !cfg.marker.is_empty() {
+        let _ = std::fs::remove_file(marker_of(path, &cfg.marker));
+    }
     let moved_name = moved
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

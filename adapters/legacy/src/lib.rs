@@ -53,20 +53,37 @@ async fn pass(
     state: &state::State,
     metrics: &Metrics,
 ) -> anyhow::Result<()> {
+    // Each source on its own: one that fails (a database down, a file that cannot be
+    // spooled) does not hold the others back. Every failure is returned, one per line.
+    let mut failed: Vec<String> = Vec::new();
     for f in &cfg.folders {
-        folder::pass(f, spool, state, metrics).await?;
+        if let Err(e) = folder::pass(f, spool, state, metrics).await {
+            tracing::warn!(folder = %f.name, error = %e, "Folder pass failed; will retry.");
+            failed.push(format!("folder {}: {e:#}", f.name));
+        }
     }
     for t in &cfg.tables {
-        table::pass(t, spool, state, metrics).await?;
+        if let Err(e) = table::pass(t, spool, state, metrics).await {
+            metrics.inc("table_failures_total");
+            tracing::warn!(table = %t.name, error = %e, "Table pass failed; will retry.");
+            failed.push(format!("table {}: {e:#}", t.name));
+        }
     }
-    Ok(())
+    match failed.is_empty() {
+        true => Ok(()),
+        false => Err(anyhow::anyhow!(failed.join("\n"))),
+    }
 }
 
 /// Opens the spool and state and starts the forwarder and (unless `poll_secs` is 0) the
 /// polling loop.
 pub async fn start(cfg: LegacyConfig) -> anyhow::Result<Legacy> {
     sqlx::any::install_default_drivers();
-    let spool = Spool::open(&cfg.spool).await?;
+    let at_rest = Arc::new(rating_hub_adapter_kit::AtRest::load(
+        &cfg.at_rest,
+        &cfg.spool,
+    )?);
+    let spool = Spool::open(&cfg.spool, at_rest).await?;
     let state = state::State::open(&cfg.state).await?;
     let metrics = Arc::new(Metrics::default());
     let (stop, stop_rx) = watch::channel(false);

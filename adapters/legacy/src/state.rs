@@ -39,6 +39,14 @@ impl State {
         Ok(())
     }
 
+    pub async fn delete(&self, name: &str) -> anyhow::Result<()> {
+        sqlx::query("DELETE FROM checkpoints WHERE name = ?")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn reject(&self, source: &str, key: &str, reason: &str) -> anyhow::Result<()> {
         let at = SystemTime::now()
             .duration_since(UNIX_EPOCH)

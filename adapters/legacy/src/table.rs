@@ -14,121 +14,297 @@ use rating_hub_adapter_kit::{Metrics, Spool, source_key};
 use crate::config::TableConfig;
 use crate::state::State;
 
-/// One pass: every row after the watermark, in batches.
+/// Column `i` of a row read as bytes, as text: `None` for NULL, an error naming why when it
+/// is not UTF-8.
+fn text_at(row: &sqlx::any::AnyRow, i: usize) -> anyhow::Result<Option<String>> {
+    let Some(bytes) = row.try_get::<Option<Vec<u8>>, _>(i)? else {
+        return Ok(None);
+    };
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()))
+}
+
+/// The watermark's kinds: how a stored value is bound back into the query.
+fn bind_cursor<'q>(
+    q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    kind: &str,
+    value: &str,
+) -> anyhow::Result<sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>> {
+    Ok(if kind == "integer" {
+        q.bind(
+            value
+                .parse::<i64>()
+                .map_err(|_| anyhow::anyhow!("watermark {value:?} is not an integer"))?,
+        )
+    } else {
+        q.bind(value.to_owned())
+    })
+}
+
+/// Where a table stands: the committed watermark (every row at or below it is spooled and
+/// no more can come), and the pending one (the highest value read, and when: it is
+/// committed once `settle_secs` have passed, so a row whose transaction commits late — a
+/// smaller id than one already read, a timestamp taken before a long transaction — is still
+/// read).
+struct Cursor {
+    committed: Option<String>,
+    pending: Option<(i64, String)>,
+}
+
+impl Cursor {
+    async fn load(state: &State, name: &str) -> anyhow::Result<Self> {
+        let committed = state.get(&format!("table:{name}")).await?;
+        let pending = state
+            .get(&format!("table:{name}:pending"))
+            .await?
+            .and_then(|v| {
+                let (at, wm) = v.split_once(' ')?;
+                Some((at.parse().ok()?, wm.to_owned()))
+            });
+        Ok(Self { committed, pending })
+    }
+
+    async fn commit(state: &State, name: &str, wm: &str) -> anyhow::Result<()> {
+        state.set(&format!("table:{name}"), wm).await?;
+        state.delete(&format!("table:{name}:pending")).await
+    }
+
+    async fn hold(state: &State, name: &str, at: i64, wm: &str) -> anyhow::Result<()> {
+        state
+            .set(&format!("table:{name}:pending"), &format!("{at} {wm}"))
+            .await
+    }
+}
+
+/// Opens a connection to the department's database, its session in China Standard Time: a
+/// time-zone-aware column (PostgreSQL `timestamptz`, MySQL `TIMESTAMP`) reads as the wall
+/// time the department wrote, not as UTC (sqlx opens sessions in UTC; read as Beijing time
+/// that shifted every rating by 8 hours).
+async fn connect(url: &str) -> anyhow::Result<sqlx::AnyPool> {
+    let set_zone = if url.starts_with("postgres") {
+        Some("SET TIME ZONE INTERVAL '+08:00' HOUR TO MINUTE")
+    } else if url.starts_with("mysql") {
+        Some("SET time_zone = '+08:00'")
+    } else {
+        None
+    };
+    Ok(AnyPoolOptions::new()
+        .max_connections(1)
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                if let Some(sql) = set_zone {
+                    sqlx::Executor::execute(conn, sql).await?;
+                }
+                Ok(())
+            })
+        })
+        .connect(url)
+        .await?)
+}
+
+/// One pass: every row after the committed watermark, in batches. Rows are spooled before
+/// any watermark moves; rows read again (the pending window, the rest of a tie) are the
+/// same keys with the same content, so the spool takes them once.
 pub async fn pass(
     cfg: &TableConfig,
     spool: &Spool,
     state: &State,
     metrics: &Metrics,
 ) -> anyhow::Result<()> {
-    let pool = AnyPoolOptions::new()
-        .max_connections(1)
-        .connect(&cfg.url)
-        .await?;
+    let pool = connect(&cfg.url).await?;
+    let result = read(cfg, &pool, spool, state, metrics).await;
+    pool.close().await;
+    result
+}
+
+async fn read(
+    cfg: &TableConfig,
+    pool: &sqlx::AnyPool,
+    spool: &Spool,
+    state: &State,
+    metrics: &Metrics,
+) -> anyhow::Result<()> {
     let postgres = cfg.url.starts_with("postgres");
-    let cast = if cfg.url.starts_with("mysql") {
-        "CHAR"
-    } else {
-        "TEXT"
+    let mysql = cfg.url.starts_with("mysql");
+    // Every column is read as its text's bytes, and decoded here: a value that is not
+    // UTF-8 rejects its row with the reason (the driver, asked for text, failed the whole
+    // batch — and every pass after it).
+    let as_bytes = |c: &str| {
+        if postgres {
+            format!("convert_to(CAST({c} AS TEXT), 'UTF8') AS {c}")
+        } else if mysql {
+            format!("CAST({c} AS BINARY) AS {c}")
+        } else {
+            format!("CAST({c} AS BLOB) AS {c}")
+        }
     };
     let mut columns: BTreeSet<&str> = cfg.mapping.fields.values().map(String::as_str).collect();
     columns.extend(cfg.key_columns.iter().map(String::as_str));
-    columns.insert(&cfg.watermark);
-    let columns: Vec<&str> = columns.into_iter().collect();
+    columns.remove(cfg.watermark.as_str());
+    // The watermark first: a row whose watermark cannot be read stops the table (the cursor
+    // cannot move past what it cannot name); any other column only rejects its row.
+    let columns: Vec<&str> = std::iter::once(cfg.watermark.as_str())
+        .chain(columns)
+        .collect();
     let select = columns
         .iter()
-        .map(|c| format!("CAST({c} AS {cast}) AS {c}"))
+        .map(|c| as_bytes(c))
         .collect::<Vec<_>>()
         .join(", ");
-    let checkpoint = format!("table:{}", cfg.name);
+    let param = |n: usize| {
+        let p = if postgres {
+            format!("${n}")
+        } else {
+            "?".to_owned()
+        };
+        // A timestamp watermark is kept as the text the database printed; it goes back as
+        // the column's own type, so the comparison (and an index) works on timestamps.
+        match (cfg.watermark_type.as_str(), postgres, mysql) {
+            ("timestamp", true, _) => format!("CAST({p} AS TIMESTAMPTZ)"),
+            ("timestamp", _, true) => format!("CAST({p} AS DATETIME(6))"),
+            _ => p,
+        }
+    };
+    let (t, w, n) = (&cfg.table, &cfg.watermark, cfg.batch);
+    let now = rating_hub::clock::Clock::now_micros(&rating_hub::clock::SystemClock);
+    let mut cursor = Cursor::load(state, &cfg.name).await?;
+    if let Some((at, wm)) = &cursor.pending
+        && now.saturating_sub(*at) >= cfg.settle_secs as i64 * 1_000_000
+    {
+        Cursor::commit(state, &cfg.name, wm).await?;
+        cursor = Cursor {
+            committed: Some(wm.clone()),
+            pending: None,
+        };
+    }
     let key_prefix = format!("table:{}", cfg.name);
-    let placeholder = if postgres { "$1" } else { "?" };
+    // Where this pass stands: never past a value that may still have unread rows.
+    let mut at = cursor.committed.clone();
+    let mut highest: Option<String> = None;
     loop {
-        let wm = state.get(&checkpoint).await?;
-        let sql = match &wm {
+        let sql = match &at {
             Some(_) => format!(
-                "SELECT {select} FROM {t} WHERE {w} > {placeholder} ORDER BY {w} LIMIT {n}",
-                t = cfg.table,
-                w = cfg.watermark,
-                n = cfg.batch
+                "SELECT {select} FROM {t} WHERE {w} > {p} ORDER BY {w} LIMIT {n}",
+                p = param(1)
             ),
-            None => format!(
-                "SELECT {select} FROM {t} ORDER BY {w} LIMIT {n}",
-                t = cfg.table,
-                w = cfg.watermark,
-                n = cfg.batch
-            ),
+            None => format!("SELECT {select} FROM {t} ORDER BY {w} LIMIT {n}"),
         };
         let mut q = sqlx::query(&sql);
-        if let Some(v) = &wm {
-            q = if cfg.watermark_type == "integer" {
-                q.bind(
-                    v.parse::<i64>()
-                        .map_err(|_| anyhow::anyhow!("watermark {v:?} is not an integer"))?,
-                )
-            } else {
-                q.bind(v.clone())
-            };
+        if let Some(v) = &at {
+            q = bind_cursor(q, &cfg.watermark_type, v)?;
         }
-        let rows = q.fetch_all(&pool).await?;
+        let mut rows = q.fetch_all(pool).await?;
         if rows.is_empty() {
             break;
         }
-        let now = rating_hub::clock::Clock::now_micros(&rating_hub::clock::SystemClock);
-        let mut good: Vec<pb::Rating> = Vec::new();
-        let mut last_wm = String::new();
-        for row in &rows {
-            let mut rec = BTreeMap::new();
-            for (i, c) in columns.iter().enumerate() {
-                let v: Option<String> = row.try_get(i)?;
-                rec.insert(c.to_string(), v.unwrap_or_default());
+        let full = rows.len() == n as usize;
+        let wm_of = |row: &sqlx::any::AnyRow| -> anyhow::Result<String> {
+            text_at(row, 0)
+                .map_err(|e| anyhow::anyhow!("the watermark column {w} cannot be read: {e}"))?
+                .ok_or_else(|| anyhow::anyhow!("a row's watermark {w} is NULL"))
+        };
+        let last = wm_of(&rows[rows.len() - 1])?;
+        let mut next = Some(last.clone());
+        if full {
+            // The batch may end inside a run of equal values (LIMIT cut it): the run is
+            // read whole — all of it, when the whole batch is one value; else again from
+            // the value before it (before, `> last` skipped the rest of the run).
+            let mut before = None;
+            for row in rows.iter().rev() {
+                let v = wm_of(row)?;
+                if v != last {
+                    before = Some(v);
+                    break;
+                }
             }
-            last_wm = rec[cfg.watermark.as_str()].clone();
-            let ids: Vec<&str> = cfg
-                .key_columns
-                .iter()
-                .map(|k| rec[k.as_str()].as_str())
-                .collect();
-            let key = source_key(&key_prefix, &ids);
-            match cfg
-                .mapping
-                .rating(key.clone(), &|col| rec.get(col).cloned(), now)
-            {
-                Ok(r) => good.push(r),
-                Err(v) => {
-                    let why = v
-                        .iter()
-                        .map(|x| format!("{}: {}", x.field, x.description))
-                        .collect::<Vec<_>>()
-                        .join("; ");
-                    metrics.inc("table_rows_rejected_total");
-                    tracing::warn!(table = %cfg.name, row = %ids.join("/"), reason = %why, "Row rejected.");
-                    state.reject(&cfg.name, &ids.join("/"), &why).await?;
+            match before {
+                Some(b) => next = Some(b),
+                None => {
+                    let sql = format!("SELECT {select} FROM {t} WHERE {w} = {p}", p = param(1));
+                    rows = bind_cursor(sqlx::query(&sql), &cfg.watermark_type, &last)?
+                        .fetch_all(pool)
+                        .await?;
                 }
             }
         }
-        let conflicts = spool
-            .put_many(&good)
-            .await?
-            .into_iter()
-            .filter(|o| *o == rating_hub_adapter_kit::Spooled::Conflict)
+        let mut good: Vec<pb::Rating> = Vec::new();
+        for row in &rows {
+            let mut rec = BTreeMap::new();
+            let mut unreadable = Vec::new();
+            for (i, c) in columns.iter().enumerate() {
+                match text_at(row, i) {
+                    Ok(v) => {
+                        rec.insert(c.to_string(), v.unwrap_or_default());
+                    }
+                    Err(e) => unreadable.push(format!("{c}: {e}")),
+                }
+            }
+            let ids: Vec<&str> = cfg
+                .key_columns
+                .iter()
+                .map(|k| rec.get(k.as_str()).map_or("", String::as_str))
+                .collect();
+            let row_id = ids.join("/");
+            let key = source_key(&key_prefix, &ids);
+            let mapped = if unreadable.is_empty() {
+                cfg.mapping
+                    .rating(key.clone(), &|col| rec.get(col).cloned(), now)
+                    .map_err(|v| {
+                        v.iter()
+                            .map(|x| format!("{}: {}", x.field, x.description))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    })
+            } else {
+                Err(unreadable.join("; "))
+            };
+            match mapped {
+                Ok(r) => good.push(r),
+                Err(why) => {
+                    metrics.inc("table_rows_rejected_total");
+                    tracing::warn!(table = %cfg.name, row = %row_id, reason = %why, "Row rejected.");
+                    state.reject(&cfg.name, &row_id, &why).await?;
+                }
+            }
+        }
+        let outcomes = spool.put_many(&good).await?;
+        let stored = outcomes
+            .iter()
+            .filter(|o| **o == rating_hub_adapter_kit::Spooled::Stored)
+            .count();
+        let conflicts = outcomes
+            .iter()
+            .filter(|o| **o == rating_hub_adapter_kit::Spooled::Conflict)
             .count();
         if conflicts > 0 {
             // A key reused by a different row: that row was not taken (the spool keeps the
             // first). Counted and said, never passed off as a re-read.
             metrics.add("rows_key_conflict_total", conflicts as u64);
             tracing::warn!(
+                table = %cfg.name,
                 conflicts,
                 "Rows whose key was already spooled with different content were not taken."
             );
         }
-        metrics.add("table_rows_spooled_total", good.len() as u64);
-        // Only now, with the rows durable in the spool, does the watermark move.
-        state.set(&checkpoint, &last_wm).await?;
-        if rows.len() < cfg.batch as usize {
+        metrics.add("table_rows_spooled_total", stored as u64);
+        highest = Some(last);
+        if at == next {
+            break;
+        }
+        at = next;
+        if !full {
             break;
         }
     }
-    pool.close().await;
+    // Only now, with the rows durable in the spool, may a watermark move: at once when no
+    // settling is asked for; else the highest value read waits settle_secs first.
+    if let Some(h) = highest {
+        if cfg.settle_secs == 0 {
+            Cursor::commit(state, &cfg.name, &h).await?;
+        } else if cursor.pending.is_none() && cursor.committed.as_deref() != Some(h.as_str()) {
+            Cursor::hold(state, &cfg.name, now, &h).await?;
+        }
+    }
     Ok(())
 }

@@ -83,9 +83,12 @@ fn config(dir: &Path, port: u16, drop: &Path, rows_per_pass: usize) -> LegacyCon
             encoding: "auto".into(),
             xml_record: "record".into(),
             rows_per_pass,
+            settle_secs: 0,
+            marker: String::new(),
             mapping: mapping(),
         }],
         tables: vec![],
+        at_rest: Default::default(),
     }
 }
 
@@ -222,6 +225,7 @@ async fn the_table_is_read_by_its_watermark() {
         watermark_type: "integer".into(),
         key_columns: vec!["id".into()],
         batch: 2,
+        settle_secs: 0,
         mapping: mapping(),
     });
     cfg.check().unwrap();
@@ -293,7 +297,7 @@ fn write_config(dir: &Path, port: u16, drop: &Path, rows_per_pass: usize) -> Pat
     let h = &cfg.hub;
     let text = format!(
         "spool = {:?}\nstate = {:?}\npoll_secs = 3600\n\n[hub]\nendpoint = {:?}\nca = {:?}\ncert = {:?}\nkey = {:?}\ndomain = \"localhost\"\n\n\
-         [[folders]]\nname = \"km-paper\"\npath = {:?}\nrows_per_pass = {rows_per_pass}\n[folders.mapping]\n{}",
+         [[folders]]\nname = \"km-paper\"\npath = {:?}\nrows_per_pass = {rows_per_pass}\nsettle_secs = 0\n[folders.mapping]\n{}",
         cfg.spool,
         cfg.state,
         h.endpoint,
@@ -419,4 +423,307 @@ fn toml_mapping() -> String {
         s.push_str(&format!("{k:?} = {v:?}\n"));
     }
     s
+}
+
+/// Sets a file's modification time `secs` seconds back: a file that has been still that
+/// long (the settle rule reads the clock the file system keeps; no test waits for it).
+fn age(path: &Path, secs: u64) {
+    let f = std::fs::File::options().write(true).open(path).unwrap();
+    f.set_modified(std::time::SystemTime::now() - Duration::from_secs(secs))
+        .unwrap();
+}
+
+fn rows_csv(range: std::ops::Range<usize>) -> String {
+    let mut csv = format!("{HEADER}\n");
+    for i in range {
+        csv.push_str(&row(&format!("W-{i:03}"), &((i % 3) + 1).to_string(), "x"));
+        csv.push('\n');
+    }
+    csv
+}
+
+/// A file still being copied in is left alone until it has been still for `settle_secs`
+/// (before: read half-way, its truncated last row reported, the file moved to done/ while
+/// the writer appended); and a row's key is its content, so a re-exported file, or a file
+/// that grew, stores no row twice (before: the whole file's hash was in every key).
+#[tokio::test]
+async fn a_file_still_being_written_waits_and_a_re_export_stores_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(dir.path(), 0, Arc::new(rating_hub::clock::SystemClock)).await;
+    let port = hub.local_addr.port();
+    let drop = dir.path().join("drop");
+    std::fs::create_dir_all(&drop).unwrap();
+    let mut cfg = config(dir.path(), port, &drop, 100_000);
+    cfg.folders[0].settle_secs = 3600;
+    let adapter = rating_hub_legacy::start(cfg).await.unwrap();
+
+    // Half-written: three rows and the start of a fourth, written just now.
+    let full = rows_csv(0..6);
+    let cut = full.find("W-003").unwrap() + 12;
+    std::fs::write(drop.join("a.csv"), &full[..cut]).unwrap();
+    adapter.pass().await.unwrap();
+    assert_eq!(adapter.spool.counts().await.unwrap(), Default::default());
+    assert!(drop.join("a.csv").exists(), "not taken while being written");
+
+    // Complete, and still for an hour: taken whole.
+    std::fs::write(drop.join("a.csv"), &full).unwrap();
+    age(&drop.join("a.csv"), 3700);
+    adapter.pass().await.unwrap();
+    assert!(drop.join("done/a.csv").exists());
+    let report = std::fs::read_to_string(drop.join("done/a.csv.report.csv")).unwrap();
+    assert_eq!(report.matches(",spooled,").count(), 6, "{report}");
+    assert!(
+        !drop.join("rejects/a.csv.rejects.csv").exists(),
+        "no truncated row"
+    );
+
+    // A re-export: the same six rows (one twice) and two new ones, in another file.
+    let mut again = rows_csv(0..8);
+    again.push_str(rows_csv(2..3).lines().nth(1).unwrap());
+    again.push('\n');
+    std::fs::write(drop.join("b.csv"), &again).unwrap();
+    age(&drop.join("b.csv"), 3700);
+    adapter.pass().await.unwrap();
+    let report = std::fs::read_to_string(drop.join("done/b.csv.report.csv")).unwrap();
+    assert!(report.contains("duplicate of row 3"), "{report}");
+    let all = wait_for_ratings(dir.path(), port, 8, Duration::from_secs(30)).await;
+    let cases: BTreeSet<String> = all.iter().map(|r| r.case_number.clone()).collect();
+    assert_eq!((all.len(), cases.len()), (8, 8), "every row once");
+    let c = adapter.spool.counts().await.unwrap();
+    assert_eq!(c.waiting + c.delivered, 8, "spooled once each: {c:?}");
+    adapter.shutdown().await;
+    hub.shutdown().await.unwrap();
+}
+
+/// With a marker configured, a file is taken only once its marker is there, and the marker
+/// leaves with it.
+#[tokio::test]
+async fn a_marker_file_says_when_a_file_is_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(dir.path(), 0, Arc::new(rating_hub::clock::SystemClock)).await;
+    let port = hub.local_addr.port();
+    let drop = dir.path().join("drop");
+    std::fs::create_dir_all(&drop).unwrap();
+    let mut cfg = config(dir.path(), port, &drop, 100_000);
+    cfg.folders[0].marker = ".ok".into();
+    let adapter = rating_hub_legacy::start(cfg).await.unwrap();
+    std::fs::write(drop.join("m.csv"), rows_csv(0..2)).unwrap();
+    age(&drop.join("m.csv"), 3700);
+    adapter.pass().await.unwrap();
+    assert!(drop.join("m.csv").exists(), "no marker, not taken");
+    std::fs::write(drop.join("m.csv.ok"), "").unwrap();
+    adapter.pass().await.unwrap();
+    assert!(drop.join("done/m.csv").exists());
+    assert!(
+        !drop.join("m.csv.ok").exists(),
+        "the marker left with its file"
+    );
+    wait_for_ratings(dir.path(), port, 2, Duration::from_secs(30)).await;
+    adapter.shutdown().await;
+    hub.shutdown().await.unwrap();
+}
+
+async fn dept_table(url: &str, watermark_sql_type: &str) -> sqlx::AnyPool {
+    sqlx::any::install_default_drivers();
+    let dept = sqlx::AnyPool::connect(url).await.unwrap();
+    sqlx::query(&format!(
+        "CREATE TABLE pj_evaluation (id INTEGER PRIMARY KEY, bjbh TEXT, sxbm TEXT, sxmc TEXT, \
+         xzqh TEXT, tyshxydm TEXT, myd INTEGER, pjsj {watermark_sql_type}, pjnr TEXT, sjhm TEXT)"
+    ))
+    .execute(&dept)
+    .await
+    .unwrap();
+    dept
+}
+
+async fn insert_row(dept: &sqlx::AnyPool, postgres: bool, id: i64, at: &str, text: &str) {
+    let sql = if postgres {
+        "INSERT INTO pj_evaluation VALUES ($1, $2, '530100-ITEM-2', '不动产登记', '530102', $3, 2, \
+         CAST($4 AS TIMESTAMPTZ), $5, '13700001234')"
+    } else {
+        "INSERT INTO pj_evaluation VALUES (?, ?, '530100-ITEM-2', '不动产登记', '530102', ?, 2, ?, ?, \
+         '13700001234')"
+    };
+    sqlx::query(sql)
+        .bind(id)
+        .bind(format!("WM-{id}"))
+        .bind(org())
+        .bind(at.to_owned())
+        .bind(text.to_owned())
+        .execute(dept)
+        .await
+        .unwrap();
+}
+
+fn table(name: &str, url: &str, watermark_type: &str, settle_secs: u64) -> TableConfig {
+    TableConfig {
+        name: name.into(),
+        url: url.into(),
+        table: "pj_evaluation".into(),
+        watermark: "pjsj".into(),
+        watermark_type: watermark_type.into(),
+        key_columns: vec!["id".into()],
+        batch: 2,
+        settle_secs,
+        mapping: mapping(),
+    }
+}
+
+/// A batch that ends inside a run of equal watermarks reads the rest of the run (before,
+/// `> last` skipped it: 3 of 5 rows lost), and a row that commits late with a smaller value
+/// than one already read is still read, the watermark held behind the settle time (before,
+/// lost).
+#[tokio::test]
+async fn a_tie_in_the_watermark_and_a_late_commit_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(dir.path(), 0, Arc::new(rating_hub::clock::SystemClock)).await;
+    let port = hub.local_addr.port();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("dept.db").display());
+    let dept = dept_table(&url, "TEXT").await;
+    for id in 1..=5 {
+        insert_row(&dept, false, id, "2025-06-04 09:30:00", "x").await;
+    }
+    for id in 6..=7 {
+        insert_row(&dept, false, id, "2025-06-04 09:31:00", "x").await;
+    }
+    let mut cfg = config(dir.path(), port, &dir.path().join("unused"), 100_000);
+    cfg.folders.clear();
+    cfg.tables.push(table("km-db", &url, "text", 3600));
+    let adapter = rating_hub_legacy::start(cfg).await.unwrap();
+    adapter.pass().await.unwrap();
+    let c = adapter.spool.counts().await.unwrap();
+    assert_eq!(c.waiting + c.delivered, 7, "{c:?}");
+    // Committed late, with a value below the highest already read.
+    insert_row(&dept, false, 8, "2025-06-04 09:30:30", "x").await;
+    adapter.pass().await.unwrap();
+    let all = wait_for_ratings(dir.path(), port, 8, Duration::from_secs(30)).await;
+    let cases: BTreeSet<String> = all.iter().map(|r| r.case_number.clone()).collect();
+    assert_eq!((all.len(), cases.len()), (8, 8));
+    assert_eq!(
+        adapter.state.get("table:km-db").await.unwrap(),
+        None,
+        "held back"
+    );
+    assert_eq!(
+        adapter
+            .state
+            .get("table:km-db:pending")
+            .await
+            .unwrap()
+            .map(|v| v.split_once(' ').unwrap().1.to_owned()),
+        Some("2025-06-04 09:31:00".to_owned())
+    );
+    adapter.shutdown().await;
+    hub.shutdown().await.unwrap();
+}
+
+/// A row with a column that cannot be read is rejected alone, and a source that fails
+/// (a database that is not there) holds back neither the other tables nor the folders
+/// (before, either stopped the whole pass, on every poll).
+#[tokio::test]
+async fn a_bad_row_or_a_failing_source_holds_back_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(dir.path(), 0, Arc::new(rating_hub::clock::SystemClock)).await;
+    let port = hub.local_addr.port();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("dept.db").display());
+    let dept = dept_table(&url, "TEXT").await;
+    for id in 1..=3 {
+        insert_row(&dept, false, id, &format!("2025-06-04 09:3{id}:00"), "x").await;
+    }
+    // Row 2's text is not UTF-8.
+    sqlx::query("UPDATE pj_evaluation SET pjnr = CAST(X'FFFE41' AS TEXT) WHERE id = 2")
+        .execute(&dept)
+        .await
+        .unwrap();
+    let drop = dir.path().join("drop");
+    std::fs::create_dir_all(&drop).unwrap();
+    std::fs::write(drop.join("f.csv"), rows_csv(0..2)).unwrap();
+    let mut cfg = config(dir.path(), port, &drop, 100_000);
+    let missing = format!("sqlite://{}", dir.path().join("no/such.db").display());
+    cfg.tables.push(table("gone", &missing, "text", 0));
+    cfg.tables.push(table("km-db", &url, "text", 0));
+    let adapter = rating_hub_legacy::start(cfg).await.unwrap();
+    let err = adapter.pass().await.unwrap_err();
+    assert!(format!("{err:#}").contains("table gone"), "{err:#}");
+    let all = wait_for_ratings(dir.path(), port, 4, Duration::from_secs(30)).await;
+    let cases: BTreeSet<String> = all.iter().map(|r| r.case_number.clone()).collect();
+    assert_eq!(
+        cases,
+        ["W-000", "W-001", "WM-1", "WM-3"]
+            .map(String::from)
+            .into_iter()
+            .collect()
+    );
+    let rejects = adapter.state.rejects("km-db").await.unwrap();
+    assert_eq!(rejects.len(), 1, "{rejects:?}");
+    assert_eq!(rejects[0].0, "2");
+    assert!(rejects[0].1.contains("pjnr"), "{rejects:?}");
+    adapter.shutdown().await;
+    hub.shutdown().await.unwrap();
+}
+
+/// The table poller against a real PostgreSQL with a `timestamptz` watermark: values come
+/// back as the wall time the department wrote (before, sqlx's UTC session shifted them 8
+/// hours), the watermark compares as a timestamp (before, a text watermark over
+/// `timestamptz` failed outright), and a tie across a batch loses nothing.
+#[tokio::test]
+async fn a_postgresql_table_with_a_timestamptz_watermark() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(dir.path(), 0, Arc::new(rating_hub::clock::SystemClock)).await;
+    let port = hub.local_addr.port();
+    let admin = rating_hub::testing::pg_admin_url();
+    sqlx::any::install_default_drivers();
+    let db = format!("legacy_{}", uuid::Uuid::now_v7().simple());
+    let admin_pool = sqlx::AnyPool::connect(admin).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {db}"))
+        .execute(&admin_pool)
+        .await
+        .unwrap();
+    let url = with_database(admin, &db);
+    let dept = dept_table(&url, "TIMESTAMPTZ").await;
+    // Three rows at one instant (written by a UTC client), one later (a Beijing client).
+    for id in 1..=3 {
+        insert_row(&dept, true, id, "2025-06-04 01:30:00+00", "x").await;
+    }
+    insert_row(&dept, true, 4, "2025-06-04 09:45:00+08", "x").await;
+    let mut cfg = config(dir.path(), port, &dir.path().join("unused"), 100_000);
+    cfg.folders.clear();
+    cfg.tables.push(table("pg", &url, "timestamp", 0));
+    let adapter = rating_hub_legacy::start(cfg).await.unwrap();
+    adapter.pass().await.unwrap();
+    let all = wait_for_ratings(dir.path(), port, 4, Duration::from_secs(30)).await;
+    let at = |case: &str| {
+        let r = all.iter().find(|r| r.case_number == case).unwrap();
+        rating_hub::time::micros_from_timestamp(r.rated_at.as_ref().unwrap()).unwrap()
+    };
+    let cst_0930 =
+        rating_hub_adapter_kit::mapping::parse_time("2025-06-04 09:30:00", "yyyy-MM-dd HH:mm:ss")
+            .unwrap();
+    for case in ["WM-1", "WM-2", "WM-3"] {
+        assert_eq!(at(case), cst_0930, "{case}");
+    }
+    assert_eq!(at("WM-4"), cst_0930 + 15 * 60_000_000);
+    // Another row, later: the watermark (a timestamp, compared as one) finds only it.
+    insert_row(&dept, true, 5, "2025-06-04 10:00:00+08", "x").await;
+    adapter.pass().await.unwrap();
+    assert_eq!(
+        wait_for_ratings(dir.path(), port, 5, Duration::from_secs(30))
+            .await
+            .len(),
+        5
+    );
+    let c = adapter.spool.counts().await.unwrap();
+    assert_eq!(c.waiting + c.delivered, 5);
+    adapter.shutdown().await;
+    dept.close().await;
+    hub.shutdown().await.unwrap();
+    let _ = sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .execute(&admin_pool)
+        .await;
+}
+
+/// `admin` (a postgres:// URL ending in its database) with the database replaced by `db`.
+fn with_database(admin: &str, db: &str) -> String {
+    let base = admin.rsplit_once('/').expect("URL with a database").0;
+    format!("{base}/{db}")
 }

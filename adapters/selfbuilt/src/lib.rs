@@ -47,6 +47,9 @@ pub struct SelfbuiltConfig {
     /// How the platform's posts are authenticated (signed by default).
     #[serde(default)]
     pub callback_auth: rating_hub_adapter_kit::CallbackAuthConfig,
+    /// Sealing of personal data in the spool, and how long delivered ratings are kept.
+    #[serde(default)]
+    pub at_rest: rating_hub_adapter_kit::AtRestConfig,
 }
 
 impl SelfbuiltConfig {
@@ -177,7 +180,11 @@ pub struct Selfbuilt {
 
 pub async fn start(cfg: SelfbuiltConfig) -> anyhow::Result<Selfbuilt> {
     let auth = rating_hub_adapter_kit::CallbackAuth::from_config(&cfg.callback_auth)?;
-    let spool = Spool::open(&cfg.spool).await?;
+    let at_rest = Arc::new(rating_hub_adapter_kit::AtRest::load(
+        &cfg.at_rest,
+        &cfg.spool,
+    )?);
+    let spool = Spool::open(&cfg.spool, at_rest).await?;
     let metrics = Arc::new(Metrics::default());
     let (stop, stop_rx) = watch::channel(false);
     let forwarder = Forwarder {

@@ -82,6 +82,7 @@ async fn webhook_items_are_mapped_validated_and_delivered() {
         hub: hub_connection(dir.path(), port),
         mapping: mapping(),
         callback_auth: rating_hub_adapter_kit::testing::callback_auth(dir.path()),
+        at_rest: Default::default(),
     };
     let adapter = rating_hub_selfbuilt::start(cfg).await.unwrap();
     let org = rating_hub::domain::codes::credit_code_with_check("11530100MA0000009").unwrap();

@@ -446,8 +446,15 @@ pub async fn start(cfg: HotlineConfig) -> anyhow::Result<Hotline> {
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(inner.clone());
-    let listener = tokio::net::TcpListener::bind(&cfg.listen).await?;
-    let addr = listener.local_addr()?;
+    // TLS when configured, and only from the allowed addresses.
+    let listener = rating_hub_adapter_kit::listen::CallbackListener::bind(
+        &cfg.listen,
+        rating_hub_adapter_kit::listen::tls_config(&cfg.callback_auth)?,
+        rating_hub_adapter_kit::listen::Allow::parse(&cfg.callback_auth.allow_from)?,
+        metrics.clone(),
+    )
+    .await?;
+    let addr = axum::serve::Listener::local_addr(&listener)?;
     let mut stop_http = stop_rx.clone();
     tasks.push(tokio::spawn(async move {
         let _ = axum::serve(listener, app)

@@ -86,10 +86,11 @@ fn case(number: &str, completed: i64) -> pb::ServiceCase {
 /// Posts a callback signed as the gateway signs it.
 async fn post_json(url: String, body: Value) -> Value {
     let body = body.to_string();
+    let path = reqwest::Url::parse(&url).unwrap().path().to_owned();
     let mut request = reqwest::Client::new()
         .post(url)
         .header("content-type", "application/json");
-    for (k, v) in rating_hub_adapter_kit::testing::signed_headers(body.as_bytes()) {
+    for (k, v) in rating_hub_adapter_kit::testing::signed_headers(&path, body.as_bytes()) {
         request = request.header(k, v);
     }
     request
@@ -560,17 +561,40 @@ async fn forged_unsigned_and_replayed_callbacks_are_refused() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
-    let (ts, sig) =
-        rating_hub_adapter_kit::auth::sign(b"a guessed secret, not theirs", now, body.as_bytes());
+    let (ts, sig) = rating_hub_adapter_kit::auth::sign(
+        b"a guessed secret, not theirs",
+        now,
+        "POST",
+        "/sms/mo",
+        body.as_bytes(),
+    );
     assert_eq!(
         send(vec![("x-timestamp", ts), ("x-signature", sig)]).await,
         401,
         "forged"
     );
     let signed: Vec<(&'static str, String)> =
-        rating_hub_adapter_kit::testing::signed_headers(body.as_bytes()).into();
+        rating_hub_adapter_kit::testing::signed_headers("/sms/mo", body.as_bytes()).into();
     assert_eq!(send(signed.clone()).await, 200, "signed");
     assert_eq!(send(signed).await, 401, "replayed");
+    // Signed for /sms/mo, sent to /ivr: refused (the route is signed too).
+    let mut other = reqwest::Client::new()
+        .post(format!("http://{}/ivr", hotline.addr))
+        .header("content-type", "application/json");
+    for (k, v) in rating_hub_adapter_kit::testing::signed_headers("/sms/mo", body.as_bytes()) {
+        other = other.header(k, v);
+    }
+    assert_eq!(
+        other
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        401,
+        "signed for another route"
+    );
     // Only the signed post was taken (kept as unmatched: no such survey).
     assert_eq!(hotline.surveys.unmatched().await.unwrap().len(), 1);
     // Metrics and health stay open.
@@ -578,6 +602,123 @@ async fn forged_unsigned_and_replayed_callbacks_are_refused() {
         .await
         .unwrap();
     assert_eq!(health.status(), 200);
+    hotline.shutdown().await;
+    hub.shutdown().await.unwrap();
+}
+
+/// The callback port over TLS with client certificates (mTLS authenticates the gateway, so
+/// its posts need no signature), and an allowlist of source addresses: a caller without a
+/// certificate, a plain-HTTP caller, and a caller from an address not allowed are all turned
+/// away before anything is read (before: plain HTTP from anywhere).
+#[tokio::test]
+async fn callbacks_over_mtls_only_from_allowed_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(
+        dir.path(),
+        0,
+        Arc::new(ManualClock::at(cst("2025-06-03", 10))),
+    )
+    .await;
+    let port = hub.local_addr.port();
+    let pki = dir.path().join("pki");
+    let p = |f: &str| pki.join(f).display().to_string();
+    let mut cfg = adapter_config(dir.path(), hub_connection(dir.path(), port), None);
+    cfg.callback_auth = rating_hub_adapter_kit::CallbackAuthConfig {
+        tls_cert: p(rating_hub::pki::SERVER_CERT),
+        tls_key: p(rating_hub::pki::SERVER_KEY),
+        tls_client_ca: p(rating_hub::pki::CA_CERT),
+        allow_from: vec!["127.0.0.1".into()],
+        ..Default::default()
+    };
+    let hotline = rating_hub_hotline::start(cfg.clone()).await.unwrap();
+    let body = json!([{"phone_number": "13912345678", "content": "1",
+                       "dest_code": "9000001", "sequence_id": "T"}])
+    .to_string();
+    let client = |identity: bool| {
+        let mut b = reqwest::Client::builder()
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(
+                    &std::fs::read(p(rating_hub::pki::CA_CERT)).unwrap(),
+                )
+                .unwrap(),
+            )
+            .resolve("localhost", hotline.addr);
+        if identity {
+            let mut pem = std::fs::read(p("tester.pem")).unwrap();
+            pem.extend(std::fs::read(p("tester.key")).unwrap());
+            b = b.identity(reqwest::Identity::from_pem(&pem).unwrap());
+        }
+        b.build().unwrap()
+    };
+    let url = format!("https://localhost:{}/sms/mo", hotline.addr.port());
+    let ok = client(true)
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200, "a gateway with its certificate");
+    assert!(
+        client(false)
+            .post(&url)
+            .body(body.clone())
+            .send()
+            .await
+            .is_err(),
+        "no client certificate: the handshake fails"
+    );
+    // Counted by the handshake's own task, which may finish just after the client gave up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while hotline.metrics.get("callbacks_tls_failed_total") < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the failed handshake is counted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        reqwest::Client::new()
+            .post(format!("http://{}/sms/mo", hotline.addr))
+            .body(body.clone())
+            .send()
+            .await
+            .is_err(),
+        "plain HTTP on the TLS port"
+    );
+    assert_eq!(
+        hotline.surveys.unmatched().await.unwrap().len(),
+        1,
+        "one post taken"
+    );
+    hotline.shutdown().await;
+
+    // From an address not in allow_from: closed before the handshake.
+    cfg.callback_auth.allow_from = vec!["10.9.9.0/24".into()];
+    let hotline = rating_hub_hotline::start(cfg).await.unwrap();
+    let url = format!("https://localhost:{}/sms/mo", hotline.addr.port());
+    let client = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(p(rating_hub::pki::CA_CERT)).unwrap())
+                .unwrap(),
+        )
+        .identity({
+            let mut pem = std::fs::read(p("tester.pem")).unwrap();
+            pem.extend(std::fs::read(p("tester.key")).unwrap());
+            reqwest::Identity::from_pem(&pem).unwrap()
+        })
+        .resolve("localhost", hotline.addr)
+        .build()
+        .unwrap();
+    assert!(
+        client.post(&url).body(body).send().await.is_err(),
+        "not an allowed address"
+    );
+    assert_eq!(hotline.metrics.get("callbacks_refused_address_total"), 1);
+    assert!(
+        hotline.surveys.unmatched().await.unwrap().len() == 1,
+        "nothing more taken"
+    );
     hotline.shutdown().await;
     hub.shutdown().await.unwrap();
 }

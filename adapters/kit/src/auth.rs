@@ -1,9 +1,14 @@
 //! Authentication of the callbacks an adapter takes over HTTP (SMS and IVR gateways, self-built
 //! platforms), the way gateways sign them: an HMAC-SHA256 with a shared secret over the
-//! timestamp and the body, checked within a time window, each signature taken once.
+//! timestamp, the method and path, and the body, checked within a time window, each
+//! signature taken once.
 //!
 //! - `X-Timestamp`: Unix seconds when the caller signed;
-//! - `X-Signature`: hex HMAC-SHA256(secret, `"{timestamp}\n{body}"`).
+//! - `X-Signature`: hex HMAC-SHA256(secret, `"{timestamp}\n{METHOD}\n{path}\n{body}"`), the
+//!   path as requested (with its query string, if any).
+//!
+//! The method and path are signed so a request signed for one route cannot be sent to
+//! another (an SMS reply's body posted as an IVR result).
 //!
 //! A request without them, signed with another secret, outside the window (±`window_secs`),
 //! or with a signature already used in the window is refused with HTTP 401 and a reason, and
@@ -38,6 +43,21 @@ pub struct CallbackAuthConfig {
     /// Off by default; said loudly at start.
     #[serde(default)]
     pub insecure_no_auth: bool,
+    /// Serve the callback port over TLS with this certificate (PEM) and `tls_key`. Empty:
+    /// plain HTTP (inside the department network only).
+    #[serde(default)]
+    pub tls_cert: String,
+    #[serde(default)]
+    pub tls_key: String,
+    /// With TLS: callers must present a certificate from this CA (mTLS). Then signatures
+    /// are not required (mTLS authenticates the caller), though still checked when present
+    /// with a `secret_file`.
+    #[serde(default)]
+    pub tls_client_ca: String,
+    /// Source addresses or networks allowed to connect ("10.1.2.0/24", "10.1.3.7"); empty:
+    /// any. Checked before anything else, on every connection.
+    #[serde(default)]
+    pub allow_from: Vec<String>,
 }
 
 fn d_window() -> i64 {
@@ -50,6 +70,10 @@ impl Default for CallbackAuthConfig {
             secret_file: String::new(),
             window_secs: d_window(),
             insecure_no_auth: false,
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            tls_client_ca: String::new(),
+            allow_from: Vec::new(),
         }
     }
 }
@@ -66,12 +90,16 @@ pub struct CallbackAuth {
 impl CallbackAuth {
     pub fn from_config(c: &CallbackAuthConfig) -> anyhow::Result<Self> {
         let secret = if c.secret_file.is_empty() {
+            let mtls = !c.tls_client_ca.is_empty();
             anyhow::ensure!(
-                c.insecure_no_auth,
-                "[callback_auth] secret_file is required: callbacks must be signed (HMAC-SHA256); \
-                 set insecure_no_auth = true only on a network no one else reaches"
+                c.insecure_no_auth || mtls,
+                "[callback_auth] secret_file is required: callbacks must be signed (HMAC-SHA256) \
+                 or come with a client certificate (tls_client_ca); set insecure_no_auth = true \
+                 only on a network no one else reaches"
             );
-            tracing::warn!("Callbacks are taken UNSIGNED ([callback_auth] insecure_no_auth).");
+            if !mtls {
+                tracing::warn!("Callbacks are taken UNSIGNED ([callback_auth] insecure_no_auth).");
+            }
             None
         } else {
             let bytes = std::fs::read(&c.secret_file)
@@ -102,6 +130,7 @@ impl CallbackAuth {
         &self,
         timestamp: Option<&str>,
         signature: Option<&str>,
+        target: (&str, &str),
         body: &[u8],
         now: i64,
     ) -> Result<Option<(Vec<u8>, i64)>, &'static str> {
@@ -117,9 +146,13 @@ impl CallbackAuth {
             Hmac::<Sha256>::new_from_slice(secret).map_err(|_| "the secret cannot key an HMAC")?;
         mac.update(timestamp.unwrap_or_default().trim().as_bytes());
         mac.update(b"\n");
+        mac.update(target.0.as_bytes());
+        mac.update(b"\n");
+        mac.update(target.1.as_bytes());
+        mac.update(b"\n");
         mac.update(body);
         mac.verify_slice(&given)
-            .map_err(|_| "X-Signature does not match the body")?;
+            .map_err(|_| "X-Signature does not match the request")?;
         if self.lock_seen(now).contains_key(&given) {
             return Err("this signature was already used (a replayed request)");
         }
@@ -183,7 +216,17 @@ impl CallbackAuth {
         let Ok(bytes) = to_bytes(body, MAX_BODY).await else {
             return (StatusCode::PAYLOAD_TOO_LARGE, "the body is too large").into_response();
         };
-        let used = match auth.check(header("x-timestamp"), header("x-signature"), &bytes, now) {
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or(parts.uri.path(), |p| p.as_str());
+        let used = match auth.check(
+            header("x-timestamp"),
+            header("x-signature"),
+            (parts.method.as_str(), path),
+            &bytes,
+            now,
+        ) {
             Ok(used) => used,
             Err(why) => return refuse(why),
         };
@@ -199,10 +242,21 @@ impl CallbackAuth {
     }
 }
 
-/// Signs a body as a gateway does: (X-Timestamp, X-Signature). For clients and tests.
-pub fn sign(secret: &[u8], timestamp: i64, body: &[u8]) -> (String, String) {
+/// Signs a request as a gateway does: (X-Timestamp, X-Signature) for `method` on `path`
+/// (with its query string, if any) with `body`. For clients and tests.
+pub fn sign(
+    secret: &[u8],
+    timestamp: i64,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> (String, String) {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("any key length");
     mac.update(timestamp.to_string().as_bytes());
+    mac.update(b"\n");
+    mac.update(method.as_bytes());
+    mac.update(b"\n");
+    mac.update(path.as_bytes());
     mac.update(b"\n");
     mac.update(body);
     (
@@ -228,37 +282,59 @@ mod tests {
         let a = auth();
         let secret = b"0123456789abcdef-secret";
         let body = br#"[{"content":"1"}]"#;
-        let (ts, sig) = sign(secret, 1_000, body);
-        let used = a.check(Some(&ts), Some(&sig), body, 1_010).unwrap();
+        let to = ("POST", "/sms/mo");
+        let (ts, sig) = sign(secret, 1_000, "POST", "/sms/mo", body);
+        let used = a.check(Some(&ts), Some(&sig), to, body, 1_010).unwrap();
         assert!(used.is_some());
         // Not taken yet (the route failed): the same request may come again.
-        let used = a.check(Some(&ts), Some(&sig), body, 1_011).unwrap();
+        let used = a.check(Some(&ts), Some(&sig), to, body, 1_011).unwrap();
         assert!(a.mark_used(used, 1_011));
-        let replayed = a.check(Some(&ts), Some(&sig), body, 1_012).unwrap_err();
+        let replayed = a.check(Some(&ts), Some(&sig), to, body, 1_012).unwrap_err();
         assert!(replayed.contains("already used"));
         // Stamped ahead of the clock: remembered while its own time is in the window.
-        let (ts5, sig5) = sign(secret, 1_290, body);
-        let used = a.check(Some(&ts5), Some(&sig5), body, 1_000).unwrap();
+        let (ts5, sig5) = sign(secret, 1_290, "POST", "/sms/mo", body);
+        let used = a.check(Some(&ts5), Some(&sig5), to, body, 1_000).unwrap();
         assert!(a.mark_used(used, 1_000));
-        let replayed = a.check(Some(&ts5), Some(&sig5), body, 1_250).unwrap_err();
+        let replayed = a
+            .check(Some(&ts5), Some(&sig5), to, body, 1_250)
+            .unwrap_err();
         assert!(replayed.contains("already used"));
         // Another body, another secret, a stale time, nothing at all.
-        let (ts2, sig2) = sign(secret, 1_000, br#"[{"content":"5"}]"#);
-        let e = a.check(Some(&ts2), Some(&sig2), body, 1_010).unwrap_err();
+        let (ts2, sig2) = sign(secret, 1_000, "POST", "/sms/mo", br#"[{"content":"5"}]"#);
+        let e = a
+            .check(Some(&ts2), Some(&sig2), to, body, 1_010)
+            .unwrap_err();
         assert!(e.contains("does not match"));
-        let (ts3, sig3) = sign(b"another secret of enough bytes", 1_000, body);
-        let e = a.check(Some(&ts3), Some(&sig3), body, 1_010).unwrap_err();
+        // The same request sent to another route.
+        let e = a
+            .check(Some(&ts), Some(&sig), ("POST", "/ivr"), body, 1_010)
+            .unwrap_err();
         assert!(e.contains("does not match"));
-        let e = a.check(Some(&ts), Some(&sig), body, 2_000).unwrap_err();
+        let e = a
+            .check(Some(&ts), Some(&sig), ("PUT", "/sms/mo"), body, 1_010)
+            .unwrap_err();
+        assert!(e.contains("does not match"));
+        let (ts3, sig3) = sign(
+            b"another secret of enough bytes",
+            1_000,
+            "POST",
+            "/sms/mo",
+            body,
+        );
+        let e = a
+            .check(Some(&ts3), Some(&sig3), to, body, 1_010)
+            .unwrap_err();
+        assert!(e.contains("does not match"));
+        let e = a.check(Some(&ts), Some(&sig), to, body, 2_000).unwrap_err();
         assert!(e.contains("window"));
         assert!(
-            a.check(None, None, body, 1_010)
+            a.check(None, None, to, body, 1_010)
                 .unwrap_err()
                 .contains("required")
         );
         // An absurd timestamp is refused, not overflowed.
         assert!(
-            a.check(Some(&i64::MIN.to_string()), Some(&sig), body, 1_000)
+            a.check(Some(&i64::MIN.to_string()), Some(&sig), to, body, 1_000)
                 .is_err()
         );
     }

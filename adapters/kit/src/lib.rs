@@ -6,7 +6,8 @@
 //! - [`source_key`]: deterministic source keys, so re-reading the same input never duplicates;
 //! - [`AtRest`]: personal data sealed in the adapters' own files, pruned when finished;
 //! - [`Metrics`]: counters without personal data;
-//! - [`CallbackAuth`]: signed callbacks (HMAC-SHA256 over timestamp and body, each once).
+//! - [`CallbackAuth`]: signed callbacks (HMAC-SHA256 over timestamp, route and body, each
+//!   once), served over TLS when configured, from allowed addresses ([`listen`]).
 
 #![forbid(unsafe_code)]
 
@@ -14,6 +15,7 @@ pub mod at_rest;
 pub mod auth;
 pub mod client;
 pub mod keys;
+pub mod listen;
 pub mod mapping;
 pub mod metrics;
 pub mod runtime;

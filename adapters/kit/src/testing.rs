@@ -154,9 +154,9 @@ pub fn callback_auth(dir: &Path) -> crate::CallbackAuthConfig {
     }
 }
 
-/// Headers signing `body` as a gateway does; a body signed again gets a moment of its own
+/// Headers signing a POST of `body` to `path` as a gateway does; a body signed again gets a moment of its own
 /// (two identical bodies sent in one second are two requests, not a replay).
-pub fn signed_headers(body: &[u8]) -> [(&'static str, String); 2] {
+pub fn signed_headers(path: &str, body: &[u8]) -> [(&'static str, String); 2] {
     // A body signed again signs a time of its own (now, or the latest second before it not
     // yet used for this body): the same body sent twice is then two requests, not a replay.
     // (A counter subtracted from the clock collided when a second call came a second after
@@ -178,7 +178,7 @@ pub fn signed_headers(body: &[u8]) -> [(&'static str, String); 2] {
     );
     used.insert((at, body.to_vec()));
     drop(used);
-    let (ts, sig) = crate::auth::sign(CALLBACK_SECRET.as_bytes(), at, body);
+    let (ts, sig) = crate::auth::sign(CALLBACK_SECRET.as_bytes(), at, "POST", path, body);
     [("x-timestamp", ts), ("x-signature", sig)]
 }
 

@@ -194,8 +194,15 @@ pub async fn start(cfg: SelfbuiltConfig) -> anyhow::Result<Selfbuilt> {
         metrics: metrics.clone(),
     };
     let mut tasks = vec![tokio::spawn(forwarder.run(stop_rx.clone()))];
-    let listener = tokio::net::TcpListener::bind(&cfg.listen).await?;
-    let addr = listener.local_addr()?;
+    // TLS when configured, and only from the allowed addresses.
+    let listener = rating_hub_adapter_kit::listen::CallbackListener::bind(
+        &cfg.listen,
+        rating_hub_adapter_kit::listen::tls_config(&cfg.callback_auth)?,
+        rating_hub_adapter_kit::listen::Allow::parse(&cfg.callback_auth.allow_from)?,
+        metrics.clone(),
+    )
+    .await?;
+    let addr = axum::serve::Listener::local_addr(&listener)?;
     let inner = Arc::new(Inner {
         cfg,
         spool: spool.clone(),

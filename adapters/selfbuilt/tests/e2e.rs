@@ -100,7 +100,9 @@ async fn webhook_items_are_mapped_validated_and_delivered() {
             let mut request = reqwest::Client::new()
                 .post(url)
                 .header("content-type", "application/json");
-            for (k, v) in rating_hub_adapter_kit::testing::signed_headers(body.as_bytes()) {
+            for (k, v) in
+                rating_hub_adapter_kit::testing::signed_headers("/ratings", body.as_bytes())
+            {
                 request = request.header(k, v);
             }
             request
@@ -149,7 +151,7 @@ async fn webhook_items_are_mapped_validated_and_delivered() {
     let mut bad = reqwest::Client::new()
         .post(format!("http://{}/ratings", adapter.addr))
         .header("content-type", "application/json");
-    for (k, v) in rating_hub_adapter_kit::testing::signed_headers(text.as_bytes()) {
+    for (k, v) in rating_hub_adapter_kit::testing::signed_headers("/ratings", text.as_bytes()) {
         bad = bad.header(k, v);
     }
     let bad = bad.body(text).send().await.unwrap();

@@ -43,6 +43,8 @@ pub struct Hotline {
     inner: Arc<Inner>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// This adapter is the only one on its spool while this is open.
+    _lock: std::fs::File,
 }
 
 /// One SMS the gateway received (its MO callback item).
@@ -373,6 +375,7 @@ pub async fn start(cfg: HotlineConfig) -> anyhow::Result<Hotline> {
         &cfg.at_rest,
         &cfg.spool,
     )?);
+    let lock = rating_hub_adapter_kit::runtime::exclusive(&cfg.spool)?;
     let spool = Spool::open(&cfg.spool, at_rest.clone()).await?;
     let surveys = Surveys::open(&cfg.state, at_rest).await?;
     let metrics = Arc::new(Metrics::default());
@@ -465,6 +468,7 @@ pub async fn start(cfg: HotlineConfig) -> anyhow::Result<Hotline> {
     }));
     tracing::info!(%addr, "Hotline adapter listening.");
     Ok(Hotline {
+        _lock: lock,
         addr,
         spool,
         surveys,

@@ -51,6 +51,36 @@ pub async fn open_sqlite(
     Ok(pool)
 }
 
+/// Makes this process the only adapter running on the spool at `path`: an exclusive lock on
+/// `<path>.lock`, held while the returned file is open (the system releases it when the
+/// process ends, however it ends). A second adapter on the same spool — the same sources read
+/// twice, the same files moved by two — refuses to start and says why. The spool commands
+/// below take no lock: they work beside a running adapter.
+pub fn exclusive(path: &str) -> anyhow::Result<std::fs::File> {
+    let lock = format!("{path}.lock");
+    if let Some(dir) = std::path::Path::new(path)
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.create(true).write(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let file = opts
+        .open(&lock)
+        .map_err(|e| anyhow::anyhow!("cannot open {lock}: {e}"))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another adapter is running on the spool {path} (it holds {lock}); \
+             two on one spool would read the same sources twice"
+        ),
+        Err(std::fs::TryLockError::Error(e)) => anyhow::bail!("cannot lock {lock}: {e}"),
+    }
+}
+
 /// What an operator can do with an adapter's spool from the command line (the adapter may
 /// be running: the spool is a WAL database, and the forwarder looks again within seconds).
 #[derive(Debug, clap::Subcommand)]

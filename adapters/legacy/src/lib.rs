@@ -31,6 +31,8 @@ pub struct Legacy {
     cfg: LegacyConfig,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// This adapter is the only one on its spool while this is open.
+    _lock: std::fs::File,
 }
 
 impl Legacy {
@@ -83,6 +85,7 @@ pub async fn start(cfg: LegacyConfig) -> anyhow::Result<Legacy> {
         &cfg.at_rest,
         &cfg.spool,
     )?);
+    let lock = rating_hub_adapter_kit::runtime::exclusive(&cfg.spool)?;
     let spool = Spool::open(&cfg.spool, at_rest).await?;
     let state = state::State::open(&cfg.state).await?;
     let metrics = Arc::new(Metrics::default());
@@ -111,6 +114,7 @@ pub async fn start(cfg: LegacyConfig) -> anyhow::Result<Legacy> {
         }));
     }
     Ok(Legacy {
+        _lock: lock,
         spool,
         state,
         metrics,

@@ -727,3 +727,26 @@ fn with_database(admin: &str, db: &str) -> String {
     let base = admin.rsplit_once('/').expect("URL with a database").0;
     format!("{base}/{db}")
 }
+
+/// Two adapters on one spool would read the same folders and tables twice and move the same
+/// files: the second refuses to start, and says why; once the first stops, another starts.
+#[tokio::test]
+async fn a_second_adapter_on_the_same_spool_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let drop = dir.path().join("drop");
+    std::fs::create_dir_all(&drop).unwrap();
+    let hub = start_hub(dir.path(), 0, Arc::new(rating_hub::clock::SystemClock)).await;
+    let cfg = config(dir.path(), hub.local_addr.port(), &drop, 100_000);
+    let first = rating_hub_legacy::start(cfg.clone()).await.unwrap();
+    let err = match rating_hub_legacy::start(cfg.clone()).await {
+        Ok(_) => panic!("a second adapter started on the same spool"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("another adapter is running"), "{err}");
+    first.shutdown().await;
+    rating_hub_legacy::start(cfg)
+        .await
+        .unwrap()
+        .shutdown()
+        .await;
+}

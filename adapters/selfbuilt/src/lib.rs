@@ -176,6 +176,8 @@ pub struct Selfbuilt {
     pub spool: Spool,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// This adapter is the only one on its spool while this is open.
+    _lock: std::fs::File,
 }
 
 pub async fn start(cfg: SelfbuiltConfig) -> anyhow::Result<Selfbuilt> {
@@ -184,6 +186,7 @@ pub async fn start(cfg: SelfbuiltConfig) -> anyhow::Result<Selfbuilt> {
         &cfg.at_rest,
         &cfg.spool,
     )?);
+    let lock = rating_hub_adapter_kit::runtime::exclusive(&cfg.spool)?;
     let spool = Spool::open(&cfg.spool, at_rest).await?;
     let metrics = Arc::new(Metrics::default());
     let (stop, stop_rx) = watch::channel(false);
@@ -231,6 +234,7 @@ pub async fn start(cfg: SelfbuiltConfig) -> anyhow::Result<Selfbuilt> {
     }));
     tracing::info!(%addr, "Self-built platform adapter listening.");
     Ok(Selfbuilt {
+        _lock: lock,
         addr,
         spool,
         stop,

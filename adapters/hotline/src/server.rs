@@ -153,7 +153,12 @@ impl Inner {
         // told 接收成功). A re-send of the same reply finds it; a different one is refused,
         // whichever channel it came by (an SMS and an IVR reply to one survey are one
         // rating, not two).
-        let key = source_key("survey", &[&survey.dest_code]);
+        // With the invitation: a reply code whose survey was pruned after the retention period
+        // may be drawn again, and the new survey's rating is not the old one's.
+        let key = source_key(
+            "survey",
+            &[&survey.dest_code, &survey.invitation_id.to_string()],
+        );
         let rating = pb::Rating {
             text: words,
             source_key: key,

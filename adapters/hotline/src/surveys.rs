@@ -22,6 +22,9 @@ pub fn now_micros() -> i64 {
 #[derive(Debug, Clone)]
 pub struct Survey {
     pub id: i64,
+    /// The hub's invitation this survey answers: never reused, unlike a reply code (one
+    /// whose survey was pruned may be drawn again).
+    pub invitation_id: i64,
     pub dest_code: String,
     pub case: pb::ServiceCase,
     pub phone: String,
@@ -53,6 +56,19 @@ impl Surveys {
         let pool = rating_hub_adapter_kit::runtime::open_sqlite(path, &MIGRATOR).await?;
         let s = Self { pool, at_rest };
         s.seal_plain().await?;
+        // A key that does not open what is stored is said at start (a state file restored
+        // without its key), not at the first reply.
+        if let Some(r) = sqlx::query("SELECT * FROM surveys ORDER BY id DESC LIMIT 1")
+            .fetch_optional(&s.pool)
+            .await?
+        {
+            s.survey_from_row(&r).map_err(|e| {
+                anyhow::anyhow!(
+                    "{path} was sealed with another key than [at_rest] key names ({e}): \
+                     restore the key it was sealed with"
+                )
+            })?;
+        }
         s.prune(now_micros()).await?;
         Ok(s)
     }
@@ -334,6 +350,7 @@ impl Surveys {
             .open(&r.try_get::<Vec<u8>, _>("phone")?, &phone_aad(inv))?;
         Ok(Survey {
             id: r.try_get("id")?,
+            invitation_id: inv,
             dest_code: r.try_get("dest_code")?,
             case: pb::ServiceCase::decode(case.as_slice())?,
             phone: String::from_utf8(phone)?,

@@ -62,23 +62,34 @@ impl std::fmt::Debug for AtRest {
     }
 }
 
-/// Writes a fresh random key (mode 0600) at `path` unless a file is there. Two adapters
-/// starting at once: one creates it, the other reads it.
+/// Writes a fresh random key (mode 0600) at `path` unless a file is there: written whole to
+/// a file of its own, synced, then linked into place — so neither a second adapter starting
+/// at the same moment nor a crash half-way ever sees a partial key. Whichever link lands
+/// first is the key; the other is discarded.
 fn create_key(path: &Path) -> anyhow::Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
+    opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = match opts.open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
-        Err(e) => anyhow::bail!("cannot create the sealing key {}: {e}", path.display()),
-    };
+    let mut f = opts
+        .open(&tmp)
+        .map_err(|e| anyhow::anyhow!("cannot create the sealing key {}: {e}", tmp.display()))?;
     let mut key = [0u8; 32];
     getrandom(&mut key)?;
     f.write_all(format!("{}\n", hex::encode(key)).as_bytes())?;
     f.sync_all()?;
-    Ok(())
+    drop(f);
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => anyhow::bail!("cannot create the sealing key {}: {e}", path.display()),
+    }
 }
 
 fn getrandom(buf: &mut [u8]) -> anyhow::Result<()> {

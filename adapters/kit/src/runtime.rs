@@ -42,6 +42,9 @@ pub async fn open_sqlite(
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Full)
+        // Deleted rows (a delivered rating pruned, a row sealed in place) are overwritten,
+        // not left readable in free pages.
+        .pragma("secure_delete", "ON")
         .busy_timeout(Duration::from_secs(10));
     let pool = SqlitePoolOptions::new()
         .max_connections(4)

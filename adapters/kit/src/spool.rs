@@ -105,8 +105,36 @@ impl Spool {
             at_rest,
         };
         spool.seal_plain().await?;
+        spool.check_key(path).await?;
         spool.prune(now_micros()).await?;
         Ok(spool)
+    }
+
+    /// Refuses a key that does not open what the spool holds (a spool restored without its
+    /// key, a key changed in the configuration): said at start, rather than every rating
+    /// failing later.
+    async fn check_key(&self, path: &str) -> anyhow::Result<()> {
+        // The newest few rows not already set aside: one damaged row is not a wrong key.
+        let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
+            "SELECT source_key, rating FROM spool WHERE substr(outcome, 1, 10) != 'UNREADABLE' \
+             ORDER BY id DESC LIMIT 5",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut last_error = None;
+        for (key, sealed) in &rows {
+            match self.at_rest.open(sealed, key.as_bytes()) {
+                Ok(_) => return Ok(()),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        match last_error {
+            None => Ok(()),
+            Some(e) => anyhow::bail!(
+                "the spool {path} was sealed with another key than [at_rest] key names ({e}): \
+                 restore the key it was sealed with"
+            ),
+        }
     }
 
     /// Seals the ratings an older version stored in clear.
@@ -230,21 +258,38 @@ impl Spool {
     }
 
     async fn waiting(&self, limit: i64) -> anyhow::Result<Vec<(i64, pb::Rating)>> {
-        let rows = sqlx::query(
-            "SELECT id, source_key, rating FROM spool WHERE state = 0 ORDER BY id LIMIT ?",
-        )
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
+        // Rows set aside as unreadable are not returned: look again until a batch has a
+        // rating to send or nothing is waiting.
+        loop {
+            let rows = sqlx::query(
+                "SELECT id, source_key, rating FROM spool WHERE state = 0 ORDER BY id LIMIT ?",
+            )
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let id: i64 = r.try_get("id")?;
                 let key: String = r.try_get("source_key")?;
-                let bytes = self
+                let opened = self
                     .at_rest
-                    .open(&r.try_get::<Vec<u8>, _>("rating")?, key.as_bytes())?;
-                Ok((r.try_get("id")?, pb::Rating::decode(bytes.as_slice())?))
-            })
-            .collect()
+                    .open(&r.try_get::<Vec<u8>, _>("rating")?, key.as_bytes())
+                    .and_then(|b| Ok(pb::Rating::decode(b.as_slice())?));
+                match opened {
+                    Ok(rating) => out.push((id, rating)),
+                    // One row that cannot be opened (a damaged page, a foreign key) is set
+                    // aside with the reason, visible to `refused`; the others go on.
+                    Err(e) => {
+                        tracing::error!(id, error = %e, "A spooled rating cannot be opened; set aside.");
+                        self.mark(id, 2, &format!("UNREADABLE {e}"), "").await?;
+                    }
+                }
+            }
+            if out.is_empty() && !rows.is_empty() {
+                continue;
+            }
+            return Ok(out);
+        }
     }
 
     async fn mark(&self, id: i64, state: i64, outcome: &str, hub_id: &str) -> anyhow::Result<()> {
@@ -539,5 +584,53 @@ mod tests {
         assert_eq!(waiting, ["waiting", "denied"]);
         assert_eq!(spool.requeue(None).await.unwrap(), 1);
         assert_eq!(spool.counts().await.unwrap().refused, 0);
+    }
+
+    /// A spool restored without its key (or with the configuration naming another) refuses
+    /// to open and says why; one row that cannot be opened is set aside as UNREADABLE with
+    /// the others sent on (before, one such row failed every batch for ever).
+    #[tokio::test]
+    async fn a_foreign_key_is_refused_at_start_and_an_unreadable_row_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db").display().to_string();
+        let at_rest = Arc::new(AtRest::load(&Default::default(), &path).unwrap());
+        let spool = Spool::open(&path, at_rest.clone()).await.unwrap();
+        for k in ["a", "b", "c"] {
+            spool.put(&rated(k, "13800138000")).await.unwrap();
+        }
+        // Row b's blob damaged.
+        sqlx::query("UPDATE spool SET rating = X'5331000000' WHERE source_key = 'b'")
+            .execute(&spool.pool)
+            .await
+            .unwrap();
+        let sent: Vec<String> = spool
+            .waiting(10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, r)| r.source_key)
+            .collect();
+        assert_eq!(sent, ["a", "c"]);
+        let refused = spool.refused().await.unwrap();
+        assert_eq!(refused.len(), 1);
+        assert!(refused[0].1.starts_with("UNREADABLE"), "{refused:?}");
+        drop(spool);
+
+        let other = dir.path().join("other.key");
+        std::fs::write(&other, format!("{}\n", "ab".repeat(32))).unwrap();
+        let foreign = AtRest::load(
+            &crate::AtRestConfig {
+                key: other.display().to_string(),
+                ..Default::default()
+            },
+            &path,
+        )
+        .unwrap();
+        let err = match Spool::open(&path, Arc::new(foreign)).await {
+            Ok(_) => panic!("opened with a foreign key"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("sealed with another key"), "{err}");
+        assert!(Spool::open(&path, at_rest).await.is_ok());
     }
 }

@@ -209,8 +209,10 @@ fn files(cfg: &FolderConfig, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 /// A row's key when no `source_key` column is mapped: a hash of its fields, names and
-/// values, in name order (a re-export with its columns in another order is the same rows).
-fn content_key(prefix: &str, rec: &Record) -> String {
+/// values, in name order (a re-export with its columns in another order is the same rows),
+/// and which of the file's identical rows it is (two raters giving the same answer in the
+/// same minute are two ratings; the same file read again gives each the same key).
+fn content_key(prefix: &str, rec: &Record, nth: usize) -> String {
     let mut h = Sha256::new();
     for (k, v) in rec {
         h.update((k.len() as u64).to_be_bytes());
@@ -218,7 +220,10 @@ fn content_key(prefix: &str, rec: &Record) -> String {
         h.update((v.len() as u64).to_be_bytes());
         h.update(v.as_bytes());
     }
-    source_key(prefix, &[&hex::encode(&h.finalize()[..16])])
+    source_key(
+        prefix,
+        &[&hex::encode(&h.finalize()[..16]), &nth.to_string()],
+    )
 }
 
 fn csv_line(cells: &[String]) -> String {
@@ -235,6 +240,9 @@ fn csv_line(cells: &[String]) -> String {
         .join(",")
 }
 
+/// Passes in a row a file may fail to be read before it is set aside.
+const READ_ATTEMPTS: u32 = 3;
+
 /// Moves `from` into `dir`, not overwriting an earlier file of the same name.
 fn move_into(from: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
     let name = from
@@ -248,7 +256,33 @@ fn move_into(from: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
         n += 1;
     }
     std::fs::rename(from, &to)?;
+    // Its time in done/ or rejects/ counts from now (a rename keeps the sender's time, and
+    // the retention period would delete a file dropped long ago as soon as it arrived).
+    if let Ok(f) = std::fs::File::options().write(true).open(&to) {
+        let _ = f.set_modified(std::time::SystemTime::now());
+    }
     Ok(to)
+}
+
+/// Deletes files in `dir` older than `keep`: the department's files (and their reports,
+/// which quote rejected rows) hold raters' personal data in clear, and are kept only for
+/// the retention period. Returns how many went.
+fn prune_old(dir: &Path, keep: std::time::Duration) -> usize {
+    let now = std::time::SystemTime::now();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.metadata().is_ok_and(|m| {
+                m.is_file()
+                    && m.modified()
+                        .is_ok_and(|t| now.duration_since(t).is_ok_and(|age| age > keep))
+            })
+        })
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
 }
 
 /// One pass over the folder. A file that cannot be read is set aside in `rejects/` with the
@@ -259,11 +293,18 @@ pub async fn pass(
     spool: &Spool,
     state: &State,
     metrics: &Metrics,
+    keep: Option<std::time::Duration>,
 ) -> anyhow::Result<()> {
     let dir = Path::new(&cfg.path);
     let (done, rejects) = (dir.join("done"), dir.join("rejects"));
     std::fs::create_dir_all(&done)?;
     std::fs::create_dir_all(&rejects)?;
+    if let Some(keep) = keep {
+        let n = prune_old(&done, keep) + prune_old(&rejects, keep);
+        if n > 0 {
+            tracing::info!(folder = %cfg.name, files = n, "Deleted processed files past the retention period.");
+        }
+    }
     let mut first = None;
     for path in files(cfg, dir)? {
         if let Err(e) = file(cfg, &path, &done, &rejects, spool, state, metrics).await {
@@ -316,21 +357,54 @@ async fn file(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let before = look(path)?;
+    let failures = format!("unreadable:{}:{name}", cfg.name);
     let bytes = match tokio::fs::read(path).await {
-        Ok(b) => b,
-        // Unreadable (permissions, an I/O error): set aside, not retried on every pass
-        // while the other files wait.
+        Ok(b) => {
+            state.delete(&failures).await?;
+            b
+        }
+        // Unreadable (permissions, a lock the sender still holds, a network share's hiccup):
+        // tried again on the next passes, and set aside after READ_ATTEMPTS in a row, so a
+        // file that cannot be read does not fail every pass for ever.
         Err(e) => {
+            let n: u32 = state
+                .get(&failures)
+                .await?
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+                + 1;
+            if n < READ_ATTEMPTS {
+                state.set(&failures, &n.to_string()).await?;
+                anyhow::bail!("cannot read the file (attempt {n} of {READ_ATTEMPTS}): {e}");
+            }
+            state.delete(&failures).await?;
             return quarantine(
                 cfg,
                 path,
                 rejects,
                 &name,
-                &format!("cannot read the file: {e}"),
+                &format!("cannot read the file ({n} attempts): {e}"),
                 metrics,
             );
         }
     };
+    // Changed while it was read (a writer that stalled longer than settle_secs, then went
+    // on): nothing of it is taken now; the next pass sees it again.
+    if look(path)? != before {
+        tracing::info!(file = %name, "File changed while read; will read it again.");
+        return Ok(());
+    }
+    // UTF-8 that stops mid-character at the very end is a file cut short, not GBK: wait
+    // for the rest (before, "auto" read such a file as GBK, every row garbled).
+    if cfg.encoding != "gbk"
+        && let Err(e) = std::str::from_utf8(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes))
+        && e.error_len().is_none()
+    {
+        if let Some(held) = rating_hub::telemetry::throttle_for("legacy.file_cut", &name) {
+            tracing::warn!(file = %name, held, "File ends mid-character: taken when complete.");
+        }
+        return Ok(());
+    }
     let file_id = hex::encode(&Sha256::digest(&bytes)[..12]);
     let is_xml = name.to_ascii_lowercase().ends_with(".xml");
     let parsed = decode(&bytes, &cfg.encoding).and_then(|text| {
@@ -364,12 +438,17 @@ async fn file(
     // Every row's fate, worked out again on each pass (mapping is deterministic).
     let mut outcomes: Vec<(usize, String, Result<pb::Rating, String>)> =
         Vec::with_capacity(records.len());
+    let mut seen: std::collections::HashMap<&Record, usize> = std::collections::HashMap::new();
     for (row, rec) in &records {
         let key = match (cfg.mapping.source_of("source_key"), rec) {
             (Some(col), Ok(r)) if r.get(col).is_some_and(|v| !v.trim().is_empty()) => {
                 source_key(&key_prefix, &[r[col].trim()])
             }
-            (_, Ok(r)) => content_key(&key_prefix, r),
+            (_, Ok(r)) => {
+                let nth = seen.entry(r).or_default();
+                *nth += 1;
+                content_key(&key_prefix, r, *nth)
+            }
             // An unreadable row is not spooled; its key only names it in the report.
             (_, Err(_)) => source_key(&key_prefix, &[&file_id, &row.to_string()]),
         };

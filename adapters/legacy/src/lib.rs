@@ -59,7 +59,9 @@ async fn pass(
     // spooled) does not hold the others back. Every failure is returned, one per line.
     let mut failed: Vec<String> = Vec::new();
     for f in &cfg.folders {
-        if let Err(e) = folder::pass(f, spool, state, metrics).await {
+        let keep = (cfg.at_rest.retention_days > 0)
+            .then(|| Duration::from_secs(cfg.at_rest.retention_days * 86_400));
+        if let Err(e) = folder::pass(f, spool, state, metrics, keep).await {
             tracing::warn!(folder = %f.name, error = %e, "Folder pass failed; will retry.");
             failed.push(format!("folder {}: {e:#}", f.name));
         }

@@ -14,12 +14,14 @@ use rating_hub_adapter_kit::{Metrics, Spool, source_key};
 use crate::config::TableConfig;
 use crate::state::State;
 
-/// Column `i` of a row read as bytes, as text: `None` for NULL, an error naming why when it
-/// is not UTF-8.
+/// Column `i` of a row, read as the hexadecimal of its text's bytes, as text: `None` for
+/// NULL, an error naming why when it is not UTF-8.
 fn text_at(row: &sqlx::any::AnyRow, i: usize) -> anyhow::Result<Option<String>> {
-    let Some(bytes) = row.try_get::<Option<Vec<u8>>, _>(i)? else {
+    let Some(hex_text) = row.try_get::<Option<String>, _>(i)? else {
         return Ok(None);
     };
+    let bytes = hex::decode(hex_text.trim())
+        .map_err(|e| anyhow::anyhow!("the database's hexadecimal is not: {e}"))?;
     String::from_utf8(bytes)
         .map(Some)
         .map_err(|e| anyhow::anyhow!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()))
@@ -127,16 +129,19 @@ async fn read(
 ) -> anyhow::Result<()> {
     let postgres = cfg.url.starts_with("postgres");
     let mysql = cfg.url.starts_with("mysql");
-    // Every column is read as its text's bytes, and decoded here: a value that is not
-    // UTF-8 rejects its row with the reason (the driver, asked for text, failed the whole
-    // batch — and every pass after it).
+    // Every column is read as the hexadecimal of its text's bytes (plain ASCII, which every
+    // driver passes as text), and decoded here: a value that is not UTF-8 rejects its row
+    // with the reason (the driver, asked for the text itself, failed the whole batch — and
+    // every pass after it). MySQL converts a column in another character set (GBK) to
+    // UTF-8 first; a number or a date becomes its printed text everywhere.
     let as_bytes = |c: &str| {
         if postgres {
-            format!("convert_to(CAST({c} AS TEXT), 'UTF8') AS {c}")
+            format!("encode(convert_to(CAST({c} AS TEXT), 'UTF8'), 'hex') AS {c}")
         } else if mysql {
-            format!("CAST({c} AS BINARY) AS {c}")
+            format!("HEX(CONVERT({c} USING utf8mb4)) AS {c}")
         } else {
-            format!("CAST({c} AS BLOB) AS {c}")
+            // SQLite's hex() of NULL is '', not NULL.
+            format!("CASE WHEN {c} IS NULL THEN NULL ELSE hex({c}) END AS {c}")
         }
     };
     let mut columns: BTreeSet<&str> = cfg.mapping.fields.values().map(String::as_str).collect();
@@ -168,15 +173,16 @@ async fn read(
     };
     let (t, w, n) = (&cfg.table, &cfg.watermark, cfg.batch);
     let now = rating_hub::clock::Clock::now_micros(&rating_hub::clock::SystemClock);
-    let mut cursor = Cursor::load(state, &cfg.name).await?;
-    if let Some((at, wm)) = &cursor.pending
-        && now.saturating_sub(*at) >= cfg.settle_secs as i64 * 1_000_000
+    let cursor = Cursor::load(state, &cfg.name).await?;
+    // Rows whose watermark is NULL cannot be placed: never read, and said so (before, one such
+    // row, sorted first, stopped the table for good).
+    let nulls: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {t} WHERE {w} IS NULL"))
+        .fetch_one(pool)
+        .await?;
+    if nulls > 0
+        && let Some(held) = rating_hub::telemetry::throttle_for("legacy.null_watermark", &cfg.name)
     {
-        Cursor::commit(state, &cfg.name, wm).await?;
-        cursor = Cursor {
-            committed: Some(wm.clone()),
-            pending: None,
-        };
+        tracing::warn!(table = %cfg.name, rows = nulls, held, "Rows with a NULL watermark are not read: give them a value.");
     }
     let key_prefix = format!("table:{}", cfg.name);
     // Where this pass stands: never past a value that may still have unread rows.
@@ -188,7 +194,9 @@ async fn read(
                 "SELECT {select} FROM {t} WHERE {w} > {p} ORDER BY {w} LIMIT {n}",
                 p = param(1)
             ),
-            None => format!("SELECT {select} FROM {t} ORDER BY {w} LIMIT {n}"),
+            None => {
+                format!("SELECT {select} FROM {t} WHERE {w} IS NOT NULL ORDER BY {w} LIMIT {n}")
+            }
         };
         let mut q = sqlx::query(&sql);
         if let Some(v) = &at {
@@ -288,7 +296,9 @@ async fn read(
             );
         }
         metrics.add("table_rows_spooled_total", stored as u64);
-        highest = Some(last);
+        // Everything up to `next` is read (the rest of a run at `last`, when the batch cut it,
+        // is read on the next round).
+        highest = next.clone();
         if at == next {
             break;
         }
@@ -298,11 +308,27 @@ async fn read(
         }
     }
     // Only now, with the rows durable in the spool, may a watermark move: at once when no
-    // settling is asked for; else the highest value read waits settle_secs first.
-    if let Some(h) = highest {
-        if cfg.settle_secs == 0 {
+    // settling is asked for. Else a pending value is committed once it has waited
+    // settle_secs — after this pass read again everything above the committed one, so a row
+    // that committed late below it was just read — and the highest value read waits next.
+    if cfg.settle_secs == 0 {
+        if let Some(h) = highest {
             Cursor::commit(state, &cfg.name, &h).await?;
-        } else if cursor.pending.is_none() && cursor.committed.as_deref() != Some(h.as_str()) {
+        }
+    } else {
+        let mut committed = cursor.committed;
+        let mut pending = cursor.pending;
+        if let Some((at, wm)) = &pending
+            && now.saturating_sub(*at) >= cfg.settle_secs as i64 * 1_000_000
+        {
+            Cursor::commit(state, &cfg.name, wm).await?;
+            committed = Some(wm.clone());
+            pending = None;
+        }
+        if let Some(h) = highest
+            && pending.is_none()
+            && committed.as_deref() != Some(h.as_str())
+        {
             Cursor::hold(state, &cfg.name, now, &h).await?;
         }
     }

@@ -147,6 +147,10 @@ async fn webhook_items_are_mapped_validated_and_delivered() {
     let again = post(body).await;
     assert_eq!(again["results"][0]["outcome"], "duplicate");
     assert_eq!(again["results"][1]["outcome"], "duplicate");
+    // The same id with a different rating: a reused key, not a re-send. Refused as a
+    // conflict, nothing stored, never answered as received.
+    let reused = post(json!([item("a1", json!(1), &org)])).await;
+    assert_eq!(reused["results"][0]["outcome"], "conflict", "{reused}");
     let text = json!("text").to_string();
     let mut bad = reqwest::Client::new()
         .post(format!("http://{}/ratings", adapter.addr))

@@ -809,3 +809,126 @@ async fn a_second_adapter_on_the_same_spool_refuses_to_start() {
         .shutdown()
         .await;
 }
+
+/// The URL of the MariaDB test server: `RATING_HUB_TEST_MYSQL_URL`, or one started with
+/// `scripts/mariadb` in a temp directory, stopped when this process exits.
+fn mysql_admin_url() -> &'static str {
+    static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    URL.get_or_init(|| {
+        if let Ok(url) = std::env::var("RATING_HUB_TEST_MYSQL_URL") {
+            return url;
+        }
+        let dir = std::env::temp_dir().join(format!("rating-hub-mariadb-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/mariadb");
+        let out = Command::new(script)
+            .arg("start")
+            .arg(dir.join("server"))
+            .args(["--watch", &std::process::id().to_string()])
+            .output()
+            .expect("run scripts/mariadb");
+        assert!(
+            out.status.success(),
+            "scripts/mariadb could not start a server:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    })
+}
+
+/// The table poller against a real MariaDB (MySQL): a `TIMESTAMP` watermark written by a
+/// UTC session reads as Beijing wall time (sqlx's +00:00 session shifted it 8 hours), a
+/// tie across a batch loses nothing, a GBK column arrives as its text, and a value that is
+/// not text in any character set rejects its row alone.
+#[tokio::test]
+async fn a_mysql_table_with_a_timestamp_watermark_and_a_gbk_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(dir.path(), 0, Arc::new(rating_hub::clock::SystemClock)).await;
+    let port = hub.local_addr.port();
+    sqlx::any::install_default_drivers();
+    let admin = mysql_admin_url();
+    let db = format!("legacy_{}", uuid::Uuid::now_v7().simple());
+    let admin_pool = sqlx::AnyPool::connect(admin).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {db} CHARACTER SET utf8mb4"))
+        .execute(&admin_pool)
+        .await
+        .unwrap();
+    let url = with_database(admin, &db);
+    let dept = sqlx::any::AnyPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    // The department's writer runs in UTC.
+    sqlx::query("SET time_zone = '+00:00'")
+        .execute(&dept)
+        .await
+        .unwrap();
+    sqlx::query(
+        "CREATE TABLE pj_evaluation (id INT PRIMARY KEY, bjbh VARCHAR(32), sxbm VARCHAR(32), \
+         sxmc VARCHAR(64), xzqh VARCHAR(8), tyshxydm VARCHAR(18), myd INT, pjsj TIMESTAMP(0) NULL, \
+         pjnr VARCHAR(100) CHARACTER SET gbk, sjhm VARCHAR(16))",
+    )
+    .execute(&dept)
+    .await
+    .unwrap();
+    let insert = |id: i64, at: &'static str, text: &'static str| {
+        let dept = dept.clone();
+        async move {
+            sqlx::query(
+                "INSERT INTO pj_evaluation VALUES (?, ?, '530100-ITEM-2', '不动产登记', '530102', ?, 2, \
+                 ?, ?, '13700001234')",
+            )
+            .bind(id)
+            .bind(format!("MY-{id}"))
+            .bind(org())
+            .bind(at)
+            .bind(text)
+            .execute(&dept)
+            .await
+            .unwrap();
+        }
+    };
+    for id in 1..=3 {
+        insert(id, "2025-06-04 01:30:00", "很好").await;
+    }
+    insert(4, "2025-06-04 01:45:00", "x").await;
+    let mut cfg = config(dir.path(), port, &dir.path().join("unused"), 100_000);
+    cfg.folders.clear();
+    cfg.tables.push(table("my", &url, "timestamp", 0));
+    let adapter = rating_hub_legacy::start(cfg).await.unwrap();
+    adapter.pass().await.unwrap();
+    let all = wait_for_ratings(dir.path(), port, 4, Duration::from_secs(30)).await;
+    let at = |case: &str| {
+        let r = all.iter().find(|r| r.case_number == case).unwrap();
+        rating_hub::time::micros_from_timestamp(r.rated_at.as_ref().unwrap()).unwrap()
+    };
+    let cst_0930 =
+        rating_hub_adapter_kit::mapping::parse_time("2025-06-04 09:30:00", "yyyy-MM-dd HH:mm:ss")
+            .unwrap();
+    for case in ["MY-1", "MY-2", "MY-3"] {
+        assert_eq!(at(case), cst_0930, "{case}");
+        let r = all.iter().find(|r| r.case_number == case).unwrap();
+        assert_eq!(r.text, "很好", "the GBK column as text");
+    }
+    assert_eq!(at("MY-4"), cst_0930 + 15 * 60_000_000);
+    // Later rows: only they are read (the watermark compares as a timestamp).
+    insert(5, "2025-06-04 02:00:00", "x").await;
+    adapter.pass().await.unwrap();
+    assert_eq!(
+        wait_for_ratings(dir.path(), port, 5, Duration::from_secs(30))
+            .await
+            .len(),
+        5
+    );
+    let c = adapter.spool.counts().await.unwrap();
+    assert_eq!(c.waiting + c.delivered, 5, "{c:?}");
+    adapter.shutdown().await;
+    dept.close().await;
+    hub.shutdown().await.unwrap();
+    let _ = sqlx::query(&format!("DROP DATABASE {db}"))
+        .execute(&admin_pool)
+        .await;
+}

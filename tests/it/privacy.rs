@@ -226,12 +226,25 @@ async fn readers_without_read_pii_see_masks_and_unmasked_reads_are_audited() {
 async fn a_run_with_planted_pii_logs_none_of_it() {
     let dir = tempfile::tempdir().unwrap();
     // Everything the hub and its libraries log, at the most verbose level.
+    // An upstream that refuses one rating for good, echoing the rater's phone and ID in its
+    // error text (as real platforms do): the relay's retries, its dead letter, its status.
+    let fake = crate::fake_upstream::FakeUpstream::start().await;
+    fake.reject_origin_keys(["ok-1".to_string()]);
+    let upstream_url = fake.url();
     let SpawnedHub {
         mut child,
         url,
         early,
         logs,
-    } = spawn_hub(dir.path(), "trace");
+    } = crate::binary::spawn_hub_with(
+        dir.path(),
+        "trace",
+        &[
+            ("RATING_HUB__UPSTREAMS__FAKE__KIND", "grpc"),
+            ("RATING_HUB__UPSTREAMS__FAKE__ENDPOINT", &upstream_url),
+            ("RATING_HUB__UPSTREAMS__FAKE__RETRY_SCHEDULE_MS", "[20, 20]"),
+        ],
+    );
     let channel = dev_admin_channel(dir.path(), &url).await;
     let mut ingest = IngestServiceClient::new(channel.clone());
     let mut bad_phone = planted("bad-phone");
@@ -265,6 +278,68 @@ async fn a_run_with_planted_pii_logs_none_of_it() {
         .list_ratings(pb::ListRatingsRequest::default())
         .await
         .unwrap();
+    // A reused key with other content: a conflict, the planted rater in both.
+    let mut reused = planted("ok-1");
+    reused.level = pb::Level::Dissatisfied as i32;
+    reused.text = "办理太慢".into();
+    let results = submit(&mut ingest, vec![reused]).await;
+    assert_eq!(outcome(&results[0]), pb::Outcome::Conflict);
+    // A service case with the planted applicant (the rules engine ticks over it at start
+    // and on each tick).
+    let case = pb::ServiceCase {
+        case_number: "PII-CASE-1".into(),
+        event: pb::CaseEvent::Completed as i32,
+        occurred_at: Some(rating_hub::time::timestamp_from_micros(
+            rating_hub::clock::Clock::now_micros(&rating_hub::clock::SystemClock),
+        )),
+        item_code: "530100-ITEM-001".into(),
+        item_name: "企业设立登记".into(),
+        region_code: "530102".into(),
+        org_credit_code: org(1),
+        applicant: Some(pb::Rater {
+            name: NAME.into(),
+            id_number: planted_id(),
+            phone: PHONE.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let answer = ingest
+        .report_service_cases(pb::ReportServiceCasesRequest { cases: vec![case] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.results.len(), 1);
+    // The relay has tried ok-1 and given it up (a dead letter with the upstream's text).
+    let mut admin = AdminServiceClient::new(dev_admin_channel(dir.path(), &url).await);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let dead = admin
+            .list_dead_letters(pb::ListDeadLettersRequest {
+                upstream: "fake".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .dead_letters;
+        if !dead.is_empty() {
+            assert!(dead[0].error.contains("unknown item"), "{dead:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no dead letter");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let status = admin
+        .list_upstreams(pb::ListUpstreamsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let shown = format!("{status:?}");
+    assert!(
+        !shown.contains(PHONE) && !shown.contains(&planted_id()),
+        "{shown}"
+    );
 
     sigterm(&child);
     let status = tokio::task::spawn_blocking(move || wait_exit(&mut child))

@@ -52,11 +52,8 @@ impl Drop for HubProcess {
     }
 }
 
-pub fn spawn_hub(dir: &std::path::Path, log_filter: &str) -> SpawnedHub {
-    spawn_hub_with(dir, log_filter, &[])
-}
-
-/// As `spawn_hub`, with extra `RATING_HUB__…` environment overrides.
+/// Spawns the hub binary in `dir` (its backend the one under test) with `log_filter` and
+/// extra `RATING_HUB__…` environment overrides; waits for it to log its address.
 pub fn spawn_hub_with(dir: &std::path::Path, log_filter: &str, env: &[(&str, &str)]) -> SpawnedHub {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_rating-hub"));
     if crate::pg::enabled() {

@@ -7,7 +7,7 @@ use rating_hub::domain::codes::id_number_with_check;
 use rating_hub::pb::v1 as pb;
 use tokio_stream::StreamExt;
 
-use crate::binary::{SpawnedHub, dev_admin_channel, sigterm, spawn_hub, wait_exit};
+use crate::binary::{SpawnedHub, dev_admin_channel, sigterm, spawn_hub_with, wait_exit};
 use crate::security::AdminServiceClient;
 use crate::utils::*;
 
@@ -236,7 +236,7 @@ async fn a_run_with_planted_pii_logs_none_of_it() {
         url,
         early,
         logs,
-    } = crate::binary::spawn_hub_with(
+    } = spawn_hub_with(
         dir.path(),
         "trace",
         &[

@@ -250,21 +250,18 @@ async fn invitation_sms_reply_becomes_a_rating_at_the_hub() {
 #[tokio::test]
 async fn replies_are_taken_while_the_hub_is_down_and_drained_when_it_returns() {
     let dir = tempfile::tempdir().unwrap();
-    // A port for the hub that is not listening yet.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    // The PKI must exist before the adapter reads its certificates. IVR ratings are rated
-    // when the key is pressed, so this hub runs on the real clock.
+    // IVR ratings are rated when the key is pressed, so this hub runs on the real clock. It
+    // sits behind a closed gate: to the adapter it is down (before, a port was picked, let
+    // go and bound again later — another process could take it in between).
     let clock: Arc<dyn Clock> = Arc::new(rating_hub::clock::SystemClock);
     let t0 = clock.now_micros() - 3_600_000_000;
-    let hub = start_hub(dir.path(), port, clock.clone()).await;
-    hub.shutdown().await.unwrap();
+    let hub = start_hub(dir.path(), 0, clock.clone()).await;
+    let port = hub.local_addr.port();
+    let gate = rating_hub_adapter_kit::testing::Gate::start(hub.local_addr).await;
 
     let hotline = rating_hub_hotline::start(adapter_config(
         dir.path(),
-        hub_connection(dir.path(), port),
+        hub_connection(dir.path(), gate.port),
         None,
     ))
     .await
@@ -301,8 +298,8 @@ async fn replies_are_taken_while_the_hub_is_down_and_drained_when_it_returns() {
         "spooled while the hub is down"
     );
 
-    // The hub comes back on the same port: the spool drains by itself.
-    let hub = start_hub(dir.path(), port, clock.clone()).await;
+    // The hub comes back (the gate opens): the spool drains by itself.
+    gate.open();
     let r = rating_at_hub(dir.path(), port, "GD-9").await;
     assert_eq!(r.level, pb::Level::Satisfied as i32);
     assert_eq!(r.channel, pb::Channel::HotlineVoice as i32);

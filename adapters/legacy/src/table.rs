@@ -216,26 +216,37 @@ async fn read(
         let mut next = Some(last.clone());
         if full {
             // The batch may end inside a run of equal values (LIMIT cut it): the run is
-            // read whole — all of it, when the whole batch is one value; else again from
-            // the value before it (before, `> last` skipped the rest of the run).
+            // read whole (before, `> last` skipped the rest of it). When the table holds no
+            // more rows at `last` than the batch did, the run is complete; else, all of it
+            // when the whole batch is one value, or again from the value before it.
             let mut before = None;
+            let mut in_run = 0i64;
             for row in rows.iter().rev() {
                 let v = wm_of(row)?;
                 if v != last {
                     before = Some(v);
                     break;
                 }
+                in_run += 1;
             }
-            match before {
-                Some(b) => next = Some(b),
-                None => {
-                    let sql = format!("SELECT {select} FROM {t} WHERE {w} = {p}", p = param(1));
-                    rows = bind_cursor(sqlx::query(&sql), &cfg.watermark_type, &last)?
-                        .fetch_all(pool)
-                        .await?;
+            let sql = format!("SELECT COUNT(*) FROM {t} WHERE {w} = {p}", p = param(1));
+            let at_last: i64 = bind_cursor(sqlx::query(&sql), &cfg.watermark_type, &last)?
+                .fetch_one(pool)
+                .await?
+                .try_get(0)?;
+            if at_last > in_run {
+                match before {
+                    Some(b) => next = Some(b),
+                    None => {
+                        let sql = format!("SELECT {select} FROM {t} WHERE {w} = {p}", p = param(1));
+                        rows = bind_cursor(sqlx::query(&sql), &cfg.watermark_type, &last)?
+                            .fetch_all(pool)
+                            .await?;
+                    }
                 }
             }
         }
+        metrics.add("table_rows_read_total", rows.len() as u64);
         let mut good: Vec<pb::Rating> = Vec::new();
         for row in &rows {
             let mut rec = BTreeMap::new();

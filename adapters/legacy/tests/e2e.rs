@@ -232,10 +232,15 @@ async fn the_table_is_read_by_its_watermark() {
     let adapter = rating_hub_legacy::start(cfg).await.unwrap();
     adapter.pass().await.unwrap();
     wait_for_ratings(dir.path(), port, 3, Duration::from_secs(30)).await;
+    assert_eq!(adapter.metrics.get("table_rows_read_total"), 3);
     insert(4, "T-4", 2).await;
     insert(5, "T-5", 7).await;
     adapter.pass().await.unwrap();
     adapter.pass().await.unwrap();
+    // What the adapter read, not what the hub kept (the hub's idempotency would hide a
+    // reader that read everything again): only the two new rows, once.
+    assert_eq!(adapter.metrics.get("table_rows_read_total"), 5);
+    assert_eq!(adapter.metrics.get("table_rows_spooled_total"), 4);
     let all = wait_for_ratings(dir.path(), port, 4, Duration::from_secs(30)).await;
     let cases: BTreeSet<String> = all.iter().map(|r| r.case_number.clone()).collect();
     assert_eq!(

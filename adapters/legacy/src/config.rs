@@ -145,6 +145,12 @@ impl LegacyConfig {
                     "tables.{}: {id:?} is not a plain column or table name",
                     t.name
                 );
+                // The reader names what it selects rh__0, rh__1, …
+                anyhow::ensure!(
+                    !id.to_ascii_lowercase().starts_with("rh__"),
+                    "tables.{}: {id:?}: names starting with rh__ are the reader's own",
+                    t.name
+                );
             }
             anyhow::ensure!(t.batch > 0, "tables.{}: batch must be at least 1", t.name);
             anyhow::ensure!(

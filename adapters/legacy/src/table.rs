@@ -134,14 +134,17 @@ async fn read(
     // with the reason (the driver, asked for the text itself, failed the whole batch — and
     // every pass after it). MySQL converts a column in another character set (GBK) to
     // UTF-8 first; a number or a date becomes its printed text everywhere.
-    let as_bytes = |c: &str| {
+    // Each is named by its position (rh__0, rh__1, …), never by its column's name: an alias named
+    // like the column would be what `ORDER BY` sorts by — the hexadecimal text, so ids
+    // 1, 10, 11, 2 — while `WHERE` compares the column itself (rows 2 to 9 were skipped).
+    let as_bytes = |i: usize, c: &str| {
         if postgres {
-            format!("encode(convert_to(CAST({c} AS TEXT), 'UTF8'), 'hex') AS {c}")
+            format!("encode(convert_to(CAST({c} AS TEXT), 'UTF8'), 'hex') AS rh__{i}")
         } else if mysql {
-            format!("HEX(CONVERT({c} USING utf8mb4)) AS {c}")
+            format!("HEX(CONVERT({c} USING utf8mb4)) AS rh__{i}")
         } else {
             // SQLite's hex() of NULL is '', not NULL.
-            format!("CASE WHEN {c} IS NULL THEN NULL ELSE hex({c}) END AS {c}")
+            format!("CASE WHEN {c} IS NULL THEN NULL ELSE hex({c}) END AS rh__{i}")
         }
     };
     let mut columns: BTreeSet<&str> = cfg.mapping.fields.values().map(String::as_str).collect();
@@ -154,7 +157,8 @@ async fn read(
         .collect();
     let select = columns
         .iter()
-        .map(|c| as_bytes(c))
+        .enumerate()
+        .map(|(i, c)| as_bytes(i, c))
         .collect::<Vec<_>>()
         .join(", ");
     let param = |n: usize| {

@@ -399,6 +399,16 @@ pub async fn start(cfg: HotlineConfig) -> anyhow::Result<Hotline> {
         http: http.build()?,
         cfg: cfg.clone(),
     });
+    // TLS when configured, and only from the allowed addresses. Bound before anything
+    // starts: a configuration that cannot serve leaves nothing running.
+    let listener = rating_hub_adapter_kit::listen::CallbackListener::bind(
+        &cfg.listen,
+        rating_hub_adapter_kit::listen::tls_config(&cfg.callback_auth)?,
+        rating_hub_adapter_kit::listen::Allow::parse(&cfg.callback_auth.allow_from)?,
+        metrics.clone(),
+    )
+    .await?;
+    let addr = axum::serve::Listener::local_addr(&listener)?;
     let (stop, stop_rx) = watch::channel(false);
     let forwarder = Forwarder {
         spool: spool.clone(),
@@ -454,15 +464,6 @@ pub async fn start(cfg: HotlineConfig) -> anyhow::Result<Hotline> {
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(inner.clone());
-    // TLS when configured, and only from the allowed addresses.
-    let listener = rating_hub_adapter_kit::listen::CallbackListener::bind(
-        &cfg.listen,
-        rating_hub_adapter_kit::listen::tls_config(&cfg.callback_auth)?,
-        rating_hub_adapter_kit::listen::Allow::parse(&cfg.callback_auth.allow_from)?,
-        metrics.clone(),
-    )
-    .await?;
-    let addr = axum::serve::Listener::local_addr(&listener)?;
     let mut stop_http = stop_rx.clone();
     tasks.push(tokio::spawn(async move {
         let _ = axum::serve(listener, app)
@@ -492,9 +493,7 @@ impl Hotline {
 
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        rating_hub_adapter_kit::runtime::stop_tasks(self.tasks).await;
     }
 }
 

@@ -70,9 +70,11 @@ fn create_key(path: &Path) -> anyhow::Result<()> {
     if path.exists() {
         return Ok(());
     }
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let mut suffix = [0u8; 8];
+    getrandom(&mut suffix)?;
+    let tmp = path.with_extension(format!("tmp.{}", hex::encode(suffix)));
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
     let mut f = opts
@@ -83,7 +85,14 @@ fn create_key(path: &Path) -> anyhow::Result<()> {
     f.write_all(format!("{}\n", hex::encode(key)).as_bytes())?;
     f.sync_all()?;
     drop(f);
-    let linked = std::fs::hard_link(&tmp, path);
+    let linked = match std::fs::hard_link(&tmp, path) {
+        // A file system without hard links: a rename (which would replace a key another
+        // process just wrote, so only while there is none).
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists && !path.exists() => {
+            std::fs::rename(&tmp, path).map_err(|_| e)
+        }
+        other => other,
+    };
     let _ = std::fs::remove_file(&tmp);
     match linked {
         Ok(()) => Ok(()),

@@ -49,9 +49,9 @@ pub struct CallbackAuthConfig {
     pub tls_cert: String,
     #[serde(default)]
     pub tls_key: String,
-    /// With TLS: callers must present a certificate from this CA (mTLS). Then signatures
-    /// are not required (mTLS authenticates the caller), though still checked when present
-    /// with a `secret_file`.
+    /// With TLS: callers must present a certificate from this CA (mTLS). Then, without a
+    /// `secret_file`, no signature is asked (the certificate authenticates the caller); with
+    /// one, signatures are required as well.
     #[serde(default)]
     pub tls_client_ca: String,
     /// Source addresses or networks allowed to connect ("10.1.2.0/24", "10.1.3.7"); empty:

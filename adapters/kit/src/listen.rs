@@ -19,6 +19,10 @@ use crate::CallbackAuthConfig;
 /// How long a TLS handshake may take.
 const HANDSHAKE: Duration = Duration::from_secs(10);
 
+/// Most TLS handshakes under way at once: past it a new connection is closed at once
+/// (counted), so a flood of half-open connections cannot use up the process's descriptors.
+const HANDSHAKES: usize = 256;
+
 /// Source addresses allowed to connect (empty: any).
 #[derive(Debug, Clone, Default)]
 pub struct Allow(Vec<ipnet::IpNet>);
@@ -102,6 +106,14 @@ pub type Conn = Either<TcpStream, TlsStream<TcpStream>>;
 pub struct CallbackListener {
     rx: mpsc::Receiver<(Conn, SocketAddr)>,
     local: SocketAddr,
+    /// The accepting task, which owns the socket: stopped when the server drops this.
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for CallbackListener {
+    fn drop(&mut self) {
+        self.accepting.abort();
+    }
 }
 
 impl CallbackListener {
@@ -118,7 +130,8 @@ impl CallbackListener {
         let local = tcp.local_addr()?;
         let (tx, rx) = mpsc::channel(64);
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-        tokio::spawn(async move {
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES));
+        let accepting = tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
                     a = tcp.accept() => a,
@@ -150,9 +163,22 @@ impl CallbackListener {
                         }
                     }
                     Some(acceptor) => {
+                        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                            metrics.inc("callbacks_tls_failed_total");
+                            if let Some(held) =
+                                rating_hub::telemetry::throttle("adapter.handshakes")
+                            {
+                                tracing::warn!(
+                                    held,
+                                    "Too many TLS handshakes at once; connection closed."
+                                );
+                            }
+                            continue;
+                        };
                         let (acceptor, tx, metrics) =
                             (acceptor.clone(), tx.clone(), metrics.clone());
                         tokio::spawn(async move {
+                            let _permit = permit;
                             match tokio::time::timeout(HANDSHAKE, acceptor.accept(stream)).await {
                                 Ok(Ok(tls)) => {
                                     let _ = tx.send((Either::Right(tls), peer)).await;
@@ -172,7 +198,11 @@ impl CallbackListener {
                 }
             }
         });
-        Ok(Self { rx, local })
+        Ok(Self {
+            rx,
+            local,
+            accepting,
+        })
     }
 }
 

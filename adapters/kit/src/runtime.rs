@@ -54,6 +54,24 @@ pub async fn open_sqlite(
     Ok(pool)
 }
 
+/// How long an adapter's tasks get to finish at shutdown (a request in flight, a batch
+/// being sent) before they are cancelled: a connection that never completes its request
+/// does not hold the adapter (and its spool lock) for ever.
+pub const SHUTDOWN_LIMIT: Duration = Duration::from_secs(10);
+
+/// Waits for `tasks` to finish, each at most [`SHUTDOWN_LIMIT`] in all, then cancels what
+/// is left (and waits for the cancellation). What was acknowledged is in the spool already.
+pub async fn stop_tasks(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_LIMIT;
+    for mut t in tasks {
+        if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+            tracing::warn!("A task did not stop in time; cancelled.");
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
 /// Makes this process the only adapter running on the spool at `path`: an exclusive lock on
 /// `<path>.lock`, held while the returned file is open (the system releases it when the
 /// process ends, however it ends). A second adapter on the same spool — the same sources read

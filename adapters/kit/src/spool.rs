@@ -352,7 +352,9 @@ impl Forwarder {
                     tokio::select! {
                         _ = self.spool.wake.notified() => {}
                         _ = tokio::time::sleep(IDLE_WAKE) => {}
-                        _ = stop.changed() => {}
+                        // The sender gone (its adapter dropped without a shutdown) is a
+                        // stop too: never a loop on a closed channel.
+                        r = stop.changed() => if r.is_err() { return; }
                     }
                 }
                 Err(e) => {
@@ -360,7 +362,9 @@ impl Forwarder {
                     tracing::warn!(error = %e, wait_ms = backoff.as_millis() as u64, "Cannot forward to the hub; will retry.");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = stop.changed() => {}
+                        // The sender gone (its adapter dropped without a shutdown) is a
+                        // stop too: never a loop on a closed channel.
+                        r = stop.changed() => if r.is_err() { return; }
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
@@ -632,5 +636,29 @@ mod tests {
         };
         assert!(err.contains("sealed with another key"), "{err}");
         assert!(Spool::open(&path, at_rest).await.is_ok());
+    }
+
+    /// An adapter dropped without its shutdown drops the stop sender: the forwarder ends
+    /// (before, it spun on the closed channel at full CPU, for ever).
+    #[tokio::test]
+    async fn the_forwarder_ends_when_its_stop_sender_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db").display().to_string();
+        let at_rest = Arc::new(AtRest::load(&Default::default(), &path).unwrap());
+        let spool = Spool::open(&path, at_rest).await.unwrap();
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        let forwarder = Forwarder {
+            spool,
+            client: IngestServiceClient::new(channel),
+            batch: 10,
+            metrics: Arc::default(),
+        };
+        let (stop, rx) = watch::channel(false);
+        let run = tokio::spawn(forwarder.run(rx));
+        drop(stop);
+        tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("the forwarder ended")
+            .unwrap();
     }
 }

@@ -220,10 +220,12 @@ fn content_key(prefix: &str, rec: &Record, nth: usize) -> String {
         h.update((v.len() as u64).to_be_bytes());
         h.update(v.as_bytes());
     }
-    source_key(
-        prefix,
-        &[&hex::encode(&h.finalize()[..16]), &nth.to_string()],
-    )
+    let hash = hex::encode(&h.finalize()[..16]);
+    // The first of its kind keeps the key it had before identical rows were told apart.
+    match nth {
+        1 => source_key(prefix, &[&hash]),
+        _ => source_key(prefix, &[&hash, &nth.to_string()]),
+    }
 }
 
 fn csv_line(cells: &[String]) -> String {
@@ -243,6 +245,18 @@ fn csv_line(cells: &[String]) -> String {
 /// Passes in a row a file may fail to be read before it is set aside.
 const READ_ATTEMPTS: u32 = 3;
 
+/// Counts one more strike against a file; returns how many it has.
+async fn strike(state: &State, key: &str) -> anyhow::Result<u32> {
+    let n = state
+        .get(key)
+        .await?
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(0)
+        + 1;
+    state.set(key, &n.to_string()).await?;
+    Ok(n)
+}
+
 /// Moves `from` into `dir`, not overwriting an earlier file of the same name.
 fn move_into(from: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
     let name = from
@@ -256,33 +270,48 @@ fn move_into(from: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
         n += 1;
     }
     std::fs::rename(from, &to)?;
-    // Its time in done/ or rejects/ counts from now (a rename keeps the sender's time, and
-    // the retention period would delete a file dropped long ago as soon as it arrived).
-    if let Ok(f) = std::fs::File::options().write(true).open(&to) {
-        let _ = f.set_modified(std::time::SystemTime::now());
-    }
     Ok(to)
 }
 
-/// Deletes files in `dir` older than `keep`: the department's files (and their reports,
-/// which quote rejected rows) hold raters' personal data in clear, and are kept only for
-/// the retention period. Returns how many went.
-fn prune_old(dir: &Path, keep: std::time::Duration) -> usize {
-    let now = std::time::SystemTime::now();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter(|e| {
-            e.metadata().is_ok_and(|m| {
-                m.is_file()
-                    && m.modified()
-                        .is_ok_and(|t| now.duration_since(t).is_ok_and(|age| age > keep))
-            })
-        })
-        .filter(|e| std::fs::remove_file(e.path()).is_ok())
-        .count()
+/// The state's record of a file this adapter put in done/ or rejects/ (a moved file, a
+/// report), with when: only these are ever deleted, and only after the retention period.
+fn kept_key(folder: &str, path: &Path) -> String {
+    format!("kept:{folder}:{}", path.display())
+}
+
+async fn keep_record(state: &State, folder: &str, path: &Path) -> anyhow::Result<()> {
+    let now = rating_hub::clock::Clock::now_micros(&rating_hub::clock::SystemClock);
+    state.set(&kept_key(folder, path), &now.to_string()).await
+}
+
+/// Deletes the files this adapter put in done/ and rejects/ longer than `keep` ago: the
+/// department's files (and the reports, which quote rejected rows) hold raters' personal
+/// data in clear, and are kept only for the retention period. Files it did not put there,
+/// or put there before it kept records, are never touched. Returns how many went.
+async fn prune_kept(
+    state: &State,
+    folder: &str,
+    keep: std::time::Duration,
+) -> anyhow::Result<usize> {
+    let now = rating_hub::clock::Clock::now_micros(&rating_hub::clock::SystemClock);
+    let before = now.saturating_sub(keep.as_micros().min(i64::MAX as u128) as i64);
+    let prefix = format!("kept:{folder}:");
+    let mut n = 0;
+    for (name, at) in state.with_prefix(&prefix).await? {
+        if at.parse::<i64>().is_ok_and(|at| at < before) {
+            let path = &name[prefix.len()..];
+            match std::fs::remove_file(path) {
+                Ok(()) => n += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "Cannot delete a processed file; will try again.");
+                    continue;
+                }
+            }
+            state.delete(&name).await?;
+        }
+    }
+    Ok(n)
 }
 
 /// One pass over the folder. A file that cannot be read is set aside in `rejects/` with the
@@ -300,7 +329,7 @@ pub async fn pass(
     std::fs::create_dir_all(&done)?;
     std::fs::create_dir_all(&rejects)?;
     if let Some(keep) = keep {
-        let n = prune_old(&done, keep) + prune_old(&rejects, keep);
+        let n = prune_kept(state, &cfg.name, keep).await?;
         if n > 0 {
             tracing::info!(folder = %cfg.name, files = n, "Deleted processed files past the retention period.");
         }
@@ -322,8 +351,9 @@ pub async fn pass(
 }
 
 /// Sets a file that cannot be read aside in `rejects/` (with its marker) and writes why.
-fn quarantine(
+async fn quarantine(
     cfg: &FolderConfig,
+    state: &State,
     path: &Path,
     rejects: &Path,
     name: &str,
@@ -331,13 +361,16 @@ fn quarantine(
     metrics: &Metrics,
 ) -> anyhow::Result<()> {
     let moved = move_into(path, rejects)?;
+    keep_record(state, &cfg.name, &moved).await?;
     if !cfg.marker.is_empty() {
         let _ = std::fs::remove_file(marker_of(path, &cfg.marker));
     }
+    let report = moved.with_extension("rejects.csv");
     std::fs::write(
-        moved.with_extension("rejects.csv"),
+        &report,
         format!("row,reason\n0,{}\n", csv_line(&[why.to_owned()])),
     )?;
+    keep_record(state, &cfg.name, &report).await?;
     metrics.inc("files_rejected_total");
     tracing::warn!(file = %name, reason = %why, "File rejected whole.");
     Ok(())
@@ -357,35 +390,37 @@ async fn file(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let before = look(path)?;
-    let failures = format!("unreadable:{}:{name}", cfg.name);
+    // Strikes against this file as it is now (its size and time in the key: a new file of
+    // the same name starts afresh). Stale entries are cleared below once it is read.
+    let strikes = format!(
+        "strikes:{}:{name}:{}:{:?}",
+        cfg.name,
+        before.len,
+        before
+            .modified
+            .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
+    );
     let bytes = match tokio::fs::read(path).await {
-        Ok(b) => {
-            state.delete(&failures).await?;
-            b
-        }
+        Ok(b) => b,
         // Unreadable (permissions, a lock the sender still holds, a network share's hiccup):
         // tried again on the next passes, and set aside after READ_ATTEMPTS in a row, so a
         // file that cannot be read does not fail every pass for ever.
         Err(e) => {
-            let n: u32 = state
-                .get(&failures)
-                .await?
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-                + 1;
+            let n = strike(state, &strikes).await?;
             if n < READ_ATTEMPTS {
-                state.set(&failures, &n.to_string()).await?;
                 anyhow::bail!("cannot read the file (attempt {n} of {READ_ATTEMPTS}): {e}");
             }
-            state.delete(&failures).await?;
+            state.delete(&strikes).await?;
             return quarantine(
                 cfg,
+                state,
                 path,
                 rejects,
                 &name,
                 &format!("cannot read the file ({n} attempts): {e}"),
                 metrics,
-            );
+            )
+            .await;
         }
     };
     // Changed while it was read (a writer that stalled longer than settle_secs, then went
@@ -395,15 +430,29 @@ async fn file(
         return Ok(());
     }
     // UTF-8 that stops mid-character at the very end is a file cut short, not GBK: wait
-    // for the rest (before, "auto" read such a file as GBK, every row garbled).
+    // for the rest (before, "auto" read such a file as GBK, every row garbled). With its
+    // marker there, or still so after READ_ATTEMPTS passes, it will not be completed: set
+    // aside with the reason.
     if cfg.encoding != "gbk"
         && let Err(e) = std::str::from_utf8(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes))
         && e.error_len().is_none()
     {
-        if let Some(held) = rating_hub::telemetry::throttle_for("legacy.file_cut", &name) {
-            tracing::warn!(file = %name, held, "File ends mid-character: taken when complete.");
+        let n = strike(state, &strikes).await?;
+        if cfg.marker.is_empty() && n < READ_ATTEMPTS {
+            if let Some(held) = rating_hub::telemetry::throttle_for("legacy.file_cut", &name) {
+                tracing::warn!(file = %name, held, "File ends mid-character: taken when complete.");
+            }
+            return Ok(());
         }
-        return Ok(());
+        state.delete(&strikes).await?;
+        let why = "the file ends in the middle of a character: it was cut short";
+        return quarantine(cfg, state, path, rejects, &name, why, metrics).await;
+    }
+    for (k, _) in state
+        .with_prefix(&format!("strikes:{}:{name}:", cfg.name))
+        .await?
+    {
+        state.delete(&k).await?;
     }
     let file_id = hex::encode(&Sha256::digest(&bytes)[..12]);
     let is_xml = name.to_ascii_lowercase().ends_with(".xml");
@@ -423,7 +472,7 @@ async fn file(
                 tracing::info!(file = %name, "File changed while read; will read it again.");
                 return Ok(());
             }
-            return quarantine(cfg, path, rejects, &name, &why, metrics);
+            return quarantine(cfg, state, path, rejects, &name, &why, metrics).await;
         }
     };
     let key_prefix = format!("file:{}", cfg.name);
@@ -551,6 +600,7 @@ async fn file(
         }
     }
     let moved = move_into(path, done)?;
+    keep_record(state, &cfg.name, &moved).await?;
     if !cfg.marker.is_empty() {
         let _ = std::fs::remove_file(marker_of(path, &cfg.marker));
     }
@@ -558,9 +608,13 @@ async fn file(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    std::fs::write(done.join(format!("{moved_name}.report.csv")), report)?;
+    let report_path = done.join(format!("{moved_name}.report.csv"));
+    std::fs::write(&report_path, report)?;
+    keep_record(state, &cfg.name, &report_path).await?;
     if n_rejected > 0 {
-        std::fs::write(rejects.join(format!("{moved_name}.rejects.csv")), rejected)?;
+        let rejects_path = rejects.join(format!("{moved_name}.rejects.csv"));
+        std::fs::write(&rejects_path, rejected)?;
+        keep_record(state, &cfg.name, &rejects_path).await?;
     }
     metrics.inc("files_done_total");
     metrics.add("file_rows_rejected_total", n_rejected as u64);

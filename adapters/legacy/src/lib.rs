@@ -43,9 +43,7 @@ impl Legacy {
 
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        rating_hub_adapter_kit::runtime::stop_tasks(self.tasks).await;
     }
 }
 

@@ -39,6 +39,21 @@ impl State {
         Ok(())
     }
 
+    /// Every checkpoint whose name starts with `prefix`: (name, value).
+    pub async fn with_prefix(&self, prefix: &str) -> anyhow::Result<Vec<(String, String)>> {
+        let rows = sqlx::query(
+            "SELECT name, value FROM checkpoints WHERE substr(name, 1, length(?)) = ? ORDER BY name",
+        )
+        .bind(prefix)
+        .bind(prefix)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get("name"), r.get("value")))
+            .collect())
+    }
+
     pub async fn delete(&self, name: &str) -> anyhow::Result<()> {
         sqlx::query("DELETE FROM checkpoints WHERE name = ?")
             .bind(name)

@@ -189,15 +189,8 @@ pub async fn start(cfg: SelfbuiltConfig) -> anyhow::Result<Selfbuilt> {
     let lock = rating_hub_adapter_kit::runtime::exclusive(&cfg.spool)?;
     let spool = Spool::open(&cfg.spool, at_rest).await?;
     let metrics = Arc::new(Metrics::default());
-    let (stop, stop_rx) = watch::channel(false);
-    let forwarder = Forwarder {
-        spool: spool.clone(),
-        client: cfg.hub.ingest()?,
-        batch: 200,
-        metrics: metrics.clone(),
-    };
-    let mut tasks = vec![tokio::spawn(forwarder.run(stop_rx.clone()))];
-    // TLS when configured, and only from the allowed addresses.
+    // TLS when configured, and only from the allowed addresses. Bound before anything
+    // starts: a configuration that cannot serve leaves nothing running.
     let listener = rating_hub_adapter_kit::listen::CallbackListener::bind(
         &cfg.listen,
         rating_hub_adapter_kit::listen::tls_config(&cfg.callback_auth)?,
@@ -206,6 +199,14 @@ pub async fn start(cfg: SelfbuiltConfig) -> anyhow::Result<Selfbuilt> {
     )
     .await?;
     let addr = axum::serve::Listener::local_addr(&listener)?;
+    let (stop, stop_rx) = watch::channel(false);
+    let forwarder = Forwarder {
+        spool: spool.clone(),
+        client: cfg.hub.ingest()?,
+        batch: 200,
+        metrics: metrics.clone(),
+    };
+    let mut tasks = vec![tokio::spawn(forwarder.run(stop_rx.clone()))];
     let inner = Arc::new(Inner {
         cfg,
         spool: spool.clone(),
@@ -245,9 +246,7 @@ pub async fn start(cfg: SelfbuiltConfig) -> anyhow::Result<Selfbuilt> {
 impl Selfbuilt {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        rating_hub_adapter_kit::runtime::stop_tasks(self.tasks).await;
     }
 }
 

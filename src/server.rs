@@ -203,14 +203,17 @@ pub async fn start_with_clock(
     .await
     .context("starting upstream delivery")?;
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
-    let rules = Arc::new(crate::rules::engine::RulesEngine::new(
-        store.clone(),
-        config.rules.profiles()?,
-        config.rules.calendar()?,
-        clock.clone(),
-        config.ingest_rules(),
-        pii.clone(),
-    ));
+    let rules = Arc::new(
+        crate::rules::engine::RulesEngine::new(
+            store.clone(),
+            config.rules.profiles()?,
+            config.rules.calendar()?,
+            clock.clone(),
+            config.ingest_rules(),
+            pii.clone(),
+        )
+        .with_calendar_source_of(&config.rules),
+    );
     let rules_task = rules.clone().spawn(
         Duration::from_secs(config.rules.tick_secs),
         stopping.clone(),

@@ -35,7 +35,7 @@ impl RectificationApi {
         let v = bad_case::view(
             case,
             profile,
-            engine.calendar(),
+            &engine.calendar(),
             self.state.clock.now_micros(),
         );
         (name.to_owned(), v)
@@ -382,11 +382,14 @@ impl RectificationService for RectificationApi {
         let mut v = Vec::new();
         if matches!(
             action,
-            CaseAction::Unspecified | CaseAction::Appeal | CaseAction::AppealDecision
+            CaseAction::Unspecified
+                | CaseAction::Appeal
+                | CaseAction::AppealDecision
+                | CaseAction::DeadlinesRecounted
         ) {
             v.push(violation(
                 "action",
-                "must be CONTACT, RECTIFY, EXTEND, EXPLAIN, FEED_BACK, CALLBACK, ARCHIVE or SPOT_CHECK (appeals have their own calls)",
+                "must be CONTACT, RECTIFY, EXTEND, EXPLAIN, FEED_BACK, CALLBACK, ARCHIVE or SPOT_CHECK (appeals have their own calls; the hub records recounted deadlines)",
             ));
         }
         let note = check_text(

@@ -34,10 +34,22 @@ pub struct TickReport {
     pub calendar_gaps: u64,
 }
 
+/// Where the engine's calendar comes from, so it can be read again when its file changes: a
+/// year's State Council notice added to `rules.calendar_file` takes effect without a restart.
+pub struct CalendarSource {
+    pub path: std::path::PathBuf,
+    /// Reads and checks the calendar (the file with the configured overrides).
+    pub load: Box<dyn Fn() -> Result<Calendar, String> + Send + Sync>,
+}
+
+/// The calendar file as last seen: modification time and size.
+type FileStamp = Option<(std::time::SystemTime, u64)>;
+
 pub struct RulesEngine {
     store: Arc<dyn Store>,
     profiles: Profiles,
-    calendar: Calendar,
+    calendar: std::sync::RwLock<Arc<Calendar>>,
+    calendar_source: Option<(CalendarSource, std::sync::Mutex<FileStamp>)>,
     clock: Arc<dyn Clock>,
     rules: IngestRules,
     keys: Arc<PiiKeys>,
@@ -46,6 +58,12 @@ pub struct RulesEngine {
 }
 
 const PAGE: u32 = 500;
+
+fn file_stamp(path: &std::path::Path) -> FileStamp {
+    std::fs::metadata(path)
+        .ok()
+        .and_then(|m| Some((m.modified().ok()?, m.len())))
+}
 
 impl RulesEngine {
     pub fn new(
@@ -59,7 +77,8 @@ impl RulesEngine {
         Self {
             store,
             profiles,
-            calendar,
+            calendar: std::sync::RwLock::new(Arc::new(calendar)),
+            calendar_source: None,
             clock,
             rules,
             keys,
@@ -71,8 +90,179 @@ impl RulesEngine {
         &self.profiles
     }
 
-    pub fn calendar(&self) -> &Calendar {
-        &self.calendar
+    /// The calendar in force (a reload replaces it; a caller keeps the one it took).
+    pub fn calendar(&self) -> Arc<Calendar> {
+        self.calendar
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// With `rules.calendar_file` set, reads it again whenever it changes (the shipped
+    /// calendar changes only with the binary).
+    pub fn with_calendar_source_of(self, rules: &crate::config::RulesConfig) -> Self {
+        if rules.calendar_file.is_empty() {
+            return self;
+        }
+        let config = rules.clone();
+        self.with_calendar_source(CalendarSource {
+            path: rules.calendar_file.clone().into(),
+            load: Box::new(move || config.calendar().map_err(|e| e.to_string())),
+        })
+    }
+
+    /// Reads the calendar again from `source` whenever its file changes (checked at each
+    /// tick).
+    pub fn with_calendar_source(mut self, source: CalendarSource) -> Self {
+        let stamp = file_stamp(&source.path);
+        self.calendar_source = Some((source, std::sync::Mutex::new(stamp)));
+        self
+    }
+
+    /// Reads the calendar file again if it changed since it was last read. A file that does
+    /// not load keeps the calendar in force (said in the log, once per change of the file).
+    /// When a new calendar is taken, every bad-rating case whose deadlines it moves gets a
+    /// DEADLINES_RECOUNTED step in its history saying which and how. Returns how many cases
+    /// got one, or `None` when nothing was reloaded.
+    pub async fn reload_calendar(&self) -> Result<Option<u64>, StoreError> {
+        let Some((source, seen)) = &self.calendar_source else {
+            return Ok(None);
+        };
+        let stamp = file_stamp(&source.path);
+        {
+            let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+            if *seen == stamp {
+                return Ok(None);
+            }
+            *seen = stamp;
+        }
+        let new = match (source.load)() {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                tracing::error!(file = %source.path.display(), error = %e, "The changed calendar file does not load; the calendar in force is kept.");
+                return Ok(None);
+            }
+        };
+        let old = std::mem::replace(
+            &mut *self.calendar.write().unwrap_or_else(|p| p.into_inner()),
+            new.clone(),
+        );
+        let official: Vec<String> = new
+            .years()
+            .filter(|(y, _)| !old.is_official(*y))
+            .map(|(y, src)| format!("{y} ({src})"))
+            .collect();
+        tracing::info!(file = %source.path.display(), new_official_years = %official.join(", "), "Calendar reloaded.");
+        self.recount_deadlines(&old, &new, &official)
+            .await
+            .map(Some)
+    }
+
+    /// Appends a DEADLINES_RECOUNTED step to each case not archived whose deadlines differ
+    /// between `old` and `new` (once per calendar: a step with the same note is not added
+    /// again, by this instance or another).
+    async fn recount_deadlines(
+        &self,
+        old: &Calendar,
+        new: &Calendar,
+        official: &[String],
+    ) -> Result<u64, StoreError> {
+        use crate::pb::v1::{CaseAction, CaseStatus};
+        let now = self.clock.now_micros();
+        // Deadlines are ends of days: "2027-01-19 24:00", not the next day's 00:00.
+        let fmt = |d: Option<i64>| {
+            d.map_or("none".to_owned(), |d| {
+                format!("{} 24:00", Date::of_instant(d.saturating_sub(1)))
+            })
+        };
+        let mut recorded = 0;
+        let mut after = 0;
+        loop {
+            let cases = self.store.list_bad_cases(None, after, PAGE).await?;
+            let Some(last) = cases.last() else { break };
+            after = last.id;
+            for mut case in cases {
+                for _attempt in 0..3 {
+                    let (_, profile) = self.profiles.for_region(&case.region_code);
+                    let was = super::bad_case::view(&case, profile, old, now);
+                    let is = super::bad_case::view(&case, profile, new, now);
+                    if is.status == CaseStatus::Archived {
+                        break;
+                    }
+                    let mut moved = Vec::new();
+                    for (name, a, b) in [
+                        ("contact", was.contact_deadline, is.contact_deadline),
+                        ("rectification", was.rectify_deadline, is.rectify_deadline),
+                        ("appeal", was.appeal_deadline, is.appeal_deadline),
+                    ] {
+                        if a != b {
+                            moved.push(format!("{name} deadline {} → {}", fmt(a), fmt(b)));
+                        }
+                    }
+                    if moved.is_empty() && was.deadline_provisional == is.deadline_provisional {
+                        break;
+                    }
+                    if moved.is_empty() {
+                        moved.push("deadlines unchanged".to_owned());
+                    }
+                    let note = format!(
+                        "calendar reloaded{}: {}{}",
+                        if official.is_empty() {
+                            String::new()
+                        } else {
+                            format!(
+                                " with the State Council's notice for {}",
+                                official.join(", ")
+                            )
+                        },
+                        moved.join("; "),
+                        if is.deadline_provisional {
+                            " (still provisional)"
+                        } else {
+                            ""
+                        }
+                    );
+                    if case.entries.iter().any(|e| {
+                        e.action == CaseAction::DeadlinesRecounted as i32 && e.note == note
+                    }) {
+                        break;
+                    }
+                    let written = self
+                        .store
+                        .relay_write(RelayWrite::CaseEntry {
+                            case_id: case.id,
+                            expected_entries: case.entries.len() as u64,
+                            entry: crate::store::CaseEntryRecord {
+                                action: CaseAction::DeadlinesRecounted as i32,
+                                actor: HUB_SOURCE.to_owned(),
+                                at_micros: 0,
+                                note,
+                                evidence_refs: Vec::new(),
+                                new_deadline_micros: is.rectify_deadline,
+                                appeal_outcome: 0,
+                            },
+                            exclude: None,
+                        })
+                        .await?;
+                    if written > 0 {
+                        recorded += 1;
+                        break;
+                    }
+                    // Someone recorded a step meanwhile: read the case again and recount.
+                    match self.store.get_bad_case(case.id).await? {
+                        Some(c) => case = c,
+                        None => break,
+                    }
+                }
+            }
+        }
+        if recorded > 0 {
+            tracing::info!(
+                cases = recorded,
+                "Deadlines counted again on the reloaded calendar."
+            );
+        }
+        Ok(recorded)
     }
 
     /// From 1 October, warns (once a year per process) when next year has no State Council
@@ -80,9 +270,10 @@ impl RulesEngine {
     fn warn_of_a_missing_year(&self, now: i64) {
         let (year, month, _) = Date::of_instant(now).ymd();
         // This year without its notice, or from October the next one.
-        let missing = if !self.calendar.is_official(year) {
+        let calendar = self.calendar();
+        let missing = if !calendar.is_official(year) {
             year
-        } else if month >= 10 && !self.calendar.is_official(year + 1) {
+        } else if month >= 10 && !calendar.is_official(year + 1) {
             year + 1
         } else {
             return;
@@ -103,8 +294,10 @@ impl RulesEngine {
 
     /// One pass over the open completed cases.
     pub async fn tick(&self) -> Result<TickReport, StoreError> {
+        self.reload_calendar().await?;
         let now = self.clock.now_micros();
         self.warn_of_a_missing_year(now);
+        let calendar = self.calendar();
         let mut report = TickReport::default();
         let mut after = 0;
         loop {
@@ -145,8 +338,7 @@ impl RulesEngine {
                     // A default is for good (a rating made later cannot replace it): it waits
                     // for the State Council's notice rather than fall on a provisional
                     // deadline that its 调休 may move later.
-                    DayUnit::WorkingDays => self
-                        .calendar
+                    DayUnit::WorkingDays => calendar
                         .deadline(open.completed_at_micros, rule.after)
                         .and_then(|d| {
                             if d.provisional {

@@ -578,17 +578,20 @@ async fn deadlines_in_an_unpublished_year_are_counted_on_the_provisional_calenda
         Date::parse("2027-01-19").unwrap().end_micros()
     );
 
-    // 2027's notice is published (here with 4 January off as well) and loaded: the case's
-    // deadline moves a day and is no longer provisional; the default is recorded at the
-    // notice's deadline, the end of 6 January.
+    // A calendar file that does not load (an operator's typo) keeps the calendar in force.
+    std::fs::write(calendar.path(), "[years.2027\nsource = ").unwrap();
+    let tick = hub.hub.rules().tick().await.unwrap();
+    assert_eq!(tick.calendar_gaps, 1, "still the calendar in force");
+
+    // 2027's notice is published (here with 4 January off as well) and added to the file,
+    // without a restart: at the next tick the case's deadline moves a day and is no longer
+    // provisional, its history says so, and the default is recorded at the notice's
+    // deadline, the end of 6 January.
     let with_2027 = format!(
         "{}\n[years.2027]\nsource = \"a test notice\"\nholidays = [\"2027-01-01..2027-01-04\"]\n",
         rating_hub::rules::calendar::DEFAULT_CALENDAR_TOML
     );
     std::fs::write(calendar.path(), with_2027).unwrap();
-    let hub = hub.stop().await.restart().await;
-    // The engine's own first tick after the start may record it before this one does: the
-    // count of defaults, not this tick's, is what says it was recorded once.
     let tick = hub.hub.rules().tick().await.unwrap();
     assert_eq!(tick.calendar_gaps, 0);
     let mut all = defaults(&hub).await;
@@ -610,6 +613,31 @@ async fn deadlines_in_an_unpublished_year_are_counted_on_the_provisional_calenda
         case.rectify_deadline.unwrap().seconds * 1_000_000,
         Date::parse("2027-01-20").unwrap().end_micros()
     );
+    let recounted: Vec<&pb::CaseEntry> = case
+        .history
+        .iter()
+        .filter(|e| e.action == pb::CaseAction::DeadlinesRecounted as i32)
+        .collect();
+    assert_eq!(recounted.len(), 1, "{:?}", case.history);
+    assert_eq!(recounted[0].actor, "rating-hub");
+    assert!(
+        recounted[0].note.contains("2027 (a test notice)")
+            && recounted[0]
+                .note
+                .contains("rectification deadline 2027-01-19 24:00 → 2027-01-20 24:00"),
+        "{}",
+        recounted[0].note
+    );
+    // Once: the next tick (the file unchanged) adds nothing.
+    hub.hub.rules().tick().await.unwrap();
+    let again = RectificationServiceClient::new(hub.channel_as("tester").await)
+        .get_case(pb::GetCaseRequest { id: case.id })
+        .await
+        .unwrap()
+        .into_inner()
+        .bad_rating_case
+        .unwrap();
+    assert_eq!(again.history.len(), case.history.len());
     hub.stop().await;
 }
 

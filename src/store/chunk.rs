@@ -281,8 +281,11 @@ fn follow_up_rule(
 /// The default ratings a rating replaces: it is an item rating by a rater (not a default,
 /// not a follow-up) of a case whose case — and batch, when it has one — so far has only the
 /// hub's default rating, made no later than that default's deadline (the default's
-/// `rated_at`). A relayed rating was decided by the hub below, which replaced the default
-/// there: it replaces it here too. Empty when it replaces nothing.
+/// `rated_at`) — or a 差评 made at any time: a citizen's complaint is never lost behind a
+/// default (it opens its case, to be verified and rectified), while later praise changes
+/// nothing the default did not already say. A relayed rating was decided by the hub below,
+/// which replaced the default there: it replaces it here too. Empty when it replaces
+/// nothing.
 fn supersedes(item: &NewRating, l: &Lookups) -> Vec<Uuid> {
     let r = &item.rating;
     if r.target_kind != pb::TargetKind::Item
@@ -304,7 +307,10 @@ fn supersedes(item: &NewRating, l: &Lookups) -> Vec<Uuid> {
             return Vec::new();
         }
         if let Some((default, deadline)) = rated.default {
-            if item.checks.counting && r.rated_at_micros > deadline {
+            if item.checks.counting
+                && r.rated_at_micros > deadline
+                && !crate::domain::rating::is_bad(r.level)
+            {
                 return Vec::new();
             }
             if !replaced.contains(&default) {
@@ -337,14 +343,18 @@ fn counting_rule(item: &NewRating, l: &Lookups) -> Option<(&'static str, String)
                 // The generic 一事一评 / batch refusal below says what it is.
                 break;
             }
-            if let Some((_, deadline)) = rated.default {
-                // Only a default, and this rating was made after its deadline (one made
-                // before it replaces the default: see `supersedes`).
+            if let Some((_, deadline)) = rated.default
+                && !crate::domain::rating::is_bad(r.level)
+            {
+                // Only a default, and this rating — not a 差评 — was made after its
+                // deadline (one made before it, or a 差评, replaces the default: see
+                // `supersedes`).
                 return Some((
                     "rated_at",
                     format!(
                         "{what} was rated by default at {} because no rating was made by then; \
-                         a rating made after that ({}) cannot replace it (一事一评)",
+                         a rating made after that ({}) cannot replace it (一事一评) unless it \
+                         is a 差评",
                         crate::time::format_cst_micros(deadline),
                         crate::time::format_cst_micros(r.rated_at_micros),
                     ),

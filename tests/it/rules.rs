@@ -218,8 +218,10 @@ fn rated(key: &str, case: &str, level: pb::Level, at: i64) -> pb::Rating {
 /// A rating made in time but entered after the hub rated the case by default (an offline
 /// hall device, a paper form typed in later; Ordos: "线下评价为差评的，整改后由整改单位及时将
 /// 有关信息录入") replaces the default: the citizen's 差评 is stored and opens its case, and
-/// the default leaves the counts. One made after the default's deadline cannot replace it
-/// (一事一评), and says why. Before, every such rating was refused behind the default.
+/// the default leaves the counts. So does a 差评 made after the default's deadline: a
+/// complaint is never lost behind a default (before, it was refused, and the case kept its
+/// 基本满意). Praise made after the deadline cannot replace the default (一事一评), and says
+/// why.
 #[tokio::test]
 async fn a_rating_made_in_time_but_entered_after_the_default_replaces_it() {
     // Kunming: 基本满意 after 5 working days; deadline the end of Tuesday 2025-10-14.
@@ -231,11 +233,12 @@ async fn a_rating_made_in_time_but_entered_after_the_default_replaces_it() {
         vec![
             completed("KM-PAPER", "530102", t0),
             completed("KM-LATE", "530102", t0),
+            completed("KM-PRAISE", "530102", t0),
         ],
     )
     .await;
     clock.set(cst("2025-10-20", 9));
-    assert_eq!(hub.hub.rules().tick().await.unwrap().default_ratings, 2);
+    assert_eq!(hub.hub.rules().tick().await.unwrap().default_ratings, 3);
 
     let mut ingest = hub.ingest().await;
     // Rated on paper on 2025-10-09, typed in on 2025-10-20.
@@ -247,7 +250,7 @@ async fn a_rating_made_in_time_but_entered_after_the_default_replaces_it() {
     );
     let stored = submit_one(&mut ingest, paper.clone()).await;
     assert_eq!(outcome(&stored), pb::Outcome::Accepted, "{stored:?}");
-    // Made after the deadline: the default stands.
+    // A 差评 made after the deadline: it replaces the default all the same.
     let late = submit_one(
         &mut ingest,
         rated(
@@ -258,11 +261,25 @@ async fn a_rating_made_in_time_but_entered_after_the_default_replaces_it() {
         ),
     )
     .await;
-    assert_eq!(outcome(&late), pb::Outcome::Invalid, "{late:?}");
-    assert_eq!(late.violations[0].field, "rated_at");
+    assert_eq!(outcome(&late), pb::Outcome::Accepted, "{late:?}");
+    // Praise made after the deadline: the default stands.
+    let praise = submit_one(
+        &mut ingest,
+        rated(
+            "praise",
+            "KM-PRAISE",
+            pb::Level::Satisfied,
+            cst("2025-10-16", 9),
+        ),
+    )
+    .await;
+    assert_eq!(outcome(&praise), pb::Outcome::Invalid, "{praise:?}");
+    assert_eq!(praise.violations[0].field, "rated_at");
     assert!(
-        late.violations[0].description.contains("rated by default"),
-        "{late:?}"
+        praise.violations[0]
+            .description
+            .contains("rated by default"),
+        "{praise:?}"
     );
     // One rating per case still: a second rating of the replaced case is refused.
     let again = submit_one(
@@ -287,30 +304,34 @@ async fn a_rating_made_in_time_but_entered_after_the_default_replaces_it() {
     .unwrap()
     .into_inner()
     .cases;
-    let case_ids: Vec<&str> = cases.iter().map(|c| c.hub_id.as_str()).collect();
-    assert_eq!(case_ids, [stored.hub_id.as_str()]);
-    // Counted: KM-PAPER's 差评 (not its default), KM-LATE's default.
+    let mut case_ids: Vec<&str> = cases.iter().map(|c| c.hub_id.as_str()).collect();
+    case_ids.sort();
+    let mut want = [stored.hub_id.as_str(), late.hub_id.as_str()];
+    want.sort();
+    assert_eq!(case_ids, want, "both 差评 opened their cases");
+    // Counted: KM-PAPER's and KM-LATE's 差评 (not their defaults), KM-PRAISE's default.
     let g = kunming_group(&hub).await;
     assert_eq!(
         (
             g.total,
             g.very_dissatisfied,
+            g.dissatisfied,
             g.basically_satisfied,
             g.default_ratings
         ),
-        (2, 1, 1, 1),
+        (3, 1, 1, 1, 1),
         "{g:?}"
     );
     assert_eq!(
         (g.completed_cases, g.rated_cases, g.actively_rated_cases),
-        (2, 2, 1)
+        (3, 3, 2)
     );
-    // The default stays stored (append-only), and a restart changes nothing.
-    assert_eq!(defaults(&hub).await.len(), 2);
+    // The defaults stay stored (append-only), and a restart changes nothing.
+    assert_eq!(defaults(&hub).await.len(), 3);
     let hub = hub.stop().await.restart().await;
     assert_eq!(hub.hub.rules().tick().await.unwrap().default_ratings, 0);
     // (The engine's own tick at the start may have run first: count what is stored.)
-    assert_eq!(defaults(&hub).await.len(), 2);
+    assert_eq!(defaults(&hub).await.len(), 3);
     let again = submit_one(&mut hub.ingest().await, paper).await;
     assert_eq!(outcome(&again), pb::Outcome::Duplicate);
     hub.stop().await;

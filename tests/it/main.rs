@@ -12,6 +12,7 @@ mod http_json;
 mod ingest;
 mod pg;
 mod privacy;
+mod promises;
 mod query;
 mod relay;
 mod restart;

@@ -127,42 +127,47 @@ impl Drop for TlsServer {
 /// backend under test: a test's way to reach under the hub (a trigger that makes a write
 /// fail, as a full disk or a dropped connection would). Returns nothing.
 pub fn exec_on_hub(dir: &Path, sql: &str) {
-    if enabled() {
-        let url = database_for(dir);
-        let (url, sql) = (url, sql.to_owned());
-        std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async {
-                    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-                    sqlx::raw_sql(&sql).execute(&mut conn).await.unwrap();
-                })
-        })
-        .join()
-        .unwrap();
+    try_exec_on_hub(dir, sql).unwrap();
+}
+
+/// As [`exec_on_hub`], returning the database's error (what a trigger said, say).
+pub fn try_exec_on_hub(dir: &Path, sql: &str) -> Result<(), String> {
+    let (pg, sql) = (enabled(), sql.to_owned());
+    let target = if pg {
+        database_for(dir)
     } else {
-        let path = dir.join("hub.db");
-        let sql = sql.to_owned();
-        std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async {
+        dir.join("hub.db").display().to_string()
+    };
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                if pg {
+                    let mut conn = sqlx::PgConnection::connect(&target).await.unwrap();
+                    sqlx::raw_sql(&sql)
+                        .execute(&mut conn)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                } else {
                     let options = sqlx::sqlite::SqliteConnectOptions::new()
-                        .filename(&path)
+                        .filename(&target)
                         .busy_timeout(std::time::Duration::from_secs(30));
                     let mut conn = sqlx::SqliteConnection::connect_with(&options)
                         .await
                         .unwrap();
-                    sqlx::raw_sql(&sql).execute(&mut conn).await.unwrap();
-                })
-        })
-        .join()
-        .unwrap();
-    }
+                    sqlx::raw_sql(&sql)
+                        .execute(&mut conn)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }
+            })
+    })
+    .join()
+    .unwrap()
 }
 
 /// Makes every write of the hub in `dir` that moves an upstream's delivery cursor fail

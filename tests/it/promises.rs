@@ -1,0 +1,303 @@
+//! README promises that no other test exercised (issue #26): each test quotes the promise
+//! it checks, and fails when the behaviour breaks.
+
+use rating_hub::pb::v1 as pb;
+use tokio_stream::StreamExt;
+
+use crate::security::AdminServiceClient;
+use crate::utils::*;
+
+/// "Ratings, 办件 events, case histories and the PII audit trail are append-only: the
+/// database refuses updates and deletes." Reached under the hub, straight in its database:
+/// every UPDATE and DELETE of those tables is refused by the database itself.
+#[tokio::test]
+async fn the_database_refuses_updates_and_deletes_of_what_is_append_only() {
+    let hub = TestHub::start().await;
+    let mut ingest = hub.ingest().await;
+    let mut bad = rating("append-1");
+    bad.level = pb::Level::VeryDissatisfied as i32;
+    bad.text = "排队太久".into();
+    let stored = submit_one(&mut ingest, bad).await;
+    assert_eq!(outcome(&stored), pb::Outcome::Accepted);
+    // An unmasked read (an audit row), a 办件 event, a case step.
+    hub.query()
+        .await
+        .get_rating(pb::GetRatingRequest {
+            hub_id: stored.hub_id.clone(),
+        })
+        .await
+        .unwrap();
+    let case = pb::ServiceCase {
+        case_number: "CASE-append".into(),
+        event: pb::CaseEvent::Accepted as i32,
+        occurred_at: Some(now()),
+        item_code: "530100-ITEM-001".into(),
+        item_name: "企业设立登记".into(),
+        region_code: "530102".into(),
+        org_credit_code: org(1),
+        ..Default::default()
+    };
+    let r = ingest
+        .report_service_cases(pb::ReportServiceCasesRequest { cases: vec![case] })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(outcome(&r[0]), pb::Outcome::Accepted, "{r:?}");
+    let mut rect = pb::rectification_service_client::RectificationServiceClient::new(
+        hub.channel_as("tester").await,
+    );
+    let case_id = rect
+        .list_cases(pb::ListCasesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .cases[0]
+        .id;
+    rect.record_action(pb::RecordActionRequest {
+        id: case_id,
+        action: pb::CaseAction::Contact as i32,
+        note: "已电话联系".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    let dir = hub.dir.path().to_path_buf();
+    for (table, key) in [
+        ("ratings", "feed_seq"),
+        ("service_case_events", "id"),
+        ("pii_access", "id"),
+        ("bad_rating_case_entries", "id"),
+    ] {
+        for sql in [
+            format!("UPDATE {table} SET {key} = {key}"),
+            format!("DELETE FROM {table}"),
+        ] {
+            let err = crate::pg::try_exec_on_hub(&dir, &sql)
+                .expect_err(&format!("{sql}: the database took it"));
+            assert!(err.contains("append-only"), "{sql}: {err}");
+        }
+    }
+    // Nothing changed.
+    let got = hub
+        .query()
+        .await
+        .get_rating(pb::GetRatingRequest {
+            hub_id: stored.hub_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.rating.unwrap().text, "排队太久");
+    hub.stop().await;
+}
+
+/// "The caller's certificate, never the message, says who submitted it": a caller without
+/// the relay role who sets `source_system`, `hub_id` or `origin_*` has them ignored — the
+/// rating is stored as the certificate's principal's, under an id the hub chose.
+#[tokio::test]
+async fn the_certificate_not_the_message_names_the_source() {
+    let hub = TestHub::start().await;
+    let mut ingest = hub.ingest().await;
+    let spoofed_id = "01890000-0000-7000-8000-000000000001";
+    let mut r = rating("spoof-1");
+    r.source_system = "national-platform".into();
+    r.hub_id = spoofed_id.into();
+    r.origin_source_system = "province".into();
+    r.origin_source_key = "p-1".into();
+    let stored = submit_one(&mut ingest, r.clone()).await;
+    assert_eq!(outcome(&stored), pb::Outcome::Accepted, "{stored:?}");
+    assert_ne!(stored.hub_id, spoofed_id, "the hub chose the id");
+    let got = hub
+        .query()
+        .await
+        .get_rating(pb::GetRatingRequest {
+            hub_id: stored.hub_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rating
+        .unwrap();
+    assert_eq!(got.source_system, "tester", "the certificate's principal");
+    assert_eq!(
+        (
+            got.origin_source_system.as_str(),
+            got.origin_source_key.as_str()
+        ),
+        ("", "")
+    );
+    // Sent again with other spoofed fields: the same rating (they are not part of it).
+    r.source_system = "another".into();
+    let again = submit_one(&mut ingest, r).await;
+    assert_eq!(outcome(&again), pb::Outcome::Duplicate, "{again:?}");
+    assert_eq!(again.hub_id, stored.hub_id);
+    hub.stop().await;
+}
+
+/// "A principal … may only submit, read and rectify inside its scope; out-of-scope items are
+/// refused one by one": in a stream and in a batch of 办件 events as in SubmitRatings, the
+/// item outside is PERMISSION_DENIED and the one inside is taken.
+#[tokio::test]
+async fn out_of_scope_items_are_refused_one_by_one_in_streams_and_case_reports() {
+    let mine = [org(1)];
+    let hub = HubBuilder::new()
+        .principal("org-one", &["submit", "read"], TestScope::Orgs(&mine))
+        .start()
+        .await;
+    let mut ingest =
+        pb::ingest_service_client::IngestServiceClient::new(hub.channel_as("org-one").await);
+    let inside = rating("scope-in");
+    let mut outside = rating("scope-out");
+    outside.org_credit_code = org(2);
+    let acks: Vec<pb::ItemResult> = ingest
+        .stream_ratings(tokio_stream::iter(
+            [inside, outside].map(|r| pb::StreamRatingsRequest { rating: Some(r) }),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|a| a.unwrap().result.unwrap())
+        .collect()
+        .await;
+    let got: Vec<(u32, pb::Outcome)> = acks.iter().map(|a| (a.index, outcome(a))).collect();
+    assert_eq!(
+        got,
+        [
+            (0, pb::Outcome::Accepted),
+            (1, pb::Outcome::PermissionDenied)
+        ]
+    );
+    assert_eq!(acks[1].violations[0].field, "org_credit_code", "{acks:?}");
+
+    let case = |n: &str, org: String| pb::ServiceCase {
+        case_number: n.into(),
+        event: pb::CaseEvent::Accepted as i32,
+        occurred_at: Some(now()),
+        item_code: "530100-ITEM-001".into(),
+        item_name: "企业设立登记".into(),
+        region_code: "530102".into(),
+        org_credit_code: org,
+        ..Default::default()
+    };
+    let results = ingest
+        .report_service_cases(pb::ReportServiceCasesRequest {
+            cases: vec![case("SC-IN", org(1)), case("SC-OUT", org(2))],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let got: Vec<(&str, pb::Outcome)> = results
+        .iter()
+        .map(|r| (r.source_key.as_str(), outcome(r)))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("SC-IN", pb::Outcome::Accepted),
+            ("SC-OUT", pb::Outcome::PermissionDenied)
+        ]
+    );
+    hub.stop().await;
+}
+
+/// "Server reflection (v1 and v1alpha)": a v1alpha client (grpcurl before 1.9, older
+/// tooling) lists the hub's services.
+#[tokio::test]
+async fn reflection_v1alpha_lists_the_services() {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+    let hub = TestHub::start().await;
+    let mut client = ServerReflectionClient::new(hub.channel_as("tester").await);
+    let mut answers = client
+        .server_reflection_info(tokio_stream::iter([ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("{answer:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "ratinghub.v1.IngestService",
+        "ratinghub.v1.QueryService",
+        "ratinghub.v1.SyncService",
+        "ratinghub.v1.RectificationService",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
+    }
+    hub.stop().await;
+}
+
+/// "Replay dead letters (ReplayDeadLetters), all or by id": replaying one id sends that
+/// rating again, and only that one.
+#[tokio::test]
+async fn replaying_one_dead_letter_by_id_sends_only_that_rating() {
+    use crate::fake_upstream::FakeUpstream;
+    let fake = FakeUpstream::start().await;
+    fake.reject_origin_keys(["dl-0".to_string(), "dl-1".to_string()]);
+    let hub = crate::relay::upstream(HubBuilder::new(), "fake", &fake.url())
+        .start()
+        .await;
+    let ids = submit_new(&mut hub.ingest().await, "dl", 3).await;
+    let mut admin = AdminServiceClient::new(hub.channel_as("tester").await);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let dead = loop {
+        let dead = admin
+            .list_dead_letters(pb::ListDeadLettersRequest {
+                upstream: "fake".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .dead_letters;
+        if dead.len() == 2 {
+            break dead;
+        }
+        assert!(std::time::Instant::now() < deadline, "{dead:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    fake.reject_origin_keys([]);
+    let replay = admin
+        .replay_dead_letters(pb::ReplayDeadLettersRequest {
+            upstream: "fake".into(),
+            all: false,
+            ids: vec![dead[0].id],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replay.requested, 1);
+    fake.wait_until(
+        std::time::Duration::from_secs(30),
+        "the replayed rating",
+        |got| got.contains_key(&dead[0].hub_id),
+    )
+    .await;
+    let got = fake.received();
+    assert!(!got.contains_key(&dead[1].hub_id), "only the one replayed");
+    assert!(got.contains_key(&ids[2]));
+    let open: Vec<u64> = admin
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            upstream: "fake".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters
+        .iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(open, [dead[1].id], "the other is still a dead letter");
+    hub.stop().await;
+}

@@ -301,3 +301,82 @@ async fn replaying_one_dead_letter_by_id_sends_only_that_rating() {
     assert_eq!(open, [dead[1].id], "the other is still a dead letter");
     hub.stop().await;
 }
+
+/// "Ratings found invalid or malicious on appeal stay stored but leave the scores": an
+/// appeal found INVALID (not only MALICIOUS) takes its 差评 out of the counts, and one
+/// UPHELD leaves it in.
+#[tokio::test]
+async fn an_appeal_found_invalid_leaves_the_counts_and_one_upheld_does_not() {
+    use pb::rectification_service_client::RectificationServiceClient;
+    let hub = TestHub::start().await;
+    let mut ingest = hub.ingest().await;
+    let mut ids = Vec::new();
+    for key in ["appeal-invalid", "appeal-upheld"] {
+        let mut r = rating(key);
+        r.level = pb::Level::Dissatisfied as i32;
+        r.text = "办理太慢".into();
+        ids.push(submit_one(&mut ingest, r).await.hub_id);
+    }
+    async fn stats(hub: &TestHub) -> pb::StatsGroup {
+        hub.query()
+            .await
+            .get_stats(pb::GetStatsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .groups
+            .remove(0)
+    }
+    let before = stats(&hub).await;
+    assert_eq!((before.total, before.bad), (2, 2));
+    let mut rect = RectificationServiceClient::new(hub.channel_as("tester").await);
+    let cases = rect
+        .list_cases(pb::ListCasesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .cases;
+    for (hub_id, outcome) in [
+        (&ids[0], pb::AppealOutcome::Invalid),
+        (&ids[1], pb::AppealOutcome::Upheld),
+    ] {
+        let id = cases.iter().find(|c| &c.hub_id == hub_id).unwrap().id;
+        rect.file_appeal(pb::FileAppealRequest {
+            id,
+            reason: "评价与本办件无关".into(),
+            evidence_refs: vec!["办件记录-001".into()],
+        })
+        .await
+        .unwrap();
+        let decided = rect
+            .decide_appeal(pb::DecideAppealRequest {
+                id,
+                outcome: outcome as i32,
+                note: "经核实".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .bad_rating_case
+            .unwrap();
+        assert_eq!(decided.appeal_outcome, outcome as i32);
+    }
+    let after = stats(&hub).await;
+    assert_eq!(
+        (after.total, after.bad),
+        (1, 1),
+        "the invalid one left the counts, the upheld one stayed"
+    );
+    // Stored still.
+    let still = hub
+        .query()
+        .await
+        .get_rating(pb::GetRatingRequest {
+            hub_id: ids[0].clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(still.rating.is_some());
+    hub.stop().await;
+}

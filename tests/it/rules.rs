@@ -1428,10 +1428,11 @@ mod counting_and_quality {
     }
 
     #[tokio::test]
-    async fn templated_ratings_and_device_bursts_are_flagged_not_dropped() {
+    async fn templated_ratings_and_device_and_phone_bursts_are_flagged_not_dropped() {
         let hub = HubBuilder::new()
             .set("quality.template_min", "5")
             .set("quality.device_burst", "4")
+            .set("quality.phone_burst", "3")
             .start()
             .await;
         let mut ingest = hub.ingest().await;
@@ -1486,6 +1487,29 @@ mod counting_and_quality {
             .map(|r| r.quality_flags.contains(&device))
             .collect();
         assert_eq!(flagged, [false, false, false, true, true]);
+
+        // "Bursts … from one phone number are flagged": the same phone rating again and
+        // again within the window (each with its own case), from the third on.
+        let phone: Vec<_> = (0..4)
+            .map(|i| {
+                let mut r = rating(&format!("ph{i}"));
+                r.rater.as_mut().unwrap().phone = "13911112222".into();
+                r
+            })
+            .collect();
+        let results = submit(&mut ingest, phone).await;
+        let burst = pb::QualityFlag::PhoneBurst as i32;
+        let flagged: Vec<bool> = results
+            .iter()
+            .map(|r| r.quality_flags.contains(&burst))
+            .collect();
+        assert_eq!(flagged, [false, false, true, true]);
+        assert!(results.iter().all(|r| outcome(r) == pb::Outcome::Accepted));
+
+        // "flagged" in the statistics counts the ratings with any flag (2 templated, 2 device
+        // bursts, 2 phone bursts), none of them left out of the totals.
+        let g = kunming_group(&hub).await;
+        assert_eq!((g.total, g.flagged), (15, 6), "{g:?}");
         hub.stop().await;
     }
 }

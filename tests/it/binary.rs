@@ -346,3 +346,81 @@ fn calendar_show_says_whether_a_year_is_official_or_provisional() {
         "{y2027}"
     );
 }
+
+/// `rating-hub certs …` as an operator types them (README, "Certificates"): a development
+/// PKI, a client certificate for a principal, the list of what was issued, and revoking a
+/// principal — which writes the CRL a running hub reads.
+#[test]
+fn certs_commands_issue_list_and_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_rating-hub"))
+            .arg("certs")
+            .args(args)
+            .arg("--dir")
+            .arg(&certs)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "certs {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    run(&["init"]);
+    assert!(certs.join(rating_hub::pki::CA_CERT).exists());
+    let issued = run(&["client", "--name", "km-dept"]);
+    assert!(certs.join("km-dept.pem").exists() && certs.join("km-dept.key").exists());
+    assert!(issued.contains("[principals.km-dept]"), "{issued}");
+    let list = run(&["list"]);
+    let line = list
+        .lines()
+        .find(|l| l.contains("km-dept"))
+        .unwrap_or_else(|| panic!("{list}"));
+    assert!(!line.contains("revoked"), "{line}");
+    let revoked = run(&["revoke", "--name", "km-dept"]);
+    assert!(revoked.contains("revoked"), "{revoked}");
+    assert!(certs.join(rating_hub::pki::CRL).exists());
+    let list = run(&["list"]);
+    let line = list.lines().find(|l| l.contains("km-dept")).unwrap();
+    assert!(line.contains("revoked"), "{line}");
+    // Revoking a principal never issued a certificate is an error, not a silent no-op.
+    let out = Command::new(env!("CARGO_BIN_EXE_rating-hub"))
+        .args(["certs", "revoke", "--name", "nobody", "--dir"])
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+}
+
+/// "A PostgreSQL connection that does not verify the server's certificate … is warned of at
+/// start" (README, Storage): a remote host without sslmode=verify-full gets the warning; a
+/// loopback one does not. (Neither server exists: the warning comes before connecting.)
+#[test]
+fn an_unverified_remote_database_is_warned_of_at_start() {
+    let start = |url: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_rating-hub"))
+            .arg("serve")
+            .current_dir(dir.path())
+            .env("RATING_HUB__STORAGE__URL", url)
+            .env("RATING_HUB__SERVER__LISTEN", "127.0.0.1:0")
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "no database there: {out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let remote = start("postgres://hub@db.invalid:5432/ratings");
+    assert!(
+        remote.contains("does not verify the server's certificate"),
+        "{remote}"
+    );
+    let local = start("postgres://hub@127.0.0.1:1/ratings");
+    assert!(
+        !local.contains("does not verify the server's certificate"),
+        "{local}"
+    );
+}

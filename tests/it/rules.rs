@@ -1599,6 +1599,29 @@ async fn quarterly_report_ranks_organisations_and_exports_csv_and_json() {
     let ranks: Vec<u64> = groups.iter().map(|g| g["rank"].as_u64().unwrap()).collect();
     assert_eq!(ranks, [1, 1, 3]);
     assert_eq!(groups[2]["key"][0], org(2).as_str());
+    // "quarterly (or annual)": quarter 0 is the whole year — org 3's Q2 差评 counts now, so
+    // its average falls to (8 + 0) / 2 and it drops below org 2.
+    let year = query
+        .export_report(pb::ExportReportRequest {
+            year: 2025,
+            quarter: 0,
+            region_code_prefix: "5301".into(),
+            format: pb::ReportFormat::Json as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(year.filename, "rating-report-2025-kunming.json");
+    let v: serde_json::Value = serde_json::from_slice(&year.content).unwrap();
+    assert_eq!(v["period"], "2025");
+    let order: Vec<&str> = v["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["key"][0].as_str().unwrap())
+        .collect();
+    assert_eq!(order, [org(1).as_str(), org(2).as_str(), org(3).as_str()]);
     let err = query
         .export_report(pb::ExportReportRequest {
             year: 2025,

@@ -380,3 +380,108 @@ async fn an_appeal_found_invalid_leaves_the_counts_and_one_upheld_does_not() {
     assert!(still.rating.is_some());
     hub.stop().await;
 }
+
+/// "GetStats … grouped by region, organisation, item, staff, channel, day or month, optionally
+/// ranked": each dimension keys its groups by the ratings' own values (the month in Beijing
+/// time: 16:30 UTC on 28 February is 1 March there), and `rank_by` orders and ranks them.
+#[tokio::test]
+async fn stats_group_by_region_item_staff_and_month_and_rank() {
+    let hub = TestHub::start().await;
+    let mut ingest = hub.ingest().await;
+    let mk = |key: &str, region: &str, item: &str, staff: &str, at: i64, level: pb::Level| {
+        let mut r = rating(key);
+        r.region_code = region.into();
+        r.item_code = item.into();
+        r.staff_id = staff.into();
+        r.rated_at = Some(rating_hub::time::timestamp_from_micros(at));
+        r.level = level as i32;
+        if rating_hub::domain::rating::is_bad(level) {
+            r.text = "不满意".into();
+        }
+        r
+    };
+    // 2026-02-28T16:30Z = 2026-03-01 00:30 CST; 2026-02-10 is February everywhere.
+    let march_cst = 1_772_296_200_000_000;
+    let feb = 1_770_681_600_000_000;
+    let batch = vec![
+        mk(
+            "g1",
+            "530102",
+            "530100-ITEM-001",
+            "S1",
+            march_cst,
+            pb::Level::VerySatisfied,
+        ),
+        mk(
+            "g2",
+            "530102",
+            "530100-ITEM-002",
+            "S2",
+            feb,
+            pb::Level::Dissatisfied,
+        ),
+        mk(
+            "g3",
+            "530103",
+            "530100-ITEM-001",
+            "S1",
+            feb,
+            pb::Level::Satisfied,
+        ),
+    ];
+    for r in submit(&mut ingest, batch).await {
+        assert_eq!(outcome(&r), pb::Outcome::Accepted, "{r:?}");
+    }
+    let mut query = hub.query().await;
+    let by = |dim: pb::StatsDimension, rank: pb::RankBy| {
+        let mut query = query.clone();
+        async move {
+            query
+                .get_stats(pb::GetStatsRequest {
+                    group_by: vec![dim as i32],
+                    rank_by: rank as i32,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .groups
+                .into_iter()
+                .map(|g| (g.key.join("/"), g.total))
+                .collect::<Vec<_>>()
+        }
+    };
+    let unranked = pb::RankBy::Unspecified;
+    let mut got = by(pb::StatsDimension::Region, unranked).await;
+    got.sort();
+    assert_eq!(got, [("530102".to_owned(), 2), ("530103".to_owned(), 1)]);
+    let mut got = by(pb::StatsDimension::Item, unranked).await;
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("530100-ITEM-001".to_owned(), 2),
+            ("530100-ITEM-002".to_owned(), 1)
+        ]
+    );
+    let mut got = by(pb::StatsDimension::Staff, unranked).await;
+    got.sort();
+    assert_eq!(got, [("S1".to_owned(), 2), ("S2".to_owned(), 1)]);
+    let mut got = by(pb::StatsDimension::Month, unranked).await;
+    got.sort();
+    assert_eq!(got, [("2026-02".to_owned(), 2), ("2026-03".to_owned(), 1)]);
+    // Ranked by 差评率, lowest first: S1 (0 %) before S2 (100 %).
+    let ranked = query
+        .get_stats(pb::GetStatsRequest {
+            group_by: vec![pb::StatsDimension::Staff as i32],
+            rank_by: pb::RankBy::BadRate as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .groups;
+    let order: Vec<(String, u32)> = ranked.iter().map(|g| (g.key.join("/"), g.rank)).collect();
+    assert_eq!(order, [("S1".to_owned(), 1), ("S2".to_owned(), 2)]);
+    hub.stop().await;
+}

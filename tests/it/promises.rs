@@ -485,3 +485,25 @@ async fn stats_group_by_region_item_staff_and_month_and_rank() {
     assert_eq!(order, [("S1".to_owned(), 1), ("S2".to_owned(), 2)]);
     hub.stop().await;
 }
+
+/// "ListUpstreams: … lag in records and seconds": with the upstream down, the lag in seconds
+/// is how long the oldest undelivered rating has waited, on the hub's clock.
+#[tokio::test]
+async fn upstream_lag_is_counted_in_seconds_too() {
+    use crate::fake_upstream::{FakeUpstream, Mode};
+    use rating_hub::clock::Clock;
+    let fake = FakeUpstream::start().await;
+    fake.set_mode(Mode::Unavailable);
+    let clock = std::sync::Arc::new(rating_hub::clock::ManualClock::at(
+        rating_hub::clock::SystemClock.now_micros(),
+    ));
+    let hub = crate::relay::upstream(HubBuilder::new().clock(clock.clone()), "fake", &fake.url())
+        .start()
+        .await;
+    submit_new(&mut hub.ingest().await, "lag", 1).await;
+    clock.advance(std::time::Duration::from_secs(90));
+    let st = crate::relay::status(&hub, "fake").await;
+    assert_eq!(st.lag_records, 1, "{st:?}");
+    assert_eq!(st.lag_seconds, 90.0, "{st:?}");
+    hub.stop().await;
+}

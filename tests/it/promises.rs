@@ -507,3 +507,90 @@ async fn upstream_lag_is_counted_in_seconds_too() {
     assert_eq!(st.lag_seconds, 90.0, "{st:?}");
     hub.stop().await;
 }
+
+/// "Every unmasked read is audited" — not only GetRating and ListRatings: Pull, Subscribe and
+/// ListInvitations as a caller with read-pii each leave who, which call and which record in
+/// the audit trail; a caller without read-pii reads masked data and leaves nothing.
+#[tokio::test]
+async fn unmasked_pull_subscribe_and_invitations_are_audited() {
+    use crate::relay::SyncServiceClient;
+    use rating_hub::clock::Clock;
+    let clock = std::sync::Arc::new(rating_hub::clock::ManualClock::at(crate::rules::cst(
+        "2025-06-03",
+        10,
+    )));
+    let hub = HubBuilder::new()
+        .clock(clock.clone())
+        .principal("puller", &["pull"], TestScope::National)
+        .start()
+        .await;
+    let mut r = rating("audited-1");
+    r.rated_at = Some(rating_hub::time::timestamp_from_micros(clock.now_micros()));
+    let id = submit_one(&mut hub.ingest().await, r).await.hub_id;
+    // A Guangdong completion, reminded 24 hours later: an invitation.
+    crate::rules::report(
+        &hub,
+        vec![crate::rules::completed(
+            "GD-AUDIT",
+            "440103",
+            clock.now_micros(),
+        )],
+    )
+    .await;
+    clock.advance(std::time::Duration::from_secs(25 * 3600));
+    assert_eq!(hub.hub.rules().tick().await.unwrap().invitations, 1);
+
+    for who in ["puller", "tester"] {
+        let mut sync = SyncServiceClient::new(hub.channel_as(who).await);
+        let pulled = sync
+            .pull(pb::PullRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(pulled.ratings.len(), 1);
+        let mut sub = sync
+            .subscribe(pb::SubscribeRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let first = sub.next().await.unwrap().unwrap();
+        assert_eq!(first.rating.unwrap().hub_id, id);
+        drop(sub);
+        let inv = sync
+            .list_invitations(pb::ListInvitationsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .invitations;
+        assert_eq!(inv.len(), 1);
+    }
+    let audit = AdminServiceClient::new(hub.channel_as("tester").await)
+        .list_pii_access(pb::ListPiiAccessRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let mut rows: Vec<(String, String)> = audit
+        .iter()
+        .map(|a| (a.principal.clone(), a.rpc.clone()))
+        .collect();
+    rows.sort();
+    rows.dedup();
+    assert_eq!(
+        rows,
+        [
+            ("tester".to_owned(), "ListInvitations".to_owned()),
+            ("tester".to_owned(), "Pull".to_owned()),
+            ("tester".to_owned(), "Subscribe".to_owned()),
+        ],
+        "the unmasked reads, each audited; the masked ones not"
+    );
+    assert!(
+        audit
+            .iter()
+            .filter(|a| a.rpc != "ListInvitations")
+            .all(|a| a.hub_id == id),
+        "{audit:?}"
+    );
+    hub.stop().await;
+}

@@ -594,3 +594,49 @@ async fn unmasked_pull_subscribe_and_invitations_are_audited() {
     );
     hub.stop().await;
 }
+
+/// "A StreamRatings stream is slowed down to the quota instead" of refused: over the
+/// principal's rating quota, every streamed rating is still taken, at the quota's pace
+/// (5 a second after a burst of 1: six take at least a second), while the same six in one
+/// SubmitRatings batch are refused.
+#[tokio::test]
+async fn a_stream_over_the_rating_quota_is_slowed_not_refused() {
+    let hub = HubBuilder::new()
+        .principal("slow", &["submit"], TestScope::National)
+        .set("principals.slow.ratings_per_sec", "5")
+        .set("principals.slow.ratings_burst", "1")
+        .start()
+        .await;
+    let mut ingest =
+        pb::ingest_service_client::IngestServiceClient::new(hub.channel_as("slow").await);
+    let started = std::time::Instant::now();
+    let acks: Vec<pb::ItemResult> = ingest
+        .stream_ratings(tokio_stream::iter((0..6).map(|i| {
+            pb::StreamRatingsRequest {
+                rating: Some(rating(&format!("slow-{i}"))),
+            }
+        })))
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|a| a.unwrap().result.unwrap())
+        .collect()
+        .await;
+    assert_eq!(acks.len(), 6);
+    assert!(
+        acks.iter().all(|a| outcome(a) == pb::Outcome::Accepted),
+        "{acks:?}"
+    );
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(900),
+        "paced to the quota: {:?}",
+        started.elapsed()
+    );
+    let refused = ingest
+        .submit_ratings(pb::SubmitRatingsRequest {
+            ratings: (0..6).map(|i| rating(&format!("batch-{i}"))).collect(),
+        })
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    hub.stop().await;
+}

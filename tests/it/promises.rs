@@ -640,3 +640,63 @@ async fn a_stream_over_the_rating_quota_is_slowed_not_refused() {
     assert!(refused.is_err(), "{refused:?}");
     hub.stop().await;
 }
+
+/// "Spot-check sampling": a profile's spot_check_share picks archived cases for the
+/// authority to check (here every one, share 1.0); the check comes only after archiving,
+/// and once.
+#[tokio::test]
+async fn spot_checks_come_after_archiving_once() {
+    use pb::rectification_service_client::RectificationServiceClient;
+    let hub = HubBuilder::new()
+        .set("rules.profiles.kunming.spot_check_share", "1.0")
+        .start()
+        .await;
+    let mut r = rating("spot-1");
+    r.level = pb::Level::VeryDissatisfied as i32;
+    r.text = "材料被退回三次".into();
+    r.rater.as_mut().unwrap().real_name = false;
+    let id = submit_one(&mut hub.ingest().await, r).await.hub_id;
+    let mut rect = RectificationServiceClient::new(hub.channel_as("tester").await);
+    let case = rect
+        .list_cases(pb::ListCasesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .cases
+        .into_iter()
+        .find(|c| c.hub_id == id)
+        .unwrap();
+    assert!(case.spot_check_selected, "{case:?}");
+    let step = |action: pb::CaseAction, refs: &[&str]| pb::RecordActionRequest {
+        id: case.id,
+        action: action as i32,
+        note: "记录".into(),
+        evidence_refs: refs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let early = rect
+        .record_action(step(pb::CaseAction::SpotCheck, &[]))
+        .await
+        .unwrap_err();
+    assert!(early.message().contains("only archived"), "{early:?}");
+    for (action, refs) in [
+        (pb::CaseAction::Contact, &[][..]),
+        (pb::CaseAction::Rectify, &["整改台账-1"][..]),
+        (pb::CaseAction::FeedBack, &[][..]),
+        (pb::CaseAction::Archive, &[][..]),
+        (pb::CaseAction::SpotCheck, &[][..]),
+    ] {
+        rect.record_action(step(action, refs))
+            .await
+            .unwrap_or_else(|e| panic!("{action:?}: {e:?}"));
+    }
+    let again = rect
+        .record_action(step(pb::CaseAction::SpotCheck, &[]))
+        .await
+        .unwrap_err();
+    assert!(
+        again.message().contains("already spot-checked"),
+        "{again:?}"
+    );
+    hub.stop().await;
+}

@@ -425,3 +425,45 @@ async fn a_result_list_that_does_not_match_the_batch_is_never_a_success() {
     assert_eq!(st.delivered, 0, "nothing counted as delivered: {st:?}");
     hub.stop().await;
 }
+
+/// `permanent_errors`: an HTTP status the platform uses for "never" (here 400) dead-letters
+/// the batch at once, the platform asked once; without it, the same status is retried.
+#[tokio::test]
+async fn a_status_listed_as_permanent_dead_letters_at_once_and_others_are_retried() {
+    for permanent in [true, false] {
+        let hub_dir = tempfile::tempdir().unwrap();
+        let pki_dir = platform_pki(hub_dir.path());
+        let (url, platform) = start_platform_answering(
+            &pki_dir,
+            Arc::new(|_: &Value, _| (400, json!({"code": "400", "msg": "参数错误"}))),
+        )
+        .await;
+        let mut b = zj_hub(&pki_dir, &url, "");
+        if permanent {
+            b = b.set("upstreams.zj.permanent_errors", "[\"400\"]");
+        } else {
+            b = b.set("upstreams.zj.retry_schedule_ms", "[20, 20, 20]");
+        }
+        let hub = b.start_in_dir(hub_dir).await;
+        submit(&mut hub.ingest().await, vec![rating("p1"), rating("p2")]).await;
+        if permanent {
+            eventually(Duration::from_secs(30), "dead-lettered", || async {
+                dead_letters(&hub).await.len() == 2
+            })
+            .await;
+            let dead = dead_letters(&hub).await;
+            assert!(dead.iter().all(|d| d.error.contains("400")), "{dead:?}");
+            assert_eq!(platform.lock().unwrap().requests, 1, "asked once");
+        } else {
+            eventually(Duration::from_secs(30), "retried", || async {
+                platform.lock().unwrap().requests >= 3
+            })
+            .await;
+            assert!(
+                dead_letters(&hub).await.is_empty(),
+                "a 400 not listed is retried"
+            );
+        }
+        hub.stop().await;
+    }
+}

@@ -424,3 +424,75 @@ fn an_unverified_remote_database_is_warned_of_at_start() {
         "{local}"
     );
 }
+
+/// "Denials are logged": a call refused for a missing role, and one from a certificate that
+/// names no registered principal, each leave a line naming the principal (the log read to
+/// its end after the hub stopped).
+#[tokio::test]
+async fn denials_are_logged_with_the_principal() {
+    use rating_hub::pb::v1 as pb;
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let dir = tempfile::tempdir().unwrap();
+    let SpawnedHub {
+        mut child,
+        url,
+        early,
+        logs,
+    } = spawn_hub_with(
+        dir.path(),
+        "info",
+        &[
+            ("RATING_HUB__PRINCIPALS__READER__ROLES", "[\"read\"]"),
+            ("RATING_HUB__PRINCIPALS__READER__ALL_REGIONS", "true"),
+        ],
+    );
+    let pki = dir.path().join("certs/dev");
+    for name in ["reader", "stranger"] {
+        rating_hub::pki::issue_client(&pki, name, rating_hub::pki::Validity::days(1)).unwrap();
+    }
+    let channel = |name: &str| {
+        let read = |f: &str| std::fs::read(pki.join(f)).unwrap();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read("ca.pem")))
+            .identity(Identity::from_pem(
+                read(&format!("{name}.pem")),
+                read(&format!("{name}.key")),
+            ))
+            .domain_name("localhost");
+        Endpoint::from_shared(url.clone())
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+    };
+    for name in ["reader", "stranger"] {
+        let err = pb::ingest_service_client::IngestServiceClient::new(
+            channel(name).connect().await.unwrap(),
+        )
+        .submit_ratings(pb::SubmitRatingsRequest {
+            ratings: vec![crate::utils::rating("denied-1")],
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{name}: {err:?}");
+    }
+    sigterm(&child);
+    let status = tokio::task::spawn_blocking(move || wait_exit(&mut child))
+        .await
+        .unwrap();
+    assert!(status.success());
+    let mut all = early;
+    all.extend(logs_to_eof(&logs));
+    let text = all.join("\n");
+    assert!(
+        all.iter()
+            .any(|l| l.contains("Denied: role missing.") && l.contains("reader")),
+        "{text}"
+    );
+    assert!(
+        all.iter().any(
+            |l| l.contains("Denied: certificate names no registered principal.")
+                && l.contains("stranger")
+        ),
+        "{text}"
+    );
+}

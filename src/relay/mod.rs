@@ -144,16 +144,8 @@ impl Worker {
     /// The retry wait after `attempt` failures: the schedule's entry, ± jitter.
     fn backoff(&self, attempt: usize) -> Duration {
         let schedule = &self.cfg.retry_schedule_ms;
-        let base = schedule[attempt.min(schedule.len() - 1)] as f64;
-        // xorshift64: jitter needs spread, not cryptographic randomness.
-        let mut x = self.jitter_state.load(Ordering::Relaxed);
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.jitter_state.store(x, Ordering::Relaxed);
-        let unit = (x >> 11) as f64 / (1u64 << 53) as f64; // 0..1
-        let factor = 1.0 + self.cfg.retry_jitter * (2.0 * unit - 1.0);
-        Duration::from_millis((base * factor).max(1.0) as u64)
+        let base = schedule[attempt.min(schedule.len() - 1)];
+        jittered(base, self.cfg.retry_jitter, &self.jitter_state)
     }
 
     async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
@@ -597,6 +589,20 @@ const CURSOR_ERROR: &str = "cannot store the delivery cursor and dead letters";
 /// runs of 7 or more digits (phones, ID numbers) become `<number>`, control characters (a
 /// NUL, which PostgreSQL cannot store in text; line breaks, which forge log lines) become
 /// spaces, and it is cut at 2,000 characters.
+/// A retry pause: `base_ms` spread by ± `jitter` (0.2: 80 % to 120 %), so upstreams that
+/// failed together do not all retry at the same moment; never under 1 ms. `state` is the
+/// generator's state (xorshift64: spread, not cryptographic randomness; never 0).
+fn jittered(base_ms: u64, jitter: f64, state: &std::sync::atomic::AtomicU64) -> Duration {
+    let mut x = state.load(Ordering::Relaxed);
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    state.store(x, Ordering::Relaxed);
+    let unit = (x >> 11) as f64 / (1u64 << 53) as f64; // 0..1
+    let factor = 1.0 + jitter * (2.0 * unit - 1.0);
+    Duration::from_millis((base_ms as f64 * factor).max(1.0) as u64)
+}
+
 pub(crate) fn clean_upstream_text(text: &str) -> String {
     const MAX: usize = 2000;
     // An upstream may echo what it was sent: its text never keeps a phone or an ID number,
@@ -874,5 +880,37 @@ impl Relay {
                 t.abort();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod jitter_tests {
+    use super::*;
+
+    /// "Retries with backoff and jitter": pauses spread over the whole band around the
+    /// schedule's value, never outside it; without jitter, exactly the schedule.
+    #[test]
+    fn retry_pauses_spread_within_the_jitter_band() {
+        let state = AtomicU64::new(0x9E37_79B9_7F4A_7C15);
+        let pauses: Vec<u64> = (0..1000)
+            .map(|_| jittered(1000, 0.2, &state).as_millis() as u64)
+            .collect();
+        assert!(
+            pauses.iter().all(|p| (800..=1200).contains(p)),
+            "{pauses:?}"
+        );
+        assert!(*pauses.iter().min().unwrap() < 850, "spread to the low end");
+        assert!(
+            *pauses.iter().max().unwrap() > 1150,
+            "spread to the high end"
+        );
+        let distinct: std::collections::HashSet<_> = pauses.iter().collect();
+        assert!(distinct.len() > 100, "not one value: {}", distinct.len());
+        assert!((0..100).all(|_| jittered(1000, 0.0, &state) == Duration::from_millis(1000)));
+        assert_eq!(
+            jittered(0, 0.2, &state),
+            Duration::from_millis(1),
+            "never 0"
+        );
     }
 }

@@ -517,9 +517,16 @@ async fn hub_killed_hard_during_delivery_loses_nothing_and_resumes_from_its_curs
             acked.insert(r.hub_id);
         }
     }
-    // Mid-delivery: some have arrived, most have not.
-    fake.wait_until(LIMIT, "delivery under way", |got| got.len() >= 50)
-        .await;
+    // Mid-delivery: some have arrived, most have not. The upstream stalls as soon as 50 are
+    // in (before, the kill raced the rest of the delivery on a loaded machine).
+    fake.wait_until(LIMIT, "delivery under way", |got| {
+        let under_way = got.len() >= 50;
+        if under_way {
+            fake.set_mode(Mode::Slow(Duration::from_secs(3600)));
+        }
+        under_way
+    })
+    .await;
     let got_before = fake.received().len();
     assert!(
         got_before < 600,

@@ -76,8 +76,34 @@ async fn graceful_shutdown_lets_an_open_stream_finish_and_keeps_every_ack() {
     assert_eq!(outcome(&first), pb::Outcome::Accepted);
 
     // Shutdown begins while the stream is open; the stream keeps working until it ends.
+    let endpoint = hub.endpoint(Some(&hub.client_files("tester")));
     let (running, restart) = hub.split_for_shutdown();
     let stopping = tokio::spawn(running.shutdown());
+    // "Stops accepting calls": a new call on a new connection is refused from the moment
+    // the shutdown reaches the listener (tried until then, bounded), and what it carried
+    // is not stored.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut taken = 0;
+    let refused_key = loop {
+        let key = format!("late-{taken}");
+        let attempt = async {
+            let channel = endpoint.clone().connect().await?;
+            IngestServiceClient::new(channel)
+                .submit_ratings(pb::SubmitRatingsRequest {
+                    ratings: vec![rating(&key)],
+                })
+                .await
+                .map_err(anyhow::Error::from)
+        };
+        match attempt.await {
+            Ok(_) => taken += 1,
+            Err(_) => break key,
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "new calls still accepted 30 s into the shutdown"
+        );
+    };
     for i in 1..200 {
         tx.send(pb::StreamRatingsRequest {
             rating: Some(rating(&format!("g{i}"))),
@@ -98,7 +124,11 @@ async fn graceful_shutdown_lets_an_open_stream_finish_and_keeps_every_ack() {
     stopping.await.unwrap().unwrap();
 
     let hub = restart.restart().await;
-    assert_eq!(count(&hub).await, 200);
+    assert_eq!(count(&hub).await, 200 + taken);
+    // Sent again now: new to the hub (a stored one would come back DUPLICATE).
+    let again = submit_one(&mut hub.ingest().await, rating(&refused_key)).await;
+    let refused = outcome(&again) != pb::Outcome::Accepted;
+    assert!(!refused, "the refused call's rating is not stored");
     hub.stop().await;
 }
 

@@ -286,19 +286,31 @@ async fn replaying_one_dead_letter_by_id_sends_only_that_rating() {
     let got = fake.received();
     assert!(!got.contains_key(&dead[1].hub_id), "only the one replayed");
     assert!(got.contains_key(&ids[2]));
-    let open: Vec<u64> = admin
-        .list_dead_letters(pb::ListDeadLettersRequest {
-            upstream: "fake".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .dead_letters
-        .iter()
-        .map(|d| d.id)
-        .collect();
-    assert_eq!(open, [dead[1].id], "the other is still a dead letter");
+    // The replayed one is resolved once its delivery is recorded (just after the upstream
+    // got it); the other stays a dead letter.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let open: Vec<u64> = admin
+            .list_dead_letters(pb::ListDeadLettersRequest {
+                upstream: "fake".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .dead_letters
+            .iter()
+            .map(|d| d.id)
+            .collect();
+        if open == [dead[1].id] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "open dead letters {open:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     hub.stop().await;
 }
 
@@ -698,5 +710,60 @@ async fn spot_checks_come_after_archiving_once() {
         again.message().contains("already spot-checked"),
         "{again:?}"
     );
+    hub.stop().await;
+}
+
+/// "Relays … rate-limited (governor)": an upstream allowed 2 requests a second (burst 1, one
+/// rating a request) receives five ratings over at least two seconds, not at once.
+#[tokio::test]
+async fn delivery_keeps_to_the_upstreams_rate_limit() {
+    use crate::fake_upstream::FakeUpstream;
+    let fake = FakeUpstream::start().await;
+    let hub = crate::relay::upstream(HubBuilder::new(), "fake", &fake.url())
+        .set("upstreams.fake.requests_per_sec", "2")
+        .set("upstreams.fake.requests_burst", "1")
+        .set("upstreams.fake.batch_size", "1")
+        .set("upstreams.fake.in_flight", "1")
+        .start()
+        .await;
+    let started = std::time::Instant::now();
+    submit_new(&mut hub.ingest().await, "rl", 5).await;
+    fake.wait_until(std::time::Duration::from_secs(60), "all five", |got| {
+        got.len() == 5
+    })
+    .await;
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(1900),
+        "five requests at two a second take two seconds: {:?}",
+        started.elapsed()
+    );
+    hub.stop().await;
+}
+
+/// "request_timeout_ms: a timed-out request is retried": an upstream that never answers in
+/// time is a retried failure that says so, and nothing is counted delivered.
+#[tokio::test]
+async fn a_request_that_times_out_is_retried_and_shown() {
+    use crate::fake_upstream::{FakeUpstream, Mode};
+    let fake = FakeUpstream::start().await;
+    fake.set_mode(Mode::Slow(std::time::Duration::from_secs(3600)));
+    let hub = crate::relay::upstream(HubBuilder::new(), "fake", &fake.url())
+        .set("upstreams.fake.request_timeout_ms", "200")
+        .start()
+        .await;
+    submit_new(&mut hub.ingest().await, "to", 1).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let st = loop {
+        let st = crate::relay::status(&hub, "fake").await;
+        if st.last_error.to_lowercase().contains("timeout")
+            || st.last_error.to_lowercase().contains("timed out")
+        {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "{st:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(st.lag_records, 1, "not delivered: {st:?}");
+    assert_eq!(st.open_dead_letters, 0, "retried, not given up: {st:?}");
     hub.stop().await;
 }

@@ -566,6 +566,7 @@ async fn pause_and_resume_through_either_instance_reach_the_one_that_delivers() 
     // Paused through the instance that does not deliver: the holder follows at its next
     // lease renewal.
     let mut admin = AdminServiceClient::new(other.channel_as("tester").await);
+    let asked = std::time::Instant::now();
     admin
         .pause_upstream(pb::PauseUpstreamRequest {
             upstream: "fake".into(),
@@ -576,6 +577,13 @@ async fn pause_and_resume_through_either_instance_reach_the_one_that_delivers() 
         status(holder).await.paused
     })
     .await;
+    // "At its next renewal (within a third of the lease time)": 0.7 s here, with room for
+    // a loaded machine.
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "the holder paused {:?} after the request",
+        asked.elapsed()
+    );
     let held = crate::relay::submit_many(holder, "held", 30).await;
     // The holder has seen the commit (its worker was woken), and renewed its lease since:
     // it would have sent them by now.
@@ -830,6 +838,7 @@ async fn a_frozen_lease_holder_hands_over_and_sends_nothing_when_it_thaws() {
     let second = submit_through(dir.path(), &hubs[frozen].url, "second", 20).await;
     fake.wait_calls(2, LIMIT).await;
     signal(&hubs[frozen].child, "STOP");
+    let stopped = std::time::Instant::now();
     [&gate0, &gate1][frozen].slow(Duration::from_millis(500));
     fake.set_mode(Mode::Accept);
     // Its lease runs out; the other instance takes over at the stored cursor.
@@ -838,6 +847,13 @@ async fn a_frozen_lease_holder_hands_over_and_sends_nothing_when_it_thaws() {
     })
     .await;
     assert_eq!(stored("lease_holder"), names[other]);
+    // "Within the lease time" and the third of it the others wait between tries (2 s lease:
+    // 2.7 s), with room for a loaded machine — not the minute the waits allow.
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "taken over {:?} after the holder stopped",
+        stopped.elapsed()
+    );
 
     // Thawed, its retry is due at once and its renewal takes a second: the lease's local
     // deadline, passed while it was frozen, stops the send.

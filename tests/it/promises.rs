@@ -767,3 +767,33 @@ async fn a_request_that_times_out_is_retried_and_shown() {
     assert_eq!(st.open_dead_letters, 0, "retried, not given up: {st:?}");
     hub.stop().await;
 }
+
+/// "A background connection checkpoints the WAL so commits do not pay for it" (SQLite, the
+/// embedded default, whatever backend the suite runs on): committed pages reach the database
+/// file soon after the commits, long before the writer's own checkpoint at 4,000 pages.
+#[tokio::test]
+async fn sqlite_wal_pages_reach_the_database_file_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("wal-hub.db");
+    let hub = HubBuilder::new()
+        .set("storage.url", &format!("{:?}", db.display().to_string()))
+        .start_in_dir(dir)
+        .await;
+    let before = std::fs::metadata(&db).unwrap().len();
+    submit_new(&mut hub.ingest().await, "wal", 200).await;
+    let wal = std::path::PathBuf::from(format!("{}-wal", db.display()));
+    let wal_pages = std::fs::metadata(&wal).map(|m| m.len() / 4096).unwrap_or(0);
+    assert!(
+        wal_pages < 4000,
+        "the writer's own checkpoint is not what this sees"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::metadata(&db).unwrap().len() <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the database file did not grow: no background checkpoint"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    hub.stop().await;
+}

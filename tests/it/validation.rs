@@ -13,12 +13,27 @@ async fn refused(r: pb::Rating) -> Vec<pb::FieldViolation> {
 }
 
 async fn refused_with(overrides: &[(&str, &str, &str)], r: pb::Rating) -> Vec<pb::FieldViolation> {
+    // The rater's personal data as sent: no violation may echo it (every test here).
+    let pii: Vec<String> = r
+        .rater
+        .iter()
+        .flat_map(|p| [p.name.clone(), p.id_number.clone(), p.phone.clone()])
+        .filter(|v| v.chars().count() >= 2)
+        .collect();
     let hub = TestHub::start_with(overrides).await;
     let mut ingest = hub.ingest().await;
     let result = submit_one(&mut ingest, r).await;
     assert_eq!(outcome(&result), pb::Outcome::Invalid, "{result:?}");
     assert_eq!(count(&hub).await, 0, "nothing rejected is stored");
     hub.stop().await;
+    for v in &result.violations {
+        for value in &pii {
+            assert!(
+                !v.description.contains(value.as_str()) && !v.field.contains(value.as_str()),
+                "a violation echoes the rater's {value:?}: {v:?}"
+            );
+        }
+    }
     result.violations
 }
 

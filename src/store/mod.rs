@@ -574,7 +574,7 @@ pub(crate) fn probe_pad() -> Vec<u8> {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// How a commit is made durable, as read back from the writer's own connection when the
-    /// store opened (not as configured): e.g. `sqlite journal_mode=wal synchronous=FULL`.
+    /// store opened (not as configured): e.g. `sqlite journal_mode=wal synchronous=FULL wal_autocheckpoint=4000`.
     fn durability(&self) -> &str;
 
     /// Writes ratings through the group-commit writer; returns one outcome per item, in order,

@@ -181,7 +181,13 @@ async fn writer_durability(
             if synchronous_full { "FULL" } else { "NORMAL" }
         )));
     }
-    Ok(format!("sqlite journal_mode=wal synchronous={name}"))
+    // The writer's own checkpoint, the backstop when the background one cannot finish.
+    let autocheckpoint: i64 = sqlx::query_scalar("PRAGMA wal_autocheckpoint")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(format!(
+        "sqlite journal_mode=wal synchronous={name} wal_autocheckpoint={autocheckpoint}"
+    ))
 }
 
 impl SqliteStore {

@@ -127,7 +127,10 @@ async fn stream_of_10000_ratings_is_acknowledged_in_order_after_commit() {
             "{durability}"
         );
     } else {
-        assert_eq!(durability, "sqlite journal_mode=wal synchronous=FULL");
+        assert_eq!(
+            durability,
+            "sqlite journal_mode=wal synchronous=FULL wal_autocheckpoint=4000"
+        );
     }
     let mut ingest = hub.ingest().await;
     let outbound = tokio_stream::iter((0..N).map(|i| pb::StreamRatingsRequest {

@@ -779,6 +779,15 @@ async fn sqlite_wal_pages_reach_the_database_file_in_the_background() {
         .set("storage.url", &format!("{:?}", db.display().to_string()))
         .start_in_dir(dir)
         .await;
+    // The writer's own checkpoint is the backstop, at 4,000 pages, on its live connection.
+    assert!(
+        hub.hub
+            .store()
+            .durability()
+            .ends_with("wal_autocheckpoint=4000"),
+        "{}",
+        hub.hub.store().durability()
+    );
     let before = std::fs::metadata(&db).unwrap().len();
     submit_new(&mut hub.ingest().await, "wal", 200).await;
     let wal = std::path::PathBuf::from(format!("{}-wal", db.display()));

@@ -806,3 +806,68 @@ async fn sqlite_wal_pages_reach_the_database_file_in_the_background() {
     }
     hub.stop().await;
 }
+
+/// "Subscribe (history from a cursor, then live, at the reader's pace)": a subscriber that
+/// reads one rating and stops holds the hub to a page or two of history (the pages it read
+/// are the audited ones), not all 3,000; reading on, it gets every one, in order.
+#[tokio::test]
+async fn subscribe_goes_at_the_readers_pace() {
+    use crate::relay::SyncServiceClient;
+    let hub = TestHub::start().await;
+    let mut ingest = hub.ingest().await;
+    for chunk in 0..6 {
+        submit_new(&mut ingest, &format!("pace{chunk}"), 500).await;
+    }
+    let channel = hub
+        .endpoint(Some(&hub.client_files("tester")))
+        .initial_stream_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let mut sub = SyncServiceClient::new(channel)
+        .subscribe(pb::SubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = sub.next().await.unwrap().unwrap().rating.unwrap();
+    assert_eq!(first.feed_sequence, 1);
+    let admin = AdminServiceClient::new(hub.channel_as("tester").await);
+    let audited = || {
+        let mut admin = admin.clone();
+        async move {
+            let mut n = 0;
+            let mut token = String::new();
+            loop {
+                let page = admin
+                    .list_pii_access(pb::ListPiiAccessRequest {
+                        page_size: 1000,
+                        page_token: token.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                n += page.entries.iter().filter(|e| e.rpc == "Subscribe").count();
+                if page.next_page_token.is_empty() {
+                    break n;
+                }
+                token = page.next_page_token;
+            }
+        }
+    };
+    // Given half a second to run ahead, a hub that buffered without bound would have read
+    // (and audited) all 3,000.
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(500);
+    while std::time::Instant::now() < until {
+        let n = audited().await;
+        assert!(n <= 1000, "{n} ratings read ahead of a reader that read 1");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut last = first.feed_sequence;
+    for _ in 1..3000 {
+        let r = sub.next().await.unwrap().unwrap().rating.unwrap();
+        assert_eq!(r.feed_sequence, last + 1, "in order, none missing");
+        last = r.feed_sequence;
+    }
+    hub.stop().await;
+}

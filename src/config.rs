@@ -151,6 +151,7 @@ pub struct LimitsConfig {
     pub requests_burst: u32,
     pub ratings_per_sec: u32,
     pub ratings_burst: u32,
+    pub evidence_max_mb: u32,
 }
 
 impl LimitsConfig {
@@ -393,6 +394,9 @@ impl Config {
         }
         if self.validation.clock_skew_secs < 0 {
             return fail("validation.clock_skew_secs must not be negative");
+        }
+        if !(1..=1024).contains(&self.limits.evidence_max_mb) {
+            return fail("limits.evidence_max_mb must be 1 to 1024");
         }
         if self.limits.max_in_flight == 0 {
             return fail("limits.max_in_flight must be at least 1");

@@ -232,6 +232,7 @@ pub async fn start_with_clock(
         relay: relay.clone(),
         engine: rules.clone(),
         quality: config.quality.thresholds(),
+        evidence_max_bytes: config.limits.evidence_max_mb as usize * 1024 * 1024,
         stopping,
     });
     let max_msg = config.server.max_message_bytes;

@@ -44,6 +44,8 @@ pub struct HubState {
     pub relay: Arc<crate::relay::Relay>,
     pub engine: Arc<crate::rules::engine::RulesEngine>,
     pub quality: crate::store::QualityThresholds,
+    /// The largest evidence file taken, in bytes.
+    pub evidence_max_bytes: usize,
     /// Becomes true when the hub starts shutting down: endless streams end themselves.
     pub stopping: tokio::sync::watch::Receiver<bool>,
 }

@@ -249,9 +249,259 @@ type CaseStream = std::pin::Pin<
     Box<dyn futures_util::Stream<Item = Result<pb::WatchCasesResponse, Status>> + Send>,
 >;
 
+type EvidenceStream = std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = Result<pb::DownloadEvidenceResponse, Status>> + Send>,
+>;
+
+/// Bytes per message of a download.
+const EVIDENCE_CHUNK: usize = 256 * 1024;
+
+fn evidence_pb(e: &crate::store::EvidenceRecord) -> pb::EvidenceFile {
+    pb::EvidenceFile {
+        sha256: e.sha256.clone(),
+        file_name: e.file_name.clone(),
+        content_type: e.content_type.clone(),
+        size: e.size,
+        attached_by: e.attached_by.clone(),
+        attached_at: Some(timestamp_from_micros(e.attached_at_micros)),
+    }
+}
+
 #[tonic::async_trait]
 impl RectificationService for RectificationApi {
     type WatchCasesStream = CaseStream;
+    type DownloadEvidenceStream = EvidenceStream;
+
+    async fn upload_evidence(
+        &self,
+        request: Request<tonic::Streaming<pb::UploadEvidenceRequest>>,
+    ) -> Result<Response<pb::UploadEvidenceResponse>, Status> {
+        use crate::domain::evidence;
+        use pb::upload_evidence_request::Part;
+        let caller = self
+            .state
+            .admit(&request, "UploadEvidence", Role::Rectify)?;
+        let mut stream = request.into_inner();
+        let header = match stream.message().await? {
+            Some(pb::UploadEvidenceRequest {
+                part: Some(Part::Header(h)),
+            }) => h,
+            _ => {
+                return Err(bad_request(&[violation(
+                    "header",
+                    "the first message must be the header (case_id, file_name)",
+                )]));
+            }
+        };
+        let mut v = Vec::new();
+        if header.case_id == 0 {
+            v.push(violation("header.case_id", "is required"));
+        }
+        if let Some(why) = evidence::bad_file_name(&header.file_name) {
+            v.push(violation("header.file_name", why));
+        }
+        if !v.is_empty() {
+            return Err(bad_request(&v));
+        }
+        // The scope is checked before the content is read.
+        let mut case = self.case_for(&caller, header.case_id).await?;
+        let max = self.state.evidence_max_bytes;
+        let mut content: Vec<u8> = Vec::new();
+        while let Some(msg) = stream.message().await? {
+            match msg.part {
+                Some(Part::Chunk(c)) => {
+                    if content.len() + c.len() > max {
+                        return Err(bad_request(&[violation(
+                            "chunk",
+                            format!(
+                                "the file is larger than {} MB (limits.evidence_max_mb)",
+                                max >> 20
+                            ),
+                        )]));
+                    }
+                    content.extend_from_slice(&c);
+                }
+                _ => {
+                    return Err(bad_request(&[violation(
+                        "header",
+                        "only the first message is a header; the rest are chunks",
+                    )]));
+                }
+            }
+        }
+        let Some(content_type) = evidence::content_type(&content) else {
+            return Err(bad_request(&[violation(
+                "chunk",
+                &if content.is_empty() {
+                    "the file is empty".to_owned()
+                } else {
+                    format!(
+                        "the file is not {} (read from its content, not its name)",
+                        evidence::ALLOWED
+                    )
+                },
+            )]));
+        };
+        let sha256 = {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(&content))
+        };
+        let sealed = self.state.pii.seal(&content, sha256.as_bytes());
+        let size = content.len() as u64;
+        drop(content);
+        for _attempt in 0..3 {
+            let (_, view) = self.view(&case);
+            let now = self.state.clock.now_micros();
+            if let Some(why) = bad_case::refuse(&case, &view, CaseAction::Evidence, now) {
+                return Err(Status::failed_precondition(format!(
+                    "case {}: cannot attach evidence: {why}",
+                    case.id
+                )));
+            }
+            if self
+                .state
+                .store
+                .list_evidence(case.id)
+                .await?
+                .iter()
+                .any(|e| e.sha256 == sha256)
+            {
+                return Err(Status::already_exists(format!(
+                    "case {}: this file (sha256 {sha256}) is already attached",
+                    case.id
+                )));
+            }
+            let record = crate::store::EvidenceRecord {
+                sha256: sha256.clone(),
+                file_name: header.file_name.clone(),
+                content_type: content_type.to_owned(),
+                size,
+                attached_by: caller.name().to_owned(),
+                attached_at_micros: 0,
+            };
+            let written = self
+                .state
+                .store
+                .relay_write(RelayWrite::Evidence {
+                    case_id: case.id,
+                    expected_entries: case.entries.len() as u64,
+                    entry: CaseEntryRecord {
+                        action: CaseAction::Evidence as i32,
+                        actor: caller.name().to_owned(),
+                        at_micros: 0,
+                        note: header.file_name.clone(),
+                        evidence_refs: vec![format!("sha256:{sha256}")],
+                        new_deadline_micros: None,
+                        appeal_outcome: 0,
+                    },
+                    file: Box::new(crate::store::NewEvidence {
+                        record,
+                        key_id: sealed.key_id.clone(),
+                        sealed: sealed.blob.clone(),
+                    }),
+                })
+                .await?;
+            if written > 0 {
+                tracing::info!(
+                    principal = caller.name(),
+                    case = case.id,
+                    sha256 = %sha256,
+                    size,
+                    content_type,
+                    "Evidence attached."
+                );
+                let after = self.case_for(&caller, case.id).await?;
+                let file = self
+                    .state
+                    .store
+                    .list_evidence(case.id)
+                    .await?
+                    .into_iter()
+                    .find(|e| e.sha256 == sha256)
+                    .map(|e| evidence_pb(&e));
+                return Ok(Response::new(pb::UploadEvidenceResponse {
+                    file,
+                    bad_rating_case: Some(self.to_pb(&after, true)),
+                }));
+            }
+            // Another step was recorded meanwhile: read the case again.
+            case = self.case_for(&caller, case.id).await?;
+        }
+        Err(Status::new(
+            Code::Aborted,
+            format!(
+                "case {} kept changing while the evidence was attached; send it again",
+                case.id
+            ),
+        ))
+    }
+
+    async fn list_evidence(
+        &self,
+        request: Request<pb::ListEvidenceRequest>,
+    ) -> Result<Response<pb::ListEvidenceResponse>, Status> {
+        let caller = self.state.admit(&request, "ListEvidence", Role::Rectify)?;
+        let case = self.case_for(&caller, request.into_inner().id).await?;
+        let files = self.state.store.list_evidence(case.id).await?;
+        Ok(Response::new(pb::ListEvidenceResponse {
+            files: files.iter().map(evidence_pb).collect(),
+        }))
+    }
+
+    async fn download_evidence(
+        &self,
+        request: Request<pb::DownloadEvidenceRequest>,
+    ) -> Result<Response<Self::DownloadEvidenceStream>, Status> {
+        let caller = self
+            .state
+            .admit(&request, "DownloadEvidence", Role::Rectify)?;
+        let req = request.into_inner();
+        let case = self.case_for(&caller, req.id).await?;
+        let sha256 = req.sha256.trim().to_ascii_lowercase();
+        let Some((record, key_id, blob)) = self.state.store.get_evidence(case.id, &sha256).await?
+        else {
+            return Err(Status::not_found(format!(
+                "case {} has no evidence file with sha256 {sha256:?}",
+                case.id
+            )));
+        };
+        let content = self
+            .state
+            .pii
+            .open(
+                &crate::privacy::Sealed { key_id, blob },
+                record.sha256.as_bytes(),
+            )
+            .map_err(|e| Status::data_loss(format!("evidence {}: {e}", record.sha256)))?;
+        let check = {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(&content))
+        };
+        if check != record.sha256 {
+            return Err(Status::data_loss(format!(
+                "evidence {}: its content no longer matches its hash",
+                record.sha256
+            )));
+        }
+        // Evidence may show the rater: its reads are audited like personal data's.
+        self.state
+            .store
+            .record_pii_access(caller.name(), "DownloadEvidence", &[case.hub_id])
+            .await?;
+        let mut messages = vec![Ok(pb::DownloadEvidenceResponse {
+            part: Some(pb::download_evidence_response::Part::File(evidence_pb(
+                &record,
+            ))),
+        })];
+        messages.extend(content.chunks(EVIDENCE_CHUNK).map(|c| {
+            Ok(pb::DownloadEvidenceResponse {
+                part: Some(pb::download_evidence_response::Part::Chunk(c.to_vec())),
+            })
+        }));
+        Ok(Response::new(Box::pin(futures_util::stream::iter(
+            messages,
+        ))))
+    }
 
     async fn watch_cases(
         &self,
@@ -386,10 +636,11 @@ impl RectificationService for RectificationApi {
                 | CaseAction::Appeal
                 | CaseAction::AppealDecision
                 | CaseAction::DeadlinesRecounted
+                | CaseAction::Evidence
         ) {
             v.push(violation(
                 "action",
-                "must be CONTACT, RECTIFY, EXTEND, EXPLAIN, FEED_BACK, CALLBACK, ARCHIVE or SPOT_CHECK (appeals have their own calls; the hub records recounted deadlines)",
+                "must be CONTACT, RECTIFY, EXTEND, EXPLAIN, FEED_BACK, CALLBACK, ARCHIVE or SPOT_CHECK (appeals and evidence files have their own calls; the hub records recounted deadlines)",
             ));
         }
         let note = check_text(

@@ -3,6 +3,7 @@
 
 pub mod case;
 pub mod codes;
+pub mod evidence;
 pub mod rating;
 
 pub use case::{ValidCase, parse_case, rating_for_case};

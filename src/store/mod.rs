@@ -457,6 +457,26 @@ pub struct CaseEntryRecord {
     pub appeal_outcome: i32,
 }
 
+/// A file of evidence attached to a case, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvidenceRecord {
+    /// Lowercase hex SHA-256 of the plain content.
+    pub sha256: String,
+    pub file_name: String,
+    pub content_type: String,
+    pub size: u64,
+    pub attached_by: String,
+    pub attached_at_micros: i64,
+}
+
+/// A file of evidence on its way in: its content already sealed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvidence {
+    pub record: EvidenceRecord,
+    pub key_id: String,
+    pub sealed: Vec<u8>,
+}
+
 /// A bad-rating case with its history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredBadCase {
@@ -501,6 +521,15 @@ pub enum RelayWrite {
         expected_entries: u64,
         entry: CaseEntryRecord,
         exclude: Option<(Uuid, i32)>,
+    },
+    /// Attaches a file of evidence to a case and records the step (`entry`) in its history,
+    /// in one transaction, if the history still has `expected_entries` entries (0 rows
+    /// touched otherwise). The content is stored once per SHA-256.
+    Evidence {
+        case_id: u64,
+        expected_entries: u64,
+        entry: CaseEntryRecord,
+        file: Box<NewEvidence>,
     },
     /// Issues an invitation for a completed case (once per case; later calls do nothing).
     Invite {
@@ -661,6 +690,17 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<StoredBadCase>, StoreError>;
 
     async fn get_bad_case(&self, id: u64) -> Result<Option<StoredBadCase>, StoreError>;
+
+    /// The files attached to a case, in the order attached.
+    async fn list_evidence(&self, case_id: u64) -> Result<Vec<EvidenceRecord>, StoreError>;
+
+    /// One file attached to a case: its record, the key that sealed it and the sealed
+    /// content.
+    async fn get_evidence(
+        &self,
+        case_id: u64,
+        sha256: &str,
+    ) -> Result<Option<(EvidenceRecord, String, Vec<u8>)>, StoreError>;
 
     /// Bad-rating cases per group of their ratings, keyed like `stats`.
     async fn bad_case_counts(

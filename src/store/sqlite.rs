@@ -21,6 +21,7 @@ use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use super::EvidenceRecord;
 use super::chunk;
 use super::rows::{self, Columns};
 use super::writer::{self, GroupResult, GroupWrite, Job, Queue};
@@ -461,6 +462,62 @@ async fn relay_write(
             }
             Ok(1)
         }
+        RelayWrite::Evidence {
+            case_id,
+            expected_entries,
+            entry,
+            file,
+        } => {
+            let have: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM bad_rating_case_entries WHERE case_id = ?",
+            )
+            .bind(*case_id as i64)
+            .fetch_one(&mut *conn)
+            .await?;
+            if have as u64 != *expected_entries {
+                return Ok(0);
+            }
+            let r = &file.record;
+            sqlx::query(
+                "INSERT INTO evidence_blobs (sha256, content_type, size, key_id, content, \
+                 created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
+            )
+            .bind(&r.sha256)
+            .bind(&r.content_type)
+            .bind(r.size as i64)
+            .bind(&file.key_id)
+            .bind(&file.sealed)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query(
+                "INSERT INTO case_evidence (case_id, sha256, file_name, attached_by, \
+                 attached_at) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(*case_id as i64)
+            .bind(&r.sha256)
+            .bind(&r.file_name)
+            .bind(&r.attached_by)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query(
+                "INSERT INTO bad_rating_case_entries (case_id, action, actor, at, note, \
+                 evidence_refs, new_deadline, appeal_outcome) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(*case_id as i64)
+            .bind(entry.action)
+            .bind(&entry.actor)
+            .bind(now)
+            .bind(&entry.note)
+            .bind(entry.evidence_refs.join("\n"))
+            .bind(entry.new_deadline_micros)
+            .bind(entry.appeal_outcome)
+            .execute(&mut *conn)
+            .await?;
+            Ok(1)
+        }
         RelayWrite::Invite {
             event_id,
             source_system,
@@ -898,6 +955,42 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
+    async fn list_evidence(&self, case_id: u64) -> Result<Vec<EvidenceRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT e.sha256, e.file_name, e.attached_by, e.attached_at, b.content_type, \
+             b.size FROM case_evidence e JOIN evidence_blobs b ON b.sha256 = e.sha256 \
+             WHERE e.case_id = ? ORDER BY e.id",
+        )
+        .bind(case_id as i64)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(evidence_record).collect()
+    }
+
+    async fn get_evidence(
+        &self,
+        case_id: u64,
+        sha256: &str,
+    ) -> Result<Option<(EvidenceRecord, String, Vec<u8>)>, StoreError> {
+        let row = sqlx::query(
+            "SELECT e.sha256, e.file_name, e.attached_by, e.attached_at, b.content_type, \
+             b.size, b.key_id, b.content FROM case_evidence e \
+             JOIN evidence_blobs b ON b.sha256 = e.sha256 WHERE e.case_id = ? AND e.sha256 = ?",
+        )
+        .bind(case_id as i64)
+        .bind(sha256)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(|r| {
+            Ok((
+                evidence_record(&r)?,
+                r.try_get::<String, _>("key_id")?,
+                r.try_get::<Vec<u8>, _>("content")?,
+            ))
+        })
+        .transpose()
+    }
+
     async fn get_bad_case(&self, id: u64) -> Result<Option<StoredBadCase>, StoreError> {
         let row = sqlx::query(
             "SELECT id, hub_id, org_credit_code, region_code, opened_at, real_name \
@@ -1112,4 +1205,15 @@ fn connect_options(base: SqliteConnectOptions, synchronous_full: bool) -> Sqlite
         // A multi-row INSERT keeps a statement journal (to undo a half-done statement);
         // in memory it costs no temporary file writes.
         .pragma("temp_store", "memory")
+}
+
+fn evidence_record(r: &SqliteRow) -> Result<EvidenceRecord, StoreError> {
+    Ok(EvidenceRecord {
+        sha256: r.try_get("sha256")?,
+        file_name: r.try_get("file_name")?,
+        content_type: r.try_get("content_type")?,
+        size: r.try_get::<i64, _>("size")? as u64,
+        attached_by: r.try_get("attached_by")?,
+        attached_at_micros: r.try_get("attached_at")?,
+    })
 }

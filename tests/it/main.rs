@@ -6,6 +6,7 @@ mod binary;
 mod clients;
 mod cluster;
 mod conformance;
+mod evidence;
 mod fake_upstream;
 mod gate;
 mod http_json;

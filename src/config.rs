@@ -36,6 +36,37 @@ pub struct Config {
     pub storage: StorageConfig,
     pub validation: ValidationConfig,
     pub log: LogConfig,
+    pub ops: OpsConfig,
+}
+
+/// `[ops]`: the operations listener (Prometheus `/metrics`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpsConfig {
+    /// Address of the operations listener; empty turns it off. Loopback only (it has no TLS
+    /// of its own): scrape it from the same host, or through a TLS proxy there.
+    pub listen: String,
+}
+
+impl OpsConfig {
+    /// The address to listen on, if any.
+    pub fn addr(&self) -> Result<Option<SocketAddr>, String> {
+        if self.listen.trim().is_empty() {
+            return Ok(None);
+        }
+        let addr: SocketAddr = self
+            .listen
+            .trim()
+            .parse()
+            .map_err(|_| format!("ops.listen: {:?} is not an address:port", self.listen))?;
+        if !addr.ip().is_loopback() {
+            return Err(format!(
+                "ops.listen: {addr} is not a loopback address; the operations listener has no \
+                 TLS of its own (serve it to other hosts through a TLS proxy on this one)"
+            ));
+        }
+        Ok(Some(addr))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -394,6 +425,9 @@ impl Config {
         }
         if self.validation.clock_skew_secs < 0 {
             return fail("validation.clock_skew_secs must not be negative");
+        }
+        if let Err(e) = self.ops.addr() {
+            return fail(&e);
         }
         if !(1..=1024).contains(&self.limits.evidence_max_mb) {
             return fail("limits.evidence_max_mb must be 1 to 1024");

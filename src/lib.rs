@@ -11,6 +11,7 @@ pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod domain;
+pub mod metrics;
 pub mod pb;
 pub mod pki;
 pub mod privacy;

@@ -91,6 +91,8 @@ fn identity(config: &Config) -> anyhow::Result<Identity> {
 /// A hub that is serving. Drop does not stop it: call [`RunningHub::shutdown`].
 pub struct RunningHub {
     pub local_addr: SocketAddr,
+    /// Where /metrics is served, when it is.
+    pub ops_addr: Option<SocketAddr>,
     store: Arc<dyn Store>,
     relay: Arc<crate::relay::Relay>,
     rules: Arc<crate::rules::engine::RulesEngine>,
@@ -203,6 +205,7 @@ pub async fn start_with_clock(
     .await
     .context("starting upstream delivery")?;
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let metrics = Arc::new(crate::metrics::Metrics::default());
     let rules = Arc::new(
         crate::rules::engine::RulesEngine::new(
             store.clone(),
@@ -212,7 +215,8 @@ pub async fn start_with_clock(
             config.ingest_rules(),
             pii.clone(),
         )
-        .with_calendar_source_of(&config.rules),
+        .with_calendar_source_of(&config.rules)
+        .with_metrics(metrics.clone()),
     );
     let rules_task = rules.clone().spawn(
         Duration::from_secs(config.rules.tick_secs),
@@ -233,6 +237,7 @@ pub async fn start_with_clock(
         engine: rules.clone(),
         quality: config.quality.thresholds(),
         evidence_max_bytes: config.limits.evidence_max_mb as usize * 1024 * 1024,
+        metrics,
         stopping,
     });
     let max_msg = config.server.max_message_bytes;
@@ -291,6 +296,31 @@ pub async fn start_with_clock(
             ),
         ),
     };
+    // The operations listener: metrics are worth serving, not worth refusing to start for
+    // (a port taken by another instance on the host).
+    let ops_addr = match config
+        .ops
+        .addr()
+        .map_err(crate::config::ConfigError::Invalid)?
+    {
+        None => None,
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                let addr = l.local_addr()?;
+                tokio::spawn(crate::metrics::serve(
+                    l,
+                    state.clone(),
+                    stopping_tx.subscribe(),
+                ));
+                tracing::info!(%addr, "Metrics at /metrics.");
+                Some(addr)
+            }
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "Cannot listen for operations; serving without /metrics.");
+                None
+            }
+        },
+    };
     tracing::info!(
         addr = %local_addr,
         mtls = !config.tls.insecure_plaintext,
@@ -300,6 +330,7 @@ pub async fn start_with_clock(
     );
     Ok(RunningHub {
         local_addr,
+        ops_addr,
         store,
         relay,
         rules,

@@ -403,6 +403,7 @@ async fn spawn_hub(
     cmd.arg("serve").current_dir(&dir);
     for (k, v) in [
         ("RATING_HUB__SERVER__LISTEN", "127.0.0.1:0"),
+        ("RATING_HUB__OPS__LISTEN", "127.0.0.1:0"),
         ("RATING_HUB__LOG__FILTER", "warn,rating_hub::server=info"),
         ("RATING_HUB__LIMITS__MAX_IN_FLIGHT", "100000"),
         ("RATING_HUB__LIMITS__REQUESTS_PER_SEC", "10000000"),

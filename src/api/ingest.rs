@@ -220,7 +220,10 @@ async fn commit(
     Ok(results.into_iter().flatten().collect())
 }
 
-fn log_results(rpc: &'static str, source: &str, results: &[pb::ItemResult]) {
+fn log_results(state: &HubState, rpc: &'static str, source: &str, results: &[pb::ItemResult]) {
+    for r in results {
+        state.metrics.rating(rpc, source, r.outcome);
+    }
     let count = |o: Outcome| results.iter().filter(|r| r.outcome == o as i32).count();
     tracing::debug!(
         rpc,
@@ -261,7 +264,7 @@ impl IngestService for IngestApi {
             }
         }
         let results = commit(&self.state, results, valid).await?;
-        log_results("SubmitRatings", caller.name(), &results);
+        log_results(&self.state, "SubmitRatings", caller.name(), &results);
         Ok(Response::new(pb::SubmitRatingsResponse { results }))
     }
 
@@ -304,6 +307,9 @@ impl IngestService for IngestApi {
                         let mut results = commit(&state, results, valid).await?;
                         for r in &mut results {
                             r.index += first as u32;
+                            state
+                                .metrics
+                                .rating("StreamRatings", &principal.name, r.outcome);
                         }
                         Ok(results)
                     }));
@@ -421,7 +427,7 @@ impl IngestService for IngestApi {
             });
         }
         let results: Vec<_> = results.into_iter().flatten().collect();
-        log_results("ReportServiceCases", caller.name(), &results);
+        log_results(&self.state, "ReportServiceCases", caller.name(), &results);
         Ok(Response::new(pb::ReportServiceCasesResponse { results }))
     }
 }

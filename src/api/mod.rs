@@ -44,6 +44,8 @@ pub struct HubState {
     pub relay: Arc<crate::relay::Relay>,
     pub engine: Arc<crate::rules::engine::RulesEngine>,
     pub quality: crate::store::QualityThresholds,
+    /// Prometheus metrics (served on the operations listener).
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// The largest evidence file taken, in bytes.
     pub evidence_max_bytes: usize,
     /// Becomes true when the hub starts shutting down: endless streams end themselves.
@@ -130,6 +132,7 @@ impl HubState {
             {
                 tracing::warn!(principal = %principal.name, rpc, %role, suppressed, "Denied: role missing.");
             }
+            self.metrics.denied("role");
             return Err(Status::permission_denied(format!(
                 "principal {} lacks the {role} role that {rpc} needs",
                 principal.name
@@ -141,9 +144,11 @@ impl HubState {
             {
                 tracing::info!(principal = %principal.name, rpc, suppressed, "Over request quota.");
             }
+            self.metrics.denied("quota");
             return Err(over_quota(&principal.name, "request", wait));
         }
         let slot = self.in_flight.clone().try_acquire_owned().map_err(|_| {
+            self.metrics.denied("shed");
             if let Some(suppressed) = crate::telemetry::throttle("api.shed") {
                 tracing::warn!(
                     rpc,

@@ -50,6 +50,7 @@ pub struct RulesEngine {
     profiles: Profiles,
     calendar: std::sync::RwLock<Arc<Calendar>>,
     calendar_source: Option<(CalendarSource, std::sync::Mutex<FileStamp>)>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
     clock: Arc<dyn Clock>,
     rules: IngestRules,
     keys: Arc<PiiKeys>,
@@ -79,6 +80,7 @@ impl RulesEngine {
             profiles,
             calendar: std::sync::RwLock::new(Arc::new(calendar)),
             calendar_source: None,
+            metrics: None,
             clock,
             rules,
             keys,
@@ -96,6 +98,12 @@ impl RulesEngine {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Counts ticks, invitations, default ratings and calendar gaps in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// With `rules.calendar_file` set, reads it again whenever it changes (the shipped
@@ -271,6 +279,11 @@ impl RulesEngine {
         let (year, month, _) = Date::of_instant(now).ymd();
         // This year without its notice, or from October the next one.
         let calendar = self.calendar();
+        if let Some(m) = &self.metrics {
+            let missing_years = i64::from(!calendar.is_official(year))
+                + i64::from(month >= 10 && !calendar.is_official(year + 1));
+            m.calendar_missing_years.set(missing_years);
+        }
         let missing = if !calendar.is_official(year) {
             year
         } else if month >= 10 && !calendar.is_official(year + 1) {
@@ -392,6 +405,12 @@ impl RulesEngine {
                 default_ratings = report.default_ratings,
                 "Rules applied."
             );
+        }
+        if let Some(m) = &self.metrics {
+            m.rules_ticks.inc();
+            m.invitations.inc_by(report.invitations);
+            m.default_ratings.inc_by(report.default_ratings);
+            m.calendar_gaps.set(report.calendar_gaps as i64);
         }
         Ok(report)
     }

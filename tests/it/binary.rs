@@ -83,6 +83,7 @@ fn spawn(
         .envs(env.iter().copied())
         .current_dir(dir)
         .env("RATING_HUB__SERVER__LISTEN", "127.0.0.1:0")
+        .env("RATING_HUB__OPS__LISTEN", "127.0.0.1:0")
         .env("RATING_HUB__LOG__FILTER", log_filter)
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())

@@ -11,6 +11,7 @@ mod fake_upstream;
 mod gate;
 mod http_json;
 mod ingest;
+mod metrics;
 mod pg;
 mod privacy;
 mod promises;

@@ -322,6 +322,11 @@ pub async fn start_hub(
     );
     set(
         &mut table,
+        &["ops", "listen"],
+        toml::Value::String("127.0.0.1:0".into()),
+    );
+    set(
+        &mut table,
         &["storage", "url"],
         toml::Value::String(crate::pg::storage_url(dir)),
     );

@@ -39,6 +39,8 @@ pub async fn start_hub(dir: &Path, port: u16, clock: Arc<dyn Clock>) -> RunningH
         r#"
 [server]
 listen = "127.0.0.1:{port}"
+[ops]
+listen = "127.0.0.1:0"
 [storage]
 url = "{db}"
 [tls]

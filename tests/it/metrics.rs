@@ -1,0 +1,178 @@
+//! Prometheus metrics on the operations listener (issue #20, part 1), scraped and parsed with
+//! a Prometheus text parser: the values move with real traffic, a stopped upstream, a dead
+//! letter, a quota denial and the rules engine; no rater data in any of it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rating_hub::pb::v1 as pb;
+
+use crate::fake_upstream::{FakeUpstream, Mode};
+use crate::utils::*;
+
+/// The samples of one scrape: (metric name, sorted labels) → value.
+type Samples = HashMap<(String, Vec<(String, String)>), f64>;
+
+async fn scrape(hub: &TestHub) -> (String, Samples) {
+    let addr = hub.hub.ops_addr.expect("the operations listener");
+    // reqwest's rustls needs a process-wide provider; the hub uses ring everywhere.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    let parsed = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
+    let mut out = HashMap::new();
+    for s in parsed.samples {
+        let mut labels: Vec<(String, String)> = s
+            .labels
+            .iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        labels.sort();
+        let value = match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => continue,
+        };
+        out.insert((s.metric, labels), value);
+    }
+    (text, out)
+}
+
+fn get(m: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut l: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    l.sort();
+    m.get(&(name.to_owned(), l)).copied().unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_move_with_traffic_outages_dead_letters_and_denials() {
+    let fake = FakeUpstream::start().await;
+    let hub = crate::relay::upstream(HubBuilder::new(), "fake", &fake.url())
+        .principal("limited", &["submit"], TestScope::National)
+        .set("principals.limited.requests_per_sec", "1")
+        .set("principals.limited.requests_burst", "1")
+        .start()
+        .await;
+    let mut ingest = hub.ingest().await;
+    let mut bad = rating("m-bad");
+    bad.level = 42;
+    let results = submit(&mut ingest, vec![rating("m-1"), rating("m-2"), bad]).await;
+    assert_eq!(outcome(&results[2]), pb::Outcome::Invalid);
+    fake.wait_until(Duration::from_secs(30), "both delivered", |got| {
+        got.len() == 2
+    })
+    .await;
+    let who = [("rpc", "SubmitRatings"), ("principal", "tester")];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let m = loop {
+        let (_, m) = scrape(&hub).await;
+        if get(&m, "rating_hub_upstream_cursor", &[("upstream", "fake")]) == 2.0 {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "{m:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let with = |o: &'static str| {
+        let mut l = who.to_vec();
+        l.push(("outcome", o));
+        l
+    };
+    assert_eq!(get(&m, "rating_hub_ratings_total", &with("accepted")), 2.0);
+    assert_eq!(get(&m, "rating_hub_ratings_total", &with("invalid")), 1.0);
+    assert_eq!(get(&m, "rating_hub_feed_head", &[]), 2.0);
+    assert_eq!(
+        get(
+            &m,
+            "rating_hub_upstream_lag_records",
+            &[("upstream", "fake")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        get(
+            &m,
+            "rating_hub_upstream_delivering_here",
+            &[("upstream", "fake")]
+        ),
+        1.0
+    );
+
+    // The upstream stops: the lag shows.
+    fake.set_mode(Mode::Unavailable);
+    submit(&mut ingest, vec![rating("m-3")]).await;
+    let (_, m) = scrape(&hub).await;
+    assert_eq!(
+        get(
+            &m,
+            "rating_hub_upstream_lag_records",
+            &[("upstream", "fake")]
+        ),
+        1.0
+    );
+    assert_eq!(get(&m, "rating_hub_feed_head", &[]), 3.0);
+
+    // It comes back refusing one rating for good: a dead letter.
+    fake.reject_origin_keys(["m-4".to_string()]);
+    fake.set_mode(Mode::Accept);
+    submit(&mut ingest, vec![rating("m-4")]).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let m = loop {
+        let (_, m) = scrape(&hub).await;
+        if get(
+            &m,
+            "rating_hub_upstream_dead_letters",
+            &[("upstream", "fake")],
+        ) == 1.0
+        {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "{m:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        get(
+            &m,
+            "rating_hub_upstream_lag_records",
+            &[("upstream", "fake")]
+        ),
+        0.0
+    );
+
+    // A quota denial, counted by reason.
+    let mut limited =
+        pb::ingest_service_client::IngestServiceClient::new(hub.channel_as("limited").await);
+    let _ = limited
+        .submit_ratings(pb::SubmitRatingsRequest {
+            ratings: vec![rating("q-1")],
+        })
+        .await;
+    let second = limited
+        .submit_ratings(pb::SubmitRatingsRequest {
+            ratings: vec![rating("q-2")],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(second.code(), tonic::Code::ResourceExhausted);
+    // The rules engine.
+    hub.hub.rules().tick().await.unwrap();
+    let (text, m) = scrape(&hub).await;
+    assert_eq!(
+        get(&m, "rating_hub_denials_total", &[("reason", "quota")]),
+        1.0
+    );
+    assert!(get(&m, "rating_hub_rules_ticks_total", &[]) >= 1.0);
+    // No rater data anywhere in the exposition.
+    for pii in ["13800138000", "张三", id_number().as_str()] {
+        assert!(!text.contains(pii), "{pii} in /metrics");
+    }
+    hub.stop().await;
+}

@@ -429,8 +429,8 @@ impl Config {
         if let Err(e) = self.ops.addr() {
             return fail(&e);
         }
-        if !(1..=1024).contains(&self.limits.evidence_max_mb) {
-            return fail("limits.evidence_max_mb must be 1 to 1024");
+        if !(1..=256).contains(&self.limits.evidence_max_mb) {
+            return fail("limits.evidence_max_mb must be 1 to 256");
         }
         if self.limits.max_in_flight == 0 {
             return fail("limits.max_in_flight must be at least 1");

@@ -182,7 +182,21 @@ impl Metrics {
         self.feed_head.set(*state.store.feed_head().borrow() as i64);
         let names: Vec<String> = state.relay.names().map(str::to_owned).collect();
         for name in names {
-            if let Ok(u) = state.relay.status(&name).await {
+            let l = UpstreamLabels {
+                upstream: name.clone(),
+            };
+            // An upstream whose status cannot be read (the database down) has no series
+            // rather than stale ones an alert would trust; its absence is the signal.
+            let Ok(u) = state.relay.status(&name).await else {
+                self.upstream_cursor.remove(&l);
+                self.upstream_lag_records.remove(&l);
+                self.upstream_lag_seconds.remove(&l);
+                self.upstream_dead_letters.remove(&l);
+                self.upstream_paused.remove(&l);
+                self.upstream_delivering_here.remove(&l);
+                continue;
+            };
+            {
                 let l = UpstreamLabels {
                     upstream: u.name.clone(),
                 };

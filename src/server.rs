@@ -105,6 +105,10 @@ pub struct RunningHub {
     grace: Duration,
 }
 
+/// Evidence uploads and downloads under way at once, over all callers: each holds up to a
+/// file (`limits.evidence_max_mb`) in memory, twice while it is sealed or opened.
+const EVIDENCE_TRANSFERS: usize = 4;
+
 /// The names health reports on: the server as a whole ("", what load balancers usually ask)
 /// and each hub service. All of them follow the database.
 const HEALTH_NAMES: [&str; 6] = [
@@ -237,6 +241,7 @@ pub async fn start_with_clock(
         engine: rules.clone(),
         quality: config.quality.thresholds(),
         evidence_max_bytes: config.limits.evidence_max_mb as usize * 1024 * 1024,
+        evidence_slots: Arc::new(tokio::sync::Semaphore::new(EVIDENCE_TRANSFERS)),
         metrics,
         stopping,
     });
@@ -312,11 +317,11 @@ pub async fn start_with_clock(
                     state.clone(),
                     stopping_tx.subscribe(),
                 ));
-                tracing::info!(%addr, "Metrics at /metrics.");
+                tracing::info!(metrics_addr = %addr, "Metrics at /metrics.");
                 Some(addr)
             }
             Err(e) => {
-                tracing::warn!(%addr, error = %e, "Cannot listen for operations; serving without /metrics.");
+                tracing::warn!(metrics_addr = %addr, error = %e, "Cannot listen for operations; serving without /metrics.");
                 None
             }
         },

@@ -48,6 +48,8 @@ pub struct HubState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The largest evidence file taken, in bytes.
     pub evidence_max_bytes: usize,
+    /// Evidence uploads and downloads under way at once (each holds up to a file in memory).
+    pub evidence_slots: Arc<Semaphore>,
     /// Becomes true when the hub starts shutting down: endless streams end themselves.
     pub stopping: tokio::sync::watch::Receiver<bool>,
 }

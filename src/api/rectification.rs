@@ -103,6 +103,7 @@ impl RectificationApi {
                     "Denied: case outside scope."
                 );
             }
+            self.state.metrics.denied("scope");
             return Err(Status::permission_denied(format!(
                 "case {id} (organisation {}) is outside the scope of principal {}",
                 case.org_credit_code,
@@ -255,6 +256,10 @@ type EvidenceStream = std::pin::Pin<
 
 /// Bytes per message of a download.
 const EVIDENCE_CHUNK: usize = 256 * 1024;
+/// Longest wait for the next message of an upload.
+const EVIDENCE_MESSAGE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Longest a whole upload may take.
+const EVIDENCE_UPLOAD_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
 
 fn evidence_pb(e: &crate::store::EvidenceRecord) -> pb::EvidenceFile {
     pb::EvidenceFile {
@@ -305,10 +310,39 @@ impl RectificationService for RectificationApi {
         }
         // The scope is checked before the content is read.
         let mut case = self.case_for(&caller, header.case_id).await?;
+        // A few transfers at once: each holds up to a file in memory.
+        let _slot = self
+            .state
+            .evidence_slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                self.state.metrics.denied("shed");
+                Status::unavailable(
+                    "too many evidence files are being transferred; retry in a moment",
+                )
+            })?;
         let max = self.state.evidence_max_bytes;
         let mut content: Vec<u8> = Vec::new();
-        while let Some(msg) = stream.message().await? {
+        // An upload that stalls gives its slot back: each message within a minute, the
+        // whole file within ten.
+        let deadline = tokio::time::Instant::now() + EVIDENCE_UPLOAD_LIMIT;
+        loop {
+            let next = tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + EVIDENCE_MESSAGE_WAIT),
+                stream.message(),
+            )
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(
+                    "the upload stalled (a minute without a chunk, or ten minutes in all)",
+                )
+            })??;
+            let Some(msg) = next else { break };
             match msg.part {
+                Some(Part::Chunk(c)) if c.is_empty() => {
+                    return Err(bad_request(&[violation("chunk", "is empty")]));
+                }
                 Some(Part::Chunk(c)) => {
                     if content.len() + c.len() > max {
                         return Err(bad_request(&[violation(
@@ -318,6 +352,9 @@ impl RectificationService for RectificationApi {
                                 max >> 20
                             ),
                         )]));
+                    }
+                    if content.is_empty() {
+                        content.reserve_exact(max.min(c.len().max(1 << 20)));
                     }
                     content.extend_from_slice(&c);
                 }
@@ -329,10 +366,22 @@ impl RectificationService for RectificationApi {
                 }
             }
         }
-        let Some(content_type) = evidence::content_type(&content) else {
+        // Reading the type, hashing and sealing take CPU in proportion to the file: off the
+        // runtime's threads.
+        let pii = self.state.pii.clone();
+        let (content_type, sha256, sealed, size) = tokio::task::spawn_blocking(move || {
+            use sha2::Digest;
+            let content_type = evidence::content_type(&content);
+            let sha256 = hex::encode(sha2::Sha256::digest(&content));
+            let sealed = content_type.map(|_| pii.seal(&content, sha256.as_bytes()));
+            (content_type, sha256, sealed, content.len() as u64)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("evidence check failed: {e}")))?;
+        let (Some(content_type), Some(sealed)) = (content_type, sealed) else {
             return Err(bad_request(&[violation(
                 "chunk",
-                &if content.is_empty() {
+                if size == 0 {
                     "the file is empty".to_owned()
                 } else {
                     format!(
@@ -342,13 +391,7 @@ impl RectificationService for RectificationApi {
                 },
             )]));
         };
-        let sha256 = {
-            use sha2::Digest;
-            hex::encode(sha2::Sha256::digest(&content))
-        };
-        let sealed = self.state.pii.seal(&content, sha256.as_bytes());
-        let size = content.len() as u64;
-        drop(content);
+        let sealed_blob = std::sync::Arc::new(sealed.blob);
         for _attempt in 0..3 {
             let (_, view) = self.view(&case);
             let now = self.state.clock.now_micros();
@@ -397,7 +440,7 @@ impl RectificationService for RectificationApi {
                     file: Box::new(crate::store::NewEvidence {
                         record,
                         key_id: sealed.key_id.clone(),
-                        sealed: sealed.blob.clone(),
+                        sealed: sealed_blob.to_vec(),
                     }),
                 })
                 .await?;
@@ -465,41 +508,66 @@ impl RectificationService for RectificationApi {
                 case.id
             )));
         };
-        let content = self
+        let slot = self
             .state
-            .pii
-            .open(
-                &crate::privacy::Sealed { key_id, blob },
-                record.sha256.as_bytes(),
-            )
-            .map_err(|e| Status::data_loss(format!("evidence {}: {e}", record.sha256)))?;
-        let check = {
+            .evidence_slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                self.state.metrics.denied("shed");
+                Status::unavailable(
+                    "too many evidence files are being transferred; retry in a moment",
+                )
+            })?;
+        let pii = self.state.pii.clone();
+        let expected = record.sha256.clone();
+        let content = tokio::task::spawn_blocking(move || {
             use sha2::Digest;
-            hex::encode(sha2::Sha256::digest(&content))
-        };
-        if check != record.sha256 {
-            return Err(Status::data_loss(format!(
-                "evidence {}: its content no longer matches its hash",
-                record.sha256
-            )));
-        }
+            let content = pii
+                .open(
+                    &crate::privacy::Sealed { key_id, blob },
+                    expected.as_bytes(),
+                )
+                .map_err(|e| Status::data_loss(format!("evidence {expected}: {e}")))?;
+            if hex::encode(sha2::Sha256::digest(&content)) != expected {
+                return Err(Status::data_loss(format!(
+                    "evidence {expected}: its content no longer matches its hash"
+                )));
+            }
+            Ok(content)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("evidence read failed: {e}")))??;
         // Evidence may show the rater: its reads are audited like personal data's.
         self.state
             .store
             .record_pii_access(caller.name(), "DownloadEvidence", &[case.hub_id])
             .await?;
-        let mut messages = vec![Ok(pb::DownloadEvidenceResponse {
+        // The description, then the content cut as it is sent (the transfer slot goes with
+        // the stream, so a slow reader holds one of a few, not the hub's memory).
+        let first = pb::DownloadEvidenceResponse {
             part: Some(pb::download_evidence_response::Part::File(evidence_pb(
                 &record,
             ))),
-        })];
-        messages.extend(content.chunks(EVIDENCE_CHUNK).map(|c| {
-            Ok(pb::DownloadEvidenceResponse {
-                part: Some(pb::download_evidence_response::Part::Chunk(c.to_vec())),
-            })
-        }));
-        Ok(Response::new(Box::pin(futures_util::stream::iter(
-            messages,
+        };
+        let chunks = futures_util::stream::unfold(
+            (content, 0usize, slot),
+            |(content, at, slot)| async move {
+                if at >= content.len() {
+                    return None;
+                }
+                let end = (at + EVIDENCE_CHUNK).min(content.len());
+                let msg = pb::DownloadEvidenceResponse {
+                    part: Some(pb::download_evidence_response::Part::Chunk(
+                        content[at..end].to_vec(),
+                    )),
+                };
+                Some((Ok(msg), (content, end, slot)))
+            },
+        );
+        Ok(Response::new(Box::pin(futures_util::StreamExt::chain(
+            futures_util::stream::iter([Ok(first)]),
+            chunks,
         ))))
     }
 

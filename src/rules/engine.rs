@@ -137,13 +137,13 @@ impl RulesEngine {
             return Ok(None);
         };
         let stamp = file_stamp(&source.path);
-        {
+        let before = {
             let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
             if *seen == stamp {
                 return Ok(None);
             }
-            *seen = stamp;
-        }
+            std::mem::replace(&mut *seen, stamp)
+        };
         let new = match (source.load)() {
             Ok(c) => Arc::new(c),
             Err(e) => {
@@ -161,9 +161,17 @@ impl RulesEngine {
             .map(|(y, src)| format!("{y} ({src})"))
             .collect();
         tracing::info!(file = %source.path.display(), new_official_years = %official.join(", "), "Calendar reloaded.");
-        self.recount_deadlines(&old, &new, &official)
-            .await
-            .map(Some)
+        match self.recount_deadlines(&old, &new, &official).await {
+            Ok(n) => Ok(Some(n)),
+            Err(e) => {
+                // Not finished: the old calendar and stamp back, so the next tick loads the
+                // file again and records what this pass did not (steps already written are
+                // not written twice).
+                *self.calendar.write().unwrap_or_else(|p| p.into_inner()) = old;
+                *seen.lock().unwrap_or_else(|p| p.into_inner()) = before;
+                Err(e)
+            }
+        }
     }
 
     /// Appends a DEADLINES_RECOUNTED step to each case not archived whose deadlines differ

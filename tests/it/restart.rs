@@ -251,11 +251,12 @@ async fn a_full_disk_is_unavailable_not_corrupt_and_health_follows_it() {
     submit_new(&mut ingest, "before", 10).await;
     let filler = disk.fill();
 
-    // Enough new rows that the write-ahead log must grow.
+    // Enough new rows that the write-ahead log must grow past what it already holds (the
+    // migrations' pages are reused after a checkpoint): about 1.2 MB of text.
     let batch: Vec<pb::Rating> = (0..200)
         .map(|i| {
             let mut r = rating(&format!("full-{i}"));
-            r.text = "材料反复提交，窗口说明不清楚".repeat(20);
+            r.text = "材料反复提交，窗口说明不清楚".repeat(140);
             r
         })
         .collect();

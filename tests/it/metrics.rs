@@ -127,11 +127,17 @@ async fn metrics_move_with_traffic_outages_dead_letters_and_denials() {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let m = loop {
         let (_, m) = scrape(&hub).await;
+        // (Status reads the cursor and the dead letters one after the other: wait for both.)
         if get(
             &m,
             "rating_hub_upstream_dead_letters",
             &[("upstream", "fake")],
         ) == 1.0
+            && get(
+                &m,
+                "rating_hub_upstream_lag_records",
+                &[("upstream", "fake")],
+            ) == 0.0
         {
             break m;
         }

@@ -172,6 +172,7 @@ fn dimension(raw: i32) -> Option<StatsDimension> {
         pb::StatsDimension::Channel => StatsDimension::Channel,
         pb::StatsDimension::Day => StatsDimension::Day,
         pb::StatsDimension::Month => StatsDimension::Month,
+        pb::StatsDimension::City => StatsDimension::City,
         pb::StatsDimension::Unspecified => return None,
     })
 }

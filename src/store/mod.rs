@@ -560,6 +560,8 @@ pub enum StatsDimension {
     Channel,
     Day,
     Month,
+    /// The prefecture-level city (地级市): the region code's first four digits and "00".
+    City,
 }
 
 /// Counts for one group. `key` has one value per requested dimension.

@@ -722,6 +722,7 @@ fn dimension_sql(d: StatsDimension) -> &'static str {
     // Days and months are China Standard Time (UTC+8), as the policy texts count them.
     match d {
         StatsDimension::Region => "region_code",
+        StatsDimension::City => "substr(region_code, 1, 4) || '00'",
         StatsDimension::Organization => "org_credit_code",
         StatsDimension::Item => "item_code",
         StatsDimension::Staff => "staff_id",

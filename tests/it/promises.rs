@@ -479,6 +479,9 @@ async fn stats_group_by_region_item_staff_and_month_and_rank() {
     let mut got = by(pb::StatsDimension::Staff, unranked).await;
     got.sort();
     assert_eq!(got, [("S1".to_owned(), 2), ("S2".to_owned(), 1)]);
+    // 地级以上市: both Kunming districts roll up to 530100.
+    let got = by(pb::StatsDimension::City, unranked).await;
+    assert_eq!(got, [("530100".to_owned(), 3)]);
     let mut got = by(pb::StatsDimension::Month, unranked).await;
     got.sort();
     assert_eq!(got, [("2026-02".to_owned(), 2), ("2026-03".to_owned(), 1)]);

@@ -727,6 +727,90 @@ impl QueryService for QueryApi {
         }))
     }
 
+    async fn sample_ratings(
+        &self,
+        request: Request<pb::SampleRatingsRequest>,
+    ) -> Result<Response<pb::SampleRatingsResponse>, Status> {
+        let caller = self.state.admit(&request, "SampleRatings", Role::Read)?;
+        let req = request.into_inner();
+        let mut v = parse_filter(req.filter.as_ref()).err().unwrap_or_default();
+        if !(req.share > 0.0 && req.share <= 1.0) {
+            v.push(violation("share", "must be more than 0 and at most 1"));
+        }
+        if req.draw.trim().is_empty() || req.draw.chars().count() > 200 {
+            v.push(violation("draw", "must name the draw (1–200 characters)"));
+        }
+        if !v.is_empty() {
+            return Err(bad_request(&v));
+        }
+        let mut query = parse_filter(req.filter.as_ref()).map_err(|v| bad_request(&v))?;
+        let page_size = page_size(req.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
+        restrict_to_scope(&caller.principal, &mut query)?;
+        // A token is bound to the filter, the share and the draw.
+        let fingerprint = {
+            let mut h = Sha256::new();
+            h.update(filter_fingerprint(req.filter.as_ref()));
+            h.update(req.share.to_be_bytes());
+            h.update(req.draw.as_bytes());
+            hex::encode(&h.finalize()[..8])
+        };
+        let mut after =
+            parse_page_token(&req.page_token, &fingerprint).map_err(|v| bad_request(&[v]))?;
+        let threshold = req.share;
+        let drawn = |hub_id: &str| {
+            let mut h = Sha256::new();
+            h.update(b"rating-hub sample v1\0");
+            h.update(req.draw.as_bytes());
+            h.update(b"\0");
+            h.update(hub_id.as_bytes());
+            let x = u64::from_be_bytes(h.finalize()[..8].try_into().expect("8 bytes"));
+            (x as f64) < threshold * (u64::MAX as f64)
+        };
+        // Read at most SAMPLE_SCAN ratings per call: a small share of a large filter answers
+        // a short page with a token to go on, rather than reading everything at once.
+        const SAMPLE_SCAN: usize = 20_000;
+        let mut picked = Vec::new();
+        let mut scanned = 0usize;
+        let mut exhausted = false;
+        while picked.len() < page_size as usize && scanned < SAMPLE_SCAN {
+            let rows = self
+                .state
+                .store
+                .list_ratings(&query, after, MAX_PAGE_SIZE)
+                .await?;
+            let Some(last) = rows.last() else {
+                exhausted = true;
+                break;
+            };
+            let last_seq = last.feed_seq;
+            let full = rows.len() == MAX_PAGE_SIZE as usize;
+            for row in rows {
+                scanned += 1;
+                after = row.feed_seq;
+                if !row.rating.is_default && drawn(&row.rating.hub_id) {
+                    picked.push(row);
+                    if picked.len() == page_size as usize {
+                        break;
+                    }
+                }
+            }
+            if !full && after == last_seq {
+                exhausted = true;
+                break;
+            }
+        }
+        let next_page_token = if exhausted {
+            String::new()
+        } else {
+            page_token(after, &fingerprint)
+        };
+        let ratings = self.state.reveal(&caller, "SampleRatings", picked).await?;
+        Ok(Response::new(pb::SampleRatingsResponse {
+            ratings,
+            next_page_token,
+        }))
+    }
+
     async fn get_stats(
         &self,
         request: Request<pb::GetStatsRequest>,

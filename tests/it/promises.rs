@@ -874,3 +874,75 @@ async fn subscribe_goes_at_the_readers_pace() {
     }
     hub.stop().await;
 }
+
+/// The follow-up survey sample (Yunnan 二(三), Kunming 第九条, Changchun 三(五)): a share of
+/// the raters, the same for the same draw, another for another, page after page; the rest of
+/// the filter's ratings are not in it.
+#[tokio::test]
+async fn a_follow_up_survey_samples_a_share_of_raters_repeatably() {
+    let hub = TestHub::start().await;
+    let ids: std::collections::HashSet<String> = submit_new(&mut hub.ingest().await, "smp", 200)
+        .await
+        .into_iter()
+        .collect();
+    let mut query = hub.query().await;
+    let sample = |share: f64, draw: &str, page_size: u32| {
+        let mut query = query.clone();
+        let draw = draw.to_owned();
+        async move {
+            let mut got = Vec::new();
+            let mut token = String::new();
+            loop {
+                let page = query
+                    .sample_ratings(pb::SampleRatingsRequest {
+                        share,
+                        draw: draw.clone(),
+                        page_size,
+                        page_token: token.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                got.extend(page.ratings.into_iter().map(|r| r.hub_id));
+                if page.next_page_token.is_empty() {
+                    break got;
+                }
+                token = page.next_page_token;
+            }
+        }
+    };
+    let q4 = sample(0.25, "2026-Q4 回访", 1000).await;
+    assert!(
+        (25..=80).contains(&q4.len()),
+        "{} of 200 for a quarter",
+        q4.len()
+    );
+    assert!(q4.iter().all(|id| ids.contains(id)));
+    assert_eq!(
+        sample(0.25, "2026-Q4 回访", 1000).await,
+        q4,
+        "the same draw, the same sample"
+    );
+    assert_eq!(
+        sample(0.25, "2026-Q4 回访", 7).await,
+        q4,
+        "page by page, the same"
+    );
+    assert_ne!(
+        sample(0.25, "2027-Q1 回访", 1000).await,
+        q4,
+        "another draw, another sample"
+    );
+    assert_eq!(sample(1.0, "all", 1000).await.len(), 200);
+    let err = query
+        .sample_ratings(pb::SampleRatingsRequest {
+            share: 0.0,
+            draw: String::new(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_request_fields(&err), ["share", "draw"]);
+    hub.stop().await;
+}

@@ -756,15 +756,17 @@ impl QueryService for QueryApi {
         };
         let mut after =
             parse_page_token(&req.page_token, &fingerprint).map_err(|v| bad_request(&[v]))?;
-        let threshold = req.share;
+        let share = req.share;
+        let draw = req.draw.trim().to_owned();
         let drawn = |hub_id: &str| {
             let mut h = Sha256::new();
             h.update(b"rating-hub sample v1\0");
-            h.update(req.draw.as_bytes());
+            h.update(draw.as_bytes());
             h.update(b"\0");
             h.update(hub_id.as_bytes());
             let x = u64::from_be_bytes(h.finalize()[..8].try_into().expect("8 bytes"));
-            (x as f64) < threshold * (u64::MAX as f64)
+            // 53 bits compared exactly: a whole share keeps every rating.
+            share >= 1.0 || (x >> 11) < (share * 2f64.powi(53)) as u64
         };
         // Read at most SAMPLE_SCAN ratings per call: a small share of a large filter answers
         // a short page with a token to go on, rather than reading everything at once.
@@ -787,7 +789,12 @@ impl QueryService for QueryApi {
             for row in rows {
                 scanned += 1;
                 after = row.feed_seq;
-                if !row.rating.is_default && drawn(&row.rating.hub_id) {
+                // A rater to survey: not a default (nobody rated), not a follow-up (its rater
+                // has a draw of their own, on the original), and someone to reach.
+                let surveyable = !row.rating.is_default
+                    && row.rating.follow_up_of.is_empty()
+                    && (row.rating.rater.is_some() || row.pii.is_some());
+                if surveyable && drawn(&row.rating.hub_id) {
                     picked.push(row);
                     if picked.len() == page_size as usize {
                         break;
@@ -804,6 +811,16 @@ impl QueryService for QueryApi {
         } else {
             page_token(after, &fingerprint)
         };
+        // Who drew what is logged: a draw name tried again and again to steer the sample
+        // shows up here.
+        tracing::info!(
+            principal = caller.name(),
+            draw = %draw,
+            share,
+            picked = picked.len(),
+            scanned,
+            "Survey sample drawn."
+        );
         let ratings = self.state.reveal(&caller, "SampleRatings", picked).await?;
         Ok(Response::new(pb::SampleRatingsResponse {
             ratings,

@@ -934,6 +934,33 @@ async fn a_follow_up_survey_samples_a_share_of_raters_repeatably() {
         q4,
         "another draw, another sample"
     );
+    assert_eq!(
+        sample(0.25, "  2026-Q4 回访 ", 1000).await,
+        q4,
+        "the name as written, around spaces"
+    );
+    // A follow-up (its rater is drawn on the original) and a rating with nobody to reach
+    // are never in a sample, not even a whole one.
+    let first = ids.iter().next().unwrap().clone();
+    let original = hub
+        .query()
+        .await
+        .get_rating(pb::GetRatingRequest {
+            hub_id: first.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rating
+        .unwrap();
+    let mut follow_up = rating("smp-follow-up");
+    follow_up.case_number = original.case_number.clone();
+    follow_up.follow_up_of = original.source_key.clone();
+    let mut nobody = rating("smp-nobody");
+    nobody.rater = None;
+    for r in submit(&mut hub.ingest().await, vec![follow_up, nobody]).await {
+        assert_eq!(outcome(&r), pb::Outcome::Accepted, "{r:?}");
+    }
     assert_eq!(sample(1.0, "all", 1000).await.len(), 200);
     let err = query
         .sample_ratings(pb::SampleRatingsRequest {

@@ -299,6 +299,8 @@ fn stats_group(
             row.bad_cases.real_name,
         ),
         archived_cases: row.bad_cases.archived,
+        spot_checked_cases: row.bad_cases.spot_checked,
+        spot_check_rate: ratio(row.bad_cases.spot_checked, row.bad_cases.archived),
         rank: 0,
     }
 }

@@ -373,6 +373,8 @@ pub struct BadCaseCounts {
     pub real_name_done: u64,
     /// Cases closed (archived).
     pub archived: u64,
+    /// … of which spot-checked by the authority.
+    pub spot_checked: u64,
 }
 
 /// Ratings of one day (UTC+8) and organisation, for reconciliation: how many, and the

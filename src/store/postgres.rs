@@ -1219,7 +1219,9 @@ impl Store for PostgresStore {
                  AND EXISTS (SELECT 1 FROM bad_rating_case_entries x \
                      WHERE x.case_id = b.case_id AND x.action = 6)) AS real_name_done, \
              COUNT(*) FILTER (WHERE EXISTS (SELECT 1 FROM bad_rating_case_entries x \
-                 WHERE x.case_id = b.case_id AND x.action = 7)) AS archived \
+                 WHERE x.case_id = b.case_id AND x.action = 7)) AS archived, \
+             COUNT(*) FILTER (WHERE EXISTS (SELECT 1 FROM bad_rating_case_entries x \
+                 WHERE x.case_id = b.case_id AND x.action = 8)) AS spot_checked \
              FROM (SELECT r.*, c.id AS case_id, c.real_name AS case_real_name FROM ratings r \
                    JOIN bad_rating_cases c ON c.hub_id = r.hub_id) AS b \
              WHERE hub_id NOT IN (SELECT hub_id FROM rating_exclusions)",

@@ -222,6 +222,7 @@ pub(crate) fn bad_case_counts(row: &impl Columns, n: usize) -> Result<BadCaseCou
         real_name: row.int("real_name")? as u64,
         real_name_done: row.int("real_name_done")? as u64,
         archived: row.int("archived")? as u64,
+        spot_checked: row.int("spot_checked")? as u64,
     })
 }
 

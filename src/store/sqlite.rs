@@ -1028,7 +1028,9 @@ impl Store for SqliteStore {
                  AND EXISTS (SELECT 1 FROM bad_rating_case_entries x \
                      WHERE x.case_id = b.case_id AND x.action = 6)), 0) AS real_name_done, \
              COALESCE(SUM(EXISTS (SELECT 1 FROM bad_rating_case_entries x \
-                 WHERE x.case_id = b.case_id AND x.action = 7)), 0) AS archived \
+                 WHERE x.case_id = b.case_id AND x.action = 7)), 0) AS archived, \
+             COALESCE(SUM(EXISTS (SELECT 1 FROM bad_rating_case_entries x \
+                 WHERE x.case_id = b.case_id AND x.action = 8)), 0) AS spot_checked \
              FROM (SELECT r.*, c.id AS case_id, c.real_name AS case_real_name FROM ratings r \
                    JOIN bad_rating_cases c ON c.hub_id = r.hub_id) AS b \
              WHERE hub_id NOT IN (SELECT hub_id FROM rating_exclusions)",

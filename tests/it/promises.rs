@@ -713,6 +713,50 @@ async fn spot_checks_come_after_archiving_once() {
         again.message().contains("already spot-checked"),
         "{again:?}"
     );
+
+    // 抽查率 (Ordos: "不低于50%"): the achieved rate per group. A second case, archived
+    // and not checked, halves it.
+    let mut r = rating("spot-2");
+    r.level = pb::Level::Dissatisfied as i32;
+    r.text = "等候太久".into();
+    r.rater.as_mut().unwrap().real_name = false;
+    let id2 = submit_one(&mut hub.ingest().await, r).await.hub_id;
+    let case2 = rect
+        .list_cases(pb::ListCasesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .cases
+        .into_iter()
+        .find(|c| c.hub_id == id2)
+        .unwrap()
+        .id;
+    for (action, refs) in [
+        (pb::CaseAction::Contact, &[][..]),
+        (pb::CaseAction::Rectify, &["整改台账-2"][..]),
+        (pb::CaseAction::FeedBack, &[][..]),
+        (pb::CaseAction::Archive, &[][..]),
+    ] {
+        rect.record_action(pb::RecordActionRequest {
+            id: case2,
+            ..step(action, refs)
+        })
+        .await
+        .unwrap();
+    }
+    let g = hub
+        .query()
+        .await
+        .get_stats(pb::GetStatsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .groups
+        .remove(0);
+    assert_eq!(
+        (g.archived_cases, g.spot_checked_cases, g.spot_check_rate),
+        (2, 1, 0.5)
+    );
     hub.stop().await;
 }
 

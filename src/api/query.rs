@@ -830,6 +830,119 @@ impl QueryService for QueryApi {
         }))
     }
 
+    async fn list_persistently_low_ranked(
+        &self,
+        request: Request<pb::ListPersistentlyLowRankedRequest>,
+    ) -> Result<Response<pb::ListPersistentlyLowRankedResponse>, Status> {
+        let caller = self
+            .state
+            .admit(&request, "ListPersistentlyLowRanked", Role::Read)?;
+        let req = request.into_inner();
+        let mut v = parse_filter(req.filter.as_ref()).err().unwrap_or_default();
+        if !(2000..=2100).contains(&req.year) {
+            v.push(violation("year", "must be between 2000 and 2100"));
+        }
+        if !(1..=4).contains(&req.quarter) {
+            v.push(violation("quarter", "must be 1 to 4"));
+        }
+        let periods = if req.periods == 0 { 2 } else { req.periods };
+        if !(2..=8).contains(&periods) {
+            v.push(violation("periods", "must be 2 to 8 (0 means 2)"));
+        }
+        let bottom = if req.bottom == 0 { 3 } else { req.bottom };
+        if !(1..=100).contains(&bottom) {
+            v.push(violation("bottom", "must be 1 to 100 (0 means 3)"));
+        }
+        let dim = match req.dimension {
+            0 => Some(StatsDimension::Staff),
+            raw => dimension(raw),
+        };
+        if dim.is_none() {
+            v.push(violation("dimension", "is not a statistics dimension"));
+        }
+        if !v.is_empty() {
+            return Err(bad_request(&v));
+        }
+        let dim = dim.expect("checked");
+        let base = parse_filter(req.filter.as_ref()).map_err(|v| bad_request(&v))?;
+        let rank_by = match pb::RankBy::try_from(req.rank_by).unwrap_or_default() {
+            pb::RankBy::Unspecified => {
+                let profiles = self.state.engine.profiles();
+                let name = if req.profile.is_empty() {
+                    profiles.name_for_region(base.region_prefix.as_deref().unwrap_or(""))
+                } else {
+                    &req.profile
+                };
+                if profiles.get(name).is_some_and(|p| p.scores.is_some()) {
+                    pb::RankBy::AverageScore
+                } else {
+                    pb::RankBy::GoodRate
+                }
+            }
+            r => r,
+        };
+        // The quarters, oldest first.
+        let mut quarters = Vec::new();
+        let (mut y, mut q) = (i64::from(req.year), i64::from(req.quarter));
+        for _ in 0..periods {
+            quarters.push((y, q));
+            if q == 1 {
+                y -= 1;
+                q = 4;
+            } else {
+                q -= 1;
+            }
+        }
+        quarters.reverse();
+        let mut low: Option<std::collections::BTreeMap<String, (Vec<u32>, Vec<u32>)>> = None;
+        for (y, q) in &quarters {
+            let start = crate::rules::Date::from_ymd(*y, (3 * q - 2) as u32, 1).expect("month");
+            let end = if *q == 4 {
+                crate::rules::Date::from_ymd(*y + 1, 1, 1)
+            } else {
+                crate::rules::Date::from_ymd(*y, (3 * q + 1) as u32, 1)
+            }
+            .expect("month");
+            let mut query = base.clone();
+            query.rated_from_micros = Some(start.start_micros());
+            query.rated_until_micros = Some(end.start_micros());
+            let (_, groups) = self
+                .compute_stats(&caller, query, &[dim], &req.profile, rank_by)
+                .await?;
+            let n = groups.len() as u32;
+            // 排名靠后: fewer than `bottom` groups ranked strictly below it (so groups tied
+            // for the last place are all last).
+            let this: std::collections::BTreeMap<String, u32> = groups
+                .iter()
+                .filter(|g| (groups.iter().filter(|o| o.rank > g.rank).count() as u32) < bottom)
+                .map(|g| (g.key.join("/"), g.rank))
+                .collect();
+            low = Some(match low {
+                None => this
+                    .into_iter()
+                    .map(|(k, r)| (k, (vec![r], vec![n])))
+                    .collect(),
+                Some(prev) => prev
+                    .into_iter()
+                    .filter_map(|(k, (mut ranks, mut ns))| {
+                        let r = *this.get(&k)?;
+                        ranks.push(r);
+                        ns.push(n);
+                        Some((k, (ranks, ns)))
+                    })
+                    .collect(),
+            });
+        }
+        Ok(Response::new(pb::ListPersistentlyLowRankedResponse {
+            periods: quarters.iter().map(|(y, q)| format!("{y}-Q{q}")).collect(),
+            groups: low
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(key, (ranks, ranked))| pb::PersistentlyLowRanked { key, ranks, ranked })
+                .collect(),
+        }))
+    }
+
     async fn get_stats(
         &self,
         request: Request<pb::GetStatsRequest>,

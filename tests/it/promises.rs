@@ -1017,3 +1017,71 @@ async fn a_follow_up_survey_samples_a_share_of_raters_repeatably() {
     assert_eq!(bad_request_fields(&err), ["share", "draw"]);
     hub.stop().await;
 }
+
+/// Guangdong 第十八条 「责令服务评价连续排名靠后的工作人员限期整改」: staff among the lowest in two
+/// consecutive quarters are listed with their ranks; one low in a single quarter is not.
+#[tokio::test]
+async fn staff_ranked_low_in_consecutive_quarters_are_listed() {
+    let hub = TestHub::start().await;
+    let at = |date: &str| {
+        Some(rating_hub::time::timestamp_from_micros(
+            rating_hub::rules::Date::parse(date).unwrap().start_micros() + 10 * 3_600_000_000,
+        ))
+    };
+    let mk = |key: &str, staff: &str, level: pb::Level, date: &str| {
+        let mut r = rating(key);
+        r.staff_id = staff.into();
+        r.level = level as i32;
+        r.rated_at = at(date);
+        r
+    };
+    use pb::Level::{Dissatisfied, Satisfied, VerySatisfied};
+    let batch = vec![
+        mk("q3-s1", "S1", VerySatisfied, "2025-08-15"),
+        mk("q3-s2", "S2", Satisfied, "2025-08-15"),
+        mk("q3-s3", "S3", Dissatisfied, "2025-08-15"),
+        mk("q4-s1", "S1", VerySatisfied, "2025-11-15"),
+        mk("q4-s2", "S2", Dissatisfied, "2025-11-15"),
+        mk("q4-s3", "S3", Dissatisfied, "2025-11-15"),
+    ];
+    for r in submit(&mut hub.ingest().await, batch).await {
+        assert_eq!(outcome(&r), pb::Outcome::Accepted, "{r:?}");
+    }
+    let answer = hub
+        .query()
+        .await
+        .list_persistently_low_ranked(pb::ListPersistentlyLowRankedRequest {
+            filter: Some(pb::RatingFilter {
+                region_code_prefix: "5301".into(),
+                ..Default::default()
+            }),
+            year: 2025,
+            quarter: 4,
+            bottom: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.periods, ["2025-Q3", "2025-Q4"]);
+    let got: Vec<(String, Vec<u32>, Vec<u32>)> = answer
+        .groups
+        .into_iter()
+        .map(|g| (g.key, g.ranks, g.ranked))
+        .collect();
+    // Q3: S1 10, S2 8, S3 2 → S3 last. Q4: S1 10, S2 2, S3 2 → S2 and S3 tied last.
+    assert_eq!(got, [("S3".to_owned(), vec![3, 2], vec![3, 3])]);
+    let err = hub
+        .query()
+        .await
+        .list_persistently_low_ranked(pb::ListPersistentlyLowRankedRequest {
+            year: 1999,
+            quarter: 5,
+            periods: 9,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_request_fields(&err), ["year", "quarter", "periods"]);
+    hub.stop().await;
+}

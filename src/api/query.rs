@@ -857,8 +857,14 @@ impl QueryService for QueryApi {
             0 => Some(StatsDimension::Staff),
             raw => dimension(raw),
         };
-        if dim.is_none() {
-            v.push(violation("dimension", "is not a statistics dimension"));
+        match dim {
+            None => v.push(violation("dimension", "is not a statistics dimension")),
+            // A day's or a month's key never comes back in another quarter.
+            Some(StatsDimension::Day | StatsDimension::Month) => v.push(violation(
+                "dimension",
+                "must be one whose groups recur across quarters (not DAY or MONTH)",
+            )),
+            Some(_) => {}
         }
         if !v.is_empty() {
             return Err(bad_request(&v));
@@ -909,12 +915,29 @@ impl QueryService for QueryApi {
             let (_, groups) = self
                 .compute_stats(&caller, query, &[dim], &req.profile, rank_by)
                 .await?;
-            let n = groups.len() as u32;
-            // 排名靠后: fewer than `bottom` groups ranked strictly below it (so groups tied
-            // for the last place are all last).
-            let this: std::collections::BTreeMap<String, u32> = groups
+            // Ranked are the groups rated in the quarter, under a key (a staff member with
+            // 办结 events and no rating, or ratings about no staff member, are not "ranked
+            // low"), with a value to rank by. Ranks ascend in `groups`.
+            let ranked: Vec<&pb::StatsGroup> = groups
                 .iter()
-                .filter(|g| (groups.iter().filter(|o| o.rank > g.rank).count() as u32) < bottom)
+                .filter(|g| g.total > 0 && g.key.iter().all(|k| !k.is_empty()))
+                .filter(|g| match rank_by {
+                    pb::RankBy::AverageScore => g.average_score.is_some(),
+                    pb::RankBy::FinalScore => g.final_score.is_some(),
+                    _ => true,
+                })
+                .collect();
+            let n = ranked.len() as u32;
+            // 排名靠后: the `bottom` lowest places, and every group tied with the place that
+            // cuts (so groups tied for last are all last).
+            let cut = if ranked.len() > bottom as usize {
+                ranked[ranked.len() - bottom as usize].rank
+            } else {
+                0
+            };
+            let this: std::collections::BTreeMap<String, u32> = ranked
+                .iter()
+                .filter(|g| g.rank >= cut)
                 .map(|g| (g.key.join("/"), g.rank))
                 .collect();
             low = Some(match low {

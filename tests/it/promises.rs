@@ -1043,6 +1043,9 @@ async fn staff_ranked_low_in_consecutive_quarters_are_listed() {
         mk("q4-s1", "S1", VerySatisfied, "2025-11-15"),
         mk("q4-s2", "S2", Dissatisfied, "2025-11-15"),
         mk("q4-s3", "S3", Dissatisfied, "2025-11-15"),
+        // Ratings about no staff member: not a staff member ranked low.
+        mk("q3-none", "", Dissatisfied, "2025-08-16"),
+        mk("q4-none", "", Dissatisfied, "2025-11-16"),
     ];
     for r in submit(&mut hub.ingest().await, batch).await {
         assert_eq!(outcome(&r), pb::Outcome::Accepted, "{r:?}");
@@ -1083,5 +1086,17 @@ async fn staff_ranked_low_in_consecutive_quarters_are_listed() {
         .await
         .unwrap_err();
     assert_eq!(bad_request_fields(&err), ["year", "quarter", "periods"]);
+    let err = hub
+        .query()
+        .await
+        .list_persistently_low_ranked(pb::ListPersistentlyLowRankedRequest {
+            year: 2025,
+            quarter: 4,
+            dimension: pb::StatsDimension::Month as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_request_fields(&err), ["dimension"]);
     hub.stop().await;
 }

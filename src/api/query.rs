@@ -966,6 +966,67 @@ impl QueryService for QueryApi {
         }))
     }
 
+    async fn count_bad_rating_reasons(
+        &self,
+        request: Request<pb::CountBadRatingReasonsRequest>,
+    ) -> Result<Response<pb::CountBadRatingReasonsResponse>, Status> {
+        const READ_MAX: usize = 200_000;
+        let caller = self
+            .state
+            .admit(&request, "CountBadRatingReasons", Role::Read)?;
+        let req = request.into_inner();
+        let mut query = parse_filter(req.filter.as_ref()).map_err(|v| bad_request(&v))?;
+        query.levels = vec![
+            pb::Level::Dissatisfied as i32,
+            pb::Level::VeryDissatisfied as i32,
+        ];
+        query.counted_only = true;
+        restrict_to_scope(&caller.principal, &mut query)?;
+        // A fixed head, so ratings committing meanwhile do not stretch the read.
+        query.max_feed_seq = Some(*self.state.store.feed_head().borrow());
+        let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
+        let (mut after, mut read) = (0u64, 0usize);
+        loop {
+            let rows = self
+                .state
+                .store
+                .list_ratings(&query, after, MAX_PAGE_SIZE)
+                .await?;
+            let Some(last) = rows.last() else { break };
+            after = last.feed_seq;
+            let full = rows.len() == MAX_PAGE_SIZE as usize;
+            for row in &rows {
+                if row.rating.detail_codes.is_empty() {
+                    *counts.entry(String::new()).or_default() += 1;
+                }
+                let mut seen = std::collections::BTreeSet::new();
+                for code in &row.rating.detail_codes {
+                    if seen.insert(code) {
+                        *counts.entry(code.clone()).or_default() += 1;
+                    }
+                }
+            }
+            read += rows.len();
+            if read > READ_MAX {
+                return Err(Status::failed_precondition(format!(
+                    "more than {READ_MAX} 差评 match: narrow the filter (a quarter, a region)"
+                )));
+            }
+            if !full {
+                break;
+            }
+        }
+        let mut reasons: Vec<pb::ReasonCount> = counts
+            .into_iter()
+            .map(|(code, count)| pb::ReasonCount { code, count })
+            .collect();
+        reasons.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.code.cmp(&b.code)));
+        Ok(Response::new(pb::CountBadRatingReasonsResponse {
+            reasons,
+            bad_ratings: read as u64,
+        }))
+    }
+
     async fn get_stats(
         &self,
         request: Request<pb::GetStatsRequest>,

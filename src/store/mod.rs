@@ -328,6 +328,8 @@ pub struct RatingQuery {
     pub max_feed_seq: Option<u64>,
     /// Internal: the time range applies to case events' `occurred_at`.
     pub time_is_occurred_at: bool,
+    /// Only ratings that count (not left out on appeal): ratings queries only.
+    pub counted_only: bool,
 }
 
 impl RatingQuery {

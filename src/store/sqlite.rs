@@ -653,6 +653,9 @@ fn push_scope(qb: &mut QueryBuilder<'_, Sqlite>, scope: &ScopeFilter) {
 }
 
 fn push_filter(qb: &mut QueryBuilder<'_, Sqlite>, q: &RatingQuery) {
+    if q.counted_only && !q.time_is_occurred_at {
+        qb.push(" AND hub_id NOT IN (SELECT hub_id FROM rating_exclusions)");
+    }
     let mut eq = |col: &str, v: &Option<String>| {
         if let Some(v) = v {
             qb.push(format!(" AND {col} = ")).push_bind(v.clone());

@@ -1100,3 +1100,81 @@ async fn staff_ranked_low_in_consecutive_quarters_are_listed() {
     assert_eq!(bad_request_fields(&err), ["dimension"]);
     hub.stop().await;
 }
+
+/// Guangdong 第十九条 「对企业和群众反映集中的问题，限期依法依规整改解决」: 差评 counted by reason,
+/// most frequent first; praise and a 差评 an appeal found invalid are not counted.
+#[tokio::test]
+async fn bad_ratings_are_counted_by_reason() {
+    use pb::rectification_service_client::RectificationServiceClient;
+    let hub = TestHub::start().await;
+    let mk = |key: &str, level: pb::Level, codes: &[&str]| {
+        let mut r = rating(key);
+        r.level = level as i32;
+        r.detail_codes = codes.iter().map(|c| c.to_string()).collect();
+        r
+    };
+    use pb::Level::{Dissatisfied, Satisfied, VeryDissatisfied};
+    let batch = vec![
+        mk("why-a", VeryDissatisfied, &["501", "503"]),
+        mk("why-b", Dissatisfied, &["501"]),
+        mk("why-c", Dissatisfied, &[]),
+        mk("why-d", Satisfied, &["501"]),
+        mk("why-e", Dissatisfied, &["503"]),
+    ];
+    let ids: Vec<String> = submit(&mut hub.ingest().await, batch)
+        .await
+        .into_iter()
+        .map(|r| {
+            assert_eq!(outcome(&r), pb::Outcome::Accepted, "{r:?}");
+            r.hub_id
+        })
+        .collect();
+    // E is found invalid on appeal.
+    let mut rect = RectificationServiceClient::new(hub.channel_as("tester").await);
+    let case = rect
+        .list_cases(pb::ListCasesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .cases
+        .into_iter()
+        .find(|c| c.hub_id == ids[4])
+        .unwrap()
+        .id;
+    rect.file_appeal(pb::FileAppealRequest {
+        id: case,
+        reason: "与本办件无关".into(),
+        evidence_refs: vec!["办件记录".into()],
+    })
+    .await
+    .unwrap();
+    rect.decide_appeal(pb::DecideAppealRequest {
+        id: case,
+        outcome: pb::AppealOutcome::Invalid as i32,
+        note: "经核实".into(),
+    })
+    .await
+    .unwrap();
+    let answer = hub
+        .query()
+        .await
+        .count_bad_rating_reasons(pb::CountBadRatingReasonsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let got: Vec<(String, u64)> = answer
+        .reasons
+        .into_iter()
+        .map(|r| (r.code, r.count))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("501".to_owned(), 2),
+            (String::new(), 1),
+            ("503".to_owned(), 1)
+        ]
+    );
+    assert_eq!(answer.bad_ratings, 3);
+    hub.stop().await;
+}

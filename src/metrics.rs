@@ -151,22 +151,32 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Counts one answered item.
-    pub fn rating(&self, rpc: &str, principal: &str, outcome: i32) {
-        let outcome = crate::pb::v1::Outcome::try_from(outcome)
-            .map(|o| {
-                o.as_str_name()
-                    .trim_start_matches("OUTCOME_")
-                    .to_ascii_lowercase()
-            })
-            .unwrap_or_else(|_| "unknown".into());
-        self.ratings
-            .get_or_create(&RatingLabels {
-                rpc: rpc.to_owned(),
-                principal: principal.to_owned(),
-                outcome,
-            })
-            .inc();
+    /// Counts a batch of answered items: one counter update per outcome present, not one
+    /// per item (the ingest path is hot).
+    pub fn ratings(&self, rpc: &str, principal: &str, results: &[crate::pb::v1::ItemResult]) {
+        let mut counts: Vec<(i32, u64)> = Vec::with_capacity(2);
+        for r in results {
+            match counts.iter_mut().find(|(o, _)| *o == r.outcome) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((r.outcome, 1)),
+            }
+        }
+        for (outcome, n) in counts {
+            let outcome = crate::pb::v1::Outcome::try_from(outcome)
+                .map(|o| {
+                    o.as_str_name()
+                        .trim_start_matches("OUTCOME_")
+                        .to_ascii_lowercase()
+                })
+                .unwrap_or_else(|_| "unknown".into());
+            self.ratings
+                .get_or_create(&RatingLabels {
+                    rpc: rpc.to_owned(),
+                    principal: principal.to_owned(),
+                    outcome,
+                })
+                .inc_by(n);
+        }
     }
 
     pub fn denied(&self, reason: &str) {

@@ -121,22 +121,44 @@ impl PiiKeys {
         })
     }
 
-    /// Writes a fresh random key file (mode 0600) unless it exists.
+    /// Writes a fresh random key file (mode 0600) unless one is there; `Ok(true)` when this
+    /// call wrote it. The key is written whole to a file of its own, synced, then linked
+    /// into place: neither a second process starting at the same moment nor a crash half-way
+    /// ever sees a partial key (whichever link lands first is the key).
     pub fn create_key_file(path: &Path) -> std::io::Result<bool> {
+        use std::io::Write;
         if path.exists() {
             return Ok(false);
         }
-        if let Some(parent) = path.parent() {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)?;
         }
-        let key = ChaCha20Poly1305::generate_key(&mut OsRng);
-        std::fs::write(path, hex::encode(key) + "\n")?;
+        let suffix = ChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let tmp = path.with_extension(format!("tmp.{}", hex::encode(suffix)));
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
         #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts.open(&tmp)?;
+        let key = ChaCha20Poly1305::generate_key(&mut OsRng);
+        let written = f
+            .write_all((hex::encode(key) + "\n").as_bytes())
+            .and_then(|()| f.sync_all());
+        drop(f);
+        let linked = written.and_then(|()| match std::fs::hard_link(&tmp, path) {
+            // A file system without hard links: a rename, only while there is no key (it
+            // would replace one another process just wrote).
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists && !path.exists() => {
+                std::fs::rename(&tmp, path).map_err(|_| e)
+            }
+            other => other,
+        });
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
         }
-        Ok(true)
     }
 
     /// A keyed pseudonym of `value` (SHA-256 over key, value, key): equal values give equal

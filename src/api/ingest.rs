@@ -221,9 +221,7 @@ async fn commit(
 }
 
 fn log_results(state: &HubState, rpc: &'static str, source: &str, results: &[pb::ItemResult]) {
-    for r in results {
-        state.metrics.rating(rpc, source, r.outcome);
-    }
+    state.metrics.ratings(rpc, source, results);
     let count = |o: Outcome| results.iter().filter(|r| r.outcome == o as i32).count();
     tracing::debug!(
         rpc,
@@ -307,10 +305,10 @@ impl IngestService for IngestApi {
                         let mut results = commit(&state, results, valid).await?;
                         for r in &mut results {
                             r.index += first as u32;
-                            state
-                                .metrics
-                                .rating("StreamRatings", &principal.name, r.outcome);
                         }
+                        state
+                            .metrics
+                            .ratings("StreamRatings", &principal.name, &results);
                         Ok(results)
                     }));
                 }

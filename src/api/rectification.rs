@@ -440,7 +440,7 @@ impl RectificationService for RectificationApi {
                     file: Box::new(crate::store::NewEvidence {
                         record,
                         key_id: sealed.key_id.clone(),
-                        sealed: sealed_blob.to_vec(),
+                        sealed: sealed_blob.clone(),
                     }),
                 })
                 .await?;

@@ -162,7 +162,12 @@ impl RulesEngine {
             .collect();
         tracing::info!(file = %source.path.display(), new_official_years = %official.join(", "), "Calendar reloaded.");
         match self.recount_deadlines(&old, &new, &official).await {
-            Ok(n) => Ok(Some(n)),
+            Ok(n) => {
+                if let Some(m) = &self.metrics {
+                    m.deadlines_recounted.inc_by(n);
+                }
+                Ok(Some(n))
+            }
             Err(e) => {
                 // Not finished: the old calendar and stamp back, so the next tick loads the
                 // file again and records what this pass did not (steps already written are
@@ -315,7 +320,13 @@ impl RulesEngine {
 
     /// One pass over the open completed cases.
     pub async fn tick(&self) -> Result<TickReport, StoreError> {
-        self.reload_calendar().await?;
+        // A reload that could not finish is tried again next tick; it does not hold up the
+        // reminders and default ratings of this one (the calendar in force stays).
+        if let Err(e) = self.reload_calendar().await {
+            if let Some(held) = crate::telemetry::throttle("rules.calendar_reload") {
+                tracing::error!(error = %e, held, "Cannot record the recounted deadlines; will try again.");
+            }
+        }
         let now = self.clock.now_micros();
         self.warn_of_a_missing_year(now);
         let calendar = self.calendar();

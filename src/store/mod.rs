@@ -478,7 +478,8 @@ pub struct EvidenceRecord {
 pub struct NewEvidence {
     pub record: EvidenceRecord,
     pub key_id: String,
-    pub sealed: Vec<u8>,
+    /// Shared: a retry after a concurrent step sends the same blob again, not a copy.
+    pub sealed: std::sync::Arc<Vec<u8>>,
 }
 
 /// A bad-rating case with its history.

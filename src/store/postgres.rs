@@ -25,7 +25,6 @@ use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use super::EvidenceRecord;
 use super::chunk;
 use super::rows::{self, Columns};
 use super::writer::{self, GroupResult, GroupWrite, Job, Queue};
@@ -34,6 +33,7 @@ use super::{
     PiiAccess, RatingQuery, RelayWrite, ScopeFilter, StatsDimension, StatsRow, Store, StoreError,
     StoredBadCase, StoredInvitation, StoredRating, UpstreamState,
 };
+use super::{CaseEntryRecord, EvidenceRecord};
 use crate::clock::Clock;
 
 mod chunks;
@@ -450,6 +450,51 @@ impl Writer {
     }
 }
 
+/// Whether a case's history still has `expected` entries (optimistic concurrency for a new
+/// step: someone else's step in between means the caller reads the case again).
+async fn case_unchanged(
+    conn: &mut PgConnection,
+    case_id: u64,
+    expected: u64,
+) -> Result<bool, sqlx::Error> {
+    // Instances racing on one case wait here; the loser sees the winner's entry.
+    sqlx::query("SELECT id FROM bad_rating_cases WHERE id = $1 FOR UPDATE")
+        .bind(case_id as i64)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let have: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM bad_rating_case_entries WHERE case_id = $1")
+            .bind(case_id as i64)
+            .fetch_one(&mut *conn)
+            .await?;
+    Ok(have as u64 == expected)
+}
+
+/// Appends a step to a case's history, at `now`.
+async fn insert_case_entry(
+    conn: &mut PgConnection,
+    case_id: u64,
+    entry: &CaseEntryRecord,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO bad_rating_case_entries (case_id, action, actor, at, note, \
+         evidence_refs, new_deadline, appeal_outcome) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(case_id as i64)
+    .bind(entry.action)
+    .bind(&entry.actor)
+    .bind(now)
+    .bind(&entry.note)
+    .bind(entry.evidence_refs.join("\n"))
+    .bind(entry.new_deadline_micros)
+    .bind(entry.appeal_outcome)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 async fn relay_write(
     conn: &mut PgConnection,
     write: &RelayWrite,
@@ -556,35 +601,10 @@ async fn relay_write(
             entry,
             exclude,
         } => {
-            // Instances racing on one case wait here; the loser sees the winner's entry.
-            sqlx::query("SELECT id FROM bad_rating_cases WHERE id = $1 FOR UPDATE")
-                .bind(*case_id as i64)
-                .fetch_optional(&mut *conn)
-                .await?;
-            let have: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM bad_rating_case_entries WHERE case_id = $1",
-            )
-            .bind(*case_id as i64)
-            .fetch_one(&mut *conn)
-            .await?;
-            if have as u64 != *expected_entries {
+            if !case_unchanged(conn, *case_id, *expected_entries).await? {
                 return Ok(0);
             }
-            sqlx::query(
-                "INSERT INTO bad_rating_case_entries (case_id, action, actor, at, note, \
-                 evidence_refs, new_deadline, appeal_outcome) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            )
-            .bind(*case_id as i64)
-            .bind(entry.action)
-            .bind(&entry.actor)
-            .bind(now)
-            .bind(&entry.note)
-            .bind(entry.evidence_refs.join("\n"))
-            .bind(entry.new_deadline_micros)
-            .bind(entry.appeal_outcome)
-            .execute(&mut *conn)
-            .await?;
+            insert_case_entry(conn, *case_id, entry, now).await?;
             if let Some((hub_id, reason)) = exclude {
                 sqlx::query(
                     "INSERT INTO rating_exclusions (hub_id, reason, case_id, at) \
@@ -605,18 +625,7 @@ async fn relay_write(
             entry,
             file,
         } => {
-            // Instances racing on one case wait here; the loser sees the winner's entry.
-            sqlx::query("SELECT id FROM bad_rating_cases WHERE id = $1 FOR UPDATE")
-                .bind(*case_id as i64)
-                .fetch_optional(&mut *conn)
-                .await?;
-            let have: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM bad_rating_case_entries WHERE case_id = $1",
-            )
-            .bind(*case_id as i64)
-            .fetch_one(&mut *conn)
-            .await?;
-            if have as u64 != *expected_entries {
+            if !case_unchanged(conn, *case_id, *expected_entries).await? {
                 return Ok(0);
             }
             let r = &file.record;
@@ -628,7 +637,7 @@ async fn relay_write(
             .bind(&r.content_type)
             .bind(r.size as i64)
             .bind(&file.key_id)
-            .bind(&file.sealed)
+            .bind(file.sealed.as_slice())
             .bind(now)
             .execute(&mut *conn)
             .await?;
@@ -643,21 +652,7 @@ async fn relay_write(
             .bind(now)
             .execute(&mut *conn)
             .await?;
-            sqlx::query(
-                "INSERT INTO bad_rating_case_entries (case_id, action, actor, at, note, \
-                 evidence_refs, new_deadline, appeal_outcome) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            )
-            .bind(*case_id as i64)
-            .bind(entry.action)
-            .bind(&entry.actor)
-            .bind(now)
-            .bind(&entry.note)
-            .bind(entry.evidence_refs.join("\n"))
-            .bind(entry.new_deadline_micros)
-            .bind(entry.appeal_outcome)
-            .execute(&mut *conn)
-            .await?;
+            insert_case_entry(conn, *case_id, entry, now).await?;
             Ok(1)
         }
         RelayWrite::Invite {

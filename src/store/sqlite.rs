@@ -21,7 +21,6 @@ use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use super::EvidenceRecord;
 use super::chunk;
 use super::rows::{self, Columns};
 use super::writer::{self, GroupResult, GroupWrite, Job, Queue};
@@ -30,6 +29,7 @@ use super::{
     NewRating, OpenCase, PiiAccess, RatingQuery, RelayWrite, ScopeFilter, StatsDimension, StatsRow,
     Store, StoreError, StoredBadCase, StoredInvitation, StoredRating, UpstreamState,
 };
+use super::{CaseEntryRecord, EvidenceRecord};
 use crate::clock::Clock;
 
 mod group;
@@ -321,6 +321,46 @@ impl Writer {
     }
 }
 
+/// Whether a case's history still has `expected` entries (optimistic concurrency for a new
+/// step: someone else's step in between means the caller reads the case again).
+async fn case_unchanged(
+    conn: &mut SqliteConnection,
+    case_id: u64,
+    expected: u64,
+) -> Result<bool, sqlx::Error> {
+    let have: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM bad_rating_case_entries WHERE case_id = ?")
+            .bind(case_id as i64)
+            .fetch_one(&mut *conn)
+            .await?;
+    Ok(have as u64 == expected)
+}
+
+/// Appends a step to a case's history, at `now`.
+async fn insert_case_entry(
+    conn: &mut SqliteConnection,
+    case_id: u64,
+    entry: &CaseEntryRecord,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO bad_rating_case_entries (case_id, action, actor, at, note, \
+         evidence_refs, new_deadline, appeal_outcome) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(case_id as i64)
+    .bind(entry.action)
+    .bind(&entry.actor)
+    .bind(now)
+    .bind(&entry.note)
+    .bind(entry.evidence_refs.join("\n"))
+    .bind(entry.new_deadline_micros)
+    .bind(entry.appeal_outcome)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 async fn relay_write(
     conn: &mut SqliteConnection,
     write: &RelayWrite,
@@ -425,33 +465,14 @@ async fn relay_write(
             entry,
             exclude,
         } => {
-            let have: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM bad_rating_case_entries WHERE case_id = ?",
-            )
-            .bind(*case_id as i64)
-            .fetch_one(&mut *conn)
-            .await?;
-            if have as u64 != *expected_entries {
+            if !case_unchanged(conn, *case_id, *expected_entries).await? {
                 return Ok(0);
             }
-            sqlx::query(
-                "INSERT INTO bad_rating_case_entries (case_id, action, actor, at, note, \
-                 evidence_refs, new_deadline, appeal_outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(*case_id as i64)
-            .bind(entry.action)
-            .bind(&entry.actor)
-            .bind(now)
-            .bind(&entry.note)
-            .bind(entry.evidence_refs.join("\n"))
-            .bind(entry.new_deadline_micros)
-            .bind(entry.appeal_outcome)
-            .execute(&mut *conn)
-            .await?;
+            insert_case_entry(conn, *case_id, entry, now).await?;
             if let Some((hub_id, reason)) = exclude {
                 sqlx::query(
-                    "INSERT INTO rating_exclusions (hub_id, reason, case_id, at) VALUES (?, ?, ?, ?) \
-                     ON CONFLICT DO NOTHING",
+                    "INSERT INTO rating_exclusions (hub_id, reason, case_id, at) \
+                     VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 )
                 .bind(hub_id.as_bytes().as_slice())
                 .bind(*reason)
@@ -468,13 +489,7 @@ async fn relay_write(
             entry,
             file,
         } => {
-            let have: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM bad_rating_case_entries WHERE case_id = ?",
-            )
-            .bind(*case_id as i64)
-            .fetch_one(&mut *conn)
-            .await?;
-            if have as u64 != *expected_entries {
+            if !case_unchanged(conn, *case_id, *expected_entries).await? {
                 return Ok(0);
             }
             let r = &file.record;
@@ -486,7 +501,7 @@ async fn relay_write(
             .bind(&r.content_type)
             .bind(r.size as i64)
             .bind(&file.key_id)
-            .bind(&file.sealed)
+            .bind(file.sealed.as_slice())
             .bind(now)
             .execute(&mut *conn)
             .await?;
@@ -501,21 +516,7 @@ async fn relay_write(
             .bind(now)
             .execute(&mut *conn)
             .await?;
-            sqlx::query(
-                "INSERT INTO bad_rating_case_entries (case_id, action, actor, at, note, \
-                 evidence_refs, new_deadline, appeal_outcome) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(*case_id as i64)
-            .bind(entry.action)
-            .bind(&entry.actor)
-            .bind(now)
-            .bind(&entry.note)
-            .bind(entry.evidence_refs.join("\n"))
-            .bind(entry.new_deadline_micros)
-            .bind(entry.appeal_outcome)
-            .execute(&mut *conn)
-            .await?;
+            insert_case_entry(conn, *case_id, entry, now).await?;
             Ok(1)
         }
         RelayWrite::Invite {

@@ -52,6 +52,17 @@ impl Job {
             Job::Close { .. } => 0,
         }
     }
+
+    /// Whether the job commits in a group of its own.
+    fn alone(&self) -> bool {
+        matches!(
+            self,
+            Job::Relay {
+                write: RelayWrite::Evidence { .. } | RelayWrite::Probe,
+                ..
+            }
+        )
+    }
 }
 
 /// What one job of a committed group produced, in job order.
@@ -191,8 +202,16 @@ async fn run<W: GroupWrite>(
     max_group: usize,
 ) {
     let mut closing: Option<oneshot::Sender<()>> = None;
+    // A job that must commit alone, taken from the queue while a group was filling.
+    let mut carried: Option<Job> = None;
     loop {
-        let Some(first) = rx.recv().await else { break };
+        let first = match carried.take() {
+            Some(job) => job,
+            None => match rx.recv().await {
+                Some(job) => job,
+                None => break,
+            },
+        };
         let mut group = Vec::new();
         let mut size = 0;
         let mut next = Some(first);
@@ -203,9 +222,20 @@ async fn run<W: GroupWrite>(
                     rx.close();
                     closing = Some(reply);
                 }
+                // A large write (an evidence file, the health probe's pad) commits in a group
+                // of its own: its size neither delays the ratings' acknowledgements nor, on a
+                // disk too full for it, fails them with it.
+                job if job.alone() && !group.is_empty() => {
+                    carried = Some(job);
+                    break;
+                }
                 job => {
+                    let alone = job.alone();
                     size += job.len();
                     group.push(job);
+                    if alone {
+                        break;
+                    }
                 }
             }
             if size < max_group {
@@ -364,4 +394,89 @@ pub(crate) fn all_ratings(group: &[Job]) -> Vec<&NewRating> {
         })
         .flatten()
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records the size of each group it commits.
+    struct Groups(std::sync::Arc<std::sync::Mutex<Vec<Vec<&'static str>>>>);
+
+    impl GroupWrite for Groups {
+        async fn write_group(
+            &mut self,
+            group: &[Job],
+        ) -> Result<(Vec<GroupResult>, Option<u64>), sqlx::Error> {
+            let kinds = group
+                .iter()
+                .map(|j| match j {
+                    Job::Relay {
+                        write: RelayWrite::Probe,
+                        ..
+                    } => "probe",
+                    Job::Relay { .. } => "relay",
+                    _ => "audit",
+                })
+                .collect();
+            self.0.lock().unwrap().push(kinds);
+            Ok((
+                group
+                    .iter()
+                    .map(|j| match j {
+                        Job::Relay { .. } => GroupResult::Relay(1),
+                        _ => GroupResult::Audit,
+                    })
+                    .collect(),
+                None,
+            ))
+        }
+
+        async fn close(self) {}
+    }
+
+    /// A large write (here the health probe's pad; an evidence file alike) is committed in a
+    /// group of its own, never with the calls queued before or after it.
+    #[tokio::test]
+    async fn a_large_write_commits_in_a_group_of_its_own() {
+        let (tx, rx) = mpsc::channel(16);
+        let audit = || {
+            let (reply, _) = oneshot::channel();
+            Job::Audit {
+                principal: "p".into(),
+                rpc: "GetRating".into(),
+                hub_ids: vec![Uuid::nil()],
+                reply,
+            }
+        };
+        let probe = || {
+            let (reply, _) = oneshot::channel();
+            Job::Relay {
+                write: RelayWrite::Probe,
+                reply,
+            }
+        };
+        for job in [audit(), audit(), probe(), audit(), audit()] {
+            tx.send(job).await.unwrap();
+        }
+        drop(tx);
+        let groups = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (head, _) = watch::channel(0);
+        run(
+            Groups(groups.clone()),
+            rx,
+            head,
+            Arc::new(WriterHealth::default()),
+            100,
+        )
+        .await;
+        assert_eq!(
+            *groups.lock().unwrap(),
+            [
+                vec!["audit", "audit"],
+                vec!["probe"],
+                vec!["audit", "audit"]
+            ]
+        );
+    }
 }

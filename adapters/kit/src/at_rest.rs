@@ -9,7 +9,6 @@
 //! deleted after `retention_days`. Every SQLite file the adapters create is mode 0600.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -62,50 +61,12 @@ impl std::fmt::Debug for AtRest {
     }
 }
 
-/// Writes a fresh random key (mode 0600) at `path` unless a file is there: written whole to
-/// a file of its own, synced, then linked into place — so neither a second adapter starting
-/// at the same moment nor a crash half-way ever sees a partial key. Whichever link lands
-/// first is the key; the other is discarded.
+/// Writes a fresh random key (mode 0600) at `path` unless a file is there: the hub's own
+/// key creation, atomic against a second adapter starting at once and against a crash.
 fn create_key(path: &Path) -> anyhow::Result<()> {
-    if path.exists() {
-        return Ok(());
-    }
-    let mut suffix = [0u8; 8];
-    getrandom(&mut suffix)?;
-    let tmp = path.with_extension(format!("tmp.{}", hex::encode(suffix)));
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts
-        .open(&tmp)
-        .map_err(|e| anyhow::anyhow!("cannot create the sealing key {}: {e}", tmp.display()))?;
-    let mut key = [0u8; 32];
-    getrandom(&mut key)?;
-    f.write_all(format!("{}\n", hex::encode(key)).as_bytes())?;
-    f.sync_all()?;
-    drop(f);
-    let linked = match std::fs::hard_link(&tmp, path) {
-        // A file system without hard links: a rename (which would replace a key another
-        // process just wrote, so only while there is none).
-        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists && !path.exists() => {
-            std::fs::rename(&tmp, path).map_err(|_| e)
-        }
-        other => other,
-    };
-    let _ = std::fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => anyhow::bail!("cannot create the sealing key {}: {e}", path.display()),
-    }
-}
-
-fn getrandom(buf: &mut [u8]) -> anyhow::Result<()> {
-    use chacha20poly1305::aead::rand_core::RngCore;
-    chacha20poly1305::aead::OsRng
-        .try_fill_bytes(buf)
-        .map_err(|e| anyhow::anyhow!("no randomness for a key: {e}"))
+    PiiKeys::create_key_file(path)
+        .map(|_| ())
+        .map_err(|e| anyhow::anyhow!("cannot create the sealing key {}: {e}", path.display()))
 }
 
 impl AtRest {

@@ -505,12 +505,32 @@ async fn a_file_still_being_written_waits_and_a_re_export_stores_nothing_twice()
     age(&drop.join("b.csv"), 3700);
     adapter.pass().await.unwrap();
     assert!(drop.join("done/b.csv").exists());
-    let all = wait_for_ratings(dir.path(), port, 8, Duration::from_secs(30)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    eprintln!(
-        "DEBUG {:?} {}",
-        spool_counts(&dir.path().join("spool.db")).await,
-        all.len()
+    // Every row of both files spooled once — 6 + 2 new + the twin = 9, not 15 — and all
+    // answered: 8 delivered, the twin refused with the hub's reason.
+    let spool = dir.path().join("spool.db");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let counts = loop {
+        let c = spool_counts(&spool).await.unwrap_or_default();
+        if !c.contains_key(&(0, String::new())) && c.values().sum::<u64>() == 9 {
+            break c;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "spool {c:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(counts.get(&(1, String::new())), Some(&8), "{counts:?}");
+    let refused: Vec<&String> = counts
+        .keys()
+        .filter(|(state, _)| *state == 2)
+        .map(|(_, why)| why)
+        .collect();
+    assert_eq!(refused.len(), 1, "{counts:?}");
+    assert!(refused[0].contains("一事一评"), "{counts:?}");
+    let all = all_ratings(dir.path(), port).await;
+    let cases: BTreeSet<String> = all.iter().map(|r| r.case_number.clone()).collect();
+    assert_eq!(
+        (all.len(), cases.len()),
+        (8, 8),
+        "every row once at the hub"
     );
     // A file cut mid-character (UTF-8 read as "auto"), though still for an hour: not read
     // as GBK, not taken until complete.

@@ -322,10 +322,10 @@ impl RulesEngine {
     pub async fn tick(&self) -> Result<TickReport, StoreError> {
         // A reload that could not finish is tried again next tick; it does not hold up the
         // reminders and default ratings of this one (the calendar in force stays).
-        if let Err(e) = self.reload_calendar().await {
-            if let Some(held) = crate::telemetry::throttle("rules.calendar_reload") {
-                tracing::error!(error = %e, held, "Cannot record the recounted deadlines; will try again.");
-            }
+        if let Err(e) = self.reload_calendar().await
+            && let Some(held) = crate::telemetry::throttle("rules.calendar_reload")
+        {
+            tracing::error!(error = %e, held, "Cannot record the recounted deadlines; will try again.");
         }
         let now = self.clock.now_micros();
         self.warn_of_a_missing_year(now);

@@ -305,11 +305,20 @@ impl RectificationService for RectificationApi {
         if let Some(why) = evidence::bad_file_name(&header.file_name) {
             v.push(violation("header.file_name", why));
         }
+        // Scans are often named after the person ("张三_身份证_5301….jpg"): the name is kept,
+        // shown in the case's history and listed, so numbers long enough to be a phone or an
+        // ID number are redacted from it.
+        let file_name = crate::domain::codes::redact_numbers(&header.file_name);
         if !v.is_empty() {
             return Err(bad_request(&v));
         }
         // The scope is checked before the content is read.
         let mut case = self.case_for(&caller, header.case_id).await?;
+        tracing::info!(
+            principal = caller.name(),
+            case = case.id,
+            "Evidence upload started."
+        );
         // A few transfers at once: each holds up to a file in memory.
         let _slot = self
             .state
@@ -401,14 +410,21 @@ impl RectificationService for RectificationApi {
                     case.id
                 )));
             }
-            if self
+            if let Some(e) = self
                 .state
                 .store
                 .list_evidence(case.id)
                 .await?
-                .iter()
-                .any(|e| e.sha256 == sha256)
+                .into_iter()
+                .find(|e| e.sha256 == sha256)
             {
+                // The same upload sent again (its answer lost): answered as the first was.
+                if e.file_name == file_name && e.attached_by == caller.name() {
+                    return Ok(Response::new(pb::UploadEvidenceResponse {
+                        file: Some(evidence_pb(&e)),
+                        bad_rating_case: Some(self.to_pb(&case, true)),
+                    }));
+                }
                 return Err(Status::already_exists(format!(
                     "case {}: this file (sha256 {sha256}) is already attached",
                     case.id
@@ -416,7 +432,7 @@ impl RectificationService for RectificationApi {
             }
             let record = crate::store::EvidenceRecord {
                 sha256: sha256.clone(),
-                file_name: header.file_name.clone(),
+                file_name: file_name.clone(),
                 content_type: content_type.to_owned(),
                 size,
                 attached_by: caller.name().to_owned(),
@@ -432,7 +448,7 @@ impl RectificationService for RectificationApi {
                         action: CaseAction::Evidence as i32,
                         actor: caller.name().to_owned(),
                         at_micros: 0,
-                        note: header.file_name.clone(),
+                        note: file_name.clone(),
                         evidence_refs: vec![format!("sha256:{sha256}")],
                         new_deadline_micros: None,
                         appeal_outcome: 0,
@@ -501,13 +517,13 @@ impl RectificationService for RectificationApi {
         let req = request.into_inner();
         let case = self.case_for(&caller, req.id).await?;
         let sha256 = req.sha256.trim().to_ascii_lowercase();
-        let Some((record, key_id, blob)) = self.state.store.get_evidence(case.id, &sha256).await?
-        else {
-            return Err(Status::not_found(format!(
-                "case {} has no evidence file with sha256 {sha256:?}",
-                case.id
-            )));
-        };
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad_request(&[violation(
+                "sha256",
+                "must be 64 hexadecimal characters (from ListEvidence)",
+            )]));
+        }
+        // The transfer slot first: the file is not loaded for a call that would be shed.
         let slot = self
             .state
             .evidence_slots
@@ -519,6 +535,13 @@ impl RectificationService for RectificationApi {
                     "too many evidence files are being transferred; retry in a moment",
                 )
             })?;
+        let Some((record, key_id, blob)) = self.state.store.get_evidence(case.id, &sha256).await?
+        else {
+            return Err(Status::not_found(format!(
+                "case {} has no evidence file with sha256 {sha256}",
+                case.id
+            )));
+        };
         let pii = self.state.pii.clone();
         let expected = record.sha256.clone();
         let content = tokio::task::spawn_blocking(move || {

@@ -222,6 +222,31 @@ async fn oversized_disguised_repeated_late_and_out_of_scope_uploads_are_refused(
     send(&mut rect, upload_messages(case_id, "a.pdf", &small))
         .await
         .unwrap();
+    // The same upload sent again (its answer lost): the same answer, nothing added.
+    let resent = send(&mut rect, upload_messages(case_id, "a.pdf", &small))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resent.file.unwrap().file_name, "a.pdf");
+    // A name carrying an ID or a phone number is kept without it.
+    let named = send(
+        &mut rect,
+        upload_messages(case_id, "张三_13912345678.pdf", &pdf(6000)),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let kept = named.file.unwrap().file_name;
+    assert!(!kept.contains("13912345678"), "{kept}");
+    assert!(
+        named
+            .bad_rating_case
+            .unwrap()
+            .history
+            .iter()
+            .all(|e| !e.note.contains("13912345678")),
+        "the history step's note"
+    );
     let twice = send(&mut rect, upload_messages(case_id, "a-again.pdf", &small))
         .await
         .unwrap_err();
@@ -233,7 +258,7 @@ async fn oversized_disguised_repeated_late_and_out_of_scope_uploads_are_refused(
         .unwrap()
         .into_inner()
         .files;
-    assert_eq!(listed.len(), 1);
+    assert_eq!(listed.len(), 2, "{listed:?}");
     let mut other3 = other.clone();
     assert_eq!(
         download(&mut other3, case_id, &listed[0].sha256)
@@ -273,7 +298,12 @@ async fn oversized_disguised_repeated_late_and_out_of_scope_uploads_are_refused(
 async fn a_kill_during_an_upload_leaves_no_half_file_attached() {
     use crate::binary::{SpawnedHub, dev_admin_channel, signal, spawn_hub_with, wait_exit};
     let dir = tempfile::tempdir().unwrap();
-    let SpawnedHub { mut child, url, .. } = spawn_hub_with(dir.path(), "info", &[]);
+    let SpawnedHub {
+        mut child,
+        url,
+        logs,
+        ..
+    } = spawn_hub_with(dir.path(), "info", &[]);
     let channel = dev_admin_channel(dir.path(), &url).await;
     let mut r = rating("ev-kill");
     r.level = pb::Level::Dissatisfied as i32;
@@ -308,10 +338,22 @@ async fn a_kill_during_an_upload_leaves_no_half_file_attached() {
                 .await
         }
     });
-    // The hub has the case open in the call: a list from another call still answers.
-    rect.list_evidence(pb::ListEvidenceRequest { id: case_id })
-        .await
-        .unwrap();
+    // The hub is inside the upload (it took the header) when it is killed. (The log is read
+    // on a thread of its own: a blocking wait here would stall this test's runtime, and the
+    // upload with it.)
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let line = logs
+                .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+                .expect("the hub says the upload started");
+            if line.contains("Evidence upload started.") {
+                break;
+            }
+        }
+    })
+    .await
+    .unwrap();
     signal(&child, "KILL");
     let killed = tokio::task::spawn_blocking(move || wait_exit(&mut child))
         .await

@@ -72,8 +72,14 @@ pub struct IvrResult {
     pub survey: String,
 }
 
+/// A phone number's digits, without China's country code: "+86 139 1234 5678",
+/// "008613912345678" and "13912345678" are the same phone (gateways report either).
 fn digits(s: &str) -> String {
-    s.chars().filter(char::is_ascii_digit).collect()
+    let d: String = s.chars().filter(char::is_ascii_digit).collect();
+    match (d.len(), d.strip_prefix("0086"), d.strip_prefix("86")) {
+        (15, Some(rest), _) | (13, _, Some(rest)) => rest.to_owned(),
+        _ => d,
+    }
 }
 
 /// `yyyy-MM-dd HH:mm:ss` in China Standard Time → microseconds.
@@ -210,8 +216,38 @@ impl Inner {
         .await
     }
 
-    /// Pulls new invitations, opens their surveys and sends the invitation SMS.
+    /// Sends a survey's invitation SMS and marks it sent. A message the gateway refuses (a
+    /// number it will not reach, an outage) leaves the survey unsent, counted and logged —
+    /// not holding up the invitations after it; unsent surveys are tried again at each poll
+    /// while they are open. Only a failure to record the sending is an error.
+    async fn send_survey(&self, survey: &crate::surveys::Survey) -> anyhow::Result<()> {
+        let Some(gw) = &self.cfg.gateway else {
+            return Ok(());
+        };
+        match self
+            .send_sms(gw, &survey.phone, &survey.case.item_name, &survey.dest_code)
+            .await
+        {
+            Ok(()) => {
+                self.surveys.mark_sent(survey.id).await?;
+                self.metrics.inc("invitations_sent_total");
+            }
+            Err(e) => {
+                self.metrics.inc("invitations_send_failed_total");
+                if let Some(held) = rating_hub::telemetry::throttle("hotline.sms_send") {
+                    tracing::warn!(survey = survey.id, error = %e, held, "Invitation SMS not sent; will try again.");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Pulls new invitations, opens their surveys and sends the invitation SMS (and sends
+    /// again those an earlier poll could not).
     async fn poll_invitations(&self) -> anyhow::Result<u64> {
+        for survey in self.surveys.unsent(now_micros()).await? {
+            self.send_survey(&survey).await?;
+        }
         let mut sync = self.cfg.hub.sync()?;
         let mut after = self.surveys.cursor("invitations").await?;
         let mut opened = 0;
@@ -253,11 +289,8 @@ impl Inner {
                         .open_survey(inv.id, &case, &phone, &prefix, ttl)
                         .await?;
                     opened += 1;
-                    if let (true, Some(gw)) = (to_send, &self.cfg.gateway) {
-                        self.send_sms(gw, &survey.phone, &case.item_name, &survey.dest_code)
-                            .await?;
-                        self.surveys.mark_sent(survey.id).await?;
-                        self.metrics.inc("invitations_sent_total");
+                    if to_send {
+                        self.send_survey(&survey).await?;
                     }
                 }
                 after = inv.id;

@@ -229,6 +229,17 @@ impl Surveys {
         row.map(|r| self.survey_from_row(&r)).transpose()
     }
 
+    /// Open surveys whose invitation SMS was not sent yet (at most 500, oldest first).
+    pub async fn unsent(&self, now: i64) -> anyhow::Result<Vec<Survey>> {
+        let rows = sqlx::query(
+            "SELECT * FROM surveys WHERE sent_at IS NULL AND expires_at > ? ORDER BY id LIMIT 500",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| self.survey_from_row(r)).collect()
+    }
+
     pub async fn mark_sent(&self, id: i64) -> anyhow::Result<()> {
         sqlx::query("UPDATE surveys SET sent_at = ? WHERE id = ?")
             .bind(now_micros())

@@ -25,6 +25,9 @@ fn org() -> String {
     rating_hub::domain::codes::credit_code_with_check("11440100MA0000001").unwrap()
 }
 
+/// A phone number the fake gateway refuses to send to.
+const REFUSED_PHONE: &str = "13700000000";
+
 /// A fake SMS gateway that records what it is asked to send.
 async fn start_gateway() -> (String, Arc<Mutex<Vec<Value>>>) {
     let sent = Arc::new(Mutex::new(Vec::new()));
@@ -34,8 +37,15 @@ async fn start_gateway() -> (String, Arc<Mutex<Vec<Value>>>) {
         post(move |Json(v): Json<Value>| {
             let s = s.clone();
             async move {
+                // A number the gateway will not reach (blocklisted): refused, not recorded.
+                if v["phone_number"] == REFUSED_PHONE {
+                    return (
+                        axum::http::StatusCode::BAD_REQUEST,
+                        Json(json!({"code": 1, "msg": "号码不可达"})),
+                    );
+                }
                 s.lock().unwrap().push(v);
-                Json(json!({"code": 0}))
+                (axum::http::StatusCode::OK, Json(json!({"code": 0})))
             }
         }),
     );
@@ -716,6 +726,66 @@ async fn callbacks_over_mtls_only_from_allowed_addresses() {
         hotline.surveys.unmatched().await.unwrap().len() == 1,
         "nothing more taken"
     );
+    hotline.shutdown().await;
+    hub.shutdown().await.unwrap();
+}
+
+/// A number the gateway refuses holds up no other survey (before, its error ended the poll
+/// before the cursor moved, so every later invitation waited behind it for ever); it stays
+/// unsent and is tried again at each poll. A reply from the applicant's phone written with
+/// China's country code (+86) is the applicant's (before, it was kept as "another phone").
+#[tokio::test]
+async fn a_refused_number_holds_up_no_other_survey_and_plus_86_replies_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = cst("2025-06-03", 10);
+    let clock = Arc::new(ManualClock::at(t0 + 60_000_000));
+    let hub = start_hub(dir.path(), 0, clock.clone()).await;
+    let port = hub.local_addr.port();
+    let mut refused = case("GD-REFUSED", t0);
+    refused.applicant.as_mut().unwrap().phone = REFUSED_PHONE.into();
+    pb::ingest_service_client::IngestServiceClient::new(tester_channel(dir.path(), port).await)
+        .report_service_cases(pb::ReportServiceCasesRequest {
+            cases: vec![refused, case("GD-OK", t0)],
+        })
+        .await
+        .unwrap();
+    clock.set(t0 + 25 * 3_600_000_000);
+    assert_eq!(hub.rules().tick().await.unwrap().invitations, 2);
+    let (gateway, sent) = start_gateway().await;
+    let hotline = rating_hub_hotline::start(adapter_config(
+        dir.path(),
+        hub_connection(dir.path(), port),
+        Some(gateway),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(hotline.poll_invitations_once().await.unwrap(), 2);
+    let sms = sent.lock().unwrap().clone();
+    assert_eq!(sms.len(), 1, "the other survey was sent: {sms:?}");
+    assert_eq!(sms[0]["phone_number"], "13912345678");
+    assert_eq!(hotline.metrics.get("invitations_send_failed_total"), 1);
+    // The next poll tries the refused one again, and does not send the other twice.
+    hotline.poll_invitations_once().await.unwrap();
+    assert_eq!(hotline.metrics.get("invitations_send_failed_total"), 2);
+    assert_eq!(sent.lock().unwrap().len(), 1);
+
+    let code = sms[0]["extension"].as_str().unwrap().to_owned();
+    let answer = post_json(
+        format!("http://{}/sms/mo", hotline.addr),
+        json!([{
+            "phone_number": "+86 139 1234 5678",
+            "send_time": "2025-06-04 11:00:00",
+            "content": "1",
+            "dest_code": code,
+            "sequence_id": "MO-86"
+        }]),
+    )
+    .await;
+    assert_eq!(answer["code"], 0);
+    let kept = hotline.surveys.unmatched().await.unwrap();
+    assert!(kept.is_empty(), "{kept:?}");
+    let r = rating_at_hub(dir.path(), port, "GD-OK").await;
+    assert_eq!(r.rater.unwrap().phone, "13912345678");
     hotline.shutdown().await;
     hub.shutdown().await.unwrap();
 }

@@ -739,8 +739,14 @@ impl QueryService for QueryApi {
         if !(req.share > 0.0 && req.share <= 1.0) {
             v.push(violation("share", "must be more than 0 and at most 1"));
         }
-        if req.draw.trim().is_empty() || req.draw.chars().count() > 200 {
-            v.push(violation("draw", "must name the draw (1–200 characters)"));
+        if req.draw.trim().is_empty()
+            || req.draw.chars().count() > 200
+            || req.draw.chars().any(char::is_control)
+        {
+            v.push(violation(
+                "draw",
+                "must name the draw (1–200 characters, no control characters)",
+            ));
         }
         if !v.is_empty() {
             return Err(bad_request(&v));

@@ -381,9 +381,14 @@ fn certs_commands_issue_list_and_revoke() {
         .find(|l| l.contains("km-dept"))
         .unwrap_or_else(|| panic!("{list}"));
     assert!(!line.contains("revoked"), "{line}");
+    let crl_before = std::fs::read(certs.join(rating_hub::pki::CRL)).unwrap_or_default();
     let revoked = run(&["revoke", "--name", "km-dept"]);
     assert!(revoked.contains("revoked"), "{revoked}");
-    assert!(certs.join(rating_hub::pki::CRL).exists());
+    let crl_after = std::fs::read(certs.join(rating_hub::pki::CRL)).unwrap();
+    assert_ne!(
+        crl_after, crl_before,
+        "the CRL was written anew with the revocation"
+    );
     let list = run(&["list"]);
     let line = list.lines().find(|l| l.contains("km-dept")).unwrap();
     assert!(line.contains("revoked"), "{line}");

@@ -156,11 +156,13 @@ async fn metrics_move_with_traffic_outages_dead_letters_and_denials() {
     // A quota denial, counted by reason.
     let mut limited =
         pb::ingest_service_client::IngestServiceClient::new(hub.channel_as("limited").await);
-    let _ = limited
-        .submit_ratings(pb::SubmitRatingsRequest {
-            ratings: vec![rating("q-1")],
-        })
-        .await;
+    // The first call spends the burst without a commit (an empty batch is refused at once),
+    // so nothing slow stands between it and the second.
+    let first = limited
+        .submit_ratings(pb::SubmitRatingsRequest { ratings: vec![] })
+        .await
+        .unwrap_err();
+    assert_eq!(first.code(), tonic::Code::InvalidArgument);
     let second = limited
         .submit_ratings(pb::SubmitRatingsRequest {
             ratings: vec![rating("q-2")],

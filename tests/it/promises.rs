@@ -652,7 +652,9 @@ async fn a_stream_over_the_rating_quota_is_slowed_not_refused() {
             ratings: (0..6).map(|i| rating(&format!("batch-{i}"))).collect(),
         })
         .await;
-    assert!(refused.is_err(), "{refused:?}");
+    let refused = refused.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert_eq!(bad_request_fields(&refused), ["ratings"]);
     hub.stop().await;
 }
 
@@ -812,6 +814,8 @@ async fn a_request_that_times_out_is_retried_and_shown() {
     };
     assert_eq!(st.lag_records, 1, "not delivered: {st:?}");
     assert_eq!(st.open_dead_letters, 0, "retried, not given up: {st:?}");
+    // Retried indeed: the upstream is asked again after the timeout.
+    fake.wait_calls(2, std::time::Duration::from_secs(30)).await;
     hub.stop().await;
 }
 
@@ -837,12 +841,6 @@ async fn sqlite_wal_pages_reach_the_database_file_in_the_background() {
     );
     let before = std::fs::metadata(&db).unwrap().len();
     submit_new(&mut hub.ingest().await, "wal", 200).await;
-    let wal = std::path::PathBuf::from(format!("{}-wal", db.display()));
-    let wal_pages = std::fs::metadata(&wal).map(|m| m.len() / 4096).unwrap_or(0);
-    assert!(
-        wal_pages < 4000,
-        "the writer's own checkpoint is not what this sees"
-    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while std::fs::metadata(&db).unwrap().len() <= before {
         assert!(
@@ -1005,7 +1003,9 @@ async fn a_follow_up_survey_samples_a_share_of_raters_repeatably() {
     for r in submit(&mut hub.ingest().await, vec![follow_up, nobody]).await {
         assert_eq!(outcome(&r), pb::Outcome::Accepted, "{r:?}");
     }
-    assert_eq!(sample(1.0, "all", 1000).await.len(), 200);
+    let whole: std::collections::HashSet<String> =
+        sample(1.0, "all", 1000).await.into_iter().collect();
+    assert_eq!(whole, ids, "every original, and nothing else");
     let err = query
         .sample_ratings(pb::SampleRatingsRequest {
             share: 0.0,
@@ -1015,6 +1015,16 @@ async fn a_follow_up_survey_samples_a_share_of_raters_repeatably() {
         .await
         .unwrap_err();
     assert_eq!(bad_request_fields(&err), ["share", "draw"]);
+    // A name that would forge a log line is refused.
+    let err = query
+        .sample_ratings(pb::SampleRatingsRequest {
+            share: 0.5,
+            draw: "2026\nINFO forged".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_request_fields(&err), ["draw"]);
     hub.stop().await;
 }
 

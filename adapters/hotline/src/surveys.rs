@@ -119,6 +119,11 @@ impl Surveys {
         tx.commit().await?;
         if n > 0 {
             tracing::info!(rows = n, "Sealed survey data stored in clear.");
+            // The clear copies are gone from the pages (secure_delete), and the old frames
+            // from the write-ahead log.
+            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&self.pool)
+                .await?;
         }
         Ok(())
     }

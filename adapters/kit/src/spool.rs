@@ -157,6 +157,11 @@ impl Spool {
         tx.commit().await?;
         if !rows.is_empty() {
             tracing::info!(rows = rows.len(), "Sealed spooled ratings stored in clear.");
+            // The clear copies are gone from the pages (secure_delete), and the old frames
+            // from the write-ahead log.
+            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&self.pool)
+                .await?;
         }
         Ok(())
     }
@@ -521,10 +526,6 @@ mod tests {
         let waiting = spool.waiting(10).await.unwrap();
         assert_eq!(waiting.len(), 2);
         assert_eq!(waiting[1].1.rater.as_ref().unwrap().phone, "13900139000");
-        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-            .execute(&spool.pool)
-            .await
-            .unwrap();
         let bytes = file_bytes(dir.path());
         for pii in ["13800138000", "13900139000", "11010519491231002X", "王小明"] {
             assert!(

@@ -257,6 +257,18 @@ async fn strike(state: &State, key: &str) -> anyhow::Result<u32> {
     Ok(n)
 }
 
+/// Writes a report (it may quote raters' data) readable by the adapter's user only.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
 /// Moves `from` into `dir`, not overwriting an earlier file of the same name.
 fn move_into(from: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
     let name = from
@@ -366,9 +378,9 @@ async fn quarantine(
         let _ = std::fs::remove_file(marker_of(path, &cfg.marker));
     }
     let report = moved.with_extension("rejects.csv");
-    std::fs::write(
+    write_private(
         &report,
-        format!("row,reason\n0,{}\n", csv_line(&[why.to_owned()])),
+        format!("row,reason\n0,{}\n", csv_line(&[why.to_owned()])).as_bytes(),
     )?;
     keep_record(state, &cfg.name, &report).await?;
     metrics.inc("files_rejected_total");
@@ -586,7 +598,9 @@ async fn file(
                         .iter()
                         .map(|(k, v)| match masks.iter().find(|(col, _)| col == k) {
                             Some((_, mask)) => format!("{k}={}", mask(v)),
-                            None => format!("{k}={v}"),
+                            // Any other column may carry a phone or an ID too (a text,
+                            // an unmapped column): numbers that long are redacted.
+                            None => format!("{k}={}", rating_hub::domain::codes::redact_numbers(v)),
                         })
                         .collect::<Vec<_>>()
                         .join("; "),
@@ -609,11 +623,11 @@ async fn file(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let report_path = done.join(format!("{moved_name}.report.csv"));
-    std::fs::write(&report_path, report)?;
+    write_private(&report_path, report.as_bytes())?;
     keep_record(state, &cfg.name, &report_path).await?;
     if n_rejected > 0 {
         let rejects_path = rejects.join(format!("{moved_name}.rejects.csv"));
-        std::fs::write(&rejects_path, rejected)?;
+        write_private(&rejects_path, rejected.as_bytes())?;
         keep_record(state, &cfg.name, &rejects_path).await?;
     }
     metrics.inc("files_done_total");

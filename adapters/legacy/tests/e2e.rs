@@ -103,7 +103,7 @@ async fn drop_folder_files_arrive_with_their_fields_and_bad_rows_are_reported() 
         "{HEADER}\n{}\n{}\n{}\nshort,row\n",
         row("U-1", "1", "很好"),
         row("U-2", "4", "排队太久"),
-        row("U-3", "9", "?"),
+        row("U-3", "9", "请回电13812345678"),
     );
     std::fs::write(drop.join("a.csv"), utf8).unwrap();
     let gbk_text = format!(
@@ -169,6 +169,20 @@ async fn drop_folder_files_arrive_with_their_fields_and_bad_rows_are_reported() 
         rejects.contains("the row has 2 fields, the header has 9"),
         "{rejects}"
     );
+    // The rejected row's phone (a mapped column) and a phone in its text (an unmapped one)
+    // are not in the report in clear, and the report is the adapter's user's alone.
+    for phone in ["13700001234", "13812345678"] {
+        assert!(!rejects.contains(phone), "{phone} in {rejects}");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(drop.join("rejects/a.csv.rejects.csv"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 
     // The same file dropped again: duplicates, nothing new at the hub.
     std::fs::copy(drop.join("done/b.csv"), drop.join("b.csv")).unwrap();

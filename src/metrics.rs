@@ -195,9 +195,16 @@ impl Metrics {
             let l = UpstreamLabels {
                 upstream: name.clone(),
             };
-            // An upstream whose status cannot be read (the database down) has no series
-            // rather than stale ones an alert would trust; its absence is the signal.
-            let Ok(u) = state.relay.status(&name).await else {
+            // An upstream whose stored state cannot be read (the database down) has no
+            // series rather than this instance's stale copy, which an alert would trust
+            // (zero dead letters, zero lag); its absence is the signal.
+            let Some(u) = state
+                .relay
+                .status(&name)
+                .await
+                .ok()
+                .filter(|u| u.stored_state_read)
+            else {
                 self.upstream_cursor.remove(&l);
                 self.upstream_lag_records.remove(&l);
                 self.upstream_lag_seconds.remove(&l);

@@ -67,6 +67,9 @@ pub struct UpstreamStatus {
     pub delivering_instance: Option<String>,
     /// Whether this instance delivers.
     pub delivering_here: bool,
+    /// Whether the stored state (cursor, lag, dead letters) could be read; when not, the
+    /// figures are this instance's own and `last_error` says why.
+    pub stored_state_read: bool,
 }
 
 struct Worker {
@@ -787,6 +790,7 @@ impl Relay {
         };
         // A cursor that cannot be stored is the error that matters most; then the database
         // that cannot be read for this status; then the last delivery error.
+        let state_read = unreadable.is_none();
         let last_error = counters
             .cursor_error
             .clone()
@@ -818,6 +822,7 @@ impl Relay {
             paused: w.paused.load(Ordering::Acquire),
             delivering_instance,
             delivering_here,
+            stored_state_read: state_read,
         })
     }
 

@@ -182,5 +182,31 @@ async fn metrics_move_with_traffic_outages_dead_letters_and_denials() {
     for pii in ["13800138000", "张三", id_number().as_str()] {
         assert!(!text.contains(pii), "{pii} in /metrics");
     }
+    // The stored state cannot be read: the upstream's series go, rather than show this
+    // instance's own figures (no dead letters, no lag) as if they were known.
+    let dir = hub.dir.path().to_path_buf();
+    crate::pg::exec_on_hub(
+        &dir,
+        "ALTER TABLE upstream_state RENAME TO upstream_state_away",
+    );
+    let (_, m) = scrape(&hub).await;
+    assert!(
+        !m.keys()
+            .any(|(name, _)| name.starts_with("rating_hub_upstream_")),
+        "{m:?}"
+    );
+    crate::pg::exec_on_hub(
+        &dir,
+        "ALTER TABLE upstream_state_away RENAME TO upstream_state",
+    );
+    let (_, m) = scrape(&hub).await;
+    assert_eq!(
+        get(
+            &m,
+            "rating_hub_upstream_dead_letters",
+            &[("upstream", "fake")]
+        ),
+        1.0
+    );
     hub.stop().await;
 }

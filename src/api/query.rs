@@ -111,7 +111,6 @@ pub fn parse_filter(filter: Option<&pb::RatingFilter>) -> Result<RatingQuery, Ve
     if v.is_empty() { Ok(q) } else { Err(v) }
 }
 
-/// A page token binds the last feed sequence to the filter it was issued for.
 /// A list filter of enum values: the first value that is none is named (one violation, not
 /// one per value: a 4 MB list of them is one mistake), and the valid ones are kept once each
 /// in order (a list of repeats becomes a handful of bound values, not thousands).
@@ -135,6 +134,7 @@ fn enum_list(
     kept
 }
 
+/// A page token binds the last feed sequence to the filter it was issued for.
 fn filter_fingerprint(filter: Option<&pb::RatingFilter>) -> String {
     let bytes = filter.map(Message::encode_to_vec).unwrap_or_default();
     hex::encode(&Sha256::digest(bytes)[..8])

@@ -588,10 +588,6 @@ async fn write_cursors(
 /// How a failure to store the delivery state shows as an upstream's last error.
 const CURSOR_ERROR: &str = "cannot store the delivery cursor and dead letters";
 
-/// An upstream's text (an error message, a record's rejection) as it may be stored and shown:
-/// runs of 7 or more digits (phones, ID numbers) become `<number>`, control characters (a
-/// NUL, which PostgreSQL cannot store in text; line breaks, which forge log lines) become
-/// spaces, and it is cut at 2,000 characters.
 /// A retry pause: `base_ms` spread by ± `jitter` (0.2: 80 % to 120 %), so upstreams that
 /// failed together do not all retry at the same moment; never under 1 ms. `state` is the
 /// generator's state (xorshift64: spread, not cryptographic randomness; never 0).
@@ -606,6 +602,10 @@ fn jittered(base_ms: u64, jitter: f64, state: &std::sync::atomic::AtomicU64) -> 
     Duration::from_millis((base_ms as f64 * factor).max(1.0) as u64)
 }
 
+/// An upstream's text (an error message, a record's rejection) as it may be stored and shown:
+/// runs of 7 or more digits (phones, ID numbers) become `<number>`, control characters (a
+/// NUL, which PostgreSQL cannot store in text; line breaks, which forge log lines) become
+/// spaces, and it is cut at 2,000 characters.
 pub(crate) fn clean_upstream_text(text: &str) -> String {
     const MAX: usize = 2000;
     // An upstream may echo what it was sent: its text never keeps a phone or an ID number,

@@ -404,12 +404,6 @@ impl RectificationService for RectificationApi {
         for _attempt in 0..3 {
             let (_, view) = self.view(&case);
             let now = self.state.clock.now_micros();
-            if let Some(why) = bad_case::refuse(&case, &view, CaseAction::Evidence, now) {
-                return Err(Status::failed_precondition(format!(
-                    "case {}: cannot attach evidence: {why}",
-                    case.id
-                )));
-            }
             if let Some(e) = self
                 .state
                 .store
@@ -427,6 +421,12 @@ impl RectificationService for RectificationApi {
                 }
                 return Err(Status::already_exists(format!(
                     "case {}: this file (sha256 {sha256}) is already attached",
+                    case.id
+                )));
+            }
+            if let Some(why) = bad_case::refuse(&case, &view, CaseAction::Evidence, now) {
+                return Err(Status::failed_precondition(format!(
+                    "case {}: cannot attach evidence: {why}",
                     case.id
                 )));
             }

@@ -217,12 +217,14 @@ impl Inner {
     }
 
     /// Sends a survey's invitation SMS and marks it sent. A message the gateway refuses (a
-    /// number it will not reach, an outage) leaves the survey unsent, counted and logged —
+    /// number it will not reach: HTTP 4xx) leaves the survey unsent, counted and logged —
     /// not holding up the invitations after it; unsent surveys are tried again at each poll
-    /// while they are open. Only a failure to record the sending is an error.
-    async fn send_survey(&self, survey: &crate::surveys::Survey) -> anyhow::Result<()> {
+    /// while they are open and unanswered. `Ok(false)` when the gateway itself failed (no
+    /// answer, 5xx): the caller stops sending this round rather than wait out every timeout.
+    /// Only a failure to record the sending is an error.
+    async fn send_survey(&self, survey: &crate::surveys::Survey) -> anyhow::Result<bool> {
         let Some(gw) = &self.cfg.gateway else {
-            return Ok(());
+            return Ok(true);
         };
         match self
             .send_sms(gw, &survey.phone, &survey.case.item_name, &survey.dest_code)
@@ -231,22 +233,26 @@ impl Inner {
             Ok(()) => {
                 self.surveys.mark_sent(survey.id).await?;
                 self.metrics.inc("invitations_sent_total");
+                Ok(true)
             }
             Err(e) => {
                 self.metrics.inc("invitations_send_failed_total");
+                let refused = e.downcast_ref::<SmsRefused>().is_some();
                 if let Some(held) = rating_hub::telemetry::throttle("hotline.sms_send") {
-                    tracing::warn!(survey = survey.id, error = %e, held, "Invitation SMS not sent; will try again.");
+                    tracing::warn!(survey = survey.id, error = %e, refused, held, "Invitation SMS not sent; will try again.");
                 }
+                Ok(refused)
             }
         }
-        Ok(())
     }
 
     /// Pulls new invitations, opens their surveys and sends the invitation SMS (and sends
     /// again those an earlier poll could not).
     async fn poll_invitations(&self) -> anyhow::Result<u64> {
         for survey in self.surveys.unsent(now_micros()).await? {
-            self.send_survey(&survey).await?;
+            if !self.send_survey(&survey).await? {
+                break;
+            }
         }
         let mut sync = self.cfg.hub.sync()?;
         let mut after = self.surveys.cursor("invitations").await?;
@@ -290,6 +296,7 @@ impl Inner {
                         .await?;
                     opened += 1;
                     if to_send {
+                        // A gateway that is down leaves this one unsent, for the next poll.
                         self.send_survey(&survey).await?;
                     }
                 }
@@ -316,6 +323,9 @@ impl Inner {
             )
             .send()
             .await?;
+        if r.status().is_client_error() {
+            return Err(SmsRefused(r.status().as_u16()).into());
+        }
         anyhow::ensure!(
             r.status().is_success(),
             "the SMS gateway answered HTTP {}",
@@ -324,6 +334,19 @@ impl Inner {
         Ok(())
     }
 }
+
+/// The gateway refused one message (HTTP 4xx: a number it will not reach), as opposed to
+/// failing itself.
+#[derive(Debug)]
+struct SmsRefused(u16);
+
+impl std::fmt::Display for SmsRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the SMS gateway refused the message (HTTP {})", self.0)
+    }
+}
+
+impl std::error::Error for SmsRefused {}
 
 type Shared = State<Arc<Inner>>;
 

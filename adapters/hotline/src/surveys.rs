@@ -234,10 +234,12 @@ impl Surveys {
         row.map(|r| self.survey_from_row(&r)).transpose()
     }
 
-    /// Open surveys whose invitation SMS was not sent yet (at most 500, oldest first).
+    /// Open, unanswered surveys whose invitation SMS was not sent yet (at most 500, oldest
+    /// first; one answered by voice needs no SMS).
     pub async fn unsent(&self, now: i64) -> anyhow::Result<Vec<Survey>> {
         let rows = sqlx::query(
-            "SELECT * FROM surveys WHERE sent_at IS NULL AND expires_at > ? ORDER BY id LIMIT 500",
+            "SELECT * FROM surveys WHERE sent_at IS NULL AND answered_at IS NULL \
+             AND expires_at > ? ORDER BY id LIMIT 500",
         )
         .bind(now)
         .fetch_all(&self.pool)

@@ -265,6 +265,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
     let mut f = opts.open(path)?;
+    // A report an older version left 0644 becomes 0600 before it is written.
+    #[cfg(unix)]
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     f.write_all(bytes)?;
     f.sync_all()
 }
@@ -377,7 +380,13 @@ async fn quarantine(
     if !cfg.marker.is_empty() {
         let _ = std::fs::remove_file(marker_of(path, &cfg.marker));
     }
-    let report = moved.with_extension("rejects.csv");
+    // Named after the file as moved (a.csv.1 → a.csv.1.rejects.csv): two files of one name
+    // never share a report.
+    let report = {
+        let mut name = moved.as_os_str().to_owned();
+        name.push(".rejects.csv");
+        PathBuf::from(name)
+    };
     write_private(
         &report,
         format!("row,reason\n0,{}\n", csv_line(&[why.to_owned()])).as_bytes(),

@@ -23,3 +23,21 @@ pub fn micros_from_timestamp(ts: &Timestamp) -> Option<i64> {
 pub fn format_cst_micros(micros: i64) -> String {
     crate::relay::http_json::format_cst(micros.div_euclid(1_000_000))
 }
+
+/// The month of a moment in China Standard Time, as YYYYMM (the spot-check stratum of a
+/// case: the migration computes the same for cases opened before it).
+pub fn cst_month(micros: i64) -> i64 {
+    let (y, m, _) = crate::rules::Date::of_instant(micros).ymd();
+    y * 100 + i64::from(m)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn months_turn_at_midnight_china_standard_time() {
+        // 2025-03-31 23:59:59 CST is 15:59:59 UTC; a second later it is April in China.
+        let last = 1_743_436_799 * 1_000_000;
+        assert_eq!(super::cst_month(last), 202503);
+        assert_eq!(super::cst_month(last + 1_000_000), 202504);
+    }
+}

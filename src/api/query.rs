@@ -566,6 +566,17 @@ impl QueryService for QueryApi {
                 "must be 1 to 4, or 0 for the whole year",
             ));
         }
+        if req.month > 12 {
+            v.push(violation(
+                "month",
+                "must be 1 to 12, or 0 for a quarter or the whole year",
+            ));
+        } else if req.month != 0 && req.quarter != 0 {
+            v.push(violation(
+                "month",
+                "a report covers a month or a quarter, not both: leave quarter 0",
+            ));
+        }
         let format = pb::ReportFormat::try_from(req.format).unwrap_or_default();
         if format == pb::ReportFormat::Unspecified {
             v.push(violation(
@@ -606,9 +617,10 @@ impl QueryService for QueryApi {
             return Err(bad_request(&v));
         }
         let year = i64::from(req.year);
-        let (first_month, months) = match req.quarter {
-            0 => (1, 12),
-            q => (3 * q - 2, 3),
+        let (first_month, months) = match (req.month, req.quarter) {
+            (0, 0) => (1, 12),
+            (0, q) => (3 * q - 2, 3),
+            (m, _) => (m, 1),
         };
         let start = crate::rules::Date::from_ymd(year, first_month, 1).expect("valid month");
         let end_month = first_month + months;
@@ -641,10 +653,10 @@ impl QueryService for QueryApi {
             .iter()
             .filter_map(|d| pb::StatsDimension::try_from(*d).ok())
             .collect();
-        let period = if req.quarter == 0 {
-            format!("{year}")
-        } else {
-            format!("{year}-Q{}", req.quarter)
+        let period = match (req.month, req.quarter) {
+            (0, 0) => format!("{year}"),
+            (0, q) => format!("{year}-Q{q}"),
+            (m, _) => format!("{year}-{m:02}"),
         };
         let (ext, content_type, content) = match format {
             pb::ReportFormat::Json => (

@@ -60,6 +60,14 @@ impl RectificationApi {
             appeal_outcome: v.appeal_outcome as i32,
             appeal_pending: v.appeal_pending,
             spot_check_selected: v.spot_check_selected,
+            rectify_deadline_undeclared: v.declared_mode
+                && !v.declared
+                && matches!(v.status, pb::CaseStatus::Open | pb::CaseStatus::Contacted)
+                && !matches!(
+                    v.appeal_outcome,
+                    AppealOutcome::Invalid | AppealOutcome::Malicious
+                ),
+            appeal_raised_by_rater: v.appeal_by_rater,
             real_name: case.real_name,
             history: if with_history {
                 case.entries
@@ -72,6 +80,8 @@ impl RectificationApi {
                         evidence_refs: e.evidence_refs.clone(),
                         new_deadline: e.new_deadline_micros.map(timestamp_from_micros),
                         appeal_outcome: e.appeal_outcome,
+                        contacted_by: e.contacted_by.clone(),
+                        raised_by_rater: e.by_rater,
                     })
                     .collect()
             } else {
@@ -140,6 +150,89 @@ impl RectificationApi {
         Ok(())
     }
 
+    /// The rules a profile adds to a step: who may contact the rater, what an appeal needs,
+    /// who raises an invalid rating, when a declared deadline may fall.
+    async fn check_profile_rules(
+        &self,
+        case: &StoredBadCase,
+        profile_name: &str,
+        v: &CaseView,
+        entry: &CaseEntryRecord,
+        now: i64,
+    ) -> Result<(), Status> {
+        let profiles = self.state.engine.profiles();
+        let (_, profile) = profiles.for_region(&case.region_code);
+        let next = CaseAction::try_from(entry.action).unwrap_or_default();
+        match next {
+            CaseAction::Contact if profile.contact_not_by_rated_staff => {
+                if entry.contacted_by.is_empty() {
+                    return Err(bad_request(&[violation(
+                        "contacted_by",
+                        format!(
+                            "is required under the {profile_name} profile: name who spoke with \
+                             the rater (the rated staff member may not: 不得由被评价人与评价人直接沟通)"
+                        ),
+                    )]));
+                }
+                let rated = self
+                    .state
+                    .store
+                    .get_rating(case.hub_id)
+                    .await?
+                    .map(|r| r.rating.staff_id)
+                    .unwrap_or_default();
+                if !rated.is_empty() && rated == entry.contacted_by {
+                    return Err(Status::failed_precondition(format!(
+                        "case {}: cannot record CONTACT: staff member {rated:?} was rated in \
+                         this 差评 and may not contact the rater under the {profile_name} profile \
+                         (不得由被评价人与评价人直接沟通); someone else contacts them",
+                        case.id
+                    )));
+                }
+            }
+            CaseAction::Appeal
+                if profile.appeal_requires_evidence
+                    && !entry.by_rater
+                    && entry.evidence_refs.is_empty()
+                    && !case
+                        .entries
+                        .iter()
+                        .any(|e| e.action == CaseAction::Evidence as i32) =>
+            {
+                return Err(bad_request(&[violation(
+                    "evidence_refs",
+                    format!(
+                        "the {profile_name} profile requires evidence with an appeal \
+                         (提供举证材料): give references, or attach files to the case \
+                         (UploadEvidence) before filing"
+                    ),
+                )]));
+            }
+            CaseAction::AppealDecision
+                if profile.invalid_raised_by_rater
+                    && entry.appeal_outcome == AppealOutcome::Invalid as i32
+                    && v.appeal_pending
+                    && !v.appeal_by_rater =>
+            {
+                return Err(Status::failed_precondition(format!(
+                    "case {}: cannot decide INVALID: under the {profile_name} profile an invalid \
+                     rating is raised by the rater (须由评价主体提出), and this appeal is the rated \
+                     unit's; decide UPHELD or MALICIOUS, or register the rater's own claim \
+                     (FileAppeal with raised_by_rater)",
+                    case.id
+                )));
+            }
+            CaseAction::DeclareDeadline if entry.new_deadline_micros.is_some_and(|d| d <= now) => {
+                return Err(bad_request(&[violation(
+                    "new_deadline",
+                    "a declared deadline is in the future",
+                )]));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     /// Checks the step against the case's history and appends it.
     async fn append(
         &self,
@@ -149,9 +242,19 @@ impl RectificationApi {
         exclude: bool,
     ) -> Result<pb::BadRatingCase, Status> {
         let case = self.case_for(caller, id).await?;
-        let (_, v) = self.view(&case);
+        let (profile_name, mut v) = self.view(&case);
         let next = CaseAction::try_from(entry.action).unwrap_or_default();
         let now = self.state.clock.now_micros();
+        if next == CaseAction::Appeal && entry.by_rater {
+            // The appeal window is the rated unit's (Ordos 第十七条); the rater's own claim
+            // has none, and a unit's appeal that left the rating standing does not bar it.
+            v.appeal_deadline = None;
+            if v.appeal_outcome == AppealOutcome::Upheld && !v.appeal_by_rater {
+                v.appeal_outcome = AppealOutcome::Unspecified;
+            }
+        }
+        self.check_profile_rules(&case, &profile_name, &v, &entry, now)
+            .await?;
         if let Some(why) = bad_case::refuse(&case, &v, next, now) {
             return Err(Status::failed_precondition(format!(
                 "case {id}: cannot record {}: {why}",
@@ -450,8 +553,7 @@ impl RectificationService for RectificationApi {
                         at_micros: 0,
                         note: file_name.clone(),
                         evidence_refs: vec![format!("sha256:{sha256}")],
-                        new_deadline_micros: None,
-                        appeal_outcome: 0,
+                        ..Default::default()
                     },
                     file: Box::new(crate::store::NewEvidence {
                         record,
@@ -731,19 +833,35 @@ impl RectificationService for RectificationApi {
         ) {
             v.push(violation(
                 "action",
-                "must be CONTACT, RECTIFY, EXTEND, EXPLAIN, FEED_BACK, CALLBACK, ARCHIVE or SPOT_CHECK (appeals and evidence files have their own calls; the hub records recounted deadlines)",
+                "must be CONTACT, RECTIFY, EXTEND, DECLARE_DEADLINE, EXPLAIN, FEED_BACK, CALLBACK, ARCHIVE or SPOT_CHECK (appeals and evidence files have their own calls; the hub records recounted deadlines)",
             ));
         }
         let note = check_text(
             &mut v,
             "note",
             &req.note,
-            matches!(action, CaseAction::Extend | CaseAction::Explain),
+            matches!(
+                action,
+                CaseAction::Extend | CaseAction::Explain | CaseAction::DeclareDeadline
+            ),
         );
         let refs = check_refs(&mut v, &req.evidence_refs, action == CaseAction::Rectify);
         let new_deadline = req.new_deadline.as_ref().and_then(micros_from_timestamp);
-        if action == CaseAction::Extend && new_deadline.is_none() {
-            v.push(violation("new_deadline", "is required to extend"));
+        let sets_deadline = matches!(action, CaseAction::Extend | CaseAction::DeclareDeadline);
+        if sets_deadline && new_deadline.is_none() {
+            v.push(violation(
+                "new_deadline",
+                "is required to extend or declare a deadline",
+            ));
+        }
+        let contacted_by = req.contacted_by.trim().to_owned();
+        if !contacted_by.is_empty() && action != CaseAction::Contact {
+            v.push(violation("contacted_by", "is given only with CONTACT"));
+        } else if contacted_by.chars().count() > 64 || contacted_by.chars().any(char::is_control) {
+            v.push(violation(
+                "contacted_by",
+                "is a staff id of at most 64 characters, without control characters",
+            ));
         }
         if !v.is_empty() {
             return Err(bad_request(&v));
@@ -754,12 +872,9 @@ impl RectificationService for RectificationApi {
             at_micros: 0,
             note,
             evidence_refs: refs,
-            new_deadline_micros: if action == CaseAction::Extend {
-                new_deadline
-            } else {
-                None
-            },
-            appeal_outcome: 0,
+            new_deadline_micros: if sets_deadline { new_deadline } else { None },
+            contacted_by,
+            ..Default::default()
         };
         let case = self.append(&caller, req.id, entry, false).await?;
         Ok(Response::new(pb::RecordActionResponse {
@@ -771,7 +886,14 @@ impl RectificationService for RectificationApi {
         &self,
         request: Request<pb::FileAppealRequest>,
     ) -> Result<Response<pb::FileAppealResponse>, Status> {
-        let caller = self.state.admit(&request, "FileAppeal", Role::Rectify)?;
+        // The rated unit files its appeal; the rater's own claim is registered by the
+        // authority (Ordos 第十六条: 由评价主体提出，各级政务服务管理机构进行界定，并在系统中登记).
+        let role = if request.get_ref().raised_by_rater {
+            Role::Admin
+        } else {
+            Role::Rectify
+        };
+        let caller = self.state.admit(&request, "FileAppeal", role)?;
         let req = request.into_inner();
         let mut v = Vec::new();
         let note = check_text(&mut v, "reason", &req.reason, true);
@@ -782,11 +904,10 @@ impl RectificationService for RectificationApi {
         let entry = CaseEntryRecord {
             action: CaseAction::Appeal as i32,
             actor: caller.name().to_owned(),
-            at_micros: 0,
             note,
             evidence_refs: refs,
-            new_deadline_micros: None,
-            appeal_outcome: 0,
+            by_rater: req.raised_by_rater,
+            ..Default::default()
         };
         let case = self.append(&caller, req.id, entry, false).await?;
         Ok(Response::new(pb::FileAppealResponse {
@@ -813,11 +934,9 @@ impl RectificationService for RectificationApi {
         let entry = CaseEntryRecord {
             action: CaseAction::AppealDecision as i32,
             actor: caller.name().to_owned(),
-            at_micros: 0,
             note,
-            evidence_refs: Vec::new(),
-            new_deadline_micros: None,
             appeal_outcome: outcome as i32,
+            ..Default::default()
         };
         let case = self.append(&caller, req.id, entry, exclude).await?;
         Ok(Response::new(pb::DecideAppealResponse {

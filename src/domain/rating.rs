@@ -346,6 +346,7 @@ pub fn parse_rating(
     let staff_required = target_kind == Some(TargetKind::Staff);
     let staff_id = c.line("staff_id", &raw.staff_id, CODE, staff_required);
     let staff_name = c.line("staff_name", &raw.staff_name, PERSON_NAME, false);
+    let visit_id = c.line("visit_id", &raw.visit_id, CODE, false);
 
     if raw.detail_codes.len() > DETAIL_CODES {
         c.fail(
@@ -493,6 +494,7 @@ pub fn parse_rating(
         feed_sequence: 0,
         origin_source_system,
         origin_source_key,
+        visit_id,
     };
     let content_hash: [u8; 32] = Sha256::digest(body.encode_to_vec()).into();
     body.quality_flags = quality_flags.iter().map(|f| *f as i32).collect();

@@ -1,8 +1,6 @@
 //! The 差评工单 life: where a case stands, its deadlines, and which step may come next —
 //! derived from its appended history, never stored as mutable state.
 
-use sha2::{Digest, Sha256};
-
 use super::calendar::Calendar;
 use super::profile::Profile;
 use crate::pb::v1::{AppealOutcome, CaseAction, CaseStatus};
@@ -29,17 +27,26 @@ pub struct CaseView {
     /// calendar: each refuses nothing on its own account while it is.
     pub rectify_provisional: bool,
     pub appeal_provisional: bool,
+    /// The profile has the unit declare its rectification deadline (DECLARE_DEADLINE).
+    pub declared_mode: bool,
+    /// … and the unit has declared it.
+    pub declared: bool,
+    /// The appeal pending or decided was raised by the rater.
+    pub appeal_by_rater: bool,
 }
 
 fn action(e: &CaseEntryRecord) -> CaseAction {
     CaseAction::try_from(e.action).unwrap_or_default()
 }
 
-/// Whether the authority must spot-check this case: a stable sample of `share` of all cases.
-pub fn spot_check_selected(hub_id: &uuid::Uuid, share: f64) -> bool {
-    let h = Sha256::digest(hub_id.as_bytes());
-    let x = u64::from_be_bytes(h[..8].try_into().expect("8 bytes"));
-    (x as f64) < share * (u64::MAX as f64)
+/// Whether the authority must spot-check a case that is the `rank`-th (from 0) of its
+/// organisation's cases opened in its month: of the first n cases of an organisation and
+/// month, ceil(n × share) are selected — never fewer than the share, for every organisation
+/// and month (Ordos 「抽查率不低于50%」), and the same answer every time it is asked.
+pub fn spot_check_selected(rank: u64, share: f64) -> bool {
+    // The tiny margin keeps an exact product (10 × 0.1) from rounding up past itself.
+    let upto = |n: u64| (n as f64 * share - 1e-9).ceil().max(0.0) as u64;
+    upto(rank + 1) > upto(rank)
 }
 
 /// Derives where a case stands at `now` under `profile`.
@@ -51,6 +58,8 @@ pub fn view(case: &StoredBadCase, profile: &Profile, calendar: &Calendar, now: i
     let mut appeal_outcome = AppealOutcome::Unspecified;
     let mut spot_checked = false;
     let mut extensions = 0;
+    let mut declared: Option<i64> = None;
+    let mut appeal_by_rater = false;
     for e in &case.entries {
         match action(e) {
             CaseAction::Contact if status == CaseStatus::Open => status = CaseStatus::Contacted,
@@ -63,9 +72,11 @@ pub fn view(case: &StoredBadCase, profile: &Profile, calendar: &Calendar, now: i
             CaseAction::Callback => status = CaseStatus::CalledBack,
             CaseAction::Archive => status = CaseStatus::Archived,
             CaseAction::SpotCheck => spot_checked = true,
+            CaseAction::DeclareDeadline => declared = e.new_deadline_micros.or(declared),
             CaseAction::Appeal => {
                 appeal_pending = true;
                 appeal_filed_at = Some(e.at_micros);
+                appeal_by_rater = e.by_rater;
             }
             CaseAction::AppealDecision => {
                 appeal_pending = false;
@@ -86,7 +97,12 @@ pub fn view(case: &StoredBadCase, profile: &Profile, calendar: &Calendar, now: i
         })
     };
     let contact = deadline(case.opened_at_micros, profile.contact_working_days);
-    let rectify = deadline(case.opened_at_micros, Some(profile.rectify_working_days));
+    let declared_mode = profile.rectify_deadline_declared;
+    // A declared deadline is a moment the unit named, not counted on any calendar.
+    let rectify = match profile.rectify_days() {
+        Some(days) => deadline(case.opened_at_micros, Some(days)),
+        None => declared.map(|at| (at, false)),
+    };
     let appeal = deadline(case.opened_at_micros, profile.appeal_window_working_days);
     let contact_deadline = contact.map(|(at, _)| at);
     // An extension never shortens: checked against a provisional deadline, it may fall
@@ -137,12 +153,15 @@ pub fn view(case: &StoredBadCase, profile: &Profile, calendar: &Calendar, now: i
         overdue_reason,
         appeal_outcome,
         appeal_pending,
-        spot_check_selected: spot_check_selected(&case.hub_id, profile.spot_check_share),
+        spot_check_selected: spot_check_selected(case.org_month_rank, profile.spot_check_share),
         spot_checked,
         extensions,
         deadline_provisional: provisional,
         rectify_provisional,
         appeal_provisional,
+        declared_mode,
+        declared: declared.is_some(),
+        appeal_by_rater,
     }
 }
 
@@ -159,8 +178,20 @@ pub fn refuse(case: &StoredBadCase, v: &CaseView, next: CaseAction, now: i64) ->
             S::Open => "contact and verify with the rater first (CONTACT)".into(),
             _ => "the case is already rectified or explained".into(),
         }),
+        CaseAction::DeclareDeadline if !v.declared_mode => {
+            Some("the profile counts the rectification deadline itself; to move it, EXTEND".into())
+        }
+        CaseAction::DeclareDeadline if v.declared => {
+            Some("the deadline was already declared; a later one is an extension (EXTEND)".into())
+        }
+        CaseAction::DeclareDeadline if !matches!(s, S::Open | S::Contacted) => {
+            Some("the case is already rectified or explained".into())
+        }
         CaseAction::Extend if !matches!(s, S::Open | S::Contacted) => {
             Some("only an unresolved case can be extended".into())
+        }
+        CaseAction::Extend if v.declared_mode && !v.declared => {
+            Some("the unit declares its rectification deadline first (DECLARE_DEADLINE)".into())
         }
         // An extension moves a deadline that has not passed yet: once it passed, the case
         // is overdue, and that record stands.
@@ -217,10 +248,7 @@ mod tests {
             action: action as i32,
             actor: "dept".into(),
             at_micros: at,
-            note: String::new(),
-            evidence_refs: Vec::new(),
-            new_deadline_micros: None,
-            appeal_outcome: 0,
+            ..Default::default()
         }
     }
 
@@ -232,6 +260,7 @@ mod tests {
             region_code: "530102".into(),
             opened_at_micros: Date::parse("2025-03-03").unwrap().start_micros() + 3_600_000_000,
             real_name: true,
+            org_month_rank: 0,
             entries,
         }
     }
@@ -325,12 +354,75 @@ mod tests {
         );
     }
 
+    /// Ordos 第二十条(四)「抽查率不低于50%」: for every organisation and month, however
+    /// many cases it has, at least the share of them is selected (here every count from 1
+    /// to 200, and shares that do not divide evenly).
     #[test]
-    fn spot_check_sampling_follows_the_share() {
-        let picked = (0..10_000u128)
-            .filter(|i| spot_check_selected(&uuid::Uuid::from_u128(*i), 0.5))
-            .count();
-        assert!((4_700..5_300).contains(&picked), "{picked}");
-        assert!(!spot_check_selected(&uuid::Uuid::from_u128(1), 0.0));
+    fn spot_check_selection_never_falls_below_the_share_for_any_count() {
+        for share in [0.5, 0.1, 0.3, 1.0 / 3.0, 0.75, 1.0] {
+            let mut picked = 0u64;
+            for n in 1..=200u64 {
+                picked += u64::from(spot_check_selected(n - 1, share));
+                assert!(
+                    picked as f64 >= n as f64 * share - 1e-6,
+                    "share {share}: {picked} of {n}"
+                );
+                assert!(
+                    (picked as f64) < n as f64 * share + 1.0,
+                    "share {share}: {picked} of {n} is more than needed"
+                );
+            }
+        }
+        // One case in a month under 50 %: it is checked (not 0 of 1).
+        assert!(spot_check_selected(0, 0.5));
+        assert!(!spot_check_selected(1, 0.5));
+        assert!((0..100).all(|r| !spot_check_selected(r, 0.0)));
+    }
+
+    /// Ordos 第二十条(二)「不能及时整改的应明确整改措施和完成时限」: no invented deadline;
+    /// the unit's declared one is what overdue is measured against.
+    #[test]
+    fn a_declared_deadline_is_the_only_rectification_deadline() {
+        let p = Profiles::shipped();
+        let ordos = p.get("ordos").unwrap();
+        let cal = Calendar::national();
+        let t = Date::parse("2025-03-04").unwrap().start_micros();
+        let mut c = case(vec![entry(CaseAction::Contact, t)]);
+        // Months later, undeclared: no rectification deadline, so not overdue for it.
+        let later = Date::parse("2025-06-30").unwrap().start_micros();
+        let v = view(&c, ordos, &cal, later);
+        assert_eq!(v.rectify_deadline, None);
+        assert!(v.declared_mode && !v.declared && !v.overdue, "{v:?}");
+        assert!(
+            refuse(&c, &v, CaseAction::Extend, later)
+                .unwrap()
+                .contains("DECLARE_DEADLINE")
+        );
+        let mut declare = entry(CaseAction::DeclareDeadline, t);
+        declare.new_deadline_micros = Some(Date::parse("2025-04-30").unwrap().end_micros());
+        c.entries.push(declare);
+        let v = view(&c, ordos, &cal, later);
+        assert_eq!(
+            v.rectify_deadline,
+            Some(Date::parse("2025-04-30").unwrap().end_micros())
+        );
+        assert!(
+            v.overdue && v.overdue_reason.contains("rectification deadline"),
+            "{v:?}"
+        );
+        assert!(
+            refuse(&c, &v, CaseAction::DeclareDeadline, t)
+                .unwrap()
+                .contains("already declared")
+        );
+        // Kunming counts its 15 days and has nothing to declare.
+        let km = p.get("kunming").unwrap();
+        let v = view(&case(vec![]), km, &cal, t);
+        assert!(v.rectify_deadline.is_some());
+        assert!(
+            refuse(&case(vec![]), &v, CaseAction::DeclareDeadline, t)
+                .unwrap()
+                .contains("counts the rectification deadline itself")
+        );
     }
 }

@@ -260,7 +260,7 @@ impl RulesEngine {
                                 note,
                                 evidence_refs: Vec::new(),
                                 new_deadline_micros: is.rectify_deadline,
-                                appeal_outcome: 0,
+                                ..Default::default()
                             },
                             exclude: None,
                         })

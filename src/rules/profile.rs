@@ -62,8 +62,26 @@ pub struct Profile {
     pub default_rating: Option<DefaultRatingRule>,
     pub reminder_after_hours: Option<u32>,
     pub contact_working_days: Option<u32>,
-    #[serde(default = "fifteen")]
-    pub rectify_working_days: u32,
+    /// Unset: 15, unless the unit declares its deadline (`rectify_deadline_declared`).
+    pub rectify_working_days: Option<u32>,
+    /// The rated unit declares its rectification deadline (DECLARE_DEADLINE) and overdue is
+    /// measured against it: where the text sets no number of days (Ordos 第二十条(二)
+    /// 「不能及时整改的应明确整改措施和完成时限」; Guangdong 「限期」; Changchun 「承诺整改时限」).
+    #[serde(default)]
+    pub rectify_deadline_declared: bool,
+    /// An appeal needs evidence: references, or files attached to the case (Ordos 第十七条
+    /// 「需在5个工作日内申诉并提供举证材料」).
+    #[serde(default)]
+    pub appeal_requires_evidence: bool,
+    /// Only the rater raises an invalid rating (Ordos 第十六条「须由评价主体提出」): INVALID is
+    /// decided only on an appeal raised by the rater; the unit's appeal can end UPHELD or
+    /// MALICIOUS.
+    #[serde(default)]
+    pub invalid_raised_by_rater: bool,
+    /// The rated staff member may not contact the rater (Ordos 第二十条(一)「不得由被评价人与
+    /// 评价人直接沟通」): CONTACT names who did (`contacted_by`), and it is not them.
+    #[serde(default)]
+    pub contact_not_by_rated_staff: bool,
     pub appeal_window_working_days: Option<u32>,
     pub appeal_review_working_days: Option<u32>,
     #[serde(default = "one")]
@@ -99,6 +117,16 @@ impl Profile {
         Some(self.classes[level_index(level)?])
     }
 
+    /// Working days to rectify, counted from the case's opening; `None` when the unit
+    /// declares its own deadline.
+    pub fn rectify_days(&self) -> Option<u32> {
+        if self.rectify_deadline_declared {
+            None
+        } else {
+            Some(self.rectify_working_days.unwrap_or(15))
+        }
+    }
+
     pub fn default_level(&self) -> Option<Level> {
         self.default_rating
             .as_ref()
@@ -127,6 +155,12 @@ impl Profile {
                     "profile {name}: default_rating.after must be at least 1"
                 ));
             }
+        }
+        if self.rectify_deadline_declared && self.rectify_working_days.is_some() {
+            return Err(format!(
+                "profile {name}: rectify_working_days and rectify_deadline_declared exclude \
+                 each other (the unit declares its deadline, or the profile counts it)"
+            ));
         }
         if !(0.0..=1.0).contains(&self.spot_check_share) {
             return Err(format!(

@@ -41,7 +41,8 @@ pub(crate) struct Lookups {
     /// (organisation, batch id) with an item rating, and what kind.
     pub batches: HashMap<(String, String), CaseRated>,
     /// (organisation, case number, staff id) with a staff rating.
-    pub visits: HashSet<(String, String, String)>,
+    /// (organisation, case number, staff id, visit id) of staff ratings.
+    pub visits: HashSet<(String, String, String, String)>,
     /// Recent ratings per (source system, template hash), device and phone tag.
     pub templates: HashMap<(String, Vec<u8>), i64>,
     pub devices: HashMap<String, i64>,
@@ -106,7 +107,10 @@ where
             }
         }
         4 => {
-            l.visits.insert((text(1)?, text(2)?, text(3)?));
+            // x: the visit id's bytes (the row has three text columns).
+            let visit =
+                String::from_utf8(blob(4)?).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+            l.visits.insert((text(1)?, text(2)?, text(3)?, visit));
         }
         5 => {
             l.templates.insert((text(1)?, blob(4)?), int(6)?);
@@ -387,15 +391,27 @@ fn counting_rule(item: &NewRating, l: &Lookups) -> Option<(&'static str, String)
         }
         pb::TargetKind::Staff
             if !r.case_number.is_empty()
-                && l.visits
-                    .contains(&(org, r.case_number.clone(), r.staff_id.clone())) =>
+                && l.visits.contains(&(
+                    org,
+                    r.case_number.clone(),
+                    r.staff_id.clone(),
+                    r.body.visit_id.clone(),
+                )) =>
         {
             Some((
                 "staff_id",
-                format!(
-                    "staff member {:?} was already rated for this visit (case {:?}): 一次一评",
-                    r.staff_id, r.case_number
-                ),
+                if r.body.visit_id.is_empty() {
+                    format!(
+                        "staff member {:?} was already rated for this visit (case {:?}): 一次一评; \
+                         a rating after another window visit names that visit (visit_id)",
+                        r.staff_id, r.case_number
+                    )
+                } else {
+                    format!(
+                        "staff member {:?} was already rated for visit {:?} of case {:?}: 一次一评",
+                        r.staff_id, r.body.visit_id, r.case_number
+                    )
+                },
             ))
         }
         _ => None,
@@ -498,6 +514,7 @@ async fn write_chunk<B: ChunkBackend>(
                 r.org_credit_code.as_str().to_owned(),
                 r.case_number.clone(),
                 r.staff_id.clone(),
+                r.body.visit_id.clone(),
             ));
         }
         pending.positions.push(pos);

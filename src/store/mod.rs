@@ -450,7 +450,7 @@ pub struct StoredInvitation {
 }
 
 /// One step of a bad-rating case, as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CaseEntryRecord {
     pub action: i32,
     pub actor: String,
@@ -459,6 +459,10 @@ pub struct CaseEntryRecord {
     pub evidence_refs: Vec<String>,
     pub new_deadline_micros: Option<i64>,
     pub appeal_outcome: i32,
+    /// CONTACT: who spoke with the rater (a staff id); empty when not given.
+    pub contacted_by: String,
+    /// APPEAL: raised by the rater (registered by the authority), not by the rated unit.
+    pub by_rater: bool,
 }
 
 /// A file of evidence attached to a case, as listed.
@@ -491,6 +495,9 @@ pub struct StoredBadCase {
     pub region_code: String,
     pub opened_at_micros: i64,
     pub real_name: bool,
+    /// How many cases of the same organisation opened earlier in the same month (CST): the
+    /// case's place in its spot-check stratum.
+    pub org_month_rank: u64,
     pub entries: Vec<CaseEntryRecord>,
 }
 

@@ -233,8 +233,8 @@ impl PostgresStore {
 
     async fn bad_case_from_row(&self, row: &PgRow) -> Result<StoredBadCase, StoreError> {
         let entries = sqlx::query(
-            "SELECT action, actor, at, note, evidence_refs, new_deadline, appeal_outcome \
-             FROM bad_rating_case_entries WHERE case_id = $1 ORDER BY id",
+            "SELECT action, actor, at, note, evidence_refs, new_deadline, appeal_outcome, \
+             contacted_by, by_rater FROM bad_rating_case_entries WHERE case_id = $1 ORDER BY id",
         )
         .bind(row.int("id")?)
         .fetch_all(&self.reader)
@@ -479,8 +479,8 @@ async fn insert_case_entry(
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO bad_rating_case_entries (case_id, action, actor, at, note, \
-         evidence_refs, new_deadline, appeal_outcome) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+         evidence_refs, new_deadline, appeal_outcome, contacted_by, by_rater) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(case_id as i64)
     .bind(entry.action)
@@ -490,6 +490,8 @@ async fn insert_case_entry(
     .bind(entry.evidence_refs.join("\n"))
     .bind(entry.new_deadline_micros)
     .bind(entry.appeal_outcome)
+    .bind(&entry.contacted_by)
+    .bind(entry.by_rater)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -1128,10 +1130,7 @@ impl Store for PostgresStore {
         after_id: u64,
         limit: u32,
     ) -> Result<Vec<StoredBadCase>, StoreError> {
-        let mut qb = QueryBuilder::<Postgres>::new(
-            "SELECT id, hub_id, org_credit_code, region_code, opened_at, real_name \
-             FROM bad_rating_cases WHERE id > ",
-        );
+        let mut qb = QueryBuilder::<Postgres>::new(&format!("{} WHERE id > ", rows::CASE_COLUMNS));
         qb.push_bind(after_id as i64);
         if let Some(scope) = scope {
             push_scope(&mut qb, scope);
@@ -1182,13 +1181,10 @@ impl Store for PostgresStore {
     }
 
     async fn get_bad_case(&self, id: u64) -> Result<Option<StoredBadCase>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, hub_id, org_credit_code, region_code, opened_at, real_name \
-             FROM bad_rating_cases WHERE id = $1",
-        )
-        .bind(id as i64)
-        .fetch_optional(&self.reader)
-        .await?;
+        let row = sqlx::query(&format!("{} WHERE id = $1", rows::CASE_COLUMNS))
+            .bind(id as i64)
+            .fetch_optional(&self.reader)
+            .await?;
         match row {
             Some(row) => Ok(Some(self.bad_case_from_row(&row).await?)),
             None => Ok(None),

@@ -135,8 +135,17 @@ pub(crate) fn case_entry(row: &impl Columns) -> Result<CaseEntryRecord, sqlx::Er
             .collect(),
         new_deadline_micros: row.opt_int("new_deadline")?,
         appeal_outcome: row.int32("appeal_outcome")?,
+        contacted_by: row.text("contacted_by")?,
+        by_rater: row.flag("by_rater")?,
     })
 }
+
+/// A case's columns, its place among its organisation's cases of the month included (the
+/// index on (org_credit_code, opened_month, id) counts it). Both backends.
+pub(crate) const CASE_COLUMNS: &str = "SELECT id, hub_id, org_credit_code, region_code, \
+     opened_at, real_name, (SELECT COUNT(*) FROM bad_rating_cases e \
+     WHERE e.org_credit_code = c.org_credit_code AND e.opened_month = c.opened_month \
+     AND e.id < c.id) AS org_month_rank FROM bad_rating_cases c";
 
 /// A bad-rating case from its `bad_rating_cases` row and its history.
 pub(crate) fn bad_case(
@@ -150,6 +159,7 @@ pub(crate) fn bad_case(
         region_code: row.text("region_code")?,
         opened_at_micros: row.int("opened_at")?,
         real_name: row.flag("real_name")?,
+        org_month_rank: row.int("org_month_rank")? as u64,
         entries,
     })
 }

@@ -194,8 +194,8 @@ async fn writer_durability(
 impl SqliteStore {
     async fn bad_case_from_row(&self, row: &SqliteRow) -> Result<StoredBadCase, StoreError> {
         let entries = sqlx::query(
-            "SELECT action, actor, at, note, evidence_refs, new_deadline, appeal_outcome \
-             FROM bad_rating_case_entries WHERE case_id = ? ORDER BY id",
+            "SELECT action, actor, at, note, evidence_refs, new_deadline, appeal_outcome, \
+             contacted_by, by_rater FROM bad_rating_case_entries WHERE case_id = ? ORDER BY id",
         )
         .bind(row.int("id")?)
         .fetch_all(&self.reader)
@@ -345,8 +345,8 @@ async fn insert_case_entry(
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO bad_rating_case_entries (case_id, action, actor, at, note, \
-         evidence_refs, new_deadline, appeal_outcome) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+         evidence_refs, new_deadline, appeal_outcome, contacted_by, by_rater) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(case_id as i64)
     .bind(entry.action)
@@ -356,6 +356,8 @@ async fn insert_case_entry(
     .bind(entry.evidence_refs.join("\n"))
     .bind(entry.new_deadline_micros)
     .bind(entry.appeal_outcome)
+    .bind(&entry.contacted_by)
+    .bind(entry.by_rater)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -943,10 +945,7 @@ impl Store for SqliteStore {
         after_id: u64,
         limit: u32,
     ) -> Result<Vec<StoredBadCase>, StoreError> {
-        let mut qb = QueryBuilder::<Sqlite>::new(
-            "SELECT id, hub_id, org_credit_code, region_code, opened_at, real_name \
-             FROM bad_rating_cases WHERE id > ",
-        );
+        let mut qb = QueryBuilder::<Sqlite>::new(&format!("{} WHERE id > ", rows::CASE_COLUMNS));
         qb.push_bind(after_id as i64);
         if let Some(scope) = scope {
             push_scope(&mut qb, scope);
@@ -997,13 +996,10 @@ impl Store for SqliteStore {
     }
 
     async fn get_bad_case(&self, id: u64) -> Result<Option<StoredBadCase>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, hub_id, org_credit_code, region_code, opened_at, real_name \
-             FROM bad_rating_cases WHERE id = ?",
-        )
-        .bind(id as i64)
-        .fetch_optional(&self.reader)
-        .await?;
+        let row = sqlx::query(&format!("{} WHERE id = ?", rows::CASE_COLUMNS))
+            .bind(id as i64)
+            .fetch_optional(&self.reader)
+            .await?;
         match row {
             Some(row) => Ok(Some(self.bad_case_from_row(&row).await?)),
             None => Ok(None),

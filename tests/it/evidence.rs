@@ -10,7 +10,7 @@ use tonic::Code;
 use crate::utils::*;
 
 /// A PDF of `n` bytes: the signature, then bytes that do not repeat in short runs.
-fn pdf(n: usize) -> Vec<u8> {
+pub(crate) fn pdf(n: usize) -> Vec<u8> {
     let mut out = b"%PDF-1.7\n".to_vec();
     let mut x: u32 = 0x1234_5678;
     while out.len() < n {
@@ -22,7 +22,11 @@ fn pdf(n: usize) -> Vec<u8> {
     out
 }
 
-fn upload_messages(case_id: u64, name: &str, content: &[u8]) -> Vec<pb::UploadEvidenceRequest> {
+pub(crate) fn upload_messages(
+    case_id: u64,
+    name: &str,
+    content: &[u8],
+) -> Vec<pb::UploadEvidenceRequest> {
     use pb::upload_evidence_request::Part;
     let mut msgs = vec![pb::UploadEvidenceRequest {
         part: Some(Part::Header(pb::EvidenceHeader {

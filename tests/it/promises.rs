@@ -357,6 +357,7 @@ async fn an_appeal_found_invalid_leaves_the_counts_and_one_upheld_does_not() {
             id,
             reason: "评价与本办件无关".into(),
             evidence_refs: vec!["办件记录-001".into()],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -1155,6 +1156,7 @@ async fn bad_ratings_are_counted_by_reason() {
         id: case,
         reason: "与本办件无关".into(),
         evidence_refs: vec!["办件记录".into()],
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -792,6 +792,7 @@ mod bad_rating_cases {
             note: note.into(),
             evidence_refs: refs.iter().map(|s| s.to_string()).collect(),
             new_deadline: None,
+            ..Default::default()
         };
         let err = rect
             .record_action(step("电话回访\u{0}", &[]))
@@ -844,6 +845,7 @@ mod bad_rating_cases {
             note: "需协调系统改造".into(),
             evidence_refs: vec![],
             new_deadline: Some(ts(Date::parse(day).unwrap().end_micros() / 1_000_000)),
+            ..Default::default()
         };
         // The deadline is the end of 2025-03-24; the organisation sets its own, once.
         dept.record_action(extend(x, "2025-04-30")).await.unwrap();
@@ -917,6 +919,7 @@ mod bad_rating_cases {
             note: "已处理".into(),
             evidence_refs: refs.iter().map(|s| s.to_string()).collect(),
             new_deadline: None,
+            ..Default::default()
         };
         // named-1: the whole life, archived; named-2: rectified, not called back.
         let named_1 = id_of(&results[0].hub_id);
@@ -1061,6 +1064,7 @@ mod bad_rating_cases {
                 note: note.into(),
                 evidence_refs: refs.iter().map(|s| s.to_string()).collect(),
                 new_deadline: None,
+                ..Default::default()
             };
         // Out of order: the error names what must come first.
         let err = dept
@@ -1178,6 +1182,7 @@ mod bad_rating_cases {
             id: b.id,
             reason: "评价人与办件无关，系恶意差评".into(),
             evidence_refs: vec!["监控录像-0303".into()],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -1257,6 +1262,7 @@ mod bad_rating_cases {
                 id: overdue[0].id,
                 reason: "迟到的申诉".into(),
                 evidence_refs: vec![],
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -1265,6 +1271,345 @@ mod bad_rating_cases {
             "{}",
             err.message()
         );
+        hub.stop().await;
+    }
+}
+
+/// The rules of a 差评 case that a profile adds: the unit declares its own rectification
+/// deadline where the text sets no number of days (Guangdong, Changchun, Ordos); and Ordos'
+/// rules on who contacts the rater, what an appeal needs, who raises an invalid rating and
+/// how many closed cases the authority spot-checks.
+mod profile_case_rules {
+    use super::*;
+    use pb::rectification_service_client::RectificationServiceClient;
+    use tonic::Code;
+    use tonic::transport::Channel;
+
+    const ORDOS: &str = "150602";
+
+    fn bad_in(key: &str, region: &str, clock: &ManualClock) -> pb::Rating {
+        let mut r = rating(key);
+        r.region_code = region.into();
+        r.level = pb::Level::Dissatisfied as i32;
+        r.rated_at = Some(rating_hub::time::timestamp_from_micros(clock.now_micros()));
+        r
+    }
+
+    fn step(id: u64, action: pb::CaseAction) -> pb::RecordActionRequest {
+        pb::RecordActionRequest {
+            id,
+            action: action as i32,
+            note: "已电话联系评价人".into(),
+            ..Default::default()
+        }
+    }
+
+    fn declare(id: u64, day: &str) -> pb::RecordActionRequest {
+        pb::RecordActionRequest {
+            note: "整改措施：调整窗口排班".into(),
+            new_deadline: Some(ts(Date::parse(day).unwrap().end_micros() / 1_000_000)),
+            ..step(id, pb::CaseAction::DeclareDeadline)
+        }
+    }
+
+    async fn case_of(
+        rect: &mut RectificationServiceClient<Channel>,
+        hub_id: &str,
+    ) -> pb::BadRatingCase {
+        let id = rect
+            .list_cases(pb::ListCasesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .cases
+            .into_iter()
+            .find(|c| c.hub_id == hub_id)
+            .expect("the 差评 opened a case")
+            .id;
+        rect.get_case(pb::GetCaseRequest { id })
+            .await
+            .unwrap()
+            .into_inner()
+            .bad_rating_case
+            .unwrap()
+    }
+
+    /// Ordos 第二十条(二)「不能及时整改的应明确整改措施和完成时限」, Guangdong 第十五条
+    /// 「限期进行整改」, Changchun 四(一)「承诺整改时限」: no 15-working-day deadline is
+    /// invented; the unit declares its own (DECLARE_DEADLINE), once, in the future, and overdue
+    /// is measured against it. Kunming counts its 15 days and has nothing to declare. And Ordos
+    /// 第二十条(一)「不得由被评价人与评价人直接沟通」: CONTACT names who spoke with the rater,
+    /// never the rated staff member.
+    #[tokio::test]
+    async fn the_unit_declares_its_rectification_deadline_and_the_rated_staff_member_does_not_contact_the_rater()
+     {
+        let clock = Arc::new(ManualClock::at(cst("2025-03-03", 9)));
+        let hub = HubBuilder::new().clock(clock.clone()).start().await;
+        let mut ingest = hub.ingest().await;
+        let results = submit(
+            &mut ingest,
+            vec![
+                bad_in("ordos", ORDOS, &clock),
+                bad_in("guangdong", "440104", &clock),
+                bad_in("changchun", "220102", &clock),
+                bad_in("kunming", "530102", &clock),
+            ],
+        )
+        .await;
+        assert!(
+            results.iter().all(|r| outcome(r) == pb::Outcome::Accepted),
+            "{results:?}"
+        );
+        let mut rect = RectificationServiceClient::new(hub.channel_as("tester").await);
+        let mut cases = Vec::new();
+        for r in &results {
+            cases.push(case_of(&mut rect, &r.hub_id).await);
+        }
+        for c in &cases[..3] {
+            assert!(
+                c.rectify_deadline.is_none() && c.rectify_deadline_undeclared,
+                "{c:?}"
+            );
+        }
+        assert!(cases[3].rectify_deadline.is_some() && !cases[3].rectify_deadline_undeclared);
+        let ordos = cases[0].id;
+
+        // Who spoke with the rater: required in Ordos, and never the rated staff member.
+        let err = rect
+            .record_action(step(ordos, pb::CaseAction::Contact))
+            .await
+            .unwrap_err();
+        assert_eq!(bad_request_fields(&err), ["contacted_by"]);
+        let by = |who: &str| pb::RecordActionRequest {
+            contacted_by: who.into(),
+            ..step(ordos, pb::CaseAction::Contact)
+        };
+        let err = rect.record_action(by("S007")).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("直接沟通"), "{err:?}");
+        let contacted = rect.record_action(by("S100")).await.unwrap().into_inner();
+        let last = contacted.bad_rating_case.unwrap().history.pop().unwrap();
+        assert_eq!(last.contacted_by, "S100");
+        // Guangdong has no such rule: CONTACT alone is enough; contacted_by only with CONTACT.
+        rect.record_action(step(cases[1].id, pb::CaseAction::Contact))
+            .await
+            .unwrap();
+        let err = rect
+            .record_action(pb::RecordActionRequest {
+                contacted_by: "S100".into(),
+                ..declare(ordos, "2025-06-20")
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(bad_request_fields(&err), ["contacted_by"]);
+
+        // Months pass undeclared: there is no rectification deadline to be overdue against.
+        clock.set(cst("2025-06-01", 9));
+        let c = case_of(&mut rect, &results[0].hub_id).await;
+        assert!(!c.overdue && c.rectify_deadline_undeclared, "{c:?}");
+        // An extension needs a deadline to move; a declared one is in the future and says
+        // what will be done.
+        let err = rect
+            .record_action(pb::RecordActionRequest {
+                new_deadline: Some(ts(
+                    Date::parse("2025-07-01").unwrap().end_micros() / 1_000_000
+                )),
+                ..step(ordos, pb::CaseAction::Extend)
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("DECLARE_DEADLINE"), "{err:?}");
+        let err = rect
+            .record_action(declare(ordos, "2025-05-30"))
+            .await
+            .unwrap_err();
+        assert_eq!(bad_request_fields(&err), ["new_deadline"]);
+        let err = rect
+            .record_action(pb::RecordActionRequest {
+                note: String::new(),
+                ..declare(ordos, "2025-06-20")
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(bad_request_fields(&err), ["note"]);
+        let declared = rect
+            .record_action(declare(ordos, "2025-06-20"))
+            .await
+            .unwrap()
+            .into_inner()
+            .bad_rating_case
+            .unwrap();
+        assert_eq!(
+            declared.rectify_deadline.unwrap().seconds * 1_000_000,
+            Date::parse("2025-06-20").unwrap().end_micros()
+        );
+        assert!(!declared.rectify_deadline_undeclared && !declared.overdue);
+        let err = rect
+            .record_action(declare(ordos, "2025-06-25"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("already declared"), "{err:?}");
+        // Past the declared day, unrectified: overdue.
+        clock.set(cst("2025-06-21", 9));
+        let c = case_of(&mut rect, &results[0].hub_id).await;
+        assert!(c.overdue, "{c:?}");
+        assert!(c.overdue_reason.contains("rectification deadline"), "{c:?}");
+        // Kunming's deadline is the profile's.
+        let err = rect
+            .record_action(declare(cases[3].id, "2025-07-20"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        hub.stop().await;
+    }
+
+    /// Ordos 第十七条「需在5个工作日内申诉并提供举证材料」: the unit's appeal needs evidence
+    /// (references, or files attached to the case). Ordos 第十六条「无效评价…须由评价主体提出，
+    /// 各级政务服务管理机构进行界定，并在“好差评”系统中登记」: only the rater raises an invalid
+    /// rating, registered by the authority (not the unit, and with no appeal window); the
+    /// unit's own appeal cannot end INVALID.
+    #[tokio::test]
+    async fn ordos_appeals_need_evidence_and_only_the_rater_raises_an_invalid_rating() {
+        let orgs = [org(1)];
+        let clock = Arc::new(ManualClock::at(cst("2025-03-03", 9)));
+        let hub = HubBuilder::new()
+            .clock(clock.clone())
+            .principal("ordos-dept", &["rectify"], TestScope::Orgs(&orgs))
+            .principal("authority", &["admin"], TestScope::National)
+            .start()
+            .await;
+        let mut ingest = hub.ingest().await;
+        let results = submit(
+            &mut ingest,
+            vec![bad_in("o1", ORDOS, &clock), bad_in("o2", ORDOS, &clock)],
+        )
+        .await;
+        let mut dept = RectificationServiceClient::new(hub.channel_as("ordos-dept").await);
+        let mut authority = RectificationServiceClient::new(hub.channel_as("authority").await);
+        let o1 = case_of(&mut dept, &results[0].hub_id).await.id;
+        let o2 = case_of(&mut dept, &results[1].hub_id).await.id;
+        let appeal = |id: u64, refs: &[&str]| pb::FileAppealRequest {
+            id,
+            reason: "评价人所述与监控记录不符".into(),
+            evidence_refs: refs.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let err = dept.file_appeal(appeal(o1, &[])).await.unwrap_err();
+        assert_eq!(bad_request_fields(&err), ["evidence_refs"]);
+        dept.file_appeal(appeal(o1, &["监控截图-0303"]))
+            .await
+            .unwrap();
+        // A file attached to the case is evidence too.
+        let upload =
+            crate::evidence::upload_messages(o2, "监控截图.pdf", &crate::evidence::pdf(4096));
+        dept.upload_evidence(tokio_stream::iter(upload))
+            .await
+            .unwrap();
+        dept.file_appeal(appeal(o2, &[])).await.unwrap();
+
+        let decide = |id: u64, outcome: pb::AppealOutcome| pb::DecideAppealRequest {
+            id,
+            outcome: outcome as i32,
+            note: "经核查".into(),
+        };
+        let err = authority
+            .decide_appeal(decide(o1, pb::AppealOutcome::Invalid))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("须由评价主体提出"), "{err:?}");
+        authority
+            .decide_appeal(decide(o1, pb::AppealOutcome::Upheld))
+            .await
+            .unwrap();
+
+        // Weeks later, past the unit's window, the rater says the rating was not theirs.
+        clock.set(cst("2025-03-24", 9));
+        let by_rater = pb::FileAppealRequest {
+            raised_by_rater: true,
+            reason: "评价人来电：评价系窗口人员代为点击，非本人意愿".into(),
+            ..appeal(o1, &[])
+        };
+        let err = dept.file_appeal(by_rater.clone()).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+        let filed = authority
+            .file_appeal(by_rater)
+            .await
+            .unwrap()
+            .into_inner()
+            .bad_rating_case
+            .unwrap();
+        assert!(
+            filed.appeal_pending && filed.appeal_raised_by_rater,
+            "{filed:?}"
+        );
+        assert!(filed.history.last().unwrap().raised_by_rater);
+        let decided = authority
+            .decide_appeal(decide(o1, pb::AppealOutcome::Invalid))
+            .await
+            .unwrap()
+            .into_inner()
+            .bad_rating_case
+            .unwrap();
+        assert_eq!(decided.appeal_outcome, pb::AppealOutcome::Invalid as i32);
+        // The invalid 差评 leaves the counts; the other stays.
+        let g = hub
+            .query()
+            .await
+            .get_stats(pb::GetStatsRequest {
+                filter: Some(pb::RatingFilter {
+                    region_code_prefix: "1506".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .groups
+            .remove(0);
+        assert_eq!(g.bad_rating_cases, 1, "{g:?}");
+        hub.stop().await;
+    }
+
+    /// Ordos 第二十条(四)「抽查率不低于50%」: the sample is drawn for each organisation and
+    /// month, so every unit has at least half of each month's cases selected — a unit with
+    /// one case that month has it selected (a hash sample of half of all cases left units
+    /// below the floor). Kunming sets no share: none selected.
+    #[tokio::test]
+    async fn ordos_spot_checks_select_at_least_half_of_each_units_cases_every_month() {
+        let clock = Arc::new(ManualClock::at(cst("2025-03-03", 9)));
+        let hub = HubBuilder::new().clock(clock.clone()).start().await;
+        let mut ingest = hub.ingest().await;
+        let of = |key: &str, org_n: u32, region: &str| {
+            let mut r = bad_in(key, region, &clock);
+            r.org_credit_code = org(org_n);
+            r
+        };
+        let mut march = submit(
+            &mut ingest,
+            vec![
+                of("a1", 1, ORDOS),
+                of("a2", 1, ORDOS),
+                of("b1", 2, ORDOS),
+                of("a3", 1, ORDOS),
+                of("k1", 3, "530102"),
+            ],
+        )
+        .await;
+        clock.set(cst("2025-04-01", 9));
+        let april = submit(&mut ingest, vec![bad_in("a4", ORDOS, &clock)]).await;
+        march.extend(april);
+        let mut rect = RectificationServiceClient::new(hub.channel_as("tester").await);
+        let mut selected = Vec::new();
+        for r in &march {
+            selected.push(case_of(&mut rect, &r.hub_id).await.spot_check_selected);
+        }
+        // org 1 in March: 1st and 3rd of 3 (2 ≥ 1.5); org 2: its only one; Kunming: none;
+        // org 1 in April: its first.
+        assert_eq!(selected, [true, false, true, true, false, true]);
         hub.stop().await;
     }
 }
@@ -1373,6 +1718,67 @@ mod counting_and_quality {
             outcome(&submit_one(&mut ingest, other_staff).await),
             pb::Outcome::Accepted
         );
+        hub.stop().await;
+    }
+
+    /// Guangdong 第十四条「评价人每次到窗口办理后均可对服务人员进行1次评价」: each window
+    /// visit of one case may rate the staff member once; the source names the visit
+    /// (visit_id). A second rating for the same visit is still 一次一评, and the refusal
+    /// names the visit. In one call and across calls.
+    #[tokio::test]
+    async fn staff_may_be_rated_once_after_every_window_visit() {
+        let hub = TestHub::start().await;
+        let mut ingest = hub.ingest().await;
+        let staff = |key: &str, visit: &str| {
+            let mut r = rating(key);
+            r.target_kind = pb::TargetKind::Staff as i32;
+            r.case_number = "GD-CASE-1".into();
+            r.region_code = "440104".into();
+            r.staff_id = "S007".into();
+            r.visit_id = visit.into();
+            r
+        };
+        // The first and second visits in one call; the same visit twice in one call.
+        let results = submit(
+            &mut ingest,
+            vec![
+                staff("v1", "Q-0001"),
+                staff("v2", "Q-0107"),
+                staff("v2-again", "Q-0107"),
+            ],
+        )
+        .await;
+        assert_eq!(outcome(&results[0]), pb::Outcome::Accepted, "{results:?}");
+        assert_eq!(outcome(&results[1]), pb::Outcome::Accepted, "{results:?}");
+        assert_eq!(invalid_field(&results[2]), "staff_id");
+        assert!(
+            results[2].violations[0].description.contains("Q-0107"),
+            "{results:?}"
+        );
+        // A later call: the first visit again is refused, a third visit accepted.
+        assert_eq!(
+            invalid_field(&submit_one(&mut ingest, staff("v1-again", "Q-0001")).await),
+            "staff_id"
+        );
+        assert_eq!(
+            outcome(&submit_one(&mut ingest, staff("v3", "Q-0230")).await),
+            pb::Outcome::Accepted
+        );
+        // The visit is kept with the rating.
+        let listed = hub
+            .query()
+            .await
+            .list_ratings(pb::ListRatingsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .ratings;
+        let mut visits: Vec<&str> = listed.iter().map(|r| r.visit_id.as_str()).collect();
+        visits.sort();
+        assert_eq!(visits, ["Q-0001", "Q-0107", "Q-0230"]);
+        // A visit id is a code: a control character is refused with the field named.
+        let r = submit_one(&mut ingest, staff("bad-visit", "Q\u{0}1")).await;
+        assert_eq!(invalid_field(&r), "visit_id");
         hub.stop().await;
     }
 
@@ -1622,6 +2028,28 @@ async fn quarterly_report_ranks_organisations_and_exports_csv_and_json() {
         .map(|g| g["key"][0].as_str().unwrap())
         .collect();
     assert_eq!(order, [org(1).as_str(), org(2).as_str(), org(3).as_str()]);
+    // Ordos 第二十二条「月度、季度、年度考核」: a month's report holds that month only.
+    let may = query
+        .export_report(pb::ExportReportRequest {
+            year: 2025,
+            month: 5,
+            region_code_prefix: "5301".into(),
+            format: pb::ReportFormat::Json as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(may.filename, "rating-report-2025-05-kunming.json");
+    let v: serde_json::Value = serde_json::from_slice(&may.content).unwrap();
+    assert_eq!(v["period"], "2025-05");
+    let keys: Vec<&str> = v["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["key"][0].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, [org(3).as_str()], "{v}");
     let err = query
         .export_report(pb::ExportReportRequest {
             year: 2025,
@@ -1631,5 +2059,16 @@ async fn quarterly_report_ranks_organisations_and_exports_csv_and_json() {
         .await
         .unwrap_err();
     assert_eq!(bad_request_fields(&err), ["quarter", "format"]);
+    let err = query
+        .export_report(pb::ExportReportRequest {
+            year: 2025,
+            quarter: 2,
+            month: 5,
+            format: pb::ReportFormat::Csv as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_request_fields(&err), ["month"]);
     hub.stop().await;
 }

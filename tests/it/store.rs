@@ -61,6 +61,7 @@ fn failing_write() -> RelayWrite {
             evidence_refs: Vec::new(),
             new_deadline_micros: None,
             appeal_outcome: 0,
+            ..Default::default()
         },
         exclude: None,
     }

@@ -90,6 +90,7 @@ impl ChunkBackend for PgChunks<'_> {
         let mut device_id = Vec::with_capacity(n);
         let mut template_hash = Vec::with_capacity(n);
         let mut phone_tag = Vec::with_capacity(n);
+        let mut visit_id = Vec::with_capacity(n);
         for p in pending {
             let (item, r) = (p.item, &p.item.rating);
             seq.push(p.seq as i64);
@@ -117,19 +118,21 @@ impl ChunkBackend for PgChunks<'_> {
             device_id.push(r.body.device_id.as_str());
             template_hash.push(item.template_hash.as_ref().map(|h| h.as_slice()));
             phone_tag.push(item.phone_tag.as_ref().map(|h| h.as_slice()));
+            visit_id.push(r.body.visit_id.as_str());
         }
         let inserted = sqlx::query(
             "INSERT INTO ratings (feed_seq, hub_id, source_system, source_key, content_hash, \
              level, channel, target_kind, org_credit_code, region_code, item_code, staff_id, \
              case_number, rated_at, received_at, is_default, quality_flags, body, pii, \
-             pii_key_id, follow_up_of, batch_id, theme_id, device_id, template_hash, phone_tag) \
+             pii_key_id, follow_up_of, batch_id, theme_id, device_id, template_hash, phone_tag, \
+             visit_id) \
              SELECT s, h, ss, sk, ch, l, c, tk, o, rg, ic, st, cn, ra, $15, d, f, b, p, pk, fu, \
-             bi, ti, dv, th, pt FROM UNNEST($1::bigint[], $2::bytea[], $3::text[], $4::text[], \
+             bi, ti, dv, th, pt, vi FROM UNNEST($1::bigint[], $2::bytea[], $3::text[], $4::text[], \
              $5::bytea[], $6::int[], $7::int[], $8::int[], $9::text[], $10::text[], $11::text[], \
              $12::text[], $13::text[], $14::bigint[], $16::bool[], $17::bigint[], $18::bytea[], \
              $19::bytea[], $20::text[], $21::text[], $22::text[], $23::text[], $24::text[], \
-             $25::bytea[], $26::bytea[]) AS t(s, h, ss, sk, ch, l, c, tk, o, rg, ic, st, cn, ra, \
-             d, f, b, p, pk, fu, bi, ti, dv, th, pt)",
+             $25::bytea[], $26::bytea[], $27::text[]) AS t(s, h, ss, sk, ch, l, c, tk, o, rg, ic, \
+             st, cn, ra, d, f, b, p, pk, fu, bi, ti, dv, th, pt, vi)",
         )
         .bind(seq)
         .bind(hub_id)
@@ -157,6 +160,7 @@ impl ChunkBackend for PgChunks<'_> {
         .bind(device_id)
         .bind(template_hash)
         .bind(phone_tag)
+        .bind(visit_id)
         .execute(&mut *conn)
         .await?
         .rows_affected();
@@ -212,14 +216,16 @@ impl ChunkBackend for PgChunks<'_> {
                 .collect();
             sqlx::query(
                 "INSERT INTO bad_rating_cases (hub_id, org_credit_code, region_code, opened_at, \
-                 real_name) SELECT h, o, r, $4, n FROM UNNEST($1::bytea[], $2::text[], \
-                 $3::text[], $5::bool[]) WITH ORDINALITY AS t(h, o, r, n, i) ORDER BY i",
+                 real_name, opened_month) SELECT h, o, r, $4, n, $6 FROM UNNEST($1::bytea[], \
+                 $2::text[], $3::text[], $5::bool[]) WITH ORDINALITY AS t(h, o, r, n, i) \
+                 ORDER BY i",
             )
             .bind(hub_ids)
             .bind(orgs)
             .bind(regions)
             .bind(received_at)
             .bind(real_name)
+            .bind(crate::time::cst_month(received_at))
             .execute(&mut *conn)
             .await?;
         }
@@ -342,24 +348,29 @@ fn push_lookups<'a>(qb: &mut QueryBuilder<'a, Postgres>, chunk: &'a [&'a NewRati
         let mut orgs = Vec::new();
         let mut cases = Vec::new();
         let mut staff = Vec::new();
+        let mut visit = Vec::new();
         for i in visits {
             orgs.push(org(i));
             cases.push(i.rating.case_number.as_str());
             staff.push(i.rating.staff_id.as_str());
+            visit.push(i.rating.body.visit_id.as_str());
         }
         part(
             qb,
-            "SELECT 4, k.o, k.c, k.s, NULL, NULL, NULL FROM (SELECT DISTINCT * FROM UNNEST(",
+            "SELECT 4, k.o, k.c, k.s, convert_to(k.v, 'UTF8'), NULL, NULL \
+             FROM (SELECT DISTINCT * FROM UNNEST(",
         );
         qb.push_bind(orgs)
             .push("::text[], ")
             .push_bind(cases)
             .push("::text[], ")
             .push_bind(staff)
+            .push("::text[], ")
+            .push_bind(visit)
             .push(
-                "::text[])) AS k(o, c, s) CROSS JOIN LATERAL (SELECT 1 FROM ratings \
+                "::text[])) AS k(o, c, s, v) CROSS JOIN LATERAL (SELECT 1 FROM ratings \
                  WHERE org_credit_code = k.o AND case_number = k.c AND staff_id = k.s \
-                 AND target_kind = 3 AND follow_up_of = '' LIMIT 1) r",
+                 AND visit_id = k.v AND target_kind = 3 AND follow_up_of = '' LIMIT 1) r",
             );
     }
 

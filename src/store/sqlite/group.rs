@@ -160,7 +160,7 @@ impl ChunkBackend for GroupTx<'_> {
         pending: &[Pending<'_>],
         received_at: i64,
     ) -> Result<(), sqlx::Error> {
-        // 26 binds a row: statements of at most 200 rows stay below SQLite's 32,766 and keep
+        // 27 binds a row: statements of at most 200 rows stay below SQLite's 32,766 and keep
         // a handful of statement texts (the statement cache) for any group size. The binds
         // are owned because the deferred builder outlives this call; borrowed ones would be
         // copied all the same, when sqlx hands the arguments to its SQLite thread.
@@ -170,7 +170,7 @@ impl ChunkBackend for GroupTx<'_> {
             "INSERT INTO ratings (feed_seq, hub_id, source_system, source_key, content_hash, level, \
          channel, target_kind, org_credit_code, region_code, item_code, staff_id, case_number, \
          rated_at, received_at, is_default, quality_flags, body, pii, pii_key_id, follow_up_of, \
-         batch_id, theme_id, device_id, template_hash, phone_tag) ",
+         batch_id, theme_id, device_id, template_hash, phone_tag, visit_id) ",
         );
             qb.push_values(rows, |mut b, p| {
                 let (item, r) = (p.item, &p.item.rating);
@@ -199,7 +199,8 @@ impl ChunkBackend for GroupTx<'_> {
                     .push_bind(r.body.theme_id.clone())
                     .push_bind(r.body.device_id.clone())
                     .push_bind(item.template_hash.map(|h| h.to_vec()))
-                    .push_bind(item.phone_tag.map(|h| h.to_vec()));
+                    .push_bind(item.phone_tag.map(|h| h.to_vec()))
+                    .push_bind(r.body.visit_id.clone());
             });
             qb.push(";");
         }
@@ -227,7 +228,7 @@ impl ChunkBackend for GroupTx<'_> {
         if !bad.is_empty() {
             let qb = self.defer(Some(bad.len() as u64));
             qb.push(
-                "INSERT INTO bad_rating_cases (hub_id, org_credit_code, region_code, opened_at, real_name) ",
+                "INSERT INTO bad_rating_cases (hub_id, org_credit_code, region_code, opened_at, real_name, opened_month) ",
             );
             qb.push_values(bad, |mut b, item| {
                 let r = &item.rating;
@@ -235,7 +236,8 @@ impl ChunkBackend for GroupTx<'_> {
                     .push_bind(r.org_credit_code.as_str().to_owned())
                     .push_bind(r.region_code.as_str().to_owned())
                     .push_bind(received_at)
-                    .push_bind(r.body.rater.as_ref().is_some_and(|x| x.real_name));
+                    .push_bind(r.body.rater.as_ref().is_some_and(|x| x.real_name))
+                    .push_bind(crate::time::cst_month(received_at));
             });
             qb.push(";");
         }
@@ -331,14 +333,15 @@ fn push_lookups(qb: &mut QueryBuilder<'static, Sqlite>, chunk: &[&NewRating]) {
     if visits.clone().next().is_some() {
         part(
             qb,
-            "SELECT 4, org_credit_code, case_number, staff_id, NULL, NULL, NULL FROM ratings \
-             WHERE target_kind = 3 AND follow_up_of = '' \
-             AND (org_credit_code, case_number, staff_id) IN (",
+            "SELECT 4, org_credit_code, case_number, staff_id, CAST(visit_id AS BLOB), NULL, \
+             NULL FROM ratings WHERE target_kind = 3 AND follow_up_of = '' \
+             AND (org_credit_code, case_number, staff_id, visit_id) IN (",
         );
         qb.push_values(visits, |mut b, i| {
             b.push_bind(i.rating.org_credit_code.as_str().to_owned())
                 .push_bind(i.rating.case_number.clone())
-                .push_bind(i.rating.staff_id.clone());
+                .push_bind(i.rating.staff_id.clone())
+                .push_bind(i.rating.body.visit_id.clone());
         });
         qb.push(")");
     }

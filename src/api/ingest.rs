@@ -149,6 +149,7 @@ fn checks(state: &HubState, region: &str, relay: bool) -> IngestChecks {
         follow_up_limit: profile.follow_up_limit,
         follow_up_window_secs: i64::from(profile.follow_up_window_days) * 86_400,
         quality: state.quality,
+        per_visit: profile.staff_rating_per_visit,
     }
 }
 

@@ -154,6 +154,7 @@ impl RectificationApi {
     /// who raises an invalid rating, when a declared deadline may fall.
     async fn check_profile_rules(
         &self,
+        caller: &Caller,
         case: &StoredBadCase,
         profile_name: &str,
         v: &CaseView,
@@ -181,7 +182,7 @@ impl RectificationApi {
                     .await?
                     .map(|r| r.rating.staff_id)
                     .unwrap_or_default();
-                if !rated.is_empty() && rated == entry.contacted_by {
+                if !rated.is_empty() && same_staff_id(&rated, &entry.contacted_by) {
                     return Err(Status::failed_precondition(format!(
                         "case {}: cannot record CONTACT: staff member {rated:?} was rated in \
                          this 差评 and may not contact the rater under the {profile_name} profile \
@@ -222,11 +223,38 @@ impl RectificationApi {
                     case.id
                 )));
             }
+            CaseAction::AppealDecision
+                if v.appeal_by_rater && entry.appeal_outcome == AppealOutcome::Malicious as i32 =>
+            {
+                return Err(Status::failed_precondition(format!(
+                    "case {}: cannot decide MALICIOUS on the rater's own claim: it is decided \
+                     INVALID (the rating was not the rater's will) or UPHELD",
+                    case.id
+                )));
+            }
             CaseAction::DeclareDeadline if entry.new_deadline_micros.is_some_and(|d| d <= now) => {
                 return Err(bad_request(&[violation(
                     "new_deadline",
                     "a declared deadline is in the future",
                 )]));
+            }
+            CaseAction::DeclareDeadline if !caller.principal.has(Role::Admin) => {
+                let days = profile.declared_deadline_max_working_days.unwrap_or(60);
+                let calendar = self.state.engine.calendar();
+                if let (Ok(max), Some(d)) = (
+                    calendar.deadline(case.opened_at_micros, days),
+                    entry.new_deadline_micros,
+                ) && d > max.at
+                {
+                    return Err(bad_request(&[violation(
+                        "new_deadline",
+                        format!(
+                            "the unit declares a deadline at most {days} working days after the \
+                             case opened (by {}); a later one is the authority's (admin role) to set",
+                            crate::time::format_cst_micros(max.at)
+                        ),
+                    )]));
+                }
             }
             _ => {}
         }
@@ -245,22 +273,30 @@ impl RectificationApi {
         let (profile_name, mut v) = self.view(&case);
         let next = CaseAction::try_from(entry.action).unwrap_or_default();
         let now = self.state.clock.now_micros();
-        if next == CaseAction::Appeal && entry.by_rater {
+        if next == CaseAction::Appeal {
             // The appeal window is the rated unit's (Ordos 第十七条); the rater's own claim
-            // has none, and a unit's appeal that left the rating standing does not bar it.
-            v.appeal_deadline = None;
-            if v.appeal_outcome == AppealOutcome::Upheld && !v.appeal_by_rater {
+            // has none. One appeal that left the rating standing does not bar the other
+            // party's: a unit's UPHELD appeal, the rater's claim; a rater's UPHELD claim, the
+            // unit's appeal (within its window).
+            if entry.by_rater {
+                v.appeal_deadline = None;
+            }
+            if v.appeal_outcome == AppealOutcome::Upheld && v.appeal_by_rater != entry.by_rater {
                 v.appeal_outcome = AppealOutcome::Unspecified;
             }
         }
-        self.check_profile_rules(&case, &profile_name, &v, &entry, now)
-            .await?;
+        // The authority may still set a deadline the unit failed to declare in time.
+        if next == CaseAction::DeclareDeadline && caller.principal.has(Role::Admin) {
+            v.declare_by = None;
+        }
         if let Some(why) = bad_case::refuse(&case, &v, next, now) {
             return Err(Status::failed_precondition(format!(
                 "case {id}: cannot record {}: {why}",
                 next.as_str_name()
             )));
         }
+        self.check_profile_rules(caller, &case, &profile_name, &v, &entry, now)
+            .await?;
         if next == CaseAction::Extend {
             self.check_extension(
                 caller,
@@ -356,6 +392,23 @@ type CaseStream = std::pin::Pin<
 type EvidenceStream = std::pin::Pin<
     Box<dyn futures_util::Stream<Item = Result<pb::DownloadEvidenceResponse, Status>> + Send>,
 >;
+
+/// Whether two staff ids name the same person: case, surrounding space and full-width forms
+/// ("Ｓ００７") do not make another one.
+fn same_staff_id(a: &str, b: &str) -> bool {
+    let norm = |s: &str| -> String {
+        s.chars()
+            .map(|c| match c {
+                '\u{FF01}'..='\u{FF5E}' => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
+                '\u{3000}' => ' ',
+                c => c,
+            })
+            .collect::<String>()
+            .trim()
+            .to_ascii_lowercase()
+    };
+    norm(a) == norm(b)
+}
 
 /// Bytes per message of a download.
 const EVIDENCE_CHUNK: usize = 256 * 1024;
@@ -872,7 +925,16 @@ impl RectificationService for RectificationApi {
             at_micros: 0,
             note,
             evidence_refs: refs,
-            new_deadline_micros: if sets_deadline { new_deadline } else { None },
+            // A declared deadline is a day: it ends at 24:00 China Standard Time, as counted
+            // deadlines do.
+            new_deadline_micros: match action {
+                CaseAction::DeclareDeadline => {
+                    // 24:00 is the day's end, not the next day's start.
+                    new_deadline.map(|d| crate::rules::Date::of_instant(d - 1).end_micros())
+                }
+                CaseAction::Extend => new_deadline,
+                _ => None,
+            },
             contacted_by,
             ..Default::default()
         };
@@ -901,6 +963,13 @@ impl RectificationService for RectificationApi {
         if !v.is_empty() {
             return Err(bad_request(&v));
         }
+        // Typed by the authority from what the rater said, and shown to the rated unit: the
+        // rater's numbers (phone, ID) are not carried into it.
+        let note = if req.raised_by_rater {
+            crate::domain::codes::redact_numbers(&note)
+        } else {
+            note
+        };
         let entry = CaseEntryRecord {
             action: CaseAction::Appeal as i32,
             actor: caller.name().to_owned(),

@@ -31,6 +31,9 @@ pub struct CaseView {
     pub declared_mode: bool,
     /// … and the unit has declared it.
     pub declared: bool,
+    /// … and, while it has not, when it must have declared (or rectified) by.
+    pub declare_by: Option<i64>,
+    pub declare_by_provisional: bool,
     /// The appeal pending or decided was raised by the rater.
     pub appeal_by_rater: bool,
 }
@@ -104,6 +107,16 @@ pub fn view(case: &StoredBadCase, profile: &Profile, calendar: &Calendar, now: i
         None => declared.map(|at| (at, false)),
     };
     let appeal = deadline(case.opened_at_micros, profile.appeal_window_working_days);
+    // Where the unit sets its deadline, it sets it (or rectifies) in time: a unit that never
+    // declares is overdue, not exempt.
+    let declare_by = if declared_mode && declared.is_none() {
+        deadline(
+            case.opened_at_micros,
+            Some(profile.declare_within_working_days.unwrap_or(15)),
+        )
+    } else {
+        None
+    };
     let contact_deadline = contact.map(|(at, _)| at);
     // An extension never shortens: checked against a provisional deadline, it may fall
     // before the deadline the State Council's notice gives once loaded.
@@ -114,7 +127,11 @@ pub fn view(case: &StoredBadCase, profile: &Profile, calendar: &Calendar, now: i
     };
     let appeal_deadline = appeal.map(|(at, _)| at);
     let appeal_provisional = appeal.is_some_and(|(_, p)| p);
-    let provisional = contact.is_some_and(|(_, p)| p) || rectify_provisional || appeal_provisional;
+    let declare_by_provisional = declare_by.is_some_and(|(_, p)| p);
+    let provisional = contact.is_some_and(|(_, p)| p)
+        || rectify_provisional
+        || appeal_provisional
+        || declare_by_provisional;
     // An appeal that found the rating invalid or malicious closes the case's obligations.
     let void = matches!(
         appeal_outcome,
@@ -141,6 +158,18 @@ pub fn view(case: &StoredBadCase, profile: &Profile, calendar: &Calendar, now: i
             true,
             "not rectified or explained within the rectification deadline".to_owned(),
         ),
+        _ if matches!(status, CaseStatus::Open | CaseStatus::Contacted)
+            && declare_by.is_some_and(|(d, _)| now > d) =>
+        {
+            (
+                true,
+                format!(
+                    "no rectification deadline declared (DECLARE_DEADLINE), nor rectified, \
+                     within {} working days",
+                    profile.declare_within_working_days.unwrap_or(15)
+                ),
+            )
+        }
         _ if !gaps.is_empty() => (false, format!("deadline unknown: {}", gaps.join("; "))),
         _ => (false, String::new()),
     };
@@ -161,6 +190,8 @@ pub fn view(case: &StoredBadCase, profile: &Profile, calendar: &Calendar, now: i
         appeal_provisional,
         declared_mode,
         declared: declared.is_some(),
+        declare_by: declare_by.map(|(at, _)| at),
+        declare_by_provisional,
         appeal_by_rater,
     }
 }
@@ -186,6 +217,25 @@ pub fn refuse(case: &StoredBadCase, v: &CaseView, next: CaseAction, now: i64) ->
         }
         CaseAction::DeclareDeadline if !matches!(s, S::Open | S::Contacted) => {
             Some("the case is already rectified or explained".into())
+        }
+        // As for an extension: once the time to act passed, the case is overdue, and that
+        // record stands.
+        CaseAction::DeclareDeadline
+            if !v.rectify_provisional && v.rectify_deadline.is_some_and(|d| now > d) =>
+        {
+            Some(format!(
+                "the rectification deadline passed at {}; an overdue case cannot declare another",
+                crate::time::format_cst_micros(v.rectify_deadline.unwrap_or_default())
+            ))
+        }
+        CaseAction::DeclareDeadline
+            if !v.declare_by_provisional && v.declare_by.is_some_and(|d| now > d) =>
+        {
+            Some(format!(
+                "a deadline was to be declared by {}; the case is overdue, and that record stands \
+                 (the authority may still declare one)",
+                crate::time::format_cst_micros(v.declare_by.unwrap_or_default())
+            ))
         }
         CaseAction::Extend if !matches!(s, S::Open | S::Contacted) => {
             Some("only an unresolved case can be extended".into())
@@ -388,15 +438,30 @@ mod tests {
         let cal = Calendar::national();
         let t = Date::parse("2025-03-04").unwrap().start_micros();
         let mut c = case(vec![entry(CaseAction::Contact, t)]);
-        // Months later, undeclared: no rectification deadline, so not overdue for it.
-        let later = Date::parse("2025-06-30").unwrap().start_micros();
-        let v = view(&c, ordos, &cal, later);
+        // Undeclared: no rectification deadline, and not overdue while the unit still has
+        // time to declare (15 working days from Monday 2025-03-03: the end of 2025-03-24).
+        let soon = Date::parse("2025-03-24").unwrap().start_micros();
+        let v = view(&c, ordos, &cal, soon);
         assert_eq!(v.rectify_deadline, None);
         assert!(v.declared_mode && !v.declared && !v.overdue, "{v:?}");
+        assert_eq!(
+            v.declare_by,
+            Some(Date::parse("2025-03-24").unwrap().end_micros())
+        );
         assert!(
-            refuse(&c, &v, CaseAction::Extend, later)
+            refuse(&c, &v, CaseAction::Extend, soon)
                 .unwrap()
                 .contains("DECLARE_DEADLINE")
+        );
+        // A unit that never declares is overdue, not exempt; and it cannot declare its way
+        // out of that.
+        let later = Date::parse("2025-06-30").unwrap().start_micros();
+        let v = view(&c, ordos, &cal, later);
+        assert!(v.overdue && v.overdue_reason.contains("declared"), "{v:?}");
+        assert!(
+            refuse(&c, &v, CaseAction::DeclareDeadline, later)
+                .unwrap()
+                .contains("overdue")
         );
         let mut declare = entry(CaseAction::DeclareDeadline, t);
         declare.new_deadline_micros = Some(Date::parse("2025-04-30").unwrap().end_micros());

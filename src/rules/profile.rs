@@ -82,6 +82,17 @@ pub struct Profile {
     /// 评价人直接沟通」): CONTACT names who did (`contacted_by`), and it is not them.
     #[serde(default)]
     pub contact_not_by_rated_staff: bool,
+    /// Where the unit declares its deadline: it declares (or rectifies) within this many
+    /// working days of the case's opening, or the case is overdue (15 if unset: the working
+    /// days the national baseline and the Yunnan and Kunming texts give to rectify).
+    pub declare_within_working_days: Option<u32>,
+    /// … and may declare a deadline at most this many working days after the opening; a later
+    /// one is the authority's (the `admin` role) to set (60 if unset).
+    pub declared_deadline_max_working_days: Option<u32>,
+    /// One staff rating per window visit (`Rating.visit_id`), not per case: Guangdong
+    /// 第十四条「评价人每次到窗口办理后均可对服务人员进行1次评价」.
+    #[serde(default)]
+    pub staff_rating_per_visit: bool,
     pub appeal_window_working_days: Option<u32>,
     pub appeal_review_working_days: Option<u32>,
     #[serde(default = "one")]

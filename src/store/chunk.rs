@@ -40,9 +40,9 @@ pub(crate) struct Lookups {
     pub cases: HashMap<(String, String), CaseRated>,
     /// (organisation, batch id) with an item rating, and what kind.
     pub batches: HashMap<(String, String), CaseRated>,
-    /// (organisation, case number, staff id) with a staff rating.
-    /// (organisation, case number, staff id, visit id) of staff ratings.
-    pub visits: HashSet<(String, String, String, String)>,
+    /// (organisation, case number, staff id) with staff ratings: the visits they name ("":
+    /// none named).
+    pub visits: HashMap<(String, String, String), HashSet<String>>,
     /// Recent ratings per (source system, template hash), device and phone tag.
     pub templates: HashMap<(String, Vec<u8>), i64>,
     pub devices: HashMap<String, i64>,
@@ -110,7 +110,10 @@ where
             // x: the visit id's bytes (the row has three text columns).
             let visit =
                 String::from_utf8(blob(4)?).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
-            l.visits.insert((text(1)?, text(2)?, text(3)?, visit));
+            l.visits
+                .entry((text(1)?, text(2)?, text(3)?))
+                .or_default()
+                .insert(visit);
         }
         5 => {
             l.templates.insert((text(1)?, blob(4)?), int(6)?);
@@ -391,12 +394,11 @@ fn counting_rule(item: &NewRating, l: &Lookups) -> Option<(&'static str, String)
         }
         pb::TargetKind::Staff
             if !r.case_number.is_empty()
-                && l.visits.contains(&(
-                    org,
-                    r.case_number.clone(),
-                    r.staff_id.clone(),
-                    r.body.visit_id.clone(),
-                )) =>
+                && l.visits
+                    .get(&(org, r.case_number.clone(), r.staff_id.clone()))
+                    .is_some_and(|seen| {
+                        visit_taken(seen, &r.body.visit_id, item.checks.per_visit)
+                    }) =>
         {
             Some((
                 "staff_id",
@@ -415,6 +417,18 @@ fn counting_rule(item: &NewRating, l: &Lookups) -> Option<(&'static str, String)
             ))
         }
         _ => None,
+    }
+}
+
+/// Whether a staff rating for `visit` is a second one for its visit, given the visits already
+/// rated for the same case and staff member. One per case where the profile has no visits;
+/// one per named visit where it has (Guangdong: "每次到窗口办理后"), and a rating that names no
+/// visit cannot be told apart from any other, so it conflicts with every one.
+fn visit_taken(seen: &HashSet<String>, visit: &str, per_visit: bool) -> bool {
+    if !per_visit || visit.is_empty() {
+        !seen.is_empty()
+    } else {
+        seen.contains(visit) || seen.contains("")
     }
 }
 
@@ -510,12 +524,14 @@ async fn write_chunk<B: ChunkBackend>(
             && r.body.follow_up_of.is_empty()
             && r.target_kind == pb::TargetKind::Staff
         {
-            l.visits.insert((
-                r.org_credit_code.as_str().to_owned(),
-                r.case_number.clone(),
-                r.staff_id.clone(),
-                r.body.visit_id.clone(),
-            ));
+            l.visits
+                .entry((
+                    r.org_credit_code.as_str().to_owned(),
+                    r.case_number.clone(),
+                    r.staff_id.clone(),
+                ))
+                .or_default()
+                .insert(r.body.visit_id.clone());
         }
         pending.positions.push(pos);
         pending.rows.push(Pending {

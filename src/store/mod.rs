@@ -235,6 +235,9 @@ pub struct IngestChecks {
     pub follow_up_limit: u32,
     pub follow_up_window_secs: i64,
     pub quality: QualityThresholds,
+    /// One staff rating per window visit (`visit_id`), not per case (the profile's
+    /// `staff_rating_per_visit`).
+    pub per_visit: bool,
 }
 
 /// When the store flags a rating as templated or part of a burst.
@@ -268,6 +271,7 @@ impl Default for IngestChecks {
             follow_up_limit: 1,
             follow_up_window_secs: 15 * 86_400,
             quality: QualityThresholds::default(),
+            per_visit: false,
         }
     }
 }

@@ -141,11 +141,13 @@ pub(crate) fn case_entry(row: &impl Columns) -> Result<CaseEntryRecord, sqlx::Er
 }
 
 /// A case's columns, its place among its organisation's cases of the month included (the
-/// index on (org_credit_code, opened_month, id) counts it). Both backends.
+/// index on (org_credit_code, opened_month, id) counts it), leaving out cases an appeal
+/// voided (they are never archived, so never checked). Both backends.
 pub(crate) const CASE_COLUMNS: &str = "SELECT id, hub_id, org_credit_code, region_code, \
      opened_at, real_name, (SELECT COUNT(*) FROM bad_rating_cases e \
      WHERE e.org_credit_code = c.org_credit_code AND e.opened_month = c.opened_month \
-     AND e.id < c.id) AS org_month_rank FROM bad_rating_cases c";
+     AND e.id < c.id AND e.hub_id NOT IN (SELECT hub_id FROM rating_exclusions)) \
+     AS org_month_rank FROM bad_rating_cases c";
 
 /// A bad-rating case from its `bad_rating_cases` row and its history.
 pub(crate) fn bad_case(

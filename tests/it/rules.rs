@@ -1344,7 +1344,11 @@ mod profile_case_rules {
     async fn the_unit_declares_its_rectification_deadline_and_the_rated_staff_member_does_not_contact_the_rater()
      {
         let clock = Arc::new(ManualClock::at(cst("2025-03-03", 9)));
-        let hub = HubBuilder::new().clock(clock.clone()).start().await;
+        let hub = HubBuilder::new()
+            .clock(clock.clone())
+            .principal("unit", &["rectify"], TestScope::National)
+            .start()
+            .await;
         let mut ingest = hub.ingest().await;
         let results = submit(
             &mut ingest,
@@ -1360,7 +1364,9 @@ mod profile_case_rules {
             results.iter().all(|r| outcome(r) == pb::Outcome::Accepted),
             "{results:?}"
         );
-        let mut rect = RectificationServiceClient::new(hub.channel_as("tester").await);
+        // The rated unit records its steps; "tester" holds admin: the authority.
+        let mut rect = RectificationServiceClient::new(hub.channel_as("unit").await);
+        let mut authority = RectificationServiceClient::new(hub.channel_as("tester").await);
         let mut cases = Vec::new();
         for r in &results {
             cases.push(case_of(&mut rect, &r.hub_id).await);
@@ -1384,9 +1390,11 @@ mod profile_case_rules {
             contacted_by: who.into(),
             ..step(ordos, pb::CaseAction::Contact)
         };
-        let err = rect.record_action(by("S007")).await.unwrap_err();
-        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-        assert!(err.message().contains("直接沟通"), "{err:?}");
+        for rated in ["S007", " s007 ", "Ｓ００７"] {
+            let err = rect.record_action(by(rated)).await.unwrap_err();
+            assert_eq!(err.code(), Code::FailedPrecondition, "{rated}: {err:?}");
+            assert!(err.message().contains("直接沟通"), "{err:?}");
+        }
         let contacted = rect.record_action(by("S100")).await.unwrap().into_inner();
         let last = contacted.bad_rating_case.unwrap().history.pop().unwrap();
         assert_eq!(last.contacted_by, "S100");
@@ -1403,12 +1411,13 @@ mod profile_case_rules {
             .unwrap_err();
         assert_eq!(bad_request_fields(&err), ["contacted_by"]);
 
-        // Months pass undeclared: there is no rectification deadline to be overdue against.
-        clock.set(cst("2025-06-01", 9));
+        // Undeclared, while the unit still has time to declare (15 working days from
+        // 2025-03-03: the end of 2025-03-24): no deadline, not overdue.
+        clock.set(cst("2025-03-20", 9));
         let c = case_of(&mut rect, &results[0].hub_id).await;
         assert!(!c.overdue && c.rectify_deadline_undeclared, "{c:?}");
-        // An extension needs a deadline to move; a declared one is in the future and says
-        // what will be done.
+        // An extension needs a deadline to move; a declared one is in the future, says
+        // what will be done, and is at most 60 working days out for the unit.
         let err = rect
             .record_action(pb::RecordActionRequest {
                 new_deadline: Some(ts(
@@ -1420,21 +1429,25 @@ mod profile_case_rules {
             .unwrap_err();
         assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
         assert!(err.message().contains("DECLARE_DEADLINE"), "{err:?}");
-        let err = rect
-            .record_action(declare(ordos, "2025-05-30"))
-            .await
-            .unwrap_err();
-        assert_eq!(bad_request_fields(&err), ["new_deadline"]);
+        for (day, why) in [("2025-03-19", "future"), ("2025-12-31", "60 working days")] {
+            let err = rect.record_action(declare(ordos, day)).await.unwrap_err();
+            assert_eq!(bad_request_fields(&err), ["new_deadline"]);
+            assert!(err.message().contains(why), "{err:?}");
+        }
         let err = rect
             .record_action(pb::RecordActionRequest {
                 note: String::new(),
-                ..declare(ordos, "2025-06-20")
+                ..declare(ordos, "2025-04-30")
             })
             .await
             .unwrap_err();
         assert_eq!(bad_request_fields(&err), ["note"]);
+        // Declared as a moment in the day, it runs to the day's end (24:00 CST).
         let declared = rect
-            .record_action(declare(ordos, "2025-06-20"))
+            .record_action(pb::RecordActionRequest {
+                new_deadline: Some(ts(cst("2025-04-30", 10) / 1_000_000)),
+                ..declare(ordos, "2025-04-30")
+            })
             .await
             .unwrap()
             .into_inner()
@@ -1442,20 +1455,34 @@ mod profile_case_rules {
             .unwrap();
         assert_eq!(
             declared.rectify_deadline.unwrap().seconds * 1_000_000,
-            Date::parse("2025-06-20").unwrap().end_micros()
+            Date::parse("2025-04-30").unwrap().end_micros()
         );
         assert!(!declared.rectify_deadline_undeclared && !declared.overdue);
         let err = rect
-            .record_action(declare(ordos, "2025-06-25"))
+            .record_action(declare(ordos, "2025-05-25"))
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
         assert!(err.message().contains("already declared"), "{err:?}");
         // Past the declared day, unrectified: overdue.
-        clock.set(cst("2025-06-21", 9));
+        clock.set(cst("2025-05-06", 9));
         let c = case_of(&mut rect, &results[0].hub_id).await;
         assert!(c.overdue, "{c:?}");
         assert!(c.overdue_reason.contains("rectification deadline"), "{c:?}");
+        // The Guangdong unit never declared: overdue for that, and it cannot declare its way
+        // out; the authority can still set a deadline.
+        let g = case_of(&mut rect, &results[1].hub_id).await;
+        assert!(g.overdue && g.overdue_reason.contains("declared"), "{g:?}");
+        let err = rect
+            .record_action(declare(cases[1].id, "2025-05-30"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("overdue"), "{err:?}");
+        authority
+            .record_action(declare(cases[1].id, "2025-05-30"))
+            .await
+            .unwrap();
         // Kunming's deadline is the profile's.
         let err = rect
             .record_action(declare(cases[3].id, "2025-07-20"))
@@ -1529,7 +1556,7 @@ mod profile_case_rules {
         clock.set(cst("2025-03-24", 9));
         let by_rater = pb::FileAppealRequest {
             raised_by_rater: true,
-            reason: "评价人来电：评价系窗口人员代为点击，非本人意愿".into(),
+            reason: "评价人来电（13812345678）：评价系窗口人员代为点击，非本人意愿".into(),
             ..appeal(o1, &[])
         };
         let err = dept.file_appeal(by_rater.clone()).await.unwrap_err();
@@ -1545,7 +1572,16 @@ mod profile_case_rules {
             filed.appeal_pending && filed.appeal_raised_by_rater,
             "{filed:?}"
         );
-        assert!(filed.history.last().unwrap().raised_by_rater);
+        let claim = filed.history.last().unwrap();
+        assert!(claim.raised_by_rater);
+        // The rater's number, typed into the claim, is not shown to the rated unit.
+        assert!(!claim.note.contains("13812345678"), "{claim:?}");
+        // A rater's own claim is not decided MALICIOUS: their rating was theirs or it was not.
+        let err = authority
+            .decide_appeal(decide(o1, pb::AppealOutcome::Malicious))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
         let decided = authority
             .decide_appeal(decide(o1, pb::AppealOutcome::Invalid))
             .await
@@ -1610,6 +1646,29 @@ mod profile_case_rules {
         // org 1 in March: 1st and 3rd of 3 (2 ≥ 1.5); org 2: its only one; Kunming: none;
         // org 1 in April: its first.
         assert_eq!(selected, [true, false, true, true, false, true]);
+        // The first case turns out invalid (the rater's own claim): it will never be
+        // archived, so the others take its place and half of what can be checked is chosen.
+        let first = case_of(&mut rect, &march[0].hub_id).await.id;
+        rect.file_appeal(pb::FileAppealRequest {
+            id: first,
+            reason: "评价人称非本人评价".into(),
+            raised_by_rater: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        rect.decide_appeal(pb::DecideAppealRequest {
+            id: first,
+            outcome: pb::AppealOutcome::Invalid as i32,
+            note: "经核实属实".into(),
+        })
+        .await
+        .unwrap();
+        let mut selected = Vec::new();
+        for r in &march[1..4] {
+            selected.push(case_of(&mut rect, &r.hub_id).await.spot_check_selected);
+        }
+        assert_eq!(selected, [true, true, false], "a2 first, b1, a3 second");
         hub.stop().await;
     }
 }
@@ -1773,9 +1832,41 @@ mod counting_and_quality {
             .unwrap()
             .into_inner()
             .ratings;
-        let mut visits: Vec<&str> = listed.iter().map(|r| r.visit_id.as_str()).collect();
+        let mut visits: Vec<&str> = listed
+            .iter()
+            .filter(|r| r.case_number == "GD-CASE-1")
+            .map(|r| r.visit_id.as_str())
+            .collect();
         visits.sort();
         assert_eq!(visits, ["Q-0001", "Q-0107", "Q-0230"]);
+        // Elsewhere a case is one visit: Kunming counts one staff rating per case, whatever
+        // visit the source names.
+        let mut kunming = staff("km-1", "Q-0001");
+        kunming.region_code = "530102".into();
+        kunming.case_number = "KM-CASE-1".into();
+        assert_eq!(
+            outcome(&submit_one(&mut ingest, kunming.clone()).await),
+            pb::Outcome::Accepted
+        );
+        kunming.source_key = "km-2".into();
+        kunming.visit_id = "Q-0002".into();
+        assert_eq!(
+            invalid_field(&submit_one(&mut ingest, kunming).await),
+            "staff_id"
+        );
+        // In Guangdong, a rating that names no visit cannot be told from a named one.
+        let mut unnamed = staff("unnamed", "");
+        unnamed.case_number = "GD-CASE-2".into();
+        assert_eq!(
+            outcome(&submit_one(&mut ingest, unnamed.clone()).await),
+            pb::Outcome::Accepted
+        );
+        let mut named = staff("named", "Q-0300");
+        named.case_number = "GD-CASE-2".into();
+        assert_eq!(
+            invalid_field(&submit_one(&mut ingest, named).await),
+            "staff_id"
+        );
         // A visit id is a code: a control character is refused with the field named.
         let r = submit_one(&mut ingest, staff("bad-visit", "Q\u{0}1")).await;
         assert_eq!(invalid_field(&r), "visit_id");

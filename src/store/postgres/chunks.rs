@@ -348,16 +348,15 @@ fn push_lookups<'a>(qb: &mut QueryBuilder<'a, Postgres>, chunk: &'a [&'a NewRati
         let mut orgs = Vec::new();
         let mut cases = Vec::new();
         let mut staff = Vec::new();
-        let mut visit = Vec::new();
         for i in visits {
             orgs.push(org(i));
             cases.push(i.rating.case_number.as_str());
             staff.push(i.rating.staff_id.as_str());
-            visit.push(i.rating.body.visit_id.as_str());
         }
+        // Every visit rated so far for each (organisation, case, staff member): a handful.
         part(
             qb,
-            "SELECT 4, k.o, k.c, k.s, convert_to(k.v, 'UTF8'), NULL, NULL \
+            "SELECT 4, k.o, k.c, k.s, convert_to(r.v, 'UTF8'), NULL, NULL \
              FROM (SELECT DISTINCT * FROM UNNEST(",
         );
         qb.push_bind(orgs)
@@ -365,12 +364,10 @@ fn push_lookups<'a>(qb: &mut QueryBuilder<'a, Postgres>, chunk: &'a [&'a NewRati
             .push_bind(cases)
             .push("::text[], ")
             .push_bind(staff)
-            .push("::text[], ")
-            .push_bind(visit)
             .push(
-                "::text[])) AS k(o, c, s, v) CROSS JOIN LATERAL (SELECT 1 FROM ratings \
-                 WHERE org_credit_code = k.o AND case_number = k.c AND staff_id = k.s \
-                 AND visit_id = k.v AND target_kind = 3 AND follow_up_of = '' LIMIT 1) r",
+                "::text[])) AS k(o, c, s) CROSS JOIN LATERAL (SELECT DISTINCT visit_id AS v \
+                 FROM ratings WHERE org_credit_code = k.o AND case_number = k.c \
+                 AND staff_id = k.s AND target_kind = 3 AND follow_up_of = '') r",
             );
     }
 

@@ -335,13 +335,12 @@ fn push_lookups(qb: &mut QueryBuilder<'static, Sqlite>, chunk: &[&NewRating]) {
             qb,
             "SELECT 4, org_credit_code, case_number, staff_id, CAST(visit_id AS BLOB), NULL, \
              NULL FROM ratings WHERE target_kind = 3 AND follow_up_of = '' \
-             AND (org_credit_code, case_number, staff_id, visit_id) IN (",
+             AND (org_credit_code, case_number, staff_id) IN (",
         );
         qb.push_values(visits, |mut b, i| {
             b.push_bind(i.rating.org_credit_code.as_str().to_owned())
                 .push_bind(i.rating.case_number.clone())
-                .push_bind(i.rating.staff_id.clone())
-                .push_bind(i.rating.body.visit_id.clone());
+                .push_bind(i.rating.staff_id.clone());
         });
         qb.push(")");
     }

@@ -37,6 +37,7 @@ pub struct Config {
     pub validation: ValidationConfig,
     pub log: LogConfig,
     pub ops: OpsConfig,
+    pub public: crate::public::PublicConfig,
 }
 
 /// `[ops]`: the operations listener (Prometheus `/metrics`).
@@ -429,6 +430,9 @@ impl Config {
         if let Err(e) = self.ops.addr() {
             return fail(&e);
         }
+        if let Err(e) = self.public.check() {
+            return fail(&e);
+        }
         if !(1..=256).contains(&self.limits.evidence_max_mb) {
             return fail("limits.evidence_max_mb must be 1 to 256");
         }
@@ -645,6 +649,45 @@ mod tests {
         assert!(err.to_string().contains("listen_addr"), "{err}");
         let err = Config::from_layers(None, env(&[("RATING_HUB__SERVER__NOPE", "1")])).unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    /// What the public site publishes is checked when the hub starts: a site with no region,
+    /// an unknown column or rule, off loopback without HTTPS, or half a certificate, is
+    /// refused with the setting named.
+    #[test]
+    fn a_public_site_configured_wrongly_is_refused_with_the_setting_named() {
+        for (setting, named) in [
+            ("regions = []", "public.regions"),
+            ("regions = [\"53x\"]", "public.regions"),
+            (
+                "regions = [\"53\"]\ncolumns = [\"phone\"]",
+                "public.columns",
+            ),
+            ("regions = [\"53\"]\ncases = \"soon\"", "public.cases"),
+            (
+                "regions = [\"53\"]\nlisten = \"0.0.0.0:8480\"",
+                "public.listen",
+            ),
+            (
+                "regions = [\"53\"]\ntls_cert = \"c.pem\"",
+                "public.tls_cert",
+            ),
+            (
+                "regions = [\"53\"]\nrefresh_secs = 0",
+                "public.refresh_secs",
+            ),
+        ] {
+            let text = format!("[public]\nlisten = \"127.0.0.1:8480\"\n{setting}\n");
+            let text = text.replacen(
+                "listen = \"127.0.0.1:8480\"\n",
+                "",
+                usize::from(setting.contains("listen")),
+            );
+            let err = Config::from_layers(Some(("t.toml", &text)), env(&[])).unwrap_err();
+            assert!(err.to_string().contains(named), "{setting}: {err}");
+        }
+        let ok = "[public]\nlisten = \"127.0.0.1:8480\"\nregions = [\"5301\"]\n";
+        Config::from_layers(Some(("t.toml", ok)), env(&[])).unwrap();
     }
 
     #[test]

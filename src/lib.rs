@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod pb;
 pub mod pki;
 pub mod privacy;
+pub mod public;
 pub mod relay;
 pub mod rules;
 pub mod server;

@@ -93,6 +93,8 @@ pub struct RunningHub {
     pub local_addr: SocketAddr,
     /// Where /metrics is served, when it is.
     pub ops_addr: Option<SocketAddr>,
+    /// Where the public results site is served, when it is.
+    pub public_addr: Option<SocketAddr>,
     store: Arc<dyn Store>,
     relay: Arc<crate::relay::Relay>,
     rules: Arc<crate::rules::engine::RulesEngine>,
@@ -326,6 +328,33 @@ pub async fn start_with_clock(
             }
         },
     };
+    // The public site (评价结果公开): configured on purpose, so a port it cannot have stops
+    // the start, unlike metrics.
+    let public_addr = match config
+        .public
+        .addr()
+        .map_err(crate::config::ConfigError::Invalid)?
+    {
+        None => None,
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("public.listen {addr}: {e}"))?;
+            let addr = l.local_addr()?;
+            let (state, public, stop) = (
+                state.clone(),
+                config.public.clone(),
+                stopping_tx.subscribe(),
+            );
+            tokio::spawn(async move {
+                if let Err(e) = crate::public::serve(l, state, public, stop).await {
+                    tracing::error!(error = %e, "The public site stopped.");
+                }
+            });
+            tracing::info!(public_addr = %addr, "Public results site.");
+            Some(addr)
+        }
+    };
     tracing::info!(
         addr = %local_addr,
         mtls = !config.tls.insecure_plaintext,
@@ -336,6 +365,7 @@ pub async fn start_with_clock(
     Ok(RunningHub {
         local_addr,
         ops_addr,
+        public_addr,
         store,
         relay,
         rules,

@@ -29,11 +29,11 @@ pub struct TlsFiles {
     pub crls: Vec<PathBuf>,
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn read_certs(path: &PathBuf) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+pub(crate) fn read_certs(path: &std::path::Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_file_iter(path)
         .with_context(|| format!("reading certificates from {}", path.display()))?
         .collect::<Result<Vec<_>, _>>()

@@ -306,7 +306,7 @@ fn stats_group(
 }
 
 /// Orders groups by `rank_by` and numbers them; equal values share a rank (1, 2, 2, 4).
-fn rank(groups: &mut [pb::StatsGroup], rank_by: pb::RankBy) {
+pub(crate) fn rank(groups: &mut [pb::StatsGroup], rank_by: pb::RankBy) {
     let metric = |g: &pb::StatsGroup| -> f64 {
         match rank_by {
             pb::RankBy::AverageScore => g.average_score.unwrap_or(f64::MIN),
@@ -391,7 +391,22 @@ impl QueryApi {
         profile: &str,
         rank_by: pb::RankBy,
     ) -> Result<(String, Vec<pb::StatsGroup>), Status> {
-        let profiles = self.state.engine.profiles();
+        restrict_to_scope(&caller.principal, &mut query)?;
+        compute_stats(&self.state, query, dims, profile, rank_by).await
+    }
+}
+
+/// Statistics for `query` (already restricted to whatever scope applies) under `profile`
+/// (empty: the profile of the query's region prefix), grouped by `dims` and ranked.
+pub(crate) async fn compute_stats(
+    state: &HubState,
+    query: RatingQuery,
+    dims: &[StatsDimension],
+    profile: &str,
+    rank_by: pb::RankBy,
+) -> Result<(String, Vec<pb::StatsGroup>), Status> {
+    {
+        let profiles = state.engine.profiles();
         let name = if profile.is_empty() {
             profiles.name_for_region(query.region_prefix.as_deref().unwrap_or(""))
         } else {
@@ -404,8 +419,7 @@ impl QueryApi {
                 format!("is not a known profile ({})", known.join(", ")),
             )])
         })?;
-        restrict_to_scope(&caller.principal, &mut query)?;
-        let store = &self.state.store;
+        let store = &state.store;
         let mut groups: BTreeMap<Vec<String>, StatsRow> = BTreeMap::new();
         let entry = |key: Vec<String>| -> StatsRow {
             StatsRow {

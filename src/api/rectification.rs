@@ -238,7 +238,11 @@ impl RectificationApi {
                     "a declared deadline is in the future",
                 )]));
             }
-            CaseAction::DeclareDeadline if !caller.principal.has(Role::Admin) => {
+            // The unit's own deadline, declared or then extended once, stays within the cap
+            // where the unit sets it; further is the authority's.
+            CaseAction::DeclareDeadline | CaseAction::Extend
+                if profile.rectify_deadline_declared && !caller.principal.has(Role::Admin) =>
+            {
                 let days = profile.declared_deadline_max_working_days.unwrap_or(60);
                 let calendar = self.state.engine.calendar();
                 if let (Ok(max), Some(d)) = (

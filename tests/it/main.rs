@@ -15,6 +15,7 @@ mod metrics;
 mod pg;
 mod privacy;
 mod promises;
+mod public;
 mod query;
 mod relay;
 mod restart;

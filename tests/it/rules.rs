@@ -1464,6 +1464,16 @@ mod profile_case_rules {
             .unwrap_err();
         assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
         assert!(err.message().contains("already declared"), "{err:?}");
+        // The unit's one extension stays within the same 60 working days.
+        let err = rect
+            .record_action(pb::RecordActionRequest {
+                action: pb::CaseAction::Extend as i32,
+                ..declare(ordos, "2025-12-31")
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(bad_request_fields(&err), ["new_deadline"]);
+        assert!(err.message().contains("60 working days"), "{err:?}");
         // Past the declared day, unrectified: overdue.
         clock.set(cst("2025-05-06", 9));
         let c = case_of(&mut rect, &results[0].hub_id).await;

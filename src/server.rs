@@ -337,6 +337,8 @@ pub async fn start_with_clock(
     {
         None => None,
         Some(addr) => {
+            let tls = crate::public::tls_config(&config.public)?;
+            let tls_on = tls.is_some();
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| anyhow::anyhow!("public.listen {addr}: {e}"))?;
@@ -347,11 +349,11 @@ pub async fn start_with_clock(
                 stopping_tx.subscribe(),
             );
             tokio::spawn(async move {
-                if let Err(e) = crate::public::serve(l, state, public, stop).await {
+                if let Err(e) = crate::public::serve(l, state, public, tls, stop).await {
                     tracing::error!(error = %e, "The public site stopped.");
                 }
             });
-            tracing::info!(public_addr = %addr, "Public results site.");
+            tracing::info!(public_addr = %addr, tls = tls_on, "Public results site.");
             Some(addr)
         }
     };

@@ -107,6 +107,16 @@ enum Cmd {
         #[arg(long)]
         pg_url: Option<String>,
     },
+    /// Only the public-site scenario: batched ingest alone, then while a client loads the
+    /// public pages at `page_rate` requests/s, then alone again; printed.
+    PublicProbe {
+        #[arg(long, default_value = "target/release/rating-hub")]
+        hub_bin: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        #[arg(long, default_value_t = 200.0)]
+        page_rate: f64,
+    },
     /// Baseline A: the same IngestService contract and mTLS, storing nothing.
     Echo {
         #[arg(long)]
@@ -137,6 +147,120 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+// ---------------------------------------------------------------- the public site under load
+
+/// Ingest alone and while a client loads the public pages (评价结果公开) at `page_rate`
+/// requests/s, on one hub: (alone, loaded, page latencies sorted in ms). "Alone" is the
+/// mean of a run before and a run after the loaded one, so the table's growth between them
+/// does not count against either.
+async fn public_pages(
+    hub_bin: &Path,
+    work: &Path,
+    pki: &Path,
+    secs: u64,
+    page_rate: f64,
+) -> anyhow::Result<(f64, Measured, Vec<f64>, u64)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let hub = spawn_hub(
+        hub_bin,
+        work,
+        "hub-public",
+        pki,
+        &[
+            ("RATING_HUB__PUBLIC__LISTEN", listen.clone()),
+            ("RATING_HUB__PUBLIC__REGIONS", "[\"5301\"]".into()),
+            // One client address here: its rate must not be what limits it.
+            ("RATING_HUB__PUBLIC__REQUESTS_PER_SEC", "1000000".into()),
+            ("RATING_HUB__PUBLIC__REQUESTS_BURST", "1000000".into()),
+            ("RATING_HUB__PUBLIC__REFRESH_SECS", "5".into()),
+        ],
+    )
+    .await?;
+    let ch = channels(pki, &hub.url, 4).await?;
+    let before = closed_loop(&ch, "pub-before", 8, 100, secs).await?;
+    eprintln!(
+        "public site off the path, before: {:.0} ratings/s",
+        before.rate
+    );
+    // The pages a citizen would open: results by organisation, district and item for the
+    // quarter and the year, and the 差评 list; refreshed every 5 s, so some are computed
+    // while ingest runs.
+    let q = rating_hub::public::Period::quarter_of(now_micros()).code();
+    let y = &q[..4];
+    let urls: Vec<String> = [
+        format!("/results?region=5301&period={q}"),
+        format!("/results?region=5301&period={q}&by=region"),
+        format!("/results?region=5301&period={q}&by=item"),
+        format!("/results?region=5301&period={y}"),
+        format!("/cases?region=5301&period={q}"),
+        format!("/data/results.json?region=5301&period={q}"),
+        format!("/data/results.csv?region=5301&period={y}"),
+    ]
+    .into_iter()
+    .map(|p| format!("http://{listen}{p}"))
+    .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let loader = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let lat = Arc::new(Mutex::new(Vec::new()));
+            let failed = Arc::new(AtomicU64::new(0));
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / page_rate));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut tasks = Vec::new();
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let (client, url, lat, failed) = (
+                    client.clone(),
+                    urls[n % urls.len()].clone(),
+                    lat.clone(),
+                    failed.clone(),
+                );
+                n += 1;
+                tasks.push(tokio::spawn(async move {
+                    let t = Instant::now();
+                    match client.get(url).send().await {
+                        Ok(r) if r.status().is_success() => {
+                            let _ = r.bytes().await;
+                            lat.lock().unwrap().push(t.elapsed().as_secs_f64() * 1000.0);
+                        }
+                        _ => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+            let mut lat = std::mem::take(&mut *lat.lock().unwrap());
+            lat.sort_by(f64::total_cmp);
+            (lat, failed.load(Ordering::Relaxed))
+        })
+    };
+    let loaded = closed_loop(&ch, "pub-loaded", 8, 100, secs).await;
+    stop.store(true, Ordering::Relaxed);
+    let (pages, failed) = loader.await?;
+    let loaded = loaded?;
+    eprintln!(
+        "public site loaded at {page_rate} requests/s: {:.0} ratings/s; pages p99 {:.1} ms, {failed} failed",
+        loaded.rate,
+        percentile(&pages, 0.99)
+    );
+    let after = closed_loop(&ch, "pub-after", 8, 100, secs).await?;
+    eprintln!(
+        "public site off the path, after: {:.0} ratings/s",
+        after.rate
+    );
+    hub.stop().await;
+    Ok(((before.rate + after.rate) / 2.0, loaded, pages, failed))
 }
 
 // ---------------------------------------------------------------- baseline A (echo server)
@@ -1596,6 +1720,22 @@ async fn run(
         });
     }
 
+    // The public site (评价结果公开) under a citizen's load, against ingest alone.
+    let (alone, loaded, pages, failed) = public_pages(hub_bin, &work, &pki, secs, 200.0).await?;
+    rows.push(Row {
+        scenario: "SubmitRatings, batches of 100, 8 in flight, while a client loads the public pages at 200 requests/s (ratings/s; pages p50/p99 ms)".into(),
+        value: format!(
+            "{} (pages {:.1}/{:.1}; {} loaded, {failed} failed)",
+            f(loaded.rate),
+            percentile(&pages, 0.5),
+            percentile(&pages, 0.99),
+            pages.len()
+        ),
+        baseline: format!("the same ingest alone: {}", f(alone)),
+        ratio: format!("{:.2}", loaded.rate / alone),
+        target: "≥ 0.9".into(),
+    });
+
     rows.splice(pg_rows_at..pg_rows_at, pg_rows);
     let _ = std::fs::remove_dir_all(&work);
 
@@ -1795,6 +1935,28 @@ async fn main() -> anyhow::Result<()> {
             batch,
             env,
         } => probe(&hub_bin, secs, concurrency, batch, &env).await,
+        Cmd::PublicProbe {
+            hub_bin,
+            secs,
+            page_rate,
+        } => {
+            let hub_bin = hub_bin.canonicalize()?;
+            let work = std::env::temp_dir().join(format!("rating-bench-{}", std::process::id()));
+            let pki = work.join("certs/dev");
+            rating_hub::pki::init_dev(&pki)?;
+            let (alone, loaded, pages, failed) =
+                public_pages(&hub_bin, &work, &pki, secs, page_rate).await?;
+            println!(
+                "ingest alone {alone:.0} ratings/s; with pages at {page_rate}/s {:.0} ({:.2}); pages p50 {:.1} ms, p99 {:.1} ms, {} loaded, {failed} failed",
+                loaded.rate,
+                loaded.rate / alone,
+                percentile(&pages, 0.5),
+                percentile(&pages, 0.99),
+                pages.len()
+            );
+            let _ = std::fs::remove_dir_all(&work);
+            Ok(())
+        }
         Cmd::Run {
             hub_bin,
             out,

@@ -2,7 +2,7 @@
 //! period, and the 差评 cases whose publication rule allows them. Both are the open-data
 //! schema (docs/public-data.md): the pages, the JSON and the CSV show the same values.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{CaseRule, Refusal, Site};
 use crate::pb::v1 as pb;
@@ -20,24 +20,25 @@ pub enum Period {
 impl Period {
     /// "2025", "2025-Q1" or "2025-03".
     pub fn parse(s: &str) -> Option<Self> {
-        let year = |y: &str| {
-            (y.len() == 4 && y.bytes().all(|b| b.is_ascii_digit()))
-                .then(|| y.parse::<i64>().ok())
+        // Digits only: "+1" or " 1" would be other spellings of one period.
+        let number = |t: &str, len: usize| {
+            (t.len() == len && t.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| t.parse::<u32>().ok())
                 .flatten()
+        };
+        let year = |y: &str| {
+            number(y, 4)
+                .map(i64::from)
                 .filter(|y| (2000..=2100).contains(y))
         };
         match s.split_once('-') {
             None => Some(Self::Year(year(s)?)),
             Some((y, q)) if q.starts_with('Q') => {
-                let q: u32 = q[1..].parse().ok().filter(|q| (1..=4).contains(q))?;
-                (q.to_string() == q.to_string() && s.len() == 7).then_some(())?;
+                let q = number(&q[1..], 1).filter(|q| (1..=4).contains(q))?;
                 Some(Self::Quarter(year(y)?, q))
             }
             Some((y, m)) => {
-                let m: u32 = (m.len() == 2)
-                    .then(|| m.parse().ok())
-                    .flatten()
-                    .filter(|m| (1..=12).contains(m))?;
+                let m = number(m, 2).filter(|m| (1..=12).contains(m))?;
                 Some(Self::Month(year(y)?, m))
             }
         }
@@ -146,7 +147,8 @@ impl Grouping {
 }
 
 /// One group's published results. A column the deployment does not publish is absent; a
-/// group below `min_ratings` has its counts only (`withheld`).
+/// group below `min_ratings` has its total only (`withheld`): its counts by level would give
+/// its rates, and with one rating, that rater's level.
 #[derive(Debug, Clone, Serialize)]
 pub struct ResultRow {
     /// The code: credit code, region code or item code.
@@ -187,18 +189,24 @@ pub struct Results {
     /// The policy profile the rates and scores follow, and where its rules come from.
     pub profile: String,
     pub profile_title: String,
-    /// Groups with fewer ratings have counts only.
+    /// Groups with fewer ratings have their total only.
     pub min_ratings: u64,
     /// When these numbers were computed (China Standard Time).
     pub computed_at: String,
-    /// Ranked groups first, by rank; then the withheld ones by total.
+    /// Ranked groups first, by rank; then the withheld ones, by key.
     pub groups: Vec<ResultRow>,
 }
 
-/// The name of an organisation or item as its first rating in the region names it.
+/// The name of an organisation or item as its first counted rating in the region names it
+/// (a source's free text: long numbers masked), looked up once an hour.
 async fn name_from_ratings(site: &Site, region: &str, by: Grouping, key: &str) -> Option<String> {
+    let memo = format!("{}|{region}|{key}", by.code());
+    if let Some(known) = site.remembered_name(&memo) {
+        return known;
+    }
     let mut q = RatingQuery {
         region_prefix: Some(region.to_owned()),
+        counted_only: true,
         ..Default::default()
     };
     match by {
@@ -206,12 +214,16 @@ async fn name_from_ratings(site: &Site, region: &str, by: Grouping, key: &str) -
         Grouping::Item => q.item_code = Some(key.to_owned()),
         _ => return None,
     }
-    let row = site.state.store.list_ratings(&q, 0, 1).await.ok()?.pop()?;
-    let name = match by {
-        Grouping::Organization => row.rating.org_name,
-        _ => row.rating.item_name,
-    };
-    (!name.is_empty()).then_some(name)
+    let row = site.state.store.list_ratings(&q, 0, 1).await.ok()?.pop();
+    let name = row
+        .map(|row| match by {
+            Grouping::Organization => row.rating.org_name,
+            _ => row.rating.item_name,
+        })
+        .filter(|n| !n.is_empty())
+        .map(|n| public_text(&n, None, ""));
+    site.remember_name(memo, name.as_deref());
+    name
 }
 
 pub(super) async fn results(
@@ -243,10 +255,7 @@ pub(super) async fn results(
     .await
     .map_err(|e| {
         tracing::warn!(error = %e.message(), "Public results could not be computed.");
-        Refusal {
-            status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            message: "评价结果暂时无法计算，请稍后再试。".into(),
-        }
+        Refusal::unavailable("评价结果暂时无法计算，请稍后再试。")
     })?;
     let (has_scores, profile_title) = {
         let profiles = site.state.engine.profiles();
@@ -287,14 +296,14 @@ pub(super) async fn results(
         rows.push(ResultRow {
             name,
             total: g.total,
-            levels: shows("levels").then_some([
+            levels: (shows("levels") && !withheld).then_some([
                 g.very_satisfied,
                 g.satisfied,
                 g.basically_satisfied,
                 g.dissatisfied,
                 g.very_dissatisfied,
             ]),
-            default_ratings: shows("levels").then_some(g.default_ratings),
+            default_ratings: (shows("levels") && !withheld).then_some(g.default_ratings),
             good_rate: rate(shows("good_rate"), g.good_rate),
             bad_rate: rate(shows("bad_rate"), g.bad_rate),
             rating_rate: rate(shows("rating_rate") && g.completed_cases > 0, g.rating_rate),
@@ -330,7 +339,7 @@ fn round4(v: f64) -> f64 {
 }
 
 /// One published 差评 case. Nothing about the rater: no identity, not their words.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CaseRow {
     pub id: u64,
     pub organization: String,
@@ -353,7 +362,7 @@ pub struct CaseRow {
     pub closed_on: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Cases {
     pub region: String,
     pub region_name: String,
@@ -378,16 +387,82 @@ fn day(micros: i64) -> String {
     format!("{y}-{m:02}-{d:02}")
 }
 
-/// Text the unit wrote, fit to publish: the rater's own name, phone and ID number are
-/// masked wherever they appear, and so is every run of seven or more digits (spaces and
-/// dashes between them included); at most 300 characters.
-pub(crate) fn public_text(text: &str, rater: Option<&pb::Rater>) -> String {
+/// The character a digit-like character stands for when numbers are looked for: ASCII digits,
+/// full-width digits and Chinese numerals ("一三八…", "幺") are digits.
+fn digit_of(c: char) -> Option<char> {
+    let c = match c {
+        '\u{FF10}'..='\u{FF19}' => char::from_u32(c as u32 - 0xFF10 + '0' as u32)?,
+        '〇' | '零' => '0',
+        '一' | '幺' => '1',
+        '二' | '两' => '2',
+        '三' => '3',
+        '四' => '4',
+        '五' => '5',
+        '六' => '6',
+        '七' => '7',
+        '八' => '8',
+        '九' => '9',
+        c => c,
+    };
+    c.is_ascii_digit().then_some(c)
+}
+
+/// What may sit between the digits of one number as people write them.
+fn separator(c: char) -> bool {
+    matches!(
+        c,
+        ' ' | '\u{3000}'
+            | '-'
+            | '－'
+            | '.'
+            | '．'
+            | '/'
+            | '／'
+            | ','
+            | '，'
+            | '、'
+            | '·'
+            | '_'
+            | '('
+            | ')'
+            | '（'
+            | '）'
+    )
+}
+
+/// Text the unit wrote, fit to publish: the rater's own name (and its given name), phone,
+/// ID number and credit code are masked wherever they appear, and so is any run of eight
+/// characters taken from the rater's own words, and every number of seven or more digits —
+/// written in ASCII, full-width or Chinese digits, with up to two spaces, dashes, dots,
+/// slashes or commas between them; at most 300 characters.
+pub(crate) fn public_text(text: &str, rater: Option<&pb::Rater>, rater_text: &str) -> String {
     let mut t = text.to_owned();
     if let Some(r) = rater {
-        for secret in [&r.name, &r.phone, &r.id_number] {
-            let s = secret.trim();
-            if s.chars().count() >= 2 {
-                t = t.replace(s, "*");
+        let mut secrets: Vec<String> = Vec::new();
+        let name: Vec<char> = r.name.trim().chars().collect();
+        // The name, and each ending of it of two characters or more ("娜娜" of "欧阳娜娜").
+        for start in 0..name.len() {
+            if name.len() - start >= 2 {
+                secrets.push(name[start..].iter().collect());
+            }
+        }
+        for s in [&r.phone, &r.id_number, &r.credit_code] {
+            if s.trim().chars().count() >= 2 {
+                secrets.push(s.trim().to_owned());
+            }
+        }
+        // Longest first, so a name is masked whole before its given name.
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.chars().count()));
+        for s in secrets {
+            t = t.replace(&s, "*");
+        }
+    }
+    let words: Vec<char> = rater_text.chars().collect();
+    if words.len() >= 8 {
+        for w in words.windows(8) {
+            let piece: String = w.iter().collect();
+            if t.contains(&piece) {
+                t = t.replace(&piece, "…");
             }
         }
     }
@@ -395,39 +470,52 @@ pub(crate) fn public_text(text: &str, rater: Option<&pb::Rater>) -> String {
     let mut out = String::with_capacity(t.len());
     let mut i = 0;
     while i < chars.len() {
-        if chars[i].is_ascii_digit() {
-            // A run of digits, with single spaces or dashes between them.
-            let mut j = i;
-            let mut digits = 0;
-            while j < chars.len() {
-                if chars[j].is_ascii_digit() || matches!(chars[j], 'X' | 'x') && digits >= 14 {
-                    digits += 1;
-                    j += 1;
-                } else if matches!(chars[j], ' ' | '-')
-                    && j + 1 < chars.len()
-                    && chars[j + 1].is_ascii_digit()
-                {
-                    j += 1;
+        if digit_of(chars[i]).is_none() {
+            out.push(chars[i]);
+            i += 1;
+            continue;
+        }
+        // A number: digits, with at most two separators between two of them, and an ID
+        // number's final X.
+        let mut j = i;
+        let mut end = i;
+        let mut digits = 0;
+        while j < chars.len() {
+            if digit_of(chars[j]).is_some()
+                || (matches!(chars[j], 'X' | 'x' | 'Ｘ' | 'ｘ') && digits >= 14)
+            {
+                digits += 1;
+                j += 1;
+                end = j;
+            } else if separator(chars[j]) {
+                let gap = chars[j..]
+                    .iter()
+                    .take(3)
+                    .take_while(|&&c| separator(c))
+                    .count();
+                if gap <= 2 && chars.get(j + gap).is_some_and(|&c| digit_of(c).is_some()) {
+                    j += gap;
                 } else {
                     break;
                 }
-            }
-            if digits >= 7 {
-                out.push_str("***");
             } else {
-                out.extend(&chars[i..j]);
+                break;
             }
-            i = j;
-        } else {
-            out.push(chars[i]);
-            i += 1;
         }
+        if digits >= 7 {
+            out.push_str("***");
+        } else {
+            out.extend(&chars[i..end]);
+        }
+        i = end;
     }
-    let mut out: String = out.chars().take(300).collect();
-    if t.chars().count() > 300 {
-        out.push('…');
+    if out.chars().count() > 300 {
+        let mut cut: String = out.chars().take(300).collect();
+        cut.push('…');
+        cut
+    } else {
+        out
     }
-    out
 }
 
 pub(super) async fn cases(site: &Site, region: &str, period: &Period) -> Result<Cases, Refusal> {
@@ -435,10 +523,7 @@ pub(super) async fn cases(site: &Site, region: &str, period: &Period) -> Result<
     let state = &site.state;
     let unavailable = |e: crate::store::StoreError| {
         tracing::warn!(error = %e, "Public case list could not be read.");
-        Refusal {
-            status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            message: "差评整改情况暂时无法读取，请稍后再试。".into(),
-        }
+        Refusal::unavailable("差评整改情况暂时无法读取，请稍后再试。")
     };
     let (from, until) = period.bounds();
     let now = state.clock.now_micros();
@@ -455,7 +540,7 @@ pub(super) async fn cases(site: &Site, region: &str, period: &Period) -> Result<
     'pages: loop {
         let page = state
             .store
-            .list_bad_cases(Some(&scope), after, 1000)
+            .list_bad_cases_opened(Some(&scope), Some((from, until)), after, 1000)
             .await
             .map_err(unavailable)?;
         let full = page.len() == 1000;
@@ -477,7 +562,10 @@ pub(super) async fn cases(site: &Site, region: &str, period: &Period) -> Result<
                 continue;
             }
             let archived = v.status == S::Archived;
-            let deadline_passed = v.rectify_deadline.is_some_and(|d| now > d);
+            // Overdue for any reason (a deadline the unit declared, or one it never declared
+            // in time) is a deadline passed.
+            let deadline_passed =
+                v.overdue || v.rectify_deadline.or(v.declare_by).is_some_and(|d| now > d);
             let publish = match site.rule {
                 CaseRule::Archived => archived,
                 CaseRule::Deadline => archived || deadline_passed,
@@ -495,33 +583,40 @@ pub(super) async fn cases(site: &Site, region: &str, period: &Period) -> Result<
                 .get_rating(case.hub_id)
                 .await
                 .map_err(unavailable)?;
+            // The rater's own data, to mask it wherever the unit's note repeats it; never
+            // published, never logged. Where it cannot be read, no note is published.
             let (rating, rater) = match stored {
                 Some(s) => {
-                    // The rater's own data, to mask it wherever the unit's note repeats it;
-                    // never published, never logged.
                     let mut rater = s.rating.rater.clone().unwrap_or_default();
-                    if let Some(sealed) = &s.pii {
-                        let _ = state.pii.reveal_rater(
-                            &mut rater,
-                            sealed,
-                            &crate::store::rating_aad(&case.hub_id),
-                            true,
-                        );
-                    }
-                    (s.rating, Some(rater))
+                    let readable = match &s.pii {
+                        Some(sealed) => state
+                            .pii
+                            .reveal_rater(
+                                &mut rater,
+                                sealed,
+                                &crate::store::rating_aad(&case.hub_id),
+                                true,
+                            )
+                            .is_ok(),
+                        None => true,
+                    };
+                    (s.rating, readable.then_some(rater))
                 }
                 None => (pb::Rating::default(), None),
             };
-            let note = case
-                .entries
-                .iter()
-                .rev()
-                .find(|e| {
-                    e.action == pb::CaseAction::Rectify as i32
-                        || e.action == pb::CaseAction::Explain as i32
-                })
-                .map(|e| public_text(&e.note, rater.as_ref()))
-                .unwrap_or_default();
+            let note = match &rater {
+                Some(r) => case
+                    .entries
+                    .iter()
+                    .rev()
+                    .find(|e| {
+                        e.action == pb::CaseAction::Rectify as i32
+                            || e.action == pb::CaseAction::Explain as i32
+                    })
+                    .map(|e| public_text(&e.note, Some(r), &rating.text))
+                    .unwrap_or_default(),
+                None => String::new(),
+            };
             let explained = case
                 .entries
                 .iter()
@@ -559,7 +654,8 @@ pub(super) async fn cases(site: &Site, region: &str, period: &Period) -> Result<
                 opened_on: day(case.opened_at_micros),
                 status: status.to_owned(),
                 status_label: label.to_owned(),
-                deadline: v.rectify_deadline.map(day),
+                // A deadline is 24:00 of its day: the next day's first moment.
+                deadline: v.rectify_deadline.map(|d| day(d - 1)),
                 outcome: note,
                 closed_on,
             });
@@ -608,17 +704,28 @@ mod tests {
             id_number: "11010519491231002X".into(),
             ..Default::default()
         };
+        let words = "我在窗口等了两个小时没人理睬，态度恶劣";
         let t = public_text(
-            "已联系张三丰（138 0013 8000，身份证11010519491231002X），另一号码 139-1234-5678，窗口3号已整改",
+            "已联系张三丰（138 0013 8000，身份证11010519491231002X），另一号码 139-1234-5678，\
+             还有 138.0013.8000、138/0013/8000、138，0013，8000、138  0013  8000、\
+             138\u{3000}0013\u{3000}8000、１３８００１３８０００、一三八〇〇一三八〇〇〇，\
+             三丰先生反映：在窗口等了两个小时没人理睬。窗口3号已整改",
             Some(&rater),
+            words,
         );
         for secret in [
             "张三丰",
+            "三丰",
             "13800138000",
-            "138 0013 8000",
+            "138",
+            "0013",
+            "8000",
             "11010519491231002X",
-            "139-1234-5678",
-            "1234",
+            "002X",
+            "5678",
+            "１３８",
+            "一三八",
+            "等了两个小时没人理",
         ] {
             assert!(!t.contains(secret), "{secret} in {t}");
         }

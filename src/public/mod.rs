@@ -13,6 +13,7 @@
 
 mod data;
 mod render;
+mod serve;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -21,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -29,6 +30,7 @@ use serde::Deserialize;
 use crate::api::HubState;
 
 pub use data::Period;
+pub use serve::{serve, tls_config};
 
 /// `[public]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -52,6 +54,9 @@ pub struct PublicConfig {
     pub refresh_secs: u64,
     pub requests_per_sec: u32,
     pub requests_burst: u32,
+    /// Behind a reverse proxy on this host: the client is the right-most address of
+    /// `X-Forwarded-For` (the one the proxy added), not the proxy.
+    pub trust_forwarded_for: bool,
     /// Code → name shown.
     #[serde(default)]
     pub names: BTreeMap<String, String>,
@@ -153,6 +158,12 @@ impl PublicConfig {
         if self.refresh_secs == 0 {
             return Err("public.refresh_secs must be at least 1".into());
         }
+        if self.min_ratings == 0 {
+            return Err("public.min_ratings must be at least 1".into());
+        }
+        if self.case_delay_days > 3650 {
+            return Err("public.case_delay_days must be at most 3650".into());
+        }
         if self.requests_per_sec == 0 || self.requests_burst == 0 {
             return Err(
                 "public.requests_per_sec and public.requests_burst must be at least 1".into(),
@@ -172,178 +183,77 @@ type Limiter = governor::DefaultKeyedRateLimiter<IpAddr>;
 /// A response body computed once and served until it is older than `refresh_secs`.
 #[derive(Clone)]
 struct Cached {
-    body: bytes_body::Body,
+    body: axum::body::Bytes,
     content_type: &'static str,
     etag: String,
     last_modified: SystemTime,
     at: Instant,
 }
 
-mod bytes_body {
-    /// Shared bytes of a cached body.
-    pub type Body = std::sync::Arc<Vec<u8>>;
+/// Rendered bodies, bounded by count and by bytes.
+#[derive(Default)]
+struct Cache {
+    entries: HashMap<String, Cached>,
+    bytes: usize,
 }
 
-/// Cached bodies at most.
+/// Cached bodies at most …
 const CACHE_ENTRIES: usize = 512;
+/// … and bytes at most.
+const CACHE_BYTES: usize = 64 << 20;
+/// Computations at once (each reads the database).
+const COMPUTATIONS: usize = 2;
+/// How long a name looked up from ratings is kept.
+const NAME_TTL: Duration = Duration::from_secs(3600);
 
 pub(crate) struct Site {
     state: Arc<HubState>,
     config: PublicConfig,
     rule: CaseRule,
     limiter: Limiter,
-    cache: tokio::sync::Mutex<HashMap<String, Cached>>,
-    /// One computation at a time: a burst for one page waits for it, then reads the copy.
-    computing: tokio::sync::Mutex<()>,
+    cache: std::sync::Mutex<Cache>,
+    /// One computation per key at a time: others wait for it, or take the stale copy.
+    locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    computing: tokio::sync::Semaphore,
+    /// Names of organisations and items as their ratings give them, looked up once an hour.
+    names: std::sync::Mutex<HashMap<String, (Instant, String)>>,
 }
 
-/// Serves the public site on `listener` until `stop` turns true.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    state: Arc<HubState>,
-    config: PublicConfig,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    use axum::routing::get;
-    let quota = governor::Quota::per_second(
-        NonZeroU32::new(config.requests_per_sec).unwrap_or(NonZeroU32::MIN),
-    )
-    .allow_burst(NonZeroU32::new(config.requests_burst).unwrap_or(NonZeroU32::MIN));
-    let tls = config.tls();
-    let site = Arc::new(Site {
-        state,
-        rule: config.case_rule().map_err(anyhow::Error::msg)?,
-        config,
-        limiter: governor::RateLimiter::keyed(quota),
-        cache: tokio::sync::Mutex::new(HashMap::new()),
-        computing: tokio::sync::Mutex::new(()),
-    });
-    // Forget quiet clients now and then, so the limiter's map stays small.
-    {
-        let site = site.clone();
-        let mut stop = stop.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_secs(60));
-            loop {
-                tokio::select! {
-                    _ = every.tick() => site.limiter.retain_recent(),
-                    _ = stop.changed() => return,
-                }
-            }
-        });
-    }
-    let app = axum::Router::new()
-        .route("/", get(index))
-        .route("/results", get(results_page))
-        .route("/cases", get(cases_page))
-        .route("/data/results.json", get(results_json))
-        .route("/data/results.csv", get(results_csv))
-        .route("/data/cases.json", get(cases_json))
-        .route("/data/cases.csv", get(cases_csv))
-        .fallback(not_found)
-        .with_state(site)
-        .into_make_service_with_connect_info::<ClientAddr>();
-    let shutdown = async move {
-        let _ = stop.changed().await;
-    };
-    match tls {
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await?
-        }
-        Some((cert, key)) => {
-            let config = server_tls(&cert, &key)?;
-            let incoming = crate::tls::incoming(listener, config, Duration::from_secs(10));
-            axum::serve(TlsListener { incoming }, app)
-                .with_graceful_shutdown(shutdown)
-                .await?
-        }
-    }
-    Ok(())
-}
-
-/// HTTPS with the site's own certificate: no client certificate, HTTP/1.1.
-fn server_tls(
-    cert: &std::path::Path,
-    key: &std::path::Path,
-) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    use anyhow::Context;
-    use rustls::pki_types::PrivateKeyDer;
-    use rustls::pki_types::pem::PemObject;
-    let certs = crate::tls::read_certs(cert)?;
-    let key = PrivateKeyDer::from_pem_file(key)
-        .with_context(|| format!("reading the public site's key {}", key.display()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("public.tls_cert and public.tls_key do not match")?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
-
-/// The client's address, over plain HTTP or HTTPS (the per-client request rate's key).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct ClientAddr(SocketAddr);
-
-impl
-    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
-    for ClientAddr
-{
-    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
-        Self(*s.remote_addr())
+impl Site {
+    pub(crate) fn new(state: Arc<HubState>, config: PublicConfig) -> anyhow::Result<Arc<Self>> {
+        let quota = governor::Quota::per_second(
+            NonZeroU32::new(config.requests_per_sec).unwrap_or(NonZeroU32::MIN),
+        )
+        .allow_burst(NonZeroU32::new(config.requests_burst).unwrap_or(NonZeroU32::MIN));
+        Ok(Arc::new(Self {
+            state,
+            rule: config.case_rule().map_err(anyhow::Error::msg)?,
+            config,
+            limiter: governor::RateLimiter::keyed(quota),
+            cache: Default::default(),
+            locks: Default::default(),
+            computing: tokio::sync::Semaphore::new(COMPUTATIONS),
+            names: Default::default(),
+        }))
     }
 }
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>>
-    for ClientAddr
-{
-    fn connect_info(s: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
-        Self(*s.remote_addr())
-    }
-}
-
-/// Accepted TLS connections (handshakes run off the accept loop, in `tls::incoming`).
-struct TlsListener {
-    incoming: tokio_stream::wrappers::ReceiverStream<
-        std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
-    >,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        use tokio_stream::StreamExt;
-        loop {
-            match self.incoming.next().await {
-                Some(Ok(tls)) => {
-                    let Ok(peer) = tls.get_ref().0.peer_addr() else {
-                        continue;
-                    };
-                    return (tls, peer);
-                }
-                Some(Err(_)) => continue,
-                // The accept loop ended: nothing more will come.
-                None => std::future::pending().await,
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Err(std::io::Error::other("not known here"))
-    }
-}
-
-/// The query string of every page and file.
+/// The query string of every page and file, as sent.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 pub(crate) struct Params {
     pub region: String,
     pub period: String,
     pub by: String,
+    pub page: String,
+}
+
+/// A request checked: what it asks for, in one spelling (the cache's key).
+#[derive(Debug, Clone)]
+pub(crate) struct Ask {
+    pub region: String,
+    pub period: Period,
+    pub by: data::Grouping,
     pub page: u32,
 }
 
@@ -367,6 +277,13 @@ impl Refusal {
             message: message.into(),
         }
     }
+
+    pub(crate) fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: message.into(),
+        }
+    }
 }
 
 impl IntoResponse for Refusal {
@@ -381,9 +298,28 @@ impl IntoResponse for Refusal {
     }
 }
 
+/// The client's address: the peer, or behind a trusted proxy the address it forwarded.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ClientAddr(pub SocketAddr);
+
+/// The rate limiter's key for a client: its IPv4 address, or its IPv6 /64 (one subscriber's
+/// network; addresses within it are free to pick).
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
+}
+
 impl Site {
-    /// The region asked for (the first published one when none is), or why not.
-    fn region(&self, p: &Params) -> Result<String, Refusal> {
+    /// Checks a request's parameters: the region published, the period and grouping known.
+    fn ask(&self, p: &Params) -> Result<Ask, Refusal> {
         let region = if p.region.is_empty() {
             self.config.regions[0].clone()
         } else {
@@ -397,22 +333,79 @@ impl Site {
                 "地区 {region} 的评价结果未公开。"
             )));
         }
-        Ok(region)
-    }
-
-    fn period(&self, p: &Params) -> Result<Period, Refusal> {
-        if p.period.is_empty() {
-            return Ok(Period::quarter_of(self.state.clock.now_micros()));
-        }
-        Period::parse(&p.period)
-            .ok_or_else(|| Refusal::bad("时段应写作 2025（年）、2025-Q1（季度）或 2025-03（月）。"))
+        let period = if p.period.is_empty() {
+            Period::quarter_of(self.state.clock.now_micros())
+        } else {
+            Period::parse(&p.period).ok_or_else(|| {
+                Refusal::bad("时段应写作 2025（年）、2025-Q1（季度）或 2025-03（月）。")
+            })?
+        };
+        let by = data::Grouping::parse(&p.by)
+            .ok_or_else(|| Refusal::bad("分组应为 organization、region、city 或 item。"))?;
+        let page = if p.page.is_empty() {
+            1
+        } else {
+            p.page
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=10_000).contains(n) && p.page.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| Refusal::bad("页码应为正整数。"))?
+        };
+        Ok(Ask {
+            region,
+            period,
+            by,
+            page,
+        })
     }
 
     fn name(&self, code: &str) -> Option<String> {
         self.config.names.get(code).cloned()
     }
 
-    /// The cached body for `key`, computed by `make` when missing or older than the refresh.
+    /// A name looked up from ratings, kept for an hour.
+    fn remembered_name(&self, key: &str) -> Option<Option<String>> {
+        let names = self.names.lock().expect("names");
+        names
+            .get(key)
+            .filter(|(at, _)| at.elapsed() < NAME_TTL)
+            .map(|(_, n)| (!n.is_empty()).then(|| n.clone()))
+    }
+
+    fn remember_name(&self, key: String, name: Option<&str>) {
+        let mut names = self.names.lock().expect("names");
+        if names.len() > 10_000 {
+            names.retain(|_, (at, _)| at.elapsed() < NAME_TTL);
+        }
+        names.insert(key, (Instant::now(), name.unwrap_or_default().to_owned()));
+    }
+
+    fn fresh(&self, key: &str) -> Option<Cached> {
+        let fresh = Duration::from_secs(self.config.refresh_secs);
+        let cache = self.cache.lock().expect("cache");
+        cache
+            .entries
+            .get(key)
+            .filter(|c| c.at.elapsed() < fresh)
+            .cloned()
+    }
+
+    fn stale(&self, key: &str) -> Option<Cached> {
+        self.cache.lock().expect("cache").entries.get(key).cloned()
+    }
+
+    fn lock_for(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().expect("locks");
+        // Locks nobody holds or waits for are dropped.
+        if locks.len() > 64 {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(key.to_owned()).or_default().clone()
+    }
+
+    /// The body for `key`: the cached copy while it is fresh; else computed by `make` once,
+    /// however many ask at once. While a copy is being recomputed, others get the stale one
+    /// rather than wait; a computation that fails serves the stale copy if there is one.
     async fn cached<F, Fut>(
         &self,
         key: String,
@@ -423,53 +416,94 @@ impl Site {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Vec<u8>, Refusal>>,
     {
-        let fresh = Duration::from_secs(self.config.refresh_secs);
-        if let Some(c) = self.cache.lock().await.get(&key)
-            && c.at.elapsed() < fresh
-        {
-            return Ok(c.clone());
+        if let Some(c) = self.fresh(&key) {
+            return Ok(c);
         }
-        let _one = self.computing.lock().await;
+        let lock = self.lock_for(&key);
+        let stale = self.stale(&key);
+        let _one = match (&stale, lock.clone().try_lock_owned()) {
+            (_, Ok(held)) => held,
+            (Some(s), Err(_)) => return Ok(s.clone()),
+            (None, Err(_)) => lock.clone().lock_owned().await,
+        };
         // Computed by the request this one waited for?
-        if let Some(c) = self.cache.lock().await.get(&key)
-            && c.at.elapsed() < fresh
-        {
-            return Ok(c.clone());
+        if let Some(c) = self.fresh(&key) {
+            return Ok(c);
         }
-        let body = make().await?;
+        let body = {
+            let _permit = self
+                .computing
+                .acquire()
+                .await
+                .map_err(|_| Refusal::unavailable("服务正在停止。"))?;
+            match make().await {
+                Ok(b) => b,
+                Err(e) => return stale.ok_or(e),
+            }
+        };
         let etag = {
             use sha2::Digest;
             format!("\"{}\"", &hex::encode(sha2::Sha256::digest(&body))[..32])
         };
-        let mut cache = self.cache.lock().await;
+        let mut cache = self.cache.lock().expect("cache");
         // The same content as before keeps its Last-Modified.
-        let last_modified = match cache.get(&key) {
+        let last_modified = match cache.entries.get(&key) {
             Some(old) if old.etag == etag => old.last_modified,
             _ => SystemTime::now(),
         };
         let c = Cached {
-            body: Arc::new(body),
+            body: axum::body::Bytes::from(body),
             content_type,
             etag,
             last_modified,
             at: Instant::now(),
         };
-        if cache.len() >= CACHE_ENTRIES
-            && !cache.contains_key(&key)
-            && let Some(oldest) = cache
+        if let Some(old) = cache.entries.remove(&key) {
+            cache.bytes -= old.body.len();
+        }
+        // Room for it: the oldest go first. A body larger than the whole cache is served,
+        // not kept.
+        while !cache.entries.is_empty()
+            && (cache.entries.len() >= CACHE_ENTRIES || cache.bytes + c.body.len() > CACHE_BYTES)
+        {
+            let Some(oldest) = cache
+                .entries
                 .iter()
                 .min_by_key(|(_, v)| v.at)
                 .map(|(k, _)| k.clone())
-        {
-            cache.remove(&oldest);
+            else {
+                break;
+            };
+            if let Some(old) = cache.entries.remove(&oldest) {
+                cache.bytes -= old.body.len();
+            }
         }
-        cache.insert(key, c.clone());
+        if c.body.len() <= CACHE_BYTES {
+            cache.bytes += c.body.len();
+            cache.entries.insert(key, c.clone());
+        }
         Ok(c)
     }
 
+    /// The client, for its request rate.
+    fn client(&self, peer: ClientAddr, headers: &HeaderMap) -> IpAddr {
+        if self.config.trust_forwarded_for
+            && let Some(ip) = headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .next_back()
+                .and_then(|a| a.trim().parse::<IpAddr>().ok())
+        {
+            return client_key(ip);
+        }
+        client_key(peer.0.ip())
+    }
+
     /// Within the client's request rate, or the 429 to answer.
-    fn admit(&self, peer: ClientAddr) -> Result<(), Box<Response>> {
-        if self.limiter.check_key(&peer.0.ip()).is_err() {
+    fn admit(&self, peer: ClientAddr, headers: &HeaderMap) -> Result<(), Box<Response>> {
+        if self.limiter.check_key(&self.client(peer, headers)).is_err() {
             let mut r = Refusal {
                 status: StatusCode::TOO_MANY_REQUESTS,
                 message: "请求过于频繁，请稍后再试。".into(),
@@ -484,15 +518,18 @@ impl Site {
 
     /// The cached body as a response, or 304 when the client's copy is current.
     fn respond(&self, c: &Cached, headers: &HeaderMap) -> Response {
+        let strip = |t: &str| t.trim().trim_start_matches("W/").to_owned();
         let matches = headers
             .get(header::IF_NONE_MATCH)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.split(',').any(|t| t.trim() == c.etag || t.trim() == "*"));
+            .is_some_and(|v| v.split(',').any(|t| strip(t) == c.etag || t.trim() == "*"));
         let not_modified_since = headers.get(header::IF_NONE_MATCH).is_none()
             && headers
                 .get(header::IF_MODIFIED_SINCE)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| httpdate::parse_http_date(v).ok())
+                // A date in the future is no date the client was given.
+                .filter(|since| *since <= SystemTime::now())
                 .is_some_and(|since| {
                     // HTTP dates have whole seconds.
                     c.last_modified
@@ -517,19 +554,54 @@ impl Site {
             header::CONTENT_TYPE,
             HeaderValue::from_static(c.content_type),
         );
-        (StatusCode::OK, h, c.body.as_ref().clone()).into_response()
+        (StatusCode::OK, h, c.body.clone()).into_response()
+    }
+
+    /// The published 差评 cases of a region and period, computed once per refresh and shared
+    /// by the page, its other pages, the JSON and the CSV.
+    async fn cases(&self, ask: &Ask) -> Result<Arc<data::Cases>, Refusal> {
+        if self.rule == CaseRule::None {
+            return Err(Refusal::not_found("差评整改情况未公开。"));
+        }
+        let key = format!("cases.json|{}|{}", ask.region, ask.period.code());
+        let c = self
+            .cached(key, JSON, || async {
+                let c = data::cases(self, &ask.region, &ask.period).await?;
+                Ok(serde_json::to_vec_pretty(&c).expect("serialisable"))
+            })
+            .await?;
+        serde_json::from_slice(&c.body)
+            .map(Arc::new)
+            .map_err(|_| Refusal::unavailable("差评整改情况暂时无法读取，请稍后再试。"))
     }
 }
 
 type SiteState = State<Arc<Site>>;
-type Peer = ConnectInfo<ClientAddr>;
+type Peer = axum::Extension<ClientAddr>;
+type Asked = Result<Query<Params>, axum::extract::rejection::QueryRejection>;
 
-const HTML: &str = "text/html; charset=utf-8";
-const JSON: &str = "application/json";
-const CSV: &str = "text/csv; charset=utf-8";
+pub(crate) const HTML: &str = "text/html; charset=utf-8";
+pub(crate) const JSON: &str = "application/json";
+pub(crate) const CSV: &str = "text/csv; charset=utf-8";
 
-async fn index(State(site): SiteState, ConnectInfo(peer): Peer, headers: HeaderMap) -> Response {
-    if let Err(r) = site.admit(peer) {
+/// What every page and file does first: the client's rate, then its parameters.
+fn admit_and_ask(
+    site: &Site,
+    peer: ClientAddr,
+    headers: &HeaderMap,
+    q: Asked,
+) -> Result<Ask, Box<Response>> {
+    site.admit(peer, headers)?;
+    let Query(p) = q.map_err(|_| Box::new(Refusal::bad("请求参数有误。").into_response()))?;
+    site.ask(&p).map_err(|r| Box::new(r.into_response()))
+}
+
+pub(crate) async fn index(
+    State(site): SiteState,
+    axum::Extension(peer): Peer,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = site.admit(peer, &headers) {
         return *r;
     }
     let regions: Vec<(String, String)> = site
@@ -540,53 +612,47 @@ async fn index(State(site): SiteState, ConnectInfo(peer): Peer, headers: HeaderM
         .collect();
     let period = Period::quarter_of(site.state.clock.now_micros());
     let body = render::index_page(&regions, &period, site.rule != CaseRule::None);
-    let key = "index".to_owned();
-    match site.cached(key, HTML, || async move { Ok(body) }).await {
+    match site
+        .cached("index".to_owned(), HTML, || async move { Ok(body) })
+        .await
+    {
         Ok(c) => site.respond(&c, &headers),
         Err(e) => e.into_response(),
     }
 }
 
-/// What a results request asks for, checked.
-async fn results_for(site: &Site, p: &Params) -> Result<data::Results, Refusal> {
-    let region = site.region(p)?;
-    let period = site.period(p)?;
-    let by = data::Grouping::parse(&p.by)
-        .ok_or_else(|| Refusal::bad("分组应为 organization、region、city 或 item。"))?;
-    data::results(site, &region, &period, by).await
-}
-
-async fn cases_for(site: &Site, p: &Params) -> Result<data::Cases, Refusal> {
-    if site.rule == CaseRule::None {
-        return Err(Refusal::not_found("差评整改情况未公开。"));
-    }
-    let region = site.region(p)?;
-    let period = site.period(p)?;
-    data::cases(site, &region, &period).await
-}
-
-fn key(kind: &str, p: &Params) -> String {
-    format!("{kind}|{}|{}|{}|{}", p.region, p.period, p.by, p.page)
-}
-
-async fn results_page(
-    State(site): SiteState,
-    ConnectInfo(peer): Peer,
-    Query(p): Query<Params>,
+/// Results as a page, JSON or CSV.
+pub(crate) async fn results(
+    site: Arc<Site>,
+    peer: ClientAddr,
     headers: HeaderMap,
+    q: Asked,
+    kind: &'static str,
 ) -> Response {
-    if let Err(r) = site.admit(peer) {
-        return *r;
-    }
+    let ask = match admit_and_ask(&site, peer, &headers, q) {
+        Ok(a) => a,
+        Err(r) => return *r,
+    };
+    let key = format!(
+        "results.{kind}|{}|{}|{}",
+        ask.region,
+        ask.period.code(),
+        ask.by.code()
+    );
+    let content_type = match kind {
+        "html" => HTML,
+        "json" => JSON,
+        _ => CSV,
+    };
     let s = site.clone();
     let made = site
-        .cached(key("results.html", &p), HTML, || async move {
-            let r = results_for(&s, &p).await?;
-            Ok(render::results_page(
-                &r,
-                &s.config,
-                s.rule != CaseRule::None,
-            ))
+        .cached(key, content_type, || async move {
+            let r = data::results(&s, &ask.region, &ask.period, ask.by).await?;
+            Ok(match kind {
+                "html" => render::results_page(&r, &s.config, s.rule != CaseRule::None),
+                "json" => serde_json::to_vec_pretty(&r).expect("serialisable"),
+                _ => render::results_csv(&r).into_bytes(),
+            })
         })
         .await;
     match made {
@@ -595,20 +661,48 @@ async fn results_page(
     }
 }
 
-async fn results_json(
-    State(site): SiteState,
-    ConnectInfo(peer): Peer,
-    Query(p): Query<Params>,
+/// The 差评 list as a page, JSON or CSV.
+pub(crate) async fn cases(
+    site: Arc<Site>,
+    peer: ClientAddr,
     headers: HeaderMap,
+    q: Asked,
+    kind: &'static str,
 ) -> Response {
-    if let Err(r) = site.admit(peer) {
-        return *r;
+    let ask = match admit_and_ask(&site, peer, &headers, q) {
+        Ok(a) => a,
+        Err(r) => return *r,
+    };
+    if kind == "json" {
+        return match site.cases(&ask).await {
+            Ok(_) => {
+                let key = format!("cases.json|{}|{}", ask.region, ask.period.code());
+                match site.stale(&key) {
+                    Some(c) => site.respond(&c, &headers),
+                    None => Refusal::unavailable("请稍后再试。").into_response(),
+                }
+            }
+            Err(e) => e.into_response(),
+        };
     }
+    let key = match kind {
+        "html" => format!(
+            "cases.html|{}|{}|{}",
+            ask.region,
+            ask.period.code(),
+            ask.page
+        ),
+        _ => format!("cases.csv|{}|{}", ask.region, ask.period.code()),
+    };
+    let content_type = if kind == "html" { HTML } else { CSV };
     let s = site.clone();
     let made = site
-        .cached(key("results.json", &p), JSON, || async move {
-            let r = results_for(&s, &p).await?;
-            Ok(serde_json::to_vec_pretty(&r).expect("serialisable"))
+        .cached(key, content_type, || async move {
+            let c = s.cases(&ask).await?;
+            Ok(match kind {
+                "html" => render::cases_page(&c, ask.page),
+                _ => render::cases_csv(&c).into_bytes(),
+            })
         })
         .await;
     match made {
@@ -617,98 +711,38 @@ async fn results_json(
     }
 }
 
-async fn results_csv(
+pub(crate) async fn not_found(
     State(site): SiteState,
-    ConnectInfo(peer): Peer,
-    Query(p): Query<Params>,
+    axum::Extension(peer): Peer,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = site.admit(peer) {
-        return *r;
-    }
-    let s = site.clone();
-    let made = site
-        .cached(key("results.csv", &p), CSV, || async move {
-            let r = results_for(&s, &p).await?;
-            Ok(render::results_csv(&r).into_bytes())
-        })
-        .await;
-    match made {
-        Ok(c) => site.respond(&c, &headers),
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn cases_page(
-    State(site): SiteState,
-    ConnectInfo(peer): Peer,
-    Query(p): Query<Params>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = site.admit(peer) {
-        return *r;
-    }
-    let s = site.clone();
-    let made = site
-        .cached(key("cases.html", &p), HTML, || async move {
-            let page = p.page.max(1);
-            let c = cases_for(&s, &p).await?;
-            Ok(render::cases_page(&c, page))
-        })
-        .await;
-    match made {
-        Ok(c) => site.respond(&c, &headers),
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn cases_json(
-    State(site): SiteState,
-    ConnectInfo(peer): Peer,
-    Query(p): Query<Params>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = site.admit(peer) {
-        return *r;
-    }
-    let s = site.clone();
-    let made = site
-        .cached(key("cases.json", &p), JSON, || async move {
-            let c = cases_for(&s, &p).await?;
-            Ok(serde_json::to_vec_pretty(&c).expect("serialisable"))
-        })
-        .await;
-    match made {
-        Ok(c) => site.respond(&c, &headers),
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn cases_csv(
-    State(site): SiteState,
-    ConnectInfo(peer): Peer,
-    Query(p): Query<Params>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = site.admit(peer) {
-        return *r;
-    }
-    let s = site.clone();
-    let made = site
-        .cached(key("cases.csv", &p), CSV, || async move {
-            let c = cases_for(&s, &p).await?;
-            Ok(render::cases_csv(&c).into_bytes())
-        })
-        .await;
-    match made {
-        Ok(c) => site.respond(&c, &headers),
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn not_found(State(site): SiteState, ConnectInfo(peer): Peer) -> Response {
-    if let Err(r) = site.admit(peer) {
+    if let Err(r) = site.admit(peer, &headers) {
         return *r;
     }
     Refusal::not_found("没有这个页面。").into_response()
+}
+
+/// The routes, for `serve`.
+pub(crate) fn router(site: Arc<Site>) -> axum::Router {
+    use axum::routing::get;
+    macro_rules! route {
+        ($f:ident, $kind:literal) => {
+            get(
+                |State(site): SiteState,
+                 axum::Extension(peer): Peer,
+                 headers: HeaderMap,
+                 q: Asked| async move { $f(site, peer, headers, q, $kind).await },
+            )
+        };
+    }
+    axum::Router::new()
+        .route("/", get(index))
+        .route("/results", route!(results, "html"))
+        .route("/data/results.json", route!(results, "json"))
+        .route("/data/results.csv", route!(results, "csv"))
+        .route("/cases", route!(cases, "html"))
+        .route("/data/cases.json", route!(cases, "json"))
+        .route("/data/cases.csv", route!(cases, "csv"))
+        .fallback(not_found)
+        .with_state(site)
 }

@@ -201,11 +201,11 @@ pub fn results_page(r: &Results, config: &PublicConfig, cases: bool) -> Vec<u8> 
                                 @if show("rank") { td data-col="rank" { (g.rank.map(|x| x.to_string()).unwrap_or_else(|| "—".into())) } }
                                 td.name data-col="name" { (g.name) }
                                 td data-col="total" { (g.total) }
-                                @if let Some(l) = g.levels {
-                                    @for (i, n) in l.iter().enumerate() {
-                                        td data-col={ "level" (i + 1) } { (n) }
+                                @if show("levels") {
+                                    @for i in 0..5 {
+                                        td data-col={ "level" (i + 1) } { (g.levels.map_or("—".to_owned(), |l| l[i].to_string())) }
                                     }
-                                    td data-col="default" { (g.default_ratings.unwrap_or(0)) }
+                                    td data-col="default" { (g.default_ratings.map_or("—".to_owned(), |n| n.to_string())) }
                                 }
                                 @if show("good_rate") { td data-col="good_rate" { (percent(g.good_rate)) } }
                                 @if show("bad_rate") { td data-col="bad_rate" { (percent(g.bad_rate)) } }
@@ -221,7 +221,7 @@ pub fn results_page(r: &Results, config: &PublicConfig, cases: bool) -> Vec<u8> 
             }
             @if r.groups.is_empty() { p #empty { "该时段暂无评价。" } }
             p.muted {
-                "评价数少于 " (r.min_ratings) " 条的，只公布评价数，不公布比率、得分和排名（“—”）。"
+                "评价数少于 " (r.min_ratings) " 条的，只公布评价数，不公布各等级数、比率、得分和排名（“—”）。"
                 "评价依据：" (r.profile_title) "。已认定为无效评价或恶意差评的不计入。"
             }
             p.muted {
@@ -300,8 +300,8 @@ pub fn cases_page(c: &Cases, page_no: u32) -> Vec<u8> {
 }
 
 fn csv_field(s: &str) -> String {
-    // A leading =, +, - or @ would be a formula in a spreadsheet.
-    let s = if s.starts_with(['=', '+', '-', '@']) {
+    // A leading =, +, -, @, tab or carriage return would be a formula in a spreadsheet.
+    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
         format!("'{s}")
     } else {
         s.to_owned()
@@ -318,8 +318,9 @@ fn opt<T: ToString>(v: Option<T>) -> String {
 }
 
 pub fn results_csv(r: &Results) -> String {
+    // With a byte-order mark: spreadsheets on Chinese Windows read it as UTF-8.
     let mut out = String::from(
-        "period,region,group_by,key,name,total,very_satisfied,satisfied,basically_satisfied,\
+        "\u{FEFF}period,region,group_by,key,name,total,very_satisfied,satisfied,basically_satisfied,\
          dissatisfied,very_dissatisfied,default_ratings,good_rate,bad_rate,rating_rate,\
          average_score,final_score,rank,withheld\n",
     );
@@ -361,7 +362,7 @@ pub fn results_csv(r: &Results) -> String {
 
 pub fn cases_csv(c: &Cases) -> String {
     let mut out = String::from(
-        "id,organization,organization_name,item_code,item_name,region,level,opened_on,status,\
+        "\u{FEFF}id,organization,organization_name,item_code,item_name,region,level,opened_on,status,\
          status_label,deadline,outcome,closed_on\n",
     );
     for k in &c.cases {

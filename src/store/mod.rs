@@ -705,6 +705,18 @@ pub trait Store: Send + Sync + 'static {
         scope: Option<&ScopeFilter>,
         after_id: u64,
         limit: u32,
+    ) -> Result<Vec<StoredBadCase>, StoreError> {
+        self.list_bad_cases_opened(scope, None, after_id, limit)
+            .await
+    }
+
+    /// As `list_bad_cases`, only cases opened within `[from, until)` when given.
+    async fn list_bad_cases_opened(
+        &self,
+        scope: Option<&ScopeFilter>,
+        opened: Option<(i64, i64)>,
+        after_id: u64,
+        limit: u32,
     ) -> Result<Vec<StoredBadCase>, StoreError>;
 
     async fn get_bad_case(&self, id: u64) -> Result<Option<StoredBadCase>, StoreError>;

@@ -939,14 +939,21 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    async fn list_bad_cases(
+    async fn list_bad_cases_opened(
         &self,
         scope: Option<&ScopeFilter>,
+        opened: Option<(i64, i64)>,
         after_id: u64,
         limit: u32,
     ) -> Result<Vec<StoredBadCase>, StoreError> {
-        let mut qb = QueryBuilder::<Sqlite>::new(&format!("{} WHERE id > ", rows::CASE_COLUMNS));
+        let mut qb = QueryBuilder::<Sqlite>::new(format!("{} WHERE id > ", rows::CASE_COLUMNS));
         qb.push_bind(after_id as i64);
+        if let Some((from, until)) = opened {
+            qb.push(" AND opened_at >= ")
+                .push_bind(from)
+                .push(" AND opened_at < ")
+                .push_bind(until);
+        }
         if let Some(scope) = scope {
             push_scope(&mut qb, scope);
         }

@@ -194,7 +194,7 @@ async fn published_results_match_the_ratings_in_the_browser() {
     // Two ratings are too few to publish a rate.
     let withheld = org(3);
     assert_eq!(cell(&page, "data-key", &withheld, "total"), "2");
-    for col in ["good_rate", "average_score", "rank"] {
+    for col in ["level1", "level4", "good_rate", "average_score", "rank"] {
         assert_eq!(cell(&page, "data-key", &withheld, col), "—", "{col}");
     }
     assert!(
@@ -225,7 +225,11 @@ async fn published_results_match_the_ratings_in_the_browser() {
     assert_eq!(groups[0]["levels"], serde_json::json!([2, 1, 0, 1, 0]));
     assert_eq!(groups[1]["average_score"], 7.3333);
     assert_eq!(groups[2]["withheld"], true);
-    assert!(groups[2].get("good_rate").is_none(), "{json}");
+    assert_eq!(groups[2]["total"], 2);
+    // Its counts by level would give its rates (and one rating, its rater's level).
+    for hidden in ["good_rate", "levels", "default_ratings", "rank"] {
+        assert!(groups[2].get(hidden).is_none(), "{hidden}: {json}");
+    }
     let csv = client
         .get(format!(
             "{base}/data/results.csv?region=5301&period=2025-Q2"
@@ -332,6 +336,19 @@ async fn published_cases_follow_their_rules_and_show_nothing_of_the_rater() {
         cell(&page, "data-id", &done.to_string(), "status"),
         "已办结"
     );
+    // Opened Tuesday 2025-05-06: 15 working days end with Tuesday 2025-05-27.
+    let json: serde_json::Value = serde_json::from_str(
+        &http()
+            .get(format!("{base}/data/cases.json{q}"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(json["cases"][0]["deadline"], "2025-05-27", "{json}");
     let outcome = cell(&page, "data-id", &done.to_string(), "outcome");
     assert!(outcome.contains("窗口3号已加强培训"), "{outcome}");
     assert!(
@@ -383,6 +400,8 @@ async fn published_cases_follow_their_rules_and_show_nothing_of_the_rater() {
         ("/data/results.json?region=53", 404),
         ("/nope", 404),
         ("/results?region=5301&period=2025-Q9", 400),
+        ("/results?region=5301&period=2025-+5", 400),
+        ("/cases?region=5301&page=x", 400),
     ] {
         let r = client.get(format!("{base}{path}")).send().await.unwrap();
         assert_eq!(r.status().as_u16(), status, "{path}");
@@ -440,5 +459,90 @@ async fn a_client_past_its_request_rate_is_answered_429() {
     }
     assert_eq!(codes[..5], [200; 5], "{codes:?}");
     assert!(codes[5..].contains(&429), "{codes:?}");
+    hub.stop().await;
+}
+
+/// A public listener holds nobody's resources for long: one client address gets at most 32
+/// connections at once (the 33rd is closed before a byte is read), and the site still
+/// answers once they are gone; a malformed query string is the site's own 400.
+#[tokio::test]
+async fn one_client_cannot_hold_more_than_its_share_of_connections() {
+    use tokio::io::AsyncReadExt;
+    let clock = Arc::new(ManualClock::at(cst("2025-05-06", 9)));
+    let hub = public_hub(clock).start().await;
+    let addr = hub.hub.public_addr.expect("the public site");
+    let mut idle = Vec::new();
+    for _ in 0..32 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let mut over = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), over.read(&mut buf))
+        .await
+        .expect("the 33rd connection is closed at once, not left open");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    drop(idle);
+    let base = format!("http://{addr}");
+    // The closed connections are counted out as the server notices them.
+    let mut status = 0;
+    for _ in 0..100 {
+        match http().get(format!("{base}/")).send().await {
+            Ok(r) => {
+                status = r.status().as_u16();
+                break;
+            }
+            Err(_) => tokio::task::yield_now().await,
+        }
+    }
+    assert_eq!(status, 200);
+    let r = http()
+        .get(format!("{base}/results?period=2025&period=2024"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.text().await.unwrap().contains("请求参数有误"));
+    hub.stop().await;
+}
+
+/// Under the rule "deadline", a case is published once it is overdue for any reason: a
+/// Guangdong unit that never declared its rectification deadline is published as 逾期未整改
+/// once its time to declare has passed, and not before.
+#[tokio::test]
+async fn under_the_deadline_rule_an_undeclared_overdue_case_is_published() {
+    let clock = Arc::new(ManualClock::at(cst("2025-03-03", 9)));
+    let hub = HubBuilder::new()
+        .clock(clock.clone())
+        .set("public.listen", "\"127.0.0.1:0\"")
+        .set("public.regions", "[\"44\"]")
+        .set("public.cases", "\"deadline\"")
+        .set("public.case_delay_days", "0")
+        .set("public.refresh_secs", "1")
+        .start()
+        .await;
+    let mut r = rated("gd", 1, pb::Level::Dissatisfied, &clock);
+    r.region_code = "440104".into();
+    submit_one(&mut hub.ingest().await, r).await;
+    let base = format!("http://{}", hub.hub.public_addr.expect("the public site"));
+    let listed = |period: &'static str| {
+        let url = format!("{base}/data/cases.json?region=44&period={period}");
+        async move {
+            let text = http().get(url).send().await.unwrap().text().await.unwrap();
+            serde_json::from_str::<serde_json::Value>(&text).unwrap()["cases"]
+                .as_array()
+                .unwrap()
+                .clone()
+        }
+    };
+    // Fifteen working days from Monday 2025-03-03 end with 2025-03-24.
+    clock.set(cst("2025-03-24", 20));
+    assert!(listed("2025-03").await.is_empty());
+    clock.set(cst("2025-03-25", 9));
+    // Another spelling of the period: computed afresh, not the copy from before.
+    let cases = listed("2025-Q1").await;
+    assert_eq!(cases.len(), 1, "{cases:?}");
+    assert_eq!(cases[0]["status"], "overdue");
+    assert_eq!(cases[0]["status_label"], "逾期未整改");
+    assert!(cases[0]["deadline"].is_null(), "{cases:?}");
     hub.stop().await;
 }

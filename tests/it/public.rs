@@ -546,3 +546,53 @@ async fn under_the_deadline_rule_an_undeclared_overdue_case_is_published() {
     assert!(cases[0]["deadline"].is_null(), "{cases:?}");
     hub.stop().await;
 }
+
+/// With a certificate the site is HTTPS: a browser that trusts its CA gets the pages, and
+/// plain HTTP on that port gets nothing.
+#[tokio::test]
+async fn with_a_certificate_the_site_is_https() {
+    use rating_hub::pki;
+    let dir = tempfile::tempdir().unwrap();
+    let pki_dir = dir.path().join("pki");
+    pki::create_ca(&pki_dir, "rating-hub test CA").unwrap();
+    pki::issue_server(
+        &pki_dir,
+        &["localhost", "127.0.0.1"],
+        pki::Validity::days(30),
+    )
+    .unwrap();
+    let file = |name: &str| format!("{:?}", pki_dir.join(name).display().to_string());
+    let clock = Arc::new(ManualClock::at(cst("2025-05-06", 9)));
+    let hub = public_hub(clock)
+        .set("public.tls_cert", &file(pki::SERVER_CERT))
+        .set("public.tls_key", &file(pki::SERVER_KEY))
+        .start_in_dir(dir)
+        .await;
+    let addr = hub.hub.public_addr.expect("the public site");
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = reqwest::Certificate::from_pem(
+        &std::fs::read(pki_dir_of(&hub).join(pki::CA_CERT)).unwrap(),
+    )
+    .unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .resolve("localhost", addr)
+        .build()
+        .unwrap();
+    let r = client
+        .get(format!(
+            "https://localhost:{}/results?region=5301",
+            addr.port()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.text().await.unwrap().contains("评价结果"));
+    assert!(http().get(format!("http://{addr}/")).send().await.is_err());
+    hub.stop().await;
+}
+
+fn pki_dir_of(hub: &TestHub) -> PathBuf {
+    hub.dir.path().join("pki")
+}

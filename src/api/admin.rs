@@ -206,4 +206,96 @@ impl AdminService for AdminApi {
         let status = Some(status_pb(self.state.relay.status(name).await?));
         Ok(Response::new(pb::ResumeUpstreamResponse { status }))
     }
+
+    async fn register_invalid_rating(
+        &self,
+        request: Request<pb::RegisterInvalidRatingRequest>,
+    ) -> Result<Response<pb::RegisterInvalidRatingResponse>, Status> {
+        let caller = self
+            .state
+            .admit(&request, "RegisterInvalidRating", Role::Admin)?;
+        let req = request.into_inner();
+        let mut v = Vec::new();
+        let hub_id = uuid::Uuid::parse_str(req.hub_id.trim()).ok();
+        if hub_id.is_none() {
+            v.push(violation("hub_id", "is not a hub id (a UUID)"));
+        }
+        let text = |v: &mut Vec<crate::domain::Violation>, field: &str, t: &str| {
+            let t = t.trim();
+            if t.is_empty() {
+                v.push(violation(field, "is required"));
+            } else if t.chars().count() > 2000 {
+                v.push(violation(field, "is longer than 2000 characters"));
+            } else if t
+                .chars()
+                .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+            {
+                v.push(violation(
+                    field,
+                    "contains control characters (only line breaks and tabs are allowed)",
+                ));
+            }
+            t.to_owned()
+        };
+        // Taken down from what the rater said: their numbers are not kept.
+        let statement = crate::domain::codes::redact_numbers(&text(
+            &mut v,
+            "rater_statement",
+            &req.rater_statement,
+        ));
+        let decision = text(&mut v, "decision_note", &req.decision_note);
+        let Some(hub_id) = hub_id.filter(|_| v.is_empty()) else {
+            return Err(bad_request(&v));
+        };
+        let rating = self
+            .state
+            .store
+            .get_rating(hub_id)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("no rating {hub_id}")))?
+            .rating;
+        if !caller
+            .principal
+            .scope
+            .covers(&rating.org_credit_code, &rating.region_code)
+        {
+            return Err(Status::permission_denied(format!(
+                "rating {hub_id} (organisation {}) is outside the scope of principal {}",
+                rating.org_credit_code,
+                caller.name()
+            )));
+        }
+        if rating.is_default {
+            return Err(Status::failed_precondition(format!(
+                "rating {hub_id} is a default rating, not a rater's: the rater's own rating \
+                 replaces it (SubmitRatings)"
+            )));
+        }
+        let level = pb::Level::try_from(rating.level).unwrap_or_default();
+        if crate::domain::rating::is_bad(level) {
+            return Err(Status::failed_precondition(format!(
+                "rating {hub_id} is a 差评 with its case: register the rater's claim there \
+                 (RectificationService.FileAppeal with raised_by_rater)"
+            )));
+        }
+        let written = self
+            .state
+            .store
+            .relay_write(crate::store::RelayWrite::Exclusion {
+                hub_id,
+                reason: pb::AppealOutcome::Invalid as i32,
+                decided_by: caller.name().to_owned(),
+                note: format!("评价人：{statement}\n认定：{decision}"),
+            })
+            .await?;
+        if written == 0 {
+            return Err(Status::already_exists(format!(
+                "rating {hub_id} is already left out of the scores"
+            )));
+        }
+        tracing::info!(principal = caller.name(), %hub_id, "Rating registered invalid on its rater's claim.");
+        Ok(Response::new(pb::RegisterInvalidRatingResponse {
+            registered_at: Some(timestamp_from_micros(self.state.clock.now_micros())),
+        }))
+    }
 }

@@ -538,6 +538,15 @@ pub enum RelayWrite {
         entry: CaseEntryRecord,
         exclude: Option<(Uuid, i32)>,
     },
+    /// Leaves a rating with no 差评 case out of scores: the authority found it invalid on its
+    /// rater's claim (`reason`: the `AppealOutcome` number). 0 rows touched when it already
+    /// was left out.
+    Exclusion {
+        hub_id: Uuid,
+        reason: i32,
+        decided_by: String,
+        note: String,
+    },
     /// Attaches a file of evidence to a case and records the step (`entry`) in its history,
     /// in one transaction, if the history still has `expected_entries` entries (0 rows
     /// touched otherwise). The content is stored once per SHA-256.

@@ -485,6 +485,25 @@ async fn relay_write(
             }
             Ok(1)
         }
+        RelayWrite::Exclusion {
+            hub_id,
+            reason,
+            decided_by,
+            note,
+        } => {
+            let r = sqlx::query(
+                "INSERT INTO rating_exclusions (hub_id, reason, case_id, at, decided_by, note) \
+                 VALUES (?, ?, 0, ?, ?, ?) ON CONFLICT DO NOTHING",
+            )
+            .bind(hub_id.as_bytes().as_slice())
+            .bind(*reason)
+            .bind(now)
+            .bind(decided_by)
+            .bind(note)
+            .execute(&mut *conn)
+            .await?;
+            Ok(r.rows_affected())
+        }
         RelayWrite::Evidence {
             case_id,
             expected_entries,

@@ -1620,6 +1620,88 @@ mod profile_case_rules {
         hub.stop().await;
     }
 
+    async fn ordos_stats(hub: &TestHub) -> pb::StatsGroup {
+        hub.query()
+            .await
+            .get_stats(pb::GetStatsRequest {
+                filter: Some(pb::RatingFilter {
+                    region_code_prefix: "1506".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .groups
+            .remove(0)
+    }
+
+    /// Ordos 第十六条「无效评价是违背评价主体真实意愿的评价，须由评价主体提出，各级政务服务管理机构
+    /// 进行界定，并在“好差评”系统中登记」: a 好评 clicked for the rater has no case; the authority
+    /// registers the rater's claim on the rating itself (AdminService.RegisterInvalidRating),
+    /// and it leaves the scores — once; the rated unit cannot; a 差评 goes through its case.
+    #[tokio::test]
+    async fn ordos_a_rating_not_the_raters_will_is_registered_invalid_by_the_authority() {
+        use pb::admin_service_client::AdminServiceClient;
+        let orgs = [org(1)];
+        let clock = Arc::new(ManualClock::at(cst("2025-03-03", 9)));
+        let hub = HubBuilder::new()
+            .clock(clock.clone())
+            .principal("ordos-dept", &["rectify", "read"], TestScope::Orgs(&orgs))
+            .start()
+            .await;
+        let mut ingest = hub.ingest().await;
+        let mut praise = bad_in("forced", ORDOS, &clock);
+        praise.level = pb::Level::VerySatisfied as i32;
+        let results = submit(
+            &mut ingest,
+            vec![praise, bad_in("complaint", ORDOS, &clock)],
+        )
+        .await;
+        assert_eq!(ordos_stats(&hub).await.total, 2);
+        let register = |hub_id: &str| pb::RegisterInvalidRatingRequest {
+            hub_id: hub_id.into(),
+            rater_statement: "评价人来电（13812345678）：非本人点击".into(),
+            decision_note: "调取监控属实".into(),
+        };
+        let err = AdminServiceClient::new(hub.channel_as("ordos-dept").await)
+            .register_invalid_rating(register(&results[0].hub_id))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+        let mut admin = AdminServiceClient::new(hub.channel_as("tester").await);
+        let err = admin
+            .register_invalid_rating(pb::RegisterInvalidRatingRequest {
+                decision_note: String::new(),
+                ..register("not-a-uuid")
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(bad_request_fields(&err), ["hub_id", "decision_note"]);
+        admin
+            .register_invalid_rating(register(&results[0].hub_id))
+            .await
+            .unwrap();
+        assert_eq!(
+            ordos_stats(&hub).await.total,
+            1,
+            "the invalid 好评 left the scores"
+        );
+        let err = admin
+            .register_invalid_rating(register(&results[0].hub_id))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+        let err = admin
+            .register_invalid_rating(register(&results[1].hub_id))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("raised_by_rater"), "{err:?}");
+        hub.stop().await;
+    }
+
     /// Ordos 第二十条(四)「抽查率不低于50%」: the sample is drawn for each organisation and
     /// month, so every unit has at least half of each month's cases selected — a unit with
     /// one case that month has it selected (a hash sample of half of all cases left units

@@ -14,3 +14,8 @@ ALTER TABLE bad_rating_cases ADD COLUMN opened_month INTEGER NOT NULL DEFAULT 0;
 UPDATE bad_rating_cases
    SET opened_month = CAST(to_char(to_timestamp(opened_at / 1000000 + 28800) AT TIME ZONE 'UTC', 'YYYYMM') AS INTEGER);
 CREATE INDEX bad_rating_cases_org_month ON bad_rating_cases (org_credit_code, opened_month, id);
+
+-- Ordos 第十六条: a rating the authority found invalid on its rater's claim, without a 差评
+-- case: who registered it and why.
+ALTER TABLE rating_exclusions ADD COLUMN decided_by TEXT NOT NULL DEFAULT '';
+ALTER TABLE rating_exclusions ADD COLUMN note TEXT NOT NULL DEFAULT '';

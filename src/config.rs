@@ -47,6 +47,8 @@ pub struct OpsConfig {
     /// Address of the operations listener; empty turns it off. Loopback only (it has no TLS
     /// of its own): scrape it from the same host, or through a TLS proxy there.
     pub listen: String,
+    /// Days the delivery attempt log keeps each attempt (AdminService.ListAttempts).
+    pub attempt_log_days: u32,
 }
 
 impl OpsConfig {
@@ -429,6 +431,9 @@ impl Config {
         }
         if let Err(e) = self.ops.addr() {
             return fail(&e);
+        }
+        if !(1..=3650).contains(&self.ops.attempt_log_days) {
+            return fail("ops.attempt_log_days must be 1 to 3650");
         }
         if let Err(e) = self.public.check() {
             return fail(&e);

@@ -207,6 +207,7 @@ pub async fn start_with_clock(
             holder: config.storage.instance_name(),
             ttl: Duration::from_secs(config.storage.lease_secs),
         },
+        config.ops.attempt_log_days,
     )
     .await
     .context("starting upstream delivery")?;

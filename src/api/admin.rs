@@ -60,6 +60,35 @@ pub struct AdminApi {
     state: Arc<HubState>,
 }
 
+fn replay_pb(r: crate::store::RangeReplay) -> pb::RangeReplay {
+    pb::RangeReplay {
+        id: r.id,
+        upstream: r.upstream,
+        from_feed_sequence: r.from_seq,
+        to_feed_sequence: r.to_seq,
+        next_feed_sequence: r.next_seq,
+        requested_by: r.requested_by,
+        requested_at: Some(timestamp_from_micros(r.requested_at_micros)),
+        reason: r.reason,
+        done_at: r.done_at_micros.map(timestamp_from_micros),
+    }
+}
+
+impl AdminApi {
+    /// The first feed position committed at or after `at` (`head + 1` when none is).
+    async fn first_seq_at_or_after(&self, at: i64, head: u64) -> Result<u64, Status> {
+        let (mut lo, mut hi) = (1u64, head + 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.state.store.received_at_of(mid).await? {
+                Some(t) if t >= at => hi = mid,
+                _ => lo = mid + 1,
+            }
+        }
+        Ok(lo)
+    }
+}
+
 impl AdminApi {
     pub fn new(state: Arc<HubState>) -> Self {
         Self { state }
@@ -205,6 +234,148 @@ impl AdminService for AdminApi {
         self.state.relay.set_paused(name, false).await?;
         let status = Some(status_pb(self.state.relay.status(name).await?));
         Ok(Response::new(pb::ResumeUpstreamResponse { status }))
+    }
+
+    async fn list_attempts(
+        &self,
+        request: Request<pb::ListAttemptsRequest>,
+    ) -> Result<Response<pb::ListAttemptsResponse>, Status> {
+        self.state.admit(&request, "ListAttempts", Role::Admin)?;
+        let req = request.into_inner();
+        let name = upstream_name(&req.upstream)?;
+        let limit = page_size(req.limit, 100, 1000)?;
+        let rows = self
+            .state
+            .relay
+            .attempts(name, req.before_id, limit + 1)
+            .await?;
+        let more = rows.len() > limit as usize;
+        let attempts: Vec<pb::DeliveryAttempt> = rows
+            .into_iter()
+            .take(limit as usize)
+            .map(|a| pb::DeliveryAttempt {
+                id: a.id,
+                upstream: a.upstream,
+                at: Some(timestamp_from_micros(a.at_micros)),
+                first_feed_sequence: a.first_seq,
+                last_feed_sequence: a.last_seq,
+                records: a.records,
+                outcome: a.outcome,
+                detail: a.detail,
+                duration_ms: a.duration_ms,
+                replay_id: a.replay_id.unwrap_or(0),
+            })
+            .collect();
+        let next_before_id = if more {
+            attempts.last().map_or(0, |a| a.id)
+        } else {
+            0
+        };
+        Ok(Response::new(pb::ListAttemptsResponse {
+            attempts,
+            next_before_id,
+        }))
+    }
+
+    async fn replay_range(
+        &self,
+        request: Request<pb::ReplayRangeRequest>,
+    ) -> Result<Response<pb::ReplayRangeResponse>, Status> {
+        let caller = self.state.admit(&request, "ReplayRange", Role::Admin)?;
+        let req = request.into_inner();
+        let name = upstream_name(&req.upstream)?.to_owned();
+        self.state.relay.status(&name).await?;
+        let mut v = Vec::new();
+        let reason = req.reason.trim().to_owned();
+        if reason.is_empty() {
+            v.push(violation("reason", "is required"));
+        } else if reason.chars().count() > 500 || reason.chars().any(char::is_control) {
+            v.push(violation(
+                "reason",
+                "is one line of at most 500 characters, without control characters",
+            ));
+        }
+        let by_time = req.from_time.is_some() || req.until_time.is_some();
+        let by_seq = req.from_feed_sequence != 0 || req.to_feed_sequence != 0;
+        if by_time == by_seq {
+            v.push(violation(
+                "from_feed_sequence",
+                "give feed positions (from_feed_sequence, to_feed_sequence) or times (from_time, until_time), not both",
+            ));
+        }
+        let head = *self.state.store.feed_head().borrow();
+        let (from, to) = if by_time {
+            let from_t = req
+                .from_time
+                .as_ref()
+                .and_then(crate::time::micros_from_timestamp);
+            let until_t = match &req.until_time {
+                Some(t) => crate::time::micros_from_timestamp(t),
+                None => Some(i64::MAX),
+            };
+            match (from_t, until_t) {
+                (Some(f), Some(u)) if f < u => {
+                    // The feed is gapless and commit times never go back: the positions of
+                    // the range are found by halving.
+                    let first = self.first_seq_at_or_after(f, head).await?;
+                    let after = self.first_seq_at_or_after(u, head).await?;
+                    (first, after.saturating_sub(1))
+                }
+                _ => {
+                    v.push(violation(
+                        "from_time",
+                        "is required, and earlier than until_time",
+                    ));
+                    (0, 0)
+                }
+            }
+        } else {
+            let to = if req.to_feed_sequence == 0 {
+                head
+            } else {
+                req.to_feed_sequence
+            };
+            if req.from_feed_sequence == 0 || req.from_feed_sequence > to {
+                v.push(violation(
+                    "from_feed_sequence",
+                    "is required (1 or more), and at most to_feed_sequence",
+                ));
+            } else if to > head {
+                v.push(violation(
+                    "to_feed_sequence",
+                    format!("is past the feed's head ({head})"),
+                ));
+            }
+            (req.from_feed_sequence, to)
+        };
+        if !v.is_empty() {
+            return Err(bad_request(&v));
+        }
+        if from == 0 || from > to {
+            return Err(Status::failed_precondition(
+                "no rating was committed in that time range",
+            ));
+        }
+        let r = self
+            .state
+            .relay
+            .replay_range(&name, from, to, caller.name(), &reason)
+            .await?;
+        Ok(Response::new(pb::ReplayRangeResponse {
+            replay: Some(replay_pb(r)),
+        }))
+    }
+
+    async fn list_replays(
+        &self,
+        request: Request<pb::ListReplaysRequest>,
+    ) -> Result<Response<pb::ListReplaysResponse>, Status> {
+        self.state.admit(&request, "ListReplays", Role::Admin)?;
+        let name = upstream_name(&request.get_ref().upstream)?.to_owned();
+        let replays = self.state.relay.range_replays(&name).await?;
+        Ok(Response::new(pb::ListReplaysResponse {
+            replays: replays.into_iter().map(replay_pb).collect(),
+        }))
     }
 
     async fn register_invalid_rating(

@@ -33,7 +33,8 @@ use crate::clock::Clock;
 use crate::pb::v1 as pb;
 use crate::privacy::PiiKeys;
 use crate::store::{
-    NewDeadLetter, RatingQuery, RelayWrite, Store, StoreError, StoredRating, rating_aad,
+    AttemptRecord, NewDeadLetter, RangeReplay, RatingQuery, RelayWrite, Store, StoreError,
+    StoredRating, rating_aad,
 };
 
 /// Counters and the last error of one upstream, since the hub started.
@@ -100,6 +101,8 @@ struct Worker {
     /// not undo it.
     pause_changes: AtomicU64,
     pause_lock: Mutex<()>,
+    /// Each send, on its way to the attempt log (written in batches, off the send's path).
+    attempt_log: tokio::sync::mpsc::Sender<AttemptRecord>,
 }
 
 /// Who this instance is in relay leases, and how long a lease lasts.
@@ -265,12 +268,22 @@ impl Worker {
         stop: &watch::Receiver<bool>,
     ) -> Result<bool, StoreError> {
         let batch = self.cfg.batch_size;
+        // An operator's range replay first: the feed between two positions, sent again.
+        if let Some(range) = self
+            .store
+            .list_range_replays(&self.name, true)
+            .await?
+            .into_iter()
+            .next()
+        {
+            return self.replay_range_step(&range, stop).await;
+        }
         let replays = self.store.replay_batch(&self.name, batch).await?;
         if !replays.is_empty() {
             let (ids, rows): (Vec<u64>, Vec<StoredRating>) =
                 replays.into_iter().map(|(d, r)| (d.id, r)).unzip();
             let ratings = self.with_pii(rows)?;
-            let Ok(outcome) = self.deliver(&ratings, stop).await else {
+            let Ok(outcome) = self.deliver(&ratings, stop, None).await else {
                 return Ok(false);
             };
             let mut delivered = Vec::new();
@@ -318,7 +331,7 @@ impl Worker {
                 let seqs: Vec<u64> = rows.iter().map(|r| r.feed_seq).collect();
                 let ratings = self.with_pii(rows)?;
                 inflight.push_back(async move {
-                    let result = self.deliver(&ratings, stop).await;
+                    let result = self.deliver(&ratings, stop, None).await;
                     (seqs, ratings, result)
                 });
             }
@@ -381,6 +394,81 @@ impl Worker {
         }
     }
 
+    /// One batch of the oldest open range replay: its next ratings sent again, whatever the
+    /// upstream answered for them before; the replay's position moves past them. A rating
+    /// refused now is in the attempt log; it opens no dead letter (its first delivery
+    /// decided that).
+    async fn replay_range_step(
+        &self,
+        range: &RangeReplay,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<bool, StoreError> {
+        let query = RatingQuery {
+            max_feed_seq: Some(range.to_seq),
+            ..Default::default()
+        };
+        let rows = self
+            .store
+            .list_ratings(
+                &query,
+                range.next_seq.saturating_sub(1),
+                self.cfg.batch_size,
+            )
+            .await?;
+        let next = match rows.last() {
+            Some(last) => {
+                let next = last.feed_seq + 1;
+                let ratings = self.with_pii(rows)?;
+                if self.deliver(&ratings, stop, Some(range.id)).await.is_err() {
+                    return Ok(false);
+                }
+                next
+            }
+            // Nothing more in the range (it reached past the feed's head when asked).
+            None => range.to_seq + 1,
+        };
+        self.store
+            .relay_write(RelayWrite::RangeProgress {
+                id: range.id,
+                next_seq: next,
+            })
+            .await?;
+        if next > range.to_seq {
+            tracing::info!(upstream = %self.name, replay = range.id, from = range.from_seq, to = range.to_seq, "Range replay done.");
+        }
+        Ok(true)
+    }
+
+    /// Logs one send; a full queue drops the record (counted in the log line) rather than
+    /// hold up delivery.
+    fn log_attempt(
+        &self,
+        ratings: &[pb::Rating],
+        replay_id: Option<u64>,
+        started: (i64, Instant),
+        outcome: &str,
+        detail: &str,
+    ) {
+        let record = AttemptRecord {
+            id: 0,
+            upstream: self.name.clone(),
+            at_micros: started.0,
+            first_seq: ratings.first().map_or(0, |r| r.feed_sequence),
+            last_seq: ratings.last().map_or(0, |r| r.feed_sequence),
+            records: ratings.len() as u32,
+            outcome: outcome.to_owned(),
+            detail: detail.chars().take(1000).collect(),
+            duration_ms: started.1.elapsed().as_millis().min(u128::from(u32::MAX)) as u32,
+            replay_id,
+        };
+        if self.attempt_log.try_send(record).is_err()
+            && let Some(suppressed) =
+                crate::telemetry::throttle_for("relay.attempt_log_full", &self.name)
+        {
+            tracing::warn!(upstream = %self.name, suppressed, "The attempt log cannot keep up; an attempt was not logged.");
+        }
+    }
+
     /// The upstream answered: the last error is over, and if there was one, the other
     /// batches waiting out their retry pause (each on its own timer, up to the schedule's
     /// longest) are woken to send now: this answer was the probe that the upstream is back.
@@ -413,6 +501,7 @@ impl Worker {
         &self,
         ratings: &[pb::Rating],
         stop: &watch::Receiver<bool>,
+        replay_id: Option<u64>,
     ) -> Result<Vec<Delivery>, Interrupted> {
         let mut stop = stop.clone();
         let mut control = self.control.subscribe();
@@ -439,7 +528,45 @@ impl Worker {
                 return Err(Interrupted::LeaseLost);
             }
             self.lock().attempts += 1;
-            match self.sink.send(ratings).await {
+            let started = (self.clock.now_micros(), Instant::now());
+            let sent = self.sink.send(ratings).await;
+            match &sent {
+                Ok(outcomes) => {
+                    let refused: Vec<&String> = outcomes
+                        .iter()
+                        .filter_map(|d| match d {
+                            Delivery::Rejected(e) => Some(e),
+                            _ => None,
+                        })
+                        .collect();
+                    let outcome = match refused.len() {
+                        0 => "delivered",
+                        n if n == outcomes.len() => "rejected",
+                        _ => "partly_rejected",
+                    };
+                    let detail = refused
+                        .first()
+                        .map(|e| format!("{} refused: {}", refused.len(), clean_upstream_text(e)))
+                        .unwrap_or_default();
+                    self.log_attempt(ratings, replay_id, started, outcome, &detail);
+                }
+                Err(e) => {
+                    let outcome = match e {
+                        SendError::Permanent(_) => "rejected",
+                        SendError::Malformed(_) => "unreadable",
+                        SendError::Ambiguous(_) => "ambiguous",
+                        SendError::Retryable(_) => "failed",
+                    };
+                    self.log_attempt(
+                        ratings,
+                        replay_id,
+                        started,
+                        outcome,
+                        &clean_upstream_text(&e.to_string()),
+                    );
+                }
+            }
+            match sent {
                 Ok(outcomes) => {
                     self.answered();
                     return Ok(outcomes
@@ -478,7 +605,7 @@ impl Worker {
                     tracing::info!(upstream = %self.name, records = ratings.len(), error = %clean_upstream_text(&e), "The upstream's answer does not say which records it means; sending them one by one.");
                     let mut outcomes = Vec::with_capacity(ratings.len());
                     for one in ratings.chunks(1) {
-                        outcomes.extend(Box::pin(self.deliver(one, &stop)).await?);
+                        outcomes.extend(Box::pin(self.deliver(one, &stop, replay_id)).await?);
                     }
                     return Ok(outcomes);
                 }
@@ -512,6 +639,51 @@ impl Worker {
                         _ = control.changed() => {}
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Attempts queued for the log at most; more are dropped (and said) rather than delay a send.
+const ATTEMPT_QUEUE: usize = 4096;
+/// Attempts written in one statement at most.
+const ATTEMPT_BATCH: usize = 500;
+
+/// Writes the attempt log: what is queued, in batches; and once an hour forgets attempts
+/// older than `days`. When the hub stops, what is queued is written once more.
+async fn log_attempts(
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    mut queue: tokio::sync::mpsc::Receiver<AttemptRecord>,
+    days: u32,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut prune = tokio::time::interval(Duration::from_secs(3600));
+    let keep = i64::from(days) * 86_400_000_000;
+    loop {
+        let mut batch = Vec::new();
+        tokio::select! {
+            n = queue.recv_many(&mut batch, ATTEMPT_BATCH) => if n == 0 { return },
+            _ = prune.tick() => {
+                let before_micros = clock.now_micros() - keep;
+                if let Err(e) = store.relay_write(RelayWrite::PruneAttempts { before_micros }).await {
+                    tracing::warn!(error = %e, "The attempt log could not be pruned; will try again.");
+                }
+                continue;
+            }
+            _ = stop.changed() => {
+                queue.close();
+                while queue.recv_many(&mut batch, ATTEMPT_BATCH).await > 0 {
+                    if store.relay_write(RelayWrite::Attempts(std::mem::take(&mut batch))).await.is_err() {
+                        return;
+                    }
+                }
+                return;
+            }
+        }
+        if let Err(e) = store.relay_write(RelayWrite::Attempts(batch)).await {
+            if let Some(suppressed) = crate::telemetry::throttle("relay.attempt_log_write") {
+                tracing::warn!(error = %e, suppressed, "Delivery attempts could not be logged.");
             }
         }
     }
@@ -655,10 +827,19 @@ impl Relay {
         keys: Arc<PiiKeys>,
         clock: Arc<dyn Clock>,
         lease: Lease,
+        attempt_log_days: u32,
     ) -> anyhow::Result<Arc<Self>> {
         let (stop, stop_rx) = watch::channel(false);
         let mut workers = BTreeMap::new();
         let mut cursor_tasks = Vec::new();
+        let (attempt_log, attempts) = tokio::sync::mpsc::channel(ATTEMPT_QUEUE);
+        cursor_tasks.push(tokio::spawn(log_attempts(
+            store.clone(),
+            clock.clone(),
+            attempts,
+            attempt_log_days,
+            stop_rx.clone(),
+        )));
         for (name, cfg) in upstreams {
             cfg.check(name).map_err(anyhow::Error::msg)?;
             let sink: Box<dyn Sink> = match cfg.kind {
@@ -688,6 +869,7 @@ impl Relay {
                 lease: watch::channel((!store.shared()).then(|| Instant::now() + FOREVER)).0,
                 pause_changes: AtomicU64::new(0),
                 pause_lock: Mutex::new(()),
+                attempt_log: attempt_log.clone(),
                 cfg: cfg.clone(),
             });
             cursor_tasks.push(tokio::spawn(write_cursors(
@@ -866,6 +1048,65 @@ impl Relay {
             "Dead-letter replay requested."
         );
         Ok(n)
+    }
+
+    /// Asks for an upstream's feed positions `from_seq..=to_seq` to be sent again, recorded
+    /// with who asked and why.
+    pub async fn replay_range(
+        &self,
+        name: &str,
+        from_seq: u64,
+        to_seq: u64,
+        requested_by: &str,
+        reason: &str,
+    ) -> Result<RangeReplay, RelayError> {
+        let w = self.worker(name)?;
+        let id = w
+            .store
+            .relay_write(RelayWrite::RequestRange {
+                upstream: name.to_owned(),
+                from_seq,
+                to_seq,
+                requested_by: requested_by.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .await?;
+        w.control.send_modify(|v| *v += 1);
+        tracing::info!(
+            upstream = name,
+            principal = requested_by,
+            replay = id,
+            from_seq,
+            to_seq,
+            "Range replay requested."
+        );
+        let replay = w
+            .store
+            .list_range_replays(name, false)
+            .await?
+            .into_iter()
+            .find(|r| r.id == id)
+            .ok_or_else(|| {
+                RelayError::Store(StoreError::Corrupt(format!("replay {id} not found")))
+            })?;
+        Ok(replay)
+    }
+
+    /// The logged attempts of an upstream, newest first.
+    pub async fn attempts(
+        &self,
+        name: &str,
+        before_id: u64,
+        limit: u32,
+    ) -> Result<Vec<AttemptRecord>, RelayError> {
+        let w = self.worker(name)?;
+        Ok(w.store.list_attempts(name, before_id, limit).await?)
+    }
+
+    /// The range replays of an upstream, oldest first.
+    pub async fn range_replays(&self, name: &str) -> Result<Vec<RangeReplay>, RelayError> {
+        let w = self.worker(name)?;
+        Ok(w.store.list_range_replays(name, false).await?)
     }
 
     /// Stops every worker; a batch in flight is abandoned (its cursor is not advanced, so it

@@ -430,6 +430,39 @@ pub struct DeadLetter {
     pub resolved_at_micros: Option<i64>,
 }
 
+/// One delivery attempt to an upstream, as logged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRecord {
+    pub id: u64,
+    pub upstream: String,
+    pub at_micros: i64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub records: u32,
+    /// delivered, rejected, partly_rejected, failed (will retry), unreadable, ambiguous.
+    pub outcome: String,
+    /// The upstream's status and text, numbers redacted.
+    pub detail: String,
+    pub duration_ms: u32,
+    /// The range replay it was part of, if any.
+    pub replay_id: Option<u64>,
+}
+
+/// An operator's request to send an upstream feed positions `from_seq..=to_seq` again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangeReplay {
+    pub id: u64,
+    pub upstream: String,
+    pub from_seq: u64,
+    pub to_seq: u64,
+    /// The next position to send; past `to_seq` once done.
+    pub next_seq: u64,
+    pub requested_by: String,
+    pub requested_at_micros: i64,
+    pub reason: String,
+    pub done_at_micros: Option<i64>,
+}
+
 /// A completed case that has no rating yet.
 #[derive(Debug, Clone)]
 pub struct OpenCase {
@@ -537,6 +570,25 @@ pub enum RelayWrite {
         expected_entries: u64,
         entry: CaseEntryRecord,
         exclude: Option<(Uuid, i32)>,
+    },
+    /// Logs delivery attempts (ids are assigned).
+    Attempts(Vec<AttemptRecord>),
+    /// Forgets attempts logged before this moment.
+    PruneAttempts {
+        before_micros: i64,
+    },
+    /// Records a range replay request; answers its id.
+    RequestRange {
+        upstream: String,
+        from_seq: u64,
+        to_seq: u64,
+        requested_by: String,
+        reason: String,
+    },
+    /// A range replay sent up to `next_seq - 1`; done once `next_seq` is past its end.
+    RangeProgress {
+        id: u64,
+        next_seq: u64,
     },
     /// Leaves a rating with no 差评 case out of scores: the authority found it invalid on its
     /// rater's claim (`reason`: the `AppealOutcome` number). 0 rows touched when it already
@@ -695,6 +747,25 @@ pub trait Store: Send + Sync + 'static {
         after_id: u64,
         limit: u32,
     ) -> Result<Vec<DeadLetter>, StoreError>;
+
+    /// Logged delivery attempts to `upstream` with id < `before_id` (0: from the newest),
+    /// newest first.
+    async fn list_attempts(
+        &self,
+        upstream: &str,
+        before_id: u64,
+        limit: u32,
+    ) -> Result<Vec<AttemptRecord>, StoreError>;
+
+    /// Range replays of `upstream`, oldest first (only those not done when `open_only`).
+    async fn list_range_replays(
+        &self,
+        upstream: &str,
+        open_only: bool,
+    ) -> Result<Vec<RangeReplay>, StoreError>;
+
+    /// When the rating at feed position `seq` was committed.
+    async fn received_at_of(&self, seq: u64) -> Result<Option<i64>, StoreError>;
 
     /// Open dead letters of an upstream.
     async fn count_open_dead_letters(&self, upstream: &str) -> Result<u64, StoreError>;

@@ -621,6 +621,69 @@ async fn relay_write(
             }
             Ok(1)
         }
+        RelayWrite::Attempts(attempts) => {
+            if !attempts.is_empty() {
+                let mut qb = QueryBuilder::<Postgres>::new(
+                    "INSERT INTO relay_attempts (upstream, at, first_seq, last_seq, records, \
+                     outcome, detail, duration_ms, replay_id) ",
+                );
+                qb.push_values(attempts, |mut row, a| {
+                    row.push_bind(a.upstream.as_str())
+                        .push_bind(a.at_micros)
+                        .push_bind(a.first_seq as i64)
+                        .push_bind(a.last_seq as i64)
+                        .push_bind(i64::from(a.records))
+                        .push_bind(a.outcome.as_str())
+                        .push_bind(a.detail.as_str())
+                        .push_bind(i64::from(a.duration_ms))
+                        .push_bind(a.replay_id.map(|v| v as i64));
+                });
+                qb.build().execute(&mut *conn).await?;
+            }
+            Ok(attempts.len() as u64)
+        }
+        RelayWrite::PruneAttempts { before_micros } => {
+            let r = sqlx::query("DELETE FROM relay_attempts WHERE at < $1")
+                .bind(*before_micros)
+                .execute(&mut *conn)
+                .await?;
+            Ok(r.rows_affected())
+        }
+        RelayWrite::RequestRange {
+            upstream,
+            from_seq,
+            to_seq,
+            requested_by,
+            reason,
+        } => {
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO relay_replays (upstream, from_seq, to_seq, next_seq, requested_by, \
+                 requested_at, reason) VALUES ($1, $2, $3, $2, $4, $5, $6) RETURNING id",
+            )
+            .bind(upstream)
+            .bind(*from_seq as i64)
+            .bind(*to_seq as i64)
+            .bind(requested_by)
+            .bind(now)
+            .bind(reason)
+            .fetch_one(&mut *conn)
+            .await?;
+            Ok(id as u64)
+        }
+        RelayWrite::RangeProgress { id, next_seq } => {
+            // Forward only; done once past the end.
+            let r = sqlx::query(
+                "UPDATE relay_replays SET next_seq = $1, \
+                 done_at = CASE WHEN $1 > to_seq THEN $2 ELSE done_at END \
+                 WHERE id = $3 AND next_seq < $1",
+            )
+            .bind(*next_seq as i64)
+            .bind(now)
+            .bind(*id as i64)
+            .execute(&mut *conn)
+            .await?;
+            Ok(r.rows_affected())
+        }
         RelayWrite::Exclusion {
             hub_id,
             reason,
@@ -1106,6 +1169,58 @@ impl Store for PostgresStore {
             .iter()
             .map(rows::dead_letter)
             .collect::<Result<_, _>>()?)
+    }
+
+    async fn list_attempts(
+        &self,
+        upstream: &str,
+        before_id: u64,
+        limit: u32,
+    ) -> Result<Vec<crate::store::AttemptRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, upstream, at, first_seq, last_seq, records, outcome, detail, duration_ms, \
+             replay_id FROM relay_attempts WHERE upstream = $1 AND id < $2 \
+             ORDER BY id DESC LIMIT $3",
+        )
+        .bind(upstream)
+        .bind(if before_id == 0 {
+            i64::MAX
+        } else {
+            before_id as i64
+        })
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.iter().map(rows::attempt).collect::<Result<_, _>>()?)
+    }
+
+    async fn list_range_replays(
+        &self,
+        upstream: &str,
+        open_only: bool,
+    ) -> Result<Vec<crate::store::RangeReplay>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, upstream, from_seq, to_seq, next_seq, requested_by, requested_at, reason, \
+             done_at FROM relay_replays WHERE upstream = $1 AND ($2 = 0 OR done_at IS NULL) \
+             ORDER BY id LIMIT 1000",
+        )
+        .bind(upstream)
+        .bind(i64::from(open_only))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(rows::range_replay)
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn received_at_of(&self, seq: u64) -> Result<Option<i64>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT received_at FROM ratings WHERE feed_seq = $1")
+                .bind(seq as i64)
+                .fetch_optional(&self.reader)
+                .await?,
+        )
     }
 
     async fn count_open_dead_letters(&self, upstream: &str) -> Result<u64, StoreError> {

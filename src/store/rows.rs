@@ -281,3 +281,32 @@ impl DayOrgFold {
         self.0
     }
 }
+
+pub(crate) fn attempt(row: &impl Columns) -> Result<crate::store::AttemptRecord, sqlx::Error> {
+    Ok(crate::store::AttemptRecord {
+        id: row.int("id")? as u64,
+        upstream: row.text("upstream")?,
+        at_micros: row.int("at")?,
+        first_seq: row.int("first_seq")? as u64,
+        last_seq: row.int("last_seq")? as u64,
+        records: row.int("records")? as u32,
+        outcome: row.text("outcome")?,
+        detail: row.text("detail")?,
+        duration_ms: row.int("duration_ms")? as u32,
+        replay_id: row.opt_int("replay_id")?.map(|v| v as u64),
+    })
+}
+
+pub(crate) fn range_replay(row: &impl Columns) -> Result<crate::store::RangeReplay, sqlx::Error> {
+    Ok(crate::store::RangeReplay {
+        id: row.int("id")? as u64,
+        upstream: row.text("upstream")?,
+        from_seq: row.int("from_seq")? as u64,
+        to_seq: row.int("to_seq")? as u64,
+        next_seq: row.int("next_seq")? as u64,
+        requested_by: row.text("requested_by")?,
+        requested_at_micros: row.int("requested_at")?,
+        reason: row.text("reason")?,
+        done_at_micros: row.opt_int("done_at")?,
+    })
+}

@@ -532,6 +532,34 @@ async fn hub_killed_hard_during_delivery_loses_nothing_and_resumes_from_its_curs
         got_before < 600,
         "the kill lands mid-delivery ({got_before} delivered)"
     );
+    // What the attempt log holds before the kill (it is written off the send's path).
+    let list = |url: String| {
+        let dir = dir.path().to_owned();
+        async move {
+            AdminServiceClient::new(dev_admin_channel(&dir, &url).await)
+                .list_attempts(pb::ListAttemptsRequest {
+                    upstream: "fake".into(),
+                    limit: 1000,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .attempts
+        }
+    };
+    eventually(LIMIT, "delivered batches in the attempt log", || {
+        let list = list(url.clone());
+        async move {
+            list.await
+                .iter()
+                .filter(|a| a.outcome == "delivered")
+                .count()
+                >= 3
+        }
+    })
+    .await;
+    let logged = list(url.clone()).await;
     crate::binary::signal(&child, "KILL");
     let killed = tokio::task::spawn_blocking(move || wait_exit(&mut child))
         .await
@@ -548,6 +576,14 @@ async fn hub_killed_hard_during_delivery_loses_nothing_and_resumes_from_its_curs
     .await;
     let got = fake.received();
     assert_eq!(got.len(), 600, "nothing extra, nothing lost");
+    // The attempt log survived the kill: every attempt logged before it is still there.
+    let after: HashSet<u64> = list(url.clone()).await.iter().map(|a| a.id).collect();
+    assert!(
+        logged.iter().all(|a| after.contains(&a.id)),
+        "{} logged before the kill, {} after",
+        logged.len(),
+        after.len()
+    );
     // At-least-once: at most the batch in flight at the kill is sent twice.
     assert!(duplicates(&got) <= 10, "{} duplicates", duplicates(&got));
     let stats = QueryServiceClient::new(dev_admin_channel(dir.path(), &url).await)
@@ -653,5 +689,179 @@ async fn after_an_outage_the_first_success_wakes_every_waiting_batch() {
         |got| first.iter().chain(&second).all(|id| got.contains_key(id)),
     )
     .await;
+    hub.stop().await;
+}
+
+/// Issue #20: every send to an upstream is in the attempt log — delivered batches, and the
+/// failures of an outage with the upstream's own words — and the log is still there after a
+/// restart; a range replay (by feed position, then by time) sends that range again and
+/// nothing else, recorded with who asked and why; bad ranges are refused with the field named.
+#[tokio::test]
+async fn the_attempt_log_survives_a_restart_and_a_range_replay_sends_that_range_only() {
+    let fake = FakeUpstream::start().await;
+    let hub = upstream(HubBuilder::new(), "up", &fake.url()).start().await;
+    let first = submit_many(&hub, "a", 120).await;
+    fake.wait_until(LIMIT, "120 delivered", |r| r.len() == 120)
+        .await;
+    fake.set_mode(Mode::Unavailable);
+    let more = submit_many(&hub, "b", 10).await;
+    fake.wait_calls(2, LIMIT).await;
+    fake.set_mode(Mode::Accept);
+    fake.wait_until(LIMIT, "130 delivered", |r| r.len() == 130)
+        .await;
+    let admin = AdminServiceClient::new(hub.channel_as("tester").await);
+    let attempts = |before_id: u64| pb::ListAttemptsRequest {
+        upstream: "up".into(),
+        before_id,
+        limit: 0,
+    };
+    // The log is written off the send's path: wait until the last delivery is in it.
+    let mut log = Vec::new();
+    eventually(LIMIT, "the attempts logged", || {
+        let mut admin = admin.clone();
+        async move {
+            let a = admin.list_attempts(attempts(0)).await.unwrap().into_inner();
+            let delivered: u32 = a
+                .attempts
+                .iter()
+                .filter(|x| x.outcome == "delivered")
+                .map(|x| x.records)
+                .sum();
+            delivered >= 130
+        }
+    })
+    .await;
+    let stopped = hub.stop().await;
+    let hub = stopped.restart().await;
+    let mut admin = AdminServiceClient::new(hub.channel_as("tester").await);
+    let mut before = 0;
+    loop {
+        let page = admin
+            .list_attempts(attempts(before))
+            .await
+            .unwrap()
+            .into_inner();
+        log.extend(page.attempts);
+        if page.next_before_id == 0 {
+            break;
+        }
+        before = page.next_before_id;
+    }
+    assert!(log.windows(2).all(|w| w[0].id > w[1].id), "newest first");
+    let failed: Vec<_> = log.iter().filter(|a| a.outcome == "failed").collect();
+    assert!(!failed.is_empty(), "the outage's sends are logged: {log:?}");
+    assert!(
+        failed[0].detail.contains("down for maintenance"),
+        "{:?}",
+        failed[0]
+    );
+    let delivered: u32 = log
+        .iter()
+        .filter(|a| a.outcome == "delivered")
+        .map(|a| a.records)
+        .sum();
+    assert!(delivered >= 130, "{delivered}");
+    assert!(log.iter().all(|a| a.first_feed_sequence >= 1
+        && a.last_feed_sequence >= a.first_feed_sequence
+        && a.replay_id == 0));
+
+    // Feed positions 21 to 40 again, and nothing else.
+    let ratings = hub
+        .query()
+        .await
+        .list_ratings(pb::ListRatingsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ratings;
+    assert_eq!(ratings.len(), 130);
+    let seq_of: HashMap<String, u64> = ratings
+        .iter()
+        .map(|r| (r.hub_id.clone(), r.feed_sequence))
+        .collect();
+    let replay = |from: u64, to: u64, reason: &str| pb::ReplayRangeRequest {
+        upstream: "up".into(),
+        from_feed_sequence: from,
+        to_feed_sequence: to,
+        reason: reason.into(),
+        ..Default::default()
+    };
+    let r = admin
+        .replay_range(replay(21, 40, "省平台报告 3 月 2 日数据缺失"))
+        .await
+        .unwrap()
+        .into_inner()
+        .replay
+        .unwrap();
+    assert_eq!((r.from_feed_sequence, r.to_feed_sequence), (21, 40));
+    assert_eq!(r.requested_by, "tester");
+    fake.wait_until(LIMIT, "the range sent again", |got| {
+        got.values().filter(|n| **n == 2).count() == 20
+    })
+    .await;
+    eventually(LIMIT, "the replay marked done", || {
+        let mut admin = admin.clone();
+        async move {
+            let r = admin
+                .list_replays(pb::ListReplaysRequest {
+                    upstream: "up".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .replays;
+            r.len() == 1 && r[0].done_at.is_some() && r[0].next_feed_sequence == 41
+        }
+    })
+    .await;
+    // Only the range: every other rating was received once.
+    for (hub_id, n) in fake.received() {
+        let seq = seq_of[&hub_id];
+        let expected = if (21..=40).contains(&seq) { 2 } else { 1 };
+        assert_eq!(n, expected, "feed position {seq}");
+    }
+    assert!(first.len() + more.len() == 130);
+    // By time: everything committed since an hour ago, once more.
+    let r = admin
+        .replay_range(pb::ReplayRangeRequest {
+            upstream: "up".into(),
+            from_time: Some(ts(now().seconds - 3600)),
+            reason: "全量重推".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .replay
+        .unwrap();
+    assert_eq!((r.from_feed_sequence, r.to_feed_sequence), (1, 130));
+    fake.wait_until(LIMIT, "all sent once more", |got| {
+        got.values().filter(|n| **n >= 2).count() == 130
+    })
+    .await;
+    let log = admin.list_attempts(attempts(0)).await.unwrap().into_inner();
+    assert!(
+        log.attempts.iter().any(|a| a.replay_id == r.id),
+        "replayed sends are logged with their replay"
+    );
+    // Refused, naming the field.
+    for (req, field) in [
+        (replay(21, 40, ""), "reason"),
+        (replay(40, 21, "x"), "from_feed_sequence"),
+        (replay(1, 9999, "x"), "to_feed_sequence"),
+        (
+            pb::ReplayRangeRequest {
+                from_time: Some(ts(now().seconds)),
+                ..replay(1, 2, "x")
+            },
+            "from_feed_sequence",
+        ),
+    ] {
+        let err = admin.replay_range(req).await.unwrap_err();
+        assert_eq!(bad_request_fields(&err), [field], "{err:?}");
+    }
     hub.stop().await;
 }

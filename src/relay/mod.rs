@@ -681,10 +681,10 @@ async fn log_attempts(
                 return;
             }
         }
-        if let Err(e) = store.relay_write(RelayWrite::Attempts(batch)).await {
-            if let Some(suppressed) = crate::telemetry::throttle("relay.attempt_log_write") {
-                tracing::warn!(error = %e, suppressed, "Delivery attempts could not be logged.");
-            }
+        if let Err(e) = store.relay_write(RelayWrite::Attempts(batch)).await
+            && let Some(suppressed) = crate::telemetry::throttle("relay.attempt_log_write")
+        {
+            tracing::warn!(error = %e, suppressed, "Delivery attempts could not be logged.");
         }
     }
 }

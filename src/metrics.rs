@@ -32,6 +32,34 @@ pub struct UpstreamLabels {
     pub upstream: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    pub upstream: String,
+    /// delivered, rejected, partly_rejected, failed, unreadable, ambiguous
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabels {
+    /// server, ca, or upstream:<name>
+    pub certificate: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CrlLabels {
+    /// The CRL file's name (not its directory).
+    pub crl: String,
+}
+
+/// Files whose expiry or age the metrics report, read at each scrape (they are small).
+#[derive(Debug, Clone, Default)]
+pub struct WatchedFiles {
+    /// (label, PEM certificate file): the first certificate's notAfter.
+    pub certificates: Vec<(String, std::path::PathBuf)>,
+    /// CRL files (PEM or DER): seconds since their thisUpdate.
+    pub crls: Vec<std::path::PathBuf>,
+}
+
 /// The hub's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -56,6 +84,13 @@ pub struct Metrics {
     upstream_dead_letters: Family<UpstreamLabels, Gauge>,
     upstream_paused: Family<UpstreamLabels, Gauge>,
     upstream_delivering_here: Family<UpstreamLabels, Gauge>,
+    /// Sends to each upstream, by result.
+    pub upstream_attempts: Family<AttemptLabels, Counter>,
+    certificate_expiry: Family<CertificateLabels, Gauge>,
+    crl_age: Family<CrlLabels, Gauge<f64, AtomicU64>>,
+    database_bytes: Gauge,
+    database_up: Gauge,
+    files: std::sync::Mutex<WatchedFiles>,
 }
 
 impl Default for Metrics {
@@ -77,6 +112,12 @@ impl Default for Metrics {
             upstream_dead_letters: Family::default(),
             upstream_paused: Family::default(),
             upstream_delivering_here: Family::default(),
+            upstream_attempts: Family::default(),
+            certificate_expiry: Family::default(),
+            crl_age: Family::default(),
+            database_bytes: Gauge::default(),
+            database_up: Gauge::default(),
+            files: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -146,8 +187,53 @@ impl Default for Metrics {
             "1 when this instance holds the upstream's lease and delivers",
             m.upstream_delivering_here.clone(),
         );
+        registry.register(
+            "delivery_attempts",
+            "Sends to each upstream, by result (delivered, rejected, partly_rejected, failed, unreadable, ambiguous)",
+            m.upstream_attempts.clone(),
+        );
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When each certificate the hub uses expires (server, ca, upstream:<name>)",
+            m.certificate_expiry.clone(),
+        );
+        registry.register(
+            "crl_age_seconds",
+            "Seconds since each configured CRL was issued (its thisUpdate)",
+            m.crl_age.clone(),
+        );
+        registry.register(
+            "database_bytes",
+            "The database's size on disk",
+            m.database_bytes.clone(),
+        );
+        registry.register(
+            "database_up",
+            "1 when the database answered the scrape's query",
+            m.database_up.clone(),
+        );
         Self { registry, ..m }
     }
+}
+
+/// The first certificate's notAfter in a PEM file, as Unix seconds.
+fn certificate_not_after(path: &std::path::Path) -> Option<i64> {
+    let pem = std::fs::read(path).ok()?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+/// A CRL's thisUpdate (PEM or DER), as Unix seconds.
+fn crl_this_update(path: &std::path::Path) -> Option<i64> {
+    let bytes = std::fs::read(path).ok()?;
+    let der = match x509_parser::pem::parse_x509_pem(&bytes) {
+        Ok((_, pem)) => pem.contents,
+        Err(_) => bytes,
+    };
+    use x509_parser::prelude::FromDer;
+    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der).ok()?;
+    Some(crl.last_update().timestamp())
 }
 
 impl Metrics {
@@ -177,6 +263,21 @@ impl Metrics {
                 })
                 .inc_by(n);
         }
+    }
+
+    /// The certificate and CRL files to report on.
+    pub fn watch_files(&self, files: WatchedFiles) {
+        *self.files.lock().expect("files") = files;
+    }
+
+    /// One send to an upstream, by its result.
+    pub fn attempt(&self, upstream: &str, result: &str) {
+        self.upstream_attempts
+            .get_or_create(&AttemptLabels {
+                upstream: upstream.to_owned(),
+                result: result.to_owned(),
+            })
+            .inc();
     }
 
     pub fn denied(&self, reason: &str) {
@@ -233,6 +334,46 @@ impl Metrics {
                 self.upstream_delivering_here
                     .get_or_create(&l)
                     .set(i64::from(u.delivering_here));
+            }
+        }
+        match state.store.database_bytes().await {
+            Ok(n) => {
+                self.database_bytes.set(n as i64);
+                self.database_up.set(1);
+            }
+            Err(_) => {
+                self.database_up.set(0);
+            }
+        }
+        let files = self.files.lock().expect("files").clone();
+        let now = state.clock.now_micros() / 1_000_000;
+        for (label, path) in &files.certificates {
+            let l = CertificateLabels {
+                certificate: label.clone(),
+            };
+            match certificate_not_after(path) {
+                Some(t) => {
+                    self.certificate_expiry.get_or_create(&l).set(t);
+                }
+                None => {
+                    self.certificate_expiry.remove(&l);
+                }
+            }
+        }
+        for path in &files.crls {
+            let l = CrlLabels {
+                crl: path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            };
+            match crl_this_update(path) {
+                Some(t) => {
+                    self.crl_age.get_or_create(&l).set((now - t) as f64);
+                }
+                None => {
+                    self.crl_age.remove(&l);
+                }
             }
         }
         let mut out = String::new();

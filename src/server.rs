@@ -198,6 +198,27 @@ pub async fn start_with_clock(
         .with_context(|| format!("binding {}", config.server.listen))?;
     let local_addr = listener.local_addr()?;
 
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    {
+        // The certificates and CRLs whose expiry and age the metrics report.
+        let mut files = crate::metrics::WatchedFiles::default();
+        if !config.tls.insecure_plaintext {
+            let tls = config.tls.files()?;
+            files.certificates.push(("server".into(), tls.cert.clone()));
+            files
+                .certificates
+                .push(("ca".into(), tls.client_ca.clone()));
+            files.crls = tls.crls.clone();
+        }
+        for (name, u) in &config.upstreams {
+            if !u.cert.is_empty() {
+                files
+                    .certificates
+                    .push((format!("upstream:{name}"), u.cert.clone().into()));
+            }
+        }
+        metrics.watch_files(files);
+    }
     let relay = crate::relay::Relay::start(
         &config.upstreams,
         store.clone(),
@@ -208,11 +229,11 @@ pub async fn start_with_clock(
             ttl: Duration::from_secs(config.storage.lease_secs),
         },
         config.ops.attempt_log_days,
+        metrics.clone(),
     )
     .await
     .context("starting upstream delivery")?;
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
-    let metrics = Arc::new(crate::metrics::Metrics::default());
     let rules = Arc::new(
         crate::rules::engine::RulesEngine::new(
             store.clone(),

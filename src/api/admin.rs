@@ -60,6 +60,10 @@ pub struct AdminApi {
     state: Arc<HubState>,
 }
 
+/// How far a time range is widened at each end: instances committing at once may stamp
+/// commit times slightly out of feed order.
+const TIME_MARGIN: i64 = 60_000_000;
+
 fn replay_pb(r: crate::store::RangeReplay) -> pb::RangeReplay {
     pb::RangeReplay {
         id: r.id,
@@ -317,8 +321,12 @@ impl AdminService for AdminApi {
                 (Some(f), Some(u)) if f < u => {
                     // The feed is gapless and commit times never go back: the positions of
                     // the range are found by halving.
-                    let first = self.first_seq_at_or_after(f, head).await?;
-                    let after = self.first_seq_at_or_after(u, head).await?;
+                    let first = self
+                        .first_seq_at_or_after(f.saturating_sub(TIME_MARGIN), head)
+                        .await?;
+                    let after = self
+                        .first_seq_at_or_after(u.saturating_add(TIME_MARGIN), head)
+                        .await?;
                     (first, after.saturating_sub(1))
                 }
                 _ => {
@@ -376,6 +384,24 @@ impl AdminService for AdminApi {
         Ok(Response::new(pb::ListReplaysResponse {
             replays: replays.into_iter().map(replay_pb).collect(),
         }))
+    }
+
+    async fn cancel_replay(
+        &self,
+        request: Request<pb::CancelReplayRequest>,
+    ) -> Result<Response<pb::CancelReplayResponse>, Status> {
+        let caller = self.state.admit(&request, "CancelReplay", Role::Admin)?;
+        let req = request.into_inner();
+        let name = upstream_name(&req.upstream)?.to_owned();
+        if req.id == 0 {
+            return Err(bad_request(&[violation("id", "is required")]));
+        }
+        let cancelled = self
+            .state
+            .relay
+            .cancel_range_replay(&name, req.id, caller.name())
+            .await?;
+        Ok(Response::new(pb::CancelReplayResponse { cancelled }))
     }
 
     async fn register_invalid_rating(

@@ -32,6 +32,8 @@ use crate::api::HubState;
 pub use data::Period;
 pub use serve::{serve, tls_config};
 
+pub(crate) use data::public_text;
+
 /// `[public]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

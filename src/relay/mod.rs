@@ -103,6 +103,10 @@ struct Worker {
     pause_lock: Mutex<()>,
     /// Each send, on its way to the attempt log (written in batches, off the send's path).
     attempt_log: tokio::sync::mpsc::Sender<AttemptRecord>,
+    metrics: Arc<crate::metrics::Metrics>,
+    /// A range replay is open (set on a request, at start and on each lease renewal that
+    /// finds one; cleared when none is left): live delivery then gives it turns.
+    range_open: AtomicBool,
 }
 
 /// Who this instance is in relay leases, and how long a lease lasts.
@@ -117,7 +121,13 @@ enum Interrupted {
     Stopping,
     Paused,
     LeaseLost,
+    /// The range replay being sent was cancelled.
+    Cancelled,
 }
+
+/// Live batches a pipeline run completes at most while a range replay waits: live delivery
+/// and the replay take turns, and neither waits for the other to finish.
+const LIVE_BATCHES_PER_TURN: usize = 8;
 
 fn quota(per_sec: u32, burst: u32) -> Quota {
     Quota::per_second(NonZeroU32::new(per_sec.max(1)).expect("max(1)"))
@@ -228,6 +238,17 @@ impl Worker {
                     if changed {
                         self.control.send_modify(|v| *v += 1);
                     }
+                    // A range replay asked for through another instance is found here.
+                    if !self.range_open.load(Ordering::Acquire)
+                        && self
+                            .store
+                            .list_range_replays(&self.name, true)
+                            .await
+                            .is_ok_and(|r| !r.is_empty())
+                    {
+                        self.range_open.store(true, Ordering::Release);
+                        self.control.send_modify(|v| *v += 1);
+                    }
                     // Notifies a worker waiting for the lease, every renewal.
                     self.lease.send_replace(Some(began + lease.ttl * 2 / 3));
                 }
@@ -268,15 +289,24 @@ impl Worker {
         stop: &watch::Receiver<bool>,
     ) -> Result<bool, StoreError> {
         let batch = self.cfg.batch_size;
-        // An operator's range replay first: the feed between two positions, sent again.
-        if let Some(range) = self
-            .store
-            .list_range_replays(&self.name, true)
-            .await?
-            .into_iter()
-            .next()
-        {
-            return self.replay_range_step(&range, stop).await;
+        // An operator's range replay takes its turn: one batch, then live delivery's turn.
+        let mut replayed = false;
+        if self.range_open.load(Ordering::Acquire) {
+            match self
+                .store
+                .list_range_replays(&self.name, true)
+                .await?
+                .into_iter()
+                .last()
+            {
+                Some(range) => {
+                    if !self.replay_range_step(&range, stop).await? {
+                        return Ok(false);
+                    }
+                    replayed = true;
+                }
+                None => self.range_open.store(false, Ordering::Release),
+            }
         }
         let replays = self.store.replay_batch(&self.name, batch).await?;
         if !replays.is_empty() {
@@ -312,9 +342,12 @@ impl Worker {
         // send, not for a whole round.
         let mut read_to = self.cursor.load(Ordering::Acquire);
         let mut inflight = FuturesOrdered::new();
-        let mut did_work = false;
+        let mut did_work = replayed;
+        let mut sent = 0usize;
         loop {
-            while inflight.len() < self.cfg.in_flight as usize {
+            while inflight.len() < self.cfg.in_flight as usize
+                && !(self.range_open.load(Ordering::Acquire) && sent >= LIVE_BATCHES_PER_TURN)
+            {
                 let head_seq = *head.borrow_and_update();
                 if read_to >= head_seq {
                     break;
@@ -330,6 +363,7 @@ impl Worker {
                 read_to = last;
                 let seqs: Vec<u64> = rows.iter().map(|r| r.feed_seq).collect();
                 let ratings = self.with_pii(rows)?;
+                sent += 1;
                 inflight.push_back(async move {
                     let result = self.deliver(&ratings, stop, None).await;
                     (seqs, ratings, result)
@@ -449,6 +483,7 @@ impl Worker {
         outcome: &str,
         detail: &str,
     ) {
+        self.metrics.attempt(&self.name, outcome);
         let record = AttemptRecord {
             id: 0,
             upstream: self.name.clone(),
@@ -457,7 +492,12 @@ impl Worker {
             last_seq: ratings.last().map_or(0, |r| r.feed_sequence),
             records: ratings.len() as u32,
             outcome: outcome.to_owned(),
-            detail: detail.chars().take(1000).collect(),
+            // Upstreams echo what they were sent: numbers however written are masked (as on
+            // the public site), beyond the redaction every upstream text already had.
+            detail: crate::public::public_text(detail, None, "")
+                .chars()
+                .take(1000)
+                .collect(),
             duration_ms: started.1.elapsed().as_millis().min(u128::from(u32::MAX)) as u32,
             replay_id,
         };
@@ -638,6 +678,16 @@ impl Worker {
                         _ = stop.changed() => {}
                         _ = control.changed() => {}
                     }
+                    // A range replay an operator cancelled stops retrying.
+                    if let Some(id) = replay_id
+                        && !self
+                            .store
+                            .list_range_replays(&self.name, true)
+                            .await
+                            .is_ok_and(|open| open.iter().any(|r| r.id == id))
+                    {
+                        return Err(Interrupted::Cancelled);
+                    }
                 }
             }
         }
@@ -648,6 +698,8 @@ impl Worker {
 const ATTEMPT_QUEUE: usize = 4096;
 /// Attempts written in one statement at most.
 const ATTEMPT_BATCH: usize = 500;
+/// Old attempts deleted in one statement at most.
+pub(crate) const PRUNE_SLICE: u64 = 10_000;
 
 /// Writes the attempt log: what is queued, in batches; and once an hour forgets attempts
 /// older than `days`. When the hub stops, what is queued is written once more.
@@ -658,22 +710,47 @@ async fn log_attempts(
     days: u32,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut prune = tokio::time::interval(Duration::from_secs(3600));
+    // The first pruning a minute after start, not at it: a restart loop must not be a
+    // stream of large deletes.
+    let mut prune = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(60),
+        Duration::from_secs(3600),
+    );
     let keep = i64::from(days) * 86_400_000_000;
+    let mut open = true;
     loop {
         let mut batch = Vec::new();
         tokio::select! {
-            n = queue.recv_many(&mut batch, ATTEMPT_BATCH) => if n == 0 { return },
+            n = queue.recv_many(&mut batch, ATTEMPT_BATCH), if open => {
+                if n == 0 {
+                    // No upstream sends any more (or none is configured): pruning goes on.
+                    open = false;
+                    continue;
+                }
+            }
             _ = prune.tick() => {
                 let before_micros = clock.now_micros() - keep;
-                if let Err(e) = store.relay_write(RelayWrite::PruneAttempts { before_micros }).await {
-                    tracing::warn!(error = %e, "The attempt log could not be pruned; will try again.");
+                // In slices, so the writer is never held long by one delete.
+                loop {
+                    match store.relay_write(RelayWrite::PruneAttempts { before_micros }).await {
+                        Ok(n) if n >= PRUNE_SLICE => tokio::task::yield_now().await,
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "The attempt log could not be pruned; will try again.");
+                            break;
+                        }
+                    }
                 }
                 continue;
             }
             _ = stop.changed() => {
-                queue.close();
-                while queue.recv_many(&mut batch, ATTEMPT_BATCH).await > 0 {
+                // The workers finish their sends within the shutdown grace: what they log
+                // meanwhile is written too, for a few seconds.
+                let until = tokio::time::Instant::now() + Duration::from_secs(3);
+                while let Ok(n) = tokio::time::timeout_at(until, queue.recv_many(&mut batch, ATTEMPT_BATCH)).await {
+                    if n == 0 {
+                        break;
+                    }
                     if store.relay_write(RelayWrite::Attempts(std::mem::take(&mut batch))).await.is_err() {
                         return;
                     }
@@ -828,6 +905,7 @@ impl Relay {
         clock: Arc<dyn Clock>,
         lease: Lease,
         attempt_log_days: u32,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> anyhow::Result<Arc<Self>> {
         let (stop, stop_rx) = watch::channel(false);
         let mut workers = BTreeMap::new();
@@ -870,6 +948,10 @@ impl Relay {
                 pause_changes: AtomicU64::new(0),
                 pause_lock: Mutex::new(()),
                 attempt_log: attempt_log.clone(),
+                metrics: metrics.clone(),
+                range_open: AtomicBool::new(
+                    !store.list_range_replays(name, true).await?.is_empty(),
+                ),
                 cfg: cfg.clone(),
             });
             cursor_tasks.push(tokio::spawn(write_cursors(
@@ -1071,6 +1153,7 @@ impl Relay {
                 reason: reason.to_owned(),
             })
             .await?;
+        w.range_open.store(true, Ordering::Release);
         w.control.send_modify(|v| *v += 1);
         tracing::info!(
             upstream = name,
@@ -1090,6 +1173,33 @@ impl Relay {
                 RelayError::Store(StoreError::Corrupt(format!("replay {id} not found")))
             })?;
         Ok(replay)
+    }
+
+    /// Stops a range replay where it is (it counts as done); `false` when it was done.
+    pub async fn cancel_range_replay(
+        &self,
+        name: &str,
+        id: u64,
+        by: &str,
+    ) -> Result<bool, RelayError> {
+        let w = self.worker(name)?;
+        let n = w
+            .store
+            .relay_write(RelayWrite::CancelRange {
+                id,
+                upstream: name.to_owned(),
+            })
+            .await?;
+        w.control.send_modify(|v| *v += 1);
+        if n > 0 {
+            tracing::info!(
+                upstream = name,
+                principal = by,
+                replay = id,
+                "Range replay cancelled."
+            );
+        }
+        Ok(n > 0)
     }
 
     /// The logged attempts of an upstream, newest first.

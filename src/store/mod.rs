@@ -585,6 +585,11 @@ pub enum RelayWrite {
         requested_by: String,
         reason: String,
     },
+    /// Ends a range replay where it is (1 row touched, 0 when it was done already).
+    CancelRange {
+        id: u64,
+        upstream: String,
+    },
     /// A range replay sent up to `next_seq - 1`; done once `next_seq` is past its end.
     RangeProgress {
         id: u64,
@@ -685,6 +690,9 @@ pub trait Store: Send + Sync + 'static {
     /// store opened (not as configured): e.g. `sqlite journal_mode=wal synchronous=FULL wal_autocheckpoint=4000`.
     fn durability(&self) -> &str;
 
+    /// The database's size on disk, in bytes (SQLite: its pages, without the WAL).
+    async fn database_bytes(&self) -> Result<u64, StoreError>;
+
     /// Writes ratings through the group-commit writer; returns one outcome per item, in order,
     /// after the transaction that holds them committed.
     async fn insert_ratings(&self, items: Vec<NewRating>)
@@ -757,7 +765,8 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<AttemptRecord>, StoreError>;
 
-    /// Range replays of `upstream`, oldest first (only those not done when `open_only`).
+    /// Range replays of `upstream`, newest first, at most 1,000 (only those not done when
+    /// `open_only`).
     async fn list_range_replays(
         &self,
         upstream: &str,

@@ -643,10 +643,14 @@ async fn relay_write(
             Ok(attempts.len() as u64)
         }
         RelayWrite::PruneAttempts { before_micros } => {
-            let r = sqlx::query("DELETE FROM relay_attempts WHERE at < $1")
-                .bind(*before_micros)
-                .execute(&mut *conn)
-                .await?;
+            let r = sqlx::query(
+                "DELETE FROM relay_attempts WHERE id IN \
+                 (SELECT id FROM relay_attempts WHERE at < $1 LIMIT $2)",
+            )
+            .bind(*before_micros)
+            .bind(crate::relay::PRUNE_SLICE as i64)
+            .execute(&mut *conn)
+            .await?;
             Ok(r.rows_affected())
         }
         RelayWrite::RequestRange {
@@ -669,6 +673,18 @@ async fn relay_write(
             .fetch_one(&mut *conn)
             .await?;
             Ok(id as u64)
+        }
+        RelayWrite::CancelRange { id, upstream } => {
+            let r = sqlx::query(
+                "UPDATE relay_replays SET done_at = $1, reason = reason || ' (cancelled)' \
+                 WHERE id = $2 AND upstream = $3 AND done_at IS NULL",
+            )
+            .bind(now)
+            .bind(*id as i64)
+            .bind(upstream)
+            .execute(&mut *conn)
+            .await?;
+            Ok(r.rows_affected())
         }
         RelayWrite::RangeProgress { id, next_seq } => {
             // Forward only; done once past the end.
@@ -954,6 +970,13 @@ impl Store for PostgresStore {
         &self.durability
     }
 
+    async fn database_bytes(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT pg_database_size(current_database())")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(n.max(0) as u64)
+    }
+
     async fn insert_ratings(
         &self,
         items: Vec<super::NewRating>,
@@ -1202,7 +1225,7 @@ impl Store for PostgresStore {
         let rows = sqlx::query(
             "SELECT id, upstream, from_seq, to_seq, next_seq, requested_by, requested_at, reason, \
              done_at FROM relay_replays WHERE upstream = $1 AND ($2 = 0 OR done_at IS NULL) \
-             ORDER BY id LIMIT 1000",
+             ORDER BY id DESC LIMIT 1000",
         )
         .bind(upstream)
         .bind(i64::from(open_only))

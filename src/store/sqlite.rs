@@ -507,10 +507,14 @@ async fn relay_write(
             Ok(attempts.len() as u64)
         }
         RelayWrite::PruneAttempts { before_micros } => {
-            let r = sqlx::query("DELETE FROM relay_attempts WHERE at < ?1")
-                .bind(*before_micros)
-                .execute(&mut *conn)
-                .await?;
+            let r = sqlx::query(
+                "DELETE FROM relay_attempts WHERE id IN \
+                 (SELECT id FROM relay_attempts WHERE at < ?1 LIMIT ?2)",
+            )
+            .bind(*before_micros)
+            .bind(crate::relay::PRUNE_SLICE as i64)
+            .execute(&mut *conn)
+            .await?;
             Ok(r.rows_affected())
         }
         RelayWrite::RequestRange {
@@ -533,6 +537,18 @@ async fn relay_write(
             .fetch_one(&mut *conn)
             .await?;
             Ok(id as u64)
+        }
+        RelayWrite::CancelRange { id, upstream } => {
+            let r = sqlx::query(
+                "UPDATE relay_replays SET done_at = ?1, reason = reason || ' (cancelled)' \
+                 WHERE id = ?2 AND upstream = ?3 AND done_at IS NULL",
+            )
+            .bind(now)
+            .bind(*id as i64)
+            .bind(upstream)
+            .execute(&mut *conn)
+            .await?;
+            Ok(r.rows_affected())
         }
         RelayWrite::RangeProgress { id, next_seq } => {
             // Forward only; done once past the end.
@@ -826,6 +842,15 @@ impl Store for SqliteStore {
         &self.durability
     }
 
+    async fn database_bytes(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+        )
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(n.max(0) as u64)
+    }
+
     async fn insert_ratings(
         &self,
         items: Vec<NewRating>,
@@ -1017,7 +1042,7 @@ impl Store for SqliteStore {
         let rows = sqlx::query(
             "SELECT id, upstream, from_seq, to_seq, next_seq, requested_by, requested_at, reason, \
              done_at FROM relay_replays WHERE upstream = ? AND (? = 0 OR done_at IS NULL) \
-             ORDER BY id LIMIT 1000",
+             ORDER BY id DESC LIMIT 1000",
         )
         .bind(upstream)
         .bind(i64::from(open_only))

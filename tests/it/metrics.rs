@@ -106,9 +106,33 @@ async fn metrics_move_with_traffic_outages_dead_letters_and_denials() {
         1.0
     );
 
-    // The upstream stops: the lag shows.
+    // Sends by result; the certificates' expiry; the database.
+    let sends = |m: &Samples, result: &'static str| {
+        get(
+            m,
+            "rating_hub_delivery_attempts_total",
+            &[("result", result), ("upstream", "fake")],
+        )
+    };
+    assert!(sends(&m, "delivered") >= 1.0, "{m:?}");
+    assert_eq!(sends(&m, "failed"), 0.0);
+    let now = rating_hub::clock::Clock::now_micros(&rating_hub::clock::SystemClock) as f64 / 1e6;
+    for which in ["server", "ca"] {
+        let expiry = get(
+            &m,
+            "rating_hub_certificate_expiry_timestamp_seconds",
+            &[("certificate", which)],
+        );
+        // The test PKI's certificates are issued for 30 days (the CA for longer).
+        assert!(expiry > now + 29.0 * 86_400.0, "{which}: {expiry}");
+    }
+    assert_eq!(get(&m, "rating_hub_database_up", &[]), 1.0);
+    assert!(get(&m, "rating_hub_database_bytes", &[]) > 0.0);
+
+    // The upstream stops: the lag shows, and the failed sends.
     fake.set_mode(Mode::Unavailable);
     submit(&mut ingest, vec![rating("m-3")]).await;
+    fake.wait_calls(1, Duration::from_secs(30)).await;
     let (_, m) = scrape(&hub).await;
     assert_eq!(
         get(
@@ -119,6 +143,15 @@ async fn metrics_move_with_traffic_outages_dead_letters_and_denials() {
         1.0
     );
     assert_eq!(get(&m, "rating_hub_feed_head", &[]), 3.0);
+    // (The send is counted once its answer is back: wait for that.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while sends(&scrape(&hub).await.1, "failed") < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed send counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // It comes back refusing one rating for good: a dead letter.
     fake.reject_origin_keys(["m-4".to_string()]);

@@ -847,6 +847,143 @@ async fn the_attempt_log_survives_a_restart_and_a_range_replay_sends_that_range_
         log.attempts.iter().any(|a| a.replay_id == r.id),
         "replayed sends are logged with their replay"
     );
+    fake.wait_until(LIMIT, "the time range done", |got| {
+        got.values().all(|n| *n >= 3 || *n == 2)
+    })
+    .await;
+
+    // A replay takes turns with live delivery: a rating committed while a long replay runs
+    // is delivered before the replay is done.
+    eventually(LIMIT, "no replay open", || {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .list_replays(pb::ListReplaysRequest {
+                    upstream: "up".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .replays
+                .iter()
+                .all(|r| r.done_at.is_some())
+        }
+    })
+    .await;
+    fake.set_mode(Mode::Slow(Duration::from_millis(100)));
+    let long = admin
+        .replay_range(replay(1, 130, "再推一遍"))
+        .await
+        .unwrap()
+        .into_inner()
+        .replay
+        .unwrap();
+    let live = submit_many(&hub, "live", 1).await.remove(0);
+    fake.wait_until(LIMIT, "the live rating", |got| got.contains_key(&live))
+        .await;
+    eventually(LIMIT, "the long replay done", || {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .list_replays(pb::ListReplaysRequest {
+                    upstream: "up".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .replays[0]
+                .done_at
+                .is_some()
+        }
+    })
+    .await;
+    let list_all = || {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .list_attempts(pb::ListAttemptsRequest {
+                    upstream: "up".into(),
+                    limit: 1000,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .attempts
+        }
+    };
+    let long_id = long.id;
+    eventually(LIMIT, "the sends logged", || async move {
+        list_all()
+            .await
+            .iter()
+            .filter(|a| a.replay_id == long_id)
+            .map(|a| a.records)
+            .sum::<u32>()
+            >= 130
+    })
+    .await;
+    let log = list_all().await;
+    let live_send = log
+        .iter()
+        .filter(|a| a.replay_id == 0 && a.last_feed_sequence == 131 && a.outcome == "delivered")
+        .map(|a| a.id)
+        .max()
+        .expect("the live rating's send");
+    let last_replayed = log
+        .iter()
+        .filter(|a| a.replay_id == long.id)
+        .map(|a| a.id)
+        .max()
+        .unwrap();
+    assert!(
+        live_send < last_replayed,
+        "the live rating waited for the whole replay"
+    );
+
+    // A replay can be stopped: during an outage it retries no more once cancelled.
+    fake.set_mode(Mode::Unavailable);
+    let stuck = admin
+        .replay_range(replay(1, 10, "误操作"))
+        .await
+        .unwrap()
+        .into_inner()
+        .replay
+        .unwrap();
+    fake.wait_calls(1, LIMIT).await;
+    let c = admin
+        .cancel_replay(pb::CancelReplayRequest {
+            upstream: "up".into(),
+            id: stuck.id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(c.cancelled);
+    let again = admin
+        .cancel_replay(pb::CancelReplayRequest {
+            upstream: "up".into(),
+            id: stuck.id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.cancelled, "done already");
+    let before: HashMap<String, u32> = fake.received();
+    fake.set_mode(Mode::Accept);
+    let next = submit_many(&hub, "after", 1).await.remove(0);
+    fake.wait_until(LIMIT, "live delivery after the cancel", |got| {
+        got.contains_key(&next)
+    })
+    .await;
+    for (id, n) in &before {
+        assert_eq!(
+            fake.received()[id],
+            *n,
+            "a cancelled replay sent {id} again"
+        );
+    }
+
     // Refused, naming the field.
     for (req, field) in [
         (replay(21, 40, ""), "reason"),

@@ -243,3 +243,77 @@ async fn metrics_move_with_traffic_outages_dead_letters_and_denials() {
     );
     hub.stop().await;
 }
+
+/// The shipped alert rules pass `promtool check rules` (Debian's prometheus package, installed
+/// by scripts/test-deps), and every metric they and the Grafana dashboard name is one the hub
+/// exports (a rule on a misspelt metric never fires).
+#[tokio::test]
+async fn alert_rules_and_dashboard_pass_promtool_and_name_only_exported_metrics() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let rules = root.join("deploy/prometheus/rating-hub-alerts.yml");
+    let dashboard = root.join("deploy/grafana/rating-hub.json");
+    let promtool = std::env::var_os("RATING_HUB_PROMTOOL")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/usr/bin/promtool".into());
+    assert!(
+        promtool.exists(),
+        "{} is missing: run scripts/test-deps (Debian's prometheus package)",
+        promtool.display()
+    );
+    let out = std::process::Command::new(&promtool)
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&dashboard).unwrap()).unwrap();
+    assert!(dash["panels"].as_array().is_some_and(|p| p.len() >= 10));
+
+    let fake = FakeUpstream::start().await;
+    let hub = crate::relay::upstream(HubBuilder::new(), "fake", &fake.url())
+        .start()
+        .await;
+    submit(&mut hub.ingest().await, vec![rating("d-1")]).await;
+    fake.wait_until(Duration::from_secs(30), "delivered", |got| got.len() == 1)
+        .await;
+    let (text, _) = scrape(&hub).await;
+    // Family names from the exposition, with the sample names Prometheus stores.
+    let mut exported = std::collections::HashSet::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
+            (words.next(), words.next(), words.next(), words.next())
+        {
+            exported.insert(name.to_owned());
+            if kind == "counter" {
+                exported.insert(format!("{name}_total"));
+            }
+        }
+    }
+    let named = |text: &str| -> Vec<String> {
+        let mut out = Vec::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("rating_hub_") {
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            out.push(tail[..end].to_owned());
+            rest = &tail[end..];
+        }
+        out
+    };
+    let mut referenced = named(&std::fs::read_to_string(&rules).unwrap());
+    referenced.extend(named(&dash.to_string()));
+    assert!(referenced.len() >= 15, "{referenced:?}");
+    for name in &referenced {
+        assert!(exported.contains(name), "{name} is not exported:\n{text}");
+    }
+    hub.stop().await;
+}

@@ -19,6 +19,7 @@ pub mod public;
 pub mod relay;
 pub mod rules;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 #[doc(hidden)]

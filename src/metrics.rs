@@ -265,6 +265,16 @@ impl Metrics {
         }
     }
 
+    /// Each watched certificate's expiry (Unix seconds), for the status page.
+    pub fn certificate_expiries(&self) -> Vec<(String, i64)> {
+        let files = self.files.lock().expect("files").clone();
+        files
+            .certificates
+            .iter()
+            .filter_map(|(label, path)| Some((label.clone(), certificate_not_after(path)?)))
+            .collect()
+    }
+
     /// The certificate and CRL files to report on.
     pub fn watch_files(&self, files: WatchedFiles) {
         *self.files.lock().expect("files") = files;
@@ -391,21 +401,35 @@ pub async fn serve(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     use axum::routing::get;
-    let app = axum::Router::new().route(
-        "/metrics",
-        get(move || {
-            let state = state.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    state.metrics.render(&state).await,
-                )
-            }
-        }),
-    );
+    let page_state = state.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let state = state.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        state.metrics.render(&state).await,
+                    )
+                }
+            }),
+        )
+        .route(
+            "/status",
+            get(move || {
+                let state = page_state.clone();
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")],
+                        crate::status::page(&state).await,
+                    )
+                }
+            }),
+        );
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = stop.changed().await;

@@ -317,3 +317,70 @@ async fn alert_rules_and_dashboard_pass_promtool_and_name_only_exported_metrics(
     }
     hub.stop().await;
 }
+
+/// The operators' status page, loaded in Chromium during an upstream outage: the upstream
+/// shown failing with its lag and the upstream's own answer, the failed sends listed, an
+/// overdue 差评 case counted, the certificates' expiry, and no rater data.
+#[tokio::test]
+async fn the_status_page_shows_an_outage_in_the_browser() {
+    use rating_hub::clock::ManualClock;
+    let clock = std::sync::Arc::new(ManualClock::at(crate::rules::cst("2025-03-03", 9)));
+    let fake = FakeUpstream::start().await;
+    let hub = crate::relay::upstream(HubBuilder::new(), "fake", &fake.url())
+        .clock(clock.clone())
+        .start()
+        .await;
+    let mut ingest = hub.ingest().await;
+    let at = |r: &mut pb::Rating| {
+        r.rated_at = Some(rating_hub::time::timestamp_from_micros(crate::rules::cst(
+            "2025-03-03",
+            9,
+        )))
+    };
+    let mut ok = vec![rating("s-1"), rating("s-2")];
+    ok.iter_mut().for_each(at);
+    let mut complaint = rating("s-bad");
+    complaint.level = pb::Level::VeryDissatisfied as i32;
+    at(&mut complaint);
+    ok.push(complaint);
+    submit(&mut ingest, ok).await;
+    fake.wait_until(Duration::from_secs(30), "delivered", |got| got.len() == 3)
+        .await;
+    fake.set_mode(Mode::Unavailable);
+    let mut late = vec![rating("s-3"), rating("s-4")];
+    late.iter_mut().for_each(at);
+    submit(&mut ingest, late).await;
+    fake.wait_calls(2, Duration::from_secs(30)).await;
+    // A month later the 差评 case is long overdue (Kunming: 15 working days).
+    clock.set(crate::rules::cst("2025-04-03", 9));
+    let addr = hub.hub.ops_addr.expect("the operations listener");
+    let url = format!("http://{addr}/status");
+    let page = crate::public::dom(url.clone()).await;
+    assert!(page.contains("data-upstream=\"fake\""), "{page}");
+    assert!(page.contains("data-state=\"failing\""), "{page}");
+    let cell = |col: &str| {
+        let at = page
+            .find(&format!("data-col=\"{col}\""))
+            .unwrap_or_else(|| panic!("no {col}"));
+        let text = &page[at + page[at..].find('>').unwrap() + 1..];
+        text[..text.find('<').unwrap()].to_owned()
+    };
+    assert_eq!(cell("lag_records"), "2");
+    assert_eq!(cell("overdue_cases"), "1");
+    assert!(
+        cell("last_error").contains("down for maintenance"),
+        "{page}"
+    );
+    assert!(page.contains("data-col=\"outcome\">failed<"), "{page}");
+    assert!(page.contains("data-certificate=\"server\""), "{page}");
+    assert!(page.contains("http-equiv=\"refresh\""));
+    for pii in ["13800138000", "张三", id_number().as_str()] {
+        assert!(!page.contains(pii), "{pii} on the status page");
+    }
+    if std::env::var_os("RATING_HUB_UPDATE_SCREENSHOTS").is_some() {
+        let docs = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs");
+        crate::public::screenshot(url.clone(), &docs.join("status-page.png"), false).await;
+        crate::public::screenshot(url, &docs.join("status-page-phone.png"), true).await;
+    }
+    hub.stop().await;
+}

@@ -61,12 +61,12 @@ async fn browse(url: String, args: Vec<String>) -> String {
 }
 
 /// The page's DOM as Chromium rendered it.
-async fn dom(url: String) -> String {
+pub(crate) async fn dom(url: String) -> String {
     browse(url, vec!["--dump-dom".into()]).await
 }
 
 /// A screenshot of the page into `file` (a phone's width when `phone`).
-async fn screenshot(url: String, file: &Path, phone: bool) {
+pub(crate) async fn screenshot(url: String, file: &Path, phone: bool) {
     let size = if phone { "414,1100" } else { "1200,1000" };
     browse(
         url,

@@ -91,6 +91,9 @@ pub struct Metrics {
     database_bytes: Gauge,
     database_up: Gauge,
     files: std::sync::Mutex<WatchedFiles>,
+    crl_next_update: Family<CrlLabels, Gauge>,
+    /// The status page's last rendering (src/status.rs).
+    pub status_page: tokio::sync::Mutex<Option<(std::time::Instant, String)>>,
 }
 
 impl Default for Metrics {
@@ -118,6 +121,8 @@ impl Default for Metrics {
             database_bytes: Gauge::default(),
             database_up: Gauge::default(),
             files: Default::default(),
+            crl_next_update: Family::default(),
+            status_page: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -203,6 +208,11 @@ impl Default for Metrics {
             m.crl_age.clone(),
         );
         registry.register(
+            "crl_next_update_timestamp_seconds",
+            "When each configured CRL says the next one is due (its nextUpdate)",
+            m.crl_next_update.clone(),
+        );
+        registry.register(
             "database_bytes",
             "The database's size on disk",
             m.database_bytes.clone(),
@@ -224,16 +234,31 @@ fn certificate_not_after(path: &std::path::Path) -> Option<i64> {
     Some(cert.validity().not_after.timestamp())
 }
 
-/// A CRL's thisUpdate (PEM or DER), as Unix seconds.
-fn crl_this_update(path: &std::path::Path) -> Option<i64> {
-    let bytes = std::fs::read(path).ok()?;
-    let der = match x509_parser::pem::parse_x509_pem(&bytes) {
-        Ok((_, pem)) => pem.contents,
-        Err(_) => bytes,
-    };
+/// A CRL file's oldest thisUpdate and earliest nextUpdate (PEM with one or more CRLs, or
+/// DER), as Unix seconds.
+fn crl_dates(path: &std::path::Path) -> Option<(i64, Option<i64>)> {
     use x509_parser::prelude::FromDer;
-    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der).ok()?;
-    Some(crl.last_update().timestamp())
+    let bytes = std::fs::read(path).ok()?;
+    let ders: Vec<Vec<u8>> = if bytes.starts_with(b"-----") {
+        x509_parser::pem::Pem::iter_from_buffer(&bytes)
+            .filter_map(Result::ok)
+            .map(|p| p.contents)
+            .collect()
+    } else {
+        vec![bytes]
+    };
+    let mut this: Option<i64> = None;
+    let mut next: Option<i64> = None;
+    for der in &ders {
+        let (_, crl) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(der).ok()?;
+        let t = crl.last_update().timestamp();
+        this = Some(this.map_or(t, |x| x.min(t)));
+        if let Some(n) = crl.next_update().map(|n| n.timestamp()) {
+            next = Some(next.map_or(n, |x| x.min(n)));
+        }
+    }
+    Some((this?, next))
 }
 
 impl Metrics {
@@ -301,6 +326,25 @@ impl Metrics {
     /// The text exposition, with the state gauges read now.
     pub async fn render(&self, state: &crate::api::HubState) -> String {
         self.feed_head.set(*state.store.feed_head().borrow() as i64);
+        // The database first, quickly: when it does not answer, the upstreams' stored state
+        // is not read either (each read would wait its own timeout, and the scrape outlast
+        // Prometheus's).
+        let database = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            state.store.database_bytes(),
+        )
+        .await;
+        let database_answered = match database {
+            Ok(Ok(n)) => {
+                self.database_bytes.set(n as i64);
+                self.database_up.set(1);
+                true
+            }
+            _ => {
+                self.database_up.set(0);
+                false
+            }
+        };
         let names: Vec<String> = state.relay.names().map(str::to_owned).collect();
         for name in names {
             let l = UpstreamLabels {
@@ -309,13 +353,12 @@ impl Metrics {
             // An upstream whose stored state cannot be read (the database down) has no
             // series rather than this instance's stale copy, which an alert would trust
             // (zero dead letters, zero lag); its absence is the signal.
-            let Some(u) = state
-                .relay
-                .status(&name)
-                .await
-                .ok()
-                .filter(|u| u.stored_state_read)
-            else {
+            let status = if database_answered {
+                state.relay.status(&name).await.ok()
+            } else {
+                None
+            };
+            let Some(u) = status.filter(|u| u.stored_state_read) else {
                 self.upstream_cursor.remove(&l);
                 self.upstream_lag_records.remove(&l);
                 self.upstream_lag_seconds.remove(&l);
@@ -346,15 +389,6 @@ impl Metrics {
                     .set(i64::from(u.delivering_here));
             }
         }
-        match state.store.database_bytes().await {
-            Ok(n) => {
-                self.database_bytes.set(n as i64);
-                self.database_up.set(1);
-            }
-            Err(_) => {
-                self.database_up.set(0);
-            }
-        }
         let files = self.files.lock().expect("files").clone();
         let now = state.clock.now_micros() / 1_000_000;
         for (label, path) in &files.certificates {
@@ -377,12 +411,21 @@ impl Metrics {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default(),
             };
-            match crl_this_update(path) {
-                Some(t) => {
+            match crl_dates(path) {
+                Some((t, next)) => {
                     self.crl_age.get_or_create(&l).set((now - t) as f64);
+                    match next {
+                        Some(n) => {
+                            self.crl_next_update.get_or_create(&l).set(n);
+                        }
+                        None => {
+                            self.crl_next_update.remove(&l);
+                        }
+                    }
                 }
                 None => {
                     self.crl_age.remove(&l);
+                    self.crl_next_update.remove(&l);
                 }
             }
         }

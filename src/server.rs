@@ -210,6 +210,9 @@ pub async fn start_with_clock(
                 .push(("ca".into(), tls.client_ca.clone()));
             files.crls = tls.crls.clone();
         }
+        if let Some((cert, _)) = config.public.tls() {
+            files.certificates.push(("public".into(), cert));
+        }
         for (name, u) in &config.upstreams {
             if !u.cert.is_empty() {
                 files

@@ -30,8 +30,12 @@ figure{margin:6px 0}
 svg text{font-size:11px;fill:#52606d}
 "#;
 
-/// Cases read at most for the overdue count (the newest first).
+/// Cases read at most for the open and overdue counts: those opened in the last
+/// `CASE_WINDOW_DAYS` (a case's whole life is weeks).
 const CASES_READ: usize = 20_000;
+const CASE_WINDOW_DAYS: i64 = 180;
+/// How long one rendering of the page is served (it reads many cases).
+const PAGE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Delivered records per minute over the last hour, oldest minute first (60 values).
 fn per_minute(attempts: &[AttemptRecord], now_micros: i64) -> Vec<u32> {
@@ -69,6 +73,14 @@ fn chart(points: &[u32]) -> Markup {
     }
 }
 
+/// The 20 units with the most overdue cases, most first.
+fn worst(by_org: &BTreeMap<String, u64>) -> Vec<(&String, &u64)> {
+    let mut v: Vec<_> = by_org.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    v.truncate(20);
+    v
+}
+
 fn duration_zh(secs: f64) -> String {
     let s = secs.max(0.0) as u64;
     match s {
@@ -79,8 +91,20 @@ fn duration_zh(secs: f64) -> String {
     }
 }
 
-/// The page.
+/// The page: rendered at most every 30 s, whoever asks (one rendering at a time).
 pub async fn page(state: &HubState) -> String {
+    let mut cached = state.metrics.status_page.lock().await;
+    if let Some((at, page)) = cached.as_ref()
+        && at.elapsed() < PAGE_TTL
+    {
+        return page.clone();
+    }
+    let page = render(state).await;
+    *cached = Some((std::time::Instant::now(), page.clone()));
+    page
+}
+
+async fn render(state: &HubState) -> String {
     let now = state.clock.now_micros();
     let mut upstreams = Vec::new();
     for name in state.relay.names().map(str::to_owned).collect::<Vec<_>>() {
@@ -111,7 +135,12 @@ pub async fn page(state: &HubState) -> String {
     let mut after = 0;
     let mut case_error = None;
     while read < CASES_READ {
-        let page = match state.store.list_bad_cases(None, after, 1000).await {
+        let window = Some((now - CASE_WINDOW_DAYS * 86_400_000_000, i64::MAX));
+        let page = match state
+            .store
+            .list_bad_cases_opened(None, window, after, 1000)
+            .await
+        {
             Ok(p) => p,
             Err(e) => {
                 case_error = Some(e.to_string());
@@ -180,7 +209,7 @@ pub async fn page(state: &HubState) -> String {
                                             " · 死信 " span data-col="dead_letters" { (s.open_dead_letters) } " 条"
                                         }
                                         @if let Some((e, at)) = &s.last_error {
-                                            p.bad data-col="last_error" { "最近错误（" (crate::time::format_cst_micros(*at)) "）：" (e) }
+                                            p.bad data-col="last_error" { "最近错误（" (crate::time::format_cst_micros(*at)) "）：" (crate::public::public_text(e, None, "")) }
                                         }
                                     }
                                     None => { p { strong { (name) } " · " span.bad { "状态无法读取" } } }
@@ -211,12 +240,12 @@ pub async fn page(state: &HubState) -> String {
                         p {
                             "未办结 " span data-col="open_cases" { (open) } " 件 · 逾期 "
                             span data-col="overdue_cases" class=(if overdue > 0 { "bad" } else { "ok" }) { (overdue) } " 件"
-                            @if read >= CASES_READ { span.muted { "（仅统计最近 " (CASES_READ) " 件）" } }
+                            span.muted { "（近" (CASE_WINDOW_DAYS) "天开立的工单" @if read >= CASES_READ { "，前 " (CASES_READ) " 件" } "）" }
                         }
                         @if let Some(e) = &case_error { p.bad { "工单无法读取：" (e) } }
                         @if !overdue_by_org.is_empty() {
                             div.wrap { table { thead { tr { th { "单位" } th { "逾期件数" } } } tbody {
-                                @for (org, n) in overdue_by_org.iter().take(20) { tr { td { (org) } td { (n) } } }
+                                @for (org, n) in worst(&overdue_by_org) { tr { td { (org) } td { (n) } } }
                             } } }
                         }
                     }

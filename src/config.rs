@@ -38,6 +38,7 @@ pub struct Config {
     pub log: LogConfig,
     pub ops: OpsConfig,
     pub public: crate::public::PublicConfig,
+    pub alerts: crate::alerts::AlertsConfig,
 }
 
 /// `[ops]`: the operations listener (Prometheus `/metrics`).
@@ -436,6 +437,9 @@ impl Config {
             return fail("ops.attempt_log_days must be 1 to 3650");
         }
         if let Err(e) = self.public.check() {
+            return fail(&e);
+        }
+        if let Err(e) = self.alerts.check() {
             return fail(&e);
         }
         if !(1..=256).contains(&self.limits.evidence_max_mb) {

@@ -300,6 +300,19 @@ impl Metrics {
             .collect()
     }
 
+    /// Each watched CRL file's earliest nextUpdate (Unix seconds), for the alert notifier.
+    pub fn crl_next_updates(&self) -> Vec<(String, i64)> {
+        let files = self.files.lock().expect("files").clone();
+        files
+            .crls
+            .iter()
+            .filter_map(|path| {
+                let (_, next) = crl_dates(path)?;
+                Some((path.file_name()?.to_string_lossy().into_owned(), next?))
+            })
+            .collect()
+    }
+
     /// The certificate and CRL files to report on.
     pub fn watch_files(&self, files: WatchedFiles) {
         *self.files.lock().expect("files") = files;

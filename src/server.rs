@@ -353,6 +353,20 @@ pub async fn start_with_clock(
             }
         },
     };
+    if !config.alerts.webhook_url.is_empty() {
+        let (state, alerts, instance, stop) = (
+            state.clone(),
+            config.alerts.clone(),
+            config.storage.instance_name(),
+            stopping_tx.subscribe(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = crate::alerts::run(state, alerts, instance, stop).await {
+                tracing::error!(error = %e, "The alert notifier stopped.");
+            }
+        });
+        tracing::info!("Alerts go to the configured webhook.");
+    }
     // The public site (评价结果公开): configured on purpose, so a port it cannot have stops
     // the start, unlike metrics.
     let public_addr = match config

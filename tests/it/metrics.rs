@@ -384,3 +384,113 @@ async fn the_status_page_shows_an_outage_in_the_browser() {
     }
     hub.stop().await;
 }
+
+/// Alerts for a site without Prometheus: each condition reaches the webhook once when it
+/// starts and once when it ends, signed with the shared secret — an upstream failing and
+/// lagging during an outage (resolved when it is back), dead letters once it refuses a
+/// rating for good, and the test PKI's 30-day server certificate as expiring.
+#[tokio::test]
+async fn alerts_reach_the_webhook_once_per_change_of_state() {
+    use std::sync::{Arc, Mutex};
+    let received: Arc<Mutex<Vec<(serde_json::Value, String, Vec<u8>)>>> = Default::default();
+    let (tx, mut rx) = tokio::sync::watch::channel(0u64);
+    let app = {
+        let received = received.clone();
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(
+                move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                    let received = received.clone();
+                    let tx = tx.clone();
+                    async move {
+                        let sig = headers
+                            .get("x-ratinghub-signature")
+                            .map(|v| v.to_str().unwrap().to_owned())
+                            .unwrap_or_default();
+                        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                        received.lock().unwrap().push((v, sig, body.to_vec()));
+                        tx.send_modify(|n| *n += 1);
+                        "ok"
+                    }
+                },
+            ),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let secret_dir = tempfile::tempdir().unwrap();
+    let secret = secret_dir.path().join("hook.secret");
+    std::fs::write(&secret, b"s3cret-for-the-hook").unwrap();
+    let fake = FakeUpstream::start().await;
+    let hub = crate::relay::upstream(HubBuilder::new(), "fake", &fake.url())
+        .set("alerts.webhook_url", &format!("\"http://{hook}/hook\""))
+        .set(
+            "alerts.webhook_secret_file",
+            &format!("{:?}", secret.display().to_string()),
+        )
+        .set("alerts.check_secs", "1")
+        .set("alerts.lag_limit_secs", "1")
+        .start()
+        .await;
+    let has = |alert: &str, subject: &str, status: &str| {
+        received.lock().unwrap().iter().any(|(v, _, _)| {
+            v["alert"] == alert && v["subject"] == subject && v["status"] == status
+        })
+    };
+    let wait_for = |alert: &'static str, subject: &'static str, status: &'static str| {
+        let mut rx = rx.clone();
+        let has = &has;
+        async move {
+            tokio::time::timeout(Duration::from_secs(30), async {
+                while !has(alert, subject, status) {
+                    rx.changed().await.unwrap();
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("no {status} {alert} {subject}"));
+        }
+    };
+    wait_for("certificate_expiring", "server", "firing").await;
+    // An outage: failing, then lagging; back: both resolved.
+    fake.set_mode(Mode::Unavailable);
+    submit(&mut hub.ingest().await, vec![rating("w-1")]).await;
+    wait_for("upstream_failing", "fake", "firing").await;
+    wait_for("upstream_lagging", "fake", "firing").await;
+    fake.set_mode(Mode::Accept);
+    wait_for("upstream_failing", "fake", "resolved").await;
+    wait_for("upstream_lagging", "fake", "resolved").await;
+    // A rating refused for good.
+    fake.reject_origin_keys(["w-2".to_string()]);
+    submit(&mut hub.ingest().await, vec![rating("w-2")]).await;
+    wait_for("dead_letters_open", "fake", "firing").await;
+    // A few more checks: nothing is sent twice.
+    let n = *rx.borrow_and_update();
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            rx.changed().await.unwrap();
+        }
+    })
+    .await;
+    let got = received.lock().unwrap().clone();
+    let mut seen = std::collections::HashSet::new();
+    for (v, sig, body) in &got {
+        let key = (
+            v["alert"].to_string(),
+            v["subject"].to_string(),
+            v["status"].to_string(),
+        );
+        assert!(seen.insert(key.clone()), "sent twice: {key:?} (of {n})");
+        use hmac::Mac;
+        let mut mac =
+            hmac::SimpleHmac::<sha2::Sha256>::new_from_slice(b"s3cret-for-the-hook").unwrap();
+        mac.update(body);
+        assert_eq!(*sig, hex::encode(mac.finalize().into_bytes()), "signature");
+        // No rater data.
+        let text = String::from_utf8_lossy(body);
+        for pii in ["13800138000", "张三", id_number().as_str()] {
+            assert!(!text.contains(pii), "{pii} in {text}");
+        }
+    }
+    hub.stop().await;
+}

@@ -392,7 +392,9 @@ async fn the_status_page_shows_an_outage_in_the_browser() {
 #[tokio::test]
 async fn alerts_reach_the_webhook_once_per_change_of_state() {
     use std::sync::{Arc, Mutex};
-    let received: Arc<Mutex<Vec<(serde_json::Value, String, Vec<u8>)>>> = Default::default();
+    // (The event, its signature header, the raw body.)
+    type Received = Vec<(serde_json::Value, String, Vec<u8>)>;
+    let received: Arc<Mutex<Received>> = Default::default();
     let (tx, mut rx) = tokio::sync::watch::channel(0u64);
     let app = {
         let received = received.clone();

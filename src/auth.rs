@@ -276,6 +276,10 @@ impl Registry {
         self.principals.insert(p.name.clone(), Arc::new(p));
     }
 
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.principals.keys().map(String::as_str)
+    }
+
     pub fn get(&self, name: &str) -> Option<Arc<Principal>> {
         self.principals.get(name).cloned()
     }

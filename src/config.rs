@@ -39,6 +39,10 @@ pub struct Config {
     pub ops: OpsConfig,
     pub public: crate::public::PublicConfig,
     pub alerts: crate::alerts::AlertsConfig,
+    /// The file the configuration was read from (with the environment over it): what a
+    /// reload reads again.
+    #[serde(skip)]
+    pub source_file: Option<std::path::PathBuf>,
 }
 
 /// `[ops]`: the operations listener (Prometheus `/metrics`).
@@ -340,10 +344,12 @@ impl Config {
             )),
             None => None,
         };
-        Self::from_layers(
+        let mut config = Self::from_layers(
             text.as_ref().map(|(p, t)| (p.as_str(), t.as_str())),
             std::env::vars(),
-        )
+        )?;
+        config.source_file = file.map(Path::to_path_buf);
+        Ok(config)
     }
 
     /// Builds a config from an optional (name, TOML text) file layer and environment pairs.

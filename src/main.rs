@@ -234,7 +234,29 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    stop.wait().await;
+    // SIGHUP reads the configuration file again (principals take effect; see ReloadConfig).
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let reload = async {
+            match hangup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let reload = std::future::pending::<()>();
+        tokio::select! {
+            _ = stop.wait() => break,
+            _ = reload => match hub.reload() {
+                Ok(r) => tracing::info!(principals = r.principals, "SIGHUP: configuration reloaded."),
+                Err(why) => tracing::error!(error = %why, "SIGHUP: the configuration was not reloaded; the running one stays."),
+            },
+        }
+    }
     tracing::info!("Shutdown requested; finishing in-flight calls and commits.");
     hub.shutdown().await
 }

@@ -60,7 +60,9 @@ fn prepare_dev_material(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn identity(config: &Config) -> anyhow::Result<Identity> {
+/// Who is who under `config`: its principals (and the development admin), or in plaintext
+/// mode one principal for everyone.
+pub(crate) fn identity(config: &Config) -> anyhow::Result<Identity> {
     let quotas = config.limits.quotas();
     if config.tls.insecure_plaintext {
         tracing::error!(
@@ -85,7 +87,7 @@ fn identity(config: &Config) -> anyhow::Result<Identity> {
         ));
     }
     tracing::info!(principals = registry.len(), "Principals registered.");
-    Ok(Identity::Mtls(registry))
+    Ok(Identity::Mtls(std::sync::RwLock::new(Arc::new(registry))))
 }
 
 /// A hub that is serving. Drop does not stop it: call [`RunningHub::shutdown`].
@@ -95,6 +97,7 @@ pub struct RunningHub {
     pub ops_addr: Option<SocketAddr>,
     /// Where the public results site is served, when it is.
     pub public_addr: Option<SocketAddr>,
+    state: Arc<HubState>,
     store: Arc<dyn Store>,
     relay: Arc<crate::relay::Relay>,
     rules: Arc<crate::rules::engine::RulesEngine>,
@@ -270,6 +273,7 @@ pub async fn start_with_clock(
         evidence_max_bytes: config.limits.evidence_max_mb as usize * 1024 * 1024,
         evidence_slots: Arc::new(tokio::sync::Semaphore::new(EVIDENCE_TRANSFERS)),
         metrics,
+        config_file: config.source_file.clone(),
         stopping,
     });
     let max_msg = config.server.max_message_bytes;
@@ -407,6 +411,7 @@ pub async fn start_with_clock(
         local_addr,
         ops_addr,
         public_addr,
+        state: state.clone(),
         store,
         relay,
         rules,
@@ -421,6 +426,12 @@ pub async fn start_with_clock(
 }
 
 impl RunningHub {
+    /// Reads the configuration file again and puts its principals in force (SIGHUP, or
+    /// AdminService.ReloadConfig).
+    pub fn reload(&self) -> Result<crate::api::Reloaded, String> {
+        self.state.reload()
+    }
+
     pub fn store(&self) -> Arc<dyn Store> {
         self.store.clone()
     }

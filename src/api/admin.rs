@@ -404,6 +404,32 @@ impl AdminService for AdminApi {
         Ok(Response::new(pb::CancelReplayResponse { cancelled }))
     }
 
+    async fn reload_config(
+        &self,
+        request: Request<pb::ReloadConfigRequest>,
+    ) -> Result<Response<pb::ReloadConfigResponse>, Status> {
+        let caller = self.state.admit(&request, "ReloadConfig", Role::Admin)?;
+        let state = self.state.clone();
+        // Reading and validating the file is blocking work.
+        let r = tokio::task::spawn_blocking(move || state.reload())
+            .await
+            .map_err(|e| Status::internal(format!("reload failed: {e}")))?
+            .map_err(|why| {
+                tracing::warn!(
+                    principal = caller.name(),
+                    "Configuration reload refused; the running one stays."
+                );
+                Status::failed_precondition(format!(
+                    "the configuration was not reloaded (the running one stays): {why}"
+                ))
+            })?;
+        Ok(Response::new(pb::ReloadConfigResponse {
+            principals: r.principals as u32,
+            added: r.added,
+            removed: r.removed,
+        }))
+    }
+
     async fn register_invalid_rating(
         &self,
         request: Request<pb::RegisterInvalidRatingRequest>,

@@ -23,8 +23,8 @@ use crate::store::{Store, StoreError};
 
 /// How callers are identified.
 pub enum Identity {
-    /// The certificate's CN names a registered principal.
-    Mtls(Registry),
+    /// The certificate's CN names a registered principal (replaced whole by a reload).
+    Mtls(std::sync::RwLock<Arc<Registry>>),
     /// Development only: everyone is this principal.
     Plaintext(Arc<Principal>),
 }
@@ -46,6 +46,8 @@ pub struct HubState {
     pub quality: crate::store::QualityThresholds,
     /// Prometheus metrics (served on the operations listener).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The configuration file a reload reads again (with the environment over it).
+    pub config_file: Option<std::path::PathBuf>,
     /// The largest evidence file taken, in bytes.
     pub evidence_max_bytes: usize,
     /// Evidence uploads and downloads under way at once (each holds up to a file in memory).
@@ -83,7 +85,47 @@ pub fn over_quota(principal: &str, what: &str, RetryAfter(wait): RetryAfter) -> 
     )
 }
 
+/// What a reload did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    pub principals: usize,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+}
+
 impl HubState {
+    /// Reads the configuration file again and, when it loads and validates, puts its
+    /// principals (and their quotas) in force for the next call; calls already admitted and
+    /// open streams go on. A file that does not load changes nothing, and the reason is the
+    /// error. Other settings take effect at the next restart.
+    pub fn reload(&self) -> Result<Reloaded, String> {
+        let Identity::Mtls(current) = &self.identity else {
+            return Err("tls.insecure_plaintext is set: there are no principals to reload".into());
+        };
+        let config =
+            crate::config::Config::load(self.config_file.as_deref()).map_err(|e| e.to_string())?;
+        let Identity::Mtls(new) = crate::server::identity(&config).map_err(|e| format!("{e:#}"))?
+        else {
+            return Err(
+                "the new configuration sets tls.insecure_plaintext; restart to change that".into(),
+            );
+        };
+        let new = new.into_inner().unwrap_or_else(|p| p.into_inner());
+        let mut slot = current.write().unwrap_or_else(|p| p.into_inner());
+        let names = |r: &Registry| -> std::collections::BTreeSet<String> {
+            r.names().map(str::to_owned).collect()
+        };
+        let (before, after) = (names(&slot), names(&new));
+        let report = Reloaded {
+            principals: new.len(),
+            added: after.difference(&before).cloned().collect(),
+            removed: before.difference(&after).cloned().collect(),
+        };
+        *slot = new;
+        tracing::info!(principals = report.principals, added = ?report.added, removed = ?report.removed, "Configuration reloaded: principals in force.");
+        Ok(report)
+    }
+
     fn identify<T>(&self, req: &Request<T>) -> Result<Arc<Principal>, Status> {
         match &self.identity {
             Identity::Plaintext(p) => Ok(p.clone()),
@@ -94,6 +136,7 @@ impl HubState {
                 let name = crate::tls::principal_name(&certs).ok_or_else(|| {
                     Status::unauthenticated("the client certificate has no subject common name")
                 })?;
+                let registry = registry.read().unwrap_or_else(|p| p.into_inner()).clone();
                 registry.get(&name).ok_or_else(|| {
                     if let Some(suppressed) =
                         crate::telemetry::throttle_for("api.denied_unknown", &name)

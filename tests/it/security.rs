@@ -797,3 +797,95 @@ async fn a_two_tier_pki_needs_only_the_issuing_cas_crl() {
         .expect("dept-a still admitted");
     hub.stop().await;
 }
+
+/// Issue #20: a reload puts principals in force on the next call — one added can call, one
+/// removed is refused — while a stream opened before it stays open; a file that does not load
+/// is refused with the reason, and the running principals stay.
+#[tokio::test]
+async fn a_reload_puts_principals_in_force_while_a_stream_stays_open() {
+    use tokio_stream::StreamExt;
+    let hub = HubBuilder::new()
+        .principal("leaving", &["submit"], TestScope::National)
+        .start()
+        .await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut acks = hub
+        .ingest()
+        .await
+        .stream_ratings(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let send = |key: &str| pb::StreamRatingsRequest {
+        rating: Some(rating(key)),
+    };
+    tx.send(send("before")).await.unwrap();
+    let ack = acks.next().await.unwrap().unwrap().result.unwrap();
+    assert_eq!(outcome(&ack), pb::Outcome::Accepted);
+    let leaving = || async { IngestServiceClient::new(hub.channel_as("leaving").await) };
+    submit_one(&mut leaving().await, rating("l-1")).await;
+
+    // The file changes: "leaving" goes, "arriving" comes.
+    let path = hub.dir.path().join("hub.toml");
+    let mut t: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let principals = t["principals"].as_table_mut().unwrap();
+    principals.remove("leaving");
+    principals.insert(
+        "arriving".into(),
+        toml::Value::Table(toml::from_str("roles = [\"submit\"]\nall_regions = true").unwrap()),
+    );
+    std::fs::write(&path, toml::to_string(&t).unwrap()).unwrap();
+    let mut admin = AdminServiceClient::new(hub.channel_as("tester").await);
+    let r = admin
+        .reload_config(pb::ReloadConfigRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.added, r.removed),
+        (vec!["arriving".to_string()], vec!["leaving".to_string()])
+    );
+    let mut arriving = IngestServiceClient::new(hub.channel_as("arriving").await);
+    assert_eq!(
+        outcome(&submit_one(&mut arriving, rating("a-1")).await),
+        pb::Outcome::Accepted
+    );
+    let err = leaving()
+        .await
+        .submit_ratings(pb::SubmitRatingsRequest {
+            ratings: vec![rating("l-2")],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    // The stream opened before the reload goes on.
+    tx.send(send("after")).await.unwrap();
+    let ack = acks.next().await.unwrap().unwrap().result.unwrap();
+    assert_eq!(outcome(&ack), pb::Outcome::Accepted);
+
+    // A broken file: refused with the reason; the running principals stay.
+    std::fs::write(&path, "[principals.oops\nroles = ").unwrap();
+    let err = admin
+        .reload_config(pb::ReloadConfigRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("hub.toml"), "{err:?}");
+    assert_eq!(
+        outcome(&submit_one(&mut arriving, rating("a-2")).await),
+        pb::Outcome::Accepted
+    );
+    // A file that loads but does not validate: refused too.
+    t["principals"].as_table_mut().unwrap().insert(
+        "bad name!".into(),
+        toml::Value::Table(toml::from_str("roles = [\"submit\"]").unwrap()),
+    );
+    std::fs::write(&path, toml::to_string(&t).unwrap()).unwrap();
+    let err = admin
+        .reload_config(pb::ReloadConfigRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    drop(tx);
+    hub.stop().await;
+}

@@ -365,8 +365,12 @@ pub async fn start_hub(
     set(&mut table, &["privacy", "keys", "test"], p(key));
     merge(&mut table, overrides.clone());
     let text = toml::to_string(&table).unwrap();
-    let config =
+    let mut config =
         Config::from_layers(Some(("test.toml", &text)), std::iter::empty()).expect("test config");
+    // On disk too: what a reload (ReloadConfig, SIGHUP) reads again.
+    let file = dir.join("hub.toml");
+    std::fs::write(&file, &text).unwrap();
+    config.source_file = Some(file);
     match clock {
         Some(clock) => rating_hub::server::start_with_clock(&config, clock).await,
         None => rating_hub::server::start(&config).await,

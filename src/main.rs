@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 
 use rating_hub::config::{Config, DEFAULT_CONFIG_TOML};
 
+mod admin_cli;
+
 #[derive(Parser)]
 #[command(
     version,
@@ -37,6 +39,14 @@ enum Command {
     Calendar {
         #[command(subcommand)]
         command: CalendarCommand,
+    },
+    /// Operate a running hub over mTLS with the operator's certificate (AdminService):
+    /// upstreams, attempts, dead letters, replays, pause, resume, the PII access log, reload.
+    Admin {
+        #[command(flatten)]
+        connection: admin_cli::Connection,
+        #[command(subcommand)]
+        command: admin_cli::AdminCommand,
     },
 }
 
@@ -210,6 +220,14 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Certs { command } => certs(command),
         Command::Calendar { command } => calendar(command),
+        Command::Admin {
+            connection,
+            command,
+        } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?
+            .block_on(admin_cli::run(connection, command)),
         Command::Serve { config } => {
             let config = Config::load(config.as_deref())?;
             rating_hub::telemetry::init(&config.log);

@@ -502,3 +502,104 @@ async fn denials_are_logged_with_the_principal() {
         "{text}"
     );
 }
+
+/// `rating-hub admin …` against a running hub, as an operator would type it (the
+/// development admin's certificate from certs/dev): upstreams as a table and as JSON, pause and
+/// resume, a range replay followed to its end, the attempt log, the PII access log, a reload;
+/// and a clear error when the hub cannot be reached.
+// Two workers: the admin command is waited for on one while the fake upstream, which the
+// hub delivers to meanwhile, answers on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_command_operates_a_running_hub() {
+    use crate::fake_upstream::FakeUpstream;
+    use crate::utils::{IngestServiceClient, rating, submit};
+    let fake = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = fake.url();
+    let env = [
+        ("RATING_HUB__UPSTREAMS__FAKE__KIND", "grpc"),
+        ("RATING_HUB__UPSTREAMS__FAKE__ENDPOINT", endpoint.as_str()),
+        ("RATING_HUB__UPSTREAMS__FAKE__BATCH_SIZE", "10"),
+    ];
+    let SpawnedHub { mut child, url, .. } = spawn_hub_with(dir.path(), "info", &env);
+    let admin = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_rating-hub"))
+            .current_dir(dir.path())
+            .args(["admin", "--url", &url])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "admin {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&admin(&a)).unwrap()
+    };
+    let table = admin(&["upstreams"]);
+    assert!(
+        table.starts_with("upstream") && table.contains("fake"),
+        "{table}"
+    );
+    assert_eq!(json(&["upstreams"])[0]["name"], "fake");
+    json(&["pause", "fake"]);
+    assert_eq!(json(&["upstreams"])[0]["paused"], true);
+    json(&["resume", "fake"]);
+    assert_eq!(json(&["upstreams"])[0]["paused"], false);
+
+    let mut ingest = IngestServiceClient::new(dev_admin_channel(dir.path(), &url).await);
+    submit(
+        &mut ingest,
+        (0..25).map(|i| rating(&format!("adm-{i}"))).collect(),
+    )
+    .await;
+    fake.wait_until(std::time::Duration::from_secs(30), "25 delivered", |got| {
+        got.len() == 25
+    })
+    .await;
+    let replay = json(&["replay-range", "fake", "--from", "1", "--reason", "核对"]);
+    assert_eq!(
+        (replay["from"].as_u64(), replay["to"].as_u64()),
+        (Some(1), Some(25))
+    );
+    assert!(!replay["done_at"].as_str().unwrap().is_empty(), "{replay}");
+    fake.wait_until(
+        std::time::Duration::from_secs(30),
+        "all sent twice",
+        |got| got.values().all(|n| *n == 2),
+    )
+    .await;
+    let attempts = json(&["attempts", "fake", "--limit", "100"]);
+    assert!(
+        attempts
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["replay_id"].as_u64() > Some(0))
+    );
+    assert!(admin(&["attempts", "fake"]).contains("delivered"));
+    assert!(json(&["pii-log"]).is_array());
+    assert!(json(&["reload"])["principals"].as_u64() >= Some(1));
+
+    sigterm(&child);
+    tokio::task::spawn_blocking(move || wait_exit(&mut child))
+        .await
+        .unwrap();
+    // The hub is gone: the command says so and fails.
+    let out = Command::new(env!("CARGO_BIN_EXE_rating-hub"))
+        .current_dir(dir.path())
+        .args(["admin", "--url", &url, "upstreams"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("connecting to"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

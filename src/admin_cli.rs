@@ -375,10 +375,13 @@ pub async fn run(c: Connection, command: AdminCommand) -> anyhow::Result<()> {
                     upstream,
                     last.from_feed_sequence,
                     last.to_feed_sequence,
-                    if last.done_at.is_some() {
-                        ", done"
-                    } else {
-                        ", under way"
+                    match (
+                        &last.done_at,
+                        last.next_feed_sequence > last.to_feed_sequence
+                    ) {
+                        (Some(_), true) => ", done",
+                        (Some(_), false) => ", cancelled",
+                        (None, _) => ", under way",
                     }
                 );
             }

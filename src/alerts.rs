@@ -30,6 +30,9 @@ pub struct AlertsConfig {
     pub lag_limit_secs: u64,
     /// A certificate expiring within this many days is expiring.
     pub certificate_warning_days: u64,
+    /// A condition is sent once it has held this long (the rules' `for:`): a single failed
+    /// send or a moment's lag is not an alert.
+    pub hold_secs: u64,
 }
 
 impl AlertsConfig {
@@ -56,6 +59,9 @@ impl AlertsConfig {
         if self.check_secs == 0 || self.lag_limit_secs == 0 {
             return Err("alerts.check_secs and alerts.lag_limit_secs must be at least 1".into());
         }
+        if !(1..=365).contains(&self.certificate_warning_days) {
+            return Err("alerts.certificate_warning_days must be 1 to 365".into());
+        }
         Ok(())
     }
 }
@@ -79,8 +85,13 @@ pub struct AlertEvent {
     pub at: String,
 }
 
-/// The conditions in force now: (alert, subject) → summary.
-async fn conditions(state: &HubState, cfg: &AlertsConfig) -> BTreeMap<(String, String), String> {
+/// The conditions in force now, (alert, subject) → summary, and the subjects that could not
+/// be looked at.
+async fn conditions(
+    state: &HubState,
+    cfg: &AlertsConfig,
+) -> (BTreeMap<(String, String), String>, Vec<String>) {
+    let mut unknown = Vec::new();
     let mut now_firing = BTreeMap::new();
     let mut fire = |alert: &str, subject: &str, summary: String| {
         now_firing.insert((alert.to_owned(), subject.to_owned()), summary);
@@ -94,9 +105,14 @@ async fn conditions(state: &HubState, cfg: &AlertsConfig) -> BTreeMap<(String, S
             "数据库无法连接：评价暂不能写入（已确认的评价不会丢失）".into(),
         );
     }
-    if database_up {
-        for name in state.relay.names().map(str::to_owned).collect::<Vec<_>>() {
+    for name in state.relay.names().map(str::to_owned).collect::<Vec<_>>() {
+        if !database_up {
+            unknown.push(name);
+            continue;
+        }
+        {
             let Ok(s) = state.relay.status(&name).await else {
+                unknown.push(name);
                 continue;
             };
             if s.paused {
@@ -147,15 +163,17 @@ async fn conditions(state: &HubState, cfg: &AlertsConfig) -> BTreeMap<(String, S
     let now = state.clock.now_micros() / 1_000_000;
     for (label, expiry) in state.metrics.certificate_expiries() {
         let left = expiry - now;
-        if left < (cfg.certificate_warning_days * 86_400) as i64 {
+        if left < 0 {
+            fire(
+                "certificate_expired",
+                &label,
+                format!("证书 {label} 已过期"),
+            );
+        } else if left < (cfg.certificate_warning_days * 86_400) as i64 {
             fire(
                 "certificate_expiring",
                 &label,
-                if left < 0 {
-                    format!("证书 {label} 已过期")
-                } else {
-                    format!("证书 {label} 将在 {} 天内到期", left / 86_400 + 1)
-                },
+                format!("证书 {label} 将在 {} 天内到期", left / 86_400 + 1),
             );
         }
     }
@@ -164,13 +182,45 @@ async fn conditions(state: &HubState, cfg: &AlertsConfig) -> BTreeMap<(String, S
             fire("crl_stale", &crl, format!("证书吊销列表 {crl} 需要更新"));
         }
     }
-    now_firing
+    (now_firing, unknown)
+}
+
+/// What the notifier sends with: built before the hub says it listens, so a CA or secret
+/// file that does not load stops the start instead of silently turning alerts off.
+pub struct Notifier {
+    client: reqwest::Client,
+    secret: Option<Vec<u8>>,
+}
+
+impl Notifier {
+    pub fn new(cfg: &AlertsConfig) -> anyhow::Result<Self> {
+        let secret = if cfg.webhook_secret_file.is_empty() {
+            None
+        } else {
+            let raw = std::fs::read_to_string(PathBuf::from(&cfg.webhook_secret_file))
+                .map_err(|e| anyhow::anyhow!("alerts.webhook_secret_file: {e}"))?;
+            // `echo secret > file` ends it with a newline that is not part of it.
+            let s = raw.trim();
+            if s.is_empty() {
+                anyhow::bail!("alerts.webhook_secret_file: the file is empty");
+            }
+            Some(s.as_bytes().to_vec())
+        };
+        Ok(Self {
+            client: client(cfg).map_err(|e| anyhow::anyhow!("alerts.webhook_ca: {e:#}"))?,
+            secret,
+        })
+    }
 }
 
 fn client(cfg: &AlertsConfig) -> anyhow::Result<reqwest::Client> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
-    let mut b = reqwest::Client::builder().timeout(Duration::from_secs(10));
+    // A redirect would turn the POST into a GET that "succeeds": none are followed.
+    let mut b = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy();
     if !cfg.webhook_ca.is_empty() {
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_file_iter(&cfg.webhook_ca)? {
@@ -200,19 +250,15 @@ fn client(cfg: &AlertsConfig) -> anyhow::Result<reqwest::Client> {
 pub async fn run(
     state: Arc<HubState>,
     cfg: AlertsConfig,
+    notifier: Notifier,
     instance: String,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     use hmac::{Mac, SimpleHmac};
-    let client = client(&cfg)?;
-    let secret = if cfg.webhook_secret_file.is_empty() {
-        None
-    } else {
-        Some(
-            std::fs::read(PathBuf::from(&cfg.webhook_secret_file))
-                .map_err(|e| anyhow::anyhow!("alerts.webhook_secret_file: {e}"))?,
-        )
-    };
+    let Notifier { client, secret } = notifier;
+    let hold = Duration::from_secs(cfg.hold_secs);
+    // Conditions seen but not yet held for `hold_secs`, since when.
+    let mut seen: BTreeMap<(String, String), std::time::Instant> = BTreeMap::new();
     let mut firing: BTreeMap<(String, String), String> = BTreeMap::new();
     let mut pending: VecDeque<AlertEvent> = VecDeque::new();
     let mut every = tokio::time::interval(Duration::from_secs(cfg.check_secs));
@@ -222,7 +268,29 @@ pub async fn run(
             _ = every.tick() => {}
             _ = stop.changed() => return Ok(()),
         }
-        let now = conditions(&state, &cfg).await;
+        let (mut now, unknown) = conditions(&state, &cfg).await;
+        // A subject that could not be looked at (the database down, a status unreadable)
+        // keeps what was firing for it: no false "resolved".
+        for (key, summary) in &firing {
+            if unknown.contains(&key.1) && key.0.starts_with("upstream_")
+                || unknown.contains(&key.1) && key.0 == "dead_letters_open"
+            {
+                now.entry(key.clone()).or_insert_with(|| summary.clone());
+            }
+        }
+        // A condition fires once it has held for `hold_secs` (the rules' `for:`).
+        seen.retain(|k, _| now.contains_key(k));
+        let now: BTreeMap<(String, String), String> = now
+            .into_iter()
+            .filter(|(k, _)| {
+                firing.contains_key(k)
+                    || seen
+                        .entry(k.clone())
+                        .or_insert_with(std::time::Instant::now)
+                        .elapsed()
+                        >= hold
+            })
+            .collect();
         let at = crate::time::format_cst_micros(state.clock.now_micros());
         let event = |status: &str, (alert, subject): &(String, String), summary: &str| AlertEvent {
             status: status.to_owned(),

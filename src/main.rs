@@ -244,6 +244,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // The handlers are in place before the hub says it listens: a SIGTERM sent as soon as
     // the address is known stops it cleanly, never by the signal's default action.
     let mut stop = StopSignals::install();
+    // SIGHUP's handler too: a reload asked for during a slow start does not kill the hub.
+    #[cfg(unix)]
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot listen for SIGHUP; reload with AdminService.ReloadConfig.");
+            None
+        }
+    };
     // A stop during a slow start (migrations, a database that is late to answer) ends it.
     let hub = tokio::select! {
         hub = rating_hub::server::start(&config) => hub?,
@@ -253,8 +262,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     };
     // SIGHUP reads the configuration file again (principals take effect; see ReloadConfig).
-    #[cfg(unix)]
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
         #[cfg(unix)]
         let reload = async {

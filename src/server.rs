@@ -274,6 +274,8 @@ pub async fn start_with_clock(
         evidence_slots: Arc::new(tokio::sync::Semaphore::new(EVIDENCE_TRANSFERS)),
         metrics,
         config_file: config.source_file.clone(),
+        started_tls: (config.tls.dev_pki, config.tls.insecure_plaintext),
+        reloading: std::sync::Mutex::new(()),
         stopping,
     });
     let max_msg = config.server.max_message_bytes;
@@ -358,6 +360,7 @@ pub async fn start_with_clock(
         },
     };
     if !config.alerts.webhook_url.is_empty() {
+        let notifier = crate::alerts::Notifier::new(&config.alerts)?;
         let (state, alerts, instance, stop) = (
             state.clone(),
             config.alerts.clone(),
@@ -365,7 +368,7 @@ pub async fn start_with_clock(
             stopping_tx.subscribe(),
         );
         tokio::spawn(async move {
-            if let Err(e) = crate::alerts::run(state, alerts, instance, stop).await {
+            if let Err(e) = crate::alerts::run(state, alerts, notifier, instance, stop).await {
                 tracing::error!(error = %e, "The alert notifier stopped.");
             }
         });

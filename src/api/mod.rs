@@ -48,6 +48,12 @@ pub struct HubState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The configuration file a reload reads again (with the environment over it).
     pub config_file: Option<std::path::PathBuf>,
+    /// The TLS settings the hub started with: a reload that changes them is refused (the
+    /// listener's certificates are not reloaded, and the development admin must not appear
+    /// under a production CA).
+    pub started_tls: (bool, bool),
+    /// One reload at a time.
+    pub reloading: std::sync::Mutex<()>,
     /// The largest evidence file taken, in bytes.
     pub evidence_max_bytes: usize,
     /// Evidence uploads and downloads under way at once (each holds up to a file in memory).
@@ -85,6 +91,29 @@ pub fn over_quota(principal: &str, what: &str, RetryAfter(wait): RetryAfter) -> 
     )
 }
 
+/// Text with the credentials of any URL in it (`scheme://user:password@host`) masked: a
+/// configuration error may quote the line it is about, `storage.url` with its password.
+pub fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`'))
+            .unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(cred) => {
+                out.push_str("***");
+                rest = &tail[cred..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// What a reload did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reloaded {
@@ -102,9 +131,18 @@ impl HubState {
         let Identity::Mtls(current) = &self.identity else {
             return Err("tls.insecure_plaintext is set: there are no principals to reload".into());
         };
-        let config =
-            crate::config::Config::load(self.config_file.as_deref()).map_err(|e| e.to_string())?;
-        let Identity::Mtls(new) = crate::server::identity(&config).map_err(|e| format!("{e:#}"))?
+        let Ok(_one) = self.reloading.try_lock() else {
+            return Err("a reload is under way".into());
+        };
+        let config = crate::config::Config::load(self.config_file.as_deref())
+            .map_err(|e| redact_urls(&e.to_string()))?;
+        if (config.tls.dev_pki, config.tls.insecure_plaintext) != self.started_tls {
+            return Err(
+                "tls.dev_pki or tls.insecure_plaintext changed: TLS changes need a restart".into(),
+            );
+        }
+        let Identity::Mtls(new) =
+            crate::server::identity(&config).map_err(|e| redact_urls(&format!("{e:#}")))?
         else {
             return Err(
                 "the new configuration sets tls.insecure_plaintext; restart to change that".into(),
@@ -344,5 +382,18 @@ impl From<crate::privacy::PrivacyError> for Status {
     fn from(e: crate::privacy::PrivacyError) -> Self {
         tracing::error!(error = %e, "Cannot open sealed personal data.");
         Status::internal("cannot open stored personal data (privacy key configuration)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn credentials_in_urls_are_masked_in_reload_errors() {
+        let e =
+            "TOML parse error at line 3\n  |\n3 | url = \"postgres://hub:s3cret@db:5432/hub\"x\n";
+        let r = super::redact_urls(e);
+        assert!(!r.contains("s3cret") && !r.contains("hub:"), "{r}");
+        assert!(r.contains("postgres://***@db:5432/hub"), "{r}");
+        assert_eq!(super::redact_urls("http://host/path"), "http://host/path");
     }
 }

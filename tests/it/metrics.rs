@@ -433,6 +433,7 @@ async fn alerts_reach_the_webhook_once_per_change_of_state() {
         )
         .set("alerts.check_secs", "1")
         .set("alerts.lag_limit_secs", "1")
+        .set("alerts.hold_secs", "0")
         .start()
         .await;
     let has = |alert: &str, subject: &str, status: &str| {

@@ -875,6 +875,22 @@ async fn a_reload_puts_principals_in_force_while_a_stream_stays_open() {
         outcome(&submit_one(&mut arriving, rating("a-2")).await),
         pb::Outcome::Accepted
     );
+    // A file that turns on the development PKI (and so its all-powerful admin) under the
+    // running CA: refused, TLS changes need a restart.
+    let mut dev = t.clone();
+    dev["tls"]
+        .as_table_mut()
+        .unwrap()
+        .insert("dev_pki".into(), toml::Value::Boolean(true));
+    std::fs::write(&path, toml::to_string(&dev).unwrap()).unwrap();
+    let err = admin
+        .reload_config(pb::ReloadConfigRequest {})
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("TLS changes need a restart"),
+        "{err:?}"
+    );
     // A file that loads but does not validate: refused too.
     t["principals"].as_table_mut().unwrap().insert(
         "bad name!".into(),

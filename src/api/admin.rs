@@ -6,6 +6,7 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use super::query::{page_token, parse_page_token};
+use super::rectification::check_text;
 use super::{HubState, bad_request, page_size, violation};
 use crate::auth::Role;
 use crate::pb::v1 as pb;
@@ -443,30 +444,14 @@ impl AdminService for AdminApi {
         if hub_id.is_none() {
             v.push(violation("hub_id", "is not a hub id (a UUID)"));
         }
-        let text = |v: &mut Vec<crate::domain::Violation>, field: &str, t: &str| {
-            let t = t.trim();
-            if t.is_empty() {
-                v.push(violation(field, "is required"));
-            } else if t.chars().count() > 2000 {
-                v.push(violation(field, "is longer than 2000 characters"));
-            } else if t
-                .chars()
-                .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
-            {
-                v.push(violation(
-                    field,
-                    "contains control characters (only line breaks and tabs are allowed)",
-                ));
-            }
-            t.to_owned()
-        };
         // Taken down from what the rater said: their numbers are not kept.
-        let statement = crate::domain::codes::redact_numbers(&text(
+        let statement = crate::domain::codes::redact_numbers(&check_text(
             &mut v,
             "rater_statement",
             &req.rater_statement,
+            true,
         ));
-        let decision = text(&mut v, "decision_note", &req.decision_note);
+        let decision = check_text(&mut v, "decision_note", &req.decision_note, true);
         let Some(hub_id) = hub_id.filter(|_| v.is_empty()) else {
             return Err(bad_request(&v));
         };

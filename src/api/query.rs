@@ -457,11 +457,19 @@ pub(crate) async fn compute_stats(
     }
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
+/// One CSV cell: quoted when it holds a comma, quote or line break; a cell that a spreadsheet
+/// would run as a formula (starting with =, +, -, @, a tab or a carriage return) is prefixed
+/// with '. Reports and the public site's open data share it.
+pub(crate) fn csv_field(s: &str) -> String {
+    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{s}")
     } else {
         s.to_owned()
+    };
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s
     }
 }
 

@@ -337,7 +337,14 @@ impl RectificationApi {
     }
 }
 
-fn check_text(v: &mut Vec<Violation>, field: &str, text: &str, required: bool) -> String {
+/// A free-text field of a case step (or the authority's notes): trimmed, required when asked,
+/// at most `NOTE_MAX` characters, no control characters but line breaks and tabs.
+pub(crate) fn check_text(
+    v: &mut Vec<Violation>,
+    field: &str,
+    text: &str,
+    required: bool,
+) -> String {
     let t = text.trim();
     if required && t.is_empty() {
         v.push(violation(field, "is required"));

@@ -5,6 +5,7 @@ use maud::{DOCTYPE, Markup, PreEscaped, html};
 
 use super::PublicConfig;
 use super::data::{Cases, Period, ResultRow, Results};
+use crate::api::query::csv_field;
 
 const STYLE: &str = r#"
 body{font-family:"Noto Sans CJK SC","PingFang SC","Microsoft YaHei","WenQuanYi Zen Hei",sans-serif;margin:0;color:#1f2933;background:#f5f7fa}
@@ -297,20 +298,6 @@ pub fn cases_page(c: &Cases, page_no: u32) -> Vec<u8> {
             }
         },
     )
-}
-
-fn csv_field(s: &str) -> String {
-    // A leading =, +, -, @, tab or carriage return would be a formula in a spreadsheet.
-    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
-        format!("'{s}")
-    } else {
-        s.to_owned()
-    };
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s
-    }
 }
 
 fn opt<T: ToString>(v: Option<T>) -> String {

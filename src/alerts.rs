@@ -127,10 +127,9 @@ async fn conditions(
                 fire(
                     "upstream_failing",
                     &name,
-                    format!(
-                        "向上级平台 {name} 推送失败：{}",
-                        crate::public::public_text(e, None, "")
-                    ),
+                    // The upstream's words were cleaned where they arrived
+                    // (clean_upstream_text: numbers however written masked).
+                    format!("向上级平台 {name} 推送失败：{e}"),
                 );
             }
             if s.lag_seconds > cfg.lag_limit_secs as f64 {

@@ -209,7 +209,7 @@ async fn render(state: &HubState) -> String {
                                             " · 死信 " span data-col="dead_letters" { (s.open_dead_letters) } " 条"
                                         }
                                         @if let Some((e, at)) = &s.last_error {
-                                            p.bad data-col="last_error" { "最近错误（" (crate::time::format_cst_micros(*at)) "）：" (crate::public::public_text(e, None, "")) }
+                                            p.bad data-col="last_error" { "最近错误（" (crate::time::format_cst_micros(*at)) "）：" (e) }
                                         }
                                     }
                                     None => { p { strong { (name) } " · " span.bad { "状态无法读取" } } }

@@ -85,7 +85,7 @@ impl AdminApi {
         let (mut lo, mut hi) = (1u64, head + 1);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            match self.state.store.received_at_of(mid).await? {
+            match self.state.store.received_at(mid).await? {
                 Some(t) if t >= at => hi = mid,
                 _ => lo = mid + 1,
             }

@@ -454,7 +454,12 @@ impl RectificationService for RectificationApi {
             .state
             .admit(&request, "UploadEvidence", Role::Rectify)?;
         let mut stream = request.into_inner();
-        let header = match stream.message().await? {
+        // The header within the same wait as any chunk: a stream that sends nothing holds no
+        // call slot for long.
+        let first = tokio::time::timeout(EVIDENCE_MESSAGE_WAIT, stream.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no header within a minute"))??;
+        let header = match first {
             Some(pb::UploadEvidenceRequest {
                 part: Some(Part::Header(h)),
             }) => h,
@@ -881,7 +886,8 @@ impl RectificationService for RectificationApi {
         // an extension beyond the organisation's own one is the authority's to grant.
         let (role, or) = match action {
             CaseAction::SpotCheck => (Role::Admin, None),
-            CaseAction::Extend => (Role::Rectify, Some(Role::Admin)),
+            // The unit's own deadline, or the authority's once the unit's time has passed.
+            CaseAction::Extend | CaseAction::DeclareDeadline => (Role::Rectify, Some(Role::Admin)),
             _ => (Role::Rectify, None),
         };
         let caller = self.state.admit_any(&request, "RecordAction", role, or)?;
@@ -910,12 +916,17 @@ impl RectificationService for RectificationApi {
             ),
         );
         let refs = check_refs(&mut v, &req.evidence_refs, action == CaseAction::Rectify);
-        let new_deadline = req.new_deadline.as_ref().and_then(micros_from_timestamp);
+        // A deadline is a day this century (a far one would overflow the day's end).
+        let new_deadline = req
+            .new_deadline
+            .as_ref()
+            .and_then(micros_from_timestamp)
+            .filter(|d| (0..4_102_444_800_000_000).contains(d));
         let sets_deadline = matches!(action, CaseAction::Extend | CaseAction::DeclareDeadline);
         if sets_deadline && new_deadline.is_none() {
             v.push(violation(
                 "new_deadline",
-                "is required to extend or declare a deadline",
+                "is required to extend or declare a deadline, a moment before 2100",
             ));
         }
         let contacted_by = req.contacted_by.trim().to_owned();

@@ -294,33 +294,103 @@ pub fn mask_phone(phone: &str) -> String {
     }
 }
 
-/// Foreign text (an upstream's error message) may echo what it was sent: every run of 7 or
-/// more digits — phone and ID numbers, with an ID's trailing X — becomes `<number>` before
-/// such text is logged or stored.
-pub fn redact_numbers(text: &str) -> String {
+/// The character a digit-like character stands for when numbers are looked for: ASCII digits,
+/// full-width digits and Chinese numerals ("一三八…", "幺") are digits.
+fn digit_of(c: char) -> Option<char> {
+    let c = match c {
+        '\u{FF10}'..='\u{FF19}' => char::from_u32(c as u32 - 0xFF10 + '0' as u32)?,
+        '〇' | '零' => '0',
+        '一' | '幺' => '1',
+        '二' | '两' => '2',
+        '三' => '3',
+        '四' => '4',
+        '五' => '5',
+        '六' => '6',
+        '七' => '7',
+        '八' => '8',
+        '九' => '9',
+        c => c,
+    };
+    c.is_ascii_digit().then_some(c)
+}
+
+/// What may sit between the digits of one number as people write them.
+fn separator(c: char) -> bool {
+    matches!(
+        c,
+        ' ' | '\u{3000}'
+            | '-'
+            | '－'
+            | '.'
+            | '．'
+            | '/'
+            | '／'
+            | ','
+            | '，'
+            | '、'
+            | '·'
+            | '_'
+            | '('
+            | ')'
+            | '（'
+            | '）'
+    )
+}
+
+/// Every number of seven or more digits in `text` — phone and ID numbers, with an ID's
+/// trailing X — written in ASCII, full-width or Chinese digits, with up to two spaces, dashes,
+/// dots, slashes or commas between its digits ("138 0013 8000", "１３８…", "一三八…"), replaced
+/// by `marker`.
+pub fn mask_numbers(text: &str, marker: &str) -> String {
     let chars: Vec<char> = text.chars().collect();
     let mut out = String::with_capacity(text.len());
     let mut i = 0;
     while i < chars.len() {
-        let mut j = i;
-        while j < chars.len() && chars[j].is_ascii_digit() {
-            j += 1;
-        }
-        if j - i >= 7 {
-            if j < chars.len() && matches!(chars[j], 'X' | 'x') {
-                j += 1;
-            }
-            out.push_str("<number>");
-            i = j;
-        } else if j > i {
-            out.extend(&chars[i..j]);
-            i = j;
-        } else {
+        if digit_of(chars[i]).is_none() {
             out.push(chars[i]);
             i += 1;
+            continue;
         }
+        let mut j = i;
+        let mut end = i;
+        let mut digits = 0;
+        while j < chars.len() {
+            if digit_of(chars[j]).is_some()
+                || (matches!(chars[j], 'X' | 'x' | 'Ｘ' | 'ｘ') && digits >= 14)
+            {
+                digits += 1;
+                j += 1;
+                end = j;
+            } else if separator(chars[j]) {
+                let gap = chars[j..]
+                    .iter()
+                    .take(3)
+                    .take_while(|&&c| separator(c))
+                    .count();
+                if gap <= 2 && chars.get(j + gap).is_some_and(|&c| digit_of(c).is_some()) {
+                    j += gap;
+                } else {
+                    break;
+                }
+            } else {
+                break;
+            }
+        }
+        if digits >= 7 {
+            out.push_str(marker);
+        } else {
+            out.extend(&chars[i..end]);
+        }
+        i = end;
     }
     out
+}
+
+/// Foreign or typed text (an upstream's error message, a statement taken down for a rater, a
+/// file name) may carry a rater's phone or ID number: every number (see [`mask_numbers`])
+/// becomes `<number>` before such text is logged or stored.
+pub fn redact_numbers(text: &str) -> String {
+    mask_numbers(text, "<number>")
 }
 
 /// Keeps `head` leading and `tail` trailing characters, stars in between.

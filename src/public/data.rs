@@ -387,49 +387,6 @@ fn day(micros: i64) -> String {
     format!("{y}-{m:02}-{d:02}")
 }
 
-/// The character a digit-like character stands for when numbers are looked for: ASCII digits,
-/// full-width digits and Chinese numerals ("一三八…", "幺") are digits.
-fn digit_of(c: char) -> Option<char> {
-    let c = match c {
-        '\u{FF10}'..='\u{FF19}' => char::from_u32(c as u32 - 0xFF10 + '0' as u32)?,
-        '〇' | '零' => '0',
-        '一' | '幺' => '1',
-        '二' | '两' => '2',
-        '三' => '3',
-        '四' => '4',
-        '五' => '5',
-        '六' => '6',
-        '七' => '7',
-        '八' => '8',
-        '九' => '9',
-        c => c,
-    };
-    c.is_ascii_digit().then_some(c)
-}
-
-/// What may sit between the digits of one number as people write them.
-fn separator(c: char) -> bool {
-    matches!(
-        c,
-        ' ' | '\u{3000}'
-            | '-'
-            | '－'
-            | '.'
-            | '．'
-            | '/'
-            | '／'
-            | ','
-            | '，'
-            | '、'
-            | '·'
-            | '_'
-            | '('
-            | ')'
-            | '（'
-            | '）'
-    )
-}
-
 /// Text the unit wrote, fit to publish: the rater's own name (and its given name), phone,
 /// ID number and credit code are masked wherever they appear, and so is any run of eight
 /// characters taken from the rater's own words, and every number of seven or more digits —
@@ -466,49 +423,7 @@ pub(crate) fn public_text(text: &str, rater: Option<&pb::Rater>, rater_text: &st
             }
         }
     }
-    let chars: Vec<char> = t.chars().collect();
-    let mut out = String::with_capacity(t.len());
-    let mut i = 0;
-    while i < chars.len() {
-        if digit_of(chars[i]).is_none() {
-            out.push(chars[i]);
-            i += 1;
-            continue;
-        }
-        // A number: digits, with at most two separators between two of them, and an ID
-        // number's final X.
-        let mut j = i;
-        let mut end = i;
-        let mut digits = 0;
-        while j < chars.len() {
-            if digit_of(chars[j]).is_some()
-                || (matches!(chars[j], 'X' | 'x' | 'Ｘ' | 'ｘ') && digits >= 14)
-            {
-                digits += 1;
-                j += 1;
-                end = j;
-            } else if separator(chars[j]) {
-                let gap = chars[j..]
-                    .iter()
-                    .take(3)
-                    .take_while(|&&c| separator(c))
-                    .count();
-                if gap <= 2 && chars.get(j + gap).is_some_and(|&c| digit_of(c).is_some()) {
-                    j += gap;
-                } else {
-                    break;
-                }
-            } else {
-                break;
-            }
-        }
-        if digits >= 7 {
-            out.push_str("***");
-        } else {
-            out.extend(&chars[i..end]);
-        }
-        i = end;
-    }
+    let out = crate::domain::codes::mask_numbers(&t, "***");
     if out.chars().count() > 300 {
         let mut cut: String = out.chars().take(300).collect();
         cut.push('…');

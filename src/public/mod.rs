@@ -32,8 +32,6 @@ use crate::api::HubState;
 pub use data::Period;
 pub use serve::{serve, tls_config};
 
-pub(crate) use data::public_text;
-
 /// `[public]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -489,7 +487,9 @@ impl Site {
 
     /// The client, for its request rate.
     fn client(&self, peer: ClientAddr, headers: &HeaderMap) -> IpAddr {
+        // Only the proxy on this host may say who the client is.
         if self.config.trust_forwarded_for
+            && peer.0.ip().is_loopback()
             && let Some(ip) = headers
                 .get_all("x-forwarded-for")
                 .iter()
@@ -697,10 +697,17 @@ pub(crate) async fn cases(
         _ => format!("cases.csv|{}|{}", ask.region, ask.period.code()),
     };
     let content_type = if kind == "html" { HTML } else { CSV };
-    let s = site.clone();
+    if let Some(c) = site.fresh(&key) {
+        return site.respond(&c, &headers);
+    }
+    // The case list first, outside this page's computation: a computation never waits for
+    // another one while holding its own slot (two of them waiting so would wait for ever).
+    let c = match site.cases(&ask).await {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
     let made = site
         .cached(key, content_type, || async move {
-            let c = s.cases(&ask).await?;
             Ok(match kind {
                 "html" => render::cases_page(&c, ask.page),
                 _ => render::cases_csv(&c).into_bytes(),

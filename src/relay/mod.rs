@@ -106,7 +106,9 @@ struct Worker {
     metrics: Arc<crate::metrics::Metrics>,
     /// A range replay is open (set on a request, at start and on each lease renewal that
     /// finds one; cleared when none is left): live delivery then gives it turns.
-    range_open: AtomicBool,
+    /// 0 while none is known; bumped by each request, so a step that found none clears only
+    /// the generation it looked at (a request committed meanwhile is not forgotten).
+    range_open: AtomicU64,
 }
 
 /// Who this instance is in relay leases, and how long a lease lasts.
@@ -239,14 +241,14 @@ impl Worker {
                         self.control.send_modify(|v| *v += 1);
                     }
                     // A range replay asked for through another instance is found here.
-                    if !self.range_open.load(Ordering::Acquire)
+                    if self.range_open.load(Ordering::Acquire) == 0
                         && self
                             .store
                             .list_range_replays(&self.name, true)
                             .await
                             .is_ok_and(|r| !r.is_empty())
                     {
-                        self.range_open.store(true, Ordering::Release);
+                        self.range_open.fetch_add(1, Ordering::AcqRel);
                         self.control.send_modify(|v| *v += 1);
                     }
                     // Notifies a worker waiting for the lease, every renewal.
@@ -291,7 +293,8 @@ impl Worker {
         let batch = self.cfg.batch_size;
         // An operator's range replay takes its turn: one batch, then live delivery's turn.
         let mut replayed = false;
-        if self.range_open.load(Ordering::Acquire) {
+        let generation = self.range_open.load(Ordering::Acquire);
+        if generation != 0 {
             match self
                 .store
                 .list_range_replays(&self.name, true)
@@ -305,7 +308,14 @@ impl Worker {
                     }
                     replayed = true;
                 }
-                None => self.range_open.store(false, Ordering::Release),
+                None => {
+                    let _ = self.range_open.compare_exchange(
+                        generation,
+                        0,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                }
             }
         }
         let replays = self.store.replay_batch(&self.name, batch).await?;
@@ -346,7 +356,7 @@ impl Worker {
         let mut sent = 0usize;
         loop {
             while inflight.len() < self.cfg.in_flight as usize
-                && !(self.range_open.load(Ordering::Acquire) && sent >= LIVE_BATCHES_PER_TURN)
+                && !(self.range_open.load(Ordering::Acquire) != 0 && sent >= LIVE_BATCHES_PER_TURN)
             {
                 let head_seq = *head.borrow_and_update();
                 if read_to >= head_seq {
@@ -492,12 +502,8 @@ impl Worker {
             last_seq: ratings.last().map_or(0, |r| r.feed_sequence),
             records: ratings.len() as u32,
             outcome: outcome.to_owned(),
-            // Upstreams echo what they were sent: numbers however written are masked (as on
-            // the public site), beyond the redaction every upstream text already had.
-            detail: crate::public::public_text(detail, None, "")
-                .chars()
-                .take(1000)
-                .collect(),
+            // Already cleaned (clean_upstream_text: numbers however written masked).
+            detail: detail.chars().take(1000).collect(),
             duration_ms: started.1.elapsed().as_millis().min(u128::from(u32::MAX)) as u32,
             replay_id,
         };
@@ -679,12 +685,13 @@ impl Worker {
                         _ = control.changed() => {}
                     }
                     // A range replay an operator cancelled stops retrying.
+                    // (A read that fails is no cancellation: the retries go on.)
                     if let Some(id) = replay_id
-                        && !self
+                        && self
                             .store
                             .list_range_replays(&self.name, true)
                             .await
-                            .is_ok_and(|open| open.iter().any(|r| r.id == id))
+                            .is_ok_and(|open| !open.iter().any(|r| r.id == id))
                     {
                         return Err(Interrupted::Cancelled);
                     }
@@ -949,9 +956,9 @@ impl Relay {
                 pause_lock: Mutex::new(()),
                 attempt_log: attempt_log.clone(),
                 metrics: metrics.clone(),
-                range_open: AtomicBool::new(
+                range_open: AtomicU64::new(u64::from(
                     !store.list_range_replays(name, true).await?.is_empty(),
-                ),
+                )),
                 cfg: cfg.clone(),
             });
             cursor_tasks.push(tokio::spawn(write_cursors(
@@ -1153,7 +1160,7 @@ impl Relay {
                 reason: reason.to_owned(),
             })
             .await?;
-        w.range_open.store(true, Ordering::Release);
+        w.range_open.fetch_add(1, Ordering::AcqRel);
         w.control.send_modify(|v| *v += 1);
         tracing::info!(
             upstream = name,

@@ -215,6 +215,7 @@ impl RulesEngine {
                         ("contact", was.contact_deadline, is.contact_deadline),
                         ("rectification", was.rectify_deadline, is.rectify_deadline),
                         ("appeal", was.appeal_deadline, is.appeal_deadline),
+                        ("declaration", was.declare_by, is.declare_by),
                     ] {
                         if a != b {
                             moved.push(format!("{name} deadline {} → {}", fmt(a), fmt(b)));

@@ -773,9 +773,6 @@ pub trait Store: Send + Sync + 'static {
         open_only: bool,
     ) -> Result<Vec<RangeReplay>, StoreError>;
 
-    /// When the rating at feed position `seq` was committed.
-    async fn received_at_of(&self, seq: u64) -> Result<Option<i64>, StoreError>;
-
     /// Open dead letters of an upstream.
     async fn count_open_dead_letters(&self, upstream: &str) -> Result<u64, StoreError>;
 

@@ -691,7 +691,7 @@ async fn relay_write(
             let r = sqlx::query(
                 "UPDATE relay_replays SET next_seq = $1, \
                  done_at = CASE WHEN $1 > to_seq THEN $2 ELSE done_at END \
-                 WHERE id = $3 AND next_seq < $1",
+                 WHERE id = $3 AND done_at IS NULL AND next_seq < $1",
             )
             .bind(*next_seq as i64)
             .bind(now)
@@ -1235,15 +1235,6 @@ impl Store for PostgresStore {
             .iter()
             .map(rows::range_replay)
             .collect::<Result<_, _>>()?)
-    }
-
-    async fn received_at_of(&self, seq: u64) -> Result<Option<i64>, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT received_at FROM ratings WHERE feed_seq = $1")
-                .bind(seq as i64)
-                .fetch_optional(&self.reader)
-                .await?,
-        )
     }
 
     async fn count_open_dead_letters(&self, upstream: &str) -> Result<u64, StoreError> {

@@ -249,9 +249,17 @@ impl Inner {
     /// Pulls new invitations, opens their surveys and sends the invitation SMS (and sends
     /// again those an earlier poll could not).
     async fn poll_invitations(&self) -> anyhow::Result<u64> {
-        for survey in self.surveys.unsent(now_micros()).await? {
-            if !self.send_survey(&survey).await? {
-                break;
+        // Whether the gateway answers this poll: once it fails itself (no answer, 5xx, or a
+        // refusal of the adapter rather than of one number), nothing more is sent until the
+        // next poll — neither the unsent surveys nor the new ones, each of which would wait out
+        // its own timeout.
+        let mut gateway_up = self.cfg.gateway.is_some();
+        if gateway_up {
+            for survey in self.surveys.unsent(now_micros()).await? {
+                if !self.send_survey(&survey).await? {
+                    gateway_up = false;
+                    break;
+                }
             }
         }
         let mut sync = self.cfg.hub.sync()?;
@@ -295,9 +303,9 @@ impl Inner {
                         .open_survey(inv.id, &case, &phone, &prefix, ttl)
                         .await?;
                     opened += 1;
-                    if to_send {
+                    if to_send && gateway_up {
                         // A gateway that is down leaves this one unsent, for the next poll.
-                        self.send_survey(&survey).await?;
+                        gateway_up = self.send_survey(&survey).await?;
                     }
                 }
                 after = inv.id;
@@ -322,8 +330,11 @@ impl Inner {
                 json!({ "phone_number": phone, "content": content, "extension": code }).to_string(),
             )
             .send()
-            .await?;
-        if r.status().is_client_error() {
+            .await
+            .map_err(|e| anyhow::anyhow!("the SMS gateway did not answer: {}", e.without_url()))?;
+        // A refusal of this number (400, 404, 422) is passed by; 401, 403 and 429 refuse
+        // the adapter itself (credentials, rate), like a failure of the gateway.
+        if matches!(r.status().as_u16(), 400 | 404 | 422) {
             return Err(SmsRefused(r.status().as_u16()).into());
         }
         anyhow::ensure!(

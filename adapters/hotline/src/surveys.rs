@@ -244,7 +244,20 @@ impl Surveys {
         .bind(now)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(|r| self.survey_from_row(r)).collect()
+        // A row that does not open (damaged, or sealed under a key no longer configured)
+        // is passed by, said once a while, rather than stop every other survey's SMS.
+        Ok(rows
+            .iter()
+            .filter_map(|r| match self.survey_from_row(r) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    if let Some(held) = rating_hub::telemetry::throttle("hotline.unsent_row") {
+                        tracing::warn!(error = %e, held, "An unsent survey cannot be read; passed by.");
+                    }
+                    None
+                }
+            })
+            .collect())
     }
 
     pub async fn mark_sent(&self, id: i64) -> anyhow::Result<()> {

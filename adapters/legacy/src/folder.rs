@@ -285,6 +285,13 @@ fn move_into(from: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
         n += 1;
     }
     std::fs::rename(from, &to)?;
+    // The department's file holds raters' data in clear: once it is the adapter's to keep,
+    // nobody else on the host reads it (it arrived with whatever mode the sender gave it).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))?;
+    }
     Ok(to)
 }
 
@@ -341,8 +348,15 @@ pub async fn pass(
 ) -> anyhow::Result<()> {
     let dir = Path::new(&cfg.path);
     let (done, rejects) = (dir.join("done"), dir.join("rejects"));
-    std::fs::create_dir_all(&done)?;
-    std::fs::create_dir_all(&rejects)?;
+    for dir in [&done, &rejects] {
+        std::fs::create_dir_all(dir)?;
+        // Only the adapter's user lists or reads what it keeps there.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
     if let Some(keep) = keep {
         let n = prune_kept(state, &cfg.name, keep).await?;
         if n > 0 {

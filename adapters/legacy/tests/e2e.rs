@@ -177,11 +177,18 @@ async fn drop_folder_files_arrive_with_their_fields_and_bad_rows_are_reported() 
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(drop.join("rejects/a.csv.rejects.csv"))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
+        let mode = |p: &str| {
+            std::fs::metadata(drop.join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode("rejects/a.csv.rejects.csv"), 0o600);
+        // The department's own files, kept for the retention period, and their folders too.
+        assert_eq!(mode("done/b.csv"), 0o600);
+        assert_eq!(mode("done"), 0o700);
+        assert_eq!(mode("rejects"), 0o700);
     }
 
     // The same file dropped again: duplicates, nothing new at the hub.

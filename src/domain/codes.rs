@@ -376,7 +376,7 @@ pub fn mask_numbers(text: &str, marker: &str) -> String {
                 break;
             }
         }
-        if digits >= 7 {
+        if digits >= 7 && !is_date(&chars[i..end]) {
             out.push_str(marker);
         } else {
             out.extend(&chars[i..end]);
@@ -384,6 +384,22 @@ pub fn mask_numbers(text: &str, marker: &str) -> String {
         i = end;
     }
     out
+}
+
+/// A date as people write it — a year of 19xx or 20xx, then month and day, split by dashes,
+/// slashes or dots ("2025-03-24", "2025/3/24") — is no phone or ID number.
+fn is_date(number: &[char]) -> bool {
+    let groups: Vec<String> = number
+        .split(|c| matches!(c, '-' | '/' | '.' | '－' | '／' | '．'))
+        .map(|g| g.iter().collect())
+        .collect();
+    groups.len() == 3
+        && groups[0].len() == 4
+        && (groups[0].starts_with("19") || groups[0].starts_with("20"))
+        && groups[0].chars().all(|c| c.is_ascii_digit())
+        && groups[1..]
+            .iter()
+            .all(|g| (1..=2).contains(&g.len()) && g.chars().all(|c| c.is_ascii_digit()))
 }
 
 /// Foreign or typed text (an upstream's error message, a statement taken down for a rater, a
@@ -466,6 +482,24 @@ mod tests {
             "bad mobile <number>, certKey <number>, code 400"
         );
         assert_eq!(redact_numbers("已存在该条服务信息"), "已存在该条服务信息");
+        // Phones and IDs however written; dates stay as they are.
+        for secret in [
+            "138 0013 8000",
+            "138-0013-8000",
+            "１３８００１３８０００",
+            "一三八〇〇一三八〇〇〇",
+        ] {
+            assert_eq!(
+                redact_numbers(&format!("电话{secret}错误")),
+                "电话<number>错误",
+                "{secret}"
+            );
+        }
+        assert_eq!(
+            redact_numbers("整改于 2025-03-24 完成"),
+            "整改于 2025-03-24 完成"
+        );
+        assert_eq!(redact_numbers("2025/3/24"), "2025/3/24");
     }
 
     #[test]

@@ -489,7 +489,7 @@ impl Site {
     fn client(&self, peer: ClientAddr, headers: &HeaderMap) -> IpAddr {
         // Only the proxy on this host may say who the client is.
         if self.config.trust_forwarded_for
-            && peer.0.ip().is_loopback()
+            && peer.0.ip().to_canonical().is_loopback()
             && let Some(ip) = headers
                 .get_all("x-forwarded-for")
                 .iter()

@@ -217,7 +217,7 @@ impl Inner {
     }
 
     /// Sends a survey's invitation SMS and marks it sent. A message the gateway refuses (a
-    /// number it will not reach: HTTP 4xx) leaves the survey unsent, counted and logged —
+    /// number it will not reach: HTTP 400 or 422) leaves the survey unsent, counted and logged —
     /// not holding up the invitations after it; unsent surveys are tried again at each poll
     /// while they are open and unanswered. `Ok(false)` when the gateway itself failed (no
     /// answer, 5xx): the caller stops sending this round rather than wait out every timeout.
@@ -332,9 +332,9 @@ impl Inner {
             .send()
             .await
             .map_err(|e| anyhow::anyhow!("the SMS gateway did not answer: {}", e.without_url()))?;
-        // A refusal of this number (400, 404, 422) is passed by; 401, 403 and 429 refuse
-        // the adapter itself (credentials, rate), like a failure of the gateway.
-        if matches!(r.status().as_u16(), 400 | 404 | 422) {
+        // A refusal of this number (400, 422) is passed by; 401, 403, 404 and 429 refuse the
+        // adapter itself (credentials, a wrong URL, rate), like a failure of the gateway.
+        if matches!(r.status().as_u16(), 400 | 422) {
             return Err(SmsRefused(r.status().as_u16()).into());
         }
         anyhow::ensure!(
@@ -346,7 +346,7 @@ impl Inner {
     }
 }
 
-/// The gateway refused one message (HTTP 4xx: a number it will not reach), as opposed to
+/// The gateway refused one message (HTTP 400 or 422: a number it will not reach), as opposed to
 /// failing itself.
 #[derive(Debug)]
 struct SmsRefused(u16);

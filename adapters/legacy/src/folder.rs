@@ -287,10 +287,14 @@ fn move_into(from: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
     std::fs::rename(from, &to)?;
     // The department's file holds raters' data in clear: once it is the adapter's to keep,
     // nobody else on the host reads it (it arrived with whatever mode the sender gave it).
+    // Best effort: a file another account dropped may not be the adapter's to change; the
+    // folder it is kept in is closed all the same, and the move must not be undone by this.
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))?;
+        if let Err(e) = std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)) {
+            tracing::warn!(file = %to.display(), error = %e, "Cannot make a kept file private.");
+        }
     }
     Ok(to)
 }
@@ -351,10 +355,16 @@ pub async fn pass(
     for dir in [&done, &rejects] {
         std::fs::create_dir_all(dir)?;
         // Only the adapter's user lists or reads what it keeps there.
+        // Best effort: a folder made by another account (or on a file system without modes)
+        // stays as it is, said once a while; the import goes on.
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                && let Some(held) = rating_hub::telemetry::throttle("legacy.folder_mode")
+            {
+                tracing::warn!(folder = %dir.display(), error = %e, held, "Cannot close a kept folder to other users.");
+            }
         }
     }
     if let Some(keep) = keep {

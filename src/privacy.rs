@@ -11,7 +11,8 @@ use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use prost::Message;
 
-use crate::domain::codes::{mask_id_number, mask_name, mask_phone};
+use crate::domain::codes::{mask_document, mask_name, mask_phone};
+use crate::domain::rating::document_type;
 use crate::pb::v1 as pb;
 
 const NONCE_LEN: usize = 12;
@@ -239,7 +240,8 @@ impl PiiKeys {
             rater.phone = pii.phone;
         } else {
             rater.name = mask_name(&pii.name);
-            rater.id_number = mask_id_number(&pii.id_number);
+            let kind = pb::IdDocumentType::try_from(rater.id_type).unwrap_or_default();
+            rater.id_number = mask_document(document_type(kind), &pii.id_number);
             rater.phone = mask_phone(&pii.phone);
         }
         Ok(())
@@ -295,7 +297,16 @@ mod tests {
     fn masks() {
         assert_eq!(mask_name("张三"), "张*");
         assert_eq!(mask_name("欧阳娜娜"), "欧***");
-        assert_eq!(mask_id_number("11010519491231002X"), "110105********002X");
+        use crate::domain::codes::DocumentType as D;
+        assert_eq!(
+            mask_document(D::ResidentIdCard, "11010519491231002X"),
+            "110105********002X"
+        );
+        assert_eq!(mask_document(D::Passport, "E12345678"), "E******78");
+        assert_eq!(
+            mask_document(D::HkMacaoTravelPermit, "H12345678"),
+            "H******78"
+        );
         assert_eq!(mask_phone("13812345678"), "138****5678");
         assert_eq!(mask_phone("087163123456"), "0871****3456");
     }

@@ -50,16 +50,26 @@ fn enum_value() -> impl Strategy<Value = i32> {
 
 fn rater() -> impl Strategy<Value = Option<pb::Rater>> {
     proptest::option::of(
-        (enum_value(), text(), text(), text(), text(), any::<bool>()).prop_map(
-            |(kind, name, id_number, credit_code, phone, real_name)| pb::Rater {
-                kind,
-                name,
-                id_number,
-                credit_code,
-                phone,
-                real_name,
-            },
-        ),
+        (
+            enum_value(),
+            text(),
+            text(),
+            enum_value(),
+            text(),
+            text(),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(kind, name, id_number, id_type, credit_code, phone, real_name)| pb::Rater {
+                    kind,
+                    name,
+                    id_number,
+                    id_type,
+                    credit_code,
+                    phone,
+                    real_name,
+                },
+            ),
     )
 }
 

@@ -84,31 +84,39 @@ const ID_CHECK: &[u8; 11] = b"10X98765432";
 #[derive(Clone, PartialEq, Eq)]
 pub struct IdNumber(String);
 
+/// The GB 11643 shape every 18-character identity number shares (居民身份证, 港澳台居民居住证,
+/// the 18-digit 外国人永久居留身份证): 17 digits and a digit or X, a birth date at positions
+/// 7–14, and the ISO 7064 MOD 11-2 check digit. `s` is already upper-case.
+fn gb11643_shape(s: &str) -> Result<(), CodeError> {
+    let b = s.as_bytes();
+    if b.len() != 18 {
+        return Err(CodeError("must be 18 characters (GB 11643)"));
+    }
+    if !b[..17].iter().all(u8::is_ascii_digit) || !(b[17].is_ascii_digit() || b[17] == b'X') {
+        return Err(CodeError(
+            "must be 17 digits followed by a digit or X (GB 11643)",
+        ));
+    }
+    let digit = |i: usize| u32::from(b[i] - b'0');
+    let year = (6..10).fold(0, |acc, i| acc * 10 + digit(i));
+    let month = digit(10) * 10 + digit(11);
+    let day = digit(12) * 10 + digit(13);
+    if !(1900..=2100).contains(&year) || !valid_date(year, month, day) {
+        return Err(CodeError("birth date is not a valid date (GB 11643)"));
+    }
+    let sum: u32 = (0..17).map(|i| digit(i) * ID_WEIGHTS[i]).sum();
+    if b[17] != ID_CHECK[(sum % 11) as usize] {
+        return Err(CodeError("check digit does not match (GB 11643)"));
+    }
+    Ok(())
+}
+
 impl IdNumber {
     pub fn parse(raw: &str) -> Result<Self, CodeError> {
         let s = raw.trim().to_ascii_uppercase();
-        let b = s.as_bytes();
-        if b.len() != 18 {
-            return Err(CodeError("must be 18 characters (GB 11643)"));
-        }
-        if !b[..17].iter().all(u8::is_ascii_digit) || !(b[17].is_ascii_digit() || b[17] == b'X') {
-            return Err(CodeError(
-                "must be 17 digits followed by a digit or X (GB 11643)",
-            ));
-        }
-        let digit = |i: usize| u32::from(b[i] - b'0');
-        let year = (6..10).fold(0, |acc, i| acc * 10 + digit(i));
-        let month = digit(10) * 10 + digit(11);
-        let day = digit(12) * 10 + digit(13);
-        if !(1900..=2100).contains(&year) || !valid_date(year, month, day) {
-            return Err(CodeError("birth date is not a valid date (GB 11643)"));
-        }
+        gb11643_shape(&s)?;
         if !province_prefix_valid(&s[..2]) {
             return Err(CodeError("region prefix is not a province code (GB 11643)"));
-        }
-        let sum: u32 = (0..17).map(|i| digit(i) * ID_WEIGHTS[i]).sum();
-        if b[17] != ID_CHECK[(sum % 11) as usize] {
-            return Err(CodeError("check digit does not match (GB 11643)"));
         }
         Ok(Self(s))
     }
@@ -120,6 +128,133 @@ impl IdNumber {
     /// 110105********1234: region prefix and last four kept.
     pub fn masked(&self) -> String {
         mask_id_number(&self.0)
+    }
+}
+
+/// 证件类型 (the contract's `IdDocumentType`), as the validator sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DocumentType {
+    /// 居民身份证 (also what an unset type means).
+    ResidentIdCard,
+    /// 港澳台居民居住证.
+    HmtResidencePermit,
+    /// 外国人永久居留身份证.
+    ForeignPermanentResident,
+    /// 港澳居民来往内地通行证.
+    HkMacaoTravelPermit,
+    /// 台湾居民来往大陆通行证.
+    TaiwanTravelPermit,
+    /// 护照.
+    Passport,
+    /// 其他证件.
+    Other,
+}
+
+/// A document number checked by its type's rule and normalised (trimmed, upper-case), or
+/// why not. The error never contains the number.
+pub fn parse_document(kind: DocumentType, raw: &str) -> Result<String, CodeError> {
+    let s = raw.trim().to_ascii_uppercase();
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    match kind {
+        DocumentType::ResidentIdCard => IdNumber::parse(&s).map(|id| id.0),
+        DocumentType::HmtResidencePermit => {
+            gb11643_shape(&s)?;
+            if !matches!(&s[..2], "81" | "82" | "83") {
+                return Err(CodeError(
+                    "a 港澳台居民居住证 number starts with 81, 82 or 83 (GB 11643)",
+                ));
+            }
+            Ok(s)
+        }
+        DocumentType::ForeignPermanentResident => match s.len() {
+            18 => {
+                gb11643_shape(&s)?;
+                if !s.starts_with('9') || !province_prefix_valid(&s[1..3]) {
+                    return Err(CodeError(
+                        "an 18-digit 外国人永久居留身份证 number starts with 9 and a province code",
+                    ));
+                }
+                Ok(s)
+            }
+            15 => {
+                let (nation, rest) = s.split_at(3);
+                let b = rest.as_bytes();
+                if !nation.bytes().all(|c| c.is_ascii_uppercase()) || !digits(rest) {
+                    return Err(CodeError(
+                        "a 15-character 外国人永久居留身份证 number is three letters and 12 digits",
+                    ));
+                }
+                if !province_prefix_valid(&rest[..2]) {
+                    return Err(CodeError(
+                        "a 15-character 外国人永久居留身份证 number has a province code after its letters",
+                    ));
+                }
+                let two = |i: usize| u32::from(b[i] - b'0') * 10 + u32::from(b[i + 1] - b'0');
+                // YYMMDD: the century is not written; any leap year check uses 2000 + YY or
+                // 1900 + YY, whichever makes the date valid.
+                let (yy, mm, dd) = (two(2), two(4), two(6));
+                if !valid_date(1900 + yy, mm, dd) && !valid_date(2000 + yy, mm, dd) {
+                    return Err(CodeError(
+                        "birth date of a 15-character 外国人永久居留身份证 number is not a valid date",
+                    ));
+                }
+                Ok(s)
+            }
+            _ => Err(CodeError(
+                "a 外国人永久居留身份证 number has 18 digits, or 15 characters (older cards)",
+            )),
+        },
+        DocumentType::HkMacaoTravelPermit => {
+            let ok = matches!(s.as_bytes().first(), Some(b'H' | b'M'))
+                && matches!(s.len(), 9 | 11)
+                && digits(&s[1..]);
+            if ok {
+                Ok(s)
+            } else {
+                Err(CodeError(
+                    "a 港澳居民来往内地通行证 number is H or M followed by 8 or 10 digits",
+                ))
+            }
+        }
+        DocumentType::TaiwanTravelPermit => {
+            if matches!(s.len(), 8 | 10) && digits(&s) {
+                Ok(s)
+            } else {
+                Err(CodeError(
+                    "a 台湾居民来往大陆通行证 number has 8 digits (10 on older cards)",
+                ))
+            }
+        }
+        DocumentType::Passport => {
+            if (5..=20).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                Ok(s)
+            } else {
+                Err(CodeError(
+                    "a passport number has 5 to 20 letters and digits",
+                ))
+            }
+        }
+        DocumentType::Other => {
+            let n = s.chars().count();
+            if (1..=32).contains(&n) && !s.chars().any(char::is_control) {
+                Ok(s)
+            } else {
+                Err(CodeError(
+                    "an identity document number has 1 to 32 printable characters",
+                ))
+            }
+        }
+    }
+}
+
+/// How a document number is shown to callers without the read-pii privilege: the
+/// 18-character numbers keep their region prefix and last four, the others their first
+/// character and last two.
+pub fn mask_document(kind: DocumentType, id: &str) -> String {
+    match kind {
+        // An 18-character 其他证件 or passport number is not a region-prefixed one.
+        DocumentType::Other | DocumentType::Passport if !id.is_empty() => mask_middle(id, 1, 2),
+        _ => mask_id_number(id),
     }
 }
 
@@ -276,12 +411,13 @@ pub fn mask_name(name: &str) -> String {
     }
 }
 
-/// 110105********1234: region prefix and last four kept.
+/// 110105********1234: an 18-character number keeps its region prefix and last four; any
+/// other document number (a passport, a travel permit) its first character and last two.
 pub fn mask_id_number(id: &str) -> String {
-    if id.is_empty() {
-        String::new()
-    } else {
-        mask_middle(id, 6, 4)
+    match id.chars().count() {
+        0 => String::new(),
+        18 => mask_middle(id, 6, 4),
+        _ => mask_middle(id, 1, 2),
     }
 }
 

@@ -7,7 +7,7 @@ use prost::Message;
 use prost_types::Timestamp;
 use sha2::{Digest, Sha256};
 
-use super::codes::{CreditCode, IdNumber, Phone, RegionCode};
+use super::codes::{CreditCode, DocumentType, Phone, RegionCode, parse_document};
 use crate::pb::v1 as pb;
 use pb::{Channel, Level, QualityFlag, RaterKind, TargetKind};
 
@@ -256,6 +256,9 @@ impl Checker {
             limits::PERSON_NAME,
             false,
         );
+        let id_type: pb::IdDocumentType = self
+            .enum_value(&format!("{prefix}.id_type"), raw.id_type, false)
+            .unwrap_or_default();
         let mut id_number = String::new();
         if !raw.id_number.trim().is_empty() {
             let field = format!("{prefix}.id_number");
@@ -265,11 +268,13 @@ impl Checker {
                     "is only for natural persons; organisations use credit_code",
                 );
             } else {
-                match IdNumber::parse(&raw.id_number) {
-                    Ok(id) => id_number = id.as_str().to_owned(),
+                match parse_document(document_type(id_type), &raw.id_number) {
+                    Ok(id) => id_number = id,
                     Err(e) => self.fail(field, e.0),
                 }
             }
+        } else if id_type != pb::IdDocumentType::Unspecified {
+            self.fail(format!("{prefix}.id_type"), "is set but id_number is empty");
         }
         let credit_code = self
             .credit_code(&format!("{prefix}.credit_code"), &raw.credit_code, false)
@@ -287,9 +292,25 @@ impl Checker {
             real_name: raw.real_name,
             name,
             id_number,
+            id_type: id_type as i32,
             credit_code,
             phone,
         }
+    }
+}
+
+/// The validator's view of the contract's 证件类型 (unset reads as 居民身份证).
+pub fn document_type(t: pb::IdDocumentType) -> DocumentType {
+    match t {
+        pb::IdDocumentType::Unspecified | pb::IdDocumentType::ResidentIdCard => {
+            DocumentType::ResidentIdCard
+        }
+        pb::IdDocumentType::HmtResidencePermit => DocumentType::HmtResidencePermit,
+        pb::IdDocumentType::ForeignPermanentResident => DocumentType::ForeignPermanentResident,
+        pb::IdDocumentType::HkMacaoTravelPermit => DocumentType::HkMacaoTravelPermit,
+        pb::IdDocumentType::TaiwanTravelPermit => DocumentType::TaiwanTravelPermit,
+        pb::IdDocumentType::Passport => DocumentType::Passport,
+        pb::IdDocumentType::Other => DocumentType::Other,
     }
 }
 

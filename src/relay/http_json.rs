@@ -167,6 +167,7 @@ pub fn national_rater_kinds() -> BTreeMap<String, String> {
         ("RATER_KIND_ADMINISTRATIVE_ORGAN", "2"),
         ("RATER_KIND_OTHER_ORGANIZATION", "2"),
         ("RATER_KIND_LEGAL_PERSON", "2"),
+        ("RATER_KIND_UNINCORPORATED_ENTERPRISE", "2"),
     ])
 }
 

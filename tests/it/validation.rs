@@ -405,3 +405,106 @@ async fn stream_item_without_a_rating_is_answered_invalid() {
     assert_eq!(acks[1].index, 1);
     hub.stop().await;
 }
+
+/// 证件类型: every document type is accepted with a number of its own format (a Hong Kong
+/// resident's travel permit, a foreigner's passport are never refused for not being a
+/// mainland ID), refused naming `rater.id_number` when the number does not fit the type,
+/// and shown masked to callers without the read-pii privilege.
+#[tokio::test]
+async fn every_identity_document_type_is_checked_by_its_own_rule() {
+    use pb::IdDocumentType as T;
+    use rating_hub::domain::codes::id_number_with_check;
+    let check = |first17: &str| id_number_with_check(first17).unwrap();
+    let valid = [
+        (T::Unspecified, check("11010519491231002")),
+        (T::ResidentIdCard, check("11010519491231002")),
+        (T::HmtResidencePermit, check("81000019800101001")),
+        (T::HmtResidencePermit, check("83000019800101001")),
+        (T::ForeignPermanentResident, check("91184019800101001")),
+        (T::ForeignPermanentResident, "USA118001010010".to_owned()),
+        (T::HkMacaoTravelPermit, "H12345678".to_owned()),
+        (T::HkMacaoTravelPermit, "m1234567890".to_owned()),
+        (T::TaiwanTravelPermit, "12345678".to_owned()),
+        (T::Passport, "E12345678".to_owned()),
+        (T::Other, "军官证字第0001号".to_owned()),
+    ];
+    let mut bad_check = check("11010519491231002");
+    bad_check.replace_range(17.., if bad_check.ends_with('0') { "1" } else { "0" });
+    let invalid = [
+        (T::Unspecified, bad_check.clone()),
+        (T::ResidentIdCard, "H12345678".to_owned()),
+        // A mainland number is not a residence permit, nor a permanent resident's.
+        (T::HmtResidencePermit, check("11010519491231002")),
+        (T::ForeignPermanentResident, check("11010519491231002")),
+        (T::ForeignPermanentResident, "USA119913010010".to_owned()),
+        (T::ForeignPermanentResident, "US1118001010010".to_owned()),
+        (T::HkMacaoTravelPermit, "X12345678".to_owned()),
+        (T::HkMacaoTravelPermit, "H1234567".to_owned()),
+        (T::TaiwanTravelPermit, "1234567".to_owned()),
+        (T::Passport, "E1".to_owned()),
+        (T::Passport, "E1234-5678".to_owned()),
+        (T::Other, "x".repeat(40)),
+    ];
+    let hub = HubBuilder::new()
+        .principal("reader", &["read"], TestScope::National)
+        .start()
+        .await;
+    let mut ingest = hub.ingest().await;
+    let mut query = QueryServiceClient::new(hub.channel_as("reader").await);
+    for (i, (kind, number)) in valid.iter().enumerate() {
+        let mut r = rating(&format!("ok-{i}"));
+        let rater = r.rater.as_mut().unwrap();
+        rater.id_type = *kind as i32;
+        rater.id_number = number.clone();
+        let result = submit_one(&mut ingest, r).await;
+        assert_eq!(
+            outcome(&result),
+            pb::Outcome::Accepted,
+            "{kind:?}: {result:?}"
+        );
+        let got = query
+            .get_rating(pb::GetRatingRequest {
+                hub_id: result.hub_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .rating
+            .unwrap();
+        let rater = got.rater.unwrap();
+        assert_eq!(rater.id_type, *kind as i32, "the type is kept");
+        assert!(
+            rater.id_number.contains('*') && rater.id_number != number.to_uppercase(),
+            "{kind:?}: masked for a caller without read-pii, got {:?}",
+            rater.id_number
+        );
+    }
+    for (i, (kind, number)) in invalid.iter().enumerate() {
+        let mut r = rating(&format!("bad-{i}"));
+        let rater = r.rater.as_mut().unwrap();
+        rater.id_type = *kind as i32;
+        rater.id_number = number.clone();
+        let result = submit_one(&mut ingest, r).await;
+        assert_eq!(outcome(&result), pb::Outcome::Invalid, "{kind:?} {number}");
+        assert_names(&result.violations, "rater.id_number");
+        for v in &result.violations {
+            assert!(
+                !v.description.contains(number.as_str()),
+                "{v:?} echoes the number"
+            );
+        }
+    }
+    // A type without a number says which field is wrong.
+    let mut r = rating("type-only");
+    let rater = r.rater.as_mut().unwrap();
+    rater.id_type = T::Passport as i32;
+    rater.id_number.clear();
+    let result = submit_one(&mut ingest, r).await;
+    assert_names(&result.violations, "rater.id_type");
+    assert_eq!(
+        crate::ingest::count(&hub).await,
+        valid.len() as u64,
+        "only the valid ones are stored"
+    );
+    hub.stop().await;
+}

@@ -20,15 +20,16 @@ fn d_time() -> String {
 /// org_credit_code, org_name, hall_id, window_id, staff_id, staff_name, channel, level,
 /// target_kind, detail_codes (separated by , ; or |), text, rated_at, service_completed_at,
 /// follow_up_of, batch_id, theme_id, device_id, rater.kind, rater.real_name, rater.name,
-/// rater.id_number, rater.credit_code, rater.phone, attributes.<key>; and source_key, the
-/// record's own id (used to derive the idempotency key).
+/// rater.id_number, rater.id_type, rater.credit_code, rater.phone, attributes.<key>; and
+/// source_key, the record's own id (used to derive the idempotency key).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Mapping {
     /// Canonical field → source field (column, CSV header, XML element, JSON path a.b.0.c).
     pub fields: BTreeMap<String, String>,
     /// Canonical field → (source value → canonical value). Enum fields (level, channel,
-    /// target_kind, rater.kind) take the contract's names, e.g. "5" = "LEVEL_VERY_SATISFIED".
+    /// target_kind, rater.kind, rater.id_type) take the contract's names, e.g.
+    /// "5" = "LEVEL_VERY_SATISFIED", "414" = "ID_DOCUMENT_TYPE_PASSPORT".
     #[serde(default)]
     pub values: BTreeMap<String, BTreeMap<String, String>>,
     /// Canonical field → a fixed value for every record (e.g. channel = "CHANNEL_PC_WEB").
@@ -164,6 +165,7 @@ impl Mapping {
         let channel = value("channel");
         let target = value("target_kind");
         let rater_kind = value("rater.kind");
+        let id_type = value("rater.id_type");
         let rated_at = value("rated_at");
         let completed_at = value("service_completed_at");
         let real_name = value("rater.real_name");
@@ -229,6 +231,9 @@ impl Mapping {
         let kind = enum_field("rater.kind", &rater_kind, &|s| {
             pb::RaterKind::from_str_name(s).map(|v| v as i32)
         });
+        let id_type = enum_field("rater.id_type", &id_type, &|s| {
+            pb::IdDocumentType::from_str_name(s).map(|v| v as i32)
+        });
         if !(name.is_empty()
             && id_number.is_empty()
             && phone.is_empty()
@@ -240,6 +245,7 @@ impl Mapping {
                 real_name: matches!(real_name.as_str(), "1" | "true" | "是" | "Y" | "y"),
                 name,
                 id_number,
+                id_type,
                 credit_code: credit,
                 phone,
             });

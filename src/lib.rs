@@ -12,6 +12,7 @@ pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod domain;
+pub mod gm;
 pub mod metrics;
 pub mod pb;
 pub mod pki;

@@ -21,7 +21,7 @@ pub fn micros_from_timestamp(ts: &Timestamp) -> Option<i64> {
 
 /// A moment as China Standard Time wall-clock text, "YYYY-MM-DD HH:MM:SS" (for messages).
 pub fn format_cst_micros(micros: i64) -> String {
-    crate::relay::http_json::format_cst(micros.div_euclid(1_000_000))
+    crate::relay::http::format_cst(micros.div_euclid(1_000_000))
 }
 
 /// The month of a moment in China Standard Time, as YYYYMM (the spot-check stratum of a

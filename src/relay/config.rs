@@ -99,9 +99,23 @@ pub struct UpstreamConfig {
     /// Per-request timeout in milliseconds (a timed-out request is retried).
     #[serde(default = "d_timeout")]
     pub request_timeout_ms: u64,
-    /// The http-json mapping (required for kind = "http-json").
+    /// http-json: the protocol profile file (record kinds, fields, code tables, envelopes,
+    /// replies; see deploy/upstreams/), or…
     #[serde(default)]
-    pub http: Option<super::http_json::HttpJsonConfig>,
+    pub profile: Option<String>,
+    /// …the older inline mapping.
+    #[serde(default)]
+    pub http: Option<super::http::profile::HttpJsonConfig>,
+    /// Secrets the profile names, as "env:VARIABLE" or "file:/path" (never the value).
+    #[serde(default)]
+    pub secrets: std::collections::BTreeMap<String, String>,
+    /// SM2 key files the profile names (PEM or hex; a private key also gives its public key).
+    #[serde(default)]
+    pub keys: std::collections::BTreeMap<String, String>,
+    /// Code-table entries added to (or replacing those of) the profile's tables, e.g. this
+    /// province's region remap.
+    #[serde(default)]
+    pub tables: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
 }
 
 impl UpstreamConfig {
@@ -131,8 +145,11 @@ impl UpstreamConfig {
         if self.cert.is_empty() != self.key.is_empty() {
             return fail("cert and key go together".into());
         }
-        if self.kind == SinkKind::HttpJson && self.http.is_none() {
-            return fail("kind = \"http-json\" needs an [upstreams.<name>.http] mapping".into());
+        if self.kind == SinkKind::HttpJson && self.http.is_none() && self.profile.is_none() {
+            return fail(
+                "kind = \"http-json\" needs `profile = \"<file>\"` or an [upstreams.<name>.http] mapping"
+                    .into(),
+            );
         }
         if self.kind == SinkKind::Grpc {
             for code in &self.permanent_errors {

@@ -10,7 +10,7 @@
 
 pub mod config;
 pub mod grpc;
-pub mod http_json;
+pub mod http;
 pub mod sink;
 
 use std::collections::BTreeMap;
@@ -929,7 +929,7 @@ impl Relay {
             cfg.check(name).map_err(anyhow::Error::msg)?;
             let sink: Box<dyn Sink> = match cfg.kind {
                 SinkKind::Grpc => Box::new(grpc::GrpcSink::new(cfg)?),
-                SinkKind::HttpJson => Box::new(http_json::HttpJsonSink::new(cfg)?),
+                SinkKind::HttpJson => Box::new(http::HttpSink::new(name, cfg)?),
             };
             let state = store.upstream_state(name).await?;
             let (control, _) = watch::channel(0);

@@ -11,7 +11,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use rating_hub::pb::v1 as pb;
 use rating_hub::pki;
-use rating_hub::relay::http_json::format_cst;
+use rating_hub::relay::http::format_cst;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};

@@ -271,7 +271,7 @@ pub async fn run(c: Connection, command: AdminCommand) -> anyhow::Result<()> {
                         .map(|d| {
                             json!({
                                 "id": d.id, "feed": d.feed_sequence, "hub_id": d.hub_id,
-                                "error": d.error, "attempts": d.attempts,
+                                "case_event": d.case_event_id, "error": d.error, "attempts": d.attempts,
                                 "created_at": time(&d.created_at), "resolved_at": time(&d.resolved_at),
                             })
                         })
@@ -284,7 +284,12 @@ pub async fn run(c: Connection, command: AdminCommand) -> anyhow::Result<()> {
                     .map(|d| {
                         vec![
                             d.id.to_string(),
-                            d.feed_sequence.to_string(),
+                            // A 办件 record's letter names its case event.
+                            if d.case_event_id == 0 {
+                                d.feed_sequence.to_string()
+                            } else {
+                                format!("办件 {}", d.case_event_id)
+                            },
                             time(&d.created_at),
                             d.attempts.to_string(),
                             d.error.clone(),

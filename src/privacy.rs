@@ -212,15 +212,40 @@ impl PiiKeys {
     /// Moves name, ID number and phone out of `rater` into a sealed blob. `None` when the
     /// rater carries none of them.
     pub fn seal_rater(&self, rater: &mut pb::Rater, aad: &[u8]) -> Option<Sealed> {
-        if rater.name.is_empty() && rater.id_number.is_empty() && rater.phone.is_empty() {
+        self.seal_persons(Some(rater), None, aad)
+    }
+
+    /// Moves the names, ID numbers and phones of a rater (or applicant) and of an agent
+    /// (代办人) into one sealed blob. `None` when neither carries any.
+    pub fn seal_persons(
+        &self,
+        rater: Option<&mut pb::Rater>,
+        agent: Option<&mut pb::Rater>,
+        aad: &[u8],
+    ) -> Option<Sealed> {
+        let take = |p: Option<&mut pb::Rater>| {
+            p.map(|p| {
+                (
+                    std::mem::take(&mut p.name),
+                    std::mem::take(&mut p.id_number),
+                    std::mem::take(&mut p.phone),
+                )
+            })
+            .unwrap_or_default()
+        };
+        let (name, id_number, phone) = take(rater);
+        let (agent_name, agent_id_number, agent_phone) = take(agent);
+        let pii = SealedPersons {
+            name,
+            id_number,
+            phone,
+            agent_name,
+            agent_id_number,
+            agent_phone,
+        };
+        if pii == SealedPersons::default() {
             return None;
         }
-        let pii = pb::Rater {
-            name: std::mem::take(&mut rater.name),
-            id_number: std::mem::take(&mut rater.id_number),
-            phone: std::mem::take(&mut rater.phone),
-            ..Default::default()
-        };
         Some(self.seal(&pii.encode_to_vec(), aad))
     }
 
@@ -232,20 +257,59 @@ impl PiiKeys {
         aad: &[u8],
         unmasked: bool,
     ) -> Result<(), PrivacyError> {
-        let pii = pb::Rater::decode(self.open(sealed, aad)?.as_slice())
+        self.reveal_persons(Some(rater), None, sealed, aad, unmasked)
+    }
+
+    /// Puts a sealed rater's (or applicant's) and agent's data back, masked unless
+    /// `unmasked`.
+    pub fn reveal_persons(
+        &self,
+        rater: Option<&mut pb::Rater>,
+        agent: Option<&mut pb::Rater>,
+        sealed: &Sealed,
+        aad: &[u8],
+        unmasked: bool,
+    ) -> Result<(), PrivacyError> {
+        let pii = SealedPersons::decode(self.open(sealed, aad)?.as_slice())
             .map_err(|_| PrivacyError::Open)?;
-        if unmasked {
-            rater.name = pii.name;
-            rater.id_number = pii.id_number;
-            rater.phone = pii.phone;
-        } else {
-            rater.name = mask_name(&pii.name);
-            let kind = pb::IdDocumentType::try_from(rater.id_type).unwrap_or_default();
-            rater.id_number = mask_document(document_type(kind), &pii.id_number);
-            rater.phone = mask_phone(&pii.phone);
+        let put = |p: &mut pb::Rater, name: String, id: String, phone: String| {
+            if unmasked {
+                p.name = name;
+                p.id_number = id;
+                p.phone = phone;
+            } else {
+                p.name = mask_name(&name);
+                let kind = pb::IdDocumentType::try_from(p.id_type).unwrap_or_default();
+                p.id_number = mask_document(document_type(kind), &id);
+                p.phone = mask_phone(&phone);
+            }
+        };
+        if let Some(r) = rater {
+            put(r, pii.name, pii.id_number, pii.phone);
+        }
+        if let Some(a) = agent {
+            put(a, pii.agent_name, pii.agent_id_number, pii.agent_phone);
         }
         Ok(())
     }
+}
+
+/// What a sealed blob holds. The first three tags are `Rater`'s own (3 name, 4 id_number,
+/// 6 phone), so blobs sealed before agents existed (an encoded `Rater`) read the same.
+#[derive(Clone, PartialEq, prost::Message)]
+struct SealedPersons {
+    #[prost(string, tag = "3")]
+    name: String,
+    #[prost(string, tag = "4")]
+    id_number: String,
+    #[prost(string, tag = "6")]
+    phone: String,
+    #[prost(string, tag = "13")]
+    agent_name: String,
+    #[prost(string, tag = "14")]
+    agent_id_number: String,
+    #[prost(string, tag = "16")]
+    agent_phone: String,
 }
 
 #[cfg(test)]

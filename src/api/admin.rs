@@ -189,6 +189,7 @@ impl AdminService for AdminApi {
                     created_at: Some(timestamp_from_micros(d.created_at_micros)),
                     replay_requested: d.replay_requested,
                     resolved_at: d.resolved_at_micros.map(timestamp_from_micros),
+                    case_event_id: d.case_event_id.unwrap_or_default(),
                 })
                 .collect(),
             next_page_token,

@@ -270,11 +270,12 @@ impl HubState {
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let mut rating = row.rating;
-            if let (Some(sealed), Some(rater)) = (&row.pii, rating.rater.as_mut()) {
+            if let Some(sealed) = &row.pii {
                 let hub_id = uuid::Uuid::parse_str(&rating.hub_id)
                     .map_err(|_| Status::internal("stored hub id is not a UUID"))?;
-                self.pii.reveal_rater(
-                    rater,
+                self.pii.reveal_persons(
+                    rating.rater.as_mut(),
+                    rating.agent.as_mut(),
                     sealed,
                     &crate::store::rating_aad(&hub_id),
                     unmasked,

@@ -172,11 +172,15 @@ impl SyncService for SyncApi {
         let mut invitations = Vec::with_capacity(rows.len());
         for row in rows {
             let mut case = row.case;
-            if let (Some(sealed), Some(applicant)) = (&row.pii, case.applicant.as_mut()) {
+            if let Some(sealed) = &row.pii {
                 let aad = crate::store::case_aad(&row.source_system, &case.case_number, case.event);
-                self.state
-                    .pii
-                    .reveal_rater(applicant, sealed, &aad, unmasked)?;
+                self.state.pii.reveal_persons(
+                    case.applicant.as_mut(),
+                    case.agent.as_mut(),
+                    sealed,
+                    &aad,
+                    unmasked,
+                )?;
                 if unmasked {
                     audited.push(invitation_audit_id(row.id));
                 }

@@ -46,6 +46,28 @@ pub fn parse_case(
     let batch_id = c.line("batch_id", &raw.batch_id, CODE, false);
     let theme_id = c.line("theme_id", &raw.theme_id, CODE, false);
     let attributes = c.attributes("attributes", &raw.attributes);
+    let status: pb::ServiceStatus = c
+        .enum_value("status", raw.status, false)
+        .unwrap_or_default();
+    let project_name = c.line("project_name", &raw.project_name, NAME, false);
+    let service_number = c.line("service_number", &raw.service_number, CODE, false);
+    let service_name = c.line("service_name", &raw.service_name, NAME, false);
+    let promised_limit = c.time_limit("promised_limit", raw.promised_limit.as_ref());
+    let legal_limit = c.time_limit("legal_limit", raw.legal_limit.as_ref());
+    let commitment: pb::Commitment = c
+        .enum_value("commitment", raw.commitment, false)
+        .unwrap_or_default();
+    let handling_channel: pb::HandlingChannel = c
+        .enum_value("handling_channel", raw.handling_channel, false)
+        .unwrap_or_default();
+    let item_type: pb::ItemType = c
+        .enum_value("item_type", raw.item_type, false)
+        .unwrap_or_default();
+    let staff_name = c.line("staff_name", &raw.staff_name, PERSON_NAME, false);
+    let agent = c.agent("agent", raw.agent.as_ref());
+    c.time("accepted_at", raw.accepted_at.as_ref(), false);
+    let sub_matter = c.line("sub_matter", &raw.sub_matter, NAME, false);
+    let task_handle_item = c.line("task_handle_item", &raw.task_handle_item, CODE, false);
 
     let (Some(event), Some(occurred_at_micros), Some(region_code), Some(org_credit_code)) =
         (event, occurred, region, org)
@@ -72,6 +94,20 @@ pub fn parse_case(
         batch_id,
         theme_id,
         attributes,
+        status: status as i32,
+        project_name,
+        service_number,
+        service_name,
+        promised_limit,
+        legal_limit,
+        commitment: commitment as i32,
+        handling_channel: handling_channel as i32,
+        item_type: item_type as i32,
+        staff_name,
+        agent,
+        accepted_at: raw.accepted_at,
+        sub_matter,
+        task_handle_item,
     };
     let content_hash: [u8; 32] = Sha256::digest(body.encode_to_vec()).into();
     Ok(ValidCase {

@@ -187,6 +187,36 @@ impl Checker {
         Some(ts.seconds * 1_000_000 + i64::from(ts.nanos / 1_000))
     }
 
+    /// 承诺时限 / 法定时限: at most ten years of units, with a unit whenever there is a value.
+    pub fn time_limit(&mut self, field: &str, raw: Option<&pb::TimeLimit>) -> Option<pb::TimeLimit> {
+        let raw = raw?;
+        let unit: pb::TimeUnit = self
+            .enum_value(&format!("{field}.unit"), raw.unit, false)
+            .unwrap_or_default();
+        if raw.value > 3650 {
+            self.fail(format!("{field}.value"), "is more than 3650");
+        }
+        if raw.value > 0 && unit == pb::TimeUnit::Unspecified {
+            self.fail(format!("{field}.unit"), "is required with a value");
+        }
+        Some(pb::TimeLimit {
+            value: raw.value,
+            unit: unit as i32,
+        })
+    }
+
+    /// A 代办人: a person, checked as a rater is.
+    pub fn agent(&mut self, field: &str, raw: Option<&pb::Rater>) -> Option<pb::Rater> {
+        let raw = raw?;
+        if !matches!(
+            pb::RaterKind::try_from(raw.kind),
+            Ok(pb::RaterKind::NaturalPerson | pb::RaterKind::Unspecified)
+        ) {
+            self.fail(format!("{field}.kind"), "an agent (代办人) is a natural person");
+        }
+        Some(self.rater(field, raw))
+    }
+
     pub fn region(&mut self, field: &str, raw: &str) -> Option<RegionCode> {
         if raw.trim().is_empty() {
             self.fail(field, "is required");
@@ -424,6 +454,19 @@ pub fn parse_rating(
     let theme_id = c.line("theme_id", &raw.theme_id, CODE, false);
     let device_id = c.line("device_id", &raw.device_id, CODE, false);
     let attributes = c.attributes("attributes", &raw.attributes);
+    let sub_matter = c.line("sub_matter", &raw.sub_matter, NAME, false);
+    let task_handle_item = c.line("task_handle_item", &raw.task_handle_item, CODE, false);
+    let service_number = c.line("service_number", &raw.service_number, CODE, false);
+    c.time("accepted_at", raw.accepted_at.as_ref(), false);
+    let service_status: pb::ServiceStatus = c
+        .enum_value("service_status", raw.service_status, false)
+        .unwrap_or_default();
+    let handling_department =
+        c.line("handling_department", &raw.handling_department, NAME, false);
+    let agent = c.agent("agent", raw.agent.as_ref());
+    let commitment: pb::Commitment = c
+        .enum_value("commitment", raw.commitment, false)
+        .unwrap_or_default();
 
     if let Some(level) = level
         && raw.is_default
@@ -516,6 +559,14 @@ pub fn parse_rating(
         origin_source_system,
         origin_source_key,
         visit_id,
+        sub_matter,
+        task_handle_item,
+        service_number,
+        accepted_at: raw.accepted_at,
+        service_status: service_status as i32,
+        handling_department,
+        agent,
+        commitment: commitment as i32,
     };
     let content_hash: [u8; 32] = Sha256::digest(body.encode_to_vec()).into();
     body.quality_flags = quality_flags.iter().map(|f| *f as i32).collect();

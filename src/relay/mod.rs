@@ -27,14 +27,14 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 pub use config::{SinkKind, UpstreamConfig};
-use sink::{Delivery, SendError, Sink};
+use sink::{CaseRecord, Delivery, SendError, Sink};
 
 use crate::clock::Clock;
 use crate::pb::v1 as pb;
 use crate::privacy::PiiKeys;
 use crate::store::{
     AttemptRecord, NewDeadLetter, RangeReplay, RatingQuery, RelayWrite, Store, StoreError,
-    StoredRating, rating_aad,
+    StoredCaseEvent, StoredRating, case_aad, rating_aad,
 };
 
 /// Counters and the last error of one upstream, since the hub started.
@@ -81,6 +81,8 @@ struct Worker {
     keys: Arc<PiiKeys>,
     clock: Arc<dyn Clock>,
     cursor: AtomicU64,
+    /// The 办件 events' cursor (for upstreams that take them).
+    case_cursor: AtomicU64,
     paused: AtomicBool,
     /// Bumped on pause, resume and replay requests: wakes the worker and interrupts retries.
     control: watch::Sender<u64>,
@@ -203,10 +205,18 @@ impl Worker {
                 }
             };
             if idle {
+                // 办件 events wake no one (they move no feed head): an upstream that takes
+                // them looks for new ones every CASE_POLL, and before every ratings batch.
+                let poll = if self.sink.relays_cases() {
+                    CASE_POLL
+                } else {
+                    FOREVER
+                };
                 tokio::select! {
                     _ = head.changed() => {}
                     _ = control.changed() => {}
                     _ = stop.changed() => {}
+                    _ = tokio::time::sleep(poll) => {}
                 }
             }
         }
@@ -228,6 +238,8 @@ impl Worker {
                 Ok(Some(state)) => {
                     if self.lease.borrow().is_none() {
                         self.cursor.fetch_max(state.cursor, Ordering::AcqRel);
+                        self.case_cursor
+                            .fetch_max(state.case_cursor, Ordering::AcqRel);
                         tracing::info!(upstream = %self.name, instance = %lease.holder, cursor = state.cursor, "This instance now delivers to the upstream.");
                     }
                     // A pause or resume through another instance arrives here; one through
@@ -318,12 +330,21 @@ impl Worker {
                 }
             }
         }
+        // 办件 records first: every case event committed before the ratings this step
+        // sends (those at or below `cap`) goes out before them.
+        let cap = *head.borrow_and_update();
+        if self.sink.relays_cases() {
+            match self.step_cases(stop).await? {
+                Some(worked) => replayed |= worked,
+                None => return Ok(false),
+            }
+        }
         let replays = self.store.replay_batch(&self.name, batch).await?;
         if !replays.is_empty() {
             let (ids, rows): (Vec<u64>, Vec<StoredRating>) =
                 replays.into_iter().map(|(d, r)| (d.id, r)).unzip();
             let ratings = self.with_pii(rows)?;
-            let Ok(outcome) = self.deliver(&ratings, stop, None).await else {
+            let Ok(outcome) = self.deliver(Batch::Ratings(&ratings), stop, None).await else {
                 return Ok(false);
             };
             let mut delivered = Vec::new();
@@ -354,11 +375,18 @@ impl Worker {
         let mut inflight = FuturesOrdered::new();
         let mut did_work = replayed;
         let mut sent = 0usize;
+        let cases_first = self.sink.relays_cases();
         loop {
             while inflight.len() < self.cfg.in_flight as usize
                 && !(self.range_open.load(Ordering::Acquire) != 0 && sent >= LIVE_BATCHES_PER_TURN)
             {
-                let head_seq = *head.borrow_and_update();
+                let mut head_seq = *head.borrow_and_update();
+                if cases_first && head_seq > cap {
+                    // Ratings committed after the case catch-up wait for the next step (which
+                    // sends their cases first); this one must not end idle.
+                    head_seq = cap;
+                    did_work = true;
+                }
                 if read_to >= head_seq {
                     break;
                 }
@@ -375,7 +403,7 @@ impl Worker {
                 let ratings = self.with_pii(rows)?;
                 sent += 1;
                 inflight.push_back(async move {
-                    let result = self.deliver(&ratings, stop, None).await;
+                    let result = self.deliver(Batch::Ratings(&ratings), stop, None).await;
                     (seqs, ratings, result)
                 });
             }
@@ -438,6 +466,97 @@ impl Worker {
         }
     }
 
+    /// Sends 办件 records: replays an operator asked for, then every event past the case
+    /// cursor, batch by batch, the cursor (with the batch's dead letters) written before
+    /// the next. `Some(worked)`, or `None` when interrupted (stopping, paused, lease lost).
+    async fn step_cases(&self, stop: &watch::Receiver<bool>) -> Result<Option<bool>, StoreError> {
+        let batch = self.cfg.batch_size;
+        let mut worked = false;
+        let replays = self.store.replay_case_batch(&self.name, batch).await?;
+        if !replays.is_empty() {
+            let (ids, rows): (Vec<u64>, Vec<StoredCaseEvent>) =
+                replays.into_iter().map(|(d, e)| (d.id, e)).unzip();
+            let cases = self.case_records(rows)?;
+            let Ok(outcome) = self.deliver(Batch::Cases(&cases), stop, None).await else {
+                return Ok(None);
+            };
+            let mut delivered = Vec::new();
+            let mut failed = Vec::new();
+            for (id, d) in ids.into_iter().zip(outcome) {
+                match d {
+                    Delivery::Delivered => delivered.push(id),
+                    Delivery::Rejected(e) => failed.push((id, e)),
+                }
+            }
+            tracing::info!(upstream = %self.name, delivered = delivered.len(), rejected = failed.len(), "Replayed 办件 dead letters.");
+            self.store
+                .relay_write(RelayWrite::ReplayDone {
+                    upstream: self.name.clone(),
+                    delivered,
+                    failed,
+                })
+                .await?;
+            worked = true;
+        }
+        loop {
+            let after = self.case_cursor.load(Ordering::Acquire);
+            let rows = self.store.list_case_events(after, batch).await?;
+            let Some(last) = rows.last().map(|r| r.id) else {
+                return Ok(Some(worked));
+            };
+            let cases = self.case_records(rows)?;
+            let Ok(outcome) = self.deliver(Batch::Cases(&cases), stop, None).await else {
+                return Ok(None);
+            };
+            let mut dead = Vec::new();
+            for (d, case) in outcome.into_iter().zip(&cases) {
+                if let Delivery::Rejected(error) = d {
+                    if let Some(suppressed) =
+                        crate::telemetry::throttle_for("relay.case_rejected", &self.name)
+                    {
+                        tracing::warn!(upstream = %self.name, case_event = case.id, error, suppressed, "Upstream rejected a 办件 record; dead-lettered.");
+                    }
+                    dead.push((case.id, error));
+                }
+            }
+            self.store
+                .relay_write(RelayWrite::CaseAdvance {
+                    upstream: self.name.clone(),
+                    cursor: last,
+                    dead,
+                })
+                .await?;
+            self.case_cursor.fetch_max(last, Ordering::AcqRel);
+            worked = true;
+        }
+    }
+
+    /// Puts the applicant's and agent's personal data back for the upstream.
+    fn case_records(&self, rows: Vec<StoredCaseEvent>) -> Result<Vec<CaseRecord>, StoreError> {
+        rows.into_iter()
+            .map(|row| {
+                let mut case = row.case;
+                if let Some(sealed) = &row.pii {
+                    let aad = case_aad(&row.source_system, &case.case_number, case.event);
+                    self.keys
+                        .reveal_persons(
+                            case.applicant.as_mut(),
+                            case.agent.as_mut(),
+                            sealed,
+                            &aad,
+                            true,
+                        )
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                }
+                Ok(CaseRecord {
+                    id: row.id,
+                    source_system: row.source_system,
+                    case,
+                })
+            })
+            .collect()
+    }
+
     /// One batch of the oldest open range replay: its next ratings sent again, whatever the
     /// upstream answered for them before; the replay's position moves past them. A rating
     /// refused now is in the attempt log; it opens no dead letter (its first delivery
@@ -463,7 +582,11 @@ impl Worker {
             Some(last) => {
                 let next = last.feed_seq + 1;
                 let ratings = self.with_pii(rows)?;
-                if self.deliver(&ratings, stop, Some(range.id)).await.is_err() {
+                if self
+                    .deliver(Batch::Ratings(&ratings), stop, Some(range.id))
+                    .await
+                    .is_err()
+                {
                     return Ok(false);
                 }
                 next
@@ -487,20 +610,38 @@ impl Worker {
     /// hold up delivery.
     fn log_attempt(
         &self,
-        ratings: &[pb::Rating],
+        batch: Batch<'_>,
         replay_id: Option<u64>,
         started: (i64, Instant),
         outcome: &str,
         detail: &str,
     ) {
         self.metrics.attempt(&self.name, outcome);
+        let (first_seq, last_seq, detail) = match batch {
+            Batch::Ratings(r) => (
+                r.first().map_or(0, |r| r.feed_sequence),
+                r.last().map_or(0, |r| r.feed_sequence),
+                detail.to_owned(),
+            ),
+            // 办件 records have no feed positions: the attempt says which events it carried.
+            Batch::Cases(c) => (
+                0,
+                0,
+                format!(
+                    "办件 events {}–{}{}{detail}",
+                    c.first().map_or(0, |c| c.id),
+                    c.last().map_or(0, |c| c.id),
+                    if detail.is_empty() { "" } else { ": " }
+                ),
+            ),
+        };
         let record = AttemptRecord {
             id: 0,
             upstream: self.name.clone(),
             at_micros: started.0,
-            first_seq: ratings.first().map_or(0, |r| r.feed_sequence),
-            last_seq: ratings.last().map_or(0, |r| r.feed_sequence),
-            records: ratings.len() as u32,
+            first_seq,
+            last_seq,
+            records: batch.len() as u32,
             outcome: outcome.to_owned(),
             // Already cleaned (clean_upstream_text: numbers however written masked).
             detail: detail.chars().take(1000).collect(),
@@ -529,11 +670,17 @@ impl Worker {
         rows.into_iter()
             .map(|row| {
                 let mut rating = row.rating;
-                if let (Some(sealed), Some(rater)) = (&row.pii, rating.rater.as_mut()) {
+                if let Some(sealed) = &row.pii {
                     let hub_id = Uuid::parse_str(&rating.hub_id)
                         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                     self.keys
-                        .reveal_rater(rater, sealed, &rating_aad(&hub_id), true)
+                        .reveal_persons(
+                            rating.rater.as_mut(),
+                            rating.agent.as_mut(),
+                            sealed,
+                            &rating_aad(&hub_id),
+                            true,
+                        )
                         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 }
                 Ok(rating)
@@ -545,7 +692,7 @@ impl Worker {
     /// hub stops or the upstream is paused.
     async fn deliver(
         &self,
-        ratings: &[pb::Rating],
+        batch: Batch<'_>,
         stop: &watch::Receiver<bool>,
         replay_id: Option<u64>,
     ) -> Result<Vec<Delivery>, Interrupted> {
@@ -560,7 +707,7 @@ impl Worker {
             if self.paused.load(Ordering::Acquire) {
                 return Err(Interrupted::Paused);
             }
-            let n = NonZeroU32::new(ratings.len() as u32).expect("batches are not empty");
+            let n = NonZeroU32::new(batch.len() as u32).expect("batches are not empty");
             tokio::select! {
                 _ = async {
                     // Config guarantees records_burst >= batch_size, so this always fits.
@@ -575,7 +722,10 @@ impl Worker {
             }
             self.lock().attempts += 1;
             let started = (self.clock.now_micros(), Instant::now());
-            let sent = self.sink.send(ratings).await;
+            let sent = match batch {
+                Batch::Ratings(r) => self.sink.send(r).await,
+                Batch::Cases(c) => self.sink.send_cases(c).await,
+            };
             match &sent {
                 Ok(outcomes) => {
                     let refused: Vec<&String> = outcomes
@@ -594,7 +744,7 @@ impl Worker {
                         .first()
                         .map(|e| format!("{} refused: {}", refused.len(), clean_upstream_text(e)))
                         .unwrap_or_default();
-                    self.log_attempt(ratings, replay_id, started, outcome, &detail);
+                    self.log_attempt(batch, replay_id, started, outcome, &detail);
                 }
                 Err(e) => {
                     let outcome = match e {
@@ -604,7 +754,7 @@ impl Worker {
                         SendError::Retryable(_) => "failed",
                     };
                     self.log_attempt(
-                        ratings,
+                        batch,
                         replay_id,
                         started,
                         outcome,
@@ -627,7 +777,7 @@ impl Worker {
                     self.answered();
                     return Ok(vec![
                         Delivery::Rejected(clean_upstream_text(&e));
-                        ratings.len()
+                        batch.len()
                     ]);
                 }
                 Err(SendError::Malformed(e))
@@ -641,17 +791,18 @@ impl Worker {
                     let e = clean_upstream_text(&format!(
                         "{e} ({MALFORMED_TRIES} answers in a row could not be read)"
                     ));
-                    return Ok(vec![Delivery::Rejected(e); ratings.len()]);
+                    return Ok(vec![Delivery::Rejected(e); batch.len()]);
                 }
-                Err(SendError::Ambiguous(e)) if ratings.len() > 1 => {
+                Err(SendError::Ambiguous(e)) if batch.len() > 1 => {
                     self.answered();
                     // Which of them? Each is sent again on its own (through the rate limits,
                     // with its own retries), so one the upstream refuses is not taken for
                     // delivered with the rest.
-                    tracing::info!(upstream = %self.name, records = ratings.len(), error = %clean_upstream_text(&e), "The upstream's answer does not say which records it means; sending them one by one.");
-                    let mut outcomes = Vec::with_capacity(ratings.len());
-                    for one in ratings.chunks(1) {
-                        outcomes.extend(Box::pin(self.deliver(one, &stop, replay_id)).await?);
+                    tracing::info!(upstream = %self.name, records = batch.len(), error = %clean_upstream_text(&e), "The upstream's answer does not say which records it means; sending them one by one.");
+                    let mut outcomes = Vec::with_capacity(batch.len());
+                    for i in 0..batch.len() {
+                        outcomes
+                            .extend(Box::pin(self.deliver(batch.one(i), &stop, replay_id)).await?);
                     }
                     return Ok(outcomes);
                 }
@@ -700,6 +851,33 @@ impl Worker {
         }
     }
 }
+
+/// What one send carries: ratings, or 办件 records.
+#[derive(Clone, Copy)]
+enum Batch<'a> {
+    Ratings(&'a [pb::Rating]),
+    Cases(&'a [CaseRecord]),
+}
+
+impl<'a> Batch<'a> {
+    fn len(self) -> usize {
+        match self {
+            Batch::Ratings(r) => r.len(),
+            Batch::Cases(c) => c.len(),
+        }
+    }
+
+    /// The `i`th record alone.
+    fn one(self, i: usize) -> Batch<'a> {
+        match self {
+            Batch::Ratings(r) => Batch::Ratings(&r[i..=i]),
+            Batch::Cases(c) => Batch::Cases(&c[i..=i]),
+        }
+    }
+}
+
+/// How often an upstream that takes 办件 records looks for new ones while no rating arrives.
+const CASE_POLL: Duration = Duration::from_secs(1);
 
 /// Attempts queued for the log at most; more are dropped (and said) rather than delay a send.
 const ATTEMPT_QUEUE: usize = 4096;
@@ -943,6 +1121,7 @@ impl Relay {
                 keys: keys.clone(),
                 clock: clock.clone(),
                 cursor: AtomicU64::new(state.cursor),
+                case_cursor: AtomicU64::new(state.case_cursor),
                 paused: AtomicBool::new(state.paused),
                 control,
                 counters: Mutex::new(Counters::default()),

@@ -35,9 +35,32 @@ pub enum SendError {
     Ambiguous(String),
 }
 
+/// A 办件 event on its way upstream (the applicant's and agent's data included).
+#[derive(Debug, Clone)]
+pub struct CaseRecord {
+    /// The event's id in the hub (the case cursor's unit).
+    pub id: u64,
+    pub source_system: String,
+    pub case: pb::ServiceCase,
+}
+
 #[async_trait]
 pub trait Sink: Send + Sync + 'static {
     /// Sends ratings (personal data included: upstreams are entitled to it) and returns one
     /// `Delivery` per rating, in order.
     async fn send(&self, ratings: &[pb::Rating]) -> Result<Vec<Delivery>, SendError>;
+
+    /// Whether this upstream takes 办件 records (each sent before any rating of its case).
+    fn relays_cases(&self) -> bool {
+        false
+    }
+
+    /// Sends 办件 records; one `Delivery` per record, in order. Only called when
+    /// `relays_cases`.
+    async fn send_cases(&self, cases: &[CaseRecord]) -> Result<Vec<Delivery>, SendError> {
+        Err(SendError::Permanent(format!(
+            "this upstream takes no 办件 records ({} offered)",
+            cases.len()
+        )))
+    }
 }

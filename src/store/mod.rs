@@ -406,6 +406,8 @@ pub fn fold_digest(acc: &mut [u8; 32], hub_id: &Uuid) {
 pub struct UpstreamState {
     pub cursor: u64,
     pub paused: bool,
+    /// Every 办件 event with an id at or below it was delivered or dead-lettered.
+    pub case_cursor: u64,
 }
 
 /// A rating an upstream rejected permanently.
@@ -421,8 +423,11 @@ pub struct NewDeadLetter {
 pub struct DeadLetter {
     pub id: u64,
     pub upstream: String,
+    /// The rating's feed sequence; 0 for a 办件 event's dead letter.
     pub feed_seq: u64,
     pub hub_id: Option<Uuid>,
+    /// The 办件 event's id, for a case record's dead letter.
+    pub case_event_id: Option<u64>,
     pub error: String,
     pub attempts: u32,
     pub created_at_micros: i64,
@@ -471,6 +476,15 @@ pub struct OpenCase {
     pub completed_at_micros: i64,
     pub has_invitation: bool,
     /// As stored: applicant PII is in `pii`.
+    pub case: pb::ServiceCase,
+    pub pii: Option<Sealed>,
+}
+
+/// A 办件 event as stored, for relaying.
+#[derive(Debug, Clone)]
+pub struct StoredCaseEvent {
+    pub id: u64,
+    pub source_system: String,
     pub case: pb::ServiceCase,
     pub pii: Option<Sealed>,
 }
@@ -551,6 +565,12 @@ pub enum RelayWrite {
         upstream: String,
         cursor: u64,
         dead: Vec<NewDeadLetter>,
+    },
+    /// Every 办件 event up to `cursor` was delivered, except `dead` (event id, error).
+    CaseAdvance {
+        upstream: String,
+        cursor: u64,
+        dead: Vec<(u64, String)>,
     },
     /// A replay delivered `delivered`; `failed` were rejected again (with the new error).
     ReplayDone {
@@ -840,6 +860,20 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<OpenCase>, StoreError>;
 
+    /// 办件 events with id > `after_id`, oldest first (for relaying them upstream).
+    async fn list_case_events(
+        &self,
+        after_id: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredCaseEvent>, StoreError>;
+
+    /// 办件 events' dead letters an operator asked to replay, with their events.
+    async fn replay_case_batch(
+        &self,
+        upstream: &str,
+        limit: u32,
+    ) -> Result<Vec<(DeadLetter, StoredCaseEvent)>, StoreError>;
+
     /// Invitations with id > `after_id` inside `scope`, oldest first.
     async fn list_invitations(
         &self,
@@ -914,10 +948,11 @@ impl NewRating {
             .as_ref()
             .filter(|r| !r.phone.is_empty())
             .map(|r| keys.tag(r.phone.as_bytes()));
-        let pii = body
-            .rater
-            .as_mut()
-            .and_then(|r| keys.seal_rater(r, &rating_aad(&hub_id)));
+        let pii = keys.seal_persons(
+            body.rater.as_mut(),
+            body.agent.as_mut(),
+            &rating_aad(&hub_id),
+        );
         let template_hash = (!body.text.is_empty() || !body.detail_codes.is_empty()).then(|| {
             let mut h = Sha256::new();
             h.update(body.level.to_be_bytes());
@@ -944,10 +979,7 @@ impl NewCaseEvent {
         use prost::Message;
         let mut body = case.body.clone();
         let aad = case_aad(&source_system, &case.case_number, case.event as i32);
-        let pii = body
-            .applicant
-            .as_mut()
-            .and_then(|a| keys.seal_rater(a, &aad));
+        let pii = keys.seal_persons(body.applicant.as_mut(), body.agent.as_mut(), &aad);
         Self {
             source_system,
             case,

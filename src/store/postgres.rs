@@ -31,7 +31,7 @@ use super::writer::{self, GroupResult, GroupWrite, Job, Queue};
 use super::{
     BadCaseCounts, CaseCounts, CaseOutcome, DayOrgDigest, DeadLetter, NewCaseEvent, OpenCase,
     PiiAccess, RatingQuery, RelayWrite, ScopeFilter, StatsDimension, StatsRow, Store, StoreError,
-    StoredBadCase, StoredInvitation, StoredRating, UpstreamState,
+    StoredBadCase, StoredCaseEvent, StoredInvitation, StoredRating, UpstreamState,
 };
 use super::{CaseEntryRecord, EvidenceRecord};
 use crate::clock::Clock;
@@ -551,6 +551,49 @@ async fn relay_write(
             .await?;
             Ok(r.rows_affected())
         }
+        RelayWrite::CaseAdvance {
+            upstream,
+            cursor,
+            dead,
+        } => {
+            if !dead.is_empty() {
+                // As for ratings: the state row locked first; nothing at or below the
+                // stored case cursor is added again.
+                let stored: Option<i64> = sqlx::query_scalar(
+                    "SELECT case_cursor FROM upstream_state WHERE upstream = $1 FOR UPDATE",
+                )
+                .bind(upstream)
+                .fetch_optional(&mut *conn)
+                .await?;
+                let ids: Vec<i64> = dead.iter().map(|d| d.0 as i64).collect();
+                let errors: Vec<String> = dead.iter().map(|d| d.1.clone()).collect();
+                sqlx::query(
+                    "INSERT INTO dead_letters (upstream, feed_seq, error, attempts, created_at, \
+                     case_event_id) \
+                     SELECT $1, 0, e, 1, $4, c FROM UNNEST($2::bigint[], $3::text[]) \
+                     WITH ORDINALITY AS t(c, e, n) WHERE c > $5 ORDER BY n",
+                )
+                .bind(upstream)
+                .bind(ids)
+                .bind(errors)
+                .bind(now)
+                .bind(stored.unwrap_or(0))
+                .execute(&mut *conn)
+                .await?;
+            }
+            let r = sqlx::query(
+                "INSERT INTO upstream_state (upstream, cursor, paused, updated_at, case_cursor) \
+                 VALUES ($1, 0, FALSE, $2, $3) ON CONFLICT (upstream) DO UPDATE SET \
+                 case_cursor = GREATEST(upstream_state.case_cursor, excluded.case_cursor), \
+                 updated_at = excluded.updated_at",
+            )
+            .bind(upstream)
+            .bind(now)
+            .bind(*cursor as i64)
+            .execute(&mut *conn)
+            .await?;
+            Ok(r.rows_affected())
+        }
         RelayWrite::ReplayDone {
             upstream,
             delivered,
@@ -862,8 +905,12 @@ const RATING_COLUMNS: &str = "SELECT feed_seq, hub_id, source_system, received_a
      pii_key_id, quality_flags FROM ratings";
 
 const DEAD_LETTER_COLUMNS: &str = "SELECT d.id, d.upstream, d.feed_seq, r.hub_id, d.error, \
-     d.attempts, d.created_at, d.replay_requested, d.resolved_at \
-     FROM dead_letters d LEFT JOIN ratings r ON r.feed_seq = d.feed_seq";
+     d.attempts, d.created_at, d.replay_requested, d.resolved_at, d.case_event_id \
+     FROM dead_letters d LEFT JOIN ratings r ON r.feed_seq = d.feed_seq \
+     AND d.case_event_id IS NULL";
+
+const CASE_EVENT_COLUMNS: &str =
+    "SELECT id, source_system, body, pii, pii_key_id FROM service_case_events";
 
 /// `AND (org in scope OR region under a scope prefix)`. Codes compare bytewise ("C"
 /// collation): ':' sorts right after '9', so `[p, p + ":")` is the prefix range.
@@ -1090,14 +1137,17 @@ impl Store for PostgresStore {
     }
 
     async fn upstream_state(&self, upstream: &str) -> Result<UpstreamState, StoreError> {
-        let row = sqlx::query("SELECT cursor, paused FROM upstream_state WHERE upstream = $1")
-            .bind(upstream)
-            .fetch_optional(&self.reader)
-            .await?;
+        let row = sqlx::query(
+            "SELECT cursor, paused, case_cursor FROM upstream_state WHERE upstream = $1",
+        )
+        .bind(upstream)
+        .fetch_optional(&self.reader)
+        .await?;
         match row {
             Some(row) => Ok(UpstreamState {
                 cursor: row.try_get::<i64, _>("cursor")? as u64,
                 paused: row.try_get("paused")?,
+                case_cursor: row.try_get::<i64, _>("case_cursor")? as u64,
             }),
             None => {
                 self.relay_write(RelayWrite::Advance {
@@ -1128,7 +1178,7 @@ impl Store for PostgresStore {
              lease_until = clock_timestamp() + make_interval(secs => $3) \
              WHERE upstream = $1 AND (lease_holder IS NULL OR lease_holder = $2 \
                  OR lease_until < clock_timestamp()) \
-             RETURNING cursor, paused",
+             RETURNING cursor, paused, case_cursor",
         )
         .bind(upstream)
         .bind(holder)
@@ -1139,6 +1189,7 @@ impl Store for PostgresStore {
             Ok(UpstreamState {
                 cursor: row.try_get::<i64, _>("cursor")? as u64,
                 paused: row.try_get("paused")?,
+                case_cursor: row.try_get::<i64, _>("case_cursor")? as u64,
             })
         })
         .transpose()
@@ -1254,7 +1305,7 @@ impl Store for PostgresStore {
     ) -> Result<Vec<(DeadLetter, StoredRating)>, StoreError> {
         let rows = sqlx::query(&format!(
             "{DEAD_LETTER_COLUMNS} WHERE d.upstream = $1 AND d.replay_requested \
-             AND d.resolved_at IS NULL ORDER BY d.id LIMIT $2"
+             AND d.resolved_at IS NULL AND d.case_event_id IS NULL ORDER BY d.id LIMIT $2"
         ))
         .bind(upstream)
         .bind(i64::from(limit))
@@ -1268,6 +1319,45 @@ impl Store for PostgresStore {
                 .fetch_one(&self.reader)
                 .await?;
             out.push((dead, rows::stored_rating(&rating)?));
+        }
+        Ok(out)
+    }
+
+    async fn list_case_events(
+        &self,
+        after_id: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredCaseEvent>, StoreError> {
+        let rows =
+            sqlx::query(&format!("{CASE_EVENT_COLUMNS} WHERE id > $1 ORDER BY id LIMIT $2"))
+                .bind(after_id as i64)
+                .bind(i64::from(limit))
+                .fetch_all(&self.reader)
+                .await?;
+        rows.iter().map(rows::case_event).collect()
+    }
+
+    async fn replay_case_batch(
+        &self,
+        upstream: &str,
+        limit: u32,
+    ) -> Result<Vec<(DeadLetter, StoredCaseEvent)>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "{DEAD_LETTER_COLUMNS} WHERE d.upstream = $1 AND d.replay_requested \
+             AND d.resolved_at IS NULL AND d.case_event_id IS NOT NULL ORDER BY d.id LIMIT $2"
+        ))
+        .bind(upstream)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let dead = rows::dead_letter(row)?;
+            let event = sqlx::query(&format!("{CASE_EVENT_COLUMNS} WHERE id = $1"))
+                .bind(dead.case_event_id.unwrap_or_default() as i64)
+                .fetch_one(&self.reader)
+                .await?;
+            out.push((dead, rows::case_event(&event)?));
         }
         Ok(out)
     }

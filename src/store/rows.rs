@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::{
     BadCaseCounts, CaseCounts, CaseEntryRecord, DayOrgDigest, DeadLetter, OpenCase, PiiAccess,
-    StatsRow, StoreError, StoredBadCase, StoredInvitation, StoredRating,
+    StatsRow, StoreError, StoredBadCase, StoredCaseEvent, StoredInvitation, StoredRating,
 };
 use crate::pb::v1 as pb;
 use crate::privacy::Sealed;
@@ -112,6 +112,7 @@ pub(crate) fn dead_letter(row: &impl Columns) -> Result<DeadLetter, sqlx::Error>
         hub_id: row
             .opt_bytes("hub_id")?
             .and_then(|b| Uuid::from_slice(&b).ok()),
+        case_event_id: row.opt_int("case_event_id")?.map(|v| v as u64),
         error: row.text("error")?,
         attempts: row.int("attempts")? as u32,
         created_at_micros: row.int("created_at")?,
@@ -193,6 +194,15 @@ pub(crate) fn invitation(row: &impl Columns) -> Result<StoredInvitation, StoreEr
         source_system: row.text("source_system")?,
         due_at_micros: row.int("due_at")?,
         created_at_micros: row.int("created_at")?,
+        case: case_body(row)?,
+        pii: sealed(row)?,
+    })
+}
+
+pub(crate) fn case_event(row: &impl Columns) -> Result<StoredCaseEvent, StoreError> {
+    Ok(StoredCaseEvent {
+        id: row.int("id")? as u64,
+        source_system: row.text("source_system")?,
         case: case_body(row)?,
         pii: sealed(row)?,
     })

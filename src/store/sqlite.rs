@@ -27,7 +27,7 @@ use super::writer::{self, GroupResult, GroupWrite, Job, Queue};
 use super::{
     BadCaseCounts, CaseCounts, CaseOutcome, DayOrgDigest, DeadLetter, InsertOutcome, NewCaseEvent,
     NewRating, OpenCase, PiiAccess, RatingQuery, RelayWrite, ScopeFilter, StatsDimension, StatsRow,
-    Store, StoreError, StoredBadCase, StoredInvitation, StoredRating, UpstreamState,
+    Store, StoreError, StoredBadCase, StoredCaseEvent, StoredInvitation, StoredRating, UpstreamState,
 };
 use super::{CaseEntryRecord, EvidenceRecord};
 use crate::clock::Clock;
@@ -416,6 +416,53 @@ async fn relay_write(
             .await?;
             Ok(r.rows_affected())
         }
+        RelayWrite::CaseAdvance {
+            upstream,
+            cursor,
+            dead,
+        } => {
+            // As for ratings: a resent write adds no dead letter at or below the stored
+            // cursor.
+            let stored: i64 = if dead.is_empty() {
+                0
+            } else {
+                sqlx::query_scalar(
+                    "SELECT COALESCE((SELECT case_cursor FROM upstream_state WHERE upstream = ?), 0)",
+                )
+                .bind(upstream)
+                .fetch_one(&mut *conn)
+                .await?
+            };
+            let dead: Vec<&(u64, String)> =
+                dead.iter().filter(|d| d.0 as i64 > stored).collect();
+            insert_rows(
+                conn,
+                "INSERT INTO dead_letters (upstream, feed_seq, error, attempts, created_at, \
+                 case_event_id) ",
+                &dead,
+                |mut row, d| {
+                    row.push_bind(upstream.as_str())
+                        .push_bind(0i64)
+                        .push_bind(d.1.as_str())
+                        .push_bind(1i64)
+                        .push_bind(now)
+                        .push_bind(d.0 as i64);
+                },
+            )
+            .await?;
+            let r = sqlx::query(
+                "INSERT INTO upstream_state (upstream, cursor, paused, updated_at, case_cursor) \
+                 VALUES (?, 0, 0, ?, ?) ON CONFLICT (upstream) DO UPDATE SET \
+                 case_cursor = MAX(case_cursor, excluded.case_cursor), \
+                 updated_at = excluded.updated_at",
+            )
+            .bind(upstream)
+            .bind(now)
+            .bind(*cursor as i64)
+            .execute(&mut *conn)
+            .await?;
+            Ok(r.rows_affected())
+        }
         RelayWrite::ReplayDone {
             upstream,
             delivered,
@@ -679,8 +726,12 @@ async fn relay_write(
 }
 
 const DEAD_LETTER_COLUMNS: &str = "SELECT d.id, d.upstream, d.feed_seq, r.hub_id, d.error, \
-     d.attempts, d.created_at, d.replay_requested, d.resolved_at \
-     FROM dead_letters d LEFT JOIN ratings r ON r.feed_seq = d.feed_seq";
+     d.attempts, d.created_at, d.replay_requested, d.resolved_at, d.case_event_id \
+     FROM dead_letters d LEFT JOIN ratings r ON r.feed_seq = d.feed_seq \
+     AND d.case_event_id IS NULL";
+
+const CASE_EVENT_COLUMNS: &str =
+    "SELECT id, source_system, body, pii, pii_key_id FROM service_case_events";
 
 async fn insert_case(
     conn: &mut SqliteConnection,
@@ -963,14 +1014,17 @@ impl Store for SqliteStore {
     }
 
     async fn upstream_state(&self, upstream: &str) -> Result<UpstreamState, StoreError> {
-        let row = sqlx::query("SELECT cursor, paused FROM upstream_state WHERE upstream = ?")
-            .bind(upstream)
-            .fetch_optional(&self.reader)
-            .await?;
+        let row = sqlx::query(
+            "SELECT cursor, paused, case_cursor FROM upstream_state WHERE upstream = ?",
+        )
+        .bind(upstream)
+        .fetch_optional(&self.reader)
+        .await?;
         match row {
             Some(row) => Ok(UpstreamState {
                 cursor: row.try_get::<i64, _>("cursor")? as u64,
                 paused: row.try_get("paused")?,
+                case_cursor: row.try_get::<i64, _>("case_cursor")? as u64,
             }),
             None => {
                 self.relay_write(RelayWrite::Advance {
@@ -1071,7 +1125,7 @@ impl Store for SqliteStore {
     ) -> Result<Vec<(DeadLetter, StoredRating)>, StoreError> {
         let rows = sqlx::query(&format!(
             "{DEAD_LETTER_COLUMNS} WHERE d.upstream = ? AND d.replay_requested = 1 \
-             AND d.resolved_at IS NULL ORDER BY d.id LIMIT ?"
+             AND d.resolved_at IS NULL AND d.case_event_id IS NULL ORDER BY d.id LIMIT ?"
         ))
         .bind(upstream)
         .bind(i64::from(limit))
@@ -1085,6 +1139,44 @@ impl Store for SqliteStore {
                 .fetch_one(&self.reader)
                 .await?;
             out.push((dead, rows::stored_rating(&rating)?));
+        }
+        Ok(out)
+    }
+
+    async fn list_case_events(
+        &self,
+        after_id: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredCaseEvent>, StoreError> {
+        let rows = sqlx::query(&format!("{CASE_EVENT_COLUMNS} WHERE id > ? ORDER BY id LIMIT ?"))
+            .bind(after_id as i64)
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(rows::case_event).collect()
+    }
+
+    async fn replay_case_batch(
+        &self,
+        upstream: &str,
+        limit: u32,
+    ) -> Result<Vec<(DeadLetter, StoredCaseEvent)>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "{DEAD_LETTER_COLUMNS} WHERE d.upstream = ? AND d.replay_requested = 1 \
+             AND d.resolved_at IS NULL AND d.case_event_id IS NOT NULL ORDER BY d.id LIMIT ?"
+        ))
+        .bind(upstream)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let dead = rows::dead_letter(row)?;
+            let event = sqlx::query(&format!("{CASE_EVENT_COLUMNS} WHERE id = ?"))
+                .bind(dead.case_event_id.unwrap_or_default() as i64)
+                .fetch_one(&self.reader)
+                .await?;
+            out.push((dead, rows::case_event(&event)?));
         }
         Ok(out)
     }

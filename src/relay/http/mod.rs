@@ -29,7 +29,7 @@ use serde_json::{Map, Value};
 use self::crypto::Keyring;
 use self::profile::{Profile, RecordKind};
 use super::config::UpstreamConfig;
-use super::sink::{Delivery, SendError, Sink};
+use super::sink::{CaseRecord, Delivery, SendError, Sink};
 use crate::domain::codes::redact_numbers;
 use crate::pb::v1 as pb;
 
@@ -251,6 +251,21 @@ impl Sink for HttpSink {
             .map(|r| template::rating_view(r, false))
             .collect();
         self.send_views(&self.profile.rating, views).await
+    }
+
+    fn relays_cases(&self) -> bool {
+        self.profile.case.is_some()
+    }
+
+    async fn send_cases(&self, cases: &[CaseRecord]) -> Result<Vec<Delivery>, SendError> {
+        let Some(kind) = &self.profile.case else {
+            return Err(SendError::Permanent("the profile has no records.case".into()));
+        };
+        let views = cases
+            .iter()
+            .map(|c| template::case_view(&c.case, &c.source_system, c.id, false))
+            .collect();
+        self.send_views(kind, views).await
     }
 }
 

@@ -563,9 +563,23 @@ pub fn rating_view(r: &pb::Rating, shape: bool) -> Value {
         ("device_id", &r.device_id),
         ("origin_source_system", &r.origin_source_system),
         ("origin_source_key", &r.origin_source_key),
+        ("sub_matter", &r.sub_matter),
+        ("task_handle_item", &r.task_handle_item),
+        ("service_number", &r.service_number),
+        ("handling_department", &r.handling_department),
     ] {
         m.insert(k.into(), s(v));
     }
+    m.insert("accepted_at".into(), micros(&r.accepted_at));
+    m.insert(
+        "service_status".into(),
+        name_of(r.service_status, |e: pb::ServiceStatus| e.as_str_name()),
+    );
+    m.insert(
+        "commitment".into(),
+        name_of(r.commitment, |e: pb::Commitment| e.as_str_name()),
+    );
+    m.insert("agent".into(), rater_view(&r.agent.clone().unwrap_or_default()));
     m.insert(
         "detail_codes".into(),
         Value::Array(r.detail_codes.iter().map(|c| s(c)).collect()),
@@ -642,10 +656,62 @@ pub fn case_view(c: &pb::ServiceCase, source_system: &str, event_id: u64, shape:
         ("staff_id", &c.staff_id),
         ("batch_id", &c.batch_id),
         ("theme_id", &c.theme_id),
+        ("project_name", &c.project_name),
+        ("service_number", &c.service_number),
+        ("service_name", &c.service_name),
+        ("staff_name", &c.staff_name),
+        ("sub_matter", &c.sub_matter),
+        ("task_handle_item", &c.task_handle_item),
     ] {
         m.insert(k.into(), s(v));
     }
     m.insert("occurred_at".into(), micros(&c.occurred_at));
+    // 受理时间: given, or the acceptance event's own time.
+    let accepted = match (&c.accepted_at, pb::CaseEvent::try_from(c.event)) {
+        (Some(_), _) => micros(&c.accepted_at),
+        (None, Ok(pb::CaseEvent::Accepted)) => micros(&c.occurred_at),
+        _ => Value::Null,
+    };
+    m.insert("accepted_at".into(), accepted);
+    // 办结时间: a completion event's time.
+    m.insert(
+        "completed_at".into(),
+        match pb::CaseEvent::try_from(c.event) {
+            Ok(pb::CaseEvent::Completed) => micros(&c.occurred_at),
+            _ => Value::Null,
+        },
+    );
+    // 办件状态: given, or what the event says.
+    let status = match (pb::ServiceStatus::try_from(c.status), pb::CaseEvent::try_from(c.event)) {
+        (Ok(st), _) if st != pb::ServiceStatus::Unspecified => st,
+        (_, Ok(pb::CaseEvent::Accepted)) => pb::ServiceStatus::Accepted,
+        (_, Ok(pb::CaseEvent::Completed)) => pb::ServiceStatus::Completed,
+        _ => pb::ServiceStatus::Unspecified,
+    };
+    m.insert("status".into(), name_of(status as i32, |e: pb::ServiceStatus| e.as_str_name()));
+    for (k, limit) in [("promised_limit", &c.promised_limit), ("legal_limit", &c.legal_limit)] {
+        let l = limit.clone().unwrap_or_default();
+        m.insert(
+            k.into(),
+            serde_json::json!({
+                "value": if limit.is_some() { Value::from(l.value) } else { Value::Null },
+                "unit": name_of(l.unit, |u: pb::TimeUnit| u.as_str_name()),
+            }),
+        );
+    }
+    m.insert(
+        "commitment".into(),
+        name_of(c.commitment, |e: pb::Commitment| e.as_str_name()),
+    );
+    m.insert(
+        "handling_channel".into(),
+        name_of(c.handling_channel, |e: pb::HandlingChannel| e.as_str_name()),
+    );
+    m.insert(
+        "item_type".into(),
+        name_of(c.item_type, |e: pb::ItemType| e.as_str_name()),
+    );
+    m.insert("agent".into(), rater_view(&c.agent.clone().unwrap_or_default()));
     m.insert(
         "applicant".into(),
         rater_view(&c.applicant.clone().unwrap_or_default()),

@@ -205,14 +205,17 @@ pub fn parse_document(kind: DocumentType, raw: &str) -> Result<String, CodeError
             )),
         },
         DocumentType::HkMacaoTravelPermit => {
-            let ok = matches!(s.as_bytes().first(), Some(b'H' | b'M'))
-                && matches!(s.len(), 9 | 11)
-                && digits(&s[1..]);
+            // Cards since 2013: H or M and 8 (or 10) digits; older cards: H or M, a letter and
+            // 6 or 7 digits.
+            let b = s.as_bytes();
+            let ok = matches!(b.first(), Some(b'H' | b'M'))
+                && ((matches!(s.len(), 9 | 11) && digits(&s[1..]))
+                    || (matches!(s.len(), 8 | 9) && b[1].is_ascii_uppercase() && digits(&s[2..])));
             if ok {
                 Ok(s)
             } else {
                 Err(CodeError(
-                    "a 港澳居民来往内地通行证 number is H or M followed by 8 or 10 digits",
+                    "a 港澳居民来往内地通行证 number is H or M followed by 8 or 10 digits (or a letter and 6 or 7 digits on older cards)",
                 ))
             }
         }

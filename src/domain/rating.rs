@@ -188,7 +188,11 @@ impl Checker {
     }
 
     /// 承诺时限 / 法定时限: at most ten years of units, with a unit whenever there is a value.
-    pub fn time_limit(&mut self, field: &str, raw: Option<&pb::TimeLimit>) -> Option<pb::TimeLimit> {
+    pub fn time_limit(
+        &mut self,
+        field: &str,
+        raw: Option<&pb::TimeLimit>,
+    ) -> Option<pb::TimeLimit> {
         let raw = raw?;
         let unit: pb::TimeUnit = self
             .enum_value(&format!("{field}.unit"), raw.unit, false)
@@ -212,7 +216,10 @@ impl Checker {
             pb::RaterKind::try_from(raw.kind),
             Ok(pb::RaterKind::NaturalPerson | pb::RaterKind::Unspecified)
         ) {
-            self.fail(format!("{field}.kind"), "an agent (代办人) is a natural person");
+            self.fail(
+                format!("{field}.kind"),
+                "an agent (代办人) is a natural person",
+            );
         }
         Some(self.rater(field, raw))
     }
@@ -461,8 +468,7 @@ pub fn parse_rating(
     let service_status: pb::ServiceStatus = c
         .enum_value("service_status", raw.service_status, false)
         .unwrap_or_default();
-    let handling_department =
-        c.line("handling_department", &raw.handling_department, NAME, false);
+    let handling_department = c.line("handling_department", &raw.handling_department, NAME, false);
     let agent = c.agent("agent", raw.agent.as_ref());
     let commitment: pb::Commitment = c
         .enum_value("commitment", raw.commitment, false)

@@ -1328,12 +1328,13 @@ impl Store for PostgresStore {
         after_id: u64,
         limit: u32,
     ) -> Result<Vec<StoredCaseEvent>, StoreError> {
-        let rows =
-            sqlx::query(&format!("{CASE_EVENT_COLUMNS} WHERE id > $1 ORDER BY id LIMIT $2"))
-                .bind(after_id as i64)
-                .bind(i64::from(limit))
-                .fetch_all(&self.reader)
-                .await?;
+        let rows = sqlx::query(&format!(
+            "{CASE_EVENT_COLUMNS} WHERE id > $1 ORDER BY id LIMIT $2"
+        ))
+        .bind(after_id as i64)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
         rows.iter().map(rows::case_event).collect()
     }
 

@@ -27,7 +27,8 @@ use super::writer::{self, GroupResult, GroupWrite, Job, Queue};
 use super::{
     BadCaseCounts, CaseCounts, CaseOutcome, DayOrgDigest, DeadLetter, InsertOutcome, NewCaseEvent,
     NewRating, OpenCase, PiiAccess, RatingQuery, RelayWrite, ScopeFilter, StatsDimension, StatsRow,
-    Store, StoreError, StoredBadCase, StoredCaseEvent, StoredInvitation, StoredRating, UpstreamState,
+    Store, StoreError, StoredBadCase, StoredCaseEvent, StoredInvitation, StoredRating,
+    UpstreamState,
 };
 use super::{CaseEntryRecord, EvidenceRecord};
 use crate::clock::Clock;
@@ -433,8 +434,7 @@ async fn relay_write(
                 .fetch_one(&mut *conn)
                 .await?
             };
-            let dead: Vec<&(u64, String)> =
-                dead.iter().filter(|d| d.0 as i64 > stored).collect();
+            let dead: Vec<&(u64, String)> = dead.iter().filter(|d| d.0 as i64 > stored).collect();
             insert_rows(
                 conn,
                 "INSERT INTO dead_letters (upstream, feed_seq, error, attempts, created_at, \
@@ -1148,11 +1148,13 @@ impl Store for SqliteStore {
         after_id: u64,
         limit: u32,
     ) -> Result<Vec<StoredCaseEvent>, StoreError> {
-        let rows = sqlx::query(&format!("{CASE_EVENT_COLUMNS} WHERE id > ? ORDER BY id LIMIT ?"))
-            .bind(after_id as i64)
-            .bind(i64::from(limit))
-            .fetch_all(&self.reader)
-            .await?;
+        let rows = sqlx::query(&format!(
+            "{CASE_EVENT_COLUMNS} WHERE id > ? ORDER BY id LIMIT ?"
+        ))
+        .bind(after_id as i64)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
         rows.iter().map(rows::case_event).collect()
     }
 

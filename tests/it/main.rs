@@ -9,6 +9,7 @@ mod conformance;
 mod evidence;
 mod fake_upstream;
 mod gate;
+mod gateway;
 mod http_json;
 mod ingest;
 mod metrics;

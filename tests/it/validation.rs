@@ -424,6 +424,7 @@ async fn every_identity_document_type_is_checked_by_its_own_rule() {
         (T::ForeignPermanentResident, "USA118001010010".to_owned()),
         (T::HkMacaoTravelPermit, "H12345678".to_owned()),
         (T::HkMacaoTravelPermit, "m1234567890".to_owned()),
+        (T::HkMacaoTravelPermit, "HA1234567".to_owned()),
         (T::TaiwanTravelPermit, "12345678".to_owned()),
         (T::Passport, "E12345678".to_owned()),
         (T::Other, "军官证字第0001号".to_owned()),

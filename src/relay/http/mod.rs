@@ -259,7 +259,9 @@ impl Sink for HttpSink {
 
     async fn send_cases(&self, cases: &[CaseRecord]) -> Result<Vec<Delivery>, SendError> {
         let Some(kind) = &self.profile.case else {
-            return Err(SendError::Permanent("the profile has no records.case".into()));
+            return Err(SendError::Permanent(
+                "the profile has no records.case".into(),
+            ));
         };
         let views = cases
             .iter()

@@ -579,7 +579,10 @@ pub fn rating_view(r: &pb::Rating, shape: bool) -> Value {
         "commitment".into(),
         name_of(r.commitment, |e: pb::Commitment| e.as_str_name()),
     );
-    m.insert("agent".into(), rater_view(&r.agent.clone().unwrap_or_default()));
+    m.insert(
+        "agent".into(),
+        rater_view(&r.agent.clone().unwrap_or_default()),
+    );
     m.insert(
         "detail_codes".into(),
         Value::Array(r.detail_codes.iter().map(|c| s(c)).collect()),
@@ -682,15 +685,24 @@ pub fn case_view(c: &pb::ServiceCase, source_system: &str, event_id: u64, shape:
         },
     );
     // 办件状态: given, or what the event says.
-    let status = match (pb::ServiceStatus::try_from(c.status), pb::CaseEvent::try_from(c.event)) {
+    let status = match (
+        pb::ServiceStatus::try_from(c.status),
+        pb::CaseEvent::try_from(c.event),
+    ) {
         (Ok(st), _) if st != pb::ServiceStatus::Unspecified => st,
         (_, Ok(pb::CaseEvent::Accepted)) => pb::ServiceStatus::Accepted,
         (_, Ok(pb::CaseEvent::Completed)) => pb::ServiceStatus::Completed,
         _ => pb::ServiceStatus::Unspecified,
     };
-    m.insert("status".into(), name_of(status as i32, |e: pb::ServiceStatus| e.as_str_name()));
-    for (k, limit) in [("promised_limit", &c.promised_limit), ("legal_limit", &c.legal_limit)] {
-        let l = limit.clone().unwrap_or_default();
+    m.insert(
+        "status".into(),
+        name_of(status as i32, |e: pb::ServiceStatus| e.as_str_name()),
+    );
+    for (k, limit) in [
+        ("promised_limit", &c.promised_limit),
+        ("legal_limit", &c.legal_limit),
+    ] {
+        let l = (*limit).unwrap_or_default();
         m.insert(
             k.into(),
             serde_json::json!({
@@ -711,7 +723,10 @@ pub fn case_view(c: &pb::ServiceCase, source_system: &str, event_id: u64, shape:
         "item_type".into(),
         name_of(c.item_type, |e: pb::ItemType| e.as_str_name()),
     );
-    m.insert("agent".into(), rater_view(&c.agent.clone().unwrap_or_default()));
+    m.insert(
+        "agent".into(),
+        rater_view(&c.agent.clone().unwrap_or_default()),
+    );
     m.insert(
         "applicant".into(),
         rater_view(&c.applicant.clone().unwrap_or_default()),

@@ -583,3 +583,100 @@ async fn cases_and_ratings_reach_a_national_style_gateway_signed_encrypted_and_i
     }
     hub.stop().await;
 }
+
+/// A profile that cannot work stops the hub at start, naming the upstream, where in the
+/// profile and why; a secret's value never appears in the message.
+#[test]
+fn a_bad_profile_stops_the_hub_at_start_saying_where_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy/upstreams/national-evaluate.toml"),
+    )
+    .unwrap();
+    let key = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/gm/openssl-sm2-private.pem");
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, "TOP-SECRET-VALUE").unwrap();
+    let cases: [(&str, String, &str, &[&str]); 5] = [
+        (
+            "an unknown path",
+            shipped.replace("path = \"service_status\"", "path = \"service_stat\""),
+            "",
+            &["upstreams.prov", "records.rating.fields.proStatus", "service_stat"],
+        ),
+        (
+            "an unknown transform",
+            shipped.replace(
+                "{ pad_right = [12, \"0\"] }], required = true }",
+                "{ pad_rigth = [12, \"0\"] }], required = true }",
+            ),
+            "",
+            &["records.case.fields.areaCode", "pad_rigth"],
+        ),
+        (
+            "a code table that is not there",
+            shipped.replace("table = \"satisfaction\"", "table = \"satisfactions\""),
+            "",
+            &["records.rating.fields.satisfaction", "satisfactions"],
+        ),
+        (
+            "a required field that can never be filled",
+            shipped.replace("dataSource = { path = \"attributes.dataSource\", transforms = [{ default = \"1\" }] }", "dataSource = { const = \"\", required = true }"),
+            "",
+            &["records.rating.fields.dataSource", "required"],
+        ),
+        (
+            "a key file that does not load",
+            shipped.clone(),
+            "broken-key",
+            &["upstreams.prov", "key hub", "neither an SM2 private nor public key"],
+        ),
+    ];
+    for (what, profile, key_override, says) in cases {
+        let profile_path = dir.path().join("profile.toml");
+        std::fs::write(&profile_path, profile).unwrap();
+        let key_path = if key_override.is_empty() {
+            key.display().to_string()
+        } else {
+            let p = dir.path().join("bad.pem");
+            std::fs::write(
+                &p,
+                "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+            )
+            .unwrap();
+            p.display().to_string()
+        };
+        let config = format!(
+            "[upstreams.prov]\nkind = \"http-json\"\nendpoint = \"https://127.0.0.1:9/hcp\"\n\
+             ca = \"{ca}\"\nprofile = \"{profile}\"\n\
+             [upstreams.prov.secrets]\napp_id = \"file:{s}\"\napp_secret = \"file:{s}\"\ntenancy_id = \"file:{s}\"\n\
+             [upstreams.prov.keys]\nhub = \"{key}\"\nplatform = \"{key}\"\n",
+            ca = key.display(),
+            profile = profile_path.display(),
+            s = secret_file.display(),
+            key = key_path,
+        );
+        let config_path = dir.path().join("hub.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rating-hub"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .current_dir(dir.path())
+            .env("RATING_HUB__SERVER__LISTEN", "127.0.0.1:0")
+            .env("RATING_HUB__OPS__LISTEN", "127.0.0.1:0")
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: the hub started");
+        for s in says {
+            assert!(err.contains(s), "{what}: {s:?} not in {err}");
+        }
+        assert!(
+            !err.contains("TOP-SECRET-VALUE"),
+            "{what}: a secret in {err}"
+        );
+    }
+}

@@ -1,7 +1,7 @@
 //! 国密 (ShangMi) primitives the upstream envelopes need: SM2 signatures and public-key
 //! encryption (GB/T 32918), SM3 hashing and HMAC-SM3 (GB/T 32905), SM4 in ECB and CBC mode
 //! with PKCS#7 padding (GB/T 32907). Thin wrappers over RustCrypto's `sm2`, `sm3`, `sm4`,
-//! `ecb`, `cbc` and `hmac` crates (docs/decisions/0008-guomi-crates.md), so the protocol
+//! `ecb`, `cbc` and `hmac` crates (docs/decisions/0008-guomi-and-upstream-profiles.md), so the protocol
 //! engine speaks in bytes and names, never in curve types.
 //!
 //! Keys come from files (PEM or hex). Neither a key nor a plaintext ever reaches an error

@@ -27,6 +27,7 @@ use tonic::transport::{
 };
 use tonic::{Request, Response, Status};
 
+mod relay_profiles;
 mod soak;
 
 use rating_hub::pb::v1 as pb;
@@ -116,6 +117,14 @@ enum Cmd {
         secs: u64,
         #[arg(long, default_value_t = 200.0)]
         page_rate: f64,
+    },
+    /// Only the http-json drain with the national profile (SM2/SM4) against the plain
+    /// inline mapping, printed.
+    RelayProfiles {
+        #[arg(long, default_value = "target/release/rating-hub")]
+        hub_bin: PathBuf,
+        #[arg(long, default_value_t = 20_000)]
+        ratings: u64,
     },
     /// Baseline A: the same IngestService contract and mTLS, storing nothing.
     Echo {
@@ -1726,6 +1735,17 @@ async fn run(
         target: "≥ 0.9".into(),
     });
 
+    // An http-json upstream's drain with the national profile (SM2/SM4 envelope) against
+    // the plain inline mapping.
+    let (plain, national) = relay_profiles::run(hub_bin, 20_000).await?;
+    rows.push(Row {
+        scenario: "Relay drain to an http-json platform, 20,000 stored ratings, national profile: SM2-signed token, SM4 payload under an SM2-wrapped key, SM2 signature (ratings/s)".into(),
+        value: f(national),
+        baseline: format!("the plain inline mapping (a JSON list): {}", f(plain)),
+        ratio: format!("{:.2}", national / plain),
+        target: "report".into(),
+    });
+
     rows.splice(pg_rows_at..pg_rows_at, pg_rows);
     let _ = std::fs::remove_dir_all(&work);
 
@@ -1889,6 +1909,14 @@ async fn main() -> anyhow::Result<()> {
             secs,
             env,
         } => relay_probe(&hub_bin, rate, secs, &env).await,
+        Cmd::RelayProfiles { hub_bin, ratings } => {
+            let (plain, national) = relay_profiles::run(&hub_bin, ratings).await?;
+            println!(
+                "http-json drain of {ratings} ratings: plain mapping {plain:.0}/s, national profile (SM2/SM4) {national:.0}/s, ratio {:.2}",
+                national / plain
+            );
+            Ok(())
+        }
         Cmd::Raw {
             rows,
             prefill,

@@ -368,6 +368,11 @@ mod tests {
         );
         assert_eq!(mask_document(D::Passport, "E12345678"), "E******78");
         assert_eq!(
+            mask_document(D::Passport, "E12345"),
+            "E*****",
+            "short: one character"
+        );
+        assert_eq!(
             mask_document(D::HkMacaoTravelPermit, "H12345678"),
             "H******78"
         );

@@ -140,6 +140,12 @@ pub fn rating_for_case(case: &pb::ServiceCase) -> pb::Rating {
         batch_id: case.batch_id.clone(),
         theme_id: case.theme_id.clone(),
         service_completed_at: case.occurred_at,
+        staff_name: case.staff_name.clone(),
+        sub_matter: case.sub_matter.clone(),
+        task_handle_item: case.task_handle_item.clone(),
+        service_number: case.service_number.clone(),
+        accepted_at: case.accepted_at,
+        commitment: case.commitment,
         ..Default::default()
     }
 }

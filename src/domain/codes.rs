@@ -176,7 +176,7 @@ pub fn parse_document(kind: DocumentType, raw: &str) -> Result<String, CodeError
                 }
                 Ok(s)
             }
-            15 => {
+            15 if s.is_ascii() => {
                 let (nation, rest) = s.split_at(3);
                 let b = rest.as_bytes();
                 if !nation.bytes().all(|c| c.is_ascii_uppercase()) || !digits(rest) {
@@ -256,7 +256,9 @@ pub fn parse_document(kind: DocumentType, raw: &str) -> Result<String, CodeError
 pub fn mask_document(kind: DocumentType, id: &str) -> String {
     match kind {
         // An 18-character 其他证件 or passport number is not a region-prefixed one.
-        DocumentType::Other | DocumentType::Passport if !id.is_empty() => mask_middle(id, 1, 2),
+        DocumentType::Other | DocumentType::Passport if id.chars().count() == 18 => {
+            mask_middle(id, 1, 2)
+        }
         _ => mask_id_number(id),
     }
 }
@@ -420,6 +422,7 @@ pub fn mask_id_number(id: &str) -> String {
     match id.chars().count() {
         0 => String::new(),
         18 => mask_middle(id, 6, 4),
+        n if n < 8 => mask_middle(id, 1, 0),
         _ => mask_middle(id, 1, 2),
     }
 }
@@ -564,6 +567,38 @@ pub fn mask_middle(s: &str, head: usize, tail: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every type's rule on inputs of mixed character widths (15 bytes that are not 15
+    /// characters, full-width digits, CJK): refused, never a panic.
+    #[test]
+    fn document_rules_never_panic_on_mixed_width_input() {
+        let kinds = [
+            DocumentType::ResidentIdCard,
+            DocumentType::HmtResidencePermit,
+            DocumentType::ForeignPermanentResident,
+            DocumentType::HkMacaoTravelPermit,
+            DocumentType::TaiwanTravelPermit,
+            DocumentType::Passport,
+            DocumentType::Other,
+        ];
+        let inputs = [
+            "A一12345678901",
+            "一23456789012",
+            "USA１１8001010010",
+            "H一2345678",
+            "HＡ123456",
+            "9一184019800101001",
+            "８１０００",
+            "é12345678901234",
+        ];
+        for k in kinds {
+            for i in inputs {
+                let _ = parse_document(k, i);
+                let _ = mask_document(k, i);
+            }
+        }
+        assert!(parse_document(DocumentType::ForeignPermanentResident, "A一12345678901").is_err());
+    }
 
     #[test]
     fn credit_code_known_valid_and_corrupted() {

@@ -209,19 +209,10 @@ impl Checker {
         })
     }
 
-    /// A 代办人: a person, checked as a rater is.
+    /// A 代办人 (a person, or an intermediary organisation with its credit code), checked as
+    /// a rater is.
     pub fn agent(&mut self, field: &str, raw: Option<&pb::Rater>) -> Option<pb::Rater> {
-        let raw = raw?;
-        if !matches!(
-            pb::RaterKind::try_from(raw.kind),
-            Ok(pb::RaterKind::NaturalPerson | pb::RaterKind::Unspecified)
-        ) {
-            self.fail(
-                format!("{field}.kind"),
-                "an agent (代办人) is a natural person",
-            );
-        }
-        Some(self.rater(field, raw))
+        raw.map(|a| self.rater(field, a))
     }
 
     pub fn region(&mut self, field: &str, raw: &str) -> Option<RegionCode> {
@@ -310,9 +301,14 @@ impl Checker {
                     Err(e) => self.fail(field, e.0),
                 }
             }
-        } else if id_type != pb::IdDocumentType::Unspecified {
-            self.fail(format!("{prefix}.id_type"), "is set but id_number is empty");
         }
+        // A type without a number says nothing (a source column with a default type for
+        // every row, anonymous raters included): dropped, never a reason to refuse.
+        let id_type = if id_number.is_empty() {
+            pb::IdDocumentType::Unspecified
+        } else {
+            id_type
+        };
         let credit_code = self
             .credit_code(&format!("{prefix}.credit_code"), &raw.credit_code, false)
             .map(|c| c.as_str().to_owned())

@@ -472,8 +472,12 @@ impl Worker {
     async fn step_cases(&self, stop: &watch::Receiver<bool>) -> Result<Option<bool>, StoreError> {
         let batch = self.cfg.batch_size;
         let mut worked = false;
-        let replays = self.store.replay_case_batch(&self.name, batch).await?;
-        if !replays.is_empty() {
+        // Every replay an operator asked for, before any rating's (which may need its case).
+        loop {
+            let replays = self.store.replay_case_batch(&self.name, batch).await?;
+            if replays.is_empty() {
+                break;
+            }
             let (ids, rows): (Vec<u64>, Vec<StoredCaseEvent>) =
                 replays.into_iter().map(|(d, e)| (d.id, e)).unzip();
             let cases = self.case_records(rows)?;
@@ -482,9 +486,13 @@ impl Worker {
             };
             let mut delivered = Vec::new();
             let mut failed = Vec::new();
-            for (id, d) in ids.into_iter().zip(outcome) {
+            let mut numbers = Vec::new();
+            for ((id, d), case) in ids.into_iter().zip(outcome).zip(&cases) {
                 match d {
-                    Delivery::Delivered => delivered.push(id),
+                    Delivery::Delivered => {
+                        delivered.push(id);
+                        numbers.push(case.case.case_number.clone());
+                    }
                     Delivery::Rejected(e) => failed.push((id, e)),
                 }
             }
@@ -496,11 +504,27 @@ impl Worker {
                     failed,
                 })
                 .await?;
+            // Their ratings refused meanwhile go again (the cursor stays where it is).
+            self.store
+                .relay_write(RelayWrite::CaseAdvance {
+                    upstream: self.name.clone(),
+                    cursor: 0,
+                    dead: Vec::new(),
+                    delivered: numbers,
+                })
+                .await?;
             worked = true;
         }
+        // The events committed before this step began: later ones wait for the next step,
+        // so a steady stream of 办件 events cannot hold back the ratings.
+        let until = self.store.case_head().await?;
         loop {
             let after = self.case_cursor.load(Ordering::Acquire);
+            if after >= until {
+                return Ok(Some(worked));
+            }
             let rows = self.store.list_case_events(after, batch).await?;
+            let rows: Vec<StoredCaseEvent> = rows.into_iter().filter(|r| r.id <= until).collect();
             let Some(last) = rows.last().map(|r| r.id) else {
                 return Ok(Some(worked));
             };
@@ -509,14 +533,18 @@ impl Worker {
                 return Ok(None);
             };
             let mut dead = Vec::new();
+            let mut delivered = Vec::new();
             for (d, case) in outcome.into_iter().zip(&cases) {
-                if let Delivery::Rejected(error) = d {
-                    if let Some(suppressed) =
-                        crate::telemetry::throttle_for("relay.case_rejected", &self.name)
-                    {
-                        tracing::warn!(upstream = %self.name, case_event = case.id, error, suppressed, "Upstream rejected a 办件 record; dead-lettered.");
+                match d {
+                    Delivery::Rejected(error) => {
+                        if let Some(suppressed) =
+                            crate::telemetry::throttle_for("relay.case_rejected", &self.name)
+                        {
+                            tracing::warn!(upstream = %self.name, case_event = case.id, error, suppressed, "Upstream rejected a 办件 record; dead-lettered.");
+                        }
+                        dead.push((case.id, error));
                     }
-                    dead.push((case.id, error));
+                    Delivery::Delivered => delivered.push(case.case.case_number.clone()),
                 }
             }
             self.store
@@ -524,6 +552,7 @@ impl Worker {
                     upstream: self.name.clone(),
                     cursor: last,
                     dead,
+                    delivered,
                 })
                 .await?;
             self.case_cursor.fetch_max(last, Ordering::AcqRel);
@@ -1109,7 +1138,20 @@ impl Relay {
                 SinkKind::Grpc => Box::new(grpc::GrpcSink::new(cfg)?),
                 SinkKind::HttpJson => Box::new(http::HttpSink::new(name, cfg)?),
             };
-            let state = store.upstream_state(name).await?;
+            let mut state = store.upstream_state(name).await?;
+            if sink.relays_cases() && !cfg.case_history && state.case_cursor == 0 {
+                // Starts after the history the platform already holds.
+                state.case_cursor = store.case_head().await?;
+                store
+                    .relay_write(RelayWrite::CaseAdvance {
+                        upstream: name.clone(),
+                        cursor: state.case_cursor,
+                        dead: Vec::new(),
+                        delivered: Vec::new(),
+                    })
+                    .await?;
+                tracing::info!(upstream = %name, case_cursor = state.case_cursor, "The upstream starts after the hub's 办件 history (case_history = false).");
+            }
             let (control, _) = watch::channel(0);
             // One writer per upstream keeps its cursor writes in order; its queue bounds how
             // far the stored cursor may trail the sends (and so the re-sends after a crash).

@@ -566,11 +566,14 @@ pub enum RelayWrite {
         cursor: u64,
         dead: Vec<NewDeadLetter>,
     },
-    /// Every 办件 event up to `cursor` was delivered, except `dead` (event id, error).
+    /// Every 办件 event up to `cursor` was delivered, except `dead` (event id, error). The
+    /// open dead letters of ratings of the `delivered` case numbers (refused "办件不存在"
+    /// while their case had not gone up) are marked for replay.
     CaseAdvance {
         upstream: String,
         cursor: u64,
         dead: Vec<(u64, String)>,
+        delivered: Vec<String>,
     },
     /// A replay delivered `delivered`; `failed` were rejected again (with the new error).
     ReplayDone {
@@ -866,6 +869,9 @@ pub trait Store: Send + Sync + 'static {
         after_id: u64,
         limit: u32,
     ) -> Result<Vec<StoredCaseEvent>, StoreError>;
+
+    /// The id of the latest 办件 event (0 when there is none).
+    async fn case_head(&self) -> Result<u64, StoreError>;
 
     /// 办件 events' dead letters an operator asked to replay, with their events.
     async fn replay_case_batch(

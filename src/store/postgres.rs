@@ -555,7 +555,20 @@ async fn relay_write(
             upstream,
             cursor,
             dead,
+            delivered,
         } => {
+            // Ratings refused while their case had not gone up go again now it has.
+            if !delivered.is_empty() {
+                sqlx::query(
+                    "UPDATE dead_letters SET replay_requested = TRUE WHERE upstream = $1 \
+                     AND resolved_at IS NULL AND case_event_id IS NULL AND feed_seq IN \
+                     (SELECT feed_seq FROM ratings WHERE case_number = ANY($2))",
+                )
+                .bind(upstream)
+                .bind(delivered)
+                .execute(&mut *conn)
+                .await?;
+            }
             if !dead.is_empty() {
                 // As for ratings: the state row locked first; nothing at or below the
                 // stored case cursor is added again.
@@ -1336,6 +1349,13 @@ impl Store for PostgresStore {
         .fetch_all(&self.reader)
         .await?;
         rows.iter().map(rows::case_event).collect()
+    }
+
+    async fn case_head(&self) -> Result<u64, StoreError> {
+        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM service_case_events")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(head as u64)
     }
 
     async fn replay_case_batch(

@@ -421,7 +421,24 @@ async fn relay_write(
             upstream,
             cursor,
             dead,
+            delivered,
         } => {
+            // Ratings refused while their case had not gone up go again now it has.
+            for chunk in delivered.chunks(500) {
+                let mut qb = QueryBuilder::<Sqlite>::new(
+                    "UPDATE dead_letters SET replay_requested = 1 WHERE upstream = ",
+                );
+                qb.push_bind(upstream.as_str()).push(
+                    " AND resolved_at IS NULL AND case_event_id IS NULL \
+                     AND feed_seq IN (SELECT feed_seq FROM ratings WHERE case_number IN (",
+                );
+                let mut list = qb.separated(", ");
+                for c in chunk {
+                    list.push_bind(c.as_str());
+                }
+                qb.push("))");
+                qb.build().execute(&mut *conn).await?;
+            }
             // As for ratings: a resent write adds no dead letter at or below the stored
             // cursor.
             let stored: i64 = if dead.is_empty() {
@@ -1156,6 +1173,13 @@ impl Store for SqliteStore {
         .fetch_all(&self.reader)
         .await?;
         rows.iter().map(rows::case_event).collect()
+    }
+
+    async fn case_head(&self) -> Result<u64, StoreError> {
+        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM service_case_events")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(head as u64)
     }
 
     async fn replay_case_batch(

@@ -420,7 +420,19 @@ async fn cases_and_ratings_reach_a_national_style_gateway_signed_encrypted_and_i
         .map(|c| c.case_number.as_str())
         .filter(|c| c.contains("CASEBAD"))
         .collect();
-    // The first half: each case reported, then its rating.
+    // Each case is accepted (受理) first: the platform keeps one record per case, so only
+    // the 办结 record goes up (a second push would be answered "already exists", and the
+    // completion lost).
+    let accepted: Vec<pb::ServiceCase> = cases
+        .iter()
+        .map(|c| pb::ServiceCase {
+            event: pb::CaseEvent::Accepted as i32,
+            status: pb::ServiceStatus::Accepted as i32,
+            ..c.clone()
+        })
+        .collect();
+    crate::rules::report(&hub, accepted).await;
+    // The first half: each case completed, then its rating.
     let mut ingest = hub.ingest().await;
     for chunk in cases[..N / 2].chunks(5) {
         crate::rules::report(&hub, chunk.to_vec()).await;
@@ -525,7 +537,12 @@ async fn cases_and_ratings_reach_a_national_style_gateway_signed_encrypted_and_i
         assert_eq!(c["promiseTime"], "2");
         assert_eq!(c["proChannel"], "2");
         assert_eq!(c["promiseDay"], 5);
-        assert_eq!(c["proStatus"], "3", "a completion event is 办结");
+        assert_eq!(c["proStatus"], "3", "the 办结 record, not the 受理 one");
+        assert_eq!(
+            g.repeats, 0,
+            "no case record was pushed twice: {}",
+            g.repeats
+        );
         assert_eq!(c["resultDate"].as_str().unwrap().len(), 19);
         assert_eq!(c["serviceNumber"], "FW-00001");
         let with_agent = &g.cases["SC-000"];
@@ -581,6 +598,47 @@ async fn cases_and_ratings_reach_a_national_style_gateway_signed_encrypted_and_i
         assert!(g.out_of_order.is_empty());
         assert!(g.bad_envelopes.is_empty());
     }
+
+    // A rating of a case still in progress: the platform has no record of it yet and
+    // refuses the rating; once the case is done and its record delivered, the hub sends the
+    // rating again by itself (no operator).
+    let late = service_case(100);
+    crate::rules::report(
+        &hub,
+        vec![pb::ServiceCase {
+            event: pb::CaseEvent::Accepted as i32,
+            ..late.clone()
+        }],
+    )
+    .await;
+    let mut ingest = hub.ingest().await;
+    let hub_id = submit(&mut ingest, vec![rating_of(&late)]).await[0]
+        .hub_id
+        .clone();
+    eventually(
+        Duration::from_secs(20),
+        "the early rating refused",
+        || async {
+            list(false)
+                .await
+                .iter()
+                .any(|d| d.hub_id == hub_id && d.error.contains("办件不存在"))
+        },
+    )
+    .await;
+    crate::rules::report(&hub, vec![late.clone()]).await;
+    eventually(
+        Duration::from_secs(20),
+        "the rating delivered after its case",
+        || async { gateway.lock().unwrap().ratings.contains_key(&hub_id) },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "its dead letter resolved",
+        || async { list(false).await.is_empty() },
+    )
+    .await;
     hub.stop().await;
 }
 

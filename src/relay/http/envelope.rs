@@ -40,7 +40,20 @@ impl Text {
                     lit.push('}');
                 }
                 '{' => {
-                    let name: String = chars.by_ref().take_while(|c| *c != '}').collect();
+                    let mut name = String::new();
+                    let mut closed = false;
+                    for c in chars.by_ref() {
+                        if c == '}' {
+                            closed = true;
+                            break;
+                        }
+                        name.push(c);
+                    }
+                    if !closed {
+                        return Err(format!(
+                            "{{{name} is never closed (write {{{{ for a literal brace)"
+                        ));
+                    }
                     if !known(&name) {
                         return Err(format!("{{{name}}} names no value defined before it"));
                     }
@@ -79,12 +92,19 @@ impl Text {
 }
 
 /// A value computed for one request: its text, and its bytes (for keys and ciphertexts).
-#[derive(Debug, Clone)]
+/// `Debug` shows neither (a data key or a secret may be among them).
+#[derive(Clone)]
 pub struct Val {
     pub text: String,
     pub bytes: Vec<u8>,
     /// The JSON to put where a body names it alone (`"{records}"`: the list itself).
     pub json: Option<Value>,
+}
+
+impl std::fmt::Debug for Val {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Val({} bytes)", self.bytes.len())
+    }
 }
 
 /// The values of one request, by name.
@@ -247,12 +267,21 @@ enum Step {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum KeySource {
     /// A random value computed for the request.
     Value(String),
     /// A secret's hex digits, decoded at start.
     Fixed([u8; 16]),
+}
+
+impl std::fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeySource::Value(v) => write!(f, "Value({v})"),
+            KeySource::Fixed(_) => f.write_str("Fixed(..)"),
+        }
+    }
 }
 
 /// The request around the records.
@@ -323,6 +352,10 @@ impl Envelope {
                     encoding,
                     ..
                 } => {
+                    // ENTL, the id's length in bits, is two bytes.
+                    if signer_id.is_empty() || signer_id.len() > 1024 {
+                        return Err(fail("signer_id must be 1 to 1024 bytes".into()));
+                    }
                     match keys.keys.get(key) {
                         Some(k) if k.private().is_some() => {}
                         Some(_) => {
@@ -448,6 +481,11 @@ impl Envelope {
         let headers = headers
             .iter()
             .map(|(k, v)| {
+                reqwest::header::HeaderName::from_bytes(k.as_bytes())
+                    .map_err(|_| format!("header {k:?}: not a valid header name"))?;
+                if v.chars().any(char::is_control) {
+                    return Err(format!("header {k:?}: the value has control characters"));
+                }
                 Text::parse(v, &is_known)
                     .map(|t| (k.clone(), t))
                     .map_err(|e| format!("header {k:?}: {e}"))

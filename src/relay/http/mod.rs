@@ -149,7 +149,8 @@ impl HttpSink {
         let (body, headers) = kind
             .envelope
             .render(records, n, &self.keys, now)
-            .map_err(SendError::Permanent)?;
+            // A set-up fault (a key that fails), not the records': retried, not dead-lettered.
+            .map_err(SendError::Retryable)?;
         let url = if kind.path.is_empty() {
             self.endpoint.clone()
         } else {
@@ -194,7 +195,15 @@ impl HttpSink {
         let mut outcomes: Vec<Option<Delivery>> = vec![None; views.len()];
         let mut records = Vec::new();
         let mut positions = Vec::new();
+        // The people's data in these records: removed from anything the upstream says back
+        // (a platform that echoes a passport number the pattern redaction would not catch).
+        let pii = Scrub::of(&views);
         for (i, view) in views.iter().enumerate() {
+            if !kind.send_if.iter().all(|c| c.holds(view)) {
+                // Not for this upstream (e.g. a 受理 event where only 办结 records go).
+                outcomes[i] = Some(Delivery::Delivered);
+                continue;
+            }
             match self.record(kind, view) {
                 Ok(rec) => {
                     records.push(rec);
@@ -222,24 +231,76 @@ impl HttpSink {
             } else {
                 Value::Array(records)
             };
-            let answer = self.post(kind, payload, n).await?;
-            let Some(judged) = kind.reply.read(&answer, n)? else {
-                return Err(SendError::Ambiguous(redact_numbers(&format!(
+            let answer = self
+                .post(kind, payload, n)
+                .await
+                .map_err(|e| pii.error(e))?;
+            let judged = kind.reply.read(&answer, n).map_err(|e| pii.error(e))?;
+            let Some(judged) = judged else {
+                return Err(SendError::Ambiguous(pii.text(&format!(
                     "the answer {} is said of {n} records at once",
                     snippet(&answer.to_string())
                 ))));
             };
             for (i, d) in positions.into_iter().zip(judged) {
                 outcomes[i] = Some(match d {
-                    Delivery::Rejected(e) => Delivery::Rejected(redact_numbers(&e)),
+                    Delivery::Rejected(e) => Delivery::Rejected(pii.text(&e)),
                     d => d,
                 });
             }
         }
         Ok(outcomes
             .into_iter()
-            .map(|o| o.unwrap_or(Delivery::Rejected("not sent".into())))
+            .map(|o| match o {
+                Some(Delivery::Rejected(e)) => Delivery::Rejected(pii.text(&e)),
+                Some(d) => d,
+                None => Delivery::Rejected("not sent".into()),
+            })
             .collect())
+    }
+}
+
+/// The names, document numbers and phones of a batch's people (rater or applicant, agent),
+/// to take out of texts that go to dead letters, the attempt log and logs.
+struct Scrub(Vec<String>);
+
+impl Scrub {
+    fn of(views: &[Value]) -> Self {
+        let mut found = Vec::new();
+        for v in views {
+            for person in ["rater", "applicant", "agent"] {
+                for field in ["name", "id_number", "phone"] {
+                    if let Some(s) = v[person][field].as_str()
+                        && s.chars().count() >= 2
+                    {
+                        found.push(s.to_owned());
+                    }
+                }
+            }
+        }
+        // Longest first, so a number is not half-replaced by a shorter one inside it.
+        found.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        found.dedup();
+        Self(found)
+    }
+
+    fn text(&self, t: &str) -> String {
+        let mut out = t.to_owned();
+        for s in &self.0 {
+            if out.contains(s.as_str()) {
+                out = out.replace(s.as_str(), "***");
+            }
+        }
+        redact_numbers(&out)
+    }
+
+    fn error(&self, e: SendError) -> SendError {
+        match e {
+            SendError::Retryable(m) => SendError::Retryable(self.text(&m)),
+            SendError::Permanent(m) => SendError::Permanent(self.text(&m)),
+            SendError::Malformed(m) => SendError::Malformed(self.text(&m)),
+            SendError::Ambiguous(m) => SendError::Ambiguous(self.text(&m)),
+        }
     }
 }
 

@@ -40,6 +40,11 @@ pub struct RecordSpec {
     /// One record per request: `"{records}"` in the body is then the record itself.
     #[serde(default)]
     pub single: bool,
+    /// Only records whose view matches all of these are sent (e.g. only 办结 events: a
+    /// platform that keys its service records by case number would answer a second event
+    /// of the same case "already exists"). The others are passed over, not dead-lettered.
+    #[serde(default)]
+    pub send_if: Vec<ViewCondition>,
     /// The body: JSON whose string values may name values (`"{records}"`, `"{sign}"`).
     #[serde(default = "d_body")]
     pub body: String,
@@ -54,11 +59,34 @@ fn d_body() -> String {
     "\"{records}\"".into()
 }
 
+/// `{ path = "event", equals = ["CASE_EVENT_COMPLETED"] }`: the view's value at `path`, as
+/// text, is one of `equals`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewCondition {
+    pub path: String,
+    pub equals: Vec<String>,
+}
+
+impl ViewCondition {
+    pub fn holds(&self, view: &Value) -> bool {
+        let mut v = view;
+        for p in self.path.split('.') {
+            match v.get(p) {
+                Some(next) => v = next,
+                None => return false,
+            }
+        }
+        self.equals.contains(&super::template::text_of(v))
+    }
+}
+
 /// A checked record kind.
 #[derive(Debug, Clone)]
 pub struct RecordKind {
     pub path: String,
     pub single: bool,
+    pub send_if: Vec<ViewCondition>,
     pub fields: Vec<(String, Template)>,
     pub envelope: Envelope,
     pub reply: ReplySpec,
@@ -111,6 +139,11 @@ impl Profile {
                     .map_err(|e| format!("records.{kind}.fields.{field}: {e}"))?;
                 fields.push((field.clone(), template));
             }
+            for c in &spec.send_if {
+                let probe = toml::Value::String(c.path.clone());
+                Template::build(&probe, &shape, &tables)
+                    .map_err(|e| format!("records.{kind}.send_if: {e}"))?;
+            }
             let envelope = Envelope::build(&file.computed, &spec.body, &spec.headers, keys)
                 .map_err(|e| format!("records.{kind}: {e}"))?;
             spec.reply
@@ -124,6 +157,7 @@ impl Profile {
                 RecordKind {
                     path: spec.path.clone(),
                     single: spec.single,
+                    send_if: spec.send_if.clone(),
                     fields,
                     envelope,
                     reply: spec.reply.clone(),
@@ -392,6 +426,7 @@ impl HttpJsonConfig {
         let reply = ReplySpec {
             judge: judge.clone(),
             retry_when: Vec::new(),
+            refuse_when: Vec::new(),
             already_exists: self.already_exists_markers.clone(),
             results: (!self.results_field.is_empty()).then(|| pointer(&self.results_field)),
             per_record: (!self.results_field.is_empty()).then_some(judge),
@@ -406,6 +441,7 @@ impl HttpJsonConfig {
             RecordSpec {
                 path: String::new(),
                 single: false,
+                send_if: Vec::new(),
                 body,
                 headers: self
                     .headers

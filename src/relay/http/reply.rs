@@ -49,6 +49,12 @@ pub struct ReplySpec {
     /// Any that holds makes the whole request one to retry (the platform is busy).
     #[serde(default)]
     pub retry_when: Vec<Condition>,
+    /// With a per-record result list: any that holds refuses every record of a request
+    /// answered without one (a refusal of the records themselves, e.g. a malformed batch).
+    /// Any other such answer (a signature, clock or app-secret fault) is retried: a fault
+    /// of the hub's set-up never dead-letters citizens' ratings.
+    #[serde(default)]
+    pub refuse_when: Vec<Condition>,
     /// A message containing one of these means the record already exists: success.
     #[serde(default)]
     pub already_exists: Vec<String>,
@@ -108,6 +114,14 @@ impl ReplySpec {
         for c in &self.retry_when {
             check_pointer(&c.pointer, "reply.retry_when")?;
         }
+        for c in &self.refuse_when {
+            check_pointer(&c.pointer, "reply.refuse_when")?;
+        }
+        if self.already_exists.iter().any(String::is_empty) {
+            return Err(
+                "reply.already_exists: an empty marker would take every refusal for success".into(),
+            );
+        }
         match (&self.results, &self.per_record) {
             (Some(p), Some(j)) => {
                 check_pointer(p, "reply.results")?;
@@ -146,8 +160,22 @@ impl ReplySpec {
         }
         if let (Some(pointer), Some(per)) = (&self.results, &self.per_record) {
             let Some(items) = answer.pointer(pointer).and_then(Value::as_array) else {
-                return Err(SendError::Malformed(format!(
-                    "answer has no result list at {pointer:?} (upstream code {code}: {msg})"
+                if self.judge.ok(answer) {
+                    // "Success", but not a word on any record: never taken for delivered.
+                    return Err(SendError::Malformed(format!(
+                        "answer has no result list at {pointer:?} (upstream code {code}: {msg})"
+                    )));
+                }
+                if self.refuse_when.iter().any(|c| c.holds(answer)) {
+                    return Ok(Some(vec![
+                        Delivery::Rejected(format!(
+                            "upstream code {code}: {msg}"
+                        ));
+                        n
+                    ]));
+                }
+                return Err(SendError::Retryable(format!(
+                    "the platform refused the request as a whole, code {code}: {msg}"
                 )));
             };
             if items.len() != n {
@@ -165,5 +193,66 @@ impl ReplySpec {
             return Ok(None);
         }
         Ok(Some(vec![self.judge_one(&self.judge, answer); n]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn nested() -> ReplySpec {
+        toml::from_str(
+            r#"
+success = [{ pointer = "/status/code", equals = ["200"] }, { pointer = "/custom/code", equals = ["1"] }]
+code = "/custom/code"
+message = "/custom/text"
+already_exists = ["本次服务已存在评价"]
+results = "/custom/results"
+per_record = { success = [{ pointer = "/code", equals = ["1"] }], code = "/code", message = "/text" }
+refuse_when = [{ pointer = "/custom/code", equals = ["40001"] }]
+"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn per_record_results_decide_each_record() {
+        let r = nested();
+        let answer = json!({"status": {"code": 200}, "custom": {"code": 1, "results": [
+            {"code": 1}, {"code": 0, "text": "本次服务已存在评价"}, {"code": 0, "text": "evalDetail 不合法"}]}});
+        let d = r.read(&answer, 3).unwrap().unwrap();
+        assert_eq!(d[0], Delivery::Delivered);
+        assert_eq!(d[1], Delivery::Delivered, "already exists is success");
+        assert!(matches!(&d[2], Delivery::Rejected(e) if e.contains("evalDetail")));
+        assert!(matches!(r.read(&answer, 2), Err(SendError::Malformed(_))));
+    }
+
+    /// A refusal of the whole request (a bad signature, a skewed clock, an expired secret)
+    /// is the hub's fault, not the records': retried, never dead-lettered — unless the
+    /// profile says such an answer refuses the records themselves.
+    #[test]
+    fn a_request_refused_as_a_whole_is_retried_unless_the_profile_says_otherwise() {
+        let r = nested();
+        let bad_sign = json!({"status": {"code": 401}, "custom": {"code": 0, "text": "验签失败"}});
+        assert!(
+            matches!(r.read(&bad_sign, 5), Err(SendError::Retryable(e)) if e.contains("验签失败"))
+        );
+        let refused =
+            json!({"status": {"code": 200}, "custom": {"code": 40001, "text": "批次格式错误"}});
+        let d = r.read(&refused, 2).unwrap().unwrap();
+        assert!(
+            d.iter()
+                .all(|d| matches!(d, Delivery::Rejected(e) if e.contains("批次格式错误")))
+        );
+        let no_list = json!({"status": {"code": 200}, "custom": {"code": 1}});
+        assert!(matches!(r.read(&no_list, 2), Err(SendError::Malformed(_))));
+    }
+
+    #[test]
+    fn an_empty_already_exists_marker_is_refused() {
+        let mut r = nested();
+        r.already_exists.push(String::new());
+        assert!(r.check().unwrap_err().contains("empty marker"));
     }
 }

@@ -179,6 +179,9 @@ pub fn format_cst(seconds: i64) -> String {
     TimeFormat::Pattern("yyyy-MM-dd HH:mm:ss".into()).format(seconds.saturating_mul(1_000_000))
 }
 
+/// The widest a pad may make a field.
+const MAX_WIDTH: usize = 4096;
+
 fn one_char(s: &str, what: &str) -> Result<char, String> {
     let mut chars = s.chars();
     match (chars.next(), chars.next()) {
@@ -242,6 +245,9 @@ impl Template {
                         return Err(format!("code table {name:?} is not defined in [tables]"));
                     }
                     Step::Table(name.clone(), matches!(t, Transform::Table(_)))
+                }
+                Transform::PadLeft((w, _)) | Transform::PadRight((w, _)) if *w > MAX_WIDTH => {
+                    return Err(format!("a pad width is at most {MAX_WIDTH}, not {w}"));
                 }
                 Transform::PadLeft((w, c)) => Step::PadLeft(*w, one_char(c, "pad_left")?),
                 Transform::PadRight((w, c)) => Step::PadRight(*w, one_char(c, "pad_right")?),

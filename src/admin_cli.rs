@@ -271,7 +271,8 @@ pub async fn run(c: Connection, command: AdminCommand) -> anyhow::Result<()> {
                         .map(|d| {
                             json!({
                                 "id": d.id, "feed": d.feed_sequence, "hub_id": d.hub_id,
-                                "case_event": d.case_event_id, "error": d.error, "attempts": d.attempts,
+                                "case_event": d.case_event_id, "update": d.update_seq,
+                                "error": d.error, "attempts": d.attempts,
                                 "created_at": time(&d.created_at), "resolved_at": time(&d.resolved_at),
                             })
                         })
@@ -285,10 +286,12 @@ pub async fn run(c: Connection, command: AdminCommand) -> anyhow::Result<()> {
                         vec![
                             d.id.to_string(),
                             // A 办件 record's letter names its case event.
-                            if d.case_event_id == 0 {
-                                d.feed_sequence.to_string()
-                            } else {
+                            if d.case_event_id != 0 {
                                 format!("办件 {}", d.case_event_id)
+                            } else if d.update_seq != 0 {
+                                format!("update {}", d.update_seq)
+                            } else {
+                                d.feed_sequence.to_string()
                             },
                             time(&d.created_at),
                             d.attempts.to_string(),

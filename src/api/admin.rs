@@ -190,6 +190,7 @@ impl AdminService for AdminApi {
                     replay_requested: d.replay_requested,
                     resolved_at: d.resolved_at_micros.map(timestamp_from_micros),
                     case_event_id: d.case_event_id.unwrap_or_default(),
+                    update_seq: d.update_seq.unwrap_or_default(),
                 })
                 .collect(),
             next_page_token,

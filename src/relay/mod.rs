@@ -27,14 +27,14 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 pub use config::{SinkKind, UpstreamConfig};
-use sink::{CaseRecord, Delivery, SendError, Sink};
+use sink::{CaseRecord, Delivery, SendError, Sink, UpdateRecord};
 
 use crate::clock::Clock;
 use crate::pb::v1 as pb;
 use crate::privacy::PiiKeys;
 use crate::store::{
     AttemptRecord, NewDeadLetter, RangeReplay, RatingQuery, RelayWrite, Store, StoreError,
-    StoredCaseEvent, StoredRating, case_aad, rating_aad,
+    StoredCaseEvent, StoredRating, StoredUpdate, case_aad, rating_aad,
 };
 
 /// Counters and the last error of one upstream, since the hub started.
@@ -83,6 +83,8 @@ struct Worker {
     cursor: AtomicU64,
     /// The 办件 events' cursor (for upstreams that take them).
     case_cursor: AtomicU64,
+    /// The rating updates' cursor (for upstreams that take them).
+    update_cursor: AtomicU64,
     paused: AtomicBool,
     /// Bumped on pause, resume and replay requests: wakes the worker and interrupts retries.
     control: watch::Sender<u64>,
@@ -207,7 +209,7 @@ impl Worker {
             if idle {
                 // 办件 events wake no one (they move no feed head): an upstream that takes
                 // them looks for new ones every CASE_POLL, and before every ratings batch.
-                let poll = if self.sink.relays_cases() {
+                let poll = if self.sink.relays_cases() || self.sink.relays_updates() {
                     CASE_POLL
                 } else {
                     FOREVER
@@ -240,6 +242,8 @@ impl Worker {
                         self.cursor.fetch_max(state.cursor, Ordering::AcqRel);
                         self.case_cursor
                             .fetch_max(state.case_cursor, Ordering::AcqRel);
+                        self.update_cursor
+                            .fetch_max(state.update_cursor, Ordering::AcqRel);
                         tracing::info!(upstream = %self.name, instance = %lease.holder, cursor = state.cursor, "This instance now delivers to the upstream.");
                     }
                     // A pause or resume through another instance arrives here; one through
@@ -335,6 +339,12 @@ impl Worker {
         let cap = *head.borrow_and_update();
         if self.sink.relays_cases() {
             match self.step_cases(stop).await? {
+                Some(worked) => replayed |= worked,
+                None => return Ok(false),
+            }
+        }
+        if self.sink.relays_updates() {
+            match self.step_updates(stop).await? {
                 Some(worked) => replayed |= worked,
                 None => return Ok(false),
             }
@@ -560,6 +570,98 @@ impl Worker {
         }
     }
 
+    /// Sends rating updates (appeal outcomes): replays asked for, then every update past the
+    /// update cursor whose rating the cursor has passed (an update never goes before its
+    /// rating; the first one still waiting for its rating stops the round).
+    async fn step_updates(&self, stop: &watch::Receiver<bool>) -> Result<Option<bool>, StoreError> {
+        let batch = self.cfg.batch_size;
+        let mut worked = false;
+        loop {
+            let replays = self.store.replay_update_batch(&self.name, batch).await?;
+            if replays.is_empty() {
+                break;
+            }
+            let (ids, rows): (Vec<u64>, Vec<StoredUpdate>) =
+                replays.into_iter().map(|(d, u)| (d.id, u)).unzip();
+            let updates = self.update_records(rows)?;
+            let Ok(outcome) = self.deliver(Batch::Updates(&updates), stop, None).await else {
+                return Ok(None);
+            };
+            let mut delivered = Vec::new();
+            let mut failed = Vec::new();
+            for (id, d) in ids.into_iter().zip(outcome) {
+                match d {
+                    Delivery::Delivered => delivered.push(id),
+                    Delivery::Rejected(e) => failed.push((id, e)),
+                }
+            }
+            self.store
+                .relay_write(RelayWrite::ReplayDone {
+                    upstream: self.name.clone(),
+                    delivered,
+                    failed,
+                })
+                .await?;
+            worked = true;
+        }
+        loop {
+            let after = self.update_cursor.load(Ordering::Acquire);
+            let sent_up_to = self.cursor.load(Ordering::Acquire);
+            let rows: Vec<StoredUpdate> = self
+                .store
+                .list_updates(after, batch)
+                .await?
+                .into_iter()
+                .take_while(|u| u.rating.feed_seq <= sent_up_to)
+                .collect();
+            let Some(last) = rows.last().map(|u| u.seq) else {
+                return Ok(Some(worked));
+            };
+            let updates = self.update_records(rows)?;
+            let Ok(outcome) = self.deliver(Batch::Updates(&updates), stop, None).await else {
+                return Ok(None);
+            };
+            let mut dead = Vec::new();
+            for (d, u) in outcome.into_iter().zip(&updates) {
+                if let Delivery::Rejected(error) = d {
+                    if let Some(suppressed) =
+                        crate::telemetry::throttle_for("relay.update_rejected", &self.name)
+                    {
+                        tracing::warn!(upstream = %self.name, hub_id = %u.rating.hub_id, error, suppressed, "Upstream rejected a rating update; dead-lettered.");
+                    }
+                    dead.push((u.seq, error));
+                }
+            }
+            self.store
+                .relay_write(RelayWrite::UpdateAdvance {
+                    upstream: self.name.clone(),
+                    cursor: last,
+                    dead,
+                })
+                .await?;
+            self.update_cursor.fetch_max(last, Ordering::AcqRel);
+            worked = true;
+        }
+    }
+
+    fn update_records(&self, rows: Vec<StoredUpdate>) -> Result<Vec<UpdateRecord>, StoreError> {
+        let meta: Vec<(u64, i32, i64)> = rows
+            .iter()
+            .map(|u| (u.seq, u.reason, u.at_micros))
+            .collect();
+        let ratings = self.with_pii(rows.into_iter().map(|u| u.rating).collect())?;
+        Ok(meta
+            .into_iter()
+            .zip(ratings)
+            .map(|((seq, reason, at_micros), rating)| UpdateRecord {
+                seq,
+                reason,
+                at_micros,
+                rating,
+            })
+            .collect())
+    }
+
     /// Puts the applicant's and agent's personal data back for the upstream.
     fn case_records(&self, rows: Vec<StoredCaseEvent>) -> Result<Vec<CaseRecord>, StoreError> {
         rows.into_iter()
@@ -652,7 +754,18 @@ impl Worker {
                 r.last().map_or(0, |r| r.feed_sequence),
                 detail.to_owned(),
             ),
-            // 办件 records have no feed positions: the attempt says which events it carried.
+            // Updates and 办件 records have no feed positions of their own: the attempt says
+            // which it carried.
+            Batch::Updates(u) => (
+                0,
+                0,
+                format!(
+                    "rating updates {}–{}{}{detail}",
+                    u.first().map_or(0, |u| u.seq),
+                    u.last().map_or(0, |u| u.seq),
+                    if detail.is_empty() { "" } else { ": " }
+                ),
+            ),
             Batch::Cases(c) => (
                 0,
                 0,
@@ -754,6 +867,7 @@ impl Worker {
             let sent = match batch {
                 Batch::Ratings(r) => self.sink.send(r).await,
                 Batch::Cases(c) => self.sink.send_cases(c).await,
+                Batch::Updates(u) => self.sink.send_updates(u).await,
             };
             match &sent {
                 Ok(outcomes) => {
@@ -886,6 +1000,7 @@ impl Worker {
 enum Batch<'a> {
     Ratings(&'a [pb::Rating]),
     Cases(&'a [CaseRecord]),
+    Updates(&'a [UpdateRecord]),
 }
 
 impl<'a> Batch<'a> {
@@ -893,6 +1008,7 @@ impl<'a> Batch<'a> {
         match self {
             Batch::Ratings(r) => r.len(),
             Batch::Cases(c) => c.len(),
+            Batch::Updates(u) => u.len(),
         }
     }
 
@@ -901,6 +1017,7 @@ impl<'a> Batch<'a> {
         match self {
             Batch::Ratings(r) => Batch::Ratings(&r[i..=i]),
             Batch::Cases(c) => Batch::Cases(&c[i..=i]),
+            Batch::Updates(u) => Batch::Updates(&u[i..=i]),
         }
     }
 }
@@ -1164,6 +1281,7 @@ impl Relay {
                 clock: clock.clone(),
                 cursor: AtomicU64::new(state.cursor),
                 case_cursor: AtomicU64::new(state.case_cursor),
+                update_cursor: AtomicU64::new(state.update_cursor),
                 paused: AtomicBool::new(state.paused),
                 control,
                 counters: Mutex::new(Counters::default()),

@@ -44,6 +44,17 @@ pub struct CaseRecord {
     pub case: pb::ServiceCase,
 }
 
+/// A rating update on its way upstream: the rating (its rater's data included) and why it
+/// left the scores (`reason`: the `AppealOutcome` number, or the superseded-default code).
+#[derive(Debug, Clone)]
+pub struct UpdateRecord {
+    /// The update's sequence in the hub (the update cursor's unit).
+    pub seq: u64,
+    pub reason: i32,
+    pub at_micros: i64,
+    pub rating: pb::Rating,
+}
+
 #[async_trait]
 pub trait Sink: Send + Sync + 'static {
     /// Sends ratings (personal data included: upstreams are entitled to it) and returns one
@@ -61,6 +72,21 @@ pub trait Sink: Send + Sync + 'static {
         Err(SendError::Permanent(format!(
             "this upstream takes no 办件 records ({} offered)",
             cases.len()
+        )))
+    }
+
+    /// Whether this upstream takes rating updates (a rating found invalid or malicious on
+    /// appeal, a default rating the rater's own replaced), each after its rating.
+    fn relays_updates(&self) -> bool {
+        false
+    }
+
+    /// Sends rating updates; one `Delivery` per update, in order. Only called when
+    /// `relays_updates`.
+    async fn send_updates(&self, updates: &[UpdateRecord]) -> Result<Vec<Delivery>, SendError> {
+        Err(SendError::Permanent(format!(
+            "this upstream takes no rating updates ({} offered)",
+            updates.len()
         )))
     }
 }

@@ -408,6 +408,8 @@ pub struct UpstreamState {
     pub paused: bool,
     /// Every 办件 event with an id at or below it was delivered or dead-lettered.
     pub case_cursor: u64,
+    /// Every rating update (exclusion) at or below it was delivered or dead-lettered.
+    pub update_cursor: u64,
 }
 
 /// A rating an upstream rejected permanently.
@@ -428,6 +430,8 @@ pub struct DeadLetter {
     pub hub_id: Option<Uuid>,
     /// The 办件 event's id, for a case record's dead letter.
     pub case_event_id: Option<u64>,
+    /// The rating update's sequence, for an update's dead letter.
+    pub update_seq: Option<u64>,
     pub error: String,
     pub attempts: u32,
     pub created_at_micros: i64,
@@ -487,6 +491,17 @@ pub struct StoredCaseEvent {
     pub source_system: String,
     pub case: pb::ServiceCase,
     pub pii: Option<Sealed>,
+}
+
+/// A rating update on its way upstream: the rating left out of scores (`reason`: the
+/// `AppealOutcome` number, or `SUPERSEDED_DEFAULT`), in the order the hub decided them.
+#[derive(Debug, Clone)]
+pub struct StoredUpdate {
+    pub seq: u64,
+    pub reason: i32,
+    pub at_micros: i64,
+    pub decided_by: String,
+    pub rating: StoredRating,
 }
 
 /// An invitation to rate, with its case.
@@ -574,6 +589,12 @@ pub enum RelayWrite {
         cursor: u64,
         dead: Vec<(u64, String)>,
         delivered: Vec<String>,
+    },
+    /// Every rating update up to `cursor` was delivered, except `dead` (seq, error).
+    UpdateAdvance {
+        upstream: String,
+        cursor: u64,
+        dead: Vec<(u64, String)>,
     },
     /// A replay delivered `delivered`; `failed` were rejected again (with the new error).
     ReplayDone {
@@ -869,6 +890,20 @@ pub trait Store: Send + Sync + 'static {
         after_id: u64,
         limit: u32,
     ) -> Result<Vec<StoredCaseEvent>, StoreError>;
+
+    /// Rating updates with seq > `after_seq`, oldest first, each with its rating.
+    async fn list_updates(
+        &self,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredUpdate>, StoreError>;
+
+    /// Rating updates' dead letters an operator asked to replay, with their updates.
+    async fn replay_update_batch(
+        &self,
+        upstream: &str,
+        limit: u32,
+    ) -> Result<Vec<(DeadLetter, StoredUpdate)>, StoreError>;
 
     /// The id of the latest 办件 event (0 when there is none).
     async fn case_head(&self) -> Result<u64, StoreError>;

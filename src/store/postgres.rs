@@ -31,7 +31,7 @@ use super::writer::{self, GroupResult, GroupWrite, Job, Queue};
 use super::{
     BadCaseCounts, CaseCounts, CaseOutcome, DayOrgDigest, DeadLetter, NewCaseEvent, OpenCase,
     PiiAccess, RatingQuery, RelayWrite, ScopeFilter, StatsDimension, StatsRow, Store, StoreError,
-    StoredBadCase, StoredCaseEvent, StoredInvitation, StoredRating, UpstreamState,
+    StoredBadCase, StoredCaseEvent, StoredInvitation, StoredRating, StoredUpdate, UpstreamState,
 };
 use super::{CaseEntryRecord, EvidenceRecord};
 use crate::clock::Clock;
@@ -366,7 +366,14 @@ impl Writer {
                     | Job::Cases { .. }
                     | Job::Audit { .. }
                     | Job::Relay {
-                        write: RelayWrite::Invite { .. },
+                        write: RelayWrite::Invite { .. }
+                            // They add rating exclusions: rating_exclusions.seq, which
+                            // upstream update cursors page by, must follow commit order.
+                            | RelayWrite::Exclusion { .. }
+                            | RelayWrite::CaseEntry {
+                                exclude: Some(_),
+                                ..
+                            },
                         ..
                     }
             )
@@ -547,6 +554,47 @@ async fn relay_write(
             .bind(upstream)
             .bind(*cursor as i64)
             .bind(now)
+            .execute(&mut *conn)
+            .await?;
+            Ok(r.rows_affected())
+        }
+        RelayWrite::UpdateAdvance {
+            upstream,
+            cursor,
+            dead,
+        } => {
+            if !dead.is_empty() {
+                let stored: Option<i64> = sqlx::query_scalar(
+                    "SELECT update_cursor FROM upstream_state WHERE upstream = $1 FOR UPDATE",
+                )
+                .bind(upstream)
+                .fetch_optional(&mut *conn)
+                .await?;
+                let seqs: Vec<i64> = dead.iter().map(|d| d.0 as i64).collect();
+                let errors: Vec<String> = dead.iter().map(|d| d.1.clone()).collect();
+                sqlx::query(
+                    "INSERT INTO dead_letters (upstream, feed_seq, error, attempts, created_at, \
+                     update_seq) \
+                     SELECT $1, 0, e, 1, $4, c FROM UNNEST($2::bigint[], $3::text[]) \
+                     WITH ORDINALITY AS t(c, e, n) WHERE c > $5 ORDER BY n",
+                )
+                .bind(upstream)
+                .bind(seqs)
+                .bind(errors)
+                .bind(now)
+                .bind(stored.unwrap_or(0))
+                .execute(&mut *conn)
+                .await?;
+            }
+            let r = sqlx::query(
+                "INSERT INTO upstream_state (upstream, cursor, paused, updated_at, update_cursor) \
+                 VALUES ($1, 0, FALSE, $2, $3) ON CONFLICT (upstream) DO UPDATE SET \
+                 update_cursor = GREATEST(upstream_state.update_cursor, excluded.update_cursor), \
+                 updated_at = excluded.updated_at",
+            )
+            .bind(upstream)
+            .bind(now)
+            .bind(*cursor as i64)
             .execute(&mut *conn)
             .await?;
             Ok(r.rows_affected())
@@ -918,9 +966,13 @@ const RATING_COLUMNS: &str = "SELECT feed_seq, hub_id, source_system, received_a
      pii_key_id, quality_flags FROM ratings";
 
 const DEAD_LETTER_COLUMNS: &str = "SELECT d.id, d.upstream, d.feed_seq, r.hub_id, d.error, \
-     d.attempts, d.created_at, d.replay_requested, d.resolved_at, d.case_event_id \
-     FROM dead_letters d LEFT JOIN ratings r ON r.feed_seq = d.feed_seq \
-     AND d.case_event_id IS NULL";
+     d.attempts, d.created_at, d.replay_requested, d.resolved_at, d.case_event_id, \
+     d.update_seq FROM dead_letters d LEFT JOIN ratings r ON r.feed_seq = d.feed_seq \
+     AND d.case_event_id IS NULL AND d.update_seq IS NULL";
+
+const UPDATE_COLUMNS: &str = "SELECT x.seq AS seq, x.reason, x.at, x.decided_by, r.feed_seq, \
+     r.hub_id, r.source_system, r.received_at, r.body, r.pii, r.pii_key_id, r.quality_flags \
+     FROM rating_exclusions x JOIN ratings r ON r.hub_id = x.hub_id";
 
 const CASE_EVENT_COLUMNS: &str =
     "SELECT id, source_system, body, pii, pii_key_id FROM service_case_events";
@@ -1151,7 +1203,8 @@ impl Store for PostgresStore {
 
     async fn upstream_state(&self, upstream: &str) -> Result<UpstreamState, StoreError> {
         let row = sqlx::query(
-            "SELECT cursor, paused, case_cursor FROM upstream_state WHERE upstream = $1",
+            "SELECT cursor, paused, case_cursor, update_cursor FROM upstream_state \
+             WHERE upstream = $1",
         )
         .bind(upstream)
         .fetch_optional(&self.reader)
@@ -1161,6 +1214,7 @@ impl Store for PostgresStore {
                 cursor: row.try_get::<i64, _>("cursor")? as u64,
                 paused: row.try_get("paused")?,
                 case_cursor: row.try_get::<i64, _>("case_cursor")? as u64,
+                update_cursor: row.try_get::<i64, _>("update_cursor")? as u64,
             }),
             None => {
                 self.relay_write(RelayWrite::Advance {
@@ -1191,7 +1245,7 @@ impl Store for PostgresStore {
              lease_until = clock_timestamp() + make_interval(secs => $3) \
              WHERE upstream = $1 AND (lease_holder IS NULL OR lease_holder = $2 \
                  OR lease_until < clock_timestamp()) \
-             RETURNING cursor, paused, case_cursor",
+             RETURNING cursor, paused, case_cursor, update_cursor",
         )
         .bind(upstream)
         .bind(holder)
@@ -1203,6 +1257,7 @@ impl Store for PostgresStore {
                 cursor: row.try_get::<i64, _>("cursor")? as u64,
                 paused: row.try_get("paused")?,
                 case_cursor: row.try_get::<i64, _>("case_cursor")? as u64,
+                update_cursor: row.try_get::<i64, _>("update_cursor")? as u64,
             })
         })
         .transpose()
@@ -1318,7 +1373,8 @@ impl Store for PostgresStore {
     ) -> Result<Vec<(DeadLetter, StoredRating)>, StoreError> {
         let rows = sqlx::query(&format!(
             "{DEAD_LETTER_COLUMNS} WHERE d.upstream = $1 AND d.replay_requested \
-             AND d.resolved_at IS NULL AND d.case_event_id IS NULL ORDER BY d.id LIMIT $2"
+             AND d.resolved_at IS NULL AND d.case_event_id IS NULL AND d.update_seq IS NULL \
+             ORDER BY d.id LIMIT $2"
         ))
         .bind(upstream)
         .bind(i64::from(limit))
@@ -1349,6 +1405,46 @@ impl Store for PostgresStore {
         .fetch_all(&self.reader)
         .await?;
         rows.iter().map(rows::case_event).collect()
+    }
+
+    async fn list_updates(
+        &self,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredUpdate>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "{UPDATE_COLUMNS} WHERE x.seq > $1 ORDER BY x.seq LIMIT $2"
+        ))
+        .bind(after_seq as i64)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(rows::update).collect()
+    }
+
+    async fn replay_update_batch(
+        &self,
+        upstream: &str,
+        limit: u32,
+    ) -> Result<Vec<(DeadLetter, StoredUpdate)>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "{DEAD_LETTER_COLUMNS} WHERE d.upstream = $1 AND d.replay_requested \
+             AND d.resolved_at IS NULL AND d.update_seq IS NOT NULL ORDER BY d.id LIMIT $2"
+        ))
+        .bind(upstream)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let dead = rows::dead_letter(row)?;
+            let update = sqlx::query(&format!("{UPDATE_COLUMNS} WHERE x.seq = $1"))
+                .bind(dead.update_seq.unwrap_or_default() as i64)
+                .fetch_one(&self.reader)
+                .await?;
+            out.push((dead, rows::update(&update)?));
+        }
+        Ok(out)
     }
 
     async fn case_head(&self) -> Result<u64, StoreError> {

@@ -9,6 +9,7 @@ use uuid::Uuid;
 use super::{
     BadCaseCounts, CaseCounts, CaseEntryRecord, DayOrgDigest, DeadLetter, OpenCase, PiiAccess,
     StatsRow, StoreError, StoredBadCase, StoredCaseEvent, StoredInvitation, StoredRating,
+    StoredUpdate,
 };
 use crate::pb::v1 as pb;
 use crate::privacy::Sealed;
@@ -113,6 +114,7 @@ pub(crate) fn dead_letter(row: &impl Columns) -> Result<DeadLetter, sqlx::Error>
             .opt_bytes("hub_id")?
             .and_then(|b| Uuid::from_slice(&b).ok()),
         case_event_id: row.opt_int("case_event_id")?.map(|v| v as u64),
+        update_seq: row.opt_int("update_seq")?.map(|v| v as u64),
         error: row.text("error")?,
         attempts: row.int("attempts")? as u32,
         created_at_micros: row.int("created_at")?,
@@ -196,6 +198,16 @@ pub(crate) fn invitation(row: &impl Columns) -> Result<StoredInvitation, StoreEr
         created_at_micros: row.int("created_at")?,
         case: case_body(row)?,
         pii: sealed(row)?,
+    })
+}
+
+pub(crate) fn update(row: &impl Columns) -> Result<StoredUpdate, StoreError> {
+    Ok(StoredUpdate {
+        seq: row.int("seq")? as u64,
+        reason: row.int32("reason")?,
+        at_micros: row.int("at")?,
+        decided_by: row.text("decided_by")?,
+        rating: stored_rating(row)?,
     })
 }
 

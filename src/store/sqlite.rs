@@ -28,7 +28,7 @@ use super::{
     BadCaseCounts, CaseCounts, CaseOutcome, DayOrgDigest, DeadLetter, InsertOutcome, NewCaseEvent,
     NewRating, OpenCase, PiiAccess, RatingQuery, RelayWrite, ScopeFilter, StatsDimension, StatsRow,
     Store, StoreError, StoredBadCase, StoredCaseEvent, StoredInvitation, StoredRating,
-    UpstreamState,
+    StoredUpdate, UpstreamState,
 };
 use super::{CaseEntryRecord, EvidenceRecord};
 use crate::clock::Clock;
@@ -417,6 +417,50 @@ async fn relay_write(
             .await?;
             Ok(r.rows_affected())
         }
+        RelayWrite::UpdateAdvance {
+            upstream,
+            cursor,
+            dead,
+        } => {
+            let stored: i64 = if dead.is_empty() {
+                0
+            } else {
+                sqlx::query_scalar(
+                    "SELECT COALESCE((SELECT update_cursor FROM upstream_state WHERE upstream = ?), 0)",
+                )
+                .bind(upstream)
+                .fetch_one(&mut *conn)
+                .await?
+            };
+            let dead: Vec<&(u64, String)> = dead.iter().filter(|d| d.0 as i64 > stored).collect();
+            insert_rows(
+                conn,
+                "INSERT INTO dead_letters (upstream, feed_seq, error, attempts, created_at, \
+                 update_seq) ",
+                &dead,
+                |mut row, d| {
+                    row.push_bind(upstream.as_str())
+                        .push_bind(0i64)
+                        .push_bind(d.1.as_str())
+                        .push_bind(1i64)
+                        .push_bind(now)
+                        .push_bind(d.0 as i64);
+                },
+            )
+            .await?;
+            let r = sqlx::query(
+                "INSERT INTO upstream_state (upstream, cursor, paused, updated_at, update_cursor) \
+                 VALUES (?, 0, 0, ?, ?) ON CONFLICT (upstream) DO UPDATE SET \
+                 update_cursor = MAX(update_cursor, excluded.update_cursor), \
+                 updated_at = excluded.updated_at",
+            )
+            .bind(upstream)
+            .bind(now)
+            .bind(*cursor as i64)
+            .execute(&mut *conn)
+            .await?;
+            Ok(r.rows_affected())
+        }
         RelayWrite::CaseAdvance {
             upstream,
             cursor,
@@ -743,9 +787,13 @@ async fn relay_write(
 }
 
 const DEAD_LETTER_COLUMNS: &str = "SELECT d.id, d.upstream, d.feed_seq, r.hub_id, d.error, \
-     d.attempts, d.created_at, d.replay_requested, d.resolved_at, d.case_event_id \
-     FROM dead_letters d LEFT JOIN ratings r ON r.feed_seq = d.feed_seq \
-     AND d.case_event_id IS NULL";
+     d.attempts, d.created_at, d.replay_requested, d.resolved_at, d.case_event_id, \
+     d.update_seq FROM dead_letters d LEFT JOIN ratings r ON r.feed_seq = d.feed_seq \
+     AND d.case_event_id IS NULL AND d.update_seq IS NULL";
+
+const UPDATE_COLUMNS: &str = "SELECT x.rowid AS seq, x.reason, x.at, x.decided_by, r.feed_seq, \
+     r.hub_id, r.source_system, r.received_at, r.body, r.pii, r.pii_key_id, r.quality_flags \
+     FROM rating_exclusions x JOIN ratings r ON r.hub_id = x.hub_id";
 
 const CASE_EVENT_COLUMNS: &str =
     "SELECT id, source_system, body, pii, pii_key_id FROM service_case_events";
@@ -1032,7 +1080,8 @@ impl Store for SqliteStore {
 
     async fn upstream_state(&self, upstream: &str) -> Result<UpstreamState, StoreError> {
         let row = sqlx::query(
-            "SELECT cursor, paused, case_cursor FROM upstream_state WHERE upstream = ?",
+            "SELECT cursor, paused, case_cursor, update_cursor FROM upstream_state \
+             WHERE upstream = ?",
         )
         .bind(upstream)
         .fetch_optional(&self.reader)
@@ -1042,6 +1091,7 @@ impl Store for SqliteStore {
                 cursor: row.try_get::<i64, _>("cursor")? as u64,
                 paused: row.try_get("paused")?,
                 case_cursor: row.try_get::<i64, _>("case_cursor")? as u64,
+                update_cursor: row.try_get::<i64, _>("update_cursor")? as u64,
             }),
             None => {
                 self.relay_write(RelayWrite::Advance {
@@ -1142,7 +1192,8 @@ impl Store for SqliteStore {
     ) -> Result<Vec<(DeadLetter, StoredRating)>, StoreError> {
         let rows = sqlx::query(&format!(
             "{DEAD_LETTER_COLUMNS} WHERE d.upstream = ? AND d.replay_requested = 1 \
-             AND d.resolved_at IS NULL AND d.case_event_id IS NULL ORDER BY d.id LIMIT ?"
+             AND d.resolved_at IS NULL AND d.case_event_id IS NULL AND d.update_seq IS NULL \
+             ORDER BY d.id LIMIT ?"
         ))
         .bind(upstream)
         .bind(i64::from(limit))
@@ -1173,6 +1224,46 @@ impl Store for SqliteStore {
         .fetch_all(&self.reader)
         .await?;
         rows.iter().map(rows::case_event).collect()
+    }
+
+    async fn list_updates(
+        &self,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredUpdate>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "{UPDATE_COLUMNS} WHERE x.rowid > ? ORDER BY x.rowid LIMIT ?"
+        ))
+        .bind(after_seq as i64)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(rows::update).collect()
+    }
+
+    async fn replay_update_batch(
+        &self,
+        upstream: &str,
+        limit: u32,
+    ) -> Result<Vec<(DeadLetter, StoredUpdate)>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "{DEAD_LETTER_COLUMNS} WHERE d.upstream = ? AND d.replay_requested = 1 \
+             AND d.resolved_at IS NULL AND d.update_seq IS NOT NULL ORDER BY d.id LIMIT ?"
+        ))
+        .bind(upstream)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let dead = rows::dead_letter(row)?;
+            let update = sqlx::query(&format!("{UPDATE_COLUMNS} WHERE x.rowid = ?"))
+                .bind(dead.update_seq.unwrap_or_default() as i64)
+                .fetch_one(&self.reader)
+                .await?;
+            out.push((dead, rows::update(&update)?));
+        }
+        Ok(out)
     }
 
     async fn case_head(&self) -> Result<u64, StoreError> {

@@ -49,6 +49,10 @@ struct Gateway {
     ratings: HashMap<String, Value>,
     /// Repeats answered "already exists".
     repeats: usize,
+    /// Ratings flagged by an update (hub id → invalidType), and how many update pushes
+    /// each had.
+    flagged: HashMap<String, String>,
+    update_pushes: HashMap<String, usize>,
     /// Ratings that arrived before their case, and envelopes that did not verify.
     out_of_order: Vec<String>,
     bad_envelopes: Vec<String>,
@@ -182,6 +186,20 @@ fn serve(
                     json!({"code": 0, "text": "evalDetail 不合法"})
                 } else {
                     g.ratings.insert(hub_id, r);
+                    json!({"code": 1, "text": "成功"})
+                }
+            }
+            "/hcp/evaluate/update" => {
+                let hub_id = r["hubId"].as_str().unwrap_or_default().to_owned();
+                *g.update_pushes.entry(hub_id.clone()).or_default() += 1;
+                if !g.ratings.contains_key(&hub_id) {
+                    g.out_of_order.push(format!("update of {hub_id}"));
+                    json!({"code": 0, "text": "评价不存在"})
+                } else if g.flagged.contains_key(&hub_id) {
+                    json!({"code": 0, "text": "该评价已处理"})
+                } else {
+                    let t = r["invalidType"].as_str().unwrap_or_default().to_owned();
+                    g.flagged.insert(hub_id, t);
                     json!({"code": 1, "text": "成功"})
                 }
             }
@@ -639,6 +657,56 @@ async fn cases_and_ratings_reach_a_national_style_gateway_signed_encrypted_and_i
         || async { list(false).await.is_empty() },
     )
     .await;
+
+    // The authority registers a rater's claim that a 好评 was not their will: the platform
+    // is told once, after the rating, and not again after a restart.
+    admin
+        .clone()
+        .register_invalid_rating(pb::RegisterInvalidRatingRequest {
+            hub_id: hub_id.clone(),
+            rater_statement: "评价器是工作人员代按的".into(),
+            decision_note: "核实属实，认定无效".into(),
+        })
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(20), "the update delivered", || async {
+        gateway
+            .lock()
+            .unwrap()
+            .flagged
+            .get(&hub_id)
+            .map(String::as_str)
+            == Some("1")
+    })
+    .await;
+    let hub = hub.stop().await.restart().await;
+    // One more rating through a full relay round after the restart: any update the hub had
+    // not recorded as sent would have gone again by the time this one arrives.
+    let extra = service_case(101);
+    crate::rules::report(&hub, vec![extra.clone()]).await;
+    let extra_id = submit(&mut hub.ingest().await, vec![rating_of(&extra)]).await[0]
+        .hub_id
+        .clone();
+    eventually(
+        Duration::from_secs(20),
+        "a rating after the restart",
+        || async { gateway.lock().unwrap().ratings.contains_key(&extra_id) },
+    )
+    .await;
+    {
+        let g = gateway.lock().unwrap();
+        assert_eq!(
+            g.update_pushes.get(&hub_id),
+            Some(&1),
+            "the update went up once"
+        );
+        assert_eq!(g.flagged.len(), 1);
+        assert!(
+            g.out_of_order.iter().all(|o| !o.starts_with("update")),
+            "{:?}",
+            g.out_of_order
+        );
+    }
     hub.stop().await;
 }
 

@@ -29,7 +29,7 @@ use serde_json::{Map, Value};
 use self::crypto::Keyring;
 use self::profile::{Profile, RecordKind};
 use super::config::UpstreamConfig;
-use super::sink::{CaseRecord, Delivery, SendError, Sink};
+use super::sink::{CaseRecord, Delivery, SendError, Sink, UpdateRecord};
 use crate::domain::codes::redact_numbers;
 use crate::pb::v1 as pb;
 
@@ -316,6 +316,23 @@ impl Sink for HttpSink {
 
     fn relays_cases(&self) -> bool {
         self.profile.case.is_some()
+    }
+
+    fn relays_updates(&self) -> bool {
+        self.profile.update.is_some()
+    }
+
+    async fn send_updates(&self, updates: &[UpdateRecord]) -> Result<Vec<Delivery>, SendError> {
+        let Some(kind) = &self.profile.update else {
+            return Err(SendError::Permanent(
+                "the profile has no records.rating_update".into(),
+            ));
+        };
+        let views = updates
+            .iter()
+            .map(|u| template::update_view(&u.rating, u.reason, u.at_micros, u.seq, false))
+            .collect();
+        self.send_views(kind, views).await
     }
 
     async fn send_cases(&self, cases: &[CaseRecord]) -> Result<Vec<Delivery>, SendError> {

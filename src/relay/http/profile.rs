@@ -26,7 +26,8 @@ pub struct ProfileFile {
     /// Values computed for each request, in order (times, keys, ciphertexts, signatures).
     #[serde(default)]
     pub computed: Vec<ComputedSpec>,
-    /// Record kinds: "rating" (required) and "case".
+    /// Record kinds: "rating" (required), "case" (办件 records, each before its ratings) and
+    /// "rating_update" (appeal outcomes, each after its rating).
     pub records: BTreeMap<String, RecordSpec>,
 }
 
@@ -98,12 +99,20 @@ pub struct Profile {
     pub tables: BTreeMap<String, BTreeMap<String, String>>,
     pub rating: RecordKind,
     pub case: Option<RecordKind>,
+    pub update: Option<RecordKind>,
 }
 
 /// The view of an empty record of a kind: what paths a template may name.
 fn shape(kind: &str) -> Option<Value> {
     match kind {
         "rating" => Some(rating_view(&pb::Rating::default(), true)),
+        "rating_update" => Some(super::template::update_view(
+            &pb::Rating::default(),
+            0,
+            0,
+            0,
+            true,
+        )),
         "case" => Some(super::template::case_view(
             &pb::ServiceCase::default(),
             "",
@@ -131,7 +140,9 @@ impl Profile {
         let mut kinds = BTreeMap::new();
         for (kind, spec) in &file.records {
             let shape = shape(kind).ok_or_else(|| {
-                format!("records.{kind}: unknown record kind (\"rating\" or \"case\")")
+                format!(
+                    "records.{kind}: unknown record kind (\"rating\", \"case\" or \"rating_update\")"
+                )
             })?;
             let mut fields = Vec::new();
             for (field, t) in &spec.fields {
@@ -170,6 +181,7 @@ impl Profile {
         Ok(Self {
             tables,
             case: kinds.remove("case"),
+            update: kinds.remove("rating_update"),
             rating,
         })
     }

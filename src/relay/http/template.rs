@@ -639,6 +639,32 @@ pub fn rating_view(r: &pb::Rating, shape: bool) -> Value {
     Value::Object(m)
 }
 
+/// The view of a rating update: the rating's view, and `update` (why it left the scores:
+/// `reason` APPEAL_OUTCOME_INVALID, APPEAL_OUTCOME_MALICIOUS or SUPERSEDED_DEFAULT; when,
+/// as microseconds; and the update's sequence).
+pub fn update_view(
+    rating: &pb::Rating,
+    reason: i32,
+    at_micros: i64,
+    seq: u64,
+    shape: bool,
+) -> Value {
+    let mut v = rating_view(rating, shape);
+    let reason = if reason == crate::store::SUPERSEDED_DEFAULT {
+        "SUPERSEDED_DEFAULT".to_owned()
+    } else {
+        pb::AppealOutcome::try_from(reason)
+            .map(|o| o.as_str_name().to_owned())
+            .unwrap_or_else(|_| reason.to_string())
+    };
+    v["update"] = serde_json::json!({
+        "reason": reason,
+        "decided_at": if shape { Value::Null } else { Value::from(at_micros) },
+        "seq": seq,
+    });
+    v
+}
+
 /// The canonical view of a 办件 event (`source_system` and `event_id` are the hub's: who
 /// reported it, and its position among the hub's case events).
 pub fn case_view(c: &pb::ServiceCase, source_system: &str, event_id: u64, shape: bool) -> Value {

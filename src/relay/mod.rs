@@ -85,6 +85,11 @@ struct Worker {
     case_cursor: AtomicU64,
     /// The rating updates' cursor (for upstreams that take them).
     update_cursor: AtomicU64,
+    /// The rating cursor as stored (with its batches' dead letters): `cursor` runs ahead of
+    /// it by the writes queued to `write_cursors`. Updates wait for it (a rating must be
+    /// settled, delivered or dead-lettered, before its update), and so does the re-queue of
+    /// ratings a delivered case frees.
+    stored_cursor: watch::Sender<u64>,
     paused: AtomicBool,
     /// Bumped on pause, resume and replay requests: wakes the worker and interrupts retries.
     control: watch::Sender<u64>,
@@ -244,6 +249,9 @@ impl Worker {
                             .fetch_max(state.case_cursor, Ordering::AcqRel);
                         self.update_cursor
                             .fetch_max(state.update_cursor, Ordering::AcqRel);
+                        self.stored_cursor.send_if_modified(|c| {
+                            std::mem::replace(c, (*c).max(state.cursor)) < state.cursor
+                        });
                         tracing::info!(upstream = %self.name, instance = %lease.holder, cursor = state.cursor, "This instance now delivers to the upstream.");
                     }
                     // A pause or resume through another instance arrives here; one through
@@ -538,9 +546,19 @@ impl Worker {
             let Some(last) = rows.last().map(|r| r.id) else {
                 return Ok(Some(worked));
             };
-            let cases = self.case_records(rows)?;
-            let Ok(outcome) = self.deliver(Batch::Cases(&cases), stop, None).await else {
-                return Ok(None);
+            let all = self.case_records(rows)?;
+            // Events the upstream does not take are passed over without a send.
+            let cases: Vec<CaseRecord> = all
+                .into_iter()
+                .filter(|c| self.sink.wants_case(c))
+                .collect();
+            let outcome = if cases.is_empty() {
+                Vec::new()
+            } else {
+                let Ok(o) = self.deliver(Batch::Cases(&cases), stop, None).await else {
+                    return Ok(None);
+                };
+                o
             };
             let mut dead = Vec::new();
             let mut delivered = Vec::new();
@@ -557,6 +575,11 @@ impl Worker {
                     Delivery::Delivered => delivered.push(case.case.case_number.clone()),
                 }
             }
+            // The ratings these cases free may still be on their way to the store as dead
+            // letters (queued cursor writes): wait for them, or the re-queue would miss them.
+            if !delivered.is_empty() && !self.ratings_settled(stop).await {
+                return Ok(None);
+            }
             self.store
                 .relay_write(RelayWrite::CaseAdvance {
                     upstream: self.name.clone(),
@@ -567,6 +590,26 @@ impl Worker {
                 .await?;
             self.case_cursor.fetch_max(last, Ordering::AcqRel);
             worked = true;
+        }
+    }
+
+    /// Waits until the stored rating cursor has caught up with the sent one (false: the hub
+    /// is stopping).
+    async fn ratings_settled(&self, stop: &watch::Receiver<bool>) -> bool {
+        let target = self.cursor.load(Ordering::Acquire);
+        let mut stored = self.stored_cursor.subscribe();
+        let mut stop = stop.clone();
+        loop {
+            if *stored.borrow_and_update() >= target {
+                return true;
+            }
+            if *stop.borrow() {
+                return false;
+            }
+            tokio::select! {
+                r = stored.changed() => if r.is_err() { return false },
+                _ = stop.changed() => {}
+            }
         }
     }
 
@@ -604,32 +647,57 @@ impl Worker {
                 .await?;
             worked = true;
         }
+        // The updates that existed when this step began: a backlog does not hold back the
+        // ratings for more than a step.
+        let until = self.store.update_head().await?;
         loop {
             let after = self.update_cursor.load(Ordering::Acquire);
-            let sent_up_to = self.cursor.load(Ordering::Acquire);
+            if after >= until {
+                return Ok(Some(worked));
+            }
+            // Settled ratings only (delivered or dead-lettered, and stored so).
+            let settled = *self.stored_cursor.borrow();
             let rows: Vec<StoredUpdate> = self
                 .store
-                .list_updates(after, batch)
+                .list_updates(&self.name, after, batch)
                 .await?
                 .into_iter()
-                .take_while(|u| u.rating.feed_seq <= sent_up_to)
+                .take_while(|u| u.seq <= until && u.rating.feed_seq <= settled)
                 .collect();
             let Some(last) = rows.last().map(|u| u.seq) else {
                 return Ok(Some(worked));
             };
+            let waiting: Vec<bool> = rows.iter().map(|u| u.rating_dead).collect();
             let updates = self.update_records(rows)?;
-            let Ok(outcome) = self.deliver(Batch::Updates(&updates), stop, None).await else {
-                return Ok(None);
-            };
             let mut dead = Vec::new();
-            for (d, u) in outcome.into_iter().zip(&updates) {
-                if let Delivery::Rejected(error) = d {
-                    if let Some(suppressed) =
-                        crate::telemetry::throttle_for("relay.update_rejected", &self.name)
-                    {
-                        tracing::warn!(upstream = %self.name, hub_id = %u.rating.hub_id, error, suppressed, "Upstream rejected a rating update; dead-lettered.");
+            let mut send = Vec::new();
+            for (u, rating_dead) in updates.into_iter().zip(waiting) {
+                if rating_dead {
+                    // The platform has not got the rating: the update waits as a dead letter,
+                    // sent again by itself when the rating's own letter is delivered.
+                    dead.push((
+                        u.seq,
+                        "waits for its rating, itself a dead letter here; sent again when \
+                         that rating is delivered"
+                            .to_owned(),
+                    ));
+                } else if self.sink.wants_update(&u) {
+                    send.push(u);
+                }
+            }
+            if !send.is_empty() {
+                let Ok(outcome) = self.deliver(Batch::Updates(&send), stop, None).await else {
+                    return Ok(None);
+                };
+                for (d, u) in outcome.into_iter().zip(&send) {
+                    if let Delivery::Rejected(error) = d {
+                        if let Some(suppressed) =
+                            crate::telemetry::throttle_for("relay.update_rejected", &self.name)
+                        {
+                            tracing::warn!(upstream = %self.name, hub_id = %u.rating.hub_id, error, suppressed, "Upstream rejected a rating update; dead-lettered.");
+                        }
+                        dead.push((u.seq, error));
                     }
-                    dead.push((u.seq, error));
                 }
             }
             self.store
@@ -1126,10 +1194,19 @@ async fn write_cursors(
             }
         };
         let Some(write) = write else { break };
+        let advanced = match &write {
+            RelayWrite::Advance { cursor, .. } => Some(*cursor),
+            _ => None,
+        };
         let mut failures = 0u32;
         loop {
             match store.relay_write(write.clone()).await {
                 Ok(_) => {
+                    if let Some(c) = advanced {
+                        worker
+                            .stored_cursor
+                            .send_if_modified(|s| std::mem::replace(s, (*s).max(c)) < c);
+                    }
                     if failures > 0 {
                         tracing::warn!(upstream = %upstream, failures, "Stored the delivery cursor after failed tries.");
                         worker.lock().cursor_error = None;
@@ -1282,6 +1359,7 @@ impl Relay {
                 cursor: AtomicU64::new(state.cursor),
                 case_cursor: AtomicU64::new(state.case_cursor),
                 update_cursor: AtomicU64::new(state.update_cursor),
+                stored_cursor: watch::channel(state.cursor).0,
                 paused: AtomicBool::new(state.paused),
                 control,
                 counters: Mutex::new(Counters::default()),

@@ -66,6 +66,17 @@ pub trait Sink: Send + Sync + 'static {
         false
     }
 
+    /// Whether this 办件 record is one the upstream takes (false: passed over, the cursor
+    /// moves past it without a send and without rate-limit tokens).
+    fn wants_case(&self, _case: &CaseRecord) -> bool {
+        true
+    }
+
+    /// Whether this rating update is one the upstream takes.
+    fn wants_update(&self, _update: &UpdateRecord) -> bool {
+        true
+    }
+
     /// Sends 办件 records; one `Delivery` per record, in order. Only called when
     /// `relays_cases`.
     async fn send_cases(&self, cases: &[CaseRecord]) -> Result<Vec<Delivery>, SendError> {

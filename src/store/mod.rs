@@ -502,6 +502,8 @@ pub struct StoredUpdate {
     pub at_micros: i64,
     pub decided_by: String,
     pub rating: StoredRating,
+    /// The rating itself is an open dead letter of the upstream asked about.
+    pub rating_dead: bool,
 }
 
 /// An invitation to rate, with its case.
@@ -891,12 +893,17 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<StoredCaseEvent>, StoreError>;
 
-    /// Rating updates with seq > `after_seq`, oldest first, each with its rating.
+    /// Rating updates with seq > `after_seq`, oldest first, each with its rating and whether
+    /// that rating is an open dead letter of `upstream`.
     async fn list_updates(
         &self,
+        upstream: &str,
         after_seq: u64,
         limit: u32,
     ) -> Result<Vec<StoredUpdate>, StoreError>;
+
+    /// The sequence of the latest rating update (0 when there is none).
+    async fn update_head(&self) -> Result<u64, StoreError>;
 
     /// Rating updates' dead letters an operator asked to replay, with their updates.
     async fn replay_update_batch(

@@ -609,7 +609,8 @@ async fn relay_write(
             if !delivered.is_empty() {
                 sqlx::query(
                     "UPDATE dead_letters SET replay_requested = TRUE WHERE upstream = $1 \
-                     AND resolved_at IS NULL AND case_event_id IS NULL AND feed_seq IN \
+                     AND resolved_at IS NULL AND case_event_id IS NULL AND update_seq IS NULL \
+                     AND feed_seq IN \
                      (SELECT feed_seq FROM ratings WHERE case_number = ANY($2))",
                 )
                 .bind(upstream)
@@ -668,11 +669,23 @@ async fn relay_write(
                      attempts = attempts + 1 WHERE id = ANY($2) AND upstream = $3",
                 )
                 .bind(now)
-                .bind(ids)
+                .bind(&ids)
                 .bind(upstream)
                 .execute(&mut *conn)
                 .await?
                 .rows_affected();
+                // Ratings delivered at last: their updates refused meanwhile go again.
+                sqlx::query(
+                    "UPDATE dead_letters SET replay_requested = TRUE WHERE upstream = $1 \
+                     AND resolved_at IS NULL AND update_seq IN (SELECT x.seq \
+                     FROM dead_letters l JOIN ratings r ON r.feed_seq = l.feed_seq \
+                     JOIN rating_exclusions x ON x.hub_id = r.hub_id \
+                     WHERE l.id = ANY($2) AND l.feed_seq > 0)",
+                )
+                .bind(upstream)
+                .bind(&ids)
+                .execute(&mut *conn)
+                .await?;
             }
             for (id, error) in failed {
                 n += sqlx::query(
@@ -965,13 +978,18 @@ async fn insert_case(
 const RATING_COLUMNS: &str = "SELECT feed_seq, hub_id, source_system, received_at, body, pii, \
      pii_key_id, quality_flags FROM ratings";
 
-const DEAD_LETTER_COLUMNS: &str = "SELECT d.id, d.upstream, d.feed_seq, r.hub_id, d.error, \
+const DEAD_LETTER_COLUMNS: &str = "SELECT d.id, d.upstream, d.feed_seq, \
+     COALESCE(r.hub_id, (SELECT x.hub_id FROM rating_exclusions x WHERE x.seq = d.update_seq)) \
+     AS hub_id, d.error, \
      d.attempts, d.created_at, d.replay_requested, d.resolved_at, d.case_event_id, \
      d.update_seq FROM dead_letters d LEFT JOIN ratings r ON r.feed_seq = d.feed_seq \
      AND d.case_event_id IS NULL AND d.update_seq IS NULL";
 
 const UPDATE_COLUMNS: &str = "SELECT x.seq AS seq, x.reason, x.at, x.decided_by, r.feed_seq, \
-     r.hub_id, r.source_system, r.received_at, r.body, r.pii, r.pii_key_id, r.quality_flags \
+     r.hub_id, r.source_system, r.received_at, r.body, r.pii, r.pii_key_id, r.quality_flags, \
+     EXISTS (SELECT 1 FROM dead_letters d WHERE d.upstream = $1 AND d.feed_seq = r.feed_seq \
+       AND d.resolved_at IS NULL AND d.case_event_id IS NULL AND d.update_seq IS NULL) \
+     AS rating_dead \
      FROM rating_exclusions x JOIN ratings r ON r.hub_id = x.hub_id";
 
 const CASE_EVENT_COLUMNS: &str =
@@ -1409,12 +1427,14 @@ impl Store for PostgresStore {
 
     async fn list_updates(
         &self,
+        upstream: &str,
         after_seq: u64,
         limit: u32,
     ) -> Result<Vec<StoredUpdate>, StoreError> {
         let rows = sqlx::query(&format!(
-            "{UPDATE_COLUMNS} WHERE x.seq > $1 ORDER BY x.seq LIMIT $2"
+            "{UPDATE_COLUMNS} WHERE x.seq > $2 ORDER BY x.seq LIMIT $3"
         ))
+        .bind(upstream)
         .bind(after_seq as i64)
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
@@ -1438,13 +1458,21 @@ impl Store for PostgresStore {
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
             let dead = rows::dead_letter(row)?;
-            let update = sqlx::query(&format!("{UPDATE_COLUMNS} WHERE x.seq = $1"))
+            let update = sqlx::query(&format!("{UPDATE_COLUMNS} WHERE x.seq = $2"))
+                .bind(upstream)
                 .bind(dead.update_seq.unwrap_or_default() as i64)
                 .fetch_one(&self.reader)
                 .await?;
             out.push((dead, rows::update(&update)?));
         }
         Ok(out)
+    }
+
+    async fn update_head(&self) -> Result<u64, StoreError> {
+        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM rating_exclusions")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(head as u64)
     }
 
     async fn case_head(&self) -> Result<u64, StoreError> {

@@ -208,6 +208,7 @@ pub(crate) fn update(row: &impl Columns) -> Result<StoredUpdate, StoreError> {
         at_micros: row.int("at")?,
         decided_by: row.text("decided_by")?,
         rating: stored_rating(row)?,
+        rating_dead: row.flag("rating_dead")?,
     })
 }
 

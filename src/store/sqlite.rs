@@ -473,7 +473,7 @@ async fn relay_write(
                     "UPDATE dead_letters SET replay_requested = 1 WHERE upstream = ",
                 );
                 qb.push_bind(upstream.as_str()).push(
-                    " AND resolved_at IS NULL AND case_event_id IS NULL \
+                    " AND resolved_at IS NULL AND case_event_id IS NULL AND update_seq IS NULL \
                      AND feed_seq IN (SELECT feed_seq FROM ratings WHERE case_number IN (",
                 );
                 let mut list = qb.separated(", ");
@@ -541,6 +541,18 @@ async fn relay_write(
                 .execute(&mut *conn)
                 .await?
                 .rows_affected();
+                // A rating delivered at last: its updates refused meanwhile go again.
+                sqlx::query(
+                    "UPDATE dead_letters SET replay_requested = 1 WHERE upstream = ? \
+                     AND resolved_at IS NULL AND update_seq IN (SELECT x.seq \
+                     FROM dead_letters l JOIN ratings r ON r.feed_seq = l.feed_seq \
+                     JOIN rating_exclusions x ON x.hub_id = r.hub_id \
+                     WHERE l.id = ? AND l.feed_seq > 0)",
+                )
+                .bind(upstream)
+                .bind(*id as i64)
+                .execute(&mut *conn)
+                .await?;
             }
             for (id, error) in failed {
                 n += sqlx::query(
@@ -786,13 +798,18 @@ async fn relay_write(
     }
 }
 
-const DEAD_LETTER_COLUMNS: &str = "SELECT d.id, d.upstream, d.feed_seq, r.hub_id, d.error, \
+const DEAD_LETTER_COLUMNS: &str = "SELECT d.id, d.upstream, d.feed_seq, \
+     COALESCE(r.hub_id, (SELECT x.hub_id FROM rating_exclusions x WHERE x.seq = d.update_seq)) \
+     AS hub_id, d.error, \
      d.attempts, d.created_at, d.replay_requested, d.resolved_at, d.case_event_id, \
      d.update_seq FROM dead_letters d LEFT JOIN ratings r ON r.feed_seq = d.feed_seq \
      AND d.case_event_id IS NULL AND d.update_seq IS NULL";
 
-const UPDATE_COLUMNS: &str = "SELECT x.rowid AS seq, x.reason, x.at, x.decided_by, r.feed_seq, \
-     r.hub_id, r.source_system, r.received_at, r.body, r.pii, r.pii_key_id, r.quality_flags \
+const UPDATE_COLUMNS: &str = "SELECT x.seq AS seq, x.reason, x.at, x.decided_by, r.feed_seq, \
+     r.hub_id, r.source_system, r.received_at, r.body, r.pii, r.pii_key_id, r.quality_flags, \
+     EXISTS (SELECT 1 FROM dead_letters d WHERE d.upstream = ? AND d.feed_seq = r.feed_seq \
+       AND d.resolved_at IS NULL AND d.case_event_id IS NULL AND d.update_seq IS NULL) \
+     AS rating_dead \
      FROM rating_exclusions x JOIN ratings r ON r.hub_id = x.hub_id";
 
 const CASE_EVENT_COLUMNS: &str =
@@ -1228,12 +1245,14 @@ impl Store for SqliteStore {
 
     async fn list_updates(
         &self,
+        upstream: &str,
         after_seq: u64,
         limit: u32,
     ) -> Result<Vec<StoredUpdate>, StoreError> {
         let rows = sqlx::query(&format!(
-            "{UPDATE_COLUMNS} WHERE x.rowid > ? ORDER BY x.rowid LIMIT ?"
+            "{UPDATE_COLUMNS} WHERE x.seq > ? ORDER BY x.seq LIMIT ?"
         ))
+        .bind(upstream)
         .bind(after_seq as i64)
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
@@ -1257,13 +1276,21 @@ impl Store for SqliteStore {
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
             let dead = rows::dead_letter(row)?;
-            let update = sqlx::query(&format!("{UPDATE_COLUMNS} WHERE x.rowid = ?"))
+            let update = sqlx::query(&format!("{UPDATE_COLUMNS} WHERE x.seq = ?"))
+                .bind(upstream)
                 .bind(dead.update_seq.unwrap_or_default() as i64)
                 .fetch_one(&self.reader)
                 .await?;
             out.push((dead, rows::update(&update)?));
         }
         Ok(out)
+    }
+
+    async fn update_head(&self) -> Result<u64, StoreError> {
+        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM rating_exclusions")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(head as u64)
     }
 
     async fn case_head(&self) -> Result<u64, StoreError> {

@@ -644,6 +644,32 @@ async fn cases_and_ratings_reach_a_national_style_gateway_signed_encrypted_and_i
         },
     )
     .await;
+    // Meanwhile the authority finds the rating invalid (the rater's claim that a 好评 was not
+    // their will): the platform must not be told of a rating it does not have; the update
+    // waits as a dead letter of its own.
+    admin
+        .clone()
+        .register_invalid_rating(pb::RegisterInvalidRatingRequest {
+            hub_id: hub_id.clone(),
+            rater_statement: "评价器是工作人员代按的".into(),
+            decision_note: "核实属实，认定无效".into(),
+        })
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the update waits for its rating",
+        || async {
+            list(false).await.iter().any(|d| {
+                d.update_seq != 0 && d.hub_id == hub_id && d.error.contains("waits for its rating")
+            })
+        },
+    )
+    .await;
+    assert!(
+        gateway.lock().unwrap().update_pushes.is_empty(),
+        "no update before its rating"
+    );
     crate::rules::report(&hub, vec![late.clone()]).await;
     eventually(
         Duration::from_secs(20),
@@ -658,17 +684,8 @@ async fn cases_and_ratings_reach_a_national_style_gateway_signed_encrypted_and_i
     )
     .await;
 
-    // The authority registers a rater's claim that a 好评 was not their will: the platform
-    // is told once, after the rating, and not again after a restart.
-    admin
-        .clone()
-        .register_invalid_rating(pb::RegisterInvalidRatingRequest {
-            hub_id: hub_id.clone(),
-            rater_statement: "评价器是工作人员代按的".into(),
-            decision_note: "核实属实，认定无效".into(),
-        })
-        .await
-        .unwrap();
+    // The rating delivered, its update follows by itself: once, and not again after a
+    // restart.
     eventually(Duration::from_secs(20), "the update delivered", || async {
         gateway
             .lock()
@@ -678,6 +695,12 @@ async fn cases_and_ratings_reach_a_national_style_gateway_signed_encrypted_and_i
             .map(String::as_str)
             == Some("1")
     })
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "every dead letter resolved",
+        || async { list(false).await.is_empty() },
+    )
     .await;
     let hub = hub.stop().await.restart().await;
     // One more rating through a full relay round after the restart: any update the hub had

@@ -322,6 +322,24 @@ impl Sink for HttpSink {
         self.profile.update.is_some()
     }
 
+    fn wants_case(&self, c: &CaseRecord) -> bool {
+        self.profile.case.as_ref().is_some_and(|k| {
+            k.send_if.is_empty() || {
+                let view = template::case_view(&c.case, &c.source_system, c.id, false);
+                k.send_if.iter().all(|cond| cond.holds(&view))
+            }
+        })
+    }
+
+    fn wants_update(&self, u: &UpdateRecord) -> bool {
+        self.profile.update.as_ref().is_some_and(|k| {
+            k.send_if.is_empty() || {
+                let view = template::update_view(&u.rating, u.reason, u.at_micros, u.seq, false);
+                k.send_if.iter().all(|cond| cond.holds(&view))
+            }
+        })
+    }
+
     async fn send_updates(&self, updates: &[UpdateRecord]) -> Result<Vec<Delivery>, SendError> {
         let Some(kind) = &self.profile.update else {
             return Err(SendError::Permanent(

@@ -17,3 +17,6 @@ ALTER TABLE upstream_state ADD COLUMN update_cursor BIGINT NOT NULL DEFAULT 0;
 
 -- A dead letter of such an update: the exclusion's seq (feed_seq 0).
 ALTER TABLE dead_letters ADD COLUMN update_seq BIGINT;
+
+-- Open letters by rating: what a delivered case or rating re-queues.
+CREATE INDEX dead_letters_open ON dead_letters (upstream, feed_seq) WHERE resolved_at IS NULL;

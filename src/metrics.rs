@@ -291,6 +291,21 @@ impl Metrics {
     }
 
     /// Each watched certificate's expiry (Unix seconds), for the status page.
+    /// Registers the store writer's commit histograms (group size, commit time).
+    pub fn register_writer(&mut self, w: crate::store::writer::WriterMetrics) {
+        self.registry.register(
+            "writer_group_items",
+            "Items (ratings, 办件 events, audit records, relay writes) per group commit of the store's writer",
+            w.group_items,
+        );
+        self.registry.register_with_unit(
+            "writer_commit",
+            "Time of each group commit of the store's writer",
+            prometheus_client::registry::Unit::Seconds,
+            w.commit_seconds,
+        );
+    }
+
     pub fn certificate_expiries(&self) -> Vec<(String, i64)> {
         let files = self.files.lock().expect("files").clone();
         files

@@ -201,7 +201,11 @@ pub async fn start_with_clock(
         .with_context(|| format!("binding {}", config.server.listen))?;
     let local_addr = listener.local_addr()?;
 
-    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let mut metrics = crate::metrics::Metrics::default();
+    if let Some(w) = store.writer_metrics() {
+        metrics.register_writer(w);
+    }
+    let metrics = Arc::new(metrics);
     {
         // The certificates and CRLs whose expiry and age the metrics report.
         let mut files = crate::metrics::WatchedFiles::default();

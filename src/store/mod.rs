@@ -939,6 +939,11 @@ pub trait Store: Send + Sync + 'static {
         false
     }
 
+    /// The writer's commit histograms, for the metrics registry.
+    fn writer_metrics(&self) -> Option<writer::WriterMetrics> {
+        None
+    }
+
     /// Takes or renews the lease to deliver to `upstream` for `ttl`; `None` while another
     /// holder's lease runs. Returns the stored state, so a new holder starts at the stored
     /// cursor. A store only one instance uses always grants it.

@@ -1721,6 +1721,10 @@ impl Store for PostgresStore {
         self.head.clone()
     }
 
+    fn writer_metrics(&self) -> Option<writer::WriterMetrics> {
+        Some(self.jobs.metrics())
+    }
+
     async fn close(&self) {
         let Some(handle) = self.writer.lock().await.take() else {
             return;

@@ -1542,6 +1542,10 @@ impl Store for SqliteStore {
         self.head.clone()
     }
 
+    fn writer_metrics(&self) -> Option<writer::WriterMetrics> {
+        Some(self.jobs.metrics())
+    }
+
     async fn close(&self) {
         let Some(handle) = self.writer.lock().await.take() else {
             return;

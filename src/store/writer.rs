@@ -121,6 +121,11 @@ impl Queue {
         Ok((Self { jobs, health }, Stopped(stopped)))
     }
 
+    /// The writer's commit histograms (the metrics registry shows them).
+    pub fn metrics(&self) -> WriterMetrics {
+        self.health.metrics.clone()
+    }
+
     /// Queues a job and waits for its commit.
     pub async fn submit<T>(
         &self,
@@ -261,6 +266,14 @@ async fn commit_group<W: GroupWrite>(
     let started = std::time::Instant::now();
     match backend.write_group(&group).await {
         Ok((results, new_head)) => {
+            health
+                .metrics
+                .commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+            health
+                .metrics
+                .group_items
+                .observe(group.iter().map(Job::len).sum::<usize>() as f64);
             tracing::debug!(
                 jobs = group.len(),
                 items = group.iter().map(Job::len).sum::<usize>(),
@@ -344,6 +357,27 @@ async fn commit_group<W: GroupWrite>(
 #[derive(Debug, Default)]
 pub(crate) struct WriterHealth {
     failing: std::sync::Mutex<Option<String>>,
+    metrics: WriterMetrics,
+}
+
+/// How the writer commits, for the metrics: items (ratings, 办件 events, audit records, relay
+/// writes) per group commit, and each commit's time. Shared with the metrics registry.
+#[derive(Debug, Clone)]
+pub struct WriterMetrics {
+    pub group_items: prometheus_client::metrics::histogram::Histogram,
+    pub commit_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for WriterMetrics {
+    fn default() -> Self {
+        use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+        Self {
+            // 1, 2, 4 … 2048: a lone write to the largest groups.
+            group_items: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            // 0.25 ms … about 4 s.
+            commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 15)),
+        }
+    }
 }
 
 impl WriterHealth {

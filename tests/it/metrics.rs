@@ -211,6 +211,20 @@ async fn metrics_move_with_traffic_outages_dead_letters_and_denials() {
         1.0
     );
     assert!(get(&m, "rating_hub_rules_ticks_total", &[]) >= 1.0);
+    // The store writer's commits: how many groups, how many items, how long.
+    let groups = get(&m, "rating_hub_writer_group_items_count", &[]);
+    assert!(groups >= 1.0, "writer groups: {groups}");
+    assert!(
+        get(&m, "rating_hub_writer_group_items_sum", &[]) >= groups,
+        "at least one item a group"
+    );
+    // (A commit's time is observed just before its size: a scrape between sees one more.)
+    assert!(get(&m, "rating_hub_writer_commit_seconds_count", &[]) >= groups);
+    assert!(get(&m, "rating_hub_writer_commit_seconds_sum", &[]) > 0.0);
+    assert!(
+        text.contains("# TYPE rating_hub_writer_commit_seconds histogram"),
+        "{text}"
+    );
     // No rater data anywhere in the exposition.
     for pii in ["13800138000", "张三", id_number().as_str()] {
         assert!(!text.contains(pii), "{pii} in /metrics");
@@ -293,6 +307,11 @@ async fn alert_rules_and_dashboard_pass_promtool_and_name_only_exported_metrics(
             exported.insert(name.to_owned());
             if kind == "counter" {
                 exported.insert(format!("{name}_total"));
+            }
+            if kind == "histogram" {
+                for part in ["bucket", "sum", "count"] {
+                    exported.insert(format!("{name}_{part}"));
+                }
             }
         }
     }

@@ -425,16 +425,23 @@ async fn ivr(State(inner): Shared, Json(r): Json<IvrResult>) -> impl IntoRespons
     }
 }
 
-async fn metrics_text(State(inner): Shared) -> String {
-    let mut text = inner.metrics.render("rating_hotline");
+async fn metrics_text(State(inner): Shared) -> impl axum::response::IntoResponse {
     if let Ok(c) = inner.spool.counts().await {
-        text.push_str(&format!(
-            "# TYPE rating_hotline_spool gauge\nrating_hotline_spool{{state=\"waiting\"}} {}\n\
-             rating_hotline_spool{{state=\"delivered\"}} {}\nrating_hotline_spool{{state=\"refused\"}} {}\n",
-            c.waiting, c.delivered, c.refused
-        ));
+        for (state, n) in [
+            ("waiting", c.waiting),
+            ("delivered", c.delivered),
+            ("refused", c.refused),
+        ] {
+            inner.metrics.set_gauge("spool", "state", state, n as i64);
+        }
     }
-    text
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            rating_hub_adapter_kit::metrics::CONTENT_TYPE,
+        )],
+        inner.metrics.render("rating_hotline"),
+    )
 }
 
 /// Opens the spool and state, binds, and starts the HTTP side, the forwarder and the poller.

@@ -331,6 +331,10 @@ async fn replies_are_taken_while_the_hub_is_down_and_drained_when_it_returns() {
         "{metrics}"
     );
     assert!(
+        metrics.contains("rating_hotline_spool{state=\"delivered\"} 1"),
+        "{metrics}"
+    );
+    assert!(
         !metrics.contains("13912345678"),
         "metrics carry no phone numbers"
     );

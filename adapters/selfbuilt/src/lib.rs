@@ -221,7 +221,15 @@ pub async fn start(cfg: SelfbuiltConfig) -> anyhow::Result<Selfbuilt> {
         ))
         .route(
             "/metrics",
-            get(move || async move { m.render("rating_selfbuilt") }),
+            get(move || async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        rating_hub_adapter_kit::metrics::CONTENT_TYPE,
+                    )],
+                    m.render("rating_selfbuilt"),
+                )
+            }),
         )
         .route("/healthz", get(|| async { "ok" }))
         .with_state(inner);

@@ -33,17 +33,21 @@ pub enum Role {
     /// A downstream hub relaying its ratings (city → province): with submit, the hub id and
     /// origin it sends are kept instead of assigned here.
     Relay,
+    /// Read the operations listener (metrics, the status page) when it is served off
+    /// loopback over mutual TLS (`[ops] mtls`): e.g. the Prometheus server's certificate.
+    Ops,
 }
 
 impl Role {
     /// Every role except relay (which changes what a submission means).
-    pub const ALL: [Role; 6] = [
+    pub const ALL: [Role; 7] = [
         Role::Submit,
         Role::Read,
         Role::ReadPii,
         Role::Pull,
         Role::Rectify,
         Role::Admin,
+        Role::Ops,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -55,6 +59,7 @@ impl Role {
             Role::Rectify => "rectify",
             Role::Admin => "admin",
             Role::Relay => "relay",
+            Role::Ops => "ops",
         }
     }
 }

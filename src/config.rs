@@ -49,9 +49,12 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpsConfig {
-    /// Address of the operations listener; empty turns it off. Loopback only (it has no TLS
-    /// of its own): scrape it from the same host, or through a TLS proxy there.
+    /// Address of the operations listener; empty turns it off. Loopback unless `mtls`.
     pub listen: String,
+    /// Serve it with mutual TLS (the hub's own certificate; each client presents one the
+    /// hub's CA issued, naming a registered principal with the `ops` role): required for an
+    /// address off loopback.
+    pub mtls: bool,
     /// Days the delivery attempt log keeps each attempt (AdminService.ListAttempts).
     pub attempt_log_days: u32,
 }
@@ -67,10 +70,11 @@ impl OpsConfig {
             .trim()
             .parse()
             .map_err(|_| format!("ops.listen: {:?} is not an address:port", self.listen))?;
-        if !addr.ip().is_loopback() {
+        if !addr.ip().is_loopback() && !self.mtls {
             return Err(format!(
-                "ops.listen: {addr} is not a loopback address; the operations listener has no \
-                 TLS of its own (serve it to other hosts through a TLS proxy on this one)"
+                "ops.listen: {addr} is not a loopback address; off loopback the operations \
+                 listener needs ops.mtls = true (clients present certificates of principals \
+                 with the ops role)"
             ));
         }
         Ok(Some(addr))
@@ -435,6 +439,9 @@ impl Config {
         }
         if self.validation.clock_skew_secs < 0 {
             return fail("validation.clock_skew_secs must not be negative");
+        }
+        if self.ops.mtls && self.tls.insecure_plaintext {
+            return fail("ops.mtls needs TLS; tls.insecure_plaintext turns it off");
         }
         if let Err(e) = self.ops.addr() {
             return fail(&e);

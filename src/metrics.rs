@@ -465,14 +465,19 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `stop` turns true.
+/// Serves `GET /metrics` and `GET /status` on `listener` until `stop` turns true: plain (on
+/// loopback), or with mutual TLS (`tls`: the hub's server configuration, which asks for and
+/// checks client certificates), each connection's certificate naming a principal with the
+/// `ops` role.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<crate::api::HubState>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     use axum::routing::get;
     let page_state = state.clone();
+    let state_for_tls = state.clone();
     let app = axum::Router::new()
         .route(
             "/metrics",
@@ -501,9 +506,65 @@ pub async fn serve(
                 }
             }),
         );
-    let _ = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop.changed().await;
-        })
-        .await;
+    let Some(tls) = tls else {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.changed().await;
+            })
+            .await;
+        return;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        while connections.try_join_next().is_some() {}
+        // A handful of scrapers: more than this many connections at once are turned away.
+        if connections.len() >= 64 {
+            continue;
+        }
+        let (acceptor, app, state) = (acceptor.clone(), app.clone(), state_for_tls.clone());
+        connections.spawn(async move {
+            let handshake = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                acceptor.accept(tcp),
+            );
+            let Ok(Ok(tls)) = handshake.await else {
+                return;
+            };
+            let allowed = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .is_some_and(|certs| state.certificate_has_role(certs, crate::auth::Role::Ops));
+            if !allowed {
+                if let Some(suppressed) = crate::telemetry::throttle("ops.denied") {
+                    tracing::warn!(%peer, suppressed, "Operations listener: the certificate names no principal with the ops role.");
+                }
+                return;
+            }
+            use tower::ServiceExt;
+            let service = hyper::service::service_fn(
+                move |req: hyper::Request<hyper::body::Incoming>| {
+                    app.clone().oneshot(req.map(axum::body::Body::new))
+                },
+            );
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(120),
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service),
+            )
+            .await;
+        });
+    }
+    connections.shutdown().await;
 }

@@ -349,12 +349,22 @@ pub async fn start_with_clock(
         Some(addr) => match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
                 let addr = l.local_addr()?;
+                let tls = if config.ops.mtls {
+                    // The hub's certificate and client-certificate check, over HTTP/1.1 (the
+                    // gRPC configuration offers only h2).
+                    let mut c = (*crate::tls::server_config(&config.tls.files()?)?).clone();
+                    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+                    Some(Arc::new(c))
+                } else {
+                    None
+                };
                 tokio::spawn(crate::metrics::serve(
                     l,
                     state.clone(),
+                    tls,
                     stopping_tx.subscribe(),
                 ));
-                tracing::info!(metrics_addr = %addr, "Metrics at /metrics.");
+                tracing::info!(metrics_addr = %addr, mtls = config.ops.mtls, "Metrics at /metrics.");
                 Some(addr)
             }
             Err(e) => {

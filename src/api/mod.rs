@@ -164,6 +164,23 @@ impl HubState {
         Ok(report)
     }
 
+    /// Whether a client certificate names a registered principal with `role` (the
+    /// operations listener's check, outside gRPC).
+    pub fn certificate_has_role(
+        &self,
+        certs: &[rustls::pki_types::CertificateDer<'_>],
+        role: Role,
+    ) -> bool {
+        let Identity::Mtls(registry) = &self.identity else {
+            return false;
+        };
+        let Some(name) = crate::tls::principal_name(certs) else {
+            return false;
+        };
+        let registry = registry.read().unwrap_or_else(|p| p.into_inner()).clone();
+        registry.get(&name).is_some_and(|p| p.has(role))
+    }
+
     fn identify<T>(&self, req: &Request<T>) -> Result<Arc<Principal>, Status> {
         match &self.identity {
             Identity::Plaintext(p) => Ok(p.clone()),

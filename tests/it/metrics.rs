@@ -523,3 +523,72 @@ async fn alerts_reach_the_webhook_once_per_change_of_state() {
     }
     hub.stop().await;
 }
+
+/// Off loopback the operations listener speaks only mutual TLS: a certificate the hub's CA
+/// issued, naming a principal with the `ops` role (a Prometheus server's), gets /metrics; a
+/// principal without the role, no certificate and plain HTTP get nothing. Without
+/// `ops.mtls` an address off loopback stops the hub at start, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operations_listener_off_loopback_needs_mutual_tls_and_the_ops_role() {
+    let refused = tokio::task::spawn_blocking(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_rating-hub"))
+            .arg("serve")
+            .env("RATING_HUB__SERVER__LISTEN", "127.0.0.1:0")
+            .env("RATING_HUB__OPS__LISTEN", "0.0.0.0:0")
+            .current_dir(tempfile::tempdir().unwrap().path())
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("ops.mtls"), "{err}");
+
+    let hub = HubBuilder::new()
+        .set("ops.listen", "\"0.0.0.0:0\"")
+        .set("ops.mtls", "true")
+        .principal("prometheus", &["ops"], TestScope::National)
+        .principal("reader", &["read"], TestScope::National)
+        .start()
+        .await;
+    let port = hub.hub.ops_addr.expect("the operations listener").port();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = reqwest::Certificate::from_pem(
+        &std::fs::read(hub.pki_dir().join(rating_hub::pki::CA_CERT)).unwrap(),
+    )
+    .unwrap();
+    let client = |who: Option<&str>| {
+        let mut b = reqwest::Client::builder()
+            .use_rustls_tls()
+            .add_root_certificate(ca.clone())
+            .timeout(Duration::from_secs(10));
+        if let Some(who) = who {
+            let pair = hub.client_files(who);
+            let mut pem = std::fs::read(&pair.cert).unwrap();
+            pem.extend(std::fs::read(&pair.key).unwrap());
+            b = b.identity(reqwest::Identity::from_pem(&pem).unwrap());
+        }
+        b.build().unwrap()
+    };
+    let url = format!("https://127.0.0.1:{port}/metrics");
+    let ok = client(Some("prometheus")).get(&url).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    assert!(ok.text().await.unwrap().contains("rating_hub_feed_head"));
+    assert!(
+        client(Some("reader")).get(&url).send().await.is_err(),
+        "a principal without the ops role gets nothing"
+    );
+    assert!(
+        client(None).get(&url).send().await.is_err(),
+        "no certificate, nothing"
+    );
+    assert!(
+        reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .is_err(),
+        "no plain HTTP"
+    );
+    hub.stop().await;
+}

@@ -27,6 +27,7 @@ use tonic::transport::{
 };
 use tonic::{Request, Response, Status};
 
+mod metrics_cost;
 mod relay_profiles;
 mod soak;
 
@@ -117,6 +118,14 @@ enum Cmd {
         secs: u64,
         #[arg(long, default_value_t = 200.0)]
         page_rate: f64,
+    },
+    /// Only ingest with metrics served and scraped against the operations listener off,
+    /// printed.
+    MetricsCost {
+        #[arg(long, default_value = "target/release/rating-hub")]
+        hub_bin: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
     },
     /// Only the http-json drain with the national profile (SM2/SM4) against the plain
     /// inline mapping, printed.
@@ -1735,6 +1744,16 @@ async fn run(
         target: "≥ 0.9".into(),
     });
 
+    // Metrics served and scraped every second against the operations listener off.
+    let (off, on) = metrics_cost::run(hub_bin, &work, &pki, secs).await?;
+    rows.push(Row {
+        scenario: "SubmitRatings, batches of 100, 8 in flight, with /metrics served and scraped every second (ratings/s; mean of two runs)".into(),
+        value: f(on),
+        baseline: format!("the operations listener off: {}", f(off)),
+        ratio: format!("{:.2}", on / off),
+        target: "≥ 0.97".into(),
+    });
+
     // An http-json upstream's drain with the national profile (SM2/SM4 envelope) against
     // the plain inline mapping.
     let (plain, national) = relay_profiles::run(hub_bin, 20_000).await?;
@@ -1909,6 +1928,20 @@ async fn main() -> anyhow::Result<()> {
             secs,
             env,
         } => relay_probe(&hub_bin, rate, secs, &env).await,
+        Cmd::MetricsCost { hub_bin, secs } => {
+            let hub_bin = hub_bin.canonicalize()?;
+            let work =
+                std::env::temp_dir().join(format!("rating-bench-metrics-{}", std::process::id()));
+            let pki = work.join("certs/dev");
+            rating_hub::pki::init_dev(&pki)?;
+            let (off, on) = metrics_cost::run(&hub_bin, &work, &pki, secs).await?;
+            let _ = std::fs::remove_dir_all(&work);
+            println!(
+                "batches of 100: metrics off {off:.0}/s, served and scraped every second {on:.0}/s, ratio {:.3}",
+                on / off
+            );
+            Ok(())
+        }
         Cmd::RelayProfiles { hub_bin, ratings } => {
             let (plain, national) = relay_profiles::run(&hub_bin, ratings).await?;
             println!(

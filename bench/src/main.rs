@@ -1775,8 +1775,17 @@ async fn run(
             .output()?
             .stdout,
     )?;
+    // The commit measured (with "+changes" when the tree differs from it).
+    let commit = std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty=+changes"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|c| c.trim().to_owned())
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| "unknown".into());
     let mut md = format!(
-        "# Benchmarks\n\nMachine: {}. Date: {}. Command: `{command}`.\n\nEach row is measured in the same run as its baseline: \
+        "# Benchmarks\n\nMachine: {}. Date: {}. Commit: {commit}. Command: `{command}`.\n\nEach row is measured in the same run as its baseline: \
          A is a bare tonic server with the same protos and mTLS that stores nothing; B is the same rows (each rating, and \
          the case each bad rating opens) written with one multi-row INSERT per table per batch and one transaction per batch, \
          into SQLite with the hub's schema and its writer's pragmas (WAL, synchronous=FULL); B (PostgreSQL) is the same into \
@@ -1812,7 +1821,7 @@ async fn run(
     std::fs::write(
         out.with_extension("json"),
         serde_json::to_string_pretty(
-            &serde_json::json!({"machine": machine(), "date": date.trim(), "command": command, "rows": json}),
+            &serde_json::json!({"machine": machine(), "date": date.trim(), "commit": commit, "command": command, "rows": json}),
         )?,
     )?;
     println!("{}", std::fs::read_to_string(&md_path)?);

@@ -6,7 +6,7 @@
 //! The writer runs on a thread of its own, with a single-threaded tokio runtime. As a task
 //! among the gRPC handlers on the server's two workers, it could wait its turn behind them
 //! after every database round trip; on its own thread unary ingest gained about 6 % in
-//! paired probes (docs/benchmarks.md, session 6). Each round trip to SQLite's thread now
+//! paired probes (docs/benchmarks.md, 2026-11-22, 1f6fb52). Each round trip to SQLite's thread now
 //! ends in a wake-up between threads, so the backends write many rows with one statement
 //! (ratings, audit records, dead letters); case events still take a few statements each.
 

@@ -290,7 +290,6 @@ impl Metrics {
         }
     }
 
-    /// Each watched certificate's expiry (Unix seconds), for the status page.
     /// Registers the store writer's commit histograms (group size, commit time).
     pub fn register_writer(&mut self, w: crate::store::writer::WriterMetrics) {
         self.registry.register(
@@ -300,12 +299,13 @@ impl Metrics {
         );
         self.registry.register_with_unit(
             "writer_commit",
-            "Time of each group commit of the store's writer",
+            "Time of each group commit of the store's writer, failed ones included",
             prometheus_client::registry::Unit::Seconds,
             w.commit_seconds,
         );
     }
 
+    /// Each watched certificate's expiry (Unix seconds), for the status page.
     pub fn certificate_expiries(&self) -> Vec<(String, i64)> {
         let files = self.files.lock().expect("files").clone();
         files
@@ -465,6 +465,12 @@ impl Metrics {
     }
 }
 
+/// TLS handshakes under way at once on the mutual-TLS operations listener, and per address.
+const OPS_HANDSHAKES: usize = 16;
+const OPS_HANDSHAKES_PER_ADDRESS: usize = 4;
+/// Admitted (ops-role) connections at once.
+const OPS_CONNECTIONS: usize = 32;
+
 /// Serves `GET /metrics` and `GET /status` on `listener` until `stop` turns true: plain (on
 /// loopback), or with mutual TLS (`tls`: the hub's server configuration, which asks for and
 /// checks client certificates), each connection's certificate naming a principal with the
@@ -516,6 +522,13 @@ pub async fn serve(
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let mut connections = tokio::task::JoinSet::new();
+    // Handshakes are counted apart from the connections they admit, and per address: a
+    // client without a certificate can hold a few handshake slots for a few seconds, never
+    // the slots of the scrapers already in.
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(OPS_HANDSHAKES));
+    let admitted = Arc::new(tokio::sync::Semaphore::new(OPS_CONNECTIONS));
+    let pending: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> =
+        Arc::default();
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -528,17 +541,36 @@ pub async fn serve(
             _ = stop.changed() => break,
         };
         while connections.try_join_next().is_some() {}
-        // A handful of scrapers: more than this many connections at once are turned away.
-        if connections.len() >= 64 {
+        let Ok(handshake_slot) = handshakes.clone().try_acquire_owned() else {
             continue;
+        };
+        {
+            let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+            let n = p.entry(peer.ip()).or_default();
+            if *n >= OPS_HANDSHAKES_PER_ADDRESS {
+                continue;
+            }
+            *n += 1;
         }
         let (acceptor, app, state) = (acceptor.clone(), app.clone(), state_for_tls.clone());
+        let (admitted, pending) = (admitted.clone(), pending.clone());
         connections.spawn(async move {
             let handshake = tokio::time::timeout(
-                std::time::Duration::from_secs(10),
+                std::time::Duration::from_secs(3),
                 acceptor.accept(tcp),
-            );
-            let Ok(Ok(tls)) = handshake.await else {
+            )
+            .await;
+            drop(handshake_slot);
+            {
+                let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(n) = p.get_mut(&peer.ip()) {
+                    *n -= 1;
+                    if *n == 0 {
+                        p.remove(&peer.ip());
+                    }
+                }
+            }
+            let Ok(Ok(tls)) = handshake else {
                 return;
             };
             let allowed = tls
@@ -552,12 +584,17 @@ pub async fn serve(
                 }
                 return;
             }
+            let Ok(_slot) = admitted.try_acquire_owned() else {
+                return;
+            };
             use tower::ServiceExt;
             let service = hyper::service::service_fn(
                 move |req: hyper::Request<hyper::body::Incoming>| {
                     app.clone().oneshot(req.map(axum::body::Body::new))
                 },
             );
+            // A connection lasts at most two minutes (a scraper then opens another), so a
+            // principal whose certificate was revoked loses access within that time.
             let _ = tokio::time::timeout(
                 std::time::Duration::from_secs(120),
                 hyper::server::conn::http1::Builder::new()

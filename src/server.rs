@@ -195,6 +195,16 @@ pub async fn start_with_clock(
     } else {
         Some(crate::tls::server_config(&config.tls.files()?)?)
     };
+    // The operations listener's, with mutual TLS: the same certificate, client check and CRL
+    // watcher, over HTTP/1.1 (the gRPC configuration offers only h2).
+    let ops_tls = match (&tls, config.ops.mtls) {
+        (Some(t), true) => {
+            let mut c = (**t).clone();
+            c.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Some(Arc::new(c))
+        }
+        _ => None,
+    };
     let store = open_store(config, clock.clone()).await?;
     let listener = TcpListener::bind(config.server.listen)
         .await
@@ -349,19 +359,10 @@ pub async fn start_with_clock(
         Some(addr) => match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
                 let addr = l.local_addr()?;
-                let tls = if config.ops.mtls {
-                    // The hub's certificate and client-certificate check, over HTTP/1.1 (the
-                    // gRPC configuration offers only h2).
-                    let mut c = (*crate::tls::server_config(&config.tls.files()?)?).clone();
-                    c.alpn_protocols = vec![b"http/1.1".to_vec()];
-                    Some(Arc::new(c))
-                } else {
-                    None
-                };
                 tokio::spawn(crate::metrics::serve(
                     l,
                     state.clone(),
-                    tls,
+                    ops_tls.clone(),
                     stopping_tx.subscribe(),
                 ));
                 tracing::info!(metrics_addr = %addr, mtls = config.ops.mtls, "Metrics at /metrics.");

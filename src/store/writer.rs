@@ -264,12 +264,14 @@ async fn commit_group<W: GroupWrite>(
     group: Vec<Job>,
 ) {
     let started = std::time::Instant::now();
-    match backend.write_group(&group).await {
+    let written = backend.write_group(&group).await;
+    // Failed commits too: a stall that ends in an error is a stall.
+    health
+        .metrics
+        .commit_seconds
+        .observe(started.elapsed().as_secs_f64());
+    match written {
         Ok((results, new_head)) => {
-            health
-                .metrics
-                .commit_seconds
-                .observe(started.elapsed().as_secs_f64());
             health
                 .metrics
                 .group_items
@@ -372,10 +374,11 @@ impl Default for WriterMetrics {
     fn default() -> Self {
         use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
         Self {
-            // 1, 2, 4 … 2048: a lone write to the largest groups.
-            group_items: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
-            // 0.25 ms … about 4 s.
-            commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 15)),
+            // 1, 2, 4 … 8192: a lone write to the largest groups (a group may pass
+            // max_group_commit by one batch).
+            group_items: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            // 0.25 ms … about 33 s, so stalls show as what they are.
+            commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 18)),
         }
     }
 }

@@ -426,14 +426,17 @@ async fn ivr(State(inner): Shared, Json(r): Json<IvrResult>) -> impl IntoRespons
 }
 
 async fn metrics_text(State(inner): Shared) -> impl axum::response::IntoResponse {
-    if let Ok(c) = inner.spool.counts().await {
-        for (state, n) in [
-            ("waiting", c.waiting),
-            ("delivered", c.delivered),
-            ("refused", c.refused),
-        ] {
-            inner.metrics.set_gauge("spool", "state", state, n as i64);
+    match inner.spool.counts().await {
+        Ok(c) => {
+            for (state, n) in [
+                ("waiting", c.waiting),
+                ("delivered", c.delivered),
+                ("refused", c.refused),
+            ] {
+                inner.metrics.set_gauge("spool", "state", state, n as i64);
+            }
         }
+        Err(_) => inner.metrics.clear_gauge("spool"),
     }
     (
         [(

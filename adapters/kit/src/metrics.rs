@@ -67,6 +67,19 @@ impl Metrics {
             .set(v);
     }
 
+    /// Forgets gauge `name` (a value that can no longer be read is no value: the series
+    /// goes, rather than show the last one as current).
+    pub fn clear_gauge(&self, name: &str) {
+        if let Some(g) = self
+            .gauges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
+            g.clear();
+        }
+    }
+
     /// The exposition, every name under `prefix` (e.g. `rating_hotline`).
     pub fn render(&self, prefix: &str) -> String {
         let mut registry = Registry::with_prefix(prefix);

@@ -467,3 +467,94 @@ async fn a_status_listed_as_permanent_dead_letters_at_once_and_others_are_retrie
         hub.stop().await;
     }
 }
+
+/// A profile that sends one record per request (`single`) to a platform that answers
+/// `{"C-Response-Desc":"success"}`: each rating is its own request, its body the record
+/// itself (no list), a value from `[upstreams.<name>.tables]` overriding the profile's, and a
+/// refusal of one record leaves the others delivered.
+#[tokio::test]
+async fn a_profile_can_send_one_record_per_request_and_read_another_reply_style() {
+    let hub_dir = tempfile::tempdir().unwrap();
+    let pki_dir = platform_pki(hub_dir.path());
+    let (url, platform) = start_platform_answering(
+        &pki_dir,
+        Arc::new(|value: &Value, _| {
+            if value.is_array() {
+                return (200, json!({"C-Response-Desc": "expected one record"}));
+            }
+            match value["caseNo"].as_str() {
+                Some("CASE-reject") => (200, json!({"C-Response-Desc": "caseNo 不合法"})),
+                _ => (200, json!({"C-Response-Desc": "success"})),
+            }
+        }),
+    )
+    .await;
+    let dir = hub_dir.path().to_path_buf();
+    let profile = dir.join("single.toml");
+    std::fs::write(
+        &profile,
+        r#"
+name = "one record per request"
+[tables.level]
+LEVEL_VERY_SATISFIED = "5"
+[records.rating]
+single = true
+body = '"{records}"'
+[records.rating.headers]
+X-Token = "{token}"
+[records.rating.fields]
+caseNo = { path = "case_number", required = true }
+score = { path = "level", transforms = [{ table = "level" }], as = "number" }
+[records.rating.reply]
+success = [{ pointer = "/C-Response-Desc", equals = ["success"] }]
+message = "/C-Response-Desc"
+"#,
+    )
+    .unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "t0ken").unwrap();
+    let q = |s: &str| format!("{s:?}");
+    let hub = HubBuilder::new()
+        .set("upstreams.zj.kind", &q("http-json"))
+        .set("upstreams.zj.endpoint", &q(&url))
+        .set(
+            "upstreams.zj.ca",
+            &q(&pki_dir.join(pki::CA_CERT).display().to_string()),
+        )
+        .set("upstreams.zj.retry_schedule_ms", "[20]")
+        .set("upstreams.zj.profile", &q(&profile.display().to_string()))
+        .set(
+            "upstreams.zj.secrets.token",
+            &q(&format!("file:{}", token.display())),
+        )
+        // This upstream's own code for 非常满意 replaces the profile's.
+        .set(
+            "upstreams.zj.tables.level",
+            r#"{ LEVEL_VERY_SATISFIED = "10" }"#,
+        )
+        .start_in_dir(hub_dir)
+        .await;
+    let ids: Vec<String> = submit(
+        &mut hub.ingest().await,
+        vec![rating("a"), rating("reject"), rating("c")],
+    )
+    .await
+    .into_iter()
+    .map(|r| r.hub_id)
+    .collect();
+    eventually(Duration::from_secs(30), "delivery finished", || async {
+        let st = crate::utils::upstream_status(hub.channel_as("tester").await, "zj").await;
+        st.lag_records == 0
+    })
+    .await;
+    let bodies = platform.lock().unwrap().bodies.clone();
+    assert_eq!(bodies.len(), 3, "one request per record: {bodies:?}");
+    assert!(bodies.iter().all(Value::is_object));
+    assert_eq!(bodies[0]["caseNo"], "CASE-a");
+    assert_eq!(bodies[0]["score"], 10, "the upstream's table, as a number");
+    let dead = dead_letters(&hub).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].hub_id, ids[1]);
+    assert!(dead[0].error.contains("caseNo 不合法"), "{dead:?}");
+    hub.stop().await;
+}

@@ -573,9 +573,29 @@ async fn the_operations_listener_off_loopback_needs_mutual_tls_and_the_ops_role(
         b.build().unwrap()
     };
     let url = format!("https://127.0.0.1:{port}/metrics");
+    // Someone without a certificate opens 64 connections from one address and sends nothing:
+    // they hold at most a few handshake slots, never the scraper's way in.
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        if let Ok(c) = socket
+            .connect(format!("127.0.0.1:{port}").parse().unwrap())
+            .await
+        {
+            idle.push(c);
+        }
+    }
+    let started = std::time::Instant::now();
     let ok = client(Some("prometheus")).get(&url).send().await.unwrap();
     assert_eq!(ok.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the scrape waited {:?} behind idle handshakes",
+        started.elapsed()
+    );
     assert!(ok.text().await.unwrap().contains("rating_hub_feed_head"));
+    drop(idle);
     assert!(
         client(Some("reader")).get(&url).send().await.is_err(),
         "a principal without the ops role gets nothing"

@@ -96,7 +96,8 @@ async fn conditions(
     let mut fire = |alert: &str, subject: &str, summary: String| {
         now_firing.insert((alert.to_owned(), subject.to_owned()), summary);
     };
-    let database = tokio::time::timeout(Duration::from_secs(2), state.store.database_bytes()).await;
+    // `ping`: a trivial query on a connection of its own, not behind a busy reader pool.
+    let database = tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await;
     let database_up = matches!(database, Ok(Ok(_)));
     if !database_up {
         fire(
@@ -121,7 +122,6 @@ async fn conditions(
                     &name,
                     format!("上级平台 {name} 已暂停推送"),
                 );
-                continue;
             }
             if let Some((e, _)) = &s.last_error {
                 fire(
@@ -132,7 +132,8 @@ async fn conditions(
                     format!("向上级平台 {name} 推送失败：{e}"),
                 );
             }
-            if s.lag_seconds > cfg.lag_limit_secs as f64 {
+            // While paused, the lag grows by an operator's choice: not an alert of its own.
+            if !s.paused && s.lag_seconds > cfg.lag_limit_secs as f64 {
                 fire(
                     "upstream_lagging",
                     &name,
@@ -213,8 +214,6 @@ impl Notifier {
 }
 
 fn client(cfg: &AlertsConfig) -> anyhow::Result<reqwest::Client> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
     // A redirect would turn the POST into a GET that "succeeds": none are followed.
     let mut b = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -222,24 +221,21 @@ fn client(cfg: &AlertsConfig) -> anyhow::Result<reqwest::Client> {
         .no_proxy();
     if !cfg.webhook_ca.is_empty() {
         let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(&cfg.webhook_ca)? {
-            roots.add(c?)?;
+        // read_certs refuses a file with no certificate in it (every send would fail).
+        for c in crate::tls::read_certs(std::path::Path::new(&cfg.webhook_ca))? {
+            roots.add(c)?;
         }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         b = b.use_preconfigured_tls(tls);
     } else {
         // Plain http: reqwest still wants a TLS configuration to build.
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
+        let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
         b = b.use_preconfigured_tls(tls);
     }
     Ok(b.build()?)

@@ -329,6 +329,26 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+impl ConfigError {
+    /// The same error with URL credentials masked (a TOML error quotes the line it is about:
+    /// `storage.url` carries the database password).
+    fn redacted(self) -> Self {
+        let r = |m: String| crate::api::redact_urls(&m);
+        match self {
+            ConfigError::Read { path, source } => ConfigError::Read { path, source },
+            ConfigError::Parse { path, message } => ConfigError::Parse {
+                path,
+                message: r(message),
+            },
+            ConfigError::Env { var, reason } => ConfigError::Env {
+                var,
+                reason: r(reason),
+            },
+            ConfigError::Invalid(m) => ConfigError::Invalid(r(m)),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self::from_layers(None, std::iter::empty()).expect("the embedded default config is valid")
@@ -351,7 +371,8 @@ impl Config {
         let mut config = Self::from_layers(
             text.as_ref().map(|(p, t)| (p.as_str(), t.as_str())),
             std::env::vars(),
-        )?;
+        )
+        .map_err(ConfigError::redacted)?;
         config.source_file = file.map(Path::to_path_buf);
         Ok(config)
     }
@@ -622,6 +643,22 @@ fn parse_env_value(raw: &str) -> toml::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A TOML error quotes the line it is about; the database password in `storage.url` is
+    /// masked in it, at start as on reload.
+    #[test]
+    fn a_config_error_never_shows_a_url_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hub.toml");
+        std::fs::write(
+            &file,
+            "[storage]\nurl = \"postgres://hub:s3cretpw@db.example:5432/hub\" oops\n",
+        )
+        .unwrap();
+        let e = Config::load(Some(&file)).unwrap_err().to_string();
+        assert!(!e.contains("s3cretpw"), "{e}");
+        assert!(e.contains("***"), "{e}");
+    }
 
     fn env(pairs: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
         pairs

@@ -357,22 +357,19 @@ impl Metrics {
         // The database first, quickly: when it does not answer, the upstreams' stored state
         // is not read either (each read would wait its own timeout, and the scrape outlast
         // Prometheus's).
-        let database = tokio::time::timeout(
-            std::time::Duration::from_secs(1),
-            state.store.database_bytes(),
-        )
-        .await;
-        let database_answered = match database {
-            Ok(Ok(n)) => {
-                self.database_bytes.set(n as i64);
-                self.database_up.set(1);
-                true
-            }
-            _ => {
-                self.database_up.set(0);
-                false
-            }
-        };
+        // Reachability by `ping` (its own connection, not behind a busy reader pool); the
+        // size when the database answers.
+        let second = std::time::Duration::from_secs(1);
+        let database_answered = matches!(
+            tokio::time::timeout(second, state.store.ping()).await,
+            Ok(Ok(()))
+        );
+        self.database_up.set(i64::from(database_answered));
+        if database_answered
+            && let Ok(Ok(n)) = tokio::time::timeout(second, state.store.database_bytes()).await
+        {
+            self.database_bytes.set(n as i64);
+        }
         let names: Vec<String> = state.relay.names().map(str::to_owned).collect();
         for name in names {
             let l = UpstreamLabels {

@@ -209,12 +209,6 @@ impl PiiKeys {
             .map_err(|_| PrivacyError::Open)
     }
 
-    /// Moves name, ID number and phone out of `rater` into a sealed blob. `None` when the
-    /// rater carries none of them.
-    pub fn seal_rater(&self, rater: &mut pb::Rater, aad: &[u8]) -> Option<Sealed> {
-        self.seal_persons(Some(rater), None, aad)
-    }
-
     /// Moves the names, ID numbers and phones of a rater (or applicant) and of an agent
     /// (代办人) into one sealed blob. `None` when neither carries any.
     pub fn seal_persons(
@@ -249,17 +243,6 @@ impl PiiKeys {
         Some(self.seal(&pii.encode_to_vec(), aad))
     }
 
-    /// Puts sealed name, ID number and phone back into `rater`, masked unless `unmasked`.
-    pub fn reveal_rater(
-        &self,
-        rater: &mut pb::Rater,
-        sealed: &Sealed,
-        aad: &[u8],
-        unmasked: bool,
-    ) -> Result<(), PrivacyError> {
-        self.reveal_persons(Some(rater), None, sealed, aad, unmasked)
-    }
-
     /// Puts a sealed rater's (or applicant's) and agent's data back, masked unless
     /// `unmasked`.
     pub fn reveal_persons(
@@ -292,6 +275,36 @@ impl PiiKeys {
         }
         Ok(())
     }
+}
+
+/// `text` with these people's names (whole, and each ending of two characters or more:
+/// "娜娜" of "欧阳娜娜"), phones, document numbers and organisation codes replaced by "*".
+/// For texts that may repeat what a person sealed elsewhere said (a unit's note, a rater's
+/// statement taken down by the authority).
+pub fn mask_people(text: &str, people: &[pb::Rater]) -> String {
+    let mut secrets: Vec<String> = Vec::new();
+    for r in people {
+        let name: Vec<char> = r.name.trim().chars().collect();
+        for start in 0..name.len() {
+            if name.len() - start >= 2 {
+                secrets.push(name[start..].iter().collect());
+            }
+        }
+        for s in [&r.phone, &r.id_number, &r.credit_code] {
+            if s.trim().chars().count() >= 2 {
+                secrets.push(s.trim().to_owned());
+            }
+        }
+    }
+    // Longest first, so a name is masked whole before its given name.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.chars().count()));
+    let mut t = text.to_owned();
+    for s in secrets {
+        if t.contains(s.as_str()) {
+            t = t.replace(&s, "*");
+        }
+    }
+    t
 }
 
 /// What a sealed blob holds. The first three tags are `Rater`'s own (3 name, 4 id_number,

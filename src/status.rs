@@ -171,7 +171,7 @@ async fn render(state: &HubState) -> String {
     let gaps = state.metrics.calendar_gaps.get();
     let certificates = state.metrics.certificate_expiries();
     let head = *state.store.feed_head().borrow();
-    let db_up = state.store.database_bytes().await.is_ok();
+    let db_up = state.store.ping().await.is_ok();
     html! {
         (DOCTYPE)
         html lang="zh-CN" {

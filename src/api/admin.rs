@@ -457,13 +457,33 @@ impl AdminService for AdminApi {
         let Some(hub_id) = hub_id.filter(|_| v.is_empty()) else {
             return Err(bad_request(&v));
         };
-        let rating = self
+        let stored = self
             .state
             .store
             .get_rating(hub_id)
             .await?
-            .ok_or_else(|| Status::not_found(format!("no rating {hub_id}")))?
-            .rating;
+            .ok_or_else(|| Status::not_found(format!("no rating {hub_id}")))?;
+        let rating = stored.rating;
+        // The rater's and agent's own data, to take out of what is stored unsealed below.
+        let mut people = [
+            rating.rater.clone().unwrap_or_default(),
+            rating.agent.clone().unwrap_or_default(),
+        ];
+        if let Some(sealed) = &stored.pii {
+            let [rater, agent] = &mut people;
+            self.state
+                .pii
+                .reveal_persons(
+                    Some(rater),
+                    Some(agent),
+                    sealed,
+                    &crate::store::rating_aad(&hub_id),
+                    true,
+                )
+                .map_err(|_| Status::internal("the rating's sealed data cannot be opened"))?;
+        }
+        let statement = crate::privacy::mask_people(&statement, &people);
+        let decision = crate::privacy::mask_people(&decision, &people);
         if !caller
             .principal
             .scope

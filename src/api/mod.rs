@@ -134,8 +134,8 @@ impl HubState {
         let Ok(_one) = self.reloading.try_lock() else {
             return Err("a reload is under way".into());
         };
-        let config = crate::config::Config::load(self.config_file.as_deref())
-            .map_err(|e| redact_urls(&e.to_string()))?;
+        let config =
+            crate::config::Config::load(self.config_file.as_deref()).map_err(|e| e.to_string())?;
         if (config.tls.dev_pki, config.tls.insecure_plaintext) != self.started_tls {
             return Err(
                 "tls.dev_pki or tls.insecure_plaintext changed: TLS changes need a restart".into(),

@@ -221,7 +221,7 @@ async fn name_from_ratings(site: &Site, region: &str, by: Grouping, key: &str) -
             _ => row.rating.item_name,
         })
         .filter(|n| !n.is_empty())
-        .map(|n| public_text(&n, None, ""));
+        .map(|n| public_text(&n, &[], ""));
     site.remember_name(memo, name.as_deref());
     name
 }
@@ -392,28 +392,9 @@ fn day(micros: i64) -> String {
 /// characters taken from the rater's own words, and every number of seven or more digits —
 /// written in ASCII, full-width or Chinese digits, with up to two spaces, dashes, dots,
 /// slashes or commas between them; at most 300 characters.
-pub(crate) fn public_text(text: &str, rater: Option<&pb::Rater>, rater_text: &str) -> String {
-    let mut t = text.to_owned();
-    if let Some(r) = rater {
-        let mut secrets: Vec<String> = Vec::new();
-        let name: Vec<char> = r.name.trim().chars().collect();
-        // The name, and each ending of it of two characters or more ("娜娜" of "欧阳娜娜").
-        for start in 0..name.len() {
-            if name.len() - start >= 2 {
-                secrets.push(name[start..].iter().collect());
-            }
-        }
-        for s in [&r.phone, &r.id_number, &r.credit_code] {
-            if s.trim().chars().count() >= 2 {
-                secrets.push(s.trim().to_owned());
-            }
-        }
-        // Longest first, so a name is masked whole before its given name.
-        secrets.sort_by_key(|s| std::cmp::Reverse(s.chars().count()));
-        for s in secrets {
-            t = t.replace(&s, "*");
-        }
-    }
+pub(crate) fn public_text(text: &str, people: &[pb::Rater], rater_text: &str) -> String {
+    let t = crate::privacy::mask_people(text, people);
+    let mut t = t;
     let words: Vec<char> = rater_text.chars().collect();
     if words.len() >= 8 {
         for w in words.windows(8) {
@@ -498,16 +479,19 @@ pub(super) async fn cases(site: &Site, region: &str, period: &Period) -> Result<
                 .get_rating(case.hub_id)
                 .await
                 .map_err(unavailable)?;
-            // The rater's own data, to mask it wherever the unit's note repeats it; never
-            // published, never logged. Where it cannot be read, no note is published.
-            let (rating, rater) = match stored {
+            // The rater's and the agent's own data, to mask it wherever the unit's note
+            // repeats it; never published, never logged. Where it cannot be read, no note is
+            // published.
+            let (rating, people) = match stored {
                 Some(s) => {
                     let mut rater = s.rating.rater.clone().unwrap_or_default();
+                    let mut agent = s.rating.agent.clone().unwrap_or_default();
                     let readable = match &s.pii {
                         Some(sealed) => state
                             .pii
-                            .reveal_rater(
-                                &mut rater,
+                            .reveal_persons(
+                                Some(&mut rater),
+                                Some(&mut agent),
                                 sealed,
                                 &crate::store::rating_aad(&case.hub_id),
                                 true,
@@ -515,11 +499,11 @@ pub(super) async fn cases(site: &Site, region: &str, period: &Period) -> Result<
                             .is_ok(),
                         None => true,
                     };
-                    (s.rating, readable.then_some(rater))
+                    (s.rating, readable.then_some([rater, agent]))
                 }
                 None => (pb::Rating::default(), None),
             };
-            let note = match &rater {
+            let note = match &people {
                 Some(r) => case
                     .entries
                     .iter()
@@ -528,7 +512,7 @@ pub(super) async fn cases(site: &Site, region: &str, period: &Period) -> Result<
                         e.action == pb::CaseAction::Rectify as i32
                             || e.action == pb::CaseAction::Explain as i32
                     })
-                    .map(|e| public_text(&e.note, Some(r), &rating.text))
+                    .map(|e| public_text(&e.note, r, &rating.text))
                     .unwrap_or_default(),
                 None => String::new(),
             };
@@ -624,13 +608,21 @@ mod tests {
             "已联系张三丰（138 0013 8000，身份证11010519491231002X），另一号码 139-1234-5678，\
              还有 138.0013.8000、138/0013/8000、138，0013，8000、138  0013  8000、\
              138\u{3000}0013\u{3000}8000、１３８００１３８０００、一三八〇〇一三八〇〇〇，\
-             三丰先生反映：在窗口等了两个小时没人理睬。窗口3号已整改",
-            Some(&rater),
+             三丰先生反映：在窗口等了两个小时没人理睬。已与代办人李小龙核实。窗口3号已整改",
+            &[
+                rater,
+                pb::Rater {
+                    name: "李小龙".into(),
+                    ..Default::default()
+                },
+            ],
             words,
         );
         for secret in [
             "张三丰",
             "三丰",
+            "李小龙",
+            "小龙",
             "13800138000",
             "138",
             "0013",

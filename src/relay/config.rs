@@ -50,9 +50,6 @@ fn d_jitter() -> f64 {
 fn d_timeout() -> u64 {
     10_000
 }
-fn d_case_history() -> bool {
-    true
-}
 
 /// One upstream. Every field but `kind` and `endpoint` has a default.
 #[derive(Debug, Clone, Deserialize)]
@@ -109,12 +106,6 @@ pub struct UpstreamConfig {
     /// …the older inline mapping.
     #[serde(default)]
     pub http: Option<super::http::profile::HttpJsonConfig>,
-    /// For a profile with 办件 records: whether an upstream that has never received any
-    /// starts with the hub's whole case history (true) or with the next case event (false,
-    /// for a platform that already holds the history, e.g. an upstream that gained
-    /// `records.case` after years of ratings).
-    #[serde(default = "d_case_history")]
-    pub case_history: bool,
     /// Secrets the profile names, as "env:VARIABLE" or "file:/path" (never the value).
     #[serde(default)]
     pub secrets: std::collections::BTreeMap<String, String>,

@@ -365,21 +365,15 @@ impl Worker {
             let Ok(outcome) = self.deliver(Batch::Ratings(&ratings), stop, None).await else {
                 return Ok(false);
             };
-            let mut delivered = Vec::new();
-            let mut failed = Vec::new();
-            for (id, d) in ids.into_iter().zip(outcome) {
-                match d {
-                    Delivery::Delivered => delivered.push(id),
-                    Delivery::Rejected(e) => failed.push((id, e)),
-                }
-            }
+            let (delivered, failed) = replay_outcome(&ids, outcome);
             tracing::info!(upstream = %self.name, delivered = delivered.len(), rejected = failed.len(), "Replayed dead letters.");
             self.lock().delivered += delivered.len() as u64;
             self.store
                 .relay_write(RelayWrite::ReplayDone {
                     upstream: self.name.clone(),
-                    delivered,
+                    delivered: delivered.into_iter().map(|(_, id)| id).collect(),
                     failed,
+                    freed_cases: Vec::new(),
                 })
                 .await?;
             return Ok(true);
@@ -502,33 +496,22 @@ impl Worker {
             let Ok(outcome) = self.deliver(Batch::Cases(&cases), stop, None).await else {
                 return Ok(None);
             };
-            let mut delivered = Vec::new();
-            let mut failed = Vec::new();
-            let mut numbers = Vec::new();
-            for ((id, d), case) in ids.into_iter().zip(outcome).zip(&cases) {
-                match d {
-                    Delivery::Delivered => {
-                        delivered.push(id);
-                        numbers.push(case.case.case_number.clone());
-                    }
-                    Delivery::Rejected(e) => failed.push((id, e)),
-                }
-            }
+            let (delivered, failed) = replay_outcome(&ids, outcome);
             tracing::info!(upstream = %self.name, delivered = delivered.len(), rejected = failed.len(), "Replayed 办件 dead letters.");
+            // Their ratings refused meanwhile go again: marked in the same transaction, once
+            // the letters of ratings already sent are stored.
+            if !delivered.is_empty() && !self.ratings_settled(stop).await {
+                return Ok(None);
+            }
             self.store
                 .relay_write(RelayWrite::ReplayDone {
                     upstream: self.name.clone(),
-                    delivered,
+                    freed_cases: delivered
+                        .iter()
+                        .map(|(i, _)| cases[*i].case.case_number.clone())
+                        .collect(),
+                    delivered: delivered.into_iter().map(|(_, id)| id).collect(),
                     failed,
-                })
-                .await?;
-            // Their ratings refused meanwhile go again (the cursor stays where it is).
-            self.store
-                .relay_write(RelayWrite::CaseAdvance {
-                    upstream: self.name.clone(),
-                    cursor: 0,
-                    dead: Vec::new(),
-                    delivered: numbers,
                 })
                 .await?;
             worked = true;
@@ -624,25 +607,32 @@ impl Worker {
             if replays.is_empty() {
                 break;
             }
+            // An update whose rating is still a dead letter here waits, as on first sending.
+            let (waiting, replays): (Vec<_>, Vec<_>) =
+                replays.into_iter().partition(|(_, u)| u.rating_dead);
             let (ids, rows): (Vec<u64>, Vec<StoredUpdate>) =
                 replays.into_iter().map(|(d, u)| (d.id, u)).unzip();
             let updates = self.update_records(rows)?;
-            let Ok(outcome) = self.deliver(Batch::Updates(&updates), stop, None).await else {
-                return Ok(None);
+            let outcome = if updates.is_empty() {
+                Vec::new()
+            } else {
+                let Ok(o) = self.deliver(Batch::Updates(&updates), stop, None).await else {
+                    return Ok(None);
+                };
+                o
             };
-            let mut delivered = Vec::new();
-            let mut failed = Vec::new();
-            for (id, d) in ids.into_iter().zip(outcome) {
-                match d {
-                    Delivery::Delivered => delivered.push(id),
-                    Delivery::Rejected(e) => failed.push((id, e)),
-                }
-            }
+            let (delivered, mut failed) = replay_outcome(&ids, outcome);
+            failed.extend(
+                waiting
+                    .into_iter()
+                    .map(|(d, _)| (d.id, UPDATE_WAITS.to_owned())),
+            );
             self.store
                 .relay_write(RelayWrite::ReplayDone {
                     upstream: self.name.clone(),
-                    delivered,
+                    delivered: delivered.into_iter().map(|(_, id)| id).collect(),
                     failed,
+                    freed_cases: Vec::new(),
                 })
                 .await?;
             worked = true;
@@ -675,12 +665,7 @@ impl Worker {
                 if rating_dead {
                     // The platform has not got the rating: the update waits as a dead letter,
                     // sent again by itself when the rating's own letter is delivered.
-                    dead.push((
-                        u.seq,
-                        "waits for its rating, itself a dead letter here; sent again when \
-                         that rating is delivered"
-                            .to_owned(),
-                    ));
+                    dead.push((u.seq, UPDATE_WAITS.to_owned()));
                 } else if self.sink.wants_update(&u) {
                     send.push(u);
                 }
@@ -1063,6 +1048,26 @@ impl Worker {
     }
 }
 
+/// The error of an update letter whose rating is itself a dead letter of the upstream.
+const UPDATE_WAITS: &str = "waits for its rating, itself a dead letter here; sent again when \
+                            that rating is delivered";
+
+/// A replay's outcome: the letters delivered (with their positions in the batch), and those
+/// refused again with the upstream's new error.
+type ReplayOutcome = (Vec<(usize, u64)>, Vec<(u64, String)>);
+
+fn replay_outcome(ids: &[u64], outcome: Vec<Delivery>) -> ReplayOutcome {
+    let mut delivered = Vec::new();
+    let mut failed = Vec::new();
+    for (i, (id, d)) in ids.iter().zip(outcome).enumerate() {
+        match d {
+            Delivery::Delivered => delivered.push((i, *id)),
+            Delivery::Rejected(e) => failed.push((*id, e)),
+        }
+    }
+    (delivered, failed)
+}
+
 /// What one send carries: ratings, or 办件 records.
 #[derive(Clone, Copy)]
 enum Batch<'a> {
@@ -1332,20 +1337,7 @@ impl Relay {
                 SinkKind::Grpc => Box::new(grpc::GrpcSink::new(cfg)?),
                 SinkKind::HttpJson => Box::new(http::HttpSink::new(name, cfg)?),
             };
-            let mut state = store.upstream_state(name).await?;
-            if sink.relays_cases() && !cfg.case_history && state.case_cursor == 0 {
-                // Starts after the history the platform already holds.
-                state.case_cursor = store.case_head().await?;
-                store
-                    .relay_write(RelayWrite::CaseAdvance {
-                        upstream: name.clone(),
-                        cursor: state.case_cursor,
-                        dead: Vec::new(),
-                        delivered: Vec::new(),
-                    })
-                    .await?;
-                tracing::info!(upstream = %name, case_cursor = state.case_cursor, "The upstream starts after the hub's 办件 history (case_history = false).");
-            }
+            let state = store.upstream_state(name).await?;
             let (control, _) = watch::channel(0);
             // One writer per upstream keeps its cursor writes in order; its queue bounds how
             // far the stored cursor may trail the sends (and so the re-sends after a crash).

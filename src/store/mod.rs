@@ -603,6 +603,9 @@ pub enum RelayWrite {
         upstream: String,
         delivered: Vec<u64>,
         failed: Vec<(u64, String)>,
+        /// Case numbers of 办件 records this replay delivered: their ratings' open letters
+        /// are marked for replay in the same transaction (as `CaseAdvance` does).
+        freed_cases: Vec<String>,
     },
     SetPaused {
         upstream: String,

@@ -605,19 +605,7 @@ async fn relay_write(
             dead,
             delivered,
         } => {
-            // Ratings refused while their case had not gone up go again now it has.
-            if !delivered.is_empty() {
-                sqlx::query(
-                    "UPDATE dead_letters SET replay_requested = TRUE WHERE upstream = $1 \
-                     AND resolved_at IS NULL AND case_event_id IS NULL AND update_seq IS NULL \
-                     AND feed_seq IN \
-                     (SELECT feed_seq FROM ratings WHERE case_number = ANY($2))",
-                )
-                .bind(upstream)
-                .bind(delivered)
-                .execute(&mut *conn)
-                .await?;
-            }
+            requeue_case_ratings(conn, upstream, delivered).await?;
             if !dead.is_empty() {
                 // As for ratings: the state row locked first; nothing at or below the
                 // stored case cursor is added again.
@@ -660,7 +648,9 @@ async fn relay_write(
             upstream,
             delivered,
             failed,
+            freed_cases,
         } => {
+            requeue_case_ratings(conn, upstream, freed_cases).await?;
             let mut n = 0;
             if !delivered.is_empty() {
                 let ids: Vec<i64> = delivered.iter().map(|id| *id as i64).collect();
@@ -923,6 +913,27 @@ async fn relay_write(
             Ok(r.rows_affected())
         }
     }
+}
+
+/// Marks for replay the open letters of ratings of these case numbers: refused while their
+/// 办件 record had not gone up, they go again now it has.
+async fn requeue_case_ratings(
+    conn: &mut PgConnection,
+    upstream: &str,
+    case_numbers: &[String],
+) -> Result<(), sqlx::Error> {
+    if !case_numbers.is_empty() {
+        sqlx::query(
+            "UPDATE dead_letters SET replay_requested = TRUE WHERE upstream = $1 \
+             AND resolved_at IS NULL AND case_event_id IS NULL AND update_seq IS NULL \
+             AND feed_seq IN (SELECT feed_seq FROM ratings WHERE case_number = ANY($2))",
+        )
+        .bind(upstream)
+        .bind(case_numbers)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
 }
 
 async fn insert_case(

@@ -467,22 +467,7 @@ async fn relay_write(
             dead,
             delivered,
         } => {
-            // Ratings refused while their case had not gone up go again now it has.
-            for chunk in delivered.chunks(500) {
-                let mut qb = QueryBuilder::<Sqlite>::new(
-                    "UPDATE dead_letters SET replay_requested = 1 WHERE upstream = ",
-                );
-                qb.push_bind(upstream.as_str()).push(
-                    " AND resolved_at IS NULL AND case_event_id IS NULL AND update_seq IS NULL \
-                     AND feed_seq IN (SELECT feed_seq FROM ratings WHERE case_number IN (",
-                );
-                let mut list = qb.separated(", ");
-                for c in chunk {
-                    list.push_bind(c.as_str());
-                }
-                qb.push("))");
-                qb.build().execute(&mut *conn).await?;
-            }
+            requeue_case_ratings(conn, upstream, delivered).await?;
             // As for ratings: a resent write adds no dead letter at or below the stored
             // cursor.
             let stored: i64 = if dead.is_empty() {
@@ -528,7 +513,9 @@ async fn relay_write(
             upstream,
             delivered,
             failed,
+            freed_cases,
         } => {
+            requeue_case_ratings(conn, upstream, freed_cases).await?;
             let mut n = 0;
             for id in delivered {
                 n += sqlx::query(
@@ -814,6 +801,31 @@ const UPDATE_COLUMNS: &str = "SELECT x.seq AS seq, x.reason, x.at, x.decided_by,
 
 const CASE_EVENT_COLUMNS: &str =
     "SELECT id, source_system, body, pii, pii_key_id FROM service_case_events";
+
+/// Marks for replay the open letters of ratings of these case numbers: refused while their
+/// 办件 record had not gone up, they go again now it has.
+async fn requeue_case_ratings(
+    conn: &mut SqliteConnection,
+    upstream: &str,
+    case_numbers: &[String],
+) -> Result<(), sqlx::Error> {
+    for chunk in case_numbers.chunks(500) {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "UPDATE dead_letters SET replay_requested = 1 WHERE upstream = ",
+        );
+        qb.push_bind(upstream).push(
+            " AND resolved_at IS NULL AND case_event_id IS NULL AND update_seq IS NULL \
+             AND feed_seq IN (SELECT feed_seq FROM ratings WHERE case_number IN (",
+        );
+        let mut list = qb.separated(", ");
+        for c in chunk {
+            list.push_bind(c.as_str());
+        }
+        qb.push("))");
+        qb.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
 
 async fn insert_case(
     conn: &mut SqliteConnection,

@@ -304,13 +304,19 @@ async fn alert_rules_and_dashboard_pass_promtool_and_name_only_exported_metrics(
         if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
             (words.next(), words.next(), words.next(), words.next())
         {
-            exported.insert(name.to_owned());
-            if kind == "counter" {
-                exported.insert(format!("{name}_total"));
-            }
-            if kind == "histogram" {
-                for part in ["bucket", "sum", "count"] {
-                    exported.insert(format!("{name}_{part}"));
+            // The sample names Prometheus stores: a counter's with _total, a histogram's
+            // buckets, sum and count; a gauge's as it is.
+            match kind {
+                "counter" => {
+                    exported.insert(format!("{name}_total"));
+                }
+                "histogram" => {
+                    for part in ["bucket", "sum", "count"] {
+                        exported.insert(format!("{name}_{part}"));
+                    }
+                }
+                _ => {
+                    exported.insert(name.to_owned());
                 }
             }
         }
@@ -586,6 +592,7 @@ async fn the_operations_listener_off_loopback_needs_mutual_tls_and_the_ops_role(
             idle.push(c);
         }
     }
+    assert_eq!(idle.len(), 64, "the idle connections were all made");
     let started = std::time::Instant::now();
     let ok = client(Some("prometheus")).get(&url).send().await.unwrap();
     assert_eq!(ok.status(), 200);

@@ -126,6 +126,39 @@ impl Drop for TlsServer {
 /// Runs SQL (several statements allowed) on the database of the hub in `dir`, whichever the
 /// backend under test: a test's way to reach under the hub (a trigger that makes a write
 /// fail, as a full disk or a dropped connection would). Returns nothing.
+/// Reads from a hub's own database (SQLite file or PostgreSQL): the first column of each
+/// row, as text.
+pub fn query_on_hub(dir: &Path, sql: &str) -> Vec<String> {
+    if enabled() {
+        return exec(&database_for(dir), sql);
+    }
+    let (path, sql) = (dir.join("hub.db"), sql.to_owned());
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                use sqlx::{ConnectOptions, Row};
+                let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(&path)
+                    .read_only(true)
+                    .connect()
+                    .await
+                    .unwrap();
+                sqlx::query(&sql)
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.try_get::<String, _>(0).unwrap_or_default())
+                    .collect()
+            })
+    })
+    .join()
+    .unwrap()
+}
+
 pub fn exec_on_hub(dir: &Path, sql: &str) {
     try_exec_on_hub(dir, sql).unwrap();
 }

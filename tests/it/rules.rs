@@ -1662,8 +1662,9 @@ mod profile_case_rules {
         assert_eq!(ordos_stats(&hub).await.total, 2);
         let register = |hub_id: &str| pb::RegisterInvalidRatingRequest {
             hub_id: hub_id.into(),
-            rater_statement: "评价人来电（13812345678）：非本人点击".into(),
-            decision_note: "调取监控属实".into(),
+            rater_statement: "评价人张三来电（13812345678，留存号码13800138000）：非本人点击"
+                .into(),
+            decision_note: "调取监控属实，张三所述无误".into(),
         };
         let err = AdminServiceClient::new(hub.channel_as("ordos-dept").await)
             .register_invalid_rating(register(&results[0].hub_id))
@@ -1688,6 +1689,13 @@ mod profile_case_rules {
             1,
             "the invalid 好评 left the scores"
         );
+        // What is kept of the statement and the finding names neither the rater nor a number.
+        let notes = crate::pg::query_on_hub(hub.dir.path(), "SELECT note FROM rating_exclusions");
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        for secret in ["张三", "13812345678", "13800138000"] {
+            assert!(!notes[0].contains(secret), "{secret} kept in {notes:?}");
+        }
+        assert!(notes[0].contains("非本人点击"), "{notes:?}");
         let err = admin
             .register_invalid_rating(register(&results[0].hub_id))
             .await

@@ -502,6 +502,20 @@ async fn every_identity_document_type_is_checked_by_its_own_rule() {
     rater.id_number.clear();
     let result = submit_one(&mut ingest, r).await;
     assert_eq!(outcome(&result), pb::Outcome::Accepted, "{result:?}");
+    let got = query
+        .get_rating(pb::GetRatingRequest {
+            hub_id: result.hub_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rating
+        .unwrap();
+    assert_eq!(
+        got.rater.unwrap().id_type,
+        0,
+        "the type without a number is dropped"
+    );
     assert_eq!(
         crate::ingest::count(&hub).await,
         valid.len() as u64 + 1,

@@ -97,6 +97,9 @@ pub fn load_profile(name: &str, cfg: &UpstreamConfig) -> Result<(Profile, Keyrin
     Ok((profile, keys))
 }
 
+/// The longest answer read from a platform.
+const MAX_ANSWER: usize = 1 << 20;
+
 pub struct HttpSink {
     client: reqwest::Client,
     endpoint: String,
@@ -169,10 +172,23 @@ impl HttpSink {
             .await
             .map_err(|e| SendError::Retryable(format!("request failed: {e}")))?;
         let status = response.status();
-        let text = response
-            .text()
+        // At most MAX_ANSWER bytes: a platform that echoes a whole batch back, or anything
+        // that answers on its port, cannot make the worker hold or scan more.
+        let mut response = response;
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
             .await
-            .map_err(|e| SendError::Retryable(format!("reading the answer: {e}")))?;
+            .map_err(|e| SendError::Retryable(format!("reading the answer: {e}")))?
+        {
+            if body.len() + chunk.len() > MAX_ANSWER {
+                return Err(SendError::Retryable(format!(
+                    "HTTP {status}: the answer is longer than {MAX_ANSWER} bytes"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let text = String::from_utf8_lossy(&body);
         if !status.is_success() {
             let msg = format!("HTTP {status}: {}", snippet(&text));
             return Err(if self.permanent_statuses.contains(&status.as_u16()) {

@@ -66,6 +66,15 @@ pub struct ReplySpec {
     pub per_record: Option<Judge>,
 }
 
+/// What of an upstream's code or message goes into a dead letter, the attempt log or a log
+/// line: its first 300 characters.
+fn cut(text: &str) -> String {
+    match text.char_indices().nth(300) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
+}
+
 fn check_pointer(p: &str, what: &str) -> Result<(), String> {
     if p.is_empty() || p.starts_with('/') {
         Ok(())
@@ -145,14 +154,15 @@ impl ReplySpec {
         if judge.ok(v) || self.exists(&msg) {
             Delivery::Delivered
         } else {
-            Delivery::Rejected(format!("upstream code {code}: {msg}"))
+            Delivery::Rejected(format!("upstream code {}: {}", cut(&code), cut(&msg)))
         }
     }
 
     /// What became of each of `n` records, from a 2xx answer. `Ok(None)`: the answer says
     /// "already exists" of a request of several records, which does not tell which.
     pub fn read(&self, answer: &Value, n: usize) -> Result<Option<Vec<Delivery>>, SendError> {
-        let (code, msg) = self.judge.said(answer);
+        let (code, full) = self.judge.said(answer);
+        let (code, msg) = (cut(&code), cut(&full));
         if self.retry_when.iter().any(|c| c.holds(answer)) {
             return Err(SendError::Retryable(format!(
                 "upstream busy, code {code}: {msg}"
@@ -189,7 +199,7 @@ impl ReplySpec {
         if self.judge.ok(answer) {
             return Ok(Some(vec![Delivery::Delivered; n]));
         }
-        if n > 1 && self.exists(&msg) {
+        if n > 1 && self.exists(&full) {
             return Ok(None);
         }
         Ok(Some(vec![self.judge_one(&self.judge, answer); n]))
@@ -247,6 +257,23 @@ refuse_when = [{ pointer = "/custom/code", equals = ["40001"] }]
         );
         let no_list = json!({"status": {"code": 200}, "custom": {"code": 1}});
         assert!(matches!(r.read(&no_list, 2), Err(SendError::Malformed(_))));
+    }
+
+    /// A platform that echoes a whole batch into its message: what is kept of it is short,
+    /// however many records the refusal is about.
+    #[test]
+    fn a_long_message_is_cut_before_it_is_copied_to_every_record() {
+        let r = nested();
+        let echo = "x".repeat(1 << 20);
+        let refused = json!({"status": {"code": 200}, "custom": {"code": 40001, "text": echo}});
+        let d = r.read(&refused, 500).unwrap().unwrap();
+        assert_eq!(d.len(), 500);
+        for x in &d {
+            let Delivery::Rejected(e) = x else {
+                panic!("{x:?}")
+            };
+            assert!(e.chars().count() < 400, "{}", e.len());
+        }
     }
 
     #[test]

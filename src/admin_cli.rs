@@ -455,12 +455,48 @@ pub async fn run(c: Connection, command: AdminCommand) -> anyhow::Result<()> {
                 .await?
                 .into_inner();
             if c.json {
-                out(json!({ "principals": r.principals, "added": r.added, "removed": r.removed }));
+                out(json!({
+                    "principals": r.principals,
+                    "added": r.added,
+                    "removed": r.removed,
+                    "upstreams_added": r.upstreams_added,
+                    "upstreams_removed": r.upstreams_removed,
+                    "upstreams_changed": r.upstreams_changed,
+                    "limits_changed": r.limits_changed,
+                    "restart_needed": r.restart_needed,
+                    "warnings": r.warnings,
+                }));
             } else {
+                let list = |v: &[String]| {
+                    if v.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        v.join(", ")
+                    }
+                };
+                println!("Reloaded.");
                 println!(
-                    "Reloaded: {} principals; added {:?}; removed {:?}.",
-                    r.principals, r.added, r.removed
+                    "  principals  {} in force; added: {}; removed: {}",
+                    r.principals,
+                    list(&r.added),
+                    list(&r.removed)
                 );
+                println!(
+                    "  upstreams   added: {}; removed: {}; restarted with new settings: {}",
+                    list(&r.upstreams_added),
+                    list(&r.upstreams_removed),
+                    list(&r.upstreams_changed)
+                );
+                println!("  limits      changed: {}", list(&r.limits_changed));
+                if !r.restart_needed.is_empty() {
+                    println!(
+                        "  not in force until a restart: {}",
+                        list(&r.restart_needed)
+                    );
+                }
+                for w in &r.warnings {
+                    eprintln!("warning: {w}");
+                }
             }
         }
     }

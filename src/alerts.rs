@@ -106,7 +106,7 @@ async fn conditions(
             "数据库无法连接：评价暂不能写入（已确认的评价不会丢失）".into(),
         );
     }
-    for name in state.relay.names().map(str::to_owned).collect::<Vec<_>>() {
+    for name in state.relay.names() {
         if !database_up {
             unknown.push(name);
             continue;

@@ -276,7 +276,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let reload = std::future::pending::<()>();
         tokio::select! {
             _ = stop.wait() => break,
-            _ = reload => match hub.reload() {
+            _ = reload => match hub.reload().await {
                 Ok(r) => tracing::info!(principals = r.principals, "SIGHUP: configuration reloaded."),
                 Err(why) => tracing::error!(error = %why, "SIGHUP: the configuration was not reloaded; the running one stays."),
             },

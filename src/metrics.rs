@@ -331,6 +331,24 @@ impl Metrics {
     /// The certificate and CRL files to report on.
     pub fn watch_files(&self, files: WatchedFiles) {
         *self.files.lock().expect("files") = files;
+        // A certificate no longer watched (an upstream removed by a reload) has no series.
+        self.certificate_expiry.clear();
+        self.crl_age.clear();
+        self.crl_next_update.clear();
+    }
+
+    /// An upstream removed by a reload: its state gauges go (its attempt counters stay, as
+    /// counters do).
+    pub fn forget_upstream(&self, name: &str) {
+        let l = UpstreamLabels {
+            upstream: name.to_owned(),
+        };
+        self.upstream_cursor.remove(&l);
+        self.upstream_lag_records.remove(&l);
+        self.upstream_lag_seconds.remove(&l);
+        self.upstream_dead_letters.remove(&l);
+        self.upstream_paused.remove(&l);
+        self.upstream_delivering_here.remove(&l);
     }
 
     /// One send to an upstream, by its result.
@@ -370,7 +388,7 @@ impl Metrics {
         {
             self.database_bytes.set(n as i64);
         }
-        let names: Vec<String> = state.relay.names().map(str::to_owned).collect();
+        let names = state.relay.names();
         for name in names {
             let l = UpstreamLabels {
                 upstream: name.clone(),
@@ -384,12 +402,7 @@ impl Metrics {
                 None
             };
             let Some(u) = status.filter(|u| u.stored_state_read) else {
-                self.upstream_cursor.remove(&l);
-                self.upstream_lag_records.remove(&l);
-                self.upstream_lag_seconds.remove(&l);
-                self.upstream_dead_letters.remove(&l);
-                self.upstream_paused.remove(&l);
-                self.upstream_delivering_here.remove(&l);
+                self.forget_upstream(&l.upstream);
                 continue;
             };
             {

@@ -216,29 +216,7 @@ pub async fn start_with_clock(
         metrics.register_writer(w);
     }
     let metrics = Arc::new(metrics);
-    {
-        // The certificates and CRLs whose expiry and age the metrics report.
-        let mut files = crate::metrics::WatchedFiles::default();
-        if !config.tls.insecure_plaintext {
-            let tls = config.tls.files()?;
-            files.certificates.push(("server".into(), tls.cert.clone()));
-            files
-                .certificates
-                .push(("ca".into(), tls.client_ca.clone()));
-            files.crls = tls.crls.clone();
-        }
-        if let Some((cert, _)) = config.public.tls() {
-            files.certificates.push(("public".into(), cert));
-        }
-        for (name, u) in &config.upstreams {
-            if !u.cert.is_empty() {
-                files
-                    .certificates
-                    .push((format!("upstream:{name}"), u.cert.clone().into()));
-            }
-        }
-        metrics.watch_files(files);
-    }
+    metrics.watch_files(watched_files(config)?);
     let relay = crate::relay::Relay::start(
         &config.upstreams,
         store.clone(),
@@ -272,24 +250,20 @@ pub async fn start_with_clock(
     );
     let state = Arc::new(HubState {
         store: store.clone(),
-        rules: config.ingest_rules(),
         clock,
-        max_batch: config.server.max_batch,
-        stream_window: config.server.stream_window,
-        stream_window_bytes: config.server.stream_window_bytes,
+        limits: std::sync::RwLock::new(Arc::new(crate::api::Limits::of(config))),
         identity,
         pii,
         in_flight: Arc::new(tokio::sync::Semaphore::new(config.limits.max_in_flight)),
-        max_in_flight: config.limits.max_in_flight,
         relay: relay.clone(),
         engine: rules.clone(),
-        quality: config.quality.thresholds(),
-        evidence_max_bytes: config.limits.evidence_max_mb as usize * 1024 * 1024,
         evidence_slots: Arc::new(tokio::sync::Semaphore::new(EVIDENCE_TRANSFERS)),
         metrics,
         config_file: config.source_file.clone(),
         started_tls: (config.tls.dev_pki, config.tls.insecure_plaintext),
-        reloading: std::sync::Mutex::new(()),
+        restart_only: crate::config::restart_only(config),
+        shutdown_grace: Duration::from_secs(config.server.shutdown_grace_secs),
+        reloading: tokio::sync::Mutex::new(()),
         stopping,
     });
     let max_msg = config.server.max_message_bytes;
@@ -446,8 +420,8 @@ pub async fn start_with_clock(
 impl RunningHub {
     /// Reads the configuration file again and puts its principals in force (SIGHUP, or
     /// AdminService.ReloadConfig).
-    pub fn reload(&self) -> Result<crate::api::Reloaded, String> {
-        self.state.reload()
+    pub async fn reload(&self) -> Result<crate::api::Reloaded, String> {
+        self.state.reload().await
     }
 
     pub fn store(&self) -> Arc<dyn Store> {
@@ -493,4 +467,29 @@ impl RunningHub {
         tracing::info!("Stopped; every queued commit finished.");
         Ok(())
     }
+}
+
+/// The certificates and CRLs whose expiry and age the metrics report (read again by a
+/// reload: upstreams come and go).
+pub fn watched_files(config: &Config) -> anyhow::Result<crate::metrics::WatchedFiles> {
+    let mut files = crate::metrics::WatchedFiles::default();
+    if !config.tls.insecure_plaintext {
+        let tls = config.tls.files()?;
+        files.certificates.push(("server".into(), tls.cert.clone()));
+        files
+            .certificates
+            .push(("ca".into(), tls.client_ca.clone()));
+        files.crls = tls.crls.clone();
+    }
+    if let Some((cert, _)) = config.public.tls() {
+        files.certificates.push(("public".into(), cert));
+    }
+    for (name, u) in &config.upstreams {
+        if !u.cert.is_empty() {
+            files
+                .certificates
+                .push((format!("upstream:{name}"), u.cert.clone().into()));
+        }
+    }
+    Ok(files)
 }

@@ -107,7 +107,7 @@ pub async fn page(state: &HubState) -> String {
 async fn render(state: &HubState) -> String {
     let now = state.clock.now_micros();
     let mut upstreams = Vec::new();
-    for name in state.relay.names().map(str::to_owned).collect::<Vec<_>>() {
+    for name in state.relay.names() {
         let status = state.relay.status(&name).await.ok();
         let attempts = state
             .relay

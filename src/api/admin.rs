@@ -146,7 +146,7 @@ impl AdminService for AdminApi {
         let relay = &self.state.relay;
         let mut upstreams = Vec::new();
         for name in relay.names() {
-            upstreams.push(status_pb(relay.status(name).await?));
+            upstreams.push(status_pb(relay.status(&name).await?));
         }
         Ok(Response::new(pb::ListUpstreamsResponse { upstreams }))
     }
@@ -412,24 +412,25 @@ impl AdminService for AdminApi {
         request: Request<pb::ReloadConfigRequest>,
     ) -> Result<Response<pb::ReloadConfigResponse>, Status> {
         let caller = self.state.admit(&request, "ReloadConfig", Role::Admin)?;
-        let state = self.state.clone();
-        // Reading and validating the file is blocking work.
-        let r = tokio::task::spawn_blocking(move || state.reload())
-            .await
-            .map_err(|e| Status::internal(format!("reload failed: {e}")))?
-            .map_err(|why| {
-                tracing::warn!(
-                    principal = caller.name(),
-                    "Configuration reload refused; the running one stays."
-                );
-                Status::failed_precondition(format!(
-                    "the configuration was not reloaded (the running one stays): {why}"
-                ))
-            })?;
+        let r = self.state.reload().await.map_err(|why| {
+            tracing::warn!(
+                principal = caller.name(),
+                "Configuration reload refused; the running one stays."
+            );
+            Status::failed_precondition(format!(
+                "the configuration was not reloaded (the running one stays): {why}"
+            ))
+        })?;
         Ok(Response::new(pb::ReloadConfigResponse {
             principals: r.principals as u32,
             added: r.added,
             removed: r.removed,
+            upstreams_added: r.upstreams_added,
+            upstreams_removed: r.upstreams_removed,
+            upstreams_changed: r.upstreams_changed,
+            limits_changed: r.limits_changed,
+            restart_needed: r.restart_needed,
+            warnings: r.warnings,
         }))
     }
 

@@ -148,7 +148,7 @@ fn checks(state: &HubState, region: &str, relay: bool) -> IngestChecks {
         counting: !relay,
         follow_up_limit: profile.follow_up_limit,
         follow_up_window_secs: i64::from(profile.follow_up_window_days) * 86_400,
-        quality: state.quality,
+        quality: state.limits().quality,
         per_visit: profile.staff_rating_per_visit,
     }
 }
@@ -162,6 +162,7 @@ fn prepare<'a>(
     ratings: impl ExactSizeIterator<Item = Option<&'a pb::Rating>>,
 ) -> (Vec<Option<pb::ItemResult>>, Vec<(usize, NewRating)>) {
     let now = state.clock.now_micros();
+    let limits = state.limits();
     let mut results = vec![None; ratings.len()];
     let mut valid = Vec::with_capacity(ratings.len());
     for (i, raw) in ratings.enumerate() {
@@ -174,7 +175,7 @@ fn prepare<'a>(
             ));
             continue;
         };
-        match parse_rating(raw, now, &state.rules, principal.has(Role::Relay)) {
+        match parse_rating(raw, now, &limits.rules, principal.has(Role::Relay)) {
             Ok(mut r) => {
                 flag_anonymous_where_real_name_is_required(state, &mut r);
                 if let Some(v) = out_of_scope(
@@ -246,7 +247,7 @@ impl IngestService for IngestApi {
     ) -> Result<Response<pb::SubmitRatingsResponse>, Status> {
         let caller = self.state.admit(&request, "SubmitRatings", Role::Submit)?;
         let ratings = request.into_inner().ratings;
-        check_batch_size("ratings", ratings.len(), self.state.max_batch)?;
+        check_batch_size("ratings", ratings.len(), self.state.limits().max_batch)?;
         let (results, valid) = prepare(&self.state, &caller.principal, ratings.iter().map(Some));
         match caller.principal.check_ratings(valid.len() as u32) {
             Ok(()) => {}
@@ -276,8 +277,8 @@ impl IngestService for IngestApi {
         let caller: Caller = self.state.admit(&request, "StreamRatings", Role::Submit)?;
         let mut inbound = request.into_inner();
         let state = self.state.clone();
-        let window = state.stream_window;
-        let window_bytes = state.stream_window_bytes;
+        let limits = state.limits();
+        let (window, window_bytes) = (limits.stream_window, limits.stream_window_bytes);
         let (tx, rx) = mpsc::channel(window);
         tokio::spawn(async move {
             let principal = caller.principal.clone();
@@ -387,13 +388,13 @@ impl IngestService for IngestApi {
             .state
             .admit(&request, "ReportServiceCases", Role::Submit)?;
         let cases = request.into_inner().cases;
-        check_batch_size("cases", cases.len(), self.state.max_batch)?;
+        check_batch_size("cases", cases.len(), self.state.limits().max_batch)?;
         let now = self.state.clock.now_micros();
         let mut results = vec![None; cases.len()];
         let mut valid = Vec::new();
         let mut positions = Vec::new();
         for (i, raw) in cases.iter().enumerate() {
-            match parse_case(raw, now, &self.state.rules) {
+            match parse_case(raw, now, &self.state.limits().rules) {
                 Ok(case) => {
                     let (org, region) = (case.org_credit_code.as_str(), case.region_code.as_str());
                     if let Some(v) = out_of_scope(&caller.principal, org, region) {

@@ -32,18 +32,14 @@ pub enum Identity {
 /// What every service needs: the store, the rules and limits, the clock, who is who.
 pub struct HubState {
     pub store: Arc<dyn Store>,
-    pub rules: IngestRules,
     pub clock: Arc<dyn Clock>,
-    pub max_batch: usize,
-    pub stream_window: usize,
-    pub stream_window_bytes: usize,
+    /// The limits in force (replaced whole by a reload; a call keeps the ones it began with).
+    pub limits: std::sync::RwLock<Arc<Limits>>,
     pub identity: Identity,
     pub pii: Arc<PiiKeys>,
     pub in_flight: Arc<Semaphore>,
-    pub max_in_flight: usize,
     pub relay: Arc<crate::relay::Relay>,
     pub engine: Arc<crate::rules::engine::RulesEngine>,
-    pub quality: crate::store::QualityThresholds,
     /// Prometheus metrics (served on the operations listener).
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The configuration file a reload reads again (with the environment over it).
@@ -52,10 +48,13 @@ pub struct HubState {
     /// listener's certificates are not reloaded, and the development admin must not appear
     /// under a production CA).
     pub started_tls: (bool, bool),
+    /// The settings only a restart changes, as the hub started with them: a reload names
+    /// those its file changes.
+    pub restart_only: Vec<(&'static str, String)>,
+    /// How long a reload waits for a removed or changed upstream's worker to stop.
+    pub shutdown_grace: Duration,
     /// One reload at a time.
-    pub reloading: std::sync::Mutex<()>,
-    /// The largest evidence file taken, in bytes.
-    pub evidence_max_bytes: usize,
+    pub reloading: tokio::sync::Mutex<()>,
     /// Evidence uploads and downloads under way at once (each holds up to a file in memory).
     pub evidence_slots: Arc<Semaphore>,
     /// Becomes true when the hub starts shutting down: endless streams end themselves.
@@ -114,53 +113,217 @@ pub fn redact_urls(text: &str) -> String {
     out
 }
 
+/// The limits a reload changes: each call reads them once, when it starts.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_batch: usize,
+    pub stream_window: usize,
+    pub stream_window_bytes: usize,
+    pub max_in_flight: usize,
+    /// The largest evidence file taken, in bytes.
+    pub evidence_max_bytes: usize,
+    pub quality: crate::store::QualityThresholds,
+    pub rules: IngestRules,
+}
+
+impl Limits {
+    pub fn of(config: &crate::config::Config) -> Self {
+        Self {
+            max_batch: config.server.max_batch,
+            stream_window: config.server.stream_window,
+            stream_window_bytes: config.server.stream_window_bytes,
+            max_in_flight: config.limits.max_in_flight,
+            evidence_max_bytes: config.limits.evidence_max_mb as usize * 1024 * 1024,
+            quality: config.quality.thresholds(),
+            rules: config.ingest_rules(),
+        }
+    }
+
+    /// The settings that differ in `new`, by their names in the configuration file.
+    fn changes(&self, new: &Limits) -> Vec<String> {
+        let pairs: [(&str, String, String); 7] = [
+            (
+                "server.max_batch",
+                self.max_batch.to_string(),
+                new.max_batch.to_string(),
+            ),
+            (
+                "server.stream_window",
+                self.stream_window.to_string(),
+                new.stream_window.to_string(),
+            ),
+            (
+                "server.stream_window_bytes",
+                self.stream_window_bytes.to_string(),
+                new.stream_window_bytes.to_string(),
+            ),
+            (
+                "limits.max_in_flight",
+                self.max_in_flight.to_string(),
+                new.max_in_flight.to_string(),
+            ),
+            (
+                "limits.evidence_max_mb",
+                self.evidence_max_bytes.to_string(),
+                new.evidence_max_bytes.to_string(),
+            ),
+            (
+                "quality",
+                format!("{:?}", self.quality),
+                format!("{:?}", new.quality),
+            ),
+            (
+                "validation",
+                format!("{:?}", self.rules),
+                format!("{:?}", new.rules),
+            ),
+        ];
+        pairs
+            .into_iter()
+            .filter(|(_, a, b)| a != b)
+            .map(|(n, _, _)| n.to_owned())
+            .collect()
+    }
+}
+
 /// What a reload did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reloaded {
     pub principals: usize,
     pub added: Vec<String>,
     pub removed: Vec<String>,
+    pub upstreams_added: Vec<String>,
+    pub upstreams_removed: Vec<String>,
+    /// Upstreams whose configuration (or a file or secret it names) changed: their workers
+    /// were restarted with it.
+    pub upstreams_changed: Vec<String>,
+    /// Limits put in force for the next call.
+    pub limits_changed: Vec<String>,
+    /// Settings the file changes that only a restart puts in force.
+    pub restart_needed: Vec<String>,
+    /// What could not be done once the new configuration was accepted (an upstream whose
+    /// stored state could not be read stays stopped).
+    pub warnings: Vec<String>,
 }
 
 impl HubState {
-    /// Reads the configuration file again and, when it loads and validates, puts its
-    /// principals (and their quotas) in force for the next call; calls already admitted and
-    /// open streams go on. A file that does not load changes nothing, and the reason is the
-    /// error. Other settings take effect at the next restart.
-    pub fn reload(&self) -> Result<Reloaded, String> {
-        let Identity::Mtls(current) = &self.identity else {
-            return Err("tls.insecure_plaintext is set: there are no principals to reload".into());
-        };
+    /// The limits in force now.
+    pub fn limits(&self) -> Arc<Limits> {
+        self.limits
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Reads the configuration file again and, when all of it loads and validates (every
+    /// upstream's certificates, profile and keys read, its sink built), puts in force for the
+    /// next call its principals (and their quotas), its limits, and its upstreams: added ones
+    /// start delivering, removed ones stop (their cursors and dead letters stay stored),
+    /// changed ones restart with the new settings from their stored cursors; the others go
+    /// on untouched. Calls already admitted and open streams go on. A file that does not
+    /// load changes nothing, and the reason is the error. Settings only a restart changes are
+    /// named in the report.
+    pub async fn reload(&self) -> Result<Reloaded, String> {
         let Ok(_one) = self.reloading.try_lock() else {
             return Err("a reload is under way".into());
         };
-        let config =
-            crate::config::Config::load(self.config_file.as_deref()).map_err(|e| e.to_string())?;
+        let file = self.config_file.clone();
+        let config = tokio::task::spawn_blocking(move || {
+            crate::config::Config::load(file.as_deref()).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| format!("reading the configuration failed: {e}"))??;
         if (config.tls.dev_pki, config.tls.insecure_plaintext) != self.started_tls {
             return Err(
                 "tls.dev_pki or tls.insecure_plaintext changed: TLS changes need a restart".into(),
             );
         }
-        let Identity::Mtls(new) =
-            crate::server::identity(&config).map_err(|e| redact_urls(&format!("{e:#}")))?
-        else {
-            return Err(
-                "the new configuration sets tls.insecure_plaintext; restart to change that".into(),
-            );
+        // Everything is checked before anything changes.
+        let registry = match &self.identity {
+            Identity::Plaintext(_) => None,
+            Identity::Mtls(_) => match crate::server::identity(&config)
+                .map_err(|e| redact_urls(&format!("{e:#}")))?
+            {
+                Identity::Mtls(new) => Some(new.into_inner().unwrap_or_else(|p| p.into_inner())),
+                Identity::Plaintext(_) => {
+                    return Err(
+                        "the new configuration sets tls.insecure_plaintext; restart to change that"
+                            .into(),
+                    );
+                }
+            },
         };
-        let new = new.into_inner().unwrap_or_else(|p| p.into_inner());
-        let mut slot = current.write().unwrap_or_else(|p| p.into_inner());
-        let names = |r: &Registry| -> std::collections::BTreeSet<String> {
-            r.names().map(str::to_owned).collect()
+        let files =
+            crate::server::watched_files(&config).map_err(|e| redact_urls(&format!("{e:#}")))?;
+        let plan = self
+            .relay
+            .plan(&config.upstreams)
+            .await
+            .map_err(|e| redact_urls(&e))?;
+        let limits = Limits::of(&config);
+
+        let mut report = Reloaded {
+            upstreams_added: plan.added.clone(),
+            upstreams_removed: plan.removed.clone(),
+            upstreams_changed: plan.changed.clone(),
+            restart_needed: crate::config::restart_only(&config)
+                .into_iter()
+                .zip(&self.restart_only)
+                .filter(|((_, new), (_, old))| new != old)
+                .map(|((name, _), _)| name.to_owned())
+                .collect(),
+            ..Default::default()
         };
-        let (before, after) = (names(&slot), names(&new));
-        let report = Reloaded {
-            principals: new.len(),
-            added: after.difference(&before).cloned().collect(),
-            removed: before.difference(&after).cloned().collect(),
-        };
-        *slot = new;
-        tracing::info!(principals = report.principals, added = ?report.added, removed = ?report.removed, "Configuration reloaded: principals in force.");
+        if let (Some(new), Identity::Mtls(current)) = (registry, &self.identity) {
+            let mut slot = current.write().unwrap_or_else(|p| p.into_inner());
+            let names = |r: &Registry| -> std::collections::BTreeSet<String> {
+                r.names().map(str::to_owned).collect()
+            };
+            let (before, after) = (names(&slot), names(&new));
+            report.principals = new.len();
+            report.added = after.difference(&before).cloned().collect();
+            report.removed = before.difference(&after).cloned().collect();
+            *slot = new;
+        }
+        {
+            let mut slot = self.limits.write().unwrap_or_else(|p| p.into_inner());
+            report.limits_changed = slot.changes(&limits);
+            let (old, new) = (slot.max_in_flight, limits.max_in_flight);
+            if new > old {
+                self.in_flight.add_permits(new - old);
+            } else if new < old {
+                // The calls in flight finish; their slots are then retired until the
+                // difference is gone.
+                let slots = self.in_flight.clone();
+                let retire = u32::try_from(old - new).unwrap_or(u32::MAX);
+                tokio::spawn(async move {
+                    if let Ok(p) = slots.acquire_many_owned(retire).await {
+                        p.forget();
+                    }
+                });
+            }
+            *slot = Arc::new(limits);
+        }
+        self.metrics.watch_files(files);
+        if !plan.is_empty()
+            && let Err(e) = self.relay.apply(plan, self.shutdown_grace).await
+        {
+            report.warnings.push(e);
+        }
+        tracing::info!(
+            principals = report.principals,
+            added = ?report.added,
+            removed = ?report.removed,
+            upstreams_added = ?report.upstreams_added,
+            upstreams_removed = ?report.upstreams_removed,
+            upstreams_changed = ?report.upstreams_changed,
+            limits_changed = ?report.limits_changed,
+            restart_needed = ?report.restart_needed,
+            "Configuration reloaded."
+        );
+        for w in &report.warnings {
+            tracing::error!(warning = %w, "Configuration reloaded, but not all of it is in force.");
+        }
         Ok(report)
     }
 
@@ -249,20 +412,18 @@ impl HubState {
         }
         let slot = self.in_flight.clone().try_acquire_owned().map_err(|_| {
             self.metrics.denied("shed");
+            let max = self.limits().max_in_flight;
             if let Some(suppressed) = crate::telemetry::throttle("api.shed") {
                 tracing::warn!(
                     rpc,
-                    max = self.max_in_flight,
+                    max,
                     suppressed,
                     "Shedding load: too many calls in flight."
                 );
             }
             retry_status(
                 Code::Unavailable,
-                format!(
-                    "the hub is overloaded ({} calls in flight); retry with backoff",
-                    self.max_in_flight
-                ),
+                format!("the hub is overloaded ({max} calls in flight); retry with backoff"),
                 Duration::from_millis(100),
             )
         })?;

@@ -503,7 +503,7 @@ impl RectificationService for RectificationApi {
                     "too many evidence files are being transferred; retry in a moment",
                 )
             })?;
-        let max = self.state.evidence_max_bytes;
+        let max = self.state.limits().evidence_max_bytes;
         let mut content: Vec<u8> = Vec::new();
         // An upload that stalls gives its slot back: each message within a minute, the
         // whole file within ten.

@@ -1299,14 +1299,116 @@ pub enum RelayError {
     Store(#[from] StoreError),
 }
 
+/// One upstream's running worker and the tasks that serve it.
+struct Running {
+    worker: Arc<Worker>,
+    /// Of its configuration and of the files and secrets it names: a reload replaces the
+    /// worker only when this changes.
+    fingerprint: [u8; 32],
+    stop: watch::Sender<bool>,
+    /// Its delivery loop (and lease keeper, on a shared store).
+    tasks: Vec<JoinHandle<()>>,
+    /// Its cursor writer: finishes after the loop, storing what is queued.
+    cursor_task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops the worker: a request in flight is abandoned (its cursor is not advanced, so
+    /// it is sent again by whatever delivers next), then the queued cursor writes are stored.
+    async fn stop(self, grace: Duration) {
+        let _ = self.stop.send(true);
+        for mut t in self.tasks {
+            if tokio::time::timeout(grace, &mut t).await.is_err() {
+                t.abort();
+            }
+        }
+        let mut t = self.cursor_task;
+        if tokio::time::timeout(grace, &mut t).await.is_err() {
+            t.abort();
+        }
+    }
+}
+
+/// An upstream a reload starts: its configuration, already checked, and its sink, built.
+struct Start {
+    name: String,
+    cfg: UpstreamConfig,
+    sink: Box<dyn Sink>,
+    fingerprint: [u8; 32],
+}
+
+/// What a reload of the upstreams will do, every new sink already built (so nothing
+/// changes unless all of them could be).
+pub struct RelayPlan {
+    start: Vec<Start>,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+}
+
+impl RelayPlan {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
 /// Every upstream's worker.
 pub struct Relay {
-    workers: BTreeMap<String, Arc<Worker>>,
-    /// This instance's name in relay leases.
-    instance: String,
+    /// The workers by upstream, for operators' calls (replaced whole by a reload).
+    workers: std::sync::RwLock<BTreeMap<String, Arc<Worker>>>,
+    /// The same workers with their tasks: held by a reload or the shutdown while it works.
+    running: tokio::sync::Mutex<BTreeMap<String, Running>>,
+    store: Arc<dyn Store>,
+    keys: Arc<PiiKeys>,
+    clock: Arc<dyn Clock>,
+    lease: Lease,
+    metrics: Arc<crate::metrics::Metrics>,
+    attempt_log: tokio::sync::mpsc::Sender<AttemptRecord>,
+    /// Stops the attempt log writer, after the workers.
     stop: watch::Sender<bool>,
-    tasks: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
-    cursor_tasks: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
+    log_task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Set by the shutdown: a reload after it starts nothing.
+    stopped: AtomicBool,
+}
+
+/// Of an upstream's configuration and the files and secrets it names (their content, not
+/// only their paths: a renewed client certificate or a new profile under the same name is a
+/// change). Never shown: it covers secrets.
+fn fingerprint(cfg: &UpstreamConfig) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(format!("{cfg:?}").as_bytes());
+    let files = [&cfg.ca, &cfg.cert, &cfg.key]
+        .into_iter()
+        .chain(cfg.profile.iter())
+        .chain(cfg.keys.values())
+        .filter(|p| !p.is_empty());
+    for path in files {
+        h.update([0]);
+        h.update(std::fs::read(path).unwrap_or_default());
+    }
+    for reference in cfg.secrets.values() {
+        h.update([0]);
+        if let Some(path) = reference.strip_prefix("file:") {
+            h.update(std::fs::read(path).unwrap_or_default());
+        } else if let Some(var) = reference.strip_prefix("env:") {
+            h.update(std::env::var_os(var).unwrap_or_default().as_encoded_bytes());
+        }
+    }
+    h.finalize().into()
+}
+
+fn build_sink(name: &str, cfg: &UpstreamConfig) -> Result<Box<dyn Sink>, String> {
+    cfg.check(name)?;
+    let sink: Box<dyn Sink> = match cfg.kind {
+        SinkKind::Grpc => {
+            Box::new(grpc::GrpcSink::new(cfg).map_err(|e| format!("upstreams.{name}: {e:#}"))?)
+        }
+        SinkKind::HttpJson => Box::new(
+            http::HttpSink::new(name, cfg).map_err(|e| format!("upstreams.{name}: {e:#}"))?,
+        ),
+    };
+    Ok(sink)
 }
 
 impl Relay {
@@ -1321,90 +1423,211 @@ impl Relay {
         metrics: Arc<crate::metrics::Metrics>,
     ) -> anyhow::Result<Arc<Self>> {
         let (stop, stop_rx) = watch::channel(false);
-        let mut workers = BTreeMap::new();
-        let mut cursor_tasks = Vec::new();
         let (attempt_log, attempts) = tokio::sync::mpsc::channel(ATTEMPT_QUEUE);
-        cursor_tasks.push(tokio::spawn(log_attempts(
+        let log_task = tokio::spawn(log_attempts(
             store.clone(),
             clock.clone(),
             attempts,
             attempt_log_days,
-            stop_rx.clone(),
-        )));
-        for (name, cfg) in upstreams {
-            cfg.check(name).map_err(anyhow::Error::msg)?;
-            let sink: Box<dyn Sink> = match cfg.kind {
-                SinkKind::Grpc => Box::new(grpc::GrpcSink::new(cfg)?),
-                SinkKind::HttpJson => Box::new(http::HttpSink::new(name, cfg)?),
-            };
-            let state = store.upstream_state(name).await?;
-            let (control, _) = watch::channel(0);
-            // One writer per upstream keeps its cursor writes in order; its queue bounds how
-            // far the stored cursor may trail the sends (and so the re-sends after a crash).
-            let (cursor_writes, pending_writes) = tokio::sync::mpsc::channel::<RelayWrite>(2);
-            let worker = Arc::new(Worker {
-                name: name.clone(),
-                sink,
-                store: store.clone(),
-                keys: keys.clone(),
-                clock: clock.clone(),
-                cursor: AtomicU64::new(state.cursor),
-                case_cursor: AtomicU64::new(state.case_cursor),
-                update_cursor: AtomicU64::new(state.update_cursor),
-                stored_cursor: watch::channel(state.cursor).0,
-                paused: AtomicBool::new(state.paused),
-                control,
-                counters: Mutex::new(Counters::default()),
-                records: RateLimiter::direct(quota(cfg.records_per_sec, cfg.records_burst)),
-                requests: RateLimiter::direct(quota(cfg.requests_per_sec, cfg.requests_burst)),
-                jitter_state: AtomicU64::new(clock.now_micros() as u64 | 1),
-                cursor_writes,
-                // On a store of its own, the lease never runs out.
-                lease: watch::channel((!store.shared()).then(|| Instant::now() + FOREVER)).0,
-                pause_changes: AtomicU64::new(0),
-                pause_lock: Mutex::new(()),
-                attempt_log: attempt_log.clone(),
-                metrics: metrics.clone(),
-                range_open: AtomicU64::new(u64::from(
-                    !store.list_range_replays(name, true).await?.is_empty(),
-                )),
-                cfg: cfg.clone(),
-            });
-            cursor_tasks.push(tokio::spawn(write_cursors(
-                worker.clone(),
-                pending_writes,
-                stop_rx.clone(),
-            )));
-            workers.insert(name.clone(), worker);
-        }
-        let mut tasks: Vec<JoinHandle<()>> = workers
-            .values()
-            .map(|w| tokio::spawn(w.clone().run(stop_rx.clone())))
-            .collect();
-        if store.shared() {
-            for w in workers.values() {
-                tasks.push(tokio::spawn(
-                    w.clone().keep_lease(lease.clone(), stop_rx.clone()),
-                ));
-            }
-        }
-        Ok(Arc::new(Self {
-            workers,
-            instance: lease.holder.clone(),
+            stop_rx,
+        ));
+        let relay = Arc::new(Self {
+            workers: std::sync::RwLock::new(BTreeMap::new()),
+            running: tokio::sync::Mutex::new(BTreeMap::new()),
+            store,
+            keys,
+            clock,
+            lease,
+            metrics,
+            attempt_log,
             stop,
-            tasks: tokio::sync::Mutex::new(tasks),
-            cursor_tasks: tokio::sync::Mutex::new(cursor_tasks),
-        }))
+            log_task: tokio::sync::Mutex::new(Some(log_task)),
+            stopped: AtomicBool::new(false),
+        });
+        let plan = relay.plan(upstreams).await.map_err(anyhow::Error::msg)?;
+        relay
+            .apply(plan, Duration::from_secs(5))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        Ok(relay)
     }
 
-    fn worker(&self, name: &str) -> Result<&Arc<Worker>, RelayError> {
+    /// What a reload to `upstreams` would do: the upstreams added, removed, and changed (in
+    /// their configuration or in a file or secret it names), each new or changed one
+    /// checked and its sink built. An error names the upstream and changes nothing.
+    pub async fn plan(
+        &self,
+        upstreams: &BTreeMap<String, UpstreamConfig>,
+    ) -> Result<RelayPlan, String> {
+        let current: BTreeMap<String, [u8; 32]> = self
+            .running
+            .lock()
+            .await
+            .iter()
+            .map(|(n, r)| (n.clone(), r.fingerprint))
+            .collect();
+        let upstreams = upstreams.clone();
+        // Reading certificates, profiles and key files is blocking work.
+        tokio::task::spawn_blocking(move || {
+            let mut plan = RelayPlan {
+                start: Vec::new(),
+                added: Vec::new(),
+                removed: current
+                    .keys()
+                    .filter(|n| !upstreams.contains_key(*n))
+                    .cloned()
+                    .collect(),
+                changed: Vec::new(),
+            };
+            for (name, cfg) in &upstreams {
+                let print = fingerprint(cfg);
+                match current.get(name) {
+                    Some(old) if *old == print => continue,
+                    Some(_) => plan.changed.push(name.clone()),
+                    None => plan.added.push(name.clone()),
+                }
+                let sink = build_sink(name, cfg)?;
+                plan.start.push(Start {
+                    name: name.clone(),
+                    cfg: cfg.clone(),
+                    sink,
+                    fingerprint: print,
+                });
+            }
+            Ok(plan)
+        })
+        .await
+        .map_err(|e| format!("checking the upstreams failed: {e}"))?
+    }
+
+    /// Carries out a plan: stops the removed and changed upstreams' workers (each stores
+    /// its queued cursor writes first), then starts the new and changed ones from their
+    /// stored state. Upstreams the plan does not name go on untouched. An upstream whose
+    /// stored state cannot be read is left stopped and named in the error (a later reload
+    /// starts it).
+    pub async fn apply(&self, plan: RelayPlan, grace: Duration) -> Result<(), String> {
+        let mut running = self.running.lock().await;
+        if self.stopped.load(Ordering::Acquire) {
+            return Err("the hub is stopping".into());
+        }
+        for name in plan.removed.iter().chain(&plan.changed) {
+            if let Some(r) = running.remove(name) {
+                r.stop(grace).await;
+            }
+            self.workers
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(name);
+        }
+        for name in &plan.removed {
+            self.metrics.forget_upstream(name);
+            tracing::info!(upstream = %name, "Upstream removed by a reload: delivery stopped (its cursor and dead letters stay stored).");
+        }
+        let mut failed = Vec::new();
+        for start in plan.start {
+            let name = start.name.clone();
+            match self.launch(start).await {
+                Ok(r) => {
+                    self.workers
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(name.clone(), r.worker.clone());
+                    running.insert(name, r);
+                }
+                Err(e) => {
+                    tracing::error!(upstream = %name, error = %e, "Cannot start the upstream's delivery; it stays stopped until the next reload or restart.");
+                    failed.push(format!(
+                        "upstreams.{name}: cannot read its stored state: {e}"
+                    ));
+                }
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
+        }
+    }
+
+    /// Starts one upstream's worker from its stored state.
+    async fn launch(&self, start: Start) -> Result<Running, StoreError> {
+        let Start {
+            name,
+            cfg,
+            sink,
+            fingerprint,
+        } = start;
+        let store = &self.store;
+        let state = store.upstream_state(&name).await?;
+        let range_open = !store.list_range_replays(&name, true).await?.is_empty();
+        let (stop, stop_rx) = watch::channel(false);
+        let (control, _) = watch::channel(0);
+        // One writer per upstream keeps its cursor writes in order; its queue bounds how
+        // far the stored cursor may trail the sends (and so the re-sends after a crash).
+        let (cursor_writes, pending_writes) = tokio::sync::mpsc::channel::<RelayWrite>(2);
+        let worker = Arc::new(Worker {
+            name: name.clone(),
+            sink,
+            store: store.clone(),
+            keys: self.keys.clone(),
+            clock: self.clock.clone(),
+            cursor: AtomicU64::new(state.cursor),
+            case_cursor: AtomicU64::new(state.case_cursor),
+            update_cursor: AtomicU64::new(state.update_cursor),
+            stored_cursor: watch::channel(state.cursor).0,
+            paused: AtomicBool::new(state.paused),
+            control,
+            counters: Mutex::new(Counters::default()),
+            records: RateLimiter::direct(quota(cfg.records_per_sec, cfg.records_burst)),
+            requests: RateLimiter::direct(quota(cfg.requests_per_sec, cfg.requests_burst)),
+            jitter_state: AtomicU64::new(self.clock.now_micros() as u64 | 1),
+            cursor_writes,
+            // On a store of its own, the lease never runs out.
+            lease: watch::channel((!store.shared()).then(|| Instant::now() + FOREVER)).0,
+            pause_changes: AtomicU64::new(0),
+            pause_lock: Mutex::new(()),
+            attempt_log: self.attempt_log.clone(),
+            metrics: self.metrics.clone(),
+            range_open: AtomicU64::new(u64::from(range_open)),
+            cfg,
+        });
+        let cursor_task = tokio::spawn(write_cursors(
+            worker.clone(),
+            pending_writes,
+            stop_rx.clone(),
+        ));
+        let mut tasks = vec![tokio::spawn(worker.clone().run(stop_rx.clone()))];
+        if store.shared() {
+            tasks.push(tokio::spawn(
+                worker.clone().keep_lease(self.lease.clone(), stop_rx),
+            ));
+        }
+        Ok(Running {
+            worker,
+            fingerprint,
+            stop,
+            tasks,
+            cursor_task,
+        })
+    }
+
+    fn worker(&self, name: &str) -> Result<Arc<Worker>, RelayError> {
         self.workers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .get(name)
+            .cloned()
             .ok_or_else(|| RelayError::UnknownUpstream(name.to_owned()))
     }
 
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.workers.keys().map(String::as_str)
+    /// The upstreams delivered to now.
+    pub fn names(&self) -> Vec<String> {
+        self.workers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     pub async fn status(&self, name: &str) -> Result<UpstreamStatus, RelayError> {
@@ -1448,7 +1671,7 @@ impl Relay {
         // Holding the lease (a renewal under way may have stopped the sends for a moment).
         let delivering_here = w.lease.borrow().is_some();
         let delivering_instance = if !w.store.shared() || delivering_here {
-            Some(self.instance.clone())
+            Some(self.lease.holder.clone())
         } else if unreadable.is_none() {
             w.store.lease_holder(name).await.unwrap_or_else(|e| {
                 unreadable = Some(e.to_string());
@@ -1638,19 +1861,21 @@ impl Relay {
     /// Stops every worker; a batch in flight is abandoned (its cursor is not advanced, so it
     /// is sent again after the restart).
     pub async fn shutdown(&self, grace: Duration) {
-        let _ = self.stop.send(true);
-        let tasks = std::mem::take(&mut *self.tasks.lock().await);
-        for mut t in tasks {
-            if tokio::time::timeout(grace, &mut t).await.is_err() {
-                t.abort();
-            }
+        let mut running = self.running.lock().await;
+        self.stopped.store(true, Ordering::Release);
+        let running = std::mem::take(&mut *running);
+        for r in running.values() {
+            let _ = r.stop.send(true);
         }
-        // The workers are gone, so their queues close: the queued cursor writes finish first.
-        let cursor_tasks = std::mem::take(&mut *self.cursor_tasks.lock().await);
-        for mut t in cursor_tasks {
-            if tokio::time::timeout(grace, &mut t).await.is_err() {
-                t.abort();
-            }
+        let _ = self.stop.send(true);
+        // Each worker's loop first; then its queued cursor writes are stored.
+        for (_, r) in running {
+            r.stop(grace).await;
+        }
+        if let Some(mut t) = self.log_task.lock().await.take()
+            && tokio::time::timeout(grace, &mut t).await.is_err()
+        {
+            t.abort();
         }
     }
 }

@@ -558,3 +558,228 @@ message = "/C-Response-Desc"
     assert!(dead[0].error.contains("caseNo 不合法"), "{dead:?}");
     hub.stop().await;
 }
+
+/// A platform that takes every record ("0" for each, by the legacy mapping's results list).
+async fn start_accepting_platform(pki_dir: &std::path::Path) -> (String, Arc<Mutex<Platform>>) {
+    start_platform_answering(
+        pki_dir,
+        Arc::new(|value: &Value, _| {
+            let n = value["data"].as_array().map_or(0, Vec::len);
+            let results = vec![json!({"code": "0", "msg": "成功"}); n];
+            (
+                200,
+                json!({"code": "0", "msg": "接收成功", "results": results}),
+            )
+        }),
+    )
+    .await
+}
+
+/// The case numbers a platform has taken, in order.
+fn taken(platform: &Mutex<Platform>) -> Vec<String> {
+    platform
+        .lock()
+        .unwrap()
+        .bodies
+        .iter()
+        .flat_map(|b| b["data"].as_array().cloned().unwrap_or_default())
+        .filter_map(|r| r["projectNo"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// An upstream's settings as the test hubs here write them.
+fn upstream_table(pki_dir: &std::path::Path, url: &str) -> toml::Value {
+    toml::Value::Table(
+        toml::from_str(&format!(
+            r#"
+kind = "http-json"
+endpoint = "{url}"
+ca = "{}"
+retry_schedule_ms = [20]
+batch_size = 10
+[http]
+body = "wrapped"
+wrapper_key = "data"
+results_field = "results"
+"#,
+            pki_dir.join(pki::CA_CERT).display()
+        ))
+        .unwrap(),
+    )
+}
+
+/// Issue #20: a reload adds an upstream (it delivers the feed from its start), removes one
+/// (it sends nothing more), restarts a changed one from its stored cursor (nothing sent
+/// again, nothing skipped), leaves an unchanged one running, puts a new batch limit in force
+/// for the next call, names what only a restart changes; an upstream that does not
+/// validate refuses the whole reload and delivery goes on as before.
+#[tokio::test]
+async fn a_reload_adds_removes_and_changes_upstreams_and_limits() {
+    let hub_dir = tempfile::tempdir().unwrap();
+    let pki_dir = platform_pki(hub_dir.path());
+    let (url1, p1) = start_accepting_platform(&pki_dir).await;
+    let (url2, p2) = start_accepting_platform(&pki_dir).await;
+    let (url3, p3) = start_accepting_platform(&pki_dir).await;
+    let (url_keep, p_keep) = start_accepting_platform(&pki_dir).await;
+    let hub = zj_hub(&pki_dir, &url1, "results")
+        .set("upstreams.keep.kind", "\"http-json\"")
+        .set("upstreams.keep.endpoint", &format!("\"{url_keep}\""))
+        .set(
+            "upstreams.keep.ca",
+            &format!("\"{}\"", pki_dir.join(pki::CA_CERT).display()),
+        )
+        .set("upstreams.keep.http.body", "\"wrapped\"")
+        .set("upstreams.keep.http.wrapper_key", "\"data\"")
+        .set("upstreams.keep.http.results_field", "\"results\"")
+        .start_in_dir(hub_dir)
+        .await;
+    let case = |k: &str| format!("CASE-{k}");
+    let mut ingest = hub.ingest().await;
+    submit(&mut ingest, vec![rating("r1"), rating("r2"), rating("r3")]).await;
+    let wait_for = |p: Arc<Mutex<Platform>>, keys: Vec<String>, what: &'static str| async move {
+        eventually(Duration::from_secs(20), what, || {
+            let got = taken(&p);
+            let ok = keys.iter().all(|k| got.contains(k));
+            async move { ok }
+        })
+        .await;
+    };
+    wait_for(p1.clone(), vec![case("r3")], "zj to take r1..r3").await;
+    let mut admin = AdminServiceClient::new(hub.channel_as("tester").await);
+    let mut reloader = admin.clone();
+    let mut reload = async || {
+        reloader
+            .reload_config(pb::ReloadConfigRequest {})
+            .await
+            .map(|r| r.into_inner())
+    };
+
+    // zj goes, zj2 comes, batches of at most 2.
+    let path = hub.dir.path().join("hub.toml");
+    let mut t: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let ups = t["upstreams"].as_table_mut().unwrap();
+    ups.remove("zj");
+    ups.insert("zj2".into(), upstream_table(&pki_dir, &url2));
+    t["server"]
+        .as_table_mut()
+        .unwrap()
+        .insert("max_batch".into(), toml::Value::Integer(2));
+    std::fs::write(&path, toml::to_string(&t).unwrap()).unwrap();
+    let keep_before = upstream_status(hub.channel_as("tester").await, "keep").await;
+    let r = reload().await.unwrap();
+    assert_eq!(r.upstreams_added, ["zj2"]);
+    assert_eq!(r.upstreams_removed, ["zj"]);
+    assert!(r.upstreams_changed.is_empty(), "{r:?}");
+    assert_eq!(r.limits_changed, ["server.max_batch"]);
+    assert!(
+        r.restart_needed.is_empty() && r.warnings.is_empty(),
+        "{r:?}"
+    );
+    let err = ingest
+        .submit_ratings(pb::SubmitRatingsRequest {
+            ratings: vec![rating("x1"), rating("x2"), rating("x3")],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    submit(&mut ingest, vec![rating("r4"), rating("r5")]).await;
+    let first_five: Vec<String> = ["r1", "r2", "r3", "r4", "r5"].map(case).to_vec();
+    wait_for(
+        p2.clone(),
+        first_five.clone(),
+        "zj2 to take the feed from its start",
+    )
+    .await;
+    let from_zj = taken(&p1);
+    assert!(
+        !from_zj.contains(&case("r4")) && !from_zj.contains(&case("r5")),
+        "a removed upstream sends nothing more: {from_zj:?}"
+    );
+    let listed: Vec<String> = admin
+        .list_upstreams(pb::ListUpstreamsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .upstreams
+        .into_iter()
+        .map(|u| u.name)
+        .collect();
+    assert_eq!(listed, ["keep", "zj2"]);
+    // The unchanged upstream was not restarted: its counters since start go on.
+    let keep_after = upstream_status(hub.channel_as("tester").await, "keep").await;
+    assert!(
+        keep_after.attempts >= keep_before.attempts && keep_before.attempts > 0,
+        "{keep_before:?} → {keep_after:?}"
+    );
+
+    // zj2 moves to another address: restarted from its stored cursor.
+    eventually(Duration::from_secs(20), "zj2's cursor stored at 5", || {
+        let ch = hub.channel_as("tester");
+        async move { upstream_status(ch.await, "zj2").await.cursor == 5 }
+    })
+    .await;
+    let mut t2 = t.clone();
+    t2["upstreams"]
+        .as_table_mut()
+        .unwrap()
+        .insert("zj2".into(), upstream_table(&pki_dir, &url3));
+    t2["server"]
+        .as_table_mut()
+        .unwrap()
+        .insert("health_check_secs".into(), toml::Value::Integer(7));
+    std::fs::write(&path, toml::to_string(&t2).unwrap()).unwrap();
+    let r = reload().await.unwrap();
+    assert_eq!(r.upstreams_changed, ["zj2"]);
+    assert!(r.upstreams_added.is_empty() && r.upstreams_removed.is_empty());
+    assert_eq!(r.restart_needed, ["server.health_check_secs"]);
+    submit(&mut ingest, vec![rating("r6")]).await;
+    wait_for(p3.clone(), vec![case("r6")], "zj2 at its new address").await;
+    assert_eq!(taken(&p3), [case("r6")], "resumed at its cursor");
+
+    // A new upstream that does not validate: the whole reload is refused, delivery goes on.
+    let mut bad = t2.clone();
+    let mut broken = upstream_table(&pki_dir, &url1);
+    broken
+        .as_table_mut()
+        .unwrap()
+        .insert("batch_size".into(), toml::Value::Integer(0));
+    bad["upstreams"]
+        .as_table_mut()
+        .unwrap()
+        .insert("broken".into(), broken);
+    bad["server"]
+        .as_table_mut()
+        .unwrap()
+        .insert("max_batch".into(), toml::Value::Integer(50));
+    std::fs::write(&path, toml::to_string(&bad).unwrap()).unwrap();
+    let err = reload().await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("upstreams.broken"), "{err:?}");
+    let err = ingest
+        .submit_ratings(pb::SubmitRatingsRequest {
+            ratings: vec![rating("y1"), rating("y2"), rating("y3")],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::InvalidArgument,
+        "the running limits stay: {err:?}"
+    );
+    submit(&mut ingest, vec![rating("r7")]).await;
+    wait_for(
+        p3.clone(),
+        vec![case("r7")],
+        "zj2 delivering after a refused reload",
+    )
+    .await;
+    wait_for(
+        p_keep.clone(),
+        ["r1", "r2", "r3", "r4", "r5", "r6", "r7"]
+            .map(case)
+            .to_vec(),
+        "keep to take everything",
+    )
+    .await;
+    hub.stop().await;
+}

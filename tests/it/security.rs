@@ -905,3 +905,75 @@ async fn a_reload_puts_principals_in_force_while_a_stream_stays_open() {
     drop(tx);
     hub.stop().await;
 }
+
+/// Issue #20: `limits.max_in_flight` changes on reload. Lowered while calls hold every slot,
+/// those calls go on and the slots they free are retired until the new limit holds; raised,
+/// the new slots serve the next call at once.
+#[tokio::test]
+async fn a_reload_changes_the_calls_in_flight_limit_without_cutting_calls() {
+    let hub = TestHub::builder_max_in_flight(3).await;
+    let path = hub.dir.path().join("hub.toml");
+    let set_limit = |n: i64| {
+        let mut t: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        t["limits"]
+            .as_table_mut()
+            .unwrap()
+            .insert("max_in_flight".into(), toml::Value::Integer(n));
+        std::fs::write(&path, toml::to_string(&t).unwrap()).unwrap();
+    };
+    // A stream holds its slot while it is open.
+    let open = || async {
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::StreamRatingsRequest>(1);
+        let acks = hub
+            .ingest()
+            .await
+            .stream_ratings(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        (tx, acks)
+    };
+    let unary = || async {
+        hub.ingest()
+            .await
+            .submit_ratings(pb::SubmitRatingsRequest {
+                ratings: vec![rating(&uuid::Uuid::now_v7().to_string())],
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| s.code())
+    };
+    let reload = || async {
+        AdminServiceClient::new(hub.channel_as("tester").await)
+            .reload_config(pb::ReloadConfigRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let a = open().await;
+    let b = open().await;
+    set_limit(2);
+    assert_eq!(reload().await.limits_changed, ["limits.max_in_flight"]);
+    // The reload's own slot, freed, is retired: a and b hold the two left.
+    crate::fake_upstream::eventually(Duration::from_secs(10), "a call to be shed", || async {
+        unary().await == Err(Code::Unavailable)
+    })
+    .await;
+    drop(b);
+    crate::fake_upstream::eventually(Duration::from_secs(10), "b's slot to serve", || async {
+        unary().await.is_ok()
+    })
+    .await;
+    set_limit(3);
+    assert_eq!(reload().await.limits_changed, ["limits.max_in_flight"]);
+    let c = open().await;
+    assert_eq!(unary().await, Ok(()), "a, c and this call: three slots");
+    let d = open().await;
+    assert_eq!(
+        unary().await,
+        Err(Code::Unavailable),
+        "a, c, d hold all three"
+    );
+    drop((a, c, d));
+    hub.stop().await;
+}

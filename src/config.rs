@@ -15,6 +15,10 @@ use crate::domain::IngestRules;
 use crate::store::{PostgresOptions, SqliteOptions};
 
 /// The documented default configuration, embedded so `rating-hub config` can print it.
+/// The most calls `limits.max_in_flight` may admit at once (far beyond what one hub serves;
+/// it keeps the slot arithmetic of a reload in range).
+pub const MAX_IN_FLIGHT: usize = 1_000_000;
+
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config.default.toml");
 
 const ENV_PREFIX: &str = "RATING_HUB__";
@@ -213,6 +217,9 @@ impl LimitsConfig {
 pub struct PrivacyConfig {
     pub active_key: String,
     pub keys: BTreeMap<String, String>,
+    /// Each key's algorithm, where it is not ChaCha20-Poly1305 (e.g. `sm4-gcm`).
+    #[serde(default)]
+    pub algorithms: BTreeMap<String, crate::privacy::Algorithm>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -479,8 +486,10 @@ impl Config {
         if !(1..=256).contains(&self.limits.evidence_max_mb) {
             return fail("limits.evidence_max_mb must be 1 to 256");
         }
-        if self.limits.max_in_flight == 0 {
-            return fail("limits.max_in_flight must be at least 1");
+        if self.limits.max_in_flight == 0 || self.limits.max_in_flight > MAX_IN_FLIGHT {
+            return Err(ConfigError::Invalid(format!(
+                "limits.max_in_flight must be 1 to {MAX_IN_FLIGHT}"
+            )));
         }
         for (name, v) in [
             ("limits.requests_per_sec", self.limits.requests_per_sec),
@@ -855,4 +864,3 @@ mod tests {
         );
     }
 }
-

@@ -35,6 +35,11 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Privacy keys: the keys rater data is sealed with at rest ([privacy]).
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
     /// The working-day calendar deadlines are counted on.
     Calendar {
         #[command(subcommand)]
@@ -48,6 +53,41 @@ enum Command {
         #[command(subcommand)]
         command: admin_cli::AdminCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Write a fresh random key (mode 0600) to PATH; refuses to replace an existing file.
+    New {
+        path: PathBuf,
+        /// chacha20-poly1305 (32 bytes) or sm4-gcm (16 bytes).
+        #[arg(long, default_value = "chacha20-poly1305")]
+        algorithm: String,
+    },
+}
+
+fn key(command: KeyCommand) -> anyhow::Result<()> {
+    let KeyCommand::New { path, algorithm } = command;
+    let algorithm: rating_hub::privacy::Algorithm =
+        serde_json::from_value(serde_json::Value::String(algorithm.clone())).map_err(|_| {
+            anyhow::anyhow!("--algorithm {algorithm:?}: must be chacha20-poly1305 or sm4-gcm")
+        })?;
+    if !rating_hub::privacy::PiiKeys::create_key_file_for(&path, algorithm)
+        .with_context(|| format!("writing {}", path.display()))?
+    {
+        anyhow::bail!("{} exists; a key is never replaced", path.display());
+    }
+    println!(
+        "Wrote a {} key to {} (mode 0600). Name it in [privacy.keys]{}.",
+        algorithm.as_str(),
+        path.display(),
+        if algorithm == rating_hub::privacy::Algorithm::Sm4Gcm {
+            " and give it \"sm4-gcm\" in [privacy.algorithms]"
+        } else {
+            ""
+        }
+    );
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -220,6 +260,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Certs { command } => certs(command),
         Command::Calendar { command } => calendar(command),
+        Command::Key { command } => key(command),
         Command::Admin {
             connection,
             command,

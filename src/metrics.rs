@@ -389,7 +389,7 @@ impl Metrics {
             self.database_bytes.set(n as i64);
         }
         let names = state.relay.names();
-        for name in names {
+        for name in names.clone() {
             let l = UpstreamLabels {
                 upstream: name.clone(),
             };
@@ -426,6 +426,12 @@ impl Metrics {
                     .get_or_create(&l)
                     .set(i64::from(u.delivering_here));
             }
+        }
+        // An upstream a reload removed while its state was read here: the gauges just set
+        // for it go again.
+        let still = state.relay.names();
+        for gone in names.iter().filter(|n| !still.contains(n)) {
+            self.forget_upstream(gone);
         }
         let files = self.files.lock().expect("files").clone();
         let now = state.clock.now_micros() / 1_000_000;

@@ -1,7 +1,8 @@
-//! Rater privacy: name, ID number and phone are sealed with an AEAD (ChaCha20-Poly1305)
-//! before they reach the database, opened only to answer a query, and masked unless the
-//! caller holds the read-pii role. Each sealed record names its key, so keys can rotate:
-//! new records use the active key, old ones open with the key they name.
+//! Rater privacy: name, ID number and phone are sealed with an AEAD (ChaCha20-Poly1305, or
+//! SM4-GCM where 国密 is required) before they reach the database, opened only to answer a
+//! query, and masked unless the caller holds the read-pii role. Each sealed record names its
+//! key, and each key its algorithm, so keys and algorithms can rotate: new records use the
+//! active key, old ones open with the key they name.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -43,9 +44,91 @@ pub enum PrivacyError {
     Open,
 }
 
+/// The AEAD a privacy key seals with (`[privacy.algorithms]`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Algorithm {
+    /// 32-byte keys (64 hexadecimal characters).
+    #[default]
+    Chacha20Poly1305,
+    /// SM4 in GCM mode (GB/T 32907 with the GCM of RFC 8998), 16-byte keys (32 hexadecimal
+    /// characters), 12-byte nonces, 16-byte tags.
+    Sm4Gcm,
+}
+
+impl Algorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::Chacha20Poly1305 => "chacha20-poly1305",
+            Algorithm::Sm4Gcm => "sm4-gcm",
+        }
+    }
+
+    /// The key's length in bytes.
+    pub fn key_len(self) -> usize {
+        match self {
+            Algorithm::Chacha20Poly1305 => 32,
+            Algorithm::Sm4Gcm => 16,
+        }
+    }
+}
+
+type Sm4Gcm = aes_gcm::AesGcm<sm4::Sm4, aes_gcm::aead::consts::U12>;
+
+/// One key, ready to seal and open.
+enum Cipher {
+    Chacha(ChaCha20Poly1305),
+    Sm4Gcm(Box<Sm4Gcm>),
+}
+
+impl Cipher {
+    fn new(algorithm: Algorithm, key: &[u8]) -> Self {
+        match algorithm {
+            Algorithm::Chacha20Poly1305 => {
+                Cipher::Chacha(ChaCha20Poly1305::new(Key::from_slice(key)))
+            }
+            Algorithm::Sm4Gcm => Cipher::Sm4Gcm(Box::new(
+                <Sm4Gcm as aes_gcm::KeyInit>::new_from_slice(key)
+                    .expect("the key's length was checked"),
+            )),
+        }
+    }
+
+    /// ciphertext ‖ tag.
+    fn seal(&self, nonce: &[u8; NONCE_LEN], msg: &[u8], aad: &[u8]) -> Vec<u8> {
+        match self {
+            Cipher::Chacha(c) => c
+                .encrypt(Nonce::from_slice(nonce), Payload { msg, aad })
+                .expect("ChaCha20-Poly1305 encryption of a small message cannot fail"),
+            Cipher::Sm4Gcm(c) => aes_gcm::aead::Aead::encrypt(
+                &**c,
+                &(*nonce).into(),
+                aes_gcm::aead::Payload { msg, aad },
+            )
+            .expect("SM4-GCM encryption of a small message cannot fail"),
+        }
+    }
+
+    fn open(&self, nonce: &[u8], ct: &[u8], aad: &[u8]) -> Option<Vec<u8>> {
+        let nonce: &[u8; NONCE_LEN] = nonce.try_into().ok()?;
+        match self {
+            Cipher::Chacha(c) => c
+                .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
+                .ok(),
+            Cipher::Sm4Gcm(c) => aes_gcm::aead::Aead::decrypt(
+                &**c,
+                &(*nonce).into(),
+                aes_gcm::aead::Payload { msg: ct, aad },
+            )
+            .ok(),
+        }
+    }
+}
+
 pub struct PiiKeys {
     active: String,
-    keys: HashMap<String, ChaCha20Poly1305>,
+    keys: HashMap<String, Cipher>,
+    algorithms: HashMap<String, Algorithm>,
     /// Derived from the active key: pseudonymous tags for matching (e.g. phone bursts).
     tag_key: [u8; 32],
 }
@@ -57,19 +140,30 @@ impl fmt::Debug for PiiKeys {
         f.debug_struct("PiiKeys")
             .field("active", &self.active)
             .field("ids", &ids)
+            .field("active_algorithm", &self.algorithm())
             .finish()
     }
 }
 
-fn key_bytes(id: &str, text: &str) -> Result<Vec<u8>, PrivacyError> {
+fn key_bytes(id: &str, text: &str, algorithm: Algorithm) -> Result<Vec<u8>, PrivacyError> {
+    let len = algorithm.key_len();
     let bytes = hex::decode(text.trim()).map_err(|_| PrivacyError::Key {
         id: id.into(),
-        reason: "must be 64 hexadecimal characters (32 bytes)".into(),
+        reason: format!(
+            "must be {} hexadecimal characters ({len} bytes, {})",
+            len * 2,
+            algorithm.as_str()
+        ),
     })?;
-    if bytes.len() != 32 {
+    if bytes.len() != len {
         return Err(PrivacyError::Key {
             id: id.into(),
-            reason: format!("is {} bytes; 32 are needed", bytes.len()),
+            reason: format!(
+                "is {} bytes; {} needs {len} ({} hexadecimal characters)",
+                bytes.len(),
+                algorithm.as_str(),
+                len * 2
+            ),
         });
     }
     Ok(bytes)
@@ -83,17 +177,30 @@ fn tag_key(key: &[u8]) -> [u8; 32] {
     h.finalize().into()
 }
 
-fn parse_hex_key(id: &str, text: &str) -> Result<ChaCha20Poly1305, PrivacyError> {
-    Ok(ChaCha20Poly1305::new(Key::from_slice(&key_bytes(
-        id, text,
-    )?)))
-}
-
 impl PiiKeys {
     /// `sources` maps key ids to a file path holding 64 hex characters, or to
-    /// `env:VARIABLE` naming an environment variable that holds them.
+    /// `env:VARIABLE` naming an environment variable that holds them (ChaCha20-Poly1305
+    /// keys; see [`PiiKeys::load_with`] for others).
     pub fn load(active: &str, sources: &BTreeMap<String, String>) -> Result<Self, PrivacyError> {
+        Self::load_with(active, sources, &BTreeMap::new())
+    }
+
+    /// As [`PiiKeys::load`], with each key's algorithm (ChaCha20-Poly1305 where none is
+    /// named).
+    pub fn load_with(
+        active: &str,
+        sources: &BTreeMap<String, String>,
+        algorithms: &BTreeMap<String, Algorithm>,
+    ) -> Result<Self, PrivacyError> {
+        if let Some(id) = algorithms.keys().find(|id| !sources.contains_key(*id)) {
+            return Err(PrivacyError::Key {
+                id: id.clone(),
+                reason: "has an algorithm in [privacy.algorithms] but no entry in [privacy.keys]"
+                    .into(),
+            });
+        }
         let mut keys = HashMap::new();
+        let mut kinds = HashMap::new();
         let mut tag = None;
         for (id, source) in sources {
             let text = if let Some(var) = source.strip_prefix("env:") {
@@ -107,9 +214,12 @@ impl PiiKeys {
                     reason: format!("cannot read {source}: {e}"),
                 })?
             };
-            keys.insert(id.clone(), parse_hex_key(id, &text)?);
+            let algorithm = algorithms.get(id).copied().unwrap_or_default();
+            let bytes = key_bytes(id, &text, algorithm)?;
+            keys.insert(id.clone(), Cipher::new(algorithm, &bytes));
+            kinds.insert(id.clone(), algorithm);
             if id == active {
-                tag = Some(tag_key(&key_bytes(id, &text)?));
+                tag = Some(tag_key(&bytes));
             }
         }
         let Some(tag_key) = tag else {
@@ -118,8 +228,17 @@ impl PiiKeys {
         Ok(Self {
             active: active.into(),
             keys,
+            algorithms: kinds,
             tag_key,
         })
+    }
+
+    /// The active key's algorithm (what new records are sealed with).
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithms
+            .get(&self.active)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// Writes a fresh random key file (mode 0600) unless one is there; `Ok(true)` when this
@@ -127,6 +246,11 @@ impl PiiKeys {
     /// into place: neither a second process starting at the same moment nor a crash half-way
     /// ever sees a partial key (whichever link lands first is the key).
     pub fn create_key_file(path: &Path) -> std::io::Result<bool> {
+        Self::create_key_file_for(path, Algorithm::Chacha20Poly1305)
+    }
+
+    /// As [`PiiKeys::create_key_file`], a key for `algorithm`.
+    pub fn create_key_file_for(path: &Path, algorithm: Algorithm) -> std::io::Result<bool> {
         use std::io::Write;
         if path.exists() {
             return Ok(false);
@@ -142,6 +266,7 @@ impl PiiKeys {
         std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
         let mut f = opts.open(&tmp)?;
         let key = ChaCha20Poly1305::generate_key(&mut OsRng);
+        let key = &key[..algorithm.key_len()];
         let written = f
             .write_all((hex::encode(key) + "\n").as_bytes())
             .and_then(|()| f.sync_all());
@@ -176,16 +301,9 @@ impl PiiKeys {
     /// Seals `plaintext`; `aad` binds the blob to its record (it cannot be moved to another).
     pub fn seal(&self, plaintext: &[u8], aad: &[u8]) -> Sealed {
         let cipher = &self.keys[&self.active];
-        let nonce = ChaCha20Poly1305::generate_nonce(&mut OsRng);
-        let ct = cipher
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: plaintext,
-                    aad,
-                },
-            )
-            .expect("ChaCha20-Poly1305 encryption of a small message cannot fail");
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&ChaCha20Poly1305::generate_nonce(&mut OsRng));
+        let ct = cipher.seal(&nonce, plaintext, aad);
         let mut blob = Vec::with_capacity(NONCE_LEN + ct.len());
         blob.extend_from_slice(&nonce);
         blob.extend_from_slice(&ct);
@@ -204,9 +322,7 @@ impl PiiKeys {
             return Err(PrivacyError::Open);
         }
         let (nonce, ct) = sealed.blob.split_at(NONCE_LEN);
-        cipher
-            .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
-            .map_err(|_| PrivacyError::Open)
+        cipher.open(nonce, ct, aad).ok_or(PrivacyError::Open)
     }
 
     /// Moves the names, ID numbers and phones of a rater (or applicant) and of an agent
@@ -330,20 +446,102 @@ mod tests {
     use super::*;
 
     fn keys() -> PiiKeys {
-        let mut k = HashMap::new();
-        k.insert(
-            "a".to_string(),
-            parse_hex_key("a", &"11".repeat(32)).unwrap(),
-        );
-        k.insert(
-            "b".to_string(),
-            parse_hex_key("b", &"22".repeat(32)).unwrap(),
-        );
+        let chacha = |hex: &str| {
+            let bytes = key_bytes("k", hex, Algorithm::Chacha20Poly1305).unwrap();
+            Cipher::new(Algorithm::Chacha20Poly1305, &bytes)
+        };
         PiiKeys {
             active: "b".into(),
-            keys: k,
+            keys: HashMap::from([
+                ("a".to_string(), chacha(&"11".repeat(32))),
+                ("b".to_string(), chacha(&"22".repeat(32))),
+            ]),
+            algorithms: HashMap::new(),
             tag_key: [7; 32],
         }
+    }
+
+    fn unhex(s: &str) -> Vec<u8> {
+        hex::decode(s).unwrap()
+    }
+
+    /// SM4-GCM as RFC 8998 A.1 gives it (key, IV, AAD, plaintext → ciphertext ‖ tag).
+    #[test]
+    fn sm4_gcm_matches_rfc_8998() {
+        let c = Cipher::new(
+            Algorithm::Sm4Gcm,
+            &unhex("0123456789ABCDEFFEDCBA9876543210"),
+        );
+        let nonce: [u8; 12] = unhex("00001234567800000000ABCD").try_into().unwrap();
+        let aad = unhex("FEEDFACEDEADBEEFFEEDFACEDEADBEEFABADDAD2");
+        let plain = unhex(
+            "AAAAAAAAAAAAAAAABBBBBBBBBBBBBBBBCCCCCCCCCCCCCCCCDDDDDDDDDDDDDDDD\
+             EEEEEEEEEEEEEEEEFFFFFFFFFFFFFFFFEEEEEEEEEEEEEEEEAAAAAAAAAAAAAAAA",
+        );
+        let sealed = c.seal(&nonce, &plain, &aad);
+        assert_eq!(
+            hex::encode_upper(&sealed),
+            "17F399F08C67D5EE19D0DC9969C4BB7D5FD46FD3756489069157B282BB200735\
+             D82710CA5C22F0CCFA7CBF93D496AC15A56834CBCF98C397B4024A2691233B8D\
+             83DE3541E4C2B58177E065A9BF7B62EC"
+        );
+        assert_eq!(c.open(&nonce, &sealed, &aad).unwrap(), plain);
+        for at in [0, 63, 64, 79] {
+            let mut bad = sealed.clone();
+            bad[at] ^= 1;
+            assert!(c.open(&nonce, &bad, &aad).is_none(), "byte {at} changed");
+        }
+        assert!(c.open(&nonce, &sealed, b"other record").is_none());
+    }
+
+    /// A hub moving to 国密: SM4-GCM records are written under the new key, read back, and
+    /// refused when tampered with; ChaCha20-Poly1305 records sealed before stay readable.
+    #[test]
+    fn sm4_gcm_keys_seal_new_records_and_old_ones_stay_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("old.key");
+        let gm = dir.path().join("gm.key");
+        assert!(PiiKeys::create_key_file(&old).unwrap());
+        assert!(PiiKeys::create_key_file_for(&gm, Algorithm::Sm4Gcm).unwrap());
+        assert_eq!(std::fs::read_to_string(&gm).unwrap().trim().len(), 32);
+        let sources = BTreeMap::from([
+            ("k2026".to_string(), old.display().to_string()),
+            ("gm2027".to_string(), gm.display().to_string()),
+        ]);
+        let before = PiiKeys::load("k2026", &sources).unwrap_err();
+        assert!(
+            before.to_string().contains("gm2027") && before.to_string().contains("16 bytes"),
+            "an SM4 key read as ChaCha20-Poly1305 is refused by name: {before}"
+        );
+        let algorithms = BTreeMap::from([("gm2027".to_string(), Algorithm::Sm4Gcm)]);
+        let k2026 = PiiKeys::load_with("k2026", &sources, &algorithms).unwrap();
+        let earlier = k2026.seal(b"13800138000", b"rec-1");
+        let keys = PiiKeys::load_with("gm2027", &sources, &algorithms).unwrap();
+        assert_eq!(keys.algorithm(), Algorithm::Sm4Gcm);
+        let s = keys.seal(b"13800138000", b"rec-2");
+        assert_eq!(s.key_id, "gm2027");
+        assert_eq!(s.blob.len(), 12 + 11 + 16, "nonce, ciphertext, tag");
+        assert!(!s.blob.windows(11).any(|w| w == b"13800138000"));
+        assert_eq!(keys.open(&s, b"rec-2").unwrap(), b"13800138000");
+        assert_eq!(keys.open(&earlier, b"rec-1").unwrap(), b"13800138000");
+        assert!(matches!(keys.open(&s, b"rec-1"), Err(PrivacyError::Open)));
+        let mut tampered = s.clone();
+        tampered.blob[14] ^= 0x40;
+        assert!(matches!(
+            keys.open(&tampered, b"rec-2"),
+            Err(PrivacyError::Open)
+        ));
+        // Under the wrong algorithm a record does not open (a key's algorithm is part of it).
+        let mut renamed = s.clone();
+        renamed.key_id = "k2026".into();
+        assert!(matches!(
+            keys.open(&renamed, b"rec-2"),
+            Err(PrivacyError::Open)
+        ));
+        // An algorithm for a key that is not listed is a configuration error, named.
+        let stray = BTreeMap::from([("gm2028".to_string(), Algorithm::Sm4Gcm)]);
+        let e = PiiKeys::load_with("k2026", &sources, &stray).unwrap_err();
+        assert!(e.to_string().contains("gm2028"), "{e}");
     }
 
     #[test]
@@ -395,7 +593,13 @@ mod tests {
 
     #[test]
     fn bad_key_material_is_named() {
-        let e = parse_hex_key("k9", "abc").err().unwrap();
+        let e = key_bytes("k9", "abc", Algorithm::Chacha20Poly1305)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("k9"));
+        let e = key_bytes("k9", &"ab".repeat(32), Algorithm::Sm4Gcm)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("sm4-gcm needs 16"), "{e}");
     }
 }

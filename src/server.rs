@@ -185,10 +185,16 @@ pub async fn start_with_clock(
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<RunningHub> {
     prepare_dev_material(config)?;
-    let pii = Arc::new(PiiKeys::load(
+    let pii = Arc::new(PiiKeys::load_with(
         &config.privacy.active_key,
         &config.privacy_keys(),
+        &config.privacy.algorithms,
     )?);
+    tracing::info!(
+        active_key = %config.privacy.active_key,
+        algorithm = pii.algorithm().as_str(),
+        "Personal data is sealed at rest."
+    );
     let identity = identity(config)?;
     let tls = if config.tls.insecure_plaintext {
         None

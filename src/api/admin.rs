@@ -146,7 +146,11 @@ impl AdminService for AdminApi {
         let relay = &self.state.relay;
         let mut upstreams = Vec::new();
         for name in relay.names() {
-            upstreams.push(status_pb(relay.status(&name).await?));
+            match relay.status(&name).await {
+                // Removed by a reload since the names were read.
+                Err(crate::relay::RelayError::UnknownUpstream(_)) => continue,
+                r => upstreams.push(status_pb(r?)),
+            }
         }
         Ok(Response::new(pb::ListUpstreamsResponse { upstreams }))
     }
@@ -412,15 +416,21 @@ impl AdminService for AdminApi {
         request: Request<pb::ReloadConfigRequest>,
     ) -> Result<Response<pb::ReloadConfigResponse>, Status> {
         let caller = self.state.admit(&request, "ReloadConfig", Role::Admin)?;
-        let r = self.state.reload().await.map_err(|why| {
-            tracing::warn!(
-                principal = caller.name(),
-                "Configuration reload refused; the running one stays."
-            );
-            Status::failed_precondition(format!(
-                "the configuration was not reloaded (the running one stays): {why}"
-            ))
-        })?;
+        // On a task of its own: a caller that goes away (a deadline, a closed connection)
+        // does not cut a reload half-way through replacing workers.
+        let state = self.state.clone();
+        let r = tokio::spawn(async move { state.reload().await })
+            .await
+            .map_err(|e| Status::internal(format!("reload failed: {e}")))?
+            .map_err(|why| {
+                tracing::warn!(
+                    principal = caller.name(),
+                    "Configuration reload refused; the running one stays."
+                );
+                Status::failed_precondition(format!(
+                    "the configuration was not reloaded (the running one stays): {why}"
+                ))
+            })?;
         Ok(Response::new(pb::ReloadConfigResponse {
             principals: r.principals as u32,
             added: r.added,

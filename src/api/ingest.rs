@@ -388,13 +388,14 @@ impl IngestService for IngestApi {
             .state
             .admit(&request, "ReportServiceCases", Role::Submit)?;
         let cases = request.into_inner().cases;
-        check_batch_size("cases", cases.len(), self.state.limits().max_batch)?;
+        let limits = self.state.limits();
+        check_batch_size("cases", cases.len(), limits.max_batch)?;
         let now = self.state.clock.now_micros();
         let mut results = vec![None; cases.len()];
         let mut valid = Vec::new();
         let mut positions = Vec::new();
         for (i, raw) in cases.iter().enumerate() {
-            match parse_case(raw, now, &self.state.limits().rules) {
+            match parse_case(raw, now, &limits.rules) {
                 Ok(case) => {
                     let (org, region) = (case.org_credit_code.as_str(), case.region_code.as_str());
                     if let Some(v) = out_of_scope(&caller.principal, org, region) {

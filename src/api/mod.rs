@@ -255,7 +255,7 @@ impl HubState {
         };
         let files =
             crate::server::watched_files(&config).map_err(|e| redact_urls(&format!("{e:#}")))?;
-        let plan = self
+        let mut plan = self
             .relay
             .plan(&config.upstreams)
             .await
@@ -263,9 +263,6 @@ impl HubState {
         let limits = Limits::of(&config);
 
         let mut report = Reloaded {
-            upstreams_added: plan.added.clone(),
-            upstreams_removed: plan.removed.clone(),
-            upstreams_changed: plan.changed.clone(),
             restart_needed: crate::config::restart_only(&config)
                 .into_iter()
                 .zip(&self.restart_only)
@@ -295,7 +292,8 @@ impl HubState {
                 // The calls in flight finish; their slots are then retired until the
                 // difference is gone.
                 let slots = self.in_flight.clone();
-                let retire = u32::try_from(old - new).unwrap_or(u32::MAX);
+                // At most MAX_IN_FLIGHT apart (the configuration's bound): fits a u32.
+                let retire = u32::try_from(old - new).expect("bounded by the configuration");
                 tokio::spawn(async move {
                     if let Ok(p) = slots.acquire_many_owned(retire).await {
                         p.forget();
@@ -306,10 +304,13 @@ impl HubState {
         }
         self.metrics.watch_files(files);
         if !plan.is_empty()
-            && let Err(e) = self.relay.apply(plan, self.shutdown_grace).await
+            && let Err(e) = self.relay.apply(&mut plan, self.shutdown_grace).await
         {
-            report.warnings.push(e);
+            report.warnings.push(redact_urls(&e));
         }
+        report.upstreams_added = plan.added;
+        report.upstreams_removed = plan.removed;
+        report.upstreams_changed = plan.changed;
         tracing::info!(
             principals = report.principals,
             added = ?report.added,

@@ -1305,26 +1305,32 @@ struct Running {
     /// Of its configuration and of the files and secrets it names: a reload replaces the
     /// worker only when this changes.
     fingerprint: [u8; 32],
+    /// Stops its delivery loop and cursor writer.
     stop: watch::Sender<bool>,
-    /// Its delivery loop (and lease keeper, on a shared store).
-    tasks: Vec<JoinHandle<()>>,
+    run_task: JoinHandle<()>,
     /// Its cursor writer: finishes after the loop, storing what is queued.
     cursor_task: JoinHandle<()>,
+    /// On a shared store, its lease keeper: stopped last, so the lease is given up only
+    /// once nothing more is sent or stored under it.
+    lease: Option<(watch::Sender<bool>, JoinHandle<()>)>,
 }
 
 impl Running {
     /// Stops the worker: a request in flight is abandoned (its cursor is not advanced, so
-    /// it is sent again by whatever delivers next), then the queued cursor writes are stored.
+    /// it is sent again by whatever delivers next), the queued cursor writes are stored,
+    /// then the lease is given up.
     async fn stop(self, grace: Duration) {
         let _ = self.stop.send(true);
-        for mut t in self.tasks {
+        for mut t in [self.run_task, self.cursor_task] {
             if tokio::time::timeout(grace, &mut t).await.is_err() {
                 t.abort();
             }
         }
-        let mut t = self.cursor_task;
-        if tokio::time::timeout(grace, &mut t).await.is_err() {
-            t.abort();
+        if let Some((stop, mut t)) = self.lease {
+            let _ = stop.send(true);
+            if tokio::time::timeout(grace, &mut t).await.is_err() {
+                t.abort();
+            }
         }
     }
 }
@@ -1369,6 +1375,10 @@ pub struct Relay {
     log_task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
     /// Set by the shutdown: a reload after it starts nothing.
     stopped: AtomicBool,
+    /// Held shared by an operator's call (pause, resume, replays) from finding the worker
+    /// to telling it, and exclusively by a reload replacing workers: a call never lands on
+    /// a worker that is being replaced after the new one read its stored state.
+    replacing: tokio::sync::RwLock<()>,
 }
 
 /// Of an upstream's configuration and the files and secrets it names (their content, not
@@ -1443,10 +1453,11 @@ impl Relay {
             stop,
             log_task: tokio::sync::Mutex::new(Some(log_task)),
             stopped: AtomicBool::new(false),
+            replacing: tokio::sync::RwLock::new(()),
         });
-        let plan = relay.plan(upstreams).await.map_err(anyhow::Error::msg)?;
+        let mut plan = relay.plan(upstreams).await.map_err(anyhow::Error::msg)?;
         relay
-            .apply(plan, Duration::from_secs(5))
+            .apply(&mut plan, Duration::from_secs(5))
             .await
             .map_err(anyhow::Error::msg)?;
         Ok(relay)
@@ -1459,13 +1470,16 @@ impl Relay {
         &self,
         upstreams: &BTreeMap<String, UpstreamConfig>,
     ) -> Result<RelayPlan, String> {
-        let current: BTreeMap<String, [u8; 32]> = self
-            .running
-            .lock()
-            .await
-            .iter()
-            .map(|(n, r)| (n.clone(), r.fingerprint))
-            .collect();
+        let current: BTreeMap<String, [u8; 32]> = {
+            let running = self.running.lock().await;
+            if self.stopped.load(Ordering::Acquire) {
+                return Err("the hub is stopping".into());
+            }
+            running
+                .iter()
+                .map(|(n, r)| (n.clone(), r.fingerprint))
+                .collect()
+        };
         let upstreams = upstreams.clone();
         // Reading certificates, profiles and key files is blocking work.
         tokio::task::spawn_blocking(move || {
@@ -1501,33 +1515,38 @@ impl Relay {
     }
 
     /// Carries out a plan: stops the removed and changed upstreams' workers (each stores
-    /// its queued cursor writes first), then starts the new and changed ones from their
-    /// stored state. Upstreams the plan does not name go on untouched. An upstream whose
-    /// stored state cannot be read is left stopped and named in the error (a later reload
-    /// starts it).
-    pub async fn apply(&self, plan: RelayPlan, grace: Duration) -> Result<(), String> {
+    /// its queued cursor writes, then gives up its lease), then starts the new and changed
+    /// ones from their stored state. Upstreams the plan does not name go on untouched. An
+    /// upstream whose stored state cannot be read (after a few tries) is left stopped and
+    /// named in the error, its name taken out of `plan`'s lists (a later reload starts it).
+    pub async fn apply(&self, plan: &mut RelayPlan, grace: Duration) -> Result<(), String> {
+        let _replacing = self.replacing.write().await;
         let mut running = self.running.lock().await;
         if self.stopped.load(Ordering::Acquire) {
             return Err("the hub is stopping".into());
         }
-        for name in plan.removed.iter().chain(&plan.changed) {
-            if let Some(r) = running.remove(name) {
-                r.stop(grace).await;
-            }
+        let stopping: Vec<Running> = plan
+            .removed
+            .iter()
+            .chain(&plan.changed)
+            .filter_map(|name| running.remove(name))
+            .collect();
+        futures_util::future::join_all(stopping.into_iter().map(|r| r.stop(grace))).await;
+        for name in &plan.removed {
             self.workers
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(name);
-        }
-        for name in &plan.removed {
             self.metrics.forget_upstream(name);
             tracing::info!(upstream = %name, "Upstream removed by a reload: delivery stopped (its cursor and dead letters stay stored).");
         }
         let mut failed = Vec::new();
-        for start in plan.start {
+        for start in std::mem::take(&mut plan.start) {
             let name = start.name.clone();
             match self.launch(start).await {
                 Ok(r) => {
+                    // A changed upstream's entry is replaced in place: operators' calls
+                    // never find it missing.
                     self.workers
                         .write()
                         .unwrap_or_else(|p| p.into_inner())
@@ -1535,9 +1554,16 @@ impl Relay {
                     running.insert(name, r);
                 }
                 Err(e) => {
+                    self.workers
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&name);
+                    self.metrics.forget_upstream(&name);
+                    plan.added.retain(|n| *n != name);
+                    plan.changed.retain(|n| *n != name);
                     tracing::error!(upstream = %name, error = %e, "Cannot start the upstream's delivery; it stays stopped until the next reload or restart.");
                     failed.push(format!(
-                        "upstreams.{name}: cannot read its stored state: {e}"
+                        "upstreams.{name} is not delivering: its stored state cannot be read ({e}); reload again or restart"
                     ));
                 }
             }
@@ -1558,8 +1584,23 @@ impl Relay {
             fingerprint,
         } = start;
         let store = &self.store;
-        let state = store.upstream_state(&name).await?;
-        let range_open = !store.list_range_replays(&name, true).await?.is_empty();
+        // A database that is briefly busy does not leave the upstream stopped.
+        let mut tries = 0;
+        let (state, range_open) = loop {
+            let read = async {
+                let state = store.upstream_state(&name).await?;
+                let open = !store.list_range_replays(&name, true).await?.is_empty();
+                Ok::<_, StoreError>((state, open))
+            };
+            match read.await {
+                Ok(v) => break v,
+                Err(e) if tries >= 4 || matches!(e, StoreError::ShuttingDown) => return Err(e),
+                Err(_) => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(250 << tries)).await;
+                }
+            }
+        };
         let (stop, stop_rx) = watch::channel(false);
         let (control, _) = watch::channel(0);
         // One writer per upstream keeps its cursor writes in order; its queue bounds how
@@ -1596,18 +1637,19 @@ impl Relay {
             pending_writes,
             stop_rx.clone(),
         ));
-        let mut tasks = vec![tokio::spawn(worker.clone().run(stop_rx.clone()))];
-        if store.shared() {
-            tasks.push(tokio::spawn(
-                worker.clone().keep_lease(self.lease.clone(), stop_rx),
-            ));
-        }
+        let run_task = tokio::spawn(worker.clone().run(stop_rx));
+        let lease = store.shared().then(|| {
+            let (stop, stop_rx) = watch::channel(false);
+            let task = tokio::spawn(worker.clone().keep_lease(self.lease.clone(), stop_rx));
+            (stop, task)
+        });
         Ok(Running {
             worker,
             fingerprint,
             stop,
-            tasks,
+            run_task,
             cursor_task,
+            lease,
         })
     }
 
@@ -1731,6 +1773,7 @@ impl Relay {
 
     /// Pauses or resumes delivery; the state is stored and survives restarts.
     pub async fn set_paused(&self, name: &str, paused: bool) -> Result<(), RelayError> {
+        let _replacing = self.replacing.read().await;
         let w = self.worker(name)?;
         w.store
             .relay_write(RelayWrite::SetPaused {
@@ -1754,6 +1797,7 @@ impl Relay {
 
     /// Queues dead letters (these ids, or all open ones) for another delivery.
     pub async fn replay(&self, name: &str, ids: Option<Vec<u64>>) -> Result<u64, RelayError> {
+        let _replacing = self.replacing.read().await;
         let w = self.worker(name)?;
         let n = w
             .store
@@ -1781,6 +1825,7 @@ impl Relay {
         requested_by: &str,
         reason: &str,
     ) -> Result<RangeReplay, RelayError> {
+        let _replacing = self.replacing.read().await;
         let w = self.worker(name)?;
         let id = w
             .store
@@ -1821,6 +1866,7 @@ impl Relay {
         id: u64,
         by: &str,
     ) -> Result<bool, RelayError> {
+        let _replacing = self.replacing.read().await;
         let w = self.worker(name)?;
         let n = w
             .store
@@ -1864,14 +1910,10 @@ impl Relay {
         let mut running = self.running.lock().await;
         self.stopped.store(true, Ordering::Release);
         let running = std::mem::take(&mut *running);
-        for r in running.values() {
-            let _ = r.stop.send(true);
-        }
         let _ = self.stop.send(true);
-        // Each worker's loop first; then its queued cursor writes are stored.
-        for (_, r) in running {
-            r.stop(grace).await;
-        }
+        // Each worker's loop first; then its queued cursor writes are stored; then its lease
+        // is given up.
+        futures_util::future::join_all(running.into_values().map(|r| r.stop(grace))).await;
         if let Some(mut t) = self.log_task.lock().await.take()
             && tokio::time::timeout(grace, &mut t).await.is_err()
         {

@@ -368,3 +368,71 @@ async fn a_run_with_planted_pii_logs_none_of_it() {
         );
     }
 }
+
+/// Issue #22, 国密 at rest: a hub whose operator makes an SM4-GCM key (with the binary's
+/// `key new`) the active one seals new records under it and still reads those sealed before
+/// under ChaCha20-Poly1305; neither is in the database in the clear.
+#[tokio::test]
+async fn a_hub_moved_to_sm4_gcm_seals_new_records_with_it_and_reads_the_old_ones() {
+    let hub = TestHub::start().await;
+    let before = submit(&mut hub.ingest().await, vec![planted("gm-before")]).await;
+    assert_eq!(outcome(&before[0]), pb::Outcome::Accepted);
+    let stopped = hub.stop().await;
+    let gm = stopped.dir.path().join("gm2027.key");
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_rating-hub"))
+        .args(["key", "new", "--algorithm", "sm4-gcm"])
+        .arg(&gm)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    assert_eq!(std::fs::read_to_string(&gm).unwrap().trim().len(), 32);
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_rating-hub"))
+        .args(["key", "new", "--algorithm", "sm4-gcm"])
+        .arg(&gm)
+        .output()
+        .unwrap();
+    assert!(!again.status.success(), "a key is never replaced");
+    let q = |s: &str| format!("\"{s}\"");
+    let hub = stopped
+        .restart_with(|b| {
+            b.set("privacy.keys.gm2027", &q(&gm.display().to_string()))
+                .set("privacy.algorithms.gm2027", &q("sm4-gcm"))
+                .set("privacy.active_key", &q("gm2027"))
+        })
+        .await;
+    let after = submit(&mut hub.ingest().await, vec![planted("gm-after")]).await;
+    assert_eq!(outcome(&after[0]), pb::Outcome::Accepted);
+    let mut query = hub.query().await;
+    for r in [&before[0], &after[0]] {
+        let got = query
+            .get_rating(pb::GetRatingRequest {
+                hub_id: r.hub_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .rating
+            .unwrap()
+            .rater
+            .unwrap();
+        assert_eq!(
+            (got.name.as_str(), got.id_number, got.phone.as_str()),
+            (NAME, planted_id(), PHONE)
+        );
+    }
+    assert_eq!(
+        crate::pg::query_on_hub(
+            hub.dir.path(),
+            "SELECT pii_key_id FROM ratings ORDER BY feed_seq"
+        ),
+        ["test", "gm2027"]
+    );
+    if !crate::pg::enabled() {
+        let stopped = hub.stop().await;
+        let hits: Vec<String> = files_containing_pii(stopped.dir.path())
+            .into_iter()
+            .filter(|h| h.contains("hub.db"))
+            .collect();
+        assert_eq!(hits, Vec::<String>::new());
+    }
+}

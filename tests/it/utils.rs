@@ -169,6 +169,11 @@ impl StoppedHub {
     pub async fn restart(self) -> TestHub {
         self.builder.start_in(self.dir).await
     }
+
+    /// Starts a new hub on the same directory with its configuration changed by `change`.
+    pub async fn restart_with(self, change: impl FnOnce(HubBuilder) -> HubBuilder) -> TestHub {
+        change(self.builder).start_in(self.dir).await
+    }
 }
 
 impl TestHub {

@@ -13,6 +13,7 @@ pub mod codec;
 pub mod config;
 pub mod domain;
 pub mod gm;
+pub mod merkle;
 pub mod metrics;
 pub mod pb;
 pub mod pki;

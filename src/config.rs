@@ -43,6 +43,8 @@ pub struct Config {
     pub ops: OpsConfig,
     pub public: crate::public::PublicConfig,
     pub alerts: crate::alerts::AlertsConfig,
+    /// The verifiable rating log (`[log]` is the hub's own logging).
+    pub rating_log: RatingLogConfig,
     /// The file the configuration was read from (with the environment over it): what a
     /// reload reads again.
     #[serde(skip)]
@@ -188,6 +190,14 @@ impl RulesConfig {
         crate::rules::Profiles::load(&self.profiles, &self.regions)
             .map_err(|e| ConfigError::Invalid(format!("rules: {e}")))
     }
+}
+
+/// `[rating_log]`: the Merkle tree over the feed (src/merkle.rs).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RatingLogConfig {
+    /// sm3 (default) or sha256; fixed when a database's log is first written.
+    pub hash: crate::merkle::HashAlg,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -547,6 +557,7 @@ impl Config {
             read_connections: self.storage.read_connections,
             read_wait: std::time::Duration::from_millis(self.storage.read_wait_ms.max(1)),
             instance: self.storage.instance_name(),
+            log_hash: self.rating_log.hash,
         }
     }
 
@@ -558,6 +569,7 @@ impl Config {
             write_queue: self.storage.write_queue,
             read_connections: self.storage.read_connections,
             min_free_bytes: self.storage.min_free_mb.saturating_mul(1 << 20),
+            log_hash: self.rating_log.hash,
         }
     }
 }
@@ -684,6 +696,7 @@ pub fn restart_only(config: &Config) -> Vec<(&'static str, String)> {
         ("ops", format!("{:?}", config.ops)),
         ("public", format!("{:?}", config.public)),
         ("alerts", format!("{:?}", config.alerts)),
+        ("rating_log", format!("{:?}", config.rating_log)),
     ]
 }
 

@@ -40,6 +40,11 @@ enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// The verifiable rating log (a Merkle tree over the feed; [rating_log]).
+    Log {
+        #[command(subcommand)]
+        command: LogCommand,
+    },
     /// The working-day calendar deadlines are counted on.
     Calendar {
         #[command(subcommand)]
@@ -53,6 +58,79 @@ enum Command {
         #[command(subcommand)]
         command: admin_cli::AdminCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum LogCommand {
+    /// Recompute the database's rating log from its ratings, read-only (the hub may run),
+    /// and compare it with the stored log: exits 1 naming the first feed position that does
+    /// not verify (a rating changed, removed or written around the hub).
+    Verify {
+        /// TOML config file naming the database (storage.url).
+        #[arg(long, short, env = "RATING_HUB_CONFIG")]
+        config: Option<PathBuf>,
+        /// One JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+async fn log_command(command: LogCommand) -> anyhow::Result<std::process::ExitCode> {
+    let LogCommand::Verify { config, json } = command;
+    let config = Config::load(config.as_deref())?;
+    let mut db = rating_hub::store::verify::Db::open(&config.storage.url)
+        .await
+        .with_context(|| format!("opening {}", config.storage.display_url()))?;
+    let started = std::time::Instant::now();
+    let mut last = std::time::Instant::now();
+    let report = rating_hub::store::verify::verify(&mut db, |n| {
+        if !json && last.elapsed() >= std::time::Duration::from_secs(2) {
+            eprintln!("… {n} ratings checked");
+            last = std::time::Instant::now();
+        }
+    })
+    .await?;
+    db.close().await;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "hash": report.hash.as_str(),
+                "ratings": report.ratings,
+                "leaves": report.leaves,
+                "size": report.size,
+                "root": hex::encode(report.root),
+                "ok": report.first_bad.is_none(),
+                "first_bad_position": report.first_bad.as_ref().map(|b| b.0),
+                "reason": report.first_bad.as_ref().map(|b| b.1.clone()),
+            })
+        );
+    } else {
+        println!(
+            "{} ratings stored, {} in the log ({}); checked in {:.1} s.",
+            report.ratings,
+            report.leaves,
+            report.hash.as_str(),
+            started.elapsed().as_secs_f64()
+        );
+        match &report.first_bad {
+            None => println!(
+                "OK: every rating matches its leaf; root at size {} = {}",
+                report.size,
+                hex::encode(report.root)
+            ),
+            Some((position, why)) => println!(
+                "MISMATCH at feed position {position}: {why}. The log verifies up to position {} (root {}).",
+                report.size,
+                hex::encode(report.root)
+            ),
+        }
+    }
+    Ok(if report.first_bad.is_none() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::from(1)
+    })
 }
 
 #[derive(Subcommand)]
@@ -261,6 +339,17 @@ fn main() -> anyhow::Result<()> {
         Command::Certs { command } => certs(command),
         Command::Calendar { command } => calendar(command),
         Command::Key { command } => key(command),
+        Command::Log { command } => {
+            let code = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(log_command(command))?;
+            if code != std::process::ExitCode::SUCCESS {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Admin {
             connection,
             command,

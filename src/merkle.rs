@@ -178,7 +178,7 @@ impl<N: Nodes> Prover<'_, N> {
         if n == 0 {
             return Ok(self.alg.empty());
         }
-        if n.is_power_of_two() && start % n == 0 {
+        if n.is_power_of_two() && start.is_multiple_of(n) {
             let level = n.trailing_zeros();
             return self
                 .nodes
@@ -186,9 +186,10 @@ impl<N: Nodes> Prover<'_, N> {
                 .ok_or(ProofError::Missing(level, start >> level));
         }
         let k = largest_power_below(n);
-        Ok(self
-            .alg
-            .node(&self.subtree(start, start + k)?, &self.subtree(start + k, end)?))
+        Ok(self.alg.node(
+            &self.subtree(start, start + k)?,
+            &self.subtree(start + k, end)?,
+        ))
     }
 
     /// The root of the first `size` leaves.
@@ -483,7 +484,10 @@ mod tests {
                 for m in 0..n {
                     let path = p.inclusion(m, n).unwrap();
                     let leaf = &leaves[m as usize];
-                    assert!(verify_inclusion(alg, m, n, leaf, &path, &root), "{m} in {n}");
+                    assert!(
+                        verify_inclusion(alg, m, n, leaf, &path, &root),
+                        "{m} in {n}"
+                    );
                     let other = alg.leaf(b"changed");
                     assert!(!verify_inclusion(alg, m, n, &other, &path, &root));
                     if let Some((first, rest)) = path.split_first() {

@@ -275,6 +275,7 @@ pub(crate) async fn raw_postgres(
         read_connections: 1,
         read_wait: std::time::Duration::from_secs(5),
         instance: "bench-raw".into(),
+        log_hash: Default::default(),
     };
     let store =
         rating_hub::store::PostgresStore::open(&opts, Arc::new(rating_hub::clock::SystemClock))

@@ -16,6 +16,7 @@ use sqlx::{ColumnIndex, Decode, Row, Type};
 use uuid::Uuid;
 
 use crate::pb::v1 as pb;
+use crate::store::log::{LeafCols, LogAppend};
 use crate::store::rows::uuid_from_bytes;
 use crate::store::{InsertOutcome, NewRating};
 
@@ -224,10 +225,11 @@ pub(crate) async fn write_ratings<B: ChunkBackend>(
     items: &[&NewRating],
     next_seq: &mut u64,
     received_at: i64,
+    log: &mut LogAppend,
 ) -> Result<Vec<InsertOutcome>, sqlx::Error> {
     let mut out = Vec::with_capacity(items.len());
     for chunk in items.chunks(CHUNK) {
-        out.extend(write_chunk(backend, chunk, next_seq, received_at).await?);
+        out.extend(write_chunk(backend, chunk, next_seq, received_at, log).await?);
     }
     Ok(out)
 }
@@ -437,6 +439,7 @@ async fn write_chunk<B: ChunkBackend>(
     chunk: &[&NewRating],
     next_seq: &mut u64,
     received_at: i64,
+    log: &mut LogAppend,
 ) -> Result<Vec<InsertOutcome>, sqlx::Error> {
     let mut l = backend.lookups(chunk).await?;
     let q = chunk[0].checks.quality;
@@ -459,7 +462,7 @@ async fn write_chunk<B: ChunkBackend>(
         if item.checks.counting && replaces.is_empty() {
             let refusal = if !r.body.follow_up_of.is_empty() {
                 // The original may be in this chunk: insert what is pending first.
-                flush(backend, &mut pending, &mut out, received_at).await?;
+                flush(backend, &mut pending, &mut out, received_at, log).await?;
                 let facts = backend.follow_up_facts(item).await?;
                 follow_up_rule(item, facts)
             } else {
@@ -541,7 +544,7 @@ async fn write_chunk<B: ChunkBackend>(
             supersedes: replaces,
         });
     }
-    flush(backend, &mut pending, &mut out, received_at).await?;
+    flush(backend, &mut pending, &mut out, received_at, log).await?;
     Ok(out
         .into_iter()
         .map(|o| o.expect("every rating decided"))
@@ -560,11 +563,19 @@ async fn flush<B: ChunkBackend>(
     pending: &mut Batch<'_>,
     out: &mut [Option<InsertOutcome>],
     received_at: i64,
+    log: &mut LogAppend,
 ) -> Result<(), sqlx::Error> {
     if pending.rows.is_empty() {
         return Ok(());
     }
     backend.insert(&pending.rows, received_at).await?;
+    // Each inserted row's leaf, as stored (in feed order: sequences are taken in order).
+    log.leaves.extend(
+        pending
+            .rows
+            .iter()
+            .map(|p| log.alg.leaf(&LeafCols::of_pending(p, received_at).bytes())),
+    );
     for (pos, p) in pending.positions.drain(..).zip(pending.rows.drain(..)) {
         out[pos] = Some(InsertOutcome::Accepted {
             hub_id: p.item.hub_id,

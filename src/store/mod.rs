@@ -8,9 +8,11 @@
 //! - ratings are append-only, and each committed rating gets the next gapless feed sequence.
 
 pub(crate) mod chunk;
+pub mod log;
 pub mod postgres;
 pub(crate) mod rows;
 pub mod sqlite;
+pub mod verify;
 pub(crate) mod writer;
 
 use async_trait::async_trait;
@@ -43,6 +45,9 @@ pub enum StoreError {
     /// was committed.
     #[error("the database refused the write: {0}")]
     Refused(String),
+    /// The database and the configuration disagree (e.g. the rating log's hash).
+    #[error("{0}")]
+    Config(String),
 }
 
 impl StoreError {

@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::chunk;
+use super::log::{self, LogAppend};
 use super::rows::{self, Columns};
 use super::writer::{self, GroupResult, GroupWrite, Job, Queue};
 use super::{
@@ -35,6 +36,7 @@ use super::{
 };
 use super::{CaseEntryRecord, EvidenceRecord};
 use crate::clock::Clock;
+use crate::merkle::{self, Frontier, HashAlg};
 
 mod chunks;
 
@@ -61,6 +63,8 @@ pub struct PostgresOptions {
     /// This hub instance's name: its sessions' `application_name` is `rating-hub/<name>`
     /// (what `pg_stat_activity` shows).
     pub instance: String,
+    /// The rating log's hash (fixed when the log is first written).
+    pub log_hash: HashAlg,
 }
 
 /// Whether a storage URL names a PostgreSQL database.
@@ -200,6 +204,12 @@ impl PostgresStore {
             .acquire_timeout(opts.read_wait)
             .connect_with(connect.clone())
             .await?;
+        let log_alg = {
+            let mut conn = PgConnection::connect_with(&writer_connect).await?;
+            let alg = open_log(&mut conn, opts.log_hash).await;
+            let _ = conn.close().await;
+            alg?
+        };
         let head: i64 = sqlx::query_scalar("SELECT head FROM feed_head WHERE id = 1")
             .fetch_one(&reader)
             .await?;
@@ -213,6 +223,8 @@ impl PostgresStore {
                 conn: None,
                 connect: writer_connect,
                 clock,
+                log_alg,
+                frontier: None,
             },
             head_tx,
             opts.max_group_commit,
@@ -293,6 +305,144 @@ struct Writer {
     conn: Option<PgConnection>,
     connect: PgConnectOptions,
     clock: Arc<dyn Clock>,
+    log_alg: HashAlg,
+    /// The rating log's right edge after this writer's last commit: used when no other
+    /// instance committed since (its size is the head the sequencer shows), else read again.
+    frontier: Option<Frontier>,
+}
+
+/// Checks the log's hash against the database's, and writes the log of any ratings stored
+/// without it (a database from before the log), holding the sequencer so no instance's
+/// writer commits meanwhile.
+async fn open_log(conn: &mut PgConnection, alg: HashAlg) -> Result<HashAlg, StoreError> {
+    let mut tx = conn.begin().await?;
+    let head: i64 = sqlx::query_scalar("SELECT head FROM feed_head WHERE id = 1 FOR UPDATE")
+        .fetch_one(&mut *tx)
+        .await?;
+    let head = head as u64;
+    sqlx::query("INSERT INTO log_meta (id, hash_alg) VALUES (1, $1) ON CONFLICT (id) DO NOTHING")
+        .bind(alg.as_str())
+        .execute(&mut *tx)
+        .await?;
+    let stored: String = sqlx::query_scalar("SELECT hash_alg FROM log_meta WHERE id = 1")
+        .fetch_one(&mut *tx)
+        .await?;
+    let alg = log::check_alg(&stored, alg).map_err(StoreError::Config)?;
+    let size: i64 =
+        sqlx::query_scalar("SELECT COALESCE(MAX(idx) + 1, 0) FROM log_nodes WHERE level = 0")
+            .fetch_one(&mut *tx)
+            .await?;
+    let size = size as u64;
+    if size > head {
+        return Err(StoreError::Corrupt(format!(
+            "the rating log has {size} leaves and the feed only {head} ratings: ratings were \
+             removed from the database (rating-hub log verify names the first)"
+        )));
+    }
+    let mut frontier = load_frontier(&mut tx, alg, size).await?;
+    let from = size;
+    while frontier.size < head {
+        let rows = sqlx::query(&format!(
+            "SELECT {} FROM ratings WHERE feed_seq > $1 ORDER BY feed_seq LIMIT 2000",
+            log::LEAF_COLUMNS
+        ))
+        .bind(frontier.size as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            break;
+        }
+        let mut nodes = Vec::new();
+        for row in &rows {
+            let row = log::LeafRow::read(row)?;
+            if row.feed_seq as u64 != frontier.size + 1 {
+                return Err(StoreError::Corrupt(format!(
+                    "feed position {} is missing: the rating log cannot be written over a gap",
+                    frontier.size + 1
+                )));
+            }
+            nodes.extend(frontier.append(row.leaf_hash(alg)));
+        }
+        insert_nodes(&mut tx, &nodes).await?;
+    }
+    tx.commit().await?;
+    if frontier.size > from {
+        tracing::info!(
+            ratings = frontier.size - from,
+            hash = alg.as_str(),
+            "Rating log written for ratings stored before it."
+        );
+    }
+    Ok(alg)
+}
+
+/// The log's right edge for a tree of `size` leaves, from its stored nodes.
+async fn load_frontier(
+    conn: &mut PgConnection,
+    alg: HashAlg,
+    size: u64,
+) -> Result<Frontier, StoreError> {
+    let want = merkle::frontier_positions(size);
+    let nodes = read_nodes(conn, &want).await?;
+    let hashes = want
+        .iter()
+        .map(|k| {
+            nodes.get(k).copied().ok_or_else(|| {
+                StoreError::Corrupt(format!("rating log node {}/{} is missing", k.0, k.1))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Frontier::from_nodes(alg, size, hashes)
+        .ok_or_else(|| StoreError::Corrupt("the rating log's right edge does not fit".into()))
+}
+
+/// Stored log nodes by (level, index); those not stored are absent.
+pub(crate) async fn read_nodes(
+    conn: &mut PgConnection,
+    want: &[(u32, u64)],
+) -> Result<std::collections::HashMap<(u32, u64), merkle::Hash>, StoreError> {
+    let levels: Vec<i16> = want.iter().map(|(l, _)| *l as i16).collect();
+    let idxs: Vec<i64> = want.iter().map(|(_, i)| *i as i64).collect();
+    let rows: Vec<(i16, i64, Vec<u8>)> = sqlx::query_as(
+        "SELECT n.level, n.idx, n.hash FROM log_nodes n \
+         JOIN UNNEST($1::smallint[], $2::bigint[]) AS w(level, idx) \
+         ON n.level = w.level AND n.idx = w.idx",
+    )
+    .bind(levels)
+    .bind(idxs)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut out = std::collections::HashMap::new();
+    for (l, i, h) in rows {
+        let h: merkle::Hash = h
+            .try_into()
+            .map_err(|_| StoreError::Corrupt(format!("rating log node {l}/{i} is not 32 bytes")))?;
+        out.insert((l as u32, i as u64), h);
+    }
+    Ok(out)
+}
+
+async fn insert_nodes(conn: &mut PgConnection, nodes: &[merkle::Node]) -> Result<(), sqlx::Error> {
+    let levels: Vec<i16> = nodes.iter().map(|n| n.0 as i16).collect();
+    let idxs: Vec<i64> = nodes.iter().map(|n| n.1 as i64).collect();
+    let hashes: Vec<&[u8]> = nodes.iter().map(|n| n.2.as_slice()).collect();
+    let inserted = sqlx::query(
+        "INSERT INTO log_nodes (level, idx, hash) \
+         SELECT * FROM UNNEST($1::smallint[], $2::bigint[], $3::bytea[])",
+    )
+    .bind(levels)
+    .bind(idxs)
+    .bind(hashes)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if inserted != nodes.len() as u64 {
+        return Err(sqlx::Error::Protocol(format!(
+            "inserted {inserted} of {} rating log nodes",
+            nodes.len()
+        )));
+    }
+    Ok(())
 }
 
 impl GroupWrite for Writer {
@@ -308,7 +458,16 @@ impl GroupWrite for Writer {
         };
         let result = loop {
             let e = match conn.begin().await {
-                Ok(tx) => break Self::write_group_tx(tx, group, received_at).await,
+                Ok(tx) => {
+                    break Self::write_group_tx(
+                        tx,
+                        group,
+                        received_at,
+                        self.log_alg,
+                        &mut self.frontier,
+                    )
+                    .await;
+                }
                 Err(e) => e,
             };
             // A kept connection that died while idle (the server restarted, an operator ended
@@ -350,7 +509,11 @@ impl Writer {
         mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
         group: &[Job],
         received_at: i64,
+        log_alg: HashAlg,
+        cached: &mut Option<Frontier>,
     ) -> Result<(Vec<GroupResult>, Option<u64>), sqlx::Error> {
+        // Taken now: a failed group leaves no right edge it may have moved.
+        let cached_frontier = cached.take();
         // The sequencer: every instance's writer waits here for the others' commits. Only
         // ratings take feed sequences, and case events are decided against what is stored;
         // a group of relay bookkeeping and audit records alone (the relay's cursor writes)
@@ -388,14 +551,29 @@ impl Writer {
         let start = head as u64 + 1;
         let mut next_seq = start;
         let all = writer::all_ratings(group);
+        let mut log = LogAppend::new(log_alg);
         let mut outcomes = chunk::write_ratings(
             &mut chunks::PgChunks(&mut tx),
             &all,
             &mut next_seq,
             received_at,
+            &mut log,
         )
         .await?
         .into_iter();
+        // The log's nodes go with the ratings, under the sequencer: the right edge this
+        // writer left, unless another instance committed since (then read from the store).
+        let mut frontier = None;
+        if !log.leaves.is_empty() {
+            let mut f = match cached_frontier {
+                Some(f) if f.size + 1 == start => f,
+                _ => load_frontier(&mut tx, log_alg, start - 1)
+                    .await
+                    .map_err(|e| sqlx::Error::Protocol(e.to_string()))?,
+            };
+            insert_nodes(&mut tx, &log.nodes(&mut f)).await?;
+            frontier = Some(f);
+        }
         let mut results = Vec::with_capacity(group.len());
         for job in group {
             match job {
@@ -453,6 +631,7 @@ impl Writer {
             None
         };
         tx.commit().await?;
+        *cached = frontier;
         Ok((results, moved))
     }
 }

@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::chunk;
+use super::log::{self, LogAppend};
 use super::rows::{self, Columns};
 use super::writer::{self, GroupResult, GroupWrite, Job, Queue};
 use super::{
@@ -32,6 +33,7 @@ use super::{
 };
 use super::{CaseEntryRecord, EvidenceRecord};
 use crate::clock::Clock;
+use crate::merkle::{self, Frontier, HashAlg};
 
 mod group;
 
@@ -56,6 +58,8 @@ pub struct SqliteOptions {
     /// after commits failed on a full disk, health waits for this much room before it tries
     /// a probe write (a small write can fit where a real group does not).
     pub min_free_bytes: u64,
+    /// The rating log's hash (fixed when the log is first written).
+    pub log_hash: HashAlg,
 }
 
 impl Default for SqliteOptions {
@@ -67,6 +71,7 @@ impl Default for SqliteOptions {
             write_queue: 1024,
             min_free_bytes: 0,
             read_connections: 4,
+            log_hash: HashAlg::default(),
         }
     }
 }
@@ -120,6 +125,7 @@ impl SqliteStore {
             .fetch_one(&mut writer_conn)
             .await?;
         let last_seq = last_seq as u64;
+        let frontier = open_log(&mut writer_conn, opts.log_hash, last_seq).await?;
 
         let reader = SqlitePoolOptions::new()
             .max_connections(opts.read_connections.max(1))
@@ -134,6 +140,7 @@ impl SqliteStore {
             conn: writer_conn,
             next_seq: last_seq + 1,
             clock,
+            frontier,
         };
         let (jobs, handle) = Queue::start(writer, head_tx, opts.max_group_commit, opts.write_queue)
             .map_err(sqlx::Error::Io)?;
@@ -219,6 +226,143 @@ struct Writer {
     conn: SqliteConnection,
     next_seq: u64,
     clock: Arc<dyn Clock>,
+    /// The rating log's right edge as committed (`next_seq - 1` leaves).
+    frontier: Frontier,
+}
+
+/// Checks the log's hash against the database's, and returns the log's right edge for a
+/// feed of `head` ratings, first writing the log of any ratings stored without it (a
+/// database from before the log).
+async fn open_log(
+    conn: &mut SqliteConnection,
+    alg: HashAlg,
+    head: u64,
+) -> Result<Frontier, StoreError> {
+    let stored: Option<String> = sqlx::query_scalar("SELECT hash_alg FROM log_meta WHERE id = 1")
+        .fetch_optional(&mut *conn)
+        .await?;
+    let alg = match stored {
+        Some(s) => log::check_alg(&s, alg).map_err(StoreError::Config)?,
+        None => {
+            sqlx::query("INSERT INTO log_meta (id, hash_alg) VALUES (1, ?)")
+                .bind(alg.as_str())
+                .execute(&mut *conn)
+                .await?;
+            alg
+        }
+    };
+    let size: i64 =
+        sqlx::query_scalar("SELECT COALESCE(MAX(idx) + 1, 0) FROM log_nodes WHERE level = 0")
+            .fetch_one(&mut *conn)
+            .await?;
+    let size = size as u64;
+    if size > head {
+        return Err(StoreError::Corrupt(format!(
+            "the rating log has {size} leaves and the feed only {head} ratings: ratings were removed              from the database (rating-hub log verify names the first)"
+        )));
+    }
+    let mut frontier = load_frontier(conn, alg, size).await?;
+    let from = size;
+    while frontier.size < head {
+        let rows = sqlx::query(&format!(
+            "SELECT {} FROM ratings WHERE feed_seq > ? ORDER BY feed_seq LIMIT 2000",
+            log::LEAF_COLUMNS
+        ))
+        .bind(frontier.size as i64)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut nodes = Vec::new();
+        for row in &rows {
+            let row = log::LeafRow::read(row)?;
+            if row.feed_seq as u64 != frontier.size + 1 {
+                return Err(StoreError::Corrupt(format!(
+                    "feed position {} is missing: the rating log cannot be written over a gap",
+                    frontier.size + 1
+                )));
+            }
+            nodes.extend(frontier.append(row.leaf_hash(alg)));
+        }
+        if rows.is_empty() {
+            break;
+        }
+        let mut tx = conn.begin().await?;
+        insert_nodes(&mut tx, &nodes).await?;
+        tx.commit().await?;
+    }
+    if frontier.size > from {
+        tracing::info!(
+            ratings = frontier.size - from,
+            hash = alg.as_str(),
+            "Rating log written for ratings stored before it."
+        );
+    }
+    Ok(frontier)
+}
+
+/// The log's right edge for a tree of `size` leaves, from its stored nodes.
+async fn load_frontier(
+    conn: &mut SqliteConnection,
+    alg: HashAlg,
+    size: u64,
+) -> Result<Frontier, StoreError> {
+    let want = merkle::frontier_positions(size);
+    let nodes = read_nodes(conn, &want).await?;
+    let hashes = want
+        .iter()
+        .map(|k| {
+            nodes.get(k).copied().ok_or_else(|| {
+                StoreError::Corrupt(format!("rating log node {}/{} is missing", k.0, k.1))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Frontier::from_nodes(alg, size, hashes)
+        .ok_or_else(|| StoreError::Corrupt("the rating log's right edge does not fit".into()))
+}
+
+/// Stored log nodes by (level, index); those not stored are absent.
+async fn read_nodes(
+    conn: &mut SqliteConnection,
+    want: &[(u32, u64)],
+) -> Result<std::collections::HashMap<(u32, u64), merkle::Hash>, StoreError> {
+    let mut out = std::collections::HashMap::new();
+    for part in want.chunks(400) {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "SELECT level, idx, hash FROM log_nodes WHERE (level, idx) IN (",
+        );
+        let mut sep = qb.separated(", ");
+        for (l, i) in part {
+            sep.push("(")
+                .push_bind_unseparated(i64::from(*l))
+                .push_unseparated(", ")
+                .push_bind_unseparated(*i as i64)
+                .push_unseparated(")");
+        }
+        qb.push(")");
+        let rows: Vec<(i64, i64, Vec<u8>)> = qb.build_query_as().fetch_all(&mut *conn).await?;
+        for (l, i, h) in rows {
+            let h: merkle::Hash = h.try_into().map_err(|_| {
+                StoreError::Corrupt(format!("rating log node {l}/{i} is not 32 bytes"))
+            })?;
+            out.insert((l as u32, i as u64), h);
+        }
+    }
+    Ok(out)
+}
+
+async fn insert_nodes(
+    conn: &mut SqliteConnection,
+    nodes: &[merkle::Node],
+) -> Result<(), sqlx::Error> {
+    for part in nodes.chunks(1000) {
+        let mut qb = QueryBuilder::<Sqlite>::new("INSERT INTO log_nodes (level, idx, hash) ");
+        qb.push_values(part, |mut b, (l, i, h)| {
+            b.push_bind(i64::from(*l))
+                .push_bind(*i as i64)
+                .push_bind(h.as_slice());
+        });
+        qb.build().execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 impl GroupWrite for Writer {
@@ -270,9 +414,25 @@ impl Writer {
         let mut tx = group::GroupTx::begin(&mut self.conn);
         // Every rating of the group first, in order, with a few statements per chunk.
         let all = writer::all_ratings(group);
-        let mut outcomes = chunk::write_ratings(&mut tx, &all, &mut self.next_seq, received_at)
-            .await?
-            .into_iter();
+        if self.frontier.size + 1 != self.next_seq {
+            return Err(sqlx::Error::Protocol(format!(
+                "the rating log has {} leaves and the next feed position is {}",
+                self.frontier.size, self.next_seq
+            )));
+        }
+        let mut log = LogAppend::new(self.frontier.alg);
+        let mut outcomes =
+            chunk::write_ratings(&mut tx, &all, &mut self.next_seq, received_at, &mut log)
+                .await?
+                .into_iter();
+        // The log's nodes go with the ratings, in the same transaction; the right edge in
+        // memory moves only once it committed.
+        let mut frontier = None;
+        if !log.leaves.is_empty() {
+            let mut f = self.frontier.clone();
+            tx.insert_nodes(&log.nodes(&mut f));
+            frontier = Some(f);
+        }
         let mut results = Vec::with_capacity(group.len());
         for job in group {
             match job {
@@ -318,6 +478,9 @@ impl Writer {
             }
         }
         tx.commit().await?;
+        if let Some(f) = frontier {
+            self.frontier = f;
+        }
         Ok(results)
     }
 }

@@ -18,6 +18,7 @@ mod privacy;
 mod promises;
 mod public;
 mod query;
+mod rating_log;
 mod relay;
 mod restart;
 mod rules;

@@ -170,6 +170,11 @@ impl StoppedHub {
         self.builder.start_in(self.dir).await
     }
 
+    /// As [`StoppedHub::restart`], returning why the hub did not start.
+    pub async fn try_restart(self) -> anyhow::Result<TestHub> {
+        self.builder.try_start_in(self.dir).await
+    }
+
     /// Starts a new hub on the same directory with its configuration changed by `change`.
     pub async fn restart_with(self, change: impl FnOnce(HubBuilder) -> HubBuilder) -> TestHub {
         change(self.builder).start_in(self.dir).await

@@ -481,6 +481,7 @@ mod tests {
                 read_connections: 1,
                 read_wait: std::time::Duration::from_secs(5),
                 instance: "test".into(),
+                log_hash: Default::default(),
             },
             Arc::new(SystemClock),
         )

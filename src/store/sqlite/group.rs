@@ -97,6 +97,20 @@ impl<'c> GroupTx<'c> {
         Ok(&mut *self.conn)
     }
 
+    /// Deferred: the rating log's new nodes (src/store/log.rs).
+    pub fn insert_nodes(&mut self, nodes: &[crate::merkle::Node]) {
+        for rows in nodes.chunks(1000) {
+            let qb = self.defer(Some(rows.len() as u64));
+            qb.push("INSERT INTO log_nodes (level, idx, hash) ");
+            qb.push_values(rows, |mut b, (l, i, h)| {
+                b.push_bind(i64::from(*l))
+                    .push_bind(*i as i64)
+                    .push_bind(h.to_vec());
+            });
+            qb.push(";");
+        }
+    }
+
     /// Sends what is deferred with `COMMIT`.
     pub async fn commit(mut self) -> Result<(), sqlx::Error> {
         self.defer(None).push("COMMIT;");

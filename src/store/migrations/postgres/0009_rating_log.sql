@@ -1,0 +1,18 @@
+-- The rating log (src/merkle.rs, src/store/log.rs): every complete subtree of the Merkle tree
+-- over the feed, by level and index (level 0: each rating's leaf hash at its feed position,
+-- feed_seq - 1). Written by the writer holding the sequencer, in the same transaction as the
+-- ratings it covers.
+CREATE TABLE log_nodes (
+    level SMALLINT NOT NULL,
+    idx   BIGINT   NOT NULL,
+    hash  BYTEA    NOT NULL,
+    PRIMARY KEY (level, idx)
+);
+CREATE TRIGGER log_nodes_append_only BEFORE UPDATE OR DELETE ON log_nodes
+    FOR EACH ROW EXECUTE FUNCTION rating_hub_append_only();
+
+-- The log's hash function, fixed when the log is first written.
+CREATE TABLE log_meta (
+    id       INTEGER PRIMARY KEY CHECK (id = 1),
+    hash_alg TEXT    NOT NULL
+);

@@ -1,0 +1,285 @@
+//! Issue #22: the rating log — a Merkle tree over the feed written with every commit —
+//! and `rating-hub log verify`, which recomputes it from the stored ratings and names the
+//! first feed position that does not match.
+
+use std::path::Path;
+use std::process::Command;
+
+use rating_hub::pb::v1 as pb;
+use serde_json::Value;
+
+use crate::pg::{exec_on_hub, query_on_hub};
+use crate::utils::*;
+
+/// Runs `rating-hub log verify --json` on the database `config` names (or, without one, on
+/// the binary's defaults in `dir`); its exit status and report.
+fn verify(dir: &Path, config: Option<&Path>) -> (bool, Value) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rating-hub"));
+    cmd.current_dir(dir).args(["log", "verify", "--json"]);
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    } else if crate::pg::enabled() {
+        cmd.env("RATING_HUB__STORAGE__URL", crate::pg::database_for(dir));
+    }
+    let out = cmd.env_remove("RATING_HUB_CONFIG").output().unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "a JSON report: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(out.status.success(), report["ok"] == true, "{report}");
+    (out.status.success(), report)
+}
+
+fn verify_hub(hub_dir: &Path) -> (bool, Value) {
+    verify(hub_dir, Some(&hub_dir.join("hub.toml")))
+}
+
+fn stored_ratings(dir: &Path) -> u64 {
+    query_on_hub(dir, "SELECT CAST(COUNT(*) AS TEXT) FROM ratings")[0]
+        .parse()
+        .unwrap()
+}
+
+/// SQL that lifts the append-only guard on `ratings`, as someone with the database file (or
+/// a superuser) could.
+fn drop_guard() -> &'static str {
+    if crate::pg::enabled() {
+        "DROP TRIGGER ratings_append_only ON ratings;"
+    } else {
+        "DROP TRIGGER ratings_append_only_update; DROP TRIGGER ratings_append_only_delete;"
+    }
+}
+
+/// Accepted, duplicate, conflicting and refused ratings, unary and streamed, across a
+/// restart: the log covers exactly the stored ratings, and verify recomputes the same tree.
+#[tokio::test]
+async fn every_commit_extends_the_log_and_verify_recomputes_it() {
+    use tokio_stream::StreamExt;
+    let hub = TestHub::start().await;
+    let mut ingest = hub.ingest().await;
+    let batch: Vec<pb::Rating> = (0..40).map(|i| rating(&format!("a{i}"))).collect();
+    submit(&mut ingest, batch.clone()).await;
+    let again = submit(&mut ingest, batch[..10].to_vec()).await;
+    assert!(again.iter().all(|r| outcome(r) == pb::Outcome::Duplicate));
+    let mut conflicting = rating("a3");
+    conflicting.level = pb::Level::Dissatisfied as i32;
+    conflicting.text = "改了".into();
+    let mut invalid = rating("bad");
+    invalid.org_credit_code.clear();
+    let mixed = submit(&mut ingest, vec![conflicting, invalid, rating("b1")]).await;
+    assert_eq!(
+        mixed.iter().map(outcome).collect::<Vec<_>>(),
+        [
+            pb::Outcome::Conflict,
+            pb::Outcome::Invalid,
+            pb::Outcome::Accepted
+        ]
+    );
+    let stream = tokio_stream::iter((0..30).map(|i| pb::StreamRatingsRequest {
+        rating: Some(rating(&format!("s{i}"))),
+    }));
+    let acks: Vec<_> = ingest
+        .stream_ratings(stream)
+        .await
+        .unwrap()
+        .into_inner()
+        .collect()
+        .await;
+    assert_eq!(acks.len(), 30);
+    let (ok, first) = verify_hub(hub.dir.path());
+    assert!(ok, "{first}");
+    assert_eq!(first["size"], 71, "{first}");
+    assert_eq!(first["ratings"], 71);
+    assert_eq!(first["hash"], "sm3");
+
+    let hub = hub.stop().await.restart().await;
+    submit(&mut hub.ingest().await, vec![rating("c1"), rating("c2")]).await;
+    let (ok, second) = verify_hub(hub.dir.path());
+    assert!(ok, "{second}");
+    assert_eq!(second["size"], 73);
+    assert_ne!(second["root"], first["root"]);
+    hub.stop().await;
+}
+
+/// A rating's level edited in the database and another rating deleted, the append-only
+/// guard dropped first: verify names the edited one's position; a deletion alone is named
+/// at its own position; and a SQLite hub whose last ratings were deleted refuses to start
+/// rather than hand their positions out again.
+#[tokio::test]
+async fn a_changed_or_removed_rating_is_found_at_its_position() {
+    let hub = TestHub::start().await;
+    let all: Vec<pb::Rating> = (1..=20).map(|i| rating(&format!("t{i}"))).collect();
+    submit(&mut hub.ingest().await, all.clone()).await;
+    let (ok, clean) = verify_hub(hub.dir.path());
+    assert!(ok, "{clean}");
+    let stopped = hub.stop().await;
+    let dir = stopped.dir.path();
+    exec_on_hub(
+        dir,
+        &format!(
+            "{} UPDATE ratings SET level = level % 5 + 1 WHERE feed_seq = 7; \
+             DELETE FROM ratings WHERE feed_seq = 12;",
+            drop_guard()
+        ),
+    );
+    let (ok, report) = verify_hub(dir);
+    assert!(!ok);
+    assert_eq!(report["first_bad_position"], 7, "{report}");
+    assert!(
+        report["reason"].as_str().unwrap().contains("changed"),
+        "{report}"
+    );
+    assert_eq!(report["size"], 6, "it verifies up to the position before");
+
+    // Deleted alone, in a second hub.
+    let hub = TestHub::start().await;
+    submit(&mut hub.ingest().await, all.clone()).await;
+    let stopped = hub.stop().await;
+    exec_on_hub(
+        stopped.dir.path(),
+        &format!("{} DELETE FROM ratings WHERE feed_seq = 12;", drop_guard()),
+    );
+    let (ok, report) = verify_hub(stopped.dir.path());
+    assert!(!ok);
+    assert_eq!(report["first_bad_position"], 12, "{report}");
+    assert!(
+        report["reason"].as_str().unwrap().contains("removed"),
+        "{report}"
+    );
+    // The hub still starts (the feed's end is intact) and its log goes on; verify still
+    // names position 12.
+    let hub = stopped.restart().await;
+    submit(&mut hub.ingest().await, vec![rating("t21")]).await;
+    let (_, report) = verify_hub(hub.dir.path());
+    assert_eq!(report["first_bad_position"], 12, "{report}");
+
+    // The last ratings deleted: the hub refuses to start, naming the way to find them.
+    let stopped = hub.stop().await;
+    exec_on_hub(
+        stopped.dir.path(),
+        "DELETE FROM ratings WHERE feed_seq >= 20;",
+    );
+    let (_, report) = verify_hub(stopped.dir.path());
+    assert_eq!(report["first_bad_position"], 12, "{report}");
+    assert_eq!(report["leaves"], 21, "{report}");
+    match stopped.try_restart().await {
+        // PostgreSQL keeps the feed's head in a row of its own: the positions are not
+        // handed out again, and the hub goes on (verify still names the first removal).
+        Ok(hub) if crate::pg::enabled() => {
+            submit(&mut hub.ingest().await, vec![rating("t22")]).await;
+            let (_, report) = verify_hub(hub.dir.path());
+            assert_eq!(report["first_bad_position"], 12, "{report}");
+            hub.stop().await;
+        }
+        // SQLite's head is its last row: the positions would be given to new ratings.
+        Ok(_) => panic!("a hub whose last ratings were removed must not start"),
+        Err(e) => {
+            let err = format!("{e:#}");
+            assert!(err.contains("rating-hub log verify"), "{err}");
+        }
+    }
+}
+
+/// A database from before the log (its log tables emptied here): the hub writes the log for
+/// every stored rating when it starts, and the tree is the one the writer had built.
+#[tokio::test]
+async fn the_log_is_written_for_ratings_stored_before_it() {
+    let hub = TestHub::start().await;
+    submit(
+        &mut hub.ingest().await,
+        (0..37).map(|i| rating(&format!("o{i}"))).collect(),
+    )
+    .await;
+    let (_, before) = verify_hub(hub.dir.path());
+    let stopped = hub.stop().await;
+    let lift = if crate::pg::enabled() {
+        "DROP TRIGGER log_nodes_append_only ON log_nodes;"
+    } else {
+        "DROP TRIGGER log_nodes_append_only_update; DROP TRIGGER log_nodes_append_only_delete;"
+    };
+    exec_on_hub(
+        stopped.dir.path(),
+        &format!("{lift} DELETE FROM log_nodes; DELETE FROM log_meta;"),
+    );
+    let hub = stopped.restart().await;
+    let (ok, after) = verify_hub(hub.dir.path());
+    assert!(ok, "{after}");
+    assert_eq!(
+        (after["size"].clone(), after["root"].clone()),
+        (before["size"].clone(), before["root"].clone())
+    );
+    assert_eq!(stored_ratings(hub.dir.path()), 37);
+    hub.stop().await;
+}
+
+/// No false alarms: the hub binary killed with SIGKILL twenty times while ratings stream in;
+/// every acknowledged rating is stored and the log verifies over all of them.
+#[tokio::test]
+async fn twenty_kills_under_load_leave_a_log_that_verifies() {
+    use crate::binary::{SpawnedHub, dev_admin_channel, sigterm, spawn_hub_with, wait_exit};
+    use std::collections::HashSet;
+    let dir = tempfile::tempdir().unwrap();
+    let mut acked: HashSet<String> = HashSet::new();
+    let mut n = 0usize;
+    for cycle in 0..20 {
+        let SpawnedHub { mut child, url, .. } = spawn_hub_with(dir.path(), "info", &[]);
+        let mut ingest = IngestServiceClient::new(dev_admin_channel(dir.path(), &url).await);
+        // Load: batches back to back until the kill; acks counted as they come.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let load = tokio::spawn(async move {
+            for b in 0.. {
+                let batch: Vec<pb::Rating> = (0..25)
+                    .map(|i| rating(&format!("k{cycle}-{b}-{i}")))
+                    .collect();
+                match ingest
+                    .submit_ratings(pb::SubmitRatingsRequest { ratings: batch })
+                    .await
+                {
+                    Ok(r) => {
+                        for r in r.into_inner().results {
+                            if tx.send(r.hub_id).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        // Killed once this cycle's load is under way (at least two batches acknowledged).
+        for _ in 0..50 {
+            acked.insert(rx.recv().await.expect("acks before the kill"));
+            n += 1;
+        }
+        crate::binary::signal(&child, "KILL");
+        let _ = tokio::task::spawn_blocking(move || wait_exit(&mut child)).await;
+        let _ = load.await;
+        while let Ok(id) = rx.try_recv() {
+            acked.insert(id);
+            n += 1;
+        }
+    }
+    assert_eq!(acked.len(), n, "every ack names a new rating");
+    let SpawnedHub { mut child, url, .. } = spawn_hub_with(dir.path(), "info", &[]);
+    let mut query = rating_hub::pb::v1::query_service_client::QueryServiceClient::new(
+        dev_admin_channel(dir.path(), &url).await,
+    );
+    for id in acked.iter().take(200) {
+        query
+            .get_rating(pb::GetRatingRequest { hub_id: id.clone() })
+            .await
+            .expect("an acknowledged rating is stored");
+    }
+    sigterm(&child);
+    let _ = tokio::task::spawn_blocking(move || wait_exit(&mut child)).await;
+    let (ok, report) = verify(dir.path(), None);
+    assert!(ok, "{report}");
+    assert!(
+        report["size"].as_u64().unwrap() >= acked.len() as u64,
+        "{report}"
+    );
+    assert_eq!(report["size"], report["ratings"]);
+}

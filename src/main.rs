@@ -72,18 +72,39 @@ enum LogCommand {
         /// One JSON document on stdout.
         #[arg(long)]
         json: bool,
+        /// With --root: a tree size recorded earlier (a signed head, an upstream's copy)…
+        #[arg(long, requires = "root")]
+        size: Option<u64>,
+        /// …and its root (hex): the tree recomputed from the ratings must have it.
+        #[arg(long, requires = "size")]
+        root: Option<String>,
     },
 }
 
 async fn log_command(command: LogCommand) -> anyhow::Result<std::process::ExitCode> {
-    let LogCommand::Verify { config, json } = command;
+    let LogCommand::Verify {
+        config,
+        json,
+        size,
+        root,
+    } = command;
+    let expected = match (size, root) {
+        (Some(size), Some(root)) => Some(rating_hub::store::verify::Expected {
+            size,
+            root: hex::decode(root.trim())
+                .ok()
+                .and_then(|r| r.try_into().ok())
+                .ok_or_else(|| anyhow::anyhow!("--root: 64 hexadecimal characters (32 bytes)"))?,
+        }),
+        _ => None,
+    };
     let config = Config::load(config.as_deref())?;
     let mut db = rating_hub::store::verify::Db::open(&config.storage.url)
         .await
         .with_context(|| format!("opening {}", config.storage.display_url()))?;
     let started = std::time::Instant::now();
     let mut last = std::time::Instant::now();
-    let report = rating_hub::store::verify::verify(&mut db, |n| {
+    let report = rating_hub::store::verify::verify(&mut db, expected, |n| {
         if !json && last.elapsed() >= std::time::Duration::from_secs(2) {
             eprintln!("… {n} ratings checked");
             last = std::time::Instant::now();
@@ -100,9 +121,10 @@ async fn log_command(command: LogCommand) -> anyhow::Result<std::process::ExitCo
                 "leaves": report.leaves,
                 "size": report.size,
                 "root": hex::encode(report.root),
-                "ok": report.first_bad.is_none(),
+                "ok": report.ok(),
                 "first_bad_position": report.first_bad.as_ref().map(|b| b.0),
                 "reason": report.first_bad.as_ref().map(|b| b.1.clone()),
+                "expected_root_matches": report.expected_ok,
             })
         );
     } else {
@@ -120,13 +142,23 @@ async fn log_command(command: LogCommand) -> anyhow::Result<std::process::ExitCo
                 hex::encode(report.root)
             ),
             Some((position, why)) => println!(
-                "MISMATCH at feed position {position}: {why}. The log verifies up to position {} (root {}).",
-                report.size,
+                "MISMATCH at feed position {position}: {why}. The ratings verify up to \
+                 position {} (root {}).",
+                position.saturating_sub(1).min(report.size),
                 hex::encode(report.root)
             ),
         }
+        match (report.expected_ok, expected) {
+            (Some(true), Some(e)) => println!("The tree of {} ratings has the root given.", e.size),
+            (Some(false), Some(e)) => println!(
+                "MISMATCH: the tree of {} ratings recomputed now does not have the root given: \
+                 ratings among the first {} were changed, removed or reordered since.",
+                e.size, e.size
+            ),
+            _ => {}
+        }
     }
-    Ok(if report.first_bad.is_none() {
+    Ok(if report.ok() {
         std::process::ExitCode::SUCCESS
     } else {
         std::process::ExitCode::from(1)

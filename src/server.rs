@@ -49,8 +49,16 @@ fn prepare_dev_material(config: &Config) -> anyhow::Result<()> {
     }
     if let Some(path) = config.privacy_keys().get(crate::config::DEV_PII_KEY_ID)
         && !path.starts_with("env:")
-        && PiiKeys::create_key_file(std::path::Path::new(path))
-            .with_context(|| format!("creating the development privacy key {path}"))?
+        && PiiKeys::create_key_file_for(
+            std::path::Path::new(path),
+            config
+                .privacy
+                .algorithms
+                .get(crate::config::DEV_PII_KEY_ID)
+                .copied()
+                .unwrap_or_default(),
+        )
+        .with_context(|| format!("creating the development privacy key {path}"))?
     {
         tracing::warn!(
             path,

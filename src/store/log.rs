@@ -299,3 +299,23 @@ pub fn check_alg(stored: &str, configured: HashAlg) -> Result<HashAlg, String> {
         )),
     }
 }
+
+/// What the log may still be written for at start: the leaves a database from before the
+/// log is owed, and nothing else. `size` leaves stored, `head` ratings, `backfill_to` the
+/// head when the log was created. `Ok(n)`: write the log up to `n`.
+pub fn backfill_target(size: u64, head: u64, backfill_to: u64) -> Result<u64, String> {
+    if size > head {
+        return Err(format!(
+            "the rating log has {size} leaves and the feed only {head} ratings: ratings were \
+             removed from the database (rating-hub log verify names the first)"
+        ));
+    }
+    if head > size.max(backfill_to) {
+        return Err(format!(
+            "feed positions {}..={head} have no leaves in the rating log: they were written \
+             around the hub (rating-hub log verify names the first)",
+            size.max(backfill_to) + 1
+        ));
+    }
+    Ok(backfill_to.min(head))
+}

@@ -315,65 +315,78 @@ struct Writer {
 /// without it (a database from before the log), holding the sequencer so no instance's
 /// writer commits meanwhile.
 async fn open_log(conn: &mut PgConnection, alg: HashAlg) -> Result<HashAlg, StoreError> {
-    let mut tx = conn.begin().await?;
-    let head: i64 = sqlx::query_scalar("SELECT head FROM feed_head WHERE id = 1 FOR UPDATE")
-        .fetch_one(&mut *tx)
-        .await?;
-    let head = head as u64;
-    sqlx::query("INSERT INTO log_meta (id, hash_alg) VALUES (1, $1) ON CONFLICT (id) DO NOTHING")
-        .bind(alg.as_str())
-        .execute(&mut *tx)
-        .await?;
-    let stored: String = sqlx::query_scalar("SELECT hash_alg FROM log_meta WHERE id = 1")
-        .fetch_one(&mut *tx)
-        .await?;
-    let alg = log::check_alg(&stored, alg).map_err(StoreError::Config)?;
-    let size: i64 =
-        sqlx::query_scalar("SELECT COALESCE(MAX(idx) + 1, 0) FROM log_nodes WHERE level = 0")
+    let mut from = None;
+    let mut batches = 0u64;
+    loop {
+        // Batch by batch, each under the sequencer: other instances' writers wait one batch
+        // at a time, and a start cut short goes on from where it stopped.
+        let mut tx = conn.begin().await?;
+        let head: i64 = sqlx::query_scalar("SELECT head FROM feed_head WHERE id = 1 FOR UPDATE")
             .fetch_one(&mut *tx)
             .await?;
-    let size = size as u64;
-    if size > head {
-        return Err(StoreError::Corrupt(format!(
-            "the rating log has {size} leaves and the feed only {head} ratings: ratings were \
-             removed from the database (rating-hub log verify names the first)"
-        )));
-    }
-    let mut frontier = load_frontier(&mut tx, alg, size).await?;
-    let from = size;
-    while frontier.size < head {
+        let head = head as u64;
+        sqlx::query(
+            "INSERT INTO log_meta (id, hash_alg, backfill_to) VALUES (1, $1, $2) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(alg.as_str())
+        .bind(head as i64)
+        .execute(&mut *tx)
+        .await?;
+        let (stored, backfill_to): (String, i64) =
+            sqlx::query_as("SELECT hash_alg, backfill_to FROM log_meta WHERE id = 1")
+                .fetch_one(&mut *tx)
+                .await?;
+        let alg = log::check_alg(&stored, alg).map_err(StoreError::Config)?;
+        let size: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(idx) + 1, 0) FROM log_nodes WHERE level = 0")
+                .fetch_one(&mut *tx)
+                .await?;
+        let size = size as u64;
+        let from = *from.get_or_insert(size);
+        let target =
+            log::backfill_target(size, head, backfill_to as u64).map_err(StoreError::Corrupt)?;
+        if size >= target {
+            tx.commit().await?;
+            if size > from {
+                tracing::info!(
+                    ratings = size - from,
+                    hash = alg.as_str(),
+                    batches,
+                    "Rating log written for ratings stored before it."
+                );
+            }
+            return Ok(alg);
+        }
+        let mut frontier = load_frontier(&mut tx, alg, size).await?;
         let rows = sqlx::query(&format!(
             "SELECT {} FROM ratings WHERE feed_seq > $1 ORDER BY feed_seq LIMIT 2000",
             log::LEAF_COLUMNS
         ))
-        .bind(frontier.size as i64)
+        .bind(size as i64)
         .fetch_all(&mut *tx)
         .await?;
-        if rows.is_empty() {
-            break;
-        }
         let mut nodes = Vec::new();
         for row in &rows {
+            if frontier.size == target {
+                break;
+            }
             let row = log::LeafRow::read(row)?;
             if row.feed_seq as u64 != frontier.size + 1 {
-                return Err(StoreError::Corrupt(format!(
-                    "feed position {} is missing: the rating log cannot be written over a gap",
-                    frontier.size + 1
-                )));
+                break;
             }
             nodes.extend(frontier.append(row.leaf_hash(alg)));
         }
+        if nodes.is_empty() {
+            return Err(StoreError::Corrupt(format!(
+                "feed position {} is missing: the rating log cannot be written over a gap",
+                frontier.size + 1
+            )));
+        }
         insert_nodes(&mut tx, &nodes).await?;
+        tx.commit().await?;
+        batches += 1;
     }
-    tx.commit().await?;
-    if frontier.size > from {
-        tracing::info!(
-            ratings = frontier.size - from,
-            hash = alg.as_str(),
-            "Rating log written for ratings stored before it."
-        );
-    }
-    Ok(alg)
 }
 
 /// The log's right edge for a tree of `size` leaves, from its stored nodes.
@@ -563,8 +576,11 @@ impl Writer {
         .into_iter();
         // The log's nodes go with the ratings, under the sequencer: the right edge this
         // writer left, unless another instance committed since (then read from the store).
-        let mut frontier = None;
-        if !log.leaves.is_empty() {
+        let frontier = if log.leaves.is_empty() {
+            // Kept: still right if no other instance commits ratings before the next group
+            // (checked then against the head it locks).
+            cached_frontier
+        } else {
             let mut f = match cached_frontier {
                 Some(f) if f.size + 1 == start => f,
                 _ => load_frontier(&mut tx, log_alg, start - 1)
@@ -572,8 +588,8 @@ impl Writer {
                     .map_err(|e| sqlx::Error::Protocol(e.to_string()))?,
             };
             insert_nodes(&mut tx, &log.nodes(&mut f)).await?;
-            frontier = Some(f);
-        }
+            Some(f)
+        };
         let mut results = Vec::with_capacity(group.len());
         for job in group {
             match job {

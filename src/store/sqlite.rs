@@ -238,17 +238,22 @@ async fn open_log(
     alg: HashAlg,
     head: u64,
 ) -> Result<Frontier, StoreError> {
-    let stored: Option<String> = sqlx::query_scalar("SELECT hash_alg FROM log_meta WHERE id = 1")
-        .fetch_optional(&mut *conn)
-        .await?;
-    let alg = match stored {
-        Some(s) => log::check_alg(&s, alg).map_err(StoreError::Config)?,
+    let stored: Option<(String, i64)> =
+        sqlx::query_as("SELECT hash_alg, backfill_to FROM log_meta WHERE id = 1")
+            .fetch_optional(&mut *conn)
+            .await?;
+    let (alg, backfill_to) = match stored {
+        Some((s, to)) => (
+            log::check_alg(&s, alg).map_err(StoreError::Config)?,
+            to as u64,
+        ),
         None => {
-            sqlx::query("INSERT INTO log_meta (id, hash_alg) VALUES (1, ?)")
+            sqlx::query("INSERT INTO log_meta (id, hash_alg, backfill_to) VALUES (1, ?, ?)")
                 .bind(alg.as_str())
+                .bind(head as i64)
                 .execute(&mut *conn)
                 .await?;
-            alg
+            (alg, head)
         }
     };
     let size: i64 =
@@ -256,14 +261,10 @@ async fn open_log(
             .fetch_one(&mut *conn)
             .await?;
     let size = size as u64;
-    if size > head {
-        return Err(StoreError::Corrupt(format!(
-            "the rating log has {size} leaves and the feed only {head} ratings: ratings were removed              from the database (rating-hub log verify names the first)"
-        )));
-    }
+    let target = log::backfill_target(size, head, backfill_to).map_err(StoreError::Corrupt)?;
     let mut frontier = load_frontier(conn, alg, size).await?;
     let from = size;
-    while frontier.size < head {
+    while frontier.size < target {
         let rows = sqlx::query(&format!(
             "SELECT {} FROM ratings WHERE feed_seq > ? ORDER BY feed_seq LIMIT 2000",
             log::LEAF_COLUMNS
@@ -273,18 +274,22 @@ async fn open_log(
         .await?;
         let mut nodes = Vec::new();
         for row in &rows {
+            if frontier.size == target {
+                break;
+            }
             let row = log::LeafRow::read(row)?;
             if row.feed_seq as u64 != frontier.size + 1 {
-                return Err(StoreError::Corrupt(format!(
-                    "feed position {} is missing: the rating log cannot be written over a gap",
-                    frontier.size + 1
-                )));
+                break;
             }
             nodes.extend(frontier.append(row.leaf_hash(alg)));
         }
-        if rows.is_empty() {
-            break;
+        if nodes.is_empty() {
+            return Err(StoreError::Corrupt(format!(
+                "feed position {} is missing: the rating log cannot be written over a gap",
+                frontier.size + 1
+            )));
         }
+        // Each batch commits: a start cut short goes on from here the next time.
         let mut tx = conn.begin().await?;
         insert_nodes(&mut tx, &nodes).await?;
         tx.commit().await?;

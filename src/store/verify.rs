@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use sqlx::{Connection, PgConnection, SqliteConnection};
 
-use crate::merkle::{self, Frontier, Hash, HashAlg, Prover};
+use crate::merkle::{self, Frontier, Hash, HashAlg};
 use crate::store::StoreError;
 use crate::store::log::{LEAF_COLUMNS, LeafRow};
 
@@ -33,6 +33,15 @@ pub struct Report {
     pub size: u64,
     /// The first feed position that does not verify, and why.
     pub first_bad: Option<(u64, String)>,
+    /// Whether the tree of the expected size has the expected root (when one was given;
+    /// `Some(false)` too when the log does not verify that far).
+    pub expected_ok: Option<bool>,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.first_bad.is_none() && self.expected_ok != Some(false)
+    }
 }
 
 impl Db {
@@ -109,28 +118,36 @@ impl Db {
         Ok(rows)
     }
 
-    /// Stored leaf hashes with index in `from..to`.
-    async fn leaves(&mut self, from: u64, to: u64) -> Result<HashMap<u64, Vec<u8>>, StoreError> {
-        let rows: Vec<(i64, Vec<u8>)> =
-            match self {
+    /// Stored nodes at each `(level, first index, last index)`.
+    async fn nodes_in(
+        &mut self,
+        ranges: &[(u32, u64, u64)],
+    ) -> Result<HashMap<(u32, u64), Vec<u8>>, StoreError> {
+        let mut out = HashMap::new();
+        for &(level, lo, hi) in ranges {
+            let rows: Vec<(i64, Vec<u8>)> = match self {
                 Db::Sqlite(c) => {
                     sqlx::query_as(
-                        "SELECT idx, hash FROM log_nodes WHERE level = 0 AND idx >= ? AND idx < ?",
+                        "SELECT idx, hash FROM log_nodes WHERE level = ? AND idx BETWEEN ? AND ?",
                     )
-                    .bind(from as i64)
-                    .bind(to as i64)
+                    .bind(i64::from(level))
+                    .bind(lo as i64)
+                    .bind(hi as i64)
                     .fetch_all(c)
                     .await?
                 }
                 Db::Postgres(c) => sqlx::query_as(
-                    "SELECT idx, hash FROM log_nodes WHERE level = 0 AND idx >= $1 AND idx < $2",
+                    "SELECT idx, hash FROM log_nodes WHERE level = $1 AND idx BETWEEN $2 AND $3",
                 )
-                .bind(from as i64)
-                .bind(to as i64)
+                .bind(level as i16)
+                .bind(lo as i64)
+                .bind(hi as i64)
                 .fetch_all(c)
                 .await?,
             };
-        Ok(rows.into_iter().map(|(i, h)| (i as u64, h)).collect())
+            out.extend(rows.into_iter().map(|(i, h)| ((level, i as u64), h)));
+        }
+        Ok(out)
     }
 
     /// Stored nodes by (level, index).
@@ -171,83 +188,162 @@ impl Db {
     }
 }
 
+/// A root recorded earlier (a signed head, an upstream's copy): the tree of its size must
+/// be the one recomputed now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expected {
+    pub size: u64,
+    pub root: Hash,
+}
+
 /// Recomputes the log from the ratings and compares it with the stored log: every rating's
-/// leaf against the stored leaf at its position, positions without gaps, and the stored
-/// tree's root against the recomputed one. `progress` is told the positions checked.
-pub async fn verify(db: &mut Db, mut progress: impl FnMut(u64)) -> Result<Report, StoreError> {
+/// leaf and every inner node against the stored ones, positions without gaps or strays, no
+/// stored node that no rating accounts for, and (given one) a root recorded earlier.
+/// `progress` is told the positions checked.
+pub async fn verify(
+    db: &mut Db,
+    expected: Option<Expected>,
+    mut progress: impl FnMut(u64),
+) -> Result<Report, StoreError> {
     let alg = db.alg().await?;
     let ratings = db
         .scalar_i64("SELECT COALESCE(MAX(feed_seq), 0) FROM ratings")
         .await? as u64;
+    let rows_stored = db.scalar_i64("SELECT COUNT(*) FROM ratings").await? as u64;
+    let lowest = db
+        .scalar_i64("SELECT COALESCE(MIN(feed_seq), 1) FROM ratings")
+        .await?;
     let leaves = db
         .scalar_i64("SELECT COALESCE(MAX(idx) + 1, 0) FROM log_nodes WHERE level = 0")
         .await? as u64;
+    let nodes_stored = db.scalar_i64("SELECT COUNT(*) FROM log_nodes").await? as u64;
     let mut frontier = Frontier::empty(alg);
     let mut first_bad: Option<(u64, String)> = None;
-    'rows: loop {
+    let mut expected_root: Option<Hash> = None;
+    if lowest < 1 {
+        first_bad = Some((
+            0,
+            format!("a rating is stored at feed position {lowest}, outside the feed"),
+        ));
+    }
+    'rows: while first_bad.is_none() {
         let rows = db.rows_after(frontier.size).await?;
         if rows.is_empty() {
             break;
         }
-        let from = frontier.size;
-        let stored = db.leaves(from, from + rows.len() as u64 + 1).await?;
-        for row in rows {
-            let position = frontier.size + 1;
+        // Every node these rows complete, recomputed, with the position that completed it.
+        let mut computed: Vec<(u64, merkle::Node)> = Vec::new();
+        let mut next = frontier.clone();
+        let mut gap = None;
+        for row in &rows {
+            let position = next.size + 1;
             if row.feed_seq as u64 != position {
-                first_bad = Some((
-                    position,
-                    format!(
-                        "no rating at feed position {position} (the next stored one is {}): removed",
-                        row.feed_seq
-                    ),
-                ));
-                break 'rows;
+                gap = Some((position, row.feed_seq));
+                break;
             }
-            let leaf = row.leaf_hash(alg);
-            match stored.get(&(position - 1)) {
-                Some(h) if h.as_slice() == leaf => {}
-                Some(_) => {
-                    first_bad = Some((
-                        position,
-                        "the stored rating differs from the one the log recorded: changed".into(),
-                    ));
+            for node in next.append(row.leaf_hash(alg)) {
+                computed.push((position, node));
+            }
+            if let Some(e) = expected
+                && e.size == next.size
+            {
+                expected_root = Some(next.root());
+            }
+        }
+        let mut ranges: Vec<(u32, u64, u64)> = Vec::new();
+        for (_, (level, idx, _)) in &computed {
+            match ranges.iter_mut().find(|r| r.0 == *level) {
+                Some(r) => {
+                    r.1 = r.1.min(*idx);
+                    r.2 = r.2.max(*idx);
+                }
+                None => ranges.push((*level, *idx, *idx)),
+            }
+        }
+        let stored = db.nodes_in(&ranges).await?;
+        for (position, (level, idx, hash)) in &computed {
+            match stored.get(&(*level, *idx)) {
+                Some(h) if h.as_slice() == hash => {}
+                found => {
+                    let why = match (level, found) {
+                        (0, Some(_)) => {
+                            "the stored rating differs from the one the log recorded: changed"
+                                .to_owned()
+                        }
+                        (0, None) => "the log has no leaf for this rating: written around the \
+                                      hub, or its leaf removed"
+                            .to_owned(),
+                        (l, _) => {
+                            let width = 1u64 << l;
+                            format!(
+                                "the stored log node over positions {}..={} does not combine \
+                                 its leaves: the log itself was changed",
+                                idx * width + 1,
+                                (idx + 1) * width
+                            )
+                        }
+                    };
+                    let at = if *level == 0 {
+                        *position
+                    } else {
+                        idx * (1u64 << level) + 1
+                    };
+                    first_bad = Some((at, why));
+                    // What verified: the leaves before this one.
+                    for (p, (l, _, h)) in &computed {
+                        if *p >= at {
+                            break;
+                        }
+                        if *l == 0 {
+                            frontier.append(*h);
+                        }
+                    }
                     break 'rows;
                 }
-                None => {
-                    first_bad = Some((
-                        position,
-                        "the log has no leaf for this rating: written around the hub".into(),
-                    ));
-                    break 'rows;
-                }
             }
-            frontier.append(leaf);
+        }
+        frontier = next;
+        if let Some((position, found)) = gap {
+            first_bad = Some((
+                position,
+                format!(
+                    "no rating at feed position {position} (the next stored one is {found}): removed"
+                ),
+            ));
+            break;
         }
         progress(frontier.size);
     }
     if first_bad.is_none() && leaves > frontier.size {
-        let position = frontier.size + 1;
         first_bad = Some((
-            position,
+            frontier.size + 1,
             format!(
                 "the log records {leaves} ratings and only {} are stored: removed",
                 frontier.size
             ),
         ));
     }
-    if first_bad.is_none() && frontier.size > 0 {
-        // The stored inner nodes (what proofs are made of) agree with the leaves.
-        let size = frontier.size;
-        let want = merkle::nodes_read(alg, |p| p.root(size));
-        let nodes = db.nodes(&want).await?;
-        let stored_root = Prover { alg, nodes: &nodes }.root(size);
-        if stored_root.as_ref().ok() != Some(&frontier.root()) {
-            first_bad = Some((
-                size,
-                "the stored log's inner nodes do not combine to the root of its leaves".into(),
-            ));
-        }
+    if first_bad.is_none() && rows_stored != frontier.size {
+        first_bad = Some((
+            frontier.size + 1,
+            format!(
+                "{} ratings are stored outside the feed's positions 1..={}",
+                rows_stored.abs_diff(frontier.size),
+                frontier.size
+            ),
+        ));
     }
+    let nodes_due: u64 = (0..64).map(|l| frontier.size >> l).sum();
+    if first_bad.is_none() && nodes_stored != nodes_due {
+        first_bad = Some((
+            frontier.size + 1,
+            format!(
+                "the stored log holds {nodes_stored} nodes and {} ratings account for {nodes_due}",
+                frontier.size
+            ),
+        ));
+    }
+    let expected_ok = expected.map(|e| expected_root == Some(e.root));
     Ok(Report {
         hash: alg,
         ratings,
@@ -255,5 +351,6 @@ pub async fn verify(db: &mut Db, mut progress: impl FnMut(u64)) -> Result<Report
         root: frontier.root(),
         size: frontier.size,
         first_bad,
+        expected_ok,
     })
 }

@@ -184,15 +184,20 @@ async fn a_changed_or_removed_rating_is_found_at_its_position() {
 }
 
 /// A database from before the log (its log tables emptied here): the hub writes the log for
-/// every stored rating when it starts, and the tree is the one the writer had built.
+/// every stored rating when it starts, batch by batch, and the tree is the one the writer
+/// had built.
 #[tokio::test]
 async fn the_log_is_written_for_ratings_stored_before_it() {
     let hub = TestHub::start().await;
-    submit(
-        &mut hub.ingest().await,
-        (0..37).map(|i| rating(&format!("o{i}"))).collect(),
-    )
-    .await;
+    let mut ingest = hub.ingest().await;
+    // More than one batch of the start's writing (2,000 rows a batch).
+    for b in 0..5 {
+        submit(
+            &mut ingest,
+            (0..420).map(|i| rating(&format!("o{b}-{i}"))).collect(),
+        )
+        .await;
+    }
     let (_, before) = verify_hub(hub.dir.path());
     let stopped = hub.stop().await;
     let lift = if crate::pg::enabled() {
@@ -211,7 +216,7 @@ async fn the_log_is_written_for_ratings_stored_before_it() {
         (after["size"].clone(), after["root"].clone()),
         (before["size"].clone(), before["root"].clone())
     );
-    assert_eq!(stored_ratings(hub.dir.path()), 37);
+    assert_eq!(stored_ratings(hub.dir.path()), 2100);
     hub.stop().await;
 }
 
@@ -251,7 +256,8 @@ async fn twenty_kills_under_load_leave_a_log_that_verifies() {
         });
         // Killed once this cycle's load is under way (at least two batches acknowledged).
         for _ in 0..50 {
-            acked.insert(rx.recv().await.expect("acks before the kill"));
+            let id = rx.recv().await.expect("the load runs until the kill");
+            acked.insert(id);
             n += 1;
         }
         crate::binary::signal(&child, "KILL");
@@ -267,7 +273,7 @@ async fn twenty_kills_under_load_leave_a_log_that_verifies() {
     let mut query = rating_hub::pb::v1::query_service_client::QueryServiceClient::new(
         dev_admin_channel(dir.path(), &url).await,
     );
-    for id in acked.iter().take(200) {
+    for id in &acked {
         query
             .get_rating(pb::GetRatingRequest { hub_id: id.clone() })
             .await
@@ -282,4 +288,128 @@ async fn twenty_kills_under_load_leave_a_log_that_verifies() {
         "{report}"
     );
     assert_eq!(report["size"], report["ratings"]);
+}
+
+/// The log itself rewritten: an inner node changed is named by the positions it covers; a
+/// log rebuilt whole from edited ratings (its tables emptied, so the hub writes it again at
+/// start) verifies on its own, and is caught by the root recorded before (`--size --root`).
+#[tokio::test]
+async fn a_rewritten_log_is_caught_by_its_nodes_or_by_a_root_recorded_before() {
+    let hub = TestHub::start().await;
+    submit(
+        &mut hub.ingest().await,
+        (1..=20).map(|i| rating(&format!("r{i}"))).collect(),
+    )
+    .await;
+    let (_, before) = verify_hub(hub.dir.path());
+    let root_before = before["root"].as_str().unwrap().to_owned();
+    let stopped = hub.stop().await;
+    let dir = stopped.dir.path().to_owned();
+    let lift = if crate::pg::enabled() {
+        "DROP TRIGGER log_nodes_append_only ON log_nodes;"
+    } else {
+        "DROP TRIGGER log_nodes_append_only_update; DROP TRIGGER log_nodes_append_only_delete;"
+    };
+    // Level 2, index 1: the subtree over positions 5..=8.
+    exec_on_hub(
+        &dir,
+        &format!(
+            "{lift} UPDATE log_nodes SET hash = (SELECT hash FROM log_nodes WHERE level = 2 \
+             AND idx = 0) WHERE level = 2 AND idx = 1;"
+        ),
+    );
+    let (ok, report) = verify_hub(&dir);
+    assert!(!ok);
+    assert_eq!(report["first_bad_position"], 5, "{report}");
+    assert!(
+        report["reason"].as_str().unwrap().contains("5..=8"),
+        "{report}"
+    );
+
+    // Rating 7 edited and the whole log rebuilt from the edited ratings.
+    exec_on_hub(
+        &dir,
+        &format!(
+            "{} UPDATE ratings SET level = level % 5 + 1 WHERE feed_seq = 7; \
+             DELETE FROM log_nodes; DELETE FROM log_meta;",
+            drop_guard()
+        ),
+    );
+    let hub = stopped.restart().await;
+    let (ok, rebuilt) = verify_hub(hub.dir.path());
+    assert!(ok, "a consistent rewrite verifies on its own: {rebuilt}");
+    assert_ne!(rebuilt["root"], before["root"]);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rating-hub"));
+    let out = cmd
+        .args([
+            "log",
+            "verify",
+            "--json",
+            "--size",
+            "20",
+            "--root",
+            &root_before,
+        ])
+        .arg("--config")
+        .arg(hub.dir.path().join("hub.toml"))
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!out.status.success(), "{report}");
+    assert_eq!(report["expected_root_matches"], false, "{report}");
+    hub.stop().await;
+}
+
+/// A rating inserted at the feed's end behind the hub's back (the triggers allow INSERT):
+/// the hub refuses to start rather than take it into the log; a database's hash cannot be
+/// changed by the configuration either.
+#[tokio::test]
+async fn a_rating_written_around_the_hub_or_another_hash_stops_the_start() {
+    let hub = TestHub::start().await;
+    submit(
+        &mut hub.ingest().await,
+        (1..=5).map(|i| rating(&format!("w{i}"))).collect(),
+    )
+    .await;
+    let stopped = hub.stop().await;
+    let refused = match stopped
+        .try_restart_with(|b| b.set("rating_log.hash", "\"sha256\""))
+        .await
+    {
+        Ok(_) => panic!("a hub configured with another hash than its log's must not start"),
+        Err((e, stopped)) => {
+            let e = format!("{e:#}");
+            assert!(e.contains("rating_log.hash") && e.contains("sm3"), "{e}");
+            stopped
+        }
+    };
+    let cols = rating_hub::store::log::LEAF_COLUMNS;
+    let (new_id, bump) = if crate::pg::enabled() {
+        (
+            "uuid_send(gen_random_uuid())",
+            "UPDATE feed_head SET head = 6 WHERE id = 1;",
+        )
+    } else {
+        ("randomblob(16)", "")
+    };
+    let select = cols
+        .replacen("feed_seq", "6", 1)
+        .replacen("hub_id", new_id, 1)
+        .replacen("source_key", "source_key || 'x'", 1);
+    exec_on_hub(
+        refused.dir.path(),
+        &format!(
+            "INSERT INTO ratings ({cols}) SELECT {select} FROM ratings WHERE feed_seq = 5; {bump}"
+        ),
+    );
+    let (ok, report) = verify_hub(refused.dir.path());
+    assert!(!ok);
+    assert_eq!(report["first_bad_position"], 6, "{report}");
+    match refused.try_restart().await {
+        Ok(_) => panic!("a rating written around the hub must not be taken into the log"),
+        Err(e) => {
+            let e = format!("{e:#}");
+            assert!(e.contains("written around the hub"), "{e}");
+        }
+    }
 }

@@ -175,6 +175,25 @@ impl StoppedHub {
         self.builder.try_start_in(self.dir).await
     }
 
+    /// As [`StoppedHub::restart_with`], giving the stopped hub back with the reason when the
+    /// hub does not start.
+    pub async fn try_restart_with(
+        self,
+        change: impl FnOnce(HubBuilder) -> HubBuilder,
+    ) -> Result<TestHub, (anyhow::Error, StoppedHub)> {
+        let original = self.builder.clone();
+        match change(self.builder).try_start_in(self.dir.clone()).await {
+            Ok(hub) => Ok(hub),
+            Err(e) => Err((
+                e,
+                StoppedHub {
+                    dir: self.dir,
+                    builder: original,
+                },
+            )),
+        }
+    }
+
     /// Starts a new hub on the same directory with its configuration changed by `change`.
     pub async fn restart_with(self, change: impl FnOnce(HubBuilder) -> HubBuilder) -> TestHub {
         change(self.builder).start_in(self.dir).await

@@ -17,8 +17,12 @@ BEGIN
     SELECT RAISE(ABORT, 'log_nodes is append-only');
 END;
 
--- The log's hash function, fixed when the log is first written.
+-- The log's hash function, fixed when the log is first written, and the feed's head then:
+-- ratings up to it were stored before the log and get their leaves when the hub starts;
+-- every later rating gets its leaf in its own commit, so a later rating without one was
+-- written around the hub.
 CREATE TABLE log_meta (
-    id       INTEGER PRIMARY KEY CHECK (id = 1),
-    hash_alg TEXT    NOT NULL
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    hash_alg    TEXT    NOT NULL,
+    backfill_to BIGINT  NOT NULL
 );

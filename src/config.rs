@@ -198,6 +198,13 @@ impl RulesConfig {
 pub struct RatingLogConfig {
     /// sm3 (default) or sha256; fixed when a database's log is first written.
     pub hash: crate::merkle::HashAlg,
+    /// The log key file that signs tree heads ("" with tls.dev_pki: a development key in
+    /// the development PKI's directory; "" otherwise: heads are not signed).
+    pub key: String,
+    /// sm2 (with SM3) or ed25519.
+    pub signature: crate::tree_head::SignatureAlg,
+    /// A head is signed at least this often.
+    pub sign_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -525,6 +532,16 @@ impl Config {
             return fail("server.plaintext_source_system must not be empty");
         }
         Ok(())
+    }
+
+    /// The log key's file: the configured one, or the development key under `tls.dev_pki`.
+    pub fn rating_log_key(&self) -> Option<std::path::PathBuf> {
+        if !self.rating_log.key.is_empty() {
+            return Some(self.rating_log.key.clone().into());
+        }
+        self.tls
+            .dev_pki
+            .then(|| self.tls.dev_pki_dir.join("log-dev.key"))
     }
 
     /// The privacy keys, with the development key added under `tls.dev_pki`.

@@ -115,6 +115,21 @@ impl Sm2PrivateKey {
         }
     }
 
+    /// A fresh random key.
+    pub fn generate() -> Self {
+        loop {
+            let bytes = random_bytes(32);
+            if let Ok(secret) = sm2::SecretKey::from_slice(&bytes) {
+                return Self { secret };
+            }
+        }
+    }
+
+    /// The scalar as 64 hex digits (what [`Sm2PrivateKey::parse`] reads).
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.secret.to_bytes())
+    }
+
     /// SM2 signature (with SM3 and the signer id's Z value) of `msg`: r‖s, 64 bytes, or the
     /// ASN.1 DER SEQUENCE of r and s.
     pub fn sign(&self, signer_id: &str, msg: &[u8], der: bool) -> Result<Vec<u8>, GmError> {
@@ -186,6 +201,11 @@ impl Sm2PublicKey {
     /// 04‖x‖y in upper-case hex.
     pub fn to_hex(&self) -> String {
         hex::encode_upper(self.key.to_sec1_bytes())
+    }
+
+    /// 04‖x‖y.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.key.to_sec1_bytes().to_vec()
     }
 
     /// Checks an SM2 signature given as r‖s (64 bytes) or DER.

@@ -29,3 +29,4 @@ pub mod telemetry;
 pub mod testing;
 pub mod time;
 pub mod tls;
+pub mod tree_head;

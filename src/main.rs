@@ -62,6 +62,19 @@ enum Command {
 
 #[derive(Subcommand)]
 enum LogCommand {
+    /// Print the log key's public half (what an upper hub or a platform registers to check
+    /// this hub's tree heads), or with --new write a fresh key file.
+    Key {
+        /// TOML config file naming the key (rating_log.key, rating_log.signature).
+        #[arg(long, short, env = "RATING_HUB_CONFIG")]
+        config: Option<PathBuf>,
+        /// Write a fresh key to this file (mode 0600; never replaces one) instead.
+        #[arg(long)]
+        new: Option<PathBuf>,
+        /// With --new: sm2 (default) or ed25519.
+        #[arg(long, default_value = "sm2")]
+        signature: String,
+    },
     /// Recompute the database's rating log from its ratings, read-only (the hub may run),
     /// and compare it with the stored log: exits 1 naming the first feed position that does
     /// not verify (a rating changed, removed or written around the hub).
@@ -81,13 +94,62 @@ enum LogCommand {
     },
 }
 
+fn log_key(config: Option<PathBuf>, new: Option<PathBuf>, signature: String) -> anyhow::Result<()> {
+    use rating_hub::tree_head::{SignatureAlg, SigningKey};
+    if let Some(path) = new {
+        let alg = SignatureAlg::parse(&signature)
+            .ok_or_else(|| anyhow::anyhow!("--signature {signature:?}: sm2 or ed25519"))?;
+        let text = SigningKey::generate(alg);
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts
+            .open(&path)
+            .with_context(|| format!("{} (a key is never replaced)", path.display()))?;
+        std::io::Write::write_all(&mut f, text.as_bytes())?;
+        f.sync_all()?;
+        let key = SigningKey::parse(alg, &text).map_err(anyhow::Error::msg)?;
+        println!("Wrote a {} log key to {}.", alg.as_str(), path.display());
+        println!("public key: {}", key.public().to_text());
+        return Ok(());
+    }
+    let config = Config::load(config.as_deref())?;
+    let path = config.rating_log_key().ok_or_else(|| {
+        anyhow::anyhow!(
+            "rating_log.key is not set (and tls.dev_pki is off): the hub has no log key"
+        )
+    })?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let key = SigningKey::parse(config.rating_log.signature, &text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let public = key.public();
+    println!("{}", public.to_text());
+    eprintln!(
+        "key id (SM3 of the public key): {}",
+        hex::encode(public.key_id())
+    );
+    Ok(())
+}
+
 async fn log_command(command: LogCommand) -> anyhow::Result<std::process::ExitCode> {
-    let LogCommand::Verify {
-        config,
-        json,
-        size,
-        root,
-    } = command;
+    let (config, json, size, root) = match command {
+        LogCommand::Key {
+            config,
+            new,
+            signature,
+        } => {
+            log_key(config, new, signature)?;
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        LogCommand::Verify {
+            config,
+            json,
+            size,
+            root,
+        } => (config, json, size, root),
+    };
     let expected = match (size, root) {
         (Some(size), Some(root)) => Some(rating_hub::store::verify::Expected {
             size,

@@ -165,12 +165,12 @@ fn largest_power_below(n: u64) -> u64 {
 }
 
 /// Computes roots and proofs over stored nodes (RFC 9162 §2.1.1, §2.1.3.1, §2.1.4.1).
-pub struct Prover<'a, N: Nodes> {
+pub struct Prover<'a, N: Nodes + ?Sized> {
     pub alg: HashAlg,
     pub nodes: &'a N,
 }
 
-impl<N: Nodes> Prover<'_, N> {
+impl<N: Nodes + ?Sized> Prover<'_, N> {
     /// MTH of leaves `start..end` (a range the RFC's recursion produces: `start` aligned to
     /// every power of two below `end - start`).
     pub fn subtree(&self, start: u64, end: u64) -> Result<Hash, ProofError> {
@@ -281,7 +281,18 @@ pub fn nodes_read<T>(alg: HashAlg, f: impl FnOnce(&Prover<'_, Recorder>) -> T) -
 }
 
 /// See [`nodes_read`].
+#[derive(Default)]
 pub struct Recorder(std::cell::RefCell<Vec<(u32, u64)>>);
+
+impl Recorder {
+    /// What was asked, each once, in order.
+    pub fn asked(self) -> Vec<(u32, u64)> {
+        let mut v = self.0.into_inner();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
 
 impl Nodes for Recorder {
     fn node(&self, level: u32, index: u64) -> Option<Hash> {

@@ -110,6 +110,8 @@ pub struct RunningHub {
     relay: Arc<crate::relay::Relay>,
     rules: Arc<crate::rules::engine::RulesEngine>,
     rules_task: JoinHandle<()>,
+    /// Signs the rating log's heads.
+    log_task: JoinHandle<()>,
     health: HealthReporter,
     health_task: JoinHandle<()>,
     stopping: tokio::sync::watch::Sender<bool>,
@@ -262,6 +264,39 @@ pub async fn start_with_clock(
         Duration::from_secs(config.rules.tick_secs),
         stopping.clone(),
     );
+    let log_key = match config.rating_log_key() {
+        Some(path) => {
+            if config.tls.dev_pki && config.rating_log.key.is_empty() && !path.exists() {
+                std::fs::write(
+                    &path,
+                    crate::tree_head::SigningKey::generate(config.rating_log.signature),
+                )
+                .with_context(|| format!("creating the development log key {}", path.display()))?;
+            }
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("rating_log.key: reading {}", path.display()))?;
+            Some(
+                crate::tree_head::SigningKey::parse(config.rating_log.signature, &text)
+                    .map_err(|e| anyhow::anyhow!("rating_log.key {}: {e}", path.display()))?,
+            )
+        }
+        None => {
+            tracing::warn!(
+                "rating_log.key is not set: the rating log's tree heads are not signed."
+            );
+            None
+        }
+    };
+    if let Some(k) = &log_key {
+        tracing::info!(public_key = %k.public().to_text(), "Rating log heads are signed with this key.");
+    }
+    let tree_log = Arc::new(crate::tree_head::TreeLog::new(
+        store.clone(),
+        clock.clone(),
+        log_key,
+        Duration::from_secs(config.rating_log.sign_interval_secs.max(1)),
+    ));
+    let log_task = tree_log.clone().spawn(stopping.clone());
     let state = Arc::new(HubState {
         store: store.clone(),
         clock,
@@ -271,6 +306,7 @@ pub async fn start_with_clock(
         in_flight: Arc::new(tokio::sync::Semaphore::new(config.limits.max_in_flight)),
         relay: relay.clone(),
         engine: rules.clone(),
+        log: tree_log,
         evidence_slots: Arc::new(tokio::sync::Semaphore::new(EVIDENCE_TRANSFERS)),
         metrics,
         config_file: config.source_file.clone(),
@@ -422,6 +458,7 @@ pub async fn start_with_clock(
         relay,
         rules,
         rules_task,
+        log_task,
         health: health_reporter,
         health_task,
         stopping: stopping_tx,
@@ -476,6 +513,7 @@ impl RunningHub {
             }
         }
         let _ = (&mut self.rules_task).await;
+        let _ = (&mut self.log_task).await;
         self.relay.shutdown(self.grace).await;
         self.store.close().await;
         tracing::info!("Stopped; every queued commit finished.");

@@ -40,6 +40,8 @@ pub struct HubState {
     pub in_flight: Arc<Semaphore>,
     pub relay: Arc<crate::relay::Relay>,
     pub engine: Arc<crate::rules::engine::RulesEngine>,
+    /// The rating log's heads and proofs.
+    pub log: Arc<crate::tree_head::TreeLog>,
     /// Prometheus metrics (served on the operations listener).
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The configuration file a reload reads again (with the environment over it).

@@ -48,8 +48,179 @@ pub fn digest(ids: &[uuid::Uuid]) -> String {
 
 type RatingStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
 
+impl SyncApi {
+    /// The feed position of the rating a proof is asked for, when the caller may see it.
+    async fn leaf_position(
+        &self,
+        caller: &super::Caller,
+        leaf: Option<&pb::get_inclusion_proof_request::Leaf>,
+    ) -> Result<u64, Status> {
+        use pb::get_inclusion_proof_request::Leaf;
+        let not_found = |what: String| Status::not_found(format!("no rating {what} in your scope"));
+        match leaf {
+            Some(Leaf::HubId(raw)) => {
+                let hub_id = uuid::Uuid::parse_str(raw.trim())
+                    .map_err(|_| bad_request(&[violation("hub_id", "is not a UUID")]))?;
+                let stored = self
+                    .state
+                    .store
+                    .get_rating(hub_id)
+                    .await?
+                    .filter(|s| {
+                        caller
+                            .principal
+                            .scope
+                            .covers(&s.rating.org_credit_code, &s.rating.region_code)
+                    })
+                    .ok_or_else(|| not_found(format!("with hub_id {hub_id}")))?;
+                Ok(stored.feed_seq)
+            }
+            Some(Leaf::FeedSequence(seq)) => {
+                let seq = *seq;
+                if seq == 0 {
+                    return Err(bad_request(&[violation(
+                        "feed_sequence",
+                        "feed positions start at 1",
+                    )]));
+                }
+                let mut query = RatingQuery {
+                    max_feed_seq: Some(seq),
+                    ..Default::default()
+                };
+                restrict_to_scope(&caller.principal, &mut query)?;
+                let rows = self.state.store.list_ratings(&query, seq - 1, 1).await?;
+                match rows.first() {
+                    Some(r) if r.feed_seq == seq => Ok(seq),
+                    _ => Err(not_found(format!("at feed position {seq}"))),
+                }
+            }
+            None => Err(bad_request(&[violation(
+                "leaf",
+                "name the rating by hub_id or feed_sequence",
+            )])),
+        }
+    }
+}
+
+fn log_status(e: crate::tree_head::LogError) -> Status {
+    match e {
+        crate::tree_head::LogError::Store(e) => e.into(),
+        crate::tree_head::LogError::Proof(crate::merkle::ProofError::Range(m)) => {
+            Status::out_of_range(m)
+        }
+        e => Status::internal(e.to_string()),
+    }
+}
+
 #[tonic::async_trait]
 impl SyncService for SyncApi {
+    async fn get_tree_head(
+        &self,
+        request: Request<pb::GetTreeHeadRequest>,
+    ) -> Result<Response<pb::GetTreeHeadResponse>, Status> {
+        let _caller = self.state.admit(&request, "GetTreeHead", Role::Pull)?;
+        let log = &self.state.log;
+        let head = if request.get_ref().fresh {
+            log.sign_now().await
+        } else {
+            log.latest().await
+        }
+        .map_err(log_status)?;
+        Ok(Response::new(pb::GetTreeHeadResponse {
+            tree_head: Some(head.to_pb()),
+        }))
+    }
+
+    async fn get_inclusion_proof(
+        &self,
+        request: Request<pb::GetInclusionProofRequest>,
+    ) -> Result<Response<pb::GetInclusionProofResponse>, Status> {
+        let caller = self
+            .state
+            .admit(&request, "GetInclusionProof", Role::Pull)?;
+        let req = request.into_inner();
+        let seq = self.leaf_position(&caller, req.leaf.as_ref()).await?;
+        let log = &self.state.log;
+        let (size, root, head) = if req.tree_size == 0 {
+            let head = log.latest().await.map_err(log_status)?;
+            if head.size < seq {
+                // Signed before this rating: a head that covers it.
+                let head = log.sign_now().await.map_err(log_status)?;
+                (head.size, head.root, Some(head))
+            } else {
+                (head.size, head.root, Some(head))
+            }
+        } else {
+            if req.tree_size > log.size() {
+                return Err(Status::out_of_range(format!(
+                    "tree_size {} is beyond the log's {} ratings",
+                    req.tree_size,
+                    log.size()
+                )));
+            }
+            let root = log.root(req.tree_size).await.map_err(log_status)?;
+            (req.tree_size, root, None)
+        };
+        if seq > size {
+            return Err(Status::out_of_range(format!(
+                "the rating at feed position {seq} is not in the tree of {size}"
+            )));
+        }
+        let (leaf, path) = log.inclusion(seq - 1, size).await.map_err(log_status)?;
+        Ok(Response::new(pb::GetInclusionProofResponse {
+            feed_sequence: seq,
+            leaf_hash: leaf.to_vec(),
+            audit_path: path.iter().map(|h| h.to_vec()).collect(),
+            tree_size: size,
+            root_hash: root.to_vec(),
+            tree_head: head.map(|h| h.to_pb()),
+        }))
+    }
+
+    async fn get_consistency_proof(
+        &self,
+        request: Request<pb::GetConsistencyProofRequest>,
+    ) -> Result<Response<pb::GetConsistencyProofResponse>, Status> {
+        let _caller = self
+            .state
+            .admit(&request, "GetConsistencyProof", Role::Pull)?;
+        let req = request.into_inner();
+        let log = &self.state.log;
+        let (second, second_root, head) = if req.second == 0 {
+            let head = log.latest().await.map_err(log_status)?;
+            (head.size, head.root, Some(head))
+        } else {
+            if req.second > log.size() {
+                return Err(Status::out_of_range(format!(
+                    "second ({}) is beyond the log's {} ratings",
+                    req.second,
+                    log.size()
+                )));
+            }
+            let root = log.root(req.second).await.map_err(log_status)?;
+            (req.second, root, None)
+        };
+        if req.first == 0 || req.first > second {
+            return Err(bad_request(&[violation(
+                "first",
+                format!("must be 1 to {second} (the second tree's size)"),
+            )]));
+        }
+        let proof = log
+            .consistency(req.first, second)
+            .await
+            .map_err(log_status)?;
+        let first_root = log.root(req.first).await.map_err(log_status)?;
+        Ok(Response::new(pb::GetConsistencyProofResponse {
+            proof: proof.iter().map(|h| h.to_vec()).collect(),
+            first: req.first,
+            first_root: first_root.to_vec(),
+            second,
+            second_root: second_root.to_vec(),
+            tree_head: head.map(|h| h.to_pb()),
+        }))
+    }
+
     async fn pull(
         &self,
         request: Request<pb::PullRequest>,

@@ -740,6 +740,15 @@ pub(crate) fn probe_pad() -> Vec<u8> {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// The rating log's hash (src/merkle.rs), as the database fixed it.
+    fn log_hash(&self) -> crate::merkle::HashAlg;
+
+    /// Stored rating log nodes by (level, index); those not stored are absent.
+    async fn log_nodes(
+        &self,
+        want: &[(u32, u64)],
+    ) -> Result<std::collections::HashMap<(u32, u64), crate::merkle::Hash>, StoreError>;
+
     /// How a commit is made durable, as read back from the writer's own connection when the
     /// store opened (not as configured): e.g. `sqlite journal_mode=wal synchronous=FULL wal_autocheckpoint=4000`.
     fn durability(&self) -> &str;

@@ -140,6 +140,7 @@ pub struct PostgresStore {
     connect: PgConnectOptions,
     /// The writer session's `synchronous_commit`, read back at open.
     durability: String,
+    log_hash: HashAlg,
 }
 
 impl PostgresStore {
@@ -240,6 +241,7 @@ impl PostgresStore {
             health: Mutex::new(None),
             connect,
             durability,
+            log_hash: log_alg,
         })
     }
 
@@ -1302,6 +1304,18 @@ fn dimension_sql(d: StatsDimension) -> &'static str {
 
 #[async_trait]
 impl Store for PostgresStore {
+    fn log_hash(&self) -> HashAlg {
+        self.log_hash
+    }
+
+    async fn log_nodes(
+        &self,
+        want: &[(u32, u64)],
+    ) -> Result<std::collections::HashMap<(u32, u64), merkle::Hash>, StoreError> {
+        let mut conn = self.reader.acquire().await?;
+        read_nodes(&mut conn, want).await
+    }
+
     fn durability(&self) -> &str {
         &self.durability
     }

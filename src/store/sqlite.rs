@@ -88,6 +88,7 @@ pub struct SqliteStore {
     min_free_bytes: u64,
     /// The writer connection's journal mode and synchronous level, read back at open.
     durability: String,
+    log_hash: HashAlg,
 }
 
 impl SqliteStore {
@@ -126,6 +127,7 @@ impl SqliteStore {
             .await?;
         let last_seq = last_seq as u64;
         let frontier = open_log(&mut writer_conn, opts.log_hash, last_seq).await?;
+        let log_hash = frontier.alg;
 
         let reader = SqlitePoolOptions::new()
             .max_connections(opts.read_connections.max(1))
@@ -158,6 +160,7 @@ impl SqliteStore {
                 .to_owned(),
             min_free_bytes: opts.min_free_bytes,
             durability,
+            log_hash,
         })
     }
 }
@@ -1151,6 +1154,18 @@ fn dimension_sql(d: StatsDimension) -> &'static str {
 
 #[async_trait]
 impl Store for SqliteStore {
+    fn log_hash(&self) -> HashAlg {
+        self.log_hash
+    }
+
+    async fn log_nodes(
+        &self,
+        want: &[(u32, u64)],
+    ) -> Result<std::collections::HashMap<(u32, u64), merkle::Hash>, StoreError> {
+        let mut conn = self.reader.acquire().await?;
+        read_nodes(&mut conn, want).await
+    }
+
     fn durability(&self) -> &str {
         &self.durability
     }

@@ -94,6 +94,9 @@ pub struct PrincipalConfig {
     pub ratings_per_sec: Option<u32>,
     /// Overrides `[limits] ratings_burst`.
     pub ratings_burst: Option<u32>,
+    /// A lower hub's log public key (`rating-hub log key` on that hub prints it): the tree
+    /// heads it reports are checked with it.
+    pub log_key: Option<String>,
 }
 
 /// Default inbound quotas (`[limits]`).
@@ -148,6 +151,8 @@ pub struct Principal {
     pub scope: Scope,
     requests: DefaultDirectRateLimiter,
     ratings: DefaultDirectRateLimiter,
+    /// A lower hub's registered log key.
+    pub log_key: Option<crate::tree_head::PublicKey>,
 }
 
 impl fmt::Debug for Principal {
@@ -178,6 +183,7 @@ impl Principal {
             scope,
             requests: RateLimiter::direct(quota(q.requests_per_sec, q.requests_burst)),
             ratings: RateLimiter::direct(quota(q.ratings_per_sec, q.ratings_burst)),
+            log_key: None,
         }
     }
 
@@ -267,12 +273,15 @@ impl Registry {
                 orgs,
                 region_prefixes: c.region_prefixes.clone(),
             };
-            registry.insert(Principal::new(
-                name.clone(),
-                c.roles.iter().copied().collect(),
-                scope,
-                q,
-            ));
+            let mut principal =
+                Principal::new(name.clone(), c.roles.iter().copied().collect(), scope, q);
+            if let Some(text) = &c.log_key {
+                principal.log_key = Some(
+                    crate::tree_head::PublicKey::parse(text)
+                        .map_err(|e| err(format!("log_key: {e}")))?,
+                );
+            }
+            registry.insert(principal);
         }
         Ok(registry)
     }

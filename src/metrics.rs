@@ -22,6 +22,14 @@ pub struct RatingLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerHeadLabels {
+    /// The lower hub's principal.
+    pub peer: String,
+    /// accepted, inconsistent, self_check, bad_signature
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DenialLabels {
     /// role, scope, quota, shed
     pub reason: String,
@@ -67,6 +75,10 @@ pub struct Metrics {
     pub ratings: Family<RatingLabels, Counter>,
     /// Calls refused before their work: a missing role, outside the scope, over quota, shed.
     pub denials: Family<DenialLabels, Counter>,
+    /// Tree heads lower hubs reported, by what checking them found.
+    pub peer_heads: Family<PeerHeadLabels, Counter>,
+    /// 1 while this hub's own check found its stored ratings differ from its log.
+    pub log_self_check_failed: Gauge,
     pub rules_ticks: Counter,
     pub invitations: Counter,
     pub default_ratings: Counter,
@@ -102,6 +114,8 @@ impl Default for Metrics {
         let m = Self {
             ratings: Family::default(),
             denials: Family::default(),
+            peer_heads: Family::default(),
+            log_self_check_failed: Gauge::default(),
             rules_ticks: Counter::default(),
             invitations: Counter::default(),
             default_ratings: Counter::default(),
@@ -160,6 +174,16 @@ impl Default for Metrics {
             "deadlines_recounted",
             "差评 cases whose deadlines a reloaded calendar moved",
             m.deadlines_recounted.clone(),
+        );
+        registry.register(
+            "log_peer_heads",
+            "Rating log heads lower hubs reported, by what checking them found",
+            m.peer_heads.clone(),
+        );
+        registry.register(
+            "log_self_check_failed",
+            "1 while this hub's stored ratings differ from its rating log (rating-hub log verify)",
+            m.log_self_check_failed.clone(),
         );
         registry.register("feed_head", "The feed's last sequence", m.feed_head.clone());
         registry.register(

@@ -233,37 +233,6 @@ pub async fn start_with_clock(
     }
     let metrics = Arc::new(metrics);
     metrics.watch_files(watched_files(config)?);
-    let relay = crate::relay::Relay::start(
-        &config.upstreams,
-        store.clone(),
-        pii.clone(),
-        clock.clone(),
-        crate::relay::Lease {
-            holder: config.storage.instance_name(),
-            ttl: Duration::from_secs(config.storage.lease_secs),
-        },
-        config.ops.attempt_log_days,
-        metrics.clone(),
-    )
-    .await
-    .context("starting upstream delivery")?;
-    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
-    let rules = Arc::new(
-        crate::rules::engine::RulesEngine::new(
-            store.clone(),
-            config.rules.profiles()?,
-            config.rules.calendar()?,
-            clock.clone(),
-            config.ingest_rules(),
-            pii.clone(),
-        )
-        .with_calendar_source_of(&config.rules)
-        .with_metrics(metrics.clone()),
-    );
-    let rules_task = rules.clone().spawn(
-        Duration::from_secs(config.rules.tick_secs),
-        stopping.clone(),
-    );
     let log_key = match config.rating_log_key() {
         Some(path) => {
             if config.tls.dev_pki && config.rating_log.key.is_empty() && !path.exists() {
@@ -296,6 +265,41 @@ pub async fn start_with_clock(
         log_key,
         Duration::from_secs(config.rating_log.sign_interval_secs.max(1)),
     ));
+    let relay = crate::relay::Relay::start(
+        &config.upstreams,
+        store.clone(),
+        pii.clone(),
+        clock.clone(),
+        crate::relay::Lease {
+            holder: config.storage.instance_name(),
+            ttl: Duration::from_secs(config.storage.lease_secs),
+        },
+        config.ops.attempt_log_days,
+        metrics.clone(),
+        Some(tree_log.clone()),
+    )
+    .await
+    .context("starting upstream delivery")?;
+    tree_log
+        .clone()
+        .spawn_self_check(config.storage.url.clone(), metrics.clone());
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let rules = Arc::new(
+        crate::rules::engine::RulesEngine::new(
+            store.clone(),
+            config.rules.profiles()?,
+            config.rules.calendar()?,
+            clock.clone(),
+            config.ingest_rules(),
+            pii.clone(),
+        )
+        .with_calendar_source_of(&config.rules)
+        .with_metrics(metrics.clone()),
+    );
+    let rules_task = rules.clone().spawn(
+        Duration::from_secs(config.rules.tick_secs),
+        stopping.clone(),
+    );
     let log_task = tree_log.clone().spawn(stopping.clone());
     let state = Arc::new(HubState {
         store: store.clone(),

@@ -276,6 +276,9 @@ pub struct TreeLog {
     latest: Mutex<Option<TreeHead>>,
     /// One signing at a time.
     signing: tokio::sync::Mutex<()>,
+    /// What this hub's own check of its stored ratings against its log found: the first
+    /// feed position that differs, and why (`None`: not checked yet, or nothing found).
+    self_check: Mutex<Option<(u64, String)>>,
 }
 
 impl TreeLog {
@@ -292,7 +295,61 @@ impl TreeLog {
             interval,
             latest: Mutex::new(None),
             signing: tokio::sync::Mutex::new(()),
+            self_check: Mutex::new(None),
         }
+    }
+
+    /// How often heads are signed (and reported upstream).
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// The first position the self-check found differing, and why.
+    pub fn self_check(&self) -> Option<(u64, String)> {
+        self.self_check
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Checks the stored ratings against the log once, in the background (what
+    /// `rating-hub log verify` does, on its own read-only connection): a database edited
+    /// while the hub was stopped is found at its next start, logged, shown in the metrics,
+    /// and reported upstream with the next tree head.
+    pub fn spawn_self_check(
+        self: Arc<Self>,
+        storage_url: String,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let run = async {
+                let mut db = crate::store::verify::Db::open(&storage_url).await?;
+                let report = crate::store::verify::verify(&mut db, None, |_| {}).await;
+                db.close().await;
+                report
+            };
+            match run.await {
+                Ok(report) => {
+                    if let Some((position, why)) = &report.first_bad {
+                        tracing::error!(
+                            first_bad_position = position,
+                            reason = %why,
+                            "RATING LOG ALARM: the stored ratings differ from the rating log \
+                             (rating-hub log verify shows the same); reported upstream."
+                        );
+                        metrics.log_self_check_failed.set(1);
+                    } else {
+                        tracing::info!(
+                            ratings = report.size,
+                            "Rating log self-check: every stored rating matches the log."
+                        );
+                        metrics.log_self_check_failed.set(0);
+                    }
+                    *self.self_check.lock().unwrap_or_else(|p| p.into_inner()) = report.first_bad;
+                }
+                Err(e) => tracing::warn!(error = %e, "The rating log self-check could not run."),
+            }
+        })
     }
 
     pub fn public_key(&self) -> Option<PublicKey> {

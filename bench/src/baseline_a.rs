@@ -25,6 +25,15 @@ pub(crate) fn accepted(index: usize, r: &pb::Rating, seq: u64) -> pb::ItemResult
 
 #[tonic::async_trait]
 impl IngestService for Echo {
+    async fn report_tree_head(
+        &self,
+        _request: tonic::Request<pb::ReportTreeHeadRequest>,
+    ) -> Result<tonic::Response<pb::ReportTreeHeadResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "the benchmark's upstream takes no log heads",
+        ))
+    }
+
     async fn submit_ratings(
         &self,
         req: Request<pb::SubmitRatingsRequest>,

@@ -13,6 +13,15 @@ pub(crate) struct SinkService(Arc<Sink>);
 
 #[tonic::async_trait]
 impl IngestService for SinkService {
+    async fn report_tree_head(
+        &self,
+        _request: tonic::Request<pb::ReportTreeHeadRequest>,
+    ) -> Result<tonic::Response<pb::ReportTreeHeadResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "the benchmark's upstream takes no log heads",
+        ))
+    }
+
     async fn submit_ratings(
         &self,
         req: Request<pb::SubmitRatingsRequest>,

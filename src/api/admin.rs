@@ -411,6 +411,37 @@ impl AdminService for AdminApi {
         Ok(Response::new(pb::CancelReplayResponse { cancelled }))
     }
 
+    async fn list_peer_heads(
+        &self,
+        request: Request<pb::ListPeerHeadsRequest>,
+    ) -> Result<Response<pb::ListPeerHeadsResponse>, Status> {
+        let _caller = self.state.admit(&request, "ListPeerHeads", Role::Admin)?;
+        let req = request.into_inner();
+        let limit = match req.limit {
+            0 => 100,
+            n => n.min(1000),
+        };
+        let principal = (!req.principal.is_empty()).then_some(req.principal.as_str());
+        let heads = self
+            .state
+            .store
+            .peer_heads(principal, req.alarms_only, limit)
+            .await?
+            .into_iter()
+            .map(|h| pb::PeerHead {
+                principal: h.principal,
+                tree_size: h.size,
+                root_hash: h.root,
+                head_time: Some(crate::time::timestamp_from_micros(h.head_time_micros)),
+                received_at: Some(crate::time::timestamp_from_micros(h.received_at_micros)),
+                outcome: h.outcome,
+                first_bad_position: h.first_bad,
+                detail: h.detail,
+            })
+            .collect();
+        Ok(Response::new(pb::ListPeerHeadsResponse { heads }))
+    }
+
     async fn reload_config(
         &self,
         request: Request<pb::ReloadConfigRequest>,

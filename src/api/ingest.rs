@@ -241,6 +241,165 @@ type AckStream = Pin<Box<dyn Stream<Item = Result<pb::StreamRatingsResponse, Sta
 
 #[tonic::async_trait]
 impl IngestService for IngestApi {
+    async fn report_tree_head(
+        &self,
+        request: Request<pb::ReportTreeHeadRequest>,
+    ) -> Result<Response<pb::ReportTreeHeadResponse>, Status> {
+        use crate::tree_head::TreeHead;
+        let caller = self.state.admit(&request, "ReportTreeHead", Role::Relay)?;
+        let req = request.into_inner();
+        let name = caller.name().to_owned();
+        let Some(key) = caller.principal.log_key.clone() else {
+            return Err(Status::failed_precondition(format!(
+                "principal {name} has no log_key registered (principals.{name}.log_key): its \
+                 tree heads cannot be checked"
+            )));
+        };
+        let head = req
+            .tree_head
+            .as_ref()
+            .and_then(TreeHead::from_pb)
+            .ok_or_else(|| {
+                bad_request(&[violation(
+                    "tree_head",
+                    "is required, with a 32-byte root, known hash and signature algorithms and a time",
+                )])
+            })?;
+        let proof: Option<Vec<crate::merkle::Hash>> = req
+            .consistency_proof
+            .iter()
+            .map(|h| h.clone().try_into().ok())
+            .collect();
+        let proof = proof
+            .ok_or_else(|| bad_request(&[violation("consistency_proof", "hashes are 32 bytes")]))?;
+        let store = &self.state.store;
+        let (last_size, last_root) = store.last_accepted_head(&name).await?.unwrap_or_default();
+        let last_root: crate::merkle::Hash = last_root.try_into().unwrap_or([0; 32]);
+        let self_check = req.self_check_first_bad;
+        let (outcome, first_bad, detail) = if !head.verify(&key) {
+            (
+                "bad_signature",
+                0,
+                "the head is not signed by the principal's registered log key".to_owned(),
+            )
+        } else if req.from_size != last_size {
+            return Ok(Response::new(pb::ReportTreeHeadResponse {
+                accepted: false,
+                accepted_size: last_size,
+                problem: format!(
+                    "from_size {} is not the size of the last head accepted from {name} \
+                     ({last_size}): send the proof from it",
+                    req.from_size
+                ),
+            }));
+        } else if head.size < last_size {
+            (
+                "inconsistent",
+                head.size + 1,
+                format!(
+                    "the log shrank from {last_size} to {} ratings: positions from {} on were removed",
+                    head.size,
+                    head.size + 1
+                ),
+            )
+        } else if last_size > 0
+            && !crate::merkle::verify_consistency(
+                head.hash, last_size, head.size, &last_root, &head.root, &proof,
+            )
+        {
+            (
+                "inconsistent",
+                if (1..=last_size).contains(&self_check) {
+                    self_check
+                } else {
+                    0
+                },
+                format!(
+                    "the head of {} ratings does not extend the head of {last_size} accepted \
+                     before: ratings among the first {last_size} were changed, removed or \
+                     reordered",
+                    head.size
+                ),
+            )
+        } else {
+            ("accepted", 0, String::new())
+        };
+        // The same accepted head again (a newer signature over an unchanged log) and the
+        // same self-check finding again are not recorded again.
+        let unchanged = outcome == "accepted"
+            && head.size == last_size
+            && last_size > 0
+            && head.root == last_root;
+        let same_finding = match store.peer_heads(Some(&name), true, 1).await?.first() {
+            Some(a) => a.outcome == "self_check" && a.first_bad == self_check,
+            None => false,
+        };
+        let mut records = vec![crate::store::PeerHead {
+            id: 0,
+            principal: name.clone(),
+            size: head.size,
+            root: head.root.to_vec(),
+            head_time_micros: head.timestamp_micros,
+            received_at_micros: 0,
+            outcome: outcome.to_owned(),
+            first_bad,
+            detail: detail.clone(),
+        }];
+        if unchanged {
+            records.clear();
+        }
+        if self_check > 0 && outcome == "accepted" && !same_finding {
+            let reason: String = req.self_check_reason.chars().take(300).collect();
+            records.push(crate::store::PeerHead {
+                outcome: "self_check".into(),
+                first_bad: self_check,
+                detail: format!(
+                    "the lower hub's stored ratings differ from its log at feed position \
+                     {self_check}: {reason}"
+                ),
+                principal: name.clone(),
+                size: head.size,
+                root: head.root.to_vec(),
+                head_time_micros: head.timestamp_micros,
+                id: 0,
+                received_at_micros: 0,
+            });
+        }
+        for r in records {
+            self.state
+                .metrics
+                .peer_heads
+                .get_or_create(&crate::metrics::PeerHeadLabels {
+                    peer: name.clone(),
+                    outcome: r.outcome.clone(),
+                })
+                .inc();
+            if r.outcome != "accepted" {
+                tracing::error!(
+                    peer = %name,
+                    outcome = %r.outcome,
+                    first_bad_position = r.first_bad,
+                    size = r.size,
+                    detail = %r.detail,
+                    "RATING LOG ALARM: a lower hub's log does not hold together."
+                );
+            }
+            store
+                .relay_write(crate::store::RelayWrite::PeerHead(r))
+                .await?;
+        }
+        let accepted = outcome == "accepted";
+        Ok(Response::new(pb::ReportTreeHeadResponse {
+            accepted,
+            accepted_size: if accepted { head.size } else { last_size },
+            problem: if accepted {
+                String::new()
+            } else {
+                format!("{outcome}: {detail}")
+            },
+        }))
+    }
+
     async fn submit_ratings(
         &self,
         request: Request<pb::SubmitRatingsRequest>,

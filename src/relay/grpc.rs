@@ -105,6 +105,25 @@ pub fn relayed(r: &pb::Rating) -> pb::Rating {
 
 #[async_trait]
 impl Sink for GrpcSink {
+    async fn report_head(
+        &self,
+        report: pb::ReportTreeHeadRequest,
+    ) -> Result<Option<pb::ReportTreeHeadResponse>, SendError> {
+        match self.client.clone().report_tree_head(report).await {
+            Ok(r) => Ok(Some(r.into_inner())),
+            // An upper hub from before the log, or one that has no key registered for this
+            // hub: nothing to report to.
+            Err(s) if matches!(s.code(), Code::Unimplemented | Code::FailedPrecondition) => Err(
+                SendError::Permanent(format!("{:?}: {}", s.code(), s.message())),
+            ),
+            Err(s) => Err(SendError::Retryable(format!(
+                "{:?}: {}",
+                s.code(),
+                s.message()
+            ))),
+        }
+    }
+
     async fn send(&self, ratings: &[pb::Rating]) -> Result<Vec<Delivery>, SendError> {
         let request = pb::SubmitRatingsRequest {
             ratings: ratings.iter().map(relayed).collect(),

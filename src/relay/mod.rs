@@ -1308,6 +1308,8 @@ struct Running {
     /// Stops its delivery loop and cursor writer.
     stop: watch::Sender<bool>,
     run_task: JoinHandle<()>,
+    /// Reports the hub's rating log heads to the upstream (when it takes them).
+    report_task: Option<JoinHandle<()>>,
     /// Its cursor writer: finishes after the loop, storing what is queued.
     cursor_task: JoinHandle<()>,
     /// On a shared store, its lease keeper: stopped last, so the lease is given up only
@@ -1321,7 +1323,10 @@ impl Running {
     /// then the lease is given up.
     async fn stop(self, grace: Duration) {
         let _ = self.stop.send(true);
-        for mut t in [self.run_task, self.cursor_task] {
+        for mut t in [self.run_task, self.cursor_task]
+            .into_iter()
+            .chain(self.report_task)
+        {
             if tokio::time::timeout(grace, &mut t).await.is_err() {
                 t.abort();
             }
@@ -1358,6 +1363,91 @@ impl RelayPlan {
     }
 }
 
+/// Reports the hub's latest signed rating log head to the upstream each time a new one is
+/// signed, with a consistency proof from the last head the upstream accepted, while this
+/// instance delivers to it. Ends when the upstream takes no heads.
+async fn report_heads(
+    worker: Arc<Worker>,
+    log: Arc<crate::tree_head::TreeLog>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut accepted = 0u64;
+    let mut sent: Option<(u64, i64)> = None;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        if worker.holds_lease()
+            && let Ok(head) = log.latest().await
+            && sent != Some((head.size, head.timestamp_micros))
+        {
+            match report_head(&worker, &log, &head, accepted).await {
+                Ok(None) => return,
+                Ok(Some(answer)) => {
+                    sent = Some((head.size, head.timestamp_micros));
+                    accepted = answer.accepted_size;
+                    if !answer.accepted {
+                        tracing::error!(upstream = %worker.name, size = head.size, problem = %answer.problem, "The upstream hub did not accept this hub's rating log head.");
+                    }
+                }
+                Err(SendError::Permanent(why)) => {
+                    tracing::warn!(upstream = %worker.name, reason = %why, "The upstream takes no rating log heads from this hub; not reporting them.");
+                    return;
+                }
+                Err(e) => {
+                    if let Some(suppressed) =
+                        crate::telemetry::throttle_for("relay.report_head", &worker.name)
+                    {
+                        tracing::warn!(upstream = %worker.name, error = ?e, suppressed, "Cannot report the rating log head; trying again.");
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(log.interval()) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+/// One report, with the proof from `from`; once more from the size the upstream says it
+/// accepted when that is another.
+async fn report_head(
+    worker: &Worker,
+    log: &crate::tree_head::TreeLog,
+    head: &crate::tree_head::TreeHead,
+    mut from: u64,
+) -> Result<Option<pb::ReportTreeHeadResponse>, SendError> {
+    let (first_bad, reason) = log.self_check().unwrap_or_default();
+    for _ in 0..2 {
+        let proof = if from > 0 && from < head.size {
+            log.consistency(from, head.size)
+                .await
+                .map_err(|e| SendError::Retryable(e.to_string()))?
+        } else {
+            Vec::new()
+        };
+        let request = pb::ReportTreeHeadRequest {
+            tree_head: Some(head.to_pb()),
+            from_size: from,
+            consistency_proof: proof.iter().map(|h| h.to_vec()).collect(),
+            self_check_first_bad: first_bad,
+            self_check_reason: reason.clone(),
+        };
+        let Some(answer) = worker.sink.report_head(request).await? else {
+            return Ok(None);
+        };
+        if !answer.accepted && answer.accepted_size != from {
+            from = answer.accepted_size;
+            continue;
+        }
+        return Ok(Some(answer));
+    }
+    Err(SendError::Retryable(
+        "the upstream's accepted size moved twice".into(),
+    ))
+}
+
 /// Every upstream's worker.
 pub struct Relay {
     /// The workers by upstream, for operators' calls (replaced whole by a reload).
@@ -1375,6 +1465,8 @@ pub struct Relay {
     log_task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
     /// Set by the shutdown: a reload after it starts nothing.
     stopped: AtomicBool,
+    /// This hub's rating log: its heads are reported to upstreams that take them.
+    log: Option<Arc<crate::tree_head::TreeLog>>,
     /// Held shared by an operator's call (pause, resume, replays) from finding the worker
     /// to telling it, and exclusively by a reload replacing workers: a call never lands on
     /// a worker that is being replaced after the new one read its stored state.
@@ -1423,6 +1515,7 @@ fn build_sink(name: &str, cfg: &UpstreamConfig) -> Result<Box<dyn Sink>, String>
 
 impl Relay {
     /// Builds the sinks, loads each upstream's durable cursor and starts its worker.
+    #[allow(clippy::too_many_arguments)] // each is one of the hub's parts, named at its one call
     pub async fn start(
         upstreams: &BTreeMap<String, UpstreamConfig>,
         store: Arc<dyn Store>,
@@ -1431,6 +1524,7 @@ impl Relay {
         lease: Lease,
         attempt_log_days: u32,
         metrics: Arc<crate::metrics::Metrics>,
+        log: Option<Arc<crate::tree_head::TreeLog>>,
     ) -> anyhow::Result<Arc<Self>> {
         let (stop, stop_rx) = watch::channel(false);
         let (attempt_log, attempts) = tokio::sync::mpsc::channel(ATTEMPT_QUEUE);
@@ -1454,6 +1548,7 @@ impl Relay {
             log_task: tokio::sync::Mutex::new(Some(log_task)),
             stopped: AtomicBool::new(false),
             replacing: tokio::sync::RwLock::new(()),
+            log,
         });
         let mut plan = relay.plan(upstreams).await.map_err(anyhow::Error::msg)?;
         relay
@@ -1637,6 +1732,10 @@ impl Relay {
             pending_writes,
             stop_rx.clone(),
         ));
+        let report_task = self
+            .log
+            .clone()
+            .map(|log| tokio::spawn(report_heads(worker.clone(), log, stop_rx.clone())));
         let run_task = tokio::spawn(worker.clone().run(stop_rx));
         let lease = store.shared().then(|| {
             let (stop, stop_rx) = watch::channel(false);
@@ -1648,6 +1747,7 @@ impl Relay {
             fingerprint,
             stop,
             run_task,
+            report_task,
             cursor_task,
             lease,
         })

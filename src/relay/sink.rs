@@ -61,6 +61,15 @@ pub trait Sink: Send + Sync + 'static {
     /// `Delivery` per rating, in order.
     async fn send(&self, ratings: &[pb::Rating]) -> Result<Vec<Delivery>, SendError>;
 
+    /// Reports this hub's rating log head to the upstream (another rating-hub). `Ok(None)`:
+    /// this upstream takes no heads.
+    async fn report_head(
+        &self,
+        _report: pb::ReportTreeHeadRequest,
+    ) -> Result<Option<pb::ReportTreeHeadResponse>, SendError> {
+        Ok(None)
+    }
+
     /// Whether this upstream takes 办件 records (each sent before any rating of its case).
     fn relays_cases(&self) -> bool {
         false

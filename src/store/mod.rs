@@ -579,6 +579,22 @@ pub struct StoredBadCase {
 /// `AppealOutcome` numbers.
 pub const SUPERSEDED_DEFAULT: i32 = 100;
 
+/// A tree head a lower hub reported, and what checking it found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerHead {
+    pub id: u64,
+    pub principal: String,
+    pub size: u64,
+    pub root: Vec<u8>,
+    pub head_time_micros: i64,
+    pub received_at_micros: i64,
+    /// accepted, inconsistent, self_check, bad_signature.
+    pub outcome: String,
+    /// The first feed position of the lower hub's log that differs (0: none named).
+    pub first_bad: u64,
+    pub detail: String,
+}
+
 /// Writes the relay makes, committed by the group-commit writer like everything else.
 #[derive(Debug, Clone)]
 pub enum RelayWrite {
@@ -667,6 +683,8 @@ pub enum RelayWrite {
         entry: CaseEntryRecord,
         file: Box<NewEvidence>,
     },
+    /// A lower hub's tree head and what checking it found.
+    PeerHead(PeerHead),
     /// Issues an invitation for a completed case (once per case; later calls do nothing).
     Invite {
         event_id: u64,
@@ -830,6 +848,21 @@ pub trait Store: Send + Sync + 'static {
 
     /// Range replays of `upstream`, newest first, at most 1,000 (only those not done when
     /// `open_only`).
+    /// Tree heads lower hubs reported, newest first: one principal's or all, alarms only or
+    /// all, at most `limit`.
+    async fn peer_heads(
+        &self,
+        principal: Option<&str>,
+        alarms_only: bool,
+        limit: u32,
+    ) -> Result<Vec<PeerHead>, StoreError>;
+
+    /// A principal's last accepted head: (size, root).
+    async fn last_accepted_head(
+        &self,
+        principal: &str,
+    ) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
+
     async fn list_range_replays(
         &self,
         upstream: &str,

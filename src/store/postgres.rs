@@ -34,7 +34,7 @@ use super::{
     PiiAccess, RatingQuery, RelayWrite, ScopeFilter, StatsDimension, StatsRow, Store, StoreError,
     StoredBadCase, StoredCaseEvent, StoredInvitation, StoredRating, StoredUpdate, UpstreamState,
 };
-use super::{CaseEntryRecord, EvidenceRecord};
+use super::{CaseEntryRecord, EvidenceRecord, PeerHead};
 use crate::clock::Clock;
 use crate::merkle::{self, Frontier, HashAlg};
 
@@ -1081,6 +1081,21 @@ async fn relay_write(
         .execute(&mut *conn)
         .await?
         .rows_affected()),
+        RelayWrite::PeerHead(h) => Ok(sqlx::query(
+            "INSERT INTO peer_heads (principal, size, root, head_time, received_at, outcome, \
+             first_bad, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&h.principal)
+        .bind(h.size as i64)
+        .bind(&h.root)
+        .bind(h.head_time_micros)
+        .bind(now)
+        .bind(&h.outcome)
+        .bind(h.first_bad as i64)
+        .bind(&h.detail)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected()),
         RelayWrite::Probe => {
             // A real row write (refused on a read-only server), committed and flushed.
             sqlx::query(
@@ -1572,6 +1587,52 @@ impl Store for PostgresStore {
         .fetch_all(&self.reader)
         .await?;
         Ok(rows.iter().map(rows::attempt).collect::<Result<_, _>>()?)
+    }
+
+    async fn peer_heads(
+        &self,
+        principal: Option<&str>,
+        alarms_only: bool,
+        limit: u32,
+    ) -> Result<Vec<PeerHead>, StoreError> {
+        let rows: Vec<(i64, String, i64, Vec<u8>, i64, i64, String, i64, String)> = sqlx::query_as(
+            "SELECT id, principal, size, root, head_time, received_at, outcome, first_bad, detail \
+             FROM peer_heads WHERE ($1 = '' OR principal = $1) \
+             AND (NOT $2 OR outcome <> 'accepted') ORDER BY id DESC LIMIT $3",
+        )
+        .bind(principal.unwrap_or(""))
+        .bind(alarms_only)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| PeerHead {
+                id: r.0 as u64,
+                principal: r.1,
+                size: r.2 as u64,
+                root: r.3,
+                head_time_micros: r.4,
+                received_at_micros: r.5,
+                outcome: r.6,
+                first_bad: r.7 as u64,
+                detail: r.8,
+            })
+            .collect())
+    }
+
+    async fn last_accepted_head(
+        &self,
+        principal: &str,
+    ) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let row: Option<(i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT size, root FROM peer_heads WHERE principal = $1 AND outcome = 'accepted' \
+             ORDER BY id DESC LIMIT 1",
+        )
+        .bind(principal)
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(row.map(|(s, r)| (s as u64, r)))
     }
 
     async fn list_range_replays(

@@ -53,6 +53,11 @@ impl Db {
             sqlx::query("SET default_transaction_read_only = on")
                 .execute(&mut conn)
                 .await?;
+            // One snapshot for the whole check: a hub committing meanwhile adds nothing
+            // half-seen (rows counted before, read after).
+            sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .execute(&mut conn)
+                .await?;
             Ok(Db::Postgres(conn))
         } else {
             use sqlx::ConnectOptions;
@@ -62,10 +67,12 @@ impl Db {
             } else {
                 format!("sqlite://{url}")
             };
-            let conn = sqlx::sqlite::SqliteConnectOptions::from_str(&url)?
+            let mut conn = sqlx::sqlite::SqliteConnectOptions::from_str(&url)?
                 .read_only(true)
                 .connect()
                 .await?;
+            // One snapshot for the whole check (WAL: from the first read on).
+            sqlx::query("BEGIN").execute(&mut conn).await?;
             Ok(Db::Sqlite(conn))
         }
     }

@@ -45,6 +45,14 @@ type Acks = std::pin::Pin<
 
 #[tonic::async_trait]
 impl IngestService for FakeIngest {
+    /// Like an upper hub from before the rating log.
+    async fn report_tree_head(
+        &self,
+        _request: Request<pb::ReportTreeHeadRequest>,
+    ) -> Result<Response<pb::ReportTreeHeadResponse>, Status> {
+        Err(Status::unimplemented("fake upstream: no rating log heads"))
+    }
+
     async fn submit_ratings(
         &self,
         request: Request<pb::SubmitRatingsRequest>,

@@ -577,3 +577,161 @@ async fn signed_heads_and_proofs_verify_against_the_log() {
     assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
     hub.stop().await;
 }
+
+async fn peer_heads(hub: &TestHub, alarms_only: bool) -> Vec<pb::PeerHead> {
+    crate::security::AdminServiceClient::new(hub.channel_as("tester").await)
+        .list_peer_heads(pb::ListPeerHeadsRequest {
+            principal: "city-hub".into(),
+            alarms_only,
+            limit: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .heads
+}
+
+/// Issue #22's tamper case: a city hub relays to a province hub, which checks each of the
+/// city's tree heads against the city's registered log key and the last head it accepted.
+/// The city's database is then edited while it is stopped (a level changed, a rating
+/// deleted): the restarted city's self-check finds the first changed position, the same one
+/// `rating-hub log verify` finds, and the province records an alarm naming the city and
+/// that position. The city's log then rebuilt whole from the edited ratings: the province
+/// finds its next head inconsistent with the one it accepted. Ratings keep flowing
+/// throughout, and before the tampering there is no alarm.
+#[tokio::test]
+async fn a_city_hubs_tampered_database_raises_an_alarm_at_the_province() {
+    use rating_hub::tree_head::{SignatureAlg, SigningKey};
+    let city_dir = tempfile::tempdir().unwrap();
+    let key_file = city_dir.path().join("log.key");
+    let key_text = SigningKey::generate(SignatureAlg::Sm2);
+    std::fs::write(&key_file, &key_text).unwrap();
+    let public = SigningKey::parse(SignatureAlg::Sm2, &key_text)
+        .unwrap()
+        .public()
+        .to_text();
+    let province = HubBuilder::new()
+        .principal("city-hub", &["submit", "relay"], TestScope::National)
+        .set("principals.city-hub.log_key", &format!("\"{public}\""))
+        .start()
+        .await;
+    let cert = province.client_files("city-hub");
+    let ca = province.pki_dir().join(rating_hub::pki::CA_CERT);
+    let q = |p: &Path| format!("\"{}\"", p.display());
+    let city = crate::relay::upstream(HubBuilder::new(), "province", &province.url())
+        .set("upstreams.province.ca", &q(&ca))
+        .set("upstreams.province.cert", &q(&cert.cert))
+        .set("upstreams.province.key", &q(&cert.key))
+        .set("upstreams.province.tls_domain", "\"localhost\"")
+        .set("rating_log.key", &q(&key_file))
+        .set("rating_log.sign_interval_secs", "1")
+        .start_in_dir(city_dir)
+        .await;
+    submit(
+        &mut city.ingest().await,
+        (1..=20).map(|i| rating(&format!("c{i}"))).collect(),
+    )
+    .await;
+    crate::fake_upstream::eventually(
+        std::time::Duration::from_secs(30),
+        "the province to accept the city's head of 20",
+        || async {
+            peer_heads(&province, false)
+                .await
+                .iter()
+                .any(|h| h.outcome == "accepted" && h.tree_size == 20)
+        },
+    )
+    .await;
+    assert_eq!(
+        peer_heads(&province, true).await,
+        Vec::new(),
+        "no false alarm"
+    );
+
+    // The city's database edited while it is stopped.
+    let stopped = city.stop().await;
+    exec_on_hub(
+        stopped.dir.path(),
+        &format!(
+            "{} UPDATE ratings SET level = level % 5 + 1 WHERE feed_seq = 7; \
+             DELETE FROM ratings WHERE feed_seq = 12;",
+            drop_guard()
+        ),
+    );
+    let (_, offline) = verify_hub(stopped.dir.path());
+    assert_eq!(offline["first_bad_position"], 7, "{offline}");
+    let city = stopped.restart().await;
+    submit(&mut city.ingest().await, vec![rating("c21")]).await;
+    crate::fake_upstream::eventually(
+        std::time::Duration::from_secs(30),
+        "the province to record the city's self-check alarm",
+        || async {
+            peer_heads(&province, true)
+                .await
+                .iter()
+                .any(|h| h.outcome == "self_check" && h.first_bad_position == 7)
+        },
+    )
+    .await;
+
+    // The gap filled with a forged rating and the city's log rebuilt whole from the edited
+    // ratings (its log tables emptied: the hub writes them again at start).
+    let stopped = city.stop().await;
+    let lift = if crate::pg::enabled() {
+        "DROP TRIGGER log_nodes_append_only ON log_nodes;"
+    } else {
+        "DROP TRIGGER log_nodes_append_only_update; DROP TRIGGER log_nodes_append_only_delete;"
+    };
+    let cols = rating_hub::store::log::LEAF_COLUMNS;
+    let new_id = if crate::pg::enabled() {
+        "uuid_send(gen_random_uuid())"
+    } else {
+        "randomblob(16)"
+    };
+    let forged = cols
+        .replacen("feed_seq", "12", 1)
+        .replacen("hub_id", new_id, 1)
+        .replacen("source_key", "source_key || 'x'", 1);
+    exec_on_hub(
+        stopped.dir.path(),
+        &format!(
+            "{lift} INSERT INTO ratings ({cols}) SELECT {forged} FROM ratings WHERE feed_seq = 13; \
+             DELETE FROM log_nodes; DELETE FROM log_meta;"
+        ),
+    );
+    let city = stopped.restart().await;
+    crate::fake_upstream::eventually(
+        std::time::Duration::from_secs(30),
+        "the province to find the rebuilt log inconsistent",
+        || async {
+            peer_heads(&province, true)
+                .await
+                .iter()
+                .any(|h| h.outcome == "inconsistent" && h.principal == "city-hub")
+        },
+    )
+    .await;
+    // Ingest from the city goes on: its ratings still arrive.
+    let late = submit(&mut city.ingest().await, vec![rating("c22")]).await;
+    let id = late[0].hub_id.clone();
+    crate::fake_upstream::eventually(
+        std::time::Duration::from_secs(30),
+        "the city's rating at the province",
+        || {
+            let id = id.clone();
+            let province = &province;
+            async move {
+                province
+                    .query()
+                    .await
+                    .get_rating(pb::GetRatingRequest { hub_id: id })
+                    .await
+                    .is_ok()
+            }
+        },
+    )
+    .await;
+    city.stop().await;
+    province.stop().await;
+}

@@ -20,3 +20,21 @@ CREATE TABLE log_meta (
     hash_alg    TEXT    NOT NULL,
     backfill_to BIGINT  NOT NULL
 );
+
+-- Tree heads lower hubs reported (IngestService.ReportTreeHead), each with what checking it
+-- found: accepted (signed by the principal's registered log key and consistent with the
+-- last accepted head), inconsistent (a rating removed, changed or reordered), self_check
+-- (the lower hub found its own stored ratings differ from its log), bad_signature. The
+-- last accepted head of a principal is what the next one must extend.
+CREATE TABLE peer_heads (
+    id          BIGSERIAL PRIMARY KEY,
+    principal   TEXT    NOT NULL,
+    size        BIGINT  NOT NULL,
+    root        BYTEA  NOT NULL,
+    head_time   BIGINT  NOT NULL,
+    received_at BIGINT  NOT NULL,
+    outcome     TEXT    NOT NULL,
+    first_bad   BIGINT  NOT NULL,
+    detail      TEXT    NOT NULL
+);
+CREATE INDEX peer_heads_principal ON peer_heads (principal, outcome, id);

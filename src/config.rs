@@ -205,6 +205,9 @@ pub struct RatingLogConfig {
     pub signature: crate::tree_head::SignatureAlg,
     /// A head is signed at least this often.
     pub sign_interval_secs: u64,
+    /// Check the stored ratings against the log at start, in the background (a read of
+    /// every rating: minutes at tens of millions).
+    pub self_check: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -236,11 +236,21 @@ pub async fn start_with_clock(
     let log_key = match config.rating_log_key() {
         Some(path) => {
             if config.tls.dev_pki && config.rating_log.key.is_empty() && !path.exists() {
-                std::fs::write(
-                    &path,
-                    crate::tree_head::SigningKey::generate(config.rating_log.signature),
-                )
-                .with_context(|| format!("creating the development log key {}", path.display()))?;
+                let mut opts = std::fs::OpenOptions::new();
+                opts.write(true).create_new(true);
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+                opts.open(&path)
+                    .and_then(|mut f| {
+                        std::io::Write::write_all(
+                            &mut f,
+                            crate::tree_head::SigningKey::generate(config.rating_log.signature)
+                                .as_bytes(),
+                        )
+                    })
+                    .with_context(|| {
+                        format!("creating the development log key {}", path.display())
+                    })?;
             }
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("rating_log.key: reading {}", path.display()))?;
@@ -280,9 +290,11 @@ pub async fn start_with_clock(
     )
     .await
     .context("starting upstream delivery")?;
-    tree_log
-        .clone()
-        .spawn_self_check(config.storage.url.clone(), metrics.clone());
+    if config.rating_log.self_check {
+        tree_log
+            .clone()
+            .spawn_self_check(config.storage.url.clone(), metrics.clone());
+    }
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let rules = Arc::new(
         crate::rules::engine::RulesEngine::new(
@@ -311,6 +323,7 @@ pub async fn start_with_clock(
         relay: relay.clone(),
         engine: rules.clone(),
         log: tree_log,
+        peer_reports: tokio::sync::Mutex::new(()),
         evidence_slots: Arc::new(tokio::sync::Semaphore::new(EVIDENCE_TRANSFERS)),
         metrics,
         config_file: config.source_file.clone(),

@@ -216,6 +216,14 @@ impl TreeHead {
         out
     }
 
+    /// Signs the head with `key` (its algorithm and key id set).
+    pub fn sign(&mut self, key: &SigningKey) -> Result<(), String> {
+        self.signature_alg = Some(key.alg());
+        self.key_id = key.public().key_id();
+        self.signature = key.sign(&self.signed_bytes())?;
+        Ok(())
+    }
+
     /// Whether `key` signed this head.
     pub fn verify(&self, key: &PublicKey) -> bool {
         self.signature_alg == Some(key.alg())
@@ -277,7 +285,8 @@ pub struct TreeLog {
     /// One signing at a time.
     signing: tokio::sync::Mutex<()>,
     /// What this hub's own check of its stored ratings against its log found: the first
-    /// feed position that differs, and why (`None`: not checked yet, or nothing found).
+    /// feed position that differs (0: none can be named), and why (`None`: not checked
+    /// yet, or nothing found).
     self_check: Mutex<Option<(u64, String)>>,
 }
 
@@ -347,7 +356,13 @@ impl TreeLog {
                     }
                     *self.self_check.lock().unwrap_or_else(|p| p.into_inner()) = report.first_bad;
                 }
-                Err(e) => tracing::warn!(error = %e, "The rating log self-check could not run."),
+                Err(e) => {
+                    // Not a pass: a row that cannot be read is one way to hide an edit.
+                    tracing::error!(error = %e, "RATING LOG ALARM: the rating log self-check could not run; reported upstream.");
+                    metrics.log_self_check_failed.set(1);
+                    *self.self_check.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some((0, format!("the self-check could not run: {e}")));
+                }
             }
         })
     }

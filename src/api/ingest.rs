@@ -273,15 +273,31 @@ impl IngestService for IngestApi {
         let proof = proof
             .ok_or_else(|| bad_request(&[violation("consistency_proof", "hashes are 32 bytes")]))?;
         let store = &self.state.store;
-        let (last_size, last_root) = store.last_accepted_head(&name).await?.unwrap_or_default();
+        // One report at a time: each is checked against the last accepted head and may
+        // become it.
+        let _one = self.state.peer_reports.lock().await;
+        let last = store.last_accepted_head(&name).await?;
+        let (last_size, last_root, last_time) = last.clone().unwrap_or((0, Vec::new(), i64::MIN));
         let last_root: crate::merkle::Hash = last_root.try_into().unwrap_or([0; 32]);
         let self_check = req.self_check_first_bad;
+        let self_failed = req.self_check_failed || self_check > 0;
         let (outcome, first_bad, detail) = if !head.verify(&key) {
             (
                 "bad_signature",
                 0,
                 "the head is not signed by the principal's registered log key".to_owned(),
             )
+        } else if head.size < last_size && head.timestamp_micros <= last_time {
+            // An older head (another instance's, or a replay of a published one): not a
+            // finding.
+            return Ok(Response::new(pb::ReportTreeHeadResponse {
+                accepted: false,
+                accepted_size: last_size,
+                problem: format!(
+                    "stale: a head of {} ratings older than the head of {last_size} accepted",
+                    head.size
+                ),
+            }));
         } else if req.from_size != last_size {
             return Ok(Response::new(pb::ReportTreeHeadResponse {
                 accepted: false,
@@ -297,7 +313,8 @@ impl IngestService for IngestApi {
                 "inconsistent",
                 head.size + 1,
                 format!(
-                    "the log shrank from {last_size} to {} ratings: positions from {} on were removed",
+                    "a newer head of {} ratings after the head of {last_size} accepted: \
+                     positions from {} on were removed",
                     head.size,
                     head.size + 1
                 ),
@@ -309,11 +326,7 @@ impl IngestService for IngestApi {
         {
             (
                 "inconsistent",
-                if (1..=last_size).contains(&self_check) {
-                    self_check
-                } else {
-                    0
-                },
+                0,
                 format!(
                     "the head of {} ratings does not extend the head of {last_size} accepted \
                      before: ratings among the first {last_size} were changed, removed or \
@@ -324,17 +337,20 @@ impl IngestService for IngestApi {
         } else {
             ("accepted", 0, String::new())
         };
-        // The same accepted head again (a newer signature over an unchanged log) and the
-        // same self-check finding again are not recorded again.
-        let unchanged = outcome == "accepted"
-            && head.size == last_size
-            && last_size > 0
-            && head.root == last_root;
-        let same_finding = match store.peer_heads(Some(&name), true, 1).await?.first() {
-            Some(a) => a.outcome == "self_check" && a.first_bad == self_check,
-            None => false,
+        // Each finding is recorded once (a chain that stays broken reports every interval);
+        // the same accepted head again (a newer signature over an unchanged log) is not
+        // recorded again. The counters count every report.
+        let latest_alarm = store
+            .peer_heads(Some(&name), true, 1)
+            .await?
+            .into_iter()
+            .next();
+        let seen = |outcome: &str, first_bad: u64| {
+            latest_alarm
+                .as_ref()
+                .is_some_and(|a| a.outcome == outcome && a.first_bad == first_bad)
         };
-        let mut records = vec![crate::store::PeerHead {
+        let base = crate::store::PeerHead {
             id: 0,
             principal: name.clone(),
             size: head.size,
@@ -344,43 +360,54 @@ impl IngestService for IngestApi {
             outcome: outcome.to_owned(),
             first_bad,
             detail: detail.clone(),
-        }];
-        if unchanged {
-            records.clear();
+        };
+        let mut records = Vec::new();
+        let mut counted = vec![outcome.to_owned()];
+        let unchanged = outcome == "accepted"
+            && last.is_some()
+            && head.size == last_size
+            && head.root == last_root;
+        if (outcome == "accepted" && !unchanged)
+            || (outcome != "accepted" && !seen(outcome, first_bad))
+        {
+            records.push(base.clone());
         }
-        if self_check > 0 && outcome == "accepted" && !same_finding {
-            let reason: String = req.self_check_reason.chars().take(300).collect();
-            records.push(crate::store::PeerHead {
-                outcome: "self_check".into(),
-                first_bad: self_check,
-                detail: format!(
-                    "the lower hub's stored ratings differ from its log at feed position \
-                     {self_check}: {reason}"
-                ),
-                principal: name.clone(),
-                size: head.size,
-                root: head.root.to_vec(),
-                head_time_micros: head.timestamp_micros,
-                id: 0,
-                received_at_micros: 0,
-            });
+        if self_failed {
+            counted.push("self_check".into());
+            if !seen("self_check", self_check) {
+                let reason: String = req.self_check_reason.chars().take(300).collect();
+                records.push(crate::store::PeerHead {
+                    outcome: "self_check".into(),
+                    first_bad: self_check,
+                    detail: format!(
+                        "the lower hub's own check found its stored ratings differ from its log \
+                         (first position {self_check}; 0: none named): {reason:?}"
+                    ),
+                    ..base.clone()
+                });
+            }
         }
-        for r in records {
+        for outcome in &counted {
             self.state
                 .metrics
                 .peer_heads
                 .get_or_create(&crate::metrics::PeerHeadLabels {
                     peer: name.clone(),
-                    outcome: r.outcome.clone(),
+                    outcome: outcome.clone(),
                 })
                 .inc();
-            if r.outcome != "accepted" {
+        }
+        for r in records {
+            if r.outcome != "accepted"
+                && let Some(suppressed) = crate::telemetry::throttle_for("log.peer_alarm", &name)
+            {
                 tracing::error!(
                     peer = %name,
                     outcome = %r.outcome,
                     first_bad_position = r.first_bad,
                     size = r.size,
-                    detail = %r.detail,
+                    detail = ?r.detail,
+                    suppressed,
                     "RATING LOG ALARM: a lower hub's log does not hold together."
                 );
             }

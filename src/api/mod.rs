@@ -42,6 +42,8 @@ pub struct HubState {
     pub engine: Arc<crate::rules::engine::RulesEngine>,
     /// The rating log's heads and proofs.
     pub log: Arc<crate::tree_head::TreeLog>,
+    /// Lower hubs' head reports, checked one at a time.
+    pub peer_reports: tokio::sync::Mutex<()>,
     /// Prometheus metrics (served on the operations listener).
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The configuration file a reload reads again (with the environment over it).

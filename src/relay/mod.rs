@@ -1377,8 +1377,19 @@ async fn report_heads(
         if *stop.borrow() {
             return;
         }
+        let mut head = None;
         if worker.holds_lease()
-            && let Ok(head) = log.latest().await
+            && let Ok(latest) = log.latest().await
+        {
+            // Behind what the upstream accepted (another instance reported a later one): a
+            // head signed now, or none this round.
+            head = if latest.size < accepted {
+                log.sign_now().await.ok().filter(|h| h.size >= accepted)
+            } else {
+                Some(latest)
+            };
+        }
+        if let Some(head) = head
             && sent != Some((head.size, head.timestamp_micros))
         {
             match report_head(&worker, &log, &head, accepted).await {
@@ -1386,13 +1397,28 @@ async fn report_heads(
                 Ok(Some(answer)) => {
                     sent = Some((head.size, head.timestamp_micros));
                     accepted = answer.accepted_size;
-                    if !answer.accepted {
-                        tracing::error!(upstream = %worker.name, size = head.size, problem = %answer.problem, "The upstream hub did not accept this hub's rating log head.");
+                    if !answer.accepted
+                        && let Some(suppressed) =
+                            crate::telemetry::throttle_for("relay.head_refused", &worker.name)
+                    {
+                        tracing::error!(upstream = %worker.name, size = head.size, problem = ?answer.problem, suppressed, "The upstream hub did not accept this hub's rating log head.");
                     }
                 }
-                Err(SendError::Permanent(why)) => {
-                    tracing::warn!(upstream = %worker.name, reason = %why, "The upstream takes no rating log heads from this hub; not reporting them.");
+                Err(SendError::Permanent(why)) if why.starts_with("Unimplemented") => {
+                    tracing::warn!(upstream = %worker.name, reason = %why, "The upstream takes no rating log heads; not reporting them.");
                     return;
+                }
+                Err(SendError::Permanent(why)) => {
+                    // No key registered for this hub there (yet): asked again now and then.
+                    if let Some(suppressed) =
+                        crate::telemetry::throttle_for("relay.head_unchecked", &worker.name)
+                    {
+                        tracing::warn!(upstream = %worker.name, reason = %why, suppressed, "The upstream does not check this hub's rating log heads; trying again later.");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(log.interval() * 10) => {}
+                        _ = stop.changed() => {}
+                    }
                 }
                 Err(e) => {
                     if let Some(suppressed) =
@@ -1418,7 +1444,9 @@ async fn report_head(
     head: &crate::tree_head::TreeHead,
     mut from: u64,
 ) -> Result<Option<pb::ReportTreeHeadResponse>, SendError> {
-    let (first_bad, reason) = log.self_check().unwrap_or_default();
+    let finding = log.self_check();
+    let failed = finding.is_some();
+    let (first_bad, reason) = finding.unwrap_or_default();
     for _ in 0..2 {
         let proof = if from > 0 && from < head.size {
             log.consistency(from, head.size)
@@ -1433,6 +1461,7 @@ async fn report_head(
             consistency_proof: proof.iter().map(|h| h.to_vec()).collect(),
             self_check_first_bad: first_bad,
             self_check_reason: reason.clone(),
+            self_check_failed: failed,
         };
         let Some(answer) = worker.sink.report_head(request).await? else {
             return Ok(None);

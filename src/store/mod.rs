@@ -857,11 +857,11 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<PeerHead>, StoreError>;
 
-    /// A principal's last accepted head: (size, root).
+    /// A principal's last accepted head: (size, root, head time).
     async fn last_accepted_head(
         &self,
         principal: &str,
-    ) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
+    ) -> Result<Option<(u64, Vec<u8>, i64)>, StoreError>;
 
     async fn list_range_replays(
         &self,

@@ -351,11 +351,11 @@ async fn open_log(conn: &mut PgConnection, alg: HashAlg) -> Result<HashAlg, Stor
         if size >= target {
             tx.commit().await?;
             if size > from {
-                tracing::info!(
+                tracing::warn!(
                     ratings = size - from,
                     hash = alg.as_str(),
                     batches,
-                    "Rating log written for ratings stored before it."
+                    "Rating log written for ratings stored before it. If this database had a log before, it was removed: compare the new root with the heads the upper hubs accepted (AdminService.ListPeerHeads there)."
                 );
             }
             return Ok(alg);
@@ -1595,16 +1595,22 @@ impl Store for PostgresStore {
         alarms_only: bool,
         limit: u32,
     ) -> Result<Vec<PeerHead>, StoreError> {
-        let rows: Vec<(i64, String, i64, Vec<u8>, i64, i64, String, i64, String)> = sqlx::query_as(
-            "SELECT id, principal, size, root, head_time, received_at, outcome, first_bad, detail \
-             FROM peer_heads WHERE ($1 = '' OR principal = $1) \
-             AND (NOT $2 OR outcome <> 'accepted') ORDER BY id DESC LIMIT $3",
-        )
-        .bind(principal.unwrap_or(""))
-        .bind(alarms_only)
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await?;
+        // One statement per case, each on the index (principal, outcome, id).
+        let filter = match (principal.is_some(), alarms_only) {
+            (true, true) => "WHERE principal = $1 AND outcome <> 'accepted'",
+            (true, false) => "WHERE principal = $1",
+            (false, true) => "WHERE outcome <> 'accepted' AND $1 = $1",
+            (false, false) => "WHERE $1 = $1",
+        };
+        let rows: Vec<(i64, String, i64, Vec<u8>, i64, i64, String, i64, String)> =
+            sqlx::query_as(&format!(
+                "SELECT id, principal, size, root, head_time, received_at, outcome, first_bad, \
+                 detail FROM peer_heads {filter} ORDER BY id DESC LIMIT $2"
+            ))
+            .bind(principal.unwrap_or(""))
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
         Ok(rows
             .into_iter()
             .map(|r| PeerHead {
@@ -1624,15 +1630,15 @@ impl Store for PostgresStore {
     async fn last_accepted_head(
         &self,
         principal: &str,
-    ) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        let row: Option<(i64, Vec<u8>)> = sqlx::query_as(
-            "SELECT size, root FROM peer_heads WHERE principal = $1 AND outcome = 'accepted' \
-             ORDER BY id DESC LIMIT 1",
+    ) -> Result<Option<(u64, Vec<u8>, i64)>, StoreError> {
+        let row: Option<(i64, Vec<u8>, i64)> = sqlx::query_as(
+            "SELECT size, root, head_time FROM peer_heads WHERE principal = $1 \
+             AND outcome = 'accepted' ORDER BY id DESC LIMIT 1",
         )
         .bind(principal)
         .fetch_optional(&self.reader)
         .await?;
-        Ok(row.map(|(s, r)| (s as u64, r)))
+        Ok(row.map(|(s, r, t)| (s as u64, r, t)))
     }
 
     async fn list_range_replays(

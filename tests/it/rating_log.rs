@@ -735,3 +735,166 @@ async fn a_city_hubs_tampered_database_raises_an_alarm_at_the_province() {
     city.stop().await;
     province.stop().await;
 }
+
+/// The province's checks, driven directly: a head signed by another key is bad_signature; a
+/// relay principal with no registered key is refused; an older, smaller head (a replay, or
+/// another instance's) is stale and raises nothing; a head extending the accepted one is
+/// accepted; a head that does not is inconsistent, recorded once however often it comes;
+/// only an admin lists the findings. In scope, an inclusion proof is served.
+#[tokio::test]
+async fn the_province_checks_each_head_and_records_each_finding_once() {
+    use rating_hub::merkle::{Frontier, HashAlg, Prover};
+    use rating_hub::tree_head::{SignatureAlg, SigningKey, TreeHead};
+    let key = SigningKey::parse(
+        SignatureAlg::Ed25519,
+        &SigningKey::generate(SignatureAlg::Ed25519),
+    )
+    .unwrap();
+    let stranger = SigningKey::parse(
+        SignatureAlg::Ed25519,
+        &SigningKey::generate(SignatureAlg::Ed25519),
+    )
+    .unwrap();
+    let province = HubBuilder::new()
+        .principal("city-hub", &["submit", "relay"], TestScope::National)
+        .set(
+            "principals.city-hub.log_key",
+            &format!("\"{}\"", key.public().to_text()),
+        )
+        .principal("keyless-hub", &["submit", "relay"], TestScope::National)
+        .principal("reader", &["read"], TestScope::National)
+        .start()
+        .await;
+    let alg = HashAlg::Sm3;
+    // A log of `n` leaves drawn from `tag`: its root, and its nodes for proofs.
+    let tree = |tag: &str, n: u64| {
+        let mut f = Frontier::empty(alg);
+        let mut nodes = std::collections::HashMap::new();
+        for i in 0..n {
+            for (l, idx, h) in f.append(alg.leaf(format!("{tag}{i}").as_bytes())) {
+                nodes.insert((l, idx), h);
+            }
+        }
+        (f.root(), nodes)
+    };
+    let head = |size: u64, root: [u8; 32], time: i64, by: &SigningKey| {
+        let mut h = TreeHead {
+            size,
+            root,
+            timestamp_micros: time,
+            hash: alg,
+            signature_alg: None,
+            signature: Vec::new(),
+            key_id: Vec::new(),
+        };
+        h.sign(by).unwrap();
+        h
+    };
+    let mut city = IngestServiceClient::new(province.channel_as("city-hub").await);
+    let report = |h: TreeHead, from: u64, proof: Vec<[u8; 32]>| pb::ReportTreeHeadRequest {
+        tree_head: Some(h.to_pb()),
+        from_size: from,
+        consistency_proof: proof.iter().map(|p| p.to_vec()).collect(),
+        ..Default::default()
+    };
+    let t = 1_800_000_000_000_000i64;
+    let (r5, _) = tree("a", 5);
+    let first = city
+        .report_tree_head(report(head(5, r5, t, &key), 0, vec![]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.accepted && first.accepted_size == 5, "{first:?}");
+    for _ in 0..2 {
+        let bad = city
+            .report_tree_head(report(head(6, r5, t + 1, &stranger), 5, vec![]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            !bad.accepted && bad.problem.starts_with("bad_signature"),
+            "{bad:?}"
+        );
+    }
+    let stale = city
+        .report_tree_head(report(head(3, tree("a", 3).0, t - 10, &key), 5, vec![]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !stale.accepted && stale.problem.starts_with("stale"),
+        "{stale:?}"
+    );
+    let (r8, nodes8) = tree("a", 8);
+    let proof = Prover {
+        alg,
+        nodes: &nodes8,
+    }
+    .consistency(5, 8)
+    .unwrap();
+    let next = city
+        .report_tree_head(report(head(8, r8, t + 2, &key), 5, proof))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(next.accepted && next.accepted_size == 8, "{next:?}");
+    // A rewritten log: its own proof from 8, which does not hold for the accepted root.
+    let (r10, nodes10) = tree("b", 10);
+    let proof = Prover {
+        alg,
+        nodes: &nodes10,
+    }
+    .consistency(8, 10)
+    .unwrap();
+    for i in 0..3 {
+        let forked = city
+            .report_tree_head(report(head(10, r10, t + 3 + i, &key), 8, proof.clone()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            !forked.accepted && forked.problem.starts_with("inconsistent"),
+            "{forked:?}"
+        );
+    }
+    let alarms = peer_heads(&province, true).await;
+    let outcomes: Vec<&str> = alarms.iter().map(|h| h.outcome.as_str()).collect();
+    assert_eq!(
+        outcomes,
+        ["inconsistent", "bad_signature"],
+        "each finding once: {alarms:?}"
+    );
+    let accepted: Vec<u64> = peer_heads(&province, false)
+        .await
+        .iter()
+        .filter(|h| h.outcome == "accepted")
+        .map(|h| h.tree_size)
+        .collect();
+    assert_eq!(accepted, [8, 5]);
+
+    let err = IngestServiceClient::new(province.channel_as("keyless-hub").await)
+        .report_tree_head(report(head(1, tree("k", 1).0, t, &key), 0, vec![]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let err = crate::security::AdminServiceClient::new(province.channel_as("reader").await)
+        .list_peer_heads(pb::ListPeerHeadsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+
+    // In scope, a proof is served (the scope test above only shows refusals).
+    let ids = submit(&mut province.ingest().await, vec![rating("p1")]).await;
+    let p = crate::relay::SyncServiceClient::new(province.channel_as("tester").await)
+        .get_inclusion_proof(pb::GetInclusionProofRequest {
+            leaf: Some(pb::get_inclusion_proof_request::Leaf::HubId(
+                ids[0].hub_id.clone(),
+            )),
+            tree_size: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.feed_sequence, 1);
+    province.stop().await;
+}

@@ -67,9 +67,46 @@ impl HashAlg {
         self.hash(&[&[0], leaf])
     }
 
+    /// A leaf hash fed piece by piece (no copy of the leaf's bytes): the same as
+    /// [`HashAlg::leaf`] over the pieces joined.
+    pub fn leaf_hasher(self) -> LeafHasher {
+        use sm3::Digest as _;
+        let mut h = match self {
+            HashAlg::Sm3 => LeafHasher::Sm3(sm3::Sm3::new()),
+            HashAlg::Sha256 => LeafHasher::Sha256(sha2::Sha256::new()),
+        };
+        h.update(&[0]);
+        h
+    }
+
     /// HASH(0x01 ‖ left ‖ right).
     pub fn node(self, left: &Hash, right: &Hash) -> Hash {
         self.hash(&[&[1], left, right])
+    }
+}
+
+/// See [`HashAlg::leaf_hasher`].
+pub enum LeafHasher {
+    Sm3(sm3::Sm3),
+    Sha256(sha2::Sha256),
+}
+
+impl LeafHasher {
+    pub fn update(&mut self, bytes: &[u8]) {
+        match self {
+            LeafHasher::Sm3(d) => sm3::Digest::update(d, bytes),
+            LeafHasher::Sha256(d) => Digest::update(d, bytes),
+        }
+    }
+
+    pub fn finish(self) -> Hash {
+        match self {
+            LeafHasher::Sm3(d) => sm3::Digest::finalize(d)
+                .as_slice()
+                .try_into()
+                .expect("32-byte digest"),
+            LeafHasher::Sha256(d) => d.finalize().into(),
+        }
     }
 }
 
@@ -268,16 +305,13 @@ impl<N: Nodes + ?Sized> Prover<'_, N> {
 
 /// The nodes a computation reads, to fetch them in one query first: runs `f` over a source
 /// that records what is asked and answers zeros.
-pub fn nodes_read<T>(alg: HashAlg, f: impl FnOnce(&Prover<'_, Recorder>) -> T) -> Vec<(u32, u64)> {
-    let recorder = Recorder(std::cell::RefCell::new(Vec::new()));
+pub fn nodes_read<T>(alg: HashAlg, f: impl FnOnce(&Prover<'_, dyn Nodes>) -> T) -> Vec<(u32, u64)> {
+    let recorder = Recorder::default();
     f(&Prover {
         alg,
-        nodes: &recorder,
+        nodes: &recorder as &dyn Nodes,
     });
-    let mut v = recorder.0.into_inner();
-    v.sort_unstable();
-    v.dedup();
-    v
+    recorder.asked()
 }
 
 /// See [`nodes_read`].
@@ -538,6 +572,18 @@ mod tests {
                 &mth(alg, &changed),
                 &proof
             ));
+        }
+    }
+
+    #[test]
+    fn a_leaf_fed_in_pieces_hashes_as_the_pieces_joined() {
+        for alg in [HashAlg::Sm3, HashAlg::Sha256] {
+            let pieces: [&[u8]; 4] = [b"rating", b"", &[0, 1, 2], &[7; 300]];
+            let mut h = alg.leaf_hasher();
+            for p in pieces {
+                h.update(p);
+            }
+            assert_eq!(h.finish(), alg.leaf(&pieces.concat()), "{alg:?}");
         }
     }
 

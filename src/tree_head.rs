@@ -382,14 +382,9 @@ impl TreeLog {
     ) -> Result<T, LogError> {
         let alg = self.alg();
         // First over a recorder (it answers zeros) to learn what `f` reads.
-        let want = {
-            let recorder = merkle::Recorder::default();
-            let _ = f(&Prover {
-                alg,
-                nodes: &recorder as &dyn merkle::Nodes,
-            });
-            recorder.asked()
-        };
+        let want = merkle::nodes_read(alg, |p| {
+            let _ = f(p);
+        });
         let nodes = self.store.log_nodes(&want).await?;
         Ok(f(&Prover {
             alg,

@@ -239,6 +239,9 @@ fn log_results(state: &HubState, rpc: &'static str, source: &str, results: &[pb:
 
 type AckStream = Pin<Box<dyn Stream<Item = Result<pb::StreamRatingsResponse, Status>> + Send>>;
 
+/// How far ahead of this hub's clock a lower hub's tree head may be dated.
+const FUTURE_HEAD_MICROS: i64 = 10 * 60 * 1_000_000;
+
 #[tonic::async_trait]
 impl IngestService for IngestApi {
     async fn report_tree_head(
@@ -265,6 +268,14 @@ impl IngestService for IngestApi {
                     "is required, with a 32-byte root, known hash and signature algorithms and a time",
                 )])
             })?;
+        // A consistency proof has at most two hashes per level of a 64-level tree: a longer
+        // one is refused before anything is hashed.
+        if req.consistency_proof.len() > 128 {
+            return Err(bad_request(&[violation(
+                "consistency_proof",
+                "has more than 128 hashes",
+            )]));
+        }
         let proof: Option<Vec<crate::merkle::Hash>> = req
             .consistency_proof
             .iter()
@@ -277,15 +288,28 @@ impl IngestService for IngestApi {
         // become it.
         let _one = self.state.peer_reports.lock().await;
         let last = store.last_accepted_head(&name).await?;
-        let (last_size, last_root, last_time) = last.clone().unwrap_or((0, Vec::new(), i64::MIN));
+        let (last_size, last_root, last_time, last_id) =
+            last.clone().unwrap_or((0, Vec::new(), i64::MIN, 0));
         let last_root: crate::merkle::Hash = last_root.try_into().unwrap_or([0; 32]);
         let self_check = req.self_check_first_bad;
         let self_failed = req.self_check_failed || self_check > 0;
+        // A head from the future (a lower hub's clock jumped, or set on purpose) would make
+        // every later, smaller head look stale: refused as a finding of its own.
+        let future = self.state.clock.now_micros() + FUTURE_HEAD_MICROS;
         let (outcome, first_bad, detail) = if !head.verify(&key) {
             (
                 "bad_signature",
                 0,
                 "the head is not signed by the principal's registered log key".to_owned(),
+            )
+        } else if head.timestamp_micros > future {
+            (
+                "future_time",
+                0,
+                format!(
+                    "the head is dated more than {} s ahead of this hub's clock",
+                    FUTURE_HEAD_MICROS / 1_000_000
+                ),
             )
         } else if head.size < last_size && head.timestamp_micros <= last_time {
             // An older head (another instance's, or a replay of a published one): not a
@@ -337,18 +361,15 @@ impl IngestService for IngestApi {
         } else {
             ("accepted", 0, String::new())
         };
-        // Each finding is recorded once (a chain that stays broken reports every interval);
-        // the same accepted head again (a newer signature over an unchanged log) is not
-        // recorded again. The counters count every report.
-        let latest_alarm = store
-            .peer_heads(Some(&name), true, 1)
-            .await?
-            .into_iter()
-            .next();
+        // Each finding is recorded once between two accepted heads (a chain that stays
+        // broken reports every interval; one that breaks again after an accepted head is a
+        // new finding); the same accepted head again (a newer signature over an unchanged
+        // log) is not recorded again. The counters count every report.
+        let recent = store.peer_heads(Some(&name), true, 50).await?;
         let seen = |outcome: &str, first_bad: u64| {
-            latest_alarm
-                .as_ref()
-                .is_some_and(|a| a.outcome == outcome && a.first_bad == first_bad)
+            recent
+                .iter()
+                .any(|a| a.id > last_id && a.outcome == outcome && a.first_bad == first_bad)
         };
         let base = crate::store::PeerHead {
             id: 0,

@@ -1466,7 +1466,9 @@ async fn report_head(
         let Some(answer) = worker.sink.report_head(request).await? else {
             return Ok(None);
         };
-        if !answer.accepted && answer.accepted_size != from {
+        // The upstream holds a later head than this one (another instance reported it):
+        // nothing is sent again; the caller signs afresh.
+        if !answer.accepted && answer.accepted_size != from && answer.accepted_size <= head.size {
             from = answer.accepted_size;
             continue;
         }

@@ -574,7 +574,7 @@ async fn flush<B: ChunkBackend>(
         pending
             .rows
             .iter()
-            .map(|p| log.alg.leaf(&LeafCols::of_pending(p, received_at).bytes())),
+            .map(|p| LeafCols::of_pending(p, received_at).hash(log.alg)),
     );
     for (pos, p) in pending.positions.drain(..).zip(pending.rows.drain(..)) {
         out[pos] = Some(InsertOutcome::Accepted {

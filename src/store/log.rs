@@ -50,28 +50,35 @@ pub struct LeafCols<'a> {
 const LEAF_V1: &[u8] = b"rating-hub leaf v1\0";
 
 impl LeafCols<'_> {
-    /// The canonical bytes: the tag, then each column in order — integers as 8 bytes
+    /// The leaf's hash, the bytes fed to the hash as they are written (the writer hashes a
+    /// leaf per rating: no copy of the body and sealed blob).
+    pub fn hash(&self, alg: HashAlg) -> Hash {
+        let mut h = alg.leaf_hasher();
+        self.write(&mut |b| h.update(b));
+        h.finish()
+    }
+
+    /// The canonical bytes, piece by piece, to `out`: the tag, then each column in order — integers as 8 bytes
     /// big-endian, booleans as one byte, text and blobs as a 4-byte big-endian length and
     /// the bytes, NULL as the length 0xFFFFFFFF.
-    pub fn bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256 + self.body.len() + self.pii.map_or(0, <[u8]>::len));
-        out.extend_from_slice(LEAF_V1);
-        let int = |out: &mut Vec<u8>, v: i64| out.extend_from_slice(&v.to_be_bytes());
-        let bytes = |out: &mut Vec<u8>, v: Option<&[u8]>| match v {
+    fn write(&self, out: &mut dyn FnMut(&[u8])) {
+        out(LEAF_V1);
+        let int = |out: &mut dyn FnMut(&[u8]), v: i64| out(&v.to_be_bytes());
+        let bytes = |out: &mut dyn FnMut(&[u8]), v: Option<&[u8]>| match v {
             Some(b) => {
-                out.extend_from_slice(&(b.len() as u32).to_be_bytes());
-                out.extend_from_slice(b);
+                out(&(b.len() as u32).to_be_bytes());
+                out(b);
             }
-            None => out.extend_from_slice(&u32::MAX.to_be_bytes()),
+            None => out(&u32::MAX.to_be_bytes()),
         };
-        int(&mut out, self.feed_seq);
-        bytes(&mut out, Some(self.hub_id));
-        bytes(&mut out, Some(self.source_system.as_bytes()));
-        bytes(&mut out, Some(self.source_key.as_bytes()));
-        bytes(&mut out, Some(self.content_hash));
-        int(&mut out, self.level);
-        int(&mut out, self.channel);
-        int(&mut out, self.target_kind);
+        int(out, self.feed_seq);
+        bytes(out, Some(self.hub_id));
+        bytes(out, Some(self.source_system.as_bytes()));
+        bytes(out, Some(self.source_key.as_bytes()));
+        bytes(out, Some(self.content_hash));
+        int(out, self.level);
+        int(out, self.channel);
+        int(out, self.target_kind);
         for t in [
             self.org_credit_code,
             self.region_code,
@@ -79,27 +86,26 @@ impl LeafCols<'_> {
             self.staff_id,
             self.case_number,
         ] {
-            bytes(&mut out, Some(t.as_bytes()));
+            bytes(out, Some(t.as_bytes()));
         }
-        int(&mut out, self.rated_at);
-        int(&mut out, self.received_at);
-        out.push(u8::from(self.is_default));
-        int(&mut out, self.quality_flags);
-        bytes(&mut out, Some(self.body));
-        bytes(&mut out, self.pii);
-        bytes(&mut out, self.pii_key_id.map(str::as_bytes));
+        int(out, self.rated_at);
+        int(out, self.received_at);
+        out(&[u8::from(self.is_default)]);
+        int(out, self.quality_flags);
+        bytes(out, Some(self.body));
+        bytes(out, self.pii);
+        bytes(out, self.pii_key_id.map(str::as_bytes));
         for t in [
             self.follow_up_of,
             self.batch_id,
             self.theme_id,
             self.device_id,
         ] {
-            bytes(&mut out, Some(t.as_bytes()));
+            bytes(out, Some(t.as_bytes()));
         }
-        bytes(&mut out, self.template_hash);
-        bytes(&mut out, self.phone_tag);
-        bytes(&mut out, Some(self.visit_id.as_bytes()));
-        out
+        bytes(out, self.template_hash);
+        bytes(out, self.phone_tag);
+        bytes(out, Some(self.visit_id.as_bytes()));
     }
 
     /// The row of a rating the writer is inserting, as it will be stored.
@@ -249,7 +255,7 @@ impl LeafRow {
     }
 
     pub fn leaf_hash(&self, alg: HashAlg) -> Hash {
-        alg.leaf(&self.cols().bytes())
+        self.cols().hash(alg)
     }
 }
 

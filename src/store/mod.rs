@@ -595,6 +595,26 @@ pub struct PeerHead {
     pub detail: String,
 }
 
+/// A `peer_heads` row as both backends select it: id, principal, size, root, head_time,
+/// received_at, outcome, first_bad, detail.
+pub(crate) type PeerHeadRow = (i64, String, i64, Vec<u8>, i64, i64, String, i64, String);
+
+impl From<PeerHeadRow> for PeerHead {
+    fn from(r: PeerHeadRow) -> Self {
+        PeerHead {
+            id: r.0 as u64,
+            principal: r.1,
+            size: r.2 as u64,
+            root: r.3,
+            head_time_micros: r.4,
+            received_at_micros: r.5,
+            outcome: r.6,
+            first_bad: r.7 as u64,
+            detail: r.8,
+        }
+    }
+}
+
 /// Writes the relay makes, committed by the group-commit writer like everything else.
 #[derive(Debug, Clone)]
 pub enum RelayWrite {
@@ -857,11 +877,11 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<PeerHead>, StoreError>;
 
-    /// A principal's last accepted head: (size, root, head time).
+    /// A principal's last accepted head: (size, root, head time, row id).
     async fn last_accepted_head(
         &self,
         principal: &str,
-    ) -> Result<Option<(u64, Vec<u8>, i64)>, StoreError>;
+    ) -> Result<Option<(u64, Vec<u8>, i64, u64)>, StoreError>;
 
     async fn list_range_replays(
         &self,

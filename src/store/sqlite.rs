@@ -1395,43 +1395,29 @@ impl Store for SqliteStore {
             (false, true) => "WHERE outcome <> 'accepted' AND ?1 = ?1",
             (false, false) => "WHERE ?1 = ?1",
         };
-        let rows: Vec<(i64, String, i64, Vec<u8>, i64, i64, String, i64, String)> =
-            sqlx::query_as(&format!(
-                "SELECT id, principal, size, root, head_time, received_at, outcome, first_bad, \
+        let rows: Vec<super::PeerHeadRow> = sqlx::query_as(&format!(
+            "SELECT id, principal, size, root, head_time, received_at, outcome, first_bad, \
                  detail FROM peer_heads {filter} ORDER BY id DESC LIMIT ?2"
-            ))
-            .bind(principal.unwrap_or(""))
-            .bind(i64::from(limit))
-            .fetch_all(&self.reader)
-            .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| PeerHead {
-                id: r.0 as u64,
-                principal: r.1,
-                size: r.2 as u64,
-                root: r.3,
-                head_time_micros: r.4,
-                received_at_micros: r.5,
-                outcome: r.6,
-                first_bad: r.7 as u64,
-                detail: r.8,
-            })
-            .collect())
+        ))
+        .bind(principal.unwrap_or(""))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.into_iter().map(PeerHead::from).collect())
     }
 
     async fn last_accepted_head(
         &self,
         principal: &str,
-    ) -> Result<Option<(u64, Vec<u8>, i64)>, StoreError> {
-        let row: Option<(i64, Vec<u8>, i64)> = sqlx::query_as(
-            "SELECT size, root, head_time FROM peer_heads WHERE principal = ?1 \
+    ) -> Result<Option<(u64, Vec<u8>, i64, u64)>, StoreError> {
+        let row: Option<(i64, Vec<u8>, i64, i64)> = sqlx::query_as(
+            "SELECT size, root, head_time, id FROM peer_heads WHERE principal = ?1 \
              AND outcome = 'accepted' ORDER BY id DESC LIMIT 1",
         )
         .bind(principal)
         .fetch_optional(&self.reader)
         .await?;
-        Ok(row.map(|(s, r, t)| (s as u64, r, t)))
+        Ok(row.map(|(s, r, t, id)| (s as u64, r, t, id as u64)))
     }
 
     async fn list_range_replays(

@@ -157,36 +157,6 @@ impl Db {
         Ok(out)
     }
 
-    /// Stored nodes by (level, index).
-    pub async fn nodes(
-        &mut self,
-        want: &[(u32, u64)],
-    ) -> Result<HashMap<(u32, u64), Hash>, StoreError> {
-        let mut out = HashMap::new();
-        for &(l, i) in want {
-            let h: Option<Vec<u8>> = match self {
-                Db::Sqlite(c) => {
-                    sqlx::query_scalar("SELECT hash FROM log_nodes WHERE level = ? AND idx = ?")
-                        .bind(i64::from(l))
-                        .bind(i as i64)
-                        .fetch_optional(c)
-                        .await?
-                }
-                Db::Postgres(c) => {
-                    sqlx::query_scalar("SELECT hash FROM log_nodes WHERE level = $1 AND idx = $2")
-                        .bind(l as i16)
-                        .bind(i as i64)
-                        .fetch_optional(c)
-                        .await?
-                }
-            };
-            if let Some(h) = h.and_then(|h| Hash::try_from(h).ok()) {
-                out.insert((l, i), h);
-            }
-        }
-        Ok(out)
-    }
-
     pub async fn close(self) {
         let _ = match self {
             Db::Sqlite(c) => c.close().await,

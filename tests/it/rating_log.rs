@@ -797,7 +797,11 @@ async fn the_province_checks_each_head_and_records_each_finding_once() {
         consistency_proof: proof.iter().map(|p| p.to_vec()).collect(),
         ..Default::default()
     };
-    let t = 1_800_000_000_000_000i64;
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64
+        - 3_600_000_000;
     let (r5, _) = tree("a", 5);
     let first = city
         .report_tree_head(report(head(5, r5, t, &key), 0, vec![]))
@@ -857,12 +861,44 @@ async fn the_province_checks_each_head_and_records_each_finding_once() {
             "{forked:?}"
         );
     }
+    // A proof longer than any real one (here about 4 MB of repeated hashes) is refused
+    // before any of it is hashed.
+    let err = city
+        .report_tree_head(report(head(10, r10, t + 9, &key), 8, vec![r10; 110_000]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    // After the accepted head of 8, a badly signed head is a finding again (recorded once
+    // more), and a head dated far ahead of the province's clock is one of its own.
+    for _ in 0..2 {
+        let bad = city
+            .report_tree_head(report(head(11, r10, t + 20, &stranger), 8, vec![]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(bad.problem.starts_with("bad_signature"), "{bad:?}");
+    }
+    let ahead = t + 3_600_000_000 + 3_600_000_000;
+    let future = city
+        .report_tree_head(report(head(10, r10, ahead, &key), 8, vec![]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !future.accepted && future.problem.starts_with("future_time"),
+        "{future:?}"
+    );
     let alarms = peer_heads(&province, true).await;
     let outcomes: Vec<&str> = alarms.iter().map(|h| h.outcome.as_str()).collect();
     assert_eq!(
         outcomes,
-        ["inconsistent", "bad_signature"],
-        "each finding once: {alarms:?}"
+        [
+            "future_time",
+            "bad_signature",
+            "inconsistent",
+            "bad_signature"
+        ],
+        "each finding once between accepted heads: {alarms:?}"
     );
     let accepted: Vec<u64> = peer_heads(&province, false)
         .await

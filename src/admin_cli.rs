@@ -39,6 +39,16 @@ pub struct Connection {
     json: bool,
 }
 
+impl Connection {
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub(crate) fn json(&self) -> bool {
+        self.json
+    }
+}
+
 #[derive(Subcommand)]
 pub enum AdminCommand {
     /// Every upstream's delivery state.
@@ -86,9 +96,31 @@ pub enum AdminCommand {
     },
     /// Reads the hub's configuration file again (principals).
     Reload,
+    /// Tree heads lower hubs reported, newest first, with what checking each found (the
+    /// rating log alarms). `log verify --size N --root R` on the lower hub's database checks
+    /// it against a head listed here.
+    PeerHeads {
+        /// One lower hub's principal.
+        #[arg(long)]
+        principal: Option<String>,
+        /// Only the alarms.
+        #[arg(long)]
+        alarms: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// After an investigation: make a lower hub's reported head (by id; default the latest
+    /// inconsistent one) the baseline its next heads must extend.
+    Rebaseline {
+        principal: String,
+        #[arg(long, default_value_t = 0)]
+        id: u64,
+        #[arg(long)]
+        reason: String,
+    },
 }
 
-async fn channel(c: &Connection) -> anyhow::Result<Channel> {
+pub(crate) async fn channel(c: &Connection) -> anyhow::Result<Channel> {
     let dev = PathBuf::from("certs/dev");
     let cert = c
         .cert
@@ -160,6 +192,15 @@ fn replay_json(r: &pb::RangeReplay) -> Value {
         "id": r.id, "upstream": r.upstream, "from": r.from_feed_sequence, "to": r.to_feed_sequence,
         "next": r.next_feed_sequence, "requested_by": r.requested_by, "requested_at": time(&r.requested_at),
         "reason": r.reason, "done_at": time(&r.done_at),
+    })
+}
+
+fn peer_head_json(h: &pb::PeerHead) -> Value {
+    json!({
+        "id": h.id, "principal": h.principal, "outcome": h.outcome, "tree_size": h.tree_size,
+        "root_hash": hex::encode(&h.root_hash), "head_time": time(&h.head_time),
+        "received_at": time(&h.received_at), "first_bad_position": h.first_bad_position,
+        "detail": h.detail,
     })
 }
 
@@ -447,6 +488,82 @@ pub async fn run(c: Connection, command: AdminCommand) -> anyhow::Result<()> {
                     })
                     .collect();
                 table(&["at", "principal", "rpc", "rating"], &rows);
+            }
+        }
+        AdminCommand::PeerHeads {
+            principal,
+            alarms,
+            limit,
+        } => {
+            let r = admin
+                .list_peer_heads(pb::ListPeerHeadsRequest {
+                    principal: principal.unwrap_or_default(),
+                    alarms_only: alarms,
+                    limit,
+                })
+                .await?
+                .into_inner();
+            if c.json {
+                out(Value::Array(r.heads.iter().map(peer_head_json).collect()));
+            } else {
+                let rows: Vec<Vec<String>> = r
+                    .heads
+                    .iter()
+                    .map(|h| {
+                        vec![
+                            h.id.to_string(),
+                            h.principal.clone(),
+                            h.outcome.clone(),
+                            h.tree_size.to_string(),
+                            hex::encode(&h.root_hash),
+                            time(&h.head_time),
+                            time(&h.received_at),
+                            h.first_bad_position.to_string(),
+                            h.detail.clone(),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "id",
+                        "peer",
+                        "outcome",
+                        "size",
+                        "root",
+                        "head time",
+                        "received",
+                        "first bad",
+                        "detail",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        AdminCommand::Rebaseline {
+            principal,
+            id,
+            reason,
+        } => {
+            let r = admin
+                .rebaseline_peer_head(pb::RebaselinePeerHeadRequest {
+                    principal,
+                    id,
+                    reason,
+                })
+                .await?
+                .into_inner();
+            let b = r.baseline.unwrap_or_default();
+            if c.json {
+                out(peer_head_json(&b));
+            } else {
+                println!(
+                    "{}'s baseline is now its head of {} ratings (root {}); its next heads \
+                     must extend it. Recorded as {}.",
+                    b.principal,
+                    b.tree_size,
+                    hex::encode(&b.root_hash),
+                    b.id
+                );
             }
         }
         AdminCommand::Reload => {

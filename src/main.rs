@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use rating_hub::config::{Config, DEFAULT_CONFIG_TOML};
 
 mod admin_cli;
+mod log_cli;
 
 #[derive(Parser)]
 #[command(
@@ -43,7 +44,7 @@ enum Command {
     /// The verifiable rating log (a Merkle tree over the feed; [rating_log]).
     Log {
         #[command(subcommand)]
-        command: LogCommand,
+        command: log_cli::LogCommand,
     },
     /// The working-day calendar deadlines are counted on.
     Calendar {
@@ -58,173 +59,6 @@ enum Command {
         #[command(subcommand)]
         command: admin_cli::AdminCommand,
     },
-}
-
-#[derive(Subcommand)]
-enum LogCommand {
-    /// Print the log key's public half (what an upper hub or a platform registers to check
-    /// this hub's tree heads), or with --new write a fresh key file.
-    Key {
-        /// TOML config file naming the key (rating_log.key, rating_log.signature).
-        #[arg(long, short, env = "RATING_HUB_CONFIG")]
-        config: Option<PathBuf>,
-        /// Write a fresh key to this file (mode 0600; never replaces one) instead.
-        #[arg(long)]
-        new: Option<PathBuf>,
-        /// With --new: sm2 (default) or ed25519.
-        #[arg(long, default_value = "sm2")]
-        signature: String,
-    },
-    /// Recompute the database's rating log from its ratings, read-only (the hub may run),
-    /// and compare it with the stored log: exits 1 naming the first feed position that does
-    /// not verify (a rating changed, removed or written around the hub).
-    Verify {
-        /// TOML config file naming the database (storage.url).
-        #[arg(long, short, env = "RATING_HUB_CONFIG")]
-        config: Option<PathBuf>,
-        /// One JSON document on stdout.
-        #[arg(long)]
-        json: bool,
-        /// With --root: a tree size recorded earlier (a signed head, an upstream's copy)…
-        #[arg(long, requires = "root")]
-        size: Option<u64>,
-        /// …and its root (hex): the tree recomputed from the ratings must have it.
-        #[arg(long, requires = "size")]
-        root: Option<String>,
-    },
-}
-
-fn log_key(config: Option<PathBuf>, new: Option<PathBuf>, signature: String) -> anyhow::Result<()> {
-    use rating_hub::tree_head::{SignatureAlg, SigningKey};
-    if let Some(path) = new {
-        let alg = SignatureAlg::parse(&signature)
-            .ok_or_else(|| anyhow::anyhow!("--signature {signature:?}: sm2 or ed25519"))?;
-        let text = SigningKey::generate(alg);
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut f = opts
-            .open(&path)
-            .with_context(|| format!("{} (a key is never replaced)", path.display()))?;
-        std::io::Write::write_all(&mut f, text.as_bytes())?;
-        f.sync_all()?;
-        let key = SigningKey::parse(alg, &text).map_err(anyhow::Error::msg)?;
-        println!("Wrote a {} log key to {}.", alg.as_str(), path.display());
-        println!("public key: {}", key.public().to_text());
-        return Ok(());
-    }
-    let config = Config::load(config.as_deref())?;
-    let path = config.rating_log_key().ok_or_else(|| {
-        anyhow::anyhow!(
-            "rating_log.key is not set (and tls.dev_pki is off): the hub has no log key"
-        )
-    })?;
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let key = SigningKey::parse(config.rating_log.signature, &text)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let public = key.public();
-    println!("{}", public.to_text());
-    eprintln!(
-        "key id (SM3 of the public key): {}",
-        hex::encode(public.key_id())
-    );
-    Ok(())
-}
-
-async fn log_command(command: LogCommand) -> anyhow::Result<std::process::ExitCode> {
-    let (config, json, size, root) = match command {
-        LogCommand::Key {
-            config,
-            new,
-            signature,
-        } => {
-            log_key(config, new, signature)?;
-            return Ok(std::process::ExitCode::SUCCESS);
-        }
-        LogCommand::Verify {
-            config,
-            json,
-            size,
-            root,
-        } => (config, json, size, root),
-    };
-    let expected = match (size, root) {
-        (Some(size), Some(root)) => Some(rating_hub::store::verify::Expected {
-            size,
-            root: hex::decode(root.trim())
-                .ok()
-                .and_then(|r| r.try_into().ok())
-                .ok_or_else(|| anyhow::anyhow!("--root: 64 hexadecimal characters (32 bytes)"))?,
-        }),
-        _ => None,
-    };
-    let config = Config::load(config.as_deref())?;
-    let mut db = rating_hub::store::verify::Db::open(&config.storage.url)
-        .await
-        .with_context(|| format!("opening {}", config.storage.display_url()))?;
-    let started = std::time::Instant::now();
-    let mut last = std::time::Instant::now();
-    let report = rating_hub::store::verify::verify(&mut db, expected, |n| {
-        if !json && last.elapsed() >= std::time::Duration::from_secs(2) {
-            eprintln!("… {n} ratings checked");
-            last = std::time::Instant::now();
-        }
-    })
-    .await?;
-    db.close().await;
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "hash": report.hash.as_str(),
-                "ratings": report.ratings,
-                "leaves": report.leaves,
-                "size": report.size,
-                "root": hex::encode(report.root),
-                "ok": report.ok(),
-                "first_bad_position": report.first_bad.as_ref().map(|b| b.0),
-                "reason": report.first_bad.as_ref().map(|b| b.1.clone()),
-                "expected_root_matches": report.expected_ok,
-            })
-        );
-    } else {
-        println!(
-            "{} ratings stored, {} in the log ({}); checked in {:.1} s.",
-            report.ratings,
-            report.leaves,
-            report.hash.as_str(),
-            started.elapsed().as_secs_f64()
-        );
-        match &report.first_bad {
-            None => println!(
-                "OK: every rating matches its leaf; root at size {} = {}",
-                report.size,
-                hex::encode(report.root)
-            ),
-            Some((position, why)) => println!(
-                "MISMATCH at feed position {position}: {why}. The ratings verify up to \
-                 position {} (root {}).",
-                position.saturating_sub(1).min(report.size),
-                hex::encode(report.root)
-            ),
-        }
-        match (report.expected_ok, expected) {
-            (Some(true), Some(e)) => println!("The tree of {} ratings has the root given.", e.size),
-            (Some(false), Some(e)) => println!(
-                "MISMATCH: the tree of {} ratings recomputed now does not have the root given: \
-                 ratings among the first {} were changed, removed or reordered since.",
-                e.size, e.size
-            ),
-            _ => {}
-        }
-    }
-    Ok(if report.ok() {
-        std::process::ExitCode::SUCCESS
-    } else {
-        std::process::ExitCode::from(1)
-    })
 }
 
 #[derive(Subcommand)]
@@ -438,7 +272,7 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?
-                .block_on(log_command(command))?;
+                .block_on(log_cli::run(command))?;
             if code != std::process::ExitCode::SUCCESS {
                 std::process::exit(1);
             }

@@ -30,6 +30,12 @@ pub struct PeerHeadLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    /// The lower hub's principal.
+    pub peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DenialLabels {
     /// role, scope, quota, shed
     pub reason: String,
@@ -79,6 +85,9 @@ pub struct Metrics {
     pub peer_heads: Family<PeerHeadLabels, Counter>,
     /// 1 while this hub's own check found its stored ratings differ from its log.
     pub log_self_check_failed: Gauge,
+    /// When each lower hub with a registered log key last had a head accepted (or, until
+    /// its first, when this hub started or registered its key).
+    pub peer_last_accepted: Family<PeerLabels, Gauge>,
     pub rules_ticks: Counter,
     pub invitations: Counter,
     pub default_ratings: Counter,
@@ -116,6 +125,7 @@ impl Default for Metrics {
             denials: Family::default(),
             peer_heads: Family::default(),
             log_self_check_failed: Gauge::default(),
+            peer_last_accepted: Family::default(),
             rules_ticks: Counter::default(),
             invitations: Counter::default(),
             default_ratings: Counter::default(),
@@ -184,6 +194,12 @@ impl Default for Metrics {
             "log_self_check_failed",
             "1 while this hub's stored ratings differ from its rating log (rating-hub log verify)",
             m.log_self_check_failed.clone(),
+        );
+        registry.register(
+            "log_peer_last_accepted_timestamp_seconds",
+            "When each lower hub last had a rating log head accepted (until its first: when this \
+             hub started or registered its key)",
+            m.peer_last_accepted.clone(),
         );
         registry.register("feed_head", "The feed's last sequence", m.feed_head.clone());
         registry.register(

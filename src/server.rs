@@ -333,6 +333,9 @@ pub async fn start_with_clock(
         reloading: tokio::sync::Mutex::new(()),
         stopping,
     });
+    if let Identity::Mtls(registry) = &state.identity {
+        state.watch_peer_logs(&registry.read().unwrap_or_else(|p| p.into_inner()));
+    }
     let max_msg = config.server.max_message_bytes;
     let ingest = IngestServiceServer::new(IngestApi::new(state.clone()))
         .max_decoding_message_size(max_msg)

@@ -246,6 +246,74 @@ impl TreeHead {
         }
     }
 
+    /// The head as a file a platform keeps (`rating-hub log head` writes it, `log verify
+    /// --head` reads it): every field, binary ones in hex, the time also in words.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "tree_size": self.size,
+            "root_hash": hex::encode(self.root),
+            "timestamp_micros": self.timestamp_micros,
+            "time": crate::time::format_cst_micros(self.timestamp_micros),
+            "hash_algorithm": self.hash.as_str(),
+            "signature_algorithm": self.signature_alg.map(SignatureAlg::as_str).unwrap_or(""),
+            "signature": hex::encode(&self.signature),
+            "key_id": hex::encode(&self.key_id),
+        })
+    }
+
+    /// A head file back; the error names the field.
+    pub fn from_json(v: &serde_json::Value) -> Result<Self, String> {
+        let field = |name: &str| v.get(name).ok_or_else(|| format!("{name} is missing"));
+        let text = |name: &str| -> Result<String, String> {
+            field(name)?
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| format!("{name} is not a string"))
+        };
+        let hex_field = |name: &str| -> Result<Vec<u8>, String> {
+            hex::decode(text(name)?.trim()).map_err(|e| format!("{name} is not hexadecimal: {e}"))
+        };
+        let size = field("tree_size")?
+            .as_u64()
+            .ok_or("tree_size is not a non-negative integer")?;
+        let root: Hash = hex_field("root_hash")?
+            .try_into()
+            .map_err(|_| "root_hash is not 32 bytes".to_owned())?;
+        let timestamp_micros = field("timestamp_micros")?
+            .as_i64()
+            .ok_or("timestamp_micros is not an integer")?;
+        let hash = HashAlg::parse(&text("hash_algorithm")?)
+            .ok_or("hash_algorithm is neither sm3 nor sha256")?;
+        let sig = v
+            .get("signature_algorithm")
+            .and_then(|s| s.as_str())
+            .unwrap_or("");
+        let signature_alg = if sig.is_empty() {
+            None
+        } else {
+            Some(
+                SignatureAlg::parse(sig)
+                    .ok_or("signature_algorithm is neither sm2-sm3 nor ed25519")?,
+            )
+        };
+        let opt_hex = |name: &str| -> Result<Vec<u8>, String> {
+            if v.get(name).is_none() {
+                Ok(Vec::new())
+            } else {
+                hex_field(name)
+            }
+        };
+        Ok(Self {
+            size,
+            root,
+            timestamp_micros,
+            hash,
+            signature_alg,
+            signature: opt_hex("signature")?,
+            key_id: opt_hex("key_id")?,
+        })
+    }
+
     /// From the contract; `None` when a field cannot be read.
     pub fn from_pb(h: &crate::pb::v1::SignedTreeHead) -> Option<Self> {
         Some(Self {

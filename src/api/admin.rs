@@ -428,18 +428,93 @@ impl AdminService for AdminApi {
             .peer_heads(principal, req.alarms_only, limit)
             .await?
             .into_iter()
-            .map(|h| pb::PeerHead {
-                principal: h.principal,
-                tree_size: h.size,
-                root_hash: h.root,
-                head_time: Some(crate::time::timestamp_from_micros(h.head_time_micros)),
-                received_at: Some(crate::time::timestamp_from_micros(h.received_at_micros)),
-                outcome: h.outcome,
-                first_bad_position: h.first_bad,
-                detail: h.detail,
-            })
+            .map(peer_head_pb)
             .collect();
         Ok(Response::new(pb::ListPeerHeadsResponse { heads }))
+    }
+
+    async fn rebaseline_peer_head(
+        &self,
+        request: Request<pb::RebaselinePeerHeadRequest>,
+    ) -> Result<Response<pb::RebaselinePeerHeadResponse>, Status> {
+        let caller = self
+            .state
+            .admit(&request, "RebaselinePeerHead", Role::Admin)?;
+        let req = request.into_inner();
+        let mut bad = Vec::new();
+        if req.principal.is_empty() {
+            bad.push(violation(
+                "principal",
+                "is required: the lower hub's principal",
+            ));
+        }
+        let reason = check_text(&mut bad, "reason", &req.reason, true);
+        if !bad.is_empty() {
+            return Err(bad_request(&bad));
+        }
+        let store = &self.state.store;
+        // Under the lock reports are checked under: a report checked against the old
+        // baseline cannot land after the new one.
+        let _one = self.state.peer_reports.lock().await;
+        let rows = store.peer_heads(Some(&req.principal), false, 1000).await?;
+        let last_baseline = rows
+            .iter()
+            .find(|h| h.outcome == "accepted" || h.outcome == "rebaselined")
+            .map(|h| h.id)
+            .unwrap_or(0);
+        let chosen = if req.id == 0 {
+            rows.iter()
+                .find(|h| h.outcome == "inconsistent" && h.id > last_baseline)
+                .ok_or_else(|| {
+                    Status::failed_precondition(format!(
+                        "{} has no inconsistent head since the last accepted one: name the \
+                         head to accept by its id (ListPeerHeads)",
+                        req.principal
+                    ))
+                })?
+        } else {
+            rows.iter().find(|h| h.id == req.id).ok_or_else(|| {
+                Status::not_found(format!(
+                    "no head {} among {}'s last 1000 reported heads",
+                    req.id, req.principal
+                ))
+            })?
+        };
+        if chosen.outcome != "inconsistent" && chosen.outcome != "accepted" {
+            return Err(Status::failed_precondition(format!(
+                "head {} is {}: only a head whose signature verified (accepted or \
+                 inconsistent) can become the baseline",
+                chosen.id, chosen.outcome
+            )));
+        }
+        let record = crate::store::PeerHead {
+            id: 0,
+            outcome: "rebaselined".into(),
+            first_bad: 0,
+            detail: format!(
+                "head {} made the baseline by {}: {reason}",
+                chosen.id,
+                caller.name()
+            ),
+            ..chosen.clone()
+        };
+        tracing::warn!(
+            peer = %req.principal,
+            head = chosen.id,
+            size = chosen.size,
+            by = %caller.name(),
+            "A lower hub's rating log head was made the baseline by an operator."
+        );
+        store
+            .relay_write(crate::store::RelayWrite::PeerHead(record))
+            .await?;
+        let baseline = store
+            .peer_heads(Some(&req.principal), false, 1)
+            .await?
+            .into_iter()
+            .next()
+            .map(peer_head_pb);
+        Ok(Response::new(pb::RebaselinePeerHeadResponse { baseline }))
     }
 
     async fn reload_config(
@@ -569,5 +644,19 @@ impl AdminService for AdminApi {
         Ok(Response::new(pb::RegisterInvalidRatingResponse {
             registered_at: Some(timestamp_from_micros(self.state.clock.now_micros())),
         }))
+    }
+}
+
+fn peer_head_pb(h: crate::store::PeerHead) -> pb::PeerHead {
+    pb::PeerHead {
+        id: h.id,
+        principal: h.principal,
+        tree_size: h.size,
+        root_hash: h.root,
+        head_time: Some(crate::time::timestamp_from_micros(h.head_time_micros)),
+        received_at: Some(crate::time::timestamp_from_micros(h.received_at_micros)),
+        outcome: h.outcome,
+        first_bad_position: h.first_bad,
+        detail: h.detail,
     }
 }

@@ -437,6 +437,13 @@ impl IngestService for IngestApi {
                 .await?;
         }
         let accepted = outcome == "accepted";
+        if accepted {
+            self.state
+                .metrics
+                .peer_last_accepted
+                .get_or_create(&crate::metrics::PeerLabels { peer: name.clone() })
+                .set(self.state.clock.now_micros() / 1_000_000);
+        }
         Ok(Response::new(pb::ReportTreeHeadResponse {
             accepted,
             accepted_size: if accepted { head.size } else { last_size },

@@ -227,6 +227,30 @@ impl HubState {
     /// on untouched. Calls already admitted and open streams go on. A file that does not
     /// load changes nothing, and the reason is the error. Settings only a restart changes are
     /// named in the report.
+    /// Every principal with a registered log key is a lower hub whose heads are expected:
+    /// its last-accepted gauge starts at now (an absence alert then fires only after a
+    /// lower hub stayed silent for the rule's window); a principal no longer registered
+    /// loses its gauge.
+    pub fn watch_peer_logs(&self, registry: &Registry) {
+        let now = self.clock.now_micros() / 1_000_000;
+        let family = &self.metrics.peer_last_accepted;
+        for name in registry.names() {
+            let labels = crate::metrics::PeerLabels {
+                peer: name.to_owned(),
+            };
+            let expected = registry.get(name).is_some_and(|p| p.log_key.is_some());
+            match (expected, family.get(&labels).is_some()) {
+                (true, false) => {
+                    family.get_or_create(&labels).set(now);
+                }
+                (false, true) => {
+                    family.remove(&labels);
+                }
+                _ => {}
+            }
+        }
+    }
+
     pub async fn reload(&self) -> Result<Reloaded, String> {
         let Ok(_one) = self.reloading.try_lock() else {
             return Err("a reload is under way".into());
@@ -285,6 +309,7 @@ impl HubState {
             report.added = after.difference(&before).cloned().collect();
             report.removed = before.difference(&after).cloned().collect();
             *slot = new;
+            self.watch_peer_logs(&slot);
         }
         {
             let mut slot = self.limits.write().unwrap_or_else(|p| p.into_inner());

@@ -1597,9 +1597,9 @@ impl Store for PostgresStore {
     ) -> Result<Vec<PeerHead>, StoreError> {
         // One statement per case, each on the index (principal, outcome, id).
         let filter = match (principal.is_some(), alarms_only) {
-            (true, true) => "WHERE principal = $1 AND outcome <> 'accepted'",
+            (true, true) => "WHERE principal = $1 AND outcome NOT IN ('accepted', 'rebaselined')",
             (true, false) => "WHERE principal = $1",
-            (false, true) => "WHERE outcome <> 'accepted' AND $1 = $1",
+            (false, true) => "WHERE outcome NOT IN ('accepted', 'rebaselined') AND $1 = $1",
             (false, false) => "WHERE $1 = $1",
         };
         let rows: Vec<super::PeerHeadRow> = sqlx::query_as(&format!(
@@ -1619,7 +1619,7 @@ impl Store for PostgresStore {
     ) -> Result<Option<(u64, Vec<u8>, i64, u64)>, StoreError> {
         let row: Option<(i64, Vec<u8>, i64, i64)> = sqlx::query_as(
             "SELECT size, root, head_time, id FROM peer_heads WHERE principal = $1 \
-             AND outcome = 'accepted' ORDER BY id DESC LIMIT 1",
+             AND outcome IN ('accepted', 'rebaselined') ORDER BY id DESC LIMIT 1",
         )
         .bind(principal)
         .fetch_optional(&self.reader)

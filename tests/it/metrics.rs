@@ -11,9 +11,9 @@ use crate::fake_upstream::{FakeUpstream, Mode};
 use crate::utils::*;
 
 /// The samples of one scrape: (metric name, sorted labels) → value.
-type Samples = HashMap<(String, Vec<(String, String)>), f64>;
+pub(crate) type Samples = HashMap<(String, Vec<(String, String)>), f64>;
 
-async fn scrape(hub: &TestHub) -> (String, Samples) {
+pub(crate) async fn scrape(hub: &TestHub) -> (String, Samples) {
     let addr = hub.hub.ops_addr.expect("the operations listener");
     // reqwest's rustls needs a process-wide provider; the hub uses ring everywhere.
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -53,6 +53,15 @@ fn drop_guard() -> &'static str {
     }
 }
 
+/// The same for `log_nodes`.
+fn lift_log_guard() -> &'static str {
+    if crate::pg::enabled() {
+        "DROP TRIGGER log_nodes_append_only ON log_nodes;"
+    } else {
+        "DROP TRIGGER log_nodes_append_only_update; DROP TRIGGER log_nodes_append_only_delete;"
+    }
+}
+
 /// Accepted, duplicate, conflicting and refused ratings, unary and streamed, across a
 /// restart: the log covers exactly the stored ratings, and verify recomputes the same tree.
 #[tokio::test]
@@ -200,11 +209,7 @@ async fn the_log_is_written_for_ratings_stored_before_it() {
     }
     let (_, before) = verify_hub(hub.dir.path());
     let stopped = hub.stop().await;
-    let lift = if crate::pg::enabled() {
-        "DROP TRIGGER log_nodes_append_only ON log_nodes;"
-    } else {
-        "DROP TRIGGER log_nodes_append_only_update; DROP TRIGGER log_nodes_append_only_delete;"
-    };
+    let lift = lift_log_guard();
     exec_on_hub(
         stopped.dir.path(),
         &format!("{lift} DELETE FROM log_nodes; DELETE FROM log_meta;"),
@@ -578,6 +583,65 @@ async fn signed_heads_and_proofs_verify_against_the_log() {
     hub.stop().await;
 }
 
+/// A log of `n` leaves drawn from `tag`, as a lower hub would hold it: its root, and its
+/// nodes for proofs.
+type Nodes = std::collections::HashMap<(u32, u64), [u8; 32]>;
+
+fn tree(tag: &str, n: u64) -> ([u8; 32], Nodes) {
+    use rating_hub::merkle::{Frontier, HashAlg};
+    let alg = HashAlg::Sm3;
+    let mut f = Frontier::empty(alg);
+    let mut nodes = std::collections::HashMap::new();
+    for i in 0..n {
+        for (l, idx, h) in f.append(alg.leaf(format!("{tag}{i}").as_bytes())) {
+            nodes.insert((l, idx), h);
+        }
+    }
+    (f.root(), nodes)
+}
+
+/// A head of that log signed by `by`.
+fn head(
+    size: u64,
+    root: [u8; 32],
+    time: i64,
+    by: &rating_hub::tree_head::SigningKey,
+) -> rating_hub::tree_head::TreeHead {
+    let mut h = rating_hub::tree_head::TreeHead {
+        size,
+        root,
+        timestamp_micros: time,
+        hash: rating_hub::merkle::HashAlg::Sm3,
+        signature_alg: None,
+        signature: Vec::new(),
+        key_id: Vec::new(),
+    };
+    h.sign(by).unwrap();
+    h
+}
+
+/// A lower hub's report of `h` with its proof from the head of `from` ratings.
+fn report(
+    h: rating_hub::tree_head::TreeHead,
+    from: u64,
+    proof: Vec<[u8; 32]>,
+) -> pb::ReportTreeHeadRequest {
+    pb::ReportTreeHeadRequest {
+        tree_head: Some(h.to_pb()),
+        from_size: from,
+        consistency_proof: proof.iter().map(|p| p.to_vec()).collect(),
+        ..Default::default()
+    }
+}
+
+fn an_hour_ago() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64
+        - 3_600_000_000
+}
+
 async fn peer_heads(hub: &TestHub, alarms_only: bool) -> Vec<pb::PeerHead> {
     crate::security::AdminServiceClient::new(hub.channel_as("tester").await)
         .list_peer_heads(pb::ListPeerHeadsRequest {
@@ -743,8 +807,8 @@ async fn a_city_hubs_tampered_database_raises_an_alarm_at_the_province() {
 /// only an admin lists the findings. In scope, an inclusion proof is served.
 #[tokio::test]
 async fn the_province_checks_each_head_and_records_each_finding_once() {
-    use rating_hub::merkle::{Frontier, HashAlg, Prover};
-    use rating_hub::tree_head::{SignatureAlg, SigningKey, TreeHead};
+    use rating_hub::merkle::{HashAlg, Prover};
+    use rating_hub::tree_head::{SignatureAlg, SigningKey};
     let key = SigningKey::parse(
         SignatureAlg::Ed25519,
         &SigningKey::generate(SignatureAlg::Ed25519),
@@ -766,42 +830,8 @@ async fn the_province_checks_each_head_and_records_each_finding_once() {
         .start()
         .await;
     let alg = HashAlg::Sm3;
-    // A log of `n` leaves drawn from `tag`: its root, and its nodes for proofs.
-    let tree = |tag: &str, n: u64| {
-        let mut f = Frontier::empty(alg);
-        let mut nodes = std::collections::HashMap::new();
-        for i in 0..n {
-            for (l, idx, h) in f.append(alg.leaf(format!("{tag}{i}").as_bytes())) {
-                nodes.insert((l, idx), h);
-            }
-        }
-        (f.root(), nodes)
-    };
-    let head = |size: u64, root: [u8; 32], time: i64, by: &SigningKey| {
-        let mut h = TreeHead {
-            size,
-            root,
-            timestamp_micros: time,
-            hash: alg,
-            signature_alg: None,
-            signature: Vec::new(),
-            key_id: Vec::new(),
-        };
-        h.sign(by).unwrap();
-        h
-    };
     let mut city = IngestServiceClient::new(province.channel_as("city-hub").await);
-    let report = |h: TreeHead, from: u64, proof: Vec<[u8; 32]>| pb::ReportTreeHeadRequest {
-        tree_head: Some(h.to_pb()),
-        from_size: from,
-        consistency_proof: proof.iter().map(|p| p.to_vec()).collect(),
-        ..Default::default()
-    };
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as i64
-        - 3_600_000_000;
+    let t = an_hour_ago();
     let (r5, _) = tree("a", 5);
     let first = city
         .report_tree_head(report(head(5, r5, t, &key), 0, vec![]))
@@ -933,4 +963,358 @@ async fn the_province_checks_each_head_and_records_each_finding_once() {
         .into_inner();
     assert_eq!(p.feed_sequence, 1);
     province.stop().await;
+}
+
+/// After an alarm is investigated, an operator makes the lower hub's rewritten log the
+/// baseline (`rating-hub admin rebaseline`): its next heads are checked against it and
+/// accepted, the finding before stays listed, and the re-baseline is recorded with who
+/// made it and why. A reason is required; only an admin may; a head that was never
+/// signature-checked cannot become the baseline. Each lower hub with a registered key has
+/// a last-accepted gauge from the start (the absence alert's input), moved by each
+/// accepted head.
+#[tokio::test]
+async fn an_operator_rebaselines_a_lower_hub_after_an_investigation() {
+    use rating_hub::merkle::{HashAlg, Prover};
+    use rating_hub::tree_head::{SignatureAlg, SigningKey};
+    let key = SigningKey::parse(
+        SignatureAlg::Ed25519,
+        &SigningKey::generate(SignatureAlg::Ed25519),
+    )
+    .unwrap();
+    let stranger = SigningKey::parse(
+        SignatureAlg::Ed25519,
+        &SigningKey::generate(SignatureAlg::Ed25519),
+    )
+    .unwrap();
+    let province = HubBuilder::new()
+        .principal("city-hub", &["submit", "relay"], TestScope::National)
+        .set(
+            "principals.city-hub.log_key",
+            &format!("\"{}\"", key.public().to_text()),
+        )
+        .principal("keyless-hub", &["submit", "relay"], TestScope::National)
+        .principal("reader", &["read"], TestScope::National)
+        .start()
+        .await;
+    let gauge = |samples: &crate::metrics::Samples, peer: &str| {
+        samples
+            .get(&(
+                "rating_hub_log_peer_last_accepted_timestamp_seconds".to_owned(),
+                vec![("peer".to_owned(), peer.to_owned())],
+            ))
+            .copied()
+    };
+    let now_secs = || an_hour_ago() as f64 / 1e6 + 3600.0;
+    let before = now_secs();
+    let (_, samples) = crate::metrics::scrape(&province).await;
+    let started = gauge(&samples, "city-hub").expect("a gauge for a lower hub with a key");
+    assert!(started > 1e9 && started <= before + 1.0, "{started}");
+    assert_eq!(
+        gauge(&samples, "keyless-hub"),
+        None,
+        "no key: no heads expected"
+    );
+
+    let alg = HashAlg::Sm3;
+    let t = an_hour_ago();
+    let mut city = IngestServiceClient::new(province.channel_as("city-hub").await);
+    let send = async |city: &mut IngestServiceClient<_>, r| {
+        city.report_tree_head(r).await.unwrap().into_inner()
+    };
+    let (r5, _) = tree("a", 5);
+    assert!(
+        send(&mut city, report(head(5, r5, t, &key), 0, vec![]))
+            .await
+            .accepted
+    );
+    // A badly signed head cannot become the baseline.
+    let bad = send(&mut city, report(head(6, r5, t + 1, &stranger), 5, vec![])).await;
+    assert!(bad.problem.starts_with("bad_signature"), "{bad:?}");
+    // The city's log rewritten: its head of 10 does not extend the accepted 5.
+    let (r10, nodes10) = tree("b", 10);
+    let proof = |first, second| {
+        Prover {
+            alg,
+            nodes: &nodes10,
+        }
+        .consistency(first, second)
+        .unwrap()
+    };
+    let forked = send(
+        &mut city,
+        report(head(10, r10, t + 2, &key), 5, proof(5, 10)),
+    )
+    .await;
+    assert!(forked.problem.starts_with("inconsistent"), "{forked:?}");
+
+    let hub_dir = province.dir.path().to_owned();
+    let tester = province.client_files("tester");
+    let reader = province.client_files("reader");
+    let admin = |who: &rating_hub::pki::IssuedPair, args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rating-hub"));
+        cmd.args(["admin", "--json", "--url", &province.url(), "--cert"])
+            .arg(&who.cert)
+            .arg("--key")
+            .arg(&who.key)
+            .arg("--ca")
+            .arg(hub_dir.join("pki").join(rating_hub::pki::CA_CERT))
+            .args(args);
+        cmd
+    };
+    let listed = output(admin(&tester, &["peer-heads", "--principal", "city-hub"])).await;
+    assert!(listed.status.success(), "{listed:?}");
+    let listed: Vec<Value> = serde_json::from_slice(&listed.stdout).unwrap();
+    let bad_id = listed
+        .iter()
+        .find(|h| h["outcome"] == "bad_signature")
+        .unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let refused = output(admin(&tester, &["rebaseline", "city-hub", "--reason", " "])).await;
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("reason"),
+        "{refused:?}"
+    );
+    let refused = output(admin(
+        &tester,
+        &[
+            "rebaseline",
+            "city-hub",
+            "--id",
+            &bad_id.to_string(),
+            "--reason",
+            "x",
+        ],
+    ))
+    .await;
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("bad_signature"),
+        "{refused:?}"
+    );
+    let refused = output(admin(&reader, &["rebaseline", "city-hub", "--reason", "x"])).await;
+    assert!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr).contains("lacks the admin role"),
+        "{refused:?}"
+    );
+    let done = output(admin(
+        &tester,
+        &[
+            "rebaseline",
+            "city-hub",
+            "--reason",
+            "restored from the 11-29 backup; ticket 4711",
+        ],
+    ))
+    .await;
+    assert!(done.status.success(), "{done:?}");
+    let baseline: Value = serde_json::from_slice(&done.stdout).unwrap();
+    assert_eq!(baseline["outcome"], "rebaselined", "{baseline}");
+    assert_eq!(baseline["tree_size"], 10, "{baseline}");
+    assert_eq!(baseline["root_hash"], hex::encode(r10), "{baseline}");
+    assert!(
+        baseline["detail"]
+            .as_str()
+            .unwrap()
+            .contains("by tester: restored"),
+        "{baseline}"
+    );
+    // Nothing inconsistent since: a second re-baseline needs a head named.
+    let again = output(admin(
+        &tester,
+        &["rebaseline", "city-hub", "--reason", "again"],
+    ))
+    .await;
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("no inconsistent head since"),
+        "{again:?}"
+    );
+
+    // The city's next heads extend the new baseline: a report still proving from 5 is told
+    // the size to prove from, and the proof from 10 is accepted.
+    let (r12, nodes12) = tree("b", 12);
+    let proof12 = Prover {
+        alg,
+        nodes: &nodes12,
+    }
+    .consistency(10, 12)
+    .unwrap();
+    let moved = send(&mut city, report(head(12, r12, t + 3, &key), 5, vec![])).await;
+    assert!(!moved.accepted && moved.accepted_size == 10, "{moved:?}");
+    let before_next = now_secs().floor();
+    let next = send(&mut city, report(head(12, r12, t + 3, &key), 10, proof12)).await;
+    assert!(next.accepted && next.accepted_size == 12, "{next:?}");
+    let (_, samples) = crate::metrics::scrape(&province).await;
+    let moved_gauge = gauge(&samples, "city-hub").unwrap();
+    assert!(moved_gauge >= before_next, "{moved_gauge} {before_next}");
+
+    let alarms: Vec<String> = peer_heads(&province, true)
+        .await
+        .into_iter()
+        .map(|h| h.outcome)
+        .collect();
+    assert_eq!(
+        alarms,
+        ["inconsistent", "bad_signature"],
+        "the findings stay"
+    );
+    province.stop().await;
+}
+
+/// A pulling platform follows the hub's signed heads with `rating-hub log head`: each head
+/// verifies under the exported key and extends the one accepted before (and a rating it
+/// pulled is in the tree); a head under another key is refused. After the hub's database is
+/// edited and its log rebuilt whole, the next head is NOT CONSISTENT with the one the
+/// platform kept, which stays in its state file; `rating-hub log verify --head` with that
+/// file finds the database no longer has its root, and refuses a head file edited after
+/// signing.
+#[tokio::test]
+async fn a_platform_following_signed_heads_catches_a_rewritten_log() {
+    use rating_hub::tree_head::{SignatureAlg, SigningKey};
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("log.key");
+    std::fs::write(&key_file, SigningKey::generate(SignatureAlg::Sm2)).unwrap();
+    let hub = HubBuilder::new()
+        .set("rating_log.key", &format!("\"{}\"", key_file.display()))
+        .principal("platform", &["pull"], TestScope::National)
+        .start_in_dir(dir)
+        .await;
+    let public = {
+        let out = Command::new(env!("CARGO_BIN_EXE_rating-hub"))
+            .args(["log", "key", "--config"])
+            .arg(hub.dir.path().join("hub.toml"))
+            .env_remove("RATING_HUB_CONFIG")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let other_key = SigningKey::parse(SignatureAlg::Sm2, &SigningKey::generate(SignatureAlg::Sm2))
+        .unwrap()
+        .public()
+        .to_text();
+    let state = hub.dir.path().join("platform-head.json");
+    let follow = |hub: &TestHub, key: &str, extra: &[&str]| -> Command {
+        let platform = hub.client_files("platform");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rating-hub"));
+        cmd.args([
+            "log",
+            "head",
+            "--json",
+            "--fresh",
+            "--url",
+            &hub.url(),
+            "--cert",
+        ])
+        .arg(&platform.cert)
+        .arg("--key")
+        .arg(&platform.key)
+        .arg("--ca")
+        .arg(hub.pki_dir().join(rating_hub::pki::CA_CERT))
+        .args(["--log-key", key, "--state"])
+        .arg(&state)
+        .args(extra);
+        cmd
+    };
+    let parse = |out: std::process::Output| -> (bool, Value) {
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{out:?}"));
+        assert_eq!(out.status.success(), v["ok"] == true, "{v}");
+        (out.status.success(), v)
+    };
+    let kept =
+        || -> Value { serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap() };
+    let verify_head = |hub_dir: &Path, file: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_rating-hub"))
+            .args(["log", "verify", "--json", "--log-key", &public, "--head"])
+            .arg(file)
+            .arg("--config")
+            .arg(hub_dir.join("hub.toml"))
+            .env_remove("RATING_HUB_CONFIG")
+            .output()
+            .unwrap()
+    };
+
+    let mut ingest = hub.ingest().await;
+    submit(
+        &mut ingest,
+        (0..10).map(|i| rating(&format!("f{i}"))).collect(),
+    )
+    .await;
+    let (ok, first) = parse(output(follow(&hub, &public, &[])).await);
+    assert!(ok, "{first}");
+    assert_eq!(first["head"]["tree_size"], 10);
+    assert_eq!(kept()["tree_size"], 10);
+    let later = submit(
+        &mut ingest,
+        (10..15).map(|i| rating(&format!("f{i}"))).collect(),
+    )
+    .await;
+    let (ok, second) = parse(output(follow(&hub, &public, &["--include", &later[2].hub_id])).await);
+    assert!(ok, "{second}");
+    let passed = second["passed"].to_string();
+    assert!(passed.contains("extends the head of 10"), "{second}");
+    assert!(passed.contains("is at position 13"), "{second}");
+    let (ok, wrong) = parse(output(follow(&hub, &other_key, &[])).await);
+    assert!(
+        !ok && wrong["failed"].to_string().contains("signature"),
+        "{wrong}"
+    );
+    assert_eq!(
+        kept()["tree_size"],
+        15,
+        "a refused head does not replace the kept one"
+    );
+    let out = verify_head(hub.dir.path(), &state);
+    assert!(out.status.success(), "{out:?}");
+    let kept_root = kept()["root_hash"].clone();
+
+    // The database edited and its log rebuilt whole from the edited ratings.
+    drop(ingest);
+    let stopped = hub.stop().await;
+    exec_on_hub(
+        stopped.dir.path(),
+        &format!(
+            "{} {} UPDATE ratings SET level = level % 5 + 1 WHERE feed_seq = 7; \
+             DELETE FROM log_nodes; DELETE FROM log_meta;",
+            drop_guard(),
+            lift_log_guard()
+        ),
+    );
+    let hub = stopped.restart().await;
+    submit(&mut hub.ingest().await, vec![rating("f15")]).await;
+    let (ok, caught) = parse(output(follow(&hub, &public, &[])).await);
+    assert!(!ok, "{caught}");
+    assert!(
+        caught["failed"].to_string().contains("NOT CONSISTENT"),
+        "{caught}"
+    );
+    assert_eq!(
+        kept()["root_hash"],
+        kept_root,
+        "the platform keeps the head it trusted"
+    );
+    let out = verify_head(hub.dir.path(), &state);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["expected_root_matches"], false, "{report}");
+    // A head file edited after signing is not trusted.
+    let mut forged = kept();
+    forged["tree_size"] = 14.into();
+    let forged_file = hub.dir.path().join("forged-head.json");
+    std::fs::write(&forged_file, forged.to_string()).unwrap();
+    let out = verify_head(hub.dir.path(), &forged_file);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("signature does not verify"),
+        "{out:?}"
+    );
+    hub.stop().await;
+}
+
+/// A command's output, run off the test's runtime (the hub under test serves on it).
+async fn output(mut cmd: Command) -> std::process::Output {
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
 }

@@ -43,15 +43,19 @@ pub enum LogCommand {
         /// …and its root (hex): the tree recomputed from the ratings must have it.
         #[arg(long, requires = "size", conflicts_with = "head")]
         root: Option<String>,
-        /// A head file (`rating-hub log head` writes one; an upper hub's operator can export
-        /// the head it accepted with `rating-hub admin peer-heads --head-file`): the tree of
-        /// its size recomputed from the ratings must have its root.
+        /// A head file (`rating-hub log head` writes one): the tree of its size recomputed
+        /// from the ratings must have its root. (A head an upper hub accepted, listed by
+        /// `rating-hub admin peer-heads` there: use --size and --root.)
         #[arg(long, conflicts_with = "size")]
         head: Option<PathBuf>,
         /// With --head: the hub's public log key (as `rating-hub log key` prints it); the
         /// head's signature must verify under it before its root is trusted.
         #[arg(long, requires = "head")]
         log_key: Option<String>,
+        /// With --head and no --log-key: use the file's size and root without checking its
+        /// signature (the report says so).
+        #[arg(long, requires = "head", conflicts_with = "log_key")]
+        unsigned: bool,
     },
     /// Follow a hub's log as a pulling platform or an auditor does: fetch its signed tree
     /// head (SyncService.GetTreeHead, with a certificate that may pull), check the signature
@@ -140,7 +144,15 @@ pub async fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
             root,
             head,
             log_key,
+            unsigned,
         } => {
+            if head.is_some() && log_key.is_none() && !unsigned {
+                anyhow::bail!(
+                    "--head needs --log-key (the hub's public log key, to check the head's \
+                     signature), or --unsigned to use it unchecked"
+                );
+            }
+            let mut signature_verified = None;
             let (expected, head) = match (size, root, head) {
                 (Some(size), Some(root), _) => (
                     Some(Expected {
@@ -157,6 +169,7 @@ pub async fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
                 (_, _, Some(path)) => {
                     let head = read_head(&path)?;
                     check_signature(&head, log_key.as_deref(), &path)?;
+                    signature_verified = Some(log_key.is_some());
                     (
                         Some(Expected {
                             size: head.size,
@@ -167,7 +180,7 @@ pub async fn run(command: LogCommand) -> anyhow::Result<ExitCode> {
                 }
                 _ => (None, None),
             };
-            verify(config, json, expected, head).await
+            verify(config, json, expected, head, signature_verified).await
         }
     }
 }
@@ -181,12 +194,13 @@ fn read_head(path: &Path) -> anyhow::Result<TreeHead> {
     TreeHead::from_json(&v).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-/// With a key: the head's signature must verify. Without one, a signed head is used
-/// unchecked, and the output says so.
+/// With a key: the head's signature must verify. Without one (--unsigned), the head is
+/// used unchecked, and the output says so.
 fn check_signature(head: &TreeHead, key: Option<&str>, path: &Path) -> anyhow::Result<()> {
     match key {
         Some(text) => {
-            let key = PublicKey::parse(text).map_err(|e| anyhow::anyhow!("--log-key: {e}"))?;
+            let key =
+                PublicKey::parse(text.trim()).map_err(|e| anyhow::anyhow!("--log-key: {e}"))?;
             if !head.verify(&key) {
                 anyhow::bail!(
                     "{}: the head's signature does not verify under the key given (a head \
@@ -196,7 +210,7 @@ fn check_signature(head: &TreeHead, key: Option<&str>, path: &Path) -> anyhow::R
             }
         }
         None => eprintln!(
-            "note: {} is used without checking its signature (no --log-key)",
+            "note: {} is used without checking its signature (--unsigned)",
             path.display()
         ),
     }
@@ -208,6 +222,7 @@ async fn verify(
     json: bool,
     expected: Option<Expected>,
     head: Option<TreeHead>,
+    signature_verified: Option<bool>,
 ) -> anyhow::Result<ExitCode> {
     let config = Config::load(config.as_deref())?;
     let mut db = rating_hub::store::verify::Db::open(&config.storage.url)
@@ -253,6 +268,7 @@ async fn verify(
                 "expected_size": expected.map(|e| e.size),
                 "head_time": head.as_ref().map(|h| rating_hub::time::format_cst_micros(h.timestamp_micros)),
                 "head_problem": head_problem,
+                "head_signature_verified": signature_verified,
             })
         );
     } else {
@@ -318,9 +334,14 @@ async fn head(
     let key = PublicKey::parse(log_key.trim()).map_err(|e| anyhow::anyhow!("--log-key: {e}"))?;
     let json = connection.json();
     let previous = match &state {
-        Some(p) if p.exists() => Some(read_head(p)?),
-        _ => None,
+        Some(p) => match std::fs::metadata(p) {
+            Ok(_) => Some(read_head(p)?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).with_context(|| format!("--state {}", p.display())),
+        },
+        None => None,
     };
+
     let url = connection.url().to_owned();
     let mut sync = SyncServiceClient::new(crate::admin_cli::channel(&connection).await?);
     let status = |what: &str, s: tonic::Status| {
@@ -338,6 +359,18 @@ async fn head(
         .ok_or_else(|| anyhow::anyhow!("{url} answered a tree head that cannot be read"))?;
     let mut passed: Vec<String> = Vec::new();
     let mut failed: Vec<String> = Vec::new();
+    // The kept head is checked too: a state file edited (or another hub's) is no baseline.
+    let previous = match previous {
+        Some(prev) if !prev.verify(&key) => {
+            failed.push(
+                "the kept head's signature does not verify under the key given (the state \
+                 file was edited, or is another hub's): it is no baseline"
+                    .into(),
+            );
+            None
+        }
+        p => p,
+    };
     if head.verify(&key) {
         passed.push(format!("signed by {}", hex::encode(key.key_id())));
     } else if head.signature_alg.is_none() {
@@ -346,6 +379,13 @@ async fn head(
         failed.push("the head's signature does not verify under the key given".into());
     }
     if let Some(prev) = &previous {
+        if head.timestamp_micros < prev.timestamp_micros {
+            failed.push(format!(
+                "the head is dated {}, before the head kept ({}): an old head served again",
+                rating_hub::time::format_cst_micros(head.timestamp_micros),
+                rating_hub::time::format_cst_micros(prev.timestamp_micros)
+            ));
+        }
         if prev.hash != head.hash {
             failed.push(format!(
                 "the head hashes with {} and the head accepted before with {}",
@@ -438,7 +478,13 @@ async fn head(
                     _ => false,
                 };
                 if ok {
-                    passed.push(format!("rating {id} is at position {}", p.feed_sequence));
+                    // What this shows: the hub placed the rating at that position in the
+                    // head's tree. The leaf is the hub's stored row, which a platform cannot
+                    // recompute; a later change to it breaks consistency with this head.
+                    passed.push(format!(
+                        "rating {id} is in the tree, at position {}",
+                        p.feed_sequence
+                    ));
                 } else {
                     failed.push(format!(
                         "rating {id}: its inclusion proof does not verify against the head"

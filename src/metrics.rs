@@ -85,8 +85,8 @@ pub struct Metrics {
     pub peer_heads: Family<PeerHeadLabels, Counter>,
     /// 1 while this hub's own check found its stored ratings differ from its log.
     pub log_self_check_failed: Gauge,
-    /// When each lower hub with a registered log key last had a head accepted (or, until
-    /// its first, when this hub started or registered its key).
+    /// The signing time of the newest head accepted from each lower hub with a registered
+    /// log key (before its first: when this hub started or registered its key).
     pub peer_last_accepted: Family<PeerLabels, Gauge>,
     pub rules_ticks: Counter,
     pub invitations: Counter,
@@ -196,9 +196,9 @@ impl Default for Metrics {
             m.log_self_check_failed.clone(),
         );
         registry.register(
-            "log_peer_last_accepted_timestamp_seconds",
-            "When each lower hub last had a rating log head accepted (until its first: when this \
-             hub started or registered its key)",
+            "log_peer_head_timestamp_seconds",
+            "The signing time of the newest rating log head accepted from each lower hub (before \
+             its first: when this hub started or registered its key)",
             m.peer_last_accepted.clone(),
         );
         registry.register("feed_head", "The feed's last sequence", m.feed_head.clone());

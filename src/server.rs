@@ -324,6 +324,7 @@ pub async fn start_with_clock(
         engine: rules.clone(),
         log: tree_log,
         peer_reports: tokio::sync::Mutex::new(()),
+        watched_peers: Default::default(),
         evidence_slots: Arc::new(tokio::sync::Semaphore::new(EVIDENCE_TRANSFERS)),
         metrics,
         config_file: config.source_file.clone(),
@@ -333,9 +334,7 @@ pub async fn start_with_clock(
         reloading: tokio::sync::Mutex::new(()),
         stopping,
     });
-    if let Identity::Mtls(registry) = &state.identity {
-        state.watch_peer_logs(&registry.read().unwrap_or_else(|p| p.into_inner()));
-    }
+    state.watch_peer_logs().await;
     let max_msg = config.server.max_message_bytes;
     let ingest = IngestServiceServer::new(IngestApi::new(state.clone()))
         .max_decoding_message_size(max_msg)

@@ -31,6 +31,7 @@ mod baseline_a;
 mod baseline_b;
 mod cpu;
 mod load;
+mod log_proofs;
 mod metrics_cost;
 mod public_site;
 mod relay;
@@ -150,6 +151,17 @@ enum Cmd {
         hub_bin: PathBuf,
         #[arg(long, default_value_t = 20_000)]
         ratings: u64,
+    },
+    /// The rating log at scale: proof latency (inclusion and consistency, each verified)
+    /// with 10 k ratings stored and then with `ratings`, and the log's bytes on disk per
+    /// rating against the ratings' (SQLite), printed.
+    LogProbe {
+        #[arg(long, default_value = "target/release/rating-hub")]
+        hub_bin: PathBuf,
+        #[arg(long, default_value_t = 1_000_000)]
+        ratings: u64,
+        #[arg(long, default_value_t = 2000)]
+        samples: usize,
     },
     /// Baseline A: the same IngestService contract and mTLS, storing nothing.
     Echo {
@@ -976,6 +988,11 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Cmd::LogProbe {
+            hub_bin,
+            ratings,
+            samples,
+        } => log_proofs::log_probe(&hub_bin, ratings, samples).await,
         Cmd::Probe {
             hub_bin,
             secs,

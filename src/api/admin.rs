@@ -453,8 +453,9 @@ impl AdminService for AdminApi {
             return Err(bad_request(&bad));
         }
         let store = &self.state.store;
-        // Under the lock reports are checked under: a report checked against the old
-        // baseline cannot land after the new one.
+        // Under the lock reports are checked under (in this process: a province of several
+        // instances serialises them per instance): a report checked against the old
+        // baseline here cannot land after the new one.
         let _one = self.state.peer_reports.lock().await;
         let rows = store.peer_heads(Some(&req.principal), false, 1000).await?;
         let last_baseline = rows
@@ -480,6 +481,13 @@ impl AdminService for AdminApi {
                 ))
             })?
         };
+        if chosen.id < last_baseline {
+            return Err(Status::failed_precondition(format!(
+                "head {} was reported before the current baseline ({last_baseline}): moving \
+                 the baseline back would let the ratings after it be rewritten unnoticed",
+                chosen.id
+            )));
+        }
         if chosen.outcome != "inconsistent" && chosen.outcome != "accepted" {
             return Err(Status::failed_precondition(format!(
                 "head {} is {}: only a head whose signature verified (accepted or \

@@ -366,10 +366,15 @@ impl IngestService for IngestApi {
         // new finding); the same accepted head again (a newer signature over an unchanged
         // log) is not recorded again. The counters count every report.
         let recent = store.peer_heads(Some(&name), true, 50).await?;
+        // An inconsistent chain stays one finding whatever position each report names (a
+        // removal's first position moves as the lower hub's log grows); a self-check finding
+        // naming another position is a new one.
         let seen = |outcome: &str, first_bad: u64| {
-            recent
-                .iter()
-                .any(|a| a.id > last_id && a.outcome == outcome && a.first_bad == first_bad)
+            recent.iter().any(|a| {
+                a.id > last_id
+                    && a.outcome == outcome
+                    && (a.first_bad == first_bad || outcome == "inconsistent")
+            })
         };
         let base = crate::store::PeerHead {
             id: 0,
@@ -438,11 +443,13 @@ impl IngestService for IngestApi {
         }
         let accepted = outcome == "accepted";
         if accepted {
-            self.state
+            // The head's own time, so a replayed head does not look like a live lower hub.
+            let gauge = self
+                .state
                 .metrics
                 .peer_last_accepted
-                .get_or_create(&crate::metrics::PeerLabels { peer: name.clone() })
-                .set(self.state.clock.now_micros() / 1_000_000);
+                .get_or_create(&crate::metrics::PeerLabels { peer: name.clone() });
+            gauge.set(gauge.get().max(head.timestamp_micros / 1_000_000));
         }
         Ok(Response::new(pb::ReportTreeHeadResponse {
             accepted,

@@ -42,8 +42,10 @@ pub struct HubState {
     pub engine: Arc<crate::rules::engine::RulesEngine>,
     /// The rating log's heads and proofs.
     pub log: Arc<crate::tree_head::TreeLog>,
-    /// Lower hubs' head reports, checked one at a time.
+    /// Lower hubs' head reports, checked one at a time (in this process).
     pub peer_reports: tokio::sync::Mutex<()>,
+    /// The lower hubs whose heads are expected (a gauge each).
+    pub watched_peers: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Prometheus metrics (served on the operations listener).
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The configuration file a reload reads again (with the environment over it).
@@ -219,6 +221,43 @@ impl HubState {
             .clone()
     }
 
+    /// Every relay principal with a registered log key is a lower hub whose heads are
+    /// expected; its gauge of the newest accepted head's time starts from the last head
+    /// stored for it (or, before its first, from now: the absence alert then waits the
+    /// rule's window). A principal no longer expected loses its gauge.
+    pub async fn watch_peer_logs(&self) {
+        let registry = match &self.identity {
+            Identity::Mtls(r) => r.read().unwrap_or_else(|p| p.into_inner()).clone(),
+            Identity::Plaintext(_) => return,
+        };
+        let expected: std::collections::BTreeSet<String> = registry
+            .names()
+            .filter(|n| {
+                registry
+                    .get(n)
+                    .is_some_and(|p| p.log_key.is_some() && p.has(Role::Relay))
+            })
+            .map(str::to_owned)
+            .collect();
+        let family = &self.metrics.peer_last_accepted;
+        let before = std::mem::replace(
+            &mut *self.watched_peers.lock().unwrap_or_else(|p| p.into_inner()),
+            expected.clone(),
+        );
+        for gone in before.difference(&expected) {
+            family.remove(&crate::metrics::PeerLabels { peer: gone.clone() });
+        }
+        for name in expected.difference(&before) {
+            let since = match self.store.last_accepted_head(name).await {
+                Ok(Some((_, _, time, _))) => time,
+                _ => self.clock.now_micros(),
+            };
+            family
+                .get_or_create(&crate::metrics::PeerLabels { peer: name.clone() })
+                .set(since / 1_000_000);
+        }
+    }
+
     /// Reads the configuration file again and, when all of it loads and validates (every
     /// upstream's certificates, profile and keys read, its sink built), puts in force for the
     /// next call its principals (and their quotas), its limits, and its upstreams: added ones
@@ -227,30 +266,6 @@ impl HubState {
     /// on untouched. Calls already admitted and open streams go on. A file that does not
     /// load changes nothing, and the reason is the error. Settings only a restart changes are
     /// named in the report.
-    /// Every principal with a registered log key is a lower hub whose heads are expected:
-    /// its last-accepted gauge starts at now (an absence alert then fires only after a
-    /// lower hub stayed silent for the rule's window); a principal no longer registered
-    /// loses its gauge.
-    pub fn watch_peer_logs(&self, registry: &Registry) {
-        let now = self.clock.now_micros() / 1_000_000;
-        let family = &self.metrics.peer_last_accepted;
-        for name in registry.names() {
-            let labels = crate::metrics::PeerLabels {
-                peer: name.to_owned(),
-            };
-            let expected = registry.get(name).is_some_and(|p| p.log_key.is_some());
-            match (expected, family.get(&labels).is_some()) {
-                (true, false) => {
-                    family.get_or_create(&labels).set(now);
-                }
-                (false, true) => {
-                    family.remove(&labels);
-                }
-                _ => {}
-            }
-        }
-    }
-
     pub async fn reload(&self) -> Result<Reloaded, String> {
         let Ok(_one) = self.reloading.try_lock() else {
             return Err("a reload is under way".into());
@@ -309,8 +324,8 @@ impl HubState {
             report.added = after.difference(&before).cloned().collect();
             report.removed = before.difference(&after).cloned().collect();
             *slot = new;
-            self.watch_peer_logs(&slot);
         }
+        self.watch_peer_logs().await;
         {
             let mut slot = self.limits.write().unwrap_or_else(|p| p.into_inner());
             report.limits_changed = slot.changes(&limits);

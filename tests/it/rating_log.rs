@@ -999,13 +999,12 @@ async fn an_operator_rebaselines_a_lower_hub_after_an_investigation() {
     let gauge = |samples: &crate::metrics::Samples, peer: &str| {
         samples
             .get(&(
-                "rating_hub_log_peer_last_accepted_timestamp_seconds".to_owned(),
+                "rating_hub_log_peer_head_timestamp_seconds".to_owned(),
                 vec![("peer".to_owned(), peer.to_owned())],
             ))
             .copied()
     };
-    let now_secs = || an_hour_ago() as f64 / 1e6 + 3600.0;
-    let before = now_secs();
+    let before = an_hour_ago() as f64 / 1e6 + 3600.0;
     let (_, samples) = crate::metrics::scrape(&province).await;
     let started = gauge(&samples, "city-hub").expect("a gauge for a lower hub with a key");
     assert!(started > 1e9 && started <= before + 1.0, "{started}");
@@ -1142,12 +1141,45 @@ async fn an_operator_rebaselines_a_lower_hub_after_an_investigation() {
     .unwrap();
     let moved = send(&mut city, report(head(12, r12, t + 3, &key), 5, vec![])).await;
     assert!(!moved.accepted && moved.accepted_size == 10, "{moved:?}");
-    let before_next = now_secs().floor();
-    let next = send(&mut city, report(head(12, r12, t + 3, &key), 10, proof12)).await;
+    // Heads dated an hour ago left the gauge at the province's start; a head signed now
+    // moves it to the head's time.
+    let (_, samples) = crate::metrics::scrape(&province).await;
+    assert_eq!(gauge(&samples, "city-hub"), Some(started));
+    let signed_now = an_hour_ago() + 3_600_000_000;
+    let next = send(
+        &mut city,
+        report(head(12, r12, signed_now, &key), 10, proof12),
+    )
+    .await;
     assert!(next.accepted && next.accepted_size == 12, "{next:?}");
     let (_, samples) = crate::metrics::scrape(&province).await;
-    let moved_gauge = gauge(&samples, "city-hub").unwrap();
-    assert!(moved_gauge >= before_next, "{moved_gauge} {before_next}");
+    assert_eq!(
+        gauge(&samples, "city-hub"),
+        Some((signed_now / 1_000_000) as f64)
+    );
+    // A head older than the baseline's cannot become the baseline.
+    let old_id = peer_heads(&province, false)
+        .await
+        .iter()
+        .find(|h| h.outcome == "accepted" && h.tree_size == 5)
+        .unwrap()
+        .id;
+    let back = output(admin(
+        &tester,
+        &[
+            "rebaseline",
+            "city-hub",
+            "--id",
+            &old_id.to_string(),
+            "--reason",
+            "x",
+        ],
+    ))
+    .await;
+    assert!(
+        String::from_utf8_lossy(&back.stderr).contains("before the current baseline"),
+        "{back:?}"
+    );
 
     let alarms: Vec<String> = peer_heads(&province, true)
         .await
@@ -1254,7 +1286,8 @@ async fn a_platform_following_signed_heads_catches_a_rewritten_log() {
     assert!(ok, "{second}");
     let passed = second["passed"].to_string();
     assert!(passed.contains("extends the head of 10"), "{second}");
-    assert!(passed.contains("is at position 13"), "{second}");
+    assert!(passed.contains("at position 13"), "{second}");
+    submit(&mut ingest, vec![rating("f-more")]).await;
     let (ok, wrong) = parse(output(follow(&hub, &other_key, &[])).await);
     assert!(
         !ok && wrong["failed"].to_string().contains("signature"),
@@ -1309,6 +1342,27 @@ async fn a_platform_following_signed_heads_catches_a_rewritten_log() {
         String::from_utf8_lossy(&out.stderr).contains("signature does not verify"),
         "{out:?}"
     );
+    // Without a key, a head file is used only when asked for by name, and says so.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rating-hub"));
+    cmd.args(["log", "verify", "--json", "--head"])
+        .arg(&forged_file)
+        .arg("--config")
+        .arg(hub.dir.path().join("hub.toml"))
+        .env_remove("RATING_HUB_CONFIG");
+    let out = output(cmd).await;
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--unsigned"),
+        "{out:?}"
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rating-hub"));
+    cmd.args(["log", "verify", "--json", "--unsigned", "--head"])
+        .arg(&forged_file)
+        .arg("--config")
+        .arg(hub.dir.path().join("hub.toml"))
+        .env_remove("RATING_HUB_CONFIG");
+    let out = output(cmd).await;
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["head_signature_verified"], false, "{report}");
     hub.stop().await;
 }
 

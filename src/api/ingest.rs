@@ -239,6 +239,8 @@ fn log_results(state: &HubState, rpc: &'static str, source: &str, results: &[pb:
 
 type AckStream = Pin<Box<dyn Stream<Item = Result<pb::StreamRatingsResponse, Status>> + Send>>;
 
+/// Accepted heads from a lower hub are kept at least this far apart in `peer_heads`.
+const PEER_HEAD_HISTORY_MICROS: i64 = 3_600_000_000;
 /// How far ahead of this hub's clock a lower hub's tree head may be dated.
 const FUTURE_HEAD_MICROS: i64 = 10 * 60 * 1_000_000;
 
@@ -393,9 +395,22 @@ impl IngestService for IngestApi {
             && last.is_some()
             && head.size == last_size
             && head.root == last_root;
-        if (outcome == "accepted" && !unchanged)
-            || (outcome != "accepted" && !seen(outcome, first_bad))
-        {
+        if outcome == "accepted" && !unchanged {
+            // History is kept an hour apart: a head accepted within the hour after the last
+            // one, with nothing recorded since, advances that record in place (the store
+            // checks both again). A lower hub's changing head otherwise adds a row a minute.
+            let latest = store.peer_heads(Some(&name), false, 1).await?;
+            let advance = latest.first().is_some_and(|l| {
+                l.id == last_id
+                    && l.outcome == "accepted"
+                    && self.state.clock.now_micros() - l.received_at_micros
+                        < PEER_HEAD_HISTORY_MICROS
+            });
+            records.push(crate::store::PeerHead {
+                id: if advance { last_id } else { 0 },
+                ..base.clone()
+            });
+        } else if outcome != "accepted" && !seen(outcome, first_bad) {
             records.push(base.clone());
         }
         if self_failed {

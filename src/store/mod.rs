@@ -582,13 +582,15 @@ pub const SUPERSEDED_DEFAULT: i32 = 100;
 /// A tree head a lower hub reported, and what checking it found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerHead {
+    /// The record's id. Written: 0 for a new record, or the principal's latest record, an
+    /// accepted head, that this accepted head advances in place.
     pub id: u64,
     pub principal: String,
     pub size: u64,
     pub root: Vec<u8>,
     pub head_time_micros: i64,
     pub received_at_micros: i64,
-    /// accepted, inconsistent, self_check, bad_signature.
+    /// accepted, inconsistent, self_check, bad_signature, future_time, rebaselined.
     pub outcome: String,
     /// The first feed position of the lower hub's log that differs (0: none named).
     pub first_bad: u64,

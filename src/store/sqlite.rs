@@ -918,21 +918,45 @@ async fn relay_write(
         .execute(&mut *conn)
         .await?
         .rows_affected()),
-        RelayWrite::PeerHead(h) => Ok(sqlx::query(
-            "INSERT INTO peer_heads (principal, size, root, head_time, received_at, outcome, \
+        RelayWrite::PeerHead(h) => {
+            // An accepted head may advance the principal's latest row in place when that
+            // row is an accepted head (`h.id`, chosen by the caller): history is thinned,
+            // and nothing recorded after it can be moved.
+            if h.id != 0 {
+                let advanced = sqlx::query(
+                    "UPDATE peer_heads SET size = ?1, root = ?2, head_time = ?3, received_at = ?4 \
+                 WHERE id = ?5 AND outcome = 'accepted' \
+                 AND id = (SELECT MAX(id) FROM peer_heads WHERE principal = ?6)",
+                )
+                .bind(h.size as i64)
+                .bind(&h.root)
+                .bind(h.head_time_micros)
+                .bind(now)
+                .bind(h.id as i64)
+                .bind(&h.principal)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                if advanced == 1 {
+                    return Ok(1);
+                }
+            }
+            Ok(sqlx::query(
+                "INSERT INTO peer_heads (principal, size, root, head_time, received_at, outcome, \
              first_bad, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&h.principal)
-        .bind(h.size as i64)
-        .bind(&h.root)
-        .bind(h.head_time_micros)
-        .bind(now)
-        .bind(&h.outcome)
-        .bind(h.first_bad as i64)
-        .bind(&h.detail)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected()),
+            )
+            .bind(&h.principal)
+            .bind(h.size as i64)
+            .bind(&h.root)
+            .bind(h.head_time_micros)
+            .bind(now)
+            .bind(&h.outcome)
+            .bind(h.first_bad as i64)
+            .bind(&h.detail)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected())
+        }
         RelayWrite::Probe => {
             // A real row write, and a sync at commit.
             sqlx::query(

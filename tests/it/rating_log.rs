@@ -1157,6 +1157,35 @@ async fn an_operator_rebaselines_a_lower_hub_after_an_investigation() {
         gauge(&samples, "city-hub"),
         Some((signed_now / 1_000_000) as f64)
     );
+    // Within the hour, the next accepted head advances that record instead of adding one.
+    let before_14 = peer_heads(&province, false).await;
+    assert_eq!(
+        (before_14[0].outcome.as_str(), before_14[0].tree_size),
+        ("accepted", 12)
+    );
+    let (r14, nodes14) = tree("b", 14);
+    let proof14 = Prover {
+        alg,
+        nodes: &nodes14,
+    }
+    .consistency(12, 14)
+    .unwrap();
+    let next = send(
+        &mut city,
+        report(head(14, r14, signed_now + 1, &key), 12, proof14),
+    )
+    .await;
+    assert!(next.accepted && next.accepted_size == 14, "{next:?}");
+    let after_14 = peer_heads(&province, false).await;
+    assert_eq!(after_14.len(), before_14.len(), "{after_14:?}");
+    assert_eq!(
+        (
+            after_14[0].id,
+            after_14[0].tree_size,
+            &after_14[0].root_hash
+        ),
+        (before_14[0].id, 14, &r14.to_vec())
+    );
     // A head older than the baseline's cannot become the baseline.
     let old_id = peer_heads(&province, false)
         .await

@@ -132,7 +132,8 @@ impl Spool {
             None => Ok(()),
             Some(e) => anyhow::bail!(
                 "the spool {path} was sealed with another key than [at_rest] key names ({e}): \
-                 restore the key it was sealed with"
+                 restore the key it was sealed with (after a change of [at_rest] algorithm, \
+                 name the earlier key in [at_rest] previous_key)"
             ),
         }
     }

@@ -82,9 +82,14 @@ async fn webhook_items_are_mapped_validated_and_delivered() {
         hub: hub_connection(dir.path(), port),
         mapping: mapping(),
         callback_auth: rating_hub_adapter_kit::testing::callback_auth(dir.path()),
-        at_rest: Default::default(),
+        // 国密 at rest: the spool sealed with SM4-GCM under a key of its own.
+        at_rest: rating_hub_adapter_kit::at_rest::AtRestConfig {
+            algorithm: rating_hub::privacy::Algorithm::Sm4Gcm,
+            ..Default::default()
+        },
     };
     let adapter = rating_hub_selfbuilt::start(cfg).await.unwrap();
+    assert!(dir.path().join("pii-sm4.key").exists());
     let org = rating_hub::domain::codes::credit_code_with_check("11530100MA0000009").unwrap();
     let body = json!([
         item("a1", json!(5), &org),
@@ -161,6 +166,16 @@ async fn webhook_items_are_mapped_validated_and_delivered() {
     let bad = bad.body(text).send().await.unwrap();
     assert_eq!(bad.status(), 400);
     adapter.shutdown().await;
+    // The delivered rows stay in the spool (retention), sealed: the rater's phone is in none
+    // of its files, and the sealed values name the SM4 key, never the ChaCha one.
+    let mut files = Vec::new();
+    for f in ["spool.db", "spool.db-wal"] {
+        files.extend(std::fs::read(dir.path().join(f)).unwrap_or_default());
+    }
+    let holds = |needle: &[u8]| files.windows(needle.len()).any(|w| w == needle);
+    assert!(!holds(b"13800138000"), "the phone in clear");
+    assert!(holds(b"S1\0\x02s1"), "values sealed under the SM4 key");
+    assert!(!holds(b"S1\0\x02k1"), "nothing sealed under a ChaCha key");
     assert_eq!(
         rating_hub_adapter_kit::testing::all_ratings(dir.path(), port)
             .await

@@ -453,10 +453,11 @@ impl AdminService for AdminApi {
             return Err(bad_request(&bad));
         }
         let store = &self.state.store;
-        // Under the lock reports are checked under (in this process: a province of several
-        // instances serialises them per instance): a report checked against the old
-        // baseline here cannot land after the new one.
+        // Under the locks reports are checked under (this process's, then the database's
+        // across instances): a report checked against the old baseline cannot land after
+        // the new one.
         let _one = self.state.peer_reports.lock().await;
+        let _shared = store.peer_lock(&req.principal).await?;
         let rows = store.peer_heads(Some(&req.principal), false, 1000).await?;
         let last_baseline = rows
             .iter()

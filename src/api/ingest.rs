@@ -286,9 +286,11 @@ impl IngestService for IngestApi {
         let proof = proof
             .ok_or_else(|| bad_request(&[violation("consistency_proof", "hashes are 32 bytes")]))?;
         let store = &self.state.store;
-        // One report at a time: each is checked against the last accepted head and may
-        // become it.
+        // One report at a time (in this process, then across instances): each is checked
+        // against the last accepted head and may become it.
         let _one = self.state.peer_reports.lock().await;
+        // And one at a time across the instances sharing the database.
+        let _shared = store.peer_lock(&name).await?;
         let last = store.last_accepted_head(&name).await?;
         let (last_size, last_root, last_time, last_id) =
             last.clone().unwrap_or((0, Vec::new(), i64::MIN, 0));

@@ -597,6 +597,20 @@ pub struct PeerHead {
     pub detail: String,
 }
 
+/// What [`Store::peer_lock`] holds: dropping it releases the lock.
+#[derive(Default)]
+pub struct PeerLock {
+    _held: Option<Box<dyn std::any::Any + Send>>,
+}
+
+impl PeerLock {
+    pub(crate) fn holding(what: impl std::any::Any + Send) -> Self {
+        Self {
+            _held: Some(Box::new(what)),
+        }
+    }
+}
+
 /// A `peer_heads` row as both backends select it: id, principal, size, root, head_time,
 /// received_at, outcome, first_bad, detail.
 pub(crate) type PeerHeadRow = (i64, String, i64, Vec<u8>, i64, i64, String, i64, String);
@@ -878,6 +892,14 @@ pub trait Store: Send + Sync + 'static {
         alarms_only: bool,
         limit: u32,
     ) -> Result<Vec<PeerHead>, StoreError>;
+
+    /// Holds, until dropped, the lock under which reports of `principal`'s tree heads are
+    /// checked and recorded, across every instance sharing the database (a session
+    /// advisory lock on PostgreSQL, on a connection of its own; SQLite has one instance
+    /// per file, so nothing beyond the caller's own lock).
+    async fn peer_lock(&self, _principal: &str) -> Result<PeerLock, StoreError> {
+        Ok(PeerLock::default())
+    }
 
     /// A principal's last accepted head: (size, root, head time, row id).
     async fn last_accepted_head(

@@ -1637,6 +1637,20 @@ impl Store for PostgresStore {
         Ok(rows.into_iter().map(PeerHead::from).collect())
     }
 
+    async fn peer_lock(&self, principal: &str) -> Result<super::PeerLock, StoreError> {
+        // A connection of its own: closing it (when the guard drops) ends the session and
+        // so releases the lock, whatever happened meanwhile.
+        let mut conn = PgConnection::connect_with(&self.connect).await?;
+        sqlx::query("SET lock_timeout = '60s'")
+            .execute(&mut conn)
+            .await?;
+        sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+            .bind(format!("rating-hub peer heads {principal}"))
+            .execute(&mut conn)
+            .await?;
+        Ok(super::PeerLock::holding(conn))
+    }
+
     async fn last_accepted_head(
         &self,
         principal: &str,

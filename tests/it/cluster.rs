@@ -1044,3 +1044,115 @@ async fn every_instance_reports_the_stored_cursor_and_the_lease_holder() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A province of two instances on one database checks a lower hub's reports one at a time
+/// across both: two forking heads of the city, each extending the head accepted before,
+/// sent to the two instances at once, cannot both be accepted. Each waits for the
+/// database's lock (held here by the test until both are seen waiting for it); once it is
+/// released, one is accepted and the other is told to prove from the new head.
+#[tokio::test]
+async fn two_instances_of_a_province_accept_one_of_two_forking_heads() {
+    use crate::rating_log::{an_hour_ago, head, report, tree};
+    use rating_hub::merkle::{Frontier, HashAlg, Prover};
+    use rating_hub::tree_head::{SignatureAlg, SigningKey};
+    use sqlx::Connection;
+    let key = SigningKey::parse(
+        SignatureAlg::Ed25519,
+        &SigningKey::generate(SignatureAlg::Ed25519),
+    )
+    .unwrap();
+    let (builder, url) = on_new_database();
+    let a = builder
+        .principal("city-hub", &["submit", "relay"], TestScope::National)
+        .set(
+            "principals.city-hub.log_key",
+            &format!("\"{}\"", key.public().to_text()),
+        )
+        .start()
+        .await;
+    let b = a.peer().await;
+    let alg = HashAlg::Sm3;
+    let t = an_hour_ago();
+    let (r5, _) = tree("a", 5);
+    let first = IngestServiceClient::new(a.channel_as("city-hub").await)
+        .report_tree_head(report(head(5, r5, t, &key), 0, vec![]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.accepted, "{first:?}");
+    // Two logs that share the first five leaves and then differ.
+    let fork = |tag: &str, n: u64| {
+        let mut f = Frontier::empty(alg);
+        let mut nodes = crate::rating_log::Nodes::new();
+        for i in 0..n {
+            let leaf = if i < 5 {
+                format!("a{i}")
+            } else {
+                format!("{tag}{i}")
+            };
+            for (l, idx, h) in f.append(alg.leaf(leaf.as_bytes())) {
+                nodes.insert((l, idx), h);
+            }
+        }
+        let proof = Prover { alg, nodes: &nodes }.consistency(5, n).unwrap();
+        (f.root(), proof)
+    };
+    let (rx, px) = fork("x", 8);
+    let (ry, py) = fork("y", 10);
+
+    let mut holder = sqlx::postgres::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(hashtextextended('rating-hub peer heads city-hub', 0))")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let (mut ca, mut cb) = (
+        IngestServiceClient::new(a.channel_as("city-hub").await),
+        IngestServiceClient::new(b.channel_as("city-hub").await),
+    );
+    let (hx, hy) = (head(8, rx, t + 1, &key), head(10, ry, t + 2, &key));
+    let to_a = tokio::spawn(async move {
+        ca.report_tree_head(report(hx, 5, px))
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    let to_b = tokio::spawn(async move {
+        cb.report_tree_head(report(hy, 5, py))
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    // Both instances wait for the database's lock (neither decided alone).
+    let waiting = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        )
+        .fetch_one(&mut sqlx::postgres::PgConnection::connect(&url).await.unwrap())
+        .await
+        .unwrap()
+    };
+    eventually(LIMIT, "both reports wait for the lock", || async {
+        waiting().await == 2
+    })
+    .await;
+    assert!(!to_a.is_finished() && !to_b.is_finished());
+    holder.close().await.unwrap();
+    let (ra, rb) = (to_a.await.unwrap(), to_b.await.unwrap());
+    let accepted: Vec<u64> = [&ra, &rb]
+        .iter()
+        .filter(|r| r.accepted)
+        .map(|r| r.accepted_size)
+        .collect();
+    assert_eq!(accepted.len(), 1, "one of two forking heads: {ra:?} {rb:?}");
+    let other = if ra.accepted { &rb } else { &ra };
+    assert_eq!(other.accepted_size, accepted[0], "{other:?}");
+    assert!(other.problem.contains("from_size"), "{other:?}");
+    let recorded: Vec<u64> = crate::rating_log::peer_heads(&a, false)
+        .await
+        .iter()
+        .filter(|h| h.outcome == "accepted")
+        .map(|h| h.tree_size)
+        .collect();
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0], accepted[0]);
+}

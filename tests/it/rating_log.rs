@@ -585,9 +585,9 @@ async fn signed_heads_and_proofs_verify_against_the_log() {
 
 /// A log of `n` leaves drawn from `tag`, as a lower hub would hold it: its root, and its
 /// nodes for proofs.
-type Nodes = std::collections::HashMap<(u32, u64), [u8; 32]>;
+pub(crate) type Nodes = std::collections::HashMap<(u32, u64), [u8; 32]>;
 
-fn tree(tag: &str, n: u64) -> ([u8; 32], Nodes) {
+pub(crate) fn tree(tag: &str, n: u64) -> ([u8; 32], Nodes) {
     use rating_hub::merkle::{Frontier, HashAlg};
     let alg = HashAlg::Sm3;
     let mut f = Frontier::empty(alg);
@@ -601,7 +601,7 @@ fn tree(tag: &str, n: u64) -> ([u8; 32], Nodes) {
 }
 
 /// A head of that log signed by `by`.
-fn head(
+pub(crate) fn head(
     size: u64,
     root: [u8; 32],
     time: i64,
@@ -621,7 +621,7 @@ fn head(
 }
 
 /// A lower hub's report of `h` with its proof from the head of `from` ratings.
-fn report(
+pub(crate) fn report(
     h: rating_hub::tree_head::TreeHead,
     from: u64,
     proof: Vec<[u8; 32]>,
@@ -634,7 +634,7 @@ fn report(
     }
 }
 
-fn an_hour_ago() -> i64 {
+pub(crate) fn an_hour_ago() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -642,7 +642,7 @@ fn an_hour_ago() -> i64 {
         - 3_600_000_000
 }
 
-async fn peer_heads(hub: &TestHub, alarms_only: bool) -> Vec<pb::PeerHead> {
+pub(crate) async fn peer_heads(hub: &TestHub, alarms_only: bool) -> Vec<pb::PeerHead> {
     crate::security::AdminServiceClient::new(hub.channel_as("tester").await)
         .list_peer_heads(pb::ListPeerHeadsRequest {
             principal: "city-hub".into(),

@@ -1,4 +1,7 @@
-//! Baseline B: the same rows inserted straight into SQLite or PostgreSQL with the hub's schema.
+//! Baseline B: the same rows inserted straight into SQLite or PostgreSQL with the hub's schema;
+//! and B-lean, the same rows into the leanest table that still enforces idempotency (the feed
+//! position as primary key, the (source, key) unique index, the stored body): the storage
+//! floor the hub's schema is measured against.
 
 use super::*;
 
@@ -92,7 +95,7 @@ pub(crate) fn preparation_cpu_micros(dir: &Path) -> anyhow::Result<Option<f64>> 
 /// [`batch_inserts`]. A macro because the generic bounds of sqlx's executors over borrowed
 /// binds cost more lines than the loop.
 macro_rules! raw_plan {
-    ($conn:expr, $db:ty, $rows:expr, $plan:expr, $batch:expr, $pg_admin:expr) => {{
+    ($conn:expr, $db:ty, $rows:expr, $plan:expr, $batch:expr, $pg_admin:expr, $lean:expr) => {{
         let (mut conn, mut rows, plan, batch) = ($conn, $rows, $plan, $batch);
         let now = now_micros();
         let mut seq = 0i64;
@@ -118,7 +121,12 @@ macro_rules! raw_plan {
             let meter = CpuMeter::start(None);
             for chunk in new.chunks(batch) {
                 let mut tx = conn.begin().await?;
-                for mut qb in batch_inserts::<$db>(chunk, seq, now) {
+                let statements = if $lean {
+                    vec![lean_insert::<$db>(chunk, seq)]
+                } else {
+                    batch_inserts::<$db>(chunk, seq, now)
+                };
+                for mut qb in statements {
                     qb.build().execute(&mut *tx).await?;
                 }
                 seq += chunk.len() as i64;
@@ -148,7 +156,7 @@ pub(crate) async fn raw_unary_rows(
         prefill: 0,
         segments: vec![rows],
     };
-    let [m] = same_table_sizes(raw_sqlite(dir, &plan, batch).await?)?;
+    let [m] = same_table_sizes(raw_sqlite(dir, &plan, batch, false).await?)?;
     Ok(m)
 }
 
@@ -157,6 +165,7 @@ pub(crate) async fn raw_sqlite(
     dir: &Path,
     plan: &RawPlan,
     batch: usize,
+    lean: bool,
 ) -> anyhow::Result<Vec<Measured>> {
     use sqlx::Connection;
     use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
@@ -176,8 +185,46 @@ pub(crate) async fn raw_sqlite(
         true,
     ))
     .await?;
+    let mut conn = conn;
+    if lean {
+        sqlx::query(
+            "CREATE TABLE lean_ratings (feed_seq INTEGER PRIMARY KEY, source_system TEXT NOT \
+             NULL, source_key TEXT NOT NULL, body BLOB NOT NULL, pii BLOB, \
+             UNIQUE (source_system, source_key))",
+        )
+        .execute(&mut conn)
+        .await?;
+    }
     let rows = BaselineRows::new(dir)?;
-    raw_plan!(conn, sqlx::Sqlite, rows, plan, batch, None)
+    raw_plan!(conn, sqlx::Sqlite, rows, plan, batch, None, lean)
+}
+
+/// B-lean's statement for one batch: the feed position, the source and key (unique), the
+/// stored body and sealed personal data; nothing else.
+pub(crate) fn lean_insert<'a, DB>(
+    chunk: &'a [rating_hub::store::NewRating],
+    seq: i64,
+) -> sqlx::QueryBuilder<'a, DB>
+where
+    DB: sqlx::Database,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a [u8]: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Option<&'a [u8]>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let mut q = sqlx::QueryBuilder::<DB>::new(
+        "INSERT INTO lean_ratings (feed_seq, source_system, source_key, body, pii) ",
+    );
+    let mut seq = seq;
+    q.push_values(chunk, |mut b, item| {
+        seq += 1;
+        b.push_bind(seq)
+            .push_bind(item.source_system.as_str())
+            .push_bind(item.rating.source_key.as_str())
+            .push_bind(item.body_bytes.as_slice())
+            .push_bind(item.pii.as_ref().map(|p| p.blob.as_slice()));
+    });
+    q
 }
 
 /// Baseline B's statements for one batch, on either database: one multi-row INSERT of the
@@ -265,6 +312,7 @@ pub(crate) async fn raw_postgres(
     dir: &Path,
     plan: &RawPlan,
     batch: usize,
+    lean: bool,
 ) -> anyhow::Result<Vec<Measured>> {
     use sqlx::Connection;
     let url = create_database(admin, "bench_raw").await?;
@@ -281,9 +329,18 @@ pub(crate) async fn raw_postgres(
         rating_hub::store::PostgresStore::open(&opts, Arc::new(rating_hub::clock::SystemClock))
             .await?;
     rating_hub::store::Store::close(&store).await;
-    let conn = sqlx::PgConnection::connect(&url).await?;
+    let mut conn = sqlx::PgConnection::connect(&url).await?;
+    if lean {
+        sqlx::query(
+            "CREATE TABLE lean_ratings (feed_seq BIGINT PRIMARY KEY, source_system TEXT NOT \
+             NULL, source_key TEXT NOT NULL, body BYTEA NOT NULL, pii BYTEA, \
+             UNIQUE (source_system, source_key))",
+        )
+        .execute(&mut conn)
+        .await?;
+    }
     let rows = BaselineRows::new(dir)?;
-    raw_plan!(conn, sqlx::Postgres, rows, plan, batch, Some(admin))
+    raw_plan!(conn, sqlx::Postgres, rows, plan, batch, Some(admin), lean)
 }
 
 /// A new database on the server at `admin`; returns its URL.

@@ -125,6 +125,10 @@ enum Cmd {
         batch: usize,
         #[arg(long)]
         pg_url: Option<String>,
+        /// B-lean instead: the leanest table that still enforces idempotency (feed position
+        /// as primary key, the (source, key) unique index, the body), same pragmas.
+        #[arg(long)]
+        lean: bool,
     },
     /// Only the public-site scenario: batched ingest alone, then while a client loads the
     /// public pages at `page_rate` requests/s, then alone again; printed.
@@ -523,7 +527,7 @@ async fn run(
         batched,
         stream,
     } = run;
-    let [raw, raw_s] = same_table_sizes(raw_sqlite(&work, &plan, 100).await?)?;
+    let [raw, raw_s] = same_table_sizes(raw_sqlite(&work, &plan, 100, false).await?)?;
     eprintln!(
         "baseline B: {:.0} rows/s (batches' rows), {:.0} rows/s (streams' rows)",
         raw.rate, raw_s.rate
@@ -693,7 +697,8 @@ async fn run(
             batched: pg_batched,
             stream: pg_stream,
         } = run;
-        let [raw_pg, raw_pg_s] = same_table_sizes(raw_postgres(admin, &work, &plan, 100).await?)?;
+        let [raw_pg, raw_pg_s] =
+            same_table_sizes(raw_postgres(admin, &work, &plan, 100, false).await?)?;
         eprintln!(
             "baseline B on PostgreSQL: {:.0} rows/s (batches' rows), {:.0} rows/s (streams' rows)",
             raw_pg.rate, raw_pg_s.rate
@@ -964,6 +969,7 @@ async fn main() -> anyhow::Result<()> {
             prefill,
             batch,
             pg_url,
+            lean,
         } => {
             let work =
                 std::env::temp_dir().join(format!("rating-bench-raw-{}", std::process::id()));
@@ -973,13 +979,14 @@ async fn main() -> anyhow::Result<()> {
                 segments: vec![rows],
             };
             let m = match pg_url {
-                Some(admin) => raw_postgres(&admin, &work, &plan, batch).await,
-                None => raw_sqlite(&work, &plan, batch).await,
+                Some(admin) => raw_postgres(&admin, &work, &plan, batch, lean).await,
+                None => raw_sqlite(&work, &plan, batch, lean).await,
             };
             let _ = std::fs::remove_dir_all(&work);
             let [m] = same_table_sizes(m?)?;
             println!(
-                "B: {:.0} rows/s at batch {batch}, {rows} rows after {prefill}{}",
+                "{}: {:.0} rows/s at batch {batch}, {rows} rows after {prefill}{}",
+                if lean { "B-lean" } else { "B" },
                 m.rate,
                 m.cpu_micros(|c| c.bench)
                     .map_or(String::new(), |us| format!(

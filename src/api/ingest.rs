@@ -285,198 +285,13 @@ impl IngestService for IngestApi {
             .collect();
         let proof = proof
             .ok_or_else(|| bad_request(&[violation("consistency_proof", "hashes are 32 bytes")]))?;
-        let store = &self.state.store;
-        // One report at a time (in this process, then across instances): each is checked
-        // against the last accepted head and may become it.
-        let _one = self.state.peer_reports.lock().await;
-        // And one at a time across the instances sharing the database.
-        let _shared = store.peer_lock(&name).await?;
-        let last = store.last_accepted_head(&name).await?;
-        let (last_size, last_root, last_time, last_id) =
-            last.clone().unwrap_or((0, Vec::new(), i64::MIN, 0));
-        let last_root: crate::merkle::Hash = last_root.try_into().unwrap_or([0; 32]);
-        let self_check = req.self_check_first_bad;
-        let self_failed = req.self_check_failed || self_check > 0;
-        // A head from the future (a lower hub's clock jumped, or set on purpose) would make
-        // every later, smaller head look stale: refused as a finding of its own.
-        let future = self.state.clock.now_micros() + FUTURE_HEAD_MICROS;
-        let (outcome, first_bad, detail) = if !head.verify(&key) {
-            (
-                "bad_signature",
-                0,
-                "the head is not signed by the principal's registered log key".to_owned(),
-            )
-        } else if head.timestamp_micros > future {
-            (
-                "future_time",
-                0,
-                format!(
-                    "the head is dated more than {} s ahead of this hub's clock",
-                    FUTURE_HEAD_MICROS / 1_000_000
-                ),
-            )
-        } else if head.size < last_size && head.timestamp_micros <= last_time {
-            // An older head (another instance's, or a replay of a published one): not a
-            // finding.
-            return Ok(Response::new(pb::ReportTreeHeadResponse {
-                accepted: false,
-                accepted_size: last_size,
-                problem: format!(
-                    "stale: a head of {} ratings older than the head of {last_size} accepted",
-                    head.size
-                ),
-            }));
-        } else if req.from_size != last_size {
-            return Ok(Response::new(pb::ReportTreeHeadResponse {
-                accepted: false,
-                accepted_size: last_size,
-                problem: format!(
-                    "from_size {} is not the size of the last head accepted from {name} \
-                     ({last_size}): send the proof from it",
-                    req.from_size
-                ),
-            }));
-        } else if head.size < last_size {
-            (
-                "inconsistent",
-                head.size + 1,
-                format!(
-                    "a newer head of {} ratings after the head of {last_size} accepted: \
-                     positions from {} on were removed",
-                    head.size,
-                    head.size + 1
-                ),
-            )
-        } else if last_size > 0
-            && !crate::merkle::verify_consistency(
-                head.hash, last_size, head.size, &last_root, &head.root, &proof,
-            )
-        {
-            (
-                "inconsistent",
-                0,
-                format!(
-                    "the head of {} ratings does not extend the head of {last_size} accepted \
-                     before: ratings among the first {last_size} were changed, removed or \
-                     reordered",
-                    head.size
-                ),
-            )
-        } else {
-            ("accepted", 0, String::new())
-        };
-        // Each finding is recorded once between two accepted heads (a chain that stays
-        // broken reports every interval; one that breaks again after an accepted head is a
-        // new finding); the same accepted head again (a newer signature over an unchanged
-        // log) is not recorded again. The counters count every report.
-        let recent = store.peer_heads(Some(&name), true, 50).await?;
-        // An inconsistent chain stays one finding whatever position each report names (a
-        // removal's first position moves as the lower hub's log grows); a self-check finding
-        // naming another position is a new one.
-        let seen = |outcome: &str, first_bad: u64| {
-            recent.iter().any(|a| {
-                a.id > last_id
-                    && a.outcome == outcome
-                    && (a.first_bad == first_bad || outcome == "inconsistent")
-            })
-        };
-        let base = crate::store::PeerHead {
-            id: 0,
-            principal: name.clone(),
-            size: head.size,
-            root: head.root.to_vec(),
-            head_time_micros: head.timestamp_micros,
-            received_at_micros: 0,
-            outcome: outcome.to_owned(),
-            first_bad,
-            detail: detail.clone(),
-        };
-        let mut records = Vec::new();
-        let mut counted = vec![outcome.to_owned()];
-        let unchanged = outcome == "accepted"
-            && last.is_some()
-            && head.size == last_size
-            && head.root == last_root;
-        if outcome == "accepted" && !unchanged {
-            // History is kept an hour apart: a head accepted within the hour after the last
-            // one, with nothing recorded since, advances that record in place (the store
-            // checks both again). A lower hub's changing head otherwise adds a row a minute.
-            let latest = store.peer_heads(Some(&name), false, 1).await?;
-            let advance = latest.first().is_some_and(|l| {
-                l.id == last_id
-                    && l.outcome == "accepted"
-                    && self.state.clock.now_micros() - l.received_at_micros
-                        < PEER_HEAD_HISTORY_MICROS
-            });
-            records.push(crate::store::PeerHead {
-                id: if advance { last_id } else { 0 },
-                ..base.clone()
-            });
-        } else if outcome != "accepted" && !seen(outcome, first_bad) {
-            records.push(base.clone());
-        }
-        if self_failed {
-            counted.push("self_check".into());
-            if !seen("self_check", self_check) {
-                let reason: String = req.self_check_reason.chars().take(300).collect();
-                records.push(crate::store::PeerHead {
-                    outcome: "self_check".into(),
-                    first_bad: self_check,
-                    detail: format!(
-                        "the lower hub's own check found its stored ratings differ from its log \
-                         (first position {self_check}; 0: none named): {reason:?}"
-                    ),
-                    ..base.clone()
-                });
-            }
-        }
-        for outcome in &counted {
-            self.state
-                .metrics
-                .peer_heads
-                .get_or_create(&crate::metrics::PeerHeadLabels {
-                    peer: name.clone(),
-                    outcome: outcome.clone(),
-                })
-                .inc();
-        }
-        for r in records {
-            if r.outcome != "accepted"
-                && let Some(suppressed) = crate::telemetry::throttle_for("log.peer_alarm", &name)
-            {
-                tracing::error!(
-                    peer = %name,
-                    outcome = %r.outcome,
-                    first_bad_position = r.first_bad,
-                    size = r.size,
-                    detail = ?r.detail,
-                    suppressed,
-                    "RATING LOG ALARM: a lower hub's log does not hold together."
-                );
-            }
-            store
-                .relay_write(crate::store::RelayWrite::PeerHead(r))
-                .await?;
-        }
-        let accepted = outcome == "accepted";
-        if accepted {
-            // The head's own time, so a replayed head does not look like a live lower hub.
-            let gauge = self
-                .state
-                .metrics
-                .peer_last_accepted
-                .get_or_create(&crate::metrics::PeerLabels { peer: name.clone() });
-            gauge.set(gauge.get().max(head.timestamp_micros / 1_000_000));
-        }
-        Ok(Response::new(pb::ReportTreeHeadResponse {
-            accepted,
-            accepted_size: if accepted { head.size } else { last_size },
-            problem: if accepted {
-                String::new()
-            } else {
-                format!("{outcome}: {detail}")
-            },
-        }))
+        // On a task of its own: a caller that goes away (a deadline, a closed connection)
+        // does not release the locks before the check's writes are done.
+        let state = self.state.clone();
+        tokio::spawn(check_reported_head(state, name, key, head, proof, req))
+            .await
+            .map_err(|e| Status::internal(format!("checking the head failed: {e}")))?
+            .map(Response::new)
     }
 
     async fn submit_ratings(
@@ -669,4 +484,206 @@ impl IngestService for IngestApi {
         log_results(&self.state, "ReportServiceCases", caller.name(), &results);
         Ok(Response::new(pb::ReportServiceCasesResponse { results }))
     }
+}
+
+/// Checks a lower hub's reported head against the last one accepted from it and records
+/// what it found (ReportTreeHead), under the process's and the database's locks.
+async fn check_reported_head(
+    state: Arc<HubState>,
+    name: String,
+    key: crate::tree_head::PublicKey,
+    head: crate::tree_head::TreeHead,
+    proof: Vec<crate::merkle::Hash>,
+    req: pb::ReportTreeHeadRequest,
+) -> Result<pb::ReportTreeHeadResponse, Status> {
+    let store = &state.store;
+    // One report at a time (in this process, then across instances): each is checked
+    // against the last accepted head and may become it.
+    let _one = state.peer_reports.lock().await;
+    // And one at a time across the instances sharing the database.
+    let _shared = store.peer_lock(&name).await?;
+    let last = store.last_accepted_head(&name).await?;
+    let (last_size, last_root, last_time, last_id) =
+        last.clone().unwrap_or((0, Vec::new(), i64::MIN, 0));
+    let last_root: crate::merkle::Hash = last_root.try_into().unwrap_or([0; 32]);
+    let self_check = req.self_check_first_bad;
+    let self_failed = req.self_check_failed || self_check > 0;
+    // A head from the future (a lower hub's clock jumped, or set on purpose) would make
+    // every later, smaller head look stale: refused as a finding of its own.
+    let future = state.clock.now_micros() + FUTURE_HEAD_MICROS;
+    let (outcome, first_bad, detail) = if !head.verify(&key) {
+        (
+            "bad_signature",
+            0,
+            "the head is not signed by the principal's registered log key".to_owned(),
+        )
+    } else if head.timestamp_micros > future {
+        (
+            "future_time",
+            0,
+            format!(
+                "the head is dated more than {} s ahead of this hub's clock",
+                FUTURE_HEAD_MICROS / 1_000_000
+            ),
+        )
+    } else if head.size < last_size && head.timestamp_micros <= last_time {
+        // An older head (another instance's, or a replay of a published one): not a
+        // finding.
+        return Ok(pb::ReportTreeHeadResponse {
+            accepted: false,
+            accepted_size: last_size,
+            problem: format!(
+                "stale: a head of {} ratings older than the head of {last_size} accepted",
+                head.size
+            ),
+        });
+    } else if req.from_size != last_size {
+        return Ok(pb::ReportTreeHeadResponse {
+            accepted: false,
+            accepted_size: last_size,
+            problem: format!(
+                "from_size {} is not the size of the last head accepted from {name} \
+                     ({last_size}): send the proof from it",
+                req.from_size
+            ),
+        });
+    } else if head.size < last_size {
+        (
+            "inconsistent",
+            head.size + 1,
+            format!(
+                "a newer head of {} ratings after the head of {last_size} accepted: \
+                     positions from {} on were removed",
+                head.size,
+                head.size + 1
+            ),
+        )
+    } else if last_size > 0
+        && !crate::merkle::verify_consistency(
+            head.hash, last_size, head.size, &last_root, &head.root, &proof,
+        )
+    {
+        (
+            "inconsistent",
+            0,
+            format!(
+                "the head of {} ratings does not extend the head of {last_size} accepted \
+                     before: ratings among the first {last_size} were changed, removed or \
+                     reordered",
+                head.size
+            ),
+        )
+    } else {
+        ("accepted", 0, String::new())
+    };
+    // Each finding is recorded once between two accepted heads (a chain that stays
+    // broken reports every interval; one that breaks again after an accepted head is a
+    // new finding); the same accepted head again (a newer signature over an unchanged
+    // log) is not recorded again. The counters count every report.
+    let recent = store.peer_heads(Some(&name), true, 50).await?;
+    // An inconsistent chain stays one finding whatever position each report names (a
+    // removal's first position moves as the lower hub's log grows); a self-check finding
+    // naming another position is a new one.
+    let seen = |outcome: &str, first_bad: u64| {
+        recent.iter().any(|a| {
+            a.id > last_id
+                && a.outcome == outcome
+                && (a.first_bad == first_bad || outcome == "inconsistent")
+        })
+    };
+    let base = crate::store::PeerHead {
+        id: 0,
+        principal: name.clone(),
+        size: head.size,
+        root: head.root.to_vec(),
+        head_time_micros: head.timestamp_micros,
+        received_at_micros: 0,
+        outcome: outcome.to_owned(),
+        first_bad,
+        detail: detail.clone(),
+        advances: None,
+    };
+    let mut records = Vec::new();
+    let mut counted = vec![outcome.to_owned()];
+    let unchanged =
+        outcome == "accepted" && last.is_some() && head.size == last_size && head.root == last_root;
+    if outcome == "accepted" && !unchanged {
+        // History is kept an hour apart: a head accepted within the hour after the last
+        // one, with nothing recorded since, advances that record in place (the store
+        // checks both again). A lower hub's changing head otherwise adds a row a minute.
+        let latest = store.peer_heads(Some(&name), false, 1).await?;
+        let advance = latest.first().is_some_and(|l| {
+            l.id == last_id
+                && l.outcome == "accepted"
+                && state.clock.now_micros() - l.received_at_micros < PEER_HEAD_HISTORY_MICROS
+        });
+        records.push(crate::store::PeerHead {
+            id: if advance { last_id } else { 0 },
+            advances: advance.then(|| (last_size, last_root.to_vec())),
+            ..base.clone()
+        });
+    } else if outcome != "accepted" && !seen(outcome, first_bad) {
+        records.push(base.clone());
+    }
+    if self_failed {
+        counted.push("self_check".into());
+        if !seen("self_check", self_check) {
+            let reason: String = req.self_check_reason.chars().take(300).collect();
+            records.push(crate::store::PeerHead {
+                outcome: "self_check".into(),
+                first_bad: self_check,
+                detail: format!(
+                    "the lower hub's own check found its stored ratings differ from its log \
+                         (first position {self_check}; 0: none named): {reason:?}"
+                ),
+                ..base.clone()
+            });
+        }
+    }
+    for outcome in &counted {
+        state
+            .metrics
+            .peer_heads
+            .get_or_create(&crate::metrics::PeerHeadLabels {
+                peer: name.clone(),
+                outcome: outcome.clone(),
+            })
+            .inc();
+    }
+    for r in records {
+        if r.outcome != "accepted"
+            && let Some(suppressed) = crate::telemetry::throttle_for("log.peer_alarm", &name)
+        {
+            tracing::error!(
+                peer = %name,
+                outcome = %r.outcome,
+                first_bad_position = r.first_bad,
+                size = r.size,
+                detail = ?r.detail,
+                suppressed,
+                "RATING LOG ALARM: a lower hub's log does not hold together."
+            );
+        }
+        store
+            .relay_write(crate::store::RelayWrite::PeerHead(r))
+            .await?;
+    }
+    let accepted = outcome == "accepted";
+    if accepted {
+        // The head's own time, so a replayed head does not look like a live lower hub.
+        let gauge = state
+            .metrics
+            .peer_last_accepted
+            .get_or_create(&crate::metrics::PeerLabels { peer: name.clone() });
+        gauge.set(gauge.get().max(head.timestamp_micros / 1_000_000));
+    }
+    Ok(pb::ReportTreeHeadResponse {
+        accepted,
+        accepted_size: if accepted { head.size } else { last_size },
+        problem: if accepted {
+            String::new()
+        } else {
+            format!("{outcome}: {detail}")
+        },
+    })
 }

@@ -595,6 +595,9 @@ pub struct PeerHead {
     /// The first feed position of the lower hub's log that differs (0: none named).
     pub first_bad: u64,
     pub detail: String,
+    /// Written with `id` set: the size and root the advanced record must still hold (else
+    /// a new record is made).
+    pub advances: Option<(u64, Vec<u8>)>,
 }
 
 /// What [`Store::peer_lock`] holds: dropping it releases the lock.
@@ -627,6 +630,7 @@ impl From<PeerHeadRow> for PeerHead {
             outcome: r.6,
             first_bad: r.7 as u64,
             detail: r.8,
+            advances: None,
         }
     }
 }

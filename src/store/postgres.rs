@@ -1083,19 +1083,21 @@ async fn relay_write(
         .rows_affected()),
         RelayWrite::PeerHead(h) => {
             // An accepted head may advance the principal's latest row in place when that
-            // row is an accepted head (`h.id`, chosen by the caller): history is thinned,
-            // and nothing recorded after it can be moved.
-            if h.id != 0 {
+            // row is still the accepted head it was checked against (`h.id`, `h.advances`):
+            // history is thinned, nothing recorded after it can be moved, and the row keeps
+            // the time it was made (so one row spans at most the caller's window).
+            if let (true, Some((from_size, from_root))) = (h.id != 0, &h.advances) {
                 let advanced = sqlx::query(
-                    "UPDATE peer_heads SET size = $1, root = $2, head_time = $3, received_at = $4 \
-                 WHERE id = $5 AND outcome = 'accepted' \
-                 AND id = (SELECT MAX(id) FROM peer_heads WHERE principal = $6)",
+                    "UPDATE peer_heads SET size = $1, root = $2, head_time = $3 \
+                     WHERE id = $4 AND outcome = 'accepted' AND size = $5 AND root = $6 \
+                     AND id = (SELECT MAX(id) FROM peer_heads WHERE principal = $7)",
                 )
                 .bind(h.size as i64)
                 .bind(&h.root)
                 .bind(h.head_time_micros)
-                .bind(now)
                 .bind(h.id as i64)
+                .bind(*from_size as i64)
+                .bind(from_root)
                 .bind(&h.principal)
                 .execute(&mut *conn)
                 .await?
@@ -1640,15 +1642,25 @@ impl Store for PostgresStore {
     async fn peer_lock(&self, principal: &str) -> Result<super::PeerLock, StoreError> {
         // A connection of its own: closing it (when the guard drops) ends the session and
         // so releases the lock, whatever happened meanwhile.
-        let mut conn = PgConnection::connect_with(&self.connect).await?;
-        sqlx::query("SET lock_timeout = '60s'")
-            .execute(&mut conn)
-            .await?;
-        sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
-            .bind(format!("rating-hub peer heads {principal}"))
-            .execute(&mut conn)
-            .await?;
-        Ok(super::PeerLock::holding(conn))
+        // Bounded: a lower hub's report waits at most this long for the connection and the
+        // lock (another instance checking the same lower hub's head).
+        let take = async {
+            let mut conn = PgConnection::connect_with(&self.connect).await?;
+            sqlx::query("SET lock_timeout = '30s'")
+                .execute(&mut conn)
+                .await?;
+            sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+                .bind(format!("rating-hub peer heads {principal}"))
+                .execute(&mut conn)
+                .await?;
+            Ok::<_, sqlx::Error>(conn)
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(40), take).await {
+            Ok(conn) => Ok(super::PeerLock::holding(conn?)),
+            Err(_) => Err(StoreError::Unavailable(
+                "no connection for the lower hub's head lock within 40 s".into(),
+            )),
+        }
     }
 
     async fn last_accepted_head(

@@ -920,19 +920,21 @@ async fn relay_write(
         .rows_affected()),
         RelayWrite::PeerHead(h) => {
             // An accepted head may advance the principal's latest row in place when that
-            // row is an accepted head (`h.id`, chosen by the caller): history is thinned,
-            // and nothing recorded after it can be moved.
-            if h.id != 0 {
+            // row is still the accepted head it was checked against (`h.id`, `h.advances`):
+            // history is thinned, nothing recorded after it can be moved, and the row keeps
+            // the time it was made (so one row spans at most the caller's window).
+            if let (true, Some((from_size, from_root))) = (h.id != 0, &h.advances) {
                 let advanced = sqlx::query(
-                    "UPDATE peer_heads SET size = ?1, root = ?2, head_time = ?3, received_at = ?4 \
-                 WHERE id = ?5 AND outcome = 'accepted' \
-                 AND id = (SELECT MAX(id) FROM peer_heads WHERE principal = ?6)",
+                    "UPDATE peer_heads SET size = ?1, root = ?2, head_time = ?3 \
+                     WHERE id = ?4 AND outcome = 'accepted' AND size = ?5 AND root = ?6 \
+                     AND id = (SELECT MAX(id) FROM peer_heads WHERE principal = ?7)",
                 )
                 .bind(h.size as i64)
                 .bind(&h.root)
                 .bind(h.head_time_micros)
-                .bind(now)
                 .bind(h.id as i64)
+                .bind(*from_size as i64)
+                .bind(from_root)
                 .bind(&h.principal)
                 .execute(&mut *conn)
                 .await?

@@ -1186,6 +1186,10 @@ async fn an_operator_rebaselines_a_lower_hub_after_an_investigation() {
         ),
         (before_14[0].id, 14, &r14.to_vec())
     );
+    assert_eq!(
+        after_14[0].received_at, before_14[0].received_at,
+        "the record keeps the time it was made: one record spans at most the hour"
+    );
     // A head older than the baseline's cannot become the baseline.
     let old_id = peer_heads(&province, false)
         .await

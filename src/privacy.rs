@@ -233,6 +233,11 @@ impl PiiKeys {
         })
     }
 
+    /// Whether a key with this id is loaded (records sealed under it can be opened).
+    pub fn has_key(&self, id: &str) -> bool {
+        self.keys.contains_key(id)
+    }
+
     /// The active key's algorithm (what new records are sealed with).
     pub fn algorithm(&self) -> Algorithm {
         self.algorithms

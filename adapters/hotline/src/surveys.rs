@@ -65,7 +65,8 @@ impl Surveys {
             s.survey_from_row(&r).map_err(|e| {
                 anyhow::anyhow!(
                     "{path} was sealed with another key than [at_rest] key names ({e}): \
-                     restore the key it was sealed with"
+                     restore the key it was sealed with (after a change of [at_rest] \
+                     algorithm, name the earlier key in [at_rest] previous_key)"
                 )
             })?;
         }

@@ -158,6 +158,21 @@ impl AtRest {
         out
     }
 
+    /// The key a sealed value names, when that key is not loaded (a value sealed before a
+    /// switch of algorithm whose key is no longer configured). `None` for plain values,
+    /// values whose key is loaded, and truncated ones (their opening says why).
+    pub fn missing_key(&self, stored: &[u8]) -> Option<String> {
+        let rest = stored.strip_prefix(MAGIC)?;
+        let (&n, rest) = rest.split_first()?;
+        let id = rest.get(..n as usize)?;
+        // A damaged value names no key: its opening says what is wrong with it.
+        if id.is_empty() || !id.iter().all(u8::is_ascii_alphanumeric) {
+            return None;
+        }
+        let id = String::from_utf8_lossy(id).into_owned();
+        (!self.keys.has_key(&id)).then_some(id)
+    }
+
     /// Whether `stored` is sealed (a row written before sealing is not).
     pub fn is_sealed(stored: &[u8]) -> bool {
         stored.starts_with(MAGIC)

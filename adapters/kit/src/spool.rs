@@ -114,6 +114,29 @@ impl Spool {
     /// key, a key changed in the configuration): said at start, rather than every rating
     /// failing later.
     async fn check_key(&self, path: &str) -> anyhow::Result<()> {
+        // Every key the waiting and refused rows were sealed under must be loaded: after a
+        // switch of algorithm the newest rows open under the new key while older ones, under
+        // a key no longer named, would each be set aside as unreadable.
+        let prefixes: Vec<Vec<u8>> = sqlx::query_scalar(
+            "SELECT DISTINCT substr(rating, 1, 6) FROM spool WHERE state != 1 \
+             AND substr(rating, 1, 3) = X'533100' AND substr(outcome, 1, 10) != 'UNREADABLE'",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut missing: Vec<String> = prefixes
+            .iter()
+            .filter_map(|p| self.at_rest.missing_key(p))
+            .collect();
+        missing.sort();
+        missing.dedup();
+        if !missing.is_empty() {
+            anyhow::bail!(
+                "the spool {path} holds ratings not yet delivered sealed under key(s) {} that \
+                 [at_rest] does not load (k1: ChaCha20-Poly1305, s1: SM4-GCM): name the key \
+                 they were sealed with in [at_rest] previous_key",
+                missing.join(", ")
+            );
+        }
         // The newest few rows not already set aside: one damaged row is not a wrong key.
         let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
             "SELECT source_key, rating FROM spool WHERE substr(outcome, 1, 10) != 'UNREADABLE' \
@@ -638,6 +661,57 @@ mod tests {
         };
         assert!(err.contains("sealed with another key"), "{err}");
         assert!(Spool::open(&path, at_rest).await.is_ok());
+    }
+
+    /// A switch to SM4-GCM keeps the rows sealed before readable while the ChaCha key is
+    /// loaded; once the newest rows are SM4-sealed, a configuration that no longer loads the
+    /// earlier key is refused at start, naming it (before, the start passed on the newest
+    /// rows and every older one was set aside as unreadable, one by one).
+    #[tokio::test]
+    async fn waiting_rows_under_a_key_no_longer_loaded_are_refused_at_start() {
+        use rating_hub::privacy::Algorithm;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db").display().to_string();
+        let chacha = Arc::new(AtRest::load(&Default::default(), &path).unwrap());
+        let spool = Spool::open(&path, chacha).await.unwrap();
+        spool.put(&rated("old", "13800138000")).await.unwrap();
+        drop(spool);
+        // Switched, the default key files beside the spool: both loaded.
+        let sm4 = crate::AtRestConfig {
+            algorithm: Algorithm::Sm4Gcm,
+            ..Default::default()
+        };
+        let both = Arc::new(AtRest::load(&sm4, &path).unwrap());
+        let spool = Spool::open(&path, both.clone()).await.unwrap();
+        for k in ["new1", "new2", "new3", "new4", "new5"] {
+            spool.put(&rated(k, "13900139000")).await.unwrap();
+        }
+        drop(spool);
+        // The SM4 key named explicitly, the ChaCha key not: refused, naming k1.
+        let alone = AtRest::load(
+            &crate::AtRestConfig {
+                key: dir.path().join("pii-sm4.key").display().to_string(),
+                algorithm: Algorithm::Sm4Gcm,
+                ..Default::default()
+            },
+            &path,
+        )
+        .unwrap();
+        let err = match Spool::open(&path, Arc::new(alone)).await {
+            Ok(_) => panic!("opened without the key its oldest waiting row needs"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("k1") && err.contains("previous_key"), "{err}");
+        // With it, every row is sent.
+        let spool = Spool::open(&path, both).await.unwrap();
+        let sent: Vec<String> = spool
+            .waiting(10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, r)| r.source_key)
+            .collect();
+        assert_eq!(sent, ["old", "new1", "new2", "new3", "new4", "new5"]);
     }
 
     /// An adapter dropped without its shutdown drops the stop sender: the forwarder ends

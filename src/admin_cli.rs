@@ -117,6 +117,11 @@ pub enum AdminCommand {
         id: u64,
         #[arg(long)]
         reason: String,
+        /// The head's size and root as listed (both): refused if the record changed since.
+        #[arg(long, requires = "root")]
+        size: Option<u64>,
+        #[arg(long, requires = "size")]
+        root: Option<String>,
     },
 }
 
@@ -543,12 +548,21 @@ pub async fn run(c: Connection, command: AdminCommand) -> anyhow::Result<()> {
             principal,
             id,
             reason,
+            size,
+            root,
         } => {
+            let root_hash = match &root {
+                Some(r) => hex::decode(r.trim())
+                    .map_err(|_| anyhow::anyhow!("--root: hexadecimal characters"))?,
+                None => Vec::new(),
+            };
             let r = admin
                 .rebaseline_peer_head(pb::RebaselinePeerHeadRequest {
                     principal,
                     id,
                     reason,
+                    tree_size: size.unwrap_or(0),
+                    root_hash,
                 })
                 .await?
                 .into_inner();

@@ -323,7 +323,7 @@ pub async fn start_with_clock(
         relay: relay.clone(),
         engine: rules.clone(),
         log: tree_log,
-        peer_reports: tokio::sync::Mutex::new(()),
+        peer_reports: Default::default(),
         watched_peers: Default::default(),
         evidence_slots: Arc::new(tokio::sync::Semaphore::new(EVIDENCE_TRANSFERS)),
         metrics,

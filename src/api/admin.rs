@@ -456,7 +456,7 @@ impl AdminService for AdminApi {
         // Under the locks reports are checked under (this process's, then the database's
         // across instances): a report checked against the old baseline cannot land after
         // the new one.
-        let _one = self.state.peer_reports.lock().await;
+        let _one = self.state.peer_report_lock(&req.principal).await;
         let _shared = store.peer_lock(&req.principal).await?;
         let rows = store.peer_heads(Some(&req.principal), false, 1000).await?;
         let last_baseline = rows
@@ -482,6 +482,17 @@ impl AdminService for AdminApi {
                 ))
             })?
         };
+        if (req.tree_size != 0 || !req.root_hash.is_empty())
+            && (chosen.size != req.tree_size || chosen.root != req.root_hash)
+        {
+            return Err(Status::failed_precondition(format!(
+                "head {} now holds {} ratings with root {}, not the head given (advanced by \
+                 later heads since it was listed): list it again",
+                chosen.id,
+                chosen.size,
+                hex::encode(&chosen.root)
+            )));
+        }
         if chosen.id < last_baseline {
             return Err(Status::failed_precondition(format!(
                 "head {} was reported before the current baseline ({last_baseline}): moving \

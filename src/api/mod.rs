@@ -7,6 +7,7 @@ pub mod query;
 pub mod rectification;
 pub mod sync;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,8 +43,9 @@ pub struct HubState {
     pub engine: Arc<crate::rules::engine::RulesEngine>,
     /// The rating log's heads and proofs.
     pub log: Arc<crate::tree_head::TreeLog>,
-    /// Lower hubs' head reports, checked one at a time (in this process).
-    pub peer_reports: tokio::sync::Mutex<()>,
+    /// Lower hubs' head reports, checked one at a time per lower hub (in this process; see
+    /// [`HubState::peer_report_lock`]).
+    pub peer_reports: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The lower hubs whose heads are expected (a gauge each).
     pub watched_peers: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Prometheus metrics (served on the operations listener).
@@ -219,6 +221,19 @@ impl HubState {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The lock a lower hub's head reports (and re-baselines) are checked under in this
+    /// process: one per lower hub, so one slow check does not hold up the others'.
+    pub async fn peer_report_lock(&self, principal: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .peer_reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(principal.to_owned())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
     }
 
     /// Every relay principal with a registered log key is a lower hub whose heads are

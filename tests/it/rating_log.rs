@@ -1097,6 +1097,26 @@ async fn an_operator_rebaselines_a_lower_hub_after_an_investigation() {
             && String::from_utf8_lossy(&refused.stderr).contains("lacks the admin role"),
         "{refused:?}"
     );
+    // The head as listed: a size or root that is not the record's is refused.
+    let r10_hex = hex::encode(r10);
+    let stale = output(admin(
+        &tester,
+        &[
+            "rebaseline",
+            "city-hub",
+            "--reason",
+            "x",
+            "--size",
+            "9",
+            "--root",
+            &r10_hex,
+        ],
+    ))
+    .await;
+    assert!(
+        String::from_utf8_lossy(&stale.stderr).contains("list it again"),
+        "{stale:?}"
+    );
     let done = output(admin(
         &tester,
         &[
@@ -1104,6 +1124,10 @@ async fn an_operator_rebaselines_a_lower_hub_after_an_investigation() {
             "city-hub",
             "--reason",
             "restored from the 11-29 backup; ticket 4711",
+            "--size",
+            "10",
+            "--root",
+            &r10_hex,
         ],
     ))
     .await;

@@ -601,7 +601,7 @@ async fn check_reported_head(
         outcome: outcome.to_owned(),
         first_bad,
         detail: detail.clone(),
-        advances: None,
+        checked_against: None,
     };
     let mut records = Vec::new();
     let mut counted = vec![outcome.to_owned()];
@@ -619,7 +619,7 @@ async fn check_reported_head(
         });
         records.push(crate::store::PeerHead {
             id: if advance { last_id } else { 0 },
-            advances: advance.then(|| (last_size, last_root.to_vec())),
+            checked_against: Some((last_id, last_size, last_root.to_vec())),
             ..base.clone()
         });
     } else if outcome != "accepted" && !seen(outcome, first_bad) {
@@ -664,9 +664,17 @@ async fn check_reported_head(
                 "RATING LOG ALARM: a lower hub's log does not hold together."
             );
         }
-        store
+        let guarded = r.checked_against.is_some();
+        let written = store
             .relay_write(crate::store::RelayWrite::PeerHead(r))
             .await?;
+        if guarded && written == 0 {
+            // The accepted head moved under this check (another instance whose lock was
+            // lost): nothing of it is written; the lower hub reports again.
+            return Err(Status::aborted(
+                "the accepted head changed while this one was checked: report it again",
+            ));
+        }
     }
     let accepted = outcome == "accepted";
     if accepted {

@@ -595,9 +595,11 @@ pub struct PeerHead {
     /// The first feed position of the lower hub's log that differs (0: none named).
     pub first_bad: u64,
     pub detail: String,
-    /// Written with `id` set: the size and root the advanced record must still hold (else
-    /// a new record is made).
-    pub advances: Option<(u64, Vec<u8>)>,
+    /// Written for an accepted head: the record it was checked against (id, size, root; id
+    /// 0: none). The write happens only while that is still the principal's last accepted
+    /// record and holds that head (else it writes nothing and answers 0): with `id` set, it
+    /// is advanced in place; else a record is added.
+    pub checked_against: Option<(u64, u64, Vec<u8>)>,
 }
 
 /// What [`Store::peer_lock`] holds: dropping it releases the lock.
@@ -630,7 +632,7 @@ impl From<PeerHeadRow> for PeerHead {
             outcome: r.6,
             first_bad: r.7 as u64,
             detail: r.8,
-            advances: None,
+            checked_against: None,
         }
     }
 }

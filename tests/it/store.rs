@@ -220,3 +220,49 @@ async fn a_reader_tailing_audit_records_of_two_instances_misses_none() {
     a.close().await;
     b.close().await;
 }
+
+/// An accepted lower-hub head is written only while the record it was checked against is
+/// still the last accepted one and holds that head: a write checked against a head another
+/// instance has since replaced (or advanced) writes nothing and says so (0), whichever of
+/// adding a record or advancing one it was.
+#[tokio::test]
+async fn an_accepted_peer_head_checked_against_a_replaced_one_is_not_written() {
+    use rating_hub::store::PeerHead;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path()).await;
+    let head = |size: u64, root: u8, against: (u64, u64, u8), id: u64| PeerHead {
+        id,
+        principal: "city-hub".into(),
+        size,
+        root: vec![root; 32],
+        head_time_micros: size as i64,
+        received_at_micros: 0,
+        outcome: "accepted".into(),
+        first_bad: 0,
+        detail: String::new(),
+        checked_against: Some((against.0, against.1, vec![against.2; 32])),
+    };
+    let write = |h: PeerHead| {
+        let store = store.clone();
+        async move { store.relay_write(RelayWrite::PeerHead(h)).await.unwrap() }
+    };
+    let last = || {
+        let store = store.clone();
+        async move { store.last_accepted_head("city-hub").await.unwrap().unwrap() }
+    };
+    // The first head, checked against none.
+    assert_eq!(write(head(5, 1, (0, 0, 0), 0)).await, 1);
+    let (_, _, _, first_id) = last().await;
+    // Another check against none, after that one landed: nothing written.
+    assert_eq!(write(head(6, 2, (0, 0, 0), 0)).await, 0);
+    // Advanced in place by a head checked against it.
+    assert_eq!(write(head(8, 3, (first_id, 5, 1), first_id)).await, 1);
+    assert_eq!(last().await.0, 8);
+    // A fork checked against the head of 5 the record no longer holds: neither advanced
+    // nor added.
+    assert_eq!(write(head(10, 4, (first_id, 5, 1), first_id)).await, 0);
+    assert_eq!(write(head(10, 4, (first_id, 5, 1), 0)).await, 0);
+    let (size, root, _, id) = last().await;
+    assert_eq!((size, root, id), (8, vec![3; 32], first_id));
+    store.close().await;
+}

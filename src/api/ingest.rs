@@ -537,17 +537,10 @@ async fn check_reported_head(
                 head.size
             ),
         });
-    } else if req.from_size != last_size {
-        return Ok(pb::ReportTreeHeadResponse {
-            accepted: false,
-            accepted_size: last_size,
-            problem: format!(
-                "from_size {} is not the size of the last head accepted from {name} \
-                     ({last_size}): send the proof from it",
-                req.from_size
-            ),
-        });
     } else if head.size < last_size {
+        // A newer, smaller head: a removal, whatever proof came with it (none can show
+        // one). Before the from_size check: a lower hub restarted (or restored from a
+        // backup) reports from 0, and its removal must not be refused as a bad request.
         (
             "inconsistent",
             head.size + 1,
@@ -558,6 +551,16 @@ async fn check_reported_head(
                 head.size + 1
             ),
         )
+    } else if req.from_size != last_size {
+        return Ok(pb::ReportTreeHeadResponse {
+            accepted: false,
+            accepted_size: last_size,
+            problem: format!(
+                "from_size {} is not the size of the last head accepted from {name} \
+                     ({last_size}): send the proof from it",
+                req.from_size
+            ),
+        });
     } else if last_size > 0
         && !crate::merkle::verify_consistency(
             head.hash, last_size, head.size, &last_root, &head.root, &proof,
@@ -584,7 +587,15 @@ async fn check_reported_head(
     // An inconsistent chain stays one finding whatever position each report names (a
     // removal's first position moves as the lower hub's log grows); a self-check finding
     // naming another position is a new one.
+    // A lasting self-check failure is one finding until it names another position (the
+    // lower hub reports it with every head until it checks clean), accepted heads or not.
     let seen = |outcome: &str, first_bad: u64| {
+        if outcome == "self_check" {
+            return recent
+                .iter()
+                .find(|a| a.outcome == "self_check")
+                .is_some_and(|a| a.first_bad == first_bad);
+        }
         recent.iter().any(|a| {
             a.id > last_id
                 && a.outcome == outcome
@@ -611,12 +622,16 @@ async fn check_reported_head(
         // History is kept an hour apart: a head accepted within the hour after the last
         // one, with nothing recorded since, advances that record in place (the store
         // checks both again). A lower hub's changing head otherwise adds a row a minute.
-        let latest = store.peer_heads(Some(&name), false, 1).await?;
-        let advance = latest.first().is_some_and(|l| {
-            l.id == last_id
-                && l.outcome == "accepted"
-                && state.clock.now_micros() - l.received_at_micros < PEER_HEAD_HISTORY_MICROS
-        });
+        // (A lower hub's self-check findings in between do not count: see `seen`.)
+        let latest = store.peer_heads(Some(&name), false, 50).await?;
+        let advance = latest
+            .iter()
+            .find(|l| l.outcome != "self_check")
+            .is_some_and(|l| {
+                l.id == last_id
+                    && l.outcome == "accepted"
+                    && state.clock.now_micros() - l.received_at_micros < PEER_HEAD_HISTORY_MICROS
+            });
         records.push(crate::store::PeerHead {
             id: if advance { last_id } else { 0 },
             checked_against: Some((last_id, last_size, last_root.to_vec())),
@@ -640,31 +655,12 @@ async fn check_reported_head(
             });
         }
     }
-    for outcome in &counted {
-        state
-            .metrics
-            .peer_heads
-            .get_or_create(&crate::metrics::PeerHeadLabels {
-                peer: name.clone(),
-                outcome: outcome.clone(),
-            })
-            .inc();
-    }
+    // Written first; counted and logged once written (a report refused or failed here is
+    // sent again, and would be counted twice).
     for r in records {
-        if r.outcome != "accepted"
-            && let Some(suppressed) = crate::telemetry::throttle_for("log.peer_alarm", &name)
-        {
-            tracing::error!(
-                peer = %name,
-                outcome = %r.outcome,
-                first_bad_position = r.first_bad,
-                size = r.size,
-                detail = ?r.detail,
-                suppressed,
-                "RATING LOG ALARM: a lower hub's log does not hold together."
-            );
-        }
         let guarded = r.checked_against.is_some();
+        let alarm = (r.outcome != "accepted").then(|| (r.outcome.clone(), r.first_bad, r.size));
+        let detail = r.detail.clone();
         let written = store
             .relay_write(crate::store::RelayWrite::PeerHead(r))
             .await?;
@@ -675,6 +671,29 @@ async fn check_reported_head(
                 "the accepted head changed while this one was checked: report it again",
             ));
         }
+        if let Some((outcome, first_bad, size)) = alarm
+            && let Some(suppressed) = crate::telemetry::throttle_for("log.peer_alarm", &name)
+        {
+            tracing::error!(
+                peer = %name,
+                outcome = %outcome,
+                first_bad_position = first_bad,
+                size,
+                detail = ?detail,
+                suppressed,
+                "RATING LOG ALARM: a lower hub's log does not hold together."
+            );
+        }
+    }
+    for outcome in &counted {
+        state
+            .metrics
+            .peer_heads
+            .get_or_create(&crate::metrics::PeerHeadLabels {
+                peer: name.clone(),
+                outcome: outcome.clone(),
+            })
+            .inc();
     }
     let accepted = outcome == "accepted";
     if accepted {

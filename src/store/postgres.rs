@@ -1082,39 +1082,27 @@ async fn relay_write(
         .await?
         .rows_affected()),
         RelayWrite::PeerHead(h) => {
-            let Some((against, from_size, from_root)) = &h.checked_against else {
-                return Ok(sqlx::query(
-                    "INSERT INTO peer_heads (principal, size, root, head_time, received_at, \
-                     outcome, first_bad, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                )
-                .bind(&h.principal)
-                .bind(h.size as i64)
-                .bind(&h.root)
-                .bind(h.head_time_micros)
-                .bind(now)
-                .bind(&h.outcome)
-                .bind(h.first_bad as i64)
-                .bind(&h.detail)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected());
+            // A finding is always recorded. An accepted head is written only while the
+            // record it was checked against is still the principal's last accepted one and
+            // holds that head; with `h.id` set it advances that record in place (history
+            // thinned; the record keeps the time it was made, so one record spans at most
+            // the caller's window) when nothing was recorded after it.
+            let (guarded, against, from_size, from_root) = match &h.checked_against {
+                Some((id, size, root)) => (true, *id, *size, root.as_slice()),
+                None => (false, 0, 0, &[][..]),
             };
-            // An accepted head: written only while the record it was checked against is
-            // still the principal's last accepted one and holds that head. With `h.id` set it
-            // advances that record in place (history thinned; the record keeps the time it
-            // was made, so one record spans at most the caller's window), when nothing was
-            // recorded after it.
-            if h.id != 0 {
+            if guarded && h.id != 0 {
                 let advanced = sqlx::query(
                     "UPDATE peer_heads SET size = $1, root = $2, head_time = $3 \
                      WHERE id = $4 AND outcome = 'accepted' AND size = $5 AND root = $6 \
-                     AND id = (SELECT MAX(id) FROM peer_heads WHERE principal = $7)",
+                     AND id = (SELECT MAX(id) FROM peer_heads WHERE principal = $7 \
+                     AND outcome <> 'self_check')",
                 )
                 .bind(h.size as i64)
                 .bind(&h.root)
                 .bind(h.head_time_micros)
                 .bind(h.id as i64)
-                .bind(*from_size as i64)
+                .bind(from_size as i64)
                 .bind(from_root)
                 .bind(&h.principal)
                 .execute(&mut *conn)
@@ -1127,10 +1115,10 @@ async fn relay_write(
             Ok(sqlx::query(
                 "INSERT INTO peer_heads (principal, size, root, head_time, received_at, outcome, \
                  first_bad, detail) SELECT $1, $2, $3, $4, $5, $6, $7, $8 \
-                 WHERE NOT EXISTS (SELECT 1 FROM peer_heads WHERE principal = $1 \
+                 WHERE NOT $12 OR (NOT EXISTS (SELECT 1 FROM peer_heads WHERE principal = $1 \
                  AND outcome IN ('accepted', 'rebaselined') AND id > $9) \
                  AND ($9 = 0 OR EXISTS (SELECT 1 FROM peer_heads WHERE id = $9 \
-                 AND size = $10 AND root = $11))",
+                 AND size = $10 AND root = $11)))",
             )
             .bind(&h.principal)
             .bind(h.size as i64)
@@ -1140,9 +1128,10 @@ async fn relay_write(
             .bind(&h.outcome)
             .bind(h.first_bad as i64)
             .bind(&h.detail)
-            .bind(*against as i64)
-            .bind(*from_size as i64)
+            .bind(against as i64)
+            .bind(from_size as i64)
             .bind(from_root)
+            .bind(guarded)
             .execute(&mut *conn)
             .await?
             .rows_affected())

@@ -1055,20 +1055,10 @@ async fn every_instance_reports_the_stored_cursor_and_the_lease_holder() {
 async fn two_instances_of_a_province_accept_one_of_two_forking_heads() {
     use crate::rating_log::{an_hour_ago, head, report, tree};
     use rating_hub::merkle::{Frontier, HashAlg, Prover};
-    use rating_hub::tree_head::{SignatureAlg, SigningKey};
     use sqlx::Connection;
-    let key = SigningKey::parse(
-        SignatureAlg::Ed25519,
-        &SigningKey::generate(SignatureAlg::Ed25519),
-    )
-    .unwrap();
+    let key = crate::rating_log::new_log_key();
     let (builder, url) = on_new_database();
-    let a = builder
-        .principal("city-hub", &["submit", "relay"], TestScope::National)
-        .set(
-            "principals.city-hub.log_key",
-            &format!("\"{}\"", key.public().to_text()),
-        )
+    let a = crate::rating_log::with_city_hub(builder, &key)
         .start()
         .await;
     let b = a.peer().await;

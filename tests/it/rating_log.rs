@@ -634,6 +634,29 @@ pub(crate) fn report(
     }
 }
 
+/// A fresh Ed25519 log key, as a lower hub's.
+pub(crate) fn new_log_key() -> rating_hub::tree_head::SigningKey {
+    use rating_hub::tree_head::{SignatureAlg, SigningKey};
+    SigningKey::parse(
+        SignatureAlg::Ed25519,
+        &SigningKey::generate(SignatureAlg::Ed25519),
+    )
+    .unwrap()
+}
+
+/// `builder` with `city-hub`, a lower hub relaying with `key` registered as its log key.
+pub(crate) fn with_city_hub(
+    builder: HubBuilder,
+    key: &rating_hub::tree_head::SigningKey,
+) -> HubBuilder {
+    builder
+        .principal("city-hub", &["submit", "relay"], TestScope::National)
+        .set(
+            "principals.city-hub.log_key",
+            &format!("\"{}\"", key.public().to_text()),
+        )
+}
+
 pub(crate) fn an_hour_ago() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -808,23 +831,8 @@ async fn a_city_hubs_tampered_database_raises_an_alarm_at_the_province() {
 #[tokio::test]
 async fn the_province_checks_each_head_and_records_each_finding_once() {
     use rating_hub::merkle::{HashAlg, Prover};
-    use rating_hub::tree_head::{SignatureAlg, SigningKey};
-    let key = SigningKey::parse(
-        SignatureAlg::Ed25519,
-        &SigningKey::generate(SignatureAlg::Ed25519),
-    )
-    .unwrap();
-    let stranger = SigningKey::parse(
-        SignatureAlg::Ed25519,
-        &SigningKey::generate(SignatureAlg::Ed25519),
-    )
-    .unwrap();
-    let province = HubBuilder::new()
-        .principal("city-hub", &["submit", "relay"], TestScope::National)
-        .set(
-            "principals.city-hub.log_key",
-            &format!("\"{}\"", key.public().to_text()),
-        )
+    let (key, stranger) = (new_log_key(), new_log_key());
+    let province = with_city_hub(HubBuilder::new(), &key)
         .principal("keyless-hub", &["submit", "relay"], TestScope::National)
         .principal("reader", &["read"], TestScope::National)
         .start()
@@ -937,6 +945,19 @@ async fn the_province_checks_each_head_and_records_each_finding_once() {
         .map(|h| h.tree_size)
         .collect();
     assert_eq!(accepted, [8, 5]);
+    // A newer, smaller head reported from 0 (a lower hub restarted after its database was
+    // restored from an older backup): a removal, not a request to prove from 8.
+    let shrunk = city
+        .report_tree_head(report(head(6, tree("a", 6).0, t + 30, &key), 0, vec![]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !shrunk.accepted
+            && shrunk.problem.starts_with("inconsistent")
+            && shrunk.problem.contains("from 7 on were removed"),
+        "{shrunk:?}"
+    );
 
     let err = IngestServiceClient::new(province.channel_as("keyless-hub").await)
         .report_tree_head(report(head(1, tree("k", 1).0, t, &key), 0, vec![]))
@@ -975,23 +996,8 @@ async fn the_province_checks_each_head_and_records_each_finding_once() {
 #[tokio::test]
 async fn an_operator_rebaselines_a_lower_hub_after_an_investigation() {
     use rating_hub::merkle::{HashAlg, Prover};
-    use rating_hub::tree_head::{SignatureAlg, SigningKey};
-    let key = SigningKey::parse(
-        SignatureAlg::Ed25519,
-        &SigningKey::generate(SignatureAlg::Ed25519),
-    )
-    .unwrap();
-    let stranger = SigningKey::parse(
-        SignatureAlg::Ed25519,
-        &SigningKey::generate(SignatureAlg::Ed25519),
-    )
-    .unwrap();
-    let province = HubBuilder::new()
-        .principal("city-hub", &["submit", "relay"], TestScope::National)
-        .set(
-            "principals.city-hub.log_key",
-            &format!("\"{}\"", key.public().to_text()),
-        )
+    let (key, stranger) = (new_log_key(), new_log_key());
+    let province = with_city_hub(HubBuilder::new(), &key)
         .principal("keyless-hub", &["submit", "relay"], TestScope::National)
         .principal("reader", &["read"], TestScope::National)
         .start()
@@ -1214,6 +1220,32 @@ async fn an_operator_rebaselines_a_lower_hub_after_an_investigation() {
         after_14[0].received_at, before_14[0].received_at,
         "the record keeps the time it was made: one record spans at most the hour"
     );
+    // A lasting self-check failure reported with each accepted head is one finding, and the
+    // accepted record still advances past it.
+    let self_check = |size: u64, from: u64, time: i64| {
+        let (root, nodes) = tree("b", size);
+        let proof = Prover { alg, nodes: &nodes }
+            .consistency(from, size)
+            .unwrap();
+        pb::ReportTreeHeadRequest {
+            self_check_first_bad: 3,
+            self_check_reason: "level changed".into(),
+            ..report(head(size, root, time, &key), from, proof)
+        }
+    };
+    for (size, from, time) in [(16, 14, signed_now + 2), (18, 16, signed_now + 3)] {
+        let r = send(&mut city, self_check(size, from, time)).await;
+        assert!(r.accepted, "{r:?}");
+    }
+    let heads = peer_heads(&province, false).await;
+    let self_checks = heads.iter().filter(|h| h.outcome == "self_check").count();
+    assert_eq!(self_checks, 1, "{heads:?}");
+    let newest_accepted = heads.iter().find(|h| h.outcome == "accepted").unwrap();
+    assert_eq!(
+        (newest_accepted.id, newest_accepted.tree_size),
+        (before_14[0].id, 18),
+        "{heads:?}"
+    );
     // A head older than the baseline's cannot become the baseline.
     let old_id = peer_heads(&province, false)
         .await
@@ -1245,7 +1277,7 @@ async fn an_operator_rebaselines_a_lower_hub_after_an_investigation() {
         .collect();
     assert_eq!(
         alarms,
-        ["inconsistent", "bad_signature"],
+        ["self_check", "inconsistent", "bad_signature"],
         "the findings stay"
     );
     province.stop().await;

@@ -8,6 +8,7 @@
 //! - ratings are append-only, and each committed rating gets the next gapless feed sequence.
 
 pub(crate) mod chunk;
+pub mod counts;
 pub mod log;
 pub mod postgres;
 pub(crate) mod rows;
@@ -834,7 +835,17 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<StoredRating>, StoreError>;
 
+    /// Counts of the ratings that count (no exclusion) matching `query`, per group of
+    /// `group_by`, ordered by key: from the maintained counts where they can answer
+    /// (`counts::plan`), else by a scan.
     async fn stats(
+        &self,
+        query: &RatingQuery,
+        group_by: &[StatsDimension],
+    ) -> Result<Vec<StatsRow>, StoreError>;
+
+    /// The same as `stats`, always by scanning the ratings: what the counts must equal.
+    async fn stats_by_scan(
         &self,
         query: &RatingQuery,
         group_by: &[StatsDimension],

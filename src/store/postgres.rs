@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::chunk;
+use super::counts::{self, CountsPlan};
 use super::log::{self, LogAppend};
 use super::rows::{self, Columns};
 use super::writer::{self, GroupResult, GroupWrite, Job, Queue};
@@ -141,6 +142,47 @@ pub struct PostgresStore {
     /// The writer session's `synchronous_commit`, read back at open.
     durability: String,
     log_hash: HashAlg,
+}
+
+impl PostgresStore {
+    /// `stats` from `rating_counts` (src/store/counts.rs): the same groups, in the same
+    /// order, as the scan; a group whose ratings were all excluded is left out, as the scan
+    /// leaves it out.
+    async fn stats_from_counts(
+        &self,
+        plan: &CountsPlan,
+        group_by: &[StatsDimension],
+    ) -> Result<Vec<StatsRow>, StoreError> {
+        let mut qb = QueryBuilder::<Postgres>::new("SELECT ");
+        for (i, d) in group_by.iter().enumerate() {
+            qb.push(format!("{} AS k{i}, ", counts_dimension_sql(*d)));
+        }
+        qb.push(
+            "COALESCE(SUM(total), 0)::bigint AS total, COALESCE(SUM(l1), 0)::bigint AS l1, COALESCE(SUM(l2), 0)::bigint AS l2, COALESCE(SUM(l3), 0)::bigint AS l3, COALESCE(SUM(l4), 0)::bigint AS l4, COALESCE(SUM(l5), 0)::bigint AS l5, COALESCE(SUM(defaults), 0)::bigint AS defaults, COALESCE(SUM(flagged), 0)::bigint AS flagged \
+             FROM rating_counts WHERE TRUE",
+        );
+        push_filter(&mut qb, &plan.filter);
+        if let Some(day) = plan.from_day {
+            qb.push(" AND day >= ").push_bind(day);
+        }
+        if let Some(day) = plan.until_day {
+            qb.push(" AND day < ").push_bind(day);
+        }
+        if !group_by.is_empty() {
+            let keys = (0..group_by.len())
+                .map(|i| format!("k{i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            qb.push(format!(
+                " GROUP BY {keys} HAVING SUM(total) > 0 ORDER BY {keys}"
+            ));
+        }
+        let rows = qb.build().fetch_all(&self.reader).await?;
+        rows.iter()
+            .filter_map(|row| rows::stats_row(row, group_by.len()).transpose())
+            .collect::<Result<_, _>>()
+            .map_err(Into::into)
+    }
 }
 
 impl PostgresStore {
@@ -1339,6 +1381,15 @@ fn push_group_by(qb: &mut QueryBuilder<'_, Postgres>, n: usize, ordered: bool) {
     }
 }
 
+/// `dimension_sql` over `rating_counts` (whose `day` is the CST day number).
+fn counts_dimension_sql(d: StatsDimension) -> &'static str {
+    match d {
+        StatsDimension::Day => "to_char(DATE '1970-01-01' + day, 'YYYY-MM-DD')",
+        StatsDimension::Month => "to_char(DATE '1970-01-01' + day, 'YYYY-MM')",
+        other => dimension_sql(other),
+    }
+}
+
 fn dimension_sql(d: StatsDimension) -> &'static str {
     // Days and months are China Standard Time (UTC+8), as the policy texts count them.
     match d {
@@ -1417,6 +1468,17 @@ impl Store for PostgresStore {
     }
 
     async fn stats(
+        &self,
+        query: &RatingQuery,
+        group_by: &[StatsDimension],
+    ) -> Result<Vec<StatsRow>, StoreError> {
+        match counts::plan(query, group_by) {
+            Some(plan) => self.stats_from_counts(&plan, group_by).await,
+            None => self.stats_by_scan(query, group_by).await,
+        }
+    }
+
+    async fn stats_by_scan(
         &self,
         query: &RatingQuery,
         group_by: &[StatsDimension],

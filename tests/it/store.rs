@@ -266,3 +266,216 @@ async fn an_accepted_peer_head_checked_against_a_replaced_one_is_not_written() {
     assert_eq!((size, root, id), (8, vec![3; 32], first_id));
     store.close().await;
 }
+
+/// Statistics from the maintained counts (#23) equal a scan's on random data, on both
+/// backends: ratings over two months of days, four organisations, three regions, three
+/// channels, three target kinds and two sources; defaults, ratings flagged (rated before
+/// completion), batch and theme ratings; ratings left out on appeal (exclusions, some twice)
+/// and defaults superseded by a rater's own 差评 — written in several groups, exclusions
+/// between them. Every grouping and filter below is answered from the counts
+/// (`counts::plan`), and must give the groups, keys and numbers the scan gives.
+#[tokio::test]
+async fn statistics_from_the_counts_equal_a_scan_on_random_data() {
+    use prost_types::Timestamp;
+    use rating_hub::pb::v1 as pb;
+    use rating_hub::store::counts;
+    use rating_hub::store::{IngestChecks, RatingQuery, ScopeFilter, StatsDimension as D};
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path()).await;
+    let key = dir.path().join("pii.key");
+    rating_hub::privacy::PiiKeys::create_key_file(&key).expect("key");
+    let files = BTreeMap::from([("k".to_string(), key.display().to_string())]);
+    let keys = rating_hub::privacy::PiiKeys::load("k", &files).expect("keys");
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut pick = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let now = SystemClock.now_micros();
+    let day = 86_400_000_000i64;
+    let checks = IngestChecks {
+        counting: true,
+        ..Default::default()
+    };
+    let mut accepted: Vec<Uuid> = Vec::new();
+    let mut defaults: Vec<(String, u32)> = Vec::new();
+    for group in 0..6 {
+        let mut items = Vec::new();
+        for i in 0..150 {
+            let key = format!("g{group}-{i}");
+            let mut r = rating(&key);
+            let org_n = 1 + pick(4) as u32;
+            r.org_credit_code = crate::utils::org(org_n);
+            r.region_code = ["530102", "530103", "530402"][pick(3) as usize].into();
+            r.channel = [
+                pb::Channel::HallDevice,
+                pb::Channel::MobileApp,
+                pb::Channel::QrCode,
+            ][pick(3) as usize] as i32;
+            r.target_kind = [
+                pb::TargetKind::Item,
+                pb::TargetKind::Item,
+                pb::TargetKind::Staff,
+                pb::TargetKind::Institution,
+            ][pick(4) as usize] as i32;
+            r.level = 1 + pick(5) as i32;
+            let at = now - pick(60 * 86_400) as i64 * 1_000_000 - 1_000_000;
+            r.rated_at = Some(Timestamp {
+                seconds: at / 1_000_000,
+                nanos: 0,
+            });
+            if pick(5) == 0 {
+                // Rated before the service was completed: flagged.
+                r.service_completed_at = Some(Timestamp {
+                    seconds: at / 1_000_000 + 60,
+                    nanos: 0,
+                });
+            }
+            match pick(6) {
+                0 => r.batch_id = format!("B{}", pick(5)),
+                1 => r.theme_id = format!("T{}", pick(5)),
+                _ => {}
+            }
+            if r.target_kind == pb::TargetKind::Item as i32 && r.level <= 2 && pick(4) == 0 {
+                r.is_default = true;
+                r.rater = None;
+                defaults.push((r.case_number.clone(), org_n));
+            }
+            let source = ["sys-a", "sys-b"][pick(2) as usize];
+            let v = rating_hub::domain::parse_rating(&r, now, &Default::default(), false)
+                .unwrap_or_else(|e| panic!("valid {key}: {e:?}"));
+            items.push(NewRating::new(
+                Uuid::now_v7(),
+                source.into(),
+                v,
+                &keys,
+                checks.clone(),
+            ));
+        }
+        // A rater's own 差评 for some earlier defaults' cases: they supersede the default.
+        for (case, org_n) in defaults.drain(..).filter(|_| pick(2) == 0) {
+            let mut r = rating(&format!("{case}-rater"));
+            r.case_number = case;
+            r.org_credit_code = crate::utils::org(org_n);
+            r.level = pb::Level::VeryDissatisfied as i32;
+            let v = rating_hub::domain::parse_rating(&r, now, &Default::default(), false)
+                .expect("valid");
+            items.push(NewRating::new(
+                Uuid::now_v7(),
+                "sys-a".into(),
+                v,
+                &keys,
+                checks.clone(),
+            ));
+        }
+        for o in store.insert_ratings(items).await.expect("insert") {
+            if let InsertOutcome::Accepted { hub_id, .. } = o {
+                accepted.push(hub_id);
+            }
+        }
+        // Some ratings left out on appeal; an exclusion decided twice counts once.
+        for _ in 0..15 {
+            let hub_id = accepted[pick(accepted.len() as u64) as usize];
+            for _ in 0..=pick(2) {
+                store
+                    .relay_write(RelayWrite::Exclusion {
+                        hub_id,
+                        reason: 2,
+                        decided_by: "test".into(),
+                        note: String::new(),
+                    })
+                    .await
+                    .expect("exclusion");
+            }
+        }
+    }
+    assert!(accepted.len() > 800, "{} accepted", accepted.len());
+
+    // CST midnight some days ago.
+    let midnight = |days_ago: i64| {
+        let local = now + 8 * 3_600_000_000;
+        local - local.rem_euclid(day) - days_ago * day - 8 * 3_600_000_000
+    };
+    let base = RatingQuery {
+        counted_only: true,
+        ..Default::default()
+    };
+    let filters = [
+        base.clone(),
+        RatingQuery {
+            org_credit_code: Some(crate::utils::org(2)),
+            ..base.clone()
+        },
+        RatingQuery {
+            region_prefix: Some("5301".into()),
+            ..base.clone()
+        },
+        RatingQuery {
+            channels: vec![pb::Channel::QrCode as i32, pb::Channel::MobileApp as i32],
+            target_kinds: vec![pb::TargetKind::Item as i32],
+            ..base.clone()
+        },
+        RatingQuery {
+            source_system: Some("sys-b".into()),
+            ..base.clone()
+        },
+        RatingQuery {
+            scope: Some(ScopeFilter {
+                orgs: vec![crate::utils::org(1)],
+                region_prefixes: vec!["5304".into()],
+            }),
+            ..base.clone()
+        },
+        RatingQuery {
+            rated_from_micros: Some(midnight(40)),
+            rated_until_micros: Some(midnight(10)),
+            ..base.clone()
+        },
+        RatingQuery {
+            rated_from_micros: Some(midnight(20)),
+            region_prefix: Some("530102".into()),
+            ..base.clone()
+        },
+        RatingQuery {
+            rated_until_micros: Some(midnight(1000)),
+            ..base.clone()
+        },
+    ];
+    let groupings: [&[D]; 9] = [
+        &[],
+        &[D::Organization],
+        &[D::Region],
+        &[D::City],
+        &[D::Channel],
+        &[D::Day],
+        &[D::Month],
+        &[D::Organization, D::Channel],
+        &[D::City, D::Month, D::Region],
+    ];
+    let mut compared = 0;
+    for q in &filters {
+        for dims in groupings {
+            assert!(counts::plan(q, dims).is_some(), "{q:?} {dims:?}");
+            let from_counts = store.stats(q, dims).await.expect("stats");
+            let scanned = store.stats_by_scan(q, dims).await.expect("scan");
+            assert_eq!(from_counts, scanned, "{q:?} grouped by {dims:?}");
+            compared += scanned.len();
+        }
+    }
+    assert!(compared > 500, "{compared} groups compared");
+    let all = store.stats(&base, &[]).await.expect("stats");
+    let excluded = store.stats_by_scan(&base, &[]).await.expect("scan")[0].total;
+    assert_eq!(all[0].total, excluded);
+    assert!(
+        (all[0].total as usize) < accepted.len() - 15,
+        "exclusions and superseded defaults are left out"
+    );
+    assert!(
+        all[0].default_ratings > 0 && all[0].flagged > 0,
+        "{:?}",
+        all[0]
+    );
+}

@@ -1,0 +1,141 @@
+//! Statistics that do not scan (#23): the `rating_counts` table (migrations
+//! `sqlite/0013_rating_counts.sql`, `postgres/0010_rating_counts.sql`) holds the ratings that
+//! count per China Standard Time day, organisation, region, channel, target kind and source
+//! system, kept by triggers in the same transaction as the ratings and exclusions that change
+//! it. A statistics query whose filter and grouping those keys can express, over whole days,
+//! is answered from it (a quarter over a province reads a few thousand rows, not millions of
+//! ratings); any other falls back to the scan, whose answer the counts must equal
+//! (`Store::stats_by_scan`, compared on random data in tests/it/store.rs).
+
+use super::{RatingQuery, StatsDimension};
+
+/// Seconds China Standard Time is ahead of UTC.
+const CST_OFFSET_SECS: i64 = 8 * 3600;
+const DAY_MICROS: i64 = 86_400 * 1_000_000;
+
+/// A statistics query the counts can answer: `filter` is the query without its time range
+/// (whose remaining fields are all columns of `rating_counts`), and the time range as CST days
+/// (`from_day` inclusive, `until_day` exclusive).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CountsPlan {
+    pub filter: RatingQuery,
+    pub from_day: Option<i64>,
+    pub until_day: Option<i64>,
+}
+
+/// The CST day (days since 1970-01-01) that starts at `micros`, if a day starts there.
+fn day_starting_at(micros: i64) -> Option<i64> {
+    let local = micros.checked_add(CST_OFFSET_SECS * 1_000_000)?;
+    (local.rem_euclid(DAY_MICROS) == 0).then(|| local.div_euclid(DAY_MICROS))
+}
+
+/// How the counts answer `query` grouped by `group_by`, or `None` when only a scan can: a
+/// filter on item, staff member, case or level, a snapshot (`max_feed_seq`), a time range that
+/// does not start and end at CST midnight, or a grouping by item or staff member.
+pub fn plan(query: &RatingQuery, group_by: &[StatsDimension]) -> Option<CountsPlan> {
+    let by_key = group_by.iter().all(|d| {
+        matches!(
+            d,
+            StatsDimension::Region
+                | StatsDimension::City
+                | StatsDimension::Organization
+                | StatsDimension::Channel
+                | StatsDimension::Day
+                | StatsDimension::Month
+        )
+    });
+    if !by_key
+        || query.item_code.is_some()
+        || query.staff_id.is_some()
+        || query.case_number.is_some()
+        || !query.levels.is_empty()
+        || query.max_feed_seq.is_some()
+        || query.time_is_occurred_at
+    {
+        return None;
+    }
+    let from_day = match query.rated_from_micros {
+        Some(t) => Some(day_starting_at(t)?),
+        None => None,
+    };
+    let until_day = match query.rated_until_micros {
+        Some(t) => Some(day_starting_at(t)?),
+        None => None,
+    };
+    Some(CountsPlan {
+        filter: RatingQuery {
+            rated_from_micros: None,
+            rated_until_micros: None,
+            // Statistics leave excluded ratings out whatever the query says; so do the counts.
+            counted_only: false,
+            ..query.clone()
+        },
+        from_day,
+        until_day,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 2026-10-01 00:00 CST, in microseconds since the epoch.
+    const OCT_1: i64 = 1_759_248_000 * 1_000_000;
+
+    #[test]
+    fn only_whole_cst_days_are_answered_from_the_counts() {
+        let q = |from: i64, until: i64| RatingQuery {
+            rated_from_micros: Some(from),
+            rated_until_micros: Some(until),
+            ..Default::default()
+        };
+        let p = plan(&q(OCT_1, OCT_1 + 92 * DAY_MICROS), &[]).expect("whole days");
+        assert_eq!(p.from_day, Some(OCT_1 / DAY_MICROS + 1));
+        assert_eq!(p.until_day, Some(p.from_day.unwrap() + 92));
+        assert_eq!(p.filter.rated_from_micros, None);
+        // Midnight UTC is 08:00 in China: not a day's start.
+        assert!(plan(&q(OCT_1 + 8 * 3_600_000_000, OCT_1 + DAY_MICROS), &[]).is_none());
+        assert!(plan(&q(OCT_1, OCT_1 + DAY_MICROS + 1), &[]).is_none());
+        assert!(plan(&RatingQuery::default(), &[StatsDimension::Month]).is_some());
+    }
+
+    #[test]
+    fn item_staff_case_level_and_snapshot_queries_scan() {
+        let d = RatingQuery::default();
+        assert!(plan(&d, &[StatsDimension::Item]).is_none());
+        assert!(plan(&d, &[StatsDimension::Organization, StatsDimension::Staff]).is_none());
+        for q in [
+            RatingQuery {
+                item_code: Some("I".into()),
+                ..d.clone()
+            },
+            RatingQuery {
+                staff_id: Some("S".into()),
+                ..d.clone()
+            },
+            RatingQuery {
+                case_number: Some("C".into()),
+                ..d.clone()
+            },
+            RatingQuery {
+                levels: vec![4, 5],
+                ..d.clone()
+            },
+            RatingQuery {
+                max_feed_seq: Some(9),
+                ..d.clone()
+            },
+        ] {
+            assert!(plan(&q, &[]).is_none(), "{q:?}");
+        }
+        let answered = RatingQuery {
+            org_credit_code: Some("O".into()),
+            region_prefix: Some("53".into()),
+            source_system: Some("S".into()),
+            channels: vec![1],
+            target_kinds: vec![1],
+            ..d
+        };
+        assert!(plan(&answered, &[StatsDimension::City, StatsDimension::Channel]).is_some());
+    }
+}

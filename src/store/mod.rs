@@ -975,8 +975,17 @@ pub trait Store: Send + Sync + 'static {
         sha256: &str,
     ) -> Result<Option<(EvidenceRecord, String, Vec<u8>)>, StoreError>;
 
-    /// Bad-rating cases per group of their ratings, keyed like `stats`.
+    /// Bad-rating cases per group of their ratings (those that count), keyed like `stats`,
+    /// in no particular order: from the maintained counts where they can answer, else by a
+    /// scan.
     async fn bad_case_counts(
+        &self,
+        query: &RatingQuery,
+        group_by: &[StatsDimension],
+    ) -> Result<Vec<BadCaseCounts>, StoreError>;
+
+    /// The same as `bad_case_counts`, always by a scan: what the counts must equal.
+    async fn bad_case_counts_by_scan(
         &self,
         query: &RatingQuery,
         group_by: &[StatsDimension],

@@ -271,7 +271,8 @@ async fn an_accepted_peer_head_checked_against_a_replaced_one_is_not_written() {
 /// backends: ratings over two months of days, four organisations, three regions, three
 /// channels, three target kinds and two sources; defaults, ratings flagged (rated before
 /// completion), batch and theme ratings; ratings left out on appeal (exclusions, some twice)
-/// and defaults superseded by a rater's own 差评 — written in several groups, exclusions
+/// and defaults superseded by a rater's own 差评; 差评 cases through every state, some
+/// left out by an upheld appeal — written in several groups, case steps and exclusions
 /// between them. Every grouping and filter below is answered from the counts
 /// (`counts::plan`), and must give the groups, keys and numbers the scan gives.
 #[tokio::test]
@@ -302,6 +303,7 @@ async fn statistics_from_the_counts_equal_a_scan_on_random_data() {
     };
     let mut accepted: Vec<Uuid> = Vec::new();
     let mut defaults: Vec<(String, u32)> = Vec::new();
+    let mut cases = 0;
     for group in 0..6 {
         let mut items = Vec::new();
         for i in 0..150 {
@@ -338,6 +340,9 @@ async fn statistics_from_the_counts_equal_a_scan_on_random_data() {
                 0 => r.batch_id = format!("B{}", pick(5)),
                 1 => r.theme_id = format!("T{}", pick(5)),
                 _ => {}
+            }
+            if let Some(rater) = r.rater.as_mut() {
+                rater.real_name = pick(2) == 0;
             }
             if r.target_kind == pb::TargetKind::Item as i32 && r.level <= 2 && pick(4) == 0 {
                 r.is_default = true;
@@ -376,6 +381,36 @@ async fn statistics_from_the_counts_equal_a_scan_on_random_data() {
                 accepted.push(hub_id);
             }
         }
+        // Steps on some 差评 cases: rectified (2, 4), called back (6), archived (7),
+        // spot-checked (8) and others (1, 3), some twice; some steps exclude the rating (an
+        // appeal upheld), and later steps on such a case change nothing.
+        let open = store.list_bad_cases(None, 0, 100_000).await.expect("cases");
+        for case in &open {
+            if pick(3) == 0 {
+                continue;
+            }
+            let had = case.entries.len() as u64;
+            for entries in had..had + 1 + pick(4) {
+                let action = [1, 2, 3, 4, 6, 6, 7, 8][pick(8) as usize];
+                let exclude = (pick(25) == 0).then_some((case.hub_id, 2));
+                let n = store
+                    .relay_write(RelayWrite::CaseEntry {
+                        case_id: case.id,
+                        expected_entries: entries,
+                        entry: CaseEntryRecord {
+                            action,
+                            actor: "test".into(),
+                            at_micros: now,
+                            ..Default::default()
+                        },
+                        exclude,
+                    })
+                    .await
+                    .expect("case entry");
+                assert_eq!(n, 1, "case {} entry {entries}", case.id);
+            }
+        }
+        cases = open.len();
         // Some ratings left out on appeal; an exclusion decided twice counts once.
         for _ in 0..15 {
             let hub_id = accepted[pick(accepted.len() as u64) as usize];
@@ -463,6 +498,15 @@ async fn statistics_from_the_counts_equal_a_scan_on_random_data() {
             let scanned = store.stats_by_scan(q, dims).await.expect("scan");
             assert_eq!(from_counts, scanned, "{q:?} grouped by {dims:?}");
             compared += scanned.len();
+            let sorted = |mut v: Vec<rating_hub::store::BadCaseCounts>| {
+                v.retain(|c| c.cases > 0);
+                v.sort_by(|a, b| a.key.cmp(&b.key));
+                v
+            };
+            let from_counts = sorted(store.bad_case_counts(q, dims).await.expect("cases"));
+            let scanned = sorted(store.bad_case_counts_by_scan(q, dims).await.expect("scan"));
+            assert_eq!(from_counts, scanned, "cases: {q:?} grouped by {dims:?}");
+            compared += scanned.len();
         }
     }
     assert!(compared > 500, "{compared} groups compared");
@@ -478,4 +522,84 @@ async fn statistics_from_the_counts_equal_a_scan_on_random_data() {
         "{:?}",
         all[0]
     );
+    let c = &store.bad_case_counts(&base, &[]).await.expect("cases")[0];
+    assert!(
+        cases > 100 && (c.cases as usize) < cases,
+        "{cases} cases: {c:?}"
+    );
+    assert!(
+        [
+            c.rectified,
+            c.called_back,
+            c.real_name,
+            c.real_name_done,
+            c.archived,
+            c.spot_checked
+        ]
+        .iter()
+        .all(|n| *n > 0),
+        "{c:?}"
+    );
+}
+
+/// A rater's own 差评 for a case whose default rating an operator had already left out is
+/// stored (the default stays out as it was). Before, writing the default's second exclusion
+/// broke the key of `rating_exclusions`, and the rater's rating was refused on both backends.
+#[tokio::test]
+async fn a_raters_bad_rating_replacing_a_default_already_left_out_is_stored() {
+    use rating_hub::pb::v1 as pb;
+    use rating_hub::store::IngestChecks;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path()).await;
+    let key = dir.path().join("pii.key");
+    rating_hub::privacy::PiiKeys::create_key_file(&key).expect("key");
+    let files = BTreeMap::from([("k".to_string(), key.display().to_string())]);
+    let keys = rating_hub::privacy::PiiKeys::load("k", &files).expect("keys");
+    let now = SystemClock.now_micros();
+    let checks = IngestChecks {
+        counting: true,
+        ..Default::default()
+    };
+    let new = |r: pb::Rating| {
+        let v =
+            rating_hub::domain::parse_rating(&r, now, &Default::default(), false).expect("valid");
+        NewRating::new(Uuid::now_v7(), "sys".into(), v, &keys, checks.clone())
+    };
+    let mut default = rating("default");
+    default.is_default = true;
+    default.rater = None;
+    default.level = pb::Level::Satisfied as i32;
+    let case = default.case_number.clone();
+    let stored = store
+        .insert_ratings(vec![new(default)])
+        .await
+        .expect("insert");
+    let default_id = match &stored[0] {
+        InsertOutcome::Accepted { hub_id, .. } => *hub_id,
+        other => panic!("{other:?}"),
+    };
+    store
+        .relay_write(RelayWrite::Exclusion {
+            hub_id: default_id,
+            reason: 2,
+            decided_by: "operator".into(),
+            note: "invalid".into(),
+        })
+        .await
+        .expect("exclusion");
+    let mut own = rating("own");
+    own.case_number = case;
+    own.level = pb::Level::VeryDissatisfied as i32;
+    let outcome = store.insert_ratings(vec![new(own)]).await.expect("insert");
+    assert!(
+        matches!(outcome[0], InsertOutcome::Accepted { .. }),
+        "{outcome:?}"
+    );
+    let all = store.stats(&Default::default(), &[]).await.expect("stats");
+    assert_eq!(
+        all[0].total, 1,
+        "the rater's rating counts, the default not"
+    );
+    assert_eq!(all[0].per_level[4], 1);
 }

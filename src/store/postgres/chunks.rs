@@ -178,9 +178,12 @@ impl ChunkBackend for PgChunks<'_> {
             })
             .unzip();
         if !replaced.is_empty() {
+            // A default already left out (an operator found it invalid) stays out as it was:
+            // the rating that replaces it is stored all the same.
             sqlx::query(
                 "INSERT INTO rating_exclusions (hub_id, reason, case_id, at, superseded_by) \
-                 SELECT d, $3, 0, $4, b FROM UNNEST($1::bytea[], $2::bytea[]) AS t(d, b)",
+                 SELECT d, $3, 0, $4, b FROM UNNEST($1::bytea[], $2::bytea[]) AS t(d, b) \
+                 ON CONFLICT (hub_id) DO NOTHING",
             )
             .bind(replaced)
             .bind(by)

@@ -223,7 +223,9 @@ impl ChunkBackend for GroupTx<'_> {
             .flat_map(|p| p.supersedes.iter().map(|d| (*d, p.item.hub_id)))
             .collect();
         if !replaced.is_empty() {
-            let qb = self.defer(Some(replaced.len() as u64));
+            // A default already left out (an operator found it invalid) stays out as it was:
+            // the rating that replaces it is stored all the same.
+            let qb = self.defer(None);
             qb.push("INSERT INTO rating_exclusions (hub_id, reason, case_id, at, superseded_by) ");
             qb.push_values(replaced, |mut b, (default, by)| {
                 b.push_bind(default.as_bytes().to_vec())
@@ -232,7 +234,7 @@ impl ChunkBackend for GroupTx<'_> {
                     .push_bind(received_at)
                     .push_bind(by.as_bytes().to_vec());
             });
-            qb.push(";");
+            qb.push(" ON CONFLICT (hub_id) DO NOTHING;");
         }
         let bad: Vec<&NewRating> = pending
             .iter()

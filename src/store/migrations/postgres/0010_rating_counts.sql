@@ -1,52 +1,88 @@
 -- Rating counts (#23): what GetStats, ExportReport and the public results read instead of
--- scanning `ratings`, for queries they can answer (src/store/counts.rs): the ratings that
--- count (not left out by a rating exclusion) per China Standard Time day (UTC+8; days since
--- 1970-01-01), organisation, region, channel, target kind and source system. Kept by the
--- statement triggers below in the same transaction as the ratings or exclusions that change
--- them (one upsert per statement and key). Every write of ratings or exclusions holds the
--- sequencer (feed_head), so two instances never update these rows in opposite orders. Rows
--- whose counts fall to zero stay (a later rating may reuse them).
+-- scanning `ratings`, for queries they can answer (src/store/counts.rs): per China Standard
+-- Time day (UTC+8; days since 1970-01-01), organisation, region, channel, target kind and
+-- source system, the ratings that count (not left out by a rating exclusion) by level, and
+-- their 差评 cases by state (rectified, called back, real-name, both, archived, spot-checked:
+-- a state is reached by the case's first entry of its action). Kept by the triggers below
+-- in the same transaction as the ratings, exclusions, cases or case entries that change
+-- them. Writes of ratings and exclusions hold the sequencer (feed_head) and upsert keys in
+-- order; a case entry's transaction touches one row, last. Rows whose counts fall to zero
+-- stay (a later rating may reuse them).
 CREATE TABLE rating_counts (
-    day             INTEGER  NOT NULL,
-    org_credit_code TEXT     NOT NULL,
-    region_code     TEXT     NOT NULL,
-    channel         INTEGER  NOT NULL,
-    target_kind     INTEGER  NOT NULL,
-    source_system   TEXT     NOT NULL,
-    total           BIGINT   NOT NULL,
-    l1              BIGINT   NOT NULL,
-    l2              BIGINT   NOT NULL,
-    l3              BIGINT   NOT NULL,
-    l4              BIGINT   NOT NULL,
-    l5              BIGINT   NOT NULL,
-    defaults        BIGINT   NOT NULL,
-    flagged         BIGINT   NOT NULL,
+    day             INTEGER NOT NULL,
+    org_credit_code TEXT COLLATE "C" NOT NULL,
+    region_code     TEXT COLLATE "C" NOT NULL,
+    channel         INTEGER NOT NULL,
+    target_kind     INTEGER NOT NULL,
+    source_system   TEXT COLLATE "C" NOT NULL,
+    total           BIGINT  NOT NULL,
+    l1              BIGINT  NOT NULL,
+    l2              BIGINT  NOT NULL,
+    l3              BIGINT  NOT NULL,
+    l4              BIGINT  NOT NULL,
+    l5              BIGINT  NOT NULL,
+    defaults        BIGINT  NOT NULL,
+    flagged         BIGINT  NOT NULL,
+    bad_cases       BIGINT  NOT NULL,
+    rectified       BIGINT  NOT NULL,
+    called_back     BIGINT  NOT NULL,
+    real_name       BIGINT  NOT NULL,
+    real_name_done  BIGINT  NOT NULL,
+    archived        BIGINT  NOT NULL,
+    spot_checked    BIGINT  NOT NULL,
     PRIMARY KEY (day, org_credit_code, region_code, channel, target_kind, source_system)
 );
 
 INSERT INTO rating_counts
-SELECT (rated_at / 1000000 + 28800) / 86400, org_credit_code, region_code, channel,
-       target_kind, source_system, COUNT(*), COUNT(*) FILTER (WHERE level = 1),
-       COUNT(*) FILTER (WHERE level = 2), COUNT(*) FILTER (WHERE level = 3),
-       COUNT(*) FILTER (WHERE level = 4), COUNT(*) FILTER (WHERE level = 5),
-       COUNT(*) FILTER (WHERE is_default), COUNT(*) FILTER (WHERE quality_flags <> 0)
-FROM ratings WHERE hub_id NOT IN (SELECT hub_id FROM rating_exclusions)
+SELECT (r.rated_at / 1000000 + 28800) / 86400, r.org_credit_code, r.region_code, r.channel, r.target_kind, r.source_system,
+       COUNT(*),
+       COUNT(*) FILTER (WHERE r.level = 1),
+       COUNT(*) FILTER (WHERE r.level = 2),
+       COUNT(*) FILTER (WHERE r.level = 3),
+       COUNT(*) FILTER (WHERE r.level = 4),
+       COUNT(*) FILTER (WHERE r.level = 5),
+       COUNT(*) FILTER (WHERE r.is_default),
+       COUNT(*) FILTER (WHERE r.quality_flags <> 0),
+       SUM((c.id IS NOT NULL)::int),
+       SUM((c.id IS NOT NULL AND EXISTS (SELECT 1 FROM bad_rating_case_entries x WHERE x.case_id = c.id AND x.action IN (2, 4)))::int),
+       SUM((c.id IS NOT NULL AND EXISTS (SELECT 1 FROM bad_rating_case_entries x WHERE x.case_id = c.id AND x.action IN (6)))::int),
+       SUM((c.id IS NOT NULL AND c.real_name)::int),
+       SUM((c.id IS NOT NULL AND c.real_name AND EXISTS (SELECT 1 FROM bad_rating_case_entries x WHERE x.case_id = c.id AND x.action IN (2, 4)) AND EXISTS (SELECT 1 FROM bad_rating_case_entries x WHERE x.case_id = c.id AND x.action IN (6)))::int),
+       SUM((c.id IS NOT NULL AND EXISTS (SELECT 1 FROM bad_rating_case_entries x WHERE x.case_id = c.id AND x.action IN (7)))::int),
+       SUM((c.id IS NOT NULL AND EXISTS (SELECT 1 FROM bad_rating_case_entries x WHERE x.case_id = c.id AND x.action IN (8)))::int)
+FROM ratings r LEFT JOIN bad_rating_cases c ON c.hub_id = r.hub_id
+WHERE r.hub_id NOT IN (SELECT hub_id FROM rating_exclusions)
 GROUP BY 1, 2, 3, 4, 5, 6;
 
 CREATE FUNCTION rating_counts_rating() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO rating_counts AS c
-    SELECT (rated_at / 1000000 + 28800) / 86400, org_credit_code, region_code, channel,
-           target_kind, source_system, COUNT(*), COUNT(*) FILTER (WHERE level = 1),
-           COUNT(*) FILTER (WHERE level = 2), COUNT(*) FILTER (WHERE level = 3),
-           COUNT(*) FILTER (WHERE level = 4), COUNT(*) FILTER (WHERE level = 5),
-           COUNT(*) FILTER (WHERE is_default), COUNT(*) FILTER (WHERE quality_flags <> 0)
-    FROM new_ratings GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6
-    ON CONFLICT (day, org_credit_code, region_code, channel, target_kind, source_system)
-    DO UPDATE SET total = c.total + EXCLUDED.total, l1 = c.l1 + EXCLUDED.l1,
-        l2 = c.l2 + EXCLUDED.l2, l3 = c.l3 + EXCLUDED.l3, l4 = c.l4 + EXCLUDED.l4,
-        l5 = c.l5 + EXCLUDED.l5, defaults = c.defaults + EXCLUDED.defaults,
-        flagged = c.flagged + EXCLUDED.flagged;
+    SELECT (r.rated_at / 1000000 + 28800) / 86400, r.org_credit_code, r.region_code, r.channel, r.target_kind, r.source_system,
+           COUNT(*),
+           COUNT(*) FILTER (WHERE r.level = 1),
+           COUNT(*) FILTER (WHERE r.level = 2),
+           COUNT(*) FILTER (WHERE r.level = 3),
+           COUNT(*) FILTER (WHERE r.level = 4),
+           COUNT(*) FILTER (WHERE r.level = 5),
+           COUNT(*) FILTER (WHERE r.is_default),
+           COUNT(*) FILTER (WHERE r.quality_flags <> 0), 0, 0, 0, 0, 0, 0, 0
+    FROM new_ratings r GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6
+    ON CONFLICT (day, org_credit_code, region_code, channel, target_kind, source_system) DO UPDATE SET
+        total = c.total + EXCLUDED.total,
+        l1 = c.l1 + EXCLUDED.l1,
+        l2 = c.l2 + EXCLUDED.l2,
+        l3 = c.l3 + EXCLUDED.l3,
+        l4 = c.l4 + EXCLUDED.l4,
+        l5 = c.l5 + EXCLUDED.l5,
+        defaults = c.defaults + EXCLUDED.defaults,
+        flagged = c.flagged + EXCLUDED.flagged,
+        bad_cases = c.bad_cases + EXCLUDED.bad_cases,
+        rectified = c.rectified + EXCLUDED.rectified,
+        called_back = c.called_back + EXCLUDED.called_back,
+        real_name = c.real_name + EXCLUDED.real_name,
+        real_name_done = c.real_name_done + EXCLUDED.real_name_done,
+        archived = c.archived + EXCLUDED.archived,
+        spot_checked = c.spot_checked + EXCLUDED.spot_checked;
     RETURN NULL;
 END;
 $$;
@@ -54,27 +90,131 @@ CREATE TRIGGER rating_counts_rating AFTER INSERT ON ratings
     REFERENCING NEW TABLE AS new_ratings
     FOR EACH STATEMENT EXECUTE FUNCTION rating_counts_rating();
 
--- An exclusion takes its rating out (one per rating: hub_id is the key, and an exclusion
--- that conflicts is not inserted, so it is not in the transition table).
+-- An exclusion takes its rating, and its 差评 case as it stands, out (one per rating: hub_id
+-- is the key, and an exclusion that conflicts is not inserted, so it is not in the
+-- transition table).
 CREATE FUNCTION rating_counts_exclusion() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO rating_counts AS c
-    SELECT (r.rated_at / 1000000 + 28800) / 86400, r.org_credit_code, r.region_code,
-           r.channel, r.target_kind, r.source_system, -COUNT(*),
-           -COUNT(*) FILTER (WHERE r.level = 1), -COUNT(*) FILTER (WHERE r.level = 2),
-           -COUNT(*) FILTER (WHERE r.level = 3), -COUNT(*) FILTER (WHERE r.level = 4),
-           -COUNT(*) FILTER (WHERE r.level = 5), -COUNT(*) FILTER (WHERE r.is_default),
-           -COUNT(*) FILTER (WHERE r.quality_flags <> 0)
+    INSERT INTO rating_counts AS t
+    SELECT (r.rated_at / 1000000 + 28800) / 86400, r.org_credit_code, r.region_code, r.channel, r.target_kind, r.source_system,
+           -COUNT(*),
+           -COUNT(*) FILTER (WHERE r.level = 1),
+           -COUNT(*) FILTER (WHERE r.level = 2),
+           -COUNT(*) FILTER (WHERE r.level = 3),
+           -COUNT(*) FILTER (WHERE r.level = 4),
+           -COUNT(*) FILTER (WHERE r.level = 5),
+           -COUNT(*) FILTER (WHERE r.is_default),
+           -COUNT(*) FILTER (WHERE r.quality_flags <> 0),
+           -SUM((c.id IS NOT NULL)::int),
+           -SUM((c.id IS NOT NULL AND EXISTS (SELECT 1 FROM bad_rating_case_entries x WHERE x.case_id = c.id AND x.action IN (2, 4)))::int),
+           -SUM((c.id IS NOT NULL AND EXISTS (SELECT 1 FROM bad_rating_case_entries x WHERE x.case_id = c.id AND x.action IN (6)))::int),
+           -SUM((c.id IS NOT NULL AND c.real_name)::int),
+           -SUM((c.id IS NOT NULL AND c.real_name AND EXISTS (SELECT 1 FROM bad_rating_case_entries x WHERE x.case_id = c.id AND x.action IN (2, 4)) AND EXISTS (SELECT 1 FROM bad_rating_case_entries x WHERE x.case_id = c.id AND x.action IN (6)))::int),
+           -SUM((c.id IS NOT NULL AND EXISTS (SELECT 1 FROM bad_rating_case_entries x WHERE x.case_id = c.id AND x.action IN (7)))::int),
+           -SUM((c.id IS NOT NULL AND EXISTS (SELECT 1 FROM bad_rating_case_entries x WHERE x.case_id = c.id AND x.action IN (8)))::int)
     FROM new_exclusions x JOIN ratings r ON r.hub_id = x.hub_id
+        LEFT JOIN bad_rating_cases c ON c.hub_id = r.hub_id
     GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6
-    ON CONFLICT (day, org_credit_code, region_code, channel, target_kind, source_system)
-    DO UPDATE SET total = c.total + EXCLUDED.total, l1 = c.l1 + EXCLUDED.l1,
-        l2 = c.l2 + EXCLUDED.l2, l3 = c.l3 + EXCLUDED.l3, l4 = c.l4 + EXCLUDED.l4,
-        l5 = c.l5 + EXCLUDED.l5, defaults = c.defaults + EXCLUDED.defaults,
-        flagged = c.flagged + EXCLUDED.flagged;
+    ON CONFLICT (day, org_credit_code, region_code, channel, target_kind, source_system) DO UPDATE SET
+        total = t.total + EXCLUDED.total,
+        l1 = t.l1 + EXCLUDED.l1,
+        l2 = t.l2 + EXCLUDED.l2,
+        l3 = t.l3 + EXCLUDED.l3,
+        l4 = t.l4 + EXCLUDED.l4,
+        l5 = t.l5 + EXCLUDED.l5,
+        defaults = t.defaults + EXCLUDED.defaults,
+        flagged = t.flagged + EXCLUDED.flagged,
+        bad_cases = t.bad_cases + EXCLUDED.bad_cases,
+        rectified = t.rectified + EXCLUDED.rectified,
+        called_back = t.called_back + EXCLUDED.called_back,
+        real_name = t.real_name + EXCLUDED.real_name,
+        real_name_done = t.real_name_done + EXCLUDED.real_name_done,
+        archived = t.archived + EXCLUDED.archived,
+        spot_checked = t.spot_checked + EXCLUDED.spot_checked;
     RETURN NULL;
 END;
 $$;
 CREATE TRIGGER rating_counts_exclusion AFTER INSERT ON rating_exclusions
     REFERENCING NEW TABLE AS new_exclusions
     FOR EACH STATEMENT EXECUTE FUNCTION rating_counts_exclusion();
+
+-- 差评 cases opened (in their ratings' transaction, after the ratings), unless left out.
+CREATE FUNCTION rating_counts_case() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO rating_counts AS c
+    SELECT (r.rated_at / 1000000 + 28800) / 86400, r.org_credit_code, r.region_code, r.channel, r.target_kind, r.source_system, 0, 0, 0, 0, 0, 0, 0, 0,
+           COUNT(*), 0, 0, COUNT(*) FILTER (WHERE n.real_name), 0, 0, 0
+    FROM new_cases n JOIN ratings r ON r.hub_id = n.hub_id
+    WHERE r.hub_id NOT IN (SELECT hub_id FROM rating_exclusions)
+    GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6
+    ON CONFLICT (day, org_credit_code, region_code, channel, target_kind, source_system) DO UPDATE SET
+        total = c.total + EXCLUDED.total,
+        l1 = c.l1 + EXCLUDED.l1,
+        l2 = c.l2 + EXCLUDED.l2,
+        l3 = c.l3 + EXCLUDED.l3,
+        l4 = c.l4 + EXCLUDED.l4,
+        l5 = c.l5 + EXCLUDED.l5,
+        defaults = c.defaults + EXCLUDED.defaults,
+        flagged = c.flagged + EXCLUDED.flagged,
+        bad_cases = c.bad_cases + EXCLUDED.bad_cases,
+        rectified = c.rectified + EXCLUDED.rectified,
+        called_back = c.called_back + EXCLUDED.called_back,
+        real_name = c.real_name + EXCLUDED.real_name,
+        real_name_done = c.real_name_done + EXCLUDED.real_name_done,
+        archived = c.archived + EXCLUDED.archived,
+        spot_checked = c.spot_checked + EXCLUDED.spot_checked;
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER rating_counts_case AFTER INSERT ON bad_rating_cases
+    REFERENCING NEW TABLE AS new_cases
+    FOR EACH STATEMENT EXECUTE FUNCTION rating_counts_case();
+
+-- A case's first entry of an action moves it into that state (and into 'real-name, rectified
+-- and called back' when it completes the pair), unless its rating is left out.
+CREATE FUNCTION rating_counts_case_entry() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    other_rect BOOLEAN;
+    other_cb   BOOLEAN;
+    first      BOOLEAN;
+    rect       BOOLEAN;
+    cb         BOOLEAN;
+BEGIN
+    other_rect := EXISTS (SELECT 1 FROM bad_rating_case_entries x
+        WHERE x.case_id = NEW.case_id AND x.id <> NEW.id AND x.action IN (2, 4));
+    other_cb := EXISTS (SELECT 1 FROM bad_rating_case_entries x
+        WHERE x.case_id = NEW.case_id AND x.id <> NEW.id AND x.action = 6);
+    first := NOT EXISTS (SELECT 1 FROM bad_rating_case_entries x
+        WHERE x.case_id = NEW.case_id AND x.id <> NEW.id
+        AND (x.action = NEW.action OR (NEW.action IN (2, 4) AND x.action IN (2, 4))));
+    rect := NEW.action IN (2, 4) AND first;
+    cb := NEW.action = 6 AND first;
+    INSERT INTO rating_counts AS c
+    SELECT (r.rated_at / 1000000 + 28800) / 86400, r.org_credit_code, r.region_code, r.channel, r.target_kind, r.source_system, 0, 0, 0, 0, 0, 0, 0, 0,
+           0, rect::int, cb::int, 0,
+           (k.real_name AND ((rect AND other_cb) OR (cb AND other_rect)))::int,
+           (NEW.action = 7 AND first)::int, (NEW.action = 8 AND first)::int
+    FROM bad_rating_cases k JOIN ratings r ON r.hub_id = k.hub_id
+    WHERE k.id = NEW.case_id AND r.hub_id NOT IN (SELECT hub_id FROM rating_exclusions)
+    ON CONFLICT (day, org_credit_code, region_code, channel, target_kind, source_system) DO UPDATE SET
+        total = c.total + EXCLUDED.total,
+        l1 = c.l1 + EXCLUDED.l1,
+        l2 = c.l2 + EXCLUDED.l2,
+        l3 = c.l3 + EXCLUDED.l3,
+        l4 = c.l4 + EXCLUDED.l4,
+        l5 = c.l5 + EXCLUDED.l5,
+        defaults = c.defaults + EXCLUDED.defaults,
+        flagged = c.flagged + EXCLUDED.flagged,
+        bad_cases = c.bad_cases + EXCLUDED.bad_cases,
+        rectified = c.rectified + EXCLUDED.rectified,
+        called_back = c.called_back + EXCLUDED.called_back,
+        real_name = c.real_name + EXCLUDED.real_name,
+        real_name_done = c.real_name_done + EXCLUDED.real_name_done,
+        archived = c.archived + EXCLUDED.archived,
+        spot_checked = c.spot_checked + EXCLUDED.spot_checked;
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER rating_counts_case_entry AFTER INSERT ON bad_rating_case_entries
+    FOR EACH ROW WHEN (NEW.action IN (2, 4, 6, 7, 8))
+    EXECUTE FUNCTION rating_counts_case_entry();

@@ -1,0 +1,303 @@
+//! Statistics and reads at scale (#23): a province's data prepared once in a directory of its
+//! own and reused (`rating-bench stats-probe --data DIR --ratings N`), then the latency of
+//! what dashboards, reports and pulling platforms ask of it. The quarter's statistics are
+//! measured twice in the same run: as the hub answers them (from the maintained counts) and
+//! over a range one second shorter, which the counts cannot answer, so the hub scans — the
+//! baseline the counts are measured against.
+
+use super::*;
+use rating_hub::pb::v1::query_service_client::QueryServiceClient;
+use rating_hub::pb::v1::sync_service_client::SyncServiceClient;
+
+const ORGS: u64 = 40;
+const DISTRICTS: [&str; 10] = [
+    "530102", "530103", "530111", "530112", "530113", "530114", "530115", "530124", "530125",
+    "530126",
+];
+const DAY_SECS: i64 = 86_400;
+const SPREAD_DAYS: i64 = 90;
+
+fn province_org(n: u64) -> String {
+    rating_hub::domain::codes::credit_code_with_check(&format!("11530100MA{:07}", n % ORGS + 1))
+        .expect("valid")
+}
+
+/// Rating `n` of the province: 40 organisations over 10 districts, five channels, the last
+/// 90 days (a fixed spread, the same in every fill).
+fn province_rating(n: u64, now: i64) -> pb::Rating {
+    let org = province_org(n);
+    let mut r = rating("province", n, &org, now);
+    r.region_code = DISTRICTS[(n % ORGS % 10) as usize].into();
+    r.channel = [
+        pb::Channel::HallDevice,
+        pb::Channel::MobileApp,
+        pb::Channel::PcWeb,
+        pb::Channel::QrCode,
+        pb::Channel::MiniProgram,
+    ][(n / ORGS % 5) as usize] as i32;
+    let ago = (n.wrapping_mul(7_919) % (SPREAD_DAYS as u64 * DAY_SECS as u64)) as i64 + 1;
+    r.rated_at = Some(rating_hub::time::timestamp_from_micros(
+        now - ago * 1_000_000,
+    ));
+    r
+}
+
+/// Fills the hub from `from` to `total` ratings (8 callers, batches of 500).
+async fn fill(ch: &[Channel], from: u64, total: u64) -> anyhow::Result<()> {
+    let next = Arc::new(AtomicU64::new(from));
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let mut client = IngestServiceClient::new(ch[w % ch.len()].clone());
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let first = next.fetch_add(500, Ordering::Relaxed);
+                if first >= total {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let now = now_micros();
+                let ratings: Vec<_> = (first..(first + 500).min(total))
+                    .map(|n| province_rating(n, now))
+                    .collect();
+                let r = client
+                    .submit_ratings(pb::SubmitRatingsRequest { ratings })
+                    .await?;
+                anyhow::ensure!(
+                    r.into_inner().results.iter().all(|x| {
+                        x.outcome == pb::Outcome::Accepted as i32
+                            || x.outcome == pb::Outcome::Duplicate as i32
+                    }),
+                    "not accepted"
+                );
+                if w == 0 && first % 200_000 < 500 {
+                    eprintln!("… {first} ratings");
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+/// Sorted latencies (ms) of `n` sequential calls of `call`.
+async fn timed<F, Fut>(n: usize, mut call: F) -> anyhow::Result<Vec<f64>>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut v = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        call(i).await?;
+        v.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    v.sort_by(f64::total_cmp);
+    Ok(v)
+}
+
+pub(crate) async fn stats_probe(
+    hub_bin: &Path,
+    data: &Path,
+    ratings: u64,
+    samples: usize,
+) -> anyhow::Result<()> {
+    let hub_bin = &hub_bin.canonicalize()?;
+    std::fs::create_dir_all(data)?;
+    let pki = data.join("pki");
+    if !pki.join("ca.pem").exists() {
+        rating_hub::pki::init_dev(&pki)?;
+    }
+    let hub = spawn_hub(hub_bin, data, "hub", &pki, &[]).await?;
+    let ch = channels(&pki, &hub.url, 4).await?;
+    let mut sync = SyncServiceClient::new(ch[0].clone());
+    let head = |r: pb::PullResponse| r.head_sequence;
+    let stored = head(
+        sync.pull(pb::PullRequest {
+            after_sequence: 0,
+            limit: 1,
+        })
+        .await?
+        .into_inner(),
+    );
+    if stored < ratings {
+        eprintln!(
+            "preparing {} → {ratings} ratings in {}",
+            stored,
+            data.display()
+        );
+        let started = Instant::now();
+        fill(&ch, stored, ratings).await?;
+        eprintln!("filled in {:.0} s", started.elapsed().as_secs_f64());
+    }
+    let size = head(
+        sync.pull(pb::PullRequest {
+            after_sequence: 0,
+            limit: 1,
+        })
+        .await?
+        .into_inner(),
+    );
+
+    // The quarter: from CST midnight 91 days ago to the next CST midnight.
+    let now_secs = now_micros() / 1_000_000;
+    let local = now_secs + 8 * 3600;
+    let tomorrow = local - local.rem_euclid(DAY_SECS) + DAY_SECS - 8 * 3600;
+    let from = tomorrow - 92 * DAY_SECS;
+    let ts = |s: i64| Some(rating_hub::time::timestamp_from_micros(s * 1_000_000));
+    let quarter = pb::RatingFilter {
+        region_code_prefix: "53".into(),
+        rated_from: ts(from),
+        rated_until: ts(tomorrow),
+        ..Default::default()
+    };
+    let by_org = |filter: pb::RatingFilter| pb::GetStatsRequest {
+        filter: Some(filter),
+        group_by: vec![pb::StatsDimension::Organization as i32],
+        rank_by: pb::RankBy::GoodRate as i32,
+        ..Default::default()
+    };
+    let query = QueryServiceClient::new(ch[1].clone());
+    let total_of = |groups: &[pb::StatsGroup]| groups.iter().map(|g| g.total).sum::<u64>();
+
+    let mut q = query.clone();
+    let counted = q
+        .get_stats(by_org(quarter.clone()))
+        .await?
+        .into_inner()
+        .groups;
+    let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
+    rows.push((
+        "GetStats, quarter, province by organisation (counts)".into(),
+        timed(samples, |_| {
+            let (mut q, r) = (query.clone(), by_org(quarter.clone()));
+            async move {
+                q.get_stats(r).await?;
+                Ok(())
+            }
+        })
+        .await?,
+    ));
+    let single = pb::RatingFilter {
+        org_credit_code: province_org(7),
+        ..quarter.clone()
+    };
+    rows.push((
+        "GetStats, quarter, one organisation (counts)".into(),
+        timed(samples, |_| {
+            let (mut q, f) = (query.clone(), single.clone());
+            async move {
+                q.get_stats(pb::GetStatsRequest {
+                    filter: Some(f),
+                    ..Default::default()
+                })
+                .await?;
+                Ok(())
+            }
+        })
+        .await?,
+    ));
+    let (year, month, _) = rating_hub::rules::Date::of_instant(now_micros()).ymd();
+    let (year, quarter_no) = (year as u32, (month - 1) / 3 + 1);
+    rows.push((
+        format!("ExportReport CSV, {year} Q{quarter_no}, province (counts)"),
+        timed(samples, |_| {
+            let mut q = query.clone();
+            async move {
+                q.export_report(pb::ExportReportRequest {
+                    year,
+                    quarter: quarter_no,
+                    region_code_prefix: "53".into(),
+                    format: pb::ReportFormat::Csv as i32,
+                    ..Default::default()
+                })
+                .await?;
+                Ok(())
+            }
+        })
+        .await?,
+    ));
+    // The baseline: one second short of the quarter's end, which only a scan answers.
+    let shifted = pb::RatingFilter {
+        rated_until: ts(tomorrow - 1),
+        ..quarter.clone()
+    };
+    let mut q = query.clone();
+    let scanned = q
+        .get_stats(by_org(shifted.clone()))
+        .await?
+        .into_inner()
+        .groups;
+    rows.push((
+        "GetStats, quarter less 1 s, province by organisation (scan)".into(),
+        timed(samples.min(10), |_| {
+            let (mut q, r) = (query.clone(), by_org(shifted.clone()));
+            async move {
+                q.get_stats(r).await?;
+                Ok(())
+            }
+        })
+        .await?,
+    ));
+    rows.push((
+        "ListRatings, first page of 50, province".into(),
+        timed(samples, |_| {
+            let mut q = query.clone();
+            async move {
+                q.list_ratings(pb::ListRatingsRequest {
+                    filter: Some(pb::RatingFilter {
+                        region_code_prefix: "53".into(),
+                        ..Default::default()
+                    }),
+                    page_size: 50,
+                    page_token: String::new(),
+                })
+                .await?;
+                Ok(())
+            }
+        })
+        .await?,
+    ));
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    rows.push((
+        "Pull 500 from a random position".into(),
+        timed(samples, |_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let after = x % size.saturating_sub(500).max(1);
+            let mut s = sync.clone();
+            async move {
+                let r = s
+                    .pull(pb::PullRequest {
+                        after_sequence: after,
+                        limit: 500,
+                    })
+                    .await?
+                    .into_inner();
+                anyhow::ensure!(r.ratings.len() == 500 || size < 501, "short pull");
+                Ok(())
+            }
+        })
+        .await?,
+    ));
+    hub.stop().await;
+    println!(
+        "{size} ratings stored in {} ({} in the quarter by the counts, {} by the scan of a \
+         range 1 s shorter)",
+        data.display(),
+        total_of(&counted),
+        total_of(&scanned)
+    );
+    println!("| call ({samples} sequential, one client) | p50 ms | p99 ms |");
+    println!("|---|---|---|");
+    for (name, v) in &rows {
+        println!(
+            "| {name} | {:.2} | {:.2} |",
+            percentile(v, 0.5),
+            percentile(v, 0.99)
+        );
+    }
+    Ok(())
+}

@@ -440,14 +440,6 @@ pub(crate) async fn compute_stats(
                 row.actively_rated_cases = c.actively_rated;
             }
         }
-        for c in store.bad_case_counts(&query, dims).await? {
-            if c.cases > 0 {
-                let row = groups
-                    .entry(c.key.clone())
-                    .or_insert_with(|| entry(c.key.clone()));
-                row.bad_cases = c;
-            }
-        }
         let mut out: Vec<pb::StatsGroup> = groups
             .into_values()
             .map(|r| stats_group(r, dims, name, profile))

@@ -771,12 +771,36 @@ pub struct StatsRow {
     pub default_ratings: u64,
     /// Ratings with any quality flag.
     pub flagged: u64,
-    /// Filled in by the caller from `bad_case_counts`.
+    /// The group's bad-rating cases (`Store::stats` fills them in).
     pub bad_cases: BadCaseCounts,
     /// Filled in by the caller from `completed_case_counts`.
     pub rated_cases: u64,
     pub actively_rated_cases: u64,
     pub completed_cases: u64,
+}
+
+/// `rows` with each group's bad-rating cases from `cases` (a group with cases always has
+/// ratings that count: a case leaves the counts with its rating).
+pub fn with_cases(mut rows: Vec<StatsRow>, cases: Vec<BadCaseCounts>) -> Vec<StatsRow> {
+    let mut at: std::collections::HashMap<Vec<String>, usize> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.key.clone(), i))
+        .collect();
+    for c in cases.into_iter().filter(|c| c.cases > 0) {
+        match at.get(&c.key) {
+            Some(i) => rows[*i].bad_cases = c,
+            None => {
+                at.insert(c.key.clone(), rows.len());
+                rows.push(StatsRow {
+                    key: c.key.clone(),
+                    bad_cases: c,
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    rows
 }
 
 /// What the health probe writes besides its row while commits fail for a storage reason: as
@@ -835,16 +859,17 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<StoredRating>, StoreError>;
 
-    /// Counts of the ratings that count (no exclusion) matching `query`, per group of
-    /// `group_by`, ordered by key: from the maintained counts where they can answer
-    /// (`counts::plan`), else by a scan.
+    /// Counts of the ratings that count (no exclusion) matching `query`, and of their
+    /// bad-rating cases (`bad_cases`), per group of `group_by`, ordered by key: from the
+    /// maintained counts where they can answer (`counts::plan`), else by scans.
     async fn stats(
         &self,
         query: &RatingQuery,
         group_by: &[StatsDimension],
     ) -> Result<Vec<StatsRow>, StoreError>;
 
-    /// The same as `stats`, always by scanning the ratings: what the counts must equal.
+    /// The ratings' part of `stats` (no `bad_cases`), always by a scan: what the counts must
+    /// equal.
     async fn stats_by_scan(
         &self,
         query: &RatingQuery,
@@ -976,15 +1001,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<(EvidenceRecord, String, Vec<u8>)>, StoreError>;
 
     /// Bad-rating cases per group of their ratings (those that count), keyed like `stats`,
-    /// in no particular order: from the maintained counts where they can answer, else by a
-    /// scan.
-    async fn bad_case_counts(
-        &self,
-        query: &RatingQuery,
-        group_by: &[StatsDimension],
-    ) -> Result<Vec<BadCaseCounts>, StoreError>;
-
-    /// The same as `bad_case_counts`, always by a scan: what the counts must equal.
+    /// in no particular order, always by a scan: what the counts must equal.
     async fn bad_case_counts_by_scan(
         &self,
         query: &RatingQuery,

@@ -145,55 +145,38 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
-    /// `stats` from `rating_counts` (src/store/counts.rs): the same groups, in the same
-    /// order, as the scan; a group whose ratings were all excluded is left out, as the scan
-    /// leaves it out.
-    /// `stats` from `rating_counts` (src/store/counts.rs): the same groups, in the same
-    /// order, as the scan; a group whose ratings were all excluded is left out, as the scan
-    /// leaves it out.
+    /// `stats` from `rating_counts` (src/store/counts.rs), in one pass: the same groups, in
+    /// the same order and with the same bad-rating cases, as the scans; a group whose
+    /// ratings were all excluded is left out, as the scan leaves it out (a case's rating
+    /// always counts while the case does).
     async fn stats_from_counts(
         &self,
         plan: &CountsPlan,
         group_by: &[StatsDimension],
     ) -> Result<Vec<StatsRow>, StoreError> {
-        let rows = self
-            .sum_counts(plan, group_by, "COALESCE(SUM(total), 0)::bigint AS total, COALESCE(SUM(l1), 0)::bigint AS l1, COALESCE(SUM(l2), 0)::bigint AS l2, COALESCE(SUM(l3), 0)::bigint AS l3, COALESCE(SUM(l4), 0)::bigint AS l4, COALESCE(SUM(l5), 0)::bigint AS l5, COALESCE(SUM(defaults), 0)::bigint AS defaults, COALESCE(SUM(flagged), 0)::bigint AS flagged", "total")
-            .await?;
-        rows.iter()
-            .filter_map(|row| rows::stats_row(row, group_by.len()).transpose())
-            .collect::<Result<_, _>>()
-            .map_err(Into::into)
-    }
-
-    /// `bad_case_counts` from `rating_counts`: the groups with cases, ordered by key.
-    async fn bad_case_counts_from_counts(
-        &self,
-        plan: &CountsPlan,
-        group_by: &[StatsDimension],
-    ) -> Result<Vec<BadCaseCounts>, StoreError> {
-        let rows = self
-            .sum_counts(plan, group_by, "COALESCE(SUM(bad_cases), 0)::bigint AS n, COALESCE(SUM(rectified), 0)::bigint AS rectified, COALESCE(SUM(called_back), 0)::bigint AS called_back, COALESCE(SUM(real_name), 0)::bigint AS real_name, COALESCE(SUM(real_name_done), 0)::bigint AS real_name_done, COALESCE(SUM(archived), 0)::bigint AS archived, COALESCE(SUM(spot_checked), 0)::bigint AS spot_checked", "bad_cases")
-            .await?;
-        rows.iter()
-            .map(|row| rows::bad_case_counts(row, group_by.len()))
-            .collect::<Result<_, _>>()
-            .map_err(Into::into)
-    }
-
-    /// Sums `columns` of `rating_counts` over `plan`, grouped by `group_by` (keys `k0…`),
-    /// leaving out groups whose `nonzero` column sums to 0.
-    async fn sum_counts(
-        &self,
-        plan: &CountsPlan,
-        group_by: &[StatsDimension],
-        columns: &str,
-        nonzero: &str,
-    ) -> Result<Vec<<Postgres as sqlx::Database>::Row>, StoreError> {
         let mut qb = QueryBuilder::<Postgres>::new("SELECT ");
         for (i, d) in group_by.iter().enumerate() {
             qb.push(format!("{} AS k{i}, ", counts_dimension_sql(*d)));
         }
-        qb.push(columns).push(" FROM rating_counts WHERE TRUE");
+        qb.push(
+            "\
+             COALESCE(SUM(total), 0)::bigint AS total, \
+             COALESCE(SUM(l1), 0)::bigint AS l1, \
+             COALESCE(SUM(l2), 0)::bigint AS l2, \
+             COALESCE(SUM(l3), 0)::bigint AS l3, \
+             COALESCE(SUM(l4), 0)::bigint AS l4, \
+             COALESCE(SUM(l5), 0)::bigint AS l5, \
+             COALESCE(SUM(defaults), 0)::bigint AS defaults, \
+             COALESCE(SUM(flagged), 0)::bigint AS flagged, \
+             COALESCE(SUM(bad_cases), 0)::bigint AS n, \
+             COALESCE(SUM(rectified), 0)::bigint AS rectified, \
+             COALESCE(SUM(called_back), 0)::bigint AS called_back, \
+             COALESCE(SUM(real_name), 0)::bigint AS real_name, \
+             COALESCE(SUM(real_name_done), 0)::bigint AS real_name_done, \
+             COALESCE(SUM(archived), 0)::bigint AS archived, \
+             COALESCE(SUM(spot_checked), 0)::bigint AS spot_checked \
+             FROM rating_counts WHERE TRUE",
+        );
         push_filter(&mut qb, &plan.filter);
         if let Some(day) = plan.from_day {
             qb.push(" AND day >= ").push_bind(day);
@@ -207,10 +190,21 @@ impl PostgresStore {
                 .collect::<Vec<_>>()
                 .join(", ");
             qb.push(format!(
-                " GROUP BY {keys} HAVING SUM({nonzero}) > 0 ORDER BY {keys}"
+                " GROUP BY {keys} HAVING SUM(total) > 0 ORDER BY {keys}"
             ));
         }
-        Ok(qb.build().fetch_all(&self.reader).await?)
+        let rows = qb.build().fetch_all(&self.reader).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if let Some(mut stats) = rows::stats_row(row, group_by.len())? {
+                let cases = rows::bad_case_counts(row, group_by.len())?;
+                if cases.cases > 0 {
+                    stats.bad_cases = cases;
+                }
+                out.push(stats);
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -1503,7 +1497,10 @@ impl Store for PostgresStore {
     ) -> Result<Vec<StatsRow>, StoreError> {
         match counts::plan(query, group_by) {
             Some(plan) => self.stats_from_counts(&plan, group_by).await,
-            None => self.stats_by_scan(query, group_by).await,
+            None => Ok(super::with_cases(
+                self.stats_by_scan(query, group_by).await?,
+                self.bad_case_counts_by_scan(query, group_by).await?,
+            )),
         }
     }
 
@@ -2006,17 +2003,6 @@ impl Store for PostgresStore {
         match row {
             Some(row) => Ok(Some(self.bad_case_from_row(&row).await?)),
             None => Ok(None),
-        }
-    }
-
-    async fn bad_case_counts(
-        &self,
-        query: &RatingQuery,
-        group_by: &[StatsDimension],
-    ) -> Result<Vec<BadCaseCounts>, StoreError> {
-        match counts::plan(query, group_by) {
-            Some(plan) => self.bad_case_counts_from_counts(&plan, group_by).await,
-            None => self.bad_case_counts_by_scan(query, group_by).await,
         }
     }
 

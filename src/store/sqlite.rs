@@ -1168,6 +1168,10 @@ async fn insert_case(
     })
 }
 
+/// Feed positions `list_ratings` reads in feed order, without the region index, for a broad
+/// region prefix before it turns to the index (src/store/sqlite.rs `list_ratings`).
+const LIST_WINDOW: u64 = 5_000;
+
 const RATING_COLUMNS: &str = "SELECT feed_seq, hub_id, source_system, received_at, body, pii, pii_key_id, quality_flags \
      FROM ratings";
 
@@ -1333,13 +1337,44 @@ impl Store for SqliteStore {
         after_seq: u64,
         limit: u32,
     ) -> Result<Vec<StoredRating>, StoreError> {
+        // A region prefix shorter than a code (a province, a city) with no org or case to
+        // narrow it: its index gives the matches by region, not in feed order, so SQLite would
+        // read and sort every match for a page. Such a prefix usually matches much of the
+        // feed: first read the next LIST_WINDOW positions in feed order without the index,
+        // and only where that does not fill the page, the rest through the index.
+        let broad = query.region_prefix.as_ref().is_some_and(|p| p.len() < 6)
+            && query.org_credit_code.is_none()
+            && query.case_number.is_none();
+        let mut out = Vec::new();
+        let mut after = after_seq;
+        if broad {
+            // Read before the window: every position up to it committed before the window's
+            // read began, so the window holds all of them up to `until` when it is below.
+            let head = (*self.head.borrow()).min(query.max_feed_seq.unwrap_or(u64::MAX));
+            let until = after_seq.saturating_add(LIST_WINDOW);
+            let mut qb = QueryBuilder::<Sqlite>::new(
+                RATING_COLUMNS.replace("FROM ratings", "FROM ratings NOT INDEXED"),
+            );
+            qb.push(" WHERE feed_seq > ")
+                .push_bind(after_seq as i64)
+                .push(" AND feed_seq <= ")
+                .push_bind(until.min(i64::MAX as u64) as i64);
+            push_filter(&mut qb, query);
+            qb.push(" ORDER BY feed_seq LIMIT ")
+                .push_bind(i64::from(limit));
+            out = qb.build().fetch_all(&self.reader).await?;
+            if out.len() >= limit as usize || until >= head {
+                return out.iter().map(rows::stored_rating).collect();
+            }
+            after = until;
+        }
         let mut qb = QueryBuilder::<Sqlite>::new(RATING_COLUMNS);
-        qb.push(" WHERE feed_seq > ").push_bind(after_seq as i64);
+        qb.push(" WHERE feed_seq > ").push_bind(after as i64);
         push_filter(&mut qb, query);
         qb.push(" ORDER BY feed_seq LIMIT ")
-            .push_bind(i64::from(limit));
-        let rows = qb.build().fetch_all(&self.reader).await?;
-        rows.iter().map(rows::stored_rating).collect()
+            .push_bind(i64::from(limit) - out.len() as i64);
+        out.extend(qb.build().fetch_all(&self.reader).await?);
+        out.iter().map(rows::stored_rating).collect()
     }
 
     async fn stats(

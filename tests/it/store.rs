@@ -597,3 +597,71 @@ async fn a_raters_bad_rating_replacing_a_default_already_left_out_is_stored() {
     );
     assert_eq!(all[0].per_level[4], 1);
 }
+
+/// Pages of a broad region prefix (a city) are complete and in feed order whether the
+/// matches are dense (the first page comes from the feed-order window) or sparse (the window
+/// finds few, and the rest comes through the region index): 5,100 ratings of one city with
+/// every 100th of another, then 100 more of the other.
+#[tokio::test]
+async fn pages_of_a_broad_region_prefix_are_complete_and_in_feed_order() {
+    use rating_hub::store::RatingQuery;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path()).await;
+    let key = dir.path().join("pii.key");
+    rating_hub::privacy::PiiKeys::create_key_file(&key).expect("key");
+    let files = BTreeMap::from([("k".to_string(), key.display().to_string())]);
+    let keys = rating_hub::privacy::PiiKeys::load("k", &files).expect("keys");
+    let now = SystemClock.now_micros();
+    let items: Vec<NewRating> = (0..5_200)
+        .map(|i| {
+            let mut r = rating(&format!("page-{i}"));
+            if i % 100 == 99 || i >= 5_100 {
+                r.region_code = "530402".into();
+            }
+            let v = rating_hub::domain::parse_rating(&r, now, &Default::default(), false)
+                .expect("valid");
+            NewRating::new(
+                Uuid::now_v7(),
+                "sys".into(),
+                v,
+                &keys,
+                Default::default(),
+            )
+        })
+        .collect();
+    let mut other = Vec::new();
+    let mut city = Vec::new();
+    for chunk in items.chunks(500) {
+        let stored = store.insert_ratings(chunk.to_vec()).await.expect("insert");
+        for (item, seq) in chunk.iter().zip(accepted_seqs(&stored)) {
+            if item.rating.region_code.as_str() == "530402" {
+                other.push(seq);
+            } else {
+                city.push(seq);
+            }
+        }
+    }
+    assert_eq!(other.len(), 151);
+    let pages = |prefix: &'static str| {
+        let store = store.clone();
+        async move {
+            let query = RatingQuery {
+                region_prefix: Some(prefix.into()),
+                ..Default::default()
+            };
+            let (mut after, mut seen) = (0, Vec::new());
+            loop {
+                let page = store.list_ratings(&query, after, 50).await.expect("list");
+                if page.is_empty() {
+                    return seen;
+                }
+                assert!(page.len() == 50 || seen.len() + page.len() == 151 || prefix == "5301");
+                after = page.last().unwrap().feed_seq;
+                seen.extend(page.iter().map(|r| r.feed_seq));
+            }
+        }
+    };
+    assert_eq!(pages("5304").await, other);
+    assert_eq!(pages("5301").await, city);
+}

@@ -1008,8 +1008,17 @@ pub trait Store: Send + Sync + 'static {
         group_by: &[StatsDimension],
     ) -> Result<Vec<BadCaseCounts>, StoreError>;
 
-    /// Completed (办结) cases per group, keyed like `stats`, with how many are rated.
+    /// Completed (办结) cases per group, keyed like `stats` (periods by completion time), with
+    /// how many are rated, in no particular order: from the maintained counts where they can
+    /// answer (`counts::plan`), else by a scan.
     async fn completed_case_counts(
+        &self,
+        query: &RatingQuery,
+        group_by: &[StatsDimension],
+    ) -> Result<Vec<CaseCounts>, StoreError>;
+
+    /// The same as `completed_case_counts`, always by a scan: what the counts must equal.
+    async fn completed_case_counts_by_scan(
         &self,
         query: &RatingQuery,
         group_by: &[StatsDimension],

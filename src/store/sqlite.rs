@@ -1853,6 +1853,43 @@ impl Store for SqliteStore {
         query: &RatingQuery,
         group_by: &[StatsDimension],
     ) -> Result<Vec<CaseCounts>, StoreError> {
+        let Some(plan) = counts::plan(query, group_by) else {
+            return self.completed_case_counts_by_scan(query, group_by).await;
+        };
+        // The same keys over `case_counts` (src/store/counts.rs): days of completion; no
+        // target kind (events have none).
+        let filter = RatingQuery {
+            time_is_occurred_at: true,
+            ..plan.filter
+        };
+        let mut qb = QueryBuilder::<Sqlite>::new("SELECT ");
+        for (i, d) in group_by.iter().enumerate() {
+            qb.push(format!("{} AS k{i}, ", counts_dimension_sql(*d)));
+        }
+        qb.push(
+            "COALESCE(SUM(completed), 0) AS n, COALESCE(SUM(rated), 0) AS rated, \
+             COALESCE(SUM(active), 0) AS active FROM case_counts WHERE TRUE",
+        );
+        push_filter(&mut qb, &filter);
+        if let Some(day) = plan.from_day {
+            qb.push(" AND day >= ").push_bind(day);
+        }
+        if let Some(day) = plan.until_day {
+            qb.push(" AND day < ").push_bind(day);
+        }
+        push_group_by(&mut qb, group_by.len(), false);
+        let rows = qb.build().fetch_all(&self.reader).await?;
+        rows.iter()
+            .map(|row| rows::case_counts(row, group_by.len()))
+            .collect::<Result<_, _>>()
+            .map_err(Into::into)
+    }
+
+    async fn completed_case_counts_by_scan(
+        &self,
+        query: &RatingQuery,
+        group_by: &[StatsDimension],
+    ) -> Result<Vec<CaseCounts>, StoreError> {
         // The same dimensions over 办结 events: periods by completion time.
         let cases_query = RatingQuery {
             levels: Vec::new(),

@@ -347,6 +347,12 @@ async fn statistics_from_the_counts_equal_a_scan_on_random_data() {
             if r.target_kind == pb::TargetKind::Item as i32 && r.level <= 2 && pick(4) == 0 {
                 r.is_default = true;
                 r.rater = None;
+                // Defaults of a batch rate its other cases' 办结 events too, until a rater's
+                // own rating (of no batch, below) replaces them.
+                if pick(2) == 0 {
+                    r.batch_id = format!("B{}", pick(5));
+                    r.theme_id.clear();
+                }
                 defaults.push((r.case_number.clone(), org_n));
             }
             let source = ["sys-a", "sys-b"][pick(2) as usize];
@@ -376,11 +382,50 @@ async fn statistics_from_the_counts_equal_a_scan_on_random_data() {
                 checks.clone(),
             ));
         }
+        // 办结 events: of this group's cases (rated now), of the next group's (rated later),
+        // of no rated case, and of batches and themes (rated by any rating of theirs).
+        let mut events = Vec::new();
+        for i in 0..120 {
+            let g = group + pick(2);
+            let mut c = service_case(&format!("CASE-g{g}-{}", pick(150)));
+            if i % 6 == 5 {
+                c.case_number = format!("UNRATED-{group}-{i}");
+            }
+            c.org_credit_code = crate::utils::org(1 + pick(4) as u32);
+            c.region_code = ["530102", "530103", "530402"][pick(3) as usize].into();
+            c.channel = [
+                pb::Channel::HallDevice,
+                pb::Channel::MobileApp,
+                pb::Channel::QrCode,
+            ][pick(3) as usize] as i32;
+            match pick(5) {
+                0 | 2 => c.batch_id = format!("B{}", pick(5)),
+                1 => c.theme_id = format!("T{}", pick(5)),
+                _ => {}
+            }
+            let at = now - pick(60 * 86_400) as i64 * 1_000_000 - 1_000_000;
+            c.occurred_at = Some(Timestamp {
+                seconds: at / 1_000_000,
+                nanos: 0,
+            });
+            let v = rating_hub::domain::parse_case(&c, now, &Default::default())
+                .unwrap_or_else(|e| panic!("valid case: {e:?}"));
+            let source = ["sys-a", "sys-b"][pick(2) as usize];
+            events.push(rating_hub::store::NewCaseEvent::new(
+                source.into(),
+                v,
+                &keys,
+            ));
+        }
+        // Half before this group's ratings, half after (in the same group of writes or not).
+        let later = events.split_off(60);
+        store.insert_cases(events).await.expect("cases");
         for o in store.insert_ratings(items).await.expect("insert") {
             if let InsertOutcome::Accepted { hub_id, .. } = o {
                 accepted.push(hub_id);
             }
         }
+        store.insert_cases(later).await.expect("cases");
         // Steps on some 差评 cases: rectified (2, 4), called back (6), archived (7),
         // spot-checked (8) and others (1, 3), some twice; some steps exclude the rating (an
         // appeal upheld), and later steps on such a case change nothing.
@@ -501,6 +546,20 @@ async fn statistics_from_the_counts_equal_a_scan_on_random_data() {
             );
             assert_eq!(from_counts, scanned, "{q:?} grouped by {dims:?}");
             compared += scanned.len();
+            let sorted = |mut v: Vec<rating_hub::store::CaseCounts>| {
+                v.retain(|c| c.completed > 0);
+                v.sort_by(|a, b| a.key.cmp(&b.key));
+                v
+            };
+            let from_counts = sorted(store.completed_case_counts(q, dims).await.expect("办结"));
+            let scanned = sorted(
+                store
+                    .completed_case_counts_by_scan(q, dims)
+                    .await
+                    .expect("scan"),
+            );
+            assert_eq!(from_counts, scanned, "办结: {q:?} grouped by {dims:?}");
+            compared += scanned.len();
         }
     }
     assert!(compared > 500, "{compared} groups compared");
@@ -515,6 +574,15 @@ async fn statistics_from_the_counts_equal_a_scan_on_random_data() {
         all[0].default_ratings > 0 && all[0].flagged > 0,
         "{:?}",
         all[0]
+    );
+    let done = &store.completed_case_counts(&base, &[]).await.expect("办结")[0];
+    assert!(
+        done.completed > 500 && done.rated > 100 && done.rated < done.completed,
+        "{done:?}"
+    );
+    assert!(
+        done.actively_rated > 50 && done.actively_rated < done.rated,
+        "{done:?}"
     );
     let c = &all[0].bad_cases;
     assert!(
@@ -621,13 +689,7 @@ async fn pages_of_a_broad_region_prefix_are_complete_and_in_feed_order() {
             }
             let v = rating_hub::domain::parse_rating(&r, now, &Default::default(), false)
                 .expect("valid");
-            NewRating::new(
-                Uuid::now_v7(),
-                "sys".into(),
-                v,
-                &keys,
-                Default::default(),
-            )
+            NewRating::new(Uuid::now_v7(), "sys".into(), v, &keys, Default::default())
         })
         .collect();
     let mut other = Vec::new();
@@ -664,4 +726,30 @@ async fn pages_of_a_broad_region_prefix_are_complete_and_in_feed_order() {
     };
     assert_eq!(pages("5304").await, other);
     assert_eq!(pages("5301").await, city);
+}
+
+/// A valid 办结 event of case `number` (org 1, region 530102, now).
+fn service_case(number: &str) -> rating_hub::pb::v1::ServiceCase {
+    use rating_hub::pb::v1 as pb;
+    pb::ServiceCase {
+        case_number: number.to_owned(),
+        event: pb::CaseEvent::Completed as i32,
+        occurred_at: Some(crate::utils::now()),
+        item_code: "11530100MB1234567X4000112000001AB".into(),
+        item_name: "企业设立登记".into(),
+        region_code: "530102".into(),
+        org_credit_code: crate::utils::org(1),
+        org_name: "昆明市五华区政务服务中心".into(),
+        channel: pb::Channel::HallDevice as i32,
+        staff_id: "S01".into(),
+        applicant: Some(pb::Rater {
+            kind: pb::RaterKind::NaturalPerson as i32,
+            real_name: true,
+            name: "陈大文".into(),
+            id_number: crate::utils::id_number(),
+            phone: "13700001111".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }

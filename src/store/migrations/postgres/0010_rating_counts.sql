@@ -218,3 +218,146 @@ $$;
 CREATE TRIGGER rating_counts_case_entry AFTER INSERT ON bad_rating_case_entries
     FOR EACH ROW WHEN (NEW.action IN (2, 4, 6, 7, 8))
     EXECUTE FUNCTION rating_counts_case_entry();
+
+-- 办结 case counts (#23): per CST day of completion, organisation, region, channel and source
+-- system, the 办结 events (completed), those a rating rates (rated: an item rating of the same
+-- organisation for the case, or for its batch 批量业务 or theme 一件事, not a default that a
+-- rater's own rating replaced) and those a rater rated (active: such a rating that is not a
+-- default). What completed_case_counts reads instead of scanning the events. An event's state
+-- changes when it is stored, when a rating that rates it is stored, and when a default that
+-- rated it is replaced; the triggers below follow each, in the same transaction; every
+-- such write holds the sequencer (feed_head).
+CREATE TABLE case_counts (
+    day             INTEGER NOT NULL,
+    org_credit_code TEXT COLLATE "C" NOT NULL,
+    region_code     TEXT COLLATE "C" NOT NULL,
+    channel         INTEGER NOT NULL,
+    source_system   TEXT COLLATE "C" NOT NULL,
+    completed       BIGINT  NOT NULL,
+    rated           BIGINT  NOT NULL,
+    active          BIGINT  NOT NULL,
+    PRIMARY KEY (day, org_credit_code, region_code, channel, source_system)
+);
+
+CREATE INDEX service_case_events_case ON service_case_events (org_credit_code, case_number);
+CREATE INDEX service_case_events_batch ON service_case_events (org_credit_code, batch_id)
+    WHERE batch_id <> '';
+CREATE INDEX service_case_events_theme ON service_case_events (org_credit_code, theme_id)
+    WHERE theme_id <> '';
+
+INSERT INTO case_counts
+SELECT (e.occurred_at / 1000000 + 28800) / 86400, e.org_credit_code, e.region_code, e.channel, e.source_system, COUNT(*),
+       COUNT(*) FILTER (WHERE (EXISTS (SELECT 1 FROM ratings r WHERE r.case_number = e.case_number AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100))
+        OR (e.batch_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.batch_id = e.batch_id
+            AND r.batch_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100)))
+        OR (e.theme_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.theme_id = e.theme_id
+            AND r.theme_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100))))),
+       COUNT(*) FILTER (WHERE (EXISTS (SELECT 1 FROM ratings r WHERE r.case_number = e.case_number AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND NOT r.is_default)
+        OR (e.batch_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.batch_id = e.batch_id
+            AND r.batch_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND NOT r.is_default))
+        OR (e.theme_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.theme_id = e.theme_id
+            AND r.theme_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND NOT r.is_default))))
+FROM service_case_events e WHERE e.event = 2
+GROUP BY 1, 2, 3, 4, 5;
+
+CREATE FUNCTION case_counts_event() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO case_counts AS c
+    SELECT (e.occurred_at / 1000000 + 28800) / 86400, e.org_credit_code, e.region_code, e.channel, e.source_system, COUNT(*),
+        COUNT(*) FILTER (WHERE (EXISTS (SELECT 1 FROM ratings r WHERE r.case_number = e.case_number AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100))
+        OR (e.batch_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.batch_id = e.batch_id
+            AND r.batch_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100)))
+        OR (e.theme_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.theme_id = e.theme_id
+            AND r.theme_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100))))),
+        COUNT(*) FILTER (WHERE (EXISTS (SELECT 1 FROM ratings r WHERE r.case_number = e.case_number AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND NOT r.is_default)
+        OR (e.batch_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.batch_id = e.batch_id
+            AND r.batch_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND NOT r.is_default))
+        OR (e.theme_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.theme_id = e.theme_id
+            AND r.theme_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND NOT r.is_default))))
+    FROM new_events e WHERE e.event = 2
+    GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
+    ON CONFLICT (day, org_credit_code, region_code, channel, source_system) DO UPDATE SET completed = c.completed + EXCLUDED.completed, rated = c.rated + EXCLUDED.rated, active = c.active + EXCLUDED.active;
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER case_counts_event AFTER INSERT ON service_case_events
+    REFERENCING NEW TABLE AS new_events
+    FOR EACH STATEMENT EXECUTE FUNCTION case_counts_event();
+
+-- Item ratings rate the 办结 events of their cases, batches and themes: each one no earlier
+-- rating rated is now rated, and actively rated when one of the new ratings is a rater's.
+CREATE FUNCTION case_counts_rating() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO case_counts AS c
+    SELECT (e.occurred_at / 1000000 + 28800) / 86400, e.org_credit_code, e.region_code, e.channel, e.source_system, 0,
+        COUNT(*) FILTER (WHERE NOT (EXISTS (SELECT 1 FROM ratings r WHERE r.case_number = e.case_number AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND r.hub_id NOT IN (SELECT hub_id FROM new_ratings))
+        OR (e.batch_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.batch_id = e.batch_id
+            AND r.batch_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND r.hub_id NOT IN (SELECT hub_id FROM new_ratings)))
+        OR (e.theme_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.theme_id = e.theme_id
+            AND r.theme_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND r.hub_id NOT IN (SELECT hub_id FROM new_ratings))))),
+        COUNT(*) FILTER (WHERE EXISTS (SELECT 1 FROM new_ratings n WHERE NOT n.is_default
+                AND n.target_kind = 1 AND n.org_credit_code = e.org_credit_code AND (n.case_number = e.case_number
+                OR (e.batch_id <> '' AND n.batch_id = e.batch_id)
+                OR (e.theme_id <> '' AND n.theme_id = e.theme_id)))
+            AND NOT (EXISTS (SELECT 1 FROM ratings r WHERE r.case_number = e.case_number AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND NOT r.is_default AND r.hub_id NOT IN (SELECT hub_id FROM new_ratings))
+        OR (e.batch_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.batch_id = e.batch_id
+            AND r.batch_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND NOT r.is_default AND r.hub_id NOT IN (SELECT hub_id FROM new_ratings)))
+        OR (e.theme_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.theme_id = e.theme_id
+            AND r.theme_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND NOT r.is_default AND r.hub_id NOT IN (SELECT hub_id FROM new_ratings)))))
+    FROM service_case_events e WHERE e.id IN (SELECT m.id FROM new_ratings n CROSS JOIN LATERAL (
+        SELECT e.id FROM service_case_events e WHERE e.org_credit_code = n.org_credit_code
+            AND e.case_number = n.case_number AND e.event = 2
+        UNION SELECT e.id FROM service_case_events e WHERE n.batch_id <> ''
+            AND e.org_credit_code = n.org_credit_code AND e.batch_id = n.batch_id
+            AND e.batch_id <> '' AND e.event = 2
+        UNION SELECT e.id FROM service_case_events e WHERE n.theme_id <> ''
+            AND e.org_credit_code = n.org_credit_code AND e.theme_id = n.theme_id
+            AND e.theme_id <> '' AND e.event = 2) AS m WHERE n.target_kind = 1)
+    GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
+    ON CONFLICT (day, org_credit_code, region_code, channel, source_system) DO UPDATE SET completed = c.completed + EXCLUDED.completed, rated = c.rated + EXCLUDED.rated, active = c.active + EXCLUDED.active;
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER case_counts_rating AFTER INSERT ON ratings
+    REFERENCING NEW TABLE AS new_ratings
+    FOR EACH STATEMENT EXECUTE FUNCTION case_counts_rating();
+
+-- Defaults replaced by raters' own ratings (reason 100) no longer rate their events: each one
+-- no other rating rates is unrated again (the replacing rating, stored first in the same
+-- transaction, usually rates it).
+CREATE FUNCTION case_counts_superseded() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO case_counts AS c
+    SELECT (e.occurred_at / 1000000 + 28800) / 86400, e.org_credit_code, e.region_code, e.channel, e.source_system, 0,
+        -COUNT(*) FILTER (WHERE NOT (EXISTS (SELECT 1 FROM ratings r WHERE r.case_number = e.case_number AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100))
+        OR (e.batch_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.batch_id = e.batch_id
+            AND r.batch_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100)))
+        OR (e.theme_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.theme_id = e.theme_id
+            AND r.theme_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100))))),
+        -COUNT(*) FILTER (WHERE EXISTS (SELECT 1 FROM new_exclusions x JOIN ratings n
+                ON n.hub_id = x.hub_id WHERE x.reason = 100 AND NOT n.is_default AND n.target_kind = 1 AND n.org_credit_code = e.org_credit_code AND (n.case_number = e.case_number
+                OR (e.batch_id <> '' AND n.batch_id = e.batch_id)
+                OR (e.theme_id <> '' AND n.theme_id = e.theme_id)))
+            AND NOT (EXISTS (SELECT 1 FROM ratings r WHERE r.case_number = e.case_number AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND NOT r.is_default)
+        OR (e.batch_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.batch_id = e.batch_id
+            AND r.batch_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND NOT r.is_default))
+        OR (e.theme_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.theme_id = e.theme_id
+            AND r.theme_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND NOT r.is_default))))
+    FROM service_case_events e WHERE e.id IN (SELECT m.id FROM new_exclusions x
+        JOIN ratings n ON n.hub_id = x.hub_id CROSS JOIN LATERAL (
+        SELECT e.id FROM service_case_events e WHERE e.org_credit_code = n.org_credit_code
+            AND e.case_number = n.case_number AND e.event = 2
+        UNION SELECT e.id FROM service_case_events e WHERE n.batch_id <> ''
+            AND e.org_credit_code = n.org_credit_code AND e.batch_id = n.batch_id
+            AND e.batch_id <> '' AND e.event = 2
+        UNION SELECT e.id FROM service_case_events e WHERE n.theme_id <> ''
+            AND e.org_credit_code = n.org_credit_code AND e.theme_id = n.theme_id
+            AND e.theme_id <> '' AND e.event = 2) AS m WHERE x.reason = 100 AND n.target_kind = 1)
+    GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
+    ON CONFLICT (day, org_credit_code, region_code, channel, source_system) DO UPDATE SET completed = c.completed + EXCLUDED.completed, rated = c.rated + EXCLUDED.rated, active = c.active + EXCLUDED.active;
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER case_counts_superseded AFTER INSERT ON rating_exclusions
+    REFERENCING NEW TABLE AS new_exclusions
+    FOR EACH STATEMENT EXECUTE FUNCTION case_counts_superseded();

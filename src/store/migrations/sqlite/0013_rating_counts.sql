@@ -176,3 +176,121 @@ BEGIN
         archived = archived + excluded.archived,
         spot_checked = spot_checked + excluded.spot_checked;
 END;
+
+-- 办结 case counts (#23): per CST day of completion, organisation, region, channel and source
+-- system, the 办结 events (completed), those a rating rates (rated: an item rating of the same
+-- organisation for the case, or for its batch 批量业务 or theme 一件事, not a default that a
+-- rater's own rating replaced) and those a rater rated (active: such a rating that is not a
+-- default). What completed_case_counts reads instead of scanning the events. An event's state
+-- changes when it is stored, when a rating that rates it is stored, and when a default that
+-- rated it is replaced; the triggers below follow each, in the same transaction.
+CREATE TABLE case_counts (
+    day             INTEGER NOT NULL,
+    org_credit_code TEXT    NOT NULL,
+    region_code     TEXT    NOT NULL,
+    channel         INTEGER NOT NULL,
+    source_system   TEXT    NOT NULL,
+    completed       INTEGER NOT NULL,
+    rated           INTEGER NOT NULL,
+    active          INTEGER NOT NULL,
+    PRIMARY KEY (day, org_credit_code, region_code, channel, source_system)
+) WITHOUT ROWID;
+
+CREATE INDEX service_case_events_case ON service_case_events (org_credit_code, case_number);
+CREATE INDEX service_case_events_batch ON service_case_events (org_credit_code, batch_id)
+    WHERE batch_id <> '';
+CREATE INDEX service_case_events_theme ON service_case_events (org_credit_code, theme_id)
+    WHERE theme_id <> '';
+
+INSERT INTO case_counts
+SELECT (e.occurred_at / 1000000 + 28800) / 86400, e.org_credit_code, e.region_code, e.channel, e.source_system, COUNT(*),
+       SUM((EXISTS (SELECT 1 FROM ratings r WHERE r.case_number = e.case_number AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100))
+        OR (e.batch_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.batch_id = e.batch_id
+            AND r.batch_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100)))
+        OR (e.theme_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.theme_id = e.theme_id
+            AND r.theme_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100))))),
+       SUM((EXISTS (SELECT 1 FROM ratings r WHERE r.case_number = e.case_number AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND r.is_default = 0)
+        OR (e.batch_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.batch_id = e.batch_id
+            AND r.batch_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND r.is_default = 0))
+        OR (e.theme_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.theme_id = e.theme_id
+            AND r.theme_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND r.is_default = 0))))
+FROM service_case_events e WHERE e.event = 2
+GROUP BY 1, 2, 3, 4, 5;
+
+CREATE TRIGGER case_counts_event AFTER INSERT ON service_case_events WHEN NEW.event = 2
+BEGIN
+    INSERT INTO case_counts
+    SELECT (e.occurred_at / 1000000 + 28800) / 86400, e.org_credit_code, e.region_code, e.channel, e.source_system, 1,
+        (EXISTS (SELECT 1 FROM ratings r WHERE r.case_number = e.case_number AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100))
+        OR (e.batch_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.batch_id = e.batch_id
+            AND r.batch_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100)))
+        OR (e.theme_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.theme_id = e.theme_id
+            AND r.theme_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100)))),
+        (EXISTS (SELECT 1 FROM ratings r WHERE r.case_number = e.case_number AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND r.is_default = 0)
+        OR (e.batch_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.batch_id = e.batch_id
+            AND r.batch_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND r.is_default = 0))
+        OR (e.theme_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.theme_id = e.theme_id
+            AND r.theme_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND r.is_default = 0)))
+    FROM service_case_events e WHERE e.id = NEW.id
+    ON CONFLICT  DO UPDATE SET completed = completed + excluded.completed, rated = rated + excluded.rated, active = active + excluded.active;
+END;
+
+-- An item rating rates the 办结 events of its case, batch and theme: each one no other rating
+-- rated before is now rated, and actively rated when this is a rater's.
+CREATE TRIGGER case_counts_rating AFTER INSERT ON ratings WHEN NEW.target_kind = 1
+BEGIN
+    INSERT INTO case_counts
+    SELECT (e.occurred_at / 1000000 + 28800) / 86400, e.org_credit_code, e.region_code, e.channel, e.source_system, 0,
+        SUM(NOT (EXISTS (SELECT 1 FROM ratings r WHERE r.case_number = e.case_number AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND r.hub_id <> NEW.hub_id)
+        OR (e.batch_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.batch_id = e.batch_id
+            AND r.batch_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND r.hub_id <> NEW.hub_id))
+        OR (e.theme_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.theme_id = e.theme_id
+            AND r.theme_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND r.hub_id <> NEW.hub_id)))),
+        SUM(NEW.is_default = 0 AND NOT (EXISTS (SELECT 1 FROM ratings r WHERE r.case_number = e.case_number AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND r.is_default = 0 AND r.hub_id <> NEW.hub_id)
+        OR (e.batch_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.batch_id = e.batch_id
+            AND r.batch_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND r.is_default = 0 AND r.hub_id <> NEW.hub_id))
+        OR (e.theme_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.theme_id = e.theme_id
+            AND r.theme_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND r.is_default = 0 AND r.hub_id <> NEW.hub_id))))
+    FROM service_case_events e WHERE e.id IN (
+        SELECT e.id FROM service_case_events e WHERE e.org_credit_code = NEW.org_credit_code
+            AND e.case_number = NEW.case_number AND e.event = 2
+        UNION SELECT e.id FROM service_case_events e WHERE NEW.batch_id <> ''
+            AND e.org_credit_code = NEW.org_credit_code AND e.batch_id = NEW.batch_id
+            AND e.batch_id <> '' AND e.event = 2
+        UNION SELECT e.id FROM service_case_events e WHERE NEW.theme_id <> ''
+            AND e.org_credit_code = NEW.org_credit_code AND e.theme_id = NEW.theme_id
+            AND e.theme_id <> '' AND e.event = 2)
+    GROUP BY 1, 2, 3, 4, 5
+    ON CONFLICT  DO UPDATE SET completed = completed + excluded.completed, rated = rated + excluded.rated, active = active + excluded.active;
+END;
+
+-- A default replaced by a rater's own rating (reason 100) no longer rates its events: each one
+-- no other rating rates is unrated again (the replacing rating, stored first in the same
+-- transaction, usually rates it).
+CREATE TRIGGER case_counts_superseded AFTER INSERT ON rating_exclusions WHEN NEW.reason = 100
+BEGIN
+    INSERT INTO case_counts
+    SELECT (e.occurred_at / 1000000 + 28800) / 86400, e.org_credit_code, e.region_code, e.channel, e.source_system, 0,
+        -SUM(NOT (EXISTS (SELECT 1 FROM ratings r WHERE r.case_number = e.case_number AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100))
+        OR (e.batch_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.batch_id = e.batch_id
+            AND r.batch_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100)))
+        OR (e.theme_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.theme_id = e.theme_id
+            AND r.theme_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100))))),
+        -SUM(d.is_default = 0 AND NOT (EXISTS (SELECT 1 FROM ratings r WHERE r.case_number = e.case_number AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND r.is_default = 0)
+        OR (e.batch_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.batch_id = e.batch_id
+            AND r.batch_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND r.is_default = 0))
+        OR (e.theme_id <> '' AND EXISTS (SELECT 1 FROM ratings r WHERE r.theme_id = e.theme_id
+            AND r.theme_id <> '' AND r.org_credit_code = e.org_credit_code AND r.target_kind = 1 AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id AND x.reason = 100) AND r.is_default = 0))))
+    FROM ratings d JOIN service_case_events e ON e.id IN (
+        SELECT e.id FROM service_case_events e WHERE e.org_credit_code = d.org_credit_code
+            AND e.case_number = d.case_number AND e.event = 2
+        UNION SELECT e.id FROM service_case_events e WHERE d.batch_id <> ''
+            AND e.org_credit_code = d.org_credit_code AND e.batch_id = d.batch_id
+            AND e.batch_id <> '' AND e.event = 2
+        UNION SELECT e.id FROM service_case_events e WHERE d.theme_id <> ''
+            AND e.org_credit_code = d.org_credit_code AND e.theme_id = d.theme_id
+            AND e.theme_id <> '' AND e.event = 2)
+    WHERE d.hub_id = NEW.hub_id AND d.target_kind = 1
+    GROUP BY 1, 2, 3, 4, 5
+    ON CONFLICT  DO UPDATE SET completed = completed + excluded.completed, rated = rated + excluded.rated, active = active + excluded.active;
+END;

@@ -109,7 +109,16 @@ pub(crate) async fn stats_probe(
     if !pki.join("ca.pem").exists() {
         rating_hub::pki::init_dev(&pki)?;
     }
-    let hub = spawn_hub(hub_bin, data, "hub", &pki, &[]).await?;
+    // The start-up self-check reads every stored rating in the background (a minute at 1 M):
+    // off, so it does not share the cores with what is measured.
+    let hub = spawn_hub(
+        hub_bin,
+        data,
+        "hub",
+        &pki,
+        &[("RATING_HUB__RATING_LOG__SELF_CHECK", "false".into())],
+    )
+    .await?;
     let ch = channels(&pki, &hub.url, 4).await?;
     let mut sync = SyncServiceClient::new(ch[0].clone());
     let head = |r: pb::PullResponse| r.head_sequence;

@@ -613,10 +613,12 @@ impl Writer {
                             // They add rating exclusions: rating_exclusions.seq, which
                             // upstream update cursors page by, must follow commit order.
                             | RelayWrite::Exclusion { .. }
-                            | RelayWrite::CaseEntry {
-                                exclude: Some(_),
-                                ..
-                            },
+                            // Every case step: it may also move the statistics' counts
+                            // (rating_counts), which ratings' groups update under the
+                            // sequencer; taken first, two instances never lock those rows
+                            // in opposite orders (a deadlock that failed whole groups).
+                            | RelayWrite::CaseEntry { .. }
+                            | RelayWrite::Evidence { .. },
                         ..
                     }
             )
@@ -1520,7 +1522,8 @@ impl Store for PostgresStore {
              COUNT(*) FILTER (WHERE level = 5) AS l5, \
              COUNT(*) FILTER (WHERE is_default) AS defaults, \
              COUNT(*) FILTER (WHERE quality_flags <> 0) AS flagged \
-             FROM ratings WHERE hub_id NOT IN (SELECT hub_id FROM rating_exclusions)",
+             FROM ratings WHERE NOT EXISTS (SELECT 1 FROM rating_exclusions x \
+             WHERE x.hub_id = ratings.hub_id)",
         );
         push_filter(&mut qb, query);
         push_group_by(&mut qb, group_by.len(), true);
@@ -2033,7 +2036,7 @@ impl Store for PostgresStore {
                  WHERE x.case_id = b.case_id AND x.action = 8)) AS spot_checked \
              FROM (SELECT r.*, c.id AS case_id, c.real_name AS case_real_name FROM ratings r \
                    JOIN bad_rating_cases c ON c.hub_id = r.hub_id) AS b \
-             WHERE hub_id NOT IN (SELECT hub_id FROM rating_exclusions)",
+             WHERE NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = b.hub_id)",
         );
         push_filter(&mut qb, query);
         push_group_by(&mut qb, group_by.len(), false);
@@ -2104,7 +2107,8 @@ impl Store for PostgresStore {
              e.org_credit_code AND r.target_kind = 1 AND (r.case_number = e.case_number \
              OR (e.batch_id <> '' AND r.batch_id = e.batch_id) \
              OR (e.theme_id <> '' AND r.theme_id = e.theme_id)) \
-             AND r.hub_id NOT IN (SELECT hub_id FROM rating_exclusions WHERE reason = 100)";
+             AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id \
+             AND x.reason = 100)";
         qb.push(format!(
             "COUNT(*) AS n, COUNT(*) FILTER (WHERE {RATED})) AS rated, \
              COUNT(*) FILTER (WHERE {RATED} AND NOT r.is_default)) AS active \

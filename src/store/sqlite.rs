@@ -1341,10 +1341,15 @@ impl Store for SqliteStore {
         // narrow it: its index gives the matches by region, not in feed order, so SQLite would
         // read and sort every match for a page. Such a prefix usually matches much of the
         // feed: first read the next LIST_WINDOW positions in feed order without the index,
-        // and only where that does not fill the page, the rest through the index.
+        // and only where that does not fill the page, the rest through the index. (Not with
+        // a filter that makes matches sparse, such as levels for 差评 only: there the window
+        // would seldom fill a page, and only add its reads.)
         let broad = query.region_prefix.as_ref().is_some_and(|p| p.len() < 6)
             && query.org_credit_code.is_none()
-            && query.case_number.is_none();
+            && query.case_number.is_none()
+            && query.item_code.is_none()
+            && query.staff_id.is_none()
+            && query.levels.is_empty();
         let mut out = Vec::new();
         let mut after = after_seq;
         if broad {

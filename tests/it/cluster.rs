@@ -326,8 +326,12 @@ async fn lost_database_connections_reconnect_without_failing_the_next_rating() {
         "SELECT pg_terminate_backend(pid, 10000)::text FROM pg_stat_activity \
          WHERE datname = '{name}'"
     ));
-    assert!(killed.len() >= 2, "the hub's connections were terminated");
-    assert!(killed.iter().all(|k| k == "true"), "{killed:?}");
+    // A backend that ended by itself between the listing and its termination (a pool
+    // closing an idle connection) answers false: it is gone all the same.
+    assert!(
+        killed.iter().filter(|k| *k == "true").count() >= 2,
+        "the hub's connections were terminated: {killed:?}"
+    );
 
     // The writer's idle connection is dead: the next group fails at BEGIN, before anything
     // of it reached the database, and the writer reconnects and stores it. The caller sees

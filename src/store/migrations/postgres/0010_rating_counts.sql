@@ -5,9 +5,15 @@
 -- their 差评 cases by state (rectified, called back, real-name, both, archived, spot-checked:
 -- a state is reached by the case's first entry of its action). Kept by the triggers below
 -- in the same transaction as the ratings, exclusions, cases or case entries that change
--- them. Writes of ratings and exclusions hold the sequencer (feed_head) and upsert keys in
--- order; a case entry's transaction touches one row, last. Rows whose counts fall to zero
+-- them. Every write of ratings, exclusions, cases and case entries holds the sequencer
+-- (feed_head) first, so two instances never update these rows in opposite orders. Rows whose counts fall to zero
 -- stay (a later rating may reuse them).
+-- No other instance (an older hub still running during a rolling upgrade) may write what
+-- the counts follow between the backfills below and their triggers: held until this
+-- migration commits.
+LOCK TABLE ratings, rating_exclusions, bad_rating_cases, bad_rating_case_entries,
+    service_case_events IN SHARE ROW EXCLUSIVE MODE;
+
 CREATE TABLE rating_counts (
     day             INTEGER NOT NULL,
     org_credit_code TEXT COLLATE "C" NOT NULL,
@@ -51,7 +57,7 @@ SELECT (r.rated_at / 1000000 + 28800) / 86400, r.org_credit_code, r.region_code,
        SUM((c.id IS NOT NULL AND EXISTS (SELECT 1 FROM bad_rating_case_entries x WHERE x.case_id = c.id AND x.action IN (7)))::int),
        SUM((c.id IS NOT NULL AND EXISTS (SELECT 1 FROM bad_rating_case_entries x WHERE x.case_id = c.id AND x.action IN (8)))::int)
 FROM ratings r LEFT JOIN bad_rating_cases c ON c.hub_id = r.hub_id
-WHERE r.hub_id NOT IN (SELECT hub_id FROM rating_exclusions)
+WHERE NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id)
 GROUP BY 1, 2, 3, 4, 5, 6;
 
 CREATE FUNCTION rating_counts_rating() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -145,7 +151,7 @@ BEGIN
     SELECT (r.rated_at / 1000000 + 28800) / 86400, r.org_credit_code, r.region_code, r.channel, r.target_kind, r.source_system, 0, 0, 0, 0, 0, 0, 0, 0,
            COUNT(*), 0, 0, COUNT(*) FILTER (WHERE n.real_name), 0, 0, 0
     FROM new_cases n JOIN ratings r ON r.hub_id = n.hub_id
-    WHERE r.hub_id NOT IN (SELECT hub_id FROM rating_exclusions)
+    WHERE NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id)
     GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6
     ON CONFLICT (day, org_credit_code, region_code, channel, target_kind, source_system) DO UPDATE SET
         total = c.total + EXCLUDED.total,
@@ -195,7 +201,7 @@ BEGIN
            (k.real_name AND ((rect AND other_cb) OR (cb AND other_rect)))::int,
            (NEW.action = 7 AND first)::int, (NEW.action = 8 AND first)::int
     FROM bad_rating_cases k JOIN ratings r ON r.hub_id = k.hub_id
-    WHERE k.id = NEW.case_id AND r.hub_id NOT IN (SELECT hub_id FROM rating_exclusions)
+    WHERE k.id = NEW.case_id AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = r.hub_id)
     ON CONFLICT (day, org_credit_code, region_code, channel, target_kind, source_system) DO UPDATE SET
         total = c.total + EXCLUDED.total,
         l1 = c.l1 + EXCLUDED.l1,

@@ -184,6 +184,10 @@ enum Cmd {
         ratings: u64,
         #[arg(long, default_value_t = 200)]
         samples: usize,
+        /// Then times this many more ratings into the prepared hub and as many into an
+        /// empty one (flat growth); 0: not measured.
+        #[arg(long, default_value_t = 0)]
+        growth: u64,
     },
     /// Baseline A: the same IngestService contract and mTLS, storing nothing.
     Echo {
@@ -552,8 +556,7 @@ async fn run(
     );
     // B-lean (#23): the same rows into the leanest table that still enforces idempotency,
     // the storage floor the hub's schema is measured against.
-    let [lean, lean_s] =
-        same_table_sizes(raw_sqlite(&work.join("lean"), &plan, 100, true).await?)?;
+    let [lean, lean_s] = same_table_sizes(raw_sqlite(&work.join("lean"), &plan, 100, true).await?)?;
     eprintln!(
         "baseline B-lean: {:.0} rows/s (batches' rows), {:.0} rows/s (streams' rows)",
         lean.rate, lean_s.rate
@@ -1048,7 +1051,8 @@ async fn main() -> anyhow::Result<()> {
             data,
             ratings,
             samples,
-        } => stats::stats_probe(&hub_bin, &data, ratings, samples).await,
+            growth,
+        } => stats::stats_probe(&hub_bin, &data, ratings, samples, growth).await,
         Cmd::Probe {
             hub_bin,
             secs,

@@ -102,6 +102,7 @@ pub(crate) async fn stats_probe(
     data: &Path,
     ratings: u64,
     samples: usize,
+    growth: u64,
 ) -> anyhow::Result<()> {
     let hub_bin = &hub_bin.canonicalize()?;
     std::fs::create_dir_all(data)?;
@@ -291,7 +292,34 @@ pub(crate) async fn stats_probe(
         })
         .await?,
     ));
-    hub.stop().await;
+    // Flat growth: `growth` more ratings into the prepared hub (timed like the fill), then the
+    // same number into an empty hub, in the same run.
+    let mut growth_rates = None;
+    if growth > 0 {
+        let t = Instant::now();
+        fill(&ch, size, size + growth).await?;
+        let full = growth as f64 / t.elapsed().as_secs_f64();
+        hub.stop().await;
+        let empty_dir = data.join("empty");
+        let _ = std::fs::remove_dir_all(&empty_dir);
+        let empty = spawn_hub(
+            hub_bin,
+            &empty_dir,
+            "hub",
+            &pki,
+            &[("RATING_HUB__RATING_LOG__SELF_CHECK", "false".into())],
+        )
+        .await?;
+        let ech = channels(&pki, &empty.url, 4).await?;
+        let t = Instant::now();
+        fill(&ech, 0, growth).await?;
+        let fresh = growth as f64 / t.elapsed().as_secs_f64();
+        empty.stop().await;
+        let _ = std::fs::remove_dir_all(&empty_dir);
+        growth_rates = Some((full, fresh));
+    } else {
+        hub.stop().await;
+    }
     println!(
         "{size} ratings stored in {} ({} in the quarter by the counts, {} by the scan of a \
          range 1 s shorter)",
@@ -306,6 +334,13 @@ pub(crate) async fn stats_probe(
             "| {name} | {:.2} | {:.2} |",
             percentile(v, 0.5),
             percentile(v, 0.99)
+        );
+    }
+    if let Some((full, fresh)) = growth_rates {
+        println!(
+            "\ningest of {growth} more ratings (8 callers, batches of 500): {full:.0} ratings/s \
+             with {size} stored, {fresh:.0} ratings/s into an empty hub, ratio {:.2}",
+            full / fresh
         );
     }
     Ok(())

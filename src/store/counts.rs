@@ -9,6 +9,11 @@
 
 use super::{RatingQuery, StatsDimension};
 
+/// Case step actions whose first entry moves a 差评 case's state in `rating_counts`
+/// (rectified 2 and 4, called back 6, archived 7, spot-checked 8): the migrations' triggers
+/// fire for these only.
+pub const MOVES_CASE_COUNTS: [i32; 5] = [2, 4, 6, 7, 8];
+
 /// Seconds China Standard Time is ahead of UTC.
 const CST_OFFSET_SECS: i64 = 8 * 3600;
 const DAY_MICROS: i64 = 86_400 * 1_000_000;

@@ -613,16 +613,28 @@ impl Writer {
                             // They add rating exclusions: rating_exclusions.seq, which
                             // upstream update cursors page by, must follow commit order.
                             | RelayWrite::Exclusion { .. }
-                            // Every case step: it may also move the statistics' counts
-                            // (rating_counts), which ratings' groups update under the
-                            // sequencer; taken first, two instances never lock those rows
-                            // in opposite orders (a deadlock that failed whole groups).
-                            | RelayWrite::CaseEntry { .. }
-                            | RelayWrite::Evidence { .. },
+                            | RelayWrite::CaseEntry {
+                                exclude: Some(_),
+                                ..
+                            },
                         ..
                     }
             )
         });
+        // A case step that moves the statistics' counts (rectified, called back, archived,
+        // spot-checked: rating_counts, which ratings' groups update under the sequencer)
+        // takes it first too, so two instances never lock those rows in opposite orders (a
+        // deadlock that failed whole groups). Other steps and evidence uploads do not.
+        let sequenced = sequenced
+            || group.iter().any(|j| {
+                matches!(
+                    j,
+                    Job::Relay {
+                        write: RelayWrite::CaseEntry { entry, .. },
+                        ..
+                    } if super::counts::MOVES_CASE_COUNTS.contains(&entry.action)
+                )
+            });
         let head: i64 = if sequenced {
             sqlx::query_scalar("SELECT head FROM feed_head WHERE id = 1 FOR UPDATE")
                 .fetch_one(&mut *tx)
@@ -1344,7 +1356,12 @@ fn push_scope(qb: &mut QueryBuilder<'_, Postgres>, scope: &ScopeFilter) {
 
 fn push_filter(qb: &mut QueryBuilder<'_, Postgres>, q: &RatingQuery) {
     if q.counted_only && !q.time_is_occurred_at {
-        qb.push(" AND hub_id NOT IN (SELECT hub_id FROM rating_exclusions)");
+        // NOT EXISTS, a key probe: PostgreSQL never makes NOT IN (subquery) an anti-join,
+        // and past work_mem every row would scan every exclusion. Every query this filter
+        // counts in reads `ratings` unaliased (the statistics scans exclude on their own).
+        qb.push(
+            " AND NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = ratings.hub_id)",
+        );
     }
     let mut eq = |col: &str, v: &Option<String>| {
         if let Some(v) = v {
@@ -1525,7 +1542,13 @@ impl Store for PostgresStore {
              FROM ratings WHERE NOT EXISTS (SELECT 1 FROM rating_exclusions x \
              WHERE x.hub_id = ratings.hub_id)",
         );
-        push_filter(&mut qb, query);
+        push_filter(
+            &mut qb,
+            &RatingQuery {
+                counted_only: false,
+                ..query.clone()
+            },
+        );
         push_group_by(&mut qb, group_by.len(), true);
         let rows = qb.build().fetch_all(&self.reader).await?;
         rows.iter()
@@ -2038,7 +2061,13 @@ impl Store for PostgresStore {
                    JOIN bad_rating_cases c ON c.hub_id = r.hub_id) AS b \
              WHERE NOT EXISTS (SELECT 1 FROM rating_exclusions x WHERE x.hub_id = b.hub_id)",
         );
-        push_filter(&mut qb, query);
+        push_filter(
+            &mut qb,
+            &RatingQuery {
+                counted_only: false,
+                ..query.clone()
+            },
+        );
         push_group_by(&mut qb, group_by.len(), false);
         let rows = qb.build().fetch_all(&self.reader).await?;
         rows.iter()

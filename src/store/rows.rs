@@ -149,7 +149,8 @@ pub(crate) fn case_entry(row: &impl Columns) -> Result<CaseEntryRecord, sqlx::Er
 pub(crate) const CASE_COLUMNS: &str = "SELECT id, hub_id, org_credit_code, region_code, \
      opened_at, real_name, (SELECT COUNT(*) FROM bad_rating_cases e \
      WHERE e.org_credit_code = c.org_credit_code AND e.opened_month = c.opened_month \
-     AND e.id < c.id AND e.hub_id NOT IN (SELECT hub_id FROM rating_exclusions)) \
+     AND e.id < c.id AND NOT EXISTS (SELECT 1 FROM rating_exclusions x \
+     WHERE x.hub_id = e.hub_id)) \
      AS org_month_rank FROM bad_rating_cases c";
 
 /// A bad-rating case from its `bad_rating_cases` row and its history.

@@ -274,12 +274,12 @@ async fn an_accepted_peer_head_checked_against_a_replaced_one_is_not_written() {
 /// and defaults superseded by a rater's own 差评; 差评 cases through every state, some
 /// left out by an upheld appeal — written in several groups, case steps and exclusions
 /// between them. Every grouping and filter below is answered from the counts
-/// (`counts::plan`), and must give the groups, keys and numbers the scan gives.
+/// (`counts::plan`), and must give the groups, keys and numbers the scan gives — as the
+/// triggers keep them, and as the migration's backfill builds them from the same data.
 #[tokio::test]
 async fn statistics_from_the_counts_equal_a_scan_on_random_data() {
     use prost_types::Timestamp;
     use rating_hub::pb::v1 as pb;
-    use rating_hub::store::counts;
     use rating_hub::store::{IngestChecks, RatingQuery, ScopeFilter, StatsDimension as D};
 
     let dir = tempfile::tempdir().unwrap();
@@ -535,33 +535,7 @@ async fn statistics_from_the_counts_equal_a_scan_on_random_data() {
         &[D::Organization, D::Channel],
         &[D::City, D::Month, D::Region],
     ];
-    let mut compared = 0;
-    for q in &filters {
-        for dims in groupings {
-            assert!(counts::plan(q, dims).is_some(), "{q:?} {dims:?}");
-            let from_counts = store.stats(q, dims).await.expect("stats");
-            let scanned = rating_hub::store::with_cases(
-                store.stats_by_scan(q, dims).await.expect("scan"),
-                store.bad_case_counts_by_scan(q, dims).await.expect("scan"),
-            );
-            assert_eq!(from_counts, scanned, "{q:?} grouped by {dims:?}");
-            compared += scanned.len();
-            let sorted = |mut v: Vec<rating_hub::store::CaseCounts>| {
-                v.retain(|c| c.completed > 0);
-                v.sort_by(|a, b| a.key.cmp(&b.key));
-                v
-            };
-            let from_counts = sorted(store.completed_case_counts(q, dims).await.expect("办结"));
-            let scanned = sorted(
-                store
-                    .completed_case_counts_by_scan(q, dims)
-                    .await
-                    .expect("scan"),
-            );
-            assert_eq!(from_counts, scanned, "办结: {q:?} grouped by {dims:?}");
-            compared += scanned.len();
-        }
-    }
+    let compared = compare_counts_with_scans(&*store, &filters, &groupings).await;
     assert!(compared > 500, "{compared} groups compared");
     let all = store.stats(&base, &[]).await.expect("stats");
     let excluded = store.stats_by_scan(&base, &[]).await.expect("scan")[0].total;
@@ -602,6 +576,94 @@ async fn statistics_from_the_counts_equal_a_scan_on_random_data() {
         .all(|n| *n > 0),
         "{c:?}"
     );
+
+    // The migration's backfill gives the same counts as the triggers: drop the counts and
+    // their triggers, forget the migration, and let the store's next start build them again
+    // from the data.
+    store.close().await;
+    drop(store);
+    let url = pg::storage_url(dir.path());
+    if pg::enabled() {
+        for f in [
+            "rating_counts_rating",
+            "rating_counts_exclusion",
+            "rating_counts_case",
+            "rating_counts_case_entry",
+            "case_counts_event",
+            "case_counts_rating",
+            "case_counts_superseded",
+        ] {
+            pg::exec(&url, &format!("DROP FUNCTION {f}() CASCADE"));
+        }
+        for sql in [
+            "DROP TABLE rating_counts",
+            "DROP TABLE case_counts",
+            "DROP INDEX service_case_events_case, service_case_events_batch, \
+             service_case_events_theme",
+            "DELETE FROM _sqlx_migrations WHERE version = 10",
+        ] {
+            pg::exec(&url, sql);
+        }
+    } else {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{url}"))
+            .await
+            .expect("open");
+        sqlx::raw_sql(
+            "DROP TRIGGER rating_counts_rating; DROP TRIGGER rating_counts_exclusion; \
+             DROP TRIGGER rating_counts_case; DROP TRIGGER rating_counts_case_entry; \
+             DROP TRIGGER case_counts_event; DROP TRIGGER case_counts_rating; \
+             DROP TRIGGER case_counts_superseded; DROP TABLE rating_counts; \
+             DROP TABLE case_counts; DROP INDEX service_case_events_case; \
+             DROP INDEX service_case_events_batch; DROP INDEX service_case_events_theme; \
+             DELETE FROM _sqlx_migrations WHERE version = 13;",
+        )
+        .execute(&mut conn)
+        .await
+        .expect("drop the counts");
+        conn.close().await.expect("close");
+    }
+    let store = open_store(dir.path()).await;
+    let again = compare_counts_with_scans(&*store, &filters, &groupings).await;
+    assert_eq!(again, compared, "the backfill's groups are the triggers'");
+}
+
+/// Compares every grouping of every filter from the counts with the scans; returns how
+/// many groups it compared.
+async fn compare_counts_with_scans(
+    store: &dyn Store,
+    filters: &[rating_hub::store::RatingQuery],
+    groupings: &[&[rating_hub::store::StatsDimension]],
+) -> usize {
+    use rating_hub::store::counts;
+    let mut compared = 0;
+    for q in filters {
+        for dims in groupings {
+            assert!(counts::plan(q, dims).is_some(), "{q:?} {dims:?}");
+            let from_counts = store.stats(q, dims).await.expect("stats");
+            let scanned = rating_hub::store::with_cases(
+                store.stats_by_scan(q, dims).await.expect("scan"),
+                store.bad_case_counts_by_scan(q, dims).await.expect("scan"),
+            );
+            assert_eq!(from_counts, scanned, "{q:?} grouped by {dims:?}");
+            compared += scanned.len();
+            let sorted = |mut v: Vec<rating_hub::store::CaseCounts>| {
+                v.retain(|c| c.completed > 0);
+                v.sort_by(|a, b| a.key.cmp(&b.key));
+                v
+            };
+            let from_counts = sorted(store.completed_case_counts(q, dims).await.expect("办结"));
+            let scanned = sorted(
+                store
+                    .completed_case_counts_by_scan(q, dims)
+                    .await
+                    .expect("scan"),
+            );
+            assert_eq!(from_counts, scanned, "办结: {q:?} grouped by {dims:?}");
+            compared += scanned.len();
+        }
+    }
+    compared
 }
 
 /// A rater's own 差评 for a case whose default rating an operator had already left out is

@@ -5,12 +5,17 @@
 -- their 差评 cases by state (rectified, called back, real-name, both, archived, spot-checked:
 -- a state is reached by the case's first entry of its action). Kept by the triggers below
 -- in the same transaction as the ratings, exclusions, cases or case entries that change
--- them. Every write of ratings, exclusions, cases and case entries holds the sequencer
--- (feed_head) first, so two instances never update these rows in opposite orders. Rows whose counts fall to zero
+-- them. Every write of ratings, exclusions and cases, and every case step that moves a
+-- state counted here, holds the sequencer (feed_head) first, so two instances never
+-- update these rows in opposite orders. Rows whose counts fall to zero
 -- stay (a later rating may reuse them).
+
 -- No other instance (an older hub still running during a rolling upgrade) may write what
 -- the counts follow between the backfills below and their triggers: held until this
--- migration commits.
+-- migration commits. The sequencer first, as every writer of ratings, exclusions and events
+-- takes it first (locking the tables in list order alone could deadlock with an older
+-- instance's group that has stored an event and goes on to an exclusion).
+SELECT 1 FROM feed_head WHERE id = 1 FOR UPDATE;
 LOCK TABLE ratings, rating_exclusions, bad_rating_cases, bad_rating_case_entries,
     service_case_events IN SHARE ROW EXCLUSIVE MODE;
 

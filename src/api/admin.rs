@@ -453,10 +453,22 @@ impl AdminService for AdminApi {
             return Err(bad_request(&bad));
         }
         let store = &self.state.store;
+        // Only a lower hub that has reported heads: the locks below are per lower hub, and
+        // any other name would add one to the process's map and open a database session.
+        if store
+            .peer_heads(Some(&req.principal), false, 1)
+            .await?
+            .is_empty()
+        {
+            return Err(Status::not_found(format!(
+                "{} has reported no tree heads (ListPeerHeads)",
+                req.principal.chars().take(100).collect::<String>()
+            )));
+        }
         // Under the locks reports are checked under (this process's, then the database's
         // across instances): a report checked against the old baseline cannot land after
         // the new one.
-        let _one = self.state.peer_report_lock(&req.principal).await;
+        let _one = self.state.peer_report_lock(&req.principal).await?;
         let _shared = store.peer_lock(&req.principal).await?;
         let rows = store.peer_heads(Some(&req.principal), false, 1000).await?;
         let last_baseline = rows

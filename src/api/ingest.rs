@@ -499,7 +499,7 @@ async fn check_reported_head(
     let store = &state.store;
     // One report at a time (in this process, then across instances): each is checked
     // against the last accepted head and may become it.
-    let _one = state.peer_report_lock(&name).await;
+    let _one = state.peer_report_lock(&name).await?;
     // And one at a time across the instances sharing the database.
     let _shared = store.peer_lock(&name).await?;
     let last = store.last_accepted_head(&name).await?;

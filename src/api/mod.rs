@@ -225,7 +225,13 @@ impl HubState {
 
     /// The lock a lower hub's head reports (and re-baselines) are checked under in this
     /// process: one per lower hub, so one slow check does not hold up the others'.
-    pub async fn peer_report_lock(&self, principal: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    ///
+    /// Waits at most 45 s (longer than the database's lock wait, 40 s): `UNAVAILABLE` after,
+    /// so reports a slow check holds up do not pile up behind it without end.
+    pub async fn peer_report_lock(
+        &self,
+        principal: &str,
+    ) -> Result<tokio::sync::OwnedMutexGuard<()>, Status> {
         let lock = self
             .peer_reports
             .lock()
@@ -233,7 +239,13 @@ impl HubState {
             .entry(principal.to_owned())
             .or_default()
             .clone();
-        lock.lock_owned().await
+        tokio::time::timeout(std::time::Duration::from_secs(45), lock.lock_owned())
+            .await
+            .map_err(|_| {
+                Status::unavailable(
+                    "another report of this lower hub is still being checked: report again later",
+                )
+            })
     }
 
     /// Every relay principal with a registered log key is a lower hub whose heads are

@@ -80,6 +80,49 @@ pub fn plan(query: &RatingQuery, group_by: &[StatsDimension]) -> Option<CountsPl
     })
 }
 
+impl CountsPlan {
+    /// `AND day >= from AND day < until` over a counts table, for the plan's days.
+    pub(crate) fn push_days<'a, DB>(&self, qb: &mut sqlx::QueryBuilder<'a, DB>)
+    where
+        DB: sqlx::Database,
+        i64: 'a + sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    {
+        if let Some(day) = self.from_day {
+            qb.push(" AND day >= ").push_bind(day);
+        }
+        if let Some(day) = self.until_day {
+            qb.push(" AND day < ").push_bind(day);
+        }
+    }
+}
+
+/// The sums `Store::stats` reads from `rating_counts`, named as the scans name their columns
+/// (`rows::stats_row`, `rows::bad_case_counts`); `cast` follows each sum (PostgreSQL's SUM
+/// of a BIGINT is NUMERIC: `::bigint`).
+pub(crate) fn stats_sums(cast: &str) -> String {
+    [
+        ("total", "total"),
+        ("l1", "l1"),
+        ("l2", "l2"),
+        ("l3", "l3"),
+        ("l4", "l4"),
+        ("l5", "l5"),
+        ("defaults", "defaults"),
+        ("flagged", "flagged"),
+        ("bad_cases", "n"),
+        ("rectified", "rectified"),
+        ("called_back", "called_back"),
+        ("real_name", "real_name"),
+        ("real_name_done", "real_name_done"),
+        ("archived", "archived"),
+        ("spot_checked", "spot_checked"),
+    ]
+    .iter()
+    .map(|(column, name)| format!("COALESCE(SUM({column}), 0){cast} AS {name}"))
+    .collect::<Vec<_>>()
+    .join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

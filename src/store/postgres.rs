@@ -158,32 +158,10 @@ impl PostgresStore {
         for (i, d) in group_by.iter().enumerate() {
             qb.push(format!("{} AS k{i}, ", counts_dimension_sql(*d)));
         }
-        qb.push(
-            "\
-             COALESCE(SUM(total), 0)::bigint AS total, \
-             COALESCE(SUM(l1), 0)::bigint AS l1, \
-             COALESCE(SUM(l2), 0)::bigint AS l2, \
-             COALESCE(SUM(l3), 0)::bigint AS l3, \
-             COALESCE(SUM(l4), 0)::bigint AS l4, \
-             COALESCE(SUM(l5), 0)::bigint AS l5, \
-             COALESCE(SUM(defaults), 0)::bigint AS defaults, \
-             COALESCE(SUM(flagged), 0)::bigint AS flagged, \
-             COALESCE(SUM(bad_cases), 0)::bigint AS n, \
-             COALESCE(SUM(rectified), 0)::bigint AS rectified, \
-             COALESCE(SUM(called_back), 0)::bigint AS called_back, \
-             COALESCE(SUM(real_name), 0)::bigint AS real_name, \
-             COALESCE(SUM(real_name_done), 0)::bigint AS real_name_done, \
-             COALESCE(SUM(archived), 0)::bigint AS archived, \
-             COALESCE(SUM(spot_checked), 0)::bigint AS spot_checked \
-             FROM rating_counts WHERE TRUE",
-        );
+        qb.push(counts::stats_sums("::bigint"))
+            .push(" FROM rating_counts WHERE TRUE");
         push_filter(&mut qb, &plan.filter);
-        if let Some(day) = plan.from_day {
-            qb.push(" AND day >= ").push_bind(day);
-        }
-        if let Some(day) = plan.until_day {
-            qb.push(" AND day < ").push_bind(day);
-        }
+        plan.push_days(&mut qb);
         if !group_by.is_empty() {
             let keys = (0..group_by.len())
                 .map(|i| format!("k{i}"))
@@ -616,7 +594,16 @@ impl Writer {
                             | RelayWrite::CaseEntry {
                                 exclude: Some(_),
                                 ..
-                            },
+                            }
+                            // An accepted lower-hub head, written only while the record it
+                            // was checked against is still the last: under the sequencer,
+                            // the check and the write see every head another instance
+                            // committed (two overlapping writes whose lock was lost would
+                            // each pass a guard that cannot see the other's row).
+                            | RelayWrite::PeerHead(crate::store::PeerHead {
+                                checked_against: Some(_),
+                                ..
+                            }),
                         ..
                     }
             )
@@ -2088,7 +2075,7 @@ impl Store for PostgresStore {
         // target kind (events have none).
         let filter = RatingQuery {
             time_is_occurred_at: true,
-            ..plan.filter
+            ..plan.filter.clone()
         };
         let mut qb = QueryBuilder::<Postgres>::new("SELECT ");
         for (i, d) in group_by.iter().enumerate() {
@@ -2099,12 +2086,7 @@ impl Store for PostgresStore {
              COALESCE(SUM(active), 0)::bigint AS active FROM case_counts WHERE TRUE",
         );
         push_filter(&mut qb, &filter);
-        if let Some(day) = plan.from_day {
-            qb.push(" AND day >= ").push_bind(day);
-        }
-        if let Some(day) = plan.until_day {
-            qb.push(" AND day < ").push_bind(day);
-        }
+        plan.push_days(&mut qb);
         push_group_by(&mut qb, group_by.len(), false);
         let rows = qb.build().fetch_all(&self.reader).await?;
         rows.iter()

@@ -217,32 +217,10 @@ impl SqliteStore {
         for (i, d) in group_by.iter().enumerate() {
             qb.push(format!("{} AS k{i}, ", counts_dimension_sql(*d)));
         }
-        qb.push(
-            "\
-             COALESCE(SUM(total), 0) AS total, \
-             COALESCE(SUM(l1), 0) AS l1, \
-             COALESCE(SUM(l2), 0) AS l2, \
-             COALESCE(SUM(l3), 0) AS l3, \
-             COALESCE(SUM(l4), 0) AS l4, \
-             COALESCE(SUM(l5), 0) AS l5, \
-             COALESCE(SUM(defaults), 0) AS defaults, \
-             COALESCE(SUM(flagged), 0) AS flagged, \
-             COALESCE(SUM(bad_cases), 0) AS n, \
-             COALESCE(SUM(rectified), 0) AS rectified, \
-             COALESCE(SUM(called_back), 0) AS called_back, \
-             COALESCE(SUM(real_name), 0) AS real_name, \
-             COALESCE(SUM(real_name_done), 0) AS real_name_done, \
-             COALESCE(SUM(archived), 0) AS archived, \
-             COALESCE(SUM(spot_checked), 0) AS spot_checked \
-             FROM rating_counts WHERE TRUE",
-        );
+        qb.push(counts::stats_sums(""))
+            .push(" FROM rating_counts WHERE TRUE");
         push_filter(&mut qb, &plan.filter);
-        if let Some(day) = plan.from_day {
-            qb.push(" AND day >= ").push_bind(day);
-        }
-        if let Some(day) = plan.until_day {
-            qb.push(" AND day < ").push_bind(day);
-        }
+        plan.push_days(&mut qb);
         if !group_by.is_empty() {
             let keys = (0..group_by.len())
                 .map(|i| format!("k{i}"))
@@ -1865,7 +1843,7 @@ impl Store for SqliteStore {
         // target kind (events have none).
         let filter = RatingQuery {
             time_is_occurred_at: true,
-            ..plan.filter
+            ..plan.filter.clone()
         };
         let mut qb = QueryBuilder::<Sqlite>::new("SELECT ");
         for (i, d) in group_by.iter().enumerate() {
@@ -1876,12 +1854,7 @@ impl Store for SqliteStore {
              COALESCE(SUM(active), 0) AS active FROM case_counts WHERE TRUE",
         );
         push_filter(&mut qb, &filter);
-        if let Some(day) = plan.from_day {
-            qb.push(" AND day >= ").push_bind(day);
-        }
-        if let Some(day) = plan.until_day {
-            qb.push(" AND day < ").push_bind(day);
-        }
+        plan.push_days(&mut qb);
         push_group_by(&mut qb, group_by.len(), false);
         let rows = qb.build().fetch_all(&self.reader).await?;
         rows.iter()

@@ -1103,6 +1103,13 @@ async fn an_operator_rebaselines_a_lower_hub_after_an_investigation() {
             && String::from_utf8_lossy(&refused.stderr).contains("lacks the admin role"),
         "{refused:?}"
     );
+    // A name that never reported a head is not found (nor locked for).
+    let refused = output(admin(&tester, &["rebaseline", "nobody", "--reason", "x"])).await;
+    assert!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr).contains("has reported no tree heads"),
+        "{refused:?}"
+    );
     // The head as listed: a size or root that is not the record's is refused.
     let r10_hex = hex::encode(r10);
     let stale = output(admin(

@@ -3,8 +3,9 @@
 //! verification. SM3 by default, SHA-256 selectable.
 //!
 //! Nodes are named by level and index: the complete subtree at level `l`, index `i` covers
-//! leaves `i·2^l .. (i+1)·2^l`. Every complete subtree is stored as it completes (the store's
-//! `log_nodes`), so any root or proof is a handful of stored nodes combined, never a rescan.
+//! leaves `i·2^l .. (i+1)·2^l`. Complete subtrees are stored as they complete (the store's
+//! `log_nodes`): the leaves and every fourth level above them ([`Layout`]), so any root or
+//! proof is a few dozen stored nodes combined, never a rescan.
 
 use sha2::Digest;
 
@@ -173,6 +174,98 @@ impl Frontier {
             return self.alg.empty();
         };
         it.fold(*last, |right, left| self.alg.node(left, &right))
+    }
+}
+
+/// Which levels of the tree a database stores (`log_meta.node_stride`): every `stride`-th
+/// level from the leaves. Stride 1 stores every complete subtree (about two rows per
+/// rating: logs written before 2026-12-01); stride 4, every new log's, stores the leaves
+/// and levels 4, 8, 12, … (about 1.07 rows per rating). A node between stored levels is
+/// recomputed from the at most 2^(stride − 1) stored nodes under it, so a proof or the right
+/// edge still reads a few dozen rows in one query. The leaves are always stored: `rating-hub
+/// log verify` names a changed rating by its own position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    stride: u32,
+}
+
+impl Layout {
+    /// Every level (logs written before the sparse layout).
+    pub const DENSE: Layout = Layout { stride: 1 };
+    /// A new log's layout.
+    pub const SPARSE: Layout = Layout { stride: 4 };
+
+    /// The layout `log_meta.node_stride` names: 1 to 8.
+    pub fn from_stride(stride: i64) -> Option<Self> {
+        (1..=8).contains(&stride).then_some(Layout {
+            stride: stride as u32,
+        })
+    }
+
+    pub fn stride(self) -> u32 {
+        self.stride
+    }
+
+    /// Whether nodes of `level` are stored.
+    pub fn stores(self, level: u32) -> bool {
+        level.is_multiple_of(self.stride)
+    }
+
+    /// The nodes of those that are stored.
+    pub fn kept(self, nodes: impl IntoIterator<Item = Node>) -> impl Iterator<Item = Node> {
+        nodes.into_iter().filter(move |n| self.stores(n.0))
+    }
+
+    /// The stored level under node `(level, index)`, and the range of its indices there.
+    fn under(self, level: u32, index: u64) -> (u32, std::ops::Range<u64>) {
+        let up = level % self.stride;
+        let base = level - up;
+        (base, index << up..(index + 1) << up)
+    }
+
+    /// The stored nodes `want` are made of, each once.
+    pub fn sources(self, want: &[(u32, u64)]) -> Vec<(u32, u64)> {
+        let mut out: Vec<(u32, u64)> = want
+            .iter()
+            .flat_map(|&(l, i)| {
+                let (base, range) = self.under(l, i);
+                range.map(move |j| (base, j))
+            })
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// The nodes of `want`, each combined from its stored nodes in `stored` (see
+    /// [`Layout::sources`]); a node any of whose stored nodes is absent is absent.
+    pub fn combine(
+        self,
+        alg: HashAlg,
+        want: &[(u32, u64)],
+        stored: &std::collections::HashMap<(u32, u64), Hash>,
+    ) -> std::collections::HashMap<(u32, u64), Hash> {
+        let mut out = std::collections::HashMap::with_capacity(want.len());
+        'want: for &(l, i) in want {
+            let (base, range) = self.under(l, i);
+            let mut row = Vec::with_capacity((range.end - range.start) as usize);
+            for j in range {
+                match stored.get(&(base, j)) {
+                    Some(h) => row.push(*h),
+                    None => continue 'want,
+                }
+            }
+            while row.len() > 1 {
+                row = row.chunks(2).map(|p| alg.node(&p[0], &p[1])).collect();
+            }
+            out.insert((l, i), row[0]);
+        }
+        out
+    }
+
+    /// How many nodes a log of `size` leaves stores.
+    pub fn nodes_due(self, size: u64) -> u64 {
+        (0..64).filter(|l| self.stores(*l)).map(|l| size >> l).sum()
     }
 }
 
@@ -588,11 +681,72 @@ mod tests {
     }
 
     #[test]
+    fn a_sparse_layout_gives_the_same_nodes_roots_and_proofs_as_every_level() {
+        let alg = HashAlg::Sha256;
+        let leaves: Vec<Hash> = (0..300u32).map(|i| alg.leaf(&i.to_be_bytes())).collect();
+        for stride in 1..=5 {
+            let layout = Layout::from_stride(stride).unwrap();
+            for n in [1u64, 2, 3, 15, 16, 17, 31, 64, 255, 256, 257, 300] {
+                let (f, dense) = tree(alg, &leaves[..n as usize]);
+                let stored: HashMap<(u32, u64), Hash> = layout
+                    .kept(dense.iter().map(|(&(l, i), &h)| (l, i, h)))
+                    .map(|(l, i, h)| ((l, i), h))
+                    .collect();
+                assert_eq!(stored.len() as u64, layout.nodes_due(n), "{stride} {n}");
+                // Every complete subtree, stored or not, combines to its hash.
+                let all: Vec<(u32, u64)> = dense.keys().copied().collect();
+                let sources = layout.sources(&all);
+                assert!(sources.iter().all(|(l, _)| layout.stores(*l)));
+                assert_eq!(layout.combine(alg, &all, &stored), dense, "{stride} {n}");
+                let front = frontier_positions(n);
+                let edge = layout.combine(alg, &front, &stored);
+                let edge = front.iter().map(|k| edge[k]).collect();
+                assert_eq!(Frontier::from_nodes(alg, n, edge).unwrap(), f);
+                // Proofs over the combined nodes are the proofs over every level.
+                let sparse = |want: &[(u32, u64)]| layout.combine(alg, want, &stored);
+                let m = n / 3;
+                let want = nodes_read(alg, |p| p.inclusion(m, n).unwrap());
+                let p = Prover {
+                    alg,
+                    nodes: &sparse(&want),
+                };
+                let d = Prover { alg, nodes: &dense };
+                assert_eq!(p.inclusion(m, n).unwrap(), d.inclusion(m, n).unwrap());
+                if m > 0 {
+                    let want = nodes_read(alg, |p| p.consistency(m, n).unwrap());
+                    let p = Prover {
+                        alg,
+                        nodes: &sparse(&want),
+                    };
+                    assert_eq!(p.consistency(m, n).unwrap(), d.consistency(m, n).unwrap());
+                }
+            }
+        }
+        // A node whose stored nodes are not all there is absent, not wrong.
+        let layout = Layout::SPARSE;
+        let (_, dense) = tree(alg, &leaves[..16]);
+        let mut stored: HashMap<(u32, u64), Hash> = dense
+            .iter()
+            .filter(|(k, _)| k.0 == 0)
+            .map(|(k, h)| (*k, *h))
+            .collect();
+        stored.remove(&(0, 5));
+        let got = layout.combine(alg, &[(2, 1), (2, 0), (1, 7)], &stored);
+        assert_eq!(got.len(), 2);
+        assert!(!got.contains_key(&(2, 1)));
+        assert_eq!(Layout::from_stride(0), None);
+        assert_eq!(Layout::from_stride(9), None);
+    }
+
+    #[test]
     fn the_nodes_a_proof_reads_are_few_and_known_in_advance() {
         let alg = HashAlg::Sm3;
         let read = nodes_read(alg, |p| p.inclusion(123_456, 1_000_003).unwrap());
         assert!(read.len() <= 2 * 20, "{}", read.len());
         let read = nodes_read(alg, |p| p.consistency(999_999, 1_000_003).unwrap());
         assert!(read.len() <= 2 * 40, "{}", read.len());
+        // In the sparse layout, each is at most eight stored nodes.
+        let sources = Layout::SPARSE.sources(&read);
+        assert!(sources.len() <= 8 * read.len(), "{}", sources.len());
     }
 }

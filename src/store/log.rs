@@ -6,7 +6,7 @@
 
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
-use crate::merkle::{Frontier, Hash, HashAlg, Node};
+use crate::merkle::{Frontier, Hash, HashAlg, Layout, Node};
 use crate::store::chunk::Pending;
 
 /// The columns a leaf covers, in leaf order (a SELECT list).
@@ -262,24 +262,37 @@ impl LeafRow {
 /// The leaves a group's ratings add, in feed order, as the chunk writer inserts them.
 pub struct LogAppend {
     pub alg: HashAlg,
+    pub layout: Layout,
     pub leaves: Vec<Hash>,
 }
 
 impl LogAppend {
-    pub fn new(alg: HashAlg) -> Self {
+    pub fn new(alg: HashAlg, layout: Layout) -> Self {
         Self {
             alg,
+            layout,
             leaves: Vec::new(),
         }
     }
 
-    /// The nodes the group's leaves complete on top of `frontier` (advanced with them).
+    /// The nodes to store that the group's leaves complete on top of `frontier` (advanced
+    /// with them).
     pub fn nodes(&self, frontier: &mut Frontier) -> Vec<Node> {
         self.leaves
             .iter()
-            .flat_map(|l| frontier.append(*l))
+            .flat_map(|l| self.layout.kept(frontier.append(*l)))
             .collect()
     }
+}
+
+/// The layout a database's log is stored in (`log_meta.node_stride`).
+pub fn check_layout(stride: i64) -> Result<Layout, String> {
+    Layout::from_stride(stride).ok_or_else(|| {
+        format!(
+            "the database's rating log names node_stride {stride}, which this hub cannot read \
+             (1 to 8)"
+        )
+    })
 }
 
 /// Why the stored log does not match the stored ratings, or cannot be read.

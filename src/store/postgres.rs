@@ -142,6 +142,7 @@ pub struct PostgresStore {
     /// The writer session's `synchronous_commit`, read back at open.
     durability: String,
     log_hash: HashAlg,
+    log_layout: merkle::Layout,
 }
 
 impl PostgresStore {
@@ -248,11 +249,11 @@ impl PostgresStore {
             .acquire_timeout(opts.read_wait)
             .connect_with(connect.clone())
             .await?;
-        let log_alg = {
+        let (log_alg, log_layout) = {
             let mut conn = PgConnection::connect_with(&writer_connect).await?;
-            let alg = open_log(&mut conn, opts.log_hash).await;
+            let log = open_log(&mut conn, opts.log_hash).await;
             let _ = conn.close().await;
-            alg?
+            log?
         };
         let head: i64 = sqlx::query_scalar("SELECT head FROM feed_head WHERE id = 1")
             .fetch_one(&reader)
@@ -268,6 +269,7 @@ impl PostgresStore {
                 connect: writer_connect,
                 clock,
                 log_alg,
+                log_layout,
                 frontier: None,
             },
             head_tx,
@@ -285,6 +287,7 @@ impl PostgresStore {
             connect,
             durability,
             log_hash: log_alg,
+            log_layout,
         })
     }
 
@@ -351,6 +354,7 @@ struct Writer {
     connect: PgConnectOptions,
     clock: Arc<dyn Clock>,
     log_alg: HashAlg,
+    log_layout: merkle::Layout,
     /// The rating log's right edge after this writer's last commit: used when no other
     /// instance committed since (its size is the head the sequencer shows), else read again.
     frontier: Option<Frontier>,
@@ -358,8 +362,11 @@ struct Writer {
 
 /// Checks the log's hash against the database's, and writes the log of any ratings stored
 /// without it (a database from before the log), holding the sequencer so no instance's
-/// writer commits meanwhile.
-async fn open_log(conn: &mut PgConnection, alg: HashAlg) -> Result<HashAlg, StoreError> {
+/// writer commits meanwhile. Returns the hash and the layout the log's nodes are stored in.
+async fn open_log(
+    conn: &mut PgConnection,
+    alg: HashAlg,
+) -> Result<(HashAlg, merkle::Layout), StoreError> {
     let mut from = None;
     let mut batches = 0u64;
     loop {
@@ -371,18 +378,20 @@ async fn open_log(conn: &mut PgConnection, alg: HashAlg) -> Result<HashAlg, Stor
             .await?;
         let head = head as u64;
         sqlx::query(
-            "INSERT INTO log_meta (id, hash_alg, backfill_to) VALUES (1, $1, $2) \
+            "INSERT INTO log_meta (id, hash_alg, backfill_to, node_stride) VALUES (1, $1, $2, $3) \
              ON CONFLICT (id) DO NOTHING",
         )
         .bind(alg.as_str())
         .bind(head as i64)
+        .bind(merkle::Layout::SPARSE.stride() as i32)
         .execute(&mut *tx)
         .await?;
-        let (stored, backfill_to): (String, i64) =
-            sqlx::query_as("SELECT hash_alg, backfill_to FROM log_meta WHERE id = 1")
+        let (stored, backfill_to, stride): (String, i64, i32) =
+            sqlx::query_as("SELECT hash_alg, backfill_to, node_stride FROM log_meta WHERE id = 1")
                 .fetch_one(&mut *tx)
                 .await?;
         let alg = log::check_alg(&stored, alg).map_err(StoreError::Config)?;
+        let layout = log::check_layout(i64::from(stride)).map_err(StoreError::Corrupt)?;
         let size: i64 =
             sqlx::query_scalar("SELECT COALESCE(MAX(idx) + 1, 0) FROM log_nodes WHERE level = 0")
                 .fetch_one(&mut *tx)
@@ -401,9 +410,9 @@ async fn open_log(conn: &mut PgConnection, alg: HashAlg) -> Result<HashAlg, Stor
                     "Rating log written for ratings stored before it. If this database had a log before, it was removed: compare the new root with the heads the upper hubs accepted (AdminService.ListPeerHeads there)."
                 );
             }
-            return Ok(alg);
+            return Ok((alg, layout));
         }
-        let mut frontier = load_frontier(&mut tx, alg, size).await?;
+        let mut frontier = load_frontier(&mut tx, alg, layout, size).await?;
         let rows = sqlx::query(&format!(
             "SELECT {} FROM ratings WHERE feed_seq > $1 ORDER BY feed_seq LIMIT 2000",
             log::LEAF_COLUMNS
@@ -420,7 +429,7 @@ async fn open_log(conn: &mut PgConnection, alg: HashAlg) -> Result<HashAlg, Stor
             if row.feed_seq as u64 != frontier.size + 1 {
                 break;
             }
-            nodes.extend(frontier.append(row.leaf_hash(alg)));
+            nodes.extend(layout.kept(frontier.append(row.leaf_hash(alg))));
         }
         if nodes.is_empty() {
             return Err(StoreError::Corrupt(format!(
@@ -438,10 +447,11 @@ async fn open_log(conn: &mut PgConnection, alg: HashAlg) -> Result<HashAlg, Stor
 async fn load_frontier(
     conn: &mut PgConnection,
     alg: HashAlg,
+    layout: merkle::Layout,
     size: u64,
 ) -> Result<Frontier, StoreError> {
     let want = merkle::frontier_positions(size);
-    let nodes = read_nodes(conn, &want).await?;
+    let nodes = read_nodes(conn, alg, layout, &want).await?;
     let hashes = want
         .iter()
         .map(|k| {
@@ -454,8 +464,20 @@ async fn load_frontier(
         .ok_or_else(|| StoreError::Corrupt("the rating log's right edge does not fit".into()))
 }
 
-/// Stored log nodes by (level, index); those not stored are absent.
-pub(crate) async fn read_nodes(
+/// Log nodes by (level, index), each read or combined from the stored ones under it
+/// (`layout`); those not stored are absent.
+async fn read_nodes(
+    conn: &mut PgConnection,
+    alg: HashAlg,
+    layout: merkle::Layout,
+    want: &[(u32, u64)],
+) -> Result<std::collections::HashMap<(u32, u64), merkle::Hash>, StoreError> {
+    let stored = read_stored(conn, &layout.sources(want)).await?;
+    Ok(layout.combine(alg, want, &stored))
+}
+
+/// The stored log nodes of `want`, by (level, index).
+async fn read_stored(
     conn: &mut PgConnection,
     want: &[(u32, u64)],
 ) -> Result<std::collections::HashMap<(u32, u64), merkle::Hash>, StoreError> {
@@ -522,6 +544,7 @@ impl GroupWrite for Writer {
                         group,
                         received_at,
                         self.log_alg,
+                        self.log_layout,
                         &mut self.frontier,
                     )
                     .await;
@@ -568,6 +591,7 @@ impl Writer {
         group: &[Job],
         received_at: i64,
         log_alg: HashAlg,
+        log_layout: merkle::Layout,
         cached: &mut Option<Frontier>,
     ) -> Result<(Vec<GroupResult>, Option<u64>), sqlx::Error> {
         // Taken now: a failed group leaves no right edge it may have moved.
@@ -632,7 +656,7 @@ impl Writer {
         let start = head as u64 + 1;
         let mut next_seq = start;
         let all = writer::all_ratings(group);
-        let mut log = LogAppend::new(log_alg);
+        let mut log = LogAppend::new(log_alg, log_layout);
         let mut outcomes = chunk::write_ratings(
             &mut chunks::PgChunks(&mut tx),
             &all,
@@ -651,7 +675,7 @@ impl Writer {
         } else {
             let mut f = match cached_frontier {
                 Some(f) if f.size + 1 == start => f,
-                _ => load_frontier(&mut tx, log_alg, start - 1)
+                _ => load_frontier(&mut tx, log_alg, log_layout, start - 1)
                     .await
                     .map_err(|e| sqlx::Error::Protocol(e.to_string()))?,
             };
@@ -1448,7 +1472,7 @@ impl Store for PostgresStore {
         want: &[(u32, u64)],
     ) -> Result<std::collections::HashMap<(u32, u64), merkle::Hash>, StoreError> {
         let mut conn = self.reader.acquire().await?;
-        read_nodes(&mut conn, want).await
+        read_nodes(&mut conn, self.log_hash, self.log_layout, want).await
     }
 
     fn durability(&self) -> &str {

@@ -90,6 +90,7 @@ pub struct SqliteStore {
     /// The writer connection's journal mode and synchronous level, read back at open.
     durability: String,
     log_hash: HashAlg,
+    log_layout: merkle::Layout,
 }
 
 impl SqliteStore {
@@ -127,7 +128,7 @@ impl SqliteStore {
             .fetch_one(&mut writer_conn)
             .await?;
         let last_seq = last_seq as u64;
-        let frontier = open_log(&mut writer_conn, opts.log_hash, last_seq).await?;
+        let (frontier, log_layout) = open_log(&mut writer_conn, opts.log_hash, last_seq).await?;
         let log_hash = frontier.alg;
 
         let reader = SqlitePoolOptions::new()
@@ -144,6 +145,7 @@ impl SqliteStore {
             next_seq: last_seq + 1,
             clock,
             frontier,
+            log_layout,
         };
         let (jobs, handle) = Queue::start(writer, head_tx, opts.max_group_commit, opts.write_queue)
             .map_err(sqlx::Error::Io)?;
@@ -162,6 +164,7 @@ impl SqliteStore {
             min_free_bytes: opts.min_free_bytes,
             durability,
             log_hash,
+            log_layout,
         })
     }
 }
@@ -274,32 +277,38 @@ struct Writer {
     clock: Arc<dyn Clock>,
     /// The rating log's right edge as committed (`next_seq - 1` leaves).
     frontier: Frontier,
+    log_layout: merkle::Layout,
 }
 
 /// Checks the log's hash against the database's, and returns the log's right edge for a
-/// feed of `head` ratings, first writing the log of any ratings stored without it (a
-/// database from before the log).
+/// feed of `head` ratings and the layout its nodes are stored in, first writing the log of
+/// any ratings stored without it (a database from before the log).
 async fn open_log(
     conn: &mut SqliteConnection,
     alg: HashAlg,
     head: u64,
-) -> Result<Frontier, StoreError> {
-    let stored: Option<(String, i64)> =
-        sqlx::query_as("SELECT hash_alg, backfill_to FROM log_meta WHERE id = 1")
+) -> Result<(Frontier, merkle::Layout), StoreError> {
+    let stored: Option<(String, i64, i64)> =
+        sqlx::query_as("SELECT hash_alg, backfill_to, node_stride FROM log_meta WHERE id = 1")
             .fetch_optional(&mut *conn)
             .await?;
-    let (alg, backfill_to) = match stored {
-        Some((s, to)) => (
+    let (alg, backfill_to, layout) = match stored {
+        Some((s, to, stride)) => (
             log::check_alg(&s, alg).map_err(StoreError::Config)?,
             to as u64,
+            log::check_layout(stride).map_err(StoreError::Corrupt)?,
         ),
         None => {
-            sqlx::query("INSERT INTO log_meta (id, hash_alg, backfill_to) VALUES (1, ?, ?)")
-                .bind(alg.as_str())
-                .bind(head as i64)
-                .execute(&mut *conn)
-                .await?;
-            (alg, head)
+            let layout = merkle::Layout::SPARSE;
+            sqlx::query(
+                "INSERT INTO log_meta (id, hash_alg, backfill_to, node_stride) VALUES (1, ?, ?, ?)",
+            )
+            .bind(alg.as_str())
+            .bind(head as i64)
+            .bind(i64::from(layout.stride()))
+            .execute(&mut *conn)
+            .await?;
+            (alg, head, layout)
         }
     };
     let size: i64 =
@@ -308,7 +317,7 @@ async fn open_log(
             .await?;
     let size = size as u64;
     let target = log::backfill_target(size, head, backfill_to).map_err(StoreError::Corrupt)?;
-    let mut frontier = load_frontier(conn, alg, size).await?;
+    let mut frontier = load_frontier(conn, alg, layout, size).await?;
     let from = size;
     while frontier.size < target {
         let rows = sqlx::query(&format!(
@@ -327,7 +336,7 @@ async fn open_log(
             if row.feed_seq as u64 != frontier.size + 1 {
                 break;
             }
-            nodes.extend(frontier.append(row.leaf_hash(alg)));
+            nodes.extend(layout.kept(frontier.append(row.leaf_hash(alg))));
         }
         if nodes.is_empty() {
             return Err(StoreError::Corrupt(format!(
@@ -347,17 +356,18 @@ async fn open_log(
             "Rating log written for ratings stored before it. If this database had a log before, it was removed: compare the new root with the heads the upper hubs accepted (AdminService.ListPeerHeads there)."
         );
     }
-    Ok(frontier)
+    Ok((frontier, layout))
 }
 
 /// The log's right edge for a tree of `size` leaves, from its stored nodes.
 async fn load_frontier(
     conn: &mut SqliteConnection,
     alg: HashAlg,
+    layout: merkle::Layout,
     size: u64,
 ) -> Result<Frontier, StoreError> {
     let want = merkle::frontier_positions(size);
-    let nodes = read_nodes(conn, &want).await?;
+    let nodes = read_nodes(conn, alg, layout, &want).await?;
     let hashes = want
         .iter()
         .map(|k| {
@@ -370,8 +380,20 @@ async fn load_frontier(
         .ok_or_else(|| StoreError::Corrupt("the rating log's right edge does not fit".into()))
 }
 
-/// Stored log nodes by (level, index); those not stored are absent.
+/// Log nodes by (level, index), each read or combined from the stored ones under it
+/// (`layout`); those not stored are absent.
 async fn read_nodes(
+    conn: &mut SqliteConnection,
+    alg: HashAlg,
+    layout: merkle::Layout,
+    want: &[(u32, u64)],
+) -> Result<std::collections::HashMap<(u32, u64), merkle::Hash>, StoreError> {
+    let stored = read_stored(conn, &layout.sources(want)).await?;
+    Ok(layout.combine(alg, want, &stored))
+}
+
+/// The stored log nodes of `want`, by (level, index).
+async fn read_stored(
     conn: &mut SqliteConnection,
     want: &[(u32, u64)],
 ) -> Result<std::collections::HashMap<(u32, u64), merkle::Hash>, StoreError> {
@@ -471,7 +493,7 @@ impl Writer {
                 self.frontier.size, self.next_seq
             )));
         }
-        let mut log = LogAppend::new(self.frontier.alg);
+        let mut log = LogAppend::new(self.frontier.alg, self.log_layout);
         let mut outcomes =
             chunk::write_ratings(&mut tx, &all, &mut self.next_seq, received_at, &mut log)
                 .await?
@@ -1274,7 +1296,7 @@ impl Store for SqliteStore {
         want: &[(u32, u64)],
     ) -> Result<std::collections::HashMap<(u32, u64), merkle::Hash>, StoreError> {
         let mut conn = self.reader.acquire().await?;
-        read_nodes(&mut conn, want).await
+        read_nodes(&mut conn, self.log_hash, self.log_layout, want).await
     }
 
     fn durability(&self) -> &str {

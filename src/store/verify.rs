@@ -6,9 +6,9 @@ use std::collections::HashMap;
 
 use sqlx::{Connection, PgConnection, SqliteConnection};
 
-use crate::merkle::{self, Frontier, Hash, HashAlg};
+use crate::merkle::{self, Frontier, Hash, HashAlg, Layout};
 use crate::store::StoreError;
-use crate::store::log::{LEAF_COLUMNS, LeafRow};
+use crate::store::log::{LEAF_COLUMNS, LeafRow, check_layout};
 
 /// Rows read per trip.
 const BATCH: i64 = 5000;
@@ -84,19 +84,21 @@ impl Db {
         })
     }
 
-    async fn alg(&mut self) -> Result<HashAlg, StoreError> {
-        let sql = "SELECT hash_alg FROM log_meta WHERE id = 1";
-        let stored: Option<String> = match self {
-            Db::Sqlite(c) => sqlx::query_scalar(sql).fetch_optional(c).await?,
-            Db::Postgres(c) => sqlx::query_scalar(sql).fetch_optional(c).await?,
+    /// The log's hash and the layout its nodes are stored in.
+    async fn log_meta(&mut self) -> Result<(HashAlg, Layout), StoreError> {
+        let sql = "SELECT hash_alg, CAST(node_stride AS BIGINT) FROM log_meta WHERE id = 1";
+        let stored: Option<(String, i64)> = match self {
+            Db::Sqlite(c) => sqlx::query_as(sql).fetch_optional(c).await?,
+            Db::Postgres(c) => sqlx::query_as(sql).fetch_optional(c).await?,
         };
-        let stored = stored.ok_or_else(|| {
+        let (stored, stride) = stored.ok_or_else(|| {
             StoreError::Config(
                 "this database has no rating log yet (start the hub on it once)".into(),
             )
         })?;
-        HashAlg::parse(&stored)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown rating log hash {stored:?}")))
+        let alg = HashAlg::parse(&stored)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown rating log hash {stored:?}")))?;
+        Ok((alg, check_layout(stride).map_err(StoreError::Corrupt)?))
     }
 
     async fn rows_after(&mut self, after: u64) -> Result<Vec<LeafRow>, StoreError> {
@@ -182,7 +184,7 @@ pub async fn verify(
     expected: Option<Expected>,
     mut progress: impl FnMut(u64),
 ) -> Result<Report, StoreError> {
-    let alg = db.alg().await?;
+    let (alg, layout) = db.log_meta().await?;
     let ratings = db
         .scalar_i64("SELECT COALESCE(MAX(feed_seq), 0) FROM ratings")
         .await? as u64;
@@ -218,7 +220,7 @@ pub async fn verify(
                 gap = Some((position, row.feed_seq));
                 break;
             }
-            for node in next.append(row.leaf_hash(alg)) {
+            for node in layout.kept(next.append(row.leaf_hash(alg))) {
                 computed.push((position, node));
             }
             if let Some(e) = expected
@@ -310,7 +312,7 @@ pub async fn verify(
             ),
         ));
     }
-    let nodes_due: u64 = (0..64).map(|l| frontier.size >> l).sum();
+    let nodes_due = layout.nodes_due(frontier.size);
     if first_bad.is_none() && nodes_stored != nodes_due {
         first_bad = Some((
             frontier.size + 1,

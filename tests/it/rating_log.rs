@@ -295,6 +295,159 @@ async fn twenty_kills_under_load_leave_a_log_that_verifies() {
     assert_eq!(report["size"], report["ratings"]);
 }
 
+/// Asks the hub for a fresh head and checks, against it, the inclusion proof of every
+/// position and consistency proofs from several sizes; returns the head's root.
+async fn every_proof_verifies(hub: &TestHub, size: u64) -> String {
+    use rating_hub::merkle::{HashAlg, verify_consistency, verify_inclusion};
+    let mut sync = crate::relay::SyncServiceClient::new(hub.channel_as("tester").await);
+    let head = sync
+        .get_tree_head(pb::GetTreeHeadRequest { fresh: true })
+        .await
+        .unwrap()
+        .into_inner()
+        .tree_head
+        .unwrap();
+    assert_eq!(head.tree_size, size);
+    let root: [u8; 32] = head.root_hash.clone().try_into().unwrap();
+    let hashes = |v: &[Vec<u8>]| -> Vec<[u8; 32]> {
+        v.iter().map(|h| h.clone().try_into().unwrap()).collect()
+    };
+    for seq in 1..=size {
+        let p = sync
+            .get_inclusion_proof(pb::GetInclusionProofRequest {
+                leaf: Some(pb::get_inclusion_proof_request::Leaf::FeedSequence(seq)),
+                tree_size: size,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let leaf: [u8; 32] = p.leaf_hash.clone().try_into().unwrap();
+        assert!(
+            verify_inclusion(
+                HashAlg::Sm3,
+                seq - 1,
+                size,
+                &leaf,
+                &hashes(&p.audit_path),
+                &root
+            ),
+            "position {seq} of {size}"
+        );
+    }
+    for first in [1, 7, 16, 17, 64, size / 2, size - 1] {
+        let p = sync
+            .get_consistency_proof(pb::GetConsistencyProofRequest {
+                first,
+                second: size,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(p.second_root, head.root_hash);
+        let first_root: [u8; 32] = p.first_root.clone().try_into().unwrap();
+        assert!(
+            verify_consistency(
+                HashAlg::Sm3,
+                first,
+                size,
+                &first_root,
+                &root,
+                &hashes(&p.proof)
+            ),
+            "{first} to {size}"
+        );
+    }
+    hex::encode(&head.root_hash)
+}
+
+/// The stored log nodes: how many, and at which levels.
+fn stored_nodes(dir: &Path) -> (u64, Vec<u32>) {
+    let count = query_on_hub(dir, "SELECT CAST(COUNT(*) AS TEXT) FROM log_nodes")[0]
+        .parse()
+        .unwrap();
+    let levels = query_on_hub(
+        dir,
+        "SELECT CAST(level AS TEXT) FROM log_nodes GROUP BY level ORDER BY level",
+    )
+    .iter()
+    .map(|l| l.parse().unwrap())
+    .collect();
+    (count, levels)
+}
+
+/// A new log stores the leaves and every fourth level (about 1.07 rows per rating); a log
+/// from before that stores every level and goes on doing so. Both give the same tree: the
+/// same root for the same ratings, every inclusion and consistency proof verifying, and
+/// `log verify` accounting for exactly the nodes each layout stores.
+#[tokio::test]
+async fn a_log_stored_sparse_or_dense_proves_the_same_tree() {
+    use rating_hub::merkle::Layout;
+    let hub = TestHub::start().await;
+    let mut ingest = hub.ingest().await;
+    for b in 0..3 {
+        submit(
+            &mut ingest,
+            (0..100).map(|i| rating(&format!("l{b}-{i}"))).collect(),
+        )
+        .await;
+    }
+    let (nodes, levels) = stored_nodes(hub.dir.path());
+    assert_eq!(nodes, Layout::SPARSE.nodes_due(300));
+    assert_eq!(levels, [0, 4, 8]);
+    let sparse_root = every_proof_verifies(&hub, 300).await;
+    let (ok, report) = verify_hub(hub.dir.path());
+    assert!(ok, "{report}");
+    assert_eq!(report["root"], sparse_root);
+
+    // The same ratings' log, as a hub from before the sparse layout wrote it.
+    let stopped = hub.stop().await;
+    exec_on_hub(
+        stopped.dir.path(),
+        &format!(
+            "{} DELETE FROM log_nodes; DELETE FROM log_meta; \
+             INSERT INTO log_meta (id, hash_alg, backfill_to, node_stride) \
+             VALUES (1, 'sm3', 300, 1);",
+            lift_log_guard()
+        ),
+    );
+    let hub = stopped.restart().await;
+    assert_eq!(
+        stored_nodes(hub.dir.path()),
+        (Layout::DENSE.nodes_due(300), (0..=8).collect())
+    );
+    assert_eq!(every_proof_verifies(&hub, 300).await, sparse_root);
+    submit(
+        &mut hub.ingest().await,
+        (0..37).map(|i| rating(&format!("m{i}"))).collect(),
+    )
+    .await;
+    assert_eq!(stored_nodes(hub.dir.path()).0, Layout::DENSE.nodes_due(337));
+    let dense_root = every_proof_verifies(&hub, 337).await;
+    let (ok, report) = verify_hub(hub.dir.path());
+    assert!(ok, "{report}");
+    assert_eq!(report["root"], dense_root);
+
+    // A layout this hub cannot read is refused by name, not guessed at.
+    let stopped = hub.stop().await;
+    exec_on_hub(stopped.dir.path(), "UPDATE log_meta SET node_stride = 0;");
+    let out = Command::new(env!("CARGO_BIN_EXE_rating-hub"))
+        .args(["log", "verify", "--config"])
+        .arg(stopped.dir.path().join("hub.toml"))
+        .env_remove("RATING_HUB_CONFIG")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("node_stride 0"), "{err}");
+    match stopped.try_restart().await {
+        Ok(_) => panic!("a hub must not write a log in a layout it cannot read"),
+        Err(e) => {
+            let e = format!("{e:#}");
+            assert!(e.contains("node_stride 0"), "{e}");
+        }
+    }
+}
+
 /// The log itself rewritten: an inner node changed is named by the positions it covers; a
 /// log rebuilt whole from edited ratings (its tables emptied, so the hub writes it again at
 /// start) verifies on its own, and is caught by the root recorded before (`--size --root`).
@@ -303,7 +456,7 @@ async fn a_rewritten_log_is_caught_by_its_nodes_or_by_a_root_recorded_before() {
     let hub = TestHub::start().await;
     submit(
         &mut hub.ingest().await,
-        (1..=20).map(|i| rating(&format!("r{i}"))).collect(),
+        (1..=40).map(|i| rating(&format!("r{i}"))).collect(),
     )
     .await;
     let (_, before) = verify_hub(hub.dir.path());
@@ -315,19 +468,20 @@ async fn a_rewritten_log_is_caught_by_its_nodes_or_by_a_root_recorded_before() {
     } else {
         "DROP TRIGGER log_nodes_append_only_update; DROP TRIGGER log_nodes_append_only_delete;"
     };
-    // Level 2, index 1: the subtree over positions 5..=8.
+    // Level 4 (the first stored above the leaves), index 1: the subtree over positions
+    // 17..=32.
     exec_on_hub(
         &dir,
         &format!(
-            "{lift} UPDATE log_nodes SET hash = (SELECT hash FROM log_nodes WHERE level = 2 \
-             AND idx = 0) WHERE level = 2 AND idx = 1;"
+            "{lift} UPDATE log_nodes SET hash = (SELECT hash FROM log_nodes WHERE level = 4 \
+             AND idx = 0) WHERE level = 4 AND idx = 1;"
         ),
     );
     let (ok, report) = verify_hub(&dir);
     assert!(!ok);
-    assert_eq!(report["first_bad_position"], 5, "{report}");
+    assert_eq!(report["first_bad_position"], 17, "{report}");
     assert!(
-        report["reason"].as_str().unwrap().contains("5..=8"),
+        report["reason"].as_str().unwrap().contains("17..=32"),
         "{report}"
     );
 

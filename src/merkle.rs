@@ -195,11 +195,11 @@ impl Layout {
     /// A new log's layout.
     pub const SPARSE: Layout = Layout { stride: 4 };
 
-    /// The layout `log_meta.node_stride` names: 1 to 8.
+    /// The layout `log_meta.node_stride` names: 1 or 4 (the two this hub writes).
     pub fn from_stride(stride: i64) -> Option<Self> {
-        (1..=8).contains(&stride).then_some(Layout {
-            stride: stride as u32,
-        })
+        [Self::DENSE, Self::SPARSE]
+            .into_iter()
+            .find(|l| i64::from(l.stride) == stride)
     }
 
     pub fn stride(self) -> u32 {
@@ -684,8 +684,8 @@ mod tests {
     fn a_sparse_layout_gives_the_same_nodes_roots_and_proofs_as_every_level() {
         let alg = HashAlg::Sha256;
         let leaves: Vec<Hash> = (0..300u32).map(|i| alg.leaf(&i.to_be_bytes())).collect();
-        for stride in 1..=5 {
-            let layout = Layout::from_stride(stride).unwrap();
+        for stride in [1, 2, 3, 4, 5, 8] {
+            let layout = Layout { stride };
             for n in [1u64, 2, 3, 15, 16, 17, 31, 64, 255, 256, 257, 300] {
                 let (f, dense) = tree(alg, &leaves[..n as usize]);
                 let stored: HashMap<(u32, u64), Hash> = layout
@@ -734,8 +734,15 @@ mod tests {
         let got = layout.combine(alg, &[(2, 1), (2, 0), (1, 7)], &stored);
         assert_eq!(got.len(), 2);
         assert!(!got.contains_key(&(2, 1)));
-        assert_eq!(Layout::from_stride(0), None);
-        assert_eq!(Layout::from_stride(9), None);
+        assert_eq!(Layout::from_stride(4), Some(Layout::SPARSE));
+        assert_eq!(Layout::from_stride(1), Some(Layout::DENSE));
+        for other in [0, 2, 3, 5, 8, -4] {
+            assert_eq!(Layout::from_stride(other), None);
+        }
+        // The highest levels: a node of level 63 is made of 8 nodes of level 60.
+        let top = Layout::SPARSE.sources(&[(63, 0), (61, 4)]);
+        assert_eq!(top.len(), 8 + 2);
+        assert!(top.iter().all(|(l, _)| *l == 60));
     }
 
     #[test]

@@ -290,9 +290,39 @@ pub fn check_layout(stride: i64) -> Result<Layout, String> {
     Layout::from_stride(stride).ok_or_else(|| {
         format!(
             "the database's rating log names node_stride {stride}, which this hub cannot read \
-             (1 to 8)"
+             (1 or 4)"
         )
     })
+}
+
+/// The nodes whose presence shows the layout a log of `size` leaves is stored in: the first
+/// node of each of levels 1 to 4 the tree has (a point read each).
+pub fn layout_probes(size: u64) -> Vec<(u32, u64)> {
+    (1..=4).filter(|l| size >> l > 0).map(|l| (l, 0)).collect()
+}
+
+/// Whether the nodes stored among [`layout_probes`] are those `layout` stores: nodes added
+/// at levels the layout leaves out, or removed from levels it keeps, would otherwise be
+/// read as the tree's.
+pub fn check_stored_levels(
+    layout: Layout,
+    size: u64,
+    stored: impl Fn(u32, u64) -> bool,
+) -> Result<(), String> {
+    for (level, idx) in layout_probes(size) {
+        let (has, due) = (stored(level, idx), layout.stores(level));
+        if has != due {
+            return Err(format!(
+                "the rating log {} a node at level {level}, and its layout (log_meta.node_stride \
+                 {}) {} that level: nodes were added to or removed from the log behind the hub \
+                 (rating-hub log verify)",
+                if has { "stores" } else { "has no" },
+                layout.stride(),
+                if due { "stores" } else { "leaves out" },
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Why the stored log does not match the stored ratings, or cannot be read.

@@ -828,7 +828,8 @@ pub trait Store: Send + Sync + 'static {
     /// The rating log's hash (src/merkle.rs), as the database fixed it.
     fn log_hash(&self) -> crate::merkle::HashAlg;
 
-    /// Stored rating log nodes by (level, index); those not stored are absent.
+    /// Rating log nodes by (level, index): stored, or combined from the stored nodes under
+    /// them (the log's layout, `merkle::Layout`); those not complete are absent.
     async fn log_nodes(
         &self,
         want: &[(u32, u64)],

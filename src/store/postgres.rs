@@ -397,6 +397,11 @@ async fn open_log(
                 .fetch_one(&mut *tx)
                 .await?;
         let size = size as u64;
+        if from.is_none() {
+            let probes = read_stored(&mut tx, &log::layout_probes(size)).await?;
+            log::check_stored_levels(layout, size, |l, i| probes.contains_key(&(l, i)))
+                .map_err(StoreError::Corrupt)?;
+        }
         let from = *from.get_or_insert(size);
         let target =
             log::backfill_target(size, head, backfill_to as u64).map_err(StoreError::Corrupt)?;

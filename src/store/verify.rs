@@ -86,7 +86,22 @@ impl Db {
 
     /// The log's hash and the layout its nodes are stored in.
     async fn log_meta(&mut self) -> Result<(HashAlg, Layout), StoreError> {
-        let sql = "SELECT hash_alg, CAST(node_stride AS BIGINT) FROM log_meta WHERE id = 1";
+        // A database the new hub has not started on yet has no node_stride: its log stores
+        // every level.
+        let has_stride = match self {
+            Db::Sqlite(_) => {
+                "SELECT COUNT(*) FROM pragma_table_info('log_meta') WHERE name = 'node_stride'"
+            }
+            Db::Postgres(_) => {
+                "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = \
+                 current_schema() AND table_name = 'log_meta' AND column_name = 'node_stride'"
+            }
+        };
+        let sql = if self.scalar_i64(has_stride).await? > 0 {
+            "SELECT hash_alg, CAST(node_stride AS BIGINT) FROM log_meta WHERE id = 1"
+        } else {
+            "SELECT hash_alg, CAST(1 AS BIGINT) FROM log_meta WHERE id = 1"
+        };
         let stored: Option<(String, i64)> = match self {
             Db::Sqlite(c) => sqlx::query_as(sql).fetch_optional(c).await?,
             Db::Postgres(c) => sqlx::query_as(sql).fetch_optional(c).await?,
@@ -159,6 +174,19 @@ impl Db {
         Ok(out)
     }
 
+    /// Stored nodes per level.
+    async fn nodes_by_level(&mut self) -> Result<HashMap<u32, u64>, StoreError> {
+        let sql = "SELECT CAST(level AS BIGINT), COUNT(*) FROM log_nodes GROUP BY level";
+        let rows: Vec<(i64, i64)> = match self {
+            Db::Sqlite(c) => sqlx::query_as(sql).fetch_all(c).await?,
+            Db::Postgres(c) => sqlx::query_as(sql).fetch_all(c).await?,
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(l, n)| (l.clamp(0, 63) as u32, n as u64))
+            .collect())
+    }
+
     pub async fn close(self) {
         let _ = match self {
             Db::Sqlite(c) => c.close().await,
@@ -176,8 +204,9 @@ pub struct Expected {
 }
 
 /// Recomputes the log from the ratings and compares it with the stored log: every rating's
-/// leaf and every inner node against the stored ones, positions without gaps or strays, no
-/// stored node that no rating accounts for, and (given one) a root recorded earlier.
+/// leaf and every inner node of the levels the layout stores against the stored ones,
+/// positions without gaps or strays, no stored node that no rating accounts for (counted
+/// level by level), and (given one) a root recorded earlier.
 /// `progress` is told the positions checked.
 pub async fn verify(
     db: &mut Db,
@@ -314,10 +343,28 @@ pub async fn verify(
     }
     let nodes_due = layout.nodes_due(frontier.size);
     if first_bad.is_none() && nodes_stored != nodes_due {
+        let by_level = db.nodes_by_level().await?;
+        let odd = (0..64u32).find_map(|l| {
+            let due = if layout.stores(l) {
+                frontier.size >> l
+            } else {
+                0
+            };
+            let held = by_level.get(&l).copied().unwrap_or(0);
+            (held != due).then_some((l, held, due))
+        });
+        let detail = match odd {
+            Some((l, held, due)) => format!(
+                " (level {l}: {held} stored, {due} due under log_meta.node_stride {})",
+                layout.stride()
+            ),
+            None => String::new(),
+        };
         first_bad = Some((
             frontier.size + 1,
             format!(
-                "the stored log holds {nodes_stored} nodes and {} ratings account for {nodes_due}",
+                "the stored log holds {nodes_stored} nodes and {} ratings account for \
+                 {nodes_due}{detail}: nodes were added to or removed from the log",
                 frontier.size
             ),
         ));

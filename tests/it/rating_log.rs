@@ -53,12 +53,15 @@ fn drop_guard() -> &'static str {
     }
 }
 
-/// The same for `log_nodes`.
+/// The same for `log_nodes` and `log_meta`.
 fn lift_log_guard() -> &'static str {
     if crate::pg::enabled() {
-        "DROP TRIGGER log_nodes_append_only ON log_nodes;"
+        "DROP TRIGGER IF EXISTS log_nodes_append_only ON log_nodes; \
+         DROP TRIGGER IF EXISTS log_meta_fixed ON log_meta;"
     } else {
-        "DROP TRIGGER log_nodes_append_only_update; DROP TRIGGER log_nodes_append_only_delete;"
+        "DROP TRIGGER IF EXISTS log_nodes_append_only_update; \
+         DROP TRIGGER IF EXISTS log_nodes_append_only_delete; \
+         DROP TRIGGER IF EXISTS log_meta_fixed_update; DROP TRIGGER IF EXISTS log_meta_fixed_delete;"
     }
 }
 
@@ -399,8 +402,42 @@ async fn a_log_stored_sparse_or_dense_proves_the_same_tree() {
     assert!(ok, "{report}");
     assert_eq!(report["root"], sparse_root);
 
-    // The same ratings' log, as a hub from before the sparse layout wrote it.
+    // log_meta, layout included, cannot be changed.
     let stopped = hub.stop().await;
+    for change in [
+        "UPDATE log_meta SET node_stride = 1;",
+        "DELETE FROM log_meta;",
+    ] {
+        let refused =
+            crate::pg::try_exec_on_hub(stopped.dir.path(), change).expect_err("log_meta is fixed");
+        assert!(refused.contains("log_meta"), "{refused}");
+    }
+    // A node forged at a level the layout leaves out (the append-only guard allows INSERT):
+    // verify names the level, and the hub does not start on it.
+    exec_on_hub(
+        stopped.dir.path(),
+        "INSERT INTO log_nodes (level, idx, hash) \
+         SELECT 1, 0, hash FROM log_nodes WHERE level = 0 AND idx = 0;",
+    );
+    let (ok, report) = verify_hub(stopped.dir.path());
+    assert!(!ok);
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap()
+            .contains("level 1: 1 stored, 0 due"),
+        "{report}"
+    );
+    let stopped = match stopped.try_restart_with(|b| b).await {
+        Ok(_) => panic!("a hub must not start on a node its layout leaves out"),
+        Err((e, stopped)) => {
+            let e = format!("{e:#}");
+            assert!(e.contains("stores a node at level 1"), "{e}");
+            stopped
+        }
+    };
+
+    // The same ratings' log, as a hub from before the sparse layout wrote it.
     exec_on_hub(
         stopped.dir.path(),
         &format!(
@@ -427,25 +464,47 @@ async fn a_log_stored_sparse_or_dense_proves_the_same_tree() {
     assert!(ok, "{report}");
     assert_eq!(report["root"], dense_root);
 
-    // A layout this hub cannot read is refused by name, not guessed at.
+    // The layout cannot be changed behind the hub: log_meta refuses it, and with its guard
+    // lifted, the start and verify both refuse what the stored levels contradict.
     let stopped = hub.stop().await;
-    exec_on_hub(stopped.dir.path(), "UPDATE log_meta SET node_stride = 0;");
-    let out = Command::new(env!("CARGO_BIN_EXE_rating-hub"))
-        .args(["log", "verify", "--config"])
-        .arg(stopped.dir.path().join("hub.toml"))
-        .env_remove("RATING_HUB_CONFIG")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("node_stride 0"), "{err}");
-    match stopped.try_restart().await {
-        Ok(_) => panic!("a hub must not write a log in a layout it cannot read"),
-        Err(e) => {
+    let dir = stopped.dir.path().to_owned();
+    let refused = crate::pg::try_exec_on_hub(
+        &dir,
+        &format!("{} UPDATE log_meta SET node_stride = 2;", lift_log_guard()),
+    )
+    .expect_err("a stride this hub cannot read is refused by the table");
+    assert!(refused.to_lowercase().contains("check"), "{refused}");
+    exec_on_hub(
+        &dir,
+        &format!("{} UPDATE log_meta SET node_stride = 4;", lift_log_guard()),
+    );
+    let (ok, report) = verify_hub(&dir);
+    assert!(!ok);
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap()
+            .contains("level 1: 168 stored, 0 due"),
+        "{report}"
+    );
+    let _stopped = match stopped.try_restart_with(|b| b).await {
+        Ok(_) => panic!("a hub must not read a log in a layout its nodes contradict"),
+        Err((e, stopped)) => {
             let e = format!("{e:#}");
-            assert!(e.contains("node_stride 0"), "{e}");
+            assert!(e.contains("level 1") && e.contains("node_stride 4"), "{e}");
+            stopped
         }
-    }
+    };
+
+    // `log verify` of a new version on a database its hub has not migrated yet: a log
+    // without node_stride stores every level.
+    exec_on_hub(
+        &dir,
+        "UPDATE log_meta SET node_stride = 1; ALTER TABLE log_meta DROP COLUMN node_stride;",
+    );
+    let (ok, report) = verify_hub(&dir);
+    assert!(ok, "{report}");
+    assert_eq!(report["root"], dense_root);
 }
 
 /// The log itself rewritten: an inner node changed is named by the positions it covers; a
@@ -461,13 +520,27 @@ async fn a_rewritten_log_is_caught_by_its_nodes_or_by_a_root_recorded_before() {
     .await;
     let (_, before) = verify_hub(hub.dir.path());
     let root_before = before["root"].as_str().unwrap().to_owned();
+    // `log verify --size 40 --root <root before>` on a hub's database: the report.
+    let against_root_before = |dir: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_rating-hub"))
+            .args(["log", "verify", "--json", "--size", "40", "--root"])
+            .arg(&root_before)
+            .arg("--config")
+            .arg(dir.join("hub.toml"))
+            .env_remove("RATING_HUB_CONFIG")
+            .output()
+            .unwrap();
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(out.status.success(), report["ok"] == true, "{report}");
+        report
+    };
+    assert_eq!(
+        against_root_before(hub.dir.path())["expected_root_matches"],
+        true
+    );
     let stopped = hub.stop().await;
     let dir = stopped.dir.path().to_owned();
-    let lift = if crate::pg::enabled() {
-        "DROP TRIGGER log_nodes_append_only ON log_nodes;"
-    } else {
-        "DROP TRIGGER log_nodes_append_only_update; DROP TRIGGER log_nodes_append_only_delete;"
-    };
+    let lift = lift_log_guard();
     // Level 4 (the first stored above the leaves), index 1: the subtree over positions
     // 17..=32.
     exec_on_hub(
@@ -498,23 +571,8 @@ async fn a_rewritten_log_is_caught_by_its_nodes_or_by_a_root_recorded_before() {
     let (ok, rebuilt) = verify_hub(hub.dir.path());
     assert!(ok, "a consistent rewrite verifies on its own: {rebuilt}");
     assert_ne!(rebuilt["root"], before["root"]);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rating-hub"));
-    let out = cmd
-        .args([
-            "log",
-            "verify",
-            "--json",
-            "--size",
-            "20",
-            "--root",
-            &root_before,
-        ])
-        .arg("--config")
-        .arg(hub.dir.path().join("hub.toml"))
-        .output()
-        .unwrap();
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(!out.status.success(), "{report}");
+    let report = against_root_before(hub.dir.path());
+    assert_eq!(report["ok"], false, "{report}");
     assert_eq!(report["expected_root_matches"], false, "{report}");
     hub.stop().await;
 }
@@ -919,11 +977,7 @@ async fn a_city_hubs_tampered_database_raises_an_alarm_at_the_province() {
     // The gap filled with a forged rating and the city's log rebuilt whole from the edited
     // ratings (its log tables emptied: the hub writes them again at start).
     let stopped = city.stop().await;
-    let lift = if crate::pg::enabled() {
-        "DROP TRIGGER log_nodes_append_only ON log_nodes;"
-    } else {
-        "DROP TRIGGER log_nodes_append_only_update; DROP TRIGGER log_nodes_append_only_delete;"
-    };
+    let lift = lift_log_guard();
     let cols = rating_hub::store::log::LEAF_COLUMNS;
     let new_id = if crate::pg::enabled() {
         "uuid_send(gen_random_uuid())"

@@ -43,7 +43,7 @@ fn province_rating(n: u64, now: i64) -> pb::Rating {
 }
 
 /// Fills the hub from `from` to `total` ratings (8 callers, batches of 500).
-async fn fill(ch: &[Channel], from: u64, total: u64) -> anyhow::Result<()> {
+pub(crate) async fn fill(ch: &[Channel], from: u64, total: u64) -> anyhow::Result<()> {
     let next = Arc::new(AtomicU64::new(from));
     let mut tasks = Vec::new();
     for w in 0..8 {

@@ -193,6 +193,10 @@ enum Cmd {
         /// empty one (flat growth); 0: not measured.
         #[arg(long, default_value_t = 0)]
         growth: u64,
+        /// A PostgreSQL superuser URL: the hub on PostgreSQL, its prepared database kept on
+        /// that server (named for --data) and reused.
+        #[arg(long)]
+        pg_url: Option<String>,
     },
     /// Bytes on disk per stored rating, by table and index, with and without the indexes:
     /// a hub filled with N of the province's ratings on SQLite and (with `--pg-url`, a
@@ -395,7 +399,8 @@ async fn main() -> anyhow::Result<()> {
             ratings,
             samples,
             growth,
-        } => stats::stats_probe(&hub_bin, &data, ratings, samples, growth).await,
+            pg_url,
+        } => stats::stats_probe(&hub_bin, &data, ratings, samples, growth, pg_url.as_deref()).await,
         Cmd::Disk {
             hub_bin,
             ratings,

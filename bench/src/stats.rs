@@ -97,12 +97,57 @@ where
     Ok(v)
 }
 
+/// The PostgreSQL database of the prepared hub in `data` on the server at `admin`: named
+/// for the directory, created the first time, reused after.
+async fn prepared_database(admin: &str, data: &Path) -> anyhow::Result<String> {
+    use sqlx::Connection;
+    let dir: String = data
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    let name = format!("stats_{dir}");
+    let mut conn = sqlx::PgConnection::connect(admin).await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut conn)
+            .await?;
+    if !exists {
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await?;
+    }
+    conn.close().await?;
+    let base = admin
+        .rsplit_once('/')
+        .ok_or_else(|| anyhow::anyhow!("--pg-url needs a database path"))?
+        .0;
+    Ok(format!("{base}/{name}"))
+}
+
+/// The hub's settings: the start-up self-check reads every stored rating in the background
+/// (a minute at 1 M), so it is off, not to share the cores with what is measured; and the
+/// database, when on PostgreSQL.
+fn hub_env(db: Option<&str>) -> Vec<(&'static str, String)> {
+    let mut env = vec![("RATING_HUB__RATING_LOG__SELF_CHECK", "false".into())];
+    if let Some(url) = db {
+        env.push(("RATING_HUB__STORAGE__URL", url.to_owned()));
+    }
+    env
+}
+
+/// `pg_admin`: a PostgreSQL superuser URL, to measure the hub on PostgreSQL (its prepared
+/// database is kept on that server, named for `data`).
 pub(crate) async fn stats_probe(
     hub_bin: &Path,
     data: &Path,
     ratings: u64,
     samples: usize,
     growth: u64,
+    pg_admin: Option<&str>,
 ) -> anyhow::Result<()> {
     let hub_bin = &hub_bin.canonicalize()?;
     std::fs::create_dir_all(data)?;
@@ -110,16 +155,11 @@ pub(crate) async fn stats_probe(
     if !pki.join("ca.pem").exists() {
         rating_hub::pki::init_dev(&pki)?;
     }
-    // The start-up self-check reads every stored rating in the background (a minute at 1 M):
-    // off, so it does not share the cores with what is measured.
-    let hub = spawn_hub(
-        hub_bin,
-        data,
-        "hub",
-        &pki,
-        &[("RATING_HUB__RATING_LOG__SELF_CHECK", "false".into())],
-    )
-    .await?;
+    let db = match pg_admin {
+        Some(admin) => Some(prepared_database(admin, data).await?),
+        None => None,
+    };
+    let hub = spawn_hub(hub_bin, data, "hub", &pki, &hub_env(db.as_deref())).await?;
     let ch = channels(&pki, &hub.url, 4).await?;
     let mut sync = SyncServiceClient::new(ch[0].clone());
     let head = |r: pb::PullResponse| r.head_sequence;
@@ -309,12 +349,16 @@ pub(crate) async fn stats_probe(
         hub.stop().await;
         let empty_dir = data.join("empty");
         let _ = std::fs::remove_dir_all(&empty_dir);
+        let empty_db = match pg_admin {
+            Some(admin) => Some(create_database(admin, "stats_empty").await?),
+            None => None,
+        };
         let empty = spawn_hub(
             hub_bin,
             &empty_dir,
             "hub",
             &pki,
-            &[("RATING_HUB__RATING_LOG__SELF_CHECK", "false".into())],
+            &hub_env(empty_db.as_deref()),
         )
         .await?;
         let ech = channels(&pki, &empty.url, 4).await?;
@@ -323,14 +367,21 @@ pub(crate) async fn stats_probe(
         let fresh = growth as f64 / t.elapsed().as_secs_f64();
         empty.stop().await;
         let _ = std::fs::remove_dir_all(&empty_dir);
+        if let (Some(admin), Some(url)) = (pg_admin, &empty_db) {
+            drop_database(admin, url).await?;
+        }
         growth_rates = Some((full, fresh));
     } else {
         hub.stop().await;
     }
     println!(
-        "{size} ratings stored in {} ({} in the quarter by the counts, {} by the scan of a \
+        "{size} ratings stored in {}{} ({} in the quarter by the counts, {} by the scan of a \
          range 1 s shorter)",
         data.display(),
+        match &db {
+            Some(url) => format!(" and PostgreSQL {url}"),
+            None => " (SQLite)".into(),
+        },
         total_of(&counted),
         total_of(&scanned)
     );
@@ -350,5 +401,17 @@ pub(crate) async fn stats_probe(
             full / fresh
         );
     }
+    Ok(())
+}
+
+/// Drops the database `url` names on the server at `admin`.
+async fn drop_database(admin: &str, url: &str) -> anyhow::Result<()> {
+    use sqlx::Connection;
+    let name = url.rsplit_once('/').map(|(_, n)| n).unwrap_or(url);
+    let mut conn = sqlx::PgConnection::connect(admin).await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut conn)
+        .await?;
+    conn.close().await?;
     Ok(())
 }

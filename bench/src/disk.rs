@@ -16,6 +16,18 @@ struct Relation {
     bytes: i64,
 }
 
+/// A row of the queries below: name, table, whether an index, bytes.
+impl From<(String, String, bool, i64)> for Relation {
+    fn from((name, table, index, bytes): (String, String, bool, i64)) -> Self {
+        Relation {
+            name,
+            table,
+            index,
+            bytes,
+        }
+    }
+}
+
 pub(crate) async fn disk_probe(
     hub_bin: &Path,
     ratings: u64,
@@ -77,15 +89,7 @@ async fn sqlite_relations(db: &Path) -> anyhow::Result<Vec<Relation>> {
     )
     .fetch_one(&mut conn)
     .await?;
-    let mut out: Vec<Relation> = rows
-        .into_iter()
-        .map(|(name, table, index, bytes)| Relation {
-            name,
-            table,
-            index,
-            bytes,
-        })
-        .collect();
+    let mut out: Vec<Relation> = rows.into_iter().map(Relation::from).collect();
     // Free pages and the file's header: in the file, in no b-tree.
     let used: i64 = out.iter().map(|r| r.bytes).sum();
     out.push(Relation {
@@ -112,15 +116,7 @@ async fn postgres_relations(url: &str) -> anyhow::Result<Vec<Relation>> {
     .fetch_all(&mut conn)
     .await?;
     let _ = conn.close().await;
-    Ok(rows
-        .into_iter()
-        .map(|(name, table, index, bytes)| Relation {
-            name,
-            table,
-            index,
-            bytes,
-        })
-        .collect())
+    Ok(rows.into_iter().map(Relation::from).collect())
 }
 
 /// Prints, per rating: `ratings` and its indexes one by one, the rating log, the

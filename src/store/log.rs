@@ -301,9 +301,10 @@ pub fn layout_probes(size: u64) -> Vec<(u32, u64)> {
     (1..=4).filter(|l| size >> l > 0).map(|l| (l, 0)).collect()
 }
 
-/// Whether the nodes stored among [`layout_probes`] are those `layout` stores: nodes added
-/// at levels the layout leaves out, or removed from levels it keeps, would otherwise be
-/// read as the tree's.
+/// Whether the nodes stored among [`layout_probes`] are those `layout` stores. What this
+/// catches is a log whose layout was changed behind the hub (the hub would read levels that
+/// were never written, or read a dense log as sparse and write it so), and the first node
+/// of a level removed or forged; `rating-hub log verify` checks every node.
 pub fn check_stored_levels(
     layout: Layout,
     size: u64,
@@ -313,10 +314,10 @@ pub fn check_stored_levels(
         let (has, due) = (stored(level, idx), layout.stores(level));
         if has != due {
             return Err(format!(
-                "the rating log {} a node at level {level}, and its layout (log_meta.node_stride \
-                 {}) {} that level: nodes were added to or removed from the log behind the hub \
-                 (rating-hub log verify)",
-                if has { "stores" } else { "has no" },
+                "the rating log {} at level {level}, and its layout (log_meta.node_stride {}) \
+                 {} that level: nodes were added to or removed from the log, or its layout \
+                 changed, behind the hub (rating-hub log verify)",
+                if has { "stores a node" } else { "has no node" },
                 layout.stride(),
                 if due { "stores" } else { "leaves out" },
             ));

@@ -93,8 +93,8 @@ impl Db {
                 "SELECT COUNT(*) FROM pragma_table_info('log_meta') WHERE name = 'node_stride'"
             }
             Db::Postgres(_) => {
-                "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = \
-                 current_schema() AND table_name = 'log_meta' AND column_name = 'node_stride'"
+                "SELECT COUNT(*) FROM pg_attribute WHERE attrelid = 'log_meta'::regclass \
+                 AND attname = 'node_stride' AND NOT attisdropped"
             }
         };
         let sql = if self.scalar_i64(has_stride).await? > 0 {
@@ -175,16 +175,13 @@ impl Db {
     }
 
     /// Stored nodes per level.
-    async fn nodes_by_level(&mut self) -> Result<HashMap<u32, u64>, StoreError> {
+    async fn nodes_by_level(&mut self) -> Result<HashMap<i64, u64>, StoreError> {
         let sql = "SELECT CAST(level AS BIGINT), COUNT(*) FROM log_nodes GROUP BY level";
         let rows: Vec<(i64, i64)> = match self {
             Db::Sqlite(c) => sqlx::query_as(sql).fetch_all(c).await?,
             Db::Postgres(c) => sqlx::query_as(sql).fetch_all(c).await?,
         };
-        Ok(rows
-            .into_iter()
-            .map(|(l, n)| (l.clamp(0, 63) as u32, n as u64))
-            .collect())
+        Ok(rows.into_iter().map(|(l, n)| (l, n as u64)).collect())
     }
 
     pub async fn close(self) {
@@ -344,11 +341,14 @@ pub async fn verify(
     let nodes_due = layout.nodes_due(frontier.size);
     if first_bad.is_none() && nodes_stored != nodes_due {
         let by_level = db.nodes_by_level().await?;
-        let odd = (0..64u32).find_map(|l| {
-            let due = if layout.stores(l) {
-                frontier.size >> l
-            } else {
-                0
+        // Levels 0 to 63, and any other level something stored (forged) nodes at.
+        let mut levels: Vec<i64> = (0..64).chain(by_level.keys().copied()).collect();
+        levels.sort_unstable();
+        levels.dedup();
+        let odd = levels.into_iter().find_map(|l| {
+            let due = match u32::try_from(l) {
+                Ok(l) if l < 64 && layout.stores(l) => frontier.size >> l,
+                _ => 0,
             };
             let held = by_level.get(&l).copied().unwrap_or(0);
             (held != due).then_some((l, held, due))

@@ -57,11 +57,26 @@ fn drop_guard() -> &'static str {
 fn lift_log_guard() -> &'static str {
     if crate::pg::enabled() {
         "DROP TRIGGER IF EXISTS log_nodes_append_only ON log_nodes; \
-         DROP TRIGGER IF EXISTS log_meta_fixed ON log_meta;"
+         DROP TRIGGER IF EXISTS log_meta_fixed ON log_meta; \
+         DROP TRIGGER IF EXISTS log_meta_fixed_truncate ON log_meta;"
     } else {
         "DROP TRIGGER IF EXISTS log_nodes_append_only_update; \
          DROP TRIGGER IF EXISTS log_nodes_append_only_delete; \
          DROP TRIGGER IF EXISTS log_meta_fixed_update; DROP TRIGGER IF EXISTS log_meta_fixed_delete;"
+    }
+}
+
+/// `batches` calls of `size` new ratings each, keyed `{tag}{batch}-{i}`.
+async fn submit_batches(hub: &TestHub, tag: &str, batches: usize, size: usize) {
+    let mut ingest = hub.ingest().await;
+    for b in 0..batches {
+        submit(
+            &mut ingest,
+            (0..size)
+                .map(|i| rating(&format!("{tag}{b}-{i}")))
+                .collect(),
+        )
+        .await;
     }
 }
 
@@ -201,15 +216,8 @@ async fn a_changed_or_removed_rating_is_found_at_its_position() {
 #[tokio::test]
 async fn the_log_is_written_for_ratings_stored_before_it() {
     let hub = TestHub::start().await;
-    let mut ingest = hub.ingest().await;
     // More than one batch of the start's writing (2,000 rows a batch).
-    for b in 0..5 {
-        submit(
-            &mut ingest,
-            (0..420).map(|i| rating(&format!("o{b}-{i}"))).collect(),
-        )
-        .await;
-    }
+    submit_batches(&hub, "o", 5, 420).await;
     let (_, before) = verify_hub(hub.dir.path());
     let stopped = hub.stop().await;
     let lift = lift_log_guard();
@@ -386,14 +394,7 @@ fn stored_nodes(dir: &Path) -> (u64, Vec<u32>) {
 async fn a_log_stored_sparse_or_dense_proves_the_same_tree() {
     use rating_hub::merkle::Layout;
     let hub = TestHub::start().await;
-    let mut ingest = hub.ingest().await;
-    for b in 0..3 {
-        submit(
-            &mut ingest,
-            (0..100).map(|i| rating(&format!("l{b}-{i}"))).collect(),
-        )
-        .await;
-    }
+    submit_batches(&hub, "l", 3, 100).await;
     let (nodes, levels) = stored_nodes(hub.dir.path());
     assert_eq!(nodes, Layout::SPARSE.nodes_due(300));
     assert_eq!(levels, [0, 4, 8]);
@@ -433,6 +434,22 @@ async fn a_log_stored_sparse_or_dense_proves_the_same_tree() {
         Err((e, stopped)) => {
             let e = format!("{e:#}");
             assert!(e.contains("stores a node at level 1"), "{e}");
+            stopped
+        }
+    };
+    // And a level it keeps without its first node.
+    exec_on_hub(
+        stopped.dir.path(),
+        &format!(
+            "{} DELETE FROM log_nodes WHERE level = 1 OR (level = 4 AND idx = 0);",
+            lift_log_guard()
+        ),
+    );
+    let stopped = match stopped.try_restart_with(|b| b).await {
+        Ok(_) => panic!("a hub must not start on a log missing a node its layout keeps"),
+        Err((e, stopped)) => {
+            let e = format!("{e:#}");
+            assert!(e.contains("has no node at level 4"), "{e}");
             stopped
         }
     };
@@ -487,7 +504,7 @@ async fn a_log_stored_sparse_or_dense_proves_the_same_tree() {
             .contains("level 1: 168 stored, 0 due"),
         "{report}"
     );
-    let _stopped = match stopped.try_restart_with(|b| b).await {
+    let stopped = match stopped.try_restart_with(|b| b).await {
         Ok(_) => panic!("a hub must not read a log in a layout its nodes contradict"),
         Err((e, stopped)) => {
             let e = format!("{e:#}");
@@ -505,6 +522,31 @@ async fn a_log_stored_sparse_or_dense_proves_the_same_tree() {
     let (ok, report) = verify_hub(&dir);
     assert!(ok, "{report}");
     assert_eq!(report["root"], dense_root);
+
+    // That database as a hub from before the layout left it (the migration not applied):
+    // the migration keeps its log dense, and the hub goes on writing every level.
+    let version = if crate::pg::enabled() { 11 } else { 14 };
+    exec_on_hub(
+        &dir,
+        &format!("DELETE FROM _sqlx_migrations WHERE version = {version};"),
+    );
+    let hub = match stopped.try_restart_with(|b| b).await {
+        Ok(hub) => hub,
+        Err((e, _)) => panic!("the hub starts on the migrated database: {e:#}"),
+    };
+    submit_batches(&hub, "n", 1, 20).await;
+    assert_eq!(stored_nodes(hub.dir.path()).0, Layout::DENSE.nodes_due(357));
+    assert_eq!(
+        query_on_hub(
+            hub.dir.path(),
+            "SELECT CAST(node_stride AS TEXT) FROM log_meta"
+        ),
+        ["1"]
+    );
+    every_proof_verifies(&hub, 357).await;
+    let (ok, report) = verify_hub(hub.dir.path());
+    assert!(ok, "{report}");
+    hub.stop().await;
 }
 
 /// The log itself rewritten: an inner node changed is named by the positions it covers; a
@@ -562,9 +604,10 @@ async fn a_rewritten_log_is_caught_by_its_nodes_or_by_a_root_recorded_before() {
     exec_on_hub(
         &dir,
         &format!(
-            "{} UPDATE ratings SET level = level % 5 + 1 WHERE feed_seq = 7; \
+            "{} {} UPDATE ratings SET level = level % 5 + 1 WHERE feed_seq = 7; \
              DELETE FROM log_nodes; DELETE FROM log_meta;",
-            drop_guard()
+            drop_guard(),
+            lift
         ),
     );
     let hub = stopped.restart().await;

@@ -9,3 +9,5 @@ ALTER TABLE log_meta ADD COLUMN node_stride INTEGER NOT NULL DEFAULT 1
 -- the hub read nodes that were never written (or that someone inserted).
 CREATE TRIGGER log_meta_fixed BEFORE UPDATE OR DELETE ON log_meta
     FOR EACH ROW EXECUTE FUNCTION rating_hub_append_only();
+CREATE TRIGGER log_meta_fixed_truncate BEFORE TRUNCATE ON log_meta
+    FOR EACH STATEMENT EXECUTE FUNCTION rating_hub_append_only();

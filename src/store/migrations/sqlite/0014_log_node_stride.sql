@@ -9,9 +9,9 @@ ALTER TABLE log_meta ADD COLUMN node_stride INTEGER NOT NULL DEFAULT 1
 -- the hub read nodes that were never written (or that someone inserted).
 CREATE TRIGGER log_meta_fixed_update BEFORE UPDATE ON log_meta
 BEGIN
-    SELECT RAISE(ABORT, 'log_meta is fixed when the log is created');
+    SELECT RAISE(ABORT, 'log_meta is append-only');
 END;
 CREATE TRIGGER log_meta_fixed_delete BEFORE DELETE ON log_meta
 BEGIN
-    SELECT RAISE(ABORT, 'log_meta is fixed when the log is created');
+    SELECT RAISE(ABORT, 'log_meta is append-only');
 END;

@@ -53,7 +53,7 @@ pub(crate) async fn disk_probe(
         let hub = spawn_hub(hub_bin, &work, &name, &pki, &env).await?;
         let ch = channels(&pki, &hub.url, 4).await?;
         let started = Instant::now();
-        stats::fill(&ch, 0, ratings).await?;
+        stats::fill(&ch, 0, ratings, stats::ORGS).await?;
         eprintln!(
             "{backend}: {ratings} ratings in {:.0} s",
             started.elapsed().as_secs_f64()

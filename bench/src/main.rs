@@ -174,7 +174,7 @@ enum Cmd {
         samples: usize,
     },
     /// Statistics and reads at scale (#23): prepares `ratings` ratings of a province (40
-    /// organisations, 10 districts, 90 days) in `data` once — a later run with the same
+    /// organisations unless --orgs, 10 districts, 90 days) in `data` once — a later run with the same
     /// directory reuses them, and adds only what is missing — then measures GetStats and
     /// ExportReport for the quarter (from the counts, and by a scan in the same run),
     /// ListRatings' first page and Pull of 500, printed. 10 M ratings take about 12 minutes
@@ -197,6 +197,11 @@ enum Cmd {
         /// that server (named for --data) and reused.
         #[arg(long)]
         pg_url: Option<String>,
+        /// Organisations in the province (the statistics' counts have a row per day,
+        /// organisation, district, channel, kind and source: their number sets how many a
+        /// quarter reads). Fixed for a --data directory.
+        #[arg(long, default_value_t = 40)]
+        orgs: u64,
     },
     /// Bytes on disk per stored rating, by table and index, with and without the indexes:
     /// a hub filled with N of the province's ratings on SQLite and (with `--pg-url`, a
@@ -400,7 +405,11 @@ async fn main() -> anyhow::Result<()> {
             samples,
             growth,
             pg_url,
-        } => stats::stats_probe(&hub_bin, &data, ratings, samples, growth, pg_url.as_deref()).await,
+            orgs,
+        } => {
+            let pg = pg_url.as_deref();
+            stats::stats_probe(&hub_bin, &data, ratings, samples, growth, pg, orgs).await
+        }
         Cmd::Disk {
             hub_bin,
             ratings,

@@ -9,7 +9,8 @@ use super::*;
 use rating_hub::pb::v1::query_service_client::QueryServiceClient;
 use rating_hub::pb::v1::sync_service_client::SyncServiceClient;
 
-const ORGS: u64 = 40;
+/// Organisations in the province unless `--orgs` says otherwise.
+pub(crate) const ORGS: u64 = 40;
 const DISTRICTS: [&str; 10] = [
     "530102", "530103", "530111", "530112", "530113", "530114", "530115", "530124", "530125",
     "530126",
@@ -17,24 +18,24 @@ const DISTRICTS: [&str; 10] = [
 const DAY_SECS: i64 = 86_400;
 const SPREAD_DAYS: i64 = 90;
 
-fn province_org(n: u64) -> String {
-    rating_hub::domain::codes::credit_code_with_check(&format!("11530100MA{:07}", n % ORGS + 1))
+fn province_org(n: u64, orgs: u64) -> String {
+    rating_hub::domain::codes::credit_code_with_check(&format!("11530100MA{:07}", n % orgs + 1))
         .expect("valid")
 }
 
 /// Rating `n` of the province: 40 organisations over 10 districts, five channels, the last
 /// 90 days (a fixed spread, the same in every fill).
-fn province_rating(n: u64, now: i64) -> pb::Rating {
-    let org = province_org(n);
+fn province_rating(n: u64, now: i64, orgs: u64) -> pb::Rating {
+    let org = province_org(n, orgs);
     let mut r = rating("province", n, &org, now);
-    r.region_code = DISTRICTS[(n % ORGS % 10) as usize].into();
+    r.region_code = DISTRICTS[(n % orgs % 10) as usize].into();
     r.channel = [
         pb::Channel::HallDevice,
         pb::Channel::MobileApp,
         pb::Channel::PcWeb,
         pb::Channel::QrCode,
         pb::Channel::MiniProgram,
-    ][(n / ORGS % 5) as usize] as i32;
+    ][(n / orgs % 5) as usize] as i32;
     let ago = (n.wrapping_mul(7_919) % (SPREAD_DAYS as u64 * DAY_SECS as u64)) as i64 + 1;
     r.rated_at = Some(rating_hub::time::timestamp_from_micros(
         now - ago * 1_000_000,
@@ -42,8 +43,9 @@ fn province_rating(n: u64, now: i64) -> pb::Rating {
     r
 }
 
-/// Fills the hub from `from` to `total` ratings (8 callers, batches of 500).
-pub(crate) async fn fill(ch: &[Channel], from: u64, total: u64) -> anyhow::Result<()> {
+/// Fills the hub from `from` to `total` ratings of a province of `orgs` organisations (8
+/// callers, batches of 500).
+pub(crate) async fn fill(ch: &[Channel], from: u64, total: u64, orgs: u64) -> anyhow::Result<()> {
     let next = Arc::new(AtomicU64::new(from));
     let mut tasks = Vec::new();
     for w in 0..8 {
@@ -57,7 +59,7 @@ pub(crate) async fn fill(ch: &[Channel], from: u64, total: u64) -> anyhow::Resul
                 }
                 let now = now_micros();
                 let ratings: Vec<_> = (first..(first + 500).min(total))
-                    .map(|n| province_rating(n, now))
+                    .map(|n| province_rating(n, now, orgs))
                     .collect();
                 let r = client
                     .submit_ratings(pb::SubmitRatingsRequest { ratings })
@@ -148,9 +150,24 @@ pub(crate) async fn stats_probe(
     samples: usize,
     growth: u64,
     pg_admin: Option<&str>,
+    orgs: u64,
 ) -> anyhow::Result<()> {
     let hub_bin = &hub_bin.canonicalize()?;
+    anyhow::ensure!(orgs > 0, "--orgs must be at least 1");
     std::fs::create_dir_all(data)?;
+    // The province a directory was prepared with: its ratings are reused, so another
+    // number of organisations would mix two provinces.
+    let shape = data.join("province.txt");
+    let wanted = format!("orgs={orgs}\n");
+    match std::fs::read_to_string(&shape) {
+        Ok(had) => anyhow::ensure!(
+            had == wanted,
+            "{} was prepared with {}, not --orgs {orgs}: use another --data",
+            data.display(),
+            had.trim()
+        ),
+        Err(_) => std::fs::write(&shape, &wanted)?,
+    }
     let pki = data.join("pki");
     if !pki.join("ca.pem").exists() {
         rating_hub::pki::init_dev(&pki)?;
@@ -178,7 +195,7 @@ pub(crate) async fn stats_probe(
             data.display()
         );
         let started = Instant::now();
-        fill(&ch, stored, ratings).await?;
+        fill(&ch, stored, ratings, orgs).await?;
         eprintln!("filled in {:.0} s", started.elapsed().as_secs_f64());
     }
     let size = head(
@@ -230,7 +247,7 @@ pub(crate) async fn stats_probe(
         .await?,
     ));
     let single = pb::RatingFilter {
-        org_credit_code: province_org(7),
+        org_credit_code: province_org(7, orgs),
         ..quarter.clone()
     };
     rows.push((
@@ -344,7 +361,7 @@ pub(crate) async fn stats_probe(
     let mut growth_rates = None;
     if growth > 0 {
         let t = Instant::now();
-        fill(&ch, size, size + growth).await?;
+        fill(&ch, size, size + growth, orgs).await?;
         let full = growth as f64 / t.elapsed().as_secs_f64();
         hub.stop().await;
         let empty_dir = data.join("empty");
@@ -363,7 +380,7 @@ pub(crate) async fn stats_probe(
         .await?;
         let ech = channels(&pki, &empty.url, 4).await?;
         let t = Instant::now();
-        fill(&ech, 0, growth).await?;
+        fill(&ech, 0, growth, orgs).await?;
         let fresh = growth as f64 / t.elapsed().as_secs_f64();
         empty.stop().await;
         let _ = std::fs::remove_dir_all(&empty_dir);

@@ -22,11 +22,16 @@ async fn open_store(dir: &Path) -> Arc<dyn Store> {
         .expect("open")
 }
 
-fn new_ratings(dir: &Path, prefix: &str, n: usize) -> Vec<NewRating> {
+/// A new PII key file `{prefix}-pii.key` in `dir`, loaded as key id `k`.
+fn pii_keys(dir: &Path, prefix: &str) -> rating_hub::privacy::PiiKeys {
     let key = dir.join(format!("{prefix}-pii.key"));
     rating_hub::privacy::PiiKeys::create_key_file(&key).expect("key");
     let files = BTreeMap::from([("k".to_string(), key.display().to_string())]);
-    let keys = rating_hub::privacy::PiiKeys::load("k", &files).expect("keys");
+    rating_hub::privacy::PiiKeys::load("k", &files).expect("keys")
+}
+
+fn new_ratings(dir: &Path, prefix: &str, n: usize) -> Vec<NewRating> {
+    let keys = pii_keys(dir, prefix);
     let now = SystemClock.now_micros();
     (0..n)
         .map(|i| {
@@ -284,10 +289,7 @@ async fn statistics_from_the_counts_equal_a_scan_on_random_data() {
 
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path()).await;
-    let key = dir.path().join("pii.key");
-    rating_hub::privacy::PiiKeys::create_key_file(&key).expect("key");
-    let files = BTreeMap::from([("k".to_string(), key.display().to_string())]);
-    let keys = rating_hub::privacy::PiiKeys::load("k", &files).expect("keys");
+    let keys = pii_keys(dir.path(), "test");
     let mut x: u64 = 0x2545_F491_4F6C_DD1D;
     let mut pick = move |n: u64| {
         x ^= x << 13;
@@ -676,10 +678,7 @@ async fn a_raters_bad_rating_replacing_a_default_already_left_out_is_stored() {
 
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path()).await;
-    let key = dir.path().join("pii.key");
-    rating_hub::privacy::PiiKeys::create_key_file(&key).expect("key");
-    let files = BTreeMap::from([("k".to_string(), key.display().to_string())]);
-    let keys = rating_hub::privacy::PiiKeys::load("k", &files).expect("keys");
+    let keys = pii_keys(dir.path(), "test");
     let now = SystemClock.now_micros();
     let checks = IngestChecks {
         counting: true,
@@ -738,10 +737,7 @@ async fn pages_of_a_broad_region_prefix_are_complete_and_in_feed_order() {
 
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path()).await;
-    let key = dir.path().join("pii.key");
-    rating_hub::privacy::PiiKeys::create_key_file(&key).expect("key");
-    let files = BTreeMap::from([("k".to_string(), key.display().to_string())]);
-    let keys = rating_hub::privacy::PiiKeys::load("k", &files).expect("keys");
+    let keys = pii_keys(dir.path(), "test");
     let now = SystemClock.now_micros();
     let items: Vec<NewRating> = (0..5_200)
         .map(|i| {

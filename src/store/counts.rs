@@ -6,6 +6,11 @@
 //! is answered from it (a quarter over a province reads a few thousand rows, not millions of
 //! ratings); any other falls back to the scan, whose answer the counts must equal
 //! (`Store::stats_by_scan`, compared on random data in tests/it/store.rs).
+//!
+//! `rating_counts_month` (migrations `sqlite/0015`, `postgres/0012`) holds the same sums per
+//! CST month, kept from `rating_counts`' own changes: a range's whole months are read from
+//! it and only its days around them from `rating_counts` (with thousands of organisations
+//! `rating_counts` has nearly a row per rating; a month's rows are about 30 times fewer).
 
 use super::{RatingQuery, StatsDimension};
 
@@ -26,6 +31,43 @@ pub struct CountsPlan {
     pub filter: RatingQuery,
     pub from_day: Option<i64>,
     pub until_day: Option<i64>,
+    /// The whole CST months inside the range, as the first days of the first month and of
+    /// the month after the last (`None`: unbounded), read from `rating_counts_month`; the
+    /// range's days outside them from `rating_counts`. `None` when the range holds no whole
+    /// month, or the grouping is by day.
+    pub months: Option<(Option<i64>, Option<i64>)>,
+}
+
+/// Days since 1970-01-01 of the day 1970-01-01 counted from the common era's first.
+const EPOCH_CE_DAYS: i64 = 719_163;
+
+/// The first day of the month holding CST day `day`, and of the next month.
+fn month_of(day: i64) -> Option<(i64, i64)> {
+    use chrono::{Datelike, Months, NaiveDate};
+    let date = NaiveDate::from_num_days_from_ce_opt(i32::try_from(day + EPOCH_CE_DAYS).ok()?)?;
+    let first = date.with_day(1)?;
+    let next = first.checked_add_months(Months::new(1))?;
+    let days = |d: NaiveDate| i64::from(d.num_days_from_ce()) - EPOCH_CE_DAYS;
+    Some((days(first), days(next)))
+}
+
+/// The whole months of `[from, until)` (see [`CountsPlan::months`]).
+fn whole_months(from: Option<i64>, until: Option<i64>) -> Option<(Option<i64>, Option<i64>)> {
+    let lo = match from {
+        Some(d) => Some(match month_of(d)? {
+            (first, _) if first == d => d,
+            (_, next) => next,
+        }),
+        None => None,
+    };
+    let hi = match until {
+        Some(d) => Some(month_of(d)?.0),
+        None => None,
+    };
+    match (lo, hi) {
+        (Some(lo), Some(hi)) if lo >= hi => None,
+        range => Some(range),
+    }
 }
 
 /// The CST day (days since 1970-01-01) that starts at `micros`, if a day starts there.
@@ -67,7 +109,13 @@ pub fn plan(query: &RatingQuery, group_by: &[StatsDimension]) -> Option<CountsPl
         Some(t) => Some(day_starting_at(t)?),
         None => None,
     };
+    let months = if group_by.contains(&StatsDimension::Day) {
+        None
+    } else {
+        whole_months(from_day, until_day)
+    };
     Some(CountsPlan {
+        months,
         filter: RatingQuery {
             rated_from_micros: None,
             rated_until_micros: None,
@@ -81,6 +129,47 @@ pub fn plan(query: &RatingQuery, group_by: &[StatsDimension]) -> Option<CountsPl
 }
 
 impl CountsPlan {
+    /// `FROM <the ratings' counts> WHERE TRUE` for the plan's range: `rating_counts`, or the
+    /// whole months' rows of `rating_counts_month` with the days around them (the same
+    /// columns, `day` a month's first day) as one table of that name.
+    pub(crate) fn push_rating_counts<'a, DB>(&self, qb: &mut sqlx::QueryBuilder<'a, DB>)
+    where
+        DB: sqlx::Database,
+        i64: 'a + sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    {
+        let Some((first_month, end_month)) = self.months else {
+            qb.push(" FROM rating_counts WHERE TRUE");
+            self.push_days(qb);
+            return;
+        };
+        qb.push(" FROM (");
+        if let (Some(from), Some(month)) = (self.from_day, first_month)
+            && from < month
+        {
+            qb.push("SELECT * FROM rating_counts WHERE day >= ")
+                .push_bind(from)
+                .push(" AND day < ")
+                .push_bind(month)
+                .push(" UNION ALL ");
+        }
+        qb.push("SELECT * FROM rating_counts_month WHERE TRUE");
+        if let Some(month) = first_month {
+            qb.push(" AND day >= ").push_bind(month);
+        }
+        if let Some(month) = end_month {
+            qb.push(" AND day < ").push_bind(month);
+        }
+        if let (Some(month), Some(until)) = (end_month, self.until_day)
+            && month < until
+        {
+            qb.push(" UNION ALL SELECT * FROM rating_counts WHERE day >= ")
+                .push_bind(month)
+                .push(" AND day < ")
+                .push_bind(until);
+        }
+        qb.push(") AS rating_counts WHERE TRUE");
+    }
+
     /// `AND day >= from AND day < until` over a counts table, for the plan's days.
     pub(crate) fn push_days<'a, DB>(&self, qb: &mut sqlx::QueryBuilder<'a, DB>)
     where
@@ -129,6 +218,43 @@ mod tests {
 
     /// 2026-10-01 00:00 CST, in microseconds since the epoch.
     const OCT_1: i64 = 1_759_248_000 * 1_000_000;
+
+    #[test]
+    fn whole_months_are_read_from_the_monthly_counts_and_the_days_around_them() {
+        // CST day numbers: 2025-10-01 is 20362, 2025-11-01 20393, 2025-12-01 20423,
+        // 2026-01-01 20454; 2024-02-01 19754, 2024-03-01 19783 (a leap February).
+        assert_eq!(month_of(20_362), Some((20_362, 20_393)));
+        assert_eq!(month_of(20_400), Some((20_393, 20_423)));
+        assert_eq!(month_of(20_453), Some((20_423, 20_454)));
+        assert_eq!(month_of(19_782), Some((19_754, 19_783)));
+        // A quarter is its three months and no day.
+        assert_eq!(
+            whole_months(Some(20_362), Some(20_454)),
+            Some((Some(20_362), Some(20_454)))
+        );
+        // 2025-10-05 to 2026-01-04: November and December, with days on both sides.
+        assert_eq!(
+            whole_months(Some(20_366), Some(20_457)),
+            Some((Some(20_393), Some(20_454)))
+        );
+        // Within one month, or across a month's end without a whole month: days only.
+        assert_eq!(whole_months(Some(20_366), Some(20_390)), None);
+        assert_eq!(whole_months(Some(20_380), Some(20_400)), None);
+        // Unbounded sides stay unbounded.
+        assert_eq!(whole_months(None, None), Some((None, None)));
+        assert_eq!(whole_months(Some(20_366), None), Some((Some(20_393), None)));
+        assert_eq!(whole_months(None, Some(20_400)), Some((None, Some(20_393))));
+        // Grouped by day, the days are read whatever the range.
+        let q = RatingQuery {
+            rated_from_micros: Some((20_362 * 86_400 - 8 * 3600) * 1_000_000),
+            ..Default::default()
+        };
+        assert_eq!(plan(&q, &[StatsDimension::Day]).unwrap().months, None);
+        assert_eq!(
+            plan(&q, &[StatsDimension::Month]).unwrap().months,
+            Some((Some(20_362), None))
+        );
+    }
 
     #[test]
     fn only_whole_cst_days_are_answered_from_the_counts() {

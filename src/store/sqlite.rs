@@ -220,10 +220,9 @@ impl SqliteStore {
         for (i, d) in group_by.iter().enumerate() {
             qb.push(format!("{} AS k{i}, ", counts_dimension_sql(*d)));
         }
-        qb.push(counts::stats_sums(""))
-            .push(" FROM rating_counts WHERE TRUE");
+        qb.push(counts::stats_sums(""));
+        plan.push_rating_counts(&mut qb);
         push_filter(&mut qb, &plan.filter);
-        plan.push_days(&mut qb);
         if !group_by.is_empty() {
             let keys = (0..group_by.len())
                 .map(|i| format!("k{i}"))

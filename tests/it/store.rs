@@ -285,7 +285,7 @@ async fn an_accepted_peer_head_checked_against_a_replaced_one_is_not_written() {
 async fn statistics_from_the_counts_equal_a_scan_on_random_data() {
     use prost_types::Timestamp;
     use rating_hub::pb::v1 as pb;
-    use rating_hub::store::{IngestChecks, RatingQuery, ScopeFilter, StatsDimension as D};
+    use rating_hub::store::{IngestChecks, RatingQuery, ScopeFilter, StatsDimension as D, counts};
 
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path()).await;
@@ -525,7 +525,30 @@ async fn statistics_from_the_counts_equal_a_scan_on_random_data() {
             rated_until_micros: Some(midnight(1000)),
             ..base.clone()
         },
+        // 62 days always hold a whole month: its rows come from the monthly counts, the
+        // days around it from the daily ones.
+        RatingQuery {
+            rated_from_micros: Some(midnight(62)),
+            rated_until_micros: Some(midnight(0)),
+            org_credit_code: Some(crate::utils::org(3)),
+            ..base.clone()
+        },
+        RatingQuery {
+            rated_from_micros: Some(midnight(45)),
+            channels: vec![pb::Channel::PcWeb as i32],
+            ..base.clone()
+        },
+        RatingQuery {
+            rated_until_micros: Some(midnight(5)),
+            ..base.clone()
+        },
     ];
+    assert!(
+        counts::plan(&filters[9], &[D::Organization])
+            .and_then(|p| p.months)
+            .is_some(),
+        "a filter over a whole month"
+    );
     let groupings: [&[D]; 9] = [
         &[],
         &[D::Organization],
@@ -594,10 +617,14 @@ async fn statistics_from_the_counts_equal_a_scan_on_random_data() {
             "case_counts_event",
             "case_counts_rating",
             "case_counts_superseded",
+            "rating_counts_month_insert",
+            "rating_counts_month_update",
         ] {
             pg::exec(&url, &format!("DROP FUNCTION {f}() CASCADE"));
         }
         for sql in [
+            "DROP TABLE rating_counts_month",
+            "DELETE FROM _sqlx_migrations WHERE version = 12",
             "DROP TABLE rating_counts",
             "DROP TABLE case_counts",
             "DROP INDEX service_case_events_case, service_case_events_batch, \
@@ -618,7 +645,8 @@ async fn statistics_from_the_counts_equal_a_scan_on_random_data() {
              DROP TRIGGER case_counts_superseded; DROP TABLE rating_counts; \
              DROP TABLE case_counts; DROP INDEX service_case_events_case; \
              DROP INDEX service_case_events_batch; DROP INDEX service_case_events_theme; \
-             DELETE FROM _sqlx_migrations WHERE version = 13;",
+             DELETE FROM _sqlx_migrations WHERE version = 13; \
+             DROP TABLE rating_counts_month; DELETE FROM _sqlx_migrations WHERE version = 15;",
         )
         .execute(&mut conn)
         .await

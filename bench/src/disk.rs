@@ -146,13 +146,23 @@ fn report(backend: &str, ratings: u64, relations: &[Relation]) {
     }
     for (what, tables) in [
         ("rating log (log_nodes)", &["log_nodes"][..]),
-        ("statistics' counts", &["rating_counts", "case_counts"][..]),
+        (
+            "statistics' counts",
+            &["rating_counts", "rating_counts_month", "case_counts"][..],
+        ),
     ] {
         let b = sum(&|r| tables.contains(&r.table.as_str()));
         println!("| {what}, with indexes | {b} | {:.0} |", per(b));
     }
     let rest = sum(&|r| {
-        !["ratings", "log_nodes", "rating_counts", "case_counts"].contains(&r.table.as_str())
+        ![
+            "ratings",
+            "log_nodes",
+            "rating_counts",
+            "rating_counts_month",
+            "case_counts",
+        ]
+        .contains(&r.table.as_str())
     });
     println!(
         "| everything else (cases, relay, audit, free pages) | {rest} | {:.0} |",

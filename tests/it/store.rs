@@ -696,6 +696,110 @@ async fn compare_counts_with_scans(
     compared
 }
 
+/// Ranges that start and end inside months, at fixed dates around month ends (a rating a
+/// minute either side of CST midnight on the 1st, a leap-free February, a year's end): the
+/// monthly counts and the days around them give the scan's numbers, by month, day,
+/// organisation and in total.
+#[tokio::test]
+async fn monthly_counts_and_the_days_around_them_equal_a_scan_at_month_ends() {
+    use rating_hub::pb::v1 as pb;
+    use rating_hub::store::{IngestChecks, RatingQuery, StatsDimension as D, counts};
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path()).await;
+    let keys = pii_keys(dir.path(), "test");
+    let now = SystemClock.now_micros();
+    let checks = IngestChecks {
+        counting: true,
+        ..Default::default()
+    };
+    // CST (UTC+8) wall time to microseconds since the epoch.
+    let cst = |y: i32, m: u32, d: u32, h: u32, min: u32| {
+        let t = chrono::NaiveDate::from_ymd_opt(y, m, d)
+            .unwrap()
+            .and_hms_opt(h, min, 0)
+            .unwrap();
+        (t.and_utc().timestamp() - 8 * 3600) * 1_000_000
+    };
+    let times = [
+        cst(2024, 12, 31, 23, 59),
+        cst(2025, 1, 1, 0, 0),
+        cst(2025, 1, 15, 12, 0),
+        cst(2025, 1, 31, 23, 59),
+        cst(2025, 2, 1, 0, 1),
+        cst(2025, 2, 14, 8, 30),
+        cst(2025, 2, 28, 23, 59),
+        cst(2025, 3, 1, 0, 0),
+        cst(2025, 3, 17, 16, 0),
+        cst(2025, 3, 31, 23, 59),
+        cst(2025, 4, 1, 0, 0),
+    ];
+    let items: Vec<NewRating> = times
+        .iter()
+        .enumerate()
+        .flat_map(|(i, t)| (0..3).map(move |j| (i, j, *t)))
+        .map(|(i, j, t)| {
+            let mut r = rating(&format!("edge-{i}-{j}"));
+            r.org_credit_code = crate::utils::org(1 + j as u32);
+            r.level = [
+                pb::Level::VerySatisfied,
+                pb::Level::Satisfied,
+                pb::Level::BasicallySatisfied,
+            ][(i + j) % 3] as i32;
+            r.rated_at = Some(rating_hub::time::timestamp_from_micros(t));
+            let v = rating_hub::domain::parse_rating(&r, now, &Default::default(), false)
+                .expect("valid");
+            NewRating::new(Uuid::now_v7(), "sys".into(), v, &keys, checks.clone())
+        })
+        .collect();
+    let stored = store.insert_ratings(items).await.expect("insert");
+    assert!(
+        stored
+            .iter()
+            .all(|o| matches!(o, InsertOutcome::Accepted { .. })),
+        "{stored:?}"
+    );
+    let range = |from: Option<i64>, until: Option<i64>| RatingQuery {
+        rated_from_micros: from,
+        rated_until_micros: until,
+        ..Default::default()
+    };
+    let filters = [
+        range(Some(cst(2025, 1, 15, 0, 0)), Some(cst(2025, 3, 15, 0, 0))),
+        range(Some(cst(2025, 2, 1, 0, 0)), Some(cst(2025, 3, 1, 0, 0))),
+        range(Some(cst(2024, 12, 31, 0, 0)), Some(cst(2025, 4, 1, 0, 0))),
+        range(Some(cst(2025, 1, 31, 0, 0)), Some(cst(2025, 3, 2, 0, 0))),
+        range(None, Some(cst(2025, 3, 1, 0, 0))),
+        range(Some(cst(2025, 2, 1, 0, 0)), None),
+        range(Some(cst(2025, 2, 2, 0, 0)), Some(cst(2025, 2, 27, 0, 0))),
+    ];
+    for (q, months) in filters
+        .iter()
+        .zip([true, true, true, true, true, true, false])
+    {
+        assert_eq!(
+            counts::plan(q, &[D::Organization])
+                .and_then(|p| p.months)
+                .is_some(),
+            months,
+            "{q:?}"
+        );
+    }
+    let groupings: [&[D]; 5] = [
+        &[],
+        &[D::Month],
+        &[D::Day],
+        &[D::Organization],
+        &[D::Month, D::Organization],
+    ];
+    let compared = compare_counts_with_scans(&*store, &filters, &groupings).await;
+    assert!(compared > 100, "{compared} groups compared");
+    // The whole first quarter of 2025, as ExportReport asks it: three months, no day.
+    let quarter = range(Some(cst(2025, 1, 1, 0, 0)), Some(cst(2025, 4, 1, 0, 0)));
+    let all = store.stats(&quarter, &[]).await.expect("stats");
+    assert_eq!(all[0].total, 3 * 9);
+}
+
 /// A rater's own 差评 for a case whose default rating an operator had already left out is
 /// stored (the default stays out as it was). Before, writing the default's second exclusion
 /// broke the key of `rating_exclusions`, and the rater's rating was refused on both backends.

@@ -14,7 +14,7 @@ LOCK TABLE rating_counts IN SHARE ROW EXCLUSIVE MODE;
 CREATE TABLE rating_counts_month (LIKE rating_counts INCLUDING ALL);
 
 INSERT INTO rating_counts_month
-SELECT ((date_trunc('month', DATE '1970-01-01' + day::integer))::date - DATE '1970-01-01'), org_credit_code, region_code, channel, target_kind, source_system,
+SELECT ((date_trunc('month', (DATE '1970-01-01' + day::integer)::timestamp))::date - DATE '1970-01-01'), org_credit_code, region_code, channel, target_kind, source_system,
        SUM(total), SUM(l1), SUM(l2), SUM(l3), SUM(l4), SUM(l5), SUM(defaults), SUM(flagged), SUM(bad_cases), SUM(rectified), SUM(called_back), SUM(real_name), SUM(real_name_done), SUM(archived), SUM(spot_checked)
 FROM rating_counts
 GROUP BY 1, org_credit_code, region_code, channel, target_kind, source_system;
@@ -24,7 +24,7 @@ GROUP BY 1, org_credit_code, region_code, channel, target_kind, source_system;
 -- its month, a changed row what changed.
 CREATE FUNCTION rating_counts_month_insert() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO rating_counts_month AS m VALUES (((date_trunc('month', DATE '1970-01-01' + NEW.day::integer))::date - DATE '1970-01-01'),
+    INSERT INTO rating_counts_month AS m VALUES (((date_trunc('month', (DATE '1970-01-01' + NEW.day::integer)::timestamp))::date - DATE '1970-01-01'),
         NEW.org_credit_code, NEW.region_code, NEW.channel, NEW.target_kind, NEW.source_system,
         NEW.total, NEW.l1, NEW.l2, NEW.l3, NEW.l4, NEW.l5, NEW.defaults, NEW.flagged, NEW.bad_cases, NEW.rectified, NEW.called_back, NEW.real_name, NEW.real_name_done, NEW.archived, NEW.spot_checked)
     ON CONFLICT (day, org_credit_code, region_code, channel, target_kind, source_system)
@@ -49,7 +49,7 @@ END;
 $$;
 CREATE FUNCTION rating_counts_month_update() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO rating_counts_month AS m VALUES (((date_trunc('month', DATE '1970-01-01' + NEW.day::integer))::date - DATE '1970-01-01'),
+    INSERT INTO rating_counts_month AS m VALUES (((date_trunc('month', (DATE '1970-01-01' + NEW.day::integer)::timestamp))::date - DATE '1970-01-01'),
         NEW.org_credit_code, NEW.region_code, NEW.channel, NEW.target_kind, NEW.source_system,
         NEW.total - OLD.total, NEW.l1 - OLD.l1, NEW.l2 - OLD.l2, NEW.l3 - OLD.l3, NEW.l4 - OLD.l4, NEW.l5 - OLD.l5, NEW.defaults - OLD.defaults, NEW.flagged - OLD.flagged, NEW.bad_cases - OLD.bad_cases, NEW.rectified - OLD.rectified, NEW.called_back - OLD.called_back, NEW.real_name - OLD.real_name, NEW.real_name_done - OLD.real_name_done, NEW.archived - OLD.archived, NEW.spot_checked - OLD.spot_checked)
     ON CONFLICT (day, org_credit_code, region_code, channel, target_kind, source_system)

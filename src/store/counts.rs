@@ -7,9 +7,9 @@
 //! ratings); any other falls back to the scan, whose answer the counts must equal
 //! (`Store::stats_by_scan`, compared on random data in tests/it/store.rs).
 //!
-//! `rating_counts_month` (migrations `sqlite/0015`, `postgres/0012`) holds the same sums per
-//! CST month, kept from `rating_counts`' own changes: a range's whole months are read from
-//! it and only its days around them from `rating_counts` (with thousands of organisations
+//! `rating_counts_month` and `case_counts_month` (migrations `sqlite/0015`, `postgres/0012`)
+//! hold the same sums per CST month, kept from the daily tables' own changes: a range's
+//! whole months are read from them and only its days around them from the daily tables (with thousands of organisations
 //! `rating_counts` has nearly a row per rating; a month's rows are about 30 times fewer).
 
 use super::{RatingQuery, StatsDimension};
@@ -129,16 +129,17 @@ pub fn plan(query: &RatingQuery, group_by: &[StatsDimension]) -> Option<CountsPl
 }
 
 impl CountsPlan {
-    /// `FROM <the ratings' counts> WHERE TRUE` for the plan's range: `rating_counts`, or the
-    /// whole months' rows of `rating_counts_month` with the days around them (the same
-    /// columns, `day` a month's first day) as one table of that name.
-    pub(crate) fn push_rating_counts<'a, DB>(&self, qb: &mut sqlx::QueryBuilder<'a, DB>)
+    /// `FROM <counts> WHERE TRUE` for the plan's range, over `table` (`rating_counts` or
+    /// `case_counts`): the table, or the whole months' rows of its monthly table
+    /// (`<table>_month`: the same columns, `day` a month's first day) with the days around
+    /// them, as one table of that name.
+    pub(crate) fn push_counts<'a, DB>(&self, qb: &mut sqlx::QueryBuilder<'a, DB>, table: &str)
     where
         DB: sqlx::Database,
         i64: 'a + sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     {
         let Some((first_month, end_month)) = self.months else {
-            qb.push(" FROM rating_counts WHERE TRUE");
+            qb.push(format!(" FROM {table} WHERE TRUE"));
             self.push_days(qb);
             return;
         };
@@ -146,13 +147,13 @@ impl CountsPlan {
         if let (Some(from), Some(month)) = (self.from_day, first_month)
             && from < month
         {
-            qb.push("SELECT * FROM rating_counts WHERE day >= ")
+            qb.push(format!("SELECT * FROM {table} WHERE day >= "))
                 .push_bind(from)
                 .push(" AND day < ")
                 .push_bind(month)
                 .push(" UNION ALL ");
         }
-        qb.push("SELECT * FROM rating_counts_month WHERE TRUE");
+        qb.push(format!("SELECT * FROM {table}_month WHERE TRUE"));
         if let Some(month) = first_month {
             qb.push(" AND day >= ").push_bind(month);
         }
@@ -162,12 +163,12 @@ impl CountsPlan {
         if let (Some(month), Some(until)) = (end_month, self.until_day)
             && month < until
         {
-            qb.push(" UNION ALL SELECT * FROM rating_counts WHERE day >= ")
+            qb.push(format!(" UNION ALL SELECT * FROM {table} WHERE day >= "))
                 .push_bind(month)
                 .push(" AND day < ")
                 .push_bind(until);
         }
-        qb.push(") AS rating_counts WHERE TRUE");
+        qb.push(format!(") AS {table} WHERE TRUE"));
     }
 
     /// `AND day >= from AND day < until` over a counts table, for the plan's days.

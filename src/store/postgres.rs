@@ -160,7 +160,7 @@ impl PostgresStore {
             qb.push(format!("{} AS k{i}, ", counts_dimension_sql(*d)));
         }
         qb.push(counts::stats_sums("::bigint"));
-        plan.push_rating_counts(&mut qb);
+        plan.push_counts(&mut qb, "rating_counts");
         push_filter(&mut qb, &plan.filter);
         if !group_by.is_empty() {
             let keys = (0..group_by.len())
@@ -2111,10 +2111,10 @@ impl Store for PostgresStore {
         }
         qb.push(
             "COALESCE(SUM(completed), 0)::bigint AS n, COALESCE(SUM(rated), 0)::bigint AS rated, \
-             COALESCE(SUM(active), 0)::bigint AS active FROM case_counts WHERE TRUE",
+             COALESCE(SUM(active), 0)::bigint AS active",
         );
+        plan.push_counts(&mut qb, "case_counts");
         push_filter(&mut qb, &filter);
-        plan.push_days(&mut qb);
         push_group_by(&mut qb, group_by.len(), false);
         let rows = qb.build().fetch_all(&self.reader).await?;
         rows.iter()

@@ -221,7 +221,7 @@ impl SqliteStore {
             qb.push(format!("{} AS k{i}, ", counts_dimension_sql(*d)));
         }
         qb.push(counts::stats_sums(""));
-        plan.push_rating_counts(&mut qb);
+        plan.push_counts(&mut qb, "rating_counts");
         push_filter(&mut qb, &plan.filter);
         if !group_by.is_empty() {
             let keys = (0..group_by.len())
@@ -1875,10 +1875,10 @@ impl Store for SqliteStore {
         }
         qb.push(
             "COALESCE(SUM(completed), 0) AS n, COALESCE(SUM(rated), 0) AS rated, \
-             COALESCE(SUM(active), 0) AS active FROM case_counts WHERE TRUE",
+             COALESCE(SUM(active), 0) AS active",
         );
+        plan.push_counts(&mut qb, "case_counts");
         push_filter(&mut qb, &filter);
-        plan.push_days(&mut qb);
         push_group_by(&mut qb, group_by.len(), false);
         let rows = qb.build().fetch_all(&self.reader).await?;
         rows.iter()

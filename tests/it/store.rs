@@ -619,11 +619,14 @@ async fn statistics_from_the_counts_equal_a_scan_on_random_data() {
             "case_counts_superseded",
             "rating_counts_month_insert",
             "rating_counts_month_update",
+            "case_counts_month_insert",
+            "case_counts_month_update",
         ] {
             pg::exec(&url, &format!("DROP FUNCTION {f}() CASCADE"));
         }
         for sql in [
             "DROP TABLE rating_counts_month",
+            "DROP TABLE case_counts_month",
             "DELETE FROM _sqlx_migrations WHERE version = 12",
             "DROP TABLE rating_counts",
             "DROP TABLE case_counts",
@@ -646,7 +649,8 @@ async fn statistics_from_the_counts_equal_a_scan_on_random_data() {
              DROP TABLE case_counts; DROP INDEX service_case_events_case; \
              DROP INDEX service_case_events_batch; DROP INDEX service_case_events_theme; \
              DELETE FROM _sqlx_migrations WHERE version = 13; \
-             DROP TABLE rating_counts_month; DELETE FROM _sqlx_migrations WHERE version = 15;",
+             DROP TABLE rating_counts_month; DROP TABLE case_counts_month; \
+             DELETE FROM _sqlx_migrations WHERE version = 15;",
         )
         .execute(&mut conn)
         .await

@@ -76,3 +76,46 @@ CREATE TRIGGER rating_counts_month_insert AFTER INSERT ON rating_counts
     FOR EACH ROW EXECUTE FUNCTION rating_counts_month_insert();
 CREATE TRIGGER rating_counts_month_update AFTER UPDATE ON rating_counts
     FOR EACH ROW EXECUTE FUNCTION rating_counts_month_update();
+
+-- The same for case_counts (办结 events completed, rated, actively rated), which every
+-- statistics query reads too.
+LOCK TABLE case_counts IN SHARE ROW EXCLUSIVE MODE;
+
+CREATE TABLE case_counts_month (LIKE case_counts INCLUDING ALL);
+
+INSERT INTO case_counts_month
+SELECT ((date_trunc('month', (DATE '1970-01-01' + day::integer)::timestamp))::date - DATE '1970-01-01'), org_credit_code, region_code, channel, source_system,
+       SUM(completed), SUM(rated), SUM(active)
+FROM case_counts
+GROUP BY 1, org_credit_code, region_code, channel, source_system;
+
+CREATE FUNCTION case_counts_month_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO case_counts_month AS m VALUES (((date_trunc('month', (DATE '1970-01-01' + NEW.day::integer)::timestamp))::date - DATE '1970-01-01'),
+        NEW.org_credit_code, NEW.region_code, NEW.channel, NEW.source_system,
+        NEW.completed, NEW.rated, NEW.active)
+    ON CONFLICT (day, org_credit_code, region_code, channel, source_system)
+    DO UPDATE SET
+        completed = m.completed + excluded.completed,
+        rated = m.rated + excluded.rated,
+        active = m.active + excluded.active;
+    RETURN NULL;
+END;
+$$;
+CREATE FUNCTION case_counts_month_update() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO case_counts_month AS m VALUES (((date_trunc('month', (DATE '1970-01-01' + NEW.day::integer)::timestamp))::date - DATE '1970-01-01'),
+        NEW.org_credit_code, NEW.region_code, NEW.channel, NEW.source_system,
+        NEW.completed - OLD.completed, NEW.rated - OLD.rated, NEW.active - OLD.active)
+    ON CONFLICT (day, org_credit_code, region_code, channel, source_system)
+    DO UPDATE SET
+        completed = m.completed + excluded.completed,
+        rated = m.rated + excluded.rated,
+        active = m.active + excluded.active;
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER case_counts_month_insert AFTER INSERT ON case_counts
+    FOR EACH ROW EXECUTE FUNCTION case_counts_month_insert();
+CREATE TRIGGER case_counts_month_update AFTER UPDATE ON case_counts
+    FOR EACH ROW EXECUTE FUNCTION case_counts_month_update();

@@ -81,3 +81,45 @@ BEGIN
         archived = archived + excluded.archived,
         spot_checked = spot_checked + excluded.spot_checked;
 END;
+
+-- The same for case_counts (办结 events completed, rated, actively rated), which every
+-- statistics query reads too: one row per CST month, organisation, region, channel and
+-- source, kept from case_counts' own inserts and updates.
+CREATE TABLE case_counts_month (
+    day             INTEGER NOT NULL,
+    org_credit_code TEXT    NOT NULL,
+    region_code     TEXT    NOT NULL,
+    channel         INTEGER NOT NULL,
+    source_system   TEXT    NOT NULL,
+    completed       INTEGER NOT NULL,
+    rated           INTEGER NOT NULL,
+    active          INTEGER NOT NULL,
+    PRIMARY KEY (day, org_credit_code, region_code, channel, source_system)
+) WITHOUT ROWID;
+
+INSERT INTO case_counts_month
+SELECT CAST(julianday(day * 86400, 'unixepoch', 'start of month') - 2440587.5 AS INTEGER), org_credit_code, region_code, channel, source_system,
+       SUM(completed), SUM(rated), SUM(active)
+FROM case_counts
+GROUP BY 1, org_credit_code, region_code, channel, source_system;
+
+CREATE TRIGGER case_counts_month_insert AFTER INSERT ON case_counts
+BEGIN
+    INSERT INTO case_counts_month VALUES (CAST(julianday(NEW.day * 86400, 'unixepoch', 'start of month') - 2440587.5 AS INTEGER),
+        NEW.org_credit_code, NEW.region_code, NEW.channel, NEW.source_system,
+        NEW.completed, NEW.rated, NEW.active)
+    ON CONFLICT DO UPDATE SET
+        completed = completed + excluded.completed,
+        rated = rated + excluded.rated,
+        active = active + excluded.active;
+END;
+CREATE TRIGGER case_counts_month_update AFTER UPDATE ON case_counts
+BEGIN
+    INSERT INTO case_counts_month VALUES (CAST(julianday(NEW.day * 86400, 'unixepoch', 'start of month') - 2440587.5 AS INTEGER),
+        NEW.org_credit_code, NEW.region_code, NEW.channel, NEW.source_system,
+        NEW.completed - OLD.completed, NEW.rated - OLD.rated, NEW.active - OLD.active)
+    ON CONFLICT DO UPDATE SET
+        completed = completed + excluded.completed,
+        rated = rated + excluded.rated,
+        active = active + excluded.active;
+END;

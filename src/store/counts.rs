@@ -172,7 +172,7 @@ impl CountsPlan {
     }
 
     /// `AND day >= from AND day < until` over a counts table, for the plan's days.
-    pub(crate) fn push_days<'a, DB>(&self, qb: &mut sqlx::QueryBuilder<'a, DB>)
+    fn push_days<'a, DB>(&self, qb: &mut sqlx::QueryBuilder<'a, DB>)
     where
         DB: sqlx::Database,
         i64: 'a + sqlx::Encode<'a, DB> + sqlx::Type<DB>,

@@ -308,10 +308,10 @@ pub fn layout_probes(size: u64) -> Vec<(u32, u64)> {
 pub fn check_stored_levels(
     layout: Layout,
     size: u64,
-    stored: impl Fn(u32, u64) -> bool,
+    stored: &std::collections::HashMap<(u32, u64), Hash>,
 ) -> Result<(), String> {
     for (level, idx) in layout_probes(size) {
-        let (has, due) = (stored(level, idx), layout.stores(level));
+        let (has, due) = (stored.contains_key(&(level, idx)), layout.stores(level));
         if has != due {
             return Err(format!(
                 "the rating log {} at level {level}, and its layout (log_meta.node_stride {}) \

@@ -398,8 +398,7 @@ async fn open_log(
         let size = size as u64;
         if from.is_none() {
             let probes = read_stored(&mut tx, &log::layout_probes(size)).await?;
-            log::check_stored_levels(layout, size, |l, i| probes.contains_key(&(l, i)))
-                .map_err(StoreError::Corrupt)?;
+            log::check_stored_levels(layout, size, &probes).map_err(StoreError::Corrupt)?;
         }
         let from = *from.get_or_insert(size);
         let target =

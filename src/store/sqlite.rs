@@ -317,8 +317,7 @@ async fn open_log(
     let size = size as u64;
     let target = log::backfill_target(size, head, backfill_to).map_err(StoreError::Corrupt)?;
     let probes = read_stored(conn, &log::layout_probes(size)).await?;
-    log::check_stored_levels(layout, size, |l, i| probes.contains_key(&(l, i)))
-        .map_err(StoreError::Corrupt)?;
+    log::check_stored_levels(layout, size, &probes).map_err(StoreError::Corrupt)?;
     let mut frontier = load_frontier(conn, alg, layout, size).await?;
     let from = size;
     while frontier.size < target {

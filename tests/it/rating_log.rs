@@ -66,6 +66,19 @@ fn lift_log_guard() -> &'static str {
     }
 }
 
+/// Restarts `stopped`, which must be refused with an error naming each of `why`; the
+/// stopped hub back.
+async fn refused_start(stopped: StoppedHub, why: &[&str]) -> StoppedHub {
+    match stopped.try_restart_with(|b| b).await {
+        Ok(_) => panic!("the hub must not start: {why:?}"),
+        Err((e, stopped)) => {
+            let e = format!("{e:#}");
+            assert!(why.iter().all(|w| e.contains(w)), "{why:?}: {e}");
+            stopped
+        }
+    }
+}
+
 /// `batches` calls of `size` new ratings each, keyed `{tag}{batch}-{i}`.
 async fn submit_batches(hub: &TestHub, tag: &str, batches: usize, size: usize) {
     let mut ingest = hub.ingest().await;
@@ -429,14 +442,7 @@ async fn a_log_stored_sparse_or_dense_proves_the_same_tree() {
             .contains("level 1: 1 stored, 0 due"),
         "{report}"
     );
-    let stopped = match stopped.try_restart_with(|b| b).await {
-        Ok(_) => panic!("a hub must not start on a node its layout leaves out"),
-        Err((e, stopped)) => {
-            let e = format!("{e:#}");
-            assert!(e.contains("stores a node at level 1"), "{e}");
-            stopped
-        }
-    };
+    let stopped = refused_start(stopped, &["stores a node at level 1"]).await;
     // And a level it keeps without its first node.
     exec_on_hub(
         stopped.dir.path(),
@@ -445,14 +451,7 @@ async fn a_log_stored_sparse_or_dense_proves_the_same_tree() {
             lift_log_guard()
         ),
     );
-    let stopped = match stopped.try_restart_with(|b| b).await {
-        Ok(_) => panic!("a hub must not start on a log missing a node its layout keeps"),
-        Err((e, stopped)) => {
-            let e = format!("{e:#}");
-            assert!(e.contains("has no node at level 4"), "{e}");
-            stopped
-        }
-    };
+    let stopped = refused_start(stopped, &["has no node at level 4"]).await;
 
     // The same ratings' log, as a hub from before the sparse layout wrote it.
     exec_on_hub(
@@ -504,14 +503,7 @@ async fn a_log_stored_sparse_or_dense_proves_the_same_tree() {
             .contains("level 1: 168 stored, 0 due"),
         "{report}"
     );
-    let stopped = match stopped.try_restart_with(|b| b).await {
-        Ok(_) => panic!("a hub must not read a log in a layout its nodes contradict"),
-        Err((e, stopped)) => {
-            let e = format!("{e:#}");
-            assert!(e.contains("level 1") && e.contains("node_stride 4"), "{e}");
-            stopped
-        }
-    };
+    let stopped = refused_start(stopped, &["level 1", "node_stride 4"]).await;
 
     // `log verify` of a new version on a database its hub has not migrated yet: a log
     // without node_stride stores every level.

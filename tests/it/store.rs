@@ -30,6 +30,21 @@ fn pii_keys(dir: &Path, prefix: &str) -> rating_hub::privacy::PiiKeys {
     rating_hub::privacy::PiiKeys::load("k", &files).expect("keys")
 }
 
+/// `r` validated now and prepared for the store as the ingest path does, counted (the
+/// statistics' `IngestChecks::counting`), sealed under `keys`.
+fn counted_rating(
+    r: &rating_hub::pb::v1::Rating,
+    keys: &rating_hub::privacy::PiiKeys,
+) -> NewRating {
+    let now = SystemClock.now_micros();
+    let v = rating_hub::domain::parse_rating(r, now, &Default::default(), false).expect("valid");
+    let checks = rating_hub::store::IngestChecks {
+        counting: true,
+        ..Default::default()
+    };
+    NewRating::new(Uuid::now_v7(), "sys".into(), v, keys, checks)
+}
+
 fn new_ratings(dir: &Path, prefix: &str, n: usize) -> Vec<NewRating> {
     let keys = pii_keys(dir, prefix);
     let now = SystemClock.now_micros();
@@ -707,16 +722,11 @@ async fn compare_counts_with_scans(
 #[tokio::test]
 async fn monthly_counts_and_the_days_around_them_equal_a_scan_at_month_ends() {
     use rating_hub::pb::v1 as pb;
-    use rating_hub::store::{IngestChecks, RatingQuery, StatsDimension as D, counts};
+    use rating_hub::store::{RatingQuery, StatsDimension as D, counts};
 
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path()).await;
     let keys = pii_keys(dir.path(), "test");
-    let now = SystemClock.now_micros();
-    let checks = IngestChecks {
-        counting: true,
-        ..Default::default()
-    };
     // CST (UTC+8) wall time to microseconds since the epoch.
     let cst = |y: i32, m: u32, d: u32, h: u32, min: u32| {
         let t = chrono::NaiveDate::from_ymd_opt(y, m, d)
@@ -751,9 +761,7 @@ async fn monthly_counts_and_the_days_around_them_equal_a_scan_at_month_ends() {
                 pb::Level::BasicallySatisfied,
             ][(i + j) % 3] as i32;
             r.rated_at = Some(rating_hub::time::timestamp_from_micros(t));
-            let v = rating_hub::domain::parse_rating(&r, now, &Default::default(), false)
-                .expect("valid");
-            NewRating::new(Uuid::now_v7(), "sys".into(), v, &keys, checks.clone())
+            counted_rating(&r, &keys)
         })
         .collect();
     let stored = store.insert_ratings(items).await.expect("insert");
@@ -810,21 +818,11 @@ async fn monthly_counts_and_the_days_around_them_equal_a_scan_at_month_ends() {
 #[tokio::test]
 async fn a_raters_bad_rating_replacing_a_default_already_left_out_is_stored() {
     use rating_hub::pb::v1 as pb;
-    use rating_hub::store::IngestChecks;
 
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path()).await;
     let keys = pii_keys(dir.path(), "test");
-    let now = SystemClock.now_micros();
-    let checks = IngestChecks {
-        counting: true,
-        ..Default::default()
-    };
-    let new = |r: pb::Rating| {
-        let v =
-            rating_hub::domain::parse_rating(&r, now, &Default::default(), false).expect("valid");
-        NewRating::new(Uuid::now_v7(), "sys".into(), v, &keys, checks.clone())
-    };
+    let new = |r: pb::Rating| counted_rating(&r, &keys);
     let mut default = rating("default");
     default.is_default = true;
     default.rater = None;

@@ -60,6 +60,16 @@ impl Date {
         Self(self.0 + n)
     }
 
+    /// The date `days` days after 1970-01-01.
+    pub fn from_days(days: i64) -> Self {
+        Self(days)
+    }
+
+    /// Days since 1970-01-01.
+    pub fn days(self) -> i64 {
+        self.0
+    }
+
     /// The CST date of an instant (microseconds since the epoch).
     pub fn of_instant(micros: i64) -> Self {
         Self((micros.div_euclid(1_000_000) + CST_OFFSET_SECS).div_euclid(86_400))

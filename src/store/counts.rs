@@ -38,17 +38,16 @@ pub struct CountsPlan {
     pub months: Option<(Option<i64>, Option<i64>)>,
 }
 
-/// Days since 1970-01-01 of the day 1970-01-01 counted from the common era's first.
-const EPOCH_CE_DAYS: i64 = 719_163;
-
 /// The first day of the month holding CST day `day`, and of the next month.
 fn month_of(day: i64) -> Option<(i64, i64)> {
-    use chrono::{Datelike, Months, NaiveDate};
-    let date = NaiveDate::from_num_days_from_ce_opt(i32::try_from(day + EPOCH_CE_DAYS).ok()?)?;
-    let first = date.with_day(1)?;
-    let next = first.checked_add_months(Months::new(1))?;
-    let days = |d: NaiveDate| i64::from(d.num_days_from_ce()) - EPOCH_CE_DAYS;
-    Some((days(first), days(next)))
+    use crate::rules::Date;
+    let (y, m, _) = Date::from_days(day).ymd();
+    let first = Date::from_ymd(y, m, 1)?;
+    let next = match m {
+        12 => Date::from_ymd(y + 1, 1, 1)?,
+        _ => Date::from_ymd(y, m + 1, 1)?,
+    };
+    Some((first.days(), next.days()))
 }
 
 /// The whole months of `[from, until)` (see [`CountsPlan::months`]).
@@ -133,8 +132,11 @@ impl CountsPlan {
     /// `case_counts`): the table, or the whole months' rows of its monthly table
     /// (`<table>_month`: the same columns, `day` a month's first day) with the days around
     /// them, as one table of that name.
-    pub(crate) fn push_counts<'a, DB>(&self, qb: &mut sqlx::QueryBuilder<'a, DB>, table: &str)
-    where
+    pub(crate) fn push_counts<'a, DB>(
+        &self,
+        qb: &mut sqlx::QueryBuilder<'a, DB>,
+        table: &'static str,
+    ) where
         DB: sqlx::Database,
         i64: 'a + sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     {
@@ -217,7 +219,7 @@ pub(crate) fn stats_sums(cast: &str) -> String {
 mod tests {
     use super::*;
 
-    /// 2026-10-01 00:00 CST, in microseconds since the epoch.
+    /// 2025-10-01 00:00 CST, in microseconds since the epoch.
     const OCT_1: i64 = 1_759_248_000 * 1_000_000;
 
     #[test]

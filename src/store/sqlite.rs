@@ -1864,10 +1864,7 @@ impl Store for SqliteStore {
         };
         // The same keys over `case_counts` (src/store/counts.rs): days of completion; no
         // target kind (events have none).
-        let filter = RatingQuery {
-            time_is_occurred_at: true,
-            ..plan.filter.clone()
-        };
+        let filter = plan.filter.with_time_column();
         let mut qb = QueryBuilder::<Sqlite>::new("SELECT ");
         for (i, d) in group_by.iter().enumerate() {
             qb.push(format!("{} AS k{i}, ", counts_dimension_sql(*d)));

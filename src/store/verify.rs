@@ -93,7 +93,7 @@ impl Db {
                 "SELECT COUNT(*) FROM pragma_table_info('log_meta') WHERE name = 'node_stride'"
             }
             Db::Postgres(_) => {
-                "SELECT COUNT(*) FROM pg_attribute WHERE attrelid = 'log_meta'::regclass \
+                "SELECT COUNT(*) FROM pg_attribute WHERE attrelid = to_regclass('log_meta') \
                  AND attname = 'node_stride' AND NOT attisdropped"
             }
         };

@@ -748,13 +748,35 @@ async fn monthly_counts_and_the_days_around_them_equal_a_scan_at_month_ends() {
         cst(2025, 3, 31, 23, 59),
         cst(2025, 4, 1, 0, 0),
     ];
-    let items: Vec<NewRating> = times
+    // A 办结 event at each time and organisation (its case rated by the ratings below), and
+    // one more that nothing rates.
+    let now = SystemClock.now_micros();
+    let events: Vec<_> = times
         .iter()
         .enumerate()
-        .flat_map(|(i, t)| (0..3).map(move |j| (i, j, *t)))
+        .flat_map(|(i, t)| (0..4).map(move |j| (i, j, *t)))
+        .map(|(i, j, t)| {
+            let mut c = match j {
+                3 => service_case(&format!("UNRATED-edge-{i}")),
+                _ => service_case(&format!("CASE-edge-{i}-{j}")),
+            };
+            c.org_credit_code = crate::utils::org(1 + (j % 3) as u32);
+            c.occurred_at = Some(rating_hub::time::timestamp_from_micros(t));
+            let v = rating_hub::domain::parse_case(&c, now, &Default::default())
+                .unwrap_or_else(|e| panic!("valid case: {e:?}"));
+            rating_hub::store::NewCaseEvent::new("sys".into(), v, &keys)
+        })
+        .collect();
+    store.insert_cases(events).await.expect("cases");
+    // Two ratings per time and organisation, in two groups of writes: the second group's
+    // ratings update the daily rows the first inserted.
+    let mut items: Vec<NewRating> = times
+        .iter()
+        .enumerate()
+        .flat_map(|(i, t)| (0..6).map(move |j| (i, j, *t)))
         .map(|(i, j, t)| {
             let mut r = rating(&format!("edge-{i}-{j}"));
-            r.org_credit_code = crate::utils::org(1 + j as u32);
+            r.org_credit_code = crate::utils::org(1 + (j % 3) as u32);
             r.level = [
                 pb::Level::VerySatisfied,
                 pb::Level::Satisfied,
@@ -764,13 +786,16 @@ async fn monthly_counts_and_the_days_around_them_equal_a_scan_at_month_ends() {
             counted_rating(&r, &keys)
         })
         .collect();
-    let stored = store.insert_ratings(items).await.expect("insert");
-    assert!(
-        stored
-            .iter()
-            .all(|o| matches!(o, InsertOutcome::Accepted { .. })),
-        "{stored:?}"
-    );
+    let second = items.split_off(items.len() / 2);
+    for group in [items, second] {
+        let stored = store.insert_ratings(group).await.expect("insert");
+        assert!(
+            stored
+                .iter()
+                .all(|o| matches!(o, InsertOutcome::Accepted { .. })),
+            "{stored:?}"
+        );
+    }
     let range = |from: Option<i64>, until: Option<i64>| RatingQuery {
         rated_from_micros: from,
         rated_until_micros: until,
@@ -809,7 +834,16 @@ async fn monthly_counts_and_the_days_around_them_equal_a_scan_at_month_ends() {
     // The whole first quarter of 2025, as ExportReport asks it: three months, no day.
     let quarter = range(Some(cst(2025, 1, 1, 0, 0)), Some(cst(2025, 4, 1, 0, 0)));
     let all = store.stats(&quarter, &[]).await.expect("stats");
-    assert_eq!(all[0].total, 3 * 9);
+    assert_eq!(all[0].total, 6 * 9);
+    let done = store
+        .completed_case_counts(&quarter, &[])
+        .await
+        .expect("办结");
+    assert_eq!(
+        (done[0].completed, done[0].rated),
+        (4 * 9, 3 * 9),
+        "events of the quarter, and those the ratings rated"
+    );
 }
 
 /// A rater's own 差评 for a case whose default rating an operator had already left out is

@@ -75,7 +75,7 @@ $$;
 CREATE TRIGGER rating_counts_month_insert AFTER INSERT ON rating_counts
     FOR EACH ROW EXECUTE FUNCTION rating_counts_month_insert();
 CREATE TRIGGER rating_counts_month_update AFTER UPDATE ON rating_counts
-    FOR EACH ROW EXECUTE FUNCTION rating_counts_month_update();
+    FOR EACH ROW WHEN (NEW IS DISTINCT FROM OLD) EXECUTE FUNCTION rating_counts_month_update();
 
 -- The same for case_counts (办结 events completed, rated, actively rated), which every
 -- statistics query reads too.
@@ -118,4 +118,4 @@ $$;
 CREATE TRIGGER case_counts_month_insert AFTER INSERT ON case_counts
     FOR EACH ROW EXECUTE FUNCTION case_counts_month_insert();
 CREATE TRIGGER case_counts_month_update AFTER UPDATE ON case_counts
-    FOR EACH ROW EXECUTE FUNCTION case_counts_month_update();
+    FOR EACH ROW WHEN (NEW IS DISTINCT FROM OLD) EXECUTE FUNCTION case_counts_month_update();

@@ -36,7 +36,8 @@ FROM rating_counts
 GROUP BY 1, org_credit_code, region_code, channel, target_kind, source_system;
 
 -- rating_counts is only ever inserted into or updated (each trigger's upsert): a new row
--- adds its sums to its month, a changed row what changed.
+-- adds its sums to its month, a changed row what changed (an update that changes nothing,
+-- such as a case step repeated, does not reach the month).
 CREATE TRIGGER rating_counts_month_insert AFTER INSERT ON rating_counts
 BEGIN
     INSERT INTO rating_counts_month VALUES (CAST(julianday(NEW.day * 86400, 'unixepoch', 'start of month') - 2440587.5 AS INTEGER),
@@ -60,6 +61,13 @@ BEGIN
         spot_checked = spot_checked + excluded.spot_checked;
 END;
 CREATE TRIGGER rating_counts_month_update AFTER UPDATE ON rating_counts
+    WHEN NEW.total <> OLD.total OR NEW.l1 <> OLD.l1 OR NEW.l2 <> OLD.l2 OR
+        NEW.l3 <> OLD.l3 OR NEW.l4 <> OLD.l4 OR NEW.l5 <> OLD.l5 OR
+        NEW.defaults <> OLD.defaults OR NEW.flagged <> OLD.flagged OR
+        NEW.bad_cases <> OLD.bad_cases OR NEW.rectified <> OLD.rectified OR
+        NEW.called_back <> OLD.called_back OR NEW.real_name <> OLD.real_name OR
+        NEW.real_name_done <> OLD.real_name_done OR NEW.archived <> OLD.archived OR
+        NEW.spot_checked <> OLD.spot_checked
 BEGIN
     INSERT INTO rating_counts_month VALUES (CAST(julianday(NEW.day * 86400, 'unixepoch', 'start of month') - 2440587.5 AS INTEGER),
         NEW.org_credit_code, NEW.region_code, NEW.channel, NEW.target_kind, NEW.source_system,
@@ -114,6 +122,8 @@ BEGIN
         active = active + excluded.active;
 END;
 CREATE TRIGGER case_counts_month_update AFTER UPDATE ON case_counts
+    WHEN NEW.completed <> OLD.completed OR NEW.rated <> OLD.rated OR
+        NEW.active <> OLD.active
 BEGIN
     INSERT INTO case_counts_month VALUES (CAST(julianday(NEW.day * 86400, 'unixepoch', 'start of month') - 2440587.5 AS INTEGER),
         NEW.org_credit_code, NEW.region_code, NEW.channel, NEW.source_system,

@@ -4,8 +4,8 @@
 //!
 //! Nodes are named by level and index: the complete subtree at level `l`, index `i` covers
 //! leaves `i·2^l .. (i+1)·2^l`. Complete subtrees are stored as they complete (the store's
-//! `log_nodes`): the leaves and every fourth level above them ([`Layout`]), so any root or
-//! proof is a few dozen stored nodes combined, never a rescan.
+//! `log_leaves` and `log_nodes`): the leaves and every fourth level above them ([`Layout`]),
+//! so any root or proof is a few dozen stored nodes combined, never a rescan.
 
 use sha2::Digest;
 
@@ -184,26 +184,53 @@ impl Frontier {
 /// recomputed from the at most 2^(stride − 1) stored nodes under it, so a proof or the right
 /// edge still reads a few dozen rows in one query. The leaves are always stored: `rating-hub
 /// log verify` names a changed rating by its own position.
+///
+/// Where the leaves are kept is the layout's other half (`log_meta.packed_leaves`): a log
+/// created since 2026-12-01 packs them, up to [`LEAVES_PER_ROW`] consecutive leaf hashes per
+/// `log_leaves` row (one row or two per commit group instead of one row per rating); an
+/// older log keeps them as level-0 rows of `log_nodes`. Which table holds them changes
+/// nothing here: level 0 is stored either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
     stride: u32,
+    packed: bool,
 }
 
-impl Layout {
-    /// Every level (logs written before the sparse layout).
-    pub const DENSE: Layout = Layout { stride: 1 };
-    /// A new log's layout.
-    pub const SPARSE: Layout = Layout { stride: 4 };
+/// Leaves per `log_leaves` row at most; a row never spans two aligned runs of this many
+/// positions, so the rows holding a leaf are found from its run alone.
+pub const LEAVES_PER_ROW: u64 = 32;
 
-    /// The layout `log_meta.node_stride` names: 1 or 4 (the two this hub writes).
-    pub fn from_stride(stride: i64) -> Option<Self> {
-        [Self::DENSE, Self::SPARSE]
+impl Layout {
+    /// Every level, the leaves in `log_nodes` (logs written before the sparse layout).
+    pub const DENSE: Layout = Layout {
+        stride: 1,
+        packed: false,
+    };
+    /// Every fourth level, the leaves in `log_nodes` (logs written before packed leaves).
+    pub const SPARSE: Layout = Layout {
+        stride: 4,
+        packed: false,
+    };
+    /// A new log's layout: every fourth level, the leaves packed in `log_leaves`.
+    pub const PACKED: Layout = Layout {
+        stride: 4,
+        packed: true,
+    };
+
+    /// The layout `log_meta` names (node_stride, packed_leaves): the three this hub writes.
+    pub fn from_meta(stride: i64, packed: bool) -> Option<Self> {
+        [Self::DENSE, Self::SPARSE, Self::PACKED]
             .into_iter()
-            .find(|l| i64::from(l.stride) == stride)
+            .find(|l| i64::from(l.stride) == stride && l.packed == packed)
     }
 
     pub fn stride(self) -> u32 {
         self.stride
+    }
+
+    /// Whether the leaves are kept packed in `log_leaves` rather than in `log_nodes`.
+    pub fn packs_leaves(self) -> bool {
+        self.packed
     }
 
     /// Whether nodes of `level` are stored.
@@ -685,7 +712,10 @@ mod tests {
         let alg = HashAlg::Sha256;
         let leaves: Vec<Hash> = (0..300u32).map(|i| alg.leaf(&i.to_be_bytes())).collect();
         for stride in [1, 2, 3, 4, 5, 8] {
-            let layout = Layout { stride };
+            let layout = Layout {
+                stride,
+                packed: false,
+            };
             for n in [1u64, 2, 3, 15, 16, 17, 31, 64, 255, 256, 257, 300] {
                 let (f, dense) = tree(alg, &leaves[..n as usize]);
                 let stored: HashMap<(u32, u64), Hash> = layout
@@ -734,10 +764,13 @@ mod tests {
         let got = layout.combine(alg, &[(2, 1), (2, 0), (1, 7)], &stored);
         assert_eq!(got.len(), 2);
         assert!(!got.contains_key(&(2, 1)));
-        assert_eq!(Layout::from_stride(4), Some(Layout::SPARSE));
-        assert_eq!(Layout::from_stride(1), Some(Layout::DENSE));
+        assert_eq!(Layout::from_meta(4, false), Some(Layout::SPARSE));
+        assert_eq!(Layout::from_meta(1, false), Some(Layout::DENSE));
+        assert_eq!(Layout::from_meta(4, true), Some(Layout::PACKED));
+        assert_eq!(Layout::from_meta(1, true), None);
         for other in [0, 2, 3, 5, 8, -4] {
-            assert_eq!(Layout::from_stride(other), None);
+            assert_eq!(Layout::from_meta(other, false), None);
+            assert_eq!(Layout::from_meta(other, true), None);
         }
         // The highest levels: a node of level 63 is made of 8 nodes of level 60.
         let top = Layout::SPARSE.sources(&[(63, 0), (61, 4)]);

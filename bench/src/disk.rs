@@ -145,10 +145,18 @@ fn report(backend: &str, ratings: u64, relations: &[Relation]) {
         println!("| {what} | {} | {:.0} |", r.bytes, per(r.bytes));
     }
     for (what, tables) in [
-        ("rating log (log_nodes)", &["log_nodes"][..]),
+        (
+            "rating log (log_leaves, log_nodes)",
+            &["log_leaves", "log_nodes"][..],
+        ),
         (
             "statistics' counts",
-            &["rating_counts", "rating_counts_month", "case_counts"][..],
+            &[
+                "rating_counts",
+                "rating_counts_month",
+                "case_counts",
+                "case_counts_month",
+            ][..],
         ),
     ] {
         let b = sum(&|r| tables.contains(&r.table.as_str()));
@@ -157,10 +165,12 @@ fn report(backend: &str, ratings: u64, relations: &[Relation]) {
     let rest = sum(&|r| {
         ![
             "ratings",
+            "log_leaves",
             "log_nodes",
             "rating_counts",
             "rating_counts_month",
             "case_counts",
+            "case_counts_month",
         ]
         .contains(&r.table.as_str())
     });

@@ -6,7 +6,7 @@
 
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
-use crate::merkle::{Frontier, Hash, HashAlg, Layout, Node};
+use crate::merkle::{Frontier, Hash, HashAlg, LEAVES_PER_ROW, Layout, Node};
 use crate::store::chunk::Pending;
 
 /// The columns a leaf covers, in leaf order (a SELECT list).
@@ -285,14 +285,130 @@ impl LogAppend {
     }
 }
 
-/// The layout a database's log is stored in (`log_meta.node_stride`).
-pub fn check_layout(stride: i64) -> Result<Layout, String> {
-    Layout::from_stride(stride).ok_or_else(|| {
+/// The layout a database's log is stored in (`log_meta.node_stride`, `packed_leaves`).
+pub fn check_layout(stride: i64, packed: bool) -> Result<Layout, String> {
+    Layout::from_meta(stride, packed).ok_or_else(|| {
         format!(
-            "the database's rating log names node_stride {stride}, which this hub cannot read \
-             (1 or 4)"
+            "the database's rating log names node_stride {stride} with packed_leaves {}, \
+             which this hub cannot read (node_stride 1 or 4; packed leaves with 4 only)",
+            i32::from(packed)
         )
     })
+}
+
+/// A query for whether the table `layout` does not keep leaves in holds any: 1 or 0.
+pub fn stray_leaves_sql(layout: Layout) -> &'static str {
+    if layout.packs_leaves() {
+        "SELECT COUNT(*) FROM (SELECT 1 FROM log_nodes WHERE level = 0 LIMIT 1) s"
+    } else {
+        "SELECT COUNT(*) FROM (SELECT 1 FROM log_leaves LIMIT 1) s"
+    }
+}
+
+/// Refuses a log whose leaves are in the table its layout does not keep them in (the
+/// layout's flag changed, or leaves written, behind the hub): the hub would read one table
+/// and the other would go unchecked.
+pub fn check_leaf_table(layout: Layout, stray: i64) -> Result<(), String> {
+    if stray == 0 {
+        return Ok(());
+    }
+    let (keeps, other) = if layout.packs_leaves() {
+        ("log_leaves", "log_nodes")
+    } else {
+        ("log_nodes", "log_leaves")
+    };
+    Err(format!(
+        "the rating log keeps its leaves in {keeps} (log_meta.packed_leaves {}) and {other} \
+         holds leaves too: they were written, or the layout changed, behind the hub \
+         (rating-hub log verify)",
+        i32::from(layout.packs_leaves())
+    ))
+}
+
+/// Adds a packed row's leaves to `out`; a leaf two rows hold is refused (the hub writes each
+/// once).
+pub fn add_packed_leaves(
+    out: &mut std::collections::HashMap<(u32, u64), Hash>,
+    first: i64,
+    hashes: &[u8],
+) -> Result<(), String> {
+    for (i, h) in unpack_leaves(first, hashes)? {
+        if out.insert((0, i), h).is_some() {
+            return Err(format!(
+                "rating log leaf {i} is stored in two log_leaves rows: written behind the hub \
+                 (rating-hub log verify)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A `log_leaves` row: the leaves from index `first` on, their hashes end to end.
+pub type LeafRun = (u64, Vec<u8>);
+
+/// Splits nodes to store into the packed leaf rows and the `log_nodes` rows (`layout`
+/// packs leaves; otherwise every node is a `log_nodes` row). Consecutive leaves share a row,
+/// up to [`LEAVES_PER_ROW`] and never across an aligned run of that many.
+pub fn split_leaves(layout: Layout, nodes: &[Node]) -> (Vec<LeafRun>, Vec<Node>) {
+    if !layout.packs_leaves() {
+        return (Vec::new(), nodes.to_vec());
+    }
+    let mut runs: Vec<LeafRun> = Vec::new();
+    let mut others = Vec::new();
+    for &(level, idx, hash) in nodes {
+        if level != 0 {
+            others.push((level, idx, hash));
+            continue;
+        }
+        match runs.last_mut() {
+            Some((first, hashes))
+                if *first + (hashes.len() / 32) as u64 == idx
+                    && !idx.is_multiple_of(LEAVES_PER_ROW) =>
+            {
+                hashes.extend_from_slice(&hash)
+            }
+            _ => runs.push((idx, hash.to_vec())),
+        }
+    }
+    (runs, others)
+}
+
+/// The leaves of a stored `log_leaves` row, by index; an error names what is wrong with a
+/// row the hub never writes (empty, not whole hashes, spanning two runs).
+pub fn unpack_leaves(first: i64, hashes: &[u8]) -> Result<Vec<(u64, Hash)>, String> {
+    let n = (hashes.len() / 32) as u64;
+    let bad = |why: &str| Err(format!("rating log leaf row {first} {why}"));
+    if first < 0 || hashes.is_empty() || !hashes.len().is_multiple_of(32) {
+        return bad("is not whole 32-byte leaf hashes at a feed position");
+    }
+    let first = first as u64;
+    if first / LEAVES_PER_ROW != (first + n - 1) / LEAVES_PER_ROW {
+        return bad(&format!(
+            "spans two runs of {LEAVES_PER_ROW} leaves: the hub never writes such a row"
+        ));
+    }
+    Ok(hashes
+        .chunks_exact(32)
+        .enumerate()
+        .map(|(k, h)| (first + k as u64, h.try_into().expect("32 bytes")))
+        .collect())
+}
+
+/// The `first` ranges of the `log_leaves` rows that may hold leaves `idxs`: their aligned
+/// runs, adjacent runs merged.
+pub fn leaf_row_ranges(idxs: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
+    let mut runs: Vec<u64> = idxs.into_iter().map(|i| i / LEAVES_PER_ROW).collect();
+    runs.sort_unstable();
+    runs.dedup();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for r in runs {
+        let (lo, hi) = (r * LEAVES_PER_ROW, (r + 1) * LEAVES_PER_ROW - 1);
+        match out.last_mut() {
+            Some(last) if last.1 + 1 == lo => last.1 = hi,
+            _ => out.push((lo, hi)),
+        }
+    }
+    out
 }
 
 /// The nodes whose presence shows the layout a log of `size` leaves is stored in: the first
@@ -368,4 +484,53 @@ pub fn backfill_target(size: u64, head: u64, backfill_to: u64) -> Result<u64, St
         ));
     }
     Ok(backfill_to.min(head))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(i: u64) -> Node {
+        (0, i, [i as u8; 32])
+    }
+
+    /// A group's leaves become rows of consecutive leaves, never across an aligned run of
+    /// 32, and read back whole; the other levels stay nodes.
+    #[test]
+    fn packed_leaves_split_by_aligned_runs_and_read_back() {
+        let mut nodes: Vec<Node> = (30..100).map(leaf).collect();
+        nodes.push((4, 2, [9; 32]));
+        let (runs, others) = split_leaves(Layout::PACKED, &nodes);
+        let spans: Vec<(u64, usize)> = runs.iter().map(|(f, h)| (*f, h.len() / 32)).collect();
+        assert_eq!(spans, [(30, 2), (32, 32), (64, 32), (96, 4)]);
+        assert_eq!(others, [(4, 2, [9; 32])]);
+        let back: Vec<Node> = runs
+            .iter()
+            .flat_map(|(f, h)| unpack_leaves(*f as i64, h).unwrap())
+            .map(|(i, h)| (0, i, h))
+            .collect();
+        assert_eq!(back, nodes[..70]);
+        // A gap starts a new row; without packing every node stays a node.
+        let (runs, _) = split_leaves(Layout::PACKED, &[leaf(1), leaf(3)]);
+        assert_eq!(runs.len(), 2);
+        let (runs, others) = split_leaves(Layout::SPARSE, &nodes);
+        assert!(runs.is_empty());
+        assert_eq!(others, nodes);
+    }
+
+    #[test]
+    fn a_leaf_row_the_hub_never_writes_is_named() {
+        for (first, len) in [(0, 0), (0, 31), (-1, 32), (31, 64), (16, 32 * 17)] {
+            let e = unpack_leaves(first, &vec![0; len]).unwrap_err();
+            assert!(e.contains(&format!("leaf row {first}")), "{e}");
+        }
+        assert_eq!(unpack_leaves(16, &[0; 32 * 16]).unwrap().len(), 16);
+    }
+
+    #[test]
+    fn leaf_rows_are_looked_up_by_their_runs() {
+        assert_eq!(leaf_row_ranges([]), []);
+        assert_eq!(leaf_row_ranges([5, 0, 31]), [(0, 31)]);
+        assert_eq!(leaf_row_ranges([5, 40, 100]), [(0, 63), (96, 127)]);
+    }
 }

@@ -377,27 +377,29 @@ async fn open_log(
             .await?;
         let head = head as u64;
         sqlx::query(
-            "INSERT INTO log_meta (id, hash_alg, backfill_to, node_stride) VALUES (1, $1, $2, $3) \
-             ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO log_meta (id, hash_alg, backfill_to, node_stride, packed_leaves) \
+             VALUES (1, $1, $2, $3, $4) ON CONFLICT (id) DO NOTHING",
         )
         .bind(alg.as_str())
         .bind(head as i64)
-        .bind(merkle::Layout::SPARSE.stride() as i32)
+        .bind(merkle::Layout::PACKED.stride() as i32)
+        .bind(merkle::Layout::PACKED.packs_leaves())
         .execute(&mut *tx)
         .await?;
-        let (stored, backfill_to, stride): (String, i64, i32) =
-            sqlx::query_as("SELECT hash_alg, backfill_to, node_stride FROM log_meta WHERE id = 1")
-                .fetch_one(&mut *tx)
-                .await?;
+        let (stored, backfill_to, stride, packed): (String, i64, i32, bool) = sqlx::query_as(
+            "SELECT hash_alg, backfill_to, node_stride, packed_leaves FROM log_meta WHERE id = 1",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
         let alg = log::check_alg(&stored, alg).map_err(StoreError::Config)?;
-        let layout = log::check_layout(i64::from(stride)).map_err(StoreError::Corrupt)?;
-        let size: i64 =
-            sqlx::query_scalar("SELECT COALESCE(MAX(idx) + 1, 0) FROM log_nodes WHERE level = 0")
+        let layout = log::check_layout(i64::from(stride), packed).map_err(StoreError::Corrupt)?;
+        let size = log_size(&mut tx, layout).await?;
+        if from.is_none() {
+            let stray: i64 = sqlx::query_scalar(log::stray_leaves_sql(layout))
                 .fetch_one(&mut *tx)
                 .await?;
-        let size = size as u64;
-        if from.is_none() {
-            let probes = read_stored(&mut tx, &log::layout_probes(size)).await?;
+            log::check_leaf_table(layout, stray).map_err(StoreError::Corrupt)?;
+            let probes = read_stored(&mut tx, layout, &log::layout_probes(size)).await?;
             log::check_stored_levels(layout, size, &probes).map_err(StoreError::Corrupt)?;
         }
         let from = *from.get_or_insert(size);
@@ -440,7 +442,7 @@ async fn open_log(
                 frontier.size + 1
             )));
         }
-        insert_nodes(&mut tx, &nodes).await?;
+        insert_nodes(&mut tx, layout, &nodes).await?;
         tx.commit().await?;
         batches += 1;
     }
@@ -475,15 +477,49 @@ async fn read_nodes(
     layout: merkle::Layout,
     want: &[(u32, u64)],
 ) -> Result<std::collections::HashMap<(u32, u64), merkle::Hash>, StoreError> {
-    let stored = read_stored(conn, &layout.sources(want)).await?;
+    let stored = read_stored(conn, layout, &layout.sources(want)).await?;
     Ok(layout.combine(alg, want, &stored))
 }
 
-/// The stored log nodes of `want`, by (level, index).
+/// How many leaves the stored log has.
+async fn log_size(conn: &mut PgConnection, layout: merkle::Layout) -> Result<u64, StoreError> {
+    let sql = if layout.packs_leaves() {
+        "SELECT COALESCE((SELECT first + length(hashes) / 32 FROM log_leaves \
+         ORDER BY first DESC LIMIT 1), 0)::bigint"
+    } else {
+        "SELECT COALESCE(MAX(idx) + 1, 0) FROM log_nodes WHERE level = 0"
+    };
+    let size: i64 = sqlx::query_scalar(sql).fetch_one(&mut *conn).await?;
+    Ok(size as u64)
+}
+
+/// The stored log nodes of `want`, by (level, index): the leaves from `log_leaves` where
+/// `layout` packs them.
 async fn read_stored(
     conn: &mut PgConnection,
+    layout: merkle::Layout,
     want: &[(u32, u64)],
 ) -> Result<std::collections::HashMap<(u32, u64), merkle::Hash>, StoreError> {
+    let mut out = std::collections::HashMap::new();
+    let (leaves, want): (Vec<_>, Vec<_>) = want
+        .iter()
+        .partition(|(l, _)| *l == 0 && layout.packs_leaves());
+    let ranges = log::leaf_row_ranges(leaves.iter().map(|(_, i)| *i));
+    if !ranges.is_empty() {
+        let los: Vec<i64> = ranges.iter().map(|r| r.0 as i64).collect();
+        let his: Vec<i64> = ranges.iter().map(|r| r.1 as i64).collect();
+        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT l.first, l.hashes FROM UNNEST($1::bigint[], $2::bigint[]) AS w(lo, hi) \
+             JOIN log_leaves l ON l.first BETWEEN w.lo AND w.hi",
+        )
+        .bind(los)
+        .bind(his)
+        .fetch_all(&mut *conn)
+        .await?;
+        for (first, hashes) in rows {
+            log::add_packed_leaves(&mut out, first, &hashes).map_err(StoreError::Corrupt)?;
+        }
+    }
     let levels: Vec<i16> = want.iter().map(|(l, _)| *l as i16).collect();
     let idxs: Vec<i64> = want.iter().map(|(_, i)| *i as i64).collect();
     let rows: Vec<(i16, i64, Vec<u8>)> = sqlx::query_as(
@@ -495,7 +531,6 @@ async fn read_stored(
     .bind(idxs)
     .fetch_all(&mut *conn)
     .await?;
-    let mut out = std::collections::HashMap::new();
     for (l, i, h) in rows {
         let h: merkle::Hash = h
             .try_into()
@@ -505,7 +540,34 @@ async fn read_stored(
     Ok(out)
 }
 
-async fn insert_nodes(conn: &mut PgConnection, nodes: &[merkle::Node]) -> Result<(), sqlx::Error> {
+async fn insert_nodes(
+    conn: &mut PgConnection,
+    layout: merkle::Layout,
+    nodes: &[merkle::Node],
+) -> Result<(), sqlx::Error> {
+    let (leaves, nodes) = log::split_leaves(layout, nodes);
+    if !leaves.is_empty() {
+        let firsts: Vec<i64> = leaves.iter().map(|r| r.0 as i64).collect();
+        let hashes: Vec<&[u8]> = leaves.iter().map(|r| r.1.as_slice()).collect();
+        let inserted = sqlx::query(
+            "INSERT INTO log_leaves (first, hashes) \
+             SELECT * FROM UNNEST($1::bigint[], $2::bytea[])",
+        )
+        .bind(firsts)
+        .bind(hashes)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        if inserted != leaves.len() as u64 {
+            return Err(sqlx::Error::Protocol(format!(
+                "inserted {inserted} of {} rating log leaf rows",
+                leaves.len()
+            )));
+        }
+    }
+    if nodes.is_empty() {
+        return Ok(());
+    }
     let levels: Vec<i16> = nodes.iter().map(|n| n.0 as i16).collect();
     let idxs: Vec<i64> = nodes.iter().map(|n| n.1 as i64).collect();
     let hashes: Vec<&[u8]> = nodes.iter().map(|n| n.2.as_slice()).collect();
@@ -682,7 +744,7 @@ impl Writer {
                     .await
                     .map_err(|e| sqlx::Error::Protocol(e.to_string()))?,
             };
-            insert_nodes(&mut tx, &log.nodes(&mut f)).await?;
+            insert_nodes(&mut tx, log_layout, &log.nodes(&mut f)).await?;
             Some(f)
         };
         let mut results = Vec::with_capacity(group.len());

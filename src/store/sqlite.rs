@@ -287,37 +287,40 @@ async fn open_log(
     alg: HashAlg,
     head: u64,
 ) -> Result<(Frontier, merkle::Layout), StoreError> {
-    let stored: Option<(String, i64, i64)> =
-        sqlx::query_as("SELECT hash_alg, backfill_to, node_stride FROM log_meta WHERE id = 1")
-            .fetch_optional(&mut *conn)
-            .await?;
+    let stored: Option<(String, i64, i64, bool)> = sqlx::query_as(
+        "SELECT hash_alg, backfill_to, node_stride, packed_leaves FROM log_meta WHERE id = 1",
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
     let (alg, backfill_to, layout) = match stored {
-        Some((s, to, stride)) => (
+        Some((s, to, stride, packed)) => (
             log::check_alg(&s, alg).map_err(StoreError::Config)?,
             to as u64,
-            log::check_layout(stride).map_err(StoreError::Corrupt)?,
+            log::check_layout(stride, packed).map_err(StoreError::Corrupt)?,
         ),
         None => {
-            let layout = merkle::Layout::SPARSE;
+            let layout = merkle::Layout::PACKED;
             sqlx::query(
-                "INSERT INTO log_meta (id, hash_alg, backfill_to, node_stride) VALUES (1, ?, ?, ?)",
+                "INSERT INTO log_meta (id, hash_alg, backfill_to, node_stride, packed_leaves) \
+                 VALUES (1, ?, ?, ?, ?)",
             )
             .bind(alg.as_str())
             .bind(head as i64)
             .bind(i64::from(layout.stride()))
+            .bind(layout.packs_leaves())
             .execute(&mut *conn)
             .await?;
             (alg, head, layout)
         }
     };
-    let size: i64 =
-        sqlx::query_scalar("SELECT COALESCE(MAX(idx) + 1, 0) FROM log_nodes WHERE level = 0")
-            .fetch_one(&mut *conn)
-            .await?;
-    let size = size as u64;
-    let target = log::backfill_target(size, head, backfill_to).map_err(StoreError::Corrupt)?;
-    let probes = read_stored(conn, &log::layout_probes(size)).await?;
+    let stray: i64 = sqlx::query_scalar(log::stray_leaves_sql(layout))
+        .fetch_one(&mut *conn)
+        .await?;
+    log::check_leaf_table(layout, stray).map_err(StoreError::Corrupt)?;
+    let size = log_size(conn, layout).await?;
+    let probes = read_stored(conn, layout, &log::layout_probes(size)).await?;
     log::check_stored_levels(layout, size, &probes).map_err(StoreError::Corrupt)?;
+    let target = log::backfill_target(size, head, backfill_to).map_err(StoreError::Corrupt)?;
     let mut frontier = load_frontier(conn, alg, layout, size).await?;
     let from = size;
     while frontier.size < target {
@@ -347,7 +350,7 @@ async fn open_log(
         }
         // Each batch commits: a start cut short goes on from here the next time.
         let mut tx = conn.begin().await?;
-        insert_nodes(&mut tx, &nodes).await?;
+        insert_nodes(&mut tx, layout, &nodes).await?;
         tx.commit().await?;
     }
     if frontier.size > from {
@@ -389,16 +392,44 @@ async fn read_nodes(
     layout: merkle::Layout,
     want: &[(u32, u64)],
 ) -> Result<std::collections::HashMap<(u32, u64), merkle::Hash>, StoreError> {
-    let stored = read_stored(conn, &layout.sources(want)).await?;
+    let stored = read_stored(conn, layout, &layout.sources(want)).await?;
     Ok(layout.combine(alg, want, &stored))
 }
 
-/// The stored log nodes of `want`, by (level, index).
+/// How many leaves the stored log has.
+async fn log_size(conn: &mut SqliteConnection, layout: merkle::Layout) -> Result<u64, StoreError> {
+    let sql = if layout.packs_leaves() {
+        "SELECT COALESCE((SELECT first + length(hashes) / 32 FROM log_leaves \
+         ORDER BY first DESC LIMIT 1), 0)"
+    } else {
+        "SELECT COALESCE(MAX(idx) + 1, 0) FROM log_nodes WHERE level = 0"
+    };
+    let size: i64 = sqlx::query_scalar(sql).fetch_one(&mut *conn).await?;
+    Ok(size as u64)
+}
+
+/// The stored log nodes of `want`, by (level, index): the leaves from `log_leaves` where
+/// `layout` packs them.
 async fn read_stored(
     conn: &mut SqliteConnection,
+    layout: merkle::Layout,
     want: &[(u32, u64)],
 ) -> Result<std::collections::HashMap<(u32, u64), merkle::Hash>, StoreError> {
     let mut out = std::collections::HashMap::new();
+    let (leaves, want): (Vec<_>, Vec<_>) = want
+        .iter()
+        .partition(|(l, _)| *l == 0 && layout.packs_leaves());
+    for (lo, hi) in log::leaf_row_ranges(leaves.iter().map(|(_, i)| *i)) {
+        let rows: Vec<(i64, Vec<u8>)> =
+            sqlx::query_as("SELECT first, hashes FROM log_leaves WHERE first BETWEEN ? AND ?")
+                .bind(lo as i64)
+                .bind(hi as i64)
+                .fetch_all(&mut *conn)
+                .await?;
+        for (first, hashes) in rows {
+            log::add_packed_leaves(&mut out, first, &hashes).map_err(StoreError::Corrupt)?;
+        }
+    }
     for part in want.chunks(400) {
         let mut qb = QueryBuilder::<Sqlite>::new(
             "SELECT level, idx, hash FROM log_nodes WHERE (level, idx) IN (",
@@ -425,8 +456,17 @@ async fn read_stored(
 
 async fn insert_nodes(
     conn: &mut SqliteConnection,
+    layout: merkle::Layout,
     nodes: &[merkle::Node],
 ) -> Result<(), sqlx::Error> {
+    let (leaves, nodes) = log::split_leaves(layout, nodes);
+    for part in leaves.chunks(1000) {
+        let mut qb = QueryBuilder::<Sqlite>::new("INSERT INTO log_leaves (first, hashes) ");
+        qb.push_values(part, |mut b, (first, hashes)| {
+            b.push_bind(*first as i64).push_bind(hashes.as_slice());
+        });
+        qb.build().execute(&mut *conn).await?;
+    }
     for part in nodes.chunks(1000) {
         let mut qb = QueryBuilder::<Sqlite>::new("INSERT INTO log_nodes (level, idx, hash) ");
         qb.push_values(part, |mut b, (l, i, h)| {
@@ -504,7 +544,7 @@ impl Writer {
         let mut frontier = None;
         if !log.leaves.is_empty() {
             let mut f = self.frontier.clone();
-            tx.insert_nodes(&log.nodes(&mut f));
+            tx.insert_nodes(self.log_layout, &log.nodes(&mut f));
             frontier = Some(f);
         }
         let mut results = Vec::with_capacity(group.len());

@@ -6,12 +6,16 @@ use std::collections::HashMap;
 
 use sqlx::{Connection, PgConnection, SqliteConnection};
 
-use crate::merkle::{self, Frontier, Hash, HashAlg, Layout};
+use crate::merkle::{self, Frontier, Hash, HashAlg, LEAVES_PER_ROW, Layout};
 use crate::store::StoreError;
-use crate::store::log::{LEAF_COLUMNS, LeafRow, check_layout};
+use crate::store::log::{LEAF_COLUMNS, LeafRow, check_layout, unpack_leaves};
 
 /// Rows read per trip.
 const BATCH: i64 = 5000;
+
+/// The leaves `log_leaves` holds (each row's whole hashes).
+const PACKED_LEAVES: &str =
+    "SELECT CAST(COALESCE(SUM(length(hashes) / 32), 0) AS BIGINT) FROM log_leaves";
 
 /// A database, opened read-only.
 pub enum Db {
@@ -84,36 +88,60 @@ impl Db {
         })
     }
 
+    /// Whether `log_meta` has `column` (a database the new hub has not started on yet lacks
+    /// the later ones).
+    async fn has_meta_column(&mut self, column: &str) -> Result<bool, StoreError> {
+        let n: i64 =
+            match self {
+                Db::Sqlite(c) => {
+                    sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM pragma_table_info('log_meta') WHERE name = ?",
+                    )
+                    .bind(column)
+                    .fetch_one(c)
+                    .await?
+                }
+                Db::Postgres(c) => sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM pg_attribute WHERE attrelid = to_regclass('log_meta') \
+                     AND attname = $1 AND NOT attisdropped",
+                )
+                .bind(column)
+                .fetch_one(c)
+                .await?,
+            };
+        Ok(n > 0)
+    }
+
     /// The log's hash and the layout its nodes are stored in.
     async fn log_meta(&mut self) -> Result<(HashAlg, Layout), StoreError> {
-        // A database the new hub has not started on yet has no node_stride: its log stores
-        // every level.
-        let has_stride = match self {
-            Db::Sqlite(_) => {
-                "SELECT COUNT(*) FROM pragma_table_info('log_meta') WHERE name = 'node_stride'"
-            }
-            Db::Postgres(_) => {
-                "SELECT COUNT(*) FROM pg_attribute WHERE attrelid = to_regclass('log_meta') \
-                 AND attname = 'node_stride' AND NOT attisdropped"
-            }
-        };
-        let sql = if self.scalar_i64(has_stride).await? > 0 {
-            "SELECT hash_alg, CAST(node_stride AS BIGINT) FROM log_meta WHERE id = 1"
+        // Without node_stride, a log stores every level; without packed_leaves, its leaves
+        // are in log_nodes.
+        let stride = if self.has_meta_column("node_stride").await? {
+            "CAST(node_stride AS BIGINT)"
         } else {
-            "SELECT hash_alg, CAST(1 AS BIGINT) FROM log_meta WHERE id = 1"
+            "CAST(1 AS BIGINT)"
         };
-        let stored: Option<(String, i64)> = match self {
-            Db::Sqlite(c) => sqlx::query_as(sql).fetch_optional(c).await?,
-            Db::Postgres(c) => sqlx::query_as(sql).fetch_optional(c).await?,
+        let packed = if self.has_meta_column("packed_leaves").await? {
+            "CAST(packed_leaves AS INTEGER)"
+        } else {
+            "CAST(0 AS INTEGER)"
         };
-        let (stored, stride) = stored.ok_or_else(|| {
+        let sql = format!("SELECT hash_alg, {stride}, {packed} FROM log_meta WHERE id = 1");
+        let stored: Option<(String, i64, i32)> = match self {
+            Db::Sqlite(c) => sqlx::query_as(&sql).fetch_optional(c).await?,
+            Db::Postgres(c) => sqlx::query_as(&sql).fetch_optional(c).await?,
+        };
+        let (stored, stride, packed) = stored.ok_or_else(|| {
             StoreError::Config(
                 "this database has no rating log yet (start the hub on it once)".into(),
             )
         })?;
         let alg = HashAlg::parse(&stored)
             .ok_or_else(|| StoreError::Corrupt(format!("unknown rating log hash {stored:?}")))?;
-        Ok((alg, check_layout(stride).map_err(StoreError::Corrupt)?))
+        Ok((
+            alg,
+            check_layout(stride, packed != 0).map_err(StoreError::Corrupt)?,
+        ))
     }
 
     async fn rows_after(&mut self, after: u64) -> Result<Vec<LeafRow>, StoreError> {
@@ -142,13 +170,52 @@ impl Db {
         Ok(rows)
     }
 
-    /// Stored nodes at each `(level, first index, last index)`.
+    /// Stored nodes at each `(level, first index, last index)`; the leaves from
+    /// `log_leaves` where `layout` packs them.
     async fn nodes_in(
         &mut self,
+        layout: Layout,
         ranges: &[(u32, u64, u64)],
     ) -> Result<HashMap<(u32, u64), Vec<u8>>, StoreError> {
         let mut out = HashMap::new();
         for &(level, lo, hi) in ranges {
+            if level == 0 && layout.packs_leaves() {
+                let (lo, hi) = (lo - lo % LEAVES_PER_ROW, hi);
+                let sql = match self {
+                    Db::Sqlite(_) => {
+                        "SELECT first, hashes FROM log_leaves WHERE first BETWEEN ? AND ?"
+                    }
+                    Db::Postgres(_) => {
+                        "SELECT first, hashes FROM log_leaves WHERE first BETWEEN $1 AND $2"
+                    }
+                };
+                let rows: Vec<(i64, Vec<u8>)> = match self {
+                    Db::Sqlite(c) => {
+                        sqlx::query_as(sql)
+                            .bind(lo as i64)
+                            .bind(hi as i64)
+                            .fetch_all(c)
+                            .await?
+                    }
+                    Db::Postgres(c) => {
+                        sqlx::query_as(sql)
+                            .bind(lo as i64)
+                            .bind(hi as i64)
+                            .fetch_all(c)
+                            .await?
+                    }
+                };
+                for (first, hashes) in rows {
+                    let leaves = unpack_leaves(first, &hashes).map_err(StoreError::Corrupt)?;
+                    for (i, h) in leaves {
+                        // A leaf two rows hold: an empty hash, which no leaf matches.
+                        if out.insert((0, i), h.to_vec()).is_some() {
+                            out.insert((0, i), Vec::new());
+                        }
+                    }
+                }
+                continue;
+            }
             let rows: Vec<(i64, Vec<u8>)> = match self {
                 Db::Sqlite(c) => {
                     sqlx::query_as(
@@ -174,14 +241,18 @@ impl Db {
         Ok(out)
     }
 
-    /// Stored nodes per level.
-    async fn nodes_by_level(&mut self) -> Result<HashMap<i64, u64>, StoreError> {
+    /// Stored nodes per level (the packed leaves at level 0, with any in `log_nodes`).
+    async fn nodes_by_level(&mut self, layout: Layout) -> Result<HashMap<i64, u64>, StoreError> {
         let sql = "SELECT CAST(level AS BIGINT), COUNT(*) FROM log_nodes GROUP BY level";
         let rows: Vec<(i64, i64)> = match self {
             Db::Sqlite(c) => sqlx::query_as(sql).fetch_all(c).await?,
             Db::Postgres(c) => sqlx::query_as(sql).fetch_all(c).await?,
         };
-        Ok(rows.into_iter().map(|(l, n)| (l, n as u64)).collect())
+        let mut out: HashMap<i64, u64> = rows.into_iter().map(|(l, n)| (l, n as u64)).collect();
+        if layout.packs_leaves() {
+            *out.entry(0).or_default() += self.scalar_i64(PACKED_LEAVES).await? as u64;
+        }
+        Ok(out)
     }
 
     pub async fn close(self) {
@@ -219,9 +290,17 @@ pub async fn verify(
         .scalar_i64("SELECT COALESCE(MIN(feed_seq), 1) FROM ratings")
         .await?;
     let leaves = db
-        .scalar_i64("SELECT COALESCE(MAX(idx) + 1, 0) FROM log_nodes WHERE level = 0")
+        .scalar_i64(if layout.packs_leaves() {
+            "SELECT COALESCE((SELECT CAST(first + length(hashes) / 32 AS BIGINT) FROM log_leaves \
+             ORDER BY first DESC LIMIT 1), 0)"
+        } else {
+            "SELECT COALESCE(MAX(idx) + 1, 0) FROM log_nodes WHERE level = 0"
+        })
         .await? as u64;
-    let nodes_stored = db.scalar_i64("SELECT COUNT(*) FROM log_nodes").await? as u64;
+    let mut nodes_stored = db.scalar_i64("SELECT COUNT(*) FROM log_nodes").await? as u64;
+    if layout.packs_leaves() {
+        nodes_stored += db.scalar_i64(PACKED_LEAVES).await? as u64;
+    }
     let mut frontier = Frontier::empty(alg);
     let mut first_bad: Option<(u64, String)> = None;
     let mut expected_root: Option<Hash> = expected.filter(|e| e.size == 0).map(|_| frontier.root());
@@ -265,12 +344,16 @@ pub async fn verify(
                 None => ranges.push((*level, *idx, *idx)),
             }
         }
-        let stored = db.nodes_in(&ranges).await?;
+        let stored = db.nodes_in(layout, &ranges).await?;
         for (position, (level, idx, hash)) in &computed {
             match stored.get(&(*level, *idx)) {
                 Some(h) if h.as_slice() == hash => {}
                 found => {
                     let why = match (level, found) {
+                        (0, Some(h)) if h.is_empty() => "the log stores this rating's leaf in \
+                                                         two log_leaves rows: the log itself \
+                                                         was changed"
+                            .to_owned(),
                         (0, Some(_)) => {
                             "the stored rating differs from the one the log recorded: changed"
                                 .to_owned()
@@ -340,7 +423,7 @@ pub async fn verify(
     }
     let nodes_due = layout.nodes_due(frontier.size);
     if first_bad.is_none() && nodes_stored != nodes_due {
-        let by_level = db.nodes_by_level().await?;
+        let by_level = db.nodes_by_level(layout).await?;
         // Levels 0 to 63, and any other level something stored (forged) nodes at.
         let mut levels: Vec<i64> = (0..64).chain(by_level.keys().copied()).collect();
         levels.sort_unstable();

@@ -53,15 +53,18 @@ fn drop_guard() -> &'static str {
     }
 }
 
-/// The same for `log_nodes` and `log_meta`.
+/// The same for `log_nodes`, `log_leaves` and `log_meta`.
 fn lift_log_guard() -> &'static str {
     if crate::pg::enabled() {
         "DROP TRIGGER IF EXISTS log_nodes_append_only ON log_nodes; \
+         DROP TRIGGER IF EXISTS log_leaves_append_only ON log_leaves; \
          DROP TRIGGER IF EXISTS log_meta_fixed ON log_meta; \
          DROP TRIGGER IF EXISTS log_meta_fixed_truncate ON log_meta;"
     } else {
         "DROP TRIGGER IF EXISTS log_nodes_append_only_update; \
          DROP TRIGGER IF EXISTS log_nodes_append_only_delete; \
+         DROP TRIGGER IF EXISTS log_leaves_append_only_update; \
+         DROP TRIGGER IF EXISTS log_leaves_append_only_delete; \
          DROP TRIGGER IF EXISTS log_meta_fixed_update; DROP TRIGGER IF EXISTS log_meta_fixed_delete;"
     }
 }
@@ -236,7 +239,7 @@ async fn the_log_is_written_for_ratings_stored_before_it() {
     let lift = lift_log_guard();
     exec_on_hub(
         stopped.dir.path(),
-        &format!("{lift} DELETE FROM log_nodes; DELETE FROM log_meta;"),
+        &format!("{lift} DELETE FROM log_leaves; DELETE FROM log_nodes; DELETE FROM log_meta;"),
     );
     let hub = stopped.restart().await;
     let (ok, after) = verify_hub(hub.dir.path());
@@ -384,11 +387,12 @@ async fn every_proof_verifies(hub: &TestHub, size: u64) -> String {
     hex::encode(&head.root_hash)
 }
 
-/// The stored log nodes: how many, and at which levels.
-fn stored_nodes(dir: &Path) -> (u64, Vec<u32>) {
-    let count = query_on_hub(dir, "SELECT CAST(COUNT(*) AS TEXT) FROM log_nodes")[0]
-        .parse()
-        .unwrap();
+/// The stored log: its nodes (each packed leaf counted as one), the levels `log_nodes`
+/// holds, and the `log_leaves` rows.
+fn stored_nodes(dir: &Path) -> (u64, Vec<u32>, u64) {
+    let one = |sql: &str| -> u64 { query_on_hub(dir, sql)[0].parse().unwrap() };
+    let nodes = one("SELECT CAST(COUNT(*) AS TEXT) FROM log_nodes")
+        + one("SELECT CAST(COALESCE(SUM(length(hashes) / 32), 0) AS TEXT) FROM log_leaves");
     let levels = query_on_hub(
         dir,
         "SELECT CAST(level AS TEXT) FROM log_nodes GROUP BY level ORDER BY level",
@@ -396,42 +400,52 @@ fn stored_nodes(dir: &Path) -> (u64, Vec<u32>) {
     .iter()
     .map(|l| l.parse().unwrap())
     .collect();
-    (count, levels)
+    (
+        nodes,
+        levels,
+        one("SELECT CAST(COUNT(*) AS TEXT) FROM log_leaves"),
+    )
 }
 
-/// A new log stores the leaves and every fourth level (about 1.07 rows per rating); a log
-/// from before that stores every level and goes on doing so. Both give the same tree: the
-/// same root for the same ratings, every inclusion and consistency proof verifying, and
-/// `log verify` accounting for exactly the nodes each layout stores.
+/// A new log packs its leaves (up to 32 a row, `log_leaves`) and stores every fourth level
+/// above them; logs from before keep their leaves as `log_nodes` rows, with every fourth
+/// level or every level, and go on doing so. All give the same tree: the same root for the
+/// same ratings, every inclusion and consistency proof verifying, and `log verify`
+/// accounting for exactly the nodes each layout stores.
 #[tokio::test]
-async fn a_log_stored_sparse_or_dense_proves_the_same_tree() {
+async fn a_log_stored_packed_sparse_or_dense_proves_the_same_tree() {
     use rating_hub::merkle::Layout;
     let hub = TestHub::start().await;
     submit_batches(&hub, "l", 3, 100).await;
-    let (nodes, levels) = stored_nodes(hub.dir.path());
-    assert_eq!(nodes, Layout::SPARSE.nodes_due(300));
-    assert_eq!(levels, [0, 4, 8]);
-    let sparse_root = every_proof_verifies(&hub, 300).await;
+    let (nodes, levels, leaf_rows) = stored_nodes(hub.dir.path());
+    assert_eq!(nodes, Layout::PACKED.nodes_due(300));
+    assert_eq!(levels, [4, 8]);
+    // Three groups of 100: at most five rows each (runs of 32), at least ten in all.
+    assert!((10..=15).contains(&leaf_rows), "{leaf_rows} leaf rows");
+    let packed_root = every_proof_verifies(&hub, 300).await;
     let (ok, report) = verify_hub(hub.dir.path());
     assert!(ok, "{report}");
-    assert_eq!(report["root"], sparse_root);
+    assert_eq!(report["root"], packed_root);
 
-    // log_meta, layout included, cannot be changed.
+    // log_meta, layout included, cannot be changed; nor can a leaf row.
     let stopped = hub.stop().await;
     for change in [
         "UPDATE log_meta SET node_stride = 1;",
+        "UPDATE log_meta SET packed_leaves = NOT packed_leaves;",
         "DELETE FROM log_meta;",
+        "UPDATE log_leaves SET first = first + 1 WHERE first = 0;",
+        "DELETE FROM log_leaves;",
     ] {
         let refused =
-            crate::pg::try_exec_on_hub(stopped.dir.path(), change).expect_err("log_meta is fixed");
-        assert!(refused.contains("log_meta"), "{refused}");
+            crate::pg::try_exec_on_hub(stopped.dir.path(), change).expect_err("the log is fixed");
+        assert!(refused.contains("append-only"), "{change}: {refused}");
     }
     // A node forged at a level the layout leaves out (the append-only guard allows INSERT):
     // verify names the level, and the hub does not start on it.
     exec_on_hub(
         stopped.dir.path(),
         "INSERT INTO log_nodes (level, idx, hash) \
-         SELECT 1, 0, hash FROM log_nodes WHERE level = 0 AND idx = 0;",
+         SELECT 1, 0, hash FROM log_nodes WHERE level = 4 AND idx = 0;",
     );
     let (ok, report) = verify_hub(stopped.dir.path());
     assert!(!ok);
@@ -443,42 +457,123 @@ async fn a_log_stored_sparse_or_dense_proves_the_same_tree() {
         "{report}"
     );
     let stopped = refused_start(stopped, &["stores a node at level 1"]).await;
+    // A leaf forged into the table a packed log does not keep leaves in: verify counts it,
+    // and the start names both tables.
+    exec_on_hub(
+        stopped.dir.path(),
+        &format!(
+            "{} DELETE FROM log_nodes WHERE level = 1; INSERT INTO log_nodes (level, idx, hash) \
+             SELECT 0, 0, hash FROM log_nodes WHERE level = 4 AND idx = 0;",
+            lift_log_guard()
+        ),
+    );
+    let (ok, report) = verify_hub(stopped.dir.path());
+    assert!(!ok);
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap()
+            .contains("level 0: 301 stored, 300 due"),
+        "{report}"
+    );
+    let stopped = refused_start(stopped, &["log_leaves", "log_nodes holds leaves"]).await;
+    // A leaf row overlapping another (positions 41 and 42 stored twice): a proof that reads
+    // them fails rather than use either, and verify names the first.
+    exec_on_hub(
+        stopped.dir.path(),
+        &format!(
+            "{} DELETE FROM log_nodes WHERE level = 0; INSERT INTO log_leaves (first, hashes) \
+             SELECT 40, substr(hashes, 1, 64) FROM log_leaves WHERE first = 32;",
+            lift_log_guard()
+        ),
+    );
+    let (ok, report) = verify_hub(stopped.dir.path());
+    assert!(!ok);
+    assert_eq!(report["first_bad_position"], 41, "{report}");
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap()
+            .contains("two log_leaves rows"),
+        "{report}"
+    );
+    let hub = stopped.restart().await;
+    let mut sync = crate::relay::SyncServiceClient::new(hub.channel_as("tester").await);
+    for (seq, ok) in [(1, true), (33, false), (42, false), (65, true)] {
+        let proof = sync
+            .get_inclusion_proof(pb::GetInclusionProofRequest {
+                leaf: Some(pb::get_inclusion_proof_request::Leaf::FeedSequence(seq)),
+                tree_size: 300,
+            })
+            .await;
+        assert_eq!(proof.is_ok(), ok, "{seq}: {proof:?}");
+    }
+    let stopped = hub.stop().await;
+    exec_on_hub(
+        stopped.dir.path(),
+        "DELETE FROM log_leaves WHERE first = 40;",
+    );
     // And a level it keeps without its first node.
     exec_on_hub(
         stopped.dir.path(),
         &format!(
-            "{} DELETE FROM log_nodes WHERE level = 1 OR (level = 4 AND idx = 0);",
+            "{} DELETE FROM log_nodes WHERE level = 4 AND idx = 0;",
             lift_log_guard()
         ),
     );
     let stopped = refused_start(stopped, &["has no node at level 4"]).await;
 
-    // The same ratings' log, as a hub from before the sparse layout wrote it.
-    exec_on_hub(
-        stopped.dir.path(),
-        &format!(
-            "{} DELETE FROM log_nodes; DELETE FROM log_meta; \
-             INSERT INTO log_meta (id, hash_alg, backfill_to, node_stride) \
-             VALUES (1, 'sm3', 300, 1);",
-            lift_log_guard()
-        ),
-    );
+    // The same ratings' log as hubs from before wrote it: every fourth level with the
+    // leaves in log_nodes, then every level; each goes on in its layout.
+    let (mut stopped, mut root, mut size) = (stopped, packed_root, 300);
+    for (layout, stride, levels) in [
+        (Layout::SPARSE, 4, vec![0, 4, 8]),
+        (Layout::DENSE, 1, (0..=8).collect()),
+    ] {
+        exec_on_hub(
+            stopped.dir.path(),
+            &format!(
+                "{} DELETE FROM log_leaves; DELETE FROM log_nodes; DELETE FROM log_meta; \
+                 INSERT INTO log_meta (id, hash_alg, backfill_to, node_stride, packed_leaves) \
+                 VALUES (1, 'sm3', {size}, {stride}, {});",
+                lift_log_guard(),
+                if crate::pg::enabled() { "false" } else { "0" }
+            ),
+        );
+        let hub = stopped.restart().await;
+        assert_eq!(
+            stored_nodes(hub.dir.path()),
+            (layout.nodes_due(size), levels, 0)
+        );
+        assert_eq!(every_proof_verifies(&hub, size).await, root);
+        submit(
+            &mut hub.ingest().await,
+            (0..37).map(|i| rating(&format!("m{stride}-{i}"))).collect(),
+        )
+        .await;
+        size += 37;
+        assert_eq!(stored_nodes(hub.dir.path()).0, layout.nodes_due(size));
+        root = every_proof_verifies(&hub, size).await;
+        let (ok, report) = verify_hub(hub.dir.path());
+        assert!(ok, "{report}");
+        assert_eq!(report["root"], root);
+        stopped = hub.stop().await;
+        if layout == Layout::SPARSE {
+            // A packed flag set on a log whose leaves are in log_nodes: refused by name.
+            exec_on_hub(
+                stopped.dir.path(),
+                &format!(
+                    "{} UPDATE log_meta SET packed_leaves = {};",
+                    lift_log_guard(),
+                    if crate::pg::enabled() { "true" } else { "1" }
+                ),
+            );
+            stopped = refused_start(stopped, &["log_nodes holds leaves"]).await;
+        }
+    }
+    assert_eq!(size, 374);
     let hub = stopped.restart().await;
-    assert_eq!(
-        stored_nodes(hub.dir.path()),
-        (Layout::DENSE.nodes_due(300), (0..=8).collect())
-    );
-    assert_eq!(every_proof_verifies(&hub, 300).await, sparse_root);
-    submit(
-        &mut hub.ingest().await,
-        (0..37).map(|i| rating(&format!("m{i}"))).collect(),
-    )
-    .await;
-    assert_eq!(stored_nodes(hub.dir.path()).0, Layout::DENSE.nodes_due(337));
-    let dense_root = every_proof_verifies(&hub, 337).await;
-    let (ok, report) = verify_hub(hub.dir.path());
-    assert!(ok, "{report}");
-    assert_eq!(report["root"], dense_root);
+    let dense_root = root;
 
     // The layout cannot be changed behind the hub: log_meta refuses it, and with its guard
     // lifted, the start and verify both refuse what the stored levels contradict.
@@ -500,42 +595,56 @@ async fn a_log_stored_sparse_or_dense_proves_the_same_tree() {
         report["reason"]
             .as_str()
             .unwrap()
-            .contains("level 1: 168 stored, 0 due"),
+            .contains("level 1: 187 stored, 0 due"),
         "{report}"
     );
     let stopped = refused_start(stopped, &["level 1", "node_stride 4"]).await;
 
     // `log verify` of a new version on a database its hub has not migrated yet: a log
-    // without node_stride stores every level.
+    // without node_stride stores every level, and without packed_leaves keeps its leaves in
+    // log_nodes.
     exec_on_hub(
         &dir,
-        "UPDATE log_meta SET node_stride = 1; ALTER TABLE log_meta DROP COLUMN node_stride;",
+        "UPDATE log_meta SET node_stride = 1; ALTER TABLE log_meta DROP COLUMN node_stride; \
+         ALTER TABLE log_meta DROP COLUMN packed_leaves; DROP TABLE log_leaves;",
     );
     let (ok, report) = verify_hub(&dir);
     assert!(ok, "{report}");
     assert_eq!(report["root"], dense_root);
 
-    // That database as a hub from before the layout left it (the migration not applied):
-    // the migration keeps its log dense, and the hub goes on writing every level.
-    let version = if crate::pg::enabled() { 11 } else { 14 };
+    // That database as a hub from before the layouts left it (the migrations not applied):
+    // the migrations keep its log dense with its leaves in log_nodes, and the hub goes on
+    // writing every level.
+    let versions = if crate::pg::enabled() {
+        "11, 13"
+    } else {
+        "14, 16"
+    };
     exec_on_hub(
         &dir,
-        &format!("DELETE FROM _sqlx_migrations WHERE version = {version};"),
+        &format!("DELETE FROM _sqlx_migrations WHERE version IN ({versions});"),
     );
     let hub = match stopped.try_restart_with(|b| b).await {
         Ok(hub) => hub,
         Err((e, _)) => panic!("the hub starts on the migrated database: {e:#}"),
     };
     submit_batches(&hub, "n", 1, 20).await;
-    assert_eq!(stored_nodes(hub.dir.path()).0, Layout::DENSE.nodes_due(357));
+    assert_eq!(
+        stored_nodes(hub.dir.path()),
+        (Layout::DENSE.nodes_due(394), (0..=8).collect(), 0)
+    );
     assert_eq!(
         query_on_hub(
             hub.dir.path(),
-            "SELECT CAST(node_stride AS TEXT) FROM log_meta"
+            "SELECT CAST(node_stride AS TEXT) || ' ' || CAST(packed_leaves AS TEXT) FROM log_meta"
         ),
-        ["1"]
+        [if crate::pg::enabled() {
+            "1 false"
+        } else {
+            "1 0"
+        }]
     );
-    every_proof_verifies(&hub, 357).await;
+    every_proof_verifies(&hub, 394).await;
     let (ok, report) = verify_hub(hub.dir.path());
     assert!(ok, "{report}");
     hub.stop().await;
@@ -597,7 +706,7 @@ async fn a_rewritten_log_is_caught_by_its_nodes_or_by_a_root_recorded_before() {
         &dir,
         &format!(
             "{} {} UPDATE ratings SET level = level % 5 + 1 WHERE feed_seq = 7; \
-             DELETE FROM log_nodes; DELETE FROM log_meta;",
+             DELETE FROM log_leaves; DELETE FROM log_nodes; DELETE FROM log_meta;",
             drop_guard(),
             lift
         ),
@@ -1027,7 +1136,7 @@ async fn a_city_hubs_tampered_database_raises_an_alarm_at_the_province() {
         stopped.dir.path(),
         &format!(
             "{lift} INSERT INTO ratings ({cols}) SELECT {forged} FROM ratings WHERE feed_seq = 13; \
-             DELETE FROM log_nodes; DELETE FROM log_meta;"
+             DELETE FROM log_leaves; DELETE FROM log_nodes; DELETE FROM log_meta;"
         ),
     );
     let city = stopped.restart().await;
@@ -1648,7 +1757,7 @@ async fn a_platform_following_signed_heads_catches_a_rewritten_log() {
         stopped.dir.path(),
         &format!(
             "{} {} UPDATE ratings SET level = level % 5 + 1 WHERE feed_seq = 7; \
-             DELETE FROM log_nodes; DELETE FROM log_meta;",
+             DELETE FROM log_leaves; DELETE FROM log_nodes; DELETE FROM log_meta;",
             drop_guard(),
             lift_log_guard()
         ),

@@ -98,7 +98,18 @@ impl<'c> GroupTx<'c> {
     }
 
     /// Deferred: the rating log's new nodes (src/store/log.rs).
-    pub fn insert_nodes(&mut self, nodes: &[crate::merkle::Node]) {
+    pub fn insert_nodes(&mut self, layout: crate::merkle::Layout, nodes: &[crate::merkle::Node]) {
+        let (mut leaves, nodes) = crate::store::log::split_leaves(layout, nodes);
+        while !leaves.is_empty() {
+            let rest = leaves.split_off(leaves.len().min(1000));
+            let rows = std::mem::replace(&mut leaves, rest);
+            let qb = self.defer(Some(rows.len() as u64));
+            qb.push("INSERT INTO log_leaves (first, hashes) ");
+            qb.push_values(rows, |mut b, (first, hashes)| {
+                b.push_bind(first as i64).push_bind(hashes);
+            });
+            qb.push(";");
+        }
         for rows in nodes.chunks(1000) {
             let qb = self.defer(Some(rows.len() as u64));
             qb.push("INSERT INTO log_nodes (level, idx, hash) ");

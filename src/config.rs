@@ -485,8 +485,10 @@ impl Config {
         if self.storage.max_group_commit == 0 {
             return fail("storage.max_group_commit must be at least 1");
         }
-        if self.validation.clock_skew_secs < 0 {
-            return fail("validation.clock_skew_secs must not be negative");
+        // A rating may be dated at most this far past the hub's clock. More than a day is
+        // no clock skew; past the year 9999 the stores' date functions would not count it.
+        if !(0..=86_400).contains(&self.validation.clock_skew_secs) {
+            return fail("validation.clock_skew_secs must be between 0 and 86400 (a day)");
         }
         if self.ops.mtls && self.tls.insecure_plaintext {
             return fail("ops.mtls needs TLS; tls.insecure_plaintext turns it off");
@@ -776,6 +778,24 @@ mod tests {
         assert_eq!(c.storage.url, "/tmp/x.db");
         assert_eq!(c.server.max_batch, 20);
         assert_eq!(c.storage.synchronous, Synchronous::Normal);
+    }
+
+    #[test]
+    fn a_clock_skew_outside_a_day_is_refused_by_name() {
+        for skew in ["-1", "86401", "9223372036854775807"] {
+            let err = Config::from_layers(
+                None,
+                env(&[("RATING_HUB__VALIDATION__CLOCK_SKEW_SECS", skew)]),
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("clock_skew_secs"), "{skew}: {err}");
+        }
+        let c = Config::from_layers(
+            None,
+            env(&[("RATING_HUB__VALIDATION__CLOCK_SKEW_SECS", "86400")]),
+        )
+        .unwrap();
+        assert_eq!(c.validation.clock_skew_secs, 86_400);
     }
 
     #[test]

@@ -178,18 +178,18 @@ impl Frontier {
 }
 
 /// Which levels of the tree a database stores (`log_meta.node_stride`): every `stride`-th
-/// level from the leaves. Stride 1 stores every complete subtree (about two rows per
-/// rating: logs written before 2026-12-01); stride 4, every new log's, stores the leaves
-/// and levels 4, 8, 12, … (about 1.07 rows per rating). A node between stored levels is
+/// level from the leaves. Stride 1 stores every complete subtree (about two nodes per
+/// rating: the first logs); stride 4, every later log's, stores the leaves and levels 4, 8,
+/// 12, … (about 1.07 nodes per rating). A node between stored levels is
 /// recomputed from the at most 2^(stride − 1) stored nodes under it, so a proof or the right
 /// edge still reads a few dozen rows in one query. The leaves are always stored: `rating-hub
 /// log verify` names a changed rating by its own position.
 ///
 /// Where the leaves are kept is the layout's other half (`log_meta.packed_leaves`): a log
 /// created since 2026-12-01 packs them, up to [`LEAVES_PER_ROW`] consecutive leaf hashes per
-/// `log_leaves` row (one row or two per commit group instead of one row per rating); an
-/// older log keeps them as level-0 rows of `log_nodes`. Which table holds them changes
-/// nothing here: level 0 is stored either way.
+/// `log_leaves` row (about group size ÷ 32 + 1 rows per commit group instead of one row
+/// per rating: a few per hundred ratings under load); an older log keeps them as level-0 rows of
+/// `log_nodes`. Which table holds them changes nothing here: level 0 is stored either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
     stride: u32,

@@ -220,12 +220,12 @@ pub(crate) trait ChunkBackend {
 
 /// Writes `items` (in order) and returns one outcome each. `next_seq` advances by the number
 /// of accepted ratings.
-pub(crate) async fn write_ratings<B: ChunkBackend>(
+pub(crate) async fn write_ratings<'a, B: ChunkBackend>(
     backend: &mut B,
-    items: &[&NewRating],
+    items: &[&'a NewRating],
     next_seq: &mut u64,
     received_at: i64,
-    log: &mut LogAppend,
+    log: &mut LogAppend<'a>,
 ) -> Result<Vec<InsertOutcome>, sqlx::Error> {
     let mut out = Vec::with_capacity(items.len());
     for chunk in items.chunks(CHUNK) {
@@ -434,12 +434,12 @@ fn visit_taken(seen: &HashSet<String>, visit: &str, per_visit: bool) -> bool {
     }
 }
 
-async fn write_chunk<B: ChunkBackend>(
+async fn write_chunk<'a, B: ChunkBackend>(
     backend: &mut B,
-    chunk: &[&NewRating],
+    chunk: &[&'a NewRating],
     next_seq: &mut u64,
     received_at: i64,
-    log: &mut LogAppend,
+    log: &mut LogAppend<'a>,
 ) -> Result<Vec<InsertOutcome>, sqlx::Error> {
     let mut l = backend.lookups(chunk).await?;
     let q = chunk[0].checks.quality;
@@ -558,23 +558,25 @@ struct Batch<'a> {
     rows: Vec<Pending<'a>>,
 }
 
-async fn flush<B: ChunkBackend>(
+async fn flush<'a, B: ChunkBackend>(
     backend: &mut B,
-    pending: &mut Batch<'_>,
+    pending: &mut Batch<'a>,
     out: &mut [Option<InsertOutcome>],
     received_at: i64,
-    log: &mut LogAppend,
+    log: &mut LogAppend<'a>,
 ) -> Result<(), sqlx::Error> {
     if pending.rows.is_empty() {
         return Ok(());
     }
     backend.insert(&pending.rows, received_at).await?;
-    // Each inserted row's leaf, as stored (in feed order: sequences are taken in order).
-    log.leaves.extend(
+    // Each inserted row's leaf, as stored (in feed order: sequences are taken in order),
+    // hashed before the group's log nodes are written: the SQLite writer hashes them while
+    // its database thread runs the group's statements.
+    log.rows.extend(
         pending
             .rows
             .iter()
-            .map(|p| LeafCols::of_pending(p, received_at).hash(log.alg)),
+            .map(|p| LeafCols::of_pending(p, received_at)),
     );
     for (pos, p) in pending.positions.drain(..).zip(pending.rows.drain(..)) {
         out[pos] = Some(InsertOutcome::Accepted {

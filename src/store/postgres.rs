@@ -733,7 +733,7 @@ impl Writer {
         .into_iter();
         // The log's nodes go with the ratings, under the sequencer: the right edge this
         // writer left, unless another instance committed since (then read from the store).
-        let frontier = if log.leaves.is_empty() {
+        let frontier = if log.is_empty() {
             // Kept: still right if no other instance commits ratings before the next group
             // (checked then against the head it locks).
             cached_frontier

@@ -542,7 +542,22 @@ impl Writer {
         // The log's nodes go with the ratings, in the same transaction; the right edge in
         // memory moves only once it committed.
         let mut frontier = None;
-        if !log.leaves.is_empty() {
+        if !log.is_empty() {
+            // The group's statements so far run on sqlx's database thread while this one
+            // hashes the leaves (polled once to send them, awaited after): the hashing is
+            // then off the group's critical path.
+            {
+                let mut sent = std::pin::pin!(tx.flush());
+                let first = std::future::poll_fn(|cx| {
+                    std::task::Poll::Ready(std::future::Future::poll(sent.as_mut(), cx))
+                })
+                .await;
+                log.hash_rows();
+                match first {
+                    std::task::Poll::Ready(r) => r?,
+                    std::task::Poll::Pending => sent.await?,
+                }
+            }
             let mut f = self.frontier.clone();
             tx.insert_nodes(self.log_layout, &log.nodes(&mut f));
             frontier = Some(f);

@@ -8,7 +8,9 @@ use sqlx::{Connection, PgConnection, SqliteConnection};
 
 use crate::merkle::{self, Frontier, Hash, HashAlg, LEAVES_PER_ROW, Layout};
 use crate::store::StoreError;
-use crate::store::log::{LEAF_COLUMNS, LeafRow, check_layout, unpack_leaves};
+use crate::store::log::{
+    LEAF_COLUMNS, LeafRow, check_layout, check_leaf_table, stray_leaves_sql, unpack_leaves,
+};
 
 /// Rows read per trip.
 const BATCH: i64 = 5000;
@@ -309,6 +311,26 @@ pub async fn verify(
             0,
             format!("a rating is stored at feed position {lowest}, outside the feed"),
         ));
+    }
+    // Leaves in the table the layout does not keep them in (a database from before packed
+    // leaves may have no log_leaves at all).
+    let has_leaf_table = db
+        .scalar_i64(match db {
+            Db::Sqlite(_) => {
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'log_leaves'"
+            }
+            Db::Postgres(_) => {
+                "SELECT CAST(CASE WHEN to_regclass('log_leaves') IS NULL THEN 0 ELSE 1 END \
+                 AS BIGINT)"
+            }
+        })
+        .await?
+        > 0;
+    if first_bad.is_none() && (layout.packs_leaves() || has_leaf_table) {
+        let stray = db.scalar_i64(stray_leaves_sql(layout)).await?;
+        if let Err(why) = check_leaf_table(layout, stray) {
+            first_bad = Some((stray as u64 + 1, why));
+        }
     }
     'rows: while first_bad.is_none() {
         let rows = db.rows_after(frontier.size).await?;

@@ -33,7 +33,7 @@ fn verify(dir: &Path, config: Option<&Path>) -> (bool, Value) {
     (out.status.success(), report)
 }
 
-fn verify_hub(hub_dir: &Path) -> (bool, Value) {
+pub(crate) fn verify_hub(hub_dir: &Path) -> (bool, Value) {
     verify(hub_dir, Some(&hub_dir.join("hub.toml")))
 }
 
@@ -440,6 +440,27 @@ async fn a_log_stored_packed_sparse_or_dense_proves_the_same_tree() {
             crate::pg::try_exec_on_hub(stopped.dir.path(), change).expect_err("the log is fixed");
         assert!(refused.contains("append-only"), "{change}: {refused}");
     }
+    // On PostgreSQL TRUNCATE fires no row trigger: every append-only table refuses it.
+    if crate::pg::enabled() {
+        for table in [
+            "ratings",
+            "log_nodes",
+            "log_leaves",
+            "log_meta",
+            "service_case_events",
+            "bad_rating_case_entries",
+            "evidence_blobs",
+            "case_evidence",
+            "pii_access",
+        ] {
+            let refused = crate::pg::try_exec_on_hub(
+                stopped.dir.path(),
+                &format!("TRUNCATE {table} CASCADE;"),
+            )
+            .expect_err(table);
+            assert!(refused.contains("append-only"), "{table}: {refused}");
+        }
+    }
     // A node forged at a level the layout leaves out (the append-only guard allows INSERT):
     // verify names the level, and the hub does not start on it.
     exec_on_hub(
@@ -457,8 +478,8 @@ async fn a_log_stored_packed_sparse_or_dense_proves_the_same_tree() {
         "{report}"
     );
     let stopped = refused_start(stopped, &["stores a node at level 1"]).await;
-    // A leaf forged into the table a packed log does not keep leaves in: verify counts it,
-    // and the start names both tables.
+    // A leaf forged into the table a packed log does not keep leaves in: verify and the
+    // start name both tables.
     exec_on_hub(
         stopped.dir.path(),
         &format!(
@@ -473,10 +494,30 @@ async fn a_log_stored_packed_sparse_or_dense_proves_the_same_tree() {
         report["reason"]
             .as_str()
             .unwrap()
-            .contains("level 0: 301 stored, 300 due"),
+            .contains("keeps its leaves in log_leaves (log_meta.packed_leaves 1) and log_nodes holds leaves too, from feed position 1"),
         "{report}"
     );
     let stopped = refused_start(stopped, &["log_leaves", "log_nodes holds leaves"]).await;
+    // Rows the hub never writes are refused by the table: empty, part of a hash, more than
+    // a run, across two runs.
+    for forged in [
+        "SELECT 300, substr(hashes, 1, 0)",
+        "SELECT 300, substr(hashes, 1, 31)",
+        "SELECT 320, hashes || hashes",
+        "SELECT 31, substr(hashes, 1, 64)",
+    ] {
+        let refused = crate::pg::try_exec_on_hub(
+            stopped.dir.path(),
+            &format!(
+                "INSERT INTO log_leaves (first, hashes) {forged} FROM log_leaves WHERE first = 0;"
+            ),
+        )
+        .expect_err(forged);
+        assert!(
+            refused.to_lowercase().contains("check"),
+            "{forged}: {refused}"
+        );
+    }
     // A leaf row overlapping another (positions 41 and 42 stored twice): a proof that reads
     // them fails rather than use either, and verify names the first.
     exec_on_hub(
@@ -509,9 +550,17 @@ async fn a_log_stored_packed_sparse_or_dense_proves_the_same_tree() {
         assert_eq!(proof.is_ok(), ok, "{seq}: {proof:?}");
     }
     let stopped = hub.stop().await;
+    // A row forged over the log's end (positions 296.., the last row's 289..=300): the
+    // start names the position two rows hold rather than the size the forged row gives.
     exec_on_hub(
         stopped.dir.path(),
-        "DELETE FROM log_leaves WHERE first = 40;",
+        "DELETE FROM log_leaves WHERE first = 40; INSERT INTO log_leaves (first, hashes) \
+         SELECT 295, substr(hashes, 1, 32) FROM log_leaves WHERE first = 288;",
+    );
+    let stopped = refused_start(stopped, &["feed position 296", "two log_leaves rows"]).await;
+    exec_on_hub(
+        stopped.dir.path(),
+        "DELETE FROM log_leaves WHERE first = 295;",
     );
     // And a level it keeps without its first node.
     exec_on_hub(
@@ -568,6 +617,9 @@ async fn a_log_stored_packed_sparse_or_dense_proves_the_same_tree() {
                     if crate::pg::enabled() { "true" } else { "1" }
                 ),
             );
+            let (ok, report) = verify_hub(stopped.dir.path());
+            assert!(!ok);
+            assert_eq!(report["first_bad_position"], 1, "{report}");
             stopped = refused_start(stopped, &["log_nodes holds leaves"]).await;
         }
     }

@@ -91,6 +91,11 @@ impl<'c> GroupTx<'c> {
         Ok(())
     }
 
+    /// Runs every deferred statement (one trip).
+    pub async fn flush(&mut self) -> Result<(), sqlx::Error> {
+        self.send(|_| Ok(())).await
+    }
+
     /// The connection, with every deferred statement run: for the group's other jobs.
     pub async fn conn(&mut self) -> Result<&mut SqliteConnection, sqlx::Error> {
         self.send(|_| Ok(())).await?;

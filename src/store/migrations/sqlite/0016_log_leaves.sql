@@ -7,9 +7,14 @@ ALTER TABLE log_meta ADD COLUMN packed_leaves INTEGER NOT NULL DEFAULT 0
     CHECK (packed_leaves IN (0, 1));
 
 -- Leaves first .. first + length(hashes) / 32 - 1 (feed positions first + 1 ..).
+-- The CHECK holds every row to what the hub writes: whole hashes, 1 to 32 of them, within
+-- one run.
 CREATE TABLE log_leaves (
     first  INTEGER PRIMARY KEY,
-    hashes BLOB    NOT NULL
+    hashes BLOB    NOT NULL,
+    CHECK (typeof(hashes) = 'blob' AND first >= 0 AND length(hashes) BETWEEN 32 AND 1024
+           AND length(hashes) % 32 = 0
+           AND first / 32 = (first + length(hashes) / 32 - 1) / 32)
 );
 
 CREATE TRIGGER log_leaves_append_only_update BEFORE UPDATE ON log_leaves

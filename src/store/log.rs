@@ -315,22 +315,23 @@ pub fn check_layout(stride: i64, packed: bool) -> Result<Layout, String> {
     })
 }
 
-/// A query for the first leaf index in the table `layout` does not keep leaves in, or -1.
+/// A query for the first leaf index in the table `layout` does not keep leaves in (NULL:
+/// none).
 pub fn stray_leaves_sql(layout: Layout) -> &'static str {
     if layout.packs_leaves() {
-        "SELECT CAST(COALESCE(MIN(idx), -1) AS BIGINT) FROM log_nodes WHERE level = 0"
+        "SELECT CAST(MIN(idx) AS BIGINT) FROM log_nodes WHERE level = 0"
     } else {
-        "SELECT CAST(COALESCE(MIN(first), -1) AS BIGINT) FROM log_leaves"
+        "SELECT CAST(MIN(first) AS BIGINT) FROM log_leaves"
     }
 }
 
 /// Refuses a log whose leaves are in the table its layout does not keep them in (the
 /// layout's flag changed, or leaves written, behind the hub): the hub would read one table
 /// and the other would go unchecked.
-pub fn check_leaf_table(layout: Layout, stray: i64) -> Result<(), String> {
-    if stray < 0 {
+pub fn check_leaf_table(layout: Layout, stray: Option<i64>) -> Result<(), String> {
+    let Some(stray) = stray else {
         return Ok(());
-    }
+    };
     let (keeps, other) = if layout.packs_leaves() {
         ("log_leaves", "log_nodes")
     } else {
@@ -341,7 +342,7 @@ pub fn check_leaf_table(layout: Layout, stray: i64) -> Result<(), String> {
          holds leaves too, from feed position {}: they were written, or the layout changed, \
          behind the hub (rating-hub log verify)",
         i32::from(layout.packs_leaves()),
-        stray + 1
+        stray.saturating_add(1)
     ))
 }
 
@@ -439,8 +440,9 @@ pub fn leaf_row_ranges(idxs: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
 
 /// The nodes whose presence shows the layout a log of `size` leaves is stored in: the first
 /// node of each of levels 1 to 4 the tree has (a point read each), and the last leaf (with
-/// packed leaves, its run: a row forged over the log's end is refused by name before the
-/// size it gave is used).
+/// packed leaves, its run: a row forged over the log's end that overlaps the last rows is
+/// refused by name before the size it gave is used; one past them gives a size the feed
+/// does not have, and is refused for that).
 pub fn layout_probes(size: u64) -> Vec<(u32, u64)> {
     let mut probes: Vec<(u32, u64)> = (1..=4).filter(|l| size >> l > 0).map(|l| (l, 0)).collect();
     if size > 0 {

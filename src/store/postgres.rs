@@ -395,7 +395,7 @@ async fn open_log(
         let layout = log::check_layout(i64::from(stride), packed).map_err(StoreError::Corrupt)?;
         let size = log_size(&mut tx, layout).await?;
         if from.is_none() {
-            let stray: i64 = sqlx::query_scalar(log::stray_leaves_sql(layout))
+            let stray: Option<i64> = sqlx::query_scalar(log::stray_leaves_sql(layout))
                 .fetch_one(&mut *tx)
                 .await?;
             log::check_leaf_table(layout, stray).map_err(StoreError::Corrupt)?;

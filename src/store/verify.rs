@@ -327,9 +327,21 @@ pub async fn verify(
         .await?
         > 0;
     if first_bad.is_none() && (layout.packs_leaves() || has_leaf_table) {
-        let stray = db.scalar_i64(stray_leaves_sql(layout)).await?;
+        let stray: Option<i64> = match &mut *db {
+            Db::Sqlite(c) => {
+                sqlx::query_scalar(stray_leaves_sql(layout))
+                    .fetch_one(c)
+                    .await?
+            }
+            Db::Postgres(c) => {
+                sqlx::query_scalar(stray_leaves_sql(layout))
+                    .fetch_one(c)
+                    .await?
+            }
+        };
         if let Err(why) = check_leaf_table(layout, stray) {
-            first_bad = Some((stray as u64 + 1, why));
+            let at = stray.unwrap_or(0).max(0) as u64;
+            first_bad = Some((at.saturating_add(1), why));
         }
     }
     'rows: while first_bad.is_none() {

@@ -478,13 +478,15 @@ async fn a_log_stored_packed_sparse_or_dense_proves_the_same_tree() {
         "{report}"
     );
     let stopped = refused_start(stopped, &["stores a node at level 1"]).await;
-    // A leaf forged into the table a packed log does not keep leaves in: verify and the
-    // start name both tables.
+    // Leaves forged into the table a packed log does not keep leaves in (one at index −1,
+    // outside the feed): verify and the start name both tables.
     exec_on_hub(
         stopped.dir.path(),
         &format!(
             "{} DELETE FROM log_nodes WHERE level = 1; INSERT INTO log_nodes (level, idx, hash) \
-             SELECT 0, 0, hash FROM log_nodes WHERE level = 4 AND idx = 0;",
+             SELECT 0, 0, hash FROM log_nodes WHERE level = 4 AND idx = 0; \
+             INSERT INTO log_nodes (level, idx, hash) \
+             SELECT 0, -1, hash FROM log_nodes WHERE level = 4 AND idx = 0;",
             lift_log_guard()
         ),
     );
@@ -494,7 +496,7 @@ async fn a_log_stored_packed_sparse_or_dense_proves_the_same_tree() {
         report["reason"]
             .as_str()
             .unwrap()
-            .contains("keeps its leaves in log_leaves (log_meta.packed_leaves 1) and log_nodes holds leaves too, from feed position 1"),
+            .contains("keeps its leaves in log_leaves (log_meta.packed_leaves 1) and log_nodes holds leaves too, from feed position 0"),
         "{report}"
     );
     let stopped = refused_start(stopped, &["log_leaves", "log_nodes holds leaves"]).await;

@@ -6,6 +6,8 @@
 //! (the next chunk's look-ups, or `COMMIT`). A group of n chunks costs n + 1 trips instead
 //! of 2n + 2; most groups are one chunk, so two trips instead of four. In paired probes this
 //! gave unary ingest 8–13 % more calls/s and left batches unchanged (docs/benchmarks.md).
+//! A group of many ratings takes one trip more ([`GroupTx::flush`]): its INSERTs run while
+//! the writer hashes their rating-log leaves, and the log's rows go with `COMMIT`.
 
 use futures_util::TryStreamExt;
 use sqlx::sqlite::{SqliteConnection, SqliteRow};

@@ -452,6 +452,7 @@ async fn a_log_stored_packed_sparse_or_dense_proves_the_same_tree() {
             "evidence_blobs",
             "case_evidence",
             "pii_access",
+            "rating_exclusions",
         ] {
             let refused = crate::pg::try_exec_on_hub(
                 stopped.dir.path(),
@@ -460,6 +461,19 @@ async fn a_log_stored_packed_sparse_or_dense_proves_the_same_tree() {
             .expect_err(table);
             assert!(refused.contains("append-only"), "{table}: {refused}");
         }
+    }
+    // An exclusion (a rating taken out of the counts) cannot be changed or withdrawn either.
+    exec_on_hub(
+        stopped.dir.path(),
+        "INSERT INTO rating_exclusions (hub_id, reason, case_id, at) \
+         SELECT hub_id, 1, 0, 0 FROM ratings WHERE feed_seq = 1;",
+    );
+    for change in [
+        "UPDATE rating_exclusions SET reason = 2;",
+        "DELETE FROM rating_exclusions;",
+    ] {
+        let refused = crate::pg::try_exec_on_hub(stopped.dir.path(), change).expect_err(change);
+        assert!(refused.contains("append-only"), "{change}: {refused}");
     }
     // A node forged at a level the layout leaves out (the append-only guard allows INSERT):
     // verify names the level, and the hub does not start on it.

@@ -15,3 +15,10 @@ CREATE TRIGGER case_evidence_append_only_truncate BEFORE TRUNCATE ON case_eviden
     FOR EACH STATEMENT EXECUTE FUNCTION rating_hub_append_only();
 CREATE TRIGGER pii_access_append_only_truncate BEFORE TRUNCATE ON pii_access
     FOR EACH STATEMENT EXECUTE FUNCTION rating_hub_append_only();
+
+-- Rating exclusions (a rating taken out of the counts: invalid, malicious, superseded) are
+-- append-only on SQLite; here too, rows and TRUNCATE.
+CREATE TRIGGER rating_exclusions_append_only BEFORE UPDATE OR DELETE ON rating_exclusions
+    FOR EACH ROW EXECUTE FUNCTION rating_hub_append_only();
+CREATE TRIGGER rating_exclusions_append_only_truncate BEFORE TRUNCATE ON rating_exclusions
+    FOR EACH STATEMENT EXECUTE FUNCTION rating_hub_append_only();

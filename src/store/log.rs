@@ -371,13 +371,13 @@ pub type LeafRun = (u64, Vec<u8>);
 /// Splits nodes to store into the packed leaf rows and the `log_nodes` rows (`layout`
 /// packs leaves; otherwise every node is a `log_nodes` row). Consecutive leaves share a row,
 /// up to [`LEAVES_PER_ROW`] and never across an aligned run of that many.
-pub fn split_leaves(layout: Layout, nodes: &[Node]) -> (Vec<LeafRun>, Vec<Node>) {
+pub fn split_leaves(layout: Layout, nodes: Vec<Node>) -> (Vec<LeafRun>, Vec<Node>) {
     if !layout.packs_leaves() {
-        return (Vec::new(), nodes.to_vec());
+        return (Vec::new(), nodes);
     }
     let mut runs: Vec<LeafRun> = Vec::new();
     let mut others = Vec::new();
-    for &(level, idx, hash) in nodes {
+    for (level, idx, hash) in nodes {
         if level != 0 {
             others.push((level, idx, hash));
             continue;
@@ -534,7 +534,7 @@ mod tests {
     fn packed_leaves_split_by_aligned_runs_and_read_back() {
         let mut nodes: Vec<Node> = (30..100).map(leaf).collect();
         nodes.push((4, 2, [9; 32]));
-        let (runs, others) = split_leaves(Layout::PACKED, &nodes);
+        let (runs, others) = split_leaves(Layout::PACKED, nodes.clone());
         let spans: Vec<(u64, usize)> = runs.iter().map(|(f, h)| (*f, h.len() / 32)).collect();
         assert_eq!(spans, [(30, 2), (32, 32), (64, 32), (96, 4)]);
         assert_eq!(others, [(4, 2, [9; 32])]);
@@ -545,9 +545,9 @@ mod tests {
             .collect();
         assert_eq!(back, nodes[..70]);
         // A gap starts a new row; without packing every node stays a node.
-        let (runs, _) = split_leaves(Layout::PACKED, &[leaf(1), leaf(3)]);
+        let (runs, _) = split_leaves(Layout::PACKED, vec![leaf(1), leaf(3)]);
         assert_eq!(runs.len(), 2);
-        let (runs, others) = split_leaves(Layout::SPARSE, &nodes);
+        let (runs, others) = split_leaves(Layout::SPARSE, nodes.clone());
         assert!(runs.is_empty());
         assert_eq!(others, nodes);
     }

@@ -442,7 +442,7 @@ async fn open_log(
                 frontier.size + 1
             )));
         }
-        insert_nodes(&mut tx, layout, &nodes).await?;
+        insert_nodes(&mut tx, layout, nodes).await?;
         tx.commit().await?;
         batches += 1;
     }
@@ -543,7 +543,7 @@ async fn read_stored(
 async fn insert_nodes(
     conn: &mut PgConnection,
     layout: merkle::Layout,
-    nodes: &[merkle::Node],
+    nodes: Vec<merkle::Node>,
 ) -> Result<(), sqlx::Error> {
     let (leaves, nodes) = log::split_leaves(layout, nodes);
     if !leaves.is_empty() {
@@ -744,7 +744,7 @@ impl Writer {
                     .await
                     .map_err(|e| sqlx::Error::Protocol(e.to_string()))?,
             };
-            insert_nodes(&mut tx, log_layout, &log.nodes(&mut f)).await?;
+            insert_nodes(&mut tx, log_layout, log.nodes(&mut f)).await?;
             Some(f)
         };
         let mut results = Vec::with_capacity(group.len());

@@ -350,7 +350,7 @@ async fn open_log(
         }
         // Each batch commits: a start cut short goes on from here the next time.
         let mut tx = conn.begin().await?;
-        insert_nodes(&mut tx, layout, &nodes).await?;
+        insert_nodes(&mut tx, layout, nodes).await?;
         tx.commit().await?;
     }
     if frontier.size > from {
@@ -457,7 +457,7 @@ async fn read_stored(
 async fn insert_nodes(
     conn: &mut SqliteConnection,
     layout: merkle::Layout,
-    nodes: &[merkle::Node],
+    nodes: Vec<merkle::Node>,
 ) -> Result<(), sqlx::Error> {
     let (leaves, nodes) = log::split_leaves(layout, nodes);
     for part in leaves.chunks(1000) {
@@ -564,7 +564,7 @@ impl Writer {
                 }
             }
             let mut f = self.frontier.clone();
-            tx.insert_nodes(self.log_layout, &log.nodes(&mut f));
+            tx.insert_nodes(self.log_layout, log.nodes(&mut f));
             frontier = Some(f);
         }
         let mut results = Vec::with_capacity(group.len());

@@ -69,6 +69,19 @@ fn lift_log_guard() -> &'static str {
     }
 }
 
+/// Runs each of `statements` on the hub's database: each must be refused, with an error
+/// naming `why` (any case).
+fn refused_sql<S: AsRef<str>>(dir: &Path, statements: impl IntoIterator<Item = S>, why: &str) {
+    for sql in statements {
+        let sql = sql.as_ref();
+        let refused = crate::pg::try_exec_on_hub(dir, sql).expect_err(sql);
+        assert!(
+            refused.to_lowercase().contains(why),
+            "{sql}: {refused} (expected {why})"
+        );
+    }
+}
+
 /// Restarts `stopped`, which must be refused with an error naming each of `why`; the
 /// stopped hub back.
 async fn refused_start(stopped: StoppedHub, why: &[&str]) -> StoppedHub {
@@ -429,20 +442,20 @@ async fn a_log_stored_packed_sparse_or_dense_proves_the_same_tree() {
 
     // log_meta, layout included, cannot be changed; nor can a leaf row.
     let stopped = hub.stop().await;
-    for change in [
-        "UPDATE log_meta SET node_stride = 1;",
-        "UPDATE log_meta SET packed_leaves = NOT packed_leaves;",
-        "DELETE FROM log_meta;",
-        "UPDATE log_leaves SET first = first + 1 WHERE first = 0;",
-        "DELETE FROM log_leaves;",
-    ] {
-        let refused =
-            crate::pg::try_exec_on_hub(stopped.dir.path(), change).expect_err("the log is fixed");
-        assert!(refused.contains("append-only"), "{change}: {refused}");
-    }
+    refused_sql(
+        stopped.dir.path(),
+        [
+            "UPDATE log_meta SET node_stride = 1;",
+            "UPDATE log_meta SET packed_leaves = NOT packed_leaves;",
+            "DELETE FROM log_meta;",
+            "UPDATE log_leaves SET first = first + 1 WHERE first = 0;",
+            "DELETE FROM log_leaves;",
+        ],
+        "append-only",
+    );
     // On PostgreSQL TRUNCATE fires no row trigger: every append-only table refuses it.
     if crate::pg::enabled() {
-        for table in [
+        let tables = [
             "ratings",
             "log_nodes",
             "log_leaves",
@@ -453,14 +466,12 @@ async fn a_log_stored_packed_sparse_or_dense_proves_the_same_tree() {
             "case_evidence",
             "pii_access",
             "rating_exclusions",
-        ] {
-            let refused = crate::pg::try_exec_on_hub(
-                stopped.dir.path(),
-                &format!("TRUNCATE {table} CASCADE;"),
-            )
-            .expect_err(table);
-            assert!(refused.contains("append-only"), "{table}: {refused}");
-        }
+        ];
+        refused_sql(
+            stopped.dir.path(),
+            tables.map(|t| format!("TRUNCATE {t} CASCADE;")),
+            "append-only",
+        );
     }
     // An exclusion (a rating taken out of the counts) cannot be changed or withdrawn either.
     exec_on_hub(
@@ -468,13 +479,14 @@ async fn a_log_stored_packed_sparse_or_dense_proves_the_same_tree() {
         "INSERT INTO rating_exclusions (hub_id, reason, case_id, at) \
          SELECT hub_id, 1, 0, 0 FROM ratings WHERE feed_seq = 1;",
     );
-    for change in [
-        "UPDATE rating_exclusions SET reason = 2;",
-        "DELETE FROM rating_exclusions;",
-    ] {
-        let refused = crate::pg::try_exec_on_hub(stopped.dir.path(), change).expect_err(change);
-        assert!(refused.contains("append-only"), "{change}: {refused}");
-    }
+    refused_sql(
+        stopped.dir.path(),
+        [
+            "UPDATE rating_exclusions SET reason = 2;",
+            "DELETE FROM rating_exclusions;",
+        ],
+        "append-only",
+    );
     // A node forged at a level the layout leaves out (the append-only guard allows INSERT):
     // verify names the level, and the hub does not start on it.
     exec_on_hub(
@@ -516,24 +528,19 @@ async fn a_log_stored_packed_sparse_or_dense_proves_the_same_tree() {
     let stopped = refused_start(stopped, &["log_leaves", "log_nodes holds leaves"]).await;
     // Rows the hub never writes are refused by the table: empty, part of a hash, more than
     // a run, across two runs.
-    for forged in [
+    let forged = [
         "SELECT 300, substr(hashes, 1, 0)",
         "SELECT 300, substr(hashes, 1, 31)",
         "SELECT 320, hashes || hashes",
         "SELECT 31, substr(hashes, 1, 64)",
-    ] {
-        let refused = crate::pg::try_exec_on_hub(
-            stopped.dir.path(),
-            &format!(
-                "INSERT INTO log_leaves (first, hashes) {forged} FROM log_leaves WHERE first = 0;"
-            ),
-        )
-        .expect_err(forged);
-        assert!(
-            refused.to_lowercase().contains("check"),
-            "{forged}: {refused}"
-        );
-    }
+    ];
+    refused_sql(
+        stopped.dir.path(),
+        forged.map(|f| {
+            format!("INSERT INTO log_leaves (first, hashes) {f} FROM log_leaves WHERE first = 0;")
+        }),
+        "check",
+    );
     // A leaf row overlapping another (positions 41 and 42 stored twice): a proof that reads
     // them fails rather than use either, and verify names the first.
     exec_on_hub(
@@ -564,6 +571,10 @@ async fn a_log_stored_packed_sparse_or_dense_proves_the_same_tree() {
             })
             .await;
         assert_eq!(proof.is_ok(), ok, "{seq}: {proof:?}");
+        if let Err(status) = proof {
+            // The hub's storage failure (logged with the position), not a bad request.
+            assert_eq!(status.code(), tonic::Code::Internal, "{seq}: {status:?}");
+        }
     }
     let stopped = hub.stop().await;
     // A row forged over the log's end (positions 296.., the last row's 289..=300): the
@@ -647,12 +658,15 @@ async fn a_log_stored_packed_sparse_or_dense_proves_the_same_tree() {
     // lifted, the start and verify both refuse what the stored levels contradict.
     let stopped = hub.stop().await;
     let dir = stopped.dir.path().to_owned();
-    let refused = crate::pg::try_exec_on_hub(
+    // A stride this hub cannot read is refused by the table.
+    refused_sql(
         &dir,
-        &format!("{} UPDATE log_meta SET node_stride = 2;", lift_log_guard()),
-    )
-    .expect_err("a stride this hub cannot read is refused by the table");
-    assert!(refused.to_lowercase().contains("check"), "{refused}");
+        [format!(
+            "{} UPDATE log_meta SET node_stride = 2;",
+            lift_log_guard()
+        )],
+        "check",
+    );
     exec_on_hub(
         &dir,
         &format!("{} UPDATE log_meta SET node_stride = 4;", lift_log_guard()),

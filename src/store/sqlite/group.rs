@@ -105,7 +105,7 @@ impl<'c> GroupTx<'c> {
     }
 
     /// Deferred: the rating log's new nodes (src/store/log.rs).
-    pub fn insert_nodes(&mut self, layout: crate::merkle::Layout, nodes: &[crate::merkle::Node]) {
+    pub fn insert_nodes(&mut self, layout: crate::merkle::Layout, nodes: Vec<crate::merkle::Node>) {
         let (mut leaves, nodes) = crate::store::log::split_leaves(layout, nodes);
         while !leaves.is_empty() {
             let rest = leaves.split_off(leaves.len().min(1000));

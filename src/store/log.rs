@@ -315,6 +315,17 @@ pub fn check_layout(stride: i64, packed: bool) -> Result<Layout, String> {
     })
 }
 
+/// A query for how many leaves a log stored in `layout` has (the end of its last leaf row,
+/// or its highest leaf index + 1).
+pub fn size_sql(layout: Layout) -> &'static str {
+    if layout.packs_leaves() {
+        "SELECT COALESCE((SELECT CAST(first + length(hashes) / 32 AS BIGINT) FROM log_leaves \
+         ORDER BY first DESC LIMIT 1), 0)"
+    } else {
+        "SELECT COALESCE(MAX(idx) + 1, 0) FROM log_nodes WHERE level = 0"
+    }
+}
+
 /// A query for the first leaf index in the table `layout` does not keep leaves in (NULL:
 /// none).
 pub fn stray_leaves_sql(layout: Layout) -> &'static str {

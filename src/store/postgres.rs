@@ -483,13 +483,9 @@ async fn read_nodes(
 
 /// How many leaves the stored log has.
 async fn log_size(conn: &mut PgConnection, layout: merkle::Layout) -> Result<u64, StoreError> {
-    let sql = if layout.packs_leaves() {
-        "SELECT COALESCE((SELECT first + length(hashes) / 32 FROM log_leaves \
-         ORDER BY first DESC LIMIT 1), 0)::bigint"
-    } else {
-        "SELECT COALESCE(MAX(idx) + 1, 0) FROM log_nodes WHERE level = 0"
-    };
-    let size: i64 = sqlx::query_scalar(sql).fetch_one(&mut *conn).await?;
+    let size: i64 = sqlx::query_scalar(log::size_sql(layout))
+        .fetch_one(&mut *conn)
+        .await?;
     Ok(size as u64)
 }
 

@@ -9,7 +9,8 @@ use sqlx::{Connection, PgConnection, SqliteConnection};
 use crate::merkle::{self, Frontier, Hash, HashAlg, LEAVES_PER_ROW, Layout};
 use crate::store::StoreError;
 use crate::store::log::{
-    LEAF_COLUMNS, LeafRow, check_layout, check_leaf_table, stray_leaves_sql, unpack_leaves,
+    LEAF_COLUMNS, LeafRow, check_layout, check_leaf_table, size_sql, stray_leaves_sql,
+    unpack_leaves,
 };
 
 /// Rows read per trip.
@@ -291,14 +292,7 @@ pub async fn verify(
     let lowest = db
         .scalar_i64("SELECT COALESCE(MIN(feed_seq), 1) FROM ratings")
         .await?;
-    let leaves = db
-        .scalar_i64(if layout.packs_leaves() {
-            "SELECT COALESCE((SELECT CAST(first + length(hashes) / 32 AS BIGINT) FROM log_leaves \
-             ORDER BY first DESC LIMIT 1), 0)"
-        } else {
-            "SELECT COALESCE(MAX(idx) + 1, 0) FROM log_nodes WHERE level = 0"
-        })
-        .await? as u64;
+    let leaves = db.scalar_i64(size_sql(layout)).await? as u64;
     let mut nodes_stored = db.scalar_i64("SELECT COUNT(*) FROM log_nodes").await? as u64;
     if layout.packs_leaves() {
         nodes_stored += db.scalar_i64(PACKED_LEAVES).await? as u64;

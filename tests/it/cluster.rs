@@ -69,7 +69,8 @@ async fn same_source_key_sent_to_two_instances_at_once_stores_one_rating() {
 
 #[tokio::test]
 async fn feed_is_gapless_in_order_and_wakes_a_third_instance_that_never_writes() {
-    let a = on_new_database().0.start().await;
+    let (builder, url) = on_new_database();
+    let a = builder.start().await;
     let b = a.peer().await;
     let c = a.peer().await;
     // Subscribed on C, which takes no ratings: it can only learn of A's and B's commits
@@ -122,6 +123,16 @@ async fn feed_is_gapless_in_order_and_wakes_a_third_instance_that_never_writes()
         (report["size"].clone(), report["ratings"].clone()),
         (1800.into(), 1800.into())
     );
+    // Packed, and in more rows than 1,800 leaves fill (57): groups ended inside runs that
+    // the next group, of either instance, went on with.
+    let packed = crate::pg::exec(
+        &url,
+        "SELECT CAST(packed_leaves AS TEXT) || ' ' || CAST(COUNT(*) AS TEXT) \
+         FROM log_meta, log_leaves GROUP BY packed_leaves",
+    );
+    let (flag, rows) = packed[0].split_once(' ').unwrap();
+    assert_eq!(flag, "true");
+    assert!(rows.parse::<u64>().unwrap() > 57, "{rows} leaf rows");
 }
 
 /// Hub processes, each `(name, database URL)`, delivering to the gRPC upstream `endpoint`

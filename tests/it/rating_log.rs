@@ -58,6 +58,7 @@ fn lift_log_guard() -> &'static str {
     if crate::pg::enabled() {
         "DROP TRIGGER IF EXISTS log_nodes_append_only ON log_nodes; \
          DROP TRIGGER IF EXISTS log_leaves_append_only ON log_leaves; \
+         DROP TRIGGER IF EXISTS log_leaves_no_overlap ON log_leaves; \
          DROP TRIGGER IF EXISTS log_meta_fixed ON log_meta; \
          DROP TRIGGER IF EXISTS log_meta_fixed_truncate ON log_meta;"
     } else {
@@ -65,6 +66,7 @@ fn lift_log_guard() -> &'static str {
          DROP TRIGGER IF EXISTS log_nodes_append_only_delete; \
          DROP TRIGGER IF EXISTS log_leaves_append_only_update; \
          DROP TRIGGER IF EXISTS log_leaves_append_only_delete; \
+         DROP TRIGGER IF EXISTS log_leaves_no_overlap; \
          DROP TRIGGER IF EXISTS log_meta_fixed_update; DROP TRIGGER IF EXISTS log_meta_fixed_delete;"
     }
 }
@@ -452,6 +454,13 @@ async fn a_log_stored_packed_sparse_or_dense_proves_the_same_tree() {
             "DELETE FROM log_leaves;",
         ],
         "append-only",
+    );
+    // Nor may a leaf row overlap another (positions 41 and 42 held twice).
+    refused_sql(
+        stopped.dir.path(),
+        ["INSERT INTO log_leaves (first, hashes) \
+          SELECT 40, substr(hashes, 1, 64) FROM log_leaves WHERE first = 32;"],
+        "overlap",
     );
     // On PostgreSQL TRUNCATE fires no row trigger: every append-only table refuses it.
     if crate::pg::enabled() {

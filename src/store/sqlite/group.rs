@@ -100,7 +100,7 @@ impl<'c> GroupTx<'c> {
 
     /// The connection, with every deferred statement run: for the group's other jobs.
     pub async fn conn(&mut self) -> Result<&mut SqliteConnection, sqlx::Error> {
-        self.send(|_| Ok(())).await?;
+        self.flush().await?;
         Ok(&mut *self.conn)
     }
 

@@ -14,6 +14,23 @@ CREATE TABLE log_leaves (
     CHECK (first >= 0 AND length(hashes) BETWEEN 32 AND 1024 AND length(hashes) % 32 = 0
            AND first / 32 = (first + length(hashes) / 32 - 1) / 32)
 );
+-- Nor may a row overlap another (both lie within one run: look there): a leaf two rows hold
+-- is refused here, not only when the hub or log verify reads it. Writers hold the
+-- sequencer, so no two inserts race past this check.
+CREATE OR REPLACE FUNCTION rating_hub_log_leaves_no_overlap() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (
+        SELECT 1 FROM log_leaves
+        WHERE first BETWEEN NEW.first / 32 * 32 AND NEW.first + length(NEW.hashes) / 32 - 1
+          AND first + length(hashes) / 32 > NEW.first
+    ) THEN
+        RAISE EXCEPTION 'log_leaves rows may not overlap';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+CREATE TRIGGER log_leaves_no_overlap BEFORE INSERT ON log_leaves
+    FOR EACH ROW EXECUTE FUNCTION rating_hub_log_leaves_no_overlap();
 CREATE TRIGGER log_leaves_append_only BEFORE UPDATE OR DELETE ON log_leaves
     FOR EACH ROW EXECUTE FUNCTION rating_hub_append_only();
 CREATE TRIGGER log_leaves_append_only_truncate BEFORE TRUNCATE ON log_leaves

@@ -17,6 +17,18 @@ CREATE TABLE log_leaves (
            AND first / 32 = (first + length(hashes) / 32 - 1) / 32)
 );
 
+-- Nor may a row overlap another (both lie within one run: look there): a leaf two rows hold
+-- is refused here, not only when the hub or log verify reads it.
+CREATE TRIGGER log_leaves_no_overlap BEFORE INSERT ON log_leaves
+WHEN EXISTS (
+    SELECT 1 FROM log_leaves
+    WHERE first BETWEEN NEW.first / 32 * 32 AND NEW.first + length(NEW.hashes) / 32 - 1
+      AND first + length(hashes) / 32 > NEW.first
+)
+BEGIN
+    SELECT RAISE(ABORT, 'log_leaves rows may not overlap');
+END;
+
 CREATE TRIGGER log_leaves_append_only_update BEFORE UPDATE ON log_leaves
 BEGIN
     SELECT RAISE(ABORT, 'log_leaves is append-only');

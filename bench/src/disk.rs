@@ -144,35 +144,27 @@ fn report(backend: &str, ratings: u64, relations: &[Relation]) {
         };
         println!("| {what} | {} | {:.0} |", r.bytes, per(r.bytes));
     }
+    const COUNTS: [&str; 6] = [
+        "rating_counts",
+        "rating_counts_month",
+        "rating_counts_quarter",
+        "case_counts",
+        "case_counts_month",
+        "case_counts_quarter",
+    ];
     for (what, tables) in [
         (
             "rating log (log_leaves, log_nodes)",
             &["log_leaves", "log_nodes"][..],
         ),
-        (
-            "statistics' counts",
-            &[
-                "rating_counts",
-                "rating_counts_month",
-                "case_counts",
-                "case_counts_month",
-            ][..],
-        ),
+        ("statistics' counts", &COUNTS[..]),
     ] {
         let b = sum(&|r| tables.contains(&r.table.as_str()));
         println!("| {what}, with indexes | {b} | {:.0} |", per(b));
     }
     let rest = sum(&|r| {
-        ![
-            "ratings",
-            "log_leaves",
-            "log_nodes",
-            "rating_counts",
-            "rating_counts_month",
-            "case_counts",
-            "case_counts_month",
-        ]
-        .contains(&r.table.as_str())
+        !["ratings", "log_leaves", "log_nodes"].contains(&r.table.as_str())
+            && !COUNTS.contains(&r.table.as_str())
     });
     println!(
         "| everything else (cases, relay, audit, free pages) | {rest} | {:.0} |",

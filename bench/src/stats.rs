@@ -236,9 +236,34 @@ pub(crate) async fn stats_probe(
         .groups;
     let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
     rows.push((
-        "GetStats, quarter, province by organisation (counts)".into(),
+        "GetStats, the last 92 days, province by organisation (counts)".into(),
         timed(samples, |_| {
             let (mut q, r) = (query.clone(), by_org(quarter.clone()));
+            async move {
+                q.get_stats(r).await?;
+                Ok(())
+            }
+        })
+        .await?,
+    ));
+    // The calendar quarter holding today, as a dashboard or the quarterly report asks it.
+    let (year, month, _) = rating_hub::rules::Date::of_instant(now_micros()).ymd();
+    let (year, quarter_no) = (year as u32, (month - 1) / 3 + 1);
+    let cst_midnight = |y: u32, m: u32| {
+        let (y, m) = if m > 12 { (y + 1, m - 12) } else { (y, m) };
+        rating_hub::rules::Date::from_ymd(i64::from(y), m, 1)
+            .map(|d| d.days() * DAY_SECS - 8 * 3600)
+            .expect("a quarter's first day")
+    };
+    let calendar = pb::RatingFilter {
+        rated_from: ts(cst_midnight(year, quarter_no * 3 - 2)),
+        rated_until: ts(cst_midnight(year, quarter_no * 3 + 1)),
+        ..quarter.clone()
+    };
+    rows.push((
+        format!("GetStats, {year} Q{quarter_no}, province by organisation (counts)"),
+        timed(samples, |_| {
+            let (mut q, r) = (query.clone(), by_org(calendar.clone()));
             async move {
                 q.get_stats(r).await?;
                 Ok(())
@@ -251,7 +276,7 @@ pub(crate) async fn stats_probe(
         ..quarter.clone()
     };
     rows.push((
-        "GetStats, quarter, one organisation (counts)".into(),
+        "GetStats, the last 92 days, one organisation (counts)".into(),
         timed(samples, |_| {
             let (mut q, f) = (query.clone(), single.clone());
             async move {
@@ -265,8 +290,6 @@ pub(crate) async fn stats_probe(
         })
         .await?,
     ));
-    let (year, month, _) = rating_hub::rules::Date::of_instant(now_micros()).ymd();
-    let (year, quarter_no) = (year as u32, (month - 1) / 3 + 1);
     rows.push((
         format!("ExportReport CSV, {year} Q{quarter_no}, province (counts)"),
         timed(samples, |_| {
@@ -304,7 +327,7 @@ pub(crate) async fn stats_probe(
         samples.min(10)
     };
     rows.push((
-        "GetStats, quarter less 1 s, province by organisation (scan)".into(),
+        "GetStats, the last 92 days less 1 s, province by organisation (scan)".into(),
         timed(scans, |_| {
             let (mut q, r) = (query.clone(), by_org(shifted.clone()));
             async move {

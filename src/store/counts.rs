@@ -11,6 +11,9 @@
 //! hold the same sums per CST month, kept from the daily tables' own changes: a range's
 //! whole months are read from them and only its days around them from the daily tables (with thousands of organisations
 //! `rating_counts` has nearly a row per rating; a month's rows are about 30 times fewer).
+//! `rating_counts_quarter` and `case_counts_quarter` (`sqlite/0017`, `postgres/0015`) do the
+//! same per calendar quarter, kept from the monthly tables' changes: a quarter over a
+//! province reads a third of the monthly rows ([`spans`]).
 
 use super::{RatingQuery, StatsDimension};
 
@@ -31,42 +34,129 @@ pub struct CountsPlan {
     pub filter: RatingQuery,
     pub from_day: Option<i64>,
     pub until_day: Option<i64>,
-    /// The whole CST months inside the range, as the first days of the first month and of
-    /// the month after the last (`None`: unbounded), read from `rating_counts_month`; the
-    /// range's days outside them from `rating_counts`. `None` when the range holds no whole
-    /// month, or the grouping is by day.
-    pub months: Option<(Option<i64>, Option<i64>)>,
+    /// Where the range's rows are read: its whole quarters from the quarterly table, the
+    /// whole months around them from the monthly one, and the days around those from the
+    /// daily one (a grouping by month reads no quarter, one by day only days).
+    pub spans: Vec<Span>,
+}
+
+/// The counts tables, finest first: `rating_counts` (`case_counts`) and the same sums per CST
+/// month and per quarter (`<table>_month`, `<table>_quarter`, whose `day` is the first day of
+/// the month or quarter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Grain {
+    Day,
+    Month,
+    Quarter,
+}
+
+impl Grain {
+    fn suffix(self) -> &'static str {
+        match self {
+            Grain::Day => "",
+            Grain::Month => "_month",
+            Grain::Quarter => "_quarter",
+        }
+    }
+
+    /// The first day of the month or quarter holding CST day `day`, and of the next one.
+    fn unit_of(self, day: i64) -> Option<(i64, i64)> {
+        use crate::rules::Date;
+        let (y, m, _) = Date::from_days(day).ymd();
+        let first = match self {
+            Grain::Day => return Some((day, day.checked_add(1)?)),
+            Grain::Month => m,
+            Grain::Quarter => (m - 1) / 3 * 3 + 1,
+        };
+        let next = first + if self == Grain::Month { 1 } else { 3 };
+        let start = Date::from_ymd(y, first, 1)?;
+        let end = match next {
+            13 => Date::from_ymd(y + 1, 1, 1)?,
+            n => Date::from_ymd(y, n, 1)?,
+        };
+        Some((start.days(), end.days()))
+    }
+}
+
+/// Rows of one counts table with `day` in `[from, until)` (`None`: unbounded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub grain: Grain,
+    pub from: Option<i64>,
+    pub until: Option<i64>,
 }
 
 /// The first day of the month holding CST day `day`, and of the next month.
+#[cfg(test)]
 fn month_of(day: i64) -> Option<(i64, i64)> {
-    use crate::rules::Date;
-    let (y, m, _) = Date::from_days(day).ymd();
-    let first = Date::from_ymd(y, m, 1)?;
-    let next = match m {
-        12 => Date::from_ymd(y + 1, 1, 1)?,
-        _ => Date::from_ymd(y, m + 1, 1)?,
-    };
-    Some((first.days(), next.days()))
+    Grain::Month.unit_of(day)
 }
 
-/// The whole months of `[from, until)` (see [`CountsPlan::months`]).
-fn whole_months(from: Option<i64>, until: Option<i64>) -> Option<(Option<i64>, Option<i64>)> {
+/// The whole units of `grain` inside `[from, until)`, as the first day of the first one and
+/// of the one after the last (`None`: unbounded); `None` when the range holds none.
+fn whole_units(
+    grain: Grain,
+    from: Option<i64>,
+    until: Option<i64>,
+) -> Option<(Option<i64>, Option<i64>)> {
     let lo = match from {
-        Some(d) => Some(match month_of(d)? {
+        Some(d) => Some(match grain.unit_of(d)? {
             (first, _) if first == d => d,
             (_, next) => next,
         }),
         None => None,
     };
     let hi = match until {
-        Some(d) => Some(month_of(d)?.0),
+        Some(d) => Some(grain.unit_of(d)?.0),
         None => None,
     };
     match (lo, hi) {
         (Some(lo), Some(hi)) if lo >= hi => None,
         range => Some(range),
     }
+}
+
+/// The whole months of `[from, until)` (see [`CountsPlan::spans`]).
+#[cfg(test)]
+fn whole_months(from: Option<i64>, until: Option<i64>) -> Option<(Option<i64>, Option<i64>)> {
+    whole_units(Grain::Month, from, until)
+}
+
+/// `[from, until)` as spans of the coarsest grain up to `coarsest` that fits, and finer ones
+/// around it, in day order; an empty range is no span. `None` if a date is out of range.
+fn spans(coarsest: Grain, from: Option<i64>, until: Option<i64>) -> Option<Vec<Span>> {
+    if let (Some(f), Some(u)) = (from, until)
+        && f >= u
+    {
+        return Some(Vec::new());
+    }
+    let finer = match coarsest {
+        Grain::Day => {
+            return Some(vec![Span {
+                grain: Grain::Day,
+                from,
+                until,
+            }]);
+        }
+        Grain::Month => Grain::Day,
+        Grain::Quarter => Grain::Month,
+    };
+    let Some((lo, hi)) = whole_units(coarsest, from, until) else {
+        return spans(finer, from, until);
+    };
+    let mut out = match lo {
+        Some(lo) => spans(finer, from, Some(lo))?,
+        None => Vec::new(),
+    };
+    out.push(Span {
+        grain: coarsest,
+        from: lo,
+        until: hi,
+    });
+    if let Some(hi) = hi {
+        out.extend(spans(finer, Some(hi), until)?);
+    }
+    Some(out)
 }
 
 /// The CST day (days since 1970-01-01) that starts at `micros`, if a day starts there.
@@ -108,13 +198,16 @@ pub fn plan(query: &RatingQuery, group_by: &[StatsDimension]) -> Option<CountsPl
         Some(t) => Some(day_starting_at(t)?),
         None => None,
     };
-    let months = if group_by.contains(&StatsDimension::Day) {
-        None
+    // A month's or quarter's rows have no day of their own; a quarter's no month.
+    let coarsest = if group_by.contains(&StatsDimension::Day) {
+        Grain::Day
+    } else if group_by.contains(&StatsDimension::Month) {
+        Grain::Month
     } else {
-        whole_months(from_day, until_day)
+        Grain::Quarter
     };
     Some(CountsPlan {
-        months,
+        spans: spans(coarsest, from_day, until_day)?,
         filter: RatingQuery {
             rated_from_micros: None,
             rated_until_micros: None,
@@ -128,10 +221,14 @@ pub fn plan(query: &RatingQuery, group_by: &[StatsDimension]) -> Option<CountsPl
 }
 
 impl CountsPlan {
+    /// Whether the plan reads any rows of `grain`'s table.
+    pub fn reads(&self, grain: Grain) -> bool {
+        self.spans.iter().any(|s| s.grain == grain)
+    }
+
     /// `FROM <counts> WHERE TRUE` for the plan's range, over `table` (`rating_counts` or
-    /// `case_counts`): the table, or the whole months' rows of its monthly table
-    /// (`<table>_month`: the same columns, `day` a month's first day) with the days around
-    /// them, as one table of that name.
+    /// `case_counts`): the rows of each span (the same columns in every grain's table), as
+    /// one table of that name.
     pub(crate) fn push_counts<'a, DB>(
         &self,
         qb: &mut sqlx::QueryBuilder<'a, DB>,
@@ -140,51 +237,43 @@ impl CountsPlan {
         DB: sqlx::Database,
         i64: 'a + sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     {
-        let Some((first_month, end_month)) = self.months else {
-            qb.push(format!(" FROM {table} WHERE TRUE"));
-            self.push_days(qb);
+        if let [span] = self.spans.as_slice() {
+            qb.push(format!(
+                " FROM {table}{} AS {table} WHERE TRUE",
+                span.grain.suffix()
+            ));
+            push_days(qb, span);
             return;
-        };
+        }
         qb.push(" FROM (");
-        if let (Some(from), Some(month)) = (self.from_day, first_month)
-            && from < month
-        {
-            qb.push(format!("SELECT * FROM {table} WHERE day >= "))
-                .push_bind(from)
-                .push(" AND day < ")
-                .push_bind(month)
-                .push(" UNION ALL ");
+        if self.spans.is_empty() {
+            qb.push(format!("SELECT * FROM {table} WHERE FALSE"));
         }
-        qb.push(format!("SELECT * FROM {table}_month WHERE TRUE"));
-        if let Some(month) = first_month {
-            qb.push(" AND day >= ").push_bind(month);
-        }
-        if let Some(month) = end_month {
-            qb.push(" AND day < ").push_bind(month);
-        }
-        if let (Some(month), Some(until)) = (end_month, self.until_day)
-            && month < until
-        {
-            qb.push(format!(" UNION ALL SELECT * FROM {table} WHERE day >= "))
-                .push_bind(month)
-                .push(" AND day < ")
-                .push_bind(until);
+        for (i, span) in self.spans.iter().enumerate() {
+            if i > 0 {
+                qb.push(" UNION ALL ");
+            }
+            qb.push(format!(
+                "SELECT * FROM {table}{} WHERE TRUE",
+                span.grain.suffix()
+            ));
+            push_days(qb, span);
         }
         qb.push(format!(") AS {table} WHERE TRUE"));
     }
+}
 
-    /// `AND day >= from AND day < until` over a counts table, for the plan's days.
-    fn push_days<'a, DB>(&self, qb: &mut sqlx::QueryBuilder<'a, DB>)
-    where
-        DB: sqlx::Database,
-        i64: 'a + sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    {
-        if let Some(day) = self.from_day {
-            qb.push(" AND day >= ").push_bind(day);
-        }
-        if let Some(day) = self.until_day {
-            qb.push(" AND day < ").push_bind(day);
-        }
+/// `AND day >= from AND day < until` for a span's rows.
+fn push_days<'a, DB>(qb: &mut sqlx::QueryBuilder<'a, DB>, span: &Span)
+where
+    DB: sqlx::Database,
+    i64: 'a + sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    if let Some(day) = span.from {
+        qb.push(" AND day >= ").push_bind(day);
+    }
+    if let Some(day) = span.until {
+        qb.push(" AND day < ").push_bind(day);
     }
 }
 
@@ -252,11 +341,97 @@ mod tests {
             rated_from_micros: Some((20_362 * 86_400 - 8 * 3600) * 1_000_000),
             ..Default::default()
         };
-        assert_eq!(plan(&q, &[StatsDimension::Day]).unwrap().months, None);
         assert_eq!(
-            plan(&q, &[StatsDimension::Month]).unwrap().months,
-            Some((Some(20_362), None))
+            plan(&q, &[StatsDimension::Day]).unwrap().spans,
+            [span(Grain::Day, Some(20_362), None)]
         );
+        assert_eq!(
+            plan(&q, &[StatsDimension::Month]).unwrap().spans,
+            [span(Grain::Month, Some(20_362), None)]
+        );
+    }
+
+    fn span(grain: Grain, from: Option<i64>, until: Option<i64>) -> Span {
+        Span { grain, from, until }
+    }
+
+    #[test]
+    fn whole_quarters_are_read_from_the_quarterly_counts_with_months_and_days_around_them() {
+        use crate::rules::Date;
+        let d = |y, m, day| Date::from_ymd(y, m, day).unwrap().days();
+        assert_eq!(
+            Grain::Quarter.unit_of(d(2025, 11, 15)),
+            Some((d(2025, 10, 1), d(2026, 1, 1)))
+        );
+        assert_eq!(
+            Grain::Quarter.unit_of(d(2026, 3, 31)),
+            Some((d(2026, 1, 1), d(2026, 4, 1)))
+        );
+        assert_eq!(
+            Grain::Quarter.unit_of(d(2026, 4, 1)),
+            Some((d(2026, 4, 1), d(2026, 7, 1)))
+        );
+        let (q, m, day) = (Grain::Quarter, Grain::Month, Grain::Day);
+        let s = |from, until| spans(q, from, until).unwrap();
+        // A calendar quarter is one quarter's rows.
+        assert_eq!(
+            s(Some(d(2025, 10, 1)), Some(d(2026, 1, 1))),
+            [span(q, Some(d(2025, 10, 1)), Some(d(2026, 1, 1)))]
+        );
+        // 2025-08-20 to 2026-02-03: days, September, Q4, January, days.
+        assert_eq!(
+            s(Some(d(2025, 8, 20)), Some(d(2026, 2, 3))),
+            [
+                span(day, Some(d(2025, 8, 20)), Some(d(2025, 9, 1))),
+                span(m, Some(d(2025, 9, 1)), Some(d(2025, 10, 1))),
+                span(q, Some(d(2025, 10, 1)), Some(d(2026, 1, 1))),
+                span(m, Some(d(2026, 1, 1)), Some(d(2026, 2, 1))),
+                span(day, Some(d(2026, 2, 1)), Some(d(2026, 2, 3))),
+            ]
+        );
+        // The last 92 days from 2026-09-01: no whole quarter, three months and a day.
+        assert_eq!(
+            s(Some(d(2026, 9, 1)), Some(d(2026, 12, 2))),
+            [
+                span(m, Some(d(2026, 9, 1)), Some(d(2026, 12, 1))),
+                span(day, Some(d(2026, 12, 1)), Some(d(2026, 12, 2))),
+            ]
+        );
+        // Unbounded: every quarter before, and the months and days after.
+        assert_eq!(
+            s(None, Some(d(2026, 5, 10))),
+            [
+                span(q, None, Some(d(2026, 4, 1))),
+                span(m, Some(d(2026, 4, 1)), Some(d(2026, 5, 1))),
+                span(day, Some(d(2026, 5, 1)), Some(d(2026, 5, 10))),
+            ]
+        );
+        assert_eq!(s(None, None), [span(q, None, None)]);
+        // Empty and inverted ranges read nothing; one day reads one day.
+        assert_eq!(s(Some(d(2026, 5, 10)), Some(d(2026, 5, 10))), []);
+        assert_eq!(s(Some(d(2026, 5, 11)), Some(d(2026, 5, 10))), []);
+        assert_eq!(
+            s(Some(d(2026, 5, 10)), Some(d(2026, 5, 11))),
+            [span(day, Some(d(2026, 5, 10)), Some(d(2026, 5, 11)))]
+        );
+        // The spans tile the range: every day of a year of ranges is read exactly once.
+        for from in (d(2025, 1, 1)..d(2026, 1, 1)).step_by(7) {
+            for len in [1, 28, 31, 59, 90, 92, 120, 200, 400] {
+                let got = s(Some(from), Some(from + len));
+                let mut at = from;
+                for sp in &got {
+                    assert_eq!(sp.from, Some(at), "{got:?}");
+                    let until = sp.until.unwrap();
+                    assert!(until > at, "{got:?}");
+                    if sp.grain != day {
+                        assert_eq!(sp.grain.unit_of(at).unwrap().0, at, "{got:?}");
+                        assert_eq!(sp.grain.unit_of(until).unwrap().0, until, "{got:?}");
+                    }
+                    at = until;
+                }
+                assert_eq!(at, from + len, "{got:?}");
+            }
+        }
     }
 
     #[test]

@@ -560,8 +560,7 @@ async fn statistics_from_the_counts_equal_a_scan_on_random_data() {
     ];
     assert!(
         counts::plan(&filters[9], &[D::Organization])
-            .and_then(|p| p.months)
-            .is_some(),
+            .is_some_and(|p| p.reads(counts::Grain::Month)),
         "a filter over a whole month"
     );
     let groupings: [&[D]; 9] = [
@@ -636,10 +635,17 @@ async fn statistics_from_the_counts_equal_a_scan_on_random_data() {
             "rating_counts_month_update",
             "case_counts_month_insert",
             "case_counts_month_update",
+            "rating_counts_quarter_insert",
+            "rating_counts_quarter_update",
+            "case_counts_quarter_insert",
+            "case_counts_quarter_update",
         ] {
             pg::exec(&url, &format!("DROP FUNCTION {f}() CASCADE"));
         }
         for sql in [
+            "DROP TABLE rating_counts_quarter",
+            "DROP TABLE case_counts_quarter",
+            "DELETE FROM _sqlx_migrations WHERE version = 15",
             "DROP TABLE rating_counts_month",
             "DROP TABLE case_counts_month",
             "DELETE FROM _sqlx_migrations WHERE version = 12",
@@ -665,7 +671,9 @@ async fn statistics_from_the_counts_equal_a_scan_on_random_data() {
              DROP INDEX service_case_events_batch; DROP INDEX service_case_events_theme; \
              DELETE FROM _sqlx_migrations WHERE version = 13; \
              DROP TABLE rating_counts_month; DROP TABLE case_counts_month; \
-             DELETE FROM _sqlx_migrations WHERE version = 15;",
+             DELETE FROM _sqlx_migrations WHERE version = 15; \
+             DROP TABLE rating_counts_quarter; DROP TABLE case_counts_quarter; \
+             DELETE FROM _sqlx_migrations WHERE version = 17;",
         )
         .execute(&mut conn)
         .await
@@ -720,7 +728,7 @@ async fn compare_counts_with_scans(
 /// monthly counts and the days around them give the scan's numbers, by month, day,
 /// organisation and in total.
 #[tokio::test]
-async fn monthly_counts_and_the_days_around_them_equal_a_scan_at_month_ends() {
+async fn quarterly_and_monthly_counts_and_the_days_around_them_equal_a_scan_at_their_ends() {
     use rating_hub::pb::v1 as pb;
     use rating_hub::store::{RatingQuery, StatsDimension as D, counts};
 
@@ -747,6 +755,9 @@ async fn monthly_counts_and_the_days_around_them_equal_a_scan_at_month_ends() {
         cst(2025, 3, 17, 16, 0),
         cst(2025, 3, 31, 23, 59),
         cst(2025, 4, 1, 0, 0),
+        cst(2025, 5, 20, 9, 0),
+        cst(2025, 6, 30, 23, 59),
+        cst(2025, 7, 1, 0, 0),
     ];
     // A 办结 event at each time and organisation (its case rated by the ratings below), and
     // one more that nothing rates.
@@ -809,16 +820,30 @@ async fn monthly_counts_and_the_days_around_them_equal_a_scan_at_month_ends() {
         range(None, Some(cst(2025, 3, 1, 0, 0))),
         range(Some(cst(2025, 2, 1, 0, 0)), None),
         range(Some(cst(2025, 2, 2, 0, 0)), Some(cst(2025, 2, 27, 0, 0))),
+        range(Some(cst(2025, 1, 15, 0, 0)), Some(cst(2025, 7, 2, 0, 0))),
+        range(Some(cst(2024, 12, 31, 0, 0)), Some(cst(2025, 7, 1, 0, 0))),
+        range(None, Some(cst(2025, 6, 15, 0, 0))),
     ];
-    for (q, months) in filters
-        .iter()
-        .zip([true, true, true, true, true, true, false])
-    {
+    // Which coarser tables each filter reads, by organisation: (months, quarters).
+    for (q, reads) in filters.iter().zip([
+        (true, false),
+        (true, false),
+        (false, true),
+        (true, false),
+        (true, true),
+        (true, true),
+        (false, false),
+        (true, true),
+        (false, true),
+        (true, true),
+    ]) {
+        let plan = counts::plan(q, &[D::Organization]).expect("counts");
         assert_eq!(
-            counts::plan(q, &[D::Organization])
-                .and_then(|p| p.months)
-                .is_some(),
-            months,
+            (
+                plan.reads(counts::Grain::Month),
+                plan.reads(counts::Grain::Quarter)
+            ),
+            reads,
             "{q:?}"
         );
     }

@@ -123,20 +123,21 @@ fn whole_months(from: Option<i64>, until: Option<i64>) -> Option<(Option<i64>, O
 }
 
 /// `[from, until)` as spans of the coarsest grain up to `coarsest` that fits, and finer ones
-/// around it, in day order; an empty range is no span. `None` if a date is out of range.
-fn spans(coarsest: Grain, from: Option<i64>, until: Option<i64>) -> Option<Vec<Span>> {
+/// around it, in day order; an empty range is no span. A date too far out for the calendar
+/// (before year 1 or after 9999) has no month or quarter: it is read by a finer grain.
+fn spans(coarsest: Grain, from: Option<i64>, until: Option<i64>) -> Vec<Span> {
     if let (Some(f), Some(u)) = (from, until)
         && f >= u
     {
-        return Some(Vec::new());
+        return Vec::new();
     }
     let finer = match coarsest {
         Grain::Day => {
-            return Some(vec![Span {
+            return vec![Span {
                 grain: Grain::Day,
                 from,
                 until,
-            }]);
+            }];
         }
         Grain::Month => Grain::Day,
         Grain::Quarter => Grain::Month,
@@ -145,7 +146,7 @@ fn spans(coarsest: Grain, from: Option<i64>, until: Option<i64>) -> Option<Vec<S
         return spans(finer, from, until);
     };
     let mut out = match lo {
-        Some(lo) => spans(finer, from, Some(lo))?,
+        Some(lo) => spans(finer, from, Some(lo)),
         None => Vec::new(),
     };
     out.push(Span {
@@ -154,9 +155,9 @@ fn spans(coarsest: Grain, from: Option<i64>, until: Option<i64>) -> Option<Vec<S
         until: hi,
     });
     if let Some(hi) = hi {
-        out.extend(spans(finer, Some(hi), until)?);
+        out.extend(spans(finer, Some(hi), until));
     }
-    Some(out)
+    out
 }
 
 /// The CST day (days since 1970-01-01) that starts at `micros`, if a day starts there.
@@ -207,7 +208,7 @@ pub fn plan(query: &RatingQuery, group_by: &[StatsDimension]) -> Option<CountsPl
         Grain::Quarter
     };
     Some(CountsPlan {
-        spans: spans(coarsest, from_day, until_day)?,
+        spans: spans(coarsest, from_day, until_day),
         filter: RatingQuery {
             rated_from_micros: None,
             rated_until_micros: None,
@@ -426,7 +427,7 @@ mod tests {
             Some((d(2026, 4, 1), d(2026, 7, 1)))
         );
         let (q, m, day) = (Grain::Quarter, Grain::Month, Grain::Day);
-        let s = |from, until| spans(q, from, until).unwrap();
+        let s = |from, until| spans(q, from, until);
         // A calendar quarter is one quarter's rows.
         assert_eq!(
             s(Some(d(2025, 10, 1)), Some(d(2026, 1, 1))),

@@ -860,8 +860,9 @@ async fn a_frozen_lease_holder_hands_over_and_sends_nothing_when_it_thaws() {
     // The holder is retrying a batch the upstream refuses for now when it is stopped (SIGSTOP,
     // as a long stall would).
     fake.set_mode(Mode::Unavailable);
+    let mark = fake.mark();
     let second = submit_through(dir.path(), &hubs[frozen].url, "second", 20).await;
-    fake.wait_calls(2, LIMIT).await;
+    fake.wait_calls(mark, 2, LIMIT).await;
     signal(&hubs[frozen].child, "STOP");
     let stopped = std::time::Instant::now();
     [&gate0, &gate1][frozen].slow(Duration::from_millis(500));

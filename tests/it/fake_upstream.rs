@@ -230,10 +230,19 @@ impl FakeUpstream {
         }
     }
 
-    /// Waits until the upstream was called at least `n` times more.
-    pub async fn wait_calls(&self, n: u64, limit: Duration) {
+    /// The upstream's events so far (calls, and hub ids received for the first time): the
+    /// mark [`FakeUpstream::wait_calls`] counts from. Take it before the action whose calls
+    /// are awaited: calls made while the action ran count too.
+    pub fn mark(&self) -> u64 {
+        *self.state.events.borrow()
+    }
+
+    /// Waits until the upstream was called at least `n` times after `mark` (taken before the
+    /// action: counting from when this is called missed calls already made, and a relay
+    /// that then paused for a minute was never called again).
+    pub async fn wait_calls(&self, mark: u64, n: u64, limit: Duration) {
         let mut events = self.state.events.subscribe();
-        let start = *events.borrow_and_update();
+        let start = mark;
         tokio::time::timeout(limit, async {
             while *events.borrow_and_update() < start + n {
                 events.changed().await.unwrap();

@@ -131,8 +131,9 @@ async fn metrics_move_with_traffic_outages_dead_letters_and_denials() {
 
     // The upstream stops: the lag shows, and the failed sends.
     fake.set_mode(Mode::Unavailable);
+    let mark = fake.mark();
     submit(&mut ingest, vec![rating("m-3")]).await;
-    fake.wait_calls(1, Duration::from_secs(30)).await;
+    fake.wait_calls(mark, 1, Duration::from_secs(30)).await;
     let (_, m) = scrape(&hub).await;
     assert_eq!(
         get(
@@ -374,8 +375,9 @@ async fn the_status_page_shows_an_outage_in_the_browser() {
     fake.set_mode(Mode::Unavailable);
     let mut late = vec![rating("s-3"), rating("s-4")];
     late.iter_mut().for_each(at);
+    let mark = fake.mark();
     submit(&mut ingest, late).await;
-    fake.wait_calls(2, Duration::from_secs(30)).await;
+    fake.wait_calls(mark, 2, Duration::from_secs(30)).await;
     // A month later the 差评 case is long overdue (Kunming: 15 working days).
     clock.set(crate::rules::cst("2025-04-03", 9));
     let addr = hub.hub.ops_addr.expect("the operations listener");

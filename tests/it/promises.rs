@@ -801,6 +801,7 @@ async fn a_request_that_times_out_is_retried_and_shown() {
         .set("upstreams.fake.request_timeout_ms", "200")
         .start()
         .await;
+    let mark = fake.mark();
     submit_new(&mut hub.ingest().await, "to", 1).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let st = loop {
@@ -815,8 +816,9 @@ async fn a_request_that_times_out_is_retried_and_shown() {
     };
     assert_eq!(st.lag_records, 1, "not delivered: {st:?}");
     assert_eq!(st.open_dead_letters, 0, "retried, not given up: {st:?}");
-    // Retried indeed: the upstream is asked again after the timeout.
-    fake.wait_calls(2, std::time::Duration::from_secs(30)).await;
+    // Retried indeed: the upstream is asked again after the timeout (two calls in all).
+    fake.wait_calls(mark, 2, std::time::Duration::from_secs(30))
+        .await;
     hub.stop().await;
 }
 

@@ -154,8 +154,9 @@ async fn outage_errors_slowness_and_rejections_lose_nothing_and_replay_delivers(
         .await;
 
     // 1. The upstream answers UNAVAILABLE: the hub keeps retrying.
+    let mark = fake.mark();
     let mut sent = submit_many(&hub, "a", 100).await;
-    fake.wait_calls(3, LIMIT).await;
+    fake.wait_calls(mark, 3, LIMIT).await;
     let st = status(&hub, "fake").await;
     assert!(
         st.failures >= 1 && st.last_error.contains("Unavailable"),
@@ -677,9 +678,11 @@ async fn after_an_outage_the_first_success_wakes_every_waiting_batch() {
         .set("upstreams.fake.retry_jitter", "0.0")
         .start()
         .await;
+    let mark = fake.mark();
     let first = submit_many(&hub, "a", 50).await;
-    // The first send and two quick retries fail; the batch then waits 60 s.
-    fake.wait_calls(3, LIMIT).await;
+    // The first send and two quick retries fail; the batch then waits 60 s. (They may all
+    // be made while the ratings are still being submitted: counted from before.)
+    fake.wait_calls(mark, 3, LIMIT).await;
     fake.set_mode(Mode::Accept);
     // A new batch is sent at once (a free slot) and gets through: the probe.
     let second = submit_many(&hub, "b", 50).await;
@@ -708,8 +711,9 @@ async fn the_attempt_log_survives_a_restart_and_a_range_replay_sends_that_range_
     fake.wait_until(LIMIT, "120 delivered", |r| r.len() == 120)
         .await;
     fake.set_mode(Mode::Unavailable);
+    let mark = fake.mark();
     let more = submit_many(&hub, "b", 10).await;
-    fake.wait_calls(2, LIMIT).await;
+    fake.wait_calls(mark, 2, LIMIT).await;
     fake.set_mode(Mode::Accept);
     fake.wait_until(LIMIT, "130 delivered", |r| r.len() == 130)
         .await;
@@ -968,6 +972,7 @@ async fn the_attempt_log_survives_a_restart_and_a_range_replay_sends_that_range_
 
     // A replay can be stopped: during an outage it retries no more once cancelled.
     fake.set_mode(Mode::Unavailable);
+    let mark = fake.mark();
     let stuck = admin
         .replay_range(replay(1, 10, "误操作"))
         .await
@@ -975,7 +980,7 @@ async fn the_attempt_log_survives_a_restart_and_a_range_replay_sends_that_range_
         .into_inner()
         .replay
         .unwrap();
-    fake.wait_calls(1, LIMIT).await;
+    fake.wait_calls(mark, 1, LIMIT).await;
     let c = admin
         .cancel_replay(pb::CancelReplayRequest {
             upstream: "up".into(),

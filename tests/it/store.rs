@@ -723,10 +723,10 @@ async fn compare_counts_with_scans(
     compared
 }
 
-/// Ranges that start and end inside months, at fixed dates around month ends (a rating a
-/// minute either side of CST midnight on the 1st, a leap-free February, a year's end): the
-/// monthly counts and the days around them give the scan's numbers, by month, day,
-/// organisation and in total.
+/// Ranges that start and end inside months and quarters, at fixed dates around their ends (a
+/// rating a minute either side of CST midnight on the 1st, a leap-free February, a year's
+/// end, a quarter's last minute): the quarterly and monthly counts and the days around them
+/// give the scan's numbers, by month, day, organisation and in total.
 #[tokio::test]
 async fn quarterly_and_monthly_counts_and_the_days_around_them_equal_a_scan_at_their_ends() {
     use rating_hub::pb::v1 as pb;
@@ -856,7 +856,7 @@ async fn quarterly_and_monthly_counts_and_the_days_around_them_equal_a_scan_at_t
     ];
     let compared = compare_counts_with_scans(&*store, &filters, &groupings).await;
     assert!(compared > 100, "{compared} groups compared");
-    // The whole first quarter of 2025, as ExportReport asks it: three months, no day.
+    // The whole first quarter of 2025, as ExportReport asks it: one quarter's rows, no day.
     let quarter = range(Some(cst(2025, 1, 1, 0, 0)), Some(cst(2025, 4, 1, 0, 0)));
     let all = store.stats(&quarter, &[]).await.expect("stats");
     assert_eq!(all[0].total, 6 * 9);

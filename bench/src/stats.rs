@@ -99,6 +99,22 @@ where
     Ok(v)
 }
 
+/// `n` sequential GetStats calls of `request`, timed.
+async fn timed_stats(
+    query: &QueryServiceClient<Channel>,
+    n: usize,
+    request: pb::GetStatsRequest,
+) -> anyhow::Result<Vec<f64>> {
+    timed(n, |_| {
+        let (mut q, r) = (query.clone(), request.clone());
+        async move {
+            q.get_stats(r).await?;
+            Ok(())
+        }
+    })
+    .await
+}
+
 /// The PostgreSQL database of the prepared hub in `data` on the server at `admin`: named
 /// for the directory, created the first time, reused after.
 async fn prepared_database(admin: &str, data: &Path) -> anyhow::Result<String> {
@@ -237,14 +253,7 @@ pub(crate) async fn stats_probe(
     let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
     rows.push((
         "GetStats, the last 92 days, province by organisation (counts)".into(),
-        timed(samples, |_| {
-            let (mut q, r) = (query.clone(), by_org(quarter.clone()));
-            async move {
-                q.get_stats(r).await?;
-                Ok(())
-            }
-        })
-        .await?,
+        timed_stats(&query, samples, by_org(quarter.clone())).await?,
     ));
     // The calendar quarter holding today, as a dashboard or the quarterly report asks it.
     let (year, month, _) = rating_hub::rules::Date::of_instant(now_micros()).ymd();
@@ -262,14 +271,7 @@ pub(crate) async fn stats_probe(
     };
     rows.push((
         format!("GetStats, {year} Q{quarter_no}, province by organisation (counts)"),
-        timed(samples, |_| {
-            let (mut q, r) = (query.clone(), by_org(calendar.clone()));
-            async move {
-                q.get_stats(r).await?;
-                Ok(())
-            }
-        })
-        .await?,
+        timed_stats(&query, samples, by_org(calendar)).await?,
     ));
     let single = pb::RatingFilter {
         org_credit_code: province_org(7, orgs),
@@ -277,17 +279,14 @@ pub(crate) async fn stats_probe(
     };
     rows.push((
         "GetStats, the last 92 days, one organisation (counts)".into(),
-        timed(samples, |_| {
-            let (mut q, f) = (query.clone(), single.clone());
-            async move {
-                q.get_stats(pb::GetStatsRequest {
-                    filter: Some(f),
-                    ..Default::default()
-                })
-                .await?;
-                Ok(())
-            }
-        })
+        timed_stats(
+            &query,
+            samples,
+            pb::GetStatsRequest {
+                filter: Some(single),
+                ..Default::default()
+            },
+        )
         .await?,
     ));
     rows.push((
@@ -328,14 +327,7 @@ pub(crate) async fn stats_probe(
     };
     rows.push((
         "GetStats, the last 92 days less 1 s, province by organisation (scan)".into(),
-        timed(scans, |_| {
-            let (mut q, r) = (query.clone(), by_org(shifted.clone()));
-            async move {
-                q.get_stats(r).await?;
-                Ok(())
-            }
-        })
-        .await?,
+        timed_stats(&query, scans, by_org(shifted.clone())).await?,
     ));
     rows.push((
         "ListRatings, first page of 50, province".into(),

@@ -86,12 +86,6 @@ pub struct Span {
     pub until: Option<i64>,
 }
 
-/// The first day of the month holding CST day `day`, and of the next month.
-#[cfg(test)]
-fn month_of(day: i64) -> Option<(i64, i64)> {
-    Grain::Month.unit_of(day)
-}
-
 /// The whole units of `grain` inside `[from, until)`, as the first day of the first one and
 /// of the one after the last (`None`: unbounded); `None` when the range holds none.
 fn whole_units(
@@ -114,12 +108,6 @@ fn whole_units(
         (Some(lo), Some(hi)) if lo >= hi => None,
         range => Some(range),
     }
-}
-
-/// The whole months of `[from, until)` (see [`CountsPlan::spans`]).
-#[cfg(test)]
-fn whole_months(from: Option<i64>, until: Option<i64>) -> Option<(Option<i64>, Option<i64>)> {
-    whole_units(Grain::Month, from, until)
 }
 
 /// `[from, until)` as spans of the coarsest grain up to `coarsest` that fits, and finer ones
@@ -323,6 +311,8 @@ mod tests {
 
     #[test]
     fn whole_months_are_read_from_the_monthly_counts_and_the_days_around_them() {
+        let month_of = |day| Grain::Month.unit_of(day);
+        let whole_months = |from, until| whole_units(Grain::Month, from, until);
         // CST day numbers: 2025-10-01 is 20362, 2025-11-01 20393, 2025-12-01 20423,
         // 2026-01-01 20454; 2024-02-01 19754, 2024-03-01 19783 (a leap February).
         assert_eq!(month_of(20_362), Some((20_362, 20_393)));

@@ -27,8 +27,11 @@ pub struct FakeState {
     received: Mutex<HashMap<String, u32>>,
     /// origin source keys to reject permanently
     reject: Mutex<HashSet<String>>,
-    /// bumped on every call and every newly received hub id
+    /// bumped when a call comes in and again when an answered call has taken its ratings
+    /// (what `wait_until` wakes on)
     events: watch::Sender<u64>,
+    /// bumped once per call, when it comes in (what `wait_calls` counts)
+    calls: watch::Sender<u64>,
 }
 
 impl FakeState {
@@ -58,6 +61,7 @@ impl IngestService for FakeIngest {
         request: Request<pb::SubmitRatingsRequest>,
     ) -> Result<Response<pb::SubmitRatingsResponse>, Status> {
         let mode = self.0.mode.lock().unwrap().clone();
+        self.0.calls.send_modify(|v| *v += 1);
         self.0.bump();
         match mode {
             Mode::Unavailable => {
@@ -136,11 +140,13 @@ pub struct FakeUpstream {
 impl FakeUpstream {
     pub async fn start() -> Self {
         let (events, _) = watch::channel(0);
+        let (calls, _) = watch::channel(0);
         let state = Arc::new(FakeState {
             mode: Mutex::new(Mode::Accept),
             received: Mutex::new(HashMap::new()),
             reject: Mutex::new(HashSet::new()),
             events,
+            calls,
         });
         Self::serve("127.0.0.1:0".parse().unwrap(), state).await
     }
@@ -230,22 +236,23 @@ impl FakeUpstream {
         }
     }
 
-    /// The upstream's events so far (calls, and hub ids received for the first time): the
-    /// mark [`FakeUpstream::wait_calls`] counts from. Take it before the action whose calls
-    /// are awaited: calls made while the action ran count too.
+    /// The calls the upstream has had so far: the mark [`FakeUpstream::wait_calls`] counts
+    /// from. Take it before the action whose calls are awaited: calls made while the action
+    /// ran count too. (A call is counted once, when it comes in: the second step an answered
+    /// call makes, which `wait_until` wakes on, would count a call of an earlier phase that
+    /// was still finishing.)
     pub fn mark(&self) -> u64 {
-        *self.state.events.borrow()
+        *self.state.calls.borrow()
     }
 
     /// Waits until the upstream was called at least `n` times after `mark` (taken before the
     /// action: counting from when this is called missed calls already made, and a relay
     /// that then paused for a minute was never called again).
     pub async fn wait_calls(&self, mark: u64, n: u64, limit: Duration) {
-        let mut events = self.state.events.subscribe();
-        let start = mark;
+        let mut calls = self.state.calls.subscribe();
         tokio::time::timeout(limit, async {
-            while *events.borrow_and_update() < start + n {
-                events.changed().await.unwrap();
+            while *calls.borrow_and_update() < mark + n {
+                calls.changed().await.unwrap();
             }
         })
         .await

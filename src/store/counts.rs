@@ -13,7 +13,8 @@
 //! `rating_counts` has nearly a row per rating; a month's rows are about 30 times fewer).
 //! `rating_counts_quarter` and `case_counts_quarter` (`sqlite/0017`, `postgres/0015`) do the
 //! same per calendar quarter, kept from the monthly tables' changes: a quarter over a
-//! province reads a third of the monthly rows ([`spans`]).
+//! province reads a third of the monthly rows ([`spans`]). On PostgreSQL both are kept once per
+//! statement from its transition tables (`postgres/0016`), not once per changed row.
 
 use super::{RatingQuery, StatsDimension};
 

@@ -645,6 +645,7 @@ async fn statistics_from_the_counts_equal_a_scan_on_random_data() {
         for sql in [
             "DROP TABLE rating_counts_quarter",
             "DROP TABLE case_counts_quarter",
+            "DELETE FROM _sqlx_migrations WHERE version = 16",
             "DELETE FROM _sqlx_migrations WHERE version = 15",
             "DROP TABLE rating_counts_month",
             "DROP TABLE case_counts_month",

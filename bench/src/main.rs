@@ -202,6 +202,10 @@ enum Cmd {
         /// quarter reads). Fixed for a --data directory.
         #[arg(long, default_value_t = 40)]
         orgs: u64,
+        /// Times only the calls whose row names contain this (e.g. "Q4" or "Pull"), to
+        /// profile one of them; the others are skipped.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Bytes on disk per stored rating, by table and index, with and without the indexes:
     /// a hub filled with N of the province's ratings on SQLite and (with `--pg-url`, a
@@ -406,9 +410,19 @@ async fn main() -> anyhow::Result<()> {
             growth,
             pg_url,
             orgs,
+            only,
         } => {
-            let pg = pg_url.as_deref();
-            stats::stats_probe(&hub_bin, &data, ratings, samples, growth, pg, orgs).await
+            stats::stats_probe(stats::StatsProbe {
+                hub_bin: &hub_bin,
+                data: &data,
+                ratings,
+                samples,
+                growth,
+                pg_admin: pg_url.as_deref(),
+                orgs,
+                only: only.as_deref(),
+            })
+            .await
         }
         Cmd::Disk {
             hub_bin,

@@ -157,17 +157,33 @@ fn hub_env(db: Option<&str>) -> Vec<(&'static str, String)> {
     env
 }
 
-/// `pg_admin`: a PostgreSQL superuser URL, to measure the hub on PostgreSQL (its prepared
-/// database is kept on that server, named for `data`).
-pub(crate) async fn stats_probe(
-    hub_bin: &Path,
-    data: &Path,
-    ratings: u64,
-    samples: usize,
-    growth: u64,
-    pg_admin: Option<&str>,
-    orgs: u64,
-) -> anyhow::Result<()> {
+/// What `stats-probe` measures and where (its command-line options).
+pub(crate) struct StatsProbe<'a> {
+    pub hub_bin: &'a Path,
+    pub data: &'a Path,
+    pub ratings: u64,
+    pub samples: usize,
+    pub growth: u64,
+    /// A PostgreSQL superuser URL, to measure the hub on PostgreSQL (its prepared database is
+    /// kept on that server, named for `data`).
+    pub pg_admin: Option<&'a str>,
+    pub orgs: u64,
+    /// Times only the rows whose names contain this (to profile one call).
+    pub only: Option<&'a str>,
+}
+
+pub(crate) async fn stats_probe(probe: StatsProbe<'_>) -> anyhow::Result<()> {
+    let StatsProbe {
+        hub_bin,
+        data,
+        ratings,
+        samples,
+        growth,
+        pg_admin,
+        orgs,
+        only,
+    } = probe;
+    let want = |name: &str| only.is_none_or(|o| name.contains(o));
     let hub_bin = &hub_bin.canonicalize()?;
     anyhow::ensure!(orgs > 0, "--orgs must be at least 1");
     std::fs::create_dir_all(data)?;
@@ -251,10 +267,11 @@ pub(crate) async fn stats_probe(
         .into_inner()
         .groups;
     let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
-    rows.push((
-        "GetStats, the last 92 days, province by organisation (counts)".into(),
-        timed_stats(&query, samples, by_org(quarter.clone())).await?,
-    ));
+    let name = "GetStats, the last 92 days, province by organisation (counts)";
+    if want(name) {
+        let times = timed_stats(&query, samples, by_org(quarter.clone())).await?;
+        rows.push((name.into(), times));
+    }
     // The calendar quarter holding today, as a dashboard or the quarterly report asks it.
     let (year, month, _) = rating_hub::rules::Date::of_instant(now_micros()).ymd();
     let (year, quarter_no) = (year as u32, (month - 1) / 3 + 1);
@@ -269,29 +286,27 @@ pub(crate) async fn stats_probe(
         rated_until: ts(cst_midnight(year, quarter_no * 3 + 1)),
         ..quarter.clone()
     };
-    rows.push((
-        format!("GetStats, {year} Q{quarter_no}, province by organisation (counts)"),
-        timed_stats(&query, samples, by_org(calendar)).await?,
-    ));
+    let name = format!("GetStats, {year} Q{quarter_no}, province by organisation (counts)");
+    if want(&name) {
+        let times = timed_stats(&query, samples, by_org(calendar)).await?;
+        rows.push((name, times));
+    }
     let single = pb::RatingFilter {
         org_credit_code: province_org(7, orgs),
         ..quarter.clone()
     };
-    rows.push((
-        "GetStats, the last 92 days, one organisation (counts)".into(),
-        timed_stats(
-            &query,
-            samples,
-            pb::GetStatsRequest {
-                filter: Some(single),
-                ..Default::default()
-            },
-        )
-        .await?,
-    ));
-    rows.push((
-        format!("ExportReport CSV, {year} Q{quarter_no}, province (counts)"),
-        timed(samples, |_| {
+    let name = "GetStats, the last 92 days, one organisation (counts)";
+    if want(name) {
+        let request = pb::GetStatsRequest {
+            filter: Some(single),
+            ..Default::default()
+        };
+        let times = timed_stats(&query, samples, request).await?;
+        rows.push((name.into(), times));
+    }
+    let name = format!("ExportReport CSV, {year} Q{quarter_no}, province (counts)");
+    if want(&name) {
+        let times = timed(samples, |_| {
             let mut q = query.clone();
             async move {
                 q.export_report(pb::ExportReportRequest {
@@ -305,33 +320,36 @@ pub(crate) async fn stats_probe(
                 Ok(())
             }
         })
-        .await?,
-    ));
+        .await?;
+        rows.push((name, times));
+    }
     // The baseline: one second short of the quarter's end, which only a scan answers.
-    let shifted = pb::RatingFilter {
-        rated_until: ts(tomorrow - 1),
-        ..quarter.clone()
-    };
-    let mut q = query.clone();
-    let first = Instant::now();
-    let scanned = q
-        .get_stats(by_org(shifted.clone()))
-        .await?
-        .into_inner()
-        .groups;
-    // At most 10 scans; 3 when one takes more than 10 s (at 10 M ratings it takes a minute).
-    let scans = if first.elapsed() > Duration::from_secs(10) {
-        3
-    } else {
-        samples.min(10)
-    };
-    rows.push((
-        "GetStats, the last 92 days less 1 s, province by organisation (scan)".into(),
-        timed_stats(&query, scans, by_org(shifted.clone())).await?,
-    ));
-    rows.push((
-        "ListRatings, first page of 50, province".into(),
-        timed(samples, |_| {
+    let name = "GetStats, the last 92 days less 1 s, province by organisation (scan)";
+    let (mut scanned, mut scans) = (Vec::new(), 0);
+    if want(name) {
+        let shifted = pb::RatingFilter {
+            rated_until: ts(tomorrow - 1),
+            ..quarter.clone()
+        };
+        let mut q = query.clone();
+        let first = Instant::now();
+        scanned = q
+            .get_stats(by_org(shifted.clone()))
+            .await?
+            .into_inner()
+            .groups;
+        // At most 10 scans; 3 when one takes more than 10 s (at 10 M ratings, a minute).
+        scans = if first.elapsed() > Duration::from_secs(10) {
+            3
+        } else {
+            samples.min(10)
+        };
+        let times = timed_stats(&query, scans, by_org(shifted)).await?;
+        rows.push((name.into(), times));
+    }
+    let name = "ListRatings, first page of 50, province";
+    if want(name) {
+        let times = timed(samples, |_| {
             let mut q = query.clone();
             async move {
                 q.list_ratings(pb::ListRatingsRequest {
@@ -346,12 +364,13 @@ pub(crate) async fn stats_probe(
                 Ok(())
             }
         })
-        .await?,
-    ));
+        .await?;
+        rows.push((name.into(), times));
+    }
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    rows.push((
-        "Pull 500 from a random position".into(),
-        timed(samples, |_| {
+    let name = "Pull 500 from a random position";
+    if want(name) {
+        let times = timed(samples, |_| {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
@@ -369,8 +388,9 @@ pub(crate) async fn stats_probe(
                 Ok(())
             }
         })
-        .await?,
-    ));
+        .await?;
+        rows.push((name.into(), times));
+    }
     // Flat growth: `growth` more ratings into the prepared hub (timed like the fill), then the
     // same number into an empty hub, in the same run.
     let mut growth_rates = None;

@@ -159,7 +159,7 @@ impl PostgresStore {
         for (i, d) in group_by.iter().enumerate() {
             qb.push(format!("{} AS k{i}, ", counts_dimension_sql(*d)));
         }
-        qb.push(counts::stats_sums("::bigint"));
+        qb.push(counts::stats_sums("::integer"));
         plan.push_counts(&mut qb, "rating_counts");
         push_filter(&mut qb, &plan.filter);
         if !group_by.is_empty() {

@@ -216,7 +216,7 @@ impl SqliteStore {
         plan: &CountsPlan,
         group_by: &[StatsDimension],
     ) -> Result<Vec<StatsRow>, StoreError> {
-        let mut qb = QueryBuilder::<Sqlite>::new("SELECT ");
+        let mut qb = QueryBuilder::<Sqlite>::new(counts::packed_stats_head(group_by.len()));
         for (i, d) in group_by.iter().enumerate() {
             qb.push(format!("{} AS k{i}, ", counts_dimension_sql(*d)));
         }
@@ -228,22 +228,11 @@ impl SqliteStore {
                 .map(|i| format!("k{i}"))
                 .collect::<Vec<_>>()
                 .join(", ");
-            qb.push(format!(
-                " GROUP BY {keys} HAVING SUM(total) > 0 ORDER BY {keys}"
-            ));
+            qb.push(format!(" GROUP BY {keys} HAVING SUM(total) > 0"));
         }
-        let rows = qb.build().fetch_all(&self.reader).await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            if let Some(mut stats) = rows::stats_row(row, group_by.len())? {
-                let cases = rows::bad_case_counts(row, group_by.len())?;
-                if cases.cases > 0 {
-                    stats.bad_cases = cases;
-                }
-                out.push(stats);
-            }
-        }
-        Ok(out)
+        qb.push(counts::PACKED_STATS_TAIL);
+        let packed: String = qb.build_query_scalar().fetch_one(&self.reader).await?;
+        counts::unpack_stats(&packed)
     }
 }
 

@@ -203,7 +203,8 @@ enum Cmd {
         #[arg(long, default_value_t = 40)]
         orgs: u64,
         /// Times only the calls whose row names contain this (e.g. "Q4" or "Pull"), to
-        /// profile one of them; the others are skipped.
+        /// profile one of them; the other rows are skipped (--growth is not a row: it
+        /// still runs when asked for).
         #[arg(long)]
         only: Option<String>,
     },

@@ -426,18 +426,24 @@ pub(crate) async fn stats_probe(probe: StatsProbe<'_>) -> anyhow::Result<()> {
     } else {
         hub.stop().await;
     }
+    let (scan_total, scan_runs) = if scans > 0 {
+        (
+            format!("{} by the scan of a range 1 s shorter", total_of(&scanned)),
+            format!("; the scan {scans}"),
+        )
+    } else {
+        ("the scan not run".into(), String::new())
+    };
     println!(
-        "{size} ratings stored in {}{} ({} in the quarter by the counts, {} by the scan of a \
-         range 1 s shorter)",
+        "{size} ratings stored in {}{} ({} in the quarter by the counts, {scan_total})",
         data.display(),
         match &db {
             Some(url) => format!(" and PostgreSQL {url}"),
             None => " (SQLite)".into(),
         },
         total_of(&counted),
-        total_of(&scanned)
     );
-    println!("| call ({samples} sequential, one client; the scan {scans}) | p50 ms | p99 ms |");
+    println!("| call ({samples} sequential, one client{scan_runs}) | p50 ms | p99 ms |");
     println!("|---|---|---|");
     for (name, v) in &rows {
         println!(

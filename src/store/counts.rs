@@ -346,30 +346,27 @@ pub(crate) fn unpack_stats(json: &str) -> Result<Vec<StatsRow>, StoreError> {
     Ok(groups
         .into_iter()
         .filter(|(_, s)| s[0] != 0)
-        .map(|(key, s)| {
-            let cases = BadCaseCounts {
-                key: key.clone(),
-                cases: n(s[8]),
-                rectified: n(s[9]),
-                called_back: n(s[10]),
-                real_name: n(s[11]),
-                real_name_done: n(s[12]),
-                archived: n(s[13]),
-                spot_checked: n(s[14]),
-            };
-            StatsRow {
-                key,
-                total: n(s[0]),
-                per_level: [n(s[1]), n(s[2]), n(s[3]), n(s[4]), n(s[5])],
-                default_ratings: n(s[6]),
-                flagged: n(s[7]),
-                bad_cases: if cases.cases > 0 {
-                    cases
-                } else {
-                    BadCaseCounts::default()
-                },
-                ..Default::default()
-            }
+        .map(|(key, s)| StatsRow {
+            bad_cases: if s[8] > 0 {
+                BadCaseCounts {
+                    key: key.clone(),
+                    cases: n(s[8]),
+                    rectified: n(s[9]),
+                    called_back: n(s[10]),
+                    real_name: n(s[11]),
+                    real_name_done: n(s[12]),
+                    archived: n(s[13]),
+                    spot_checked: n(s[14]),
+                }
+            } else {
+                BadCaseCounts::default()
+            },
+            key,
+            total: n(s[0]),
+            per_level: [n(s[1]), n(s[2]), n(s[3]), n(s[4]), n(s[5])],
+            default_ratings: n(s[6]),
+            flagged: n(s[7]),
+            ..Default::default()
         })
         .collect())
 }

@@ -167,8 +167,9 @@ impl PostgresStore {
                 .map(|i| format!("k{i}"))
                 .collect::<Vec<_>>()
                 .join(", ");
+            // The same sum as the SELECT's (`stats_sums`), so it is computed once.
             qb.push(format!(
-                " GROUP BY {keys} HAVING SUM(total) > 0 ORDER BY {keys}"
+                " GROUP BY {keys} HAVING SUM(total::integer) > 0 ORDER BY {keys}"
             ));
         }
         let rows = qb.build().fetch_all(&self.reader).await?;

@@ -12,14 +12,21 @@
 -- transition tables, which have no index, is quadratic in the group's rows). A month whose
 -- sums do not change is not written.
 --
--- The sequencer first, then the counts locked until this commits, as 0012 and 0015: no
--- other instance changes them while their triggers are swapped.
+-- The sequencer first, as 0012 and 0015, then the counts locked until this commits: no
+-- other instance changes them while their triggers are swapped. DROP TRIGGER takes ACCESS
+-- EXCLUSIVE, so that is taken here, at once, not raised table by table half-way through.
+-- Statistics reads of other instances wait for this short migration; one that already holds
+-- a later table of the list may be chosen to fail on a deadlock (the caller retries).
 SELECT head FROM feed_head WHERE id = 1 FOR UPDATE;
 LOCK TABLE rating_counts, rating_counts_month, case_counts, case_counts_month
-    IN SHARE ROW EXCLUSIVE MODE;
+    IN ACCESS EXCLUSIVE MODE;
 
 CREATE OR REPLACE FUNCTION rating_counts_month_insert() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- An upsert fires its AFTER UPDATE trigger even when it updated nothing.
+    IF NOT EXISTS (SELECT 1 FROM new_counts) THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO rating_counts_month AS m
     SELECT ((date_trunc('month', (DATE '1970-01-01' + n.day::integer)::timestamp))::date - DATE '1970-01-01'), n.org_credit_code, n.region_code, n.channel, n.target_kind, n.source_system,
            SUM(n.total), SUM(n.l1), SUM(n.l2), SUM(n.l3), SUM(n.l4), SUM(n.l5), SUM(n.defaults), SUM(n.flagged), SUM(n.bad_cases), SUM(n.rectified), SUM(n.called_back), SUM(n.real_name), SUM(n.real_name_done), SUM(n.archived), SUM(n.spot_checked)
@@ -45,6 +52,10 @@ END;
 $$;
 CREATE OR REPLACE FUNCTION rating_counts_month_update() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- An upsert fires its AFTER UPDATE trigger even when it updated nothing.
+    IF NOT EXISTS (SELECT 1 FROM new_counts) THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO rating_counts_month AS m
     SELECT ((date_trunc('month', (DATE '1970-01-01' + d.day::integer)::timestamp))::date - DATE '1970-01-01'), d.org_credit_code, d.region_code, d.channel, d.target_kind, d.source_system,
            SUM(d.total), SUM(d.l1), SUM(d.l2), SUM(d.l3), SUM(d.l4), SUM(d.l5), SUM(d.defaults), SUM(d.flagged), SUM(d.bad_cases), SUM(d.rectified), SUM(d.called_back), SUM(d.real_name), SUM(d.real_name_done), SUM(d.archived), SUM(d.spot_checked)
@@ -83,6 +94,10 @@ CREATE TRIGGER rating_counts_month_update AFTER UPDATE ON rating_counts
 
 CREATE OR REPLACE FUNCTION rating_counts_quarter_insert() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- An upsert fires its AFTER UPDATE trigger even when it updated nothing.
+    IF NOT EXISTS (SELECT 1 FROM new_counts) THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO rating_counts_quarter AS m
     SELECT ((date_trunc('quarter', (DATE '1970-01-01' + n.day::integer)::timestamp))::date - DATE '1970-01-01'), n.org_credit_code, n.region_code, n.channel, n.target_kind, n.source_system,
            SUM(n.total), SUM(n.l1), SUM(n.l2), SUM(n.l3), SUM(n.l4), SUM(n.l5), SUM(n.defaults), SUM(n.flagged), SUM(n.bad_cases), SUM(n.rectified), SUM(n.called_back), SUM(n.real_name), SUM(n.real_name_done), SUM(n.archived), SUM(n.spot_checked)
@@ -108,6 +123,10 @@ END;
 $$;
 CREATE OR REPLACE FUNCTION rating_counts_quarter_update() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- An upsert fires its AFTER UPDATE trigger even when it updated nothing.
+    IF NOT EXISTS (SELECT 1 FROM new_counts) THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO rating_counts_quarter AS m
     SELECT ((date_trunc('quarter', (DATE '1970-01-01' + d.day::integer)::timestamp))::date - DATE '1970-01-01'), d.org_credit_code, d.region_code, d.channel, d.target_kind, d.source_system,
            SUM(d.total), SUM(d.l1), SUM(d.l2), SUM(d.l3), SUM(d.l4), SUM(d.l5), SUM(d.defaults), SUM(d.flagged), SUM(d.bad_cases), SUM(d.rectified), SUM(d.called_back), SUM(d.real_name), SUM(d.real_name_done), SUM(d.archived), SUM(d.spot_checked)
@@ -146,6 +165,10 @@ CREATE TRIGGER rating_counts_quarter_update AFTER UPDATE ON rating_counts_month
 
 CREATE OR REPLACE FUNCTION case_counts_month_insert() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- An upsert fires its AFTER UPDATE trigger even when it updated nothing.
+    IF NOT EXISTS (SELECT 1 FROM new_counts) THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO case_counts_month AS m
     SELECT ((date_trunc('month', (DATE '1970-01-01' + n.day::integer)::timestamp))::date - DATE '1970-01-01'), n.org_credit_code, n.region_code, n.channel, n.source_system,
            SUM(n.completed), SUM(n.rated), SUM(n.active)
@@ -159,6 +182,10 @@ END;
 $$;
 CREATE OR REPLACE FUNCTION case_counts_month_update() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- An upsert fires its AFTER UPDATE trigger even when it updated nothing.
+    IF NOT EXISTS (SELECT 1 FROM new_counts) THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO case_counts_month AS m
     SELECT ((date_trunc('month', (DATE '1970-01-01' + d.day::integer)::timestamp))::date - DATE '1970-01-01'), d.org_credit_code, d.region_code, d.channel, d.source_system,
            SUM(d.completed), SUM(d.rated), SUM(d.active)
@@ -185,6 +212,10 @@ CREATE TRIGGER case_counts_month_update AFTER UPDATE ON case_counts
 
 CREATE OR REPLACE FUNCTION case_counts_quarter_insert() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- An upsert fires its AFTER UPDATE trigger even when it updated nothing.
+    IF NOT EXISTS (SELECT 1 FROM new_counts) THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO case_counts_quarter AS m
     SELECT ((date_trunc('quarter', (DATE '1970-01-01' + n.day::integer)::timestamp))::date - DATE '1970-01-01'), n.org_credit_code, n.region_code, n.channel, n.source_system,
            SUM(n.completed), SUM(n.rated), SUM(n.active)
@@ -198,6 +229,10 @@ END;
 $$;
 CREATE OR REPLACE FUNCTION case_counts_quarter_update() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- An upsert fires its AFTER UPDATE trigger even when it updated nothing.
+    IF NOT EXISTS (SELECT 1 FROM new_counts) THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO case_counts_quarter AS m
     SELECT ((date_trunc('quarter', (DATE '1970-01-01' + d.day::integer)::timestamp))::date - DATE '1970-01-01'), d.org_credit_code, d.region_code, d.channel, d.source_system,
            SUM(d.completed), SUM(d.rated), SUM(d.active)

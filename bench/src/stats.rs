@@ -426,6 +426,10 @@ pub(crate) async fn stats_probe(probe: StatsProbe<'_>) -> anyhow::Result<()> {
     } else {
         hub.stop().await;
     }
+    if let (Some(only), true) = (only, rows.is_empty()) {
+        // Not an error: `--only` naming no row prepares (or grows) the data and times nothing.
+        eprintln!("--only {only:?} matches no row's name: nothing timed");
+    }
     let (scan_total, scan_runs) = if scans > 0 {
         (
             format!("{} by the scan of a range 1 s shorter", total_of(&scanned)),

@@ -342,31 +342,49 @@ pub(crate) const PACKED_STATS_TAIL: &str = ") AS packed";
 pub(crate) fn unpack_stats(json: &str) -> Result<Vec<StatsRow>, StoreError> {
     let groups: Vec<(Vec<String>, [i64; STATS_SUMS.len()])> = serde_json::from_str(json)
         .map_err(|e| StoreError::Corrupt(format!("the statistics' packed groups: {e}")))?;
-    let n = |v: i64| v as u64;
     Ok(groups
         .into_iter()
-        .filter(|(_, s)| s[0] != 0)
-        .map(|(key, s)| StatsRow {
-            bad_cases: if s[8] > 0 {
-                BadCaseCounts {
-                    key: key.clone(),
-                    cases: n(s[8]),
-                    rectified: n(s[9]),
-                    called_back: n(s[10]),
-                    real_name: n(s[11]),
-                    real_name_done: n(s[12]),
-                    archived: n(s[13]),
-                    spot_checked: n(s[14]),
-                }
-            } else {
-                BadCaseCounts::default()
-            },
-            key,
-            total: n(s[0]),
-            per_level: [n(s[1]), n(s[2]), n(s[3]), n(s[4]), n(s[5])],
-            default_ratings: n(s[6]),
-            flagged: n(s[7]),
-            ..Default::default()
+        .filter_map(|(key, sums)| {
+            // In STATS_SUMS' order.
+            let [
+                total,
+                l1,
+                l2,
+                l3,
+                l4,
+                l5,
+                defaults,
+                flagged,
+                cases,
+                rectified,
+                called_back,
+                real_name,
+                real_name_done,
+                archived,
+                spot_checked,
+            ] = sums.map(|v| v as u64);
+            (total != 0).then(|| StatsRow {
+                bad_cases: if cases > 0 {
+                    BadCaseCounts {
+                        key: key.clone(),
+                        cases,
+                        rectified,
+                        called_back,
+                        real_name,
+                        real_name_done,
+                        archived,
+                        spot_checked,
+                    }
+                } else {
+                    BadCaseCounts::default()
+                },
+                key,
+                total,
+                per_level: [l1, l2, l3, l4, l5],
+                default_ratings: defaults,
+                flagged,
+                ..Default::default()
+            })
         })
         .collect())
 }
@@ -608,22 +626,36 @@ mod tests {
     #[test]
     fn packed_groups_unpack_in_order_with_their_cases_and_empty_groups_left_out() {
         let json = r#"[
-            [["9153\"0000", "1"], [3, 1, 0, 0, 0, 2, 1, 0, 1, 1, 0, 1, 0, 0, 0]],
+            [["9153\"0000", "1"], [30, 1, 2, 3, 4, 20, 5, 6, 14, 13, 12, 11, 10, 9, 8]],
             [["9153", "2"], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]],
             [["\u4e91", "3"], [2, 0, 0, 0, 0, 2, 0, 1, 0, 0, 0, 0, 0, 0, 0]]
         ]"#;
         let rows = unpack_stats(json).expect("unpacks");
         assert_eq!(rows.len(), 2, "the group with no rating is left out");
         assert_eq!(rows[0].key, ["9153\"0000", "1"]);
+        let r = &rows[0];
         assert_eq!(
-            (rows[0].total, rows[0].per_level, rows[0].default_ratings),
-            (3, [1, 0, 0, 0, 2], 1)
+            (r.total, r.per_level, r.default_ratings, r.flagged),
+            (30, [1, 2, 3, 4, 20], 5, 6)
         );
         assert_eq!(
-            (rows[0].bad_cases.cases, rows[0].bad_cases.rectified),
-            (1, 1)
+            r.bad_cases,
+            BadCaseCounts {
+                key: r.key.clone(),
+                cases: 14,
+                rectified: 13,
+                called_back: 12,
+                real_name: 11,
+                real_name_done: 10,
+                archived: 9,
+                spot_checked: 8,
+            }
         );
-        assert_eq!(rows[0].bad_cases.key, rows[0].key);
+        assert_eq!(
+            (r.rated_cases, r.actively_rated_cases, r.completed_cases),
+            (0, 0, 0),
+            "办结 counts come from their own query"
+        );
         assert_eq!(rows[1].key, ["云", "3"]);
         assert_eq!(rows[1].flagged, 1);
         assert_eq!(

@@ -223,12 +223,11 @@ impl SqliteStore {
         qb.push(counts::stats_sums(""));
         plan.push_counts(&mut qb, "rating_counts");
         push_filter(&mut qb, &plan.filter);
+        // Ordered in the packing aggregate, not here. Without a grouping the one row is
+        // there even when nothing counts: `unpack_stats` leaves it out.
+        push_group_by(&mut qb, group_by.len(), false);
         if !group_by.is_empty() {
-            let keys = (0..group_by.len())
-                .map(|i| format!("k{i}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            qb.push(format!(" GROUP BY {keys} HAVING SUM(total) > 0"));
+            qb.push(" HAVING SUM(total) > 0");
         }
         qb.push(counts::PACKED_STATS_TAIL);
         let packed: String = qb.build_query_scalar().fetch_one(&self.reader).await?;

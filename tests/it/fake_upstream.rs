@@ -60,8 +60,13 @@ impl IngestService for FakeIngest {
         &self,
         request: Request<pb::SubmitRatingsRequest>,
     ) -> Result<Response<pb::SubmitRatingsResponse>, Status> {
-        let mode = self.0.mode.lock().unwrap().clone();
-        self.0.calls.send_modify(|v| *v += 1);
+        // Counted under the mode's lock: a mark taken after `set_mode` (which takes it too)
+        // never counts a call that read the mode before.
+        let mode = {
+            let mode = self.0.mode.lock().unwrap();
+            self.0.calls.send_modify(|v| *v += 1);
+            mode.clone()
+        };
         self.0.bump();
         match mode {
             Mode::Unavailable => {
@@ -242,6 +247,7 @@ impl FakeUpstream {
     /// call makes, which `wait_until` wakes on, would count a call of an earlier phase that
     /// was still finishing.)
     pub fn mark(&self) -> u64 {
+        let _mode = self.state.mode.lock().unwrap();
         *self.state.calls.borrow()
     }
 

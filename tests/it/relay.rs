@@ -926,8 +926,9 @@ async fn the_attempt_log_survives_a_restart_and_a_range_replay_sends_that_range_
         }
     })
     .await;
+    let lister = admin.clone();
     let list_all = || {
-        let mut admin = admin.clone();
+        let mut admin = lister.clone();
         async move {
             admin
                 .list_attempts(pb::ListAttemptsRequest {
@@ -1013,6 +1014,38 @@ async fn the_attempt_log_survives_a_restart_and_a_range_replay_sends_that_range_
             "a cancelled replay sent {id} again"
         );
     }
+    // The relay is one task, replay batches and live ones in turn: the live rating could go
+    // out only once the replay's send had given up. The attempt log says how it ended — every
+    // try of the cancelled replay refused, none after the upstream came back — and the replay
+    // is done where it stood, not carried to its end.
+    let stuck_id = stuck.id;
+    let tries: Vec<_> = list_all()
+        .await
+        .into_iter()
+        .filter(|a| a.replay_id == stuck_id)
+        .collect();
+    assert!(!tries.is_empty(), "the replay's refused send is logged");
+    assert!(
+        tries.iter().all(|a| a.outcome != "delivered"),
+        "a cancelled replay was delivered: {tries:?}"
+    );
+    let ended = admin
+        .list_replays(pb::ListReplaysRequest {
+            upstream: "up".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .replays
+        .into_iter()
+        .find(|r| r.id == stuck_id)
+        .unwrap();
+    assert!(ended.done_at.is_some(), "cancelled means done: {ended:?}");
+    assert!(ended.reason.ends_with("(cancelled)"), "{ended:?}");
+    assert_eq!(
+        ended.next_feed_sequence, 1,
+        "a cancelled replay stays where it stood: {ended:?}"
+    );
 
     // Refused, naming the field.
     for (req, field) in [
